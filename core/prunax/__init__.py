@@ -1,0 +1,45 @@
+"""prunax: pruning and sparse training as Optax gradient transformations."""
+
+from prunax import selection
+from prunax import sparsity_distributions
+from prunax import sparsity_schedules
+from prunax import sparsity_types
+from prunax.algorithms import SET
+from prunax.algorithms import GlobalMagnitudePruning
+from prunax.algorithms import GlobalSaliencyPruning
+from prunax.algorithms import MagnitudePruning
+from prunax.algorithms import NoPruning
+from prunax.algorithms import RandomPruning
+from prunax.algorithms import RigL
+from prunax.algorithms import SaliencyPruning
+from prunax.algorithms import StaticRandomSparse
+from prunax.algorithms import SteMagnitudePruning
+from prunax.algorithms import SteRandomPruning
+from prunax.base_updater import BaseUpdater
+from prunax.base_updater import SparseState
+from prunax.base_updater import get_sparse_state
+from prunax.base_updater import pack_mask
+from prunax.base_updater import unpack_mask
+from prunax.base_updater import unpack_masks
+from prunax.registry import all_algorithm_names
+from prunax.registry import create_updater_from_config
+from prunax.registry import get_algorithm
+from prunax.registry import register_algorithm
+from prunax.sparsity_types import Block
+from prunax.sparsity_types import Channel
+from prunax.sparsity_types import NByM
+from prunax.sparsity_types import Unstructured
+from prunax.summary import summarize_intersection
+from prunax.summary import summarize_sparsity
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'SET', 'BaseUpdater', 'Block', 'Channel', 'GlobalMagnitudePruning', 'GlobalSaliencyPruning',
+    'MagnitudePruning', 'NByM', 'NoPruning', 'RandomPruning', 'RigL', 'SaliencyPruning',
+    'SparseState', 'StaticRandomSparse', 'SteMagnitudePruning', 'SteRandomPruning',
+    'Unstructured', 'all_algorithm_names', 'create_updater_from_config', 'get_algorithm',
+    'get_sparse_state', 'pack_mask', 'register_algorithm', 'selection', 'sparsity_distributions',
+    'sparsity_schedules', 'sparsity_types', 'summarize_intersection', 'summarize_sparsity',
+    'unpack_mask', 'unpack_masks',
+]

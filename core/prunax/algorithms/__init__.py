@@ -1,0 +1,19 @@
+"""Pruning and sparse-training algorithms."""
+
+from prunax.algorithms.pruners import GlobalMagnitudePruning
+from prunax.algorithms.pruners import GlobalSaliencyPruning
+from prunax.algorithms.pruners import MagnitudePruning
+from prunax.algorithms.pruners import NoPruning
+from prunax.algorithms.pruners import RandomPruning
+from prunax.algorithms.pruners import SaliencyPruning
+from prunax.algorithms.sparse_trainers import SET
+from prunax.algorithms.sparse_trainers import RigL
+from prunax.algorithms.sparse_trainers import StaticRandomSparse
+from prunax.algorithms.ste import SteMagnitudePruning
+from prunax.algorithms.ste import SteRandomPruning
+
+__all__ = [
+    'GlobalMagnitudePruning', 'GlobalSaliencyPruning', 'MagnitudePruning', 'NoPruning',
+    'RandomPruning', 'RigL', 'SET', 'SaliencyPruning', 'StaticRandomSparse',
+    'SteMagnitudePruning', 'SteRandomPruning',
+]

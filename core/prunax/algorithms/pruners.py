@@ -1,0 +1,74 @@
+"""Dense-to-sparse pruning: magnitude, random, saliency, and their global variants.
+
+Gradual pruning (Zhu & Gupta, 2017) with ``PolynomialSchedule``, or one-shot with
+``OneShotSchedule``. Scores are taken on the weights after this step's update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from prunax.base_updater import BaseUpdater
+
+
+def _require_grads(grads, name: str):
+  if grads is None:
+    raise ValueError(f'{name} scores weights by |w * g| and needs gradients: pass grads=...')
+  return grads
+
+
+@dataclasses.dataclass(frozen=True)
+class NoPruning(BaseUpdater):
+  """The dense baseline: the wrapped optimizer runs unchanged and nothing is masked."""
+
+  sparsity: float | None = 0.0
+
+  def target_sparsities(self, params):
+    return jax.tree.map(lambda _: None, params)
+
+  def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
+    return params
+
+
+@dataclasses.dataclass(frozen=True)
+class MagnitudePruning(BaseUpdater):
+  """Keeps the largest-magnitude weights: score ``|w|``."""
+
+  def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
+    return jax.tree.map(jnp.abs, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomPruning(BaseUpdater):
+  """Keeps random weights (uniform scores from the state's RNG key, new every update)."""
+
+  def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
+    scores = self._random_scores(params, self._key(sparse_state, salt=2))
+    # Weights already pruned score -1, so gradual random pruning only removes more.
+    return jax.tree.map(lambda s, p: jnp.where(p == 0, -1.0, s), scores, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class SaliencyPruning(BaseUpdater):
+  """Keeps the weights of largest first-order saliency: score ``|w * g|``."""
+
+  def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
+    grads = _require_grads(grads, type(self).__name__)
+    return jax.tree.map(lambda p, g: jnp.abs(p * g), params, grads)
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalMagnitudePruning(MagnitudePruning):
+  """Magnitude pruning with one threshold over all pruned leaves (target is the total)."""
+
+  is_global = True
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalSaliencyPruning(SaliencyPruning):
+  """Saliency pruning with one threshold over all pruned leaves."""
+
+  is_global = True

@@ -1,0 +1,406 @@
+"""The pruning engine: a self-sufficient Optax wrapper and the base class of algorithms.
+
+``tx = updater.wrap_optax(inner)`` returns a transformation whose updates, applied with
+``optax.apply_updates``, leave the params exactly as sparse as the algorithm says, with no
+other call. For a step with gradients ``g`` at params ``p`` (the params the model saw):
+
+1. The inner optimizer runs on the masked gradients ``g * m`` (dense gradients for STE),
+   giving ``u``; the candidate weights are ``w = (p + u) * m`` (STE: the dense shadow
+   weights ``d + u`` kept in the state).
+2. On a mask-update step of the schedule, new masks ``m'`` are computed from ``w`` (and
+   the raw gradients ``g``) and the inner optimizer's moments of weights whose mask changed
+   are reset to zero, found generically with ``optax.tree_utils.tree_map_params``.
+3. The returned updates are ``where(m' & m, u, -p)``, so ``p + update`` is ``p + u`` where a
+   weight stays and exactly 0 elsewhere (new connections of SET/RigL start at zero). STE
+   returns ``where(m', d + u, 0) - p`` and stores ``d + u`` in the state.
+
+All state (masks, step counter, RNG key, dense weights) lives in :class:`SparseState`, so
+hosts checkpoint, replicate and shard it like any optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from prunax import selection
+from prunax import sparsity_distributions
+from prunax import sparsity_schedules
+from prunax import sparsity_types
+
+PyTree = Any
+
+
+class SparseState(NamedTuple):
+  """Optimizer state of a wrapped transformation.
+
+  Attributes:
+    inner_state: state of the wrapped optax transformation.
+    masks: tree like params; uint8 keep-masks (or 1-bit packed along the last axis), None
+      for leaves that are not pruned.
+    count: int32 number of updates done.
+    rng: uint32 PRNG key data of shape (2,) (the key is folded with ``count`` when used).
+    dense_params: the dense weights of STE-style algorithms, else None.
+    thresholds: per-leaf learnable thresholds (AutoSparse), else None.
+  """
+
+  inner_state: Any
+  masks: Any
+  count: jax.Array
+  rng: jax.Array
+  dense_params: Any = None
+  thresholds: Any = None
+
+
+def _is_none(x) -> bool:
+  return x is None
+
+
+def map_masked(fn: Callable[..., Any], masks: PyTree, *trees: PyTree) -> PyTree:
+  """``fn(mask, *leaves)`` on pruned leaves; other leaves of ``trees[0]`` pass through.
+
+  Args:
+    fn: function of a mask leaf and the matching leaves of ``trees``.
+    masks: tree whose leaves are masks or None.
+    *trees: trees with the structure of params.
+
+  Returns:
+    A tree like ``trees[0]``.
+  """
+  return jax.tree.map(lambda m, *xs: (xs[0] if xs else None) if m is None else fn(m, *xs), masks, *trees,
+                      is_leaf=_is_none)
+
+
+def _pruned_only(masks: PyTree, tree: PyTree) -> PyTree:
+  """``tree`` with None at the leaves that are not pruned."""
+  return jax.tree.map(lambda m, x: None if m is None else x, masks, tree, is_leaf=_is_none)
+
+
+def get_sparse_state(opt_state: PyTree) -> SparseState:
+  """Finds the (first) :class:`SparseState` inside a nested optimizer state."""
+  found = []
+
+  def visit(x):
+    if isinstance(x, SparseState) and not found:
+      found.append(x)
+    return isinstance(x, SparseState)
+
+  jax.tree_util.tree_flatten(opt_state, is_leaf=visit)
+  if not found:
+    raise ValueError('No prunax SparseState found in the optimizer state; was the optimizer '
+                     'built with updater.wrap_optax(...)?')
+  return found[0]
+
+
+def pack_mask(mask: jax.Array) -> jax.Array:
+  """Packs a boolean mask into uint8 bits along its last axis (shape ``(..., ceil(d/8))``)."""
+  return jnp.packbits(mask.astype(bool), axis=-1)
+
+
+def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Inverse of :func:`pack_mask` for a parameter of ``shape``; returns a bool mask."""
+  return jnp.unpackbits(packed, axis=-1, count=shape[-1]).astype(bool).reshape(shape)
+
+
+def unpack_masks(masks: PyTree, params: PyTree) -> PyTree:
+  """Boolean masks from stored masks (uint8 or packed), given params for the shapes."""
+  def load(m, p):
+    if m is None:
+      return None
+    return m.astype(bool) if m.shape == jnp.shape(p) else unpack_mask(m, jnp.shape(p))
+  return jax.tree.map(load, masks, params, is_leaf=_is_none)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseUpdater:
+  """Base class of pruning and sparse-training algorithms.
+
+  An algorithm overrides :meth:`calculate_scores` (and, for drop-and-grow methods,
+  :meth:`compute_masks`). Instances are immutable and hashable, so they can be static
+  arguments of ``jax.jit``.
+
+  Attributes:
+    sparsity: target sparsity in [0, 1) (distributed over leaves by
+      ``sparsity_distribution_fn``). Not needed when the distribution is a mapping.
+    sparsity_distribution_fn: ``'uniform'``, ``'erk'``, a mapping from parameter name
+      (or regex) to sparsity, or any callable ``fn(params, sparsity) -> tree``.
+    sparsity_type: a :mod:`prunax.sparsity_types` structure or its string form.
+    scheduler: a :mod:`prunax.sparsity_schedules` schedule.
+    seed: seed of the RNG key kept in the state (random scores, random initial masks).
+    packed_masks: store masks as 1 bit per weight instead of one uint8 per weight.
+  """
+
+  sparsity: float | None = None
+  sparsity_distribution_fn: Any = 'uniform'
+  sparsity_type: Any = sparsity_types.Unstructured()
+  scheduler: Any = sparsity_schedules.OneShotSchedule()
+  seed: int = 0
+  packed_masks: bool = False
+
+  # Behaviour switches of algorithm families (class attributes, not fields).
+  is_ste = False  # dense weights in the state, mask recomputed every step
+  is_sparse_training = False  # masks at the target sparsity from init
+  is_global = False  # one threshold across all pruned leaves
+  scheduler_kind = 'pruning'  # config schedules: 'pruning' (one-shot/gradual), 'periodic', 'none'
+
+  def __post_init__(self):
+    if self.sparsity is not None:
+      sparsity_distributions._check_sparsity(self.sparsity, 'the updater')  # pylint: disable=protected-access
+    dist = sparsity_distributions.resolve(self.sparsity_distribution_fn)
+    object.__setattr__(self, 'sparsity_distribution_fn', dist)
+    object.__setattr__(self, 'sparsity_type', sparsity_types.from_string(self.sparsity_type))
+    for method in ('is_update_step', 'sparsity'):
+      if not hasattr(self.scheduler, method):
+        raise TypeError(f'scheduler must be a prunax.sparsity_schedules schedule (with '
+                        f'is_update_step and sparsity), got {self.scheduler!r}.')
+    if self.sparsity is None and not isinstance(dist, sparsity_distributions.CustomMap):
+      raise ValueError(f'{type(self).__name__} needs a target sparsity in [0, 1): pass '
+                       'sparsity=..., or a mapping as sparsity_distribution_fn.')
+    if self.is_global and not isinstance(self.sparsity_type, sparsity_types.Unstructured):
+      raise ValueError(f'{type(self).__name__} supports only unstructured sparsity, got '
+                       f'{self.sparsity_type!r}.')
+
+  # ----------------------------------------------------------------------------- hooks
+
+  def calculate_scores(self, params: PyTree, sparse_state: SparseState | None = None,
+                       grads: PyTree | None = None, **kwargs) -> PyTree:
+    """Scores of every weight; higher scores are kept. Algorithms override this.
+
+    Args:
+      params: the (candidate) weights.
+      sparse_state: the optimizer's :class:`SparseState`, if any.
+      grads: the gradients of this step, if any.
+      **kwargs: algorithm-specific inputs.
+
+    Returns:
+      A tree like params (leaves that are not pruned may hold anything).
+    """
+    raise NotImplementedError
+
+  def compute_masks(self, params: PyTree, sparsities: PyTree,
+                    sparse_state: SparseState | None = None, grads: PyTree | None = None,
+                    old_masks: PyTree | None = None) -> PyTree:
+    """Boolean keep-masks at ``sparsities`` (a tree of per-leaf sparsities or None)."""
+    del old_masks  # Used by drop-and-grow algorithms.
+    scores = self.calculate_scores(params, sparse_state=sparse_state, grads=grads)
+    return self.masks_from_scores(scores, sparsities)
+
+  def masks_from_scores(self, scores: PyTree, sparsities: PyTree) -> PyTree:
+    """Exact keep-masks from scores: per leaf with the sparsity type, or globally."""
+    if not self.is_global:
+      return jax.tree.map(
+          lambda s, x: None if s is None else self.sparsity_type.mask(x, s),
+          sparsities, scores, is_leaf=_is_none)
+    flat_s, treedef = jax.tree.flatten(sparsities, is_leaf=_is_none)
+    flat_x = treedef.flatten_up_to(scores)
+    chosen = [x for s, x in zip(flat_s, flat_x) if s is not None]
+    total = sum(int(x.size) for x in chosen)
+    target = next(s for s in flat_s if s is not None) if chosen else 0.0
+    keep = selection.global_topk_masks(chosen, total - sparsity_types.num_zeros(target, total))
+    it = iter(keep)
+    return treedef.unflatten([None if s is None else next(it) for s in flat_s])
+
+  # ------------------------------------------------------------------------ sparsities
+
+  def target_sparsities(self, params: PyTree) -> PyTree:
+    """Per-leaf final sparsities (floats, None for dense leaves), validated against params."""
+    sparsities = self.sparsity_distribution_fn(params, self.sparsity)
+    if self.is_global:
+      sparsities = jax.tree.map(lambda s: None if s is None else self.sparsity, sparsities,
+                                is_leaf=_is_none)
+    for (name, s), (_, leaf) in zip(
+        sparsity_distributions.named_leaves(sparsities, is_leaf=_is_none),
+        sparsity_distributions.named_leaves(params)):
+      if s is None:
+        continue
+      sparsity_distributions._check_sparsity(s, name)  # pylint: disable=protected-access
+      dtype = jnp.result_type(leaf)
+      if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f'Parameter {name!r} has dtype {dtype}; only floating-point parameters '
+                        'can be pruned. Exclude it with the distribution\'s filter_fn.')
+      self.sparsity_type.validate(tuple(np.shape(leaf)), name)
+    return sparsities
+
+  def _sparsities_at(self, targets: PyTree, step) -> PyTree:
+    return jax.tree.map(lambda s: None if s is None else self.scheduler.sparsity(step, s),
+                        targets, is_leaf=_is_none)
+
+  # ---------------------------------------------------------------------- mask storage
+
+  def _store(self, masks: PyTree) -> PyTree:
+    if self.packed_masks:
+      return map_masked(pack_mask, masks)
+    return map_masked(lambda m: m.astype(jnp.uint8), masks)
+
+  def _key(self, sparse_state: SparseState | None, salt: int = 0) -> jax.Array:
+    if sparse_state is None:
+      return jax.random.fold_in(jax.random.PRNGKey(self.seed), salt)
+    key = jax.random.wrap_key_data(sparse_state.rng, impl='threefry2x32')
+    return jax.random.fold_in(jax.random.fold_in(key, sparse_state.count), salt)
+
+  def _random_scores(self, params: PyTree, key: jax.Array) -> PyTree:
+    flat, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(flat))
+    return treedef.unflatten(
+        [jax.random.uniform(k, jnp.shape(x)) for k, x in zip(keys, flat)])
+
+  # --------------------------------------------------------------------------- init
+
+  def init_masks(self, params: PyTree, targets: PyTree) -> PyTree:
+    """Boolean masks at ``init``: all ones, or random at the target (sparse training)."""
+    if self.is_sparse_training:
+      scores = self._random_scores(params, self._key(None, salt=1))
+      return self.masks_from_scores(scores, targets)
+    return jax.tree.map(lambda s, p: None if s is None else jnp.ones(jnp.shape(p), bool),
+                        targets, params, is_leaf=_is_none)
+
+  def init_state(self, params: PyTree, inner_state: Any) -> SparseState:
+    """The :class:`SparseState` for ``params`` around ``inner_state``."""
+    targets = self.target_sparsities(params)
+    masks = self.init_masks(params, targets)
+    return SparseState(
+        inner_state=inner_state,
+        masks=self._store(masks),
+        count=jnp.zeros([], jnp.int32),
+        rng=jax.random.PRNGKey(self.seed),
+        dense_params=_pruned_only(masks, params) if self.is_ste else None,
+        thresholds=None)
+
+  # ------------------------------------------------------------------------- update
+
+  def _is_update_step(self, step):
+    return self.scheduler.is_update_step(step)
+
+  def wrap_optax(self, inner: optax.GradientTransformation
+                 ) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``inner`` so that applying its updates keeps the params sparse.
+
+    Args:
+      inner: any optax transformation (sgd, adam, chains, ``inject_hyperparams``...).
+
+    Returns:
+      A transformation whose state is a :class:`SparseState` and whose ``update`` needs
+      ``params``.
+    """
+    inner = optax.with_extra_args_support(inner)
+    return optax.GradientTransformationExtraArgs(
+        functools.partial(_init, self, inner), functools.partial(_update, self, inner))
+
+  def _candidate(self, inner, grads, state, params, masks, **extra):
+    """Inner step: (candidate weights, inner updates, new inner state).
+
+    STE-style algorithms run the inner optimizer on their dense weights (kept in the
+    state for pruned leaves) with the gradients taken at the sparse weights; the others
+    run it on ``params`` with the gradients of pruned weights masked out.
+    """
+    if self.is_ste:
+      base = jax.tree.map(lambda d, p: p if d is None else d, state.dense_params, params,
+                          is_leaf=_is_none)
+      updates, inner_state = inner.update(grads, state.inner_state, base, **extra)
+      return optax.apply_updates(base, updates), updates, inner_state
+    masked_grads = map_masked(lambda m, g: jnp.where(m, g, 0), masks, grads)
+    updates, inner_state = inner.update(masked_grads, state.inner_state, params, **extra)
+    candidate = jax.tree.map(
+        lambda m, p, u: (p + u if m is None else jnp.where(m, p + u, 0)).astype(p.dtype),
+        masks, params, updates, is_leaf=_is_none)
+    return candidate, updates, inner_state
+
+  def _output(self, params, candidate, updates, masks, new_masks):
+    """Updates that take ``params`` to the candidate weights under the new masks."""
+    if self.is_ste:
+      return map_masked(lambda m, u, c, p: jnp.where(m, c, 0) - p, new_masks, updates,
+                        candidate, params)
+    return map_masked(lambda m, u, m_new, p: jnp.where(m & m_new, u, -p), masks, updates,
+                      new_masks, params)
+
+  # ---------------------------------------------------------------- explicit hooks
+
+  def _stored_masks(self, opt_state: PyTree, params: PyTree) -> PyTree:
+    return unpack_masks(get_sparse_state(opt_state).masks, params)
+
+  def pre_forward_update(self, params: PyTree, opt_state: PyTree) -> PyTree:
+    """Params the forward pass should use: ``params`` under the current masks.
+
+    Not needed with ``wrap_optax`` + ``optax.apply_updates`` (the params are already
+    sparse); kept for hand-written loops, where it is idempotent.
+    """
+    return map_masked(lambda m, p: jnp.where(m, p, 0).astype(p.dtype),
+                      self._stored_masks(opt_state, params), params)
+
+  def post_gradient_update(self, params: PyTree, opt_state: PyTree) -> PyTree:
+    """Params after a gradient step, projected on the current masks (idempotent)."""
+    return self.pre_forward_update(params, opt_state)
+
+  def instant_sparsify(self, params: PyTree, grads: PyTree | None = None
+                       ) -> tuple[PyTree, PyTree]:
+    """Prunes ``params`` to the target sparsity at once.
+
+    Args:
+      params: the weights.
+      grads: gradients, for gradient-based scores.
+
+    Returns:
+      ``(sparse_params, masks)`` with uint8 (or packed) masks, None for dense leaves.
+    """
+    targets = self.target_sparsities(params)
+    masks = self.compute_masks(params, targets, grads=grads,
+                               old_masks=self.init_masks(params, targets))
+    sparse = map_masked(lambda m, p: jnp.where(m, p, 0).astype(p.dtype), masks, params)
+    return sparse, self._store(masks)
+
+
+def _init(updater: BaseUpdater, inner, params):
+  return updater.init_state(params, inner.init(params))
+
+
+def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None, **extra):
+  if params is None:
+    raise ValueError('A prunax-wrapped transformation needs params: call '
+                     'tx.update(grads, opt_state, params).')
+  if not isinstance(state, SparseState):
+    raise TypeError(f'Expected a prunax SparseState, got {type(state).__name__}; initialise '
+                    'the state with the wrapped transformation\'s init.')
+  targets = updater.target_sparsities(params)
+  masks = unpack_masks(state.masks, params)
+  candidate, updates, inner_state = updater._candidate(  # pylint: disable=protected-access
+      inner, grads, state, params, masks, **extra)
+  sparsities = updater._sparsities_at(targets, state.count)  # pylint: disable=protected-access
+
+  def new_masks_fn(operands):
+    candidate, inner_state = operands
+    new = updater.compute_masks(candidate, sparsities, sparse_state=state, grads=grads,
+                                old_masks=masks)
+    if updater.is_ste:
+      return new, inner_state
+    keep = jax.tree.map(lambda m, n: True if m is None else m & n, masks, new, is_leaf=_is_none)
+    inner_state = optax.tree_utils.tree_map_params(
+        inner, lambda v, k: jnp.where(k, v, jnp.zeros_like(v)) if jnp.ndim(v) else v,
+        inner_state, keep, transform_non_params=lambda v: v)
+    return new, inner_state
+
+  if updater.is_ste:
+    new_masks, _ = new_masks_fn((candidate, inner_state))
+  else:
+    new_masks, inner_state = jax.lax.cond(
+        updater._is_update_step(state.count),  # pylint: disable=protected-access
+        new_masks_fn, lambda operands: (masks, operands[1]), (candidate, inner_state))
+  out = updater._output(params, candidate, updates, masks, new_masks)  # pylint: disable=protected-access
+  new_state = state._replace(
+      inner_state=inner_state,
+      masks=updater._store(new_masks),  # pylint: disable=protected-access
+      count=state.count + 1,
+      dense_params=_pruned_only(new_masks, candidate) if updater.is_ste else None)
+  return out, new_state
+
+
+def num_params(tree: PyTree) -> int:
+  """Number of scalars in a tree."""
+  return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))

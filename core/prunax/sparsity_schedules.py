@@ -1,0 +1,125 @@
+"""When masks are updated and at what sparsity.
+
+A schedule answers two questions for the step counter ``step`` (the number of optimizer
+updates done before this one, a traced int32 scalar inside ``jit``):
+
+* ``is_update_step(step)``: whether the masks are recomputed at this step;
+* ``sparsity(step, target)``: the sparsity a leaf with final sparsity ``target`` has after
+  this step (``target`` may be a per-leaf float).
+
+Steps before a schedule's start leave every weight unpruned (sparsity 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+
+def _check_int(value, name: str, minimum: int) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class NoUpdateSchedule:
+  """Masks are computed once at ``init`` and never change (static sparse training)."""
+
+  def is_update_step(self, step):
+    del step
+    return jnp.bool_(False)
+
+  def sparsity(self, step, target):
+    del step
+    return target
+
+
+@dataclasses.dataclass(frozen=True)
+class OneShotSchedule:
+  """Prunes to the target sparsity once, at ``target_step``."""
+
+  target_step: int = 0
+
+  def __post_init__(self):
+    _check_int(self.target_step, 'OneShotSchedule.target_step', 0)
+
+  def is_update_step(self, step):
+    return jnp.asarray(step) == self.target_step
+
+  def sparsity(self, step, target):
+    return jnp.where(jnp.asarray(step) >= self.target_step, target, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeriodicSchedule:
+  """Constant sparsity; masks updated every ``update_freq`` steps in [start, end).
+
+  This is the schedule of dynamic sparse training (SET, RigL). The masks made at ``init``
+  are already at the target sparsity.
+  """
+
+  update_freq: int = 100
+  update_start_step: int = 0
+  update_end_step: int | None = None
+
+  def __post_init__(self):
+    _check_int(self.update_freq, 'update_freq', 1)
+    _check_int(self.update_start_step, 'update_start_step', 0)
+    if self.update_end_step is not None:
+      _check_int(self.update_end_step, 'update_end_step', 0)
+      if self.update_end_step < self.update_start_step:
+        raise ValueError(f'update_end_step={self.update_end_step} precedes update_start_step='
+                         f'{self.update_start_step}; the end must be >= the start.')
+
+  def _in_window(self, step):
+    step = jnp.asarray(step)
+    ok = step >= self.update_start_step
+    if self.update_end_step is not None:
+      ok &= step < self.update_end_step
+    return ok
+
+  def is_update_step(self, step):
+    step = jnp.asarray(step)
+    return self._in_window(step) & ((step - self.update_start_step) % self.update_freq == 0)
+
+  def sparsity(self, step, target):
+    del step
+    return target
+
+
+@dataclasses.dataclass(frozen=True)
+class PolynomialSchedule(PeriodicSchedule):
+  """Gradual pruning (Zhu & Gupta, 2017): ``s_t = s_f + (s_i - s_f) (1 - p) ** power``.
+
+  ``p = (t - start) / (end - start)``, clipped to [0, 1], is evaluated at the last update
+  step ``t <= step``, so the sparsity only changes when the masks are updated: every
+  ``update_freq`` steps from ``update_start_step`` (where ``s_t = initial_sparsity``), the
+  last update landing at or before ``update_end_step``, where ``s_t`` reaches the target.
+  Before the start nothing is pruned.
+  """
+
+  update_end_step: int = 1000
+  power: float = 3.0
+  initial_sparsity: float = 0.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not 0.0 <= self.initial_sparsity < 1.0:
+      raise ValueError(f'initial_sparsity must be in [0, 1), got {self.initial_sparsity}.')
+
+  def is_update_step(self, step):
+    step = jnp.asarray(step)
+    in_window = (step >= self.update_start_step) & (step <= self.update_end_step)
+    periodic = (step - self.update_start_step) % self.update_freq == 0
+    return in_window & (periodic | (step == self.update_end_step))
+
+  def sparsity(self, step, target):
+    step = jnp.asarray(step)
+    span = max(self.update_end_step - self.update_start_step, 1)
+    last = self.update_start_step + (
+        (step - self.update_start_step) // self.update_freq) * self.update_freq
+    last = jnp.where(step >= self.update_end_step, self.update_end_step, last)
+    progress = jnp.clip((last - self.update_start_step) / span, 0.0, 1.0)
+    value = target + (self.initial_sparsity - target) * (1.0 - progress) ** self.power
+    return jnp.where(step >= self.update_start_step, value, 0.0).astype(jnp.float32)

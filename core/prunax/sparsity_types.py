@@ -1,0 +1,191 @@
+"""Sparsity structures: which groups of weights are kept or removed together.
+
+Every structure turns a score array and a target sparsity into a boolean keep-mask with an
+exact count, documented per structure:
+
+* :class:`Unstructured`: ``round(sparsity * size)`` zeros (round half to even on the
+  float32 product; exact for sizes below 2**24).
+* :class:`NByM`: exactly ``n`` nonzeros in every group of ``m`` along ``axis``; the sparsity
+  value only switches it on (any sparsity > 0 means N:M).
+* :class:`Block`: ``round(sparsity * num_blocks)`` whole blocks are zero, where a trailing
+  partial block (dimension not a multiple of the block) counts as one block and is scored
+  by the mean (or max) over its real elements.
+* :class:`Channel`: ``round(sparsity * num_channels)`` whole slices along ``axis`` are zero,
+  scored by the mean score over the slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prunax import selection
+
+
+def num_zeros(sparsity, size: int) -> jax.Array:
+  """Number of pruned elements for a (possibly traced) sparsity: round(sparsity * size)."""
+  if isinstance(sparsity, (int, float)):
+    return jnp.int32(int(np.round(np.float32(sparsity) * np.float32(size))))
+  return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
+
+
+class SparsityType:
+  """Base class of sparsity structures."""
+
+  def validate(self, shape: tuple[int, ...], name: str) -> None:
+    """Raises ValueError if a parameter of ``shape`` cannot take this structure."""
+
+  def mask(self, scores: jax.Array, sparsity) -> jax.Array:
+    """Boolean keep-mask of ``scores.shape`` for the target ``sparsity``."""
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Unstructured(SparsityType):
+  """Individual weights are pruned."""
+
+  def mask(self, scores, sparsity):
+    return selection.topk_mask(scores, scores.size - num_zeros(sparsity, scores.size))
+
+
+def _normalize_axis(axis: int, ndim: int, name: str, what: str) -> int:
+  if not -ndim <= axis < ndim:
+    raise ValueError(f'{what}: axis {axis} is out of range for parameter {name!r} with '
+                     f'{ndim} dimensions; valid axes are {-ndim}..{ndim - 1}.')
+  return axis % ndim
+
+
+@dataclasses.dataclass(frozen=True)
+class NByM(SparsityType):
+  """N:M structured sparsity: ``n`` nonzeros in every ``m`` consecutive weights along ``axis``."""
+
+  n: int
+  m: int
+  axis: int = -1
+
+  def __post_init__(self):
+    if not (isinstance(self.m, int) and self.m >= 1):
+      raise ValueError(f'NByM: m must be a positive integer, got m={self.m!r}.')
+    if not (isinstance(self.n, int) and 0 <= self.n <= self.m):
+      raise ValueError(f'NByM: n must be an integer with 0 <= n <= m={self.m}, got n={self.n!r}.')
+
+  def validate(self, shape, name):
+    axis = _normalize_axis(self.axis, len(shape), name, 'NByM')
+    if shape[axis] % self.m:
+      raise ValueError(
+          f'NByM({self.n}, {self.m}): axis {self.axis} of parameter {name!r} with shape '
+          f'{tuple(shape)} has size {shape[axis]}, which is not divisible by m={self.m}; '
+          f'choose an axis whose size is a multiple of {self.m}.')
+
+  def mask(self, scores, sparsity):
+    nm = selection.n_by_m_mask(scores, self.n, self.m, self.axis)
+    return jnp.where(jnp.asarray(sparsity) > 0, nm, True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Block(SparsityType):
+  """Block sparsity over the trailing ``len(block_shape)`` dimensions.
+
+  Attributes:
+    block_shape: block size of the trailing dimensions (leading dims use blocks of 1).
+    use_avg_pooling: score a block by the mean of its scores (else by their max).
+  """
+
+  block_shape: tuple[int, ...]
+  use_avg_pooling: bool = True
+
+  def __post_init__(self):
+    shape = tuple(self.block_shape) if isinstance(self.block_shape, (tuple, list)) else (
+        self.block_shape,)
+    if not shape or not all(isinstance(b, int) and b >= 1 for b in shape):
+      raise ValueError(f'Block: block_shape must be positive integers, got {self.block_shape!r}.')
+    object.__setattr__(self, 'block_shape', shape)
+
+  def _full_block(self, ndim: int) -> tuple[int, ...]:
+    return (1,) * (ndim - len(self.block_shape)) + self.block_shape
+
+  def validate(self, shape, name):
+    if len(self.block_shape) > len(shape):
+      raise ValueError(f'Block{self.block_shape} has {len(self.block_shape)} dimensions but '
+                       f'parameter {name!r} has shape {tuple(shape)}.')
+    for d, b in zip(shape, self._full_block(len(shape))):
+      if b > d:
+        raise ValueError(f'Block{self.block_shape} is larger than parameter {name!r} with shape '
+                         f'{tuple(shape)}; each block dimension must be <= the tensor dimension.')
+
+  def pool(self, scores: jax.Array) -> jax.Array:
+    """Scores per block: mean (or max) over the real elements of each block."""
+    block = self._full_block(scores.ndim)
+    nblocks = [-(-d // b) for d, b in zip(scores.shape, block)]
+    pad = [(0, n * b - d) for n, b, d in zip(nblocks, block, scores.shape)]
+    inter = [x for pair in zip(nblocks, block) for x in pair]
+    axes = tuple(range(1, 2 * scores.ndim, 2))
+    scores = scores.astype(jnp.float32)
+    if self.use_avg_pooling:
+      total = jnp.pad(scores, pad).reshape(inter).sum(axes)
+      count = jnp.pad(jnp.ones(scores.shape, jnp.float32), pad).reshape(inter).sum(axes)
+      return total / count
+    return jnp.pad(scores, pad, constant_values=-jnp.inf).reshape(inter).max(axes)
+
+  def mask(self, scores, sparsity):
+    pooled = self.pool(scores)
+    keep = selection.topk_mask(pooled, pooled.size - num_zeros(sparsity, pooled.size))
+    for axis, b in enumerate(self._full_block(scores.ndim)):
+      keep = jnp.repeat(keep, b, axis=axis)
+    return keep[tuple(slice(0, d) for d in scores.shape)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Channel(SparsityType):
+  """Whole slices (channels) along ``axis`` are pruned, scored by their mean score."""
+
+  axis: int = -1
+
+  def validate(self, shape, name):
+    _normalize_axis(self.axis, len(shape), name, 'Channel')
+
+  def mask(self, scores, sparsity):
+    axis = self.axis % scores.ndim
+    other = tuple(i for i in range(scores.ndim) if i != axis)
+    per_channel = jnp.mean(scores.astype(jnp.float32), axis=other)
+    size = per_channel.size
+    keep = selection.topk_mask(per_channel, size - num_zeros(sparsity, size))
+    shape = [1] * scores.ndim
+    shape[axis] = size
+    return jnp.broadcast_to(keep.reshape(shape), scores.shape)
+
+
+_PATTERNS = {
+    r'unstructured': lambda: Unstructured(),
+    r'nm_(\d+),(\d+)': lambda n, m: NByM(int(n), int(m)),
+    r'block_(\d+(?:,\d+)*)': lambda dims: Block(tuple(int(d) for d in dims.split(','))),
+    r'channel_(-?\d+)': lambda axis: Channel(int(axis)),
+}
+
+
+def from_string(spec: str) -> SparsityType:
+  """Parses ``'unstructured'``, ``'nm_N,M'``, ``'block_B1,B2,...'`` or ``'channel_AXIS'``."""
+  if isinstance(spec, SparsityType):
+    return spec
+  for pattern, make in _PATTERNS.items():
+    match = re.fullmatch(pattern, str(spec).strip().lower())
+    if match:
+      return make(*match.groups())
+  raise ValueError(f'Unknown sparsity type {spec!r}; valid forms are "unstructured", '
+                   f'"nm_N,M" (e.g. "nm_2,4"), "block_B1,B2" (e.g. "block_4,4") and '
+                   f'"channel_AXIS" (e.g. "channel_-1").')
+
+
+def num_units(sparsity_type: SparsityType, shape: tuple[int, ...]) -> int:
+  """Number of prunable units (elements, blocks or channels) of a parameter."""
+  if isinstance(sparsity_type, Block):
+    block = sparsity_type._full_block(len(shape))  # pylint: disable=protected-access
+    return math.prod(-(-d // b) for d, b in zip(shape, block))
+  if isinstance(sparsity_type, Channel):
+    return shape[sparsity_type.axis % len(shape)]
+  return math.prod(shape)

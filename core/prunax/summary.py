@@ -1,0 +1,76 @@
+"""Sparsity reports over parameter or mask trees."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prunax.sparsity_distributions import named_leaves
+
+PyTree = Any
+
+
+def summarize_sparsity(tree: PyTree, only_total: bool = False,
+                       filter_fn: Callable[[str, Any], bool] | None = None) -> dict[str, float]:
+  """Fraction of zeros per leaf and in total.
+
+  Args:
+    tree: params or boolean/uint8 masks (unpack packed masks first with
+      :func:`prunax.unpack_masks`). None leaves are skipped.
+    only_total: return only the totals.
+    filter_fn: ``fn(name, leaf) -> bool`` selecting the leaves counted (default: every
+      leaf with ndim >= 2, i.e. the leaves the default distributions prune).
+
+  Returns:
+    ``{'total_sparsity', 'total_params', 'total_nonzero'}`` plus ``'sparsity/<name>'``
+    for every counted leaf.
+  """
+  filter_fn = filter_fn or (lambda name, leaf: np.ndim(leaf) >= 2)
+  leaves = [(n, x) for n, x in named_leaves(tree) if filter_fn(n, x)]
+  nonzero = jax.device_get([jnp.count_nonzero(x) for _, x in leaves])
+  summary: dict[str, float] = {}
+  total = total_nz = 0
+  for (name, x), nz in zip(leaves, nonzero):
+    size = int(np.size(x))
+    total += size
+    total_nz += int(nz)
+    if not only_total:
+      summary[f'sparsity/{name}'] = 1.0 - int(nz) / size if size else 0.0
+  summary['total_sparsity'] = 1.0 - total_nz / total if total else 0.0
+  summary['total_params'] = float(total)
+  summary['total_nonzero'] = float(total_nz)
+  return summary
+
+
+def summarize_intersection(masks_a: PyTree, masks_b: PyTree) -> dict[str, float]:
+  """How much two mask trees agree (e.g. masks at two steps, or of two algorithms).
+
+  Args:
+    masks_a: boolean or uint8 masks (None leaves skipped).
+    masks_b: masks with the same structure.
+
+  Returns:
+    Per leaf and in total: ``'iou/<name>'`` (intersection over union of kept weights)
+    and ``'kept_fraction/<name>'`` (fraction of a's kept weights also kept in b).
+  """
+  a_leaves = named_leaves(masks_a)
+  b_leaves = named_leaves(masks_b)
+  if [n for n, _ in a_leaves] != [n for n, _ in b_leaves]:
+    raise ValueError('summarize_intersection needs two mask trees with the same leaves; got '
+                     f'{[n for n, _ in a_leaves]} and {[n for n, _ in b_leaves]}.')
+  counts = jax.device_get([
+      (jnp.sum((a != 0) & (b != 0)), jnp.sum((a != 0) | (b != 0)), jnp.sum(a != 0))
+      for (_, a), (_, b) in zip(a_leaves, b_leaves)])
+  out: dict[str, float] = {}
+  tot = np.zeros(3)
+  for (name, _), (inter, union, kept) in zip(a_leaves, counts):
+    out[f'iou/{name}'] = float(inter / union) if union else 1.0
+    out[f'kept_fraction/{name}'] = float(inter / kept) if kept else 1.0
+    tot += (inter, union, kept)
+  out['total_iou'] = float(tot[0] / tot[1]) if tot[1] else 1.0
+  out['total_kept_fraction'] = float(tot[0] / tot[2]) if tot[2] else 1.0
+  return out

@@ -1,0 +1,59 @@
+"""Logical axes of an optimizer state that holds ``prunax.SparseState`` nodes (no t5x needed).
+
+t5x shards every optimizer-state array by the logical axes derived from the params' axes. A
+pruner's masks and dense weights have the params' structure and take their axes, so they
+shard exactly like the weights they belong to (packed masks too: only the size of their last
+axis differs); the step counter, the random key and the per-layer thresholds are replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import prunax
+
+PyTree = Any
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def _like_params(tree: PyTree, params_axes: PyTree) -> PyTree:
+  """The params' axes at the leaves of ``tree`` (a tree like params, None where unused)."""
+  if tree is None:
+    return None
+  return jax.tree.map(lambda axes, leaf: None if leaf is None else axes, params_axes, tree,
+                      is_leaf=_is_none)
+
+
+def sparse_state_logical_axes(
+    state: PyTree,
+    params_axes: PyTree,
+    inner_axes_fn: Callable[[PyTree, PyTree], PyTree],
+) -> PyTree:
+  """Logical axes for ``state``, a ``prunax.SparseState`` or an ``optax.chain`` state of them.
+
+  Args:
+    state: the optimizer state (or a tree of the same structure).
+    params_axes: the params' logical axes (e.g. ``PartitionSpec`` leaves).
+    inner_axes_fn: gives the axes of any other optax state, called as
+      ``inner_axes_fn(state, params_axes)``; in t5x,
+      ``OptaxStatePartitionRules.derive_optax_logical_axes``.
+
+  Returns:
+    A tree like ``state`` with an axes leaf (or None: replicated) per array.
+  """
+  if isinstance(state, prunax.SparseState):
+    return prunax.SparseState(
+        inner_state=sparse_state_logical_axes(state.inner_state, params_axes, inner_axes_fn),
+        masks=_like_params(state.masks, params_axes),
+        count=None,
+        rng=None,
+        dense_params=_like_params(state.dense_params, params_axes),
+        thresholds=jax.tree.map(lambda _: None, state.thresholds))
+  if type(state) in (tuple, list):  # the state of optax.chain
+    return type(state)(sparse_state_logical_axes(s, params_axes, inner_axes_fn) for s in state)
+  return inner_axes_fn(state, params_axes)
