@@ -24,7 +24,8 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,7 @@ def _is_none(x) -> bool:
 
 
 def map_masked(fn: Callable[..., Any], masks: PyTree, *trees: PyTree) -> PyTree:
-  """``fn(mask, *leaves)`` on pruned leaves; other leaves of ``trees[0]`` pass through.
+  """``fn(mask, *leaves)`` on pruned leaves; elsewhere the leaf of ``trees[0]`` passes through.
 
   Args:
     fn: function of a mask leaf and the matching leaves of ``trees``.
@@ -75,8 +76,11 @@ def map_masked(fn: Callable[..., Any], masks: PyTree, *trees: PyTree) -> PyTree:
   Returns:
     A tree like ``trees[0]``.
   """
-  return jax.tree.map(lambda m, *xs: (xs[0] if xs else None) if m is None else fn(m, *xs), masks, *trees,
-                      is_leaf=_is_none)
+  def apply(m, *xs):
+    if m is None:
+      return xs[0] if xs else None
+    return fn(m, *xs)
+  return jax.tree.map(apply, masks, *trees, is_leaf=_is_none)
 
 
 def _pruned_only(masks: PyTree, tree: PyTree) -> PyTree:
@@ -272,7 +276,33 @@ class BaseUpdater:
         count=jnp.zeros([], jnp.int32),
         rng=jax.random.PRNGKey(self.seed),
         dense_params=_pruned_only(masks, params) if self.is_ste else None,
-        thresholds=None)
+        thresholds=self.init_thresholds(params, targets))
+
+  # ------------------------------------------------------------ STE-style hooks
+  # Algorithms with dense weights in the state (``is_ste``) may override these.
+
+  def init_thresholds(self, params: PyTree, targets: PyTree) -> PyTree:
+    """Initial ``SparseState.thresholds`` (None unless the algorithm learns thresholds)."""
+    del params, targets
+    return None
+
+  def transform_gradients(self, grads: PyTree, dense: PyTree, masks: PyTree,
+                          sparse_state: SparseState) -> PyTree:
+    """Gradients (taken at the sparse weights) fed to the inner optimizer of the dense
+    weights. Identity: the straight-through estimator."""
+    del dense, masks, sparse_state
+    return grads
+
+  def update_thresholds(self, grads: PyTree, dense: PyTree, masks: PyTree,
+                        sparse_state: SparseState) -> PyTree:
+    """New ``SparseState.thresholds`` after a step (unchanged by default)."""
+    del grads, dense, masks
+    return sparse_state.thresholds
+
+  def forward_params(self, dense: PyTree, masks: PyTree, sparse_state: SparseState) -> PyTree:
+    """The weights the model sees for the pruned leaves: ``dense`` under ``masks``."""
+    del sparse_state
+    return map_masked(lambda m, d: jnp.where(m, d, 0).astype(d.dtype), masks, dense)
 
   # ------------------------------------------------------------------------- update
 
@@ -304,6 +334,7 @@ class BaseUpdater:
     if self.is_ste:
       base = jax.tree.map(lambda d, p: p if d is None else d, state.dense_params, params,
                           is_leaf=_is_none)
+      grads = self.transform_gradients(grads, base, masks, state)
       updates, inner_state = inner.update(grads, state.inner_state, base, **extra)
       return optax.apply_updates(base, updates), updates, inner_state
     masked_grads = map_masked(lambda m, g: jnp.where(m, g, 0), masks, grads)
@@ -313,11 +344,11 @@ class BaseUpdater:
         masks, params, updates, is_leaf=_is_none)
     return candidate, updates, inner_state
 
-  def _output(self, params, candidate, updates, masks, new_masks):
+  def _output(self, params, candidate, updates, masks, new_masks, state):
     """Updates that take ``params`` to the candidate weights under the new masks."""
     if self.is_ste:
-      return map_masked(lambda m, u, c, p: jnp.where(m, c, 0) - p, new_masks, updates,
-                        candidate, params)
+      forward = self.forward_params(candidate, new_masks, state)
+      return map_masked(lambda m, u, f, p: f - p, new_masks, updates, forward, params)
     return map_masked(lambda m, u, m_new, p: jnp.where(m & m_new, u, -p), masks, updates,
                       new_masks, params)
 
@@ -387,12 +418,14 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
     return new, inner_state
 
   if updater.is_ste:
+    state = state._replace(thresholds=updater.update_thresholds(grads, candidate, masks, state))
     new_masks, _ = new_masks_fn((candidate, inner_state))
   else:
     new_masks, inner_state = jax.lax.cond(
         updater._is_update_step(state.count),  # pylint: disable=protected-access
         new_masks_fn, lambda operands: (masks, operands[1]), (candidate, inner_state))
-  out = updater._output(params, candidate, updates, masks, new_masks)  # pylint: disable=protected-access
+  out = updater._output(  # pylint: disable=protected-access
+      params, candidate, updates, masks, new_masks, state)
   new_state = state._replace(
       inner_state=inner_state,
       masks=updater._store(new_masks),  # pylint: disable=protected-access

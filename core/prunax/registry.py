@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from prunax import algorithms
+from prunax import pruning_at_init
 from prunax import sparsity_distributions
 from prunax import sparsity_schedules
 from prunax import sparsity_types
@@ -23,6 +25,15 @@ _ALGORITHMS: dict[str, type[BaseUpdater]] = {
     'static_sparse': algorithms.StaticRandomSparse,
     'set': algorithms.SET,
     'rigl': algorithms.RigL,
+    'autosparse': algorithms.AutoSparse,
+    'str': algorithms.STR,
+    'topkast': algorithms.TopKAST,
+    'topkast_ga': algorithms.TopKASTGA,
+    'sr_ste': algorithms.SRSTE,
+    'snip': pruning_at_init.SNIP,
+    'grasp': pruning_at_init.GraSP,
+    'synflow': pruning_at_init.SynFlow,
+    'fixed_masks': pruning_at_init.FixedMaskSparse,
 }
 
 # Keys create_updater_from_config understands (anything else is an error).
@@ -98,10 +109,14 @@ def create_updater_from_config(config: Any) -> BaseUpdater:
   extras = {k: cfg[k] for k in ('custom_sparsity_map', 'filter_fn') if cfg.get(k) is not None}
   if extras:
     dist = sparsity_distributions.Partial(dist, **extras)
+  # Without a config value, the class default (NoPruning and learned-threshold methods
+  # need no target; SR-STE defaults to 2:4).
+  defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+  if 'sparsity_type' in cfg:
+    kwargs['sparsity_type'] = sparsity_types.from_string(cfg['sparsity_type'])
   kwargs.update(
-      sparsity=cfg.get('sparsity', 0.0 if cls is _ALGORITHMS['no_prune'] else None),
+      sparsity=cfg.get('sparsity', defaults['sparsity']),
       sparsity_distribution_fn=dist,
-      sparsity_type=sparsity_types.from_string(cfg.get('sparsity_type', 'unstructured')),
       scheduler=_schedule(cls, cfg),
       seed=cfg.get('seed', 0),
       packed_masks=cfg.get('packed_masks', False))

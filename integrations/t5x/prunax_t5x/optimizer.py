@@ -7,6 +7,7 @@ from typing import Any
 
 import gin
 import optax
+
 import prunax
 
 

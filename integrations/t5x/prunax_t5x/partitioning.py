@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+
 import prunax
 
 PyTree = Any

@@ -1,0 +1,109 @@
+"""Sharded params on 8 CPU devices: state sharded like the params, same results.
+
+XLA's device count is fixed when JAX starts, so the 8-device run happens in a child
+process with ``--xla_force_host_platform_device_count=8``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent('''
+    import json
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import prunax
+    from prunax import sparsity_schedules as sched
+
+    assert jax.device_count() == 8, jax.devices()
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {'w1': jax.random.normal(k[0], (64, 128)) / 8, 'b1': jnp.zeros(128),
+              'w2': jax.random.normal(k[1], (128, 32)) / 11}
+    x = jax.random.normal(k[2], (16, 64))
+
+    def loss(p):
+      return jnp.mean((jnp.tanh(x @ p['w1'] + p['b1']) @ p['w2']) ** 2)
+
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ('data', 'model'))
+    specs = {'w1': P('data', 'model'), 'b1': P('model'), 'w2': P('model', None)}
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    report = {}
+    for name, updater in {
+        'magnitude': prunax.MagnitudePruning(
+            sparsity=0.8, scheduler=sched.PolynomialSchedule(1, 0, 3)),
+        'ste': prunax.SteMagnitudePruning(sparsity=0.7),
+        'rigl': prunax.RigL(sparsity=0.8, scheduler=sched.PeriodicSchedule(2, 1)),
+        'global_packed': prunax.GlobalMagnitudePruning(
+            sparsity=0.6, packed_masks=True, scheduler=sched.OneShotSchedule(1)),
+    }.items():
+      tx = updater.wrap_optax(optax.adam(1e-2))
+
+      def step(p, s):
+        g = jax.grad(loss)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+      results = []
+      for sharded in (False, True):
+        p = jax.device_put(params, shardings) if sharded else params
+        init = jax.jit(tx.init)
+        s = init(p)
+        f = jax.jit(step, donate_argnums=(1,))
+        for _ in range(5):
+          p, s = f(p, s)
+        results.append((p, s))
+      (p1, s1), (p8, s8) = results
+      m1 = prunax.unpack_masks(prunax.get_sparse_state(s1).masks, params)
+      m8 = prunax.unpack_masks(prunax.get_sparse_state(s8).masks, params)
+      masks_equal = all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(m1), jax.tree.leaves(m8)))
+      # Data-parallel sums are reduced in another order: compare with a relative gap.
+      gap = max(float(jnp.max(jnp.abs(a - b) / (1e-3 + jnp.abs(a))))
+                for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
+      st = prunax.get_sparse_state(s8)
+      state_specs = {
+          'mask_w1': str(st.masks['w1'].sharding.spec),
+          'mask_w2': str(st.masks['w2'].sharding.spec),
+          'param_w1': str(p8['w1'].sharding.spec),
+          'mu_w1': str(jax.tree.leaves(st.inner_state)[1].sharding.spec),
+      }
+      if st.dense_params is not None:
+        state_specs['dense_w1'] = str(st.dense_params['w1'].sharding.spec)
+      report[name] = {'masks_equal': masks_equal, 'max_gap': gap,
+                      'sparsity': prunax.summarize_sparsity(p8)['total_sparsity'],
+                      'specs': state_specs}
+    print('REPORT' + json.dumps(report))
+''')
+
+
+@pytest.fixture(scope='module')
+def report():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=900, check=False)
+  assert out.returncode == 0, out.stderr[-4000:]
+  line = next(l for l in out.stdout.splitlines() if l.startswith('REPORT'))
+  return json.loads(line[len('REPORT'):])
+
+
+@pytest.mark.parametrize('name', ['magnitude', 'ste', 'rigl', 'global_packed'])
+def test_eight_devices_match_one(report, name):
+  r = report[name]
+  assert r['masks_equal'], r
+  assert r['max_gap'] < 1e-3, r
+  assert r['sparsity'] > 0.3
+
+
+@pytest.mark.parametrize('name', ['magnitude', 'ste', 'rigl'])
+def test_state_is_sharded_like_the_params(report, name):
+  specs = report[name]['specs']
+  expected = "PartitionSpec('data', 'model')"
+  assert specs['param_w1'] == expected
+  assert specs['mask_w1'] == expected, specs
+  assert specs['mask_w2'] in ("PartitionSpec('model', None)", "PartitionSpec('model',)"), specs
+  if 'dense_w1' in specs:
+    assert specs['dense_w1'] == expected, specs

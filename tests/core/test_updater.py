@@ -1,0 +1,489 @@
+"""The self-sufficient wrapped transformation, for every algorithm of the core."""
+
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import prunax
+from prunax import sparsity_schedules as sched
+from tests.core.conftest import loss_fn
+from tests.core.conftest import make_batch
+from tests.core.conftest import make_step
+from tests.core.conftest import mlp_params
+from tests.core.conftest import run
+
+GRADUAL = sched.PolynomialSchedule(update_freq=2, update_start_step=1, update_end_step=7)
+PERIODIC = sched.PeriodicSchedule(update_freq=2, update_start_step=1)
+ALGORITHMS = {
+    'magnitude': lambda **kw: prunax.MagnitudePruning(sparsity=0.8, scheduler=GRADUAL, **kw),
+    'random': lambda **kw: prunax.RandomPruning(sparsity=0.8, scheduler=GRADUAL, **kw),
+    'saliency': lambda **kw: prunax.SaliencyPruning(sparsity=0.8, scheduler=GRADUAL, **kw),
+    'global_magnitude': lambda **kw: prunax.GlobalMagnitudePruning(
+        sparsity=0.8, scheduler=GRADUAL, **kw),
+    'global_saliency': lambda **kw: prunax.GlobalSaliencyPruning(
+        sparsity=0.8, scheduler=GRADUAL, **kw),
+    'magnitude_ste': lambda **kw: prunax.SteMagnitudePruning(sparsity=0.8, scheduler=GRADUAL, **kw),
+    'random_ste': lambda **kw: prunax.SteRandomPruning(sparsity=0.8, scheduler=GRADUAL, **kw),
+    'static_sparse': lambda **kw: prunax.StaticRandomSparse(
+        sparsity=0.8, sparsity_distribution_fn='erk', **kw),
+    'set': lambda **kw: prunax.SET(sparsity=0.8, sparsity_distribution_fn='erk',
+                                   scheduler=PERIODIC, **kw),
+    'rigl': lambda **kw: prunax.RigL(sparsity=0.8, sparsity_distribution_fn='erk',
+                                     scheduler=PERIODIC, **kw),
+}
+
+
+def _zeros(s, size):
+  return int(np.round(np.float32(s) * np.float32(size)))
+
+
+def _expected_mask_zeros(updater, params, step):
+  """Zeros of each pruned leaf's mask after update number ``step`` (0-based)."""
+  targets = updater.target_sparsities(params)
+  names = prunax.sparsity_distributions.named_leaves(params)
+  flat_t = jax.tree.leaves(targets, is_leaf=lambda x: x is None)
+  out = {}
+  for (name, p), t in zip(names, flat_t):
+    if t is None:
+      continue
+    if updater.is_sparse_training:
+      out[name] = _zeros(t, p.size)
+    else:
+      out[name] = _zeros(float(updater.scheduler.sparsity(step, t)), p.size)
+  return out
+
+
+def _bool_masks(opt_state, params):
+  return prunax.unpack_masks(prunax.get_sparse_state(opt_state).masks, params)
+
+
+def _check_schedule(name, updater, params, history):
+  for step, (p, state) in enumerate(history):
+    masks = _bool_masks(state, params)
+    expected = _expected_mask_zeros(updater, params, step)
+    got = {}
+    weights = dict(prunax.sparsity_distributions.named_leaves(p))
+    for n, m in prunax.sparsity_distributions.named_leaves(masks):
+      m, w = np.asarray(m), np.asarray(weights[n])
+      assert not w[~m].any(), f'{name}: pruned weights of {n} are not zero at step {step}'
+      got[n] = int((~m).sum())
+    if updater.is_global:
+      assert sum(got.values()) == _zeros(float(updater.scheduler.sparsity(step, 0.8)),
+                                         sum(np.size(x) for x in jax.tree.leaves(masks)))
+    else:
+      assert got == expected, (name, step)
+
+
+@pytest.mark.parametrize('name', sorted(ALGORITHMS))
+def test_params_exactly_as_sparse_as_scheduled_with_uint8_and_packed_masks(name):
+  """Only tx.update + optax.apply_updates: masks at the scheduled count after every step,
+  params zero outside them; packed 1-bit masks give bit-identical training."""
+  params = mlp_params()
+  results = []
+  for packed in (False, True):
+    updater = ALGORITHMS[name](packed_masks=packed)
+    _, _, history = run(updater.wrap_optax(optax.adam(1e-2)), params, steps=9)
+    _check_schedule(name, updater, params, history)
+    results.append(history[-1])
+  (p0, s0), (p1, s1) = results
+  assert prunax.summarize_sparsity(p0)['total_sparsity'] >= 0.79
+  jax.tree.map(np.testing.assert_array_equal, p0, p1)
+  jax.tree.map(np.testing.assert_array_equal, _bool_masks(s0, params), _bool_masks(s1, params))
+  stored = [jax.tree.leaves(prunax.get_sparse_state(s).masks) for s in (s0, s1)]
+  assert all(m.dtype == jnp.uint8 for m in stored[0] + stored[1])
+  # 1 bit per weight: every last axis here is a multiple of 8.
+  assert sum(m.nbytes for m in stored[1]) * 8 == sum(m.nbytes for m in stored[0])
+
+
+@pytest.mark.parametrize('name', ['magnitude', 'magnitude_ste', 'rigl', 'global_magnitude'])
+def test_explicit_hooks_give_the_same_results(name):
+  updater = ALGORITHMS[name]()
+  tx = updater.wrap_optax(optax.adam(1e-2))
+  # Sparse training starts from random masks: without a hook, the first forward pass sees
+  # the dense init; start both loops from the masked init to compare like with like.
+  params = updater.pre_forward_update(mlp_params(), tx.init(mlp_params()))
+  pure, pure_state, _ = run(tx, params, steps=8)
+
+  @jax.jit
+  def hand_step(params, opt_state, batch):
+    fwd = updater.pre_forward_update(params, opt_state)
+    grads = jax.grad(loss_fn)(fwd, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return updater.post_gradient_update(params, opt_state), opt_state
+
+  p, state, batch = params, tx.init(params), make_batch()
+  for _ in range(8):
+    p, state = hand_step(p, state, batch)
+  jax.tree.map(np.testing.assert_array_equal, pure, p)
+  jax.tree.map(np.testing.assert_array_equal, _bool_masks(pure_state, params),
+               _bool_masks(state, params))
+
+
+def test_ste_keeps_dense_weights_and_trains_them():
+  updater = prunax.SteMagnitudePruning(sparsity=0.75)
+  params = mlp_params()
+  p, state, _ = run(updater.wrap_optax(optax.sgd(0.1)), params, steps=5)
+  sparse_state = prunax.get_sparse_state(state)
+  masks = _bool_masks(state, params)
+  assert sparse_state.dense_params['layer0']['bias'] is None  # not pruned, not duplicated
+  dense = sparse_state.dense_params['layer0']['kernel']
+  mask = np.asarray(masks['layer0']['kernel'])
+  # Pruned weights stay in the dense copy (non-zero) and the params are their projection.
+  assert np.count_nonzero(np.asarray(dense)[~mask]) == (~mask).sum()
+  np.testing.assert_allclose(p['layer0']['kernel'], jnp.where(mask, dense, 0), rtol=1e-6)
+  assert not np.asarray(p['layer0']['kernel'])[~mask].any()
+  # The mask is the top-25% of the dense weights' magnitudes.
+  expected = prunax.Unstructured().mask(jnp.abs(dense), 0.75)
+  np.testing.assert_array_equal(mask, expected)
+
+
+def test_ste_gradients_at_sparse_weights_update_the_dense_ones():
+  """One SGD step: dense' = dense - lr * grad(loss)(sparse params)."""
+  updater = prunax.SteMagnitudePruning(sparsity=0.5)
+  params = mlp_params()
+  tx = updater.wrap_optax(optax.sgd(0.1))
+  batch = make_batch()
+  state = tx.init(params)
+  p1, state = jax.jit(make_step(tx))(params, state, batch)  # step 0 prunes
+  grads = jax.grad(loss_fn)(p1, batch)
+  p2, state2 = jax.jit(make_step(tx))(p1, state, batch)
+  dense1 = prunax.get_sparse_state(state).dense_params['layer1']['kernel']
+  dense2 = prunax.get_sparse_state(state2).dense_params['layer1']['kernel']
+  np.testing.assert_allclose(dense2, dense1 - 0.1 * grads['layer1']['kernel'], rtol=1e-5,
+                             atol=1e-7)
+
+
+INNER = {
+    'sgd_momentum': lambda: optax.sgd(0.05, momentum=0.9),
+    'adam': lambda: optax.adam(1e-2),
+    'adamw': lambda: optax.adamw(1e-2, weight_decay=1e-2),
+    'lion': lambda: optax.lion(1e-3),
+    'rmsprop': lambda: optax.rmsprop(1e-2, momentum=0.5),
+    'chain': lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
+    'inject': lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
+}
+
+
+def _moments_of(inner, inner_state, params, name):
+  """The leaves named ``name`` of every params-shaped subtree of an optax state."""
+  names = jax.tree_util.tree_map_with_path(
+      lambda path, _: prunax.sparsity_distributions.path_name(path), params)
+  found = []
+  optax.tree_utils.tree_map_params(
+      inner, lambda v, n: (found.append(v) if n == name else None) or v, inner_state, names,
+      transform_non_params=lambda v: v)
+  return found
+
+
+@pytest.mark.parametrize('inner_name', sorted(INNER))
+def test_rigl_resets_moments_of_regrown_weights(inner_name):
+  inner = INNER[inner_name]()
+  updater = prunax.RigL(sparsity=0.7, drop_fraction=0.5, drop_fraction_fn='constant',
+                        scheduler=sched.PeriodicSchedule(update_freq=3, update_start_step=3))
+  params = mlp_params()
+  tx = updater.wrap_optax(inner)
+  _, _, history = run(tx, params, steps=4)
+  (_, before), (p_after, after) = history[2], history[3]  # step index 3 updates the masks
+  old = _bool_masks(before, params)['layer0']['kernel']
+  new = _bool_masks(after, params)['layer0']['kernel']
+  grown = np.asarray(new & ~old)
+  assert grown.sum() > 0
+  assert not np.asarray(p_after['layer0']['kernel'])[grown].any()  # grown weights start at 0
+  kernels = [np.asarray(m) for m in _moments_of(
+      inner, prunax.get_sparse_state(after).inner_state, params, 'layer0/kernel')]
+  assert kernels, 'no moments found'
+  kernels = [k for k in kernels if k.shape == grown.shape]
+  for k in kernels:
+    assert not k[grown].any(), f'{inner_name}: moments of regrown weights not reset'
+    assert not k[~np.asarray(new)].any(), f'{inner_name}: moments of pruned weights not zero'
+  # Weights that stayed active keep non-trivial moments (the reset is targeted).
+  assert any(np.abs(k[np.asarray(new & old)]).sum() > 0 for k in kernels)
+
+
+def _sparse_state(count, masks, params):
+  return prunax.SparseState(inner_state=(), masks=masks, count=jnp.int32(count),
+                            rng=jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize('fraction,expected', [
+    (0.0, [1, 1, 1, 1, 0, 0, 0, 0]),
+    (0.25, [1, 1, 1, 0, 0, 1, 0, 0]),   # drop w=0.4 (smallest active), grow max |g| (idx 5)
+    (0.5, [1, 1, 0, 0, 0, 1, 0, 1]),    # drop 0.4 and 0.5, grow idx 5 and 7
+    (0.75, [1, 0, 0, 0, 0, 1, 1, 1]),   # drop 3, grow idx 5, 7, 6
+    (1.0, [0, 0, 0, 1, 0, 1, 1, 1]),    # drop all; grow best 4 |g| incl. dropped idx 3
+])
+def test_rigl_golden_masks(fraction, expected):
+  w = jnp.array([[0.9, -0.8, 0.5, -0.4, 0.0, 0.0, 0.0, 0.0]])
+  g = jnp.array([[0.0, 0.1, 0.2, 0.3, 0.05, 0.9, 0.4, 0.7]])
+  old = jnp.array([[1, 1, 1, 1, 0, 0, 0, 0]], bool)
+  rigl = prunax.RigL(sparsity=0.5, drop_fraction=fraction, drop_fraction_fn='constant')
+  masks = rigl.compute_masks({'w': w}, {'w': 0.5}, sparse_state=_sparse_state(0, None, None),
+                             grads={'w': g}, old_masks={'w': old})
+  np.testing.assert_array_equal(masks['w'][0], np.array(expected, bool))
+
+
+@pytest.mark.parametrize('fraction', [0.0, 0.25, 0.5, 1.0])
+def test_set_drops_smallest_and_grows_at_random(fraction):
+  w = jax.random.normal(jax.random.PRNGKey(0), (8, 16))
+  old = prunax.Unstructured().mask(jax.random.uniform(jax.random.PRNGKey(1), (8, 16)), 0.75)
+  w = jnp.where(old, w, 0)
+  st = prunax.SET(sparsity=0.75, drop_fraction=fraction, drop_fraction_fn='constant')
+  new = st.compute_masks({'w': w}, {'w': 0.75}, sparse_state=_sparse_state(4, None, None),
+                         old_masks={'w': old})['w']
+  old, new, w = np.asarray(old), np.asarray(new), np.asarray(w)
+  n_active = old.sum()
+  n_drop = int(np.round(np.float32(fraction) * n_active))
+  assert new.sum() == n_active
+  flat_w, flat_old = np.abs(w).reshape(-1), old.reshape(-1)
+  order = sorted(np.flatnonzero(flat_old), key=lambda i: (-flat_w[i], i))
+  survivors = np.zeros(flat_w.size, bool)
+  survivors[order[:n_active - n_drop]] = True
+  assert new.reshape(-1)[survivors].all()  # the largest active weights stay
+  assert (new.reshape(-1) & ~survivors).sum() == n_drop  # as many grown as dropped
+
+
+def test_cosine_drop_fraction():
+  rigl = prunax.RigL(sparsity=0.5, drop_fraction=0.3,
+                     scheduler=sched.PeriodicSchedule(10, 0, 100))
+  for step in (0, 25, 50, 100, 150):
+    expected = 0.3 * 0.5 * (1 + np.cos(np.pi * min(step, 100) / 100))
+    assert float(rigl.drop_fraction_at(step)) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize('name', ['set', 'rigl'])
+def test_sparsity_preserved_across_many_updates(name):
+  updater = dataclasses.replace(ALGORITHMS[name](), drop_fraction=0.5,
+                                drop_fraction_fn='constant',
+                                scheduler=sched.PeriodicSchedule(update_freq=1))
+  params = mlp_params()
+  _, _, history = run(updater.wrap_optax(optax.adam(1e-2)), params, steps=25)
+  first = None
+  for p, state in history:
+    masks = _bool_masks(state, params)
+    counts = [int(m.sum()) for m in jax.tree.leaves(masks)]
+    first = first or counts
+    assert counts == first
+    for layer in ('layer0', 'layer1'):
+      m = np.asarray(masks[layer]['kernel'])
+      assert not np.asarray(p[layer]['kernel'])[~m].any()
+  changed = prunax.summarize_intersection(_bool_masks(history[0][1], params),
+                                          _bool_masks(history[-1][1], params))
+  assert changed['total_iou'] < 0.9  # the topology really evolved
+
+
+@pytest.mark.parametrize('name', ['magnitude_ste', 'global_magnitude', 'rigl'])
+def test_jit_and_eager_agree(name):
+  schedule = sched.PeriodicSchedule(1, 1) if name == 'rigl' else sched.PolynomialSchedule(1, 0, 2)
+  updater = dataclasses.replace(ALGORITHMS[name](), scheduler=schedule)
+  params = mlp_params()
+  tx = updater.wrap_optax(optax.adam(1e-2))
+  pj, sj, _ = run(tx, params, steps=3, jit=True)
+  pe, se, _ = run(tx, params, steps=3, jit=False)
+  jax.tree.map(np.testing.assert_array_equal, _bool_masks(sj, params), _bool_masks(se, params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), pj, pe)
+
+
+def _tree_loss(params, batch):
+  return loss_fn(params, batch)
+
+
+@pytest.mark.parametrize('container', ['frozendict', 'list', 'tuple'])
+def test_any_pytree(container):
+  base = mlp_params()
+  if container == 'frozendict':
+    params = flax.core.freeze(base)
+  elif container == 'list':
+    params = [base['layer0'], base['layer1']]
+  else:
+    params = ((base['layer0']['kernel'], base['layer0']['bias']),
+              (base['layer1']['kernel'], base['layer1']['bias']))
+  custom = {'frozendict': 'layer1/kernel', 'list': '1/kernel', 'tuple': '1/0'}[container]
+  updater = prunax.MagnitudePruning(sparsity=0.5, sparsity_distribution_fn=(
+      prunax.sparsity_distributions.Partial('uniform', custom_sparsity_map={custom: 0.25})))
+  tx = updater.wrap_optax(optax.sgd(0.1))
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = tx.init(params)
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  assert type(new) is type(params)
+  summary = prunax.summarize_sparsity(new)
+  assert summary[f'sparsity/{custom}'] == 0.25
+  assert summary['total_sparsity'] == pytest.approx((0.5 * 12 * 16 + 0.25 * 16 * 8) / (12 * 16 + 128))
+
+
+def test_nnx_state():
+  model = nnx.Sequential(nnx.Linear(12, 16, rngs=nnx.Rngs(0)), nnx.Linear(16, 8, rngs=nnx.Rngs(1)))
+  graphdef, state = nnx.split(model, nnx.Param)
+  updater = prunax.MagnitudePruning(sparsity=0.5)
+  tx = updater.wrap_optax(optax.adam(1e-2))
+  opt_state = tx.init(state)
+  x, y = make_batch()
+
+  def loss(state):
+    return jnp.mean((nnx.merge(graphdef, state)(x) - y) ** 2)
+
+  @jax.jit
+  def step(state, opt_state):
+    grads = jax.grad(loss)(state)
+    updates, opt_state = tx.update(grads, opt_state, state)
+    return optax.apply_updates(state, updates), opt_state
+
+  state, opt_state = step(state, opt_state)
+  summary = prunax.summarize_sparsity(state)
+  kernel_keys = [k for k in summary if k.startswith('sparsity/') and 'kernel' in k]
+  assert len(kernel_keys) == 2 and all(summary[k] == 0.5 for k in kernel_keys)
+  assert isinstance(state, nnx.State)
+
+
+def test_updaters_are_hashable_immutable_static_args():
+  a = prunax.create_updater_from_config({'algorithm': 'rigl', 'sparsity': 0.8,
+                                         'dist_type': 'erk', 'update_freq': 5,
+                                         'custom_sparsity_map': {'layer0/kernel': 0.5}})
+  b = prunax.create_updater_from_config({'algorithm': 'rigl', 'sparsity': 0.8,
+                                         'dist_type': 'erk', 'update_freq': 5,
+                                         'custom_sparsity_map': {'layer0/kernel': 0.5}})
+  assert a == b and hash(a) == hash(b)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    a.sparsity = 0.1
+  traces = []
+
+  @jax.jit
+  def dummy(x):
+    return x
+
+  def sparsify(updater, params):
+    traces.append(1)
+    return updater.instant_sparsify(params)[0]
+
+  jitted = jax.jit(sparsify, static_argnums=0)
+  params = mlp_params()
+  jitted(a, params)
+  jitted(b, params)  # equal updater -> cache hit
+  assert len(traces) == 1
+
+
+def test_instant_sparsify_exact():
+  params = mlp_params()
+  updater = prunax.MagnitudePruning(sparsity=0.6, sparsity_type='nm_2,4')
+  sparse, masks = updater.instant_sparsify(params)
+  k = np.asarray(sparse['layer0']['kernel']).reshape(-1, 4)
+  assert ((k != 0).sum(1) == 2).all()
+  assert masks['layer0']['bias'] is None and masks['layer0']['kernel'].dtype == jnp.uint8
+  with pytest.raises(ValueError, match=r'needs gradients'):
+    prunax.SaliencyPruning(sparsity=0.5).instant_sparsify(params)
+  sal, _ = prunax.SaliencyPruning(sparsity=0.5).instant_sparsify(
+      params, grads=jax.tree.map(jnp.ones_like, params))
+  assert prunax.summarize_sparsity(sal)['total_sparsity'] == 0.5
+
+
+@pytest.mark.parametrize('structure', ['nm_2,4', 'block_2,4', 'channel_-1', 'channel_0'])
+def test_structured_training_self_sufficient(structure):
+  updater = prunax.create_updater_from_config(
+      {'algorithm': 'magnitude', 'sparsity': 0.5, 'sparsity_type': structure,
+       'update_freq': 1, 'update_start_step': 0, 'update_end_step': 3})
+  params = mlp_params()
+  p, state, _ = run(updater.wrap_optax(optax.adam(1e-2)), params, steps=5)
+  masks = _bool_masks(state, params)
+  for m, w in zip(jax.tree.leaves(masks), [p['layer0']['kernel'], p['layer1']['kernel']]):
+    assert not np.asarray(w)[~np.asarray(m)].any()
+  k = np.asarray(masks['layer0']['kernel'])
+  if structure == 'nm_2,4':
+    assert (k.reshape(-1, 4).sum(1) == 2).all()
+  elif structure.startswith('channel'):
+    axis = int(structure.split('_')[1])
+    per = np.moveaxis(k, axis, 0).reshape(k.shape[axis], -1)
+    assert (per.all(1) | ~per.any(1)).all() and (~per.all(1)).sum() == k.shape[axis] // 2
+  else:
+    blocks = k.reshape(6, 2, 4, 4).transpose(0, 2, 1, 3).reshape(24, 8)
+    assert (blocks.all(1) | ~blocks.any(1)).all() and (~blocks.all(1)).sum() == 12
+
+
+def test_config_and_registry():
+  cfg = ml_collections.ConfigDict({'algorithm': 'magnitude', 'sparsity': 0.9, 'dist_type': 'erk',
+                                   'sparsity_type': 'block_4,4', 'update_freq': 10,
+                                   'update_start_step': 100, 'update_end_step': 1000})
+  updater = prunax.create_updater_from_config(cfg)
+  assert isinstance(updater, prunax.MagnitudePruning)
+  assert updater.sparsity_type == prunax.Block((4, 4))
+  assert updater.scheduler == sched.PolynomialSchedule(10, 100, 1000)
+  one_shot = prunax.create_updater_from_config({'algorithm': 'magnitude', 'sparsity': 0.5,
+                                                'update_start_step': 7})
+  assert one_shot.scheduler == sched.OneShotSchedule(7)
+  assert isinstance(prunax.create_updater_from_config(
+      {'algorithm': 'static_sparse', 'sparsity': 0.5}).scheduler, sched.NoUpdateSchedule)
+  assert prunax.create_updater_from_config(
+      {'algorithm': 'set', 'sparsity': 0.5, 'update_freq': 4}).scheduler == sched.PeriodicSchedule(4)
+
+  @dataclasses.dataclass(frozen=True)
+  class Mine(prunax.MagnitudePruning):
+    def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
+      return jax.tree.map(lambda p: -jnp.abs(p), params)
+
+  prunax.register_algorithm('test_smallest_kept', Mine)
+  assert 'test_smallest_kept' in prunax.all_algorithm_names()
+  mine = prunax.create_updater_from_config({'algorithm': 'test_smallest_kept', 'sparsity': 0.5})
+  sparse, _ = mine.instant_sparsify({'w': jnp.arange(1.0, 9.0).reshape(2, 4)})
+  np.testing.assert_array_equal(sparse['w'], [[1, 2, 3, 4], [0, 0, 0, 0]])
+
+
+@pytest.mark.parametrize('cfg,error,match', [
+    ({'algorithm': 'magnitud', 'sparsity': 0.5}, ValueError, r"Unknown algorithm 'magnitud'"),
+    ({'algorithm': 'magnitude', 'sparsity': 1.2}, ValueError, r'\[0, 1\), got 1.2'),
+    ({'algorithm': 'magnitude', 'sparsity': 0.5, 'sparsity_type': 'nm_4,2'}, ValueError,
+     r'0 <= n <= m=2, got n=4'),
+    ({'algorithm': 'magnitude', 'sparsity': 0.5, 'sparsity_type': 'diagonal'}, ValueError,
+     r"Unknown sparsity type 'diagonal'"),
+    ({'algorithm': 'magnitude', 'sparsity': 0.5, 'dist_type': 'gaussian'}, ValueError,
+     r"Unknown sparsity distribution 'gaussian'"),
+    ({'algorithm': 'magnitude', 'sparsity': 0.5, 'sparsty': 0.3}, ValueError,
+     r"Unknown sparsity config keys \['sparsty'\]"),
+    ({'algorithm': 'magnitude'}, ValueError, r'needs a target sparsity'),
+    ({'algorithm': 'magnitude', 'sparsity': 0.5, 'drop_fraction': 0.1}, ValueError,
+     r'drop_fraction applies only'),
+    ({'algorithm': 'rigl', 'sparsity': 0.5, 'sparsity_type': 'nm_2,4'}, ValueError,
+     r'supports only unstructured'),
+    ({'algorithm': 'magnitude', 'sparsity': 0.5, 'update_start_step': 10,
+      'update_end_step': 5}, ValueError, r'update_end_step=5 precedes update_start_step=10'),
+    ({'sparsity': 0.5}, ValueError, r'needs an "algorithm"'),
+])
+def test_bad_configs(cfg, error, match):
+  with pytest.raises(error, match=match):
+    prunax.create_updater_from_config(cfg)
+
+
+def test_bad_trees_and_calls():
+  params = mlp_params()
+  updater = prunax.MagnitudePruning(sparsity=0.5, sparsity_type='nm_2,3')
+  with pytest.raises(ValueError, match=r"parameter 'layer0/kernel' with shape \(12, 16\)"):
+    updater.wrap_optax(optax.sgd(0.1)).init(params)
+  tx = prunax.MagnitudePruning(sparsity=0.5).wrap_optax(optax.sgd(0.1))
+  state = tx.init(params)
+  with pytest.raises(ValueError, match='needs params'):
+    tx.update(params, state)
+  with pytest.raises(TypeError, match='Expected a prunax SparseState'):
+    tx.update(params, optax.sgd(0.1).init(params), params)
+  with pytest.raises(ValueError, match='No prunax SparseState'):
+    prunax.get_sparse_state(optax.sgd(0.1).init(params))
+  other = {'layer0': params['layer0']}
+  with pytest.raises(ValueError):
+    tx.update(other, state, params)
+
+
+def test_summaries():
+  tree = {'a': jnp.array([[0.0, 1.0], [0.0, 0.0]]), 'b': jnp.ones((2, 2)), 'c': jnp.zeros(3)}
+  s = prunax.summarize_sparsity(tree)
+  assert s == {'sparsity/a': 0.75, 'sparsity/b': 0.0, 'total_sparsity': 0.375,
+               'total_params': 8.0, 'total_nonzero': 5.0}
+  all_leaves = prunax.summarize_sparsity(tree, only_total=True, filter_fn=lambda n, x: True)
+  assert all_leaves == {'total_sparsity': 6 / 11, 'total_params': 11.0, 'total_nonzero': 5.0}
+  inter = prunax.summarize_intersection({'a': jnp.array([1, 1, 0, 0])},
+                                        {'a': jnp.array([1, 0, 1, 0])})
+  assert inter['iou/a'] == pytest.approx(1 / 3) and inter['kept_fraction/a'] == 0.5

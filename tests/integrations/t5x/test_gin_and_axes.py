@@ -1,0 +1,131 @@
+"""prunax_t5x without t5x: the gin factory and the logical axes of the pruner's state."""
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import prunax
+import prunax_t5x
+
+PARAMS = {
+    'encoder': {
+        'mlp': {'wi': jnp.arange(1.0, 129.0).reshape(8, 16)},
+        'norm': {'scale': jnp.ones(8)},
+    },
+    'token_embedder': {'embedding': jnp.linspace(-1.0, 1.0, 96).reshape(12, 8)},
+}
+AXES = {
+    'encoder': {'mlp': {'wi': P('embed', 'mlp')}, 'norm': {'scale': P('embed')}},
+    'token_embedder': {'embedding': P('vocab', 'embed')},
+}
+
+
+def _parse(bindings: str) -> optax.GradientTransformationExtraArgs:
+  gin.clear_config()
+  gin.parse_config('from __gin__ import dynamic_registration\nimport optax\n'
+                   'import prunax_t5x\n' + bindings)
+  return prunax_t5x.pruned_optax()
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin():
+  yield
+  gin.clear_config()
+
+
+def test_gin_builds_pruned_adam_that_reaches_the_target():
+  tx = _parse("""
+prunax_t5x.pruned_optax:
+  optimizer = @optax.adam()
+  algorithm = 'magnitude'
+  sparsity = 0.75
+  dist_type = 'uniform'
+  update_freq = 1
+  update_start_step = 0
+  update_end_step = 2
+optax.adam.learning_rate = 0.1
+""")
+  params = PARAMS
+  state = tx.init(params)
+  assert isinstance(state, prunax.SparseState)
+  step = jax.jit(tx.update)
+  for _ in range(3):
+    updates, state = step(jax.tree.map(jnp.ones_like, params), state, params)
+    params = optax.apply_updates(params, updates)
+  assert int(jnp.sum(params['encoder']['mlp']['wi'] == 0)) == 96  # 75% of 128
+  assert int(jnp.sum(params['token_embedder']['embedding'] == 0)) == 72  # 75% of 96
+  assert int(jnp.sum(params['encoder']['norm']['scale'] == 0)) == 0  # 1-D: not pruned
+  assert state.masks['encoder']['norm']['scale'] is None
+
+
+@pytest.mark.parametrize('algorithm', ['magnitude', 'saliency', 'random', 'global_magnitude',
+                                       'magnitude_ste', 'static_sparse', 'set', 'rigl'])
+def test_every_family_builds_from_gin(algorithm):
+  tx = _parse(f"""
+prunax_t5x.pruned_optax.optimizer = @optax.sgd()
+prunax_t5x.pruned_optax.algorithm = '{algorithm}'
+prunax_t5x.pruned_optax.sparsity = 0.5
+prunax_t5x.pruned_optax.update_freq = 2
+prunax_t5x.pruned_optax.update_end_step = 4
+optax.sgd.learning_rate = 0.1
+""")
+  state = tx.init(PARAMS)
+  assert (state.dense_params is not None) == (algorithm == 'magnitude_ste')
+
+
+def test_bad_settings_name_the_value():
+  with pytest.raises(ValueError, match="'prune_everything'"):
+    _parse("""
+prunax_t5x.pruned_optax.optimizer = @optax.sgd()
+prunax_t5x.pruned_optax.algorithm = 'prune_everything'
+prunax_t5x.pruned_optax.sparsity = 0.5
+optax.sgd.learning_rate = 0.1
+""")
+
+
+def _inner_marker(state, params_axes):
+  del params_axes
+  return jax.tree.map(lambda _: 'inner', state)
+
+
+def _state(algorithm: str, packed_masks: bool = False):
+  updater = prunax.create_updater_from_config(
+      {'algorithm': algorithm, 'sparsity': 0.5, 'update_freq': 1, 'update_end_step': 2,
+       'packed_masks': packed_masks})
+  return updater.wrap_optax(optax.adam(1e-3)).init(PARAMS)
+
+
+@pytest.mark.parametrize('packed_masks', [False, True])
+def test_masks_take_the_params_axes(packed_masks):
+  state = _state('magnitude', packed_masks)
+  axes = prunax_t5x.sparse_state_logical_axes(state, AXES, _inner_marker)
+  assert isinstance(axes, prunax.SparseState)
+  assert axes.masks == {
+      'encoder': {'mlp': {'wi': P('embed', 'mlp')}, 'norm': {'scale': None}},
+      'token_embedder': {'embedding': P('vocab', 'embed')},
+  }
+  assert (axes.count, axes.rng, axes.dense_params, axes.thresholds) == (None,) * 4
+  assert jax.tree.leaves(axes.inner_state) == ['inner'] * len(jax.tree.leaves(state.inner_state))
+  # Every axes entry has the rank of its array, so it can be a sharding (packed: (8, 2)).
+  shapes = [np.shape(m) for m in jax.tree.leaves(state.masks)]
+  assert shapes == ([(8, 2), (12, 1)] if packed_masks else [(8, 16), (12, 8)])
+  for mask, spec in zip(jax.tree.leaves(state.masks), jax.tree.leaves(axes.masks), strict=True):
+    assert len(spec) == mask.ndim
+
+
+def test_dense_weights_take_the_params_axes():
+  axes = prunax_t5x.sparse_state_logical_axes(_state('magnitude_ste'), AXES, _inner_marker)
+  assert axes.dense_params == axes.masks
+  assert axes.dense_params['encoder']['mlp']['wi'] == P('embed', 'mlp')
+
+
+def test_chained_states_are_walked():
+  state = (_state('rigl'), optax.scale(2.0).init(PARAMS))
+  axes = prunax_t5x.sparse_state_logical_axes(state, AXES, _inner_marker)
+  assert isinstance(axes, tuple) and isinstance(axes[0], prunax.SparseState)
+  assert axes[0].masks['token_embedder']['embedding'] == P('vocab', 'embed')
+  assert axes[1] == _inner_marker(state[1], AXES)
