@@ -1,10 +1,17 @@
 """prunax: pruning and sparse training as Optax gradient transformations."""
 
+from prunax import annealing
+from prunax import flops
+from prunax import lottery
+from prunax import pruning_at_init
 from prunax import selection
 from prunax import sparsity_distributions
 from prunax import sparsity_schedules
 from prunax import sparsity_types
 from prunax.algorithms import SET
+from prunax.algorithms import SRSTE
+from prunax.algorithms import STR
+from prunax.algorithms import AutoSparse
 from prunax.algorithms import GlobalMagnitudePruning
 from prunax.algorithms import GlobalSaliencyPruning
 from prunax.algorithms import MagnitudePruning
@@ -15,6 +22,10 @@ from prunax.algorithms import SaliencyPruning
 from prunax.algorithms import StaticRandomSparse
 from prunax.algorithms import SteMagnitudePruning
 from prunax.algorithms import SteRandomPruning
+from prunax.algorithms import TopKAST
+from prunax.algorithms import TopKASTGA
+from prunax.algorithms import summarize_thresholds
+from prunax.annealing import GradientAnnealing
 from prunax.base_updater import BaseUpdater
 from prunax.base_updater import SparseState
 from prunax.base_updater import get_sparse_state
@@ -35,7 +46,9 @@ from prunax.summary import summarize_sparsity
 __version__ = '0.1.0'
 
 __all__ = [
-    'SET', 'BaseUpdater', 'Block', 'Channel', 'GlobalMagnitudePruning', 'GlobalSaliencyPruning',
+    'SET', 'SRSTE', 'STR', 'AutoSparse', 'GradientAnnealing', 'TopKAST', 'TopKASTGA',
+    'annealing', 'flops', 'lottery', 'pruning_at_init', 'summarize_thresholds', 'BaseUpdater',
+    'Block', 'Channel', 'GlobalMagnitudePruning', 'GlobalSaliencyPruning',
     'MagnitudePruning', 'NByM', 'NoPruning', 'RandomPruning', 'RigL', 'SaliencyPruning',
     'SparseState', 'StaticRandomSparse', 'SteMagnitudePruning', 'SteRandomPruning',
     'Unstructured', 'all_algorithm_names', 'create_updater_from_config', 'get_algorithm',

@@ -1,5 +1,8 @@
 """Pruning and sparse-training algorithms."""
 
+from prunax.algorithms.autosparse import STR
+from prunax.algorithms.autosparse import AutoSparse
+from prunax.algorithms.autosparse import summarize_thresholds
 from prunax.algorithms.pruners import GlobalMagnitudePruning
 from prunax.algorithms.pruners import GlobalSaliencyPruning
 from prunax.algorithms.pruners import MagnitudePruning
@@ -9,10 +12,14 @@ from prunax.algorithms.pruners import SaliencyPruning
 from prunax.algorithms.sparse_trainers import SET
 from prunax.algorithms.sparse_trainers import RigL
 from prunax.algorithms.sparse_trainers import StaticRandomSparse
+from prunax.algorithms.sr_ste import SRSTE
 from prunax.algorithms.ste import SteMagnitudePruning
 from prunax.algorithms.ste import SteRandomPruning
+from prunax.algorithms.topkast import TopKAST
+from prunax.algorithms.topkast import TopKASTGA
 
 __all__ = [
+    'STR', 'AutoSparse', 'SRSTE', 'TopKAST', 'TopKASTGA', 'summarize_thresholds',
     'GlobalMagnitudePruning', 'GlobalSaliencyPruning', 'MagnitudePruning', 'NoPruning',
     'RandomPruning', 'RigL', 'SET', 'SaliencyPruning', 'StaticRandomSparse',
     'SteMagnitudePruning', 'SteRandomPruning',

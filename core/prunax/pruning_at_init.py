@@ -1,0 +1,296 @@
+"""Pruning at initialisation (PaI): SNIP, GraSP and SynFlow masks, then static training.
+
+Masks are computed once, before training (Sparseland handbook, section 3.8: PaI is the
+main family of static sparse training), from scores of the initial weights ``w``:
+
+* SNIP (Lee et al., 2019): keep the largest ``|g * w|``, ``g`` the loss gradient on a batch.
+* GraSP (Wang et al., 2020): score ``-w * Hg`` (Hessian-gradient product, computed as the
+  ``jax.jvp`` of ``jax.grad``); the highest scores are removed, preserving gradient flow.
+* SynFlow (Tanaka et al., 2020), data-free: with all parameters replaced by ``|w| * mask``
+  and an all-ones input, ``R = sum(model output)``, score ``|dR/dw * w|``; pruned over
+  ``iterations`` rounds to the densities ``(1 - sparsity) ** (k / iterations)``, which
+  avoids layer collapse.
+
+By default the three prune globally (one threshold over all pruned leaves, as in their
+papers); pass ``sparsity_distribution_fn`` for per-leaf sparsities. Training then proceeds
+as static sparse training: ``FixedMaskSparse(masks).wrap_optax(opt)``, or the updaters
+:class:`SNIP`, :class:`GraSP` and :class:`SynFlow`, which compute the masks in ``init``
+from the params given to it (their loss function and batch, or model and input shape, are
+fields), so they also work through :func:`prunax.create_updater_from_config` with
+``extra={'loss_fn': ..., 'batch': ...}`` or ``extra={'apply_fn': ..., 'input_shape': ...}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prunax import sparsity_schedules
+from prunax.algorithms.pruners import GlobalMagnitudePruning
+from prunax.algorithms.pruners import MagnitudePruning
+from prunax.base_updater import BaseUpdater
+from prunax.base_updater import _is_none
+from prunax.base_updater import map_masked
+
+PyTree = Any
+
+
+# --------------------------------------------------------------------------- scores
+
+def snip_scores(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
+                batch: Any) -> PyTree:
+  """SNIP connection sensitivity ``|g * w|`` with ``g = grad(loss_fn)(params, batch)``."""
+  grads = jax.grad(loss_fn)(params, batch)
+  return jax.tree.map(lambda g, w: jnp.abs(g * w), grads, params)
+
+
+def grasp_scores(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
+                 batch: Any) -> PyTree:
+  """GraSP scores ``-w * Hg`` (the largest are removed)."""
+  grad_fn = lambda p: jax.grad(loss_fn)(p, batch)
+  g = grad_fn(params)
+  _, hg = jax.jvp(grad_fn, (params,), (g,))
+  return jax.tree.map(lambda w, h: -w * h, params, hg)
+
+
+def synflow_scores(apply_fn: Callable[..., jax.Array], params: PyTree,
+                   input_shape: tuple[int, ...], masks: PyTree | None = None) -> PyTree:
+  """SynFlow scores ``|dR/dw * w|`` of the linearised model ``|w| * mask`` on ones."""
+  def flow(abs_params):
+    out = apply_fn(abs_params, jnp.ones(input_shape, jnp.float32))
+    return jnp.sum(out)
+
+  abs_params = jax.tree.map(jnp.abs, params)
+  if masks is not None:
+    abs_params = map_masked(lambda m, w: jnp.where(m, w, 0), masks, abs_params)
+  grads = jax.grad(flow)(abs_params)
+  return jax.tree.map(lambda g, w: jnp.abs(g * w), grads, abs_params)
+
+
+# ---------------------------------------------------------------------------- masks
+
+def _selector(sparsity: float, sparsity_distribution_fn) -> BaseUpdater:
+  if sparsity_distribution_fn is None:
+    return GlobalMagnitudePruning(sparsity=sparsity)
+  return MagnitudePruning(sparsity=sparsity, sparsity_distribution_fn=sparsity_distribution_fn)
+
+
+def masks_from_scores(params: PyTree, scores: PyTree, sparsity: float,
+                      sparsity_distribution_fn: Any = None) -> PyTree:
+  """Boolean keep-masks keeping the highest scores (None for leaves that are not pruned).
+
+  Args:
+    params: the weights (their shapes and names select the pruned leaves).
+    scores: a tree like params; higher is kept.
+    sparsity: target sparsity in [0, 1).
+    sparsity_distribution_fn: None for one global threshold, else a distribution as
+      accepted by :class:`prunax.BaseUpdater` (``'uniform'``, ``'erk'``, ...).
+  """
+  selector = _selector(sparsity, sparsity_distribution_fn)
+  return selector.masks_from_scores(scores, selector.target_sparsities(params))
+
+
+def snip(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batch: Any,
+         sparsity: float, sparsity_distribution_fn: Any = None) -> PyTree:
+  """SNIP keep-masks (bool, None for leaves not pruned); ``loss_fn(params, batch)``."""
+  return masks_from_scores(params, snip_scores(loss_fn, params, batch), sparsity,
+                           sparsity_distribution_fn)
+
+
+def grasp(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batch: Any,
+          sparsity: float, sparsity_distribution_fn: Any = None) -> PyTree:
+  """GraSP keep-masks: the weights of largest ``-w * Hg`` are removed."""
+  scores = jax.tree.map(jnp.negative, grasp_scores(loss_fn, params, batch))
+  return masks_from_scores(params, scores, sparsity, sparsity_distribution_fn)
+
+
+def synflow(apply_fn: Callable[..., jax.Array], params: PyTree, input_shape: tuple[int, ...],
+            sparsity: float, iterations: int = 100,
+            sparsity_distribution_fn: Any = None) -> PyTree:
+  """SynFlow keep-masks, pruned iteratively without data.
+
+  Args:
+    apply_fn: ``apply_fn(params, x)`` of the model (its normalisation layers should be in
+      inference mode).
+    params: the initial weights.
+    input_shape: shape of the all-ones input, batch dimension included (e.g. ``(1, 784)``).
+    sparsity: final sparsity in [0, 1).
+    iterations: pruning rounds (paper: 100); round ``k`` keeps ``(1 - sparsity) ** (k / n)``.
+    sparsity_distribution_fn: None (global) or a per-leaf distribution.
+
+  Returns:
+    Boolean keep-masks, None for leaves that are not pruned.
+  """
+  if not isinstance(iterations, int) or iterations < 1:
+    raise ValueError(f'synflow iterations must be an integer >= 1, got {iterations!r}.')
+  selector = _selector(sparsity, sparsity_distribution_fn)
+  targets = selector.target_sparsities(params)
+  masks = jax.tree.map(lambda t, p: None if t is None else jnp.ones(jnp.shape(p), bool),
+                       targets, params, is_leaf=_is_none)
+
+  @jax.jit
+  def step(masks, fraction):
+    scores = synflow_scores(apply_fn, params, input_shape, masks)
+    scores = map_masked(lambda m, s: jnp.where(m, s, -1.0), masks, scores)
+    now = jax.tree.map(lambda t: None if t is None else 1.0 - (1.0 - t) ** fraction, targets,
+                       is_leaf=_is_none)
+    return selector.masks_from_scores(scores, now)
+
+  for k in range(1, iterations + 1):
+    masks = step(masks, jnp.float32(k / iterations))
+  return masks
+
+
+# -------------------------------------------------------------------------- training
+
+class Hashed:
+  """A pytree of arrays (masks, a batch) wrapped to be hashable by its content."""
+
+  def __init__(self, tree: PyTree):
+    leaves, self.treedef = jax.tree.flatten(tree, is_leaf=_is_none)
+    self.leaves = tuple(None if x is None else np.asarray(x) for x in leaves)
+    digest = hashlib.sha256(str(self.treedef).encode())
+    for x in self.leaves:
+      digest.update(b'none' if x is None else
+                    str((x.shape, x.dtype)).encode() + np.ascontiguousarray(x).tobytes())
+    self.digest = digest.hexdigest()
+
+  @property
+  def tree(self) -> PyTree:
+    return self.treedef.unflatten(list(self.leaves))
+
+  def __hash__(self):
+    return hash(self.digest)
+
+  def __eq__(self, other):
+    return isinstance(other, Hashed) and self.digest == other.digest
+
+  def __repr__(self):
+    return f'Hashed({self.digest[:12]})'
+
+
+def _hashed(value):
+  return value if isinstance(value, Hashed) or value is None else Hashed(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StaticFromInit(BaseUpdater):
+  """Static sparse training on masks computed once, in ``init``, from the params."""
+
+  scheduler: Any = sparsity_schedules.NoUpdateSchedule()
+  scheduler_kind = 'none'
+
+  def compute_init_masks(self, params: PyTree) -> PyTree:
+    raise NotImplementedError
+
+  def init_masks(self, params, targets):
+    masks = self.compute_init_masks(params)
+    return jax.tree.map(lambda t, m: None if t is None else jnp.asarray(m, bool),
+                        targets, masks, is_leaf=_is_none)
+
+  def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
+    # Traced in the engine's (never taken) mask-update branch; the masks never change.
+    return jax.tree.map(jnp.abs, params)
+
+  def instant_sparsify(self, params, grads=None):
+    masks = self.init_masks(params, self.target_sparsities(params))
+    sparse = map_masked(lambda m, p: jnp.where(m, p, 0).astype(p.dtype), masks, params)
+    return sparse, self._store(masks)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedMaskSparse(_StaticFromInit):
+  """Static sparse training on given masks (from PaI, a lottery ticket, a checkpoint).
+
+  Attributes:
+    masks: a tree like params of bool/uint8 keep-masks, None for dense leaves (stored
+      hashed by content, so the updater stays a valid static ``jit`` argument).
+  """
+
+  masks: Any = None
+  sparsity: float | None = 0.0
+
+  def __post_init__(self):
+    if self.masks is None:
+      raise ValueError('FixedMaskSparse needs masks: a tree like params of keep-masks, None '
+                       'for leaves that are not pruned.')
+    object.__setattr__(self, 'masks', _hashed(self.masks))
+    super().__post_init__()
+
+  def target_sparsities(self, params):
+    masks = self.masks.tree
+    def sparsity(m, p):
+      if m is None:
+        return None
+      if np.shape(m) != np.shape(p):
+        raise ValueError(f'FixedMaskSparse: a mask of shape {np.shape(m)} does not match its '
+                         f'parameter of shape {np.shape(p)}.')
+      return 1.0 - float(np.count_nonzero(m)) / max(np.size(m), 1)
+    return jax.tree.map(sparsity, masks, params, is_leaf=_is_none)
+
+  def compute_init_masks(self, params):
+    return self.masks.tree
+
+
+@dataclasses.dataclass(frozen=True)
+class SNIP(_StaticFromInit):
+  """SNIP at ``init`` (global), then static sparse training.
+
+  Attributes:
+    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    batch: the batch of the scores (stored hashed by content).
+  """
+
+  loss_fn: Callable[..., Any] | None = None
+  batch: Any = None
+  is_global = True
+
+  def __post_init__(self):
+    if self.loss_fn is None or self.batch is None:
+      raise ValueError(f'{type(self).__name__} needs loss_fn and batch (config: extra='
+                       '{"loss_fn": ..., "batch": ...}).')
+    object.__setattr__(self, 'batch', _hashed(self.batch))
+    super().__post_init__()
+
+  def compute_init_masks(self, params):
+    return snip(self.loss_fn, params, self.batch.tree, self.sparsity)
+
+
+@dataclasses.dataclass(frozen=True)
+class GraSP(SNIP):
+  """GraSP at ``init`` (global), then static sparse training."""
+
+  def compute_init_masks(self, params):
+    return grasp(self.loss_fn, params, self.batch.tree, self.sparsity)
+
+
+@dataclasses.dataclass(frozen=True)
+class SynFlow(_StaticFromInit):
+  """SynFlow at ``init`` (global, data-free), then static sparse training.
+
+  Attributes:
+    apply_fn: ``apply_fn(params, x)`` of the model.
+    input_shape: shape of the all-ones input, with its batch dimension.
+    iterations: pruning rounds.
+  """
+
+  apply_fn: Callable[..., Any] | None = None
+  input_shape: tuple[int, ...] | None = None
+  iterations: int = 100
+  is_global = True
+
+  def __post_init__(self):
+    if self.apply_fn is None or self.input_shape is None:
+      raise ValueError('SynFlow needs apply_fn and input_shape (config: extra={"apply_fn": '
+                       '..., "input_shape": (1, ...)}).')
+    object.__setattr__(self, 'input_shape', tuple(self.input_shape))
+    super().__post_init__()
+
+  def compute_init_masks(self, params):
+    return synflow(self.apply_fn, params, self.input_shape, self.sparsity, self.iterations)

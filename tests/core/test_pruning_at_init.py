@@ -1,0 +1,138 @@
+"""Pruning at initialisation: SNIP, GraSP, SynFlow, and static training on their masks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import prunax
+from prunax import pruning_at_init as pai
+
+# A 2-layer linear model y = x W1 W2 with loss 0.5 * sum((y - t)^2): its gradient and
+# Hessian-gradient product have closed forms.
+X = np.random.RandomState(0).randn(5, 4).astype(np.float32)
+T = np.random.RandomState(1).randn(5, 3).astype(np.float32)
+PARAMS = {'w1': jnp.asarray(np.random.RandomState(2).randn(4, 6), jnp.float32) * 0.5,
+          'w2': jnp.asarray(np.random.RandomState(3).randn(6, 3), jnp.float32) * 0.5}
+
+
+def linear_apply(params, x):
+  return x @ params['w1'] @ params['w2']
+
+
+def linear_loss(params, batch):
+  x, t = batch
+  return 0.5 * jnp.sum((linear_apply(params, x) - t) ** 2)
+
+
+def _hand_grads(w1, w2, x, t):
+  r = x @ w1 @ w2 - t
+  return x.T @ r @ w2.T, (x @ w1).T @ r, r
+
+
+def test_snip_and_grasp_scores_match_hand_computation():
+  w1, w2 = np.asarray(PARAMS['w1'], np.float64), np.asarray(PARAMS['w2'], np.float64)
+  g1, g2, r = _hand_grads(w1, w2, X, T)
+  snip = pai.snip_scores(linear_loss, PARAMS, (X, T))
+  np.testing.assert_allclose(snip['w1'], np.abs(g1 * w1), rtol=1e-4)
+  np.testing.assert_allclose(snip['w2'], np.abs(g2 * w2), rtol=1e-4)
+  # Hessian times g: the derivative of the gradient along (g1, g2).
+  dr = X @ g1 @ w2 + X @ w1 @ g2
+  hg1 = X.T @ dr @ w2.T + X.T @ r @ g2.T
+  hg2 = (X @ g1).T @ r + (X @ w1).T @ dr
+  grasp = pai.grasp_scores(linear_loss, PARAMS, (X, T))
+  np.testing.assert_allclose(grasp['w1'], -w1 * hg1, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(grasp['w2'], -w2 * hg2, rtol=1e-4, atol=1e-5)
+
+  # Global masks: exactly the top half of all scores kept (SNIP), the bottom half (GraSP).
+  for fn, scores, sign in ((pai.snip, snip, 1.0), (pai.grasp, grasp, -1.0)):
+    masks = fn(linear_loss, PARAMS, (X, T), 0.5)
+    flat = np.concatenate([sign * np.asarray(scores[k]).ravel() for k in ('w1', 'w2')])
+    kept = np.concatenate([np.asarray(masks[k]).ravel() for k in ('w1', 'w2')])
+    assert kept.sum() == flat.size // 2
+    assert flat[kept].min() >= flat[~kept].max()
+
+
+def test_synflow_scores_match_hand_computation():
+  a1, a2 = np.abs(np.asarray(PARAMS['w1'])), np.abs(np.asarray(PARAMS['w2']))
+  scores = pai.synflow_scores(linear_apply, PARAMS, (1, 4))
+  # R = 1^T |W1| |W2| 1:  dR/dW1_ij = sum_k |W2|_jk,  dR/dW2_jk = sum_i |W1|_ij.
+  np.testing.assert_allclose(scores['w1'], a1 * a2.sum(1)[None, :], rtol=1e-5)
+  np.testing.assert_allclose(scores['w2'], a2 * a1.sum(0)[:, None], rtol=1e-5)
+  # Already-pruned weights contribute nothing to the flow.
+  masks = {'w1': jnp.ones((4, 6), bool).at[:, 0].set(False), 'w2': jnp.ones((6, 3), bool)}
+  masked = pai.synflow_scores(linear_apply, PARAMS, (1, 4), masks)
+  np.testing.assert_allclose(masked['w2'][0], 0.0)
+  np.testing.assert_allclose(masked['w1'][:, 1:], scores['w1'][:, 1:], rtol=1e-5)
+
+
+SIZES = (64, 64, 64, 64, 64, 64, 10)
+
+
+def _deep_mlp(seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(SIZES))
+  return {f'layer{i}': {'kernel': jax.random.normal(keys[i], (a, b)) * jnp.sqrt(2.0 / a),
+                        'bias': jnp.zeros(b)}
+          for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:]))}
+
+
+def _deep_apply(params, x):
+  for i in range(len(params)):
+    x = x @ params[f'layer{i}']['kernel'] + params[f'layer{i}']['bias']
+    if i < len(params) - 1:
+      x = jax.nn.relu(x)
+  return x
+
+
+def _kept_and_connected(masks):
+  kept = [int(np.sum(masks[f'layer{i}']['kernel'])) for i in range(len(SIZES) - 1)]
+  reach = np.ones(SIZES[0], bool)  # input units reachable through kept weights
+  for i in range(len(SIZES) - 1):
+    reach = (reach.astype(np.int64) @ np.asarray(masks[f'layer{i}']['kernel'], np.int64)) > 0
+  return kept, bool(reach.any())
+
+
+def test_synflow_avoids_layer_collapse_at_99_percent():
+  params = _deep_mlp()
+  batch = (jax.random.normal(jax.random.PRNGKey(5), (64, 64)), jnp.arange(64) % 10)
+  loss = lambda p, b: optax.softmax_cross_entropy_with_integer_labels(
+      _deep_apply(p, b[0]), b[1]).mean()
+  total = sum(a * b for a, b in zip(SIZES[:-1], SIZES[1:]))
+  flow = pai.synflow(_deep_apply, params, (1, 64), 0.99, iterations=20)
+  snip = pai.snip(loss, params, batch, 0.99)
+  flow_kept, flow_connected = _kept_and_connected(flow)
+  snip_kept, snip_connected = _kept_and_connected(snip)
+  print('synflow kept per layer', flow_kept, 'connected', flow_connected)
+  print('snip kept per layer', snip_kept, 'connected', snip_connected)
+  assert sum(flow_kept) == total - round(0.99 * total) == sum(snip_kept)
+  assert min(flow_kept) > 0 and flow_connected
+
+
+def test_static_training_from_pai_masks():
+  batch = (X, T)
+  masks = pai.snip(linear_loss, PARAMS, batch, 0.6)
+  via_config = prunax.create_updater_from_config(
+      {'algorithm': 'snip', 'sparsity': 0.6,
+       'extra': {'loss_fn': linear_loss, 'batch': batch}})
+  fixed = pai.FixedMaskSparse(masks=masks)
+  assert hash(fixed) == hash(pai.FixedMaskSparse(masks=jax.tree.map(np.asarray, masks)))
+  for updater in (via_config, fixed):
+    tx = updater.wrap_optax(optax.adam(0.05))
+    params, state = PARAMS, tx.init(PARAMS)
+    step = jax.jit(lambda p, s, tx=tx: tx.update(jax.grad(linear_loss)(p, batch), s, p))
+    for _ in range(5):
+      updates, state = step(params, state)
+      params = optax.apply_updates(params, updates)
+    for k in ('w1', 'w2'):
+      np.testing.assert_array_equal(np.asarray(params[k]) != 0, masks[k])
+      np.testing.assert_array_equal(state.masks[k], masks[k])
+  synflow = prunax.create_updater_from_config(
+      {'algorithm': 'synflow', 'sparsity': 0.5,
+       'extra': {'apply_fn': linear_apply, 'input_shape': (1, 4), 'iterations': 3}})
+  _, flow_masks = synflow.instant_sparsify(PARAMS)
+  expected = pai.synflow(linear_apply, PARAMS, (1, 4), 0.5, iterations=3)
+  for k in ('w1', 'w2'):
+    np.testing.assert_array_equal(flow_masks[k], expected[k])
+  with pytest.raises(ValueError, match='loss_fn and batch'):
+    prunax.create_updater_from_config({'algorithm': 'grasp', 'sparsity': 0.5})

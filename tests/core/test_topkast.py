@@ -1,0 +1,73 @@
+"""Top-KAST and Top-KAST with gradient annealing (TopKAST*+GA)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import prunax
+
+from .conftest import loss_fn
+from .conftest import make_batch
+from .conftest import mlp_params
+
+KERNELS = ('layer0', 'layer1')
+
+
+def _two_steps(updater):
+  """Returns (state before step 2, params the model sees, grads, state after step 2)."""
+  tx = updater.wrap_optax(optax.sgd(1.0))
+  params, batch = mlp_params(), make_batch()
+  state = tx.init(params)
+  grads = jax.grad(loss_fn)(params, batch)
+  updates, state = tx.update(grads, state, params)
+  params = optax.apply_updates(params, updates)
+  grads = jax.grad(loss_fn)(params, batch)
+  _, new_state = jax.jit(tx.update)(grads, state, params)
+  return state, params, grads, new_state
+
+
+def _top(w, keep):
+  return jnp.abs(w) >= jnp.sort(jnp.abs(w).ravel())[::-1][keep - 1]
+
+
+@pytest.mark.parametrize('alpha', [1.0, 0.3])
+def test_gradients_backward_set_and_penalty(alpha):
+  penalty = 0.1
+  updater = prunax.TopKAST(sparsity=0.8, backward_sparsity=0.5, penalty=penalty, alpha=alpha)
+  state, params, grads, new_state = _two_steps(updater)
+  for n in KERNELS:
+    w = state.dense_params[n]['kernel']
+    a = state.masks[n]['kernel'].astype(bool)
+    assert int(a.sum()) == w.size - round(0.8 * w.size)
+    np.testing.assert_array_equal(a, _top(w, int(a.sum())))  # forward set: top-k of |w|
+    np.testing.assert_array_equal(params[n]['kernel'], jnp.where(a, w, 0))
+    b = _top(w, w.size - round(0.5 * w.size))
+    g = grads[n]['kernel']
+    expected = jnp.where(a, g + penalty * w,
+                         jnp.where(b, alpha * g + penalty / (a.sum() / a.size) * w, 0.0))
+    np.testing.assert_allclose(new_state.dense_params[n]['kernel'], w - expected,
+                               rtol=1e-5, atol=1e-6)
+    outside = ~b
+    assert int(outside.sum()) == round(0.5 * w.size)
+    np.testing.assert_array_equal(new_state.dense_params[n]['kernel'][outside], w[outside])
+
+
+def test_topkast_ga_anneals_and_is_registered():
+  with pytest.raises(ValueError, match='needs alpha'):
+    prunax.TopKASTGA(sparsity=0.8)
+  with pytest.raises(ValueError, match='backward set must contain'):
+    prunax.TopKAST(sparsity=0.5, backward_sparsity=0.8)
+  updater = prunax.create_updater_from_config({
+      'algorithm': 'topkast_ga', 'sparsity': 0.8,
+      'extra': {'alpha': {'kind': 'linear', 'alpha0': 0.5, 'decay_steps': 2}}})
+  assert isinstance(updater, prunax.TopKASTGA)
+  assert float(updater.alpha(1)) == pytest.approx(0.25)
+  state, _, grads, new_state = _two_steps(updater)  # step 2 is step index 1: alpha = 0.25
+  w = state.dense_params['layer1']['kernel']
+  a = state.masks['layer1']['kernel'].astype(bool)
+  np.testing.assert_allclose(new_state.dense_params['layer1']['kernel'],
+                             w - jnp.where(a, 1.0, 0.25) * grads['layer1']['kernel'],
+                             rtol=1e-5, atol=1e-6)
+  assert prunax.get_algorithm('topkast') is prunax.TopKAST
