@@ -83,6 +83,11 @@ def map_masked(fn: Callable[..., Any], masks: PyTree, *trees: PyTree) -> PyTree:
   return jax.tree.map(apply, masks, *trees, is_leaf=_is_none)
 
 
+def _is_erk(dist) -> bool:
+  fn = getattr(dist, 'fn', dist)
+  return fn is sparsity_distributions.erk
+
+
 def _pruned_only(masks: PyTree, tree: PyTree) -> PyTree:
   """``tree`` with None at the leaves that are not pruned."""
   return jax.tree.map(lambda m, x: None if m is None else x, masks, tree, is_leaf=_is_none)
@@ -171,6 +176,10 @@ class BaseUpdater:
     if self.is_global and not isinstance(self.sparsity_type, sparsity_types.Unstructured):
       raise ValueError(f'{type(self).__name__} supports only unstructured sparsity, got '
                        f'{self.sparsity_type!r}.')
+    if self.is_global and _is_erk(dist):
+      raise ValueError(f'{type(self).__name__} chooses per-layer sparsities itself with one '
+                       'global threshold; use the "uniform" distribution (with a '
+                       'custom_sparsity_map for layers that differ), not ERK.')
 
   # ----------------------------------------------------------------------------- hooks
 
@@ -203,23 +212,25 @@ class BaseUpdater:
       return jax.tree.map(
           lambda s, x: None if s is None else self.sparsity_type.mask(x, s),
           sparsities, scores, is_leaf=_is_none)
+    # Leaves at the distribution's target share one threshold; custom-map entries with
+    # another sparsity are pruned on their own (0.0 keeps a leaf dense).
     flat_s, treedef = jax.tree.flatten(sparsities, is_leaf=_is_none)
     flat_x = treedef.flatten_up_to(scores)
-    chosen = [x for s, x in zip(flat_s, flat_x) if s is not None]
+    static = treedef.flatten_up_to(self.target_sparsities(scores))
+    pooled = [s is not None and t == self.sparsity for s, t in zip(flat_s, static)]
+    chosen = [x for x, p in zip(flat_x, pooled) if p]
     total = sum(int(x.size) for x in chosen)
-    target = next(s for s in flat_s if s is not None) if chosen else 0.0
-    keep = selection.global_topk_masks(chosen, total - sparsity_types.num_zeros(target, total))
-    it = iter(keep)
-    return treedef.unflatten([None if s is None else next(it) for s in flat_s])
+    target = next((s for s, p in zip(flat_s, pooled) if p), 0.0)
+    it = iter(selection.global_topk_masks(chosen, total - sparsity_types.num_zeros(target, total)))
+    return treedef.unflatten([
+        next(it) if p else (None if s is None else self.sparsity_type.mask(x, s))
+        for s, x, p in zip(flat_s, flat_x, pooled)])
 
   # ------------------------------------------------------------------------ sparsities
 
   def target_sparsities(self, params: PyTree) -> PyTree:
     """Per-leaf final sparsities (floats, None for dense leaves), validated against params."""
     sparsities = self.sparsity_distribution_fn(params, self.sparsity)
-    if self.is_global:
-      sparsities = jax.tree.map(lambda s: None if s is None else self.sparsity, sparsities,
-                                is_leaf=_is_none)
     for (name, s), (_, leaf) in zip(
         sparsity_distributions.named_leaves(sparsities, is_leaf=_is_none),
         sparsity_distributions.named_leaves(params)):

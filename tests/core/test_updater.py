@@ -489,3 +489,19 @@ def test_summaries():
   inter = prunax.summarize_intersection({'a': jnp.array([1, 1, 0, 0])},
                                         {'a': jnp.array([1, 0, 1, 0])})
   assert inter['iou/a'] == pytest.approx(1 / 3) and inter['kept_fraction/a'] == 0.5
+
+
+def test_global_pruning_honours_custom_map_and_rejects_erk():
+  params = {'first': jnp.arange(1.0, 17.0).reshape(4, 4),
+            'rest': jnp.arange(1.0, 33.0).reshape(4, 8) / 100}
+  dist = prunax.sparsity_distributions.Partial('uniform', custom_sparsity_map={'first': 0.0})
+  updater = prunax.GlobalMagnitudePruning(sparsity=0.5, sparsity_distribution_fn=dist)
+  sparse, masks = updater.instant_sparsify(params)
+  assert bool(masks['first'].all())  # kept dense although its weights are the largest
+  assert int((masks['rest'] == 0).sum()) == 16
+  half = prunax.sparsity_distributions.Partial('uniform', custom_sparsity_map={'first': 0.25})
+  _, masks = prunax.GlobalMagnitudePruning(
+      sparsity=0.5, sparsity_distribution_fn=half).instant_sparsify(params)
+  assert int((masks['first'] == 0).sum()) == 4 and int((masks['rest'] == 0).sum()) == 16
+  with pytest.raises(ValueError, match='not ERK'):
+    prunax.GlobalMagnitudePruning(sparsity=0.5, sparsity_distribution_fn='erk')

@@ -26,7 +26,8 @@ NUM_EVAL_EXAMPLES = 128
 def _patterns() -> np.ndarray:
   """The four class patterns, values in {-1, 1}, shape (4, 8, 8)."""
   rows, cols = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
-  return np.stack([rows % 2, cols % 2, (rows + cols) % 2, (rows == cols)]).astype(np.float32) * 2 - 1
+  patterns = np.stack([rows % 2, cols % 2, (rows + cols) % 2, rows == cols])
+  return patterns.astype(np.float32) * 2 - 1
 
 
 def make_examples(num_examples: int, seed: int, noise: float = 0.5) -> dict[str, np.ndarray]:

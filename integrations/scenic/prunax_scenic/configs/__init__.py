@@ -1,0 +1,1 @@
+"""Example Scenic configs: pass a file's path to ``python -m scenic.main --config=``."""
