@@ -15,7 +15,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): constraints.txt core/pyproject.toml $(wildcard integrations/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip==26.3"
-	$(BIN)/python -m pip install --quiet -c constraints.txt $(PACKAGES) $(DEV)
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/python -m pip install --quiet \
+	  $(PACKAGES) $(DEV)
 	touch $(STAMP)
 
 demo: $(STAMP)
