@@ -1,0 +1,120 @@
+"""The ``prunax`` command. ``prunax compare`` runs every algorithm on the same task.
+
+    prunax compare                        # the default demo: digits, 80% sparsity, 3 seeds
+    prunax compare --quick                # a tiny version (CI)
+    prunax compare --config my.yaml --algorithms magnitude,rigl --sparsity 0.9 --seeds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+
+def _parse_set(items: Sequence[str]) -> dict:
+  import yaml  # pylint: disable=import-outside-toplevel
+
+  from prunax.compare import ConfigError  # pylint: disable=import-outside-toplevel
+  out = {}
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not sep or not key:
+      raise ConfigError(f'--set takes KEY=VALUE, got {item!r}.')
+    try:
+      out[key.strip()] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+      raise ConfigError(f'--set {item!r}: the value is not valid YAML ({e}).') from e
+  return out
+
+
+def _compare_parser(sub) -> None:
+  p = sub.add_parser(
+      'compare', help='compare pruning algorithms on one task and recipe',
+      description='Trains every algorithm with the same task, model and recipe over several '
+                  'seeds; prints and writes (Markdown, CSV, PNG) mean and std of accuracy, '
+                  'sparsity, FLOPs, mask memory and step time. Finished cells of a run '
+                  'directory are reused.')
+  p.add_argument('--config', help='YAML file, Python file with get_config() (ml_collections), '
+                 'or the name of a shipped config (default: "default")')
+  p.add_argument('--task', help='digits | federated_digits | cartpole | module:function | '
+                 'file.py:function')
+  p.add_argument('--algorithms', help='comma-separated algorithm names')
+  p.add_argument('--sparsity', type=float, help='target sparsity in [0, 1)')
+  p.add_argument('--distribution', '--dist-type', dest='dist_type',
+                 help='sparsity distribution: uniform | erk')
+  p.add_argument('--sparsity-type', help='unstructured | nm_N,M | block_B1,B2 | channel_AXIS')
+  p.add_argument('--schedule', help='gradual | one_shot | START:END:FREQ')
+  p.add_argument('--steps', type=int, help='training steps per (algorithm, seed)')
+  p.add_argument('--seeds', help='number of seeds, or a comma-separated list of seeds')
+  p.add_argument('--run-dir', help='directory of results, plots and resumable cells')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='any config key, the value parsed as YAML (repeatable)')
+  p.add_argument('--quick', action='store_true', help='tiny run (few steps, one seed) for CI')
+  p.add_argument('--fresh', action='store_true', help='recompute the cells in the run dir')
+  p.add_argument('--no-progress', action='store_true', help='no progress bars')
+  p.add_argument('--no-plots', action='store_true', help='skip the PNG plots')
+  p.add_argument('--no-compile-cache', action='store_true',
+                 help='do not keep compiled steps in the user cache directory between runs')
+
+
+def _enable_compile_cache() -> None:
+  """Keeps XLA executables between runs (JAX's persistent compilation cache), unless the
+  user already chose a cache directory: compiling the steps is most of a short run."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR') or jax.config.jax_compilation_cache_dir:
+    return
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  jax.config.update('jax_compilation_cache_dir', os.path.join(base, 'prunax', 'jax'))
+
+
+def compare(args: argparse.Namespace) -> int:
+  """Runs ``prunax compare``; returns the exit status."""
+  from rich.console import Console  # pylint: disable=import-outside-toplevel
+
+  from prunax import compare as compare_lib  # pylint: disable=import-outside-toplevel
+  console = Console()
+  if not console.is_terminal:  # Logs and pipes: do not squeeze the table into 80 columns.
+    console = Console(width=max(console.width, 150))
+  start = time.perf_counter()
+  overrides = {'task': args.task, 'algorithms': args.algorithms, 'sparsity': args.sparsity,
+               'dist_type': args.dist_type, 'sparsity_type': args.sparsity_type,
+               'schedule': args.schedule, 'steps': args.steps, 'seeds': args.seeds,
+               'run_dir': args.run_dir}
+  overrides.update(_parse_set(args.set))
+  cfg = compare_lib.load_config(args.config, overrides, quick=args.quick)
+  if not args.no_compile_cache:
+    _enable_compile_cache()
+  show = not args.no_progress and console.is_terminal
+  from prunax.compare import runner  # pylint: disable=import-outside-toplevel
+  with runner.rich_progress(show) as progress:
+    comparison = compare_lib.run_comparison(cfg, fresh=args.fresh, progress=progress)
+  compare_lib.print_table(comparison, console)
+  paths = compare_lib.write_reports(comparison)
+  if not args.no_plots:
+    paths.update(compare_lib.write_plots(comparison))
+  if comparison.skipped:
+    console.print(f'Optional algorithms skipped: {"; ".join(comparison.skipped)}')
+  console.print(f'Wrote {", ".join(sorted(paths.values()))}')
+  console.print(f'Total time {time.perf_counter() - start:.1f} s')
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of the ``prunax`` console command."""
+  parser = argparse.ArgumentParser(prog='prunax', description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest='command', required=True)
+  _compare_parser(sub)
+  args = parser.parse_args(argv)
+  from prunax.compare import ConfigError  # pylint: disable=import-outside-toplevel
+  try:
+    return compare(args)
+  except ConfigError as e:
+    print(f'prunax {args.command}: error: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())

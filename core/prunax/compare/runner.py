@@ -1,0 +1,359 @@
+"""Runs every (algorithm, seed) cell of a comparison, measures it, and resumes run dirs.
+
+A run directory holds ``config.json`` (the config the cells were computed with), one
+``cells/<algorithm>__seed<seed>.json`` per finished cell (with the final params in a
+``.npz`` next to it when the task exposes them), and the reports. Cells already on disk
+are loaded, not recomputed; a run directory made with a different recipe is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prunax import registry
+from prunax import sparsity_types
+from prunax.base_updater import BaseUpdater
+from prunax.base_updater import get_sparse_state
+from prunax.compare import config as config_lib
+from prunax.compare import tasks as tasks_lib
+from prunax.compare.config import ConfigError
+from prunax.sparsity_distributions import named_leaves
+from prunax.summary import summarize_sparsity
+
+try:  # FLOPs counting is optional until prunax.flops exists.
+  from prunax import flops as flops_lib  # pylint: disable=g-import-not-at-top
+except ImportError:
+  flops_lib = None
+
+# Categories of algorithms whose class attributes do not tell (Sparseland handbook 3.10).
+CATEGORY_OVERRIDES: dict[str, dict[str, str]] = {
+    'no_prune': {'origin': 'dense', 'dynamics': 'static'},
+    'autosparse': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+}
+
+
+@dataclasses.dataclass
+class Comparison:
+  """The result of :func:`run_comparison`.
+
+  Attributes:
+    config: the checked config.
+    task_name: the task's name.
+    metric_name: 'accuracy', 'return'...
+    algorithms: the algorithms run, in order.
+    categories: per algorithm ``{'origin', 'dynamics', 'structure'}``.
+    cells: per (algorithm, seed) the measured figures (see :func:`measure_cell`).
+    layer_targets: per distribution ('uniform', 'erk') the per-layer target sparsities.
+    run_dir: where the reports were written.
+    skipped: optional algorithms left out, each with the reason (not registered, or the
+      config does not suit it).
+  """
+
+  config: dict[str, Any]
+  task_name: str
+  metric_name: str
+  algorithms: list[str]
+  categories: dict[str, dict[str, str]]
+  cells: dict[tuple[str, int], dict[str, Any]]
+  layer_targets: dict[str, dict[str, float]]
+  run_dir: str
+  skipped: list[str]
+
+
+def category(algorithm: str, updater: BaseUpdater,
+             overrides: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, str]:
+  """Sparseland's positioning of an algorithm: origin, dynamics and structure.
+
+  Derived from the class attributes (``is_sparse_training``: sparse-to-sparse, else
+  dense-to-sparse; ``scheduler_kind == 'none'``: static, else dynamic) and the sparsity
+  type, then replaced by :data:`CATEGORY_OVERRIDES` and ``overrides`` entries.
+  """
+  cls = type(updater)
+  out = {
+      'origin': 'sparse-to-sparse' if cls.is_sparse_training else 'dense-to-sparse',
+      'dynamics': 'static' if cls.scheduler_kind == 'none' else 'dynamic',
+      'structure': ('unstructured' if isinstance(updater.sparsity_type, sparsity_types.Unstructured)
+                    else 'structured'),
+  }
+  out.update(CATEGORY_OVERRIDES.get(algorithm, {}))
+  out.update((overrides or {}).get(algorithm, {}))
+  return out
+
+
+def _cell_name(algorithm: str, seed: int) -> str:
+  return f'{algorithm}__seed{seed}'
+
+
+def _write_json(path: str, data: Any) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(data, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)  # Atomic: an interrupted run leaves no half-written cell.
+
+
+def prepare_run_dir(run_dir: str, cfg: Mapping[str, Any], fresh: bool = False) -> None:
+  """Creates (or checks) ``run_dir``: writable, and made with the same recipe.
+
+  Raises:
+    ConfigError: the directory cannot be created or written, or holds cells of a
+      different config (named key by key).
+  """
+  cells = os.path.join(run_dir, 'cells')
+  try:
+    if fresh and os.path.isdir(cells):
+      shutil.rmtree(cells)
+    os.makedirs(cells, exist_ok=True)
+    probe = os.path.join(run_dir, '.write_probe')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'Run directory {run_dir!r} is not writable: {e.strerror or e}. '
+                      'Choose another with --run-dir.') from e
+  fingerprint = config_lib.cell_fingerprint(cfg)
+  path = os.path.join(run_dir, 'config.json')
+  if os.path.isfile(path) and os.listdir(cells):
+    with open(path) as f:
+      previous = json.load(f)
+    diff = sorted(k for k in set(previous) | set(fingerprint)
+                  if previous.get(k) != json.loads(json.dumps(fingerprint.get(k))))
+    if diff:
+      raise ConfigError(
+          f'Run directory {run_dir!r} holds cells computed with a different config (keys '
+          f'{diff}: {[previous.get(k) for k in diff]} there, '
+          f'{[fingerprint.get(k) for k in diff]} now); use another --run-dir or --fresh.')
+  _write_json(path, fingerprint)
+
+
+def _mask_memory(opt_state: Any, params: Any) -> float:
+  """Bytes of the masks in the SparseState over the bytes of the params."""
+  masks = get_sparse_state(opt_state).masks
+  mask_bytes = sum(np.asarray(m).nbytes for m in jax.tree.leaves(masks))
+  param_bytes = sum(np.asarray(p).nbytes for p in jax.tree.leaves(params))
+  return mask_bytes / param_bytes if param_bytes else 0.0
+
+
+def _flops_counter(task: Any, params: Any):
+  """A prunax.flops counter for tasks with ``apply_fn`` and ``example_inputs``, else None."""
+  if flops_lib is None or params is None or not hasattr(task, 'example_inputs'):
+    return None
+  try:
+    return flops_lib.FlopsCounter(task.apply_fn, params, *task.example_inputs())
+  except Exception as e:  # pylint: disable=broad-except
+    # FLOPs are one figure among several: report them as n/a rather than lose the run.
+    warnings.warn(f'FLOPs of task {task.name!r} cannot be counted ({type(e).__name__}: {e}); '
+                  'they are reported as n/a.', stacklevel=2)
+    return None
+
+
+def run_cell(task: Any, updater: BaseUpdater, seed: int, steps: int, observe_points: int,
+             counter: Any = None, on_progress: Callable[[int], None] | None = None
+             ) -> tuple[dict[str, Any], Any]:
+  """Trains one cell and measures it.
+
+  Returns:
+    ``(figures, final_params)``; figures hold ``metric``, ``sparsity`` (measured on the
+    final params with :func:`prunax.summarize_sparsity`), ``layer_sparsity``,
+    ``inference_flops`` and ``training_flops`` (fractions of dense; None without
+    ``prunax.flops``; training FLOPs averaged over the observed steps, with dense weight
+    gradients for STE-style algorithms), ``mask_memory``
+    (mask bytes / param bytes), ``seconds_per_step``, ``compile_seconds`` and ``trace``
+    (``[step, total sparsity]`` pairs).
+  """
+  trace: list[list[float]] = []
+  averager = flops_lib.TrainingFlopsAverager(counter) if counter is not None else None
+  every = max(1, steps // observe_points)
+  last = [0]
+
+  def observe(step: int, params: Any) -> None:
+    trace.append([step, summarize_sparsity(params, only_total=True)['total_sparsity']])
+    if averager is not None:
+      # STE-style algorithms take the gradient of every (dense) weight.
+      backward = jax.tree.map(jnp.ones_like, params) if type(updater).is_ste else None
+      averager.add(params, backward)
+    if on_progress is not None:
+      on_progress(step - last[0])
+    last[0] = step
+
+  result = task.run(updater, seed, steps, observe, every)
+  if on_progress is not None and last[0] < steps:
+    on_progress(steps - last[0])
+  figures: dict[str, Any] = {
+      'metric': float(result.metric),
+      'seconds_per_step': float(result.seconds_per_step),
+      'compile_seconds': float(result.compile_seconds),
+      'trace': trace,
+      'inference_flops': None, 'training_flops': None, 'mask_memory': None,
+      'layer_sparsity': {},
+  }
+  if result.params is not None:
+    summary = summarize_sparsity(result.params)
+    figures['sparsity'] = summary['total_sparsity']
+    figures['layer_sparsity'] = {k.split('/', 1)[1]: v for k, v in summary.items()
+                                 if k.startswith('sparsity/')}
+    if counter is not None:
+      figures['inference_flops'] = float(counter.inference_fraction(result.params))
+      figures['training_flops'] = float(averager.fraction) if averager.steps else None
+  else:
+    figures['sparsity'] = result.sparsity
+  if result.opt_state is not None and result.params is not None:
+    figures['mask_memory'] = _mask_memory(result.opt_state, result.params)
+  return figures, result.params
+
+
+def _save_params(path: str, params: Any) -> None:
+  arrays = {name: np.asarray(x) for name, x in named_leaves(params)}
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def load_params(run_dir: str, algorithm: str, seed: int) -> dict[str, np.ndarray]:
+  """The final params of a finished cell, by parameter name ('params/Dense_0/kernel')."""
+  with np.load(os.path.join(run_dir, 'cells', _cell_name(algorithm, seed) + '.npz')) as data:
+    return dict(data)
+
+
+def plan(config: Any = None, task: Any = None) -> tuple[dict[str, Any], Any, list[str],
+                                                          list[str], dict[str, BaseUpdater]]:
+  """Checks everything a comparison needs before training.
+
+  Returns:
+    ``(config, task, algorithms, skipped optional algorithms, updater of each algorithm
+    for seed 0)``.
+
+  Raises:
+    ConfigError: bad config, unknown task or algorithm, sparsity a model cannot take.
+  """
+  cfg = config_lib.load_config(config)  # Idempotent on a checked config.
+  if task is None or isinstance(task, str) or not hasattr(task, 'run'):
+    try:
+      task = tasks_lib.make_task(task or cfg['task'], cfg['task_args'])
+    except ConfigError:
+      raise
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+  known = registry.all_algorithm_names()
+  skipped = [f'{a} (not registered)' for a in cfg['optional_algorithms'] if a not in known]
+  updaters = {a: config_lib.make_updater(cfg, a, cfg['seeds'][0]) for a in cfg['algorithms']}
+  for name in cfg['optional_algorithms']:
+    if name in known and name not in updaters:
+      try:  # An optional algorithm that cannot take this config is left out, with the reason.
+        updaters[name] = config_lib.make_updater(cfg, name, cfg['seeds'][0])
+      except ConfigError as e:
+        skipped.append(f'{name} ({e.__cause__ or e})')
+  params = task.example_params()
+  if params is not None:
+    for name, updater in list(updaters.items()):
+      try:
+        updater.target_sparsities(params)
+      except (ValueError, TypeError) as e:
+        if name in cfg['algorithms']:
+          raise ConfigError(f'Algorithm {name!r} cannot prune task {task.name!r}: {e}') from e
+        skipped.append(f'{name} ({e})')
+        del updaters[name]
+  algorithms = list(updaters)
+  return cfg, task, algorithms, skipped, updaters
+
+
+def run_comparison(config: Any = None, task: Any = None, *, fresh: bool = False,
+                   progress: Any = None) -> Comparison:
+  """Trains every algorithm with every seed on the same task and recipe, and measures them.
+
+  Args:
+    config: a checked config (:func:`prunax.compare.load_config`), a path, a dict or an
+      ``ml_collections.ConfigDict`` (merged over the defaults).
+    task: a task object or factory name overriding the config's ``task``.
+    fresh: delete the cells of a previous run in the run directory first.
+    progress: a ``rich.progress.Progress`` to report on (None: silent).
+
+  Returns:
+    The :class:`Comparison`; cells found in the run directory are loaded, not retrained.
+
+  Raises:
+    ConfigError: before any training, for bad input.
+  """
+  cfg, task, algorithms, skipped, updaters = plan(config, task)
+  run_dir = cfg['run_dir']
+  prepare_run_dir(run_dir, cfg, fresh=fresh)
+  example = task.example_params()
+  counter = _flops_counter(task, example)
+  cells: dict[tuple[str, int], dict[str, Any]] = {}
+  steps, seeds = cfg['steps'], cfg['seeds']
+  if hasattr(task, 'prepare'):  # Compile ahead the algorithms with unfinished cells.
+    task.prepare([updaters[a] for a in algorithms if any(
+        not os.path.isfile(os.path.join(run_dir, 'cells', _cell_name(a, s) + '.json'))
+        for s in seeds)])
+  overall = progress.add_task('all cells', total=len(algorithms) * len(seeds) * steps) \
+      if progress is not None else None
+  for algorithm in algorithms:
+    for seed in seeds:
+      name = _cell_name(algorithm, seed)
+      path = os.path.join(run_dir, 'cells', name + '.json')
+      if os.path.isfile(path):
+        with open(path) as f:
+          cells[(algorithm, seed)] = json.load(f)
+        if progress is not None:
+          progress.advance(overall, steps)
+        continue
+      current = progress.add_task(f'{algorithm} seed {seed}', total=steps) \
+          if progress is not None else None
+
+      def advance(n: int, current=current) -> None:
+        if progress is not None:
+          progress.advance(current, n)
+          progress.advance(overall, n)
+
+      start = time.perf_counter()
+      updater = config_lib.make_updater(cfg, algorithm, seed)
+      figures, params = run_cell(task, updater, seed, steps, cfg['observe_points'], counter,
+                                 advance)
+      figures.update(algorithm=algorithm, seed=seed, seconds=time.perf_counter() - start,
+                     target_sparsity=0.0 if algorithm == 'no_prune' else cfg['sparsity'],
+                     updater_config=config_lib.updater_config(cfg, algorithm, seed))
+      if params is not None:
+        _save_params(os.path.join(run_dir, 'cells', name + '.npz'), params)
+      _write_json(path, figures)
+      cells[(algorithm, seed)] = figures
+      if progress is not None:
+        progress.remove_task(current)
+  layer_targets = {}
+  if example is not None:
+    from prunax import sparsity_distributions  # pylint: disable=import-outside-toplevel
+    for dist in ('uniform', 'erk'):
+      targets = sparsity_distributions.resolve(dist)(example, cfg['sparsity'])
+      layer_targets[dist] = {n: float(s) for n, s in named_leaves(
+          targets, is_leaf=lambda x: x is None) if s is not None}
+  categories = {a: category(a, updaters[a], cfg['categories']) for a in algorithms}
+  return Comparison(config=cfg, task_name=task.name, metric_name=task.metric_name,
+                    algorithms=algorithms, categories=categories, cells=cells,
+                    layer_targets=layer_targets, run_dir=run_dir, skipped=skipped)
+
+
+@contextlib.contextmanager
+def rich_progress(enabled: bool = True):
+  """A rich progress display (or None when disabled)."""
+  if not enabled:
+    yield None
+    return
+  from rich.progress import BarColumn  # pylint: disable=import-outside-toplevel
+  from rich.progress import MofNCompleteColumn
+  from rich.progress import Progress
+  from rich.progress import TextColumn
+  from rich.progress import TimeElapsedColumn
+  with Progress(TextColumn('{task.description:<28}'), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn()) as progress:
+    yield progress

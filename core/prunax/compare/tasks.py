@@ -1,0 +1,422 @@
+"""Tasks: a model, its data and a training recipe, trained identically under every algorithm.
+
+A task is any object with the :class:`Task` protocol. Most users write a
+:class:`SupervisedTask` (model, data, optimizer, batch size) and let prunax run the training
+loop; tasks with their own loop (federated learning, reinforcement learning) implement
+``run`` themselves. Built in: ``digits`` (scikit-learn's embedded digits, a small Flax CNN),
+and, when their adapters are installed, ``federated_digits`` (FedJAX) and ``cartpole``
+(Dopamine).
+
+A plug-in task is named ``module:function`` (``module`` a dotted module path or a ``.py``
+file) or a module with a ``get_task`` function; the function receives the task arguments
+of the config (``task_args``) as keyword arguments and returns a task.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import importlib
+import importlib.util
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+from typing import Protocol
+from typing import runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from prunax.base_updater import BaseUpdater
+
+PyTree = Any
+# observe(step, params): called by a task at the steps it reports (sparsity trace, FLOPs).
+Observer = Callable[[int, PyTree], None]
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a task reports after training one (algorithm, seed) cell.
+
+  Attributes:
+    metric: the final quality figure (accuracy, return...), higher is better.
+    params: the final params, or None if the task cannot expose them.
+    opt_state: the final optimizer state (holding the :class:`prunax.SparseState`), or None.
+    seconds_per_step: mean wall time of a training step, compilation excluded.
+    compile_seconds: time spent compiling (0 when reusing a compiled step).
+    sparsity: the final total sparsity, for tasks that give no params (else measured).
+  """
+
+  metric: float
+  params: PyTree = None
+  opt_state: PyTree = None
+  seconds_per_step: float = float('nan')
+  compile_seconds: float = 0.0
+  sparsity: float | None = None
+
+
+@runtime_checkable
+class Task(Protocol):
+  """What :func:`prunax.compare.run_comparison` needs from a task."""
+
+  name: str
+  metric_name: str
+
+  def example_params(self) -> PyTree:
+    """The params at initialisation, or their shapes (``jax.ShapeDtypeStruct`` leaves), to
+    check configs, count FLOPs and plot distributions; None if unknown."""
+
+  def run(self, updater: BaseUpdater, seed: int, steps: int, observe: Observer,
+          observe_every: int) -> TrainResult:
+    """Trains with ``updater`` for ``steps`` steps, calling ``observe`` every
+    ``observe_every`` steps and after the last one."""
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean cross-entropy of integer ``labels``."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Fraction of ``logits`` whose argmax equals ``labels``."""
+  return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+@dataclasses.dataclass(eq=False)
+class SupervisedTask:
+  """A supervised task trained by prunax's own jitted loop.
+
+  Every algorithm and seed sees the same recipe: the inner ``optimizer`` wrapped by the
+  algorithm, ``batch_size`` examples per step drawn with the seed (so a seed gives every
+  algorithm the same batches), params initialised with the seed.
+
+  Attributes:
+    name: task name in reports.
+    init_fn: ``init_fn(key) -> params``.
+    apply_fn: ``apply_fn(params, x) -> outputs`` (also used to count FLOPs).
+    train_data: ``(x, y)`` arrays.
+    eval_data: ``(x, y)`` arrays for the final metric.
+    optimizer: the inner optax transformation (the training recipe).
+    batch_size: examples per step.
+    loss_fn: ``loss_fn(outputs, y) -> scalar``.
+    metric_fn: ``metric_fn(outputs, y) -> scalar``, higher is better.
+    metric_name: name of the metric in reports.
+  """
+
+  name: str
+  init_fn: Callable[[jax.Array], PyTree]
+  apply_fn: Callable[[PyTree, jax.Array], jax.Array]
+  train_data: tuple[np.ndarray, np.ndarray]
+  eval_data: tuple[np.ndarray, np.ndarray]
+  optimizer: optax.GradientTransformation
+  batch_size: int = 64
+  loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy
+  metric_fn: Callable[[jax.Array, jax.Array], jax.Array] = accuracy
+  metric_name: str = 'accuracy'
+  _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+  _init: Any = dataclasses.field(default=None, repr=False)
+  _evaluate: Any = dataclasses.field(default=None, repr=False)
+
+  def example_params(self) -> PyTree:
+    """Shapes and dtypes of the params (``jax.ShapeDtypeStruct`` leaves; nothing computed)."""
+    return jax.eval_shape(self.init_fn, jax.random.PRNGKey(0))
+
+  def example_inputs(self) -> tuple[jax.Array]:
+    """One training batch of inputs (for FLOPs counting)."""
+    return (jnp.asarray(self.train_data[0][:self.batch_size]),)
+
+  def _train_step(self, tx):
+    def step(params, opt_state, x, y):
+      grads = jax.grad(lambda p: self.loss_fn(self.apply_fn(p, x), y))(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+    return step
+
+  def _compile(self, key: BaseUpdater):
+    """AOT-compiles the step and the init of ``key`` (an updater with seed 0).
+
+    The init takes the seed as a traced argument, so one compilation serves every seed;
+    an algorithm that needs a Python seed at init falls back to eager initialisation.
+    """
+    start = time.perf_counter()
+    tx = key.wrap_optax(self.optimizer)
+    params = self.example_params()
+    opt_state = jax.eval_shape(tx.init, params)
+    x, y = (jax.ShapeDtypeStruct((self.batch_size,) + a.shape[1:], a.dtype)
+            for a in self.train_data)
+    step = jax.jit(self._train_step(tx)).lower(params, opt_state, x, y).compile()
+
+    def init(p, seed):
+      return dataclasses.replace(key, seed=seed).wrap_optax(self.optimizer).init(p)
+    try:
+      init_fn = jax.jit(init).lower(params, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+    except (jax.errors.JAXTypeError, TypeError):  # ConcretizationTypeError is a JAXTypeError
+      init_fn = lambda p, seed: dataclasses.replace(key, seed=seed).wrap_optax(
+          self.optimizer).init(p)
+    return step, init_fn, time.perf_counter() - start
+
+  def prepare(self, updaters: list[BaseUpdater]) -> None:
+    """Compiles the steps of ``updaters`` on 2 threads, before any training (so that step
+    times are measured without compilation running beside them)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+      for updater in updaters:
+        key = dataclasses.replace(updater, seed=0)
+        if key not in self._compiled:
+          self._compiled[key] = pool.submit(self._compile, key)
+
+  def run(self, updater: BaseUpdater, seed: int, steps: int, observe: Observer,
+          observe_every: int) -> TrainResult:
+    # The seed reaches the update only through the state (SparseState.rng), so one compiled
+    # step serves every seed of an algorithm: the step is compiled for the seed-0 updater.
+    key = dataclasses.replace(updater, seed=0)
+    if key not in self._compiled:
+      self.prepare([updater])
+    step_fn, init_fn, compile_seconds = self._compiled[key].result()
+    self._compiled[key] = _Done((step_fn, init_fn, 0.0))  # Later seeds: no compilation.
+    if self._init is None:
+      self._init = jax.jit(self.init_fn)
+      x_eval, y_eval = (jnp.asarray(a) for a in self.eval_data)
+      self._evaluate = jax.jit(lambda p: self.metric_fn(self.apply_fn(p, x_eval), y_eval))
+    params = self._init(jax.random.PRNGKey(seed))
+    opt_state = init_fn(params, np.int32(seed))
+    x_train, y_train = (jnp.asarray(a) for a in self.train_data)
+    batches = np.random.RandomState(seed).randint(
+        0, len(self.train_data[1]), size=(steps, self.batch_size))
+    elapsed = 0.0
+    for t in range(steps):
+      start = time.perf_counter()
+      idx = batches[t]
+      params, opt_state = step_fn(params, opt_state, x_train[idx], y_train[idx])
+      jax.block_until_ready(params)
+      elapsed += time.perf_counter() - start
+      if (t + 1) % observe_every == 0 or t + 1 == steps:
+        observe(t + 1, params)
+    return TrainResult(metric=float(self._evaluate(params)), params=params,
+                       opt_state=opt_state, seconds_per_step=elapsed / max(steps, 1),
+                       compile_seconds=compile_seconds)
+
+
+class _Done:
+  """A finished future."""
+
+  def __init__(self, value):
+    self._value = value
+
+  def result(self):
+    return self._value
+
+
+# ------------------------------------------------------------------------------ digits
+
+
+def digits_task(batch_size: int = 64, learning_rate: float = 3e-3, test_fraction: float = 0.3,
+                width: int = 16) -> SupervisedTask:
+  """scikit-learn's digits (1797 8x8 images, embedded) with a small Flax CNN and Adam.
+
+  The CNN is conv(width, 3x3) - conv(2*width, 3x3, stride 2) - dense(64) - dense(10) with
+  ReLUs; the held-out split (``test_fraction``) is fixed for every algorithm and seed.
+
+  Args:
+    batch_size: examples per step.
+    learning_rate: Adam's learning rate.
+    test_fraction: share of the images held out for the final accuracy.
+    width: channels of the first convolution.
+
+  Returns:
+    The task.
+  """
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+
+  class DigitsCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(width, (3, 3))(x))
+      x = nn.relu(nn.Conv(2 * width, (3, 3), strides=(2, 2))(x))
+      x = nn.relu(nn.Dense(64)(x.reshape(x.shape[0], -1)))
+      return nn.Dense(10)(x)
+
+  digits = load_digits()
+  x = (digits.images / 16.0).astype(np.float32)[..., None]
+  y = digits.target.astype(np.int32)
+  order = np.random.RandomState(0).permutation(len(y))
+  n_test = int(round(test_fraction * len(y)))
+  test, train = order[:n_test], order[n_test:]
+  model = DigitsCNN()
+  return SupervisedTask(
+      name='digits',
+      init_fn=lambda key: model.init(key, x[:1]),
+      apply_fn=model.apply,
+      train_data=(x[train], y[train]),
+      eval_data=(x[test], y[test]),
+      optimizer=optax.adam(learning_rate),
+      batch_size=batch_size)
+
+
+# ------------------------------------------------------------------ optional host tasks
+
+
+@dataclasses.dataclass(eq=False)
+class FederatedDigitsTask:
+  """FedAvg on non-IID federated digits with a pruned server optimizer (FedJAX).
+
+  One training step is one federated round; the algorithm's schedule is the one the
+  comparison config gives (in rounds). Runs through ``prunax_fedjax.examples.federated_digits``.
+  """
+
+  clients_per_round: int = 10
+  name: str = 'federated_digits'
+  metric_name: str = 'accuracy'
+
+  def example_params(self) -> PyTree:
+    from prunax_fedjax.examples import federated_digits  # pylint: disable=import-outside-toplevel
+    return federated_digits.create_model().init(jax.random.PRNGKey(0))
+
+  def run(self, updater: BaseUpdater, seed: int, steps: int, observe: Observer,
+          observe_every: int) -> TrainResult:
+    from prunax_fedjax.examples import federated_digits  # pylint: disable=import-outside-toplevel
+    del observe, observe_every  # The adapter's loop reports only the end of training.
+    # The adapter's example builds the pruner with the paper's schedule for ``steps`` rounds.
+    out = federated_digits.run_one(
+        _algorithm_name(updater), seed=seed, num_rounds=steps,
+        sparsity=updater.sparsity or 0.0, clients_per_round=self.clients_per_round)
+    return TrainResult(metric=out['final_accuracy'], sparsity=out['final_sparsity'],
+                       seconds_per_step=out['seconds'] / max(steps, 1))
+
+
+@dataclasses.dataclass(eq=False)
+class CartPoleTask:
+  """DQN on CartPole through Dopamine's own runner, with the pruned agent of prunax_dopamine.
+
+  One step is one Dopamine iteration; the metric is the last iteration's average training
+  return.
+  """
+
+  training_steps: int = 500
+  name: str = 'cartpole'
+  metric_name: str = 'return'
+
+  def example_params(self) -> PyTree:
+    return None
+
+  def run(self, updater: BaseUpdater, seed: int, steps: int, observe: Observer,
+          observe_every: int) -> TrainResult:
+    import tempfile  # pylint: disable=import-outside-toplevel
+
+    from prunax_dopamine import run as dopamine_run  # pylint: disable=import-outside-toplevel
+    del observe, observe_every
+    name = _algorithm_name(updater)
+    bindings = [
+        f"prunax_dopamine.pruner.algorithm='{name}'",
+        f'prunax_dopamine.pruner.sparsity={updater.sparsity or 0.0}',
+        f'prunax_dopamine.pruner.seed={seed}',
+        f'JaxDQNAgent.seed={seed}',
+        f'Runner.num_iterations={steps}',
+        f'Runner.training_steps={self.training_steps}',
+        'Runner.evaluation_steps=0',
+    ]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f'cartpole-{name}-{seed}-') as base_dir:
+      lines = dopamine_run.run(base_dir, ['dqn_cartpole.gin'], bindings)
+    seconds = time.perf_counter() - start
+    returns = [float(line.rsplit('=', 1)[1]) for line in lines if 'Train/AverageReturns' in line]
+    sparsity = [float(line.rsplit('=', 1)[1]) for line in lines if 'Sparsity/Total ' in line]
+    return TrainResult(metric=returns[-1] if returns else float('nan'),
+                       sparsity=sparsity[-1] if sparsity else None,
+                       seconds_per_step=seconds / max(steps, 1))
+
+
+def _algorithm_name(updater: BaseUpdater) -> str:
+  from prunax import registry  # pylint: disable=import-outside-toplevel
+  for name in registry.all_algorithm_names():
+    if type(updater) is registry.get_algorithm(name):  # pylint: disable=unidiomatic-typecheck
+      return name
+  raise ValueError(f'{type(updater).__name__} is not a registered algorithm.')
+
+
+def _federated_digits(**kwargs) -> FederatedDigitsTask:
+  _require('prunax_fedjax', 'federated_digits', 'prunax-fedjax')
+  return FederatedDigitsTask(**kwargs)
+
+
+def _cartpole(**kwargs) -> CartPoleTask:
+  _require('prunax_dopamine', 'cartpole', 'prunax-dopamine')
+  return CartPoleTask(**kwargs)
+
+
+def _require(module: str, task: str, dist: str) -> None:
+  try:
+    importlib.import_module(module)
+  except ImportError as e:
+    raise ValueError(f'Task {task!r} needs the {module} adapter, which cannot be imported '
+                     f'({e}); install it with `pip install {dist}`.') from e
+
+
+BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
+    'digits': digits_task,
+    'federated_digits': _federated_digits,
+    'cartpole': _cartpole,
+}
+
+
+def available_tasks() -> list[str]:
+  """Names of the built-in tasks usable here (those whose adapters import)."""
+  names = ['digits']
+  for name, module in (('federated_digits', 'prunax_fedjax'), ('cartpole', 'prunax_dopamine')):
+    if importlib.util.find_spec(module) is not None:
+      names.append(name)
+  return names
+
+
+def resolve_task_factory(spec: str | Callable[..., Task]) -> Callable[..., Task]:
+  """The factory of a built-in task name, ``module:function``, ``file.py:function``, a
+  module (its ``get_task``), or a callable.
+
+  Raises:
+    ValueError: the task cannot be found; the message names what would be valid.
+  """
+  if callable(spec):
+    return spec
+  if not isinstance(spec, str) or not spec:
+    raise ValueError(f'task must be a name or "module:function", got {spec!r}.')
+  if spec in BUILTIN_TASKS:
+    return BUILTIN_TASKS[spec]
+  module_name, _, attr = spec.partition(':')
+  if not attr and '.' not in spec and not spec.endswith('.py'):
+    raise ValueError(f'Unknown task {spec!r}; valid tasks are {sorted(BUILTIN_TASKS)} or a '
+                     'plug-in "module:function" / "file.py:function" / module with get_task.')
+  try:
+    if module_name.endswith('.py'):
+      if not os.path.isfile(module_name):
+        raise ValueError(f'Task file {module_name!r} does not exist.')
+      mod_spec = importlib.util.spec_from_file_location(
+          os.path.splitext(os.path.basename(module_name))[0], module_name)
+      module = importlib.util.module_from_spec(mod_spec)
+      mod_spec.loader.exec_module(module)
+    else:
+      module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ValueError(f'Cannot import the task module {module_name!r} of task {spec!r}: {e}. '
+                     f'Built-in tasks are {sorted(BUILTIN_TASKS)}.') from e
+  attr = attr or 'get_task'
+  factory = getattr(module, attr, None)
+  if not callable(factory):
+    raise ValueError(f'Task module {module_name!r} has no function {attr!r}.')
+  return factory
+
+
+def make_task(spec: str | Callable[..., Task], task_args: dict[str, Any] | None = None) -> Task:
+  """Builds the task named by ``spec`` with ``task_args``; checks it has the Task methods."""
+  factory = resolve_task_factory(spec)
+  try:
+    task = factory(**(task_args or {}))
+  except TypeError as e:
+    raise ValueError(f'Task {spec!r} does not accept task_args {task_args}: {e}') from e
+  missing = [m for m in ('name', 'metric_name', 'example_params', 'run') if not hasattr(task, m)]
+  if missing:
+    raise ValueError(f'Task {spec!r} returned {type(task).__name__}, which lacks {missing}; '
+                     'return a prunax.compare.SupervisedTask or an object with the Task methods.')
+  return task

@@ -1,0 +1,334 @@
+"""End-to-end tests of ``prunax compare`` on the embedded digits task (tiny runs)."""
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import prunax
+from prunax import cli
+from prunax import compare
+from prunax.compare import config as config_lib
+from prunax.compare import report
+
+PNG_HEADER = b'\x89PNG\r\n\x1a\n'
+ALGORITHMS = ['no_prune', 'magnitude', 'random']
+
+
+def _rows(path):
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def _nested(flat):
+  """{'params/Conv_0/kernel': x} -> {'params': {'Conv_0': {'kernel': x}}}."""
+  out = {}
+  for name, x in flat.items():
+    node = out
+    *parents, leaf = name.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = jnp.asarray(x)
+  return out
+
+
+@pytest.fixture(scope='module')
+def quick_run(tmp_path_factory):
+  run_dir = str(tmp_path_factory.mktemp('compare') / 'run')
+  rc = cli.main(['compare', '--quick', '--run-dir', run_dir, '--no-progress', '--no-compile-cache',
+                 '--algorithms', ','.join(ALGORITHMS), '--seeds', '2', '--steps', '20',
+                 '--set', 'optional_algorithms=[]'])
+  assert rc == 0
+  return run_dir
+
+
+def test_reports_and_plots_are_written(quick_run):
+  for name in ('accuracy_vs_sparsity.png', 'layer_sparsity.png', 'sparsity_over_steps.png'):
+    path = os.path.join(quick_run, name)
+    with open(path, 'rb') as f:
+      data = f.read()
+    assert data[:8] == PNG_HEADER and len(data) > 1000, name
+  rows = _rows(os.path.join(quick_run, 'results.csv'))
+  assert [r['algorithm'] for r in rows] == ALGORITHMS  # one row per algorithm
+  assert all(r['seeds'] == '2' for r in rows)
+  assert len(_rows(os.path.join(quick_run, 'cells.csv'))) == len(ALGORITHMS) * 2
+  with open(os.path.join(quick_run, 'results.md')) as f:
+    md = f.read()
+  assert md.count('\n| ') == len(ALGORITHMS) + 1  # header + one line per algorithm
+  assert '| magnitude | dense-to-sparse, dynamic, unstructured |' in md
+
+
+def test_reported_sparsity_is_measured_on_final_params(quick_run):
+  rows = {r['algorithm']: r for r in _rows(os.path.join(quick_run, 'results.csv'))}
+  for algorithm in ALGORITHMS:
+    measured = []
+    for seed in (0, 1):
+      params = compare.load_params(quick_run, algorithm, seed)
+      kernels = [x for x in params.values() if x.ndim >= 2]
+      zeros = sum(int(np.sum(x == 0)) for x in kernels)
+      sparsity = zeros / sum(x.size for x in kernels)
+      assert sparsity == prunax.summarize_sparsity(params)['total_sparsity']
+      with open(os.path.join(quick_run, 'cells', f'{algorithm}__seed{seed}.json')) as f:
+        assert json.load(f)['sparsity'] == sparsity
+      measured.append(sparsity)
+    assert float(rows[algorithm]['sparsity_mean']) == pytest.approx(np.mean(measured), abs=1e-15)
+  assert float(rows['no_prune']['sparsity_mean']) == 0.0
+  # 20 steps with the gradual schedule end pruning at step 15: the target is reached.
+  assert abs(float(rows['magnitude']['sparsity_mean']) - 0.8) < 1e-4
+
+
+def test_std_over_seeds(quick_run):
+  rows = {r['algorithm']: r for r in _rows(os.path.join(quick_run, 'results.csv'))}
+  cells = {(r['algorithm'], r['seed']): r for r in _rows(os.path.join(quick_run, 'cells.csv'))}
+  accs = [float(cells[('random', s)]['accuracy']) for s in ('0', '1')]
+  assert accs[0] != accs[1]
+  assert float(rows['random']['accuracy_std']) == pytest.approx(np.std(accs, ddof=1))
+  assert float(rows['random']['accuracy_std']) > 0
+  assert report.mean_std([0.5]) == (0.5, 0.0)
+  assert report.mean_std([1.0, None]) == (None, None)
+
+
+def test_mask_memory_and_flops(quick_run):
+  cells = {(r['algorithm'], r['seed']): r for r in _rows(os.path.join(quick_run, 'cells.csv'))}
+  params = compare.load_params(quick_run, 'magnitude', 0)
+  kernel_size = sum(x.size for x in params.values() if x.ndim >= 2)
+  param_bytes = sum(x.nbytes for x in params.values())
+  # uint8 masks of the pruned (ndim >= 2) leaves over float32 params.
+  assert float(cells[('magnitude', '0')]['mask_memory']) == kernel_size / param_bytes
+  assert float(cells[('no_prune', '0')]['mask_memory']) == 0.0
+  if importlib.util.find_spec('prunax.flops') is None:
+    assert cells[('magnitude', '0')]['inference_flops'] == ''  # reported as n/a
+    return
+  from prunax import flops
+  task = compare.digits_task()
+  counter = flops.FlopsCounter(task.apply_fn, task.example_params(), *task.example_inputs())
+  for algorithm in ALGORITHMS:
+    tree = _nested(compare.load_params(quick_run, algorithm, 0))
+    reported = float(cells[(algorithm, '0')]['inference_flops'])
+    assert reported == pytest.approx(counter.inference_fraction(tree), rel=1e-12)
+  assert float(cells[('no_prune', '0')]['inference_flops']) == 1.0
+  assert float(cells[('no_prune', '0')]['training_flops']) == 1.0
+  assert float(cells[('magnitude', '0')]['inference_flops']) < 0.5
+  # Gradual pruning is dense for part of training: its average training FLOPs exceed those
+  # of the final sparse model.
+  assert 0.3 < float(cells[('magnitude', '0')]['training_flops']) < 1.0
+
+
+def test_resume_skips_finished_cells(quick_run):
+  cfg = config_lib.load_config(None, {'run_dir': quick_run, 'algorithms': ALGORITHMS,
+                                      'seeds': 2, 'steps': 20, 'optional_algorithms': []},
+                               quick=True)
+  with open(os.path.join(quick_run, 'cells', 'magnitude__seed1.json')) as f:
+    before = json.load(f)
+  os.remove(os.path.join(quick_run, 'cells', 'magnitude__seed1.json'))
+  task = compare.digits_task()
+  calls = []
+  original = task.run
+  task.run = lambda updater, seed, *a, **k: calls.append((type(updater).__name__, seed)) or \
+      original(updater, seed, *a, **k)
+  result = compare.run_comparison(cfg, task=task)
+  assert calls == [('MagnitudePruning', 1)]  # only the missing cell is trained
+  after = result.cells[('magnitude', 1)]
+  assert after['metric'] == before['metric']  # same recipe, same seed: same result
+  assert after['sparsity'] == before['sparsity']
+  # One seed of a finished run: nothing trained, std exactly zero.
+  one = compare.run_comparison(dict(cfg, seeds=[0]), task=task)
+  assert len(calls) == 1
+  assert all(row[k] == 0.0 for row in report.rows(one) for k in row if k.endswith('_std'))
+
+
+def test_resume_refuses_a_different_recipe(quick_run, capsys):
+  rc = cli.main(['compare', '--quick', '--run-dir', quick_run, '--algorithms', 'magnitude',
+                 '--steps', '21', '--no-compile-cache'])
+  assert rc == 2
+  err = capsys.readouterr().err
+  assert 'different config' in err and "'steps'" in err and '--fresh' in err
+
+
+def test_categories():
+  cfg = config_lib.load_config(None)
+  expected = {
+      'no_prune': ('dense', 'static', 'unstructured'),
+      'magnitude': ('dense-to-sparse', 'dynamic', 'unstructured'),
+      'magnitude_ste': ('dense-to-sparse', 'dynamic', 'unstructured'),
+      'static_sparse': ('sparse-to-sparse', 'static', 'unstructured'),
+      'set': ('sparse-to-sparse', 'dynamic', 'unstructured'),
+      'rigl': ('sparse-to-sparse', 'dynamic', 'unstructured'),
+  }
+  for name, want in expected.items():
+    cat = compare.category(name, config_lib.make_updater(cfg, name, 0))
+    assert (cat['origin'], cat['dynamics'], cat['structure']) == want, name
+  nm = config_lib.make_updater(dict(cfg, sparsity=0.5, sparsity_type='nm_2,4'), 'magnitude', 0)
+  assert compare.category('magnitude', nm)['structure'] == 'structured'
+  assert compare.category('magnitude', nm, {'magnitude': {'origin': 'x'}})['origin'] == 'x'
+
+
+def test_schedule_follows_steps():
+  cfg = config_lib.load_config(None, {'steps': 600})
+  assert config_lib.updater_config(cfg, 'magnitude', 3) == {
+      'algorithm': 'magnitude', 'seed': 3, 'sparsity': 0.8, 'dist_type': 'erk',
+      'sparsity_type': 'unstructured', 'update_freq': 20, 'update_start_step': 120,
+      'update_end_step': 450}
+  rigl = config_lib.updater_config(cfg, 'rigl', 0)
+  assert (rigl['update_start_step'], rigl['drop_fraction']) == (0, 0.3)
+  assert config_lib.updater_config(cfg, 'no_prune', 0)['sparsity'] == 0.0
+  one = config_lib.load_config(None, {'schedule': '10:50:5', 'update_freq': 7})
+  assert [config_lib.updater_config(one, 'magnitude', 0)[k] for k in
+          ('update_start_step', 'update_end_step', 'update_freq')] == [10, 50, 7]
+
+
+def test_yaml_and_ml_collections_configs(tmp_path):
+  yaml_file = tmp_path / 'c.yaml'
+  yaml_file.write_text('algorithms: [magnitude, rigl]\nsparsity: 0.9\nseeds: [4, 5]\n')
+  cfg = compare.load_config(str(yaml_file), {'sparsity': 0.7})
+  assert (cfg['algorithms'], cfg['sparsity'], cfg['seeds']) == (['magnitude', 'rigl'], 0.7, [4, 5])
+  py_file = tmp_path / 'c.py'
+  py_file.write_text('import ml_collections\n\ndef get_config():\n'
+                     '  c = ml_collections.ConfigDict()\n  c.algorithms = ["set"]\n'
+                     '  c.dist_type = "uniform"\n  return c\n')
+  cfg = compare.load_config(str(py_file), quick=True)
+  assert (cfg['algorithms'], cfg['dist_type'], cfg['steps'], cfg['seeds']) == (
+      ['set'], 'uniform', 40, [0])
+
+
+def _fails(tmp_path, capsys, *args):
+  run_dir = tmp_path / 'run'
+  rc = cli.main(['compare', '--run-dir', str(run_dir), '--no-progress', '--no-compile-cache',
+                 *args])
+  assert rc == 2
+  assert not (run_dir / 'cells').exists() or not os.listdir(run_dir / 'cells')
+  return capsys.readouterr().err
+
+
+def test_bad_inputs_fail_before_training(tmp_path, capsys):
+  err = _fails(tmp_path, capsys, '--algorithms', 'magnitude,magnitud')
+  assert "Unknown algorithm 'magnitud'" in err and 'rigl' in err
+  err = _fails(tmp_path, capsys, '--task', 'imagenet')
+  assert "Unknown task 'imagenet'" in err and 'digits' in err
+  err = _fails(tmp_path, capsys, '--task', 'no_such_module:get_task')
+  assert "Cannot import the task module 'no_such_module'" in err
+  err = _fails(tmp_path, capsys, '--sparsity', '1.5')
+  assert 'sparsity must be a number in [0, 1), got 1.5' in err
+  err = _fails(tmp_path, capsys, '--sparsity', '-0.1')
+  assert 'got -0.1' in err
+  err = _fails(tmp_path, capsys, '--sparsity-type', 'diagonal')
+  assert "Unknown sparsity type 'diagonal'" in err
+  err = _fails(tmp_path, capsys, '--schedule', 'often')
+  assert "schedule must be one of" in err and "'often'" in err
+  err = _fails(tmp_path, capsys, '--seeds', '0')
+  assert 'seeds' in err
+  err = _fails(tmp_path, capsys, '--set', 'stepz=3')
+  assert "Unknown config keys ['stepz']" in err
+  # A structure the model's shapes cannot take is caught on the model, before training.
+  err = _fails(tmp_path, capsys, '--sparsity-type', 'nm_2,3', '--sparsity', '0.5',
+               '--algorithms', 'magnitude')
+  assert "Algorithm 'magnitude' cannot prune task 'digits'" in err
+
+
+def test_unwritable_run_dir(tmp_path, capsys):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('x')
+  rc = cli.main(['compare', '--run-dir', str(blocker / 'run'), '--no-progress'])
+  assert rc == 2
+  err = capsys.readouterr().err
+  assert 'is not writable' in err and str(blocker / 'run') in err
+
+
+def test_malformed_configs(tmp_path, capsys):
+  bad = tmp_path / 'bad.yaml'
+  bad.write_text('algorithms: [magnitude,\nsteps: 3\n')
+  assert cli.main(['compare', '--config', str(bad)]) == 2
+  assert 'Malformed YAML in config file' in capsys.readouterr().err
+  bad.write_text('- 1\n- 2\n')
+  assert cli.main(['compare', '--config', str(bad)]) == 2
+  assert 'must hold a mapping' in capsys.readouterr().err
+  bad.write_text('steps: -3\n')
+  assert cli.main(['compare', '--config', str(bad)]) == 2
+  assert 'steps must be an integer >= 1, got -3' in capsys.readouterr().err
+  bad.write_text('learning_rate: 0.1\n')
+  assert cli.main(['compare', '--config', str(bad)]) == 2
+  assert "Unknown config keys ['learning_rate']" in capsys.readouterr().err
+  assert cli.main(['compare', '--config', str(tmp_path / 'missing.yaml')]) == 2
+  assert 'does not exist' in capsys.readouterr().err
+  py = tmp_path / 'bad.py'
+  py.write_text('x = 1\n')
+  assert cli.main(['compare', '--config', str(py)]) == 2
+  assert 'must define get_config()' in capsys.readouterr().err
+
+
+PLUGIN = '''
+import jax, jax.numpy as jnp, numpy as np, optax
+from prunax.compare import SupervisedTask
+
+def get_task(hidden=16):
+  rng = np.random.RandomState(0)
+  x = rng.randn(256, 8).astype(np.float32)
+  y = (x[:, 0] > 0).astype(np.int32)
+  def init(key):
+    k1, k2 = jax.random.split(key)
+    return {'w1': jax.random.normal(k1, (8, hidden)) / 3, 'w2': jax.random.normal(k2, (hidden, 2))}
+  def apply(p, x):
+    return jnp.tanh(x @ p['w1']) @ p['w2']
+  return SupervisedTask(name='toy', init_fn=init, apply_fn=apply, train_data=(x, y),
+                        eval_data=(x, y), optimizer=optax.adam(1e-2), batch_size=32)
+'''
+
+
+def test_plugin_task_from_file(tmp_path):
+  plugin = tmp_path / 'toy_task.py'
+  plugin.write_text(PLUGIN)
+  cfg = compare.load_config(None, {
+      'task': f'{plugin}:get_task', 'task_args': {'hidden': 8}, 'algorithms': ['magnitude'],
+      'seeds': 1, 'steps': 12, 'sparsity': 0.5, 'dist_type': 'uniform',
+      'optional_algorithms': [], 'run_dir': str(tmp_path / 'run')})
+  result = compare.run_comparison(cfg)
+  assert result.task_name == 'toy'
+  params = compare.load_params(str(tmp_path / 'run'), 'magnitude', 0)
+  assert params['w1'].shape == (8, 8)
+  assert result.cells[('magnitude', 0)]['sparsity'] == 0.5
+  assert 0.0 <= result.cells[('magnitude', 0)]['metric'] <= 1.0
+  with pytest.raises(compare.ConfigError, match='does not accept task_args'):
+    compare.run_comparison(dict(cfg, task_args={'depth': 2}))
+
+
+def test_module_entry_point(tmp_path):
+  out = subprocess.run([sys.executable, '-m', 'prunax', 'compare', '--algorithms', 'nope',
+                        '--run-dir', str(tmp_path)], capture_output=True, text=True)
+  assert out.returncode == 2
+  assert "prunax compare: error: Unknown algorithm 'nope'" in out.stderr
+
+
+def test_optional_tasks_need_their_adapters():
+  tasks = compare.available_tasks()
+  assert 'digits' in tasks
+  for name, module in (('federated_digits', 'prunax_fedjax'), ('cartpole', 'prunax_dopamine')):
+    if importlib.util.find_spec(module) is None:
+      assert name not in tasks
+      with pytest.raises(compare.ConfigError, match=f'needs the {module} adapter'):
+        compare.run_comparison({'task': name})
+
+
+@pytest.mark.skipif(importlib.util.find_spec('prunax_fedjax') is None,
+                    reason='prunax_fedjax (the FedJAX adapter) is not installed')
+def test_federated_digits_task(tmp_path):
+  cfg = compare.load_config(None, {'task': 'federated_digits', 'algorithms': ['magnitude'],
+                                   'seeds': 1, 'steps': 4, 'optional_algorithms': [],
+                                   'run_dir': str(tmp_path)})
+  cell = compare.run_comparison(cfg).cells[('magnitude', 0)]
+  assert 0.0 <= cell['metric'] <= 1.0 and cell['sparsity'] is not None
+
+
+@pytest.mark.skipif(importlib.util.find_spec('prunax_dopamine') is None,
+                    reason='prunax_dopamine (the Dopamine adapter) is not installed')
+def test_cartpole_task(tmp_path):
+  cfg = compare.load_config(None, {'task': 'cartpole', 'algorithms': ['magnitude'], 'seeds': 1,
+                                   'steps': 1, 'optional_algorithms': [],
+                                   'run_dir': str(tmp_path)})
+  cell = compare.run_comparison(cfg).cells[('magnitude', 0)]
+  assert np.isfinite(cell['metric'])
