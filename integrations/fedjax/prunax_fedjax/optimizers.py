@@ -9,13 +9,15 @@ server rounds.
 """
 
 import sys
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import fedjax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 import prunax
 
 PyTree = Any

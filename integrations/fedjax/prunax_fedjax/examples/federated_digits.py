@@ -15,22 +15,22 @@ import argparse
 import functools
 import json
 import time
+from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 
 import fedjax
 import haiku as hk
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-import prunax
 from sklearn.datasets import load_digits
 
+import prunax
 import prunax_fedjax
 
 GRADUAL = ('magnitude', 'saliency', 'random', 'global_magnitude', 'global_saliency',
-           'magnitude_ste', 'random_ste', 'autosparse')
+           'magnitude_ste', 'random_ste')
 
 
 def federated_digits(num_clients: int = 50, seed: int = 0
@@ -86,26 +86,26 @@ def create_model() -> fedjax.Model:
 
 
 def make_pruner(algorithm: str, num_rounds: int, sparsity: float = 0.8, seed: int = 0,
-                update_freq: int = 10):
+                update_freq: int = 10, overrides: Mapping[str, Any] | None = None):
   """The paper's pruner config, scaled to ``num_rounds``.
 
-  Gradual pruning and STE (and AutoSparse) prune from ``num_rounds // 4`` to
-  ``3 * num_rounds // 4``; sparse training updates its masks from round 0 to ``3/4``.
+  Gradual pruning and STE prune from ``num_rounds // 4`` to ``3 * num_rounds // 4``; sparse
+  training updates its masks from round 0 to ``3/4``. ``overrides`` are merged into the
+  ``prunax.create_updater_from_config`` dict (e.g. ``{'extra': {'s_init': -3.0}}``).
+  AutoSparse learns its sparsity (the target only selects the pruned leaves).
   """
-  if algorithm in GRADUAL:
-    start = num_rounds // 4
-  else:
-    start = 0
+  start = num_rounds // 4 if algorithm in GRADUAL else 0
   return prunax.create_updater_from_config({
       'algorithm': algorithm, 'sparsity': sparsity, 'dist_type': 'erk', 'seed': seed,
       'update_freq': update_freq, 'update_start_step': start,
-      'update_end_step': 3 * num_rounds // 4})
+      'update_end_step': 3 * num_rounds // 4, **(overrides or {})})
 
 
 def run_one(algorithm: str = 'magnitude', *, seed: int = 0, num_rounds: int = 100,
             sparsity: float = 0.8, clients_per_round: int = 10, client_lr: float = 0.05,
             server_lr: float = 1e-2, batch_size: int = 8, client_epochs: int = 1,
-            client_sparsity: bool = False, eval_every: int = 10) -> dict[str, Any]:
+            client_sparsity: bool = False, eval_every: int = 10,
+            pruner_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """One federated training run; returns per-round diagnostics and the final accuracy.
 
   Args:
@@ -120,6 +120,7 @@ def run_one(algorithm: str = 'magnitude', *, seed: int = 0, num_rounds: int = 10
     client_epochs: local epochs per round.
     client_sparsity: clients train only the weights the server keeps.
     eval_every: test accuracy is measured every this many rounds (and after the last).
+    pruner_overrides: merged into the pruner config (see :func:`make_pruner`).
 
   Returns:
     ``{'algorithm', 'seed', 'final_accuracy', 'final_sparsity', 'seconds', 'rounds': [...]}``;
@@ -130,7 +131,7 @@ def run_one(algorithm: str = 'magnitude', *, seed: int = 0, num_rounds: int = 10
   """
   train_fd, test = federated_digits(seed=seed)
   model = create_model()
-  pruner = make_pruner(algorithm, num_rounds, sparsity, seed)
+  pruner = make_pruner(algorithm, num_rounds, sparsity, seed, overrides=pruner_overrides)
   server_opt = prunax_fedjax.server_optimizer(pruner, optax.adam(server_lr))
   if client_sparsity:
     client_opt = prunax_fedjax.client_optimizer(pruner, optax.sgd(client_lr))
