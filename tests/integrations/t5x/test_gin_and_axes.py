@@ -63,18 +63,23 @@ optax.adam.learning_rate = 0.1
 
 
 @pytest.mark.parametrize('algorithm', ['magnitude', 'saliency', 'random', 'global_magnitude',
-                                       'magnitude_ste', 'static_sparse', 'set', 'rigl'])
+                                       'magnitude_ste', 'static_sparse', 'set', 'rigl',
+                                       'autosparse'])
 def test_every_family_builds_from_gin(algorithm):
+  # Global pruning sets per-layer sparsities itself: it takes the uniform distribution.
+  dist = 'uniform' if algorithm.startswith('global') else 'erk'
   tx = _parse(f"""
 prunax_t5x.pruned_optax.optimizer = @optax.sgd()
 prunax_t5x.pruned_optax.algorithm = '{algorithm}'
+prunax_t5x.pruned_optax.dist_type = '{dist}'
 prunax_t5x.pruned_optax.sparsity = 0.5
 prunax_t5x.pruned_optax.update_freq = 2
 prunax_t5x.pruned_optax.update_end_step = 4
 optax.sgd.learning_rate = 0.1
 """)
   state = tx.init(PARAMS)
-  assert (state.dense_params is not None) == (algorithm == 'magnitude_ste')
+  assert (state.dense_params is not None) == (algorithm in ('magnitude_ste', 'autosparse'))
+  assert (state.thresholds is not None) == (algorithm == 'autosparse')
 
 
 def test_bad_settings_name_the_value():
