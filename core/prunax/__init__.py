@@ -1,6 +1,7 @@
 """prunax: pruning and sparse training as Optax gradient transformations."""
 
 from prunax import annealing
+from prunax import export
 from prunax import flops
 from prunax import lottery
 from prunax import pruning_at_init

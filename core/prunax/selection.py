@@ -1,27 +1,41 @@
 """Exact, linear-time top-k selection on scores.
 
 A full sort of every tensor is the usual way to compute a top-k mask, and the usual
-reason pruning libraries are slow. Here the k-th largest score is found by a radix-style
-threshold search on the scores' order-preserving unsigned-integer keys: each pass counts,
-for ``2**bits_per_pass - 1`` candidate thresholds at once, how many keys lie at or above
-them, fixing ``bits_per_pass`` bits of the threshold. 32-bit keys need
-``32 / bits_per_pass`` read-only passes, so the work is linear in the number of scores.
+reason pruning libraries are slow. Here the k-th largest score is found by a threshold
+search on the scores' order-preserving uint32 keys (:func:`sortable_keys`) that only
+counts: every pass reads the scores once and returns, for 5 candidate thresholds at once,
+how many keys lie at or above each (5 counts are packed in 6-bit fields of one uint32
+per row of 32 elements, so a pass costs about one read of the scores). The thresholds
+of the first pass are quantiles of a small strided sample; later passes interpolate
+between the two bracketing counts and also bisect the rest of the bracket, so the bracket
+at least halves every pass (at most 33 passes for 32-bit keys) and usually closes in 4 to
+8. The search stops as soon as a threshold keeps exactly ``k`` keys; nothing is sorted
+but the sample, and there is no cumulative sum.
 
 Ties are broken deterministically by position: among scores equal to the threshold the
 ones with the lowest flat (row-major) index are kept, and for several tensors
-(:func:`global_topk_masks`) the leaves are taken in pytree order. The tie pass (a cumulative
-sum) only runs when the threshold value is shared by more elements than are needed.
+(:func:`global_topk_masks`) the leaves are taken in pytree order. That case (the threshold
+value is shared by more elements than are needed) runs a second search of the same kind on
+the positions of the tied elements: no cumulative sum, no sort.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-# Bits of the threshold fixed per counting pass: 8 passes of 15 comparisons each.
-BITS_PER_PASS = 4
+# Counting passes: 5 thresholds per pass, each count held in 6 bits of a uint32, summed
+# over rows of 32 elements (so a field never overflows; XLA fuses reductions this short
+# into the pass instead of writing a full-size intermediate).
+_ROW = 32
+_FIELD_BITS = 6
+# Size of the strided sample whose quantiles give the first pass's thresholds.
+_SAMPLE = 2048
+_MAX_KEY = 0xFFFFFFFF
 
 
 def sortable_keys(scores: jax.Array) -> jax.Array:
@@ -39,85 +53,169 @@ def sortable_keys(scores: jax.Array) -> jax.Array:
   return jnp.where(sign == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _kth_largest_key(keys: Sequence[jax.Array], k: jax.Array) -> jax.Array:
-  """Largest uint32 ``t`` with ``sum(count(key >= t)) >= k`` over all arrays.
+def _count_at_least(keys: jax.Array, pivots: jax.Array) -> jax.Array:
+  """int32 counts ``[sum(keys >= p) for p in pivots]`` for ``len(pivots) <= 5``, one pass."""
+  flat = keys.reshape(-1)
+  main = (flat.size // _ROW) * _ROW
+  counts = jnp.zeros(pivots.shape, jnp.int32)
+  if main:
+    rows = flat[:main].reshape(-1, _ROW)
+    packed = sum((rows >= pivots[i]).astype(jnp.uint32) << (_FIELD_BITS * i)
+                 for i in range(len(pivots)))
+    per_row = jnp.sum(packed, axis=1, dtype=jnp.uint32)
+    field = (1 << _FIELD_BITS) - 1
+    counts += jnp.stack([jnp.sum(((per_row >> (_FIELD_BITS * i)) & field).astype(jnp.int32))
+                         for i in range(len(pivots))])
+  if flat.size > main:
+    counts += jnp.sum(flat[main:, None] >= pivots[None, :], axis=0, dtype=jnp.int32)
+  return counts
 
-  For ``1 <= k <= n`` this is the k-th largest key.  Counts are int32, so the total
-  number of elements must stay below 2**31.
+
+def _narrow(bracket, pivots, counts, k):
+  """New ``(lo, hi, c_lo, c_hi)`` from the counts at sorted ``pivots`` in ``(lo, hi]``."""
+  lo, hi, c_lo, c_hi = bracket
+  reach = counts >= k  # non-increasing along the pivots
+  n_reach = jnp.sum(reach, dtype=jnp.int32)
+  last = jnp.maximum(n_reach - 1, 0)
+  lo, c_lo = (jnp.where(n_reach > 0, pivots[last], lo), jnp.where(n_reach > 0, counts[last], c_lo))
+  first = jnp.minimum(n_reach, len(pivots) - 1)
+  short = n_reach < len(pivots)
+  hi, c_hi = (jnp.where(short, pivots[first] - 1, hi), jnp.where(short, counts[first], c_hi))
+  return lo, hi, c_lo, c_hi
+
+
+def _interpolated_pivots(bracket, k) -> jax.Array:
+  """5 sorted thresholds in ``(lo, hi]``: the linear interpolation of the counts, two
+  around it, and the midpoints of the two outer parts (so every part is at most half)."""
+  lo, hi, c_lo, c_hi = bracket
+  inside = (c_lo - c_hi).astype(jnp.float32)
+  guess = (c_lo - k).astype(jnp.float32) / inside + 0.5 / inside
+  spread = jnp.clip(2.0 / jnp.sqrt(inside), 0.5 / inside, 0.25)
+  low, high = jnp.clip(guess - spread, 0.0, 1.0), jnp.clip(guess + spread, 0.0, 1.0)
+  fractions = jnp.stack([0.5 * low, low, jnp.clip(guess, low, high), high, 0.5 * (1.0 + high)])
+  width = (hi - lo).astype(jnp.float32)
+  offsets = jnp.minimum(fractions * width, 4294967040.0).astype(jnp.uint32)
+  return lo + jnp.clip(offsets, 1, hi - lo)
+
+
+def _sample_pivots(keys: Sequence[jax.Array], k, n: int) -> jax.Array:
+  """5 sorted thresholds from quantiles of a strided sample, around the k-th largest."""
+  stride = max(1, n // _SAMPLE)
+  sample = jnp.sort(jnp.concatenate([key.reshape(-1)[::stride] for key in keys]))
+  s = sample.size
+  # Descending rank k among n -> ascending position in the sample, +-0.5 and 2 sigma.
+  q = (1.0 - k.astype(jnp.float32) / n) * s
+  sigma = jnp.sqrt(jnp.maximum(q * (1.0 - q / s), 1.0))
+  positions = q + sigma * jnp.array([-2.5, -0.75, 0.0, 0.75, 2.5])
+  return sample[jnp.clip(jnp.round(positions).astype(jnp.int32), 0, s - 1)]
+
+
+def _search(inputs, key_fn, k, n: int):
+  """``(t, c_t, c_above)`` with ``t`` the k-th largest key (or any key keeping exactly ``k``).
+
+  ``key_fn(i, x)`` gives the uint32 keys of ``inputs[i]``; they are recomputed in every
+  pass. ``c_t = count(key >= t)`` and ``c_above = count(key > t)``; either ``c_t == k`` or
+  ``t`` is the k-th largest key itself, shared by several keys. Counts are int32: ``n``
+  must be below 2**31.
   """
-  nsteps = 2**BITS_PER_PASS - 1
-  steps = jnp.arange(1, nsteps + 1, dtype=jnp.uint32)
-  t = jnp.uint32(0)
-  for shift in range(32 - BITS_PER_PASS, -1, -BITS_PER_PASS):
-    pivots = t + (steps << shift)
-    counts = sum(
-        jnp.sum(key.reshape(-1)[None, :] >= pivots[:, None], axis=1, dtype=jnp.int32)
-        for key in keys)
-    # counts is non-increasing in the pivot: the number of pivots still reaching k
-    # is the next digit of the threshold.
-    digit = jnp.sum(counts >= k, dtype=jnp.uint32)
-    t = t + (digit << shift)
-  return t
+
+  def counts(pivots):
+    return sum(_count_at_least(key_fn(i, x), pivots) for i, x in enumerate(inputs))
+
+  def step(bracket, pivots):
+    lo, hi = bracket[0], bracket[1]
+    pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi), hi)
+    return _narrow(bracket, pivots, counts(pivots), k)
+
+  def open_(bracket):
+    lo, hi, c_lo, _ = bracket
+    return (lo != hi) & (c_lo != k)
+
+  bracket = (jnp.uint32(0), jnp.uint32(_MAX_KEY), jnp.int32(n), jnp.int32(0))
+  pivots = _sample_pivots([key_fn(i, x) for i, x in enumerate(inputs)], k, n)
+  bracket = jax.lax.cond(open_(bracket), step, lambda b, _: b, bracket, pivots)
+  bracket = jax.lax.while_loop(
+      open_, lambda b: step(b, _interpolated_pivots(b, k)), bracket)
+  lo, _, c_lo, c_hi = bracket
+  return lo, c_lo, c_hi
 
 
-def _tie_break(keys: Sequence[jax.Array], t: jax.Array, k: jax.Array) -> list[jax.Array]:
-  """Boolean masks keeping keys > t and the first ``k - count(> t)`` keys equal to t."""
-  n_above = sum(jnp.sum(key > t, dtype=jnp.int32) for key in keys)
-  n_equal = sum(jnp.sum(key == t, dtype=jnp.int32) for key in keys)
-  needed = k - n_above
+def _topk_masks(inputs, score_fn, k, n: int) -> list[jax.Array]:
+  """Masks of the k largest scores (``1 <= k <= n``), ties kept by lowest position."""
+  offsets = [0]
+  for x in inputs:
+    offsets.append(offsets[-1] + math.prod(x.shape))
 
-  def all_ties(keys):
-    return [key >= t for key in keys]
+  def score_keys(i, x):
+    del i
+    return sortable_keys(score_fn(x))
 
-  def first_ties(keys):
-    masks, offset = [], jnp.int32(0)
-    for key in keys:
-      eq = (key == t).reshape(-1)
-      rank = jnp.cumsum(eq, dtype=jnp.int32) + offset
-      offset = offset + jnp.sum(eq, dtype=jnp.int32)
-      keep = (key > t).reshape(-1) | (eq & (rank <= needed))
-      masks.append(keep.reshape(key.shape))
-    return masks
+  t, c_t, c_above = _search(inputs, score_keys, k, n)
 
-  return jax.lax.cond(needed >= n_equal, all_ties, first_ties, list(keys))
+  def at_least(inputs):
+    return [score_keys(i, x) >= t for i, x in enumerate(inputs)]
+
+  def first_ties(inputs):
+    # Among the keys equal to t, keep the k - c_above of lowest position: a second search
+    # on distinct keys that are larger for earlier positions (and 0 off the tie).
+    def tie_keys(i, x):
+      position = jnp.arange(offsets[i], offsets[i + 1], dtype=jnp.uint32).reshape(x.shape)
+      return jnp.where(score_keys(i, x) == t, jnp.uint32(_MAX_KEY) - position, 0)
+
+    t_tie, _, _ = _search(inputs, tie_keys, k - c_above, n)
+    return [(score_keys(i, x) > t) | (tie_keys(i, x) >= t_tie) for i, x in enumerate(inputs)]
+
+  return jax.lax.cond(c_t == k, at_least, first_ties, list(inputs))
 
 
 def _clip_count(k, n: int) -> jax.Array:
   return jnp.clip(jnp.asarray(k, jnp.int32), 0, n)
 
 
-def topk_mask(scores: jax.Array, k) -> jax.Array:
+def topk_mask(scores: jax.Array, k, *, score_fn: Callable[[jax.Array], jax.Array] | None = None
+              ) -> jax.Array:
   """Boolean mask of exactly ``k`` largest entries of ``scores`` (ties: lowest index).
 
   Args:
     scores: array of scores (any shape, floating point).
     k: number of entries to keep; a Python int or a traced int scalar. Clipped to
       ``[0, scores.size]``.
+    score_fn: optional elementwise function; if given, the scores are ``score_fn(scores)``,
+      recomputed in every pass instead of stored (e.g. ``jnp.abs`` on the weights).
 
   Returns:
     A bool array of ``scores.shape`` with exactly ``clip(k, 0, size)`` True entries.
   """
-  return global_topk_masks([scores], k)[0]
+  return global_topk_masks([scores], k, score_fn=score_fn)[0]
 
 
-def global_topk_masks(scores: Sequence[jax.Array], k) -> list[jax.Array]:
+def global_topk_masks(scores: Sequence[jax.Array], k, *,
+                      score_fn: Callable[[jax.Array], jax.Array] | None = None
+                      ) -> list[jax.Array]:
   """Boolean masks keeping exactly ``k`` largest scores across several arrays.
 
-  One threshold is shared by all arrays (global pruning). Nothing is concatenated, so
-  the extra memory is one boolean mask per array.
+  One threshold is shared by all arrays (global pruning). Nothing is concatenated and no
+  key array is stored, so the extra memory is one boolean mask per array.
 
   Args:
     scores: a sequence of float arrays.
     k: total number of entries to keep (int or traced int scalar).
+    score_fn: optional elementwise function applied to each array to get its scores,
+      recomputed in every pass instead of stored (saves a copy of the scores).
 
   Returns:
     A list of bool masks, one per input array.
   """
-  n = sum(int(s.size) for s in scores)
+  inputs = list(scores)
+  score_fn = score_fn or (lambda x: x)
+  n = sum(math.prod(x.shape) for x in inputs)
+  if n >= 2**31:
+    raise ValueError(f'global_topk_masks counts in int32: the arrays hold {n} elements; at most '
+                     f'{2**31 - 1} are supported.')
   k = _clip_count(k, n)
-  keys = [sortable_keys(s) for s in scores]
-  t = _kth_largest_key(keys, jnp.maximum(k, 1))
-  masks = _tie_break(keys, t, k)
+  if n == 0:
+    return [jnp.zeros(x.shape, bool) for x in inputs]
+  masks = _topk_masks(inputs, score_fn, jnp.maximum(k, 1), n)
   return [jnp.where(k > 0, m, False) for m in masks]
 
 

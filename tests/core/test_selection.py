@@ -1,0 +1,100 @@
+"""Exactness of prunax.selection against a stable sort (ties kept by lowest flat index)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prunax import selection
+
+
+def reference_masks(arrays, k):
+  """Top-k by a stable descending sort of the uint32 keys over the concatenated arrays."""
+  keys = np.concatenate(
+      [np.asarray(selection.sortable_keys(jnp.asarray(a))).reshape(-1) for a in arrays])
+  order = np.lexsort((np.arange(keys.size), -keys.astype(np.int64)))
+  keep = np.zeros(keys.size, bool)
+  keep[order[:k]] = True
+  masks, offset = [], 0
+  for a in arrays:
+    masks.append(keep[offset:offset + a.size].reshape(a.shape))
+    offset += a.size
+  return masks
+
+
+def make_scores(kind, shape, rng):
+  if kind == 'normal':
+    a = rng.standard_normal(shape)
+  elif kind == 'few_values':  # heavy ties everywhere
+    a = rng.integers(-3, 3, shape).astype(float)
+  elif kind == 'mostly_zero':  # pruned magnitudes: ties at 0
+    a = np.where(rng.random(shape) < 0.8, 0.0, np.abs(rng.standard_normal(shape)))
+  elif kind == 'special':
+    a = rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -1.0], shape)
+  else:  # 'tiny': subnormal range
+    a = np.abs(rng.standard_normal(shape)) * 1e-40
+  return np.asarray(a, np.float32)
+
+
+KINDS = ['normal', 'few_values', 'mostly_zero', 'special', 'tiny']
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_global_topk_matches_stable_sort(kind):
+  rng = np.random.default_rng(KINDS.index(kind))
+  fn = jax.jit(selection.global_topk_masks)
+  for shapes in [[(7, 13), (5,), (3, 4, 6)], [(200, 3)]]:
+    arrays = [make_scores(kind, s, rng) for s in shapes]
+    n = sum(a.size for a in arrays)
+    for k in sorted({0, 1, n - 1, n, n // 2, int(rng.integers(0, n + 1))}):
+      got = fn([jnp.asarray(a) for a in arrays], k)
+      for g, want in zip(got, reference_masks(arrays, max(k, 0))):
+        np.testing.assert_array_equal(np.asarray(g), want, err_msg=f'{kind} {shapes} k={k}')
+
+
+def test_topk_large_exact_count_and_ties_by_index():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(300_007).astype(np.float32)
+  x[::3] = 0.5  # 100003 ties at one value straddling the threshold
+  fn = jax.jit(selection.topk_mask)
+  for k in [1, 1000, 150_000, 299_999]:
+    got = np.asarray(fn(jnp.asarray(x), k))
+    assert got.sum() == k
+    np.testing.assert_array_equal(got, reference_masks([x], k)[0])
+
+
+def test_traced_k_and_clipping():
+  x = jnp.arange(10.0)
+  fn = jax.jit(selection.topk_mask)
+  np.testing.assert_array_equal(np.asarray(fn(x, jnp.int32(3))), np.arange(10) >= 7)
+  assert int(fn(x, jnp.int32(-5)).sum()) == 0
+  assert int(fn(x, jnp.int32(50)).sum()) == 10
+
+
+def test_score_fn_equals_materialized_scores():
+  rng = np.random.default_rng(1)
+  arrays = [jnp.asarray(rng.standard_normal(s).astype(np.float32)) for s in [(40, 30), (77,)]]
+  lazy = selection.global_topk_masks(arrays, 500, score_fn=jnp.abs)
+  eager = selection.global_topk_masks([jnp.abs(a) for a in arrays], 500)
+  for a, b in zip(lazy, eager):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sortable_keys_order():
+  values = np.array([-np.inf, -2.0, -1e-40, -0.0, 0.0, 1e-40, 3.0, np.inf, np.nan], np.float32)
+  keys = np.asarray(selection.sortable_keys(jnp.asarray(values)))
+  assert np.all(np.diff(keys.astype(np.int64)) > 0)
+
+
+@pytest.mark.parametrize('n,m,axis', [(2, 4, -1), (1, 4, 0), (3, 8, 1)])
+def test_n_by_m_exact_per_group(n, m, axis):
+  rng = np.random.default_rng(2)
+  x = rng.integers(0, 3, (8, 16)).astype(np.float32)  # many ties
+  keep = np.asarray(selection.n_by_m_mask(jnp.asarray(x), n, m, axis))
+  moved = np.moveaxis(keep, axis, -1).reshape(-1, m)
+  assert np.all(moved.sum(-1) == n)
+  groups = np.moveaxis(x, axis, -1).reshape(-1, m)
+  for g, kg in zip(groups, moved):  # stable descending sort within the group
+    want = np.zeros(m, bool)
+    want[np.lexsort((np.arange(m), -g))[:n]] = True
+    np.testing.assert_array_equal(kg, want)
