@@ -48,7 +48,8 @@ __version__ = '0.1.0'
 
 __all__ = [
     'SET', 'SRSTE', 'STR', 'AutoSparse', 'GradientAnnealing', 'TopKAST', 'TopKASTGA',
-    'annealing', 'flops', 'lottery', 'pruning_at_init', 'summarize_thresholds', 'BaseUpdater',
+    'annealing', 'export', 'flops', 'lottery', 'pruning_at_init', 'summarize_thresholds',
+    'BaseUpdater',
     'Block', 'Channel', 'GlobalMagnitudePruning', 'GlobalSaliencyPruning',
     'MagnitudePruning', 'NByM', 'NoPruning', 'RandomPruning', 'RigL', 'SaliencyPruning',
     'SparseState', 'StaticRandomSparse', 'SteMagnitudePruning', 'SteRandomPruning',

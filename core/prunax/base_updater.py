@@ -420,26 +420,29 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
     candidate, inner_state = operands
     new = updater.compute_masks(candidate, sparsities, sparse_state=state, grads=grads,
                                 old_masks=masks)
+    stored = updater._store(new)  # pylint: disable=protected-access
     if updater.is_ste:
-      return new, inner_state
+      return new, stored, inner_state
     keep = jax.tree.map(lambda m, n: True if m is None else m & n, masks, new, is_leaf=_is_none)
     inner_state = optax.tree_utils.tree_map_params(
         inner, lambda v, k: jnp.where(k, v, jnp.zeros_like(v)) if jnp.ndim(v) else v,
         inner_state, keep, transform_non_params=lambda v: v)
-    return new, inner_state
+    return new, stored, inner_state
 
   if updater.is_ste:
     state = state._replace(thresholds=updater.update_thresholds(grads, candidate, masks, state))
-    new_masks, _ = new_masks_fn((candidate, inner_state))
+    new_masks, stored, _ = new_masks_fn((candidate, inner_state))
   else:
-    new_masks, inner_state = jax.lax.cond(
+    # Steps without a mask update keep the stored (possibly packed) masks as they are.
+    new_masks, stored, inner_state = jax.lax.cond(
         updater._is_update_step(state.count),  # pylint: disable=protected-access
-        new_masks_fn, lambda operands: (masks, operands[1]), (candidate, inner_state))
+        new_masks_fn, lambda operands: (masks, state.masks, operands[1]),
+        (candidate, inner_state))
   out = updater._output(  # pylint: disable=protected-access
       params, candidate, updates, masks, new_masks, state)
   new_state = state._replace(
       inner_state=inner_state,
-      masks=updater._store(new_masks),  # pylint: disable=protected-access
+      masks=stored,
       count=state.count + 1,
       dense_params=_pruned_only(new_masks, candidate) if updater.is_ste else None)
   return out, new_state

@@ -143,3 +143,24 @@ def test_partitioned_run_matches_one_device(runs):
     else:
       # Data-parallel sums reduce in another order: Adam's moments differ by ~6e-4 relative.
       np.testing.assert_allclose(a[key], b[key], rtol=2e-3, atol=1e-5, err_msg=key)
+
+
+def test_set_keeps_exact_sparsity(runs):
+  state = _load(runs('set'), TRAIN_STEPS)
+  expected = _expected_zeros('set', state, TRAIN_STEPS)
+  for name, (param, mask) in _pruned(state).items():
+    assert np.sum(mask == 0) == expected[name], name
+    assert np.all(param[mask == 0] == 0), name
+
+
+def test_autosparse_saves_soft_thresholded_params(runs):
+  state = _load(runs('autosparse'), TRAIN_STEPS)
+  pruned = _pruned(state)
+  assert pruned
+  for name, (param, mask) in pruned.items():
+    dense = state['state/param_states/dense_params/' + name]
+    s = state['state/param_states/thresholds/' + name]
+    threshold = 1.0 / (1.0 + np.exp(-np.float32(s)))
+    expected = np.sign(dense) * np.maximum(np.abs(dense) - threshold, 0.0)
+    np.testing.assert_allclose(param, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(mask == 1, np.abs(dense) > threshold)
