@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -447,7 +446,3 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
       dense_params=_pruned_only(new_masks, candidate) if updater.is_ste else None)
   return out, new_state
 
-
-def num_params(tree: PyTree) -> int:
-  """Number of scalars in a tree."""
-  return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))

@@ -17,7 +17,6 @@ exact count, documented per structure:
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 import jax
@@ -180,12 +179,3 @@ def from_string(spec: str) -> SparsityType:
                    f'"nm_N,M" (e.g. "nm_2,4"), "block_B1,B2" (e.g. "block_4,4") and '
                    f'"channel_AXIS" (e.g. "channel_-1").')
 
-
-def num_units(sparsity_type: SparsityType, shape: tuple[int, ...]) -> int:
-  """Number of prunable units (elements, blocks or channels) of a parameter."""
-  if isinstance(sparsity_type, Block):
-    block = sparsity_type._full_block(len(shape))  # pylint: disable=protected-access
-    return math.prod(-(-d // b) for d, b in zip(shape, block))
-  if isinstance(sparsity_type, Channel):
-    return shape[sparsity_type.axis % len(shape)]
-  return math.prod(shape)

@@ -291,10 +291,6 @@ def test_jit_and_eager_agree(name):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), pj, pe)
 
 
-def _tree_loss(params, batch):
-  return loss_fn(params, batch)
-
-
 @pytest.mark.parametrize('container', ['frozendict', 'list', 'tuple'])
 def test_any_pytree(container):
   base = mlp_params()
@@ -355,10 +351,6 @@ def test_updaters_are_hashable_immutable_static_args():
   with pytest.raises(dataclasses.FrozenInstanceError):
     a.sparsity = 0.1
   traces = []
-
-  @jax.jit
-  def dummy(x):
-    return x
 
   def sparsify(updater, params):
     traces.append(1)
