@@ -29,6 +29,7 @@ from prunax.algorithms import summarize_thresholds
 from prunax.annealing import GradientAnnealing
 from prunax.base_updater import BaseUpdater
 from prunax.base_updater import SparseState
+from prunax.base_updater import bool_masks
 from prunax.base_updater import get_sparse_state
 from prunax.base_updater import pack_mask
 from prunax.base_updater import unpack_mask
@@ -56,5 +57,5 @@ __all__ = [
     'Unstructured', 'all_algorithm_names', 'create_updater_from_config', 'get_algorithm',
     'get_sparse_state', 'pack_mask', 'register_algorithm', 'selection', 'sparsity_distributions',
     'sparsity_schedules', 'sparsity_types', 'summarize_intersection', 'summarize_sparsity',
-    'unpack_mask', 'unpack_masks',
+    'unpack_mask', 'unpack_masks', 'bool_masks',
 ]

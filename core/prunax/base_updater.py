@@ -5,14 +5,23 @@
 other call. For a step with gradients ``g`` at params ``p`` (the params the model saw):
 
 1. The inner optimizer runs on the masked gradients ``g * m`` (dense gradients for STE),
-   giving ``u``; the candidate weights are ``w = (p + u) * m`` (STE: the dense shadow
-   weights ``d + u`` kept in the state).
-2. On a mask-update step of the schedule, new masks ``m'`` are computed from ``w`` (and
-   the raw gradients ``g``) and the inner optimizer's moments of weights whose mask changed
-   are reset to zero, found generically with ``optax.tree_utils.tree_map_params``.
+   giving ``u``. Its per-weight state (moments) of inactive weights is held at zero: it is
+   zeroed under ``m`` as the optimizer reads it, so a weight that becomes active again
+   starts with fresh moments.
+2. On a mask-update step of the schedule, new masks ``m'`` are computed from the weights
+   the model saw, ``p`` (zero outside ``m`` after any wrapped step; a weight that is not
+   is removed by step 3 anyway), and the raw gradients ``g``. This runs inside a ``lax.cond``
+   that reads only the step's inputs, so steps without an update stay one fused
+   elementwise pass over the params (the optimizer's own), plus a read of the masks.
 3. The returned updates are ``where(m' & m, u, -p)``, so ``p + update`` is ``p + u`` where a
-   weight stays and exactly 0 elsewhere (new connections of SET/RigL start at zero). STE
-   returns ``where(m', d + u, 0) - p`` and stores ``d + u`` in the state.
+   weight stays and exactly 0 elsewhere (new connections of SET/RigL start at zero).
+   STE-style algorithms run the optimizer on dense weights ``d`` kept in the state,
+   recompute ``m'`` from ``d + u`` at every step, return ``where(m', d + u, 0) - p`` and
+   store ``d + u``.
+
+Scores are :class:`prunax.selection.Lazy` where they are elementwise functions of
+buffers (``|w|``, ``|w * g|``, hashed random scores), so the selection recomputes them in
+each pass and a mask update adds no full-size score array to memory.
 
 All state (masks, step counter, RNG key, dense weights) lives in :class:`SparseState`, so
 hosts checkpoint, replicate and shard it like any optimizer state.
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -44,8 +54,8 @@ class SparseState(NamedTuple):
 
   Attributes:
     inner_state: state of the wrapped optax transformation.
-    masks: tree like params; uint8 keep-masks (or 1-bit packed along the last axis), None
-      for leaves that are not pruned.
+    masks: tree like params; 1-bit keep-masks packed along the last axis (or one uint8 per
+      weight with ``packed_masks=False``), None for leaves that are not pruned.
     count: int32 number of updates done.
     rng: uint32 PRNG key data of shape (2,) (the key is folded with ``count`` when used).
     dense_params: the dense weights of STE-style algorithms, else None.
@@ -127,6 +137,11 @@ def unpack_masks(masks: PyTree, params: PyTree) -> PyTree:
   return jax.tree.map(load, masks, params, is_leaf=_is_none)
 
 
+def bool_masks(opt_state: PyTree, params: PyTree) -> PyTree:
+  """Boolean keep-masks of the :class:`SparseState` in ``opt_state`` (None: dense leaf)."""
+  return unpack_masks(get_sparse_state(opt_state).masks, params)
+
+
 @dataclasses.dataclass(frozen=True)
 class BaseUpdater:
   """Base class of pruning and sparse-training algorithms.
@@ -143,7 +158,8 @@ class BaseUpdater:
     sparsity_type: a :mod:`prunax.sparsity_types` structure or its string form.
     scheduler: a :mod:`prunax.sparsity_schedules` schedule.
     seed: seed of the RNG key kept in the state (random scores, random initial masks).
-    packed_masks: store masks as 1 bit per weight instead of one uint8 per weight.
+    packed_masks: store masks as 1 bit per weight, packed along the last axis (the
+      default: 1/32 of fp32 params), instead of one uint8 per weight (1/4).
   """
 
   sparsity: float | None = None
@@ -151,7 +167,7 @@ class BaseUpdater:
   sparsity_type: Any = sparsity_types.Unstructured()
   scheduler: Any = sparsity_schedules.OneShotSchedule()
   seed: int = 0
-  packed_masks: bool = False
+  packed_masks: bool = True
 
   # Behaviour switches of algorithm families (class attributes, not fields).
   is_ste = False  # dense weights in the state, mask recomputed every step
@@ -215,10 +231,13 @@ class BaseUpdater:
     # another sparsity are pruned on their own (0.0 keeps a leaf dense).
     flat_s, treedef = jax.tree.flatten(sparsities, is_leaf=_is_none)
     flat_x = treedef.flatten_up_to(scores)
-    static = treedef.flatten_up_to(self.target_sparsities(scores))
+    shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)
+        if isinstance(x, selection.Lazy) else x, scores)
+    static = treedef.flatten_up_to(self.target_sparsities(shapes))
     pooled = [s is not None and t == self.sparsity for s, t in zip(flat_s, static)]
     chosen = [x for x, p in zip(flat_x, pooled) if p]
-    total = sum(int(x.size) for x in chosen)
+    total = sum(math.prod(x.shape) for x in chosen)
     target = next((s for s, p in zip(flat_s, pooled) if p), 0.0)
     it = iter(selection.global_topk_masks(chosen, total - sparsity_types.num_zeros(target, total)))
     return treedef.unflatten([
@@ -261,10 +280,15 @@ class BaseUpdater:
     return jax.random.fold_in(jax.random.fold_in(key, sparse_state.count), salt)
 
   def _random_scores(self, params: PyTree, key: jax.Array) -> PyTree:
+    """Lazy uniform scores per leaf (a hash of position and a per-leaf key, see
+    :func:`prunax.selection.hash_uniform`), recomputed in every selection pass."""
     flat, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(flat))
+    if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+      keys = jax.random.key_data(keys)
+    keys = keys.astype(jnp.uint32)
     return treedef.unflatten(
-        [jax.random.uniform(k, jnp.shape(x)) for k, x in zip(keys, flat)])
+        [selection.Lazy(selection.hash_uniform, x, keys[i]) for i, x in enumerate(flat)])
 
   # --------------------------------------------------------------------------- init
 
@@ -285,7 +309,8 @@ class BaseUpdater:
         masks=self._store(masks),
         count=jnp.zeros([], jnp.int32),
         rng=jax.random.PRNGKey(self.seed),
-        dense_params=_pruned_only(masks, params) if self.is_ste else None,
+        # A copy: the state must not share buffers with params (train steps donate both).
+        dense_params=jax.tree.map(jnp.copy, _pruned_only(masks, params)) if self.is_ste else None,
         thresholds=self.init_thresholds(params, targets))
 
   # ------------------------------------------------------------ STE-style hooks
@@ -389,13 +414,22 @@ class BaseUpdater:
       grads: gradients, for gradient-based scores.
 
     Returns:
-      ``(sparse_params, masks)`` with uint8 (or packed) masks, None for dense leaves.
+      ``(sparse_params, masks)`` with boolean keep-masks (whatever ``packed_masks`` says
+      about storage in the optimizer state), None for dense leaves.
     """
     targets = self.target_sparsities(params)
     masks = self.compute_masks(params, targets, grads=grads,
                                old_masks=self.init_masks(params, targets))
     sparse = map_masked(lambda m, p: jnp.where(m, p, 0).astype(p.dtype), masks, params)
-    return sparse, self._store(masks)
+    return sparse, masks
+
+
+def _zero_inactive(inner, inner_state, masks):
+  """``inner_state`` with the per-weight leaves zeroed where ``masks`` are False."""
+  keep = jax.tree.map(lambda m: True if m is None else m, masks, is_leaf=_is_none)
+  return optax.tree_utils.tree_map_params(
+      inner, lambda v, k: jnp.where(k, v, jnp.zeros_like(v)) if jnp.ndim(v) else v,
+      inner_state, keep, transform_non_params=lambda v: v)
 
 
 def _init(updater: BaseUpdater, inner, params):
@@ -411,32 +445,41 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
                     'the state with the wrapped transformation\'s init.')
   targets = updater.target_sparsities(params)
   masks = unpack_masks(state.masks, params)
+  raw_state = state
+  if not updater.is_ste:
+    # The inner optimizer's per-weight state (moments) of inactive weights is held at zero,
+    # so a weight grown by a mask update starts with fresh moments. Zeroing the input state
+    # under the stored masks fuses into the optimizer's own pass.
+    state = state._replace(inner_state=_zero_inactive(inner, state.inner_state, masks))
   candidate, updates, inner_state = updater._candidate(  # pylint: disable=protected-access
       inner, grads, state, params, masks, **extra)
   sparsities = updater._sparsities_at(targets, state.count)  # pylint: disable=protected-access
 
-  def new_masks_fn(operands):
-    candidate, inner_state = operands
-    new = updater.compute_masks(candidate, sparsities, sparse_state=state, grads=grads,
-                                old_masks=masks)
-    stored = updater._store(new)  # pylint: disable=protected-access
-    if updater.is_ste:
-      return new, stored, inner_state
-    keep = jax.tree.map(lambda m, n: True if m is None else m & n, masks, new, is_leaf=_is_none)
-    inner_state = optax.tree_utils.tree_map_params(
-        inner, lambda v, k: jnp.where(k, v, jnp.zeros_like(v)) if jnp.ndim(v) else v,
-        inner_state, keep, transform_non_params=lambda v: v)
-    return new, stored, inner_state
-
   if updater.is_ste:
+    # STE-style: the mask is recomputed from the dense weights at every step.
     state = state._replace(thresholds=updater.update_thresholds(grads, candidate, masks, state))
-    new_masks, stored, _ = new_masks_fn((candidate, inner_state))
+    new_masks = updater.compute_masks(candidate, sparsities, sparse_state=state, grads=grads,
+                                      old_masks=masks)
+    stored = updater._store(new_masks)  # pylint: disable=protected-access
   else:
+    is_update = updater._is_update_step(state.count)  # pylint: disable=protected-access
+
+    def fresh_masks(_):
+      # The candidate weights are recomputed inside the branch, so that steps without a
+      # mask update stay one fused elementwise pass (a cond operand would be materialised).
+      # Scores come from the step's inputs only (the params the model saw, zero outside
+      # the masks after any wrapped step, and their gradients): a computed operand would
+      # be materialised for the cond, and a buffer the optimizer updates in place (its
+      # moments) would be copied.
+      old = unpack_masks(raw_state.masks, params)
+      new = updater.compute_masks(params, sparsities, sparse_state=raw_state, grads=grads,
+                                  old_masks=old)
+      return updater._store(new)  # pylint: disable=protected-access
+
     # Steps without a mask update keep the stored (possibly packed) masks as they are.
-    new_masks, stored, inner_state = jax.lax.cond(
-        updater._is_update_step(state.count),  # pylint: disable=protected-access
-        new_masks_fn, lambda operands: (masks, state.masks, operands[1]),
-        (candidate, inner_state))
+    stored = jax.lax.cond(is_update, fresh_masks, lambda _: state.masks, None)
+    new_masks = unpack_masks(stored, params)
+
   out = updater._output(  # pylint: disable=protected-access
       params, candidate, updates, masks, new_masks, state)
   new_state = state._replace(

@@ -201,7 +201,7 @@ class _StaticFromInit(BaseUpdater):
   def instant_sparsify(self, params, grads=None):
     masks = self.init_masks(params, self.target_sparsities(params))
     sparse = map_masked(lambda m, p: jnp.where(m, p, 0).astype(p.dtype), masks, params)
-    return sparse, self._store(masks)
+    return sparse, masks
 
 
 @dataclasses.dataclass(frozen=True)

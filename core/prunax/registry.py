@@ -119,7 +119,7 @@ def create_updater_from_config(config: Any) -> BaseUpdater:
       sparsity_distribution_fn=dist,
       scheduler=_schedule(cls, cfg),
       seed=cfg.get('seed', 0),
-      packed_masks=cfg.get('packed_masks', False))
+      packed_masks=cfg.get('packed_masks', True))
   for key in ('drop_fraction', 'drop_fraction_fn'):
     if key in cfg:
       if not hasattr(cls, key):

@@ -38,6 +38,77 @@ _SAMPLE = 2048
 _MAX_KEY = 0xFFFFFFFF
 
 
+class Lazy:
+  """Scores given as an elementwise function of arrays, recomputed where they are read.
+
+  ``Lazy(jnp.abs, w)`` stands for ``jnp.abs(w)``. Selection recomputes it in every counting
+  pass instead of storing it, so scoring adds no full-size array to a step's memory (XLA
+  keeps values used across loop iterations in memory; the arguments are buffers already).
+  It is not a pytree, so it is a leaf of a scores tree.
+
+  Attributes:
+    fn: elementwise function of ``args`` returning the scores (shape of ``args[0]``).
+    args: the arrays ``fn`` reads.
+  """
+
+  def __init__(self, fn: Callable[..., jax.Array], *args: jax.Array):
+    self.fn = fn
+    self.args = args
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(jnp.shape(self.args[0]))
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def __call__(self) -> jax.Array:
+    return self.fn(*self.args)
+
+  def __repr__(self):
+    return f'Lazy({getattr(self.fn, "__name__", self.fn)}, shape={self.shape})'
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  # "lowbias32" integer hash (C. Wellons): a bijection of uint32 with good avalanche.
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def hash_uniform(like: jax.Array, key_data: jax.Array) -> jax.Array:
+  """Uniform [0, 1) float32 scores of ``like``'s shape from a counter-based hash.
+
+  Each element's score is a hash of its flat index and the two words of ``key_data``
+  (uint32[2]), so it costs a few integer operations per element and fuses into the
+  selection passes (see :class:`Lazy`), unlike a stored ``jax.random.uniform`` draw.
+
+  Args:
+    like: array whose shape the scores take (its values are not read).
+    key_data: uint32[2] key words.
+
+  Returns:
+    float32 array of ``like``'s shape, multiples of 2**-24 in [0, 1).
+  """
+  shape = jnp.shape(like)
+  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  key_data = jnp.asarray(key_data, jnp.uint32)
+  h = _mix32(_mix32(index ^ key_data[0]) + key_data[1])
+  return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
+def materialize(scores):
+  """The array of ``scores`` (a :class:`Lazy` is evaluated; arrays pass through)."""
+  return scores() if isinstance(scores, Lazy) else scores
+
+
 def sortable_keys(scores: jax.Array) -> jax.Array:
   """Maps float scores to uint32 keys with the same order (NaN sorts above +inf).
 
@@ -140,15 +211,15 @@ def _search(inputs, key_fn, k, n: int):
   return lo, c_lo, c_hi
 
 
-def _topk_masks(inputs, score_fn, k, n: int) -> list[jax.Array]:
+def _topk_masks(inputs: list[Lazy], k, n: int) -> list[jax.Array]:
   """Masks of the k largest scores (``1 <= k <= n``), ties kept by lowest position."""
   offsets = [0]
   for x in inputs:
-    offsets.append(offsets[-1] + math.prod(x.shape))
+    offsets.append(offsets[-1] + x.size)
 
   def score_keys(i, x):
     del i
-    return sortable_keys(score_fn(x))
+    return sortable_keys(x())
 
   t, c_t, c_above = _search(inputs, score_keys, k, n)
 
@@ -165,19 +236,20 @@ def _topk_masks(inputs, score_fn, k, n: int) -> list[jax.Array]:
     t_tie, _, _ = _search(inputs, tie_keys, k - c_above, n)
     return [(score_keys(i, x) > t) | (tie_keys(i, x) >= t_tie) for i, x in enumerate(inputs)]
 
-  return jax.lax.cond(c_t == k, at_least, first_ties, list(inputs))
+  # The branches close over the inputs: their arguments (buffers) become the operands.
+  return jax.lax.cond(c_t == k, lambda: at_least(inputs), lambda: first_ties(inputs))
 
 
 def _clip_count(k, n: int) -> jax.Array:
   return jnp.clip(jnp.asarray(k, jnp.int32), 0, n)
 
 
-def topk_mask(scores: jax.Array, k, *, score_fn: Callable[[jax.Array], jax.Array] | None = None
-              ) -> jax.Array:
+def topk_mask(scores: jax.Array | Lazy, k, *,
+              score_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
   """Boolean mask of exactly ``k`` largest entries of ``scores`` (ties: lowest index).
 
   Args:
-    scores: array of scores (any shape, floating point).
+    scores: array of scores (any shape, floating point), or a :class:`Lazy` of them.
     k: number of entries to keep; a Python int or a traced int scalar. Clipped to
       ``[0, scores.size]``.
     score_fn: optional elementwise function; if given, the scores are ``score_fn(scores)``,
@@ -189,7 +261,7 @@ def topk_mask(scores: jax.Array, k, *, score_fn: Callable[[jax.Array], jax.Array
   return global_topk_masks([scores], k, score_fn=score_fn)[0]
 
 
-def global_topk_masks(scores: Sequence[jax.Array], k, *,
+def global_topk_masks(scores: Sequence[jax.Array | Lazy], k, *,
                       score_fn: Callable[[jax.Array], jax.Array] | None = None
                       ) -> list[jax.Array]:
   """Boolean masks keeping exactly ``k`` largest scores across several arrays.
@@ -198,7 +270,7 @@ def global_topk_masks(scores: Sequence[jax.Array], k, *,
   key array is stored, so the extra memory is one boolean mask per array.
 
   Args:
-    scores: a sequence of float arrays.
+    scores: a sequence of float arrays (or :class:`Lazy` scores).
     k: total number of entries to keep (int or traced int scalar).
     score_fn: optional elementwise function applied to each array to get its scores,
       recomputed in every pass instead of stored (saves a copy of the scores).
@@ -206,16 +278,17 @@ def global_topk_masks(scores: Sequence[jax.Array], k, *,
   Returns:
     A list of bool masks, one per input array.
   """
-  inputs = list(scores)
-  score_fn = score_fn or (lambda x: x)
-  n = sum(math.prod(x.shape) for x in inputs)
+  inputs = [x if isinstance(x, Lazy) else Lazy(lambda a: a, x) for x in scores]
+  if score_fn is not None:
+    inputs = [Lazy(lambda *a, f=x.fn: score_fn(f(*a)), *x.args) for x in inputs]
+  n = sum(x.size for x in inputs)
   if n >= 2**31:
     raise ValueError(f'global_topk_masks counts in int32: the arrays hold {n} elements; at most '
                      f'{2**31 - 1} are supported.')
   k = _clip_count(k, n)
   if n == 0:
     return [jnp.zeros(x.shape, bool) for x in inputs]
-  masks = _topk_masks(inputs, score_fn, jnp.maximum(k, 1), n)
+  masks = _topk_masks(inputs, jnp.maximum(k, 1), n)
   return [jnp.where(k > 0, m, False) for m in masks]
 
 

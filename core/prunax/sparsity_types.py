@@ -82,7 +82,7 @@ class NByM(SparsityType):
           f'choose an axis whose size is a multiple of {self.m}.')
 
   def mask(self, scores, sparsity):
-    nm = selection.n_by_m_mask(scores, self.n, self.m, self.axis)
+    nm = selection.n_by_m_mask(selection.materialize(scores), self.n, self.m, self.axis)
     return jnp.where(jnp.asarray(sparsity) > 0, nm, True)
 
 
@@ -132,7 +132,7 @@ class Block(SparsityType):
     return jnp.pad(scores, pad, constant_values=-jnp.inf).reshape(inter).max(axes)
 
   def mask(self, scores, sparsity):
-    pooled = self.pool(scores)
+    pooled = self.pool(selection.materialize(scores))
     keep = selection.topk_mask(pooled, pooled.size - num_zeros(sparsity, pooled.size))
     for axis, b in enumerate(self._full_block(scores.ndim)):
       keep = jnp.repeat(keep, b, axis=axis)
@@ -149,6 +149,7 @@ class Channel(SparsityType):
     _normalize_axis(self.axis, len(shape), name, 'Channel')
 
   def mask(self, scores, sparsity):
+    scores = selection.materialize(scores)
     axis = self.axis % scores.ndim
     other = tuple(i for i in range(scores.ndim) if i != axis)
     per_channel = jnp.mean(scores.astype(jnp.float32), axis=other)

@@ -126,7 +126,7 @@ def test_static_training_from_pai_masks():
       params = optax.apply_updates(params, updates)
     for k in ('w1', 'w2'):
       np.testing.assert_array_equal(np.asarray(params[k]) != 0, masks[k])
-      np.testing.assert_array_equal(state.masks[k], masks[k])
+      np.testing.assert_array_equal(prunax.bool_masks(state, params)[k], masks[k])
   synflow = prunax.create_updater_from_config(
       {'algorithm': 'synflow', 'sparsity': 0.5,
        'extra': {'apply_fn': linear_apply, 'input_shape': (1, 4), 'iterations': 3}})

@@ -98,3 +98,41 @@ def test_n_by_m_exact_per_group(n, m, axis):
     want = np.zeros(m, bool)
     want[np.lexsort((np.arange(m), -g))[:n]] = True
     np.testing.assert_array_equal(kg, want)
+
+
+def test_lazy_scores_equal_materialized_scores():
+  k = jax.random.split(jax.random.PRNGKey(3), 2)
+  w = jax.random.normal(k[0], (37, 29))
+  g = jax.random.normal(k[1], (37, 29))
+  lazy = selection.Lazy(lambda a, b: jnp.abs(a * b), w, g)
+  assert lazy.shape == (37, 29) and lazy.size == 37 * 29 and lazy.ndim == 2
+  for keep in (1, 100, 500, 37 * 29):
+    np.testing.assert_array_equal(selection.topk_mask(lazy, keep),
+                                  selection.topk_mask(jnp.abs(w * g), keep))
+  # Several lazy leaves share one threshold; a score_fn composes with the lazy function.
+  masks = selection.global_topk_masks([lazy, selection.Lazy(jnp.negative, w)], 300,
+                                      score_fn=jnp.abs)
+  ref = selection.global_topk_masks([jnp.abs(w * g), jnp.abs(w)], 300)
+  for a, b in zip(masks, ref):
+    np.testing.assert_array_equal(a, b)
+  assert sum(int(m.sum()) for m in masks) == 300
+
+
+def test_hash_uniform_is_uniform_deterministic_and_keyed():
+  like = jnp.zeros((256, 512))
+  key = jnp.array([1, 2], jnp.uint32)
+  u = np.asarray(selection.hash_uniform(like, key))
+  assert u.shape == (256, 512) and u.dtype == np.float32
+  assert u.min() >= 0.0 and u.max() < 1.0
+  # Mean and decile counts of 131072 uniform draws (tolerances ~5 standard deviations).
+  assert abs(u.mean() - 0.5) < 5 * (1 / np.sqrt(12 * u.size))
+  counts = np.histogram(u, bins=10, range=(0, 1))[0]
+  expected = u.size / 10
+  assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected))
+  # Neighbouring positions are not correlated.
+  flat = u.reshape(-1)
+  assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 0.02
+  np.testing.assert_array_equal(u, selection.hash_uniform(like, key))
+  other = np.asarray(selection.hash_uniform(like, jnp.array([1, 3], jnp.uint32)))
+  assert np.mean(u == other) < 0.01
+  assert len(np.unique(u)) > 0.99 * u.size

@@ -20,7 +20,7 @@ def test_one_step_adds_decay_on_pruned_weights():
   state = tx.init(params)
   updates, state = tx.update(jax.grad(loss_fn)(params, batch), state, params)
   params = optax.apply_updates(params, updates)
-  m = state.masks['layer1']['kernel'].astype(bool)
+  m = prunax.bool_masks(state, params)['layer1']['kernel']
   # 2:4 along the last axis.
   np.testing.assert_array_equal(m.reshape(-1, 2, 4).sum(-1), 2)
   w = state.dense_params['layer1']['kernel']
@@ -40,7 +40,7 @@ def test_pruned_weights_shrink_relative_to_plain_ste():
     _, state, _ = run(updater.wrap_optax(optax.sgd(0.1)), params, 30)
     total = 0.0
     for n in ('layer0', 'layer1'):
-      m = state.masks[n]['kernel'].astype(bool)
+      m = prunax.bool_masks(state, params)[n]['kernel']
       total += float(jnp.sum(jnp.abs(state.dense_params[n]['kernel'])[~m]))
     pruned_norm[decay] = total
   assert pruned_norm[0.2] < 0.8 * pruned_norm[0.0], pruned_norm

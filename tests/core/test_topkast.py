@@ -39,7 +39,7 @@ def test_gradients_backward_set_and_penalty(alpha):
   state, params, grads, new_state = _two_steps(updater)
   for n in KERNELS:
     w = state.dense_params[n]['kernel']
-    a = state.masks[n]['kernel'].astype(bool)
+    a = prunax.bool_masks(state, params)[n]['kernel']
     assert int(a.sum()) == w.size - round(0.8 * w.size)
     np.testing.assert_array_equal(a, _top(w, int(a.sum())))  # forward set: top-k of |w|
     np.testing.assert_array_equal(params[n]['kernel'], jnp.where(a, w, 0))
@@ -64,9 +64,9 @@ def test_topkast_ga_anneals_and_is_registered():
       'extra': {'alpha': {'kind': 'linear', 'alpha0': 0.5, 'decay_steps': 2}}})
   assert isinstance(updater, prunax.TopKASTGA)
   assert float(updater.alpha(1)) == pytest.approx(0.25)
-  state, _, grads, new_state = _two_steps(updater)  # step 2 is step index 1: alpha = 0.25
+  state, params, grads, new_state = _two_steps(updater)  # step 2 is step index 1: alpha = 0.25
   w = state.dense_params['layer1']['kernel']
-  a = state.masks['layer1']['kernel'].astype(bool)
+  a = prunax.bool_masks(state, params)['layer1']['kernel']
   np.testing.assert_allclose(new_state.dense_params['layer1']['kernel'],
                              w - jnp.where(a, 1.0, 0.25) * grads['layer1']['kernel'],
                              rtol=1e-5, atol=1e-6)

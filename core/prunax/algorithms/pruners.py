@@ -11,7 +11,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from prunax import selection
 from prunax.base_updater import BaseUpdater
+
+
+def _unless_zero(p, like, key_data):
+  return jnp.where(p == 0, -1.0, selection.hash_uniform(like, key_data))
+
+
+def _abs_product(p, g):
+  return jnp.abs(p * g)
 
 
 def _require_grads(grads, name: str):
@@ -38,7 +47,8 @@ class MagnitudePruning(BaseUpdater):
   """Keeps the largest-magnitude weights: score ``|w|``."""
 
   def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
-    return jax.tree.map(jnp.abs, params)
+    # Lazy scores: |w| is recomputed in every selection pass, never stored.
+    return jax.tree.map(lambda p: selection.Lazy(jnp.abs, p), params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +58,7 @@ class RandomPruning(BaseUpdater):
   def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
     scores = self._random_scores(params, self._key(sparse_state, salt=2))
     # Weights already pruned score -1, so gradual random pruning only removes more.
-    return jax.tree.map(lambda s, p: jnp.where(p == 0, -1.0, s), scores, params)
+    return jax.tree.map(lambda s, p: selection.Lazy(_unless_zero, p, *s.args), scores, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +67,7 @@ class SaliencyPruning(BaseUpdater):
 
   def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
     grads = _require_grads(grads, type(self).__name__)
-    return jax.tree.map(lambda p, g: jnp.abs(p * g), params, grads)
+    return jax.tree.map(lambda p, g: selection.Lazy(_abs_product, p, g), params, grads)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,10 @@ from prunax.base_updater import BaseUpdater
 from prunax.base_updater import _is_none
 
 
+def _active_magnitude(mask, w):
+  return jnp.where(mask, jnp.abs(w), -jnp.inf)
+
+
 @dataclasses.dataclass(frozen=True)
 class StaticRandomSparse(BaseUpdater):
   """Random masks at the target sparsity, fixed for the whole training."""
@@ -86,8 +90,10 @@ class SET(StaticRandomSparse):
     def drop_and_grow(old, w, g):
       n_active = jnp.sum(old, dtype=jnp.int32)
       n_drop = jnp.round(fraction * n_active).astype(jnp.int32)
-      kept = selection.topk_mask(jnp.where(old, jnp.abs(w), -jnp.inf), n_active - n_drop)
-      grown = selection.topk_mask(jnp.where(kept, -jnp.inf, g), n_drop)
+      kept = selection.topk_mask(selection.Lazy(_active_magnitude, old, w), n_active - n_drop)
+      g = g if isinstance(g, selection.Lazy) else selection.Lazy(lambda a: a, g)
+      grown = selection.topk_mask(
+          selection.Lazy(lambda k, *a: jnp.where(k, -jnp.inf, g.fn(*a)), kept, *g.args), n_drop)
       return kept | grown
 
     return jax.tree.map(lambda m, w, g: None if m is None else drop_and_grow(m, w, g),
@@ -101,4 +107,4 @@ class RigL(SET):
   def grow_scores(self, params, sparse_state, grads):
     if grads is None:
       raise ValueError('RigL grows by gradient magnitude and needs gradients.')
-    return jax.tree.map(jnp.abs, grads)
+    return jax.tree.map(lambda g: selection.Lazy(jnp.abs, g), grads)

@@ -24,7 +24,7 @@ def pruned_optax(
     drop_fraction: float | None = None,
     custom_sparsity_map: Mapping[str, float] | None = None,
     seed: int = 0,
-    packed_masks: bool = False,
+    packed_masks: bool = True,
     extra: Mapping[str, Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``optimizer`` wrapped by a prunax algorithm, for ``PrunedOptaxWrapper.optax_optimizer``.

@@ -75,7 +75,7 @@ def _kernels(params):
 
 
 def _masks(state):
-  masks = prunax.get_sparse_state(state.opt_state).masks
+  masks = prunax.bool_masks(state.opt_state, state.params)
   return [np.asarray(masks['linear']['w']), np.asarray(masks['linear_1']['w'])]
 
 
