@@ -477,7 +477,10 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
       return updater._store(new)  # pylint: disable=protected-access
 
     # Steps without a mask update keep the stored (possibly packed) masks as they are.
-    stored = jax.lax.cond(is_update, fresh_masks, lambda _: state.masks, None)
+    if isinstance(is_update, (bool, np.bool_)) and not is_update:
+      stored = state.masks  # A schedule that never updates: nothing to trace or compile.
+    else:
+      stored = jax.lax.cond(is_update, fresh_masks, lambda _: state.masks, None)
     new_masks = unpack_masks(stored, params)
 
   out = updater._output(  # pylint: disable=protected-access

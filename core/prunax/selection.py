@@ -70,6 +70,17 @@ class Lazy:
   def __call__(self) -> jax.Array:
     return self.fn(*self.args)
 
+  def strided_sample(self, stride: int) -> jax.Array:
+    """Scores of every ``stride``-th element (flat order), computed from sliced arguments.
+
+    Arguments of the scores' shape are sliced before ``fn`` runs, so no full-size array
+    is formed. For a position-dependent ``fn`` (a hash of the index) this is another
+    sample of the same distribution, which is all the search's first guess needs.
+    """
+    shape = self.shape
+    args = [a.reshape(-1)[::stride] if tuple(jnp.shape(a)) == shape else a for a in self.args]
+    return self.fn(*args).reshape(-1)
+
   def __repr__(self):
     return f'Lazy({getattr(self.fn, "__name__", self.fn)}, shape={self.shape})'
 
@@ -169,10 +180,10 @@ def _interpolated_pivots(bracket, k) -> jax.Array:
   return lo + jnp.clip(offsets, 1, hi - lo)
 
 
-def _sample_pivots(keys: Sequence[jax.Array], k, n: int) -> jax.Array:
+def _sample_pivots(inputs: Sequence[Lazy], k, n: int) -> jax.Array:
   """5 sorted thresholds from quantiles of a strided sample, around the k-th largest."""
   stride = max(1, n // _SAMPLE)
-  sample = jnp.sort(jnp.concatenate([key.reshape(-1)[::stride] for key in keys]))
+  sample = jnp.sort(jnp.concatenate([sortable_keys(x.strided_sample(stride)) for x in inputs]))
   s = sample.size
   # Descending rank k among n -> ascending position in the sample, +-0.5 and 2 sigma.
   q = (1.0 - k.astype(jnp.float32) / n) * s
@@ -181,13 +192,15 @@ def _sample_pivots(keys: Sequence[jax.Array], k, n: int) -> jax.Array:
   return sample[jnp.clip(jnp.round(positions).astype(jnp.int32), 0, s - 1)]
 
 
-def _search(inputs, key_fn, k, n: int):
+def _search(inputs, key_fn, k, n: int, sample: bool = True):
   """``(t, c_t, c_above)`` with ``t`` the k-th largest key (or any key keeping exactly ``k``).
 
   ``key_fn(i, x)`` gives the uint32 keys of ``inputs[i]``; they are recomputed in every
-  pass. ``c_t = count(key >= t)`` and ``c_above = count(key > t)``; either ``c_t == k`` or
-  ``t`` is the k-th largest key itself, shared by several keys. Counts are int32: ``n``
-  must be below 2**31.
+  pass. With ``sample``, the first guess comes from a sample of the inputs' scores (so
+  ``key_fn`` must be ``sortable_keys`` of the :class:`Lazy` scores).
+  ``c_t = count(key >= t)`` and ``c_above = count(key > t)``; either ``c_t == k`` or ``t``
+  is the k-th largest key itself, shared by several keys. Counts are int32: ``n`` must be
+  below 2**31.
   """
 
   def counts(pivots):
@@ -203,8 +216,9 @@ def _search(inputs, key_fn, k, n: int):
     return (lo != hi) & (c_lo != k)
 
   bracket = (jnp.uint32(0), jnp.uint32(_MAX_KEY), jnp.int32(n), jnp.int32(0))
-  pivots = _sample_pivots([key_fn(i, x) for i, x in enumerate(inputs)], k, n)
-  bracket = jax.lax.cond(open_(bracket), step, lambda b, _: b, bracket, pivots)
+  if sample:
+    pivots = _sample_pivots(inputs, k, n)
+    bracket = jax.lax.cond(open_(bracket), step, lambda b, _: b, bracket, pivots)
   bracket = jax.lax.while_loop(
       open_, lambda b: step(b, _interpolated_pivots(b, k)), bracket)
   lo, _, c_lo, c_hi = bracket
@@ -233,7 +247,8 @@ def _topk_masks(inputs: list[Lazy], k, n: int) -> list[jax.Array]:
       position = jnp.arange(offsets[i], offsets[i + 1], dtype=jnp.uint32).reshape(x.shape)
       return jnp.where(score_keys(i, x) == t, jnp.uint32(_MAX_KEY) - position, 0)
 
-    t_tie, _, _ = _search(inputs, tie_keys, k - c_above, n)
+    # No sample for this search: sampling position-dependent keys would store them all.
+    t_tie, _, _ = _search(inputs, tie_keys, k - c_above, n, sample=False)
     return [(score_keys(i, x) > t) | (tie_keys(i, x) >= t_tie) for i, x in enumerate(inputs)]
 
   # The branches close over the inputs: their arguments (buffers) become the operands.

@@ -87,8 +87,9 @@ class SET(StaticRandomSparse):
     fraction = self.drop_fraction_at(sparse_state.count)
     grow = self.grow_scores(params, sparse_state, grads)
 
-    def drop_and_grow(old, w, g):
-      n_active = jnp.sum(old, dtype=jnp.int32)
+    def drop_and_grow(old, w, g, s):
+      # Masks stay at their target count (exact at init, drop and grow keep it).
+      n_active = w.size - sparsity_types.num_zeros(s, w.size)
       n_drop = jnp.round(fraction * n_active).astype(jnp.int32)
       kept = selection.topk_mask(selection.Lazy(_active_magnitude, old, w), n_active - n_drop)
       g = g if isinstance(g, selection.Lazy) else selection.Lazy(lambda a: a, g)
@@ -96,8 +97,8 @@ class SET(StaticRandomSparse):
           selection.Lazy(lambda k, *a: jnp.where(k, -jnp.inf, g.fn(*a)), kept, *g.args), n_drop)
       return kept | grown
 
-    return jax.tree.map(lambda m, w, g: None if m is None else drop_and_grow(m, w, g),
-                        old_masks, params, grow, is_leaf=_is_none)
+    return jax.tree.map(lambda m, w, g, s: None if m is None else drop_and_grow(m, w, g, s),
+                        old_masks, params, grow, sparsities, is_leaf=_is_none)
 
 
 @dataclasses.dataclass(frozen=True)
