@@ -68,7 +68,13 @@ def _pruned(state: dict) -> dict:
   """{param name: (param, mask)} for the pruned params of a flat train state."""
   masks = {k[len('state/param_states/masks/'):]: v for k, v in state.items()
            if k.startswith('state/param_states/masks/') and v is not None}
-  return {name: (state['target/' + name], mask) for name, mask in masks.items()}
+  out = {}
+  for name, mask in masks.items():
+    param = state['target/' + name]
+    # Stored 1 bit per weight, packed along the last axis (the default).
+    assert mask.dtype == np.uint8 and mask.shape[-1] == -(-param.shape[-1] // 8), name
+    out[name] = (param, np.unpackbits(mask, axis=-1, count=param.shape[-1]).astype(bool))
+  return out
 
 
 def _expected_zeros(algorithm: str, state: dict, step: int) -> dict:
@@ -87,7 +93,6 @@ def test_magnitude_checkpoints_follow_the_schedule(runs, step):
   expected = _expected_zeros('magnitude', state, step)
   assert len(expected) == 40  # every 2-D kernel and embedding of the tiny T5
   for name, (param, mask) in _pruned(state).items():
-    assert mask.dtype == np.uint8
     assert np.sum(mask == 0) == expected[name], name
     assert np.sum(param == 0) == expected[name], name  # zero exactly where pruned
   total = sum(expected.values()) / sum(p.size for p, _ in _pruned(state).values())
@@ -101,7 +106,7 @@ def test_ste_keeps_dense_weights_and_saves_sparse_params(runs):
   for name, (param, mask) in _pruned(state).items():
     dense = state['state/param_states/dense_params/' + name]
     assert np.sum(mask == 0) == expected[name], name
-    np.testing.assert_array_equal(param, np.where(mask == 1, dense, 0.0))
+    np.testing.assert_array_equal(param, np.where(mask, dense, 0.0))
     assert np.all(dense != 0), name  # the pruned weights live on in the dense copy
 
 
