@@ -57,9 +57,7 @@ def _unpacked(masks, params):
     return {k: _unpacked(v, params[k]) for k, v in masks.items()}
   if masks is None:
     return None
-  m, shape = np.asarray(masks), np.shape(params)
-  return m.astype(bool) if m.shape == shape else np.unpackbits(
-      m, axis=-1, count=shape[-1]).astype(bool)
+  return np.asarray(prunax.unpack_masks(np.asarray(masks), np.asarray(params)))
 
 
 def _zeros(tree):

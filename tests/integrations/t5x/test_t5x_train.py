@@ -73,7 +73,7 @@ def _pruned(state: dict) -> dict:
     param = state['target/' + name]
     # Stored 1 bit per weight, packed along the last axis (the default).
     assert mask.dtype == np.uint8 and mask.shape[-1] == -(-param.shape[-1] // 8), name
-    out[name] = (param, np.unpackbits(mask, axis=-1, count=param.shape[-1]).astype(bool))
+    out[name] = (param, np.asarray(prunax.unpack_mask(mask, param.shape)))
   return out
 
 
