@@ -118,14 +118,67 @@ def get_sparse_state(opt_state: PyTree) -> SparseState:
   return found[0]
 
 
+# Bit of element e (0..31) of a row of 32 in the little-endian uint32 word of its 4 packed
+# bytes: byte e // 8, most significant bit first (numpy's packbits order).
+_ROW_SHIFTS = np.array([8 * (e // 8) + 7 - e % 8 for e in range(32)], np.uint32)
+
+
 def pack_mask(mask: jax.Array) -> jax.Array:
-  """Packs a boolean mask into uint8 bits along its last axis (shape ``(..., ceil(d/8))``)."""
-  return jnp.packbits(mask.astype(bool), axis=-1)
+  """Packs a boolean mask into uint8 bits along its last axis (shape ``(..., ceil(d/8))``).
+
+  The bits are numpy's ``packbits`` (most significant bit first). When the last axis
+  holds a multiple of 32 weights they are packed 32 at a time into a uint32 word, which
+  keeps the packing a plain loop over rows of the flat mask.
+  """
+  mask = mask.astype(bool)
+  shape = jnp.shape(mask)
+  if not shape or shape[-1] % 32:
+    return jnp.packbits(mask, axis=-1)
+  # Only the last axis is split, so the packed mask keeps the mask's sharding.
+  bits = mask.reshape(shape[:-1] + (shape[-1] // 32, 32)).astype(jnp.uint32) << _ROW_SHIFTS
+  words = jnp.sum(bits, axis=-1, dtype=jnp.uint32)  # distinct bits: the sum is an OR
+  packed = jax.lax.bitcast_convert_type(words, jnp.uint8)  # (..., d // 32, 4), little-endian
+  return packed.reshape(shape[:-1] + (shape[-1] // 8,))
 
 
 def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Inverse of :func:`pack_mask` for a parameter of ``shape``; returns a bool mask."""
   return jnp.unpackbits(packed, axis=-1, count=shape[-1]).astype(bool).reshape(shape)
+
+
+def _packed_bits_at(packed: jax.Array, shape: tuple[int, ...], stride: int) -> jax.Array:
+  """Bits of every ``stride``-th weight (flat order) of a mask packed by :func:`pack_mask`."""
+  d = shape[-1]
+  flat = jnp.arange(0, math.prod(shape), stride)
+  row, col = flat // d, flat % d
+  byte = packed.reshape(-1, packed.shape[-1])[row, col // 8]
+  return ((byte >> (7 - col % 8).astype(jnp.uint8)) & 1).astype(bool)
+
+
+def _packed_rows(packed: jax.Array) -> jax.Array:
+  """A packed mask whose last axis has a multiple of 32 weights, as bool ``(n // 32, 32)``."""
+  words = jax.lax.bitcast_convert_type(packed.reshape(-1, 4), jnp.uint32)
+  return ((words[:, None] >> _ROW_SHIFTS) & 1).astype(bool)
+
+
+def lazy_masks(masks: PyTree, params: PyTree) -> PyTree:
+  """Stored masks as :class:`prunax.selection.Lazy` boolean masks (None stays None).
+
+  Unpacking then happens inside whatever reads them (a selection pass, an elementwise
+  update), so no unpacked copy is stored.
+  """
+  return jax.tree.map(lambda m, p: None if m is None else lazy_mask(m, jnp.shape(p)),
+                      masks, params, is_leaf=_is_none)
+
+
+def lazy_mask(stored: jax.Array, shape: tuple[int, ...]) -> selection.Lazy:
+  """One stored mask (uint8, or packed by :func:`pack_mask`) as a lazy bool mask."""
+  shape = tuple(shape)
+  if stored.shape == shape:
+    return selection.Lazy(lambda x: x.astype(bool), stored)
+  return selection.Lazy(lambda x: unpack_mask(x, shape), stored, shape=shape,
+                        sample=lambda stride, x: _packed_bits_at(x, shape, stride),
+                        rows=_packed_rows if shape[-1] % 32 == 0 else None)
 
 
 def unpack_masks(masks: PyTree, params: PyTree) -> PyTree:
@@ -216,7 +269,11 @@ class BaseUpdater:
   def compute_masks(self, params: PyTree, sparsities: PyTree,
                     sparse_state: SparseState | None = None, grads: PyTree | None = None,
                     old_masks: PyTree | None = None) -> PyTree:
-    """Boolean keep-masks at ``sparsities`` (a tree of per-leaf sparsities or None)."""
+    """Boolean keep-masks at ``sparsities`` (a tree of per-leaf sparsities or None).
+
+    ``old_masks`` (the stored masks, for drop-and-grow algorithms) are bool arrays or
+    :class:`prunax.selection.Lazy` masks (``selection.materialize`` gives the array).
+    """
     del old_masks  # Used by drop-and-grow algorithms.
     scores = self.calculate_scores(params, sparse_state=sparse_state, grads=grads)
     return self.masks_from_scores(scores, sparsities)
@@ -287,8 +344,9 @@ class BaseUpdater:
     if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
       keys = jax.random.key_data(keys)
     keys = keys.astype(jnp.uint32)
-    return treedef.unflatten(
-        [selection.Lazy(selection.hash_uniform, x, keys[i]) for i, x in enumerate(flat)])
+    # The trailing 0 becomes a traced 0 inside selection passes (see hash_uniform).
+    return treedef.unflatten([selection.Lazy(selection.hash_uniform, x, keys[i], jnp.int32(0))
+                              for i, x in enumerate(flat)])
 
   # --------------------------------------------------------------------------- init
 
@@ -471,7 +529,7 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
       # the masks after any wrapped step, and their gradients): a computed operand would
       # be materialised for the cond, and a buffer the optimizer updates in place (its
       # moments) would be copied.
-      old = unpack_masks(raw_state.masks, params)
+      old = lazy_masks(raw_state.masks, params)
       new = updater.compute_masks(params, sparsities, sparse_state=raw_state, grads=grads,
                                   old_masks=old)
       return updater._store(new)  # pylint: disable=protected-access

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,8 @@ _FIELD_BITS = 6
 # Size of the strided sample whose quantiles give the first pass's thresholds.
 _SAMPLE = 2048
 _MAX_KEY = 0xFFFFFFFF
+# Brackets holding at most this many keys are split evenly rather than interpolated.
+_EVEN_BELOW = 128
 
 
 class Lazy:
@@ -44,19 +47,43 @@ class Lazy:
   ``Lazy(jnp.abs, w)`` stands for ``jnp.abs(w)``. Selection recomputes it in every counting
   pass instead of storing it, so scoring adds no full-size array to a step's memory (XLA
   keeps values used across loop iterations in memory; the arguments are buffers already).
+  Arguments may themselves be ``Lazy`` (``Lazy(jnp.logical_or, mask_a, mask_b)``), so
+  masks returned with ``lazy=True`` compose into further scores without being stored.
   It is not a pytree, so it is a leaf of a scores tree.
 
   Attributes:
-    fn: elementwise function of ``args`` returning the scores (shape of ``args[0]``).
-    args: the arrays ``fn`` reads.
+    fn: elementwise function of ``args`` (evaluated) returning the values.
+    args: arrays or ``Lazy`` values that ``fn`` reads.
   """
 
-  def __init__(self, fn: Callable[..., jax.Array], *args: jax.Array):
+  def __init__(self, fn: Callable[..., jax.Array], *args: Any,
+               shape: tuple[int, ...] | None = None,
+               sample: Callable[..., jax.Array] | None = None,
+               rows: Callable[..., jax.Array] | None = None):
+    """Args:
+      fn: elementwise function of the evaluated ``args``.
+      *args: arrays or ``Lazy`` values.
+      shape: the values' shape, given when the arguments are not aligned with the values
+        (then :meth:`rows` and :meth:`strided_sample` evaluate the whole expression
+        unless ``rows`` and ``sample`` are given); by default the shape of ``args[0]``,
+        and arguments of that shape are read elementwise.
+      sample: optional ``sample(stride, *args)`` returning the values of every
+        ``stride``-th element (flat order), for arguments that cannot be sliced
+        elementwise (packed bits); by default arguments of the values' shape are sliced.
+      rows: optional ``rows(*args)`` returning the values as ``(size // 32, 32)`` in flat
+        order, for arguments that cannot be reshaped elementwise (packed bits); by
+        default arguments of the values' shape are reshaped.
+    """
     self.fn = fn
     self.args = args
+    self._shape = None if shape is None else tuple(shape)
+    self._sample = sample
+    self._rows = rows
 
   @property
   def shape(self) -> tuple[int, ...]:
+    if self._shape is not None:
+      return self._shape
     return tuple(jnp.shape(self.args[0]))
 
   @property
@@ -68,18 +95,54 @@ class Lazy:
     return len(self.shape)
 
   def __call__(self) -> jax.Array:
-    return self.fn(*self.args)
+    return self.fn(*[materialize(a) for a in self.args])
+
+  def map_arrays(self, fn: Callable[[jax.Array], jax.Array]) -> Lazy:
+    """The same expression with ``fn`` applied to every array it reads (recursively)."""
+    args = [a.map_arrays(fn) if isinstance(a, Lazy) else fn(a) for a in self.args]
+    return Lazy(self.fn, *args, shape=self._shape, sample=self._sample, rows=self._rows)
+
+  def rows(self) -> jax.Array:
+    """The values as ``(size // 32, 32)`` in flat order if ``size % 32 == 0``, else flat.
+
+    Selection counts over rows of 32; evaluating the expression on that view (arguments
+    reshaped, packed bits expanded word by word) keeps its passes simple elementwise
+    loops, where a reshape inside the expression would cost index arithmetic per element.
+    """
+    if self.size % _ROW:
+      return self().reshape(-1)
+    if self._rows is not None:
+      return self._rows(*self.args)
+    if self._shape is not None:  # Arguments not aligned with the values: evaluate.
+      return self().reshape(-1, _ROW)
+    shape = self.shape
+
+    def view(a):
+      if isinstance(a, Lazy):
+        return a.rows() if a.shape == shape else a()
+      return a.reshape(-1, _ROW) if tuple(jnp.shape(a)) == shape else a
+
+    return self.fn(*[view(a) for a in self.args])
 
   def strided_sample(self, stride: int) -> jax.Array:
-    """Scores of every ``stride``-th element (flat order), computed from sliced arguments.
+    """Values of every ``stride``-th element (flat order), computed from sliced arguments.
 
-    Arguments of the scores' shape are sliced before ``fn`` runs, so no full-size array
+    Arguments of the values' shape are sliced before ``fn`` runs, so no full-size array
     is formed. For a position-dependent ``fn`` (a hash of the index) this is another
     sample of the same distribution, which is all the search's first guess needs.
     """
+    if self._sample is not None:
+      return self._sample(stride, *self.args).reshape(-1)
+    if self._shape is not None:  # Arguments not aligned with the values: evaluate.
+      return self().reshape(-1)[::stride]
     shape = self.shape
-    args = [a.reshape(-1)[::stride] if tuple(jnp.shape(a)) == shape else a for a in self.args]
-    return self.fn(*args).reshape(-1)
+
+    def sliced(a):
+      if isinstance(a, Lazy):
+        return a.strided_sample(stride) if a.shape == shape else a()
+      return a.reshape(-1)[::stride] if tuple(jnp.shape(a)) == shape else a
+
+    return self.fn(*[sliced(a) for a in self.args]).reshape(-1)
 
   def __repr__(self):
     return f'Lazy({getattr(self.fn, "__name__", self.fn)}, shape={self.shape})'
@@ -94,7 +157,22 @@ def _mix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def hash_uniform(like: jax.Array, key_data: jax.Array) -> jax.Array:
+def _flat_index(shape: tuple[int, ...], zero) -> jax.Array:
+  """uint32 row-major flat index of every element of ``shape``.
+
+  Computed as ``sum(iota_d * stride_d)`` with strides that depend on ``zero`` (a traced 0
+  in selection loops, see :func:`_opaque`), so XLA does not store it as a loop invariant.
+  """
+  zero = jnp.asarray(zero, jnp.uint32)
+  index = jnp.zeros(shape, jnp.uint32) + zero
+  stride = 1
+  for d in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * (jnp.uint32(stride) + zero)
+    stride *= shape[d]
+  return index
+
+
+def hash_uniform(like: jax.Array, key_data: jax.Array, zero=0) -> jax.Array:
   """Uniform [0, 1) float32 scores of ``like``'s shape from a counter-based hash.
 
   Each element's score is a hash of its flat index and the two words of ``key_data``
@@ -104,12 +182,12 @@ def hash_uniform(like: jax.Array, key_data: jax.Array) -> jax.Array:
   Args:
     like: array whose shape the scores take (its values are not read).
     key_data: uint32[2] key words.
+    zero: 0 (a traced 0 inside selection passes, so the index is not stored).
 
   Returns:
     float32 array of ``like``'s shape, multiples of 2**-24 in [0, 1).
   """
-  shape = jnp.shape(like)
-  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  index = _flat_index(jnp.shape(like), zero)
   key_data = jnp.asarray(key_data, jnp.uint32)
   h = _mix32(_mix32(index ^ key_data[0]) + key_data[1])
   return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
@@ -146,8 +224,9 @@ def _count_at_least(keys: jax.Array, pivots: jax.Array) -> jax.Array:
                  for i in range(len(pivots)))
     per_row = jnp.sum(packed, axis=1, dtype=jnp.uint32)
     field = (1 << _FIELD_BITS) - 1
-    counts += jnp.stack([jnp.sum(((per_row >> (_FIELD_BITS * i)) & field).astype(jnp.int32))
-                         for i in range(len(pivots))])
+    shifts = jnp.arange(len(pivots), dtype=jnp.uint32) * _FIELD_BITS
+    # One reduction over (rows, fields): the fields are never stored separately.
+    counts += jnp.sum(((per_row[:, None] >> shifts[None, :]) & field).astype(jnp.int32), axis=0)
   if flat.size > main:
     counts += jnp.sum(flat[main:, None] >= pivots[None, :], axis=0, dtype=jnp.int32)
   return counts
@@ -175,14 +254,36 @@ def _interpolated_pivots(bracket, k) -> jax.Array:
   spread = jnp.clip(2.0 / jnp.sqrt(inside), 0.5 / inside, 0.25)
   low, high = jnp.clip(guess - spread, 0.0, 1.0), jnp.clip(guess + spread, 0.0, 1.0)
   fractions = jnp.stack([0.5 * low, low, jnp.clip(guess, low, high), high, 0.5 * (1.0 + high)])
+  # Few keys left: their positions in the bracket are as good as random, so split it
+  # evenly (each part then holds about a sixth of them).
+  even = jnp.arange(1, 6, dtype=jnp.float32) / 6.0
+  fractions = jnp.where(inside <= _EVEN_BELOW, even, fractions)
   width = (hi - lo).astype(jnp.float32)
   offsets = jnp.minimum(fractions * width, 4294967040.0).astype(jnp.uint32)
   return lo + jnp.clip(offsets, 1, hi - lo)
 
 
+def _sample_stride(n: int, shapes: Sequence[tuple[int, ...]]) -> int:
+  """A stride near ``n / _SAMPLE`` that is a prime dividing no dimension of ``shapes``.
+
+  A stride sharing a factor with a row length samples a few columns only (a stride of
+  2048 in a 2048 x 2048 matrix reads one column: one output unit's weights or
+  gradients, possibly all zero), so the sample would not represent the scores.
+  """
+  target = n // _SAMPLE
+  if target <= 1:
+    return 1
+  dims = {d for shape in shapes for d in shape if d > 1}
+  p = target
+  while True:
+    if all(p % f for f in range(2, math.isqrt(p) + 1)) and all(d % p for d in dims):
+      return p
+    p += 1
+
+
 def _sample_pivots(inputs: Sequence[Lazy], k, n: int) -> jax.Array:
   """5 sorted thresholds from quantiles of a strided sample, around the k-th largest."""
-  stride = max(1, n // _SAMPLE)
+  stride = _sample_stride(n, [x.shape for x in inputs])
   sample = jnp.sort(jnp.concatenate([sortable_keys(x.strided_sample(stride)) for x in inputs]))
   s = sample.size
   # Descending rank k among n -> ascending position in the sample, +-0.5 and 2 sigma.
@@ -192,67 +293,105 @@ def _sample_pivots(inputs: Sequence[Lazy], k, n: int) -> jax.Array:
   return sample[jnp.clip(jnp.round(positions).astype(jnp.int32), 0, s - 1)]
 
 
+def _opaque(x: jax.Array, zero: jax.Array) -> jax.Array:
+  """``x`` unchanged, but as a function of ``zero`` (a traced 0 that XLA cannot fold).
+
+  XLA's loop-invariant code motion stores any full-size value computed only from
+  values a ``while_loop`` does not change (the scores' keys, a hash of positions) and
+  feeds the stored copy to every iteration: for a 4M-weight leaf, 16 MB of memory and a
+  write and a read more per search. Keys computed from ``_opaque`` arguments depend on
+  the loop state, so they are recomputed (and fused) inside each counting pass.
+  """
+  dtype = jnp.result_type(x)
+  if dtype == jnp.bool_:
+    return x & (zero == 0)
+  # A select, not arithmetic: values pass bit-exact (arithmetic could flush subnormals).
+  return jnp.where(zero == 0, x, zero.astype(dtype))
+
+
+def _opaque_lazy(x: Lazy, zero: jax.Array) -> Lazy:
+  return x.map_arrays(lambda a: _opaque(a, zero))
+
+
 def _search(inputs, key_fn, k, n: int, sample: bool = True):
   """``(t, c_t, c_above)`` with ``t`` the k-th largest key (or any key keeping exactly ``k``).
 
-  ``key_fn(i, x)`` gives the uint32 keys of ``inputs[i]``; they are recomputed in every
-  pass. With ``sample``, the first guess comes from a sample of the inputs' scores (so
-  ``key_fn`` must be ``sortable_keys`` of the :class:`Lazy` scores).
+  ``key_fn(i, x, zero)`` gives the uint32 keys of ``inputs[i]``, where ``x`` reads its
+  arguments through :func:`_opaque` and ``zero`` (a traced 0) is for any other array
+  the keys are computed from (positions), so they are recomputed in every pass and
+  never stored. With ``sample``, the first guess comes from a sample of the inputs'
+  scores (so ``key_fn`` must be ``sortable_keys`` of the :class:`Lazy` scores).
   ``c_t = count(key >= t)`` and ``c_above = count(key > t)``; either ``c_t == k`` or ``t``
   is the k-th largest key itself, shared by several keys. Counts are int32: ``n`` must be
   below 2**31.
   """
 
-  def counts(pivots):
-    return sum(_count_at_least(key_fn(i, x), pivots) for i, x in enumerate(inputs))
+  def counts(pivots, zero):
+    return sum(_count_at_least(key_fn(i, _opaque_lazy(x, zero), zero), pivots)
+               for i, x in enumerate(inputs))
 
-  def step(bracket, pivots):
+  def step(state, first_pivots):
+    bracket, zero, first = state
     lo, hi = bracket[0], bracket[1]
+    pivots = _interpolated_pivots(bracket, k)
+    if first_pivots is not None:
+      pivots = jnp.where(first, first_pivots, pivots)
     pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi), hi)
-    return _narrow(bracket, pivots, counts(pivots), k)
+    bracket = _narrow(bracket, pivots, counts(pivots, zero), k)
+    # Still 0 (c_hi <= n < 2**31), but XLA cannot prove it, so ``zero`` is loop state.
+    return bracket, jnp.minimum(zero, bracket[3] >> 31), jnp.bool_(False)
 
-  def open_(bracket):
-    lo, hi, c_lo, _ = bracket
+  def open_(state):
+    lo, hi, c_lo, _ = state[0]
     return (lo != hi) & (c_lo != k)
 
-  bracket = (jnp.uint32(0), jnp.uint32(_MAX_KEY), jnp.int32(n), jnp.int32(0))
-  if sample:
-    pivots = _sample_pivots(inputs, k, n)
-    bracket = jax.lax.cond(open_(bracket), step, lambda b, _: b, bracket, pivots)
-  bracket = jax.lax.while_loop(
-      open_, lambda b: step(b, _interpolated_pivots(b, k)), bracket)
-  lo, _, c_lo, c_hi = bracket
+  # Every counting pass, the first (at the sample's quantiles) included, is in the loop:
+  # a pass outside it would compute the same keys as the final mask, and XLA would
+  # store them once for both.
+  first_pivots = _sample_pivots(inputs, k, n) if sample else None
+  state = ((jnp.uint32(0), jnp.uint32(_MAX_KEY), jnp.int32(n), jnp.int32(0)), jnp.int32(0),
+           jnp.bool_(True))
+  state = jax.lax.while_loop(open_, lambda s: step(s, first_pivots), state)
+  lo, _, c_lo, c_hi = state[0]
   return lo, c_lo, c_hi
 
 
-def _topk_masks(inputs: list[Lazy], k, n: int) -> list[jax.Array]:
-  """Masks of the k largest scores (``1 <= k <= n``), ties kept by lowest position."""
+def _threshold_mask(scores, t, t_tie, offset, keep, zero):
+  """Keeps ``key > t``, and ``key == t`` at flat positions ``offset + i <= MAX - t_tie``."""
+  keys = sortable_keys(scores)
+  position = _flat_index(jnp.shape(scores), zero) + offset
+  tie = (keys == t) & (jnp.uint32(_MAX_KEY) - position >= t_tie)
+  return ((keys > t) | tie) & keep
+
+
+def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
+  """Lazy masks of the k largest scores (``1 <= k <= n``), ties kept by lowest position;
+  all False where ``keep`` is False."""
   offsets = [0]
   for x in inputs:
     offsets.append(offsets[-1] + x.size)
 
-  def score_keys(i, x):
-    del i
-    return sortable_keys(x())
+  def score_keys(i, x, zero=None):
+    del i, zero
+    return sortable_keys(x.rows())
 
   t, c_t, c_above = _search(inputs, score_keys, k, n)
 
-  def at_least(inputs):
-    return [score_keys(i, x) >= t for i, x in enumerate(inputs)]
-
-  def first_ties(inputs):
+  def tie_cutoff(_):
     # Among the keys equal to t, keep the k - c_above of lowest position: a second search
     # on distinct keys that are larger for earlier positions (and 0 off the tie).
-    def tie_keys(i, x):
-      position = jnp.arange(offsets[i], offsets[i + 1], dtype=jnp.uint32).reshape(x.shape)
-      return jnp.where(score_keys(i, x) == t, jnp.uint32(_MAX_KEY) - position, 0)
+    def tie_keys(i, x, zero):
+      keys = score_keys(i, x)
+      position = _flat_index(keys.shape, zero) + jnp.uint32(offsets[i])
+      return jnp.where(keys == t, jnp.uint32(_MAX_KEY) - position, 0)
 
     # No sample for this search: sampling position-dependent keys would store them all.
-    t_tie, _, _ = _search(inputs, tie_keys, k - c_above, n, sample=False)
-    return [(score_keys(i, x) > t) | (tie_keys(i, x) >= t_tie) for i, x in enumerate(inputs)]
+    return _search(inputs, tie_keys, k - c_above, n, sample=False)[0]
 
-  # The branches close over the inputs: their arguments (buffers) become the operands.
-  return jax.lax.cond(c_t == k, lambda: at_least(inputs), lambda: first_ties(inputs))
+  # Only scalars leave the cond; every key equal to t is kept when c_t == k (cutoff 0).
+  t_tie = jax.lax.cond(c_t == k, lambda _: jnp.uint32(0), tie_cutoff, None)
+  return [Lazy(_threshold_mask, x, t, t_tie, jnp.uint32(offsets[i]), keep, jnp.int32(0))
+          for i, x in enumerate(inputs)]
 
 
 def _clip_count(k, n: int) -> jax.Array:
@@ -260,7 +399,8 @@ def _clip_count(k, n: int) -> jax.Array:
 
 
 def topk_mask(scores: jax.Array | Lazy, k, *,
-              score_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+              score_fn: Callable[[jax.Array], jax.Array] | None = None,
+              lazy: bool = False) -> jax.Array | Lazy:
   """Boolean mask of exactly ``k`` largest entries of ``scores`` (ties: lowest index).
 
   Args:
@@ -269,42 +409,48 @@ def topk_mask(scores: jax.Array | Lazy, k, *,
       ``[0, scores.size]``.
     score_fn: optional elementwise function; if given, the scores are ``score_fn(scores)``,
       recomputed in every pass instead of stored (e.g. ``jnp.abs`` on the weights).
+    lazy: return the mask as a :class:`Lazy` (a comparison of the recomputed scores with
+      the threshold found), to be composed into further scores without being stored.
 
   Returns:
-    A bool array of ``scores.shape`` with exactly ``clip(k, 0, size)`` True entries.
+    A bool array (or :class:`Lazy`) of ``scores.shape`` with exactly ``clip(k, 0, size)``
+    True entries.
   """
-  return global_topk_masks([scores], k, score_fn=score_fn)[0]
+  return global_topk_masks([scores], k, score_fn=score_fn, lazy=lazy)[0]
 
 
 def global_topk_masks(scores: Sequence[jax.Array | Lazy], k, *,
-                      score_fn: Callable[[jax.Array], jax.Array] | None = None
-                      ) -> list[jax.Array]:
+                      score_fn: Callable[[jax.Array], jax.Array] | None = None,
+                      lazy: bool = False) -> list[jax.Array | Lazy]:
   """Boolean masks keeping exactly ``k`` largest scores across several arrays.
 
   One threshold is shared by all arrays (global pruning). Nothing is concatenated and no
-  key array is stored, so the extra memory is one boolean mask per array.
+  key array is stored: a mask is a comparison of the (recomputed) scores with the
+  threshold found, which XLA fuses into whatever reads it.
 
   Args:
     scores: a sequence of float arrays (or :class:`Lazy` scores).
     k: total number of entries to keep (int or traced int scalar).
     score_fn: optional elementwise function applied to each array to get its scores,
       recomputed in every pass instead of stored (saves a copy of the scores).
+    lazy: return :class:`Lazy` masks (see :func:`topk_mask`).
 
   Returns:
-    A list of bool masks, one per input array.
+    A list of bool masks (or :class:`Lazy` masks), one per input array.
   """
   inputs = [x if isinstance(x, Lazy) else Lazy(lambda a: a, x) for x in scores]
   if score_fn is not None:
-    inputs = [Lazy(lambda *a, f=x.fn: score_fn(f(*a)), *x.args) for x in inputs]
+    inputs = [Lazy(score_fn, x) for x in inputs]
   n = sum(x.size for x in inputs)
   if n >= 2**31:
     raise ValueError(f'global_topk_masks counts in int32: the arrays hold {n} elements; at most '
                      f'{2**31 - 1} are supported.')
   k = _clip_count(k, n)
   if n == 0:
-    return [jnp.zeros(x.shape, bool) for x in inputs]
-  masks = _topk_masks(inputs, jnp.maximum(k, 1), n)
-  return [jnp.where(k > 0, m, False) for m in masks]
+    masks = [Lazy(lambda a: jnp.zeros(a.shape, bool), x) for x in inputs]
+  else:
+    masks = _topk_masks(inputs, jnp.maximum(k, 1), n, k > 0)
+  return masks if lazy else [materialize(m) for m in masks]
 
 
 def n_by_m_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:

@@ -118,6 +118,62 @@ def test_lazy_scores_equal_materialized_scores():
   assert sum(int(m.sum()) for m in masks) == 300
 
 
+def test_nested_and_lazy_masks_equal_materialized_ones():
+  # Lazy masks (lazy=True) compose into further scores: drop-and-grow, as SET/RigL do it.
+  k = jax.random.split(jax.random.PRNGKey(5), 3)
+  w = jax.random.normal(k[0], (64, 96))
+  g = jax.random.normal(k[1], (64, 96))
+  old = jax.random.uniform(k[2], (64, 96)) < 0.3
+
+  def active(m, x):
+    return jnp.where(m, jnp.abs(x), -jnp.inf)
+
+  def inactive(m, x):
+    return jnp.where(m, -jnp.inf, x)
+
+  n_keep = int(old.sum()) - 100
+  kept = selection.topk_mask(selection.Lazy(active, old, w), n_keep, lazy=True)
+  grown = selection.topk_mask(selection.Lazy(inactive, kept, selection.Lazy(jnp.abs, g)), 100,
+                              lazy=True)
+  new = jax.jit(lambda: selection.materialize(selection.Lazy(jnp.logical_or, kept, grown)))()
+  want_kept = selection.topk_mask(active(old, w), n_keep)
+  want_grown = selection.topk_mask(inactive(want_kept, jnp.abs(g)), 100)
+  np.testing.assert_array_equal(selection.materialize(kept), want_kept)
+  np.testing.assert_array_equal(new, want_kept | want_grown)
+  assert int(new.sum()) == int(old.sum())
+  # The row view and strided samples read the same values as the full evaluation.
+  lazy = selection.Lazy(inactive, kept, selection.Lazy(jnp.abs, g))
+  full = np.asarray(lazy()).reshape(-1)
+  np.testing.assert_array_equal(np.asarray(lazy.rows()).reshape(-1), full)
+  np.testing.assert_array_equal(np.asarray(selection.Lazy(jnp.abs, g).strided_sample(7)),
+                                np.abs(np.asarray(g)).reshape(-1)[::7])
+
+
+def test_sample_stride_is_a_prime_dividing_no_dimension():
+  stride = selection._sample_stride(2048 * 2048, [(2048, 2048)])
+  assert stride >= 2048 * 2048 // selection._SAMPLE
+  assert all(stride % f for f in range(2, int(stride ** 0.5) + 1))
+  assert 2048 % stride
+  # A stride dividing a dimension is skipped (2053 is prime and divides 2053 * 2).
+  assert selection._sample_stride(2053 * 2048, [(2053 * 2, 1024)]) != 2053
+  assert selection._sample_stride(100, [(10, 10)]) == 1
+  # On a matrix whose first column is all zero (a dead unit), the sample still sees the
+  # other columns, so the search finds the exact count from a good first guess.
+  x = jax.random.normal(jax.random.PRNGKey(0), (2048, 2048)).at[:, 0].set(0.0)
+  mask = selection.topk_mask(jnp.abs(x), 125_829)
+  assert int(mask.sum()) == 125_829
+
+
+def test_selection_stores_no_full_size_array():
+  # XLA would store loop-invariant keys (16 MB here) and reuse them in every pass; the
+  # search makes them depend on the loop state, so only per-row counts are stored.
+  w = jnp.zeros((2048, 2048))
+  compiled = jax.jit(
+      lambda x: selection.topk_mask(selection.Lazy(jnp.abs, x), 400_000)).lower(w).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < w.nbytes // 8, temp
+
+
 def test_hash_uniform_is_uniform_deterministic_and_keyed():
   like = jnp.zeros((256, 512))
   key = jnp.array([1, 2], jnp.uint32)

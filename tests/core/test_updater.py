@@ -507,3 +507,17 @@ def test_global_pruning_honours_custom_map_and_rejects_erk():
   assert int((masks['first'] == 0).sum()) == 4 and int((masks['rest'] == 0).sum()) == 16
   with pytest.raises(ValueError, match='not ERK'):
     prunax.GlobalMagnitudePruning(sparsity=0.5, sparsity_distribution_fn='erk')
+
+
+@pytest.mark.parametrize('shape', [(64,), (3, 96), (2, 3, 32), (5, 40), (7,), (4, 8)])
+def test_pack_mask_is_numpy_packbits_and_lazy_masks_read_it(shape):
+  from prunax import base_updater
+  from prunax import selection
+  m = np.random.default_rng(sum(shape)).random(shape) < 0.4
+  packed = base_updater.pack_mask(jnp.asarray(m))
+  np.testing.assert_array_equal(packed, np.packbits(m, axis=-1))
+  np.testing.assert_array_equal(base_updater.unpack_mask(packed, shape), m)
+  lazy = base_updater.lazy_mask(packed, shape)
+  np.testing.assert_array_equal(selection.materialize(lazy), m)
+  np.testing.assert_array_equal(np.asarray(lazy.rows()).reshape(-1), m.reshape(-1))
+  np.testing.assert_array_equal(lazy.strided_sample(3), m.reshape(-1)[::3])

@@ -15,8 +15,8 @@ from prunax import selection
 from prunax.base_updater import BaseUpdater
 
 
-def _unless_zero(p, like, key_data):
-  return jnp.where(p == 0, -1.0, selection.hash_uniform(like, key_data))
+def _unless_zero(p, score):
+  return jnp.where(p == 0, -1.0, score)
 
 
 def _abs_product(p, g):
@@ -58,7 +58,7 @@ class RandomPruning(BaseUpdater):
   def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
     scores = self._random_scores(params, self._key(sparse_state, salt=2))
     # Weights already pruned score -1, so gradual random pruning only removes more.
-    return jax.tree.map(lambda s, p: selection.Lazy(_unless_zero, p, *s.args), scores, params)
+    return jax.tree.map(lambda s, p: selection.Lazy(_unless_zero, p, s), scores, params)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,10 +24,16 @@ from prunax import sparsity_schedules
 from prunax import sparsity_types
 from prunax.base_updater import BaseUpdater
 from prunax.base_updater import _is_none
+from prunax.base_updater import lazy_mask
+from prunax.base_updater import pack_mask
 
 
 def _active_magnitude(mask, w):
   return jnp.where(mask, jnp.abs(w), -jnp.inf)
+
+
+def _inactive_score(kept, score):
+  return jnp.where(kept, -jnp.inf, score)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +97,13 @@ class SET(StaticRandomSparse):
       # Masks stay at their target count (exact at init, drop and grow keep it).
       n_active = w.size - sparsity_types.num_zeros(s, w.size)
       n_drop = jnp.round(fraction * n_active).astype(jnp.int32)
-      kept = selection.topk_mask(selection.Lazy(_active_magnitude, old, w), n_active - n_drop)
-      g = g if isinstance(g, selection.Lazy) else selection.Lazy(lambda a: a, g)
-      grown = selection.topk_mask(
-          selection.Lazy(lambda k, *a: jnp.where(k, -jnp.inf, g.fn(*a)), kept, *g.args), n_drop)
-      return kept | grown
+      # The old mask is unpacked inside each pass that reads it; the kept mask is stored
+      # as packed bits (1/32 of the weights' bytes), read by each pass of the grow search.
+      kept = selection.topk_mask(selection.Lazy(_active_magnitude, old, w),
+                                 n_active - n_drop, lazy=True)
+      kept = lazy_mask(pack_mask(selection.materialize(kept)), w.shape)
+      grown = selection.topk_mask(selection.Lazy(_inactive_score, kept, g), n_drop, lazy=True)
+      return selection.materialize(selection.Lazy(jnp.logical_or, kept, grown))
 
     return jax.tree.map(lambda m, w, g, s: None if m is None else drop_and_grow(m, w, g, s),
                         old_masks, params, grow, sparsities, is_leaf=_is_none)
