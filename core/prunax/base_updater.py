@@ -388,7 +388,15 @@ class BaseUpdater:
 
   def update_thresholds(self, grads: PyTree, dense: PyTree, masks: PyTree,
                         sparse_state: SparseState) -> PyTree:
-    """New ``SparseState.thresholds`` after a step (unchanged by default)."""
+    """New ``SparseState.thresholds`` after a step (unchanged by default).
+
+    Args:
+      grads: the gradients of this step (taken at the sparse weights).
+      dense: the dense weights the forward pass of this step was computed from (before
+        the optimizer's update; params for leaves without dense weights).
+      masks: the masks of this step.
+      sparse_state: the state before the step.
+    """
     del grads, dense, masks
     return sparse_state.thresholds
 
@@ -504,7 +512,12 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
   targets = updater.target_sparsities(params)
   masks = unpack_masks(state.masks, params)
   raw_state = state
-  if not updater.is_ste:
+  if updater.is_ste:
+    # Learned thresholds (AutoSparse) from the dense weights the forward pass used.
+    old_dense = jax.tree.map(lambda d, p: p if d is None else d, state.dense_params, params,
+                             is_leaf=_is_none)
+    thresholds = updater.update_thresholds(grads, old_dense, masks, state)
+  else:
     # The inner optimizer's per-weight state (moments) of inactive weights is held at zero,
     # so a weight grown by a mask update starts with fresh moments. Zeroing the input state
     # under the stored masks fuses into the optimizer's own pass.
@@ -515,7 +528,7 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
 
   if updater.is_ste:
     # STE-style: the mask is recomputed from the dense weights at every step.
-    state = state._replace(thresholds=updater.update_thresholds(grads, candidate, masks, state))
+    state = state._replace(thresholds=thresholds)
     new_masks = updater.compute_masks(candidate, sparsities, sparse_state=state, grads=grads,
                                       old_masks=masks)
     stored = updater._store(new_masks)  # pylint: disable=protected-access

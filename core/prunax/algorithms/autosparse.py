@@ -47,6 +47,21 @@ from prunax.base_updater import map_masked
 from prunax.sparsity_distributions import named_leaves
 
 
+def _split_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """``sum(x)``, reduced as the two sums of ``x`` inside and outside ``mask``.
+
+  One fused pass: XLA's CPU backend hands a plain float sum to a library kernel that
+  needs its input (here a product of three arrays) stored in full, one array the size
+  of the leaf; a two-output reduction stays in XLA's own fused loop.
+  """
+  x = x.astype(jnp.float32)
+  zero = jnp.zeros_like(x)
+  inside, outside = jax.lax.reduce(
+      (jnp.where(mask, x, zero), jnp.where(mask, zero, x)), (jnp.float32(0), jnp.float32(0)),
+      lambda a, b: (a[0] + b[0], a[1] + b[1]), tuple(range(x.ndim)))
+  return inside + outside
+
+
 def soft_threshold(w: jax.Array, s: jax.Array) -> jax.Array:
   """STR's forward pass ``sign(w) * relu(|w| - sigmoid(s))`` (in the dtype of ``w``)."""
   t = jax.nn.sigmoid(jnp.asarray(s, jnp.float32))
@@ -140,18 +155,15 @@ class AutoSparse(BaseUpdater):
     scales = self._proxy_scale(dense, masks, sparse_state)
 
     def grad_s(m, g, w, c, s):
-      del m
       s = jnp.asarray(s, jnp.float32)
       dt_ds = jax.nn.sigmoid(s) * (1.0 - jax.nn.sigmoid(s))
-      return -dt_ds * jnp.sum(g.astype(jnp.float32) * jnp.sign(w).astype(jnp.float32) * c)
+      return -dt_ds * _split_sum(g.astype(jnp.float32) * jnp.sign(w).astype(jnp.float32) * c, m)
 
     return map_masked(grad_s, masks, grads, dense, scales, sparse_state.thresholds)
 
   def update_thresholds(self, grads, dense, masks, sparse_state):
-    # ``dense`` holds the weights after this step; the forward pass used the old ones.
-    old = jax.tree.map(lambda d, w: w if d is None else d, sparse_state.dense_params, dense,
-                       is_leaf=_is_none)
-    ds = self.threshold_gradients(grads, old, masks, sparse_state)
+    # ``dense``: the weights the forward pass of this step used.
+    ds = self.threshold_gradients(grads, dense, masks, sparse_state)
     return map_masked(
         lambda m, s, g: s - self.threshold_lr * (g + self.threshold_weight_decay * s),
         masks, sparse_state.thresholds, ds)
