@@ -517,6 +517,13 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
     old_dense = jax.tree.map(lambda d, p: p if d is None else d, state.dense_params, params,
                              is_leaf=_is_none)
     thresholds = updater.update_thresholds(grads, old_dense, masks, state)
+    if thresholds is not None:
+      # The optimizer's pass reads a 0 computed from the new thresholds, so it runs after
+      # their reductions have read the old dense weights: XLA can then update those in
+      # place, where it would otherwise copy them (it cannot order independent readers).
+      zero = sum(jnp.minimum(jnp.abs(t), 0).astype(jnp.float32)
+                 for t in jax.tree.leaves(thresholds))
+      grads = jax.tree.map(lambda g: g + zero.astype(g.dtype), grads)
   else:
     # The inner optimizer's per-weight state (moments) of inactive weights is held at zero,
     # so a weight grown by a mask update starts with fresh moments. Zeroing the input state
