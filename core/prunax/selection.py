@@ -6,11 +6,18 @@ search on the scores' order-preserving uint32 keys (:func:`sortable_keys`) that 
 counts: every pass reads the scores once and returns, for 5 candidate thresholds at once,
 how many keys lie at or above each (5 counts are packed in 6-bit fields of one uint32
 per row of 32 elements, so a pass costs about one read of the scores). The thresholds
-of the first pass are quantiles of a small strided sample; later passes interpolate
-between the two bracketing counts and also bisect the rest of the bracket, so the bracket
-at least halves every pass (at most 33 passes for 32-bit keys) and usually closes in 4 to
-8. The search stops as soon as a threshold keeps exactly ``k`` keys; nothing is sorted
+of the first pass are quantiles of a small strided sample (a prime stride, so that it
+spans every row and column); later passes interpolate between the two bracketing counts
+and also bisect the rest of the bracket (or split it evenly once few keys are left), so
+the bracket at least halves every pass (at most 33 passes for 32-bit keys) and usually
+closes in 4 to 6. The search stops as soon as a threshold keeps exactly ``k`` keys; nothing is sorted
 but the sample, and there is no cumulative sum.
+
+Nothing full-size is stored. The keys are recomputed in every pass from the scores'
+arguments (:class:`Lazy`), which each pass reads through a traced zero of the loop state
+(XLA would otherwise store loop-invariant keys once and read them back in every pass),
+and a mask is a comparison of the recomputed keys with the threshold found, which XLA
+fuses into whatever reads it (``lazy=True`` returns it unevaluated, to compose further).
 
 Ties are broken deterministically by position: among scores equal to the threshold the
 ones with the lowest flat (row-major) index are kept, and for several tensors
