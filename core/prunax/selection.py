@@ -10,8 +10,8 @@ of the first pass are quantiles of a small strided sample (a prime stride, so th
 spans every row and column); later passes interpolate between the two bracketing counts
 and also bisect the rest of the bracket (or split it evenly once few keys are left), so
 the bracket at least halves every pass (at most 33 passes for 32-bit keys) and usually
-closes in 4 to 6. The search stops as soon as a threshold keeps exactly ``k`` keys; nothing is sorted
-but the sample, and there is no cumulative sum.
+closes in 4 to 6. The search stops as soon as a threshold keeps exactly ``k`` keys;
+nothing is sorted but the sample, and there is no cumulative sum.
 
 Nothing full-size is stored. The keys are recomputed in every pass from the scores'
 arguments (:class:`Lazy`), which each pass reads through a traced zero of the loop state

@@ -234,3 +234,13 @@ def test_digits_higher_alpha0_gives_lower_sparsity_and_nonuniform_layers():
   assert all(acc > 0.9 for _, acc in results.values())
   layers = [results[0.5][0][f'sparsity/layer{i}/kernel'] for i in range(3)]
   assert max(layers) - min(layers) > 0.1, layers  # learned, non-uniform sparsities
+
+
+@pytest.mark.parametrize('shape', [(64, 48), (7, 9), (5,)])
+def test_split_sum_equals_the_sum(shape):
+  from prunax.algorithms import autosparse
+  rng = np.random.default_rng(sum(shape))
+  x = rng.standard_normal(shape).astype(np.float32)
+  mask = rng.random(shape) < 0.3
+  got = float(jax.jit(autosparse._split_sum)(jnp.asarray(x), jnp.asarray(mask)))
+  np.testing.assert_allclose(got, x.astype(np.float64).sum(), rtol=1e-5, atol=1e-5)

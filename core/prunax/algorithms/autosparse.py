@@ -50,16 +50,20 @@ from prunax.sparsity_distributions import named_leaves
 def _split_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
   """``sum(x)``, reduced as the two sums of ``x`` inside and outside ``mask``.
 
-  One fused pass: XLA's CPU backend hands a plain float sum to a library kernel that
-  needs its input (here a product of three arrays) stored in full, one array the size
-  of the leaf; a two-output reduction stays in XLA's own fused loop.
+  XLA's CPU backend hands a plain float sum to a library kernel that needs its input (here
+  a product of three arrays) stored in full, one array the size of the leaf; a two-output
+  reduction stays in XLA's fused loop. Its loop is scalar, so rows of 16 are reduced first
+  (vectorised; the two row sums take 1/8 of the leaf's fp32 bytes), then the row sums.
   """
-  x = x.astype(jnp.float32)
+  x = x.astype(jnp.float32).reshape(-1)
+  mask = mask.reshape(-1)
+  width = 16 if x.size % 16 == 0 else x.size
+  x, mask = x.reshape(-1, width), mask.reshape(-1, width)
   zero = jnp.zeros_like(x)
   inside, outside = jax.lax.reduce(
       (jnp.where(mask, x, zero), jnp.where(mask, zero, x)), (jnp.float32(0), jnp.float32(0)),
-      lambda a, b: (a[0] + b[0], a[1] + b[1]), tuple(range(x.ndim)))
-  return inside + outside
+      lambda a, b: (a[0] + b[0], a[1] + b[1]), (1,))
+  return jnp.sum(inside) + jnp.sum(outside)
 
 
 def soft_threshold(w: jax.Array, s: jax.Array) -> jax.Array:
