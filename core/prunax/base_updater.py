@@ -183,11 +183,8 @@ def lazy_mask(stored: jax.Array, shape: tuple[int, ...]) -> selection.Lazy:
 
 def unpack_masks(masks: PyTree, params: PyTree) -> PyTree:
   """Boolean masks from stored masks (uint8 or packed), given params for the shapes."""
-  def load(m, p):
-    if m is None:
-      return None
-    return m.astype(bool) if m.shape == jnp.shape(p) else unpack_mask(m, jnp.shape(p))
-  return jax.tree.map(load, masks, params, is_leaf=_is_none)
+  return jax.tree.map(lambda m: None if m is None else selection.materialize(m),
+                      lazy_masks(masks, params), is_leaf=_is_none)
 
 
 def bool_masks(opt_state: PyTree, params: PyTree) -> PyTree:
