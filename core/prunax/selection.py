@@ -122,14 +122,7 @@ class Lazy:
       return self._rows(*self.args)
     if self._shape is not None:  # Arguments not aligned with the values: evaluate.
       return self().reshape(-1, _ROW)
-    shape = self.shape
-
-    def view(a):
-      if isinstance(a, Lazy):
-        return a.rows() if a.shape == shape else a()
-      return a.reshape(-1, _ROW) if tuple(jnp.shape(a)) == shape else a
-
-    return self.fn(*[view(a) for a in self.args])
+    return self._evaluate_on(lambda a: a.reshape(-1, _ROW), Lazy.rows)
 
   def strided_sample(self, stride: int) -> jax.Array:
     """Values of every ``stride``-th element (flat order), computed from sliced arguments.
@@ -142,14 +135,20 @@ class Lazy:
       return self._sample(stride, *self.args).reshape(-1)
     if self._shape is not None:  # Arguments not aligned with the values: evaluate.
       return self().reshape(-1)[::stride]
+    return self._evaluate_on(lambda a: a.reshape(-1)[::stride],
+                             lambda a: a.strided_sample(stride)).reshape(-1)
+
+  def _evaluate_on(self, array_view, lazy_view) -> jax.Array:
+    """``fn`` on a view of its arguments: those of the values' shape through
+    ``array_view`` (``lazy_view`` for ``Lazy`` ones); the others evaluated whole."""
     shape = self.shape
 
-    def sliced(a):
+    def view(a):
       if isinstance(a, Lazy):
-        return a.strided_sample(stride) if a.shape == shape else a()
-      return a.reshape(-1)[::stride] if tuple(jnp.shape(a)) == shape else a
+        return lazy_view(a) if a.shape == shape else a()
+      return array_view(a) if tuple(jnp.shape(a)) == shape else a
 
-    return self.fn(*[sliced(a) for a in self.args]).reshape(-1)
+    return self.fn(*[view(a) for a in self.args])
 
   def __repr__(self):
     return f'Lazy({getattr(self.fn, "__name__", self.fn)}, shape={self.shape})'
