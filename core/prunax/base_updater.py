@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from prunax import layers
 from prunax import selection
 from prunax import sparsity_distributions
 from prunax import sparsity_schedules
@@ -176,9 +178,12 @@ def lazy_mask(stored: jax.Array, shape: tuple[int, ...]) -> selection.Lazy:
   shape = tuple(shape)
   if stored.shape == shape:
     return selection.Lazy(lambda x: x.astype(bool), stored)
-  return selection.Lazy(lambda x: unpack_mask(x, shape), stored, shape=shape,
-                        sample=lambda stride, x: _packed_bits_at(x, shape, stride),
-                        rows=_packed_rows if shape[-1] % 32 == 0 else None)
+  d = shape[-1]
+  # Shapes are read from the packed array (only its last axis differs), so the same
+  # expression reads one layer's slice of a stacked mask (selection.map_layers).
+  return selection.Lazy(lambda x: unpack_mask(x, x.shape[:-1] + (d,)), stored, shape=shape,
+                        sample=lambda stride, x: _packed_bits_at(x, x.shape[:-1] + (d,), stride),
+                        rows=_packed_rows if d % 32 == 0 else None)
 
 
 def unpack_masks(masks: PyTree, params: PyTree) -> PyTree:
@@ -210,6 +215,9 @@ class BaseUpdater:
     seed: seed of the RNG key kept in the state (random scores, random initial masks).
     packed_masks: store masks as 1 bit per weight, packed along the last axis (the
       default: 1/32 of fp32 params), instead of one uint8 per weight (1/4).
+    layer_axes: ``{parameter name or regex: axis}`` of stacked (scanned) parameters,
+      whose slices along ``axis`` are layers (see :mod:`prunax.layers`); axes named
+      ``'layers'`` in flax boxed params are read without being declared.
   """
 
   sparsity: float | None = None
@@ -218,6 +226,7 @@ class BaseUpdater:
   scheduler: Any = sparsity_schedules.OneShotSchedule()
   seed: int = 0
   packed_masks: bool = True
+  layer_axes: Any = None
 
   # Behaviour switches of algorithm families (class attributes, not fields).
   is_ste = False  # dense weights in the state, mask recomputed every step
@@ -231,6 +240,7 @@ class BaseUpdater:
     dist = sparsity_distributions.resolve(self.sparsity_distribution_fn)
     object.__setattr__(self, 'sparsity_distribution_fn', dist)
     object.__setattr__(self, 'sparsity_type', sparsity_types.from_string(self.sparsity_type))
+    object.__setattr__(self, 'layer_axes', layers.freeze(self.layer_axes))
     for method in ('is_update_step', 'sparsity'):
       if not hasattr(self.scheduler, method):
         raise TypeError(f'scheduler must be a prunax.sparsity_schedules schedule (with '
@@ -275,16 +285,26 @@ class BaseUpdater:
     scores = self.calculate_scores(params, sparse_state=sparse_state, grads=grads)
     return self.masks_from_scores(scores, sparsities)
 
+  def leaf_mask(self, scores: Any, sparsity, axis: int | None = None) -> jax.Array:
+    """Exact keep-mask of one leaf at ``sparsity`` with the sparsity type; with a layer
+    ``axis``, every layer (slice) of a stacked leaf is at ``sparsity`` on its own."""
+    if axis is None:
+      return self.sparsity_type.mask(scores, sparsity)
+    return selection.map_layers(lambda x: self.sparsity_type.mask(x, sparsity), axis, scores)
+
   def masks_from_scores(self, scores: PyTree, sparsities: PyTree) -> PyTree:
-    """Exact keep-masks from scores: per leaf with the sparsity type, or globally."""
+    """Exact keep-masks from scores: per leaf (per layer of stacked leaves) with the
+    sparsity type, or globally."""
+    axes = self.layer_axes_tree(scores)
     if not self.is_global:
       return jax.tree.map(
-          lambda s, x: None if s is None else self.sparsity_type.mask(x, s),
-          sparsities, scores, is_leaf=_is_none)
+          lambda s, x, a: None if s is None else self.leaf_mask(x, s, a),
+          sparsities, scores, axes, is_leaf=_is_none)
     # Leaves at the distribution's target share one threshold; custom-map entries with
     # another sparsity are pruned on their own (0.0 keeps a leaf dense).
     flat_s, treedef = jax.tree.flatten(sparsities, is_leaf=_is_none)
     flat_x = treedef.flatten_up_to(scores)
+    flat_a = treedef.flatten_up_to(axes)
     shapes = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)
         if isinstance(x, selection.Lazy) else x, scores)
@@ -295,14 +315,33 @@ class BaseUpdater:
     target = next((s for s, p in zip(flat_s, pooled) if p), 0.0)
     it = iter(selection.global_topk_masks(chosen, total - sparsity_types.num_zeros(target, total)))
     return treedef.unflatten([
-        next(it) if p else (None if s is None else self.sparsity_type.mask(x, s))
-        for s, x, p in zip(flat_s, flat_x, pooled)])
+        next(it) if p else (None if s is None else self.leaf_mask(x, s, a))
+        for s, x, a, p in zip(flat_s, flat_x, flat_a, pooled)])
 
   # ------------------------------------------------------------------------ sparsities
 
+  def layer_axes_of(self, params: PyTree) -> dict[str, int]:
+    """``{leaf name: layer axis}`` of the stacked leaves of ``params`` (declared with
+    ``layer_axes`` or read from flax boxes); see :mod:`prunax.layers`."""
+    return layers.resolve(params, self.layer_axes)
+
+  def layer_axes_tree(self, tree: PyTree) -> PyTree:
+    """A tree like ``tree`` (params or scores) of each leaf's layer axis (None: one layer)."""
+    axes = self.layer_axes_of(tree)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return treedef.unflatten(
+        [axes.get(sparsity_distributions.path_name(p)) for p, _ in flat])
+
   def target_sparsities(self, params: PyTree) -> PyTree:
-    """Per-leaf final sparsities (floats, None for dense leaves), validated against params."""
-    sparsities = self.sparsity_distribution_fn(params, self.sparsity)
+    """Per-leaf final sparsities (floats, None for dense leaves), validated against params.
+
+    A stacked leaf's sparsity is that of each of its layers."""
+    axes = self.layer_axes_of(params)
+    dist = self.sparsity_distribution_fn
+    if axes and sparsity_distributions.accepts_layer_axes(dist):
+      sparsities = dist(params, self.sparsity, layer_axes=axes)
+    else:
+      sparsities = dist(params, self.sparsity)
     for (name, s), (_, leaf) in zip(
         sparsity_distributions.named_leaves(sparsities, is_leaf=_is_none),
         sparsity_distributions.named_leaves(params)):
@@ -313,8 +352,21 @@ class BaseUpdater:
       if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f'Parameter {name!r} has dtype {dtype}; only floating-point parameters '
                         'can be pruned. Exclude it with the distribution\'s filter_fn.')
-      self.sparsity_type.validate(tuple(np.shape(leaf)), name)
+      self.sparsity_type.validate(layers.slice_shape(np.shape(leaf), axes.get(name)), name)
     return sparsities
+
+  def _warn_undeclared_stacks(self, params: PyTree, targets: PyTree) -> None:
+    axes = self.layer_axes_of(params)
+    for (name, s), (_, leaf) in zip(
+        sparsity_distributions.named_leaves(targets, is_leaf=_is_none),
+        sparsity_distributions.named_leaves(params)):
+      if s is not None and name not in axes and layers.looks_stacked(name, leaf):
+        warnings.warn(
+            f'Parameter {name!r} of shape {tuple(np.shape(leaf))} looks like a stack of '
+            'layers (scanned or vmapped) but has no layer axis: it is pruned as one tensor, '
+            'so one layer can end up dense and the others empty. Declare its layer axis, e.g. '
+            f"{type(self).__name__}(..., layer_axes={{{name!r}: 0}}), or use "
+            'prunax.layers.layer_axes_from_flax on the boxed variables.', stacklevel=3)
 
   def _sparsities_at(self, targets: PyTree, step) -> PyTree:
     return jax.tree.map(lambda s: None if s is None else self.scheduler.sparsity(step, s),
@@ -337,13 +389,24 @@ class BaseUpdater:
     """Lazy uniform scores per leaf (a hash of position and a per-leaf key, see
     :func:`prunax.selection.hash_uniform`), recomputed in every selection pass."""
     flat, treedef = jax.tree.flatten(params)
+    flat_axes = treedef.flatten_up_to(self.layer_axes_tree(params))
     keys = jax.random.split(key, len(flat))
     if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
       keys = jax.random.key_data(keys)
     keys = keys.astype(jnp.uint32)
-    # The trailing 0 becomes a traced 0 inside selection passes (see hash_uniform).
-    return treedef.unflatten([selection.Lazy(selection.hash_uniform, x, keys[i], jnp.int32(0))
-                              for i, x in enumerate(flat)])
+
+    def scores(x, key_data, axis):
+      # The trailing 0 becomes a traced 0 inside selection passes (see hash_uniform).
+      if axis is None:
+        return selection.Lazy(selection.hash_uniform, x, key_data, jnp.int32(0))
+      # Stacked leaves: a stream per layer (the ids are sliced with the layer).
+      shape = [1] * jnp.ndim(x)
+      shape[axis] = jnp.shape(x)[axis]
+      ids = jnp.arange(shape[axis], dtype=jnp.uint32).reshape(shape)
+      return selection.Lazy(selection.hash_uniform_layers, x, key_data, ids, jnp.int32(0))
+
+    return treedef.unflatten([scores(x, keys[i], a)
+                              for i, (x, a) in enumerate(zip(flat, flat_axes))])
 
   # --------------------------------------------------------------------------- init
 
@@ -358,6 +421,7 @@ class BaseUpdater:
   def init_state(self, params: PyTree, inner_state: Any) -> SparseState:
     """The :class:`SparseState` for ``params`` around ``inner_state``."""
     targets = self.target_sparsities(params)
+    self._warn_undeclared_stacks(params, targets)
     masks = self.init_masks(params, targets)
     return SparseState(
         inner_state=inner_state,
@@ -507,6 +571,7 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
     raise TypeError(f'Expected a prunax SparseState, got {type(state).__name__}; initialise '
                     'the state with the wrapped transformation\'s init.')
   targets = updater.target_sparsities(params)
+  updater._warn_undeclared_stacks(params, targets)  # pylint: disable=protected-access
   masks = unpack_masks(state.masks, params)
   raw_state = state
   if updater.is_ste:

@@ -199,6 +199,76 @@ def hash_uniform(like: jax.Array, key_data: jax.Array, zero=0) -> jax.Array:
   return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
+def map_layers(fn: Callable[..., Any], axis: int, *xs: Any) -> Any:
+  """``fn`` on every slice along ``axis`` of stacked operands, results stacked on ``axis``.
+
+  A stacked (scanned) parameter of shape ``(..., L, ...)`` holds ``L`` layers; selection on
+  it must treat each slice as its own tensor. ``xs`` are arrays or :class:`Lazy` values of
+  one shape with ``L`` entries along ``axis``; each array they hold (recursively) that has
+  as many dimensions and ``L`` entries on ``axis`` is sliced, any other (keys, scalars,
+  broadcast operands) is shared by every slice. The slices are processed by one
+  ``jax.vmap``, so a selection ``while_loop`` runs once for all layers. Arguments of a
+  :class:`Lazy` given with an explicit ``shape`` (packed bits) must keep ``axis`` at the
+  same position, so ``axis`` must not be the last one for them.
+
+  Args:
+    fn: function of the sliced ``xs`` (arrays or :class:`Lazy`), returning arrays (or a
+      pytree of arrays) with the slice's shape.
+    axis: the layer axis (non-negative).
+    *xs: the stacked operands.
+
+  Returns:
+    ``fn``'s results for every slice, stacked along ``axis``.
+  """
+  shape = tuple(xs[0].shape)
+  ndim, layers = len(shape), shape[axis]
+  arrays: list[Any] = []
+
+  def collect(a):
+    arrays.append(a)
+    return a
+
+  for x in xs:
+    if isinstance(x, Lazy):
+      if x._shape is not None and axis == ndim - 1:
+        raise ValueError(f'map_layers: the layer axis {axis} is the last axis of a value '
+                         'given with packed arguments; put the layer axis first.')
+      x.map_arrays(collect)
+    else:
+      collect(x)
+  in_axes = [axis if jnp.ndim(a) == ndim and jnp.shape(a)[axis] == layers else None
+             for a in arrays]
+  sliced_shape = shape[:axis] + shape[axis + 1:]
+
+  def rebuild(x, it):
+    if not isinstance(x, Lazy):
+      return next(it)
+    args = [rebuild(a, it) for a in x.args]
+    return Lazy(x.fn, *args, shape=None if x._shape is None else sliced_shape,
+                sample=x._sample, rows=x._rows)
+
+  def body(*sliced):
+    it = iter(sliced)
+    return fn(*[rebuild(x, it) for x in xs])
+
+  return jax.vmap(body, in_axes=in_axes, out_axes=axis)(*arrays)
+
+
+def hash_uniform_layers(like: jax.Array, key_data: jax.Array, layer_ids: jax.Array,
+                        zero=0) -> jax.Array:
+  """:func:`hash_uniform` with an independent stream per layer of a stacked leaf.
+
+  ``layer_ids`` (uint32) broadcasts against ``like`` (the layer index along the layer
+  axis, 1 elsewhere); the index hashed is the position within the layer when evaluated
+  on one layer's slice (:func:`map_layers`).
+  """
+  key_data = jnp.asarray(key_data, jnp.uint32)
+  layer_key = _mix32(jnp.asarray(layer_ids, jnp.uint32) ^ key_data[0])
+  index = _flat_index(jnp.shape(like), zero)
+  h = _mix32(_mix32(index ^ layer_key) + key_data[1])
+  return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
 def materialize(scores):
   """The array of ``scores`` (a :class:`Lazy` is evaluated; arrays pass through)."""
   return scores() if isinstance(scores, Lazy) else scores

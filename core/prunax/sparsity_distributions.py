@@ -27,8 +27,15 @@ FilterFn = Callable[[str, Any], bool]
 
 
 def path_name(path) -> str:
-  """``'/'``-joined name of a ``jax.tree_util`` key path (dict keys, attributes, indices)."""
+  """``'/'``-joined name of a ``jax.tree_util`` key path (dict keys, attributes, indices).
+
+  A trailing ``.value`` attribute (the array inside a flax box: linen ``Partitioned``,
+  nnx ``Variable``) is not part of the name, so boxed and unboxed params share names.
+  """
   parts = []
+  path = tuple(path)
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
+    path = path[:-1]
   for entry in path:
     for attr in ('key', 'name', 'idx'):
       if hasattr(entry, attr):
@@ -85,13 +92,26 @@ def _build(params: PyTree, values: dict[str, float | None]) -> PyTree:
   return jax.tree_util.tree_unflatten(treedef, [values.get(path_name(p)) for p, _ in flat])
 
 
-def _selected(params: PyTree, filter_fn: FilterFn | None) -> list[tuple[str, Any]]:
+def _layer_view(leaf, axis: int | None):
+  """One layer of a stacked leaf as a shape/dtype struct (the leaf itself if not stacked)."""
+  if axis is None:
+    return leaf
+  shape = tuple(np.shape(leaf))
+  return jax.ShapeDtypeStruct(shape[:axis] + shape[axis + 1:], jax.numpy.result_type(leaf))
+
+
+def _selected(params: PyTree, filter_fn: FilterFn | None,
+              layer_axes: Mapping[str, int] | None = None) -> list[tuple[str, Any]]:
+  """Leaves the filter selects; a stacked leaf is judged by one layer (its slice)."""
   filter_fn = filter_fn or default_filter
-  return [(n, leaf) for n, leaf in named_leaves(params) if filter_fn(n, leaf)]
+  layer_axes = layer_axes or {}
+  return [(n, leaf) for n, leaf in named_leaves(params)
+          if filter_fn(n, _layer_view(leaf, layer_axes.get(n)))]
 
 
 def uniform(params: PyTree, sparsity: float, filter_fn: FilterFn | None = None,
-            custom_sparsity_map: Mapping[str, float] | None = None) -> PyTree:
+            custom_sparsity_map: Mapping[str, float] | None = None,
+            layer_axes: Mapping[str, int] | None = None) -> PyTree:
   """The same sparsity for every selected leaf; ``custom_sparsity_map`` overrides by name.
 
   Args:
@@ -100,20 +120,22 @@ def uniform(params: PyTree, sparsity: float, filter_fn: FilterFn | None = None,
     filter_fn: ``fn(name, leaf) -> bool`` selecting leaves to prune (default: ndim >= 2).
     custom_sparsity_map: ``{name or regex: sparsity}``; mapped leaves are pruned at their
       own sparsity whether or not the filter selects them.
+    layer_axes: ``{leaf name: axis}`` of stacked leaves (see :mod:`prunax.layers`): the
+      filter sees one layer, and every layer gets the sparsity.
 
   Returns:
     A tree like ``params`` of floats (pruned leaves) and ``None`` (dense leaves).
   """
   sparsity = _check_sparsity(sparsity, 'all parameters')
   custom = _match_custom([n for n, _ in named_leaves(params)], custom_sparsity_map)
-  values = {n: sparsity for n, _ in _selected(params, filter_fn)}
+  values = {n: sparsity for n, _ in _selected(params, filter_fn, layer_axes)}
   values.update(custom)
   return _build(params, values)
 
 
 def erk(params: PyTree, sparsity: float, filter_fn: FilterFn | None = None,
         custom_sparsity_map: Mapping[str, float] | None = None,
-        erk_power_scale: float = 1.0) -> PyTree:
+        erk_power_scale: float = 1.0, layer_axes: Mapping[str, int] | None = None) -> PyTree:
   """Erdos-Renyi-Kernel distribution (Evci et al., 2020, as in the RigL reference code).
 
   The density of leaf ``l`` is ``eps * (sum(shape_l) / prod(shape_l)) ** erk_power_scale``,
@@ -128,23 +150,36 @@ def erk(params: PyTree, sparsity: float, filter_fn: FilterFn | None = None,
     custom_sparsity_map: ``{name or regex: sparsity}``; those leaves get their own
       sparsity and take no part in the ERK budget.
     erk_power_scale: exponent of the raw ERK probabilities (1.0 = ERK, 0 = uniform).
+    layer_axes: ``{leaf name: axis}`` of stacked leaves (see :mod:`prunax.layers`): each
+      layer is a leaf of the ERK budget with its own fan-in/fan-out (the layer axis is not
+      a fan dimension), and all layers of a stack get the same sparsity.
 
   Returns:
     A tree like ``params`` of floats and ``None`` (dense leaves).
   """
   sparsity = _check_sparsity(sparsity, 'all parameters')
+  layer_axes = layer_axes or {}
   custom = _match_custom([n for n, _ in named_leaves(params)], custom_sparsity_map)
-  leaves = [(n, tuple(np.shape(x))) for n, x in _selected(params, filter_fn) if n not in custom]
+  leaves = []  # (name, shape of one layer, number of layers)
+  for n, x in _selected(params, filter_fn, layer_axes):
+    if n in custom:
+      continue
+    shape, axis = tuple(np.shape(x)), layer_axes.get(n)
+    if axis is None:
+      leaves.append((n, shape, 1))
+    else:
+      leaves.append((n, shape[:axis] + shape[axis + 1:], shape[axis]))
   dense: set[str] = set()
   while True:
     divisor, rhs, raw = 0.0, 0.0, {}
-    for name, shape in leaves:
-      n_param = math.prod(shape)
+    for name, shape, count in leaves:
+      per_layer = math.prod(shape)
+      n_param = per_layer * count
       if name in dense:
         rhs -= n_param * sparsity
       else:
         rhs += n_param * (1.0 - sparsity)
-        raw[name] = (sum(shape) / n_param) ** erk_power_scale
+        raw[name] = (sum(shape) / per_layer) ** erk_power_scale
         divisor += raw[name] * n_param
     if not raw:
       break
@@ -153,7 +188,8 @@ def erk(params: PyTree, sparsity: float, filter_fn: FilterFn | None = None,
     if max_raw * eps <= 1.0:
       break
     dense.update(name for name, p in raw.items() if p == max_raw)
-  values = {name: (0.0 if name in dense else float(1.0 - eps * raw[name])) for name, _ in leaves}
+  values = {name: (0.0 if name in dense else float(1.0 - eps * raw[name]))
+            for name, _, _ in leaves}
   values.update(custom)
   return _build(params, values)
 
@@ -211,6 +247,11 @@ class Partial:
     object.__setattr__(self, 'fn', resolve(fn))
     object.__setattr__(self, 'kwargs', tuple(sorted(frozen.items())))
 
-  def __call__(self, params: PyTree, sparsity: float) -> PyTree:
+  def __call__(self, params: PyTree, sparsity: float, **extra) -> PyTree:
     kwargs = {k: dict(v) if k == 'custom_sparsity_map' else v for k, v in self.kwargs}
-    return self.fn(params, sparsity, **kwargs)
+    return self.fn(params, sparsity, **kwargs, **extra)
+
+
+def accepts_layer_axes(dist) -> bool:
+  """Whether a resolved distribution takes ``layer_axes=`` (the built-in ones do)."""
+  return getattr(dist, 'fn', dist) in (uniform, erk)

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunax.layers import slice_shape
 from prunax.sparsity_distributions import named_leaves
 
 PyTree = Any
 
 
 def summarize_sparsity(tree: PyTree, only_total: bool = False,
-                       filter_fn: Callable[[str, Any], bool] | None = None) -> dict[str, float]:
+                       filter_fn: Callable[[str, Any], bool] | None = None,
+                       layer_axes: Mapping[str, int] | None = None) -> dict[str, float]:
   """Fraction of zeros per leaf and in total.
 
   Args:
@@ -24,14 +27,28 @@ def summarize_sparsity(tree: PyTree, only_total: bool = False,
     only_total: return only the totals.
     filter_fn: ``fn(name, leaf) -> bool`` selecting the leaves counted (default: every
       leaf with ndim >= 2, i.e. the leaves the default distributions prune).
+    layer_axes: ``{leaf name: axis}`` of stacked leaves (e.g. ``updater.layer_axes_of(
+      params)``): each layer is also reported, as ``'sparsity/<name>/layer_<i>'``, and
+      the filter sees one layer.
 
   Returns:
     ``{'total_sparsity', 'total_params', 'total_nonzero'}`` plus ``'sparsity/<name>'``
     for every counted leaf.
   """
   filter_fn = filter_fn or (lambda name, leaf: np.ndim(leaf) >= 2)
-  leaves = [(n, x) for n, x in named_leaves(tree) if filter_fn(n, x)]
+  layer_axes = dict(layer_axes or {})
+
+  def one_layer(name, x):
+    axis = layer_axes.get(name)
+    if axis is None:
+      return x
+    return jax.ShapeDtypeStruct(slice_shape(np.shape(x), axis), jnp.result_type(x))
+
+  leaves = [(n, x) for n, x in named_leaves(tree) if filter_fn(n, one_layer(n, x))]
   nonzero = jax.device_get([jnp.count_nonzero(x) for _, x in leaves])
+  per_layer = jax.device_get({
+      n: jnp.count_nonzero(x, axis=tuple(i for i in range(np.ndim(x)) if i != layer_axes[n]))
+      for n, x in leaves if n in layer_axes})
   summary: dict[str, float] = {}
   total = total_nz = 0
   for (name, x), nz in zip(leaves, nonzero):
@@ -40,6 +57,11 @@ def summarize_sparsity(tree: PyTree, only_total: bool = False,
     total_nz += int(nz)
     if not only_total:
       summary[f'sparsity/{name}'] = 1.0 - int(nz) / size if size else 0.0
+      if name in per_layer:
+        layer_size = size // max(len(per_layer[name]), 1)
+        for i, layer_nz in enumerate(per_layer[name]):
+          summary[f'sparsity/{name}/layer_{i}'] = (
+              1.0 - int(layer_nz) / layer_size if layer_size else 0.0)
   summary['total_sparsity'] = 1.0 - total_nz / total if total else 0.0
   summary['total_params'] = float(total)
   summary['total_nonzero'] = float(total_nz)

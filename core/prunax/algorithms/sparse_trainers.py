@@ -105,8 +105,15 @@ class SET(StaticRandomSparse):
       grown = selection.topk_mask(selection.Lazy(_inactive_score, kept, g), n_drop, lazy=True)
       return selection.materialize(selection.Lazy(jnp.logical_or, kept, grown))
 
-    return jax.tree.map(lambda m, w, g, s: None if m is None else drop_and_grow(m, w, g, s),
-                        old_masks, params, grow, sparsities, is_leaf=_is_none)
+    def per_leaf(m, w, g, s, axis):
+      if m is None:
+        return None
+      if axis is None:
+        return drop_and_grow(m, w, g, s)
+      return selection.map_layers(lambda *x: drop_and_grow(*x, s), axis, m, w, g)
+
+    return jax.tree.map(per_leaf, old_masks, params, grow, sparsities,
+                        self.layer_axes_tree(params), is_leaf=_is_none)
 
 
 @dataclasses.dataclass(frozen=True)

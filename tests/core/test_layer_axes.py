@@ -1,0 +1,244 @@
+"""Stacked (scanned) layers: every slice along a layer axis is pruned as its own layer."""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+import prunax
+from prunax import sparsity_schedules as sched
+
+L, D = 4, 64
+
+
+def stacked_params(seed=0):
+  k = jax.random.split(jax.random.PRNGKey(seed), 2)
+  w = jax.random.normal(k[0], (L, D, D))
+  w = w.at[0].multiply(10.0)  # layer 0 dominates a whole-tensor top-k
+  return {'layers': {'kernel': w}, 'head': jax.random.normal(k[1], (D, 12))}
+
+
+def unrolled(params):
+  out = {f'layer{i}': {'kernel': params['layers']['kernel'][i]} for i in range(L)}
+  out['head'] = params['head']
+  return out
+
+
+def one_step(updater, params, grads=None):
+  tx = updater.wrap_optax(optax.sgd(0.0))
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params) if grads is None else grads
+  _, state = jax.jit(tx.update)(grads, state, params)
+  return prunax.bool_masks(state, params)
+
+
+def layer_sparsities(mask):
+  return [float(1.0 - np.mean(np.asarray(mask[i]))) for i in range(mask.shape[0])]
+
+
+AXES = {'layers/kernel': 0}
+
+
+def test_without_layer_axes_a_stack_is_pruned_to_death():
+  # The failure the layer axes fix: one top-k over the stack empties layers 1-3.
+  with pytest.warns(UserWarning, match="'layers/kernel'.*layer_axes"):
+    masks = one_step(prunax.MagnitudePruning(sparsity=0.8), stacked_params())
+  per_layer = layer_sparsities(masks['layers']['kernel'])
+  assert per_layer[0] < 0.3 and min(per_layer[1:]) > 0.99
+
+
+@pytest.mark.parametrize('structure', ['unstructured', 'nm_2,4', 'block_4,4', 'channel_-1'])
+def test_each_layer_at_its_target_and_equal_to_the_unrolled_model(structure):
+  sparsity = 0.5 if structure.startswith('nm') else 0.75
+  params = stacked_params()
+  stacked = one_step(prunax.MagnitudePruning(sparsity=sparsity, sparsity_type=structure,
+                                             layer_axes=AXES), params)
+  flat = one_step(prunax.MagnitudePruning(sparsity=sparsity, sparsity_type=structure),
+                  unrolled(params))
+  for i in range(L):
+    np.testing.assert_array_equal(stacked['layers']['kernel'][i], flat[f'layer{i}']['kernel'])
+  np.testing.assert_array_equal(stacked['head'], flat['head'])
+  assert layer_sparsities(stacked['layers']['kernel']) == [sparsity] * L
+
+
+def test_erk_treats_each_layer_as_a_leaf():
+  params = stacked_params()
+  dist = prunax.sparsity_distributions.erk
+  stacked = dist(params, 0.8, layer_axes=AXES)
+  flat = dist(unrolled(params), 0.8)
+  assert stacked['layers']['kernel'] == pytest.approx(flat['layer0']['kernel'], abs=1e-12)
+  assert stacked['head'] == pytest.approx(flat['head'], abs=1e-12)
+  # Without layer axes the layer axis counts as a fan dimension (the reported bug).
+  assert dist(params, 0.8)['layers']['kernel'] != pytest.approx(stacked['layers']['kernel'])
+
+
+def test_stacked_biases_are_not_pruned_by_the_default_filter():
+  params = dict(stacked_params(), layers={'kernel': jnp.ones((L, D, D)), 'bias': jnp.ones((L, D))})
+  targets = prunax.MagnitudePruning(
+      sparsity=0.5, layer_axes={'layers/.*': 0}).target_sparsities(params)
+  assert targets['layers']['bias'] is None and targets['layers']['kernel'] == 0.5
+
+
+@pytest.mark.parametrize('make', [
+    lambda: prunax.RigL(sparsity=0.8, sparsity_distribution_fn='erk', layer_axes=AXES,
+                        scheduler=sched.PeriodicSchedule(1, 0)),
+    lambda: prunax.SET(sparsity=0.8, layer_axes=AXES, scheduler=sched.PeriodicSchedule(1, 0)),
+    lambda: prunax.StaticRandomSparse(sparsity=0.8, layer_axes=AXES),
+    lambda: prunax.RandomPruning(sparsity=0.8, layer_axes=AXES),
+    lambda: prunax.SteMagnitudePruning(sparsity=0.8, layer_axes=AXES),
+], ids=['rigl_erk', 'set', 'static', 'random', 'ste'])
+def test_sparse_training_keeps_every_layer_exact(make):
+  updater = make()
+  params = stacked_params()
+  target = updater.target_sparsities(params)['layers']['kernel']
+  tx = updater.wrap_optax(optax.adam(1e-2))
+  state = tx.init(params)
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(3), x.shape), params)
+  update = jax.jit(tx.update)
+  for _ in range(3):
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  mask = prunax.bool_masks(state, params)['layers']['kernel']
+  expected = 1.0 - int(D * D - int(np.round(np.float32(target) * np.float32(D * D)))) / (D * D)
+  assert layer_sparsities(mask) == pytest.approx([expected] * L, abs=1e-9)
+  # Random draws differ between layers (one stream per layer).
+  if updater.is_sparse_training or isinstance(updater, prunax.RandomPruning):
+    assert not np.array_equal(mask[1], mask[2])
+
+
+def test_summary_reports_each_layer():
+  params = stacked_params()
+  masks = one_step(prunax.MagnitudePruning(sparsity=0.75, layer_axes=AXES), params)
+  summary = prunax.summarize_sparsity(masks, layer_axes=AXES)
+  assert [summary[f'sparsity/layers/kernel/layer_{i}'] for i in range(L)] == [0.75] * L
+
+
+class ScannedBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    init = nn.initializers.lecun_normal()
+    h = nn.Dense(32, kernel_init=nn.with_logical_partitioning(init, ('embed', 'mlp')))(x)
+    out = nn.Dense(16, kernel_init=nn.with_logical_partitioning(init, ('mlp', 'embed')))
+    return x + out(nn.relu(h)), None
+
+
+class ScannedStack(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(ScannedBlock, variable_axes={'params': 0}, split_rngs={'params': True},
+                    length=3, metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, _ = stack()(x, None)
+    return nn.Dense(4)(x)
+
+
+def test_linen_scan_layer_axes_are_read_from_the_boxes():
+  variables = ScannedStack().init(jax.random.PRNGKey(0), jnp.ones((2, 16)))
+  axes = prunax.layers.layer_axes_from_flax(variables['params'])
+  assert axes == {'ScanScannedBlock_0/Dense_0/kernel': 0, 'ScanScannedBlock_0/Dense_1/kernel': 0}
+  params = nn.unbox(variables['params'])
+  # Unboxed params with the mapping, and boxed params with nothing declared, agree.
+  masks = one_step(prunax.MagnitudePruning(sparsity=0.7, layer_axes=axes), params)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # no "looks stacked" warning: the boxes say it
+    boxed = one_step(prunax.MagnitudePruning(sparsity=0.7), variables['params'])
+  for name in ('Dense_0', 'Dense_1'):
+    mask = masks['ScanScannedBlock_0'][name]['kernel']
+    np.testing.assert_array_equal(mask, nn.unbox(boxed)['ScanScannedBlock_0'][name]['kernel'])
+    assert layer_sparsities(mask) == pytest.approx(
+        [1.0 - (mask[0].size - round(0.7 * mask[0].size)) / mask[0].size] * 3)
+
+
+class Linear(nnx.Module):
+  def __init__(self, rngs):
+    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (16, 16)),
+                            out_sharding=('embed', 'mlp'), eager_sharding=False)
+
+  def __call__(self, x):
+    return x @ self.kernel
+
+
+class NnxStack(nnx.Module):
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make(rngs):
+      return Linear(rngs)
+
+    self.layers = make(rngs)
+    self.head = nnx.Linear(16, 4, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def body(layer, x):
+      return jnp.tanh(layer(x))
+
+    return self.head(body(self.layers, x))
+
+
+def test_nnx_optimizer_without_declared_axes_warns_at_update():
+  model = NnxStack(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, prunax.MagnitudePruning(sparsity=0.75).wrap_optax(
+      optax.sgd(0.1)), wrt=nnx.Param)
+  grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+  with pytest.warns(UserWarning, match="'layers/kernel'.*no layer axis"):
+    optimizer.update(model, grads)
+
+
+def test_nnx_stacked_model_with_nnx_optimizer():
+  model = NnxStack(nnx.Rngs(0))
+  # nnx.Optimizer gives update() plain arrays: the axes are read from the Variables once.
+  axes = prunax.layers.layer_axes_from_flax(nnx.state(model, nnx.Param))
+  assert axes == {'layers/kernel': 0}
+  updater = prunax.MagnitudePruning(sparsity=0.75, layer_axes=axes)
+  optimizer = nnx.Optimizer(model, updater.wrap_optax(optax.adam(1e-2)), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 16))
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+
+  for _ in range(2):
+    step(model, optimizer)
+  kernel = np.asarray(model.layers.kernel[...])
+  assert layer_sparsities(kernel != 0) == [0.75] * 3
+
+
+@pytest.mark.parametrize('spec, error', [
+    ({'nothing/.*': 0}, ValueError),
+    ({'layers/kernel': 3}, ValueError),
+    ({'layers/kernel': True}, TypeError),
+    ({'layers/kernel': '0'}, TypeError),
+    ([('layers/kernel', 0, 1)], TypeError),
+])
+def test_bad_layer_axes_are_rejected(spec, error):
+  with pytest.raises(error, match='layer'):
+    prunax.MagnitudePruning(sparsity=0.5, layer_axes=spec).target_sparsities(stacked_params())
+
+
+@settings(max_examples=20, deadline=None)
+@given(layers=st.integers(1, 4), rows=st.integers(1, 9), cols=st.integers(1, 40),
+       axis=st.integers(0, 1), sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 2**16))
+def test_exact_count_in_every_layer(layers, rows, cols, axis, sparsity, seed):
+  shape = [rows, cols]
+  shape.insert(axis, layers)
+  w = jax.random.normal(jax.random.PRNGKey(seed), shape)
+  updater = prunax.MagnitudePruning(sparsity=sparsity, layer_axes={'w': axis})
+  _, masks = updater.instant_sparsify({'w': w})
+  per_layer = np.moveaxis(np.asarray(masks['w']), axis, 0).reshape(layers, -1)
+  n = rows * cols
+  kept = n - int(np.round(np.float32(sparsity) * np.float32(n)))
+  assert per_layer.sum(axis=1).tolist() == [kept] * layers
+  # Each layer keeps its own largest magnitudes.
+  scores = np.moveaxis(np.abs(np.asarray(w)), axis, 0).reshape(layers, -1)
+  for i in range(layers):
+    if 0 < kept < n:
+      assert scores[i][per_layer[i]].min() >= scores[i][~per_layer[i]].max()
