@@ -242,3 +242,36 @@ def test_exact_count_in_every_layer(layers, rows, cols, axis, sparsity, seed):
   for i in range(layers):
     if 0 < kept < n:
       assert scores[i][per_layer[i]].min() >= scores[i][~per_layer[i]].max()
+
+
+@pytest.mark.parametrize('make', [
+    lambda axes: prunax.AutoSparse(s_init=-1.5, threshold_lr=5.0, backward_sparsity=0.5,
+                                   layer_axes=axes),
+    lambda axes: prunax.TopKAST(sparsity=0.8, backward_sparsity=0.5, penalty=1e-3,
+                                layer_axes=axes),
+], ids=['autosparse', 'topkast'])
+def test_ste_families_match_the_unrolled_model(make):
+  params = stacked_params()
+  params['layers']['kernel'] = params['layers']['kernel'] * 0.3
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(5), x.shape), params)
+  flat_grads = unrolled(grads)
+
+  def train(updater, p, g):
+    tx = updater.wrap_optax(optax.sgd(0.05))
+    state = tx.init(p)
+    update = jax.jit(tx.update)
+    for _ in range(3):
+      updates, state = update(g, state, p)
+      p = optax.apply_updates(p, updates)
+    return p, prunax.get_sparse_state(state)
+
+  p_stack, s_stack = train(make(AXES), params, grads)
+  p_flat, s_flat = train(make(None), unrolled(params), flat_grads)
+  for i in range(L):
+    np.testing.assert_allclose(p_stack['layers']['kernel'][i], p_flat[f'layer{i}']['kernel'],
+                               rtol=1e-5, atol=1e-6)
+  if s_stack.thresholds is not None:
+    per_layer = np.asarray(s_stack.thresholds['layers']['kernel']).reshape(-1)
+    expected = [float(s_flat.thresholds[f'layer{i}']['kernel']) for i in range(L)]
+    np.testing.assert_allclose(per_layer, expected, rtol=1e-5)
+    assert len(set(np.round(per_layer, 6))) == L  # layer 0 learns its own threshold

@@ -35,8 +35,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from prunax import annealing
+from prunax import selection
 from prunax import sparsity_schedules
 from prunax import sparsity_types
 from prunax.base_updater import BaseUpdater
@@ -64,6 +66,13 @@ def _split_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
       (jnp.where(mask, x, zero), jnp.where(mask, zero, x)), (jnp.float32(0), jnp.float32(0)),
       lambda a, b: (a[0] + b[0], a[1] + b[1]), (1,))
   return jnp.sum(inside) + jnp.sum(outside)
+
+
+def _layer_axis(s: jax.Array, w: jax.Array) -> int | None:
+  """The layer axis of a stacked leaf ``w`` from its per-layer thresholds ``s`` (or None)."""
+  if jnp.ndim(s) == 0 or jnp.size(s) == 1 and jnp.ndim(w) != jnp.ndim(s):
+    return None
+  return int(np.argmax(np.shape(s)))
 
 
 def soft_threshold(w: jax.Array, s: jax.Array) -> jax.Array:
@@ -114,8 +123,17 @@ class AutoSparse(BaseUpdater):
   # ---------------------------------------------------------------------- thresholds
 
   def init_thresholds(self, params, targets):
-    return jax.tree.map(lambda t, p: None if t is None else jnp.float32(self.s_init),
-                        targets, params, is_leaf=_is_none)
+    # One threshold per leaf, or per layer of a stacked leaf (shaped to broadcast).
+    def init(t, p, axis):
+      if t is None:
+        return None
+      if axis is None:
+        return jnp.float32(self.s_init)
+      shape = [1] * jnp.ndim(p)
+      shape[axis] = jnp.shape(p)[axis]
+      return jnp.full(shape, self.s_init, jnp.float32)
+
+    return jax.tree.map(init, targets, params, self.layer_axes_tree(params), is_leaf=_is_none)
 
   def _s(self, sparse_state: SparseState | None, params):
     if sparse_state is None or sparse_state.thresholds is None:
@@ -141,14 +159,14 @@ class AutoSparse(BaseUpdater):
     """Per-weight proxy derivative of ``h``: 1 on A, alpha on B minus A, 0 outside B."""
     alpha = self.alpha(sparse_state.count)
 
-    def scale(m, w):
+    def scale(m, w, s):
       out = jnp.where(m, 1.0, alpha)
       if self.backward_sparsity is not None:
-        in_b = sparsity_types.Unstructured().mask(jnp.abs(w), self.backward_sparsity) | m
+        in_b = self.leaf_mask(jnp.abs(w), self.backward_sparsity, _layer_axis(s, w)) | m
         out = jnp.where(in_b, out, 0.0)
       return out
 
-    return map_masked(scale, masks, dense)
+    return map_masked(scale, masks, dense, sparse_state.thresholds)
 
   def transform_gradients(self, grads, dense, masks, sparse_state):
     scales = self._proxy_scale(dense, masks, sparse_state)
@@ -161,7 +179,12 @@ class AutoSparse(BaseUpdater):
     def grad_s(m, g, w, c, s):
       s = jnp.asarray(s, jnp.float32)
       dt_ds = jax.nn.sigmoid(s) * (1.0 - jax.nn.sigmoid(s))
-      return -dt_ds * _split_sum(g.astype(jnp.float32) * jnp.sign(w).astype(jnp.float32) * c, m)
+      x = g.astype(jnp.float32) * jnp.sign(w).astype(jnp.float32) * c
+      if jnp.ndim(s) == 0:
+        return -dt_ds * _split_sum(x, m)
+      # Per-layer thresholds of a stacked leaf: one sum per layer.
+      axis = _layer_axis(s, w)
+      return -dt_ds * selection.map_layers(_split_sum, axis, x, m).reshape(s.shape)
 
     return map_masked(grad_s, masks, grads, dense, scales, sparse_state.thresholds)
 

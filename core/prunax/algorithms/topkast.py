@@ -59,9 +59,8 @@ class TopKAST(SteMagnitudePruning):
 
   def backward_masks(self, dense, masks):
     """B: the forward set plus the top ``1 - backward_sparsity`` weights by magnitude."""
-    unstructured = sparsity_types.Unstructured()
-    return map_masked(lambda m, w: m | unstructured.mask(jnp.abs(w), self.backward_sparsity),
-                      masks, dense)
+    return map_masked(lambda m, w, a: m | self.leaf_mask(jnp.abs(w), self.backward_sparsity, a),
+                      masks, dense, self.layer_axes_tree(dense))
 
   def transform_gradients(self, grads, dense, masks, sparse_state):
     alpha = self.alpha(sparse_state.count)
