@@ -1,0 +1,101 @@
+"""Compile time of a pruned train step against the dense step, by number of prunable leaves.
+
+Run from the repository root::
+
+  python -m benchmarks.compile_time                 # MLPs of 4, 16, 64 layers of 256x256
+  python -m benchmarks.compile_time --layers 4,16 --repeats 3 --algorithms magnitude,rigl
+
+Each repeat compiles (``jax.jit(step).lower(params, state).compile()``, caches cleared)
+the dense step and every pruned step of the same model, and reports the pruned / dense
+ratio of trace + compile seconds (min / median / max over repeats). Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import prunax
+from prunax import sparsity_schedules as sched
+
+ALGORITHMS = {
+    'magnitude': lambda: prunax.MagnitudePruning(
+        sparsity=0.9, scheduler=sched.PolynomialSchedule(10, 0, 100)),
+    'global_magnitude': lambda: prunax.GlobalMagnitudePruning(
+        sparsity=0.9, scheduler=sched.PolynomialSchedule(10, 0, 100)),
+    'set': lambda: prunax.SET(sparsity=0.9, scheduler=sched.PeriodicSchedule(10, 0, 100)),
+    'rigl': lambda: prunax.RigL(sparsity=0.9, scheduler=sched.PeriodicSchedule(10, 0, 100)),
+    'magnitude_ste': lambda: prunax.SteMagnitudePruning(sparsity=0.9),
+    'autosparse': lambda: prunax.AutoSparse(),
+}
+
+
+def mlp_params(layers: int, width: int = 256):
+  keys = jax.random.split(jax.random.PRNGKey(0), layers)
+  return {f'layer{i}': {'kernel': jax.random.normal(keys[i], (width, width)) / 16.0,
+                        'bias': jnp.zeros(width)} for i in range(layers)}
+
+
+def loss(params, x):
+  for i in range(len(params)):
+    x = jnp.tanh(x @ params[f'layer{i}']['kernel'] + params[f'layer{i}']['bias'])
+  return jnp.mean(x ** 2)
+
+
+def compile_seconds(tx, params, x) -> float:
+  def step(p, s):
+    g = jax.grad(loss)(p, x)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  state = tx.init(params)
+  jax.clear_caches()
+  start = time.perf_counter()
+  jax.jit(step, donate_argnums=(0, 1)).lower(params, state).compile()
+  return time.perf_counter() - start
+
+
+def cpu_model() -> str:
+  try:
+    out = subprocess.run(['lscpu'], capture_output=True, text=True, check=False).stdout
+    return next(line.split(':', 1)[1].strip() for line in out.splitlines()
+                if line.startswith('Model name'))
+  except (OSError, StopIteration):
+    return platform.processor() or 'unknown'
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--layers', default='4,16,64')
+  parser.add_argument('--algorithms', default=','.join(ALGORITHMS))
+  parser.add_argument('--repeats', type=int, default=3)
+  args = parser.parse_args(argv)
+  print(f'# Compile time, pruned / dense train step (adam, 256x256 layers, sparsity 0.9)')
+  print(f'jax {jax.__version__}, {cpu_model()}, {os.cpu_count()} cores, '
+        f'{time.strftime("%Y-%m-%d")}\n')
+  print('| layers | algorithm | dense s (median) | pruned s (median) | ratio min / median / max |')
+  print('|---|---|---|---|---|')
+  for layers in [int(n) for n in args.layers.split(',')]:
+    params = mlp_params(layers)
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 256))
+    for name in args.algorithms.split(','):
+      dense, pruned = [], []
+      for _ in range(args.repeats):
+        dense.append(compile_seconds(optax.adam(1e-3), params, x))
+        pruned.append(compile_seconds(ALGORITHMS[name]().wrap_optax(optax.adam(1e-3)), params, x))
+      ratios = [p / d for p, d in zip(pruned, dense)]
+      print(f'| {layers} | {name} | {statistics.median(dense):.2f} | '
+            f'{statistics.median(pruned):.2f} | {min(ratios):.2f} / '
+            f'{statistics.median(ratios):.2f} / {max(ratios):.2f} |', flush=True)
+
+
+if __name__ == '__main__':
+  main()
