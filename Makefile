@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PACKAGES := -e ./core[compare] -e ./integrations/fedjax -e ./integrations/dopamine \
             -e ./integrations/t5x -e ./integrations/scenic
-DEV := pytest pytest-xdist ruff
+DEV := pytest pytest-xdist ruff hypothesis
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
