@@ -22,6 +22,8 @@ SCRIPT = textwrap.dedent('''
     assert jax.device_count() == 8, jax.devices()
 
     def _spec(x):
+      if not isinstance(x.sharding, NamedSharding):
+        return repr(x.sharding)  # e.g. all on one device
       spec = list(x.sharding.spec)
       while spec and spec[-1] is None:  # P('model') == P('model', None)
         spec.pop()
