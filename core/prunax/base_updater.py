@@ -55,8 +55,9 @@ class SparseState(NamedTuple):
 
   Attributes:
     inner_state: state of the wrapped optax transformation.
-    masks: tree like params; 1-bit keep-masks packed along the last axis (or one uint8 per
-      weight with ``packed_masks=False``), None for leaves that are not pruned.
+    masks: tree like params; 1-bit keep-masks packed along the last axis (by
+      :func:`pack_mask`, in byte blocks that shard like the param) or one uint8 per weight
+      with ``packed_masks=False``; None for leaves that are not pruned.
     count: int32 number of updates done.
     rng: uint32 PRNG key data of shape (2,) (the key is folded with ``count`` when used).
     dense_params: the dense weights of STE-style algorithms, else None.
@@ -264,7 +265,9 @@ class BaseUpdater:
     scheduler: a :mod:`prunax.sparsity_schedules` schedule.
     seed: seed of the RNG key kept in the state (random scores, random initial masks).
     packed_masks: store masks as 1 bit per weight, packed along the last axis (the
-      default: 1/32 of fp32 params), instead of one uint8 per weight (1/4).
+      default: about 1/32 of fp32 params, see :func:`pack_mask`), instead of one uint8 per
+      weight (1/4). Packed masks shard like their params when the last axis is split 2,
+      4 or 8 ways or leaves a multiple of 8 weights per shard; ``False`` for other splits.
   """
 
   sparsity: float | None = None
