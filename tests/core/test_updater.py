@@ -18,6 +18,7 @@ from tests.core.conftest import loss_fn
 from tests.core.conftest import make_batch
 from tests.core.conftest import make_step
 from tests.core.conftest import mlp_params
+from tests.core.conftest import packed_mask_nbytes
 from tests.core.conftest import run
 
 GRADUAL = sched.PolynomialSchedule(update_freq=2, update_start_step=1, update_end_step=7)
@@ -100,13 +101,7 @@ def test_params_exactly_as_sparse_as_scheduled_with_uint8_and_packed_masks(name)
   stored = [jax.tree.leaves(prunax.get_sparse_state(s).masks) for s in (s0, s1)]
   assert all(m.dtype == jnp.uint8 for m in stored[0] + stored[1])
   # 1 bit per weight, in gcd(d, 8) blocks of whole bytes along a last axis of d weights.
-  assert [m.nbytes for m in stored[1]] == [_packed_nbytes(m.shape) for m in stored[0]]
-
-
-def _packed_nbytes(shape):
-  d = shape[-1]
-  blocks = math.gcd(d, 8) if (d // math.gcd(d, 8)) % 8 else 1
-  return math.prod(shape) // d * blocks * -(-(d // blocks) // 8)
+  assert [m.nbytes for m in stored[1]] == [packed_mask_nbytes(m.shape) for m in stored[0]]
 
 
 @pytest.mark.parametrize('name', ['magnitude', 'magnitude_ste', 'rigl', 'global_magnitude'])
