@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.shard_alike import shard_alike
 
 from prunax import layers
 from prunax import selection
@@ -56,8 +57,9 @@ class SparseState(NamedTuple):
 
   Attributes:
     inner_state: state of the wrapped optax transformation.
-    masks: tree like params; 1-bit keep-masks packed along the last axis (or one uint8 per
-      weight with ``packed_masks=False``), None for leaves that are not pruned.
+    masks: tree like params; 1-bit keep-masks packed along the last axis (by
+      :func:`pack_mask`, in byte blocks that shard like the param) or one uint8 per weight
+      with ``packed_masks=False``; None for leaves that are not pruned.
     count: int32 number of updates done.
     rng: uint32 PRNG key data of shape (2,) (the key is folded with ``count`` when used).
     dense_params: the dense weights of STE-style algorithms, else None.
@@ -124,17 +126,46 @@ def get_sparse_state(opt_state: PyTree) -> SparseState:
 # bytes: byte e // 8, most significant bit first (numpy's packbits order).
 _ROW_SHIFTS = np.array([8 * (e // 8) + 7 - e % 8 for e in range(32)], np.uint32)
 
+# The last axis of a mask is packed in gcd(d, _PACK_BLOCKS) blocks, each to whole bytes, so
+# that every split of it into 2, 4 or 8 equal shards falls on byte boundaries: a packed mask
+# shards like its param (same PartitionSpec, each device packs its own weights).
+_PACK_BLOCKS = 8
+
+
+def _pack_blocks(d: int) -> tuple[int, int]:
+  """``(blocks, weights per block)`` of the packed layout of a last axis of ``d`` weights.
+
+  Blocks of a multiple of 8 weights pack to the same bits as the whole axis, so such axes
+  are one block (numpy's ``packbits``).
+  """
+  blocks = math.gcd(d, _PACK_BLOCKS) if d else 1
+  if (d // blocks) % 8 == 0:
+    return 1, d
+  return blocks, d // blocks
+
 
 def pack_mask(mask: jax.Array) -> jax.Array:
-  """Packs a boolean mask into uint8 bits along its last axis (shape ``(..., ceil(d/8))``).
+  """Packs a boolean mask into uint8 bits along its last axis.
 
-  The bits are numpy's ``packbits`` (most significant bit first). When the last axis
-  holds a multiple of 32 weights they are packed 32 at a time into a uint32 word, which
-  keeps the packing a plain loop over rows of the flat mask.
+  The last axis (``d`` weights) is cut into ``b = gcd(d, 8)`` equal blocks and each block
+  is packed by numpy's ``packbits`` (most significant bit first, the block's last byte
+  padded with zeros), giving shape ``(..., b * ceil(d / (8 * b)))``. When ``d / b`` is a
+  multiple of 8 this is ``packbits`` of the whole axis. The blocks make the packing
+  shard-local: a split of the last axis into 2, 4 or 8 shards (or any split leaving a
+  multiple of 8 weights per shard) is a split of the packed bytes, so the packed mask
+  takes its param's sharding and is the same whatever the sharding. When the last axis
+  holds a multiple of 32 weights in one block, they are packed 32 at a time into a uint32
+  word, which keeps the packing a plain loop over rows of the flat mask.
   """
   mask = mask.astype(bool)
   shape = jnp.shape(mask)
-  if not shape or shape[-1] % 32:
+  if not shape:
+    return jnp.packbits(mask, axis=-1)
+  blocks, width = _pack_blocks(shape[-1])
+  if blocks > 1:
+    packed = jnp.packbits(mask.reshape(shape[:-1] + (blocks, width)), axis=-1)
+    return packed.reshape(shape[:-1] + (blocks * packed.shape[-1],))
+  if not _one_block_of_words(shape[-1]):
     return jnp.packbits(mask, axis=-1)
   # Only the last axis is split, so the packed mask keeps the mask's sharding.
   bits = mask.reshape(shape[:-1] + (shape[-1] // 32, 32)).astype(jnp.uint32) << _ROW_SHIFTS
@@ -145,22 +176,47 @@ def pack_mask(mask: jax.Array) -> jax.Array:
 
 def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Inverse of :func:`pack_mask` for a parameter of ``shape``; returns a bool mask."""
-  return jnp.unpackbits(packed, axis=-1, count=shape[-1]).astype(bool).reshape(shape)
+  shape = tuple(shape)
+  blocks, width = _pack_blocks(shape[-1])
+  packed = packed.reshape(shape[:-1] + (blocks, -1))
+  return jnp.unpackbits(packed, axis=-1, count=width).astype(bool).reshape(shape)
 
 
 def _packed_bits_at(packed: jax.Array, shape: tuple[int, ...], stride: int) -> jax.Array:
   """Bits of every ``stride``-th weight (flat order) of a mask packed by :func:`pack_mask`."""
   d = shape[-1]
+  _, width = _pack_blocks(d)
   flat = jnp.arange(0, math.prod(shape), stride)
   row, col = flat // d, flat % d
-  byte = packed.reshape(-1, packed.shape[-1])[row, col // 8]
-  return ((byte >> (7 - col % 8).astype(jnp.uint8)) & 1).astype(bool)
+  at = col % width  # position in its block; each block starts a byte
+  byte = packed.reshape(-1, packed.shape[-1])[row, (col // width) * -(-width // 8) + at // 8]
+  return ((byte >> (7 - at % 8).astype(jnp.uint8)) & 1).astype(bool)
+
+
+def _one_block_of_words(d: int) -> bool:
+  """Whether a last axis of ``d`` weights packs as one block of uint32 words."""
+  return _pack_blocks(d)[0] == 1 and d % 32 == 0
 
 
 def _packed_rows(packed: jax.Array) -> jax.Array:
-  """A packed mask whose last axis has a multiple of 32 weights, as bool ``(n // 32, 32)``."""
+  """A packed mask of one block of a multiple of 32 weights, as bool ``(n // 32, 32)``."""
   words = jax.lax.bitcast_convert_type(packed.reshape(-1, 4), jnp.uint32)
   return ((words[:, None] >> _ROW_SHIFTS) & 1).astype(bool)
+
+
+def _shard_like_param(stored: jax.Array, param: jax.Array) -> jax.Array:
+  """``stored`` (a mask of ``param``: uint8, or packed by :func:`pack_mask`), constrained
+  under ``jit`` to be sharded like ``param`` (through a view of the param with one
+  weight per packed byte, which has the packed shape)."""
+  shape = jnp.shape(param)
+  if stored.shape != shape:
+    blocks, width = _pack_blocks(shape[-1])
+    if width % 8 == 0:  # one block of whole bytes: split the axis, not a slice of it
+      param = param.reshape(shape[:-1] + (width // 8, 8))[..., 0]
+    else:
+      param = param.reshape(shape[:-1] + (blocks, width))[..., ::8]
+    param = param.reshape(stored.shape)
+  return shard_alike(param, stored)[1]
 
 
 def lazy_masks(masks: PyTree, params: PyTree) -> PyTree:
@@ -183,7 +239,7 @@ def lazy_mask(stored: jax.Array, shape: tuple[int, ...]) -> selection.Lazy:
   # expression reads one layer's slice of a stacked mask (selection.map_layers).
   return selection.Lazy(lambda x: unpack_mask(x, x.shape[:-1] + (d,)), stored, shape=shape,
                         sample=lambda stride, x: _packed_bits_at(x, x.shape[:-1] + (d,), stride),
-                        rows=_packed_rows if d % 32 == 0 else None)
+                        rows=_packed_rows if _one_block_of_words(d) else None)
 
 
 def unpack_masks(masks: PyTree, params: PyTree) -> PyTree:
@@ -214,7 +270,9 @@ class BaseUpdater:
     scheduler: a :mod:`prunax.sparsity_schedules` schedule.
     seed: seed of the RNG key kept in the state (random scores, random initial masks).
     packed_masks: store masks as 1 bit per weight, packed along the last axis (the
-      default: 1/32 of fp32 params), instead of one uint8 per weight (1/4).
+      default: about 1/32 of fp32 params, see :func:`pack_mask`), instead of one uint8 per
+      weight (1/4). Packed masks shard like their params when the last axis is split 2,
+      4 or 8 ways or leaves a multiple of 8 weights per shard; ``False`` for other splits.
     layer_axes: ``{parameter name or regex: axis}`` of stacked (scanned) parameters,
       whose slices along ``axis`` are layers (see :mod:`prunax.layers`); axes named
       ``'layers'`` in flax boxed params are read without being declared.
@@ -423,9 +481,13 @@ class BaseUpdater:
     targets = self.target_sparsities(params)
     self._warn_undeclared_stacks(params, targets)
     masks = self.init_masks(params, targets)
+    # Masks that do not depend on the weights (all ones, random) would come out of a jitted
+    # init replicated: each stored mask is tied to its param, so it is sharded like it.
+    stored = jax.tree.map(lambda m, p: None if m is None else _shard_like_param(m, p),
+                          self._store(masks), params, is_leaf=_is_none)
     return SparseState(
         inner_state=inner_state,
-        masks=self._store(masks),
+        masks=stored,
         count=jnp.zeros([], jnp.int32),
         rng=jax.random.PRNGKey(self.seed),
         # A copy: the state must not share buffers with params (train steps donate both).

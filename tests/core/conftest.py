@@ -1,5 +1,7 @@
 """Shared fixtures of the core tests: a small MLP regression problem."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -13,6 +15,16 @@ def mlp_params(seed: int = 0, sizes=(12, 16, 8)):
     params[f'layer{i}'] = {'kernel': jax.random.normal(keys[i], (a, b)) / jnp.sqrt(a),
                            'bias': jnp.zeros(b)}
   return params
+
+
+
+def packed_mask_nbytes(shape) -> int:
+  """Bytes of a 1-bit mask of ``shape`` packed as ``prunax.pack_mask`` documents: the last
+  axis (d weights) in gcd(d, 8) blocks of whole bytes (one block if blocks would hold a
+  multiple of 8 weights)."""
+  d = shape[-1]
+  blocks = math.gcd(d, 8) if (d // math.gcd(d, 8)) % 8 else 1
+  return math.prod(shape) // d * blocks * -(-(d // blocks) // 8)
 
 
 def mlp_apply(params, x):

@@ -16,6 +16,7 @@ from prunax import cli
 from prunax import compare
 from prunax.compare import config as config_lib
 from prunax.compare import report
+from tests.core.conftest import packed_mask_nbytes
 
 PNG_HEADER = b'\x89PNG\r\n\x1a\n'
 ALGORITHMS = ['no_prune', 'magnitude', 'random']
@@ -97,10 +98,9 @@ def test_std_over_seeds(quick_run):
 def test_mask_memory_and_flops(quick_run):
   cells = {(r['algorithm'], r['seed']): r for r in _rows(os.path.join(quick_run, 'cells.csv'))}
   params = compare.load_params(quick_run, 'magnitude', 0)
-  # 1-bit masks of the pruned (ndim >= 2) leaves, packed along the last axis (whole
-  # bytes per row), over float32 params.
-  mask_bytes = sum(x.size // x.shape[-1] * -(-x.shape[-1] // 8)
-                   for x in params.values() if x.ndim >= 2)
+  # 1-bit masks of the pruned (ndim >= 2) leaves, packed along the last axis (byte
+  # blocks), over float32 params.
+  mask_bytes = sum(packed_mask_nbytes(x.shape) for x in params.values() if x.ndim >= 2)
   param_bytes = sum(x.nbytes for x in params.values())
   assert float(cells[('magnitude', '0')]['mask_memory']) == mask_bytes / param_bytes
   assert float(cells[('no_prune', '0')]['mask_memory']) == 0.0

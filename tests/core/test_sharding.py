@@ -22,6 +22,8 @@ SCRIPT = textwrap.dedent('''
     assert jax.device_count() == 8, jax.devices()
 
     def _spec(x):
+      if not isinstance(x.sharding, NamedSharding):
+        return repr(x.sharding)  # e.g. all on one device
       spec = list(x.sharding.spec)
       while spec and spec[-1] is None:  # P('model') == P('model', None)
         spec.pop()
@@ -84,6 +86,22 @@ SCRIPT = textwrap.dedent('''
       report[name] = {'masks_equal': masks_equal, 'max_gap': gap,
                       'sparsity': prunax.summarize_sparsity(p8)['total_sparsity'],
                       'specs': state_specs}
+    # The state of a jitted init, before any step (masks that do not depend on the weights:
+    # all ones, random RigL masks), is sharded like the params without shardings passed in.
+    sharded = jax.device_put(params, shardings)
+    report['init'] = {}
+    for name, updater in {
+        'magnitude': prunax.MagnitudePruning(sparsity=0.8),
+        'rigl': prunax.RigL(sparsity=0.8),
+        'ste': prunax.SteMagnitudePruning(sparsity=0.7),
+        'autosparse': prunax.AutoSparse(),
+        'global_magnitude': prunax.GlobalMagnitudePruning(sparsity=0.6),
+    }.items():
+      st = prunax.get_sparse_state(jax.jit(updater.wrap_optax(optax.adam(1e-2)).init)(sharded))
+      report['init'][name] = {
+          f'{kind}_{n}': _spec(x)
+          for kind, tree in (('mask', st.masks), ('dense', st.dense_params))
+          for n, x in (tree or {}).items() if isinstance(x, jax.Array)}  # pruned leaves only
     print('REPORT' + json.dumps(report))
 ''')
 
@@ -116,3 +134,12 @@ def test_state_is_sharded_like_the_params(report, name):
   assert specs['mask_w2'] == ['model'], specs
   if 'dense_w1' in specs:
     assert specs['dense_w1'] == expected, specs
+
+
+@pytest.mark.parametrize('name', ['magnitude', 'rigl', 'ste', 'autosparse', 'global_magnitude'])
+def test_jitted_init_state_is_sharded_like_the_params(report, name):
+  specs = report['init'][name]
+  expected = {'mask_w1': ['data', 'model'], 'mask_w2': ['model']}
+  if name in ('ste', 'autosparse'):
+    expected.update(dense_w1=['data', 'model'], dense_w2=['model'])
+  assert specs == expected

@@ -1,6 +1,7 @@
 """The self-sufficient wrapped transformation, for every algorithm of the core."""
 
 import dataclasses
+import math
 
 import flax
 import jax
@@ -17,6 +18,7 @@ from tests.core.conftest import loss_fn
 from tests.core.conftest import make_batch
 from tests.core.conftest import make_step
 from tests.core.conftest import mlp_params
+from tests.core.conftest import packed_mask_nbytes
 from tests.core.conftest import run
 
 GRADUAL = sched.PolynomialSchedule(update_freq=2, update_start_step=1, update_end_step=7)
@@ -98,8 +100,8 @@ def test_params_exactly_as_sparse_as_scheduled_with_uint8_and_packed_masks(name)
   jax.tree.map(np.testing.assert_array_equal, _bool_masks(s0, params), _bool_masks(s1, params))
   stored = [jax.tree.leaves(prunax.get_sparse_state(s).masks) for s in (s0, s1)]
   assert all(m.dtype == jnp.uint8 for m in stored[0] + stored[1])
-  # 1 bit per weight: every last axis here is a multiple of 8.
-  assert sum(m.nbytes for m in stored[1]) * 8 == sum(m.nbytes for m in stored[0])
+  # 1 bit per weight, in gcd(d, 8) blocks of whole bytes along a last axis of d weights.
+  assert [m.nbytes for m in stored[1]] == [packed_mask_nbytes(m.shape) for m in stored[0]]
 
 
 @pytest.mark.parametrize('name', ['magnitude', 'magnitude_ste', 'rigl', 'global_magnitude'])
@@ -509,13 +511,19 @@ def test_global_pruning_honours_custom_map_and_rejects_erk():
     prunax.GlobalMagnitudePruning(sparsity=0.5, sparsity_distribution_fn='erk')
 
 
-@pytest.mark.parametrize('shape', [(64,), (3, 96), (2, 3, 32), (5, 40), (7,), (4, 8)])
+@pytest.mark.parametrize('shape', [(64,), (3, 96), (2, 3, 32), (5, 40), (7,), (4, 8), (3, 200),
+                                   (2, 100), (72,), (6, 12), (2, 1536)])
 def test_pack_mask_is_numpy_packbits_and_lazy_masks_read_it(shape):
   from prunax import base_updater
   from prunax import selection
   m = np.random.default_rng(sum(shape)).random(shape) < 0.4
   packed = base_updater.pack_mask(jnp.asarray(m))
-  np.testing.assert_array_equal(packed, np.packbits(m, axis=-1))
+  # numpy's packbits of each of gcd(d, 8) blocks of the last axis (one block when the
+  # blocks would hold a multiple of 8 weights: the same bits).
+  d = shape[-1]
+  blocks = math.gcd(d, 8) if (d // math.gcd(d, 8)) % 8 else 1
+  expected = np.packbits(m.reshape(shape[:-1] + (blocks, d // blocks)), axis=-1)
+  np.testing.assert_array_equal(packed, expected.reshape(shape[:-1] + (-1,)))
   np.testing.assert_array_equal(base_updater.unpack_mask(packed, shape), m)
   lazy = base_updater.lazy_mask(packed, shape)
   np.testing.assert_array_equal(selection.materialize(lazy), m)

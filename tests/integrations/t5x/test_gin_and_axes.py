@@ -115,9 +115,10 @@ def test_masks_take_the_params_axes(packed_masks):
   }
   assert (axes.count, axes.rng, axes.dense_params, axes.thresholds) == (None,) * 4
   assert jax.tree.leaves(axes.inner_state) == ['inner'] * len(jax.tree.leaves(state.inner_state))
-  # Every axes entry has the rank of its array, so it can be a sharding (packed: (8, 2)).
+  # Every axes entry has the rank of its array, so it can be a sharding (packed: 8 blocks of
+  # whole bytes along last axes of 16 and 8 weights, see prunax.pack_mask).
   shapes = [np.shape(m) for m in jax.tree.leaves(state.masks)]
-  assert shapes == ([(8, 2), (12, 1)] if packed_masks else [(8, 16), (12, 8)])
+  assert shapes == ([(8, 8), (12, 8)] if packed_masks else [(8, 16), (12, 8)])
   for mask, spec in zip(jax.tree.leaves(state.masks), jax.tree.leaves(axes.masks), strict=True):
     assert len(spec) == mask.ndim
 
