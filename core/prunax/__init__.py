@@ -6,6 +6,7 @@ from prunax import flops
 from prunax import lottery
 from prunax import pruning_at_init
 from prunax import selection
+from prunax import sparse_inference
 from prunax import sparsity_distributions
 from prunax import sparsity_schedules
 from prunax import sparsity_types
@@ -56,6 +57,7 @@ __all__ = [
     'SparseState', 'StaticRandomSparse', 'SteMagnitudePruning', 'SteRandomPruning',
     'Unstructured', 'all_algorithm_names', 'create_updater_from_config', 'get_algorithm',
     'get_sparse_state', 'pack_mask', 'register_algorithm', 'selection', 'sparsity_distributions',
-    'sparsity_schedules', 'sparsity_types', 'summarize_intersection', 'summarize_sparsity',
+    'sparse_inference', 'sparsity_schedules', 'sparsity_types', 'summarize_intersection',
+    'summarize_sparsity',
     'unpack_mask', 'unpack_masks', 'bool_masks',
 ]
