@@ -22,7 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import prunax
 from benchmarks.run import environment
+from benchmarks.run import mlp
+from benchmarks.run import mlp_apply
 from benchmarks.run import summary
 from benchmarks.run import timeit
 from prunax import export
@@ -43,13 +46,22 @@ def cpu_model() -> str:
                if line.startswith('Model name')), 'unknown CPU')
 
 
-def layer(w, b):
-  return lambda x: x @ w + b
+def dense_layer(x, wb):
+  return x @ wb[0] + wb[1]
+
+
+def sparse_layer(x, wb):
+  return export.sparse_matmul(x, wb[0]) + wb[1]
 
 
 def compare(fns: dict, x, repeats: int, iters: int):
-  """Per name (other than 'dense'): ratios to dense over repeats, and median ms of each."""
-  jitted = {k: jax.jit(f) for k, f in fns.items()}
+  """Per name (other than 'dense'): ratios to dense over repeats, and median ms of each.
+
+  ``fns`` maps names to ``(fn, weights)``; weights are passed as arguments (not closed
+  over, which would make them compile-time constants).
+  """
+  compiled = {k: (jax.jit(f), w) for k, (f, w) in fns.items()}
+  jitted = {k: (lambda x, f=f, w=w: f(x, w)) for k, (f, w) in compiled.items()}
   ratios = {k: [] for k in fns if k != 'dense'}
   ms = {k: [] for k in fns}
   for _ in range(repeats):
@@ -81,7 +93,7 @@ def bench_block(repeats, iters):
       wd = jnp.asarray(w)
       for batch in BATCHES:
         x = jax.random.normal(jax.random.PRNGKey(1), (batch, SIDE))
-        fns = {'dense': layer(wd, b), 'block': lambda x, bw=bw: si.block_matmul(x, bw) + b}
+        fns = {'dense': (dense_layer, (wd, b)), 'block': (sparse_layer, (bw, b))}
         ratios, ms = compare(fns, x, repeats, iters)
         print(f'{bs:>6} {sparsity:>8} {batch:>5}  {summary(ratios["block"]):>20}  '
               f'{ms["block"]:7.3f} {ms["dense"]:8.3f}  {bw.nbytes / w.nbytes:11.3f}',
@@ -105,9 +117,9 @@ def bench_unstructured_nm(repeats, iters):
     wd = jnp.asarray(dense_w)
     for batch in BATCHES:
       x = jax.random.normal(jax.random.PRNGKey(1), (batch, SIDE))
-      fns = {'dense': layer(wd, b)}
+      fns = {'dense': (dense_layer, (wd, b))}
       for name, kernel in layouts.items():
-        fns[name] = lambda x, k=kernel: export.sparse_matmul(x, k) + b
+        fns[name] = (sparse_layer, (kernel, b))
       ratios, ms = compare(fns, x, repeats, iters)
       for name, kernel in layouts.items():
         print(f'{pattern:<16} {name:<12} {batch:>5}  {summary(ratios[name]):>20}  '
@@ -115,16 +127,43 @@ def bench_unstructured_nm(repeats, iters):
               flush=True)
 
 
+def bench_shrink(repeats, iters):
+  sizes = (784, 2048, 2048, 10)
+  print(f'\n## Shrunk MLP {"-".join(map(str, sizes))}: 50% of hidden channels removed '
+        '(prunax.shrink) / dense')
+  print('   target: <= 0.6x at batch 1 and 128 (FLOPs ratio ~0.3)')
+  print(f'{"batch":>5}  {"ratio min/med/max":>20}  {"ms":>7} {"dense ms":>8}  {"params/dense":>12}')
+  params = mlp(sizes)
+  x0 = jnp.ones((1, sizes[0]))
+  groups = prunax.find_groups(mlp_apply, params, x0)
+  masks = prunax.group_masks(groups, params, 0.5)
+  shrunk = prunax.shrink(mlp_apply, params, masks, x0)
+  ratio = (sum(x.size for x in jax.tree.leaves(shrunk.params)) /
+           sum(x.size for x in jax.tree.leaves(params)))
+  for batch in (1, 128):
+    x = jax.random.normal(jax.random.PRNGKey(1), (batch, sizes[0]))
+    fns = {'dense': (lambda x, p: mlp_apply(p, x), params),
+           'shrunk': (lambda x, p: shrunk(p, x), shrunk.params)}
+    ratios, ms = compare(fns, x, repeats, iters)
+    print(f'{batch:>5}  {summary(ratios["shrunk"]):>20}  {ms["shrunk"]:7.3f} {ms["dense"]:8.3f}'
+          f'  {ratio:12.3f}', flush=True)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='fewer repeats')
   parser.add_argument('--repeats', type=int, default=None)
+  parser.add_argument('--only', choices=('shrink', 'block', 'other'), default=None)
   args = parser.parse_args(argv)
   repeats = args.repeats or (3 if args.quick else 7)
   iters = 5 if args.quick else 10
   print(f'# prunax sparse inference: {environment()}; CPU: {cpu_model()}')
-  bench_block(repeats, iters)
-  bench_unstructured_nm(repeats, iters)
+  if args.only in (None, 'shrink'):
+    bench_shrink(repeats, iters)
+  if args.only in (None, 'block'):
+    bench_block(repeats, iters)
+  if args.only in (None, 'other'):
+    bench_unstructured_nm(repeats, iters)
 
 
 if __name__ == '__main__':

@@ -207,7 +207,7 @@ def is_nm(x: np.ndarray, n: int, m: int, axis: int) -> bool:
   return bool((moved.reshape(moved.shape[:-1] + (-1, m)).sum(-1) <= n).all())
 
 
-def choose_format(x, *, block_shapes=BLOCK_CANDIDATES, max_block_density: float = 0.5,
+def choose_format(x, *, block_shapes=BLOCK_CANDIDATES, max_block_density: float = 0.25,
                   max_ell_density: float = 0.25, nm: tuple[int, int, int] | None = (2, 4, -1),
                   block_fill: float = 0.8) -> tuple[str, dict]:
   """The layout ``export(fmt='auto')`` uses for a 2-D tensor, from its zero pattern.

@@ -73,9 +73,9 @@ def test_block_size_is_density_of_dense_bytes():
 
 def test_choose_format():
   rng = np.random.default_rng(0)
-  assert si.choose_format(block_pruned((128, 64), (16, 16), 0.8)) == (
+  assert si.choose_format(block_pruned((128, 64), (16, 16), 0.9)) == (
       'block', {'block_shape': (16, 16)})
-  assert si.choose_format(block_pruned((128, 64), (32, 32), 0.8))[1] == {'block_shape': (32, 32)}
+  assert si.choose_format(block_pruned((128, 64), (32, 32), 0.9))[1] == {'block_shape': (32, 32)}
   w = rng.standard_normal((64, 64)).astype(np.float32)
   nm = np.asarray(jnp.where(prunax.selection.n_by_m_mask(jnp.abs(w), 2, 4), w, 0))
   assert si.choose_format(nm) == ('nm', {'n': 2, 'm': 4, 'axis': -1})
