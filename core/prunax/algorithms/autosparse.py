@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from prunax import annealing
 from prunax import selection
@@ -220,7 +221,7 @@ def summarize_thresholds(opt_state: Any) -> dict[str, float]:
     ``{'threshold/<param name>': sigmoid(s), 's/<param name>': s}`` for every pruned leaf.
   """
   thresholds = get_sparse_state(opt_state).thresholds
-  if thresholds is None:
+  if thresholds is None or isinstance(thresholds, optax.MaskedNode):
     raise ValueError('This optimizer state has no learned thresholds; it was not built by '
                      'AutoSparse or STR.')
   out: dict[str, float] = {}
