@@ -722,6 +722,14 @@ def _init(updater: BaseUpdater, inner, params):
     return SparseState(inner_state, _NotParams, _NotParams, _NotParams, _NotParams,
                        _NotParams)
   _check_inner(inner_state)
+  # One compiled computation (cached per updater and shapes) rather than eager ops: the
+  # selection loops of random initial masks took tens of seconds op by op. Inside a
+  # caller's jit this is inlined.
+  return _jitted_init_state(updater, params, inner_state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_init_state(updater: BaseUpdater, params, inner_state) -> SparseState:
   return updater.init_state(params, inner_state)
 
 
