@@ -287,8 +287,10 @@ def get_sparsities_erdos_renyi(var_shape_dict: Mapping[Any, tuple[int, ...]],
   dense: set[Any] = set()
   eps, raw = 0.0, {}
   while free:
-    rhs = sum(math.prod(s) * (1.0 - default_sparsity) for k, s in free.items() if k not in dense)
-    rhs -= sum(math.prod(s) * default_sparsity for k, s in free.items() if k in dense)
+    # jaxpruner's counts: floor(sparsity * n) zeros per variable.
+    zeros = {k: math.floor(default_sparsity * math.prod(s)) for k, s in free.items()}
+    rhs = sum(math.prod(s) - zeros[k] for k, s in free.items() if k not in dense)
+    rhs -= sum(zeros[k] for k in free if k in dense)
     raw = {k: raw_density(s) for k, s in free.items() if k not in dense}
     if not raw:
       break
