@@ -78,7 +78,7 @@ def main(argv=None):
   parser.add_argument('--algorithms', default=','.join(ALGORITHMS))
   parser.add_argument('--repeats', type=int, default=3)
   args = parser.parse_args(argv)
-  print(f'# Compile time, pruned / dense train step (adam, 256x256 layers, sparsity 0.9)')
+  print('# Compile time, pruned / dense train step (adam, 256x256 layers, sparsity 0.9)')
   print(f'jax {jax.__version__}, {cpu_model()}, {os.cpu_count()} cores, '
         f'{time.strftime("%Y-%m-%d")}\n')
   print('| layers | algorithm | dense s (median) | pruned s (median) | ratio min / median / max |')

@@ -1,6 +1,7 @@
 """prunax: pruning and sparse training as Optax gradient transformations."""
 
 from prunax import annealing
+from prunax import compat
 from prunax import export
 from prunax import flops
 from prunax import lottery
@@ -31,11 +32,15 @@ from prunax.algorithms import summarize_thresholds
 from prunax.annealing import GradientAnnealing
 from prunax.base_updater import BaseUpdater
 from prunax.base_updater import SparseState
+from prunax.base_updater import apply_mask
 from prunax.base_updater import bool_masks
 from prunax.base_updater import get_sparse_state
 from prunax.base_updater import pack_mask
 from prunax.base_updater import unpack_mask
 from prunax.base_updater import unpack_masks
+from prunax.compat.jaxpruner import mask_calculator
+from prunax.compat.jaxpruner import utils
+from prunax.registry import ALGORITHM_REGISTRY
 from prunax.registry import all_algorithm_names
 from prunax.registry import create_updater_from_config
 from prunax.registry import get_algorithm
@@ -47,9 +52,14 @@ from prunax.shrinking import shrink
 from prunax.sparsity_types import Block
 from prunax.sparsity_types import Channel
 from prunax.sparsity_types import NByM
+from prunax.sparsity_types import SparsityType
 from prunax.sparsity_types import Unstructured
 from prunax.summary import summarize_intersection
 from prunax.summary import summarize_sparsity
+
+# jaxpruner's names (`import prunax as jaxpruner`; see MIGRATION.md): ALGORITHM_REGISTRY,
+# apply_mask, SparsityType, utils, mask_calculator, and the spelling of its paper:
+NbyM = NByM
 
 __version__ = '0.1.0'
 
@@ -66,4 +76,6 @@ __all__ = [
     'summarize_intersection', 'summarize_sparsity',
     'unpack_mask', 'unpack_masks', 'bool_masks', 'GroupPruning', 'find_groups', 'group_masks',
     'shrink',
+    'ALGORITHM_REGISTRY', 'NbyM', 'SparsityType', 'apply_mask', 'compat', 'mask_calculator',
+    'utils',
 ]

@@ -48,6 +48,7 @@ from prunax import selection
 from prunax import sparsity_distributions
 from prunax import sparsity_schedules
 from prunax import sparsity_types
+from prunax.compat import updater_args
 
 PyTree = Any
 
@@ -285,24 +286,37 @@ def unpack_masks(masks: PyTree, params: PyTree) -> PyTree:
                       lazy_masks(masks, params), is_leaf=_is_none)
 
 
+def apply_mask(param: jax.Array, mask: jax.Array | None, is_packed: bool = False) -> jax.Array:
+  """``param`` with zeros where ``mask`` is 0 (a None mask keeps it; packed: see pack_mask)."""
+  if mask is None:
+    return param
+  keep = unpack_mask(mask, jnp.shape(param)) if is_packed else mask
+  return jnp.where(keep, param, 0).astype(jnp.result_type(param))
+
+
 def bool_masks(opt_state: PyTree, params: PyTree) -> PyTree:
   """Boolean keep-masks of the :class:`SparseState` in ``opt_state`` (None: dense leaf)."""
   return unpack_masks(get_sparse_state(opt_state).masks, params)
 
 
 @dataclasses.dataclass(frozen=True)
-class BaseUpdater:
+class BaseUpdater(updater_args.JaxprunerArgs):
   """Base class of pruning and sparse-training algorithms.
 
   An algorithm overrides :meth:`calculate_scores` (and, for drop-and-grow methods,
   :meth:`compute_masks`). Instances are immutable and hashable, so they can be static
   arguments of ``jax.jit``.
 
+  jaxpruner's keyword arguments are accepted too (see
+  :class:`prunax.compat.updater_args.JaxprunerArgs`).
+
   Attributes:
     sparsity: target sparsity in [0, 1) (distributed over leaves by
       ``sparsity_distribution_fn``). Not needed when the distribution is a mapping.
     sparsity_distribution_fn: ``'uniform'``, ``'erk'``, a mapping from parameter name
-      (or regex) to sparsity, or any callable ``fn(params, sparsity) -> tree``.
+      (or regex) to sparsity, or any callable ``fn(params, sparsity) -> tree``; without
+      ``sparsity``, a callable is called as ``fn(params)`` (jaxpruner's form), and
+      ``functools.partial(uniform, sparsity=s)`` means ``sparsity=s``.
     sparsity_type: a :mod:`prunax.sparsity_types` structure or its string form.
     scheduler: a :mod:`prunax.sparsity_schedules` schedule.
     seed: seed of the RNG key kept in the state (random scores, random initial masks).
@@ -330,6 +344,7 @@ class BaseUpdater:
   scheduler_kind = 'pruning'  # config schedules: 'pruning' (one-shot/gradual), 'periodic', 'none'
 
   def __post_init__(self):
+    self._resolve_jaxpruner_args()
     if self.sparsity is not None:
       sparsity_distributions._check_sparsity(self.sparsity, 'the updater')  # pylint: disable=protected-access
     dist = sparsity_distributions.resolve(self.sparsity_distribution_fn)
@@ -340,7 +355,8 @@ class BaseUpdater:
       if not hasattr(self.scheduler, method):
         raise TypeError(f'scheduler must be a prunax.sparsity_schedules schedule (with '
                         f'is_update_step and sparsity), got {self.scheduler!r}.')
-    if self.sparsity is None and not isinstance(dist, sparsity_distributions.CustomMap):
+    if self.sparsity is None and not isinstance(
+        dist, (sparsity_distributions.CustomMap, sparsity_distributions.ParamsOnly)):
       raise ValueError(f'{type(self).__name__} needs a target sparsity in [0, 1): pass '
                        'sparsity=..., or a mapping as sparsity_distribution_fn.')
     if self.is_global and not isinstance(self.sparsity_type, sparsity_types.Unstructured):
@@ -370,14 +386,16 @@ class BaseUpdater:
 
   def compute_masks(self, params: PyTree, sparsities: PyTree,
                     sparse_state: SparseState | None = None, grads: PyTree | None = None,
-                    old_masks: PyTree | None = None) -> PyTree:
+                    old_masks: PyTree | None = None, **kwargs) -> PyTree:
     """Boolean keep-masks at ``sparsities`` (a tree of per-leaf sparsities or None).
 
     ``old_masks`` (the stored masks, for drop-and-grow algorithms) are bool arrays or
     :class:`prunax.selection.Lazy` masks (``selection.materialize`` gives the array).
+    ``kwargs`` (extra arguments of the wrapped ``update`` or of ``instant_sparsify``)
+    reach :meth:`calculate_scores`.
     """
     del old_masks  # Used by drop-and-grow algorithms.
-    scores = self.calculate_scores(params, sparse_state=sparse_state, grads=grads)
+    scores = self.calculate_scores(params, sparse_state=sparse_state, grads=grads, **kwargs)
     return self.masks_from_scores(scores, sparsities)
 
   def leaf_mask(self, scores: Any, sparsity, axis: int | None = None) -> jax.Array:
@@ -476,7 +494,7 @@ class BaseUpdater:
 
   def _key(self, sparse_state: SparseState | None, salt: int = 0) -> jax.Array:
     if sparse_state is None:
-      return jax.random.fold_in(jax.random.PRNGKey(self.seed), salt)
+      return jax.random.fold_in(self._base_key(), salt)
     key = jax.random.wrap_key_data(sparse_state.rng, impl='threefry2x32')
     return jax.random.fold_in(jax.random.fold_in(key, sparse_state.count), salt)
 
@@ -513,7 +531,7 @@ class BaseUpdater:
     return jax.tree.map(lambda s, p: None if s is None else jnp.ones(jnp.shape(p), bool),
                         targets, params, is_leaf=_is_none)
 
-  def init_state(self, params: PyTree, inner_state: Any) -> SparseState:
+  def init_state(self, params: PyTree, inner_state: Any = None) -> SparseState:
     """The :class:`SparseState` for ``params`` around ``inner_state``."""
     targets = self.target_sparsities(params)
     self._warn_undeclared_stacks(params, targets)
@@ -526,7 +544,7 @@ class BaseUpdater:
         inner_state=inner_state,
         masks=stored,
         count=jnp.zeros([], jnp.int32),
-        rng=jax.random.PRNGKey(self.seed),
+        rng=self._base_key(),
         # A copy: the state must not share buffers with params (train steps donate both).
         dense_params=jax.tree.map(jnp.copy, _pruned_only(masks, params)) if self.is_ste else None,
         thresholds=self.init_thresholds(params, targets)))
@@ -582,8 +600,10 @@ class BaseUpdater:
       ``params``.
     """
     inner = optax.with_extra_args_support(inner)
-    return optax.GradientTransformationExtraArgs(
-        functools.partial(_init, self, inner), functools.partial(_update, self, inner))
+    update = functools.partial(_update, self, inner)
+    if self.skip_gradients:
+      update = updater_args.skip_on_mask_updates(self, update)
+    return optax.GradientTransformationExtraArgs(functools.partial(_init, self, inner), update)
 
   def _candidate(self, inner, grads, state, params, masks, **extra):
     """Inner step: (candidate weights, inner updates, new inner state).
@@ -631,13 +651,14 @@ class BaseUpdater:
     """Params after a gradient step, projected on the current masks (idempotent)."""
     return self.pre_forward_update(params, opt_state)
 
-  def instant_sparsify(self, params: PyTree, grads: PyTree | None = None
+  def instant_sparsify(self, params: PyTree, grads: PyTree | None = None, **kwargs
                        ) -> tuple[PyTree, PyTree]:
     """Prunes ``params`` to the target sparsity at once.
 
     Args:
       params: the weights.
       grads: gradients, for gradient-based scores.
+      **kwargs: further inputs of :meth:`calculate_scores`.
 
     Returns:
       ``(sparse_params, masks)`` with boolean keep-masks (whatever ``packed_masks`` says
@@ -645,7 +666,7 @@ class BaseUpdater:
     """
     targets = self.target_sparsities(params)
     masks = self.compute_masks(params, targets, grads=grads,
-                               old_masks=self.init_masks(params, targets))
+                               old_masks=self.init_masks(params, targets), **kwargs)
     sparse = map_masked(lambda m, p: jnp.where(m, p, 0).astype(p.dtype), masks, params)
     return sparse, masks
 
@@ -770,7 +791,7 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
     # STE-style: the mask is recomputed from the dense weights at every step.
     state = state._replace(thresholds=thresholds)
     new_masks = updater.compute_masks(candidate, sparsities, sparse_state=state, grads=grads,
-                                      old_masks=masks)
+                                      old_masks=masks, **extra)
     stored = updater._store(new_masks)  # pylint: disable=protected-access
   else:
     is_update = updater._is_update_step(state.count)  # pylint: disable=protected-access
@@ -784,7 +805,7 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
       # moments) would be copied.
       old = lazy_masks(raw_state.masks, params)
       new = updater.compute_masks(params, sparsities, sparse_state=raw_state, grads=grads,
-                                  old_masks=old)
+                                  old_masks=old, **extra)
       return updater._store(new)  # pylint: disable=protected-access
 
     # Steps without a mask update keep the stored (possibly packed) masks as they are.

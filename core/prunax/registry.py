@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,7 +37,11 @@ _ALGORITHMS: dict[str, type[BaseUpdater]] = {
     'fixed_masks': pruning_at_init.FixedMaskSparse,
 }
 
-# Keys create_updater_from_config understands (anything else is an error).
+# jaxpruner's name for the registry (the same dict: register_algorithm adds to both).
+ALGORITHM_REGISTRY = _ALGORITHMS
+
+# Keys create_updater_from_config understands; any other key must be a constructor field
+# of the algorithm (jaxpruner passes the rest of its config to the class).
 CONFIG_KEYS = frozenset({
     'algorithm', 'sparsity', 'dist_type', 'sparsity_type', 'update_freq', 'update_start_step',
     'update_end_step', 'drop_fraction', 'drop_fraction_fn', 'custom_sparsity_map', 'seed',
@@ -96,16 +101,27 @@ def create_updater_from_config(config: Any) -> BaseUpdater:
     ValueError: unknown keys or names, or invalid values.
   """
   cfg = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
-  unknown = set(cfg) - CONFIG_KEYS
-  if unknown:
-    raise ValueError(f'Unknown sparsity config keys {sorted(unknown)}; valid keys are '
-                     f'{sorted(CONFIG_KEYS)}.')
   if 'algorithm' not in cfg:
     raise ValueError(f'The sparsity config needs an "algorithm"; valid names are '
                      f'{all_algorithm_names()}.')
   cls = get_algorithm(cfg['algorithm'])
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(cfg) - CONFIG_KEYS - fields
+  if unknown:
+    raise ValueError(f'Unknown sparsity config keys {sorted(unknown)}; valid keys are '
+                     f'{sorted(CONFIG_KEYS)} and the fields of {cls.__name__}.')
   kwargs: dict[str, Any] = dict(cfg.get('extra') or {})
-  dist = sparsity_distributions.resolve(cfg.get('dist_type', 'uniform'))
+  kwargs.update({k: v for k, v in cfg.items() if k not in CONFIG_KEYS})
+  dist_type = cfg.get('dist_type', 'uniform')
+  if cls.is_global and str(dist_type).lower() == 'erk':
+    # jaxpruner's configs name a distribution that its global pruners ignore.
+    warnings.warn(f'{cfg["algorithm"]} chooses per-layer sparsities with one global '
+                  'threshold; dist_type="erk" is not used (as in jaxpruner).', stacklevel=2)
+    dist_type = 'uniform'
+  try:
+    dist = sparsity_distributions.resolve(dist_type)
+  except ValueError as e:
+    raise ValueError(f'dist_type: {e}') from None
   extras = {k: cfg[k] for k in ('custom_sparsity_map', 'filter_fn') if cfg.get(k) is not None}
   if extras:
     dist = sparsity_distributions.Partial(dist, **extras)

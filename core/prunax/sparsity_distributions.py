@@ -52,6 +52,25 @@ def named_leaves(tree: PyTree, is_leaf=None) -> list[tuple[str, Any]]:
   return [(path_name(path), leaf) for path, leaf in flat]
 
 
+class ParamName(str):
+  """A parameter's ``/``-joined name; an integer index gives a path entry, as in jaxpruner.
+
+  ``name[-1]`` is ``'kernel'`` for ``'Dense_0/kernel'`` (jaxpruner's filters index the key
+  tuple of ``flax.traverse_util.flatten_dict``); slices and every other ``str`` operation
+  act on the name.
+  """
+
+  def __getitem__(self, index):
+    if isinstance(index, int):
+      return self.split('/')[index]
+    return str.__getitem__(self, index)
+
+
+def _key_name(key) -> str:
+  """A custom-map key as a name: tuple paths (jaxpruner's form) are ``/``-joined."""
+  return '/'.join(str(k) for k in key) if isinstance(key, tuple) else str(key)
+
+
 def default_filter(name: str, leaf) -> bool:  # pylint: disable=unused-argument
   """Prunes leaves with at least 2 dimensions (kernels, embeddings), not biases or scales."""
   return np.ndim(leaf) >= 2
@@ -71,6 +90,7 @@ def _match_custom(names: list[str], custom: Mapping[str, float] | None) -> dict[
   """Resolves custom-map keys (exact names or full-match regexes) to parameter names."""
   resolved: dict[str, float] = {}
   for key, value in (custom or {}).items():
+    key = _key_name(key)
     hits = matching_names(key, names)
     if not hits:
       raise ValueError(f'custom sparsity map key {key!r} matches no parameter; parameter names '
@@ -112,7 +132,7 @@ def _selected(params: PyTree, filter_fn: FilterFn | None,
   filter_fn = filter_fn or default_filter
   layer_axes = layer_axes or {}
   return [(n, leaf) for n, leaf in named_leaves(params)
-          if filter_fn(n, _layer_view(leaf, layer_axes.get(n)))]
+          if filter_fn(ParamName(n), _layer_view(leaf, layer_axes.get(n)))]
 
 
 def uniform(params: PyTree, sparsity: float, filter_fn: FilterFn | None = None,
@@ -211,13 +231,29 @@ class CustomMap:
 
   def __init__(self, sparsity_map: Mapping[str, float]):
     items = sparsity_map.items() if isinstance(sparsity_map, Mapping) else sparsity_map
-    object.__setattr__(self, 'sparsity_map', tuple(sorted((str(k), v) for k, v in items)))
+    object.__setattr__(self, 'sparsity_map', tuple(sorted((_key_name(k), v) for k, v in items)))
 
   def __call__(self, params: PyTree, sparsity: float | None = None) -> PyTree:
     del sparsity  # Every pruned leaf's sparsity comes from the map.
     names = [n for n, _ in named_leaves(params)]
     return _build(params, _match_custom(names, dict(self.sparsity_map)))
 
+
+@dataclasses.dataclass(frozen=True)
+class ParamsOnly:
+  """A distribution called as ``fn(params)`` (jaxpruner's form, e.g. a ``functools.partial``
+  that binds the sparsity); the updater's ``sparsity`` is not passed."""
+
+  fn: Callable[[PyTree], PyTree]
+
+  def __call__(self, params: PyTree, sparsity: float | None = None) -> PyTree:
+    del sparsity
+    return self.fn(params)
+
+
+# jaxpruner's filters, taking a parameter name (see ParamName) and the leaf.
+KERNEL_FILTER_FN = lambda key, param: key[-1] == 'kernel'  # noqa: E731
+NOT_DIM_ONE_FILTER_FN = lambda key, param: np.ndim(param) > 1  # noqa: E731
 
 _BY_NAME = {'uniform': uniform, 'erk': erk}
 
@@ -261,3 +297,55 @@ class Partial:
 def accepts_layer_axes(dist) -> bool:
   """Whether a resolved distribution takes ``layer_axes=`` (the built-in ones do)."""
   return getattr(dist, 'fn', dist) in (uniform, erk)
+
+
+def get_sparsities_erdos_renyi(var_shape_dict: Mapping[Any, tuple[int, ...]],
+                               default_sparsity: float,
+                               custom_sparsity_map: Mapping[Any, float] | None = None,
+                               include_kernel: bool = True,
+                               erk_power_scale: float = 1.0) -> dict[Any, float]:
+  """ERK sparsities of named shapes (jaxpruner's function; :func:`erk` works on params).
+
+  Args:
+    var_shape_dict: ``{name: shape}`` of the variables to prune.
+    default_sparsity: overall sparsity in [0, 1] of the variables not in the custom map.
+    custom_sparsity_map: ``{name: sparsity}`` fixed sparsities (names not in
+      ``var_shape_dict`` are ignored).
+    include_kernel: score by all dimensions; if False by the last two only.
+    erk_power_scale: exponent of the raw ERK probabilities.
+
+  Returns:
+    ``{name: sparsity}`` for every name of ``var_shape_dict``.
+  """
+  if not var_shape_dict:
+    raise ValueError('Variable shape dictionary should not be empty: give {name: shape}.')
+  if default_sparsity is None or not 0.0 <= default_sparsity <= 1.0:
+    raise ValueError(f'Default sparsity should be a value between 0 and 1, got '
+                     f'{default_sparsity!r}.')
+  custom = {k: v for k, v in (custom_sparsity_map or {}).items() if k in var_shape_dict}
+
+  def raw_density(shape):
+    if include_kernel:
+      return (sum(shape) / math.prod(shape)) ** erk_power_scale
+    n_in, n_out = shape[-2:]
+    return (n_in + n_out) / (n_in * n_out)
+
+  free = {k: tuple(s) for k, s in var_shape_dict.items() if k not in custom}
+  dense: set[Any] = set()
+  eps, raw = 0.0, {}
+  while free:
+    # jaxpruner's counts: floor(sparsity * n) zeros per variable.
+    zeros = {k: math.floor(default_sparsity * math.prod(s)) for k, s in free.items()}
+    rhs = sum(math.prod(s) - zeros[k] for k, s in free.items() if k not in dense)
+    rhs -= sum(zeros[k] for k in free if k in dense)
+    raw = {k: raw_density(s) for k, s in free.items() if k not in dense}
+    if not raw:
+      break
+    eps = rhs / sum(raw[k] * math.prod(free[k]) for k in raw)
+    top = max(raw.values())
+    if top * eps <= 1.0:
+      break
+    dense.update(k for k, p in raw.items() if p == top)
+  out = {k: 0.0 if k in dense else float(1.0 - eps * raw[k]) for k in free}
+  out.update(custom)
+  return {k: out[k] for k in var_shape_dict}

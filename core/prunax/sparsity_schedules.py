@@ -14,7 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+
+
+class _JaxprunerNames:
+  """jaxpruner's names for the two schedule questions (tree in, tree out; None stays None)."""
+
+  def get_sparsity_at_step(self, target_sparsities, step):
+    """``sparsity(step, t)`` for every leaf ``t`` of ``target_sparsities`` (None: dense)."""
+    return jax.tree.map(lambda t: None if t is None else self.sparsity(step, t),
+                        target_sparsities, is_leaf=lambda x: x is None)
+
+  def is_mask_update_iter(self, step):
+    """``is_update_step(step)``; False for ``step=None``."""
+    return False if step is None else self.is_update_step(step)
 
 
 def _check_int(value, name: str, minimum: int) -> None:
@@ -23,7 +37,7 @@ def _check_int(value, name: str, minimum: int) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class NoUpdateSchedule:
+class NoUpdateSchedule(_JaxprunerNames):
   """Masks are computed once at ``init`` and never change (static sparse training)."""
 
   def is_update_step(self, step):
@@ -36,7 +50,7 @@ class NoUpdateSchedule:
 
 
 @dataclasses.dataclass(frozen=True)
-class OneShotSchedule:
+class OneShotSchedule(_JaxprunerNames):
   """Prunes to the target sparsity once, at ``target_step``."""
 
   target_step: int = 0
@@ -52,7 +66,7 @@ class OneShotSchedule:
 
 
 @dataclasses.dataclass(frozen=True)
-class PeriodicSchedule:
+class PeriodicSchedule(_JaxprunerNames):
   """Constant sparsity; masks updated every ``update_freq`` steps in [start, end).
 
   This is the schedule of dynamic sparse training (SET, RigL). The masks made at ``init``

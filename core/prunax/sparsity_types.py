@@ -90,6 +90,9 @@ class NByM(SparsityType):
 class Block(SparsityType):
   """Block sparsity over the trailing ``len(block_shape)`` dimensions.
 
+  A leaf with fewer dimensions than the block uses its trailing block dimensions (a 1-D
+  bias with ``Block((4, 4))`` is pruned in runs of 4).
+
   Attributes:
     block_shape: block size of the trailing dimensions (leading dims use blocks of 1).
     use_avg_pooling: score a block by the mean of its scores (else by their max).
@@ -106,10 +109,13 @@ class Block(SparsityType):
     object.__setattr__(self, 'block_shape', shape)
 
   def _full_block(self, ndim: int) -> tuple[int, ...]:
-    return (1,) * (ndim - len(self.block_shape)) + self.block_shape
+    # A leaf with fewer dimensions takes the trailing block dims (jaxpruner: a 1-D leaf
+    # is one row of blocks of width block_shape[-1]).
+    block = self.block_shape[max(len(self.block_shape) - ndim, 0):]
+    return (1,) * (ndim - len(block)) + block
 
   def validate(self, shape, name):
-    if len(self.block_shape) > len(shape):
+    if not shape:
       raise ValueError(f'Block{self.block_shape} has {len(self.block_shape)} dimensions but '
                        f'parameter {name!r} has shape {tuple(shape)}.')
     for d, b in zip(shape, self._full_block(len(shape))):

@@ -18,7 +18,8 @@ PyTree = Any
 
 def summarize_sparsity(tree: PyTree, only_total: bool = False,
                        filter_fn: Callable[[str, Any], bool] | None = None,
-                       layer_axes: Mapping[str, int] | None = None) -> dict[str, float]:
+                       layer_axes: Mapping[str, int] | None = None, *,
+                       only_total_sparsity: bool | None = None) -> dict[str, float]:
   """Fraction of zeros per leaf and in total.
 
   Args:
@@ -30,11 +31,15 @@ def summarize_sparsity(tree: PyTree, only_total: bool = False,
     layer_axes: ``{leaf name: axis}`` of stacked leaves (e.g. ``updater.layer_axes_of(
       params)``): each layer is also reported, as ``'sparsity/<name>/layer_<i>'``, and
       the filter sees one layer.
+    only_total_sparsity: jaxpruner's name for ``only_total``.
 
   Returns:
     ``{'total_sparsity', 'total_params', 'total_nonzero'}`` plus ``'sparsity/<name>'``
-    for every counted leaf.
+    for every counted leaf, and jaxpruner's totals over every leaf whatever the filter:
+    ``'_total_sparsity'``, ``'_nparams'``, ``'_nparams_nnz'``.
   """
+  if only_total_sparsity is not None:
+    only_total = only_total_sparsity
   filter_fn = filter_fn or (lambda name, leaf: np.ndim(leaf) >= 2)
   layer_axes = dict(layer_axes or {})
 
@@ -44,8 +49,12 @@ def summarize_sparsity(tree: PyTree, only_total: bool = False,
       return x
     return jax.ShapeDtypeStruct(slice_shape(np.shape(x), axis), jnp.result_type(x))
 
-  leaves = [(n, x) for n, x in named_leaves(tree) if filter_fn(n, one_layer(n, x))]
-  nonzero = jax.device_get([jnp.count_nonzero(x) for _, x in leaves])
+  every = named_leaves(tree)
+  counted = [filter_fn(n, one_layer(n, x)) for n, x in every]
+  leaves = [leaf for leaf, c in zip(every, counted) if c]
+  all_nz = jax.device_get([jnp.count_nonzero(x) for _, x in every])
+  all_size = sum(int(np.size(x)) for _, x in every)
+  nonzero = [nz for nz, c in zip(all_nz, counted) if c]
   per_layer = jax.device_get({
       n: jnp.count_nonzero(x, axis=tuple(i for i in range(np.ndim(x)) if i != layer_axes[n]))
       for n, x in leaves if n in layer_axes})
@@ -65,19 +74,26 @@ def summarize_sparsity(tree: PyTree, only_total: bool = False,
   summary['total_sparsity'] = 1.0 - total_nz / total if total else 0.0
   summary['total_params'] = float(total)
   summary['total_nonzero'] = float(total_nz)
+  summary['_total_sparsity'] = 1.0 - int(sum(all_nz)) / all_size if all_size else 0.0
+  summary['_nparams'] = float(all_size)
+  summary['_nparams_nnz'] = float(sum(int(nz) for nz in all_nz))
   return summary
 
 
-def summarize_intersection(masks_a: PyTree, masks_b: PyTree) -> dict[str, float]:
+def summarize_intersection(masks_a: PyTree, masks_b: PyTree, *,
+                           only_total_intersection: bool = False) -> dict[str, float]:
   """How much two mask trees agree (e.g. masks at two steps, or of two algorithms).
 
   Args:
     masks_a: boolean or uint8 masks (None leaves skipped).
     masks_b: masks with the same structure.
+    only_total_intersection: return only the totals (jaxpruner's keyword).
 
   Returns:
     Per leaf and in total: ``'iou/<name>'`` (intersection over union of kept weights)
-    and ``'kept_fraction/<name>'`` (fraction of a's kept weights also kept in b).
+    and ``'kept_fraction/<name>'`` (fraction of a's kept weights also kept in b), and
+    jaxpruner's ``'_total_intersection'``: the total kept fraction, 0.0 when a keeps
+    nothing.
   """
   a_leaves = named_leaves(masks_a)
   b_leaves = named_leaves(masks_b)
@@ -90,9 +106,11 @@ def summarize_intersection(masks_a: PyTree, masks_b: PyTree) -> dict[str, float]
   out: dict[str, float] = {}
   tot = np.zeros(3)
   for (name, _), (inter, union, kept) in zip(a_leaves, counts):
-    out[f'iou/{name}'] = float(inter / union) if union else 1.0
-    out[f'kept_fraction/{name}'] = float(inter / kept) if kept else 1.0
+    if not only_total_intersection:
+      out[f'iou/{name}'] = float(inter / union) if union else 1.0
+      out[f'kept_fraction/{name}'] = float(inter / kept) if kept else 1.0
     tot += (inter, union, kept)
   out['total_iou'] = float(tot[0] / tot[1]) if tot[1] else 1.0
   out['total_kept_fraction'] = float(tot[0] / tot[2]) if tot[2] else 1.0
+  out['_total_intersection'] = float(tot[0] / max(tot[2], 1))
   return out

@@ -485,10 +485,13 @@ def test_bad_trees_and_calls():
 def test_summaries():
   tree = {'a': jnp.array([[0.0, 1.0], [0.0, 0.0]]), 'b': jnp.ones((2, 2)), 'c': jnp.zeros(3)}
   s = prunax.summarize_sparsity(tree)
+  # The '_' totals (jaxpruner's keys) count every leaf, whatever the filter.
+  jaxpruner_totals = {'_total_sparsity': 6 / 11, '_nparams': 11.0, '_nparams_nnz': 5.0}
   assert s == {'sparsity/a': 0.75, 'sparsity/b': 0.0, 'total_sparsity': 0.375,
-               'total_params': 8.0, 'total_nonzero': 5.0}
+               'total_params': 8.0, 'total_nonzero': 5.0, **jaxpruner_totals}
   all_leaves = prunax.summarize_sparsity(tree, only_total=True, filter_fn=lambda n, x: True)
-  assert all_leaves == {'total_sparsity': 6 / 11, 'total_params': 11.0, 'total_nonzero': 5.0}
+  assert all_leaves == {'total_sparsity': 6 / 11, 'total_params': 11.0, 'total_nonzero': 5.0,
+                        **jaxpruner_totals}
   inter = prunax.summarize_intersection({'a': jnp.array([1, 1, 0, 0])},
                                         {'a': jnp.array([1, 0, 1, 0])})
   assert inter['iou/a'] == pytest.approx(1 / 3) and inter['kept_fraction/a'] == 0.5

@@ -141,7 +141,8 @@ class AutoSparse(BaseUpdater):
       return self.init_thresholds(params, self.target_sparsities(params))
     return sparse_state.thresholds
 
-  def compute_masks(self, params, sparsities, sparse_state=None, grads=None, old_masks=None):
+  def compute_masks(self, params, sparsities, sparse_state=None, grads=None, old_masks=None,
+                    **kwargs):
     """Keep-masks ``|w| > sigmoid(s)``; the sparsity emerges (``sparsities`` unused)."""
     del grads, old_masks
     s_tree = self._s(sparse_state, params)

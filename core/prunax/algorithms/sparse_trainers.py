@@ -67,8 +67,9 @@ class SET(StaticRandomSparse):
     super().__post_init__()
     if not 0.0 <= self.drop_fraction <= 1.0:
       raise ValueError(f'drop_fraction must be in [0, 1], got {self.drop_fraction}.')
-    if self.drop_fraction_fn not in ('cosine', 'constant'):
-      raise ValueError(f'drop_fraction_fn must be "cosine" or "constant", got '
+    if not callable(self.drop_fraction_fn) and self.drop_fraction_fn not in ('cosine',
+                                                                              'constant'):
+      raise ValueError(f'drop_fraction_fn must be "cosine", "constant" or fn(step), got '
                        f'{self.drop_fraction_fn!r}.')
     if not isinstance(self.sparsity_type, sparsity_types.Unstructured):
       raise ValueError(f'{type(self).__name__} drops and grows individual weights and supports '
@@ -76,6 +77,8 @@ class SET(StaticRandomSparse):
 
   def drop_fraction_at(self, step) -> jax.Array:
     """Drop fraction at ``step``: constant, or cosine-decayed to 0 at update_end_step."""
+    if callable(self.drop_fraction_fn):  # jaxpruner's form, e.g. an optax schedule.
+      return jnp.asarray(self.drop_fraction_fn(step), jnp.float32)
     end = getattr(self.scheduler, 'update_end_step', None)
     if self.drop_fraction_fn == 'constant' or not end:
       return jnp.float32(self.drop_fraction)
@@ -87,9 +90,10 @@ class SET(StaticRandomSparse):
     del grads
     return self._random_scores(params, self._key(sparse_state, salt=3))
 
-  def compute_masks(self, params, sparsities, sparse_state=None, grads=None, old_masks=None):
+  def compute_masks(self, params, sparsities, sparse_state=None, grads=None, old_masks=None,
+                    **kwargs):
     if sparse_state is None or old_masks is None:  # instant_sparsify: plain magnitude.
-      return super().compute_masks(params, sparsities, sparse_state, grads, old_masks)
+      return super().compute_masks(params, sparsities, sparse_state, grads, old_masks, **kwargs)
     fraction = self.drop_fraction_at(sparse_state.count)
     grow = self.grow_scores(params, sparse_state, grads)
 
