@@ -1,0 +1,32 @@
+"""The README's Python examples run in order (small params and gradients defined first)."""
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
+BLOCKS = re.findall(r'```python\n(.*?)```', README.read_text(), flags=re.DOTALL)
+
+
+def test_readme_examples_run_and_do_what_they_say():
+  assert len(BLOCKS) >= 2
+  params = {'Dense_0': {'kernel': jax.random.normal(jax.random.PRNGKey(0), (32, 64)),
+                        'bias': jnp.zeros(64)},
+            'Dense_1': {'kernel': jax.random.normal(jax.random.PRNGKey(1), (64, 8)),
+                        'bias': jnp.zeros(8)}}
+  namespace = {'params': params, 'grads': jax.tree.map(jnp.ones_like, params)}
+  for index, block in enumerate(BLOCKS):
+    exec(compile(block, f'README.md example {index}', 'exec'), namespace)  # noqa: S102
+    if index == 0:  # "params are 80% sparse, ERK-distributed"
+      prunax = namespace['prunax']
+      masks = prunax.bool_masks(namespace['opt_state'], namespace['params'])
+      summary = prunax.summarize_sparsity(masks)
+      assert summary['total_sparsity'] == pytest.approx(0.8, abs=0.01)
+      erk = prunax.sparsity_distributions.erk(params, 0.8)
+      for name in ('Dense_0', 'Dense_1'):
+        assert summary[f'sparsity/{name}/kernel'] == pytest.approx(erk[name]['kernel'], abs=0.01)
+        kernel = namespace['params'][name]['kernel']
+        assert not jnp.any(jnp.where(masks[name]['kernel'], 0, kernel))
