@@ -1,9 +1,12 @@
 """One version: the adapters are released with the core and say so."""
 
 import pathlib
-import tomllib
+
+import pytest
 
 import prunax
+
+tomllib = pytest.importorskip('tomllib', reason='tomllib is in the standard library from 3.11')
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
