@@ -43,6 +43,7 @@ import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
 
+from prunax import _checks
 from prunax import layers
 from prunax import selection
 from prunax import sparsity_distributions
@@ -293,11 +294,17 @@ class BaseUpdater:
   scheduler_kind = 'pruning'  # config schedules: 'pruning' (one-shot/gradual), 'periodic', 'none'
 
   def __post_init__(self):
+    name = type(self).__name__
     if self.sparsity is not None:
-      sparsity_distributions._check_sparsity(self.sparsity, 'the updater')  # pylint: disable=protected-access
+      object.__setattr__(self, 'sparsity', sparsity_distributions._check_sparsity(  # pylint: disable=protected-access
+          self.sparsity, 'the updater'))
+    _checks.assign(self, seed=_checks.integer(self.seed, f'{name} seed', -2**63, 2**63 - 1),
+                   packed_masks=_checks.boolean(self.packed_masks, f'{name} packed_masks'))
     dist = sparsity_distributions.resolve(self.sparsity_distribution_fn)
     object.__setattr__(self, 'sparsity_distribution_fn', dist)
     object.__setattr__(self, 'sparsity_type', sparsity_types.from_string(self.sparsity_type))
+    if isinstance(self.sparsity_type, sparsity_types.NByM):
+      self._check_n_by_m(dist)
     object.__setattr__(self, 'layer_axes', layers.freeze(self.layer_axes))
     for method in ('is_update_step', 'sparsity'):
       if not hasattr(self.scheduler, method):
@@ -313,6 +320,18 @@ class BaseUpdater:
       raise ValueError(f'{type(self).__name__} chooses per-layer sparsities itself with one '
                        'global threshold; use the "uniform" distribution (with a '
                        'custom_sparsity_map for layers that differ), not ERK.')
+
+  def _check_n_by_m(self, dist) -> None:
+    """N:M fixes every pruned leaf's sparsity at ``1 - n/m``: an unset sparsity takes it,
+    another one is an error, and so is ERK (whose per-leaf sparsities differ)."""
+    nm = self.sparsity_type
+    if self.sparsity is None and not isinstance(dist, sparsity_distributions.CustomMap):
+      object.__setattr__(self, 'sparsity', nm.sparsity)
+    if self.sparsity is not None:
+      nm.check_sparsity(self.sparsity, f'{type(self).__name__}(sparsity={self.sparsity!r})')
+    if _is_erk(dist):
+      raise ValueError(f'{nm!r} prunes every leaf to 1 - n/m = {nm.sparsity:g}, so ERK\'s '
+                       'per-leaf sparsities cannot apply; use the "uniform" distribution.')
 
   # ----------------------------------------------------------------------------- hooks
 
@@ -411,6 +430,7 @@ class BaseUpdater:
         raise TypeError(f'Parameter {name!r} has dtype {dtype}; only floating-point parameters '
                         'can be pruned. Exclude it with the distribution\'s filter_fn.')
       self.sparsity_type.validate(layers.slice_shape(np.shape(leaf), axes.get(name)), name)
+      self.sparsity_type.check_sparsity(s, f'parameter {name!r}')
     return sparsities
 
   def _warn_undeclared_stacks(self, params: PyTree, targets: PyTree) -> None:
@@ -621,6 +641,48 @@ def _zero_inactive(inner, inner_state, masks):
       inner_state, keep, transform_non_params=lambda v: v)
 
 
+@functools.lru_cache(maxsize=4096)
+def _stored_shape(updater: BaseUpdater, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of the stored (possibly packed) mask of a param of ``shape``."""
+  return jax.eval_shape(updater._store, jax.ShapeDtypeStruct(shape, jnp.bool_)).shape  # pylint: disable=protected-access
+
+
+def _check_params_unchanged(updater: BaseUpdater, state: SparseState, params: PyTree) -> None:
+  """Raises ValueError, naming the leaf, if ``params`` are not the params ``state`` was made
+  for: another tree structure, or a pruned leaf whose shape does not give its stored mask's
+  shape (or, for dense weights in the state, whose shape or dtype differs from theirs).
+
+  Static (shapes only), so it costs nothing in a compiled step. A packed mask identifies
+  every dimension but the last exactly, and the last up to its packing (see
+  :func:`pack_mask`); unpacked masks and dense weights identify the shape exactly.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  try:
+    masks = treedef.flatten_up_to(state.masks)
+  except (ValueError, TypeError) as e:
+    raise ValueError('The params passed to update do not have the tree structure of the params '
+                     f'the optimizer state was initialised with: {e}') from None
+  try:
+    dense = treedef.flatten_up_to(state.dense_params)
+  except (ValueError, TypeError):
+    dense = [None] * len(flat)  # no dense weights in the state
+  for (path, p), m, d in zip(flat, masks, dense):
+    if m is None:
+      continue
+    name = sparsity_distributions.path_name(path)
+    shape, dtype = tuple(np.shape(p)), jnp.result_type(p)
+    if d is not None and (tuple(np.shape(d)), jnp.result_type(d)) != (shape, dtype):
+      raise ValueError(f'Parameter {name!r} is {dtype}{list(shape)} at update, but the optimizer '
+                       f'state was initialised for {jnp.result_type(d)}{list(np.shape(d))}; '
+                       'initialise the state again (tx.init) after changing the model.')
+    expected = _stored_shape(updater, shape)
+    if tuple(np.shape(m)) != tuple(expected):
+      raise ValueError(f'Parameter {name!r} has shape {shape} at update, but its mask in the '
+                       f'optimizer state has shape {tuple(np.shape(m))}, made for another shape '
+                       f'(a param of shape {shape} has a mask of shape {tuple(expected)}); '
+                       'initialise the state again (tx.init) after changing the model.')
+
+
 def _init(updater: BaseUpdater, inner, params):
   return updater.init_state(params, inner.init(params))
 
@@ -632,6 +694,7 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
   if not isinstance(state, SparseState):
     raise TypeError(f'Expected a prunax SparseState, got {type(state).__name__}; initialise '
                     'the state with the wrapped transformation\'s init.')
+  _check_params_unchanged(updater, state, params)
   targets = updater.target_sparsities(params)
   updater._warn_undeclared_stacks(params, targets)  # pylint: disable=protected-access
   masks = unpack_masks(state.masks, params)
