@@ -7,8 +7,8 @@ exact count, documented per structure:
   float32 product; exact for sizes below 2**24).
 * :class:`NByM`: exactly ``n`` nonzeros in every group of ``m`` along ``axis``. Its target
   sparsity is ``1 - n/m`` (an updater without a ``sparsity`` takes it; any other target is
-  an error); a scheduled sparsity below the target (a gradual schedule's ramp) switches
-  N:M on as soon as it is above 0.
+  an error); under a gradual schedule N:M switches on at the first mask update whose
+  scheduled sparsity is above 0.
 * :class:`Block`: ``round(sparsity * num_blocks)`` whole blocks are zero, where a trailing
   partial block (dimension not a multiple of the block) counts as one block and is scored
   by the mean (or max) over its real elements.
