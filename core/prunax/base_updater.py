@@ -264,7 +264,8 @@ class BaseUpdater:
 
   Attributes:
     sparsity: target sparsity in [0, 1) (distributed over leaves by
-      ``sparsity_distribution_fn``). Not needed when the distribution is a mapping.
+      ``sparsity_distribution_fn``). Not needed when the distribution is a mapping;
+      with N:M structure it is ``1 - n/m`` (the default, and the only valid value).
     sparsity_distribution_fn: ``'uniform'``, ``'erk'``, a mapping from parameter name
       (or regex) to sparsity, or any callable ``fn(params, sparsity) -> tree``.
     sparsity_type: a :mod:`prunax.sparsity_types` structure or its string form.
@@ -303,8 +304,10 @@ class BaseUpdater:
     dist = sparsity_distributions.resolve(self.sparsity_distribution_fn)
     object.__setattr__(self, 'sparsity_distribution_fn', dist)
     object.__setattr__(self, 'sparsity_type', sparsity_types.from_string(self.sparsity_type))
-    if isinstance(self.sparsity_type, sparsity_types.NByM):
-      self._check_n_by_m(dist)
+    nm = self.sparsity_type
+    if isinstance(nm, sparsity_types.NByM) and self.sparsity is None and not isinstance(
+        dist, sparsity_distributions.CustomMap):
+      object.__setattr__(self, 'sparsity', nm.sparsity)  # N:M's own sparsity, 1 - n/m
     object.__setattr__(self, 'layer_axes', layers.freeze(self.layer_axes))
     for method in ('is_update_step', 'sparsity'):
       if not hasattr(self.scheduler, method):
@@ -320,13 +323,13 @@ class BaseUpdater:
       raise ValueError(f'{type(self).__name__} chooses per-layer sparsities itself with one '
                        'global threshold; use the "uniform" distribution (with a '
                        'custom_sparsity_map for layers that differ), not ERK.')
+    if isinstance(nm, sparsity_types.NByM):
+      self._check_n_by_m(dist)
 
   def _check_n_by_m(self, dist) -> None:
-    """N:M fixes every pruned leaf's sparsity at ``1 - n/m``: an unset sparsity takes it,
-    another one is an error, and so is ERK (whose per-leaf sparsities differ)."""
+    """N:M fixes every pruned leaf's sparsity at ``1 - n/m`` (which an unset sparsity
+    takes): another sparsity is an error, and so is ERK (whose per-leaf sparsities differ)."""
     nm = self.sparsity_type
-    if self.sparsity is None and not isinstance(dist, sparsity_distributions.CustomMap):
-      object.__setattr__(self, 'sparsity', nm.sparsity)
     if self.sparsity is not None:
       nm.check_sparsity(self.sparsity, f'{type(self).__name__}(sparsity={self.sparsity!r})')
     if _is_erk(dist):
@@ -642,19 +645,21 @@ def _zero_inactive(inner, inner_state, masks):
 
 
 @functools.lru_cache(maxsize=4096)
-def _stored_shape(updater: BaseUpdater, shape: tuple[int, ...]) -> tuple[int, ...]:
-  """Shape of the stored (possibly packed) mask of a param of ``shape``."""
-  return jax.eval_shape(updater._store, jax.ShapeDtypeStruct(shape, jnp.bool_)).shape  # pylint: disable=protected-access
+def _packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of the mask of a param of ``shape`` packed by :func:`pack_mask`."""
+  return tuple(jax.eval_shape(pack_mask, jax.ShapeDtypeStruct(shape, jnp.bool_)).shape)
 
 
-def _check_params_unchanged(updater: BaseUpdater, state: SparseState, params: PyTree) -> None:
+def _check_params_unchanged(state: SparseState, params: PyTree) -> None:
   """Raises ValueError, naming the leaf, if ``params`` are not the params ``state`` was made
   for: another tree structure, or a pruned leaf whose shape does not give its stored mask's
   shape (or, for dense weights in the state, whose shape or dtype differs from theirs).
 
-  Static (shapes only), so it costs nothing in a compiled step. A packed mask identifies
-  every dimension but the last exactly, and the last up to its packing (see
-  :func:`pack_mask`); unpacked masks and dense weights identify the shape exactly.
+  Static (shapes only), so it costs nothing in a compiled step. A stored mask is read as
+  one uint8 per weight when it has the param's shape, else as packed by :func:`pack_mask`
+  (see :func:`lazy_mask`), so both shapes are accepted. A packed mask identifies every
+  dimension but the last exactly, and the last up to its packing; unpacked masks and dense
+  weights identify the shape exactly.
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   try:
@@ -675,11 +680,11 @@ def _check_params_unchanged(updater: BaseUpdater, state: SparseState, params: Py
       raise ValueError(f'Parameter {name!r} is {dtype}{list(shape)} at update, but the optimizer '
                        f'state was initialised for {jnp.result_type(d)}{list(np.shape(d))}; '
                        'initialise the state again (tx.init) after changing the model.')
-    expected = _stored_shape(updater, shape)
-    if tuple(np.shape(m)) != tuple(expected):
+    stored, packed = tuple(np.shape(m)), _packed_shape(shape) if shape else shape
+    if stored not in (shape, packed):
       raise ValueError(f'Parameter {name!r} has shape {shape} at update, but its mask in the '
-                       f'optimizer state has shape {tuple(np.shape(m))}, made for another shape '
-                       f'(a param of shape {shape} has a mask of shape {tuple(expected)}); '
+                       f'optimizer state has shape {stored}, made for another shape (a param '
+                       f'of shape {shape} has a mask of shape {shape}, or {packed} packed); '
                        'initialise the state again (tx.init) after changing the model.')
 
 
@@ -694,7 +699,7 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
   if not isinstance(state, SparseState):
     raise TypeError(f'Expected a prunax SparseState, got {type(state).__name__}; initialise '
                     'the state with the wrapped transformation\'s init.')
-  _check_params_unchanged(updater, state, params)
+  _check_params_unchanged(state, params)
   targets = updater.target_sparsities(params)
   updater._warn_undeclared_stacks(params, targets)  # pylint: disable=protected-access
   masks = unpack_masks(state.masks, params)

@@ -145,9 +145,9 @@ def test_from_string(spec, expected):
 
 
 @pytest.mark.parametrize('make,match', [
-    (lambda: prunax.NByM(5, 4), r'NByM\(5, 4\): n must be in \[1, 4\], got 5'),
+    (lambda: prunax.NByM(5, 4), r'NByM\(5, 4\): n must be an integer in \[1, 4\], got 5'),
     (lambda: prunax.NByM(-1, 4), r'got -1'),
-    (lambda: prunax.NByM(1, 0), r'm must be >= 1, got 0'),
+    (lambda: prunax.NByM(1, 0), r'm must be an integer >= 1, got 0'),
     (lambda: prunax.Block((0, 2)), r'block_shape must be positive'),
     (lambda: sparsity_types.from_string('nm_2-4'), r"Unknown sparsity type 'nm_2-4'"),
     (lambda: sparsity_types.from_string('blocks'), r'valid forms'),

@@ -442,7 +442,7 @@ def test_config_and_registry():
     ({'algorithm': 'magnitud', 'sparsity': 0.5}, ValueError, r"Unknown algorithm 'magnitud'"),
     ({'algorithm': 'magnitude', 'sparsity': 1.2}, ValueError, r'\[0, 1\), got 1.2'),
     ({'algorithm': 'magnitude', 'sparsity': 0.5, 'sparsity_type': 'nm_4,2'}, ValueError,
-     r'n must be in \[1, 2\], got 4'),
+     r'n must be an integer in \[1, 2\], got 4'),
     ({'algorithm': 'magnitude', 'sparsity': 0.5, 'sparsity_type': 'diagonal'}, ValueError,
      r"Unknown sparsity type 'diagonal'"),
     ({'algorithm': 'magnitude', 'sparsity': 0.5, 'dist_type': 'gaussian'}, ValueError,

@@ -67,6 +67,15 @@ BAD_VALUES = {
     'custom map key': (lambda: dists.CustomMap({1: 0.5}), r'keys must be .* got 1'),
     'custom map value': (lambda: prunax.MagnitudePruning(sparsity_distribution_fn={'w': '0.5'}),
                          r"sparsity for 'w' .*got '0.5'"),
+    'synflow input_shape': (
+        lambda: prunax.pruning_at_init.SynFlow(sparsity=0.5, apply_fn=abs, input_shape=(1, 0)),
+        r'input_shape must be a tuple of positive integers'),
+    'synflow iterations float': (
+        lambda: prunax.pruning_at_init.SynFlow(sparsity=0.5, apply_fn=abs, input_shape=(1, 4),
+                                               iterations=2.0), r'iterations .*got 2.0'),
+    'lottery prune_fraction str': (
+        lambda: prunax.lottery.iterative_magnitude_pruning(None, {}, 2, prune_fraction='0.2'),
+        r"prune_fraction must be a finite number in \(0, 1\), got '0.2'"),
     'config extra overrides a key': (
         lambda: prunax.create_updater_from_config(
             {'algorithm': 'magnitude', 'sparsity': 0.5, 'extra': {'sparsity': 0.9}}),
