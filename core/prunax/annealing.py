@@ -27,6 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from prunax import _checks
+
 KINDS = ('constant', 'linear', 'cosine', 'sigmoid', 'sigmoid_cosine', 'exponential')
 SIGMOID_L0 = -6.0
 SIGMOID_L1 = 6.0
@@ -55,23 +57,25 @@ class GradientAnnealing:
   beta: float = 1.0
 
   def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(f'GradientAnnealing kind must be one of {KINDS}, got {self.kind!r}.')
-    if not 0.0 <= self.alpha0 <= 1.0:
-      raise ValueError(f'GradientAnnealing alpha0 must be in [0, 1], got {self.alpha0}.')
-    if self.kind in ('linear', 'cosine', 'sigmoid', 'sigmoid_cosine'):
-      if not isinstance(self.decay_steps, int) or self.decay_steps < 1:
+    _checks.choice(self.kind, 'GradientAnnealing kind', KINDS)
+    checked = {
+        'alpha0': _checks.number(self.alpha0, 'GradientAnnealing alpha0', 0.0, 1.0),
+        'steps_per_period': _checks.integer(self.steps_per_period,
+                                            'GradientAnnealing steps_per_period', 1),
+        'beta': _checks.number(self.beta, 'GradientAnnealing beta', 0.0),
+    }
+    if self.kind in ('linear', 'cosine', 'sigmoid', 'sigmoid_cosine') or (
+        self.decay_steps is not None):
+      if self.decay_steps is None:
         raise ValueError(f'GradientAnnealing kind {self.kind!r} needs decay_steps, an integer '
-                         f'>= 1 (the length of the decay in steps), got {self.decay_steps!r}.')
-    if not isinstance(self.steps_per_period, int) or self.steps_per_period < 1:
-      raise ValueError('GradientAnnealing steps_per_period must be an integer >= 1, got '
-                       f'{self.steps_per_period!r}.')
-    if self.zero_at_step is not None and (
-        not isinstance(self.zero_at_step, int) or self.zero_at_step < 0):
-      raise ValueError('GradientAnnealing zero_at_step must be None or an integer >= 0, got '
-                       f'{self.zero_at_step!r}.')
-    if self.beta < 0:
-      raise ValueError(f'GradientAnnealing beta must be >= 0, got {self.beta}.')
+                         '>= 1 (the length of the decay in steps), got None.')
+      checked['decay_steps'] = _checks.integer(
+          self.decay_steps, 'GradientAnnealing decay_steps (the length of the decay in steps)', 1)
+    if self.zero_at_step is not None:
+      checked['zero_at_step'] = _checks.integer(
+          self.zero_at_step, 'GradientAnnealing zero_at_step (None or a step)', 0)
+    for field, value in checked.items():
+      object.__setattr__(self, field, value)
 
   def __call__(self, step) -> jax.Array:
     """Alpha (float32 scalar) for the update done at ``step`` (may be traced)."""

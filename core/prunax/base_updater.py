@@ -43,6 +43,7 @@ import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
 
+from prunax import _checks
 from prunax import layers
 from prunax import selection
 from prunax import sparsity_distributions
@@ -312,7 +313,8 @@ class BaseUpdater(updater_args.JaxprunerArgs):
 
   Attributes:
     sparsity: target sparsity in [0, 1) (distributed over leaves by
-      ``sparsity_distribution_fn``). Not needed when the distribution is a mapping.
+      ``sparsity_distribution_fn``). Not needed when the distribution is a mapping;
+      with N:M structure it is ``1 - n/m`` (the default, and the only valid value).
     sparsity_distribution_fn: ``'uniform'``, ``'erk'``, a mapping from parameter name
       (or regex) to sparsity, or any callable ``fn(params, sparsity) -> tree``; without
       ``sparsity``, a callable is called as ``fn(params)`` (jaxpruner's form), and
@@ -345,11 +347,19 @@ class BaseUpdater(updater_args.JaxprunerArgs):
 
   def __post_init__(self):
     self._resolve_jaxpruner_args()
+    name = type(self).__name__
     if self.sparsity is not None:
-      sparsity_distributions._check_sparsity(self.sparsity, 'the updater')  # pylint: disable=protected-access
+      object.__setattr__(self, 'sparsity', sparsity_distributions._check_sparsity(  # pylint: disable=protected-access
+          self.sparsity, 'the updater'))
+    _checks.assign(self, seed=_checks.integer(self.seed, f'{name} seed', -2**63, 2**63 - 1),
+                   packed_masks=_checks.boolean(self.packed_masks, f'{name} packed_masks'))
     dist = sparsity_distributions.resolve(self.sparsity_distribution_fn)
     object.__setattr__(self, 'sparsity_distribution_fn', dist)
     object.__setattr__(self, 'sparsity_type', sparsity_types.from_string(self.sparsity_type))
+    nm = self.sparsity_type
+    if isinstance(nm, sparsity_types.NByM) and self.sparsity is None and not isinstance(
+        dist, sparsity_distributions.CustomMap):
+      object.__setattr__(self, 'sparsity', nm.sparsity)  # N:M's own sparsity, 1 - n/m
     object.__setattr__(self, 'layer_axes', layers.freeze(self.layer_axes))
     for method in ('is_update_step', 'sparsity'):
       if not hasattr(self.scheduler, method):
@@ -366,6 +376,18 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       raise ValueError(f'{type(self).__name__} chooses per-layer sparsities itself with one '
                        'global threshold; use the "uniform" distribution (with a '
                        'custom_sparsity_map for layers that differ), not ERK.')
+    if isinstance(nm, sparsity_types.NByM):
+      self._check_n_by_m(dist)
+
+  def _check_n_by_m(self, dist) -> None:
+    """N:M fixes every pruned leaf's sparsity at ``1 - n/m`` (which an unset sparsity
+    takes): another sparsity is an error, and so is ERK (whose per-leaf sparsities differ)."""
+    nm = self.sparsity_type
+    if self.sparsity is not None:
+      nm.check_sparsity(self.sparsity, f'{type(self).__name__}(sparsity={self.sparsity!r})')
+    if _is_erk(dist):
+      raise ValueError(f'{nm!r} prunes every leaf to 1 - n/m = {nm.sparsity:g}, so ERK\'s '
+                       'per-leaf sparsities cannot apply; use the "uniform" distribution.')
 
   # ----------------------------------------------------------------------------- hooks
 
@@ -466,6 +488,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
         raise TypeError(f'Parameter {name!r} has dtype {dtype}; only floating-point parameters '
                         'can be pruned. Exclude it with the distribution\'s filter_fn.')
       self.sparsity_type.validate(layers.slice_shape(np.shape(leaf), axes.get(name)), name)
+      self.sparsity_type.check_sparsity(s, f'parameter {name!r}')
     return sparsities
 
   def _warn_undeclared_stacks(self, params: PyTree, targets: PyTree) -> None:
@@ -735,6 +758,50 @@ def _is_placeholder(params) -> bool:
   return type(params).__name__ == '_ParamsPlaceholder'
 
 
+@functools.lru_cache(maxsize=4096)
+def _packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of the mask of a param of ``shape`` packed by :func:`pack_mask`."""
+  return tuple(jax.eval_shape(pack_mask, jax.ShapeDtypeStruct(shape, jnp.bool_)).shape)
+
+
+def _check_params_unchanged(state: SparseState, params: PyTree) -> None:
+  """Raises ValueError, naming the leaf, if ``params`` are not the params ``state`` was made
+  for: another tree structure, or a pruned leaf whose shape does not give its stored mask's
+  shape (or, for dense weights in the state, whose shape or dtype differs from theirs).
+
+  Static (shapes only), so it costs nothing in a compiled step. A stored mask is read as
+  one uint8 per weight when it has the param's shape, else as packed by :func:`pack_mask`
+  (see :func:`lazy_mask`), so both shapes are accepted. A packed mask identifies every
+  dimension but the last exactly, and the last up to its packing; unpacked masks and dense
+  weights identify the shape exactly.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  try:
+    masks = treedef.flatten_up_to(state.masks)
+  except (ValueError, TypeError) as e:
+    raise ValueError('The params passed to update do not have the tree structure of the params '
+                     f'the optimizer state was initialised with: {e}') from None
+  try:
+    dense = treedef.flatten_up_to(state.dense_params)
+  except (ValueError, TypeError):
+    dense = [None] * len(flat)  # no dense weights in the state
+  for (path, p), m, d in zip(flat, masks, dense):
+    if m is None:
+      continue
+    name = sparsity_distributions.path_name(path)
+    shape, dtype = tuple(np.shape(p)), jnp.result_type(p)
+    if d is not None and (tuple(np.shape(d)), jnp.result_type(d)) != (shape, dtype):
+      raise ValueError(f'Parameter {name!r} is {dtype}{list(shape)} at update, but the optimizer '
+                       f'state was initialised for {jnp.result_type(d)}{list(np.shape(d))}; '
+                       'initialise the state again (tx.init) after changing the model.')
+    stored, packed = tuple(np.shape(m)), _packed_shape(shape) if shape else shape
+    if stored not in (shape, packed):
+      raise ValueError(f'Parameter {name!r} has shape {shape} at update, but its mask in the '
+                       f'optimizer state has shape {stored}, made for another shape (a param '
+                       f'of shape {shape} has a mask of shape {shape}, or {packed} packed); '
+                       'initialise the state again (tx.init) after changing the model.')
+
+
 def _init(updater: BaseUpdater, inner, params):
   inner_state = inner.init(params)
   if _is_placeholder(params):
@@ -761,9 +828,10 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
   if not isinstance(state, SparseState):
     raise TypeError(f'Expected a prunax SparseState, got {type(state).__name__}; initialise '
                     'the state with the wrapped transformation\'s init.')
+  state = _unstored(state)
+  _check_params_unchanged(state, params)
   targets = updater.target_sparsities(params)
   updater._warn_undeclared_stacks(params, targets)  # pylint: disable=protected-access
-  state = _unstored(state)
   masks = unpack_masks(state.masks, params)
   raw_state = state
   if updater.is_ste:

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from prunax import _checks
 from prunax.algorithms.pruners import NoPruning
 from prunax.base_updater import BaseUpdater
 from prunax.base_updater import map_masked
@@ -78,12 +79,10 @@ def iterative_magnitude_pruning(
   Returns:
     The :class:`LotteryRound` records, round 0 (dense) first.
   """
-  if not isinstance(rounds, int) or rounds < 1:
-    raise ValueError(f'rounds must be an integer >= 1, got {rounds!r}.')
-  if not 0.0 < prune_fraction < 1.0:
-    raise ValueError(f'prune_fraction must be in (0, 1), got {prune_fraction}.')
-  if not isinstance(rewind_step, int) or rewind_step < 0:
-    raise ValueError(f'rewind_step must be an integer >= 0, got {rewind_step!r}.')
+  rounds = _checks.integer(rounds, 'rounds', 1)
+  prune_fraction = _checks.number(prune_fraction, 'prune_fraction', 0.0, 1.0, low_open=True,
+                                  high_open=True)
+  rewind_step = _checks.integer(rewind_step, 'rewind_step', 0)
 
   trained, metrics, saved = train_fn(params, NoPruning(), rewind_step or None)
   rewind_to = params if rewind_step == 0 else saved

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunax import _checks
 from prunax import sparsity_schedules
 from prunax.algorithms.pruners import GlobalMagnitudePruning
 from prunax.algorithms.pruners import MagnitudePruning
@@ -127,8 +128,7 @@ def synflow(apply_fn: Callable[..., jax.Array], params: PyTree, input_shape: tup
   Returns:
     Boolean keep-masks, None for leaves that are not pruned.
   """
-  if not isinstance(iterations, int) or iterations < 1:
-    raise ValueError(f'synflow iterations must be an integer >= 1, got {iterations!r}.')
+  iterations = _checks.integer(iterations, 'synflow iterations', 1)
   selector = _selector(sparsity, sparsity_distribution_fn)
   targets = selector.target_sparsities(params)
   masks = jax.tree.map(lambda t, p: None if t is None else jnp.ones(jnp.shape(p), bool),
@@ -289,7 +289,13 @@ class SynFlow(_StaticFromInit):
     if self.apply_fn is None or self.input_shape is None:
       raise ValueError('SynFlow needs apply_fn and input_shape (config: extra={"apply_fn": '
                        '..., "input_shape": (1, ...)}).')
-    object.__setattr__(self, 'input_shape', tuple(self.input_shape))
+    shape = tuple(self.input_shape) if isinstance(self.input_shape, (tuple, list)) else None
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                            for d in shape):
+      raise ValueError('SynFlow input_shape must be a tuple of positive integers (batch '
+                       f'dimension included, e.g. (1, 784)), got {self.input_shape!r}.')
+    _checks.assign(self, input_shape=shape,
+                   iterations=_checks.integer(self.iterations, 'SynFlow iterations', 1))
     super().__post_init__()
 
   def compute_init_masks(self, params):

@@ -66,7 +66,7 @@ def all_algorithm_names() -> list[str]:
 
 def get_algorithm(name: str) -> type[BaseUpdater]:
   """The algorithm class registered as ``name``."""
-  if name not in _ALGORITHMS:
+  if not isinstance(name, str) or name not in _ALGORITHMS:
     raise ValueError(f'Unknown algorithm {name!r}; valid names are {all_algorithm_names()}.')
   return _ALGORITHMS[name]
 
@@ -82,6 +82,32 @@ def _schedule(cls: type[BaseUpdater], cfg: Mapping[str, Any]):
   if end is None or end == start:
     return sparsity_schedules.OneShotSchedule(start)
   return sparsity_schedules.PolynomialSchedule(freq, start, end, power=cfg.get('power', 3.0))
+
+
+# Constructor arguments the config builds from its own keys, so ``extra`` may not set them.
+_BUILT_FROM_KEYS = {
+    'sparsity': 'sparsity', 'sparsity_distribution_fn': 'dist_type', 'sparsity_type':
+    'sparsity_type', 'scheduler': 'update_freq/update_start_step/update_end_step/power',
+    'seed': 'seed', 'packed_masks': 'packed_masks', 'drop_fraction': 'drop_fraction',
+    'drop_fraction_fn': 'drop_fraction_fn'}
+
+
+def _extra_kwargs(cls: type[BaseUpdater], extra: Any) -> dict[str, Any]:
+  """The config's ``extra`` constructor arguments, checked against ``cls``'s fields."""
+  if extra is None:
+    return {}
+  if not isinstance(extra, Mapping):
+    raise TypeError(f'The config\'s "extra" must be a mapping of further {cls.__name__} '
+                    f'arguments, got {extra!r}.')
+  fields = {f.name for f in dataclasses.fields(cls)} - set(_BUILT_FROM_KEYS)
+  for key in extra:
+    if key in _BUILT_FROM_KEYS:
+      raise ValueError(f'"extra" sets {key!r}, which the config builds from its key(s) '
+                       f'{_BUILT_FROM_KEYS[key]!r}; set it there.')
+    if key not in fields:
+      raise ValueError(f'"extra" has {key!r}, which is not an argument of {cls.__name__}; valid '
+                       f'extra arguments are {sorted(fields)}.')
+  return dict(extra)
 
 
 def create_updater_from_config(config: Any) -> BaseUpdater:
@@ -110,7 +136,8 @@ def create_updater_from_config(config: Any) -> BaseUpdater:
   if unknown:
     raise ValueError(f'Unknown sparsity config keys {sorted(unknown)}; valid keys are '
                      f'{sorted(CONFIG_KEYS)} and the fields of {cls.__name__}.')
-  kwargs: dict[str, Any] = dict(cfg.get('extra') or {})
+  kwargs = _extra_kwargs(cls, cfg.get('extra'))
+  # Constructor arguments given as config keys pass through (as in jaxpruner's configs).
   kwargs.update({k: v for k, v in cfg.items() if k not in CONFIG_KEYS})
   dist_type = cfg.get('dist_type', 'uniform')
   if cls.is_global and str(dist_type).lower() == 'erk':

@@ -307,7 +307,7 @@ def _count_at_least(keys: jax.Array, pivots: jax.Array) -> jax.Array:
     field = (1 << _FIELD_BITS) - 1
     shifts = jnp.arange(len(pivots), dtype=jnp.uint32) * _FIELD_BITS
     # One reduction over (rows, fields): the fields are never stored separately.
-    counts += jnp.sum(((per_row[:, None] >> shifts[None, :]) & field).astype(jnp.int32), axis=0)
+    counts += jnp.sum((per_row[:, None] >> shifts[None, :]) & field, axis=0, dtype=jnp.int32)
   if flat.size > main:
     counts += jnp.sum(flat[main:, None] >= pivots[None, :], axis=0, dtype=jnp.int32)
   return counts

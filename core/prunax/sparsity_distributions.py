@@ -13,6 +13,7 @@ that matches no parameter is an error.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from prunax import _checks
 
 PyTree = Any
 FilterFn = Callable[[str, Any], bool]
@@ -72,25 +75,35 @@ def _key_name(key) -> str:
 
 
 def default_filter(name: str, leaf) -> bool:  # pylint: disable=unused-argument
-  """Prunes leaves with at least 2 dimensions (kernels, embeddings), not biases or scales."""
-  return np.ndim(leaf) >= 2
+  """Prunes non-empty leaves with at least 2 dimensions (kernels, embeddings), not biases,
+  scales or empty (zero-size) leaves."""
+  return np.ndim(leaf) >= 2 and math.prod(np.shape(leaf)) > 0
 
 
 def _check_sparsity(value, name: str) -> float:
-  try:
-    value = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f'sparsity for {name!r} must be a number in [0, 1), got {value!r}.') from None
-  if not 0.0 <= value < 1.0:
-    raise ValueError(f'sparsity for {name!r} must be in [0, 1), got {value}.')
-  return value
+  return _checks.number(value, f'sparsity for {name!r}', 0.0, 1.0, high_open=True)
+
+
+def _check_custom_map(custom: Any) -> dict[str, float]:
+  """A custom sparsity map as a dict, its keys strings and its values sparsities."""
+  if not isinstance(custom, Mapping):
+    raise ValueError('custom_sparsity_map must be a mapping {parameter name or regex: '
+                    f'sparsity}}, got {custom!r}.')
+  out = {}
+  for key, value in custom.items():
+    if isinstance(key, tuple) and key and all(isinstance(k, (str, int)) for k in key):
+      key = _key_name(key)  # a path as a tuple (jaxpruner's form)
+    if not isinstance(key, str):
+      raise ValueError(f'custom sparsity map keys must be parameter names or regexes (strings), '
+                      f'or paths as tuples of names, got {key!r}.')
+    out[key] = _check_sparsity(value, key)
+  return out
 
 
 def _match_custom(names: list[str], custom: Mapping[str, float] | None) -> dict[str, float]:
   """Resolves custom-map keys (exact names or full-match regexes) to parameter names."""
   resolved: dict[str, float] = {}
-  for key, value in (custom or {}).items():
-    key = _key_name(key)
+  for key, value in _check_custom_map(custom or {}).items():
     hits = matching_names(key, names)
     if not hits:
       raise ValueError(f'custom sparsity map key {key!r} matches no parameter; parameter names '
@@ -184,6 +197,7 @@ def erk(params: PyTree, sparsity: float, filter_fn: FilterFn | None = None,
     A tree like ``params`` of floats and ``None`` (dense leaves).
   """
   sparsity = _check_sparsity(sparsity, 'all parameters')
+  erk_power_scale = _checks.number(erk_power_scale, 'erk_power_scale', 0.0)
   layer_axes = layer_axes or {}
   custom = _match_custom([n for n, _ in named_leaves(params)], custom_sparsity_map)
   leaves = []  # (name, shape of one layer, number of layers)
@@ -230,8 +244,8 @@ class CustomMap:
   sparsity_map: tuple[tuple[str, float], ...]
 
   def __init__(self, sparsity_map: Mapping[str, float]):
-    items = sparsity_map.items() if isinstance(sparsity_map, Mapping) else sparsity_map
-    object.__setattr__(self, 'sparsity_map', tuple(sorted((_key_name(k), v) for k, v in items)))
+    items = dict(sparsity_map) if isinstance(sparsity_map, tuple) else sparsity_map
+    object.__setattr__(self, 'sparsity_map', tuple(sorted(_check_custom_map(items).items())))
 
   def __call__(self, params: PyTree, sparsity: float | None = None) -> PyTree:
     del sparsity  # Every pruned leaf's sparsity comes from the map.
@@ -284,9 +298,25 @@ class Partial:
   kwargs: tuple[tuple[str, Any], ...]
 
   def __init__(self, fn, **kwargs):
+    fn = resolve(fn)
+    try:
+      inspect.signature(fn).bind_partial(None, None, **kwargs)
+    except TypeError as e:
+      raise TypeError(f'Partial: {fn!r} does not take the arguments {sorted(kwargs)}: {e}.'
+                      ) from None
+    except ValueError:
+      pass  # no signature to check (a builtin or extension callable)
+    if kwargs.get('custom_sparsity_map') is not None:
+      kwargs['custom_sparsity_map'] = _check_custom_map(kwargs['custom_sparsity_map'])
+    if kwargs.get('filter_fn') is not None and not callable(kwargs['filter_fn']):
+      raise ValueError(f'filter_fn must be None or a callable fn(name, leaf) -> bool, got '
+                      f'{kwargs["filter_fn"]!r}.')
+    if 'erk_power_scale' in kwargs:
+      kwargs['erk_power_scale'] = _checks.number(kwargs['erk_power_scale'], 'erk_power_scale',
+                                                 0.0)
     frozen = {k: tuple(sorted(v.items())) if isinstance(v, Mapping) else v
               for k, v in kwargs.items()}
-    object.__setattr__(self, 'fn', resolve(fn))
+    object.__setattr__(self, 'fn', fn)
     object.__setattr__(self, 'kwargs', tuple(sorted(frozen.items())))
 
   def __call__(self, params: PyTree, sparsity: float, **extra) -> PyTree:

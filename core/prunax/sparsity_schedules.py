@@ -17,6 +17,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from prunax import _checks
+
 
 class _JaxprunerNames:
   """jaxpruner's names for the two schedule questions (tree in, tree out; None stays None)."""
@@ -30,10 +32,11 @@ class _JaxprunerNames:
     """``is_update_step(step)``; False for ``step=None``."""
     return False if step is None else self.is_update_step(step)
 
-
-def _check_int(value, name: str, minimum: int) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
+def _set_int(schedule, field: str, minimum: int) -> None:
+  """Checks the int field ``field`` of a frozen ``schedule`` (stored as a Python int)."""
+  value = _checks.integer(getattr(schedule, field), f'{type(schedule).__name__}.{field}',
+                          minimum)
+  object.__setattr__(schedule, field, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +59,7 @@ class OneShotSchedule(_JaxprunerNames):
   target_step: int = 0
 
   def __post_init__(self):
-    _check_int(self.target_step, 'OneShotSchedule.target_step', 0)
+    _set_int(self, 'target_step', 0)
 
   def is_update_step(self, step):
     return jnp.asarray(step) == self.target_step
@@ -78,10 +81,10 @@ class PeriodicSchedule(_JaxprunerNames):
   update_end_step: int | None = None
 
   def __post_init__(self):
-    _check_int(self.update_freq, 'update_freq', 1)
-    _check_int(self.update_start_step, 'update_start_step', 0)
+    _set_int(self, 'update_freq', 1)
+    _set_int(self, 'update_start_step', 0)
     if self.update_end_step is not None:
-      _check_int(self.update_end_step, 'update_end_step', 0)
+      _set_int(self, 'update_end_step', 0)
       if self.update_end_step < self.update_start_step:
         raise ValueError(f'update_end_step={self.update_end_step} precedes update_start_step='
                          f'{self.update_start_step}; the end must be >= the start.')
@@ -118,9 +121,19 @@ class PolynomialSchedule(PeriodicSchedule):
   initial_sparsity: float = 0.0
 
   def __post_init__(self):
+    if self.update_end_step is None:
+      raise ValueError('PolynomialSchedule needs update_end_step, an integer > '
+                       'update_start_step (the step where the target is reached).')
     super().__post_init__()
-    if not 0.0 <= self.initial_sparsity < 1.0:
-      raise ValueError(f'initial_sparsity must be in [0, 1), got {self.initial_sparsity}.')
+    if self.update_end_step == self.update_start_step:
+      raise ValueError(f'PolynomialSchedule: update_end_step={self.update_end_step} equals '
+                       'update_start_step; the end must be after the start (use '
+                       'OneShotSchedule to prune at one step).')
+    # power <= 0 never reaches the target ((1 - p) ** 0 = 1) or overshoots it to -inf.
+    object.__setattr__(self, 'power', _checks.number(self.power, 'PolynomialSchedule.power', 0.0,
+                                                     low_open=True))
+    object.__setattr__(self, 'initial_sparsity', _checks.number(
+        self.initial_sparsity, 'PolynomialSchedule.initial_sparsity', 0.0, 1.0, high_open=True))
 
   def is_update_step(self, step):
     step = jnp.asarray(step)

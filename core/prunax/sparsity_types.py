@@ -5,8 +5,10 @@ exact count, documented per structure:
 
 * :class:`Unstructured`: ``round(sparsity * size)`` zeros (round half to even on the
   float32 product; exact for sizes below 2**24).
-* :class:`NByM`: exactly ``n`` nonzeros in every group of ``m`` along ``axis``; the sparsity
-  value only switches it on (any sparsity > 0 means N:M).
+* :class:`NByM`: exactly ``n`` nonzeros in every group of ``m`` along ``axis``. Its target
+  sparsity is ``1 - n/m`` (an updater without a ``sparsity`` takes it; any other target is
+  an error); under a gradual schedule N:M switches on at the first mask update whose
+  scheduled sparsity is above 0.
 * :class:`Block`: ``round(sparsity * num_blocks)`` whole blocks are zero, where a trailing
   partial block (dimension not a multiple of the block) counts as one block and is scored
   by the mean (or max) over its real elements.
@@ -17,12 +19,15 @@ exact count, documented per structure:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunax import _checks
 from prunax import selection
 
 
@@ -37,7 +42,19 @@ class SparsityType:
   """Base class of sparsity structures."""
 
   def validate(self, shape: tuple[int, ...], name: str) -> None:
-    """Raises ValueError if a parameter of ``shape`` cannot take this structure."""
+    """Raises ValueError if a parameter of ``shape`` cannot take this structure.
+
+    Subclasses extend it (calling ``super().validate``): no structure prunes a scalar or
+    an empty parameter.
+    """
+    if not shape or 0 in shape:
+      raise ValueError(f'Parameter {name!r} has shape {tuple(shape)}: a scalar or empty '
+                       'parameter cannot be pruned; leave it out of the custom sparsity map '
+                       'and the filter_fn (the default filter skips it).')
+
+  def check_sparsity(self, sparsity: float, name: str) -> None:
+    """Raises ValueError if this structure cannot reach the target ``sparsity`` of the
+    parameter ``name``. Any sparsity in [0, 1) by default."""
 
   def mask(self, scores: jax.Array, sparsity) -> jax.Array:
     """Boolean keep-mask of ``scores.shape`` for the target ``sparsity``."""
@@ -68,12 +85,29 @@ class NByM(SparsityType):
   axis: int = -1
 
   def __post_init__(self):
-    if not (isinstance(self.m, int) and self.m >= 1):
-      raise ValueError(f'NByM: m must be a positive integer, got m={self.m!r}.')
-    if not (isinstance(self.n, int) and 0 <= self.n <= self.m):
-      raise ValueError(f'NByM: n must be an integer with 0 <= n <= m={self.m}, got n={self.n!r}.')
+    m = _checks.integer(self.m, 'NByM: m', 1)
+    # n = 0 would prune every weight.
+    n = _checks.integer(self.n, f'NByM({self.n!r}, {m}): n', 1, m)
+    object.__setattr__(self, 'm', m)
+    object.__setattr__(self, 'n', n)
+    object.__setattr__(self, 'axis', _checks.integer(self.axis, 'NByM: axis'))
+
+  @property
+  def sparsity(self) -> float:
+    """The sparsity of N:M: ``1 - n / m``."""
+    return 1.0 - self.n / self.m
+
+  def check_sparsity(self, sparsity, name):
+    # 0 keeps a leaf dense (e.g. a custom-map entry); other targets cannot be met.
+    if sparsity != 0 and not math.isclose(sparsity, self.sparsity, abs_tol=1e-6):
+      raise ValueError(
+          f'NByM({self.n}, {self.m}) prunes exactly 1 - n/m = {self.sparsity:g} of every '
+          f'group of {self.m}, but {name} has target sparsity {sparsity:g}; use sparsity='
+          f'{self.sparsity:g} (or leave it unset), 0.0 to keep a parameter dense, or an '
+          'N:M pattern with that sparsity.')
 
   def validate(self, shape, name):
+    super().validate(shape, name)
     axis = _normalize_axis(self.axis, len(shape), name, 'NByM')
     if shape[axis] % self.m:
       raise ValueError(
@@ -104,9 +138,12 @@ class Block(SparsityType):
   def __post_init__(self):
     shape = tuple(self.block_shape) if isinstance(self.block_shape, (tuple, list)) else (
         self.block_shape,)
-    if not shape or not all(isinstance(b, int) and b >= 1 for b in shape):
+    if not shape or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool)
+                            and b >= 1 for b in shape):
       raise ValueError(f'Block: block_shape must be positive integers, got {self.block_shape!r}.')
-    object.__setattr__(self, 'block_shape', shape)
+    object.__setattr__(self, 'block_shape', tuple(int(b) for b in shape))
+    object.__setattr__(self, 'use_avg_pooling',
+                       _checks.boolean(self.use_avg_pooling, 'Block: use_avg_pooling'))
 
   def _full_block(self, ndim: int) -> tuple[int, ...]:
     # A leaf with fewer dimensions takes the trailing block dims (jaxpruner: a 1-D leaf
@@ -115,6 +152,7 @@ class Block(SparsityType):
     return (1,) * (ndim - len(block)) + block
 
   def validate(self, shape, name):
+    super().validate(shape, name)
     if not shape:
       raise ValueError(f'Block{self.block_shape} has {len(self.block_shape)} dimensions but '
                        f'parameter {name!r} has shape {tuple(shape)}.')
@@ -151,7 +189,11 @@ class Channel(SparsityType):
 
   axis: int = -1
 
+  def __post_init__(self):
+    object.__setattr__(self, 'axis', _checks.integer(self.axis, 'Channel: axis'))
+
   def validate(self, shape, name):
+    super().validate(shape, name)
     _normalize_axis(self.axis, len(shape), name, 'Channel')
 
   def mask(self, scores, sparsity):

@@ -83,7 +83,7 @@ def test_custom_map_key_matching_nothing_is_an_error():
 
 @pytest.mark.parametrize('bad', [-0.1, 1.0, 1.5, 'x'])
 def test_invalid_sparsity(bad):
-  with pytest.raises(ValueError, match=r'must be (in|a number in) \[0, 1\)'):
+  with pytest.raises(ValueError, match=r'must be (in|a finite number in) \[0, 1\)'):
     prunax.MagnitudePruning(sparsity=bad)
   with pytest.raises(ValueError, match=r'\[0, 1\)'):
     dists.uniform(_shapes_tree(), 0.5, custom_sparsity_map={'embed': bad})

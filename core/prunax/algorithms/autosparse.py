@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from prunax import _checks
 from prunax import annealing
 from prunax import selection
 from prunax import sparsity_schedules
@@ -114,12 +115,16 @@ class AutoSparse(BaseUpdater):
     if not isinstance(self.sparsity_type, sparsity_types.Unstructured):
       raise ValueError(f'{type(self).__name__} learns one threshold per leaf and supports only '
                        f'unstructured sparsity, got {self.sparsity_type!r}.')
-    if self.backward_sparsity is not None and not 0.0 <= self.backward_sparsity < 1.0:
-      raise ValueError('backward_sparsity must be None or in [0, 1), got '
-                       f'{self.backward_sparsity}.')
-    if self.threshold_lr < 0 or self.threshold_weight_decay < 0:
-      raise ValueError('threshold_lr and threshold_weight_decay must be >= 0, got '
-                       f'{self.threshold_lr} and {self.threshold_weight_decay}.')
+    name = type(self).__name__
+    _checks.assign(
+        self, s_init=_checks.number(self.s_init, f'{name} s_init'),
+        threshold_lr=_checks.number(self.threshold_lr, f'{name} threshold_lr', 0.0),
+        threshold_weight_decay=_checks.number(self.threshold_weight_decay,
+                                              f'{name} threshold_weight_decay', 0.0))
+    if self.backward_sparsity is not None:
+      _checks.assign(self, backward_sparsity=_checks.number(
+          self.backward_sparsity, f'{name} backward_sparsity (None or a sparsity)', 0.0, 1.0,
+          high_open=True))
 
   # ---------------------------------------------------------------------- thresholds
 

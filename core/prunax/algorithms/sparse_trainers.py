@@ -19,6 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from prunax import _checks
 from prunax import selection
 from prunax import sparsity_schedules
 from prunax import sparsity_types
@@ -65,12 +66,10 @@ class SET(StaticRandomSparse):
 
   def __post_init__(self):
     super().__post_init__()
-    if not 0.0 <= self.drop_fraction <= 1.0:
-      raise ValueError(f'drop_fraction must be in [0, 1], got {self.drop_fraction}.')
-    if not callable(self.drop_fraction_fn) and self.drop_fraction_fn not in ('cosine',
-                                                                              'constant'):
-      raise ValueError(f'drop_fraction_fn must be "cosine", "constant" or fn(step), got '
-                       f'{self.drop_fraction_fn!r}.')
+    _checks.assign(self, drop_fraction=_checks.number(self.drop_fraction, 'drop_fraction', 0.0,
+                                                      1.0))
+    if not callable(self.drop_fraction_fn):  # or fn(step), e.g. an optax schedule
+      _checks.choice(self.drop_fraction_fn, 'drop_fraction_fn', ('cosine', 'constant'))
     if not isinstance(self.sparsity_type, sparsity_types.Unstructured):
       raise ValueError(f'{type(self).__name__} drops and grows individual weights and supports '
                        f'only unstructured sparsity, got {self.sparsity_type!r}.')

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from prunax import _checks
 from prunax import sparsity_types
 from prunax.algorithms.ste import SteMagnitudePruning
 from prunax.base_updater import map_masked
@@ -27,17 +28,18 @@ class SRSTE(SteMagnitudePruning):
   """STE with a decay on pruned weights (N:M by default).
 
   Attributes:
+    sparsity: None (the N:M pattern's ``1 - n/m``) or, for unstructured sparsity, the
+      target.
     decay: the refining coefficient lambda_W (paper: 2e-4), >= 0.
   """
 
-  sparsity: float | None = 0.5
+  sparsity: float | None = None
   sparsity_type: Any = sparsity_types.NByM(2, 4)
   decay: float = 2e-4
 
   def __post_init__(self):
     super().__post_init__()
-    if self.decay < 0:
-      raise ValueError(f'SRSTE decay must be >= 0, got {self.decay}.')
+    _checks.assign(self, decay=_checks.number(self.decay, 'SRSTE decay', 0.0))
 
   def transform_gradients(self, grads, dense, masks, sparse_state):
     del sparse_state

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from prunax import _checks
 from prunax import annealing
 from prunax import sparsity_types
 from prunax.algorithms.ste import SteMagnitudePruning
@@ -46,13 +47,13 @@ class TopKAST(SteMagnitudePruning):
   def __post_init__(self):
     super().__post_init__()
     object.__setattr__(self, 'alpha', annealing.as_annealing(self.alpha))
-    if not 0.0 <= self.backward_sparsity < 1.0:
-      raise ValueError(f'backward_sparsity must be in [0, 1), got {self.backward_sparsity}.')
+    _checks.assign(
+        self, backward_sparsity=_checks.number(self.backward_sparsity, 'backward_sparsity', 0.0,
+                                               1.0, high_open=True),
+        penalty=_checks.number(self.penalty, 'penalty', 0.0))
     if self.sparsity is not None and self.backward_sparsity > self.sparsity:
       raise ValueError(f'backward_sparsity={self.backward_sparsity} exceeds sparsity='
                        f'{self.sparsity}: the backward set must contain the forward set.')
-    if self.penalty < 0:
-      raise ValueError(f'penalty must be >= 0, got {self.penalty}.')
     if not isinstance(self.sparsity_type, sparsity_types.Unstructured):
       raise ValueError(f'{type(self).__name__} supports only unstructured sparsity, got '
                        f'{self.sparsity_type!r}.')
