@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse
 
+from prunax.sparsity_types import nm_default_axis
+
 PyTree = Any
 
 FORMATS = ('bcoo', 'bcsr', 'nm')
@@ -120,11 +122,12 @@ def to_bcsr(x, index_dtype=jnp.int32) -> sparse.BCSR:
                      indices_sorted=True, unique_indices=True)
 
 
-def to_nm(x, n: int = 2, m: int = 4, axis: int = -1) -> NMCompressed:
+def to_nm(x, n: int = 2, m: int = 4, axis: int | None = None) -> NMCompressed:
   """N:M compressed form of ``x``: every group of ``m`` along ``axis`` has at most ``n``
-  elements with nonzero bits (else ValueError); groups with fewer store +0.0 entries."""
+  elements with nonzero bits (else ValueError); groups with fewer store +0.0 entries.
+  ``axis=None`` is :class:`prunax.NByM`'s default (the input axis, -2 of a kernel)."""
   x = np.asarray(x)
-  axis = axis % x.ndim
+  axis = (nm_default_axis(x.ndim) if axis is None else axis) % x.ndim
   if x.shape[axis] % m:
     raise ValueError(f'to_nm: axis {axis} of shape {x.shape} has size {x.shape[axis]}, not a '
                      f'multiple of m={m}.')
@@ -150,7 +153,7 @@ def _is_exportable(x) -> bool:
 
 
 def export_params(params: PyTree, fmt: str = 'bcoo', *, n: int = 2, m: int = 4,
-                  axis: int = -1, filter_fn=None) -> PyTree:
+                  axis: int | None = None, filter_fn=None) -> PyTree:
   """Exports the float leaves with ``ndim >= 2`` of a pruned tree to a sparse format.
 
   Args:

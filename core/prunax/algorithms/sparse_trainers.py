@@ -3,8 +3,9 @@
 Masks are drawn at random at ``init``, already at the target sparsity of the
 distribution (ERK is the usual choice). SET (Mocanu et al., 2018) and RigL (Evci et al.,
 2020) update them every ``update_freq`` steps: among the ``n`` active weights of a leaf,
-``round(f * n)`` with the smallest magnitude are dropped (``f`` is the drop fraction,
-cosine-decayed to 0 at ``update_end_step`` by default), and as many inactive ones are
+``floor(f * n)`` with the smallest magnitude are dropped (as in the RigL reference code;
+``f`` is the drop fraction, cosine-decayed to 0 at ``update_end_step``), and as many
+inactive ones are
 grown, chosen at random (SET) or by largest gradient magnitude (RigL). Grown weights
 start at zero and their optimizer moments are reset; the count of active weights never
 changes. Dropped weights may be grown again in the same update (then they keep their
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -54,31 +56,53 @@ class SET(StaticRandomSparse):
 
   Attributes:
     drop_fraction: fraction of the active weights replaced at each mask update.
-    drop_fraction_fn: 'cosine' (decays to 0 at the scheduler's update_end_step) or
-      'constant'.
+    drop_fraction_fn: 'cosine' (the papers' choice: decays to 0 at the scheduler's
+      ``update_end_step``, which it needs) or 'constant'. None (the default) means
+      'cosine' when the scheduler has an ``update_end_step``; without one, masks update
+      until training ends, so the fraction stays constant and a warning says how to get
+      the cosine decay (pass 'constant' explicitly to silence it).
   """
 
   scheduler: object = sparsity_schedules.PeriodicSchedule(update_freq=100)
   drop_fraction: float = 0.3
-  drop_fraction_fn: str = 'cosine'
+  drop_fraction_fn: str | None = None
   scheduler_kind = 'periodic'
 
   def __post_init__(self):
     super().__post_init__()
     if not 0.0 <= self.drop_fraction <= 1.0:
       raise ValueError(f'drop_fraction must be in [0, 1], got {self.drop_fraction}.')
-    if self.drop_fraction_fn not in ('cosine', 'constant'):
-      raise ValueError(f'drop_fraction_fn must be "cosine" or "constant", got '
+    if self.drop_fraction_fn not in (None, 'cosine', 'constant'):
+      raise ValueError(f'drop_fraction_fn must be "cosine", "constant" or None, got '
                        f'{self.drop_fraction_fn!r}.')
+    end = getattr(self.scheduler, 'update_end_step', None)
+    name = type(self).__name__
+    if self.drop_fraction_fn == 'cosine' and not end:
+      raise ValueError(
+          f'{name}: drop_fraction_fn="cosine" decays the drop fraction to 0 at the '
+          f'scheduler\'s update_end_step, but {self.scheduler!r} has none; pass e.g. '
+          'scheduler=PeriodicSchedule(update_freq, update_start_step, update_end_step=...) '
+          '(config: update_end_step), or drop_fraction_fn="constant".')
+    if self.drop_fraction_fn is None:
+      if end:
+        object.__setattr__(self, 'drop_fraction_fn', 'cosine')
+      else:
+        warnings.warn(
+            f'{name}: the scheduler has no update_end_step, so masks update until training '
+            f'ends with a constant drop fraction {self.drop_fraction}. For the paper\'s '
+            'cosine decay give an update_end_step (e.g. 75% of the steps); pass '
+            'drop_fraction_fn="constant" to keep this and silence the warning.',
+            UserWarning, stacklevel=3)
+        object.__setattr__(self, 'drop_fraction_fn', 'constant')
     if not isinstance(self.sparsity_type, sparsity_types.Unstructured):
       raise ValueError(f'{type(self).__name__} drops and grows individual weights and supports '
                        f'only unstructured sparsity, got {self.sparsity_type!r}.')
 
   def drop_fraction_at(self, step) -> jax.Array:
     """Drop fraction at ``step``: constant, or cosine-decayed to 0 at update_end_step."""
-    end = getattr(self.scheduler, 'update_end_step', None)
-    if self.drop_fraction_fn == 'constant' or not end:
+    if self.drop_fraction_fn == 'constant':
       return jnp.float32(self.drop_fraction)
+    end = self.scheduler.update_end_step
     progress = jnp.minimum(jnp.asarray(step, jnp.float32), end) / end
     return self.drop_fraction * 0.5 * (1.0 + jnp.cos(math.pi * progress))
 
@@ -96,7 +120,8 @@ class SET(StaticRandomSparse):
     def drop_and_grow(old, w, g, s):
       # Masks stay at their target count (exact at init, drop and grow keep it).
       n_active = w.size - sparsity_types.num_zeros(s, w.size)
-      n_drop = jnp.round(fraction * n_active).astype(jnp.int32)
+      # floor, as the reference (an int cast of the float product).
+      n_drop = jnp.floor(fraction * n_active).astype(jnp.int32)
       # The old mask is unpacked inside each pass that reads it; the kept mask is stored
       # as packed bits (1/32 of the weights' bytes), read by each pass of the grow search.
       kept = selection.topk_mask(selection.Lazy(_active_magnitude, old, w),
