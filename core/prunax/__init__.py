@@ -9,13 +9,19 @@ from prunax import selection
 from prunax import sparsity_distributions
 from prunax import sparsity_schedules
 from prunax import sparsity_types
+from prunax.algorithms import ACDC
+from prunax.algorithms import MEST
+from prunax.algorithms import NMSET
 from prunax.algorithms import SET
+from prunax.algorithms import SNFS
 from prunax.algorithms import SRSTE
 from prunax.algorithms import STR
 from prunax.algorithms import AutoSparse
 from prunax.algorithms import GlobalMagnitudePruning
 from prunax.algorithms import GlobalSaliencyPruning
+from prunax.algorithms import GraNet
 from prunax.algorithms import MagnitudePruning
+from prunax.algorithms import NMRigL
 from prunax.algorithms import NoPruning
 from prunax.algorithms import RandomPruning
 from prunax.algorithms import RigL
@@ -58,4 +64,5 @@ __all__ = [
     'get_sparse_state', 'pack_mask', 'register_algorithm', 'selection', 'sparsity_distributions',
     'sparsity_schedules', 'sparsity_types', 'summarize_intersection', 'summarize_sparsity',
     'unpack_mask', 'unpack_masks', 'bool_masks',
+    'ACDC', 'GraNet', 'MEST', 'NMRigL', 'NMSET', 'SNFS',
 ]

@@ -60,6 +60,8 @@ class SparseState(NamedTuple):
     rng: uint32 PRNG key data of shape (2,) (the key is folded with ``count`` when used).
     dense_params: the dense weights of STE-style algorithms, else None.
     thresholds: per-leaf learnable thresholds (AutoSparse), else None.
+    aux: per-step statistics an algorithm keeps (SNFS: momentum of the gradients), else
+      None; see :meth:`BaseUpdater.update_aux`.
   """
 
   inner_state: Any
@@ -68,6 +70,7 @@ class SparseState(NamedTuple):
   rng: jax.Array
   dense_params: Any = None
   thresholds: Any = None
+  aux: Any = None
 
 
 def _is_none(x) -> bool:
@@ -224,6 +227,9 @@ class BaseUpdater:
   is_sparse_training = False  # masks at the target sparsity from init
   is_global = False  # one threshold across all pruned leaves
   scheduler_kind = 'pruning'  # config schedules: 'pruning' (one-shot/gradual), 'periodic', 'none'
+  # On a mask-update step, move no weight but the ones the new masks remove (RigL's
+  # reference code and jaxpruner skip that step's gradient update).
+  skip_gradient_on_mask_update = False
 
   def __post_init__(self):
     if self.sparsity is not None:
@@ -366,7 +372,19 @@ class BaseUpdater:
         rng=jax.random.PRNGKey(self.seed),
         # A copy: the state must not share buffers with params (train steps donate both).
         dense_params=jax.tree.map(jnp.copy, _pruned_only(masks, params)) if self.is_ste else None,
-        thresholds=self.init_thresholds(params, targets))
+        thresholds=self.init_thresholds(params, targets),
+        aux=self.init_aux(params, masks))
+
+  def init_aux(self, params: PyTree, masks: PyTree) -> PyTree:
+    """Initial ``SparseState.aux`` (None unless the algorithm keeps statistics)."""
+    del params, masks
+    return None
+
+  def update_aux(self, aux: PyTree, grads: PyTree, masks: PyTree) -> PyTree:
+    """``SparseState.aux`` after a step with raw gradients ``grads`` (before any mask
+    update of the step, which reads the new value); unchanged by default."""
+    del grads, masks
+    return aux
 
   # ------------------------------------------------------------ STE-style hooks
   # Algorithms with dense weights in the state (``is_ste``) may override these.
@@ -495,6 +513,16 @@ def _zero_inactive(inner, inner_state, masks):
       inner_state, keep, transform_non_params=lambda v: v)
 
 
+def _skip_gradient_step(out, params, masks, new_masks, is_update):
+  """On an update step: only the weights the new masks remove move (to 0); else ``out``."""
+  if isinstance(is_update, (bool, np.bool_)) and not is_update:
+    return out
+  skipped = jax.tree.map(
+      lambda m, m_new, p: jnp.zeros_like(p) if m is None else jnp.where(m & m_new, 0, -p).astype(
+          p.dtype), masks, new_masks, params, is_leaf=_is_none)
+  return jax.tree.map(lambda s, o: jnp.where(is_update, s, o), skipped, out)
+
+
 def _init(updater: BaseUpdater, inner, params):
   return updater.init_state(params, inner.init(params))
 
@@ -525,7 +553,9 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
     # The inner optimizer's per-weight state (moments) of inactive weights is held at zero,
     # so a weight grown by a mask update starts with fresh moments. Zeroing the input state
     # under the stored masks fuses into the optimizer's own pass.
-    state = state._replace(inner_state=_zero_inactive(inner, state.inner_state, masks))
+    state = state._replace(inner_state=_zero_inactive(inner, state.inner_state, masks),
+                           aux=updater.update_aux(state.aux, grads, masks))
+    raw_state = raw_state._replace(aux=state.aux)
   candidate, updates, inner_state = updater._candidate(  # pylint: disable=protected-access
       inner, grads, state, params, masks, **extra)
   sparsities = updater._sparsities_at(targets, state.count)  # pylint: disable=protected-access
@@ -560,6 +590,8 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
 
   out = updater._output(  # pylint: disable=protected-access
       params, candidate, updates, masks, new_masks, state)
+  if updater.skip_gradient_on_mask_update and not updater.is_ste:
+    out = _skip_gradient_step(out, params, masks, new_masks, is_update)
   new_state = state._replace(
       inner_state=inner_state,
       masks=stored,

@@ -5,8 +5,8 @@ distribution (ERK is the usual choice). SET (Mocanu et al., 2018) and RigL (Evci
 2020) update them every ``update_freq`` steps: among the ``n`` active weights of a leaf,
 ``floor(f * n)`` with the smallest magnitude are dropped (as in the RigL reference code;
 ``f`` is the drop fraction, cosine-decayed to 0 at ``update_end_step``), and as many
-inactive ones are
-grown, chosen at random (SET) or by largest gradient magnitude (RigL). Grown weights
+inactive ones are grown, chosen at random (SET) or by largest gradient magnitude (RigL,
+whose mask-update steps make no gradient step, as in its reference code). Grown weights
 start at zero and their optimizer moments are reset; the count of active weights never
 changes. Dropped weights may be grown again in the same update (then they keep their
 value). Ties are broken by the lowest flat index.
@@ -30,8 +30,8 @@ from prunax.base_updater import lazy_mask
 from prunax.base_updater import pack_mask
 
 
-def _active_magnitude(mask, w):
-  return jnp.where(mask, jnp.abs(w), -jnp.inf)
+def _active_score(mask, score):
+  return jnp.where(mask, score, -jnp.inf)
 
 
 def _inactive_score(kept, score):
@@ -67,6 +67,7 @@ class SET(StaticRandomSparse):
   drop_fraction: float = 0.3
   drop_fraction_fn: str | None = None
   scheduler_kind = 'periodic'
+  supported_structures = (sparsity_types.Unstructured,)
 
   def __post_init__(self):
     super().__post_init__()
@@ -94,9 +95,10 @@ class SET(StaticRandomSparse):
             'drop_fraction_fn="constant" to keep this and silence the warning.',
             UserWarning, stacklevel=3)
         object.__setattr__(self, 'drop_fraction_fn', 'constant')
-    if not isinstance(self.sparsity_type, sparsity_types.Unstructured):
-      raise ValueError(f'{type(self).__name__} drops and grows individual weights and supports '
-                       f'only unstructured sparsity, got {self.sparsity_type!r}.')
+    if not isinstance(self.sparsity_type, self.supported_structures):
+      names = ', '.join(t.__name__ for t in self.supported_structures)
+      raise ValueError(f'{name} drops and grows individual weights and supports only '
+                       f'{names} sparsity, got {self.sparsity_type!r}.')
 
   def drop_fraction_at(self, step) -> jax.Array:
     """Drop fraction at ``step``: constant, or cosine-decayed to 0 at update_end_step."""
@@ -105,6 +107,11 @@ class SET(StaticRandomSparse):
     end = self.scheduler.update_end_step
     progress = jnp.minimum(jnp.asarray(step, jnp.float32), end) / end
     return self.drop_fraction * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+
+  def drop_scores(self, params, sparse_state, grads):
+    """Scores of active weights for keeping (the lowest are dropped): ``|w|``."""
+    del sparse_state, grads
+    return jax.tree.map(lambda w: selection.Lazy(jnp.abs, w), params)
 
   def grow_scores(self, params, sparse_state, grads):
     """Scores of inactive weights for growing: uniform random for SET."""
@@ -115,28 +122,36 @@ class SET(StaticRandomSparse):
     if sparse_state is None or old_masks is None:  # instant_sparsify: plain magnitude.
       return super().compute_masks(params, sparsities, sparse_state, grads, old_masks)
     fraction = self.drop_fraction_at(sparse_state.count)
+    drop = self.drop_scores(params, sparse_state, grads)
     grow = self.grow_scores(params, sparse_state, grads)
 
-    def drop_and_grow(old, w, g, s):
+    def drop_and_grow(old, w, d, g, s):
       # Masks stay at their target count (exact at init, drop and grow keep it).
       n_active = w.size - sparsity_types.num_zeros(s, w.size)
       # floor, as the reference (an int cast of the float product).
       n_drop = jnp.floor(fraction * n_active).astype(jnp.int32)
       # The old mask is unpacked inside each pass that reads it; the kept mask is stored
       # as packed bits (1/32 of the weights' bytes), read by each pass of the grow search.
-      kept = selection.topk_mask(selection.Lazy(_active_magnitude, old, w),
+      kept = selection.topk_mask(selection.Lazy(_active_score, old, d),
                                  n_active - n_drop, lazy=True)
       kept = lazy_mask(pack_mask(selection.materialize(kept)), w.shape)
       grown = selection.topk_mask(selection.Lazy(_inactive_score, kept, g), n_drop, lazy=True)
       return selection.materialize(selection.Lazy(jnp.logical_or, kept, grown))
 
-    return jax.tree.map(lambda m, w, g, s: None if m is None else drop_and_grow(m, w, g, s),
-                        old_masks, params, grow, sparsities, is_leaf=_is_none)
+    return jax.tree.map(
+        lambda m, w, d, g, s: None if m is None else drop_and_grow(m, w, d, g, s),
+        old_masks, params, drop, grow, sparsities, is_leaf=_is_none)
 
 
 @dataclasses.dataclass(frozen=True)
 class RigL(SET):
-  """Rigging the Lottery: drop by magnitude, grow by largest gradient magnitude."""
+  """Rigging the Lottery: drop by magnitude, grow by largest gradient magnitude.
+
+  As in the paper's code (and jaxpruner), a mask-update step makes no gradient step: the
+  kept weights do not move on that step (the optimizer's state still advances).
+  """
+
+  skip_gradient_on_mask_update = True
 
   def grow_scores(self, params, sparse_state, grads):
     if grads is None:
