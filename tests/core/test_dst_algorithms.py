@@ -236,12 +236,12 @@ def test_rigl_skips_the_gradient_step_on_mask_updates(name):
 
 
 def test_new_algorithms_run_in_compare(tmp_path):
-  names = ['snfs', 'mest', 'granet', 'acdc', 'nm_rigl']
+  # (nm_set / nm_rigl cannot prune the digits CNN: its first convolution has one input
+  # channel, and N:M groups run along the inputs; they train in the tests above.)
+  names = ['snfs', 'mest', 'granet', 'acdc']
   rc = cli.main(['compare', '--quick', '--run-dir', str(tmp_path / 'run'), '--no-progress',
                  '--no-plots', '--no-compile-cache', '--algorithms', ','.join(names),
-                 '--seeds', '1', '--steps', '12', '--set', 'optional_algorithms=[]',
-                 '--set', 'algorithm_overrides={nm_rigl: {sparsity_type: "nm_2,4", '
-                 'sparsity: 0.5}}'])
+                 '--seeds', '1', '--steps', '12', '--set', 'optional_algorithms=[]'])
   assert rc == 0
   report = (tmp_path / 'run' / 'results.md').read_text()
   for name in names:
