@@ -140,9 +140,9 @@ def test_nm_rigl_drops_and_grows_within_groups():
   # group 1 regrows w7 (|g| 4).
   np.testing.assert_array_equal(new, [1, 0, 1, 0, 1, 0, 0, 1])
   np.testing.assert_array_equal(new, _nm_reference(old, w, g, 0.5, 2, 4))
-  with pytest.raises(ValueError, match='supports only NByM'):
+  with pytest.raises(ValueError, match='supports only N:M sparsity'):
     prunax.NMRigL(sparsity_type='unstructured', drop_fraction_fn='constant')
-  with pytest.raises(ValueError, match='supports only Unstructured'):
+  with pytest.raises(ValueError, match='supports only unstructured'):
     prunax.RigL(sparsity=0.5, sparsity_type='nm_2,4', drop_fraction_fn='constant')
 
 

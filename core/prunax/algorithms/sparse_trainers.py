@@ -29,6 +29,8 @@ from prunax.base_updater import _is_none
 from prunax.base_updater import lazy_mask
 from prunax.base_updater import pack_mask
 
+_STRUCTURE_NAMES = {sparsity_types.Unstructured: 'unstructured', sparsity_types.NByM: 'N:M'}
+
 
 def _active_score(mask, score):
   return jnp.where(mask, score, -jnp.inf)
@@ -96,9 +98,9 @@ class SET(StaticRandomSparse):
             UserWarning, stacklevel=3)
         object.__setattr__(self, 'drop_fraction_fn', 'constant')
     if not isinstance(self.sparsity_type, self.supported_structures):
-      names = ', '.join(t.__name__ for t in self.supported_structures)
+      kinds = ' or '.join(_STRUCTURE_NAMES.get(t, t.__name__) for t in self.supported_structures)
       raise ValueError(f'{name} drops and grows individual weights and supports only '
-                       f'{names} sparsity, got {self.sparsity_type!r}.')
+                       f'{kinds} sparsity, got {self.sparsity_type!r}.')
 
   def drop_fraction_at(self, step) -> jax.Array:
     """Drop fraction at ``step``: constant, or cosine-decayed to 0 at update_end_step."""
