@@ -28,3 +28,5 @@ class GraNet(RigL):
       update_freq=100, update_start_step=0, update_end_step=10000)
   is_sparse_training = False
   scheduler_kind = 'pruning'
+  # The GraNet code (like sparse_learning) steps the optimizer, then updates the masks.
+  skip_gradient_on_mask_update = False
