@@ -12,13 +12,19 @@ from prunax import sparse_inference
 from prunax import sparsity_distributions
 from prunax import sparsity_schedules
 from prunax import sparsity_types
+from prunax.algorithms import ACDC
+from prunax.algorithms import MEST
+from prunax.algorithms import NMSET
 from prunax.algorithms import SET
+from prunax.algorithms import SNFS
 from prunax.algorithms import SRSTE
 from prunax.algorithms import STR
 from prunax.algorithms import AutoSparse
 from prunax.algorithms import GlobalMagnitudePruning
 from prunax.algorithms import GlobalSaliencyPruning
+from prunax.algorithms import GraNet
 from prunax.algorithms import MagnitudePruning
+from prunax.algorithms import NMRigL
 from prunax.algorithms import NoPruning
 from prunax.algorithms import RandomPruning
 from prunax.algorithms import RigL
@@ -78,4 +84,5 @@ __all__ = [
     'shrink',
     'ALGORITHM_REGISTRY', 'NbyM', 'SparsityType', 'apply_mask', 'compat', 'mask_calculator',
     'utils',
+    'ACDC', 'GraNet', 'MEST', 'NMRigL', 'NMSET', 'SNFS',
 ]

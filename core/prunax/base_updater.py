@@ -71,6 +71,8 @@ class SparseState(NamedTuple):
     dense_params: the dense weights of STE-style algorithms (``MaskedNode()`` at leaves
       that are not pruned), else ``MaskedNode()``.
     thresholds: per-leaf learnable thresholds (AutoSparse), else ``MaskedNode()``.
+    aux: per-step statistics an algorithm keeps (SNFS: momentum of the gradients), else
+      ``MaskedNode()``; see :meth:`BaseUpdater.update_aux`.
   """
 
   inner_state: Any
@@ -79,6 +81,7 @@ class SparseState(NamedTuple):
   rng: jax.Array
   dense_params: Any = None
   thresholds: Any = None
+  aux: Any = None
 
 
 def _is_none(x) -> bool:
@@ -108,13 +111,15 @@ def _unstored(state: SparseState) -> SparseState:
   """The state with None for what is not there (the form the algorithms read)."""
   return state._replace(masks=_from_stored(state.masks),
                         dense_params=_from_stored(state.dense_params),
-                        thresholds=_from_stored(state.thresholds))
+                        thresholds=_from_stored(state.thresholds),
+                        aux=_from_stored(state.aux))
 
 
 def _stored(state: SparseState) -> SparseState:
   return state._replace(masks=_to_stored(state.masks),
                         dense_params=_to_stored(state.dense_params),
-                        thresholds=_to_stored(state.thresholds))
+                        thresholds=_to_stored(state.thresholds),
+                        aux=_to_stored(state.aux))
 
 
 def map_masked(fn: Callable[..., Any], masks: PyTree, *trees: PyTree) -> PyTree:
@@ -344,6 +349,9 @@ class BaseUpdater(updater_args.JaxprunerArgs):
   is_sparse_training = False  # masks at the target sparsity from init
   is_global = False  # one threshold across all pruned leaves
   scheduler_kind = 'pruning'  # config schedules: 'pruning' (one-shot/gradual), 'periodic', 'none'
+  # On a mask-update step, move no weight but the ones the new masks remove (RigL's
+  # reference code and jaxpruner skip that step's gradient update).
+  skip_gradient_on_mask_update = False
 
   def __post_init__(self):
     self._resolve_jaxpruner_args()
@@ -570,7 +578,19 @@ class BaseUpdater(updater_args.JaxprunerArgs):
         rng=self._base_key(),
         # A copy: the state must not share buffers with params (train steps donate both).
         dense_params=jax.tree.map(jnp.copy, _pruned_only(masks, params)) if self.is_ste else None,
-        thresholds=self.init_thresholds(params, targets)))
+        thresholds=self.init_thresholds(params, targets),
+        aux=self.init_aux(params, masks)))
+
+  def init_aux(self, params: PyTree, masks: PyTree) -> PyTree:
+    """Initial ``SparseState.aux`` (None unless the algorithm keeps statistics)."""
+    del params, masks
+    return None
+
+  def update_aux(self, aux: PyTree, grads: PyTree, masks: PyTree) -> PyTree:
+    """``SparseState.aux`` after a step with raw gradients ``grads`` (before any mask
+    update of the step, which reads the new value); unchanged by default."""
+    del grads, masks
+    return aux
 
   # ------------------------------------------------------------ STE-style hooks
   # Algorithms with dense weights in the state (``is_ste``) may override these.
@@ -802,13 +822,22 @@ def _check_params_unchanged(state: SparseState, params: PyTree) -> None:
                        'initialise the state again (tx.init) after changing the model.')
 
 
+def _skip_gradient_step(out, params, masks, new_masks, is_update):
+  """On an update step: only the weights the new masks remove move (to 0); else ``out``."""
+  if isinstance(is_update, (bool, np.bool_)) and not is_update:
+    return out
+  skipped = jax.tree.map(
+      lambda m, m_new, p: jnp.zeros_like(p) if m is None else jnp.where(m & m_new, 0, -p).astype(
+          p.dtype), masks, new_masks, params, is_leaf=_is_none)
+  return jax.tree.map(lambda s, o: jnp.where(is_update, s, o), skipped, out)
+
+
 def _init(updater: BaseUpdater, inner, params):
   inner_state = inner.init(params)
   if _is_placeholder(params):
     # For tree_map_params: the inner state's params-like parts are mapped; masks, dense
     # weights and thresholds (trees of the pruned params only) count as non-params.
-    return SparseState(inner_state, _NotParams, _NotParams, _NotParams, _NotParams,
-                       _NotParams)
+    return SparseState(inner_state, *[_NotParams] * (len(SparseState._fields) - 1))
   _check_inner(inner_state)
   # One compiled computation (cached per updater and shapes) rather than eager ops: the
   # selection loops of random initial masks took tens of seconds op by op. Inside a
@@ -850,7 +879,9 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
     # The inner optimizer's per-weight state (moments) of inactive weights is held at its
     # initial value, so a weight grown by a mask update starts afresh. Resetting the input
     # state under the stored masks fuses into the optimizer's own pass.
-    state = state._replace(inner_state=_reset_inactive(inner, state.inner_state, masks, params))
+    state = state._replace(inner_state=_reset_inactive(inner, state.inner_state, masks, params),
+                           aux=updater.update_aux(state.aux, grads, masks))
+    raw_state = raw_state._replace(aux=state.aux)
   candidate, updates, inner_state = updater._candidate(  # pylint: disable=protected-access
       inner, grads, state, params, masks, **extra)
   sparsities = updater._sparsities_at(targets, state.count)  # pylint: disable=protected-access
@@ -885,6 +916,8 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
 
   out = updater._output(  # pylint: disable=protected-access
       params, candidate, updates, masks, new_masks, state)
+  if updater.skip_gradient_on_mask_update and not updater.is_ste:
+    out = _skip_gradient_step(out, params, masks, new_masks, is_update)
   new_state = state._replace(
       inner_state=inner_state,
       masks=stored,

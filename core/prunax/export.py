@@ -38,6 +38,7 @@ from prunax import sparse_inference
 from prunax.sparse_inference import BlockSparse
 from prunax.sparse_inference import EllSparse
 from prunax.sparse_inference import _nonzero_bits
+from prunax.sparsity_types import nm_default_axis
 
 PyTree = Any
 
@@ -126,11 +127,12 @@ def to_bcsr(x, index_dtype=jnp.int32) -> sparse.BCSR:
                      indices_sorted=True, unique_indices=True)
 
 
-def to_nm(x, n: int = 2, m: int = 4, axis: int = -1) -> NMCompressed:
+def to_nm(x, n: int = 2, m: int = 4, axis: int | None = None) -> NMCompressed:
   """N:M compressed form of ``x``: every group of ``m`` along ``axis`` has at most ``n``
-  elements with nonzero bits (else ValueError); groups with fewer store +0.0 entries."""
+  elements with nonzero bits (else ValueError); groups with fewer store +0.0 entries.
+  ``axis=None`` is :class:`prunax.NByM`'s default (the input axis, -2 of a kernel)."""
   x = np.asarray(x)
-  axis = axis % x.ndim
+  axis = (nm_default_axis(x.ndim) if axis is None else axis) % x.ndim
   if x.shape[axis] % m:
     raise ValueError(f'to_nm: axis {axis} of shape {x.shape} has size {x.shape[axis]}, not a '
                      f'multiple of m={m}.')
@@ -156,7 +158,7 @@ def _is_exportable(x) -> bool:
 
 
 def export_params(params: PyTree, fmt: str = 'bcoo', *, n: int = 2, m: int = 4,
-                  axis: int = -1, block_shape: tuple[int, int] = (16, 16),
+                  axis: int | None = None, block_shape: tuple[int, int] = (16, 16),
                   filter_fn=None) -> PyTree:
   """Exports the float leaves with ``ndim >= 2`` of a pruned tree to a sparse format.
 

@@ -18,6 +18,12 @@ nonzero fraction of ``backward_params`` (e.g. the backward set B of eq. 8 as a m
 ``d`` when it is not given (gradients only for active weights). Contractions without a
 parameter operand (attention scores) are dense, with a gradient per operand that depends
 on parameters. :class:`TrainingFlopsAverager` averages a run's steps: the "Train F".
+
+That is ``convention='autodiff'`` (what reverse-mode differentiation computes). The RigL
+paper (Evci et al., 2020, appendix H) counts every layer's training step as 3 times its
+forward pass (forward, input gradient, weight gradient), the first layer's input gradient
+included; ``convention='rigl'`` counts that way (dense-weight contractions: all operands'
+gradients; sparse ones: ``d F + d F + b F``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ _PASS_THROUGH = frozenset({
     'expand_dims', 'broadcast_in_dim', 'reduce_precision', 'sharding_constraint',
 })
 _SUBJAXPR_KEYS = ('jaxpr', 'call_jaxpr', 'fun_jaxpr')
+# Training-FLOPs conventions (see the module docstring).
+_CONVENTIONS = ('autodiff', 'rigl')
 
 
 def _contraction_flops(eqn) -> int:
@@ -153,7 +161,10 @@ class FlopsCounter:
     sparse = sum(op.flops * self._density(d, op) for op in self._ops)
     return sparse / self.dense_flops if self.dense_flops else 1.0
 
-  def _training(self, params, backward_params) -> tuple[float, float]:
+  def _training(self, params, backward_params, convention) -> tuple[float, float]:
+    if convention not in _CONVENTIONS:
+      raise ValueError(f'FLOPs convention must be one of {_CONVENTIONS}, got {convention!r}.')
+    every_gradient = convention == 'rigl'
     d = _densities(params, self._num_leaves)
     b = d if backward_params is None else _densities(backward_params, self._num_leaves)
     sparse = dense = 0.0
@@ -169,23 +180,26 @@ class FlopsCounter:
           grad_density = bwd  # weight gradient
         else:
           grad_density = fwd  # input gradient, through the sparse weights
-        if depends or pos == op.weight_pos:
+        if depends or pos == op.weight_pos or every_gradient:
           sparse += op.flops * grad_density
           dense += op.flops
     return sparse, dense
 
-  def training_fraction(self, params: PyTree, backward_params: PyTree | None = None) -> float:
+  def training_fraction(self, params: PyTree, backward_params: PyTree | None = None,
+                        convention: str = 'autodiff') -> float:
     """FLOPs of one training step (forward, input and weight gradients), as a fraction.
 
     Args:
       params: the weights of the forward pass (their zeros make it sparse).
       backward_params: a tree like params whose nonzeros mark the weights that receive a
         gradient (None: the nonzeros of ``params``).
+      convention: 'autodiff' (input gradients only where the input depends on
+        parameters) or 'rigl' (3x forward for every layer, as the RigL paper counts).
 
     Returns:
       Sparse over dense FLOPs of a training step.
     """
-    sparse, dense = self._training(params, backward_params)
+    sparse, dense = self._training(params, backward_params, convention)
     return sparse / dense if dense else 1.0
 
 
@@ -195,14 +209,21 @@ class TrainingFlopsAverager:
   Call :meth:`add` with the params of every step (or of evenly sampled steps).
   """
 
-  def __init__(self, counter: FlopsCounter):
+  def __init__(self, counter: FlopsCounter, convention: str = 'autodiff'):
+    """Args:
+      counter: the model's :class:`FlopsCounter`.
+      convention: see :meth:`FlopsCounter.training_fraction`.
+    """
+    if convention not in _CONVENTIONS:
+      raise ValueError(f'FLOPs convention must be one of {_CONVENTIONS}, got {convention!r}.')
     self.counter = counter
+    self.convention = convention
     self._sum = 0.0
     self.steps = 0
 
   def add(self, params: PyTree, backward_params: PyTree | None = None) -> float:
     """Adds one step; returns its training-FLOPs fraction."""
-    fraction = self.counter.training_fraction(params, backward_params)
+    fraction = self.counter.training_fraction(params, backward_params, self.convention)
     self._sum += fraction
     self.steps += 1
     return fraction

@@ -12,7 +12,13 @@ save_step)``: it trains ``params`` with ``updater.wrap_optax(optimizer)`` (round
 :class:`prunax.NoPruning`, later rounds :class:`prunax.pruning_at_init.FixedMaskSparse`
 holding the ticket's masks) and returns ``(trained_params, metrics, saved_params)``, where
 ``saved_params`` are the params after ``save_step`` steps when ``save_step`` is not None
-(only asked of round 0, for late rewinding), else anything (ignored). IMP is
+(only asked of round 0, for late rewinding), else anything (ignored). Later rounds get
+``save_step=None`` and are not told ``rewind_step``: their weights are rewound, but the
+training they run is whatever ``train_fn`` does from its start. Frankle et al. (2020)
+resume training at the rewind step (the learning-rate schedule continues from there, for
+the remaining steps); to do the same, have ``train_fn`` start its schedule at
+``rewind_step`` when ``save_step is None`` (it knows ``rewind_step``: it is your
+argument). IMP is
 dense-to-sparse training (Sparseland handbook, 3.9), so it is a driver around training
 rather than an updater.
 """

@@ -6,10 +6,15 @@ main family of static sparse training), from scores of the initial weights ``w``
 * SNIP (Lee et al., 2019): keep the largest ``|g * w|``, ``g`` the loss gradient on a batch.
 * GraSP (Wang et al., 2020): score ``-w * Hg`` (Hessian-gradient product, computed as the
   ``jax.jvp`` of ``jax.grad``); the highest scores are removed, preserving gradient flow.
+  The reference implementations divide the logits by a temperature ``T = 200`` in the loss
+  of ``Hg``; ``loss_fn`` is used as given, so include the temperature there to match them
+  (:func:`grasp_scores`).
 * SynFlow (Tanaka et al., 2020), data-free: with all parameters replaced by ``|w| * mask``
   and an all-ones input, ``R = sum(model output)``, score ``|dR/dw * w|``; pruned over
   ``iterations`` rounds to the densities ``(1 - sparsity) ** (k / iterations)``, which
-  avoids layer collapse.
+  avoids layer collapse. Deep networks, whose flow overflows float32, are scored on a
+  model rescaled layer by layer by powers of two, which keeps the ranking (see
+  :func:`synflow_scores`).
 
 By default the three prune globally (one threshold over all pruned leaves, as in their
 papers); pass ``sparsity_distribution_fn`` for per-leaf sparsities. Training then proceeds
@@ -53,25 +58,66 @@ def snip_scores(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
 
 def grasp_scores(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
                  batch: Any) -> PyTree:
-  """GraSP scores ``-w * Hg`` (the largest are removed)."""
+  """GraSP scores ``-w * Hg`` (the largest are removed).
+
+  ``g`` and ``H`` are those of ``loss_fn`` as given. The GraSP reference code computes
+  them on the cross-entropy of ``logits / T`` with ``T = 200``; to reproduce it, build
+  ``loss_fn`` with that temperature (e.g. ``cross_entropy(apply(p, x) / 200.0, y)``).
+  """
   grad_fn = lambda p: jax.grad(loss_fn)(p, batch)
   g = grad_fn(params)
   _, hg = jax.jvp(grad_fn, (params,), (g,))
   return jax.tree.map(lambda w, h: -w * h, params, hg)
 
 
+def _flow_scale_exponent(w: jax.Array) -> jax.Array:
+  """``k`` with ``2**k`` near a leaf's gain per layer on a positive input.
+
+  The gain is the mean sum of ``|w|`` over the input axis (-2): a Dense kernel's mean
+  column sum, also per layer for stacked (scanned) kernels ``(layers, in, out)``; a
+  convolution's window adds a factor of its size. 0 for 1-D leaves (biases) and leaves
+  without weight.
+  """
+  if jnp.ndim(w) < 2:
+    return jnp.int32(0)
+  gain = jnp.sum(w.astype(jnp.float32)) / max(w.size // w.shape[-2], 1)
+  ok = jnp.isfinite(gain) & (gain > 0)
+  return jnp.where(ok, jnp.round(jnp.log2(jnp.where(ok, gain, 1.0))), 0).astype(jnp.int32)
+
+
 def synflow_scores(apply_fn: Callable[..., jax.Array], params: PyTree,
                    input_shape: tuple[int, ...], masks: PyTree | None = None) -> PyTree:
-  """SynFlow scores ``|dR/dw * w|`` of the linearised model ``|w| * mask`` on ones."""
+  """SynFlow scores ``|dR/dw * w|`` of the linearised model ``|w| * mask`` on ones.
+
+  ``R`` is a product over the layers, so in deep networks it leaves the float range
+  (a 40-layer, 256-wide MLP gives ``inf`` for every score in float32). When the direct
+  scores are not all finite, or ``R`` underflows to 0, the scores are computed on a
+  rescaled model instead: every leaf of two or more dimensions is divided by a power of two
+  near its gain (:func:`_flow_scale_exponent`), exactly, so that each layer keeps the flow
+  near 1. For a network whose output is homogeneous in each layer's weights (no biases,
+  or zero biases as at initialisation) this multiplies every score by the same factor, so
+  the ranking, within and across leaves, is the paper's; otherwise (nonzero biases) the
+  biases' share of the flow changes. The returned scores are those of the rescaled model
+  in that case (only their order matters).
+  """
   def flow(abs_params):
     out = apply_fn(abs_params, jnp.ones(input_shape, jnp.float32))
     return jnp.sum(out)
 
+  def scores_of(abs_params):
+    r, grads = jax.value_and_grad(flow)(abs_params)
+    return r, jax.tree.map(lambda g, w: jnp.abs(g * w), grads, abs_params)
+
   abs_params = jax.tree.map(jnp.abs, params)
   if masks is not None:
     abs_params = map_masked(lambda m, w: jnp.where(m, w, 0), masks, abs_params)
-  grads = jax.grad(flow)(abs_params)
-  return jax.tree.map(lambda g, w: jnp.abs(g * w), grads, abs_params)
+  r, direct = scores_of(abs_params)
+  # ldexp by an integer exponent is exact: the rescaled scores carry no extra rounding.
+  _, rescaled = scores_of(jax.tree.map(
+      lambda w: jnp.ldexp(w, -_flow_scale_exponent(w)).astype(w.dtype), abs_params))
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in jax.tree.leaves(direct)]))
+  use_direct = finite & jnp.isfinite(r) & (r > 0)
+  return jax.tree.map(lambda d, x: jnp.where(use_direct, d, x), direct, rescaled)
 
 
 # ---------------------------------------------------------------------------- masks

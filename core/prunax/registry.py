@@ -26,6 +26,12 @@ _ALGORITHMS: dict[str, type[BaseUpdater]] = {
     'static_sparse': algorithms.StaticRandomSparse,
     'set': algorithms.SET,
     'rigl': algorithms.RigL,
+    'snfs': algorithms.SNFS,
+    'mest': algorithms.MEST,
+    'granet': algorithms.GraNet,
+    'acdc': algorithms.ACDC,
+    'nm_set': algorithms.NMSET,
+    'nm_rigl': algorithms.NMRigL,
     'autosparse': algorithms.AutoSparse,
     'str': algorithms.STR,
     'topkast': algorithms.TopKAST,
@@ -79,6 +85,8 @@ def _schedule(cls: type[BaseUpdater], cfg: Mapping[str, Any]):
     return sparsity_schedules.NoUpdateSchedule()
   if cls.scheduler_kind == 'periodic':
     return sparsity_schedules.PeriodicSchedule(freq, start, end)
+  if cls.scheduler_kind == 'alternating':  # AC/DC: phases of update_freq steps.
+    return algorithms.AlternatingSchedule(freq, start, end)
   if end is None or end == start:
     return sparsity_schedules.OneShotSchedule(start)
   return sparsity_schedules.PolynomialSchedule(freq, start, end, power=cfg.get('power', 3.0))
@@ -120,7 +128,8 @@ def create_updater_from_config(config: Any) -> BaseUpdater:
   ``packed_masks`` and ``extra`` (a dict of further constructor arguments).
 
   The schedule follows the algorithm: none for static sparse training, periodic for
-  SET/RigL-style training, and for pruning either one-shot at ``update_start_step`` (no
+  SET/RigL-style training, alternating phases of ``update_freq`` steps for AC/DC, and for
+  pruning either one-shot at ``update_start_step`` (no
   ``update_end_step``) or gradual polynomial from start to end.
 
   Raises:

@@ -4,16 +4,20 @@ Every structure turns a score array and a target sparsity into a boolean keep-ma
 exact count, documented per structure:
 
 * :class:`Unstructured`: ``round(sparsity * size)`` zeros (round half to even on the
-  float32 product; exact for sizes below 2**24).
-* :class:`NByM`: exactly ``n`` nonzeros in every group of ``m`` along ``axis``. Its target
-  sparsity is ``1 - n/m`` (an updater without a ``sparsity`` takes it; any other target is
-  an error); under a gradual schedule N:M switches on at the first mask update whose
-  scheduled sparsity is above 0.
-* :class:`Block`: ``round(sparsity * num_blocks)`` whole blocks are zero, where a trailing
+  float32 product; exact for sizes below 2**24), at most ``size - 1``: as in the reference
+  implementations, a pruned leaf keeps at least one weight.
+* :class:`NByM`: exactly ``n`` nonzeros in every group of ``m`` along ``axis`` (by default
+  the input, i.e. contraction, axis of a kernel: ``-2`` for Flax ``(in, out)`` and
+  ``(h, w, in, out)`` kernels, as sparse tensor cores need). Its target sparsity is
+  ``1 - n/m`` (an updater without a ``sparsity`` takes it; any other target is an error);
+  under a gradual schedule N:M switches on at the first mask update whose scheduled
+  sparsity is above 0.
+* :class:`Block`: ``round(sparsity * num_blocks)`` whole blocks are zero (at least one
+  block is kept), where a trailing
   partial block (dimension not a multiple of the block) counts as one block and is scored
   by the mean (or max) over its real elements.
-* :class:`Channel`: ``round(sparsity * num_channels)`` whole slices along ``axis`` are zero,
-  scored by the mean score over the slice.
+* :class:`Channel`: ``round(sparsity * num_channels)`` whole slices along ``axis`` are zero
+  (at least one is kept), scored by the mean score over the slice.
 """
 
 from __future__ import annotations
@@ -32,10 +36,16 @@ from prunax import selection
 
 
 def num_zeros(sparsity, size: int) -> jax.Array:
-  """Number of pruned elements for a (possibly traced) sparsity: round(sparsity * size)."""
+  """Number of pruned elements for a (possibly traced) sparsity.
+
+  ``round(sparsity * size)``, but at most ``size - 1``: a pruned leaf keeps at least one
+  element (as the reference implementations do), so no layer is cut off entirely.
+  """
+  most = max(size - 1, 0)
   if isinstance(sparsity, (int, float)):
-    return jnp.int32(int(np.round(np.float32(sparsity) * np.float32(size))))
-  return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
+    return jnp.int32(min(int(np.round(np.float32(sparsity) * np.float32(size))), most))
+  zeros = jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
+  return jnp.minimum(zeros, most)
 
 
 class SparsityType:
@@ -76,13 +86,34 @@ def _normalize_axis(axis: int, ndim: int, name: str, what: str) -> int:
   return axis % ndim
 
 
+def nm_default_axis(ndim: int) -> int:
+  """The default N:M axis of a parameter with ``ndim`` dimensions: its input axis.
+
+  Flax kernels are ``(in, out)`` (Dense) or ``(..., in, out)`` (Conv, DenseGeneral with
+  one output axis), so the contraction runs over axis ``-2``; sparse tensor cores and the
+  SR-STE reference group weights along it. A 1-D leaf has only axis ``-1``.
+  """
+  return -2 if ndim >= 2 else -1
+
+
 @dataclasses.dataclass(frozen=True)
 class NByM(SparsityType):
-  """N:M structured sparsity: ``n`` nonzeros in every ``m`` consecutive weights along ``axis``."""
+  """N:M structured sparsity: ``n`` nonzeros in every ``m`` consecutive weights along ``axis``.
+
+  Attributes:
+    n: weights kept per group.
+    m: group size.
+    axis: the axis of the groups; None (the default) is the input (contraction) axis of
+      a kernel, ``-2`` for ``ndim >= 2`` (see :func:`nm_default_axis`).
+  """
 
   n: int
   m: int
-  axis: int = -1
+  axis: int | None = None
+
+  def axis_for(self, ndim: int) -> int:
+    """The axis the groups run along for a parameter with ``ndim`` dimensions."""
+    return nm_default_axis(ndim) if self.axis is None else self.axis
 
   def __post_init__(self):
     m = _checks.integer(self.m, 'NByM: m', 1)
@@ -108,15 +139,17 @@ class NByM(SparsityType):
 
   def validate(self, shape, name):
     super().validate(shape, name)
-    axis = _normalize_axis(self.axis, len(shape), name, 'NByM')
+    axis = _normalize_axis(self.axis_for(len(shape)), len(shape), name, 'NByM')
     if shape[axis] % self.m:
       raise ValueError(
-          f'NByM({self.n}, {self.m}): axis {self.axis} of parameter {name!r} with shape '
+          f'NByM({self.n}, {self.m}): axis {self.axis_for(len(shape))} of parameter {name!r} '
+          f'with shape '
           f'{tuple(shape)} has size {shape[axis]}, which is not divisible by m={self.m}; '
           f'choose an axis whose size is a multiple of {self.m}.')
 
   def mask(self, scores, sparsity):
-    nm = selection.n_by_m_mask(selection.materialize(scores), self.n, self.m, self.axis)
+    nm = selection.n_by_m_mask(selection.materialize(scores), self.n, self.m,
+                               self.axis_for(scores.ndim))
     return jnp.where(jnp.asarray(sparsity) > 0, nm, True)
 
 

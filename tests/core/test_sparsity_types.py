@@ -12,7 +12,8 @@ from prunax import sparsity_types
 
 
 def _expected_zeros(sparsity, size):
-  return int(np.round(np.float32(sparsity) * np.float32(size)))
+  # round(s * n) on float32, but a pruned leaf keeps at least one element.
+  return min(int(np.round(np.float32(sparsity) * np.float32(size))), max(size - 1, 0))
 
 
 @pytest.mark.parametrize('shape', [(7,), (10, 13), (3, 5, 7), (64, 128)])
@@ -159,7 +160,9 @@ def test_bad_structures(make, match):
 
 def test_validate_errors_name_the_parameter():
   with pytest.raises(ValueError, match=r"axis -1 of parameter 'w' with shape \(4, 6\) has size 6"):
-    prunax.NByM(2, 4).validate((4, 6), 'w')
+    prunax.NByM(2, 4, axis=-1).validate((4, 6), 'w')
+  with pytest.raises(ValueError, match=r"axis -2 of parameter 'w' with shape \(6, 4\) has size 6"):
+    prunax.NByM(2, 4).validate((6, 4), 'w')
   with pytest.raises(ValueError, match=r"larger than parameter 'w'"):
     prunax.Block((8, 2)).validate((4, 6), 'w')
   with pytest.raises(ValueError, match=r'has 3 dimensions but'):

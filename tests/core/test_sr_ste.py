@@ -21,8 +21,8 @@ def test_one_step_adds_decay_on_pruned_weights():
   updates, state = tx.update(jax.grad(loss_fn)(params, batch), state, params)
   params = optax.apply_updates(params, updates)
   m = prunax.bool_masks(state, params)['layer1']['kernel']
-  # 2:4 along the last axis.
-  np.testing.assert_array_equal(m.reshape(-1, 2, 4).sum(-1), 2)
+  # 2:4 along the input axis (-2) of the (in, out) kernel.
+  np.testing.assert_array_equal(np.moveaxis(np.asarray(m), -2, -1).reshape(-1, 4).sum(-1), 2)
   w = state.dense_params['layer1']['kernel']
   g = jax.grad(loss_fn)(params, batch)['layer1']['kernel']
   _, new_state = tx.update(jax.grad(loss_fn)(params, batch), state, params)

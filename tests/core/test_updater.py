@@ -43,7 +43,8 @@ ALGORITHMS = {
 
 
 def _zeros(s, size):
-  return int(np.round(np.float32(s) * np.float32(size)))
+  # round(s * n) on float32, but a pruned leaf keeps at least one weight.
+  return min(int(np.round(np.float32(s) * np.float32(size))), max(size - 1, 0))
 
 
 def _expected_mask_zeros(updater, params, step):
@@ -377,7 +378,8 @@ def test_instant_sparsify_exact():
   params = mlp_params()
   updater = prunax.MagnitudePruning(sparsity=0.5, sparsity_type='nm_2,4')
   sparse, masks = updater.instant_sparsify(params)
-  k = np.asarray(sparse['layer0']['kernel']).reshape(-1, 4)
+  # N:M groups run along the input axis (-2) of the (in, out) kernel.
+  k = np.moveaxis(np.asarray(sparse['layer0']['kernel']), -2, -1).reshape(-1, 4)
   assert ((k != 0).sum(1) == 2).all()
   assert masks['layer0']['bias'] is None and masks['layer0']['kernel'].dtype == jnp.bool_
   np.testing.assert_array_equal(masks['layer0']['kernel'], sparse['layer0']['kernel'] != 0)
@@ -400,7 +402,7 @@ def test_structured_training_self_sufficient(structure):
     assert not np.asarray(w)[~np.asarray(m)].any()
   k = np.asarray(masks['layer0']['kernel'])
   if structure == 'nm_2,4':
-    assert (k.reshape(-1, 4).sum(1) == 2).all()
+    assert (np.moveaxis(k, -2, -1).reshape(-1, 4).sum(1) == 2).all()  # along the inputs
   elif structure.startswith('channel'):
     axis = int(structure.split('_')[1])
     per = np.moveaxis(k, axis, 0).reshape(k.shape[axis], -1)
@@ -467,7 +469,8 @@ def test_bad_configs(cfg, error, match):
 def test_bad_trees_and_calls():
   params = mlp_params()
   updater = prunax.MagnitudePruning(sparsity_type='nm_2,3')
-  with pytest.raises(ValueError, match=r"parameter 'layer0/kernel' with shape \(12, 16\)"):
+  # Groups along the input axis: 12 inputs divide by 3, 16 do not.
+  with pytest.raises(ValueError, match=r"parameter 'layer1/kernel' with shape \(16, 8\)"):
     updater.wrap_optax(optax.sgd(0.1)).init(params)
   tx = prunax.MagnitudePruning(sparsity=0.5).wrap_optax(optax.sgd(0.1))
   state = tx.init(params)

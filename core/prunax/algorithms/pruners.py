@@ -1,7 +1,9 @@
 """Dense-to-sparse pruning: magnitude, random, saliency, and their global variants.
 
 Gradual pruning (Zhu & Gupta, 2017) with ``PolynomialSchedule``, or one-shot with
-``OneShotSchedule``. Scores are taken on the weights after this step's update.
+``OneShotSchedule``. On a mask-update step the scores are taken on the weights the
+model saw in this step, before its optimizer update (and on this step's gradients); the
+update is then applied to the weights that stay.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 Masks are drawn at random at ``init``, already at the target sparsity of the
 distribution (ERK is the usual choice). SET (Mocanu et al., 2018) and RigL (Evci et al.,
 2020) update them every ``update_freq`` steps: among the ``n`` active weights of a leaf,
-``round(f * n)`` with the smallest magnitude are dropped (``f`` is the drop fraction,
-cosine-decayed to 0 at ``update_end_step`` by default), and as many inactive ones are
-grown, chosen at random (SET) or by largest gradient magnitude (RigL). Grown weights
+``floor(f * n)`` with the smallest magnitude are dropped (as in the RigL reference code;
+``f`` is the drop fraction, cosine-decayed to 0 at ``update_end_step``), and as many
+inactive ones are grown, chosen at random (SET) or by largest gradient magnitude (RigL,
+whose mask-update steps make no gradient step, as in its reference code). Grown weights
 start at zero and their optimizer moments are reset; the count of active weights never
 changes. Dropped weights may be grown again in the same update (then they keep their
 value). Ties are broken by the lowest flat index.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +30,11 @@ from prunax.base_updater import _is_none
 from prunax.base_updater import lazy_mask
 from prunax.base_updater import pack_mask
 
+_STRUCTURE_NAMES = {sparsity_types.Unstructured: 'unstructured', sparsity_types.NByM: 'N:M'}
 
-def _active_magnitude(mask, w):
-  return jnp.where(mask, jnp.abs(w), -jnp.inf)
+
+def _active_score(mask, score):
+  return jnp.where(mask, score, -jnp.inf)
 
 
 def _inactive_score(kept, score):
@@ -55,34 +59,63 @@ class SET(StaticRandomSparse):
 
   Attributes:
     drop_fraction: fraction of the active weights replaced at each mask update.
-    drop_fraction_fn: 'cosine' (decays to 0 at the scheduler's update_end_step) or
-      'constant'.
+    drop_fraction_fn: 'cosine' (the papers' choice: decays to 0 at the scheduler's
+      ``update_end_step``, which it needs) or 'constant'. None (the default) means
+      'cosine' when the scheduler has an ``update_end_step``; without one, masks update
+      until training ends, so the fraction stays constant and a warning says how to get
+      the cosine decay (pass 'constant' explicitly to silence it).
   """
 
   scheduler: object = sparsity_schedules.PeriodicSchedule(update_freq=100)
   drop_fraction: float = 0.3
-  drop_fraction_fn: str = 'cosine'
+  drop_fraction_fn: str | None = None
   scheduler_kind = 'periodic'
+  supported_structures = (sparsity_types.Unstructured,)
 
   def __post_init__(self):
     super().__post_init__()
     _checks.assign(self, drop_fraction=_checks.number(self.drop_fraction, 'drop_fraction', 0.0,
                                                       1.0))
     if not callable(self.drop_fraction_fn):  # or fn(step), e.g. an optax schedule
-      _checks.choice(self.drop_fraction_fn, 'drop_fraction_fn', ('cosine', 'constant'))
-    if not isinstance(self.sparsity_type, sparsity_types.Unstructured):
-      raise ValueError(f'{type(self).__name__} drops and grows individual weights and supports '
-                       f'only unstructured sparsity, got {self.sparsity_type!r}.')
+      _checks.choice(self.drop_fraction_fn, 'drop_fraction_fn', (None, 'cosine', 'constant'))
+    end = getattr(self.scheduler, 'update_end_step', None)
+    name = type(self).__name__
+    if self.drop_fraction_fn == 'cosine' and not end:
+      raise ValueError(
+          f'{name}: drop_fraction_fn="cosine" decays the drop fraction to 0 at the '
+          f'scheduler\'s update_end_step, but {self.scheduler!r} has none; pass e.g. '
+          'scheduler=PeriodicSchedule(update_freq, update_start_step, update_end_step=...) '
+          '(config: update_end_step), or drop_fraction_fn="constant".')
+    if self.drop_fraction_fn is None:
+      if end:
+        object.__setattr__(self, 'drop_fraction_fn', 'cosine')
+      else:
+        warnings.warn(
+            f'{name}: the scheduler has no update_end_step, so masks update until training '
+            f'ends with a constant drop fraction {self.drop_fraction}. For the paper\'s '
+            'cosine decay give an update_end_step (e.g. 75% of the steps); pass '
+            'drop_fraction_fn="constant" to keep this and silence the warning.',
+            UserWarning, stacklevel=3)
+        object.__setattr__(self, 'drop_fraction_fn', 'constant')
+    if not isinstance(self.sparsity_type, self.supported_structures):
+      kinds = ' or '.join(_STRUCTURE_NAMES.get(t, t.__name__) for t in self.supported_structures)
+      raise ValueError(f'{name} drops and grows individual weights and supports only '
+                       f'{kinds} sparsity, got {self.sparsity_type!r}.')
 
   def drop_fraction_at(self, step) -> jax.Array:
     """Drop fraction at ``step``: constant, or cosine-decayed to 0 at update_end_step."""
     if callable(self.drop_fraction_fn):  # jaxpruner's form, e.g. an optax schedule.
       return jnp.asarray(self.drop_fraction_fn(step), jnp.float32)
-    end = getattr(self.scheduler, 'update_end_step', None)
-    if self.drop_fraction_fn == 'constant' or not end:
+    if self.drop_fraction_fn == 'constant':
       return jnp.float32(self.drop_fraction)
+    end = self.scheduler.update_end_step
     progress = jnp.minimum(jnp.asarray(step, jnp.float32), end) / end
     return self.drop_fraction * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+
+  def drop_scores(self, params, sparse_state, grads):
+    """Scores of active weights for keeping (the lowest are dropped): ``|w|``."""
+    del sparse_state, grads
+    return jax.tree.map(lambda w: selection.Lazy(jnp.abs, w), params)
 
   def grow_scores(self, params, sparse_state, grads):
     """Scores of inactive weights for growing: uniform random for SET."""
@@ -94,34 +127,42 @@ class SET(StaticRandomSparse):
     if sparse_state is None or old_masks is None:  # instant_sparsify: plain magnitude.
       return super().compute_masks(params, sparsities, sparse_state, grads, old_masks, **kwargs)
     fraction = self.drop_fraction_at(sparse_state.count)
+    drop = self.drop_scores(params, sparse_state, grads)
     grow = self.grow_scores(params, sparse_state, grads)
 
-    def drop_and_grow(old, w, g, s):
+    def drop_and_grow(old, w, d, g, s):
       # Masks stay at their target count (exact at init, drop and grow keep it).
       n_active = w.size - sparsity_types.num_zeros(s, w.size)
-      n_drop = jnp.round(fraction * n_active).astype(jnp.int32)
+      # floor, as the reference (an int cast of the float product).
+      n_drop = jnp.floor(fraction * n_active).astype(jnp.int32)
       # The old mask is unpacked inside each pass that reads it; the kept mask is stored
       # as packed bits (1/32 of the weights' bytes), read by each pass of the grow search.
-      kept = selection.topk_mask(selection.Lazy(_active_magnitude, old, w),
+      kept = selection.topk_mask(selection.Lazy(_active_score, old, d),
                                  n_active - n_drop, lazy=True)
       kept = lazy_mask(pack_mask(selection.materialize(kept)), w.shape)
       grown = selection.topk_mask(selection.Lazy(_inactive_score, kept, g), n_drop, lazy=True)
       return selection.materialize(selection.Lazy(jnp.logical_or, kept, grown))
 
-    def per_leaf(m, w, g, s, axis):
+    def per_leaf(m, w, d, g, s, axis):
       if m is None:
         return None
       if axis is None:
-        return drop_and_grow(m, w, g, s)
-      return selection.map_layers(lambda *x: drop_and_grow(*x, s), axis, m, w, g)
+        return drop_and_grow(m, w, d, g, s)
+      return selection.map_layers(lambda *x: drop_and_grow(*x, s), axis, m, w, d, g)
 
-    return jax.tree.map(per_leaf, old_masks, params, grow, sparsities,
+    return jax.tree.map(per_leaf, old_masks, params, drop, grow, sparsities,
                         self.layer_axes_tree(params), is_leaf=_is_none)
 
 
 @dataclasses.dataclass(frozen=True)
 class RigL(SET):
-  """Rigging the Lottery: drop by magnitude, grow by largest gradient magnitude."""
+  """Rigging the Lottery: drop by magnitude, grow by largest gradient magnitude.
+
+  As in the paper's code (and jaxpruner), a mask-update step makes no gradient step: the
+  kept weights do not move on that step (the optimizer's state still advances).
+  """
+
+  skip_gradient_on_mask_update = True
 
   def grow_scores(self, params, sparse_state, grads):
     if grads is None:

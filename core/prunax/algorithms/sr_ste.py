@@ -7,7 +7,8 @@ sparse weights plus a decay on the pruned ones,
     g_w = g(w_sparse) + decay * (1 - mask) * w,
 
 which shrinks pruned weights and so stabilises the N:M masks. ``decay = 0`` is plain STE.
-The default structure is 2:4 along the last axis.
+The default structure is 2:4 along the input axis of kernels (axis -2, see
+:func:`prunax.sparsity_types.nm_default_axis`), as in the reference.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def sparse_state_logical_axes(
         count=None,
         rng=None,
         dense_params=_like_params(state.dense_params, params_axes),
-        thresholds=jax.tree.map(lambda _: None, state.thresholds))
+        thresholds=jax.tree.map(lambda _: None, state.thresholds),
+        aux=_like_params(state.aux, params_axes))
   if type(state) in (tuple, list):  # the state of optax.chain
     return type(state)(sparse_state_logical_axes(s, params_axes, inner_axes_fn) for s in state)
   return inner_axes_fn(state, params_axes)

@@ -1,0 +1,72 @@
+"""N:M-aware drop and grow: SET and RigL that keep an N:M pattern.
+
+As in SRigL (Lasby et al., 2023) and Chase (Yin et al., 2023), dynamic sparse training
+whose masks stay hardware-friendly: the mask is N:M (``n`` of every ``m`` consecutive
+weights along :class:`prunax.NByM`'s axis, the input axis of kernels by default) from
+``init`` on. A mask update drops, across the leaf, the ``floor(f * n_active)`` active
+weights of smallest magnitude (``f``: the drop fraction, as in SET/RigL), then refills
+every group to ``n`` with its inactive weights of largest grow score: random (SET) or
+gradient magnitude (RigL). Dropped weights may be regrown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from prunax import selection
+from prunax import sparsity_schedules
+from prunax import sparsity_types
+from prunax.algorithms.sparse_trainers import SET
+from prunax.algorithms.sparse_trainers import RigL
+from prunax.base_updater import _is_none
+
+
+class _NMDropAndGrow:
+  """Drop and grow within N:M groups (a mixin of :class:`SET` subclasses)."""
+
+  supported_structures = (sparsity_types.NByM,)
+
+  def compute_masks(self, params, sparsities, sparse_state=None, grads=None, old_masks=None):
+    if sparse_state is None or old_masks is None:  # instant_sparsify: plain N:M magnitude.
+      return super().compute_masks(params, sparsities, sparse_state, grads, old_masks)
+    fraction = self.drop_fraction_at(sparse_state.count)
+    drop = self.drop_scores(params, sparse_state, grads)
+    grow = self.grow_scores(params, sparse_state, grads)
+    nm = self.sparsity_type
+
+    def drop_and_grow(old, d, g):
+      old = selection.materialize(old)
+      d, g = selection.materialize(d), selection.materialize(g).astype(jnp.float32)
+      n_active = jnp.sum(old, dtype=jnp.int32)
+      n_drop = jnp.floor(fraction * n_active).astype(jnp.int32)
+      kept = selection.topk_mask(jnp.where(old, d, -jnp.inf), n_active - n_drop)
+      # Kept weights (at most n per group, a subset of the old N:M mask) outrank any
+      # candidate, so every group keeps them and grows its best candidates to n.
+      finite = jnp.nan_to_num(g, nan=-jnp.inf, posinf=jnp.finfo(jnp.float32).max)
+      score = jnp.where(kept, jnp.inf, finite)
+      return selection.n_by_m_mask(score, nm.n, nm.m, nm.axis_for(score.ndim))
+
+    return jax.tree.map(lambda m, d, g: None if m is None else drop_and_grow(m, d, g),
+                        old_masks, drop, grow, is_leaf=_is_none)
+
+
+@dataclasses.dataclass(frozen=True)
+class NMSET(_NMDropAndGrow, SET):
+  """SET within N:M groups (grow at random)."""
+
+  sparsity: float | None = 0.5
+  sparsity_type: Any = sparsity_types.NByM(2, 4)
+  scheduler: object = sparsity_schedules.PeriodicSchedule(update_freq=100)
+
+
+@dataclasses.dataclass(frozen=True)
+class NMRigL(_NMDropAndGrow, RigL):
+  """RigL within N:M groups (grow by gradient magnitude)."""
+
+  sparsity: float | None = 0.5
+  sparsity_type: Any = sparsity_types.NByM(2, 4)
+  scheduler: object = sparsity_schedules.PeriodicSchedule(update_freq=100)

@@ -1,0 +1,115 @@
+"""SNFS: sparse momentum (sparse networks from scratch).
+
+Dettmers & Zettlemoyer, 2019 ("Sparse Networks from Scratch: Faster Training without
+Losing Performance"), as their ``sparse_learning`` code does it. Sparse training from a
+random mask; the updater keeps a momentum of the dense gradients,
+``m <- beta * m + g`` (the buffer of SGD with momentum, which their code reads), and at
+every mask update:
+
+1. each leaf removes ``ceil(f * n_l)`` of its ``n_l`` active weights, those of smallest
+   magnitude (``f``: the prune rate, cosine-decayed to 0 at the schedule's end);
+2. the removed total is redistributed over the leaves in proportion to each leaf's mean
+   ``|m|`` over its active weights (a leaf receives at most as many as it has free
+   positions; what does not fit goes to the other leaves);
+3. each leaf regrows its share at the inactive positions of largest ``|m|``, at zero.
+
+Per-leaf densities therefore change over training; the total count of active weights
+does not. The masks are computed on full arrays (it is a per-update cost, not per step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from prunax import selection
+from prunax.algorithms.sparse_trainers import SET
+from prunax.base_updater import _is_none
+from prunax.base_updater import map_masked
+
+
+def redistribute(total: jax.Array, shares: jax.Array, capacity: jax.Array) -> jax.Array:
+  """Integer counts summing to ``total``, in proportion to ``shares``, each <= capacity.
+
+  Rounds of proportional floors among the leaves with room left, then the rest greedily
+  in order of share (as the reference, which loops until everything is placed).
+
+  Args:
+    total: int32 count to hand out (at most ``capacity.sum()``).
+    shares: float32 weights per leaf (non-negative).
+    capacity: int32 room per leaf.
+
+  Returns:
+    int32 counts per leaf.
+  """
+  alloc = jnp.zeros_like(capacity)
+  remaining = total
+  for _ in range(len(capacity)):
+    room = capacity - alloc
+    weights = jnp.where(room > 0, shares, 0.0)
+    weights = weights / jnp.maximum(jnp.sum(weights), 1e-30)
+    add = jnp.minimum(jnp.floor(weights * remaining.astype(jnp.float32)).astype(jnp.int32), room)
+    alloc, remaining = alloc + add, remaining - jnp.sum(add)
+  order = jnp.argsort(-shares)
+  for rank in range(len(capacity)):
+    i = order[rank]
+    add = jnp.minimum(capacity[i] - alloc[i], remaining)
+    alloc, remaining = alloc.at[i].add(add), remaining - add
+  return alloc
+
+
+@dataclasses.dataclass(frozen=True)
+class SNFS(SET):
+  """Sparse momentum: magnitude pruning, momentum-based redistribution and growth.
+
+  Attributes:
+    drop_fraction: the prune rate (reference default 0.5).
+    momentum: the gradient momentum's coefficient ``beta`` (reference: SGD's 0.9).
+  """
+
+  drop_fraction: float = 0.5
+  momentum: float = 0.9
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not 0.0 <= self.momentum < 1.0:
+      raise ValueError(f'SNFS momentum must be in [0, 1), got {self.momentum}.')
+
+  def init_aux(self, params, masks):
+    return map_masked(lambda m, p: jnp.zeros(jnp.shape(p), jnp.float32), masks, params)
+
+  def update_aux(self, aux, grads, masks):
+    return jax.tree.map(
+        lambda m, g: None if m is None else self.momentum * m + g.astype(jnp.float32),
+        aux, grads, is_leaf=_is_none)
+
+  def compute_masks(self, params, sparsities, sparse_state=None, grads=None, old_masks=None):
+    if sparse_state is None or old_masks is None or sparse_state.aux is None:
+      return super().compute_masks(params, sparsities, sparse_state, grads, old_masks)
+    fraction = self.drop_fraction_at(sparse_state.count)
+    flat_old, treedef = jax.tree.flatten(old_masks, is_leaf=_is_none)
+    flat_w = treedef.flatten_up_to(params)
+    flat_m = treedef.flatten_up_to(sparse_state.aux)
+    pruned = [i for i, m in enumerate(flat_old) if m is not None]
+    olds = [selection.materialize(flat_old[i]) for i in pruned]
+    kept, removed, stats, capacity = [], [], [], []
+    for i, old in zip(pruned, olds):
+      n_old = jnp.sum(old, dtype=jnp.int32)
+      n_remove = jnp.ceil(fraction * n_old.astype(jnp.float32)).astype(jnp.int32)
+      keep = selection.topk_mask(jnp.where(old, jnp.abs(flat_w[i]), -jnp.inf), n_old - n_remove)
+      mom = jnp.abs(flat_m[i])
+      kept.append(keep)
+      removed.append(n_remove)
+      stats.append(jnp.sum(jnp.where(old, mom, 0.0)) / jnp.maximum(n_old, 1))
+      capacity.append(old.size - (n_old - n_remove))
+    removed, stats = jnp.stack(removed), jnp.stack(stats)
+    # Without momentum yet (all zero), every leaf regrows what it removed.
+    shares = jnp.where(jnp.sum(stats) > 0, stats, removed.astype(jnp.float32))
+    grow = redistribute(jnp.sum(removed), shares, jnp.stack(capacity).astype(jnp.int32))
+    out = list(flat_old)
+    for j, (i, keep) in enumerate(zip(pruned, kept)):
+      grown = selection.topk_mask(jnp.where(keep, -jnp.inf, jnp.abs(flat_m[i])), grow[j])
+      out[i] = keep | grown
+    return treedef.unflatten(out)
