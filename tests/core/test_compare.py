@@ -1,9 +1,11 @@
 """End-to-end tests of ``prunax compare`` on the embedded digits task (tiny runs)."""
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,8 +16,11 @@ import pytest
 import prunax
 from prunax import cli
 from prunax import compare
+from prunax import registry
+from prunax import sparsity_types
 from prunax.compare import config as config_lib
 from prunax.compare import report
+from prunax.compare import tasks
 
 PNG_HEADER = b'\x89PNG\r\n\x1a\n'
 ALGORITHMS = ['no_prune', 'magnitude', 'random']
@@ -162,13 +167,65 @@ def test_categories():
       'static_sparse': ('sparse-to-sparse', 'static', 'unstructured'),
       'set': ('sparse-to-sparse', 'dynamic', 'unstructured'),
       'rigl': ('sparse-to-sparse', 'dynamic', 'unstructured'),
+      # The seven the class attributes got wrong (issue 20).
+      'topkast': ('sparse-to-sparse', 'dynamic', 'unstructured'),
+      'topkast_ga': ('sparse-to-sparse', 'dynamic', 'unstructured'),
+      'snip': ('sparse-to-sparse', 'static', 'unstructured'),
+      'grasp': ('sparse-to-sparse', 'static', 'unstructured'),
+      'synflow': ('sparse-to-sparse', 'static', 'unstructured'),
+      'fixed_masks': ('sparse-to-sparse', 'static', 'unstructured'),
+      'str': ('dense-to-sparse', 'dynamic', 'unstructured'),
   }
+  unstructured = prunax.algorithms.MagnitudePruning(sparsity=0.5)  # gives only the structure
   for name, want in expected.items():
-    cat = compare.category(name, config_lib.make_updater(cfg, name, 0))
+    cat = compare.category(name, unstructured)
     assert (cat['origin'], cat['dynamics'], cat['structure']) == want, name
-  nm = config_lib.make_updater(dict(cfg, sparsity=0.5, sparsity_type='nm_2,4'), 'magnitude', 0)
+  nm = config_lib.make_updater(dict(cfg, sparsity=0.5, sparsity_type='nm_1,2'), 'magnitude', 0)
   assert compare.category('magnitude', nm)['structure'] == 'structured'
   assert compare.category('magnitude', nm, {'magnitude': {'origin': 'x'}})['origin'] == 'x'
+
+
+def _readme_taxonomy():
+  """{algorithm: (origin, dynamics)} from the README's algorithm table."""
+  path = os.path.join(os.path.dirname(__file__), '..', '..', 'README.md')
+  with open(path) as f:
+    text = f.read()
+  table = text[text.index('## Algorithms'):]
+  out = {}
+  for line in table.splitlines()[2:]:
+    if not line.startswith('|'):
+      if out:
+        break
+      continue
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    match = re.fullmatch(r'`(\w+)`', cells[0])
+    if match is None:
+      continue
+    taxonomy = re.fullmatch(r'(dense|dense-to-sparse|sparse-to-sparse)(?: \([^)]*\))?, '
+                            r'(static|dynamic)', cells[-1])
+    assert taxonomy, f'README taxonomy of {match.group(1)!r} is malformed: {cells[-1]!r}'
+    out[match.group(1)] = taxonomy.groups()
+  return out
+
+
+def test_readme_table_agrees_with_the_registry_metadata():
+  readme = _readme_taxonomy()
+  assert sorted(readme) == sorted(registry.ALGORITHM_INFO) == registry.all_algorithm_names()
+  for name, (origin, dynamics) in readme.items():
+    assert registry.algorithm_info(name) == {'origin': origin, 'dynamics': dynamics}, name
+
+
+def test_register_algorithm_info(monkeypatch):
+  monkeypatch.setattr(registry, '_ALGORITHMS', dict(registry._ALGORITHMS))
+  monkeypatch.setattr(registry, 'ALGORITHM_INFO', dict(registry.ALGORITHM_INFO))
+  class Mine(prunax.algorithms.SET):
+    pass
+  registry.register_algorithm('mine', Mine)  # no info: derived from the class
+  assert registry.algorithm_info('mine') == {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'}
+  with pytest.raises(ValueError, match="origin in .* got {'origin': 'sideways'"):
+    registry.register_algorithm('mine2', Mine, {'origin': 'sideways', 'dynamics': 'static'})
+  registry.register_algorithm('mine3', Mine, {'origin': 'dense-to-sparse', 'dynamics': 'static'})
+  assert compare.category('mine3', Mine(sparsity=0.5))['origin'] == 'dense-to-sparse'
 
 
 def test_schedule_follows_steps():
@@ -316,14 +373,49 @@ def test_optional_tasks_need_their_adapters():
         compare.run_comparison({'task': name})
 
 
-@pytest.mark.skipif(importlib.util.find_spec('prunax_fedjax') is None,
-                    reason='prunax_fedjax (the FedJAX adapter) is not installed')
-def test_federated_digits_task(tmp_path):
-  cfg = compare.load_config(None, {'task': 'federated_digits', 'algorithms': ['magnitude'],
-                                   'seeds': 1, 'steps': 4, 'optional_algorithms': [],
-                                   'run_dir': str(tmp_path)})
-  cell = compare.run_comparison(cfg).cells[('magnitude', 0)]
-  assert 0.0 <= cell['metric'] <= 1.0 and cell['sparsity'] is not None
+def _builtin_task_args():
+  out = {'digits': {}}
+  if importlib.util.find_spec('prunax_fedjax') is not None:
+    out['federated_digits'] = {'clients_per_round': 2}
+  if importlib.util.find_spec('prunax_dopamine') is not None:
+    out['cartpole'] = {'training_steps': 40}  # before min_replay_history: no updates
+  return out
+
+
+@pytest.mark.parametrize('task', ['digits', 'federated_digits', 'cartpole'])
+def test_every_task_trains_with_the_whole_updater_config(task, tmp_path, monkeypatch):
+  # Every key of the updater config differs from the defaults a task could fall back on.
+  args = _builtin_task_args()
+  if task not in args:
+    pytest.skip(f'the adapter of task {task!r} is not installed')
+  cfg = compare.load_config(None, {
+      'task': task, 'task_args': args[task], 'algorithms': ['magnitude'], 'seeds': [3],
+      'steps': 3, 'sparsity': 0.5, 'dist_type': 'uniform', 'sparsity_type': 'nm_1,2',
+      'schedule': '0:1:1', 'optional_algorithms': [], 'run_dir': str(tmp_path),
+      'algorithm_overrides': {'magnitude': {'power': 2.0}}})
+  wrapped = []
+  original = prunax.algorithms.MagnitudePruning.wrap_optax
+  def capture(self, *a, **k):
+    wrapped.append(self)
+    return original(self, *a, **k)
+  monkeypatch.setattr(prunax.algorithms.MagnitudePruning, 'wrap_optax', capture)
+  cell = compare.run_comparison(cfg).cells[('magnitude', 3)]
+  if task != 'cartpole':  # (cartpole: 40 agent steps make no optimizer update)
+    assert 0.0 <= cell['metric'] <= 1.0
+    # N:M 1:2 from step 1 on, measured on the final params (biases stay dense).
+    assert 0.3 < cell['sparsity'] <= 0.5
+  expected = config_lib.make_updater(cfg, 'magnitude', 3)
+  assert (expected.sparsity, expected.sparsity_type, expected.scheduler.power) == (
+      0.5, sparsity_types.from_string('nm_1,2'), 2.0)
+  if task == 'cartpole':  # one iteration = training_steps / update_period optimizer updates
+    expected = tasks.scale_schedule(expected, 10)
+    assert expected.scheduler.update_end_step == 10
+  # The digits task compiles one step for every seed (seed 0; the seed is traced state).
+  wrapped = [u for u in wrapped if isinstance(u.seed, int)]
+  assert wrapped
+  for updater in wrapped:
+    assert dataclasses.replace(updater, seed=3) == expected
+  assert any(u.seed == 3 for u in wrapped) or task == 'digits'
 
 
 @pytest.mark.skipif(importlib.util.find_spec('prunax_dopamine') is None,

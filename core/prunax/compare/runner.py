@@ -38,13 +38,6 @@ try:  # FLOPs counting is optional until prunax.flops exists.
 except ImportError:
   flops_lib = None
 
-# Categories of algorithms whose class attributes do not tell (Sparseland handbook 3.10).
-CATEGORY_OVERRIDES: dict[str, dict[str, str]] = {
-    'no_prune': {'origin': 'dense', 'dynamics': 'static'},
-    'autosparse': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-}
-
-
 @dataclasses.dataclass
 class Comparison:
   """The result of :func:`run_comparison`.
@@ -77,18 +70,14 @@ def category(algorithm: str, updater: BaseUpdater,
              overrides: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, str]:
   """Sparseland's positioning of an algorithm: origin, dynamics and structure.
 
-  Derived from the class attributes (``is_sparse_training``: sparse-to-sparse, else
-  dense-to-sparse; ``scheduler_kind == 'none'``: static, else dynamic) and the sparsity
-  type, then replaced by :data:`CATEGORY_OVERRIDES` and ``overrides`` entries.
+  Origin and dynamics come from :func:`prunax.registry.algorithm_info` (the metadata the
+  README's algorithm table also states), the structure from the updater's sparsity type;
+  ``overrides`` entries (the config's ``categories``) replace them.
   """
-  cls = type(updater)
-  out = {
-      'origin': 'sparse-to-sparse' if cls.is_sparse_training else 'dense-to-sparse',
-      'dynamics': 'static' if cls.scheduler_kind == 'none' else 'dynamic',
-      'structure': ('unstructured' if isinstance(updater.sparsity_type, sparsity_types.Unstructured)
-                    else 'structured'),
-  }
-  out.update(CATEGORY_OVERRIDES.get(algorithm, {}))
+  out = registry.algorithm_info(algorithm)
+  out['structure'] = ('unstructured' if isinstance(updater.sparsity_type,
+                                                   sparsity_types.Unstructured)
+                      else 'structured')
   out.update((overrides or {}).get(algorithm, {}))
   return out
 

@@ -264,8 +264,10 @@ def digits_task(batch_size: int = 64, learning_rate: float = 3e-3, test_fraction
 class FederatedDigitsTask:
   """FedAvg on non-IID federated digits with a pruned server optimizer (FedJAX).
 
-  One training step is one federated round; the algorithm's schedule is the one the
-  comparison config gives (in rounds). Runs through ``prunax_fedjax.examples.federated_digits``.
+  One training step is one federated round (one server optimizer update), so the
+  comparison's updater (its algorithm, sparsity, distribution, sparsity type, schedule and
+  ``algorithm_overrides``) is used as it is. Runs through
+  ``prunax_fedjax.examples.federated_digits.run_one``.
   """
 
   clients_per_round: int = 10
@@ -280,28 +282,46 @@ class FederatedDigitsTask:
           observe_every: int) -> TrainResult:
     from prunax_fedjax.examples import federated_digits  # pylint: disable=import-outside-toplevel
     del observe, observe_every  # The adapter's loop reports only the end of training.
-    # The adapter's example builds the pruner with the paper's schedule for ``steps`` rounds.
     out = federated_digits.run_one(
-        _algorithm_name(updater), seed=seed, num_rounds=steps,
-        sparsity=updater.sparsity or 0.0, clients_per_round=self.clients_per_round)
+        _algorithm_name(updater), seed=seed, num_rounds=steps, pruner=updater,
+        clients_per_round=self.clients_per_round)
     return TrainResult(metric=out['final_accuracy'], sparsity=out['final_sparsity'],
                        seconds_per_step=out['seconds'] / max(steps, 1))
+
+
+def scale_schedule(updater: BaseUpdater, factor: int) -> BaseUpdater:
+  """``updater`` with its schedule's steps (frequency, start, end, one-shot step) times
+  ``factor``: a comparison step made of ``factor`` optimizer updates."""
+  scheduler = updater.scheduler
+  changes = {f.name: getattr(scheduler, f.name) * factor
+             for f in dataclasses.fields(scheduler)
+             if f.name in ('update_freq', 'update_start_step', 'update_end_step', 'target_step')
+             and getattr(scheduler, f.name) is not None}
+  return dataclasses.replace(updater, scheduler=dataclasses.replace(scheduler, **changes))
 
 
 @dataclasses.dataclass(eq=False)
 class CartPoleTask:
   """DQN on CartPole through Dopamine's own runner, with the pruned agent of prunax_dopamine.
 
-  One step is one Dopamine iteration; the metric is the last iteration's average training
-  return.
+  One step is one Dopamine iteration of ``training_steps`` agent steps, i.e.
+  ``training_steps // update_period`` optimizer updates (``update_period`` 4 in
+  ``dqn_cartpole.gin``): the comparison's updater is used as it is, its schedule scaled
+  from iterations to optimizer updates. The metric is the last iteration's average
+  training return.
   """
 
   training_steps: int = 500
+  update_period: int = 4
   name: str = 'cartpole'
   metric_name: str = 'return'
 
   def example_params(self) -> PyTree:
     return None
+
+  def agent_updater(self, updater: BaseUpdater) -> BaseUpdater:
+    """The updater the agent gets: ``updater`` with its schedule in optimizer updates."""
+    return scale_schedule(updater, max(1, self.training_steps // self.update_period))
 
   def run(self, updater: BaseUpdater, seed: int, steps: int, observe: Observer,
           observe_every: int) -> TrainResult:
@@ -311,17 +331,16 @@ class CartPoleTask:
     del observe, observe_every
     name = _algorithm_name(updater)
     bindings = [
-        f"prunax_dopamine.pruner.algorithm='{name}'",
-        f'prunax_dopamine.pruner.sparsity={updater.sparsity or 0.0}',
-        f'prunax_dopamine.pruner.seed={seed}',
         f'JaxDQNAgent.seed={seed}',
+        f'JaxDQNAgent.update_period={self.update_period}',
         f'Runner.num_iterations={steps}',
         f'Runner.training_steps={self.training_steps}',
         'Runner.evaluation_steps=0',
     ]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f'cartpole-{name}-{seed}-') as base_dir:
-      lines = dopamine_run.run(base_dir, ['dqn_cartpole.gin'], bindings)
+      lines = dopamine_run.run(base_dir, ['dqn_cartpole.gin'], bindings,
+                               pruner=self.agent_updater(updater))
     seconds = time.perf_counter() - start
     returns = [float(line.rsplit('=', 1)[1]) for line in lines if 'Train/AverageReturns' in line]
     sparsity = [float(line.rsplit('=', 1)[1]) for line in lines if 'Sparsity/Total ' in line]
