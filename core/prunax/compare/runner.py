@@ -303,7 +303,7 @@ def step_multipliers(cfg: Mapping[str, Any], updaters: Mapping[str, BaseUpdater]
   reference = config_lib.make_updater(dict(cfg, step_multipliers={}), 'magnitude', 0)
   targets = reference.target_sparsities(example)
   steps = cfg['steps']
-  grid = np.linspace(0, steps, 41)
+  grid = np.linspace(0, steps, 21)
   f_ref = float(np.mean([counter.training_fraction(_params_at(
       example, targets, float(reference.scheduler.sparsity(t, 1.0)))) for t in grid]))
   for name, updater in updaters.items():
@@ -324,9 +324,9 @@ def run_comparison(config: Any = None, task: Any = None, *, fresh: bool = False,
     task: a task object or factory name overriding the config's ``task``.
     fresh: delete the cells of a previous run in the run directory first.
     progress: a ``rich.progress.Progress`` to report on (None: silent).
-    shared: cells shared between the points of a sweep: ``no_prune`` cells found there are
-      used instead of training (the dense baseline does not depend on the sparsity), and
-      those trained here are put there.
+    shared: cells shared between the points of a sweep, ``{('no_prune', seed): path of the
+      cell without extension}``: those found there are copied instead of trained (the dense
+      baseline does not depend on the sparsity), and those of this run are put there.
 
   Returns:
     The :class:`Comparison`; cells found in the run directory are loaded, not retrained.
@@ -359,14 +359,16 @@ def run_comparison(config: Any = None, task: Any = None, *, fresh: bool = False,
     for seed in seeds:
       name = _cell_name(algorithm, seed)
       path = os.path.join(run_dir, 'cells', name + '.json')
-      if algorithm == 'no_prune' and (algorithm, seed) in shared:
-        cells[(algorithm, seed)] = shared[(algorithm, seed)]
-        _write_json(path, shared[(algorithm, seed)])
+      if algorithm == 'no_prune' and (algorithm, seed) in shared and not os.path.isfile(path):
+        source = shared[(algorithm, seed)]  # The cell of another point: copied.
+        if os.path.isfile(source + '.npz'):
+          shutil.copyfile(source + '.npz', os.path.join(run_dir, 'cells', name + '.npz'))
+        shutil.copyfile(source + '.json', path)
       if os.path.isfile(path):
         with open(path) as f:
           cells[(algorithm, seed)] = json.load(f)
         if algorithm == 'no_prune':
-          shared[(algorithm, seed)] = cells[(algorithm, seed)]
+          shared[(algorithm, seed)] = os.path.join(run_dir, 'cells', name)
         if progress is not None:
           progress.advance(overall, steps)
         continue
@@ -390,7 +392,7 @@ def run_comparison(config: Any = None, task: Any = None, *, fresh: bool = False,
       _write_json(path, figures)
       cells[(algorithm, seed)] = figures
       if algorithm == 'no_prune':
-        shared[(algorithm, seed)] = figures
+        shared[(algorithm, seed)] = os.path.join(run_dir, 'cells', name)
       if progress is not None:
         progress.remove_task(current)
   layer_targets = {}
