@@ -258,6 +258,9 @@ def test_yaml_and_ml_collections_configs(tmp_path):
   py_file.write_text('import ml_collections\n\ndef get_config():\n'
                      '  c = ml_collections.ConfigDict()\n  c.algorithms = ["set"]\n'
                      '  c.dist_type = "uniform"\n  return c\n')
+  # --quick keeps a config's own algorithm list; without one it runs one per category.
+  assert compare.load_config(None, quick=True)['algorithms'] == [
+      'no_prune', 'magnitude', 'static_sparse', 'rigl']
   cfg = compare.load_config(str(py_file), quick=True)
   assert (cfg['algorithms'], cfg['dist_type'], cfg['steps'], cfg['seeds']) == (
       ['set'], 'uniform', 40, [0])

@@ -86,7 +86,8 @@ def load_config(source: str | Mapping[str, Any] | Any | None = None,
     source: None (defaults only), a path to a ``.yaml``/``.yml`` or ``.py`` file, the name of
       a shipped config, a dict, or an ``ml_collections.ConfigDict``.
     overrides: keys replacing those of ``source`` (None values are ignored), applied last.
-    quick: apply the config's ``quick`` keys (few steps, one seed) over ``source``.
+    quick: apply the config's ``quick`` keys (few steps, one seed, a few algorithms) over
+      ``source`` (its algorithm lists only when ``source`` names no algorithms).
 
   Returns:
     The checked config (see :func:`check_config`).
@@ -119,6 +120,9 @@ def load_config(source: str | Mapping[str, Any] | Any | None = None,
     if unknown:
       raise ConfigError(f'Unknown keys {sorted(unknown)} in "quick"; valid keys are '
                         f'{sorted(config)}.')
+    if 'algorithms' in user:  # Quick shortens the user's comparison; it keeps their list.
+      quick_keys = {k: v for k, v in quick_keys.items()
+                    if k not in ('algorithms', 'optional_algorithms')}
     config.update(quick_keys)
   overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
   unknown = set(overrides) - set(config)
