@@ -47,6 +47,8 @@ def run(base_dir: str, gin_files: list[str], gin_bindings: list[str],
         pruner: prunax.BaseUpdater | None = None) -> list[str]:
   """Loads the configs, runs the experiment and returns the console collector's report lines.
 
+  Gin bindings made earlier in the process are cleared first.
+
   Args:
     base_dir: the experiment directory.
     gin_files: gin config paths or shipped config names.
@@ -59,6 +61,9 @@ def run(base_dir: str, gin_files: list[str], gin_bindings: list[str],
     The returns and sparsity lines Dopamine's console collector wrote (empty if the
     'console' collector is disabled).
   """
+  # A clean config each call: gin locks it after loading, so a second experiment in the
+  # same process (prunax compare runs one per algorithm and seed) could not load its own.
+  gin.clear_config()
   run_experiment.load_gin_configs([resolve_gin_file(f) for f in gin_files], gin_bindings)
   if pruner is not None:
     with gin.unlock_config():
