@@ -3,6 +3,7 @@
     prunax compare                        # the default demo: digits, 80% sparsity, 3 seeds
     prunax compare --quick                # a tiny version (CI)
     prunax compare --config my.yaml --algorithms magnitude,rigl --sparsity 0.9 --seeds 5
+    prunax compare --sparsity 0.5,0.8,0.9,0.95,0.98 --training-budget equal_flops
 """
 
 from __future__ import annotations
@@ -34,18 +35,24 @@ def _compare_parser(sub) -> None:
   p = sub.add_parser(
       'compare', help='compare pruning algorithms on one task and recipe',
       description='Trains every algorithm with the same task, model and recipe over several '
-                  'seeds; prints and writes (Markdown, CSV, PNG) mean and std of accuracy, '
-                  'sparsity, FLOPs, mask memory and step time. Finished cells of a run '
-                  'directory are reused.')
+                  'seeds, at one sparsity or a sweep; prints and writes (Markdown, CSV, PNG, '
+                  'one self-contained report.html) mean and std of accuracy, paired '
+                  'differences to dense and to the best method with 95% intervals, sparsity, '
+                  'FLOPs, mask memory and step time. Finished cells of a run directory are '
+                  'reused.')
   p.add_argument('--config', help='YAML file, Python file with get_config() (ml_collections), '
                  'or the name of a shipped config (default: "default")')
-  p.add_argument('--task', help='digits | federated_digits | cartpole | module:function | '
-                 'file.py:function')
+  p.add_argument('--task', help='digits | noisy_digits | federated_digits | cartpole | '
+                 'module:function | file.py:function')
   p.add_argument('--algorithms', help='comma-separated algorithm names')
-  p.add_argument('--sparsity', type=float, help='target sparsity in [0, 1)')
+  p.add_argument('--sparsity', help='target sparsity in [0, 1), or a comma-separated sweep '
+                 '(e.g. 0.5,0.8,0.9,0.95,0.98)')
   p.add_argument('--distribution', '--dist-type', dest='dist_type',
                  help='sparsity distribution: uniform | erk')
-  p.add_argument('--sparsity-type', help='unstructured | nm_N,M | block_B1,B2 | channel_AXIS')
+  p.add_argument('--sparsity-type', help='unstructured | nm_N,M | block_B1,B2 | channel_AXIS; '
+                 'several separated by ";" (e.g. "unstructured;nm_2,4")')
+  p.add_argument('--training-budget', help='equal_steps | equal_flops | a step multiplier for '
+                 'sparse-to-sparse algorithms (e.g. 2 or 5, the RigL paper\'s 2x/5x)')
   p.add_argument('--schedule', help='gradual | one_shot | START:END:FREQ')
   p.add_argument('--steps', type=int, help='training steps per (algorithm, seed)')
   p.add_argument('--seeds', help='number of seeds, or a comma-separated list of seeds')
@@ -58,6 +65,14 @@ def _compare_parser(sub) -> None:
   p.add_argument('--no-plots', action='store_true', help='skip the PNG plots')
   p.add_argument('--no-compile-cache', action='store_true',
                  help='do not keep compiled steps in the user cache directory between runs')
+
+
+def _budget(value: str | None) -> str | float | None:
+  try:
+    return float(value) if value is not None and value not in ('equal_steps',
+                                                                 'equal_flops') else value
+  except ValueError:
+    return value  # load_config names it and the valid values.
 
 
 def _enable_compile_cache() -> None:
@@ -77,12 +92,12 @@ def compare(args: argparse.Namespace) -> int:
   from prunax import compare as compare_lib  # pylint: disable=import-outside-toplevel
   console = Console()
   if not console.is_terminal:  # Logs and pipes: do not squeeze the table into 80 columns.
-    console = Console(width=max(console.width, 150))
+    console = Console(width=max(console.width, 200))
   start = time.perf_counter()
   overrides = {'task': args.task, 'algorithms': args.algorithms, 'sparsity': args.sparsity,
                'dist_type': args.dist_type, 'sparsity_type': args.sparsity_type,
                'schedule': args.schedule, 'steps': args.steps, 'seeds': args.seeds,
-               'run_dir': args.run_dir}
+               'run_dir': args.run_dir, 'training_budget': _budget(args.training_budget)}
   overrides.update(_parse_set(args.set))
   cfg = compare_lib.load_config(args.config, overrides, quick=args.quick)
   if not args.no_compile_cache:
@@ -90,13 +105,13 @@ def compare(args: argparse.Namespace) -> int:
   show = not args.no_progress and console.is_terminal
   from prunax.compare import runner  # pylint: disable=import-outside-toplevel
   with runner.rich_progress(show) as progress:
-    comparison = compare_lib.run_comparison(cfg, fresh=args.fresh, progress=progress)
-  compare_lib.print_table(comparison, console)
-  paths = compare_lib.write_reports(comparison)
-  if not args.no_plots:
-    paths.update(compare_lib.write_plots(comparison))
-  if comparison.skipped:
-    console.print(f'Optional algorithms skipped: {"; ".join(comparison.skipped)}')
+    result = compare_lib.run_sweep(cfg, fresh=args.fresh, progress=progress)
+  compare_lib.print_table(result, console)
+  plots = {} if args.no_plots else compare_lib.write_plots(result)
+  paths = dict(plots, **compare_lib.write_reports(result, plots))
+  skipped = sorted({s for c in result.points for s in c.skipped})
+  if skipped:
+    console.print(f'Optional algorithms skipped: {"; ".join(skipped)}')
   console.print(f'Wrote {", ".join(sorted(paths.values()))}')
   console.print(f'Total time {time.perf_counter() - start:.1f} s')
   return 0

@@ -43,6 +43,42 @@ _ALGORITHMS: dict[str, type[BaseUpdater]] = {
     'fixed_masks': pruning_at_init.FixedMaskSparse,
 }
 
+# Sparseland positioning of each algorithm (handbook 3.7-3.10): ``origin`` is 'dense',
+# 'dense-to-sparse' (a dense model is trained at some point) or 'sparse-to-sparse' (never
+# dense; pruning at init counts, its one dense gradient being negligible); ``dynamics`` is
+# 'static' (the mask never changes after it is chosen) or 'dynamic'. The README's algorithm
+# table states the same (tests/core/test_compare.py checks they agree). One dict per name.
+ALGORITHM_INFO: dict[str, dict[str, str]] = {
+    'no_prune': {'origin': 'dense', 'dynamics': 'static'},
+    'magnitude': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+    'random': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+    'saliency': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+    'global_magnitude': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+    'global_saliency': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+    'magnitude_ste': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+    'random_ste': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+    'static_sparse': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
+    'set': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+    'rigl': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+    'autosparse': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+    'str': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+    'topkast': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+    'topkast_ga': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+    'sr_ste': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+    'snip': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
+    'grasp': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
+    'synflow': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
+    'fixed_masks': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
+    'snfs': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+    'mest': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+    'granet': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+    'acdc': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+    'nm_set': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+    'nm_rigl': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+}
+ORIGINS = ('dense', 'dense-to-sparse', 'sparse-to-sparse')
+DYNAMICS = ('static', 'dynamic')
+
 # jaxpruner's name for the registry (the same dict: register_algorithm adds to both).
 ALGORITHM_REGISTRY = _ALGORITHMS
 
@@ -55,14 +91,46 @@ CONFIG_KEYS = frozenset({
 })
 
 
-def register_algorithm(name: str, cls: type[BaseUpdater]) -> None:
-  """Registers ``cls`` under ``name`` for :func:`create_updater_from_config`."""
+def _check_info(name: str, info: Mapping[str, str]) -> dict[str, str]:
+  info = dict(info)
+  if info.get('origin') not in ORIGINS or info.get('dynamics') not in DYNAMICS:
+    raise ValueError(f'Algorithm info of {name!r} needs origin in {list(ORIGINS)} and dynamics '
+                     f'in {list(DYNAMICS)}, got {info!r}.')
+  return info
+
+
+def register_algorithm(name: str, cls: type[BaseUpdater],
+                       info: Mapping[str, str] | None = None) -> None:
+  """Registers ``cls`` under ``name`` for :func:`create_updater_from_config`.
+
+  Args:
+    name: the algorithm's name in configs.
+    cls: the updater class.
+    info: its positioning, ``{'origin': ..., 'dynamics': ...}`` (see :data:`ALGORITHM_INFO`);
+      None: derived from the class (see :func:`algorithm_info`).
+  """
   if not (isinstance(cls, type) and issubclass(cls, BaseUpdater)):
     raise TypeError(f'register_algorithm needs a BaseUpdater subclass, got {cls!r}.')
   if name in _ALGORITHMS and _ALGORITHMS[name] is not cls:
     raise ValueError(f'algorithm name {name!r} is already registered to '
                      f'{_ALGORITHMS[name].__name__}.')
+  if info is not None:
+    ALGORITHM_INFO[name] = _check_info(name, info)
   _ALGORITHMS[name] = cls
+
+
+def algorithm_info(name: str) -> dict[str, str]:
+  """The positioning of algorithm ``name``: ``{'origin': ..., 'dynamics': ...}``.
+
+  From :data:`ALGORITHM_INFO`; for an algorithm registered without it, derived from its
+  class (``is_sparse_training``: sparse-to-sparse, else dense-to-sparse; ``scheduler_kind``
+  'none': static, else dynamic).
+  """
+  cls = get_algorithm(name)
+  if name in ALGORITHM_INFO:
+    return dict(ALGORITHM_INFO[name])
+  return {'origin': 'sparse-to-sparse' if cls.is_sparse_training else 'dense-to-sparse',
+          'dynamics': 'static' if cls.scheduler_kind == 'none' else 'dynamic'}
 
 
 def all_algorithm_names() -> list[str]:

@@ -121,7 +121,8 @@ class NByM(SparsityType):
     n = _checks.integer(self.n, f'NByM({self.n!r}, {m}): n', 1, m)
     object.__setattr__(self, 'm', m)
     object.__setattr__(self, 'n', n)
-    object.__setattr__(self, 'axis', _checks.integer(self.axis, 'NByM: axis'))
+    if self.axis is not None:
+      object.__setattr__(self, 'axis', _checks.integer(self.axis, 'NByM: axis (or None)'))
 
   @property
   def sparsity(self) -> float:

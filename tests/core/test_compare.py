@@ -1,12 +1,16 @@
 """End-to-end tests of ``prunax compare`` on the embedded digits task (tiny runs)."""
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
+import hypothesis
+import hypothesis.strategies as st
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,8 +18,11 @@ import pytest
 import prunax
 from prunax import cli
 from prunax import compare
+from prunax import registry
+from prunax import sparsity_types
 from prunax.compare import config as config_lib
 from prunax.compare import report
+from prunax.compare import tasks
 from tests.core.conftest import packed_mask_nbytes
 
 PNG_HEADER = b'\x89PNG\r\n\x1a\n'
@@ -50,7 +57,8 @@ def quick_run(tmp_path_factory):
 
 
 def test_reports_and_plots_are_written(quick_run):
-  for name in ('accuracy_vs_sparsity.png', 'layer_sparsity.png', 'sparsity_over_steps.png'):
+  for name in ('accuracy_vs_sparsity.png', 'accuracy_vs_flops.png', 'layer_sparsity.png',
+               'sparsity_over_steps.png'):
     path = os.path.join(quick_run, name)
     with open(path, 'rb') as f:
       data = f.read()
@@ -63,6 +71,10 @@ def test_reports_and_plots_are_written(quick_run):
     md = f.read()
   assert md.count('\n| ') == len(ALGORITHMS) + 1  # header + one line per algorithm
   assert '| magnitude | dense-to-sparse, dynamic, unstructured |' in md
+  with open(os.path.join(quick_run, 'report.html')) as f:
+    page = f.read()
+  assert page.count('src="data:image/png;base64,') == 4
+  assert page.count('<tr>') == len(ALGORITHMS) + 1
 
 
 def test_reported_sparsity_is_measured_on_final_params(quick_run):
@@ -162,13 +174,65 @@ def test_categories():
       'static_sparse': ('sparse-to-sparse', 'static', 'unstructured'),
       'set': ('sparse-to-sparse', 'dynamic', 'unstructured'),
       'rigl': ('sparse-to-sparse', 'dynamic', 'unstructured'),
+      # The seven the class attributes got wrong (issue 20).
+      'topkast': ('sparse-to-sparse', 'dynamic', 'unstructured'),
+      'topkast_ga': ('sparse-to-sparse', 'dynamic', 'unstructured'),
+      'snip': ('sparse-to-sparse', 'static', 'unstructured'),
+      'grasp': ('sparse-to-sparse', 'static', 'unstructured'),
+      'synflow': ('sparse-to-sparse', 'static', 'unstructured'),
+      'fixed_masks': ('sparse-to-sparse', 'static', 'unstructured'),
+      'str': ('dense-to-sparse', 'dynamic', 'unstructured'),
   }
+  unstructured = prunax.algorithms.MagnitudePruning(sparsity=0.5)  # gives only the structure
   for name, want in expected.items():
-    cat = compare.category(name, config_lib.make_updater(cfg, name, 0))
+    cat = compare.category(name, unstructured)
     assert (cat['origin'], cat['dynamics'], cat['structure']) == want, name
-  nm = config_lib.make_updater(dict(cfg, sparsity=0.5, sparsity_type='nm_2,4'), 'magnitude', 0)
+  nm = config_lib.make_updater(dict(cfg, sparsity=0.5, sparsity_type='nm_1,2'), 'magnitude', 0)
   assert compare.category('magnitude', nm)['structure'] == 'structured'
   assert compare.category('magnitude', nm, {'magnitude': {'origin': 'x'}})['origin'] == 'x'
+
+
+def _readme_taxonomy():
+  """{algorithm: (origin, dynamics)} from the README's algorithm table."""
+  path = os.path.join(os.path.dirname(__file__), '..', '..', 'README.md')
+  with open(path) as f:
+    text = f.read()
+  table = text[text.index('## Algorithms'):]
+  out = {}
+  for line in table.splitlines()[2:]:
+    if not line.startswith('|'):
+      if out:
+        break
+      continue
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    match = re.fullmatch(r'`(\w+)`', cells[0])
+    if match is None:
+      continue
+    taxonomy = re.fullmatch(r'(dense|dense-to-sparse|sparse-to-sparse)(?: \([^)]*\))?, '
+                            r'(static|dynamic)', cells[-1])
+    assert taxonomy, f'README taxonomy of {match.group(1)!r} is malformed: {cells[-1]!r}'
+    out[match.group(1)] = taxonomy.groups()
+  return out
+
+
+def test_readme_table_agrees_with_the_registry_metadata():
+  readme = _readme_taxonomy()
+  assert sorted(readme) == sorted(registry.ALGORITHM_INFO) == registry.all_algorithm_names()
+  for name, (origin, dynamics) in readme.items():
+    assert registry.algorithm_info(name) == {'origin': origin, 'dynamics': dynamics}, name
+
+
+def test_register_algorithm_info(monkeypatch):
+  monkeypatch.setattr(registry, '_ALGORITHMS', dict(registry._ALGORITHMS))
+  monkeypatch.setattr(registry, 'ALGORITHM_INFO', dict(registry.ALGORITHM_INFO))
+  class Mine(prunax.algorithms.SET):
+    pass
+  registry.register_algorithm('mine', Mine)  # no info: derived from the class
+  assert registry.algorithm_info('mine') == {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'}
+  with pytest.raises(ValueError, match="origin in .* got {'origin': 'sideways'"):
+    registry.register_algorithm('mine2', Mine, {'origin': 'sideways', 'dynamics': 'static'})
+  registry.register_algorithm('mine3', Mine, {'origin': 'dense-to-sparse', 'dynamics': 'static'})
+  assert compare.category('mine3', Mine(sparsity=0.5))['origin'] == 'dense-to-sparse'
 
 
 def test_schedule_follows_steps():
@@ -194,6 +258,9 @@ def test_yaml_and_ml_collections_configs(tmp_path):
   py_file.write_text('import ml_collections\n\ndef get_config():\n'
                      '  c = ml_collections.ConfigDict()\n  c.algorithms = ["set"]\n'
                      '  c.dist_type = "uniform"\n  return c\n')
+  # --quick keeps a config's own algorithm list; without one it runs one per category.
+  assert compare.load_config(None, quick=True)['algorithms'] == [
+      'no_prune', 'magnitude', 'static_sparse', 'rigl']
   cfg = compare.load_config(str(py_file), quick=True)
   assert (cfg['algorithms'], cfg['dist_type'], cfg['steps'], cfg['seeds']) == (
       ['set'], 'uniform', 40, [0])
@@ -316,14 +383,49 @@ def test_optional_tasks_need_their_adapters():
         compare.run_comparison({'task': name})
 
 
-@pytest.mark.skipif(importlib.util.find_spec('prunax_fedjax') is None,
-                    reason='prunax_fedjax (the FedJAX adapter) is not installed')
-def test_federated_digits_task(tmp_path):
-  cfg = compare.load_config(None, {'task': 'federated_digits', 'algorithms': ['magnitude'],
-                                   'seeds': 1, 'steps': 4, 'optional_algorithms': [],
-                                   'run_dir': str(tmp_path)})
-  cell = compare.run_comparison(cfg).cells[('magnitude', 0)]
-  assert 0.0 <= cell['metric'] <= 1.0 and cell['sparsity'] is not None
+def _builtin_task_args():
+  out = {'digits': {}}
+  if importlib.util.find_spec('prunax_fedjax') is not None:
+    out['federated_digits'] = {'clients_per_round': 2}
+  if importlib.util.find_spec('prunax_dopamine') is not None:
+    out['cartpole'] = {'training_steps': 40}  # before min_replay_history: no updates
+  return out
+
+
+@pytest.mark.parametrize('task', ['digits', 'federated_digits', 'cartpole'])
+def test_every_task_trains_with_the_whole_updater_config(task, tmp_path, monkeypatch):
+  # Every key of the updater config differs from the defaults a task could fall back on.
+  args = _builtin_task_args()
+  if task not in args:
+    pytest.skip(f'the adapter of task {task!r} is not installed')
+  cfg = compare.load_config(None, {
+      'task': task, 'task_args': args[task], 'algorithms': ['magnitude'], 'seeds': [3],
+      'steps': 3, 'sparsity': 0.5, 'dist_type': 'uniform', 'sparsity_type': 'nm_1,2',
+      'schedule': '0:1:1', 'optional_algorithms': [], 'run_dir': str(tmp_path),
+      'algorithm_overrides': {'magnitude': {'power': 2.0}}})
+  wrapped = []
+  original = prunax.algorithms.MagnitudePruning.wrap_optax
+  def capture(self, *a, **k):
+    wrapped.append(self)
+    return original(self, *a, **k)
+  monkeypatch.setattr(prunax.algorithms.MagnitudePruning, 'wrap_optax', capture)
+  cell = compare.run_comparison(cfg).cells[('magnitude', 3)]
+  if task != 'cartpole':  # (cartpole: 40 agent steps make no optimizer update)
+    assert 0.0 <= cell['metric'] <= 1.0
+    # N:M 1:2 from step 1 on, measured on the final params (biases stay dense).
+    assert 0.3 < cell['sparsity'] <= 0.5
+  expected = config_lib.make_updater(cfg, 'magnitude', 3)
+  assert (expected.sparsity, expected.sparsity_type, expected.scheduler.power) == (
+      0.5, sparsity_types.from_string('nm_1,2'), 2.0)
+  if task == 'cartpole':  # one iteration = training_steps / update_period optimizer updates
+    expected = tasks.scale_schedule(expected, 10)
+    assert expected.scheduler.update_end_step == 10
+  # The digits task compiles one step for every seed (seed 0; the seed is traced state).
+  wrapped = [u for u in wrapped if isinstance(u.seed, int)]
+  assert wrapped
+  for updater in wrapped:
+    assert dataclasses.replace(updater, seed=3) == expected
+  assert any(u.seed == 3 for u in wrapped) or task == 'digits'
 
 
 @pytest.mark.skipif(importlib.util.find_spec('prunax_dopamine') is None,
@@ -334,3 +436,164 @@ def test_cartpole_task(tmp_path):
                                    'run_dir': str(tmp_path)})
   cell = compare.run_comparison(cfg).cells[('magnitude', 0)]
   assert np.isfinite(cell['metric'])
+
+
+# ------------------------------------------------------------------ sweeps and statistics
+
+
+def test_sweep_with_a_step_multiplier(tmp_path):
+  run_dir = tmp_path / 'sweep'
+  rc = cli.main(['compare', '--run-dir', str(run_dir), '--no-progress', '--no-compile-cache',
+                 '--algorithms', 'no_prune,static_sparse', '--seeds', '2', '--steps', '10',
+                 '--sparsity', '0.8,0.5', '--training-budget', '2',
+                 '--set', 'optional_algorithms=[]'])
+  assert rc == 0
+  for point in ('unstructured_s0.5', 'unstructured_s0.8'):
+    assert sorted(os.listdir(run_dir / point / 'cells')) == sorted(
+        f'{a}__seed{s}.{ext}' for a in ('no_prune', 'static_sparse') for s in (0, 1)
+        for ext in ('json', 'npz'))
+  rows = _rows(run_dir / 'results.csv')
+  assert [(r['point_sparsity'], r['algorithm']) for r in rows] == [
+      ('0.5', 'no_prune'), ('0.5', 'static_sparse'), ('0.8', 'no_prune'), ('0.8', 'static_sparse')]
+  by = {(r['point_sparsity'], r['algorithm']): r for r in rows}
+  assert abs(float(by[('0.8', 'static_sparse')]['sparsity_mean']) - 0.8) < 1e-3
+  # The dense baseline is trained once and shared by both points.
+  dense = [json.loads((run_dir / p / 'cells' / 'no_prune__seed1.json').read_text())
+           for p in ('unstructured_s0.5', 'unstructured_s0.8')]
+  assert dense[0] == dense[1]
+  # Sparse-to-sparse algorithms train twice as long (the RigL paper's 2x), the rest not.
+  cells = _rows(run_dir / 'cells.csv')
+  assert {(c['algorithm'], c['steps']) for c in cells} == {('no_prune', '10'),
+                                                          ('static_sparse', '20')}
+  trace = json.loads((run_dir / 'unstructured_s0.8' / 'cells' /
+                      'static_sparse__seed0.json').read_text())['trace']
+  assert trace[-1][0] == 20
+  # Statistics: the paired differences in the CSV are those of the cells.
+  acc = {(c['point_sparsity'], c['algorithm'], c['seed']): float(c['accuracy']) for c in cells}
+  d = [acc[('0.8', 'static_sparse', s)] - acc[('0.8', 'no_prune', s)] for s in ('0', '1')]
+  assert float(by[('0.8', 'static_sparse')]['dense_diff']) == pytest.approx(np.mean(d))
+  half = 12.706204736 * np.std(d, ddof=1) / np.sqrt(2)  # t(0.975, df=1)
+  assert float(by[('0.8', 'static_sparse')]['dense_high']) == pytest.approx(np.mean(d) + half)
+  md = (run_dir / 'results.md').read_text()
+  assert md.count('## sparsity') == 2
+  assert 'static_sparse 2.00x' in md and 'train 2x longer' in md  # the recipe line says it
+  assert 'n ≥ ((t(0.975, n-1) + t(0.8, n-1))·sd(d)/|mean(d)|)²' in md
+  page = (run_dir / 'report.html').read_text()
+  # Self-contained: every plot embedded, nothing loaded from elsewhere.
+  assert page.count('src="data:image/png;base64,') == 4
+  assert re.search(r'(src|href)="(?!data:)', page) is None
+  for name in ('accuracy_vs_sparsity', 'accuracy_vs_flops'):
+    assert (run_dir / f'{name}.png').read_bytes()[:8] == PNG_HEADER
+
+
+def test_sweep_configs():
+  cfg = config_lib.load_config(None, {'sparsity': '0.9,0.5',
+                                      'sparsity_type': 'unstructured;nm_1,4'})
+  assert config_lib.points(cfg) == [('unstructured', 0.5), ('unstructured', 0.9),
+                                    ('nm_1,4', 0.5), ('nm_1,4', 0.9)]
+  with pytest.raises(compare.ConfigError, match='run it with run_sweep'):
+    compare.run_comparison(cfg)
+  with pytest.raises(compare.ConfigError, match=r'sparsity lists a value twice: \[0.5, 0.5\]'):
+    config_lib.load_config(None, {'sparsity': [0.5, 0.5]})
+  with pytest.raises(compare.ConfigError, match=r'got 1.2'):
+    config_lib.load_config(None, {'sparsity': '0.5,1.2'})
+  with pytest.raises(compare.ConfigError, match='training_budget must be one of'):
+    config_lib.load_config(None, {'training_budget': 'equal_time'})
+  with pytest.raises(compare.ConfigError, match="Unknown sparsity type 'diagonal'"):
+    config_lib.load_config(None, {'sparsity_type': ['unstructured', 'diagonal']})
+
+
+def test_equal_flops_budget():
+  from prunax.compare import runner
+  cfg = config_lib.load_config(None, {'sparsity': 0.9, 'training_budget': 'equal_flops'})
+  task = compare.digits_task()
+  example = task.example_params()
+  counter = runner._flops_counter(task, example)
+  if counter is None:
+    pytest.skip('prunax.flops is not available')
+  names = ['no_prune', 'magnitude', 'static_sparse', 'rigl']
+  updaters = {a: config_lib.make_updater(cfg, a, 0) for a in names}
+  mult = runner.step_multipliers(cfg, updaters, example, counter)
+  assert mult['no_prune'] == mult['magnitude'] == 1.0
+  # Static sparse training at 90% spends a fraction of gradual pruning's FLOPs per step: it
+  # trains longer, up to the cap.
+  assert 1.0 < mult['static_sparse'] <= 5.0
+  assert mult['rigl'] == pytest.approx(mult['static_sparse'])  # same target masks
+  # Equal FLOPs: multiplier x F(static masks) = mean F along magnitude's gradual schedule.
+  targets = updaters['static_sparse'].target_sparsities(example)
+  f_sparse = counter.training_fraction(runner._params_at(example, targets, 1.0))
+  f_dense = counter.training_fraction(runner._params_at(example, targets, 0.0))
+  assert f_dense == pytest.approx(1.0)
+  assert f_sparse < mult['static_sparse'] * f_sparse < f_dense
+  capped = runner.step_multipliers(dict(cfg, max_step_multiplier=1), updaters, example, counter)
+  assert capped['static_sparse'] == 1.0
+  with pytest.raises(compare.ConfigError, match='equal_flops needs the task'):
+    runner.step_multipliers(cfg, updaters, example, None)
+
+
+def test_paired_difference_and_seeds_needed():
+  from scipy import stats as scipy_stats
+
+  from prunax.compare import stats
+  a, b = [0.91, 0.93, 0.92, 0.95], [0.90, 0.90, 0.91, 0.92]
+  d = np.subtract(a, b)
+  result = stats.paired(a, b)
+  half = 3.182446305 * d.std(ddof=1) / 2  # t(0.975, df=3), sqrt(4) = 2
+  assert (result.mean, result.low, result.high) == pytest.approx(
+      (d.mean(), d.mean() - half, d.mean() + half))
+  assert result.significant == (scipy_stats.ttest_rel(a, b).pvalue < 0.05)
+  one = stats.paired([0.9], [0.8])
+  assert (one.low, one.significant, one.seeds_needed) == (None, False, None)
+  # gap = sd: n = 9 gives ((2.306 + 0.889) * 1)^2 = 10.2 > 9; n = 10 gives 9.89 <= 10.
+  assert stats.seeds_needed(0.01, 0.01) == 10
+  assert stats.seeds_needed(0.0, 0.01) is None
+  with pytest.raises(ValueError, match='equally long'):
+    stats.paired([1.0], [1.0, 2.0])
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=2, max_size=8))
+def test_significance_agrees_with_the_paired_t_test(pairs):
+  from scipy import stats as scipy_stats
+
+  from prunax.compare import stats
+  a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+  d = np.subtract(a, b)
+  hypothesis.assume(d.std(ddof=1) > 1e-6)
+  p = scipy_stats.ttest_rel(a, b).pvalue
+  hypothesis.assume(abs(p - 0.05) > 1e-6)  # no ties at the boundary
+  assert stats.paired(a, b).significant == (p < 0.05)
+  n = stats.seeds_needed(float(d.mean()), float(d.std(ddof=1)))
+  if n is not None and 2 < n < stats.MAX_SEEDS:  # the smallest n meeting the inequality
+    ratio = d.std(ddof=1) / abs(d.mean())
+    need = lambda k: ((scipy_stats.t.ppf(0.975, k - 1) + scipy_stats.t.ppf(0.8, k - 1))
+                      * ratio) ** 2
+    assert n >= need(n) and n - 1 < need(n - 1)
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), min_size=1,
+                           max_size=12))
+def test_pareto_front(points):
+  from prunax.compare import plots
+  xs, ys = [float(p[0]) for p in points], [float(p[1]) for p in points]
+  front = plots.pareto_front(xs, ys)
+  dominated = lambda i: any(
+      xs[j] <= xs[i] and ys[j] >= ys[i] and (xs[j], ys[j]) != (xs[i], ys[i])
+      for j in range(len(xs)))
+  assert all(not dominated(i) for i in front)
+  # Every point off the front is dominated or duplicates a front point.
+  assert all(dominated(i) or (xs[i], ys[i]) in {(xs[j], ys[j]) for j in front}
+             for i in range(len(xs)) if i not in front)
+  assert [xs[i] for i in front] == sorted(xs[i] for i in front)
+
+
+def test_noisy_digits_is_deterministic_and_harder():
+  a, b = tasks.noisy_digits_task(), tasks.noisy_digits_task()
+  assert a.train_data[0].shape == (4 * 1258, 20, 20, 1)
+  assert a.eval_data[0].shape == (2 * 539, 20, 20, 1)
+  np.testing.assert_array_equal(a.train_data[0], b.train_data[0])
+  np.testing.assert_array_equal(a.eval_data[1], b.eval_data[1])
+  # The noise is there: the pixels of a blank border differ from zero.
+  assert 0.2 < a.train_data[0][..., 0].std() and np.abs(a.train_data[0]).max() > 1.0
+  assert 'noisy_digits' in compare.available_tasks()

@@ -19,9 +19,10 @@ from prunax.base_updater import BaseUpdater
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), 'configs')
 SCHEDULES = ('gradual', 'one_shot', 'START:END:FREQ')
+BUDGETS = ('equal_steps', 'equal_flops')
 # Keys that do not change what a finished (algorithm, seed) cell computed.
 _CELL_INDEPENDENT = frozenset({'algorithms', 'optional_algorithms', 'seeds', 'run_dir', 'quick',
-                               'categories', 'observe_points'})
+                               'categories', 'observe_points', 'step_multipliers'})
 # Config keys passed on to prunax.create_updater_from_config.
 _UPDATER_KEYS = ('sparsity', 'dist_type', 'sparsity_type', 'update_freq', 'update_start_step',
                  'update_end_step', 'drop_fraction')
@@ -85,7 +86,8 @@ def load_config(source: str | Mapping[str, Any] | Any | None = None,
     source: None (defaults only), a path to a ``.yaml``/``.yml`` or ``.py`` file, the name of
       a shipped config, a dict, or an ``ml_collections.ConfigDict``.
     overrides: keys replacing those of ``source`` (None values are ignored), applied last.
-    quick: apply the config's ``quick`` keys (few steps, one seed) over ``source``.
+    quick: apply the config's ``quick`` keys (few steps, one seed, a few algorithms) over
+      ``source`` (its algorithm lists only when ``source`` names no algorithms).
 
   Returns:
     The checked config (see :func:`check_config`).
@@ -106,6 +108,8 @@ def load_config(source: str | Mapping[str, Any] | Any | None = None,
                         f'{sorted(f[:-5] for f in os.listdir(CONFIG_DIR))}).')
   else:
     user = as_dict(source)
+  # Derived by the runner from training_budget: a checked config may carry it back in.
+  user = {k: v for k, v in user.items() if k != 'step_multipliers'}
   unknown = set(user) - set(config)
   if unknown:
     raise ConfigError(f'Unknown config keys {sorted(unknown)}; valid keys are {sorted(config)}.')
@@ -116,6 +120,9 @@ def load_config(source: str | Mapping[str, Any] | Any | None = None,
     if unknown:
       raise ConfigError(f'Unknown keys {sorted(unknown)} in "quick"; valid keys are '
                         f'{sorted(config)}.')
+    if 'algorithms' in user:  # Quick shortens the user's comparison; it keeps their list.
+      quick_keys = {k: v for k, v in quick_keys.items()
+                    if k not in ('algorithms', 'optional_algorithms')}
     config.update(quick_keys)
   overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
   unknown = set(overrides) - set(config)
@@ -123,6 +130,62 @@ def load_config(source: str | Mapping[str, Any] | Any | None = None,
     raise ConfigError(f'Unknown config keys {sorted(unknown)}; valid keys are {sorted(config)}.')
   config.update(overrides)
   return check_config(config)
+
+
+def _check_sparsity(value) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    raise ConfigError(f'sparsity must be a number in [0, 1), got {value!r}.')
+  return float(value)
+
+
+def _check_sparsity_type(value) -> str:
+  from prunax import sparsity_types  # pylint: disable=import-outside-toplevel
+  if not isinstance(value, str):
+    raise ConfigError(f'sparsity_type must be a string such as "unstructured" or "nm_2,4", got '
+                      f'{value!r}.')
+  try:
+    sparsity_types.from_string(value)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  return value
+
+
+def _sweep(value, name: str, check) -> float | str | list:
+  """One value, or a list of distinct values (a sweep; a string "a;b" or "0.5,0.8" too)."""
+  if isinstance(value, str) and name == 'sparsity':
+    try:
+      value = [float(v) for v in value.split(',')]
+    except ValueError as e:
+      raise ConfigError(f'sparsity must be a number in [0, 1) or a comma-separated list of '
+                        f'them, got {value!r}.') from e
+  elif isinstance(value, str) and ';' in value:
+    value = [v.strip() for v in value.split(';') if v.strip()]
+  if isinstance(value, (list, tuple)):
+    if not value:
+      raise ConfigError(f'{name} is an empty list; give at least one value.')
+    values = [check(v) for v in value]
+    if len(set(values)) != len(values):
+      raise ConfigError(f'{name} lists a value twice: {list(value)}.')
+    return values[0] if len(values) == 1 else values
+  return check(value)
+
+
+def points(cfg: Mapping[str, Any]) -> list[tuple[str, float]]:
+  """The (sparsity_type, sparsity) points of a comparison, types first, sparsities ascending."""
+  types = cfg['sparsity_type'] if isinstance(cfg['sparsity_type'], list) else [
+      cfg['sparsity_type']]
+  sparsities = cfg['sparsity'] if isinstance(cfg['sparsity'], list) else [cfg['sparsity']]
+  return [(t, s) for t in types for s in sorted(sparsities)]
+
+
+def point_config(cfg: Mapping[str, Any], sparsity_type: str, sparsity: float) -> dict[str, Any]:
+  """``cfg`` at one point of its sweep (scalar ``sparsity`` and ``sparsity_type``)."""
+  return dict(cfg, sparsity=sparsity, sparsity_type=sparsity_type)
+
+
+def is_sweep(cfg: Mapping[str, Any]) -> bool:
+  """Whether ``cfg`` has more than one (sparsity_type, sparsity) point."""
+  return len(points(cfg)) > 1
 
 
 def _int(value, name: str, minimum: int) -> int:
@@ -174,10 +237,14 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
       raise ConfigError(f'Unknown algorithm {name!r}; valid algorithms are {known}.')
   if len(set(cfg['algorithms'])) != len(cfg['algorithms']):
     raise ConfigError(f'algorithms lists a name twice: {cfg["algorithms"]}.')
-  sparsity = cfg['sparsity']
-  if (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
-      or not 0.0 <= sparsity < 1.0):
-    raise ConfigError(f'sparsity must be a number in [0, 1), got {sparsity!r}.')
+  cfg['sparsity'] = _sweep(cfg['sparsity'], 'sparsity', _check_sparsity)
+  cfg['sparsity_type'] = _sweep(cfg['sparsity_type'], 'sparsity_type', _check_sparsity_type)
+  budget = cfg['training_budget']
+  if budget not in BUDGETS and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                or budget < 1):
+    raise ConfigError(f'training_budget must be one of {list(BUDGETS)} or a step multiplier '
+                      f'>= 1 for sparse-to-sparse algorithms (e.g. 2 or 5), got {budget!r}.')
+  _int(cfg['max_step_multiplier'], 'max_step_multiplier', 1)
   if cfg['dist_type'] not in ('uniform', 'erk'):
     raise ConfigError(f'dist_type must be "uniform" or "erk", got {cfg["dist_type"]!r}.')
   schedule_window(cfg, 'magnitude')  # Checks the schedule.
@@ -200,7 +267,7 @@ def schedule_window(cfg: Mapping[str, Any], algorithm: str) -> dict[str, int | N
   updates) from step 0 to 75%; ``one_shot``: pruning once at 50%; ``START:END:FREQ``: the
   same window for every algorithm. Explicit ``update_*`` keys win.
   """
-  steps, schedule = cfg['steps'], cfg['schedule']
+  steps, schedule = algorithm_steps(cfg, algorithm), cfg['schedule']
   freq = max(1, steps // 30)
   periodic = (algorithm in registry.all_algorithm_names()
               and registry.get_algorithm(algorithm).scheduler_kind == 'periodic')
@@ -223,6 +290,12 @@ def schedule_window(cfg: Mapping[str, Any], algorithm: str) -> dict[str, int | N
     if cfg.get(key) is not None:
       window[key] = cfg[key]
   return window
+
+
+def algorithm_steps(cfg: Mapping[str, Any], algorithm: str) -> int:
+  """Training steps of ``algorithm``: ``steps`` times its multiplier under the training
+  budget (``cfg['step_multipliers']``, set by the runner; 1 without)."""
+  return int(round(cfg['steps'] * (cfg.get('step_multipliers') or {}).get(algorithm, 1)))
 
 
 def updater_config(cfg: Mapping[str, Any], algorithm: str, seed: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""PNG figures of a comparison (matplotlib, non-interactive backend)."""
+"""PNG figures of a comparison or sweep (matplotlib, non-interactive backend)."""
 
 from __future__ import annotations
 
@@ -19,27 +19,120 @@ def _pyplot():
   return plt
 
 
-def accuracy_vs_sparsity(comparison: Any, path: str) -> None:
-  """Metric against achieved sparsity, one point per algorithm, error bars = std over seeds."""
+def _points(result: Any) -> list[Any]:
+  return list(getattr(result, 'points', [result]))
+
+
+def _colors(algorithms: list[str]) -> dict[str, Any]:
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 5))
-  metric = comparison.metric_name
-  for row in report.rows(comparison):
-    if row['sparsity_mean'] is None or row[f'{metric}_mean'] is None:
-      continue
-    ax.errorbar(row['sparsity_mean'], row[f'{metric}_mean'], xerr=row['sparsity_std'],
-                yerr=row[f'{metric}_std'], marker=_MARKERS.get(row['origin'], 'D'),
-                capsize=3, linestyle='none', label=f'{row["algorithm"]} ({row["origin"]})')
-    ax.annotate(row['algorithm'], (row['sparsity_mean'], row[f'{metric}_mean']),
-                textcoords='offset points', xytext=(4, 4), fontsize=7)
-  ax.set_xlabel('achieved sparsity')
-  ax.set_ylabel(f'final {metric}')
-  ax.set_title(f'{comparison.task_name}: {metric} vs sparsity '
-               f'(mean ± std, {len(comparison.config["seeds"])} seeds)')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc='best')
+  n = 10 if len(algorithms) <= 10 else 20
+  cmap = plt.get_cmap(f'tab{n}')
+  return {a: cmap(i % n) for i, a in enumerate(algorithms)}
+
+
+def _algorithms(result: Any) -> list[str]:
+  out: list[str] = []
+  for c in _points(result):
+    out += [a for a in c.algorithms if a not in out]
+  return out
+
+
+def accuracy_vs_sparsity(result: Any, path: str) -> None:
+  """Metric against achieved sparsity (seed mean): per sparsity type a panel, per algorithm
+  a line through the seed means of the sweep's points with a band of ± one standard
+  deviation over seeds; the dense baseline as a dashed line (its band shaded grey)."""
+  plt = _pyplot()
+  points = _points(result)
+  types = list(dict.fromkeys(c.config['sparsity_type'] for c in points))
+  fig, axes = plt.subplots(1, len(types), figsize=(7 * len(types), 5), squeeze=False)
+  metric = points[0].metric_name
+  colors = _colors(_algorithms(result))
+  for ax, stype in zip(axes[0], types):
+    here = [c for c in points if c.config['sparsity_type'] == stype]
+    table = {c.config['sparsity']: {r['algorithm']: r for r in report.rows(c)} for c in here}
+    xs = sorted(table)
+    for algorithm in _algorithms(result):
+      pts = [(x, table[x][algorithm]) for x in xs if algorithm in table[x]
+             and table[x][algorithm][f'{metric}_mean'] is not None]
+      if not pts:
+        continue
+      mean = np.array([r[f'{metric}_mean'] for _, r in pts])
+      std = np.array([r[f'{metric}_std'] for _, r in pts])
+      # Achieved sparsity (learned-sparsity methods miss the target), else the target.
+      x = np.array([p if r['sparsity_mean'] is None else r['sparsity_mean'] for p, r in pts])
+      if algorithm == 'no_prune':
+        ax.axhline(mean.mean(), color='k', linestyle='--', linewidth=1, label='no_prune (dense)')
+        ax.axhspan(mean.mean() - std.mean(), mean.mean() + std.mean(), color='grey', alpha=0.15)
+        continue
+      origin = pts[0][1]['origin']
+      ax.plot(x, mean, marker=_MARKERS.get(origin, 'D'), color=colors[algorithm],
+              label=f'{algorithm} ({origin})')
+      ax.fill_between(x, mean - std, mean + std, color=colors[algorithm], alpha=0.15)
+    ax.set_xlabel('achieved sparsity')
+    ax.set_ylabel(f'final {metric}')
+    ax.set_title(f'{points[0].task_name} ({stype}): {metric} vs sparsity\n'
+                 f'mean ± std over {len(points[0].config["seeds"])} seeds')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc='best')
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
+  """Indices of the points no other point beats (lower or equal x and higher or equal y, one
+  of them strictly), by ascending x."""
+  order = sorted(range(len(xs)), key=lambda i: (xs[i], -ys[i]))
+  front, best = [], -np.inf
+  for i in order:
+    if ys[i] > best:
+      front.append(i)
+      best = ys[i]
+  return front
+
+
+def accuracy_vs_flops(result: Any, path: str) -> None:
+  """Metric against training and inference FLOPs (fractions of dense), one marker per
+  (algorithm, sparsity) seed mean, with the Pareto front (no point cheaper and better)
+  drawn as a step line and its points circled."""
+  plt = _pyplot()
+  points = _points(result)
+  metric = points[0].metric_name
+  colors = _colors(_algorithms(result))
+  fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+  for ax, key, title in ((axes[0], 'training_flops', 'training FLOPs'),
+                         (axes[1], 'inference_flops', 'inference FLOPs')):
+    xs, ys, labels = [], [], []
+    for c in points:
+      for r in report.rows(c):
+        if r[f'{key}_mean'] is None or r[f'{metric}_mean'] is None:
+          continue
+        xs.append(r[f'{key}_mean'])
+        ys.append(r[f'{metric}_mean'])
+        labels.append((r['algorithm'], r['origin'], c.config['sparsity']))
+    if not xs:
+      ax.text(0.5, 0.5, f'{title} not measured', ha='center', transform=ax.transAxes)
+      continue
+    seen = set()
+    for x, y, (algorithm, origin, sp) in zip(xs, ys, labels):
+      ax.scatter(x, y, color=colors[algorithm], marker=_MARKERS.get(origin, 'D'), s=30,
+                 label=None if algorithm in seen else algorithm)
+      seen.add(algorithm)
+      if len(points) > 1 and algorithm != 'no_prune':
+        ax.annotate(f'{sp:g}', (x, y), textcoords='offset points', xytext=(3, 3), fontsize=6)
+    front = pareto_front(xs, ys)
+    ax.step([xs[i] for i in front], [ys[i] for i in front], where='post', color='k',
+            linewidth=1, label='Pareto front')
+    ax.scatter([xs[i] for i in front], [ys[i] for i in front], s=120, facecolors='none',
+               edgecolors='k')
+    ax.set_xscale('log')
+    ax.set_xlabel(f'{title} (fraction of dense, log scale)')
+    ax.set_ylabel(f'final {metric}')
+    ax.set_title(f'{points[0].task_name}: {metric} vs {title}')
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=7, loc='lower right')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
@@ -70,7 +163,7 @@ def layer_sparsity(comparison: Any, path: str) -> None:
   ax.set_title(title)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
@@ -88,20 +181,34 @@ def sparsity_over_steps(comparison: Any, path: str) -> None:
   ax.set_xlabel('training step')
   ax.set_ylabel('total sparsity')
   ax.set_ylim(-0.02, 1)
-  ax.set_title(f'{comparison.task_name}: sparsity over training')
+  ax.set_title(f'{comparison.task_name}: sparsity over training (target '
+               f'{comparison.config["sparsity"]})')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
-def write_plots(comparison: Any) -> dict[str, str]:
-  """Writes the three PNGs in the run directory; returns their paths."""
+def _detail_point(result: Any) -> Any:
+  """The point whose per-layer sparsity and trace are plotted: 0.8 if swept, else the
+  highest sparsity of the first sparsity type."""
+  points = _points(result)
+  first = [c for c in points if c.config['sparsity_type'] == points[0].config['sparsity_type']]
+  for c in first:
+    if c.config['sparsity'] == 0.8:
+      return c
+  return first[-1]
+
+
+def write_plots(result: Any) -> dict[str, str]:
+  """Writes the PNGs in the run directory of a Comparison or Sweep; returns their paths."""
   paths = {}
-  for fn in (accuracy_vs_sparsity, layer_sparsity, sparsity_over_steps):
-    if fn is layer_sparsity and not comparison.layer_targets:
+  detail = _detail_point(result)
+  for fn, arg in ((accuracy_vs_sparsity, result), (accuracy_vs_flops, result),
+                  (layer_sparsity, detail), (sparsity_over_steps, detail)):
+    if fn is layer_sparsity and not detail.layer_targets:
       continue
-    paths[fn.__name__] = os.path.join(comparison.run_dir, f'{fn.__name__}.png')
-    fn(comparison, paths[fn.__name__])
+    paths[fn.__name__] = os.path.join(result.run_dir, f'{fn.__name__}.png')
+    fn(arg, paths[fn.__name__])
   return paths

@@ -38,13 +38,6 @@ try:  # FLOPs counting is optional until prunax.flops exists.
 except ImportError:
   flops_lib = None
 
-# Categories of algorithms whose class attributes do not tell (Sparseland handbook 3.10).
-CATEGORY_OVERRIDES: dict[str, dict[str, str]] = {
-    'no_prune': {'origin': 'dense', 'dynamics': 'static'},
-    'autosparse': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-}
-
-
 @dataclasses.dataclass
 class Comparison:
   """The result of :func:`run_comparison`.
@@ -77,18 +70,14 @@ def category(algorithm: str, updater: BaseUpdater,
              overrides: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, str]:
   """Sparseland's positioning of an algorithm: origin, dynamics and structure.
 
-  Derived from the class attributes (``is_sparse_training``: sparse-to-sparse, else
-  dense-to-sparse; ``scheduler_kind == 'none'``: static, else dynamic) and the sparsity
-  type, then replaced by :data:`CATEGORY_OVERRIDES` and ``overrides`` entries.
+  Origin and dynamics come from :func:`prunax.registry.algorithm_info` (the metadata the
+  README's algorithm table also states), the structure from the updater's sparsity type;
+  ``overrides`` entries (the config's ``categories``) replace them.
   """
-  cls = type(updater)
-  out = {
-      'origin': 'sparse-to-sparse' if cls.is_sparse_training else 'dense-to-sparse',
-      'dynamics': 'static' if cls.scheduler_kind == 'none' else 'dynamic',
-      'structure': ('unstructured' if isinstance(updater.sparsity_type, sparsity_types.Unstructured)
-                    else 'structured'),
-  }
-  out.update(CATEGORY_OVERRIDES.get(algorithm, {}))
+  out = registry.algorithm_info(algorithm)
+  out['structure'] = ('unstructured' if isinstance(updater.sparsity_type,
+                                                   sparsity_types.Unstructured)
+                      else 'structured')
   out.update((overrides or {}).get(algorithm, {}))
   return out
 
@@ -239,6 +228,9 @@ def plan(config: Any = None, task: Any = None) -> tuple[dict[str, Any], Any, lis
     ConfigError: bad config, unknown task or algorithm, sparsity a model cannot take.
   """
   cfg = config_lib.load_config(config)  # Idempotent on a checked config.
+  if config_lib.is_sweep(cfg):
+    raise ConfigError(f'The config sweeps {len(config_lib.points(cfg))} (sparsity_type, '
+                      'sparsity) points; run it with run_sweep, or give one sparsity and type.')
   if task is None or isinstance(task, str) or not hasattr(task, 'run'):
     try:
       task = tasks_lib.make_task(task or cfg['task'], cfg['task_args'])
@@ -269,8 +261,61 @@ def plan(config: Any = None, task: Any = None) -> tuple[dict[str, Any], Any, lis
   return cfg, task, algorithms, skipped, updaters
 
 
+def _params_at(example: Any, targets: Any, scale: float) -> Any:
+  """Arrays shaped like ``example`` with ``round(scale * target * size)`` zeros per leaf."""
+  def leaf(x, s):
+    out = np.ones(x.shape, np.float32)
+    if s is not None:
+      out.reshape(-1)[:int(round(scale * float(s) * out.size))] = 0.0
+    return out
+  return jax.tree.map(leaf, example, targets, is_leaf=lambda x: x is None)
+
+
+def step_multipliers(cfg: Mapping[str, Any], updaters: Mapping[str, BaseUpdater],
+                     example: Any, counter: Any) -> dict[str, float]:
+  """Training-length multiplier of every algorithm under ``cfg['training_budget']``.
+
+  ``equal_steps``: 1 for all. A number ``k``: ``k`` for sparse-to-sparse algorithms, 1 for
+  the others. ``equal_flops``: for a sparse-to-sparse algorithm, ``F_ref / F_a`` clipped to
+  [1, ``max_step_multiplier``], where ``F_a`` is the training-FLOPs fraction (of dense) of its
+  target masks and ``F_ref`` that of gradual magnitude pruning under the same config,
+  averaged over its schedule (dense before pruning starts); both from
+  :class:`prunax.flops.FlopsCounter` on masks at the per-layer targets (drop-and-grow's
+  occasional dense gradients are not counted).
+
+  Raises:
+    ConfigError: ``equal_flops`` on a task whose FLOPs cannot be counted.
+  """
+  budget = cfg['training_budget']
+  out = {}
+  for name in updaters:
+    sparse_to_sparse = registry.algorithm_info(name)['origin'] == 'sparse-to-sparse'
+    if budget == 'equal_steps' or not sparse_to_sparse:
+      out[name] = 1.0
+    elif budget != 'equal_flops':
+      out[name] = float(budget)
+  if budget != 'equal_flops':
+    return out
+  if counter is None:
+    raise ConfigError('training_budget equal_flops needs the task\'s FLOPs (a task with '
+                      'apply_fn and example_inputs, and prunax.flops); use equal_steps or a '
+                      'step multiplier.')
+  reference = config_lib.make_updater(dict(cfg, step_multipliers={}), 'magnitude', 0)
+  targets = reference.target_sparsities(example)
+  steps = cfg['steps']
+  grid = np.linspace(0, steps, 21)
+  f_ref = float(np.mean([counter.training_fraction(_params_at(
+      example, targets, float(reference.scheduler.sparsity(t, 1.0)))) for t in grid]))
+  for name, updater in updaters.items():
+    if name not in out:
+      f_a = counter.training_fraction(_params_at(example, updater.target_sparsities(example),
+                                                 1.0))
+      out[name] = float(np.clip(f_ref / max(f_a, 1e-12), 1.0, cfg['max_step_multiplier']))
+  return out
+
+
 def run_comparison(config: Any = None, task: Any = None, *, fresh: bool = False,
-                   progress: Any = None) -> Comparison:
+                   progress: Any = None, shared: dict | None = None) -> Comparison:
   """Trains every algorithm with every seed on the same task and recipe, and measures them.
 
   Args:
@@ -279,6 +324,9 @@ def run_comparison(config: Any = None, task: Any = None, *, fresh: bool = False,
     task: a task object or factory name overriding the config's ``task``.
     fresh: delete the cells of a previous run in the run directory first.
     progress: a ``rich.progress.Progress`` to report on (None: silent).
+    shared: cells shared between the points of a sweep, ``{('no_prune', seed): path of the
+      cell without extension}``: those found there are copied instead of trained (the dense
+      baseline does not depend on the sparsity), and those of this run are put there.
 
   Returns:
     The :class:`Comparison`; cells found in the run directory are loaded, not retrained.
@@ -291,21 +339,36 @@ def run_comparison(config: Any = None, task: Any = None, *, fresh: bool = False,
   prepare_run_dir(run_dir, cfg, fresh=fresh)
   example = task.example_params()
   counter = _flops_counter(task, example)
+  cfg['step_multipliers'] = step_multipliers(cfg, updaters, example, counter)
+  if any(m != 1.0 for m in cfg['step_multipliers'].values()):  # The schedules stretch too.
+    updaters = {a: config_lib.make_updater(cfg, a, cfg['seeds'][0]) for a in algorithms}
   cells: dict[tuple[str, int], dict[str, Any]] = {}
-  steps, seeds = cfg['steps'], cfg['seeds']
+  seeds = cfg['seeds']
+  shared = {} if shared is None else shared
+
+  def done(a: str, s: int) -> bool:
+    return (a == 'no_prune' and (a, s) in shared) or os.path.isfile(
+        os.path.join(run_dir, 'cells', _cell_name(a, s) + '.json'))
+
   if hasattr(task, 'prepare'):  # Compile ahead the algorithms with unfinished cells.
-    task.prepare([updaters[a] for a in algorithms if any(
-        not os.path.isfile(os.path.join(run_dir, 'cells', _cell_name(a, s) + '.json'))
-        for s in seeds)])
-  overall = progress.add_task('all cells', total=len(algorithms) * len(seeds) * steps) \
-      if progress is not None else None
+    task.prepare([updaters[a] for a in algorithms if not all(done(a, s) for s in seeds)])
+  total = sum(config_lib.algorithm_steps(cfg, a) for a in algorithms) * len(seeds)
+  overall = progress.add_task('all cells', total=total) if progress is not None else None
   for algorithm in algorithms:
+    steps = config_lib.algorithm_steps(cfg, algorithm)
     for seed in seeds:
       name = _cell_name(algorithm, seed)
       path = os.path.join(run_dir, 'cells', name + '.json')
+      if algorithm == 'no_prune' and (algorithm, seed) in shared and not os.path.isfile(path):
+        source = shared[(algorithm, seed)]  # The cell of another point: copied.
+        if os.path.isfile(source + '.npz'):
+          shutil.copyfile(source + '.npz', os.path.join(run_dir, 'cells', name + '.npz'))
+        shutil.copyfile(source + '.json', path)
       if os.path.isfile(path):
         with open(path) as f:
           cells[(algorithm, seed)] = json.load(f)
+        if algorithm == 'no_prune':
+          shared[(algorithm, seed)] = os.path.join(run_dir, 'cells', name)
         if progress is not None:
           progress.advance(overall, steps)
         continue
@@ -323,11 +386,13 @@ def run_comparison(config: Any = None, task: Any = None, *, fresh: bool = False,
                                  advance)
       figures.update(algorithm=algorithm, seed=seed, seconds=time.perf_counter() - start,
                      target_sparsity=0.0 if algorithm == 'no_prune' else cfg['sparsity'],
-                     updater_config=config_lib.updater_config(cfg, algorithm, seed))
+                     steps=steps, updater_config=config_lib.updater_config(cfg, algorithm, seed))
       if params is not None:
         _save_params(os.path.join(run_dir, 'cells', name + '.npz'), params)
       _write_json(path, figures)
       cells[(algorithm, seed)] = figures
+      if algorithm == 'no_prune':
+        shared[(algorithm, seed)] = os.path.join(run_dir, 'cells', name)
       if progress is not None:
         progress.remove_task(current)
   layer_targets = {}
@@ -341,6 +406,61 @@ def run_comparison(config: Any = None, task: Any = None, *, fresh: bool = False,
   return Comparison(config=cfg, task_name=task.name, metric_name=task.metric_name,
                     algorithms=algorithms, categories=categories, cells=cells,
                     layer_targets=layer_targets, run_dir=run_dir, skipped=skipped)
+
+
+@dataclasses.dataclass
+class Sweep:
+  """The result of :func:`run_sweep`: one :class:`Comparison` per (sparsity_type, sparsity).
+
+  Attributes:
+    config: the checked config (``sparsity`` and ``sparsity_type`` may be lists).
+    points: the comparisons, sparsity types first, sparsities ascending.
+    run_dir: where the sweep's reports are written (each point has its own directory
+      below it when there is more than one).
+  """
+
+  config: dict[str, Any]
+  points: list[Comparison]
+  run_dir: str
+
+  @property
+  def task_name(self) -> str:
+    return self.points[0].task_name
+
+  @property
+  def metric_name(self) -> str:
+    return self.points[0].metric_name
+
+
+def point_dir(run_dir: str, sparsity_type: str, sparsity: float) -> str:
+  """The run directory of one point of a sweep."""
+  return os.path.join(run_dir, f'{sparsity_type.replace(",", "x")}_s{sparsity:g}')
+
+
+def run_sweep(config: Any = None, task: Any = None, *, fresh: bool = False,
+              progress: Any = None) -> Sweep:
+  """Runs a comparison at every (sparsity_type, sparsity) point of ``config``.
+
+  One point runs in ``run_dir`` itself (as :func:`run_comparison`); several run each in
+  :func:`point_dir`, on the same task object (compiled steps are reused), the dense baseline
+  trained once and shared by all points. Every point is checked before any training.
+
+  Raises:
+    ConfigError: before any training, for bad input at any point.
+  """
+  cfg = config_lib.load_config(config)
+  pts = config_lib.points(cfg)
+  if len(pts) == 1:
+    return Sweep(cfg, [run_comparison(config_lib.point_config(cfg, *pts[0]), task, fresh=fresh,
+                                      progress=progress)], cfg['run_dir'])
+  configs = [dict(config_lib.point_config(cfg, t, s), run_dir=point_dir(cfg['run_dir'], t, s))
+             for t, s in pts]
+  planned = [plan(c, task) for c in configs]  # Checks every point first.
+  task = planned[0][1]
+  shared: dict = {}
+  comparisons = [run_comparison(c, task, fresh=fresh, progress=progress, shared=shared)
+                 for c in configs]
+  return Sweep(cfg, comparisons, cfg['run_dir'])
 
 
 @contextlib.contextmanager

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 
+import gin
 from absl import app
 from absl import flags
 from absl import logging
 from dopamine.discrete_domains import run_experiment
 
+import prunax
 import prunax_dopamine
 
 flags.DEFINE_string('base_dir', None, 'Directory for checkpoints, logs and metrics.')
@@ -41,19 +43,31 @@ def resolve_gin_file(name: str) -> str:
   return name if os.path.isfile(name) else prunax_dopamine.config_path(name)
 
 
-def run(base_dir: str, gin_files: list[str], gin_bindings: list[str]) -> list[str]:
+def run(base_dir: str, gin_files: list[str], gin_bindings: list[str],
+        pruner: prunax.BaseUpdater | None = None) -> list[str]:
   """Loads the configs, runs the experiment and returns the console collector's report lines.
+
+  Gin bindings made earlier in the process are cleared first.
 
   Args:
     base_dir: the experiment directory.
     gin_files: gin config paths or shipped config names.
     gin_bindings: extra gin bindings.
+    pruner: an updater bound as ``PrunedDQNAgent.pruner`` after the configs, replacing the
+      gin-built one (its schedule counts optimizer updates; ``prunax compare`` passes the
+      updater of its config).
 
   Returns:
     The returns and sparsity lines Dopamine's console collector wrote (empty if the
     'console' collector is disabled).
   """
+  # A clean config each call: gin locks it after loading, so a second experiment in the
+  # same process (prunax compare runs one per algorithm and seed) could not load its own.
+  gin.clear_config()
   run_experiment.load_gin_configs([resolve_gin_file(f) for f in gin_files], gin_bindings)
+  if pruner is not None:
+    with gin.unlock_config():
+      gin.bind_parameter('prunax_dopamine.PrunedDQNAgent.pruner', pruner)
   runner = prunax_dopamine.create_pruned_runner(base_dir)
   runner.run_experiment()
   console_log = os.path.join(base_dir, 'metrics', 'console', 'console.log')

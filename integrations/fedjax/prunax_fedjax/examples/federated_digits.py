@@ -105,7 +105,8 @@ def run_one(algorithm: str = 'magnitude', *, seed: int = 0, num_rounds: int = 10
             sparsity: float = 0.8, clients_per_round: int = 10, client_lr: float = 0.05,
             server_lr: float = 1e-2, batch_size: int = 8, client_epochs: int = 1,
             client_sparsity: bool = False, eval_every: int = 10,
-            pruner_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+            pruner_overrides: Mapping[str, Any] | None = None,
+            pruner: prunax.BaseUpdater | None = None) -> dict[str, Any]:
   """One federated training run; returns per-round diagnostics and the final accuracy.
 
   Args:
@@ -121,6 +122,9 @@ def run_one(algorithm: str = 'magnitude', *, seed: int = 0, num_rounds: int = 10
     client_sparsity: clients train only the weights the server keeps.
     eval_every: test accuracy is measured every this many rounds (and after the last).
     pruner_overrides: merged into the pruner config (see :func:`make_pruner`).
+    pruner: an updater used as it is (its schedule counting rounds) instead of
+      :func:`make_pruner`'s; ``algorithm``, ``sparsity`` and ``pruner_overrides`` are then
+      not used (``prunax compare`` passes the updater of its config).
 
   Returns:
     ``{'algorithm', 'seed', 'final_accuracy', 'final_sparsity', 'seconds', 'rounds': [...]}``;
@@ -131,7 +135,8 @@ def run_one(algorithm: str = 'magnitude', *, seed: int = 0, num_rounds: int = 10
   """
   train_fd, test = federated_digits(seed=seed)
   model = create_model()
-  pruner = make_pruner(algorithm, num_rounds, sparsity, seed, overrides=pruner_overrides)
+  if pruner is None:
+    pruner = make_pruner(algorithm, num_rounds, sparsity, seed, overrides=pruner_overrides)
   server_opt = prunax_fedjax.server_optimizer(pruner, optax.adam(server_lr))
   if client_sparsity:
     client_opt = prunax_fedjax.client_optimizer(pruner, optax.sgd(client_lr))
