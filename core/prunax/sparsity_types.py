@@ -121,8 +121,8 @@ class NByM(SparsityType):
     n = _checks.integer(self.n, f'NByM({self.n!r}, {m}): n', 1, m)
     object.__setattr__(self, 'm', m)
     object.__setattr__(self, 'n', n)
-    if self.axis is not None:
-      object.__setattr__(self, 'axis', _checks.integer(self.axis, 'NByM: axis (or None)'))
+    if self.axis is not None:  # None: the input axis (see axis_for)
+      object.__setattr__(self, 'axis', _checks.integer(self.axis, 'NByM: axis'))
 
   @property
   def sparsity(self) -> float:

@@ -113,7 +113,10 @@ def test_valid_numpy_scalars_are_accepted_as_plain_python_values():
 
 
 def _nm_groups_kept(mask, m):
-  return np.asarray(mask).reshape(-1, m).sum(1)
+  mask = np.asarray(mask)
+  if mask.ndim >= 2:  # groups run along the input axis (-2) by default
+    mask = np.moveaxis(mask, -2, -1)
+  return mask.reshape(-1, m).sum(1)
 
 
 def test_n_by_m_sparsity_is_one_minus_n_over_m():

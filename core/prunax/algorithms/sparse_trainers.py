@@ -76,8 +76,9 @@ class SET(StaticRandomSparse):
     super().__post_init__()
     _checks.assign(self, drop_fraction=_checks.number(self.drop_fraction, 'drop_fraction', 0.0,
                                                       1.0))
-    if not callable(self.drop_fraction_fn):  # or fn(step), e.g. an optax schedule
-      _checks.choice(self.drop_fraction_fn, 'drop_fraction_fn', (None, 'cosine', 'constant'))
+    if self.drop_fraction_fn is not None and not callable(self.drop_fraction_fn):
+      # None: cosine with an end step, else constant; or fn(step), e.g. an optax schedule.
+      _checks.choice(self.drop_fraction_fn, 'drop_fraction_fn', ('cosine', 'constant'))
     end = getattr(self.scheduler, 'update_end_step', None)
     name = type(self).__name__
     if self.drop_fraction_fn == 'cosine' and not end:
