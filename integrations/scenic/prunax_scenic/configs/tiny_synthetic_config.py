@@ -61,7 +61,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.rng_seed = 0
 
   config.sparsity_config = get_sparsity_config()
-  prunax_scenic.enable()
 
   config.log_summary_steps = 5
   config.log_eval_steps = 10
@@ -71,4 +70,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint = True
   config.debug_train = False
   config.debug_eval = False
-  return config
+  # Opt in: config.trainer_name becomes 'sparse_classification_trainer'.
+  return prunax_scenic.enable(config)
