@@ -1,6 +1,7 @@
 """prunax in real t5x training: ``python -m t5x.train`` with the tiny gin file shipped in
 prunax_t5x, on one CPU device and partitioned on 8 (4-way data x 2-way model parallel)."""
 
+import glob
 import importlib.util
 import os
 import re
@@ -22,8 +23,8 @@ CONFIG = {'sparsity': 0.8, 'dist_type': 'erk', 'update_freq': 2, 'update_start_s
           'update_end_step': 6}
 
 
-def _train(model_dir, algorithm: str, devices: int = 1) -> None:
-  bindings = {'MODEL_DIR': repr(str(model_dir)), 'TRAIN_STEPS': TRAIN_STEPS,
+def _train(model_dir, algorithm: str, devices: int = 1, steps: int = TRAIN_STEPS) -> None:
+  bindings = {'MODEL_DIR': repr(str(model_dir)), 'TRAIN_STEPS': steps,
               'prunax_t5x.pruned_optax.algorithm': repr(algorithm)}
   bindings.update({f'prunax_t5x.pruned_optax.{k}': repr(v) for k, v in CONFIG.items()})
   if devices > 1:  # t5x's CPU mesh is all 'model' unless a model-parallel submesh is given
@@ -169,3 +170,66 @@ def test_autosparse_saves_soft_thresholded_params(runs):
     expected = np.sign(dense) * np.maximum(np.abs(dense) - threshold, 0.0)
     np.testing.assert_allclose(param, expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(mask == 1, np.abs(dense) > threshold)
+
+
+def _summaries(model_dir) -> dict:
+  """{tag: {step: value}} of the train summaries t5x wrote (TensorBoard event files)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in glob.glob(os.path.join(model_dir, 'train', 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        out.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+  return out
+
+
+def test_sparsity_in_train_summaries(runs):
+  model_dir = runs('magnitude')
+  scalars = _summaries(model_dir)
+  state = _load(model_dir, TRAIN_STEPS)
+  pruned = _pruned(state)
+  # t5x summarises (averages) the train metrics at every summary step; the last one covers
+  # only steps after the schedule ended (update_end_step=6): exact values.
+  last = max(scalars['sparsity/total'])
+  assert last == TRAIN_STEPS
+  kernels = {k[len('target/'):]: v for k, v in state.items()
+             if k.startswith('target/') and v is not None and v.ndim >= 2}
+  total = sum(int(np.sum(v == 0)) for v in kernels.values()) / sum(v.size for v in kernels.values())
+  assert scalars['sparsity/total'][last] == pytest.approx(total, abs=1e-6)
+  expected = _expected_zeros('magnitude', state, TRAIN_STEPS)
+  scheduled = sum(expected.values()) / sum(v.size for v in kernels.values())
+  assert scalars['sparsity/scheduled_total'][last] == pytest.approx(scheduled, abs=1e-6)
+  for name, (param, _) in pruned.items():
+    assert scalars[f'sparsity/{name}'][last] == pytest.approx(
+        np.mean(param == 0), abs=1e-6), name
+  # The schedule rose over the run: the first summary is before the target.
+  assert min(scalars['sparsity/scheduled_total'].values()) < scheduled
+
+
+def test_rigl_checkpoint_0_holds_sparse_params(runs):
+  state = _load(runs('rigl'), 0)
+  for name, (param, mask) in _pruned(state).items():
+    assert np.sum(mask == 0) > 0, name
+    assert np.all(param[mask == 0] == 0), name
+
+
+RESUMED = ['magnitude', 'rigl', 'set', 'magnitude_ste', 'autosparse']
+
+
+@pytest.mark.parametrize('algorithm', RESUMED)
+def test_relaunch_into_model_dir_matches_uninterrupted_run(runs, tmp_path, algorithm):
+  """TRAIN_STEPS // 2 steps, the same command to TRAIN_STEPS, vs TRAIN_STEPS in one launch."""
+  _train(tmp_path, algorithm, steps=TRAIN_STEPS // 2)
+  _train(tmp_path, algorithm)  # t5x restores checkpoint 4 and trains steps 5 to 8.
+  resumed, whole = _load(tmp_path, TRAIN_STEPS), _load(runs(algorithm), TRAIN_STEPS)
+  assert resumed.keys() == whole.keys()
+  # Integer state is integer again after t5x's restore (it reads it back as float32).
+  assert resumed['state/param_states/count'].dtype == np.int32
+  assert resumed['state/param_states/count'] == TRAIN_STEPS
+  assert resumed['state/param_states/rng'].dtype == np.uint32
+  for key in resumed:
+    assert getattr(resumed[key], 'dtype', None) == getattr(whole[key], 'dtype', None), key
+    if resumed[key] is None or resumed[key].dtype.kind != 'f':
+      np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)  # masks, count, rng
+    else:
+      np.testing.assert_allclose(resumed[key], whole[key], rtol=1e-5, atol=1e-6, err_msg=key)
