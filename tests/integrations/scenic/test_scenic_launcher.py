@@ -157,6 +157,36 @@ def test_launcher_rigl_resumes_and_moves_its_masks(tmp_path):
     assert scalars[f'sparsity/{name}'][STEPS] >= EXPECTED_ZEROS[name] / size - 1e-6
 
 
+# One batch holds the whole training set (reshuffled each epoch): every step sees the same
+# examples, so a relaunch, whose data stream starts over, trains on the same data as an
+# uninterrupted run.
+ONE_BATCH = ('--config.dataset_configs.num_train_examples=32',)
+
+
+@pytest.mark.parametrize('algorithm', ['magnitude', 'rigl', 'magnitude_ste'])
+def test_relaunch_into_workdir_matches_uninterrupted_run(tmp_path, algorithm):
+  """12 steps, the same command to 20 steps, vs 20 steps in one launch."""
+  flags = (*ONE_BATCH, f'--config.sparsity_config.algorithm={algorithm}',
+           '--config.sparsity_config.update_end_step=16')  # Masks change after the relaunch.
+  whole, interrupted = tmp_path / 'whole', tmp_path / 'interrupted'
+  _launch(whole, *flags)
+  _launch(interrupted, *flags, '--config.num_training_steps=12')
+  assert 'Starting training loop at step 13.' in _launch(interrupted, *flags)
+  got, want = _checkpoint(interrupted, STEPS), _checkpoint(whole, STEPS)
+  got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
+  want_leaves = jax.tree.leaves(want)
+  assert len(got_leaves) == len(want_leaves)
+  for (path, a), b in zip(got_leaves, want_leaves):
+    name = jax.tree_util.keystr(path)
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype, name
+    if a.dtype.kind == 'f':
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+    else:  # Masks, the pruner's count and RNG key, Scenic's step.
+      np.testing.assert_array_equal(a, b, err_msg=name)
+  assert int(got['opt_state']['count']) == STEPS
+
+
 class RecordingWriter:
   """A clu metric writer keeping the scalars it is given."""
 
