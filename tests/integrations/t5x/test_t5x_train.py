@@ -3,6 +3,7 @@ prunax_t5x, on one CPU device and partitioned on 8 (4-way data x 2-way model par
 
 import glob
 import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -72,8 +73,12 @@ def _pruned(state: dict) -> dict:
   out = {}
   for name, mask in masks.items():
     param = state['target/' + name]
-    # Stored 1 bit per weight, packed along the last axis (the default).
-    assert mask.dtype == np.uint8 and mask.shape[-1] == -(-param.shape[-1] // 8), name
+    # Stored 1 bit per weight, packed along the last axis in gcd(d, 8) byte blocks (the
+    # default; one block when the blocks would hold a multiple of 8 weights).
+    d = param.shape[-1]
+    blocks = math.gcd(d, 8) if (d // math.gcd(d, 8)) % 8 else 1
+    assert mask.dtype == np.uint8 and mask.shape == (
+        *param.shape[:-1], blocks * -(-(d // blocks) // 8)), name
     out[name] = (param, np.asarray(prunax.unpack_mask(mask, param.shape)))
   return out
 
@@ -179,7 +184,9 @@ def _summaries(model_dir) -> dict:
   for path in glob.glob(os.path.join(model_dir, 'train', 'events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
-        out.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+        array = tf.make_ndarray(value.tensor)
+        if array.dtype.kind == 'f' and array.size == 1:  # Scalars (not the gin config text).
+          out.setdefault(value.tag, {})[event.step] = float(array)
   return out
 
 
@@ -187,23 +194,23 @@ def test_sparsity_in_train_summaries(runs):
   model_dir = runs('magnitude')
   scalars = _summaries(model_dir)
   state = _load(model_dir, TRAIN_STEPS)
-  pruned = _pruned(state)
-  # t5x summarises (averages) the train metrics at every summary step; the last one covers
-  # only steps after the schedule ended (update_end_step=6): exact values.
-  last = max(scalars['sparsity/total'])
-  assert last == TRAIN_STEPS
   kernels = {k[len('target/'):]: v for k, v in state.items()
              if k.startswith('target/') and v is not None and v.ndim >= 2}
-  total = sum(int(np.sum(v == 0)) for v in kernels.values()) / sum(v.size for v in kernels.values())
-  assert scalars['sparsity/total'][last] == pytest.approx(total, abs=1e-6)
-  expected = _expected_zeros('magnitude', state, TRAIN_STEPS)
-  scheduled = sum(expected.values()) / sum(v.size for v in kernels.values())
-  assert scalars['sparsity/scheduled_total'][last] == pytest.approx(scheduled, abs=1e-6)
-  for name, (param, _) in pruned.items():
-    assert scalars[f'sparsity/{name}'][last] == pytest.approx(
-        np.mean(param == 0), abs=1e-6), name
-  # The schedule rose over the run: the first summary is before the target.
-  assert min(scalars['sparsity/scheduled_total'].values()) < scheduled
+  size = sum(v.size for v in kernels.values())
+  # t5x averages train metrics over the steps since the previous summary: the summaries at
+  # steps 4 and 8 (the tiny gin's period) cover steps 1-4 and 5-8. Magnitude pruning zeroes
+  # exactly the scheduled number of weights per kernel after every step.
+  assert set(scalars['sparsity/total']) == {4, TRAIN_STEPS}
+  for summary_step in (4, TRAIN_STEPS):
+    per_step = [_expected_zeros('magnitude', state, step)
+                for step in range(summary_step - 3, summary_step + 1)]
+    total = np.mean([sum(zeros.values()) for zeros in per_step]) / size
+    assert scalars['sparsity/total'][summary_step] == pytest.approx(total, abs=1e-6)
+    assert scalars['sparsity/scheduled_total'][summary_step] == pytest.approx(total, abs=1e-6)
+    for name in per_step[0]:
+      assert scalars[f'sparsity/{name}'][summary_step] == pytest.approx(
+          np.mean([zeros[name] for zeros in per_step]) / kernels[name].size, abs=1e-6), name
+  assert scalars['sparsity/total'][4] < scalars['sparsity/total'][TRAIN_STEPS]
 
 
 def test_rigl_checkpoint_0_holds_sparse_params(runs):
