@@ -6,6 +6,8 @@ from prunax import flops
 from prunax import lottery
 from prunax import pruning_at_init
 from prunax import selection
+from prunax import shrinking
+from prunax import sparse_inference
 from prunax import sparsity_distributions
 from prunax import sparsity_schedules
 from prunax import sparsity_types
@@ -38,6 +40,10 @@ from prunax.registry import all_algorithm_names
 from prunax.registry import create_updater_from_config
 from prunax.registry import get_algorithm
 from prunax.registry import register_algorithm
+from prunax.shrinking import GroupPruning
+from prunax.shrinking import find_groups
+from prunax.shrinking import group_masks
+from prunax.shrinking import shrink
 from prunax.sparsity_types import Block
 from prunax.sparsity_types import Channel
 from prunax.sparsity_types import NByM
@@ -56,6 +62,8 @@ __all__ = [
     'SparseState', 'StaticRandomSparse', 'SteMagnitudePruning', 'SteRandomPruning',
     'Unstructured', 'all_algorithm_names', 'create_updater_from_config', 'get_algorithm',
     'get_sparse_state', 'pack_mask', 'register_algorithm', 'selection', 'sparsity_distributions',
-    'sparsity_schedules', 'sparsity_types', 'summarize_intersection', 'summarize_sparsity',
-    'unpack_mask', 'unpack_masks', 'bool_masks',
+    'shrinking', 'sparse_inference', 'sparsity_schedules', 'sparsity_types',
+    'summarize_intersection', 'summarize_sparsity',
+    'unpack_mask', 'unpack_masks', 'bool_masks', 'GroupPruning', 'find_groups', 'group_masks',
+    'shrink',
 ]

@@ -55,15 +55,20 @@ PyTree = Any
 class SparseState(NamedTuple):
   """Optimizer state of a wrapped transformation.
 
+  It holds arrays only: a leaf that is not pruned, and a field an algorithm does not use,
+  is an ``optax.MaskedNode()`` (an empty node, as in ``optax.masked`` states), never
+  ``None``, so every checkpointer (orbax, t5x, flax serialization) saves and restores it.
+
   Attributes:
     inner_state: state of the wrapped optax transformation.
     masks: tree like params; 1-bit keep-masks packed along the last axis (by
       :func:`pack_mask`, in byte blocks that shard like the param) or one uint8 per weight
-      with ``packed_masks=False``; None for leaves that are not pruned.
+      with ``packed_masks=False``; ``MaskedNode()`` for leaves that are not pruned.
     count: int32 number of updates done.
     rng: uint32 PRNG key data of shape (2,) (the key is folded with ``count`` when used).
-    dense_params: the dense weights of STE-style algorithms, else None.
-    thresholds: per-leaf learnable thresholds (AutoSparse), else None.
+    dense_params: the dense weights of STE-style algorithms (``MaskedNode()`` at leaves
+      that are not pruned), else ``MaskedNode()``.
+    thresholds: per-leaf learnable thresholds (AutoSparse), else ``MaskedNode()``.
   """
 
   inner_state: Any
@@ -76,6 +81,38 @@ class SparseState(NamedTuple):
 
 def _is_none(x) -> bool:
   return x is None
+
+
+def is_unpruned(x) -> bool:
+  """Whether a leaf of a masks tree marks a leaf that is not pruned (None or MaskedNode)."""
+  return x is None or isinstance(x, optax.MaskedNode)
+
+
+def _to_stored(tree: PyTree) -> PyTree:
+  """``tree`` with its None leaves (or itself, if None) as ``optax.MaskedNode()``."""
+  if tree is None:
+    return optax.MaskedNode()
+  return jax.tree.map(lambda x: optax.MaskedNode() if x is None else x, tree, is_leaf=_is_none)
+
+
+def _from_stored(tree: PyTree) -> PyTree:
+  """Inverse of :func:`_to_stored`: ``MaskedNode`` leaves (or the whole field) as None."""
+  if isinstance(tree, optax.MaskedNode):
+    return None
+  return jax.tree.map(lambda x: None if is_unpruned(x) else x, tree, is_leaf=is_unpruned)
+
+
+def _unstored(state: SparseState) -> SparseState:
+  """The state with None for what is not there (the form the algorithms read)."""
+  return state._replace(masks=_from_stored(state.masks),
+                        dense_params=_from_stored(state.dense_params),
+                        thresholds=_from_stored(state.thresholds))
+
+
+def _stored(state: SparseState) -> SparseState:
+  return state._replace(masks=_to_stored(state.masks),
+                        dense_params=_to_stored(state.dense_params),
+                        thresholds=_to_stored(state.thresholds))
 
 
 def map_masked(fn: Callable[..., Any], masks: PyTree, *trees: PyTree) -> PyTree:
@@ -225,8 +262,8 @@ def lazy_masks(masks: PyTree, params: PyTree) -> PyTree:
   Unpacking then happens inside whatever reads them (a selection pass, an elementwise
   update), so no unpacked copy is stored.
   """
-  return jax.tree.map(lambda m, p: None if m is None else lazy_mask(m, jnp.shape(p)),
-                      masks, params, is_leaf=_is_none)
+  return jax.tree.map(lambda m, p: None if is_unpruned(m) else lazy_mask(m, jnp.shape(p)),
+                      masks, params, is_leaf=is_unpruned)
 
 
 def lazy_mask(stored: jax.Array, shape: tuple[int, ...]) -> selection.Lazy:
@@ -485,14 +522,14 @@ class BaseUpdater:
     # init replicated: each stored mask is tied to its param, so it is sharded like it.
     stored = jax.tree.map(lambda m, p: None if m is None else _shard_like_param(m, p),
                           self._store(masks), params, is_leaf=_is_none)
-    return SparseState(
+    return _stored(SparseState(
         inner_state=inner_state,
         masks=stored,
         count=jnp.zeros([], jnp.int32),
         rng=jax.random.PRNGKey(self.seed),
         # A copy: the state must not share buffers with params (train steps donate both).
         dense_params=jax.tree.map(jnp.copy, _pruned_only(masks, params)) if self.is_ste else None,
-        thresholds=self.init_thresholds(params, targets))
+        thresholds=self.init_thresholds(params, targets)))
 
   # ------------------------------------------------------------ STE-style hooks
   # Algorithms with dense weights in the state (``is_ste``) may override these.
@@ -613,16 +650,87 @@ class BaseUpdater:
     return sparse, masks
 
 
-def _zero_inactive(inner, inner_state, masks):
-  """``inner_state`` with the per-weight leaves zeroed where ``masks`` are False."""
+class _NotParams:
+  """Marks the parts of an optimizer state that are not like the params."""
+
+
+def _reset_inactive(inner, inner_state, masks, params):
+  """``inner_state`` with the per-weight state of inactive weights at its initial value.
+
+  The per-weight leaves (those of the params' shape inside the params-like subtrees that
+  ``optax.tree_utils.tree_map_params`` finds) take, where ``masks`` are False, the value
+  the inner optimizer's own ``init`` gives them (zero for moments, the optimizer's own
+  start for others, e.g. cocob), so a weight grown by a mask update starts afresh.
+  Leaves of other shapes (factored moments, counters, scalars) and ``MaskedNode``
+  entries (``optax.masked``, ``multi_transform``) are left alone.
+  """
   keep = jax.tree.map(lambda m: True if m is None else m, masks, is_leaf=_is_none)
-  return optax.tree_utils.tree_map_params(
-      inner, lambda v, k: jnp.where(k, v, jnp.zeros_like(v)) if jnp.ndim(v) else v,
-      inner_state, keep, transform_non_params=lambda v: v)
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  # The masks at every params-like place of the state; _NotParams elsewhere.
+  placed = optax.tree_utils.tree_map_params(
+      inner, lambda v, k: _NotParams if is_masked(v) else k, inner_state, keep,
+      transform_non_params=lambda _: _NotParams, is_leaf=is_masked)
+  fresh = inner.init(params)
+
+  def reset(k, v, v0):
+    if k is _NotParams or isinstance(k, bool) or not hasattr(v, 'shape'):
+      return v
+    if jnp.shape(v) != jnp.shape(k) or jnp.shape(v0) != jnp.shape(v):
+      return v
+    return jnp.where(k, v, v0.astype(v.dtype))
+
+  return jax.tree.map(reset, placed, inner_state, fresh,
+                      is_leaf=lambda x: x is _NotParams or isinstance(x, bool))
+
+
+# Transformations whose place is outside the pruner (see wrap_optax).
+_OUTSIDE = {
+    'MultiStepsState': 'optax.MultiSteps(pruner.wrap_optax(tx), every_k_schedule=k): masks '
+                       'and the step count then advance once per real step, and RigL grows '
+                       'from the accumulated gradient, not from one micro-batch',
+    'ApplyIfFiniteState': 'optax.apply_if_finite(pruner.wrap_optax(tx), max_consecutive_errors'
+                          '=n): it then sees the gradients of pruned weights too, and a '
+                          'skipped step leaves masks and the step count unchanged',
+}
+
+
+def _check_inner(inner_state) -> None:
+  """Rejects transformations inside the pruner that belong outside it (see _OUTSIDE)."""
+  found = []
+
+  def visit(x):
+    if type(x).__name__ in _OUTSIDE and type(x).__module__.startswith('optax'):
+      found.append(type(x).__name__)
+    return False
+
+  jax.tree_util.tree_flatten(inner_state, is_leaf=visit)
+  if found:
+    raise ValueError(f'optax.{found[0][:-len("State")]} is wrapped inside the pruner; put it '
+                     f'outside: {_OUTSIDE[found[0]]}.')
+
+
+def _is_placeholder(params) -> bool:
+  # optax.tree_utils.tree_map_params calls init with a stand-in for the params.
+  return type(params).__name__ == '_ParamsPlaceholder'
 
 
 def _init(updater: BaseUpdater, inner, params):
-  return updater.init_state(params, inner.init(params))
+  inner_state = inner.init(params)
+  if _is_placeholder(params):
+    # For tree_map_params: the inner state's params-like parts are mapped; masks, dense
+    # weights and thresholds (trees of the pruned params only) count as non-params.
+    return SparseState(inner_state, _NotParams, _NotParams, _NotParams, _NotParams,
+                       _NotParams)
+  _check_inner(inner_state)
+  # One compiled computation (cached per updater and shapes) rather than eager ops: the
+  # selection loops of random initial masks took tens of seconds op by op. Inside a
+  # caller's jit this is inlined.
+  return _jitted_init_state(updater, params, inner_state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_init_state(updater: BaseUpdater, params, inner_state) -> SparseState:
+  return updater.init_state(params, inner_state)
 
 
 def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None, **extra):
@@ -634,6 +742,7 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
                     'the state with the wrapped transformation\'s init.')
   targets = updater.target_sparsities(params)
   updater._warn_undeclared_stacks(params, targets)  # pylint: disable=protected-access
+  state = _unstored(state)
   masks = unpack_masks(state.masks, params)
   raw_state = state
   if updater.is_ste:
@@ -649,10 +758,10 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
                  for t in jax.tree.leaves(thresholds))
       grads = jax.tree.map(lambda g: g + zero.astype(g.dtype), grads)
   else:
-    # The inner optimizer's per-weight state (moments) of inactive weights is held at zero,
-    # so a weight grown by a mask update starts with fresh moments. Zeroing the input state
-    # under the stored masks fuses into the optimizer's own pass.
-    state = state._replace(inner_state=_zero_inactive(inner, state.inner_state, masks))
+    # The inner optimizer's per-weight state (moments) of inactive weights is held at its
+    # initial value, so a weight grown by a mask update starts afresh. Resetting the input
+    # state under the stored masks fuses into the optimizer's own pass.
+    state = state._replace(inner_state=_reset_inactive(inner, state.inner_state, masks, params))
   candidate, updates, inner_state = updater._candidate(  # pylint: disable=protected-access
       inner, grads, state, params, masks, **extra)
   sparsities = updater._sparsities_at(targets, state.count)  # pylint: disable=protected-access
@@ -692,5 +801,5 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
       masks=stored,
       count=state.count + 1,
       dense_params=_pruned_only(new_masks, candidate) if updater.is_ste else None)
-  return out, new_state
+  return out, _stored(new_state)
 

@@ -8,7 +8,13 @@ prunes by default) become
 * ``'bcsr'``: a :class:`jax.experimental.sparse.BCSR` (2-D leaves; others fall back to BCOO),
 * ``'nm'``: an :class:`NMCompressed` (the ``n`` values of every group of ``m`` along an
   axis and their in-group positions, packed in ``ceil(log2 m)`` bits each: 2:4 of fp32
-  takes 0.53125 of the dense bytes).
+  takes 0.53125 of the dense bytes),
+* ``'block'``: a :class:`~prunax.sparse_inference.BlockSparse` (the nonzero blocks of a
+  2-D leaf; for ``prunax.Block`` pruning; its product is faster than dense on CPU),
+* ``'ell'``: an :class:`~prunax.sparse_inference.EllSparse` (per column, padded rows and
+  values of a 2-D leaf; its product beats dense for single-row inputs at high sparsity),
+* ``'auto'``: per leaf, the layout :func:`prunax.sparse_inference.choose_format` picks from
+  its zero pattern (block, N:M, ELL, or dense when no layout pays off).
 
 Entries are stored where the weight's bits are not all zero, so ``-0.0`` and NaN survive
 and ``densify(export_params(p))`` is bit-identical to ``p``. Other leaves stay dense.
@@ -28,9 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse
 
+from prunax import sparse_inference
+from prunax.sparse_inference import BlockSparse
+from prunax.sparse_inference import EllSparse
+from prunax.sparse_inference import _nonzero_bits
+
 PyTree = Any
 
-FORMATS = ('bcoo', 'bcsr', 'nm')
+FORMATS = ('bcoo', 'bcsr', 'nm', 'block', 'ell', 'auto')
 
 
 @jax.tree_util.register_pytree_node_class
@@ -92,11 +103,6 @@ def _position_bits(m: int) -> int:
   return max(1, math.ceil(math.log2(m)))
 
 
-def _nonzero_bits(x: np.ndarray) -> np.ndarray:
-  """True where the element's bits are not all zero (so -0.0 and NaN count as stored)."""
-  return x.view(np.dtype(f'u{x.dtype.itemsize}')) != 0
-
-
 def to_bcoo(x, index_dtype=jnp.int32) -> sparse.BCOO:
   """BCOO of ``x`` holding every element whose bits are nonzero (exact round trip)."""
   x = np.asarray(x)
@@ -150,13 +156,17 @@ def _is_exportable(x) -> bool:
 
 
 def export_params(params: PyTree, fmt: str = 'bcoo', *, n: int = 2, m: int = 4,
-                  axis: int = -1, filter_fn=None) -> PyTree:
+                  axis: int = -1, block_shape: tuple[int, int] = (16, 16),
+                  filter_fn=None) -> PyTree:
   """Exports the float leaves with ``ndim >= 2`` of a pruned tree to a sparse format.
 
   Args:
     params: the pruned params (concrete arrays).
-    fmt: ``'bcoo'``, ``'bcsr'`` (2-D leaves; others BCOO) or ``'nm'``.
-    n, m, axis: the N:M pattern for ``'nm'``.
+    fmt: ``'bcoo'``, ``'bcsr'`` (2-D leaves; others BCOO), ``'nm'``, ``'block'`` or
+      ``'ell'`` (2-D leaves; others BCOO), or ``'auto'`` (2-D leaves: the layout
+      :func:`~prunax.sparse_inference.choose_format` picks; others stay dense).
+    n, m, axis: the N:M pattern for ``'nm'`` (and the one ``'auto'`` detects).
+    block_shape: the block of ``'block'``.
     filter_fn: optional ``fn(name, leaf) -> bool`` choosing the leaves to export (name:
       '/'-joined key path); default: float leaves with ``ndim >= 2``.
 
@@ -170,17 +180,29 @@ def export_params(params: PyTree, fmt: str = 'bcoo', *, n: int = 2, m: int = 4,
     name = _name(path)
     if not (filter_fn(name, x) if filter_fn else _is_exportable(x)):
       return x
-    if fmt == 'nm':
-      return to_nm(x, n, m, axis)
-    if fmt == 'bcsr' and np.ndim(x) == 2:
-      return to_bcsr(x)
+    kind, kwargs = fmt, {}
+    if fmt == 'auto':
+      if np.ndim(x) != 2:
+        return x
+      kind, kwargs = sparse_inference.choose_format(x, nm=(n, m, axis))
+    if kind == 'dense':
+      return x
+    if kind == 'nm':
+      return to_nm(x, **(kwargs or {'n': n, 'm': m, 'axis': axis}))
+    if np.ndim(x) == 2 and kind in ('bcsr', 'block', 'ell'):
+      if kind == 'block':
+        return sparse_inference.to_block(x, kwargs.get('block_shape', block_shape))
+      return to_bcsr(x) if kind == 'bcsr' else sparse_inference.to_ell(x)
     return to_bcoo(x)
 
   return jax.tree_util.tree_map_with_path(export, params)
 
 
+_LAYOUTS = (NMCompressed, BlockSparse, EllSparse)
+
+
 def _is_sparse(x) -> bool:
-  return isinstance(x, (sparse.BCOO, sparse.BCSR, NMCompressed))
+  return isinstance(x, (sparse.BCOO, sparse.BCSR) + _LAYOUTS)
 
 
 def todense(x) -> jax.Array:
@@ -190,7 +212,7 @@ def todense(x) -> jax.Array:
   if isinstance(x, sparse.BCOO):
     # BCOO.todense adds into zeros (-0.0 + 0.0 == +0.0); coordinates are unique: set them.
     return jnp.zeros(x.shape, x.dtype).at[tuple(x.indices.T)].set(x.data)
-  return x.todense() if isinstance(x, NMCompressed) else x
+  return x.todense() if isinstance(x, _LAYOUTS) else x
 
 
 def densify(tree: PyTree) -> PyTree:
@@ -202,7 +224,7 @@ def nbytes(tree: PyTree) -> int:
   """Bytes held by a (dense or exported) tree: values, indices and index pointers."""
   total = 0
   for leaf in jax.tree.leaves(tree, is_leaf=_is_sparse):
-    if isinstance(leaf, NMCompressed):
+    if isinstance(leaf, _LAYOUTS):
       total += leaf.nbytes
     elif _is_sparse(leaf):
       total += sum(int(a.nbytes) for a in jax.tree.leaves(leaf))
@@ -212,9 +234,18 @@ def nbytes(tree: PyTree) -> int:
 
 
 def sparse_matmul(x: jax.Array, kernel) -> jax.Array:
-  """``x @ kernel`` over the last axis of ``x`` for a dense or exported 2-D ``kernel``."""
+  """``x @ kernel`` over the last axis of ``x`` for a dense or exported 2-D ``kernel``.
+
+  Block and ELL kernels use their own products (:mod:`prunax.sparse_inference`); N:M
+  kernels are decompressed first (on CPU no N:M product we measured beats that);
+  BCOO/BCSR use ``jax.experimental.sparse``.
+  """
   if not _is_sparse(kernel):
     return x @ kernel
+  if isinstance(kernel, BlockSparse):
+    return sparse_inference.block_matmul(x, kernel)
+  if isinstance(kernel, EllSparse):
+    return sparse_inference.ell_matmul(x, kernel)
   if isinstance(kernel, NMCompressed):
     return x @ kernel.todense()
   if isinstance(kernel, sparse.BCSR):  # jax's BCSR products need the sparse operand on the left
@@ -227,14 +258,14 @@ def sparse_matmul(x: jax.Array, kernel) -> jax.Array:
 def sparse_apply(module, exported: PyTree, *args, **kwargs):
   """``module.apply(params, *args, **kwargs)`` of a Flax linen module on exported params.
 
-  The matrix products of ``nn.Dense`` layers whose kernel is a 2-D BCOO/BCSR run as sparse
-  products (:func:`sparse_matmul`); every other sparse leaf (conv kernels, N:M) is
-  densified first, inside the same computation.
+  The matrix products of ``nn.Dense`` layers whose kernel is a 2-D BCOO/BCSR, block or
+  ELL leaf run as sparse products (:func:`sparse_matmul`); every other sparse leaf (conv
+  kernels, N:M) is densified first, inside the same computation.
   """
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
 
   def keep_sparse(x):
-    return isinstance(x, (sparse.BCOO, sparse.BCSR)) and x.ndim == 2
+    return isinstance(x, (sparse.BCOO, sparse.BCSR, BlockSparse, EllSparse)) and x.ndim == 2
 
   params = jax.tree.map(lambda x: x if keep_sparse(x) else todense(x), exported,
                         is_leaf=_is_sparse)
@@ -273,6 +304,12 @@ def save(path: str | os.PathLike, exported: PyTree) -> None:
       manifest[name] = {'kind': 'nm', 'shape': leaf.shape, 'n': leaf.n, 'm': leaf.m,
                         'axis': leaf.axis}
       parts = {'values': leaf.values, 'positions': leaf.packed_positions}
+    elif isinstance(leaf, BlockSparse):
+      manifest[name] = {'kind': 'block', 'shape': leaf.shape, 'block_shape': leaf.block_shape}
+      parts = {'values': leaf.values, 'rows': leaf.block_rows, 'cols': leaf.block_cols}
+    elif isinstance(leaf, EllSparse):
+      manifest[name] = {'kind': 'ell', 'shape': leaf.shape}
+      parts = {'values': leaf.values, 'rows': leaf.rows, 'counts': leaf.counts}
     elif isinstance(leaf, sparse.BCOO):
       manifest[name] = {'kind': 'bcoo', 'shape': leaf.shape}
       parts = {'data': leaf.data, 'indices': leaf.indices}
@@ -301,6 +338,11 @@ def load(path: str | os.PathLike) -> dict:
       if kind == 'nm':
         leaf = NMCompressed(get('values'), get('positions'), info['shape'], info['n'],
                             info['m'], info['axis'])
+      elif kind == 'block':
+        leaf = BlockSparse(get('values'), get('rows'), get('cols'), info['shape'],
+                           info['block_shape'])
+      elif kind == 'ell':
+        leaf = EllSparse(get('values'), get('rows'), get('counts'), info['shape'])
       elif kind == 'bcoo':
         leaf = sparse.BCOO((get('data'), get('indices')), shape=tuple(info['shape']),
                            indices_sorted=True, unique_indices=True)

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from prunax.sparsity_distributions import matching_names
 from prunax.sparsity_distributions import path_name
 
 PyTree = Any
@@ -137,7 +138,7 @@ def resolve(params: PyTree, spec: tuple[tuple[str, int], ...]) -> dict[str, int]
                 jax.tree_util.tree_flatten_with_path(params)[0])
   axes = boxed_layer_axes(params)
   for key, axis in spec:
-    hits = [n for n in leaves if n == key] or [n for n in leaves if _fullmatch(key, n)]
+    hits = matching_names(key, list(leaves))
     if not hits:
       raise ValueError(f'layer_axes key {key!r} matches no parameter; parameter names are: '
                        f'{list(leaves)}.')
@@ -152,13 +153,6 @@ def resolve(params: PyTree, spec: tuple[tuple[str, int], ...]) -> dict[str, int]
                        f'{-ndim}..{ndim - 1}.')
     axes[name] = axis % ndim
   return axes
-
-
-def _fullmatch(pattern: str, name: str) -> bool:
-  try:
-    return re.fullmatch(pattern, name) is not None
-  except re.error:
-    return False
 
 
 def slice_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:

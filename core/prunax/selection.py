@@ -275,7 +275,10 @@ def materialize(scores):
 
 
 def sortable_keys(scores: jax.Array) -> jax.Array:
-  """Maps float scores to uint32 keys with the same order (NaN sorts above +inf).
+  """Maps float scores to uint32 keys with the same order (NaN sorts below -inf).
+
+  NaN scores get the lowest key (0), so a NaN score is never kept or grown ahead of a
+  finite one.
 
   Args:
     scores: a floating-point array (any float dtype; it is cast to float32).
@@ -286,7 +289,9 @@ def sortable_keys(scores: jax.Array) -> jax.Array:
   bits = jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)
   sign = bits >> 31
   # Negative floats: flip all bits; non-negative floats: set the sign bit.
-  return jnp.where(sign == 1, ~bits, bits | jnp.uint32(0x80000000))
+  keys = jnp.where(sign == 1, ~bits, bits | jnp.uint32(0x80000000))
+  # NaN (exponent all ones, nonzero mantissa) maps to 0: -inf's key is 0x007FFFFF.
+  return jnp.where((bits & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000), jnp.uint32(0), keys)
 
 
 def _count_at_least(keys: jax.Array, pivots: jax.Array) -> jax.Array:

@@ -71,13 +71,19 @@ def _match_custom(names: list[str], custom: Mapping[str, float] | None) -> dict[
   """Resolves custom-map keys (exact names or full-match regexes) to parameter names."""
   resolved: dict[str, float] = {}
   for key, value in (custom or {}).items():
-    hits = [n for n in names if n == key] or [n for n in names if _fullmatch(key, n)]
+    hits = matching_names(key, names)
     if not hits:
       raise ValueError(f'custom sparsity map key {key!r} matches no parameter; parameter names '
                        f'are: {names}.')
     for hit in hits:
       resolved[hit] = _check_sparsity(value, hit)
   return resolved
+
+
+def matching_names(key: str, names: list[str]) -> list[str]:
+  """Parameter names a map key selects: the name itself, else those the key (a regular
+  expression) matches in full."""
+  return [n for n in names if n == key] or [n for n in names if _fullmatch(key, n)]
 
 
 def _fullmatch(pattern: str, name: str) -> bool:

@@ -136,7 +136,7 @@ def test_str_rejects_nonzero_alpha_and_thresholds_start_at_s_init():
     prunax.STR(alpha=0.5)
   state = prunax.AutoSparse(s_init=-7.0).wrap_optax(optax.sgd(0.1)).init(mlp_params())
   assert float(state.thresholds['layer1']['kernel']) == -7.0
-  assert state.thresholds['layer1']['bias'] is None
+  assert isinstance(state.thresholds['layer1']['bias'], optax.MaskedNode)
   assert hash(prunax.AutoSparse(alpha={'kind': 'cosine', 'decay_steps': 10})) == hash(
       prunax.AutoSparse(alpha=prunax.GradientAnnealing('cosine', decay_steps=10)))
 

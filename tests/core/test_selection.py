@@ -81,9 +81,20 @@ def test_score_fn_equals_materialized_scores():
 
 
 def test_sortable_keys_order():
-  values = np.array([-np.inf, -2.0, -1e-40, -0.0, 0.0, 1e-40, 3.0, np.inf, np.nan], np.float32)
+  # NaN ranks below -inf: a NaN score is never kept or grown ahead of a finite one.
+  values = np.array([np.nan, -np.inf, -2.0, -1e-40, -0.0, 0.0, 1e-40, 3.0, np.inf], np.float32)
   keys = np.asarray(selection.sortable_keys(jnp.asarray(values)))
   assert np.all(np.diff(keys.astype(np.int64)) > 0)
+  negative_nan = -np.abs(np.float32(np.nan))
+  assert int(selection.sortable_keys(jnp.asarray([negative_nan]))[0]) == 0
+
+
+def test_nan_scores_are_never_kept_ahead_of_finite_ones():
+  x = jnp.asarray([np.nan, 1.0, np.nan, -5.0, 2.0, np.nan], jnp.float32)
+  np.testing.assert_array_equal(np.asarray(selection.topk_mask(x, 3)),
+                                [False, True, False, True, True, False])
+  np.testing.assert_array_equal(np.asarray(selection.topk_mask(x, 4)),
+                                [True, True, False, True, True, False])
 
 
 @pytest.mark.parametrize('n,m,axis', [(2, 4, -1), (1, 4, 0), (3, 8, 1)])

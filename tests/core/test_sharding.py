@@ -81,7 +81,7 @@ SCRIPT = textwrap.dedent('''
           'param_w1': _spec(p8['w1']),
           'mu_w1': _spec(jax.tree.leaves(st.inner_state)[1]),
       }
-      if st.dense_params is not None:
+      if not isinstance(st.dense_params, optax.MaskedNode):
         state_specs['dense_w1'] = _spec(st.dense_params['w1'])
       report[name] = {'masks_equal': masks_equal, 'max_gap': gap,
                       'sparsity': prunax.summarize_sparsity(p8)['total_sparsity'],

@@ -135,7 +135,8 @@ def test_ste_keeps_dense_weights_and_trains_them():
   p, state, _ = run(updater.wrap_optax(optax.sgd(0.1)), params, steps=5)
   sparse_state = prunax.get_sparse_state(state)
   masks = _bool_masks(state, params)
-  assert sparse_state.dense_params['layer0']['bias'] is None  # not pruned, not duplicated
+  # Not pruned, not duplicated: an empty node, never None (checkpointers restore it).
+  assert isinstance(sparse_state.dense_params['layer0']['bias'], optax.MaskedNode)
   dense = sparse_state.dense_params['layer0']['kernel']
   mask = np.asarray(masks['layer0']['kernel'])
   # Pruned weights stay in the dense copy (non-zero) and the params are their projection.

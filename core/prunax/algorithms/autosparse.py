@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from prunax import annealing
 from prunax import selection
@@ -191,9 +192,14 @@ class AutoSparse(BaseUpdater):
   def update_thresholds(self, grads, dense, masks, sparse_state):
     # ``dense``: the weights the forward pass of this step used.
     ds = self.threshold_gradients(grads, dense, masks, sparse_state)
-    return map_masked(
-        lambda m, s, g: s - self.threshold_lr * (g + self.threshold_weight_decay * s),
-        masks, sparse_state.thresholds, ds)
+
+    def step(m, s, g):
+      # A non-finite gradient (one NaN/inf gradient of the leaf) skips the update: a NaN
+      # threshold would prune the whole leaf for good.
+      return jnp.where(jnp.isfinite(g), s - self.threshold_lr * (g + self.threshold_weight_decay
+                                                                 * s), s)
+
+    return map_masked(step, masks, sparse_state.thresholds, ds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +226,7 @@ def summarize_thresholds(opt_state: Any) -> dict[str, float]:
     ``{'threshold/<param name>': sigmoid(s), 's/<param name>': s}`` for every pruned leaf.
   """
   thresholds = get_sparse_state(opt_state).thresholds
-  if thresholds is None:
+  if thresholds is None or isinstance(thresholds, optax.MaskedNode):
     raise ValueError('This optimizer state has no learned thresholds; it was not built by '
                      'AutoSparse or STR.')
   out: dict[str, float] = {}

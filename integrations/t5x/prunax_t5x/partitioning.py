@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import optax
 
 import prunax
 
@@ -22,11 +23,16 @@ def _is_none(x: Any) -> bool:
   return x is None
 
 
+def _absent(x: Any) -> bool:
+  return x is None or isinstance(x, optax.MaskedNode)
+
+
 def _like_params(tree: PyTree, params_axes: PyTree) -> PyTree:
-  """The params' axes at the leaves of ``tree`` (a tree like params, None where unused)."""
-  if tree is None:
-    return None
-  return jax.tree.map(lambda axes, leaf: None if leaf is None else axes, params_axes, tree,
+  """The params' axes at the leaves of ``tree`` (a tree like params; ``MaskedNode`` where
+  a leaf is not pruned, which holds no array and so takes no axes)."""
+  if _absent(tree):
+    return tree
+  return jax.tree.map(lambda axes, leaf: leaf if _absent(leaf) else axes, params_axes, tree,
                       is_leaf=_is_none)
 
 

@@ -59,7 +59,7 @@ optax.adam.learning_rate = 0.1
   assert int(jnp.sum(params['encoder']['mlp']['wi'] == 0)) == 96  # 75% of 128
   assert int(jnp.sum(params['token_embedder']['embedding'] == 0)) == 72  # 75% of 96
   assert int(jnp.sum(params['encoder']['norm']['scale'] == 0)) == 0  # 1-D: not pruned
-  assert state.masks['encoder']['norm']['scale'] is None
+  assert isinstance(state.masks['encoder']['norm']['scale'], optax.MaskedNode)
 
 
 @pytest.mark.parametrize('algorithm', ['magnitude', 'saliency', 'random', 'global_magnitude',
@@ -78,8 +78,9 @@ prunax_t5x.pruned_optax.update_end_step = 4
 optax.sgd.learning_rate = 0.1
 """)
   state = tx.init(PARAMS)
-  assert (state.dense_params is not None) == (algorithm in ('magnitude_ste', 'autosparse'))
-  assert (state.thresholds is not None) == (algorithm == 'autosparse')
+  absent = lambda x: isinstance(x, optax.MaskedNode)
+  assert (not absent(state.dense_params)) == (algorithm in ('magnitude_ste', 'autosparse'))
+  assert (not absent(state.thresholds)) == (algorithm == 'autosparse')
 
 
 def test_bad_settings_name_the_value():
@@ -110,10 +111,11 @@ def test_masks_take_the_params_axes(packed_masks):
   axes = prunax_t5x.sparse_state_logical_axes(state, AXES, _inner_marker)
   assert isinstance(axes, prunax.SparseState)
   assert axes.masks == {
-      'encoder': {'mlp': {'wi': P('embed', 'mlp')}, 'norm': {'scale': None}},
+      'encoder': {'mlp': {'wi': P('embed', 'mlp')}, 'norm': {'scale': optax.MaskedNode()}},
       'token_embedder': {'embedding': P('vocab', 'embed')},
   }
-  assert (axes.count, axes.rng, axes.dense_params, axes.thresholds) == (None,) * 4
+  assert (axes.count, axes.rng) == (None, None)
+  assert (axes.dense_params, axes.thresholds) == (optax.MaskedNode(),) * 2
   assert jax.tree.leaves(axes.inner_state) == ['inner'] * len(jax.tree.leaves(state.inner_state))
   # Every axes entry has the rank of its array, so it can be a sharding (packed: 8 blocks of
   # whole bytes along last axes of 16 and 8 weights, see prunax.pack_mask).

@@ -1,0 +1,251 @@
+"""Sparse matrix layouts whose products are faster than dense in plain XLA.
+
+Two layouts for the 2-D kernel ``w`` of ``y = x @ w`` (``w`` of shape ``(K, N)``):
+
+* :class:`BlockSparse`: the nonzero ``(bk, bn)`` blocks of ``w``, sorted by output block
+  column. A product gathers the input slice of every stored block, runs one batched dot and
+  sums the partial products per output block (a sorted segment sum). It reads
+  ``density * K * N`` weights plus two int32 per block, and its dots are ``bk x bn``
+  matrix products, so it is faster than dense at every batch size once enough blocks are
+  zero (see ``benchmarks/sparse_inference.py``).
+* :class:`EllSparse`: per output column, the row indices and values of its nonzeros,
+  padded to the longest column (ELLPACK). A product is one gather of ``x`` and one
+  multiply-reduce; it reads ``2 * density * K * N`` numbers, which beats the dense
+  product's ``K * N`` when ``x`` is a single row (memory-bound) and loses once the batch
+  makes the dense product compute-bound.
+
+:func:`choose_format` picks one per tensor from its zero pattern; :mod:`prunax.export`
+uses it for ``fmt='auto'``. Building a layout is a host-side step (the number of stored
+blocks sets the shapes); products work under ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+#: block shapes that ``choose_format`` tries, largest first.
+BLOCK_CANDIDATES = ((32, 32), (16, 16), (8, 8))
+
+
+def _nonzero_bits(x: np.ndarray) -> np.ndarray:
+  """True where the element's bits are not all zero (so -0.0 and NaN count as stored)."""
+  return x.view(np.dtype(f'u{x.dtype.itemsize}')) != 0
+
+
+def _check_2d(x: np.ndarray, what: str) -> None:
+  if x.ndim != 2:
+    raise ValueError(f'{what} needs a 2-D array, got shape {x.shape}.')
+
+
+@jax.tree_util.register_pytree_node_class
+class BlockSparse:
+  """The nonzero blocks of a 2-D array, sorted by (block column, block row).
+
+  Attributes:
+    values: the stored blocks, shape ``(num_blocks, bk, bn)``.
+    block_rows, block_cols: int32 block coordinates of each stored block, ``(num_blocks,)``.
+    shape: the dense shape ``(K, N)`` (need not be a multiple of the block: edge blocks
+      are zero-padded).
+    block_shape: ``(bk, bn)``.
+  """
+
+  def __init__(self, values, block_rows, block_cols, shape, block_shape):
+    self.values, self.block_rows, self.block_cols = values, block_rows, block_cols
+    self.shape = tuple(shape)
+    self.block_shape = tuple(block_shape)
+
+  def tree_flatten(self):
+    return (self.values, self.block_rows, self.block_cols), (self.shape, self.block_shape)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  @property
+  def dtype(self):
+    return self.values.dtype
+
+  @property
+  def ndim(self) -> int:
+    return 2
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    """Number of block rows and block columns (edge blocks included)."""
+    return tuple(-(-d // b) for d, b in zip(self.shape, self.block_shape))
+
+  @property
+  def nbytes(self) -> int:
+    return int(self.values.nbytes + self.block_rows.nbytes + self.block_cols.nbytes)
+
+  def todense(self) -> jax.Array:
+    """The dense array, bit-exact (works under ``jax.jit``)."""
+    (gk, gn), (bk, bn) = self.grid, self.block_shape
+    grid = jnp.zeros((gk, gn, bk, bn), self.dtype).at[self.block_rows, self.block_cols].set(
+        self.values)
+    dense = grid.transpose(0, 2, 1, 3).reshape(gk * bk, gn * bn)
+    return dense[:self.shape[0], :self.shape[1]]
+
+  def __repr__(self):
+    return (f'BlockSparse(shape={self.shape}, block_shape={self.block_shape}, '
+            f'blocks={self.values.shape[0]}/{math.prod(self.grid)}, dtype={self.dtype})')
+
+
+@jax.tree_util.register_pytree_node_class
+class EllSparse:
+  """Per output column of a 2-D array, its nonzero rows and values, padded (ELLPACK).
+
+  Attributes:
+    values: ``(N, width)``; padding entries are ``+0.0``.
+    rows: int32 ``(N, width)`` row index of each value; padding entries point at row 0.
+    counts: int32 ``(N,)`` number of stored entries per column (the rest is padding).
+    shape: the dense shape ``(K, N)``.
+  """
+
+  def __init__(self, values, rows, counts, shape):
+    self.values, self.rows, self.counts = values, rows, counts
+    self.shape = tuple(shape)
+
+  def tree_flatten(self):
+    return (self.values, self.rows, self.counts), (self.shape,)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  @property
+  def dtype(self):
+    return self.values.dtype
+
+  @property
+  def ndim(self) -> int:
+    return 2
+
+  @property
+  def nbytes(self) -> int:
+    return int(self.values.nbytes + self.rows.nbytes + self.counts.nbytes)
+
+  def todense(self) -> jax.Array:
+    """The dense array, bit-exact (works under ``jax.jit``)."""
+    k, n = self.shape
+    stored = jnp.arange(self.rows.shape[1]) < self.counts[:, None]
+    rows = jnp.where(stored, self.rows, k)  # padding lands out of bounds and is dropped
+    cols = jnp.broadcast_to(jnp.arange(n)[:, None], rows.shape)
+    return jnp.zeros(self.shape, self.dtype).at[rows, cols].set(self.values, mode='drop')
+
+  def __repr__(self):
+    return (f'EllSparse(shape={self.shape}, width={self.rows.shape[1]}, '
+            f'dtype={self.dtype})')
+
+
+def to_block(x, block_shape: tuple[int, int], index_dtype=np.int32) -> BlockSparse:
+  """:class:`BlockSparse` of a 2-D ``x``: every ``block_shape`` block with a nonzero bit."""
+  x = np.asarray(x)
+  _check_2d(x, 'to_block')
+  block_shape = tuple(block_shape)
+  if len(block_shape) != 2 or not all(isinstance(b, int) and b >= 1 for b in block_shape):
+    raise ValueError(f'to_block: block_shape must be two positive ints, got {block_shape!r}.')
+  (k, n), (bk, bn) = x.shape, block_shape
+  gk, gn = -(-k // bk), -(-n // bn)
+  padded = np.zeros((gk * bk, gn * bn), x.dtype)
+  padded[:k, :n] = x
+  blocks = padded.reshape(gk, bk, gn, bn).transpose(0, 2, 1, 3)  # (gk, gn, bk, bn)
+  occupied = _nonzero_bits(blocks).any(axis=(2, 3))
+  cols, rows = np.nonzero(occupied.T)  # sorted by column, then row
+  return BlockSparse(jnp.asarray(blocks[rows, cols]), jnp.asarray(rows.astype(index_dtype)),
+                     jnp.asarray(cols.astype(index_dtype)), x.shape, block_shape)
+
+
+def to_ell(x, index_dtype=np.int32) -> EllSparse:
+  """:class:`EllSparse` of a 2-D ``x``: per column, every element with a nonzero bit."""
+  x = np.asarray(x)
+  _check_2d(x, 'to_ell')
+  stored = _nonzero_bits(x).T  # (N, K)
+  counts = stored.sum(axis=1)
+  width = max(int(counts.max(initial=0)), 1)
+  # Stored rows first (ascending), then padding; padding values are +0.0 at row 0.
+  order = np.argsort(~stored, axis=1, kind='stable')[:, :width]
+  pad = np.arange(width) >= counts[:, None]
+  rows = np.where(pad, 0, order)
+  values = np.where(pad, np.zeros((), x.dtype), np.take_along_axis(x.T, order, axis=1))
+  return EllSparse(jnp.asarray(values.astype(x.dtype)), jnp.asarray(rows.astype(index_dtype)),
+                   jnp.asarray(counts.astype(index_dtype)), x.shape)
+
+
+def block_matmul(x: jax.Array, w: BlockSparse) -> jax.Array:
+  """``x @ w`` over the last axis of ``x``: gather, batched dot, sorted segment sum."""
+  (k, n), (bk, bn), (gk, gn) = w.shape, w.block_shape, w.grid
+  lead = x.shape[:-1]
+  flat = x.reshape(-1, k)
+  if gk * bk != k:
+    flat = jnp.pad(flat, ((0, 0), (0, gk * bk - k)))
+  xb = flat.reshape(-1, gk, bk).transpose(1, 0, 2)  # (gk, batch, bk)
+  partial = jnp.einsum('sbk,skn->sbn', xb[w.block_rows], w.values.astype(x.dtype))
+  out = jax.ops.segment_sum(partial, w.block_cols, num_segments=gn, indices_are_sorted=True)
+  out = out.transpose(1, 0, 2).reshape(-1, gn * bn)[:, :n]
+  return out.reshape(lead + (n,))
+
+
+def ell_matmul(x: jax.Array, w: EllSparse) -> jax.Array:
+  """``x @ w`` over the last axis of ``x``: one gather of ``x`` per stored entry."""
+  k, n = w.shape
+  flat = x.reshape(-1, k)
+  out = jnp.einsum('bnw,nw->bn', flat[:, w.rows], w.values.astype(x.dtype))
+  return out.reshape(x.shape[:-1] + (n,))
+
+
+def is_nm(x: np.ndarray, n: int, m: int, axis: int) -> bool:
+  """True when every group of ``m`` along ``axis`` holds at most ``n`` nonzero bits."""
+  axis %= x.ndim
+  if x.shape[axis] % m:
+    return False
+  moved = np.moveaxis(_nonzero_bits(x), axis, -1)
+  return bool((moved.reshape(moved.shape[:-1] + (-1, m)).sum(-1) <= n).all())
+
+
+def choose_format(x, *, block_shapes=BLOCK_CANDIDATES, max_block_density: float = 0.25,
+                  max_ell_density: float = 0.25, nm: tuple[int, int, int] | None = (2, 4, -1),
+                  block_fill: float = 0.8) -> tuple[str, dict]:
+  """The layout ``export(fmt='auto')`` uses for a 2-D tensor, from its zero pattern.
+
+  * ``('block', {'block_shape': b})`` for the largest ``b`` in ``block_shapes`` whose
+    stored blocks are at least ``block_fill`` full (so the zeros come in whole blocks) and
+    at most ``max_block_density`` of all blocks;
+  * else ``('nm', {'n', 'm', 'axis'})`` when the tensor follows the ``nm`` pattern (saves
+    memory; on CPU its product runs on the decompressed kernel);
+  * else ``('ell', {})`` when at most ``max_ell_density`` of the elements are stored;
+  * else ``('dense', {})``.
+
+  Args:
+    x: a concrete 2-D array.
+    block_shapes: candidate block shapes, tried in order.
+    max_block_density: largest fraction of stored blocks worth a block layout.
+    max_ell_density: largest fraction of stored elements worth an ELL layout.
+    nm: ``(n, m, axis)`` pattern to detect, or None.
+    block_fill: smallest mean fraction of nonzeros inside stored blocks.
+
+  Returns:
+    ``(format name, keyword arguments of its constructor)``.
+  """
+  x = np.asarray(x)
+  _check_2d(x, 'choose_format')
+  stored = _nonzero_bits(x)
+  nnz = int(stored.sum())
+  for bk, bn in block_shapes:
+    if bk > x.shape[0] or bn > x.shape[1]:
+      continue
+    gk, gn = -(-x.shape[0] // bk), -(-x.shape[1] // bn)
+    padded = np.zeros((gk * bk, gn * bn), bool)
+    padded[:x.shape[0], :x.shape[1]] = stored
+    blocks = int(padded.reshape(gk, bk, gn, bn).any(axis=(1, 3)).sum())
+    if blocks <= max_block_density * gk * gn and nnz >= block_fill * blocks * bk * bn:
+      return 'block', {'block_shape': (bk, bn)}
+  if nm is not None and nnz and is_nm(x, *nm) and nnz > max_ell_density * x.size:
+    return 'nm', dict(zip(('n', 'm', 'axis'), nm))
+  if nnz <= max_ell_density * x.size:
+    return 'ell', {}
+  return 'dense', {}

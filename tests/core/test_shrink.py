@@ -1,0 +1,231 @@
+"""prunax.shrink: groups found from the jaxpr, group masks, and shrunk models that compute
+what the masked models compute, with fewer channels."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import prunax
+from prunax import shrinking as sh
+
+
+def apply_masks(params, masks):
+  return jax.tree.map(lambda x, m: x if m is None else jnp.where(m, x, 0), params, masks,
+                      is_leaf=lambda x: x is None)
+
+
+def check(model, variables, x, sparsity=0.5, score='l2', grads=None):
+  groups = sh.find_groups(model, variables, x)
+  masks = sh.group_masks(groups, variables, sparsity, score=score, grads=grads)
+  shrunk = sh.shrink(model, variables, masks, x)
+  want = model.apply(apply_masks(variables, masks), x)
+  got = jax.jit(shrunk.apply)(shrunk.params, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  before = sum(v.size for v in jax.tree.leaves(variables))
+  after = sum(v.size for v in jax.tree.leaves(shrunk.params))
+  return groups, shrunk, before, after
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(32)(x))
+    x = nn.gelu(nn.Dense(24)(x))
+    return nn.Dense(5)(x)
+
+
+def test_mlp_groups_and_shrink():
+  model, x = MLP(), jnp.ones((3, 16))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  groups, shrunk, _, _ = check(model, variables, x)
+  assert [set(g.members) for g in groups] == [
+      {('params/Dense_0/kernel', 1), ('params/Dense_0/bias', 0), ('params/Dense_1/kernel', 0)},
+      {('params/Dense_1/kernel', 1), ('params/Dense_1/bias', 0), ('params/Dense_2/kernel', 0)}]
+  shapes = jax.tree.map(jnp.shape, shrunk.params)['params']
+  assert shapes['Dense_0'] == {'kernel': (16, 16), 'bias': (16,)}
+  assert shapes['Dense_1'] == {'kernel': (16, 12), 'bias': (12,)}
+  assert shapes['Dense_2'] == {'kernel': (12, 5), 'bias': (5,)}
+  blocked = {frozenset(g.members): g.blocked_by for g in
+             sh.find_groups(model, variables, x, include_blocked=True) if g.blocked_by}
+  assert blocked == {
+      frozenset({('params/Dense_0/kernel', 0)}): 'an input of the function',
+      frozenset({('params/Dense_2/kernel', 1), ('params/Dense_2/bias', 0)}):
+          'an output of the function'}
+
+
+def test_scores_choose_the_weakest_channels():
+  model, x = MLP(), jnp.ones((3, 16))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  groups = sh.find_groups(model, variables, x)
+  p = variables['params']
+  for score, fn in (('l1', np.abs), ('l2', np.square)):
+    masks = sh.group_masks(groups, variables, 0.25, score=score)
+    total = (fn(np.asarray(p['Dense_0']['kernel'])).sum(0) + fn(np.asarray(p['Dense_0']['bias']))
+             + fn(np.asarray(p['Dense_1']['kernel'])).sum(1))
+    want = np.sort(np.argsort(total)[8:])
+    np.testing.assert_array_equal(np.nonzero(np.asarray(masks['params']['Dense_0']['bias']))[0],
+                                  want)
+  grads = jax.tree.map(jnp.ones_like, variables)
+  taylor = sh.group_masks(groups, variables, 0.25, score='taylor', grads=grads)
+  l1 = sh.group_masks(groups, variables, 0.25, score='l1')
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), taylor, l1))
+  with pytest.raises(ValueError, match="valid scores are"):
+    sh.group_masks(groups, variables, 0.5, score='l3')
+  with pytest.raises(ValueError, match='needs grads'):
+    sh.group_masks(groups, variables, 0.5, score='taylor')
+
+
+class CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(16, (3, 3))(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=True)(x))
+    x = nn.relu(nn.Conv(12, (3, 3))(x))
+    x = x.mean(axis=(1, 2))  # global average pooling
+    return nn.Dense(4)(x)
+
+
+def test_cnn_with_batchnorm():
+  model, x = CNN(), jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  # Non-trivial BatchNorm statistics, so dropping them matters.
+  variables['batch_stats'] = jax.tree.map(lambda s: s + 0.3, variables['batch_stats'])
+  groups, shrunk, before, after = check(model, variables, x)
+  members = {m for g in groups for m in g.members}
+  assert {('batch_stats/BatchNorm_0/mean', 0), ('params/BatchNorm_0/scale', 0),
+          ('params/Conv_1/kernel', 2)} <= members
+  assert shrunk.params['params']['Conv_1']['kernel'].shape == (3, 3, 8, 6)
+  assert shrunk.params['batch_stats']['BatchNorm_0']['var'].shape == (8,)
+  assert after < 0.6 * before
+
+
+class Residual(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(32)(x)
+    for _ in range(2):
+      # Residual stream of 32 channels; Dense(32) is named before the Dense(48) it reads.
+      h = h + nn.Dense(32)(nn.relu(nn.Dense(48)(h)))
+    return nn.Dense(4)(h)
+
+
+def test_residual_network_ties_the_stream():
+  model, x = Residual(), jax.random.normal(jax.random.PRNGKey(1), (3, 8))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  groups, shrunk, _, _ = check(model, variables, x)
+  stream = next(g for g in groups if ('params/Dense_0/kernel', 1) in g.members)
+  assert set(stream.members) >= {
+      ('params/Dense_1/kernel', 1), ('params/Dense_3/kernel', 1), ('params/Dense_2/kernel', 0),
+      ('params/Dense_4/kernel', 0), ('params/Dense_5/kernel', 0), ('params/Dense_1/bias', 0)}
+  p = shrunk.params['params']
+  assert p['Dense_5']['kernel'].shape == (16, 4)
+  assert p['Dense_2']['kernel'].shape == (16, 24)  # stream in, hidden out
+  assert p['Dense_1']['kernel'].shape == (24, 16)  # hidden in, stream out
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm()(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32)(h, h)
+    h = nn.LayerNorm()(x)
+    return x + nn.Dense(16)(nn.gelu(nn.Dense(64)(h)))
+
+
+def test_transformer_block_heads_and_mlp():
+  model, x = Block(), jax.random.normal(jax.random.PRNGKey(1), (2, 5, 16))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  groups, shrunk, _, _ = check(model, variables, x)
+  att = 'params/MultiHeadDotProductAttention_0'
+  heads = next(g for g in groups if (f'{att}/query/kernel', 1) in g.members)
+  assert heads.size == 4
+  assert {(f'{att}/key/kernel', 1), (f'{att}/value/kernel', 1), (f'{att}/out/kernel', 0),
+          (f'{att}/query/bias', 0)} <= set(heads.members)
+  p = shrunk.params['params']
+  assert p['MultiHeadDotProductAttention_0']['query']['kernel'].shape == (16, 2, 4)
+  assert p['MultiHeadDotProductAttention_0']['out']['kernel'].shape == (2, 4, 16)
+  assert p['Dense_1']['kernel'].shape == (16, 32)  # Dense(64), named after Dense(16)
+  assert p['Dense_0']['kernel'].shape == (32, 16)
+  # The residual stream is an input and output and goes through LayerNorm's mean.
+  stream = next(g for g in sh.find_groups(model, variables, x, include_blocked=True)
+                if ('params/Dense_0/kernel', 1) in g.members)
+  assert stream.blocked_by is not None and stream.size == 16
+
+
+def test_nnx_mlp():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.a, self.b = nnx.Linear(8, 32, rngs=rngs), nnx.Linear(32, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.b(jax.nn.relu(self.a(x)))
+
+  graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+  fn = lambda s, x: nnx.merge(graphdef, s)(x)
+  x = jnp.ones((2, 8))
+  groups = sh.find_groups(fn, state, x)
+  masks = sh.group_masks(groups, state, 0.75)
+  shrunk = sh.shrink(fn, state, masks, x)
+  np.testing.assert_allclose(np.asarray(shrunk(shrunk.params, x)),
+                             np.asarray(fn(apply_masks(state, masks), x)), rtol=1e-5, atol=1e-6)
+  assert jnp.shape(shrunk.params['a']['kernel'][...]) == (8, 8)
+
+
+class Flatten(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+def test_errors_name_the_op():
+  model, x = Flatten(), jnp.ones((2, 4, 4, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  groups = sh.find_groups(model, variables, x, include_blocked=True)
+  conv_out = next(g for g in groups if ('params/Conv_0/kernel', 3) in g.members)
+  assert conv_out.blocked_by.startswith('reshape (2, 4, 4, 8) -> (2, 128)')
+  masks = jax.tree.map(lambda v: None, variables)
+  masks['params']['Conv_0']['kernel'] = jnp.ones((3, 3, 3, 8), bool).at[..., :4].set(False)
+  with pytest.raises(sh.ShrinkError, match=r'goes through reshape \(2, 4, 4, 8\)'):
+    sh.shrink(model, variables, masks, x)
+  # A mask that leaves the bias alive: the removed channels are not dead.
+  mlp, x = MLP(), jnp.ones((3, 16))
+  variables = mlp.init(jax.random.PRNGKey(0), x)
+  variables = jax.tree.map(lambda v: v + 0.5 if v.ndim == 1 else v, variables)
+  masks = jax.tree.map(lambda v: None, variables)
+  masks['params']['Dense_0']['kernel'] = jnp.ones((16, 32), bool).at[:, :8].set(False)
+  with pytest.raises(sh.ShrinkError, match='not dead in the masked model'):
+    sh.shrink(mlp, variables, masks, x)
+
+
+def test_gradual_group_pruning_through_wrap_optax():
+  model, x = MLP(), jax.random.normal(jax.random.PRNGKey(2), (8, 16))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  groups = sh.find_groups(model, variables, x)
+  schedule = prunax.sparsity_schedules.PolynomialSchedule(
+      update_freq=1, update_start_step=0, update_end_step=2)
+  pruner = sh.GroupPruning(sparsity=0.5, groups=groups, scheduler=schedule, score='taylor')
+  tx = pruner.wrap_optax(optax.sgd(0.1))
+  state = tx.init(variables)
+  loss = lambda v: jnp.mean(model.apply(v, x) ** 2)
+
+  @jax.jit
+  def step(v, state):
+    updates, state = tx.update(jax.grad(loss)(v), state, v)
+    return optax.apply_updates(v, updates), state
+
+  for _ in range(4):
+    variables, state = step(variables, state)
+  masks = prunax.bool_masks(state, variables)
+  kept = np.asarray(masks['params']['Dense_0']['bias'])
+  assert kept.sum() == 16
+  np.testing.assert_array_equal(np.asarray(masks['params']['Dense_0']['kernel']).any(0), kept)
+  np.testing.assert_array_equal(np.asarray(masks['params']['Dense_1']['kernel']).any(1), kept)
+  shrunk = sh.shrink(model, variables, masks, x)  # params are already masked
+  np.testing.assert_allclose(np.asarray(shrunk(shrunk.params, x)),
+                             np.asarray(model.apply(variables, x)), rtol=1e-5, atol=1e-5)
+  assert shrunk.params['params']['Dense_1']['kernel'].shape == (16, 12)

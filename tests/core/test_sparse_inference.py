@@ -1,0 +1,135 @@
+"""Block-sparse and ELL layouts: exact round trips, products equal to the masked dense
+product, format selection, and sparse inference of block-pruned Flax models."""
+
+import flax.linen as nn
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import prunax
+from prunax import export
+from prunax import sparse_inference as si
+
+
+def block_pruned(shape, block, sparsity, seed=0):
+  """A random array whose zeros are whole ``block`` blocks (edge blocks clipped)."""
+  rng = np.random.default_rng(seed)
+  w = rng.standard_normal(shape).astype(np.float32)
+  grid = [-(-d // b) for d, b in zip(shape, block)]
+  keep = rng.random(grid) >= sparsity
+  keep = np.repeat(np.repeat(keep, block[0], 0), block[1], 1)[:shape[0], :shape[1]]
+  return np.where(keep, w, 0).astype(np.float32)
+
+
+def u32(x):
+  return np.asarray(x).view(np.uint32)
+
+
+@hypothesis.settings(max_examples=8, deadline=None)
+@hypothesis.given(k=st.integers(1, 40), n=st.integers(1, 40), bk=st.integers(1, 9),
+                  bn=st.integers(1, 9), sparsity=st.floats(0, 1), seed=st.integers(0, 99))
+def test_block_round_trip_and_product(k, n, bk, bn, sparsity, seed):
+  bk, bn = min(bk, k), min(bn, n)
+  w = block_pruned((k, n), (bk, bn), sparsity, seed)
+  w.flat[0] = -0.0 if w.flat[0] == 0 else w.flat[0]  # -0.0 is a stored bit pattern
+  b = si.to_block(w, (bk, bn))
+  np.testing.assert_array_equal(u32(b.todense()), u32(w))
+  x = np.random.default_rng(seed).standard_normal((3, 2, k)).astype(np.float32)
+  got = jax.jit(si.block_matmul)(jnp.asarray(x), b)
+  np.testing.assert_allclose(np.asarray(got), x @ w, rtol=1e-5, atol=1e-5)
+  # Stores exactly the blocks holding a nonzero bit.
+  grid = [-(-d // s) for d, s in zip(w.shape, (bk, bn))]
+  padded = np.zeros([g * s for g, s in zip(grid, (bk, bn))], bool)
+  padded[:k, :n] = u32(w) != 0
+  assert b.values.shape[0] == padded.reshape(grid[0], bk, grid[1], bn).any((1, 3)).sum()
+
+
+@hypothesis.settings(max_examples=8, deadline=None)
+@hypothesis.given(k=st.integers(1, 40), n=st.integers(1, 40), sparsity=st.floats(0, 1),
+                  seed=st.integers(0, 99))
+def test_ell_round_trip_and_product(k, n, sparsity, seed):
+  rng = np.random.default_rng(seed)
+  w = rng.standard_normal((k, n)).astype(np.float32)
+  w[rng.random((k, n)) < sparsity] = 0.0
+  w.flat[-1] = -0.0 if w.flat[-1] == 0 else w.flat[-1]
+  e = si.to_ell(w)
+  np.testing.assert_array_equal(u32(jax.jit(lambda e: e.todense())(e)), u32(w))
+  assert int(e.counts.sum()) == int((u32(w) != 0).sum())
+  x = rng.standard_normal((4, k)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(jax.jit(si.ell_matmul)(jnp.asarray(x), e)), x @ w,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_block_size_is_density_of_dense_bytes():
+  w = block_pruned((256, 256), (16, 16), 0.9)
+  b = si.to_block(w, (16, 16))
+  blocks = b.values.shape[0]
+  assert b.nbytes == blocks * 16 * 16 * 4 + 2 * blocks * 4  # values + two int32 per block
+  assert b.nbytes / w.nbytes == pytest.approx(blocks / 256 * (1 + 2 / 256))
+
+
+def test_choose_format():
+  rng = np.random.default_rng(0)
+  assert si.choose_format(block_pruned((128, 64), (16, 16), 0.9)) == (
+      'block', {'block_shape': (16, 16)})
+  assert si.choose_format(block_pruned((128, 64), (32, 32), 0.9))[1] == {'block_shape': (32, 32)}
+  w = rng.standard_normal((64, 64)).astype(np.float32)
+  nm = np.asarray(jnp.where(prunax.selection.n_by_m_mask(jnp.abs(w), 2, 4), w, 0))
+  assert si.choose_format(nm) == ('nm', {'n': 2, 'm': 4, 'axis': -1})
+  unstructured = np.where(rng.random(w.shape) < 0.9, 0, w)
+  assert si.choose_format(unstructured) == ('ell', {})
+  assert si.choose_format(w) == ('dense', {})
+  with pytest.raises(ValueError, match=r'2-D array, got shape \(4,\)'):
+    si.choose_format(np.ones(4))
+  with pytest.raises(ValueError, match='two positive ints'):
+    si.to_block(w, (0, 4))
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(96)(x))
+    x = nn.relu(nn.Dense(64)(x))
+    return nn.Dense(16)(x)
+
+
+def test_block_pruned_model_exports_to_block_and_matches_masked_model(monkeypatch):
+  """The real path: prunax.Block pruning -> export('auto') -> sparse_apply (block products)."""
+  model = MLP()
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, 64))
+  params = model.init(jax.random.PRNGKey(0), x)
+  pruner = prunax.MagnitudePruning(sparsity=0.75, sparsity_type=prunax.Block((16, 16)))
+  pruned, _ = jax.jit(pruner.instant_sparsify)(params)
+  exported = export.export_params(pruned, 'auto')
+  for layer in exported['params'].values():
+    assert isinstance(layer['kernel'], si.BlockSparse)
+    assert layer['kernel'].block_shape == (16, 16)
+  for a, b in zip(jax.tree.leaves(export.densify(exported)), jax.tree.leaves(pruned)):
+    np.testing.assert_array_equal(u32(a), u32(b))
+  want = model.apply(pruned, x)
+  calls = []
+  real = si.block_matmul
+  monkeypatch.setattr(si, 'block_matmul', lambda *a: calls.append(1) or real(*a))
+  got = jax.jit(lambda p, x: export.sparse_apply(model, p, x))(exported, x)
+  assert len(calls) == 3  # every block kernel ran as a block product
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('fmt', ['block', 'ell', 'auto'])
+def test_formats_save_load_and_sparse_apply(tmp_path, fmt):
+  model = MLP()
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 64))
+  params = model.init(jax.random.PRNGKey(0), x)
+  pruned, _ = jax.jit(prunax.MagnitudePruning(sparsity=0.9).instant_sparsify)(params)
+  exported = export.export_params(pruned, fmt, block_shape=(8, 8))
+  export.save(tmp_path / 'm.npz', exported)
+  loaded = export.load(tmp_path / 'm.npz')
+  assert export.nbytes(loaded) == export.nbytes(exported)
+  for a, b in zip(jax.tree.leaves(export.densify(loaded)), jax.tree.leaves(pruned)):
+    np.testing.assert_array_equal(u32(a), u32(b))
+  got = jax.jit(lambda p, x: export.sparse_apply(model, p, x))(loaded, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(model.apply(pruned, x)), rtol=1e-5,
+                             atol=1e-5)
