@@ -26,7 +26,9 @@ CONFIG = {'sparsity': 0.8, 'dist_type': 'erk', 'update_freq': 2, 'update_start_s
 
 def _train(model_dir, algorithm: str, devices: int = 1, steps: int = TRAIN_STEPS) -> None:
   bindings = {'MODEL_DIR': repr(str(model_dir)), 'TRAIN_STEPS': steps,
-              'prunax_t5x.pruned_optax.algorithm': repr(algorithm)}
+              'prunax_t5x.pruned_optax.algorithm': repr(algorithm),
+              # t5x restarts the data set on a relaunch unless its iterator is checkpointed.
+              'utils.SaveCheckpointConfig.save_dataset': True}
   bindings.update({f'prunax_t5x.pruned_optax.{k}': repr(v) for k, v in CONFIG.items()})
   if devices > 1:  # t5x's CPU mesh is all 'model' unless a model-parallel submesh is given
     bindings['partitioning.PjitPartitioner.num_partitions'] = None
