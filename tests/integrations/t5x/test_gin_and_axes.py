@@ -169,9 +169,6 @@ T5X_ADAFACTOR = dict(learning_rate=1e-2, decay_rate=0.8, momentum=None, clipping
                      factored=True)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    'core: zeroing the optimizer state of pruned weights does not yet handle factored '
-    "Adafactor moments (shapes (rows,) and (cols,)), 'Incompatible shapes for broadcasting'"))
 def test_t5x_adafactor_settings_prune():
   params = {'mlp': {'wi': jax.random.normal(jax.random.PRNGKey(0), (128, 256))},
             'norm': {'scale': jnp.ones(128)}}
