@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import gin
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from dopamine.jax.agents.dqn import dqn_agent
 from dopamine.jax.agents.implicit_quantile import implicit_quantile_agent
@@ -25,6 +27,8 @@ from dopamine.metrics import statistics_instance
 
 import prunax
 
+# Bundle entry holding the agent's action-selection RNG key (``_rng``).
+RNG_KEY = 'prunax_agent_rng'
 
 @gin.configurable(module='prunax_dopamine')
 def pruner(algorithm: str, sparsity: float | None = None,
@@ -127,10 +131,18 @@ class PrunedAgentMixin:
     their collectors, so the sparsity statistics land with the iteration's returns.
     """
     self._write_sparsity_statistics(iteration_number)
-    return super().bundle_and_checkpoint(checkpoint_dir, iteration_number)
+    bundle = super().bundle_and_checkpoint(checkpoint_dir, iteration_number)
+    if bundle is not None and hasattr(self, '_rng'):
+      bundle[RNG_KEY] = np.asarray(self._rng)
+    return bundle
 
   def unbundle(self, checkpoint_dir, iteration_number, bundle_dictionary):
     """Restores as the agent does; the pruner's state comes back with ``optimizer_state``.
+
+    Also restores the agent's action-selection RNG key saved by
+    :meth:`bundle_and_checkpoint` (Dopamine itself re-seeds it on every launch, so a
+    resumed run would explore differently from an uninterrupted one). Checkpoints without
+    it (written by Dopamine's own agents) keep the re-seeded key.
 
     Raises:
       ValueError: if the checkpoint holds no pruner state (written by a dense agent).
@@ -144,6 +156,8 @@ class PrunedAgentMixin:
             f'The checkpoint of iteration {iteration_number} in {checkpoint_dir!r} has no '
             f'prunax pruner state; it was not written by a pruned agent. Start from a new '
             'base_dir, or resume it with the dense agent.') from e
+      if RNG_KEY in bundle_dictionary and hasattr(self, '_rng'):
+        self._rng = jnp.asarray(bundle_dictionary[RNG_KEY], dtype=self._rng.dtype)
     return restored
 
 

@@ -5,6 +5,8 @@ still called by FedJAX 0.0.17); see :func:`prunax_fedjax.restore_jax_tree_map`.
 """
 
 from prunax_fedjax._compat import restore_jax_tree_map
+from prunax_fedjax.checkpoint import restore_server_state
+from prunax_fedjax.checkpoint import save_server_state
 from prunax_fedjax.optimizers import ClientMaskState
 from prunax_fedjax.optimizers import client_optimizer
 from prunax_fedjax.optimizers import keep_zeros
@@ -17,6 +19,6 @@ JAX_TREE_MAP_RESTORED = restore_jax_tree_map()
 
 __all__ = [
     'JAX_TREE_MAP_RESTORED', 'ClientMaskState', 'client_optimizer', 'keep_zeros',
-    'restore_jax_tree_map', 'round_diagnostics', 'server_optimizer', 'sparsify_initial_state',
-    'update_size',
+    'restore_jax_tree_map', 'restore_server_state', 'round_diagnostics', 'save_server_state',
+    'server_optimizer', 'sparsify_initial_state', 'update_size',
 ]

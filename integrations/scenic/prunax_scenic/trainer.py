@@ -148,14 +148,67 @@ def sparse_trainer(train_fn: Callable[..., Any]) -> Callable[..., Any]:
   return train
 
 
-def enable() -> None:
-  """Makes every trainer in Scenic's registry honour ``config.sparsity_config``.
+SPARSE_TRAINER_PREFIX = 'sparse_'
 
-  Call it from a Scenic config file (``scenic.main`` imports nothing else of the user's).
-  It wraps the values of ``scenic.train_lib.trainers.ALL_TRAINERS`` with
-  :func:`sparse_trainer`; calling it again changes nothing.
+
+def register_sparse_trainer(trainer_name: str) -> str:
+  """Registers ``'sparse_' + trainer_name``: that trainer wrapped with :func:`sparse_trainer`.
+
+  Adds one entry to ``scenic.train_lib.trainers.ALL_TRAINERS`` and changes none: the
+  trainer registered as ``trainer_name`` stays as it is for every other config. Calling it
+  again (or with a name it returned) changes nothing.
+
+  Args:
+    trainer_name: a key of ``ALL_TRAINERS``, e.g. ``'classification_trainer'``.
+
+  Returns:
+    The name to set as ``config.trainer_name``, e.g. ``'sparse_classification_trainer'``.
+
+  Raises:
+    ValueError: if no trainer of that name is registered, listing the registered ones.
   """
   from scenic.train_lib import trainers  # pylint: disable=import-outside-toplevel
 
-  for name, train_fn in trainers.ALL_TRAINERS.items():
-    trainers.ALL_TRAINERS[name] = sparse_trainer(train_fn)
+  if trainer_name in trainers.ALL_TRAINERS and getattr(
+      trainers.ALL_TRAINERS[trainer_name], _WRAPPED, False):
+    return trainer_name
+  if trainer_name not in trainers.ALL_TRAINERS:
+    raise ValueError(f'No Scenic trainer named {trainer_name!r}; registered trainers are '
+                     f'{sorted(trainers.ALL_TRAINERS)}.')
+  sparse_name = SPARSE_TRAINER_PREFIX + trainer_name
+  if sparse_name not in trainers.ALL_TRAINERS:
+    trainers.ALL_TRAINERS[sparse_name] = sparse_trainer(trainers.ALL_TRAINERS[trainer_name])
+  return sparse_name
+
+
+def enable(config: Any) -> Any:
+  """Opts one Scenic config in: its trainer becomes the sparse version of itself.
+
+  Call it at the end of a config file's ``get_config()`` (``scenic.main`` imports nothing
+  of the user's but the config file)::
+
+    config.sparsity_config = ml_collections.ConfigDict({...})
+    return prunax_scenic.enable(config)
+
+  It sets ``config.trainer_name`` to :func:`register_sparse_trainer`'s name for it (e.g.
+  ``'classification_trainer'`` -> ``'sparse_classification_trainer'``). Nothing happens on
+  import and no registered trainer is replaced: other configs, and this one with
+  ``--config.trainer_name=classification_trainer``, train dense.
+
+  Args:
+    config: the Scenic config (``ml_collections.ConfigDict``) with ``trainer_name`` and
+      ``sparsity_config``.
+
+  Returns:
+    ``config``, changed in place.
+
+  Raises:
+    ValueError: if the config has no ``sparsity_config`` or names no registered trainer.
+  """
+  if config.get(SPARSITY_CONFIG_FIELD) is None:
+    raise ValueError(f'prunax_scenic.enable(config) needs config.{SPARSITY_CONFIG_FIELD} '
+                     '(a ConfigDict with the keys of prunax.create_updater_from_config); '
+                     'set it before calling enable.')
+  updater_from_config(config.get(SPARSITY_CONFIG_FIELD))  # A bad config fails here, early.
+  config.trainer_name = register_sparse_trainer(config.get('trainer_name'))
+  return config

@@ -25,6 +25,8 @@ def pruned_optax(
     custom_sparsity_map: Mapping[str, float] | None = None,
     seed: int = 0,
     packed_masks: bool = True,
+    power: float | None = None,
+    layer_axes: Mapping[str, int] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``optimizer`` wrapped by a prunax algorithm, for ``PrunedOptaxWrapper.optax_optimizer``.
@@ -54,6 +56,12 @@ def pruned_optax(
       0.0}.
     seed: seed of the pruner's random key.
     packed_masks: store masks as bits packed along the last axis.
+    power: exponent of the polynomial (gradual pruning) schedule; 3 when None.
+    layer_axes: ``{parameter name or regex: axis}`` of stacked (scanned) layers, so that
+      each layer of a stacked kernel is pruned as its own layer, e.g.
+      ``{'params/decoder/layers/mlp/wi/kernel': 1}``; for a flax model
+      ``prunax.layers.layer_axes_from_flax(params, params_axes=...)`` reads them from
+      t5x/flaxformer's ``params_axes`` (logical axis ``'layers'``).
     extra: further constructor arguments of the algorithm.
 
   Returns:
@@ -67,7 +75,8 @@ def pruned_optax(
       'sparsity_type': sparsity_type, 'update_freq': update_freq,
       'update_start_step': update_start_step, 'update_end_step': update_end_step,
       'drop_fraction': drop_fraction, 'custom_sparsity_map': custom_sparsity_map,
-      'seed': seed, 'packed_masks': packed_masks, 'extra': extra,
+      'seed': seed, 'packed_masks': packed_masks, 'power': power,
+      'extra': {**(extra or {}), 'layer_axes': dict(layer_axes)} if layer_axes else extra,
   }
   updater = prunax.create_updater_from_config(
       {key: value for key, value in config.items() if value is not None})

@@ -26,9 +26,11 @@ if importlib.util.find_spec('dopamine') is None:
 prunax_dopamine = importlib.import_module('prunax_dopamine')
 
 import gin  # noqa: E402
+import gymnasium  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from dopamine.discrete_domains import checkpointer  # noqa: E402
+from dopamine.discrete_domains import gym_lib  # noqa: E402
 from dopamine.discrete_domains import run_experiment  # noqa: E402
 from dopamine.jax.agents.dqn import dqn_agent  # noqa: E402
 from dopamine.jax.agents.implicit_quantile import implicit_quantile_agent  # noqa: E402
@@ -224,6 +226,81 @@ def test_resume_restores_masks_and_optimizer_state(tmp_path):
   assert int(state.count) > int(saved_state.count) + 100
   check_scheduled(agent.pruner, algorithm, agent.online_params, agent.optimizer_state)
   assert sorted(collected(base_dir)) == ['iteration_1']
+
+
+class _SameStart(gymnasium.Wrapper):
+  """Every episode starts from the same state: CartPole is then deterministic given actions."""
+
+  def reset(self, **kwargs):
+    del kwargs
+    return self.env.reset(seed=0)
+
+
+@gin.configurable
+def same_start_cartpole():
+  """Dopamine's CartPole with a reset that does not depend on the process's history.
+
+  Dopamine does not checkpoint the environment (its iterations end at episode ends);
+  gymnasium draws each start state from an RNG seeded anew in every process, which would
+  make a relaunched run differ from an uninterrupted one for reasons outside the agent.
+  """
+  env = gym_lib.create_gym_environment('CartPole', 'v1')
+  env.environment = _SameStart(env.environment)
+  return env
+
+
+RESUME_FAMILIES = {
+    'magnitude': {**GRADUAL, 'update_end_step': 80},  # Mid-schedule at the relaunch.
+    'rigl': {**DYNAMIC, 'update_freq': 10},
+    'set': {**DYNAMIC, 'update_freq': 10},
+    'magnitude_ste': {**GRADUAL, 'update_end_step': 80},
+    'autosparse': FAMILIES['autosparse'],
+}
+RESUME_BINDINGS = SMALL_CARTPOLE + [
+    'TrainRunner.create_environment_fn = @same_start_cartpole',
+    'Runner.training_steps = 150',
+    # Many exploratory actions: a resumed run that re-seeded the agent's RNG would diverge.
+    'JaxDQNAgent.epsilon_train = 0.3',
+]
+
+
+def _final_agent(base_dir: str, bindings: list[str], iterations: int):
+  gin.clear_config()
+  runner = make_runner(base_dir, bindings + [f'Runner.num_iterations = {iterations}'])
+  runner.run_experiment()
+  return runner._agent
+
+
+@pytest.mark.parametrize('algorithm', list(RESUME_FAMILIES))
+def test_relaunch_into_base_dir_matches_uninterrupted_run(algorithm, tmp_path):
+  """N iterations, a new runner into the same base_dir to 2N, vs 2N in one launch."""
+  bindings = RESUME_BINDINGS + pruner_bindings(algorithm, **RESUME_FAMILIES[algorithm])
+  whole = _final_agent(str(tmp_path / 'whole'), bindings, 2)
+  interrupted = str(tmp_path / 'interrupted')
+  first = _final_agent(interrupted, bindings, 1)
+  first_count = int(prunax.get_sparse_state(first.optimizer_state).count)
+  resumed = _final_agent(interrupted, bindings, 2)  # Dopamine reloads checkpoint 0.
+  assert resumed is not first
+  assert sorted(collected(interrupted)) == ['iteration_1']  # Only iteration 1 ran.
+
+  state = prunax.get_sparse_state(resumed.optimizer_state)
+  expected = prunax.get_sparse_state(whole.optimizer_state)
+  assert 0 < first_count < int(state.count) == int(expected.count)
+  assert resumed.training_steps == whole.training_steps
+  # Integer state stays integer through Dopamine's checkpoint.
+  for restored, original in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+    assert restored.dtype == original.dtype
+  for a, b in zip(jax.tree.leaves(state.masks), jax.tree.leaves(expected.masks)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for name in ('online_params', 'target_network_params', 'optimizer_state'):
+    got, want = getattr(resumed, name), getattr(whole, name)
+    assert jax.tree.structure(got) == jax.tree.structure(want), name
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      if jnp.issubdtype(a.dtype, jnp.floating):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+      else:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  check_scheduled(resumed.pruner, algorithm, resumed.online_params, resumed.optimizer_state)
 
 
 VARIANTS = {

@@ -237,8 +237,9 @@ def _from_bytes(template, blob):
                                       [jnp.asarray(x) for x in leaves])
 
 
-@pytest.mark.parametrize('algorithm', ['magnitude_ste', 'rigl'])
-def test_server_state_save_restore_mid_schedule(algorithm, data, model):
+@pytest.mark.parametrize('algorithm', ['magnitude', 'set', 'rigl', 'magnitude_ste',
+                                       'autosparse'])
+def test_server_state_save_restore_mid_schedule(algorithm, data, model, tmp_path):
   train, _ = data
   pruner = _pruner(algorithm)
   algo = _fed_avg(model, pruner)
@@ -250,8 +251,14 @@ def test_server_state_save_restore_mid_schedule(algorithm, data, model):
 
   restored_msgpack = _from_bytes(init, _leaves_bytes(state))
   restored_pickle = pickle.loads(pickle.dumps(jax.device_get(state)))
+  prunax_fedjax.save_server_state(tmp_path / 'server_state', state)
+  restored_file = prunax_fedjax.restore_server_state(tmp_path / 'server_state', init)
+  for restored in (restored_msgpack, restored_pickle, restored_file):
+    sparse = prunax.get_sparse_state(restored.opt_state)
+    assert sparse.count.dtype == np.int32 and int(sparse.count) == 5
+    assert sparse.rng.dtype == np.uint32
   runs = []
-  for s in (state, restored_msgpack, restored_pickle):
+  for s in (state, restored_msgpack, restored_pickle, restored_file):
     for r in range(5, NUM_ROUNDS):
       s, _ = algo.apply(s, fedjax.client_samplers.UniformGetClientSampler(
           train, 5, seed=0, start_round_num=r).sample())

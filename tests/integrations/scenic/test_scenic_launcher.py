@@ -157,6 +157,36 @@ def test_launcher_rigl_resumes_and_moves_its_masks(tmp_path):
     assert scalars[f'sparsity/{name}'][STEPS] >= EXPECTED_ZEROS[name] / size - 1e-6
 
 
+# One batch holds the whole training set (reshuffled each epoch): every step sees the same
+# examples, so a relaunch, whose data stream starts over, trains on the same data as an
+# uninterrupted run.
+ONE_BATCH = ('--config.dataset_configs.num_train_examples=32',)
+
+
+@pytest.mark.parametrize('algorithm', ['magnitude', 'rigl', 'magnitude_ste'])
+def test_relaunch_into_workdir_matches_uninterrupted_run(tmp_path, algorithm):
+  """12 steps, the same command to 20 steps, vs 20 steps in one launch."""
+  flags = (*ONE_BATCH, f'--config.sparsity_config.algorithm={algorithm}',
+           '--config.sparsity_config.update_end_step=16')  # Masks change after the relaunch.
+  whole, interrupted = tmp_path / 'whole', tmp_path / 'interrupted'
+  _launch(whole, *flags)
+  _launch(interrupted, *flags, '--config.num_training_steps=12')
+  assert 'Starting training loop at step 13.' in _launch(interrupted, *flags)
+  got, want = _checkpoint(interrupted, STEPS), _checkpoint(whole, STEPS)
+  got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
+  want_leaves = jax.tree.leaves(want)
+  assert len(got_leaves) == len(want_leaves)
+  for (path, a), b in zip(got_leaves, want_leaves):
+    name = jax.tree_util.keystr(path)
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype, name
+    if a.dtype.kind == 'f':
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+    else:  # Masks, the pruner's count and RNG key, Scenic's step.
+      np.testing.assert_array_equal(a, b, err_msg=name)
+  assert int(got['opt_state']['count']) == STEPS
+
+
 class RecordingWriter:
   """A clu metric writer keeping the scalars it is given."""
 
@@ -180,7 +210,7 @@ def test_scenic_trainer_runs_every_algorithm_family(tmp_path, algorithm):
   from scenic.train_lib import train_utils  # pylint: disable=import-outside-toplevel
   from scenic.train_lib import trainers  # pylint: disable=import-outside-toplevel
 
-  config = tiny_synthetic_config.get_config()  # Calls prunax_scenic.enable().
+  config = tiny_synthetic_config.get_config()  # Opted in by prunax_scenic.enable(config).
   config.sparsity_config.algorithm = algorithm
   config.sparsity_config.update_end_step = 4
   config.num_training_steps = 8
@@ -255,11 +285,53 @@ def test_paper_configs_fit_scenics_models(config_module):
     assert sum(sizes[n] for n in pool) > 85_000_000
 
 
-def test_enable_is_idempotent_and_wraps_the_registered_trainers():
+def test_enable_opts_in_one_config_and_replaces_no_trainer():
   from scenic.train_lib import classification_trainer  # pylint: disable=import-outside-toplevel
   from scenic.train_lib import trainers  # pylint: disable=import-outside-toplevel
-  prunax_scenic.enable()
-  wrapped = trainers.ALL_TRAINERS['classification_trainer']
-  prunax_scenic.enable()
-  assert trainers.ALL_TRAINERS['classification_trainer'] is wrapped
-  assert wrapped.__wrapped__ is classification_trainer.train
+  from scenic.train_lib.transfer import transfer_trainer  # pylint: disable=import-outside-toplevel
+
+  config = tiny_synthetic_config.get_config()
+  assert config.trainer_name == 'sparse_classification_trainer'
+  sparse = trainers.get_trainer('sparse_classification_trainer')
+  assert sparse.__wrapped__ is classification_trainer.train
+  # The registered trainers are untouched: other configs (and --config.trainer_name=
+  # classification_trainer) train dense.
+  assert trainers.get_trainer('classification_trainer') is classification_trainer.train
+  assert trainers.get_trainer('transfer_trainer') is transfer_trainer.train
+  assert 'sparse_transfer_trainer' not in trainers.ALL_TRAINERS  # Only what was opted in.
+  # Idempotent: again, or with the sparse name.
+  assert prunax_scenic.enable(config) is config
+  assert config.trainer_name == 'sparse_classification_trainer'
+  assert trainers.get_trainer('sparse_classification_trainer') is sparse
+  assert prunax_scenic.register_sparse_trainer('classification_trainer') == (
+      'sparse_classification_trainer')
+
+  with pytest.raises(ValueError, match=r"No Scenic trainer named 'classification'; registered "
+                                       r"trainers are \['classification_trainer'"):
+    prunax_scenic.register_sparse_trainer('classification')
+  dense = tiny_synthetic_config.get_config()
+  del dense.sparsity_config
+  with pytest.raises(ValueError, match='needs config.sparsity_config'):
+    prunax_scenic.enable(dense)
+  dense.sparsity_config = {'algorithm': 'magnitud'}
+  with pytest.raises(ValueError, match="Unknown algorithm 'magnitud'"):
+    prunax_scenic.enable(dense)
+
+
+_IMPORT_CONFIG = """
+import sys
+from scenic.train_lib import trainers
+before = dict(trainers.ALL_TRAINERS)
+import prunax_scenic.configs.tiny_synthetic_config
+import prunax_scenic.configs.imagenet_resnet50_config
+import prunax_scenic.configs.imagenet_vit_b16_config
+assert trainers.ALL_TRAINERS == before, trainers.ALL_TRAINERS
+print('unchanged', sorted(before))
+"""
+
+
+def test_importing_a_config_file_changes_no_trainer():
+  run = subprocess.run([sys.executable, '-c', _IMPORT_CONFIG], capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "unchanged ['classification_trainer', 'transfer_trainer']" in run.stdout

@@ -137,3 +137,52 @@ def test_chained_states_are_walked():
   assert isinstance(axes, tuple) and isinstance(axes[0], prunax.SparseState)
   assert axes[0].masks['token_embedder']['embedding'] == P('vocab', 'embed')
   assert axes[1] == _inner_marker(state[1], AXES)
+
+
+def test_layer_axes_prune_each_stacked_layer_on_its_own():
+  # A scanned stack of 2 layers on axis 0: layer 0 holds small weights, layer 1 large ones.
+  stacked = jnp.concatenate([jnp.full((1, 8, 16), 0.01), jnp.ones((1, 8, 16))]).at[
+      :, 0, :4].set(0.5)
+  params = {'decoder': {'layers': {'wi': stacked}}}
+  tx = _parse("""
+prunax_t5x.pruned_optax:
+  optimizer = @optax.sgd()
+  algorithm = 'magnitude'
+  sparsity = 0.5
+  dist_type = 'uniform'
+  layer_axes = {'decoder/layers/wi': 0}
+optax.sgd.learning_rate = 0.0
+""")
+  state = tx.init(params)
+  updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  kernel = optax.apply_updates(params, updates)['decoder']['layers']['wi']
+  # Per layer: half of each layer's 128 weights are pruned (a single pool would prune
+  # all of layer 0 and none of layer 1).
+  assert [int(jnp.sum(kernel[i] == 0)) for i in range(2)] == [64, 64]
+
+
+# optax.adafactor with the settings of t5x's own adafactor.Adafactor (t5x's default for
+# T5): decay_rate 0.8, no momentum, update clipping 1.0, parameter scaling, factored second
+# moments for dims >= 128, epsilon1 1e-30 (epsilon2 1e-3 is optax's fixed param-scale floor).
+T5X_ADAFACTOR = dict(learning_rate=1e-2, decay_rate=0.8, momentum=None, clipping_threshold=1.0,
+                     multiply_by_parameter_scale=True, min_dim_size_to_factor=128, eps=1e-30,
+                     factored=True)
+
+
+def test_t5x_adafactor_settings_prune():
+  params = {'mlp': {'wi': jax.random.normal(jax.random.PRNGKey(0), (128, 256))},
+            'norm': {'scale': jnp.ones(128)}}
+  grads = jax.tree.map(lambda p: 0.1 * jnp.cos(p), params)
+  tx = prunax_t5x.pruned_optax(optax.adafactor(**T5X_ADAFACTOR), 'magnitude', 0.5,
+                               dist_type='uniform', update_freq=1, update_start_step=0,
+                               update_end_step=1)
+  plain = optax.adafactor(**T5X_ADAFACTOR)
+  state, plain_state = tx.init(params), plain.init(params)
+  # Step 1 prunes nothing yet (gradual schedule, 0% after the first update): Adafactor's step.
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  expected, plain_state = plain.update(grads, plain_state, params)
+  np.testing.assert_allclose(updates['mlp']['wi'], expected['mlp']['wi'], rtol=1e-6)
+  params = optax.apply_updates(params, updates)
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  wi = optax.apply_updates(params, updates)['mlp']['wi']
+  assert int(jnp.sum(wi == 0)) == 128 * 256 // 2

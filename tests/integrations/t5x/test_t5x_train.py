@@ -1,7 +1,9 @@
 """prunax in real t5x training: ``python -m t5x.train`` with the tiny gin file shipped in
 prunax_t5x, on one CPU device and partitioned on 8 (4-way data x 2-way model parallel)."""
 
+import glob
 import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -22,9 +24,11 @@ CONFIG = {'sparsity': 0.8, 'dist_type': 'erk', 'update_freq': 2, 'update_start_s
           'update_end_step': 6}
 
 
-def _train(model_dir, algorithm: str, devices: int = 1) -> None:
-  bindings = {'MODEL_DIR': repr(str(model_dir)), 'TRAIN_STEPS': TRAIN_STEPS,
-              'prunax_t5x.pruned_optax.algorithm': repr(algorithm)}
+def _train(model_dir, algorithm: str, devices: int = 1, steps: int = TRAIN_STEPS) -> None:
+  bindings = {'MODEL_DIR': repr(str(model_dir)), 'TRAIN_STEPS': steps,
+              'prunax_t5x.pruned_optax.algorithm': repr(algorithm),
+              # t5x restarts the data set on a relaunch unless its iterator is checkpointed.
+              'utils.SaveCheckpointConfig.save_dataset': True}
   bindings.update({f'prunax_t5x.pruned_optax.{k}': repr(v) for k, v in CONFIG.items()})
   if devices > 1:  # t5x's CPU mesh is all 'model' unless a model-parallel submesh is given
     bindings['partitioning.PjitPartitioner.num_partitions'] = None
@@ -71,8 +75,12 @@ def _pruned(state: dict) -> dict:
   out = {}
   for name, mask in masks.items():
     param = state['target/' + name]
-    # Stored 1 bit per weight, packed along the last axis (the default).
-    assert mask.dtype == np.uint8 and mask.shape[-1] == -(-param.shape[-1] // 8), name
+    # Stored 1 bit per weight, packed along the last axis in gcd(d, 8) byte blocks (the
+    # default; one block when the blocks would hold a multiple of 8 weights).
+    d = param.shape[-1]
+    blocks = math.gcd(d, 8) if (d // math.gcd(d, 8)) % 8 else 1
+    assert mask.dtype == np.uint8 and mask.shape == (
+        *param.shape[:-1], blocks * -(-(d // blocks) // 8)), name
     out[name] = (param, np.asarray(prunax.unpack_mask(mask, param.shape)))
   return out
 
@@ -169,3 +177,68 @@ def test_autosparse_saves_soft_thresholded_params(runs):
     expected = np.sign(dense) * np.maximum(np.abs(dense) - threshold, 0.0)
     np.testing.assert_allclose(param, expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(mask == 1, np.abs(dense) > threshold)
+
+
+def _summaries(model_dir) -> dict:
+  """{tag: {step: value}} of the train summaries t5x wrote (TensorBoard event files)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in glob.glob(os.path.join(model_dir, 'train', 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        array = tf.make_ndarray(value.tensor)
+        if array.dtype.kind == 'f' and array.size == 1:  # Scalars (not the gin config text).
+          out.setdefault(value.tag, {})[event.step] = float(array)
+  return out
+
+
+def test_sparsity_in_train_summaries(runs):
+  model_dir = runs('magnitude')
+  scalars = _summaries(model_dir)
+  state = _load(model_dir, TRAIN_STEPS)
+  kernels = {k[len('target/'):]: v for k, v in state.items()
+             if k.startswith('target/') and v is not None and v.ndim >= 2}
+  size = sum(v.size for v in kernels.values())
+  # t5x averages train metrics over the steps since the previous summary: the summaries at
+  # steps 4 and 8 (the tiny gin's period) cover steps 1-4 and 5-8. Magnitude pruning zeroes
+  # exactly the scheduled number of weights per kernel after every step.
+  assert set(scalars['sparsity/total']) == {4, TRAIN_STEPS}
+  for summary_step in (4, TRAIN_STEPS):
+    per_step = [_expected_zeros('magnitude', state, step)
+                for step in range(summary_step - 3, summary_step + 1)]
+    total = np.mean([sum(zeros.values()) for zeros in per_step]) / size
+    assert scalars['sparsity/total'][summary_step] == pytest.approx(total, abs=1e-6)
+    assert scalars['sparsity/scheduled_total'][summary_step] == pytest.approx(total, abs=1e-6)
+    for name in per_step[0]:
+      assert scalars[f'sparsity/{name}'][summary_step] == pytest.approx(
+          np.mean([zeros[name] for zeros in per_step]) / kernels[name].size, abs=1e-6), name
+  assert scalars['sparsity/total'][4] < scalars['sparsity/total'][TRAIN_STEPS]
+
+
+def test_rigl_checkpoint_0_holds_sparse_params(runs):
+  state = _load(runs('rigl'), 0)
+  for name, (param, mask) in _pruned(state).items():
+    assert np.sum(mask == 0) > 0, name
+    assert np.all(param[mask == 0] == 0), name
+
+
+RESUMED = ['magnitude', 'rigl', 'set', 'magnitude_ste', 'autosparse']
+
+
+@pytest.mark.parametrize('algorithm', RESUMED)
+def test_relaunch_into_model_dir_matches_uninterrupted_run(runs, tmp_path, algorithm):
+  """TRAIN_STEPS // 2 steps, the same command to TRAIN_STEPS, vs TRAIN_STEPS in one launch."""
+  _train(tmp_path, algorithm, steps=TRAIN_STEPS // 2)
+  _train(tmp_path, algorithm)  # t5x restores checkpoint 4 and trains steps 5 to 8.
+  resumed, whole = _load(tmp_path, TRAIN_STEPS), _load(runs(algorithm), TRAIN_STEPS)
+  assert resumed.keys() == whole.keys()
+  # Integer state is integer again after t5x's restore (it reads it back as float32).
+  assert resumed['state/param_states/count'].dtype == np.int32
+  assert resumed['state/param_states/count'] == TRAIN_STEPS
+  assert resumed['state/param_states/rng'].dtype == np.uint32
+  for key in resumed:
+    assert getattr(resumed[key], 'dtype', None) == getattr(whole[key], 'dtype', None), key
+    if resumed[key] is None or resumed[key].dtype.kind != 'f':
+      np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)  # masks, count, rng
+    else:
+      np.testing.assert_allclose(resumed[key], whole[key], rtol=1e-5, atol=1e-6, err_msg=key)

@@ -51,5 +51,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_configs.steps_per_cycle = config.num_training_epochs * steps_per_epoch
   config.checkpoint_steps = 10 * steps_per_epoch
   config.sparsity_config = get_sparsity_config()
-  prunax_scenic.enable()
-  return config
+  return prunax_scenic.enable(config)

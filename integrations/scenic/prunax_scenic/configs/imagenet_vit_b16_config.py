@@ -39,5 +39,4 @@ def get_config(runlocal: str = '') -> ml_collections.ConfigDict:
   config = imagenet_vit_config.get_config(runlocal)
   config.experiment_name = 'imagenet_vit_b16_prunax'
   config.sparsity_config = get_sparsity_config()
-  prunax_scenic.enable()
-  return config
+  return prunax_scenic.enable(config)

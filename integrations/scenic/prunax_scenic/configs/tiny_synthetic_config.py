@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.experiment_name = 'prunax_tiny_synthetic'
   config.dataset_name = synthetic_dataset.DATASET_NAME
   config.dataset_configs = ml_collections.ConfigDict()
+  # Set here so that the command line can override them (it cannot add keys).
+  config.dataset_configs.num_train_examples = synthetic_dataset.NUM_TRAIN_EXAMPLES
+  config.dataset_configs.num_eval_examples = synthetic_dataset.NUM_EVAL_EXAMPLES
   config.data_dtype_str = 'float32'
 
   config.model_name = 'simple_cnn_classification'
@@ -61,7 +64,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.rng_seed = 0
 
   config.sparsity_config = get_sparsity_config()
-  prunax_scenic.enable()
 
   config.log_summary_steps = 5
   config.log_eval_steps = 10
@@ -71,4 +73,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint = True
   config.debug_train = False
   config.debug_eval = False
-  return config
+  # Opt in: config.trainer_name becomes 'sparse_classification_trainer'.
+  return prunax_scenic.enable(config)
