@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -30,8 +31,9 @@ from prunax.sparsity_distributions import path_name
 PyTree = Any
 
 # Primitives through which a parameter passes unchanged (dtype casts and copies).
-_PASS = frozenset({'convert_element_type', 'copy', 'copy_p', 'reduce_precision',
-                   'optimization_barrier'})
+_PASS = frozenset(
+  {"convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier"}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +76,10 @@ def _closed(j):
 def _call_jaxpr(eqn):
   """The inner jaxpr of a call-like equation whose inputs are the equation's inputs."""
   name = eqn.primitive.name
-  if name in ('pjit', 'jit', 'closed_call', 'core_call', 'remat', 'remat2', 'checkpoint'):
-    return _closed(eqn.params['jaxpr'])
-  if name in ('custom_jvp_call', 'custom_vjp_call', 'custom_vjp_call_jaxpr'):
-    key = 'call_jaxpr' if 'call_jaxpr' in eqn.params else 'fun_jaxpr'
+  if name in ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint"):
+    return _closed(eqn.params["jaxpr"])
+  if name in ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"):
+    key = "call_jaxpr" if "call_jaxpr" in eqn.params else "fun_jaxpr"
     return _closed(eqn.params[key])
   return None
 
@@ -110,8 +112,10 @@ class _Interpreter:
         env[v] = x
         if o is not None:
           orig[v] = o
-    return ([read(v) for v in jaxpr.outvars],
-            [None if isinstance(v, jex_core.Literal) else orig.get(v) for v in jaxpr.outvars])
+    return (
+      [read(v) for v in jaxpr.outvars],
+      [None if isinstance(v, jex_core.Literal) else orig.get(v) for v in jaxpr.outvars],
+    )
 
   def bind(self, eqn, ins):
     params = eqn.primitive.get_bind_params(eqn.params)
@@ -126,12 +130,12 @@ class _Interpreter:
       return self.bind(eqn, ins), [None] * nout
     if name in _PASS and len(ins) == 1:
       return self.bind(eqn, ins), [oin[0]]
-    if name == 'dot_general':
+    if name == "dot_general":
       return self.dot_general(eqn, ins, oin), [None]
     inner = _call_jaxpr(eqn)
     if inner is not None:
       return self.run(inner, ins, oin)
-    if name == 'scan':
+    if name == "scan":
       return self.scan(eqn, ins, oin)
     for o in oin:  # Read by something else than a matmul: not a kernel.
       if o is not None:
@@ -139,7 +143,7 @@ class _Interpreter:
     return self.bind(eqn, ins), [None] * nout
 
   def dot_general(self, eqn, ins, oin):
-    (lc, rc), (lb, rb) = eqn.params['dimension_numbers']
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     out = self.bind(eqn, ins)
     if oin[0] is not None and oin[1] is not None:
       self.non_kernel.update({oin[0].leaf, oin[1].leaf})
@@ -148,28 +152,28 @@ class _Interpreter:
     if (lb, rb)[k]:  # Batched over a kernel dimension: not one layer's matmul.
       self.non_kernel.add(oin[k].leaf)
       return out
-    kernel_c, x_c = ((lc, rc) if k == 0 else (rc, lc))
+    kernel_c, x_c = (lc, rc) if k == 0 else (rc, lc)
     self.on_site(oin[k], ins[1 - k], tuple(kernel_c), tuple(x_c), ins[k])
     return out
 
   def scan(self, eqn, ins, oin):
     p = eqn.params
-    nc, ncarry, length = p['num_consts'], p['num_carry'], p['length']
-    consts, carry, xs = ins[:nc], ins[nc:nc + ncarry], ins[nc + ncarry:]
-    oc, ocarry, oxs = oin[:nc], oin[nc:nc + ncarry], oin[nc + ncarry:]
+    nc, ncarry, length = p["num_consts"], p["num_carry"], p["length"]
+    consts, carry, xs = ins[:nc], ins[nc : nc + ncarry], ins[nc + ncarry :]
+    oc, ocarry, oxs = oin[:nc], oin[nc : nc + ncarry], oin[nc + ncarry :]
     if any(o is not None for o in ocarry):
       for o in ocarry:
         if o is not None:
           self.non_kernel.add(o.leaf)
     ys_steps = []
-    steps = range(length - 1, -1, -1) if p['reverse'] else range(length)
+    steps = range(length - 1, -1, -1) if p["reverse"] else range(length)
     for i in steps:
       x_i = [x[i] for x in xs]
       o_i = [None if o is None else Origin(o.leaf, o.index + (i,)) for o in oxs]
-      out, _ = self.run(p['jaxpr'], [*consts, *carry, *x_i], [*oc, *([None] * ncarry), *o_i])
+      out, _ = self.run(p["jaxpr"], [*consts, *carry, *x_i], [*oc, *([None] * ncarry), *o_i])
       carry, ys = out[:ncarry], out[ncarry:]
       ys_steps.append(ys)
-    if p['reverse']:
+    if p["reverse"]:
       ys_steps = ys_steps[::-1]
     nys = len(eqn.outvars) - ncarry
     ys = [jnp.stack([s[j] for s in ys_steps]) for j in range(nys)]
@@ -180,19 +184,22 @@ def _input_matrix(x, x_c: tuple[int, ...]) -> jax.Array:
   """Activations as ``(tokens, features)``: feature dims ``x_c`` last, in that order."""
   rest = [d for d in range(x.ndim) if d not in x_c]
   x = jnp.transpose(x, rest + list(x_c))
-  return x.reshape(-1, math.prod(x.shape[len(rest):]) if x_c else 1)
+  return x.reshape(-1, math.prod(x.shape[len(rest) :]) if x_c else 1)
 
 
 def _trace(apply_fn, params, batch):
   leaves, treedef = jax.tree.flatten(params)
+
   def flat_fn(leaves, batch):
     return apply_fn(jax.tree.unflatten(treedef, leaves), batch)
+
   closed = jax.make_jaxpr(flat_fn)(leaves, batch)
   return closed, leaves, treedef
 
 
-def find_sites(apply_fn: Callable[[PyTree, Any], Any], params: PyTree,
-               batch: Any) -> tuple[list[Site], set[int]]:
+def find_sites(
+  apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batch: Any
+) -> tuple[list[Site], set[int]]:
   """The matmul sites of ``apply_fn(params, batch)`` in execution order (shapes only).
 
   Returns:
@@ -211,29 +218,35 @@ def find_sites(apply_fn: Callable[[PyTree, Any], Any], params: PyTree,
     key = (origin.leaf, origin.index)
     if key in layouts:
       if layouts[key] != kernel_c:
-        raise ValueError(f'kernel {names[origin.leaf]!r} is used by matmuls with different '
-                         f'input dimensions {layouts[key]} and {kernel_c}.')
+        raise ValueError(
+          f"kernel {names[origin.leaf]!r} is used by matmuls with different "
+          f"input dimensions {layouts[key]} and {kernel_c}."
+        )
       return
     layouts[key] = kernel_c
     if not groups or groups[-1] is not x:
       groups.append(x)
-    name = names[origin.leaf] + ''.join(f'[{i}]' for i in origin.index)
+    name = names[origin.leaf] + "".join(f"[{i}]" for i in origin.index)
     sites[key] = Site(origin.leaf, origin.index, kernel_c, name, len(groups) - 1)
 
   interp = _Interpreter(on_site)
 
   def run(leaves, batch):
     flat_batch = jax.tree.leaves(batch)
-    interp.run(closed, [*leaves, *flat_batch],
-               [Origin(i) for i in range(len(leaves))] + [None] * len(flat_batch))
+    interp.run(
+      closed,
+      [*leaves, *flat_batch],
+      [Origin(i) for i in range(len(leaves))] + [None] * len(flat_batch),
+    )
     return 0
 
   jax.eval_shape(run, leaves, batch)
   return list(sites.values()), interp.non_kernel
 
 
-def make_gram_fn(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batch: Any,
-                 sites: Sequence[Site]) -> Callable[[PyTree, Any], list[jax.Array]]:
+def make_gram_fn(
+  apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batch: Any, sites: Sequence[Site]
+) -> Callable[[PyTree, Any], list[jax.Array]]:
   """A jitted ``fn(params, batch) -> [sum of x^T x per site]`` (float32) and token counts.
 
   Only the requested sites' Gram matrices are computed, so memory is bounded by those.
@@ -258,8 +271,11 @@ def make_gram_fn(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batch: 
       grams[j] = g if grams[j] is None else grams[j] + g
       counts[j] = counts[j] + X.shape[0]
 
-    _Interpreter(on_site).run(closed, [*leaves, *flat_batch],
-                              [Origin(i) for i in range(len(leaves))] + [None] * len(flat_batch))
+    _Interpreter(on_site).run(
+      closed,
+      [*leaves, *flat_batch],
+      [Origin(i) for i in range(len(leaves))] + [None] * len(flat_batch),
+    )
     return grams, counts
 
   return gram_fn
@@ -272,8 +288,9 @@ def kernel_matrix(kernel: jax.Array, in_dims: tuple[int, ...]) -> jax.Array:
   return moved.reshape(math.prod(kernel.shape[d] for d in in_dims), -1)
 
 
-def kernel_from_matrix(matrix: jax.Array, in_dims: tuple[int, ...],
-                       shape: tuple[int, ...]) -> jax.Array:
+def kernel_from_matrix(
+  matrix: jax.Array, in_dims: tuple[int, ...], shape: tuple[int, ...]
+) -> jax.Array:
   """Inverse of :func:`kernel_matrix`."""
   rest = [d for d in range(len(shape)) if d not in in_dims]
   perm = list(in_dims) + rest

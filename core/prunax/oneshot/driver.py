@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -60,52 +62,70 @@ def parse_sparsity_type(spec: str | SparsityType) -> SparsityType:
   if isinstance(spec, SparsityType):
     return spec
   if isinstance(spec, str):
-    if spec.lower() == 'unstructured':
+    if spec.lower() == "unstructured":
       return Unstructured()
-    match = re.fullmatch(r'(?:nm_)?(\d+)[:,](\d+)', spec.strip())
+    match = re.fullmatch(r"(?:nm_)?(\d+)[:,](\d+)", spec.strip())
     if match:
       return NByM(int(match.group(1)), int(match.group(2)), axis=0)
-  raise ValueError(f'sparsity_type must be "unstructured", "N:M" (e.g. "2:4"), Unstructured() '
-                   f'or NByM(n, m, axis=0), got {spec!r}.')
+  raise ValueError(
+    f'sparsity_type must be "unstructured", "N:M" (e.g. "2:4"), Unstructured() '
+    f"or NByM(n, m, axis=0), got {spec!r}."
+  )
 
 
 def _targets(params, leaves, names, sites, non_kernel, sparsity, distribution, filter_fn):
   kernel_leaves = {s.leaf for s in sites} - non_kernel
   if isinstance(distribution, str):
     user_filter = filter_fn or (lambda name, leaf: True)
+
     def kernel_filter(name, leaf):
       return names.index(name) in kernel_leaves and user_filter(name, leaf)
+
     tree = sparsity_distributions.resolve(distribution)(params, sparsity, filter_fn=kernel_filter)
   elif isinstance(distribution, Mapping):
     tree = sparsity_distributions.CustomMap(distribution)(params, sparsity)
   elif callable(distribution):
     tree = distribution(params, sparsity)
   else:
-    raise ValueError(f'sparsity_distribution must be "uniform", "erk", a mapping from parameter '
-                     f'name to sparsity or a callable, got {distribution!r}.')
+    raise ValueError(
+      f'sparsity_distribution must be "uniform", "erk", a mapping from parameter '
+      f"name to sparsity or a callable, got {distribution!r}."
+    )
   values = jax.tree.leaves(tree, is_leaf=lambda x: x is None)
   if len(values) != len(leaves):
-    raise ValueError('the sparsity distribution returned a tree that does not match params.')
+    raise ValueError("the sparsity distribution returned a tree that does not match params.")
   out = {}
   for i, value in enumerate(values):
     if value is None:
       continue
     if i not in kernel_leaves:
-      why = ('is read by something else than a matmul (e.g. an embedding lookup)'
-             if i in non_kernel else 'is not used as the kernel of any matmul')
-      raise ValueError(f'parameter {names[i]!r} {why}; one-shot pruning needs the layer '
-                       f'inputs of a matmul kernel. Leave it out of the sparsity map or filter.')
+      why = (
+        "is read by something else than a matmul (e.g. an embedding lookup)"
+        if i in non_kernel
+        else "is not used as the kernel of any matmul"
+      )
+      raise ValueError(
+        f"parameter {names[i]!r} {why}; one-shot pruning needs the layer "
+        f"inputs of a matmul kernel. Leave it out of the sparsity map or filter."
+      )
     out[i] = float(value)
   return out
 
 
-def prune(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Iterable[Any], *,
-          method: str = 'sparsegpt', sparsity: float = 0.5,
-          sparsity_distribution: str | Mapping[str, float] | Callable = 'uniform',
-          sparsity_type: str | SparsityType = 'unstructured', sequential: bool = True,
-          filter_fn: Callable[[str, Any], bool] | None = None,
-          progress: Callable[[LayerReport, int, int], None] | None = None,
-          **method_kwargs) -> OneShotResult:
+def prune(
+  apply_fn: Callable[[PyTree, Any], Any],
+  params: PyTree,
+  batches: Iterable[Any],
+  *,
+  method: str = "sparsegpt",
+  sparsity: float = 0.5,
+  sparsity_distribution: str | Mapping[str, float] | Callable = "uniform",
+  sparsity_type: str | SparsityType = "unstructured",
+  sequential: bool = True,
+  filter_fn: Callable[[str, Any], bool] | None = None,
+  progress: Callable[[LayerReport, int, int], None] | None = None,
+  **method_kwargs,
+) -> OneShotResult:
   """Prunes every matmul kernel of ``apply_fn`` in one shot from calibration ``batches``.
 
   Kernels are found by tracing ``apply_fn(params, batch)`` (see :mod:`capture`): the
@@ -142,15 +162,17 @@ def prune(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Itera
   """
   batches = list(batches)
   if not batches:
-    raise ValueError('prune needs at least one calibration batch.')
+    raise ValueError("prune needs at least one calibration batch.")
   method_fn = methods.get_method(method)
   stype = parse_sparsity_type(sparsity_type)
   sites, non_kernel = capture.find_sites(apply_fn, params, batches[0])
   leaves, treedef = jax.tree.flatten(params)
-  names = [sparsity_distributions.path_name(p)
-           for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  targets = _targets(params, leaves, names, sites, non_kernel, sparsity, sparsity_distribution,
-                     filter_fn)
+  names = [
+    sparsity_distributions.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+  ]
+  targets = _targets(
+    params, leaves, names, sites, non_kernel, sparsity, sparsity_distribution, filter_fn
+  )
   sites = [s for s in sites if s.leaf in targets]
   groups: dict[int, list[capture.Site]] = {}
   for s in sites:
@@ -178,9 +200,11 @@ def prune(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Itera
       new_W = jax.block_until_ready(new_W)
       seconds = time.perf_counter() - start
       if not bool(jnp.all(jnp.isfinite(new_W))):
-        raise FloatingPointError(f'{method} produced non-finite weights for {site.name!r} '
-                                 f'(shape {W.shape}); the Hessian may be singular: raise '
-                                 f'percdamp or use more calibration data.')
+        raise FloatingPointError(
+          f"{method} produced non-finite weights for {site.name!r} "
+          f"(shape {W.shape}); the Hessian may be singular: raise "
+          f"percdamp or use more calibration data."
+        )
       error = float(methods.reconstruction_error(W, new_W, H))
       new_kernel = capture.kernel_from_matrix(new_W, site.in_dims, kernel.shape)
       new_keep = capture.kernel_from_matrix(keep, site.in_dims, kernel.shape)
@@ -190,21 +214,25 @@ def prune(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Itera
       else:
         current[site.leaf] = new_kernel.astype(leaf.dtype)
         masks[site.leaf] = new_keep
-      report = LayerReport(site.name, tuple(W.shape), 1.0 - float(jnp.mean(keep)), error,
-                           seconds)
+      report = LayerReport(site.name, tuple(W.shape), 1.0 - float(jnp.mean(keep)), error, seconds)
       table.append(report)
       if progress is not None:
         progress(report, len(table), len(sites))
   mask_leaves = [masks.get(i) for i in range(len(leaves))]
-  return OneShotResult(jax.tree.unflatten(treedef, current),
-                       jax.tree.unflatten(treedef, mask_leaves), table)
+  return OneShotResult(
+    jax.tree.unflatten(treedef, current), jax.tree.unflatten(treedef, mask_leaves), table
+  )
 
 
 def format_table(table: list[LayerReport]) -> str:
   """The per-layer table as Markdown."""
-  lines = ['| layer | shape (in, out) | sparsity | rel. error | seconds |',
-           '|---|---|---:|---:|---:|']
+  lines = [
+    "| layer | shape (in, out) | sparsity | rel. error | seconds |",
+    "|---|---|---:|---:|---:|",
+  ]
   for r in table:
-    lines.append(f'| {r.layer} | {r.shape[0]}x{r.shape[1]} | {r.sparsity:.4f} | '
-                 f'{r.error:.4f} | {r.seconds:.3f} |')
-  return '\n'.join(lines)
+    lines.append(
+      f"| {r.layer} | {r.shape[0]}x{r.shape[1]} | {r.sparsity:.4f} | "
+      f"{r.error:.4f} | {r.seconds:.3f} |"
+    )
+  return "\n".join(lines)

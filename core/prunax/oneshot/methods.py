@@ -25,7 +25,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from prunax import selection
 from prunax.sparsity_types import NByM
@@ -33,6 +32,7 @@ from prunax.sparsity_types import SparsityType
 from prunax.sparsity_types import Unstructured
 from prunax.sparsity_types import num_zeros
 
+UNSTRUCTURED = Unstructured()
 MethodFn = Callable[..., tuple[jax.Array, jax.Array]]
 _METHODS: dict[str, MethodFn] = {}
 
@@ -46,7 +46,7 @@ def register_method(name: str, fn: MethodFn | None = None):
   if fn is None:
     return functools.partial(register_method, name)
   if not isinstance(name, str) or not name:
-    raise ValueError(f'register_method: name must be a non-empty string, got {name!r}.')
+    raise ValueError(f"register_method: name must be a non-empty string, got {name!r}.")
   _METHODS[name] = fn
   return fn
 
@@ -54,7 +54,7 @@ def register_method(name: str, fn: MethodFn | None = None):
 def get_method(name: str) -> MethodFn:
   """The registered method called ``name``."""
   if name not in _METHODS:
-    raise ValueError(f'Unknown one-shot method {name!r}; valid methods are {sorted(_METHODS)}.')
+    raise ValueError(f"Unknown one-shot method {name!r}; valid methods are {sorted(_METHODS)}.")
   return _METHODS[name]
 
 
@@ -65,20 +65,24 @@ def method_names() -> list[str]:
 
 def _check(W, H, sparsity, sparsity_type) -> None:
   if W.ndim != 2:
-    raise ValueError(f'W must be a 2-D (in, out) kernel, got shape {W.shape}.')
+    raise ValueError(f"W must be a 2-D (in, out) kernel, got shape {W.shape}.")
   if H is not None and H.shape != (W.shape[0],) * 2:
-    raise ValueError(f'H must have shape (in, in) = {(W.shape[0],) * 2} for W of shape '
-                     f'{W.shape}, got {H.shape}.')
+    raise ValueError(
+      f"H must have shape (in, in) = {(W.shape[0],) * 2} for W of shape {W.shape}, got {H.shape}."
+    )
   if not 0.0 <= float(sparsity) < 1.0:
-    raise ValueError(f'sparsity must be in [0, 1), got {sparsity!r}.')
+    raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}.")
   if not isinstance(sparsity_type, (Unstructured, NByM)):
-    raise ValueError(f'one-shot pruning supports Unstructured() or NByM(n, m), got '
-                     f'{sparsity_type!r}.')
+    raise ValueError(
+      f"one-shot pruning supports Unstructured() or NByM(n, m), got {sparsity_type!r}."
+    )
   if isinstance(sparsity_type, NByM):
     if sparsity_type.axis not in (0, -2):
-      raise ValueError(f'one-shot N:M groups run along the kernel input dimension (axis 0 of '
-                       f'the (in, out) kernel), got {sparsity_type!r}; use NByM(n, m, axis=0).')
-    NByM(sparsity_type.n, sparsity_type.m, 0).validate(W.shape, 'W')
+      raise ValueError(
+        f"one-shot N:M groups run along the kernel input dimension (axis 0 of "
+        f"the (in, out) kernel), got {sparsity_type!r}; use NByM(n, m, axis=0)."
+      )
+    NByM(sparsity_type.n, sparsity_type.m, 0).validate(W.shape, "W")
 
 
 def _nm_input_mask(scores: jax.Array, nm: NByM) -> jax.Array:
@@ -99,13 +103,12 @@ def wanda_scores(W: jax.Array, X: jax.Array) -> jax.Array:
   return jnp.abs(W.astype(jnp.float32)) * norms[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=('zeros', 'per_output', 'nm'))
+@functools.partial(jax.jit, static_argnames=("zeros", "per_output", "nm"))
 def _prune_by_scores(W, scores, zeros: int, per_output: bool, nm: NByM | None):
   if nm is not None:
     keep = _nm_input_mask(scores, nm)
   elif per_output:
-    keep = jax.vmap(lambda s: selection.topk_mask(s, s.size - zeros), in_axes=1,
-                    out_axes=1)(scores)
+    keep = jax.vmap(lambda s: selection.topk_mask(s, s.size - zeros), in_axes=1, out_axes=1)(scores)
   else:
     keep = selection.topk_mask(scores, scores.size - zeros)
   return jnp.where(keep, W, 0).astype(W.dtype), keep
@@ -115,20 +118,26 @@ def _nm_or_none(sparsity, sparsity_type) -> NByM | None:
   return sparsity_type if isinstance(sparsity_type, NByM) and sparsity > 0 else None
 
 
-def magnitude_prune(W: jax.Array, H: jax.Array | None = None, sparsity: float = 0.5,
-                    sparsity_type: SparsityType = Unstructured()) -> tuple[jax.Array, jax.Array]:
+def magnitude_prune(
+  W: jax.Array,
+  H: jax.Array | None = None,
+  sparsity: float = 0.5,
+  sparsity_type: SparsityType = UNSTRUCTURED,
+) -> tuple[jax.Array, jax.Array]:
   """Magnitude pruning of the layer (the baseline): keeps the largest ``|W|``.
 
   Unstructured: ``round(sparsity * W.size)`` zeros in the layer; ``H`` is not used.
   """
   _check(W, H, sparsity, sparsity_type)
   zeros = int(num_zeros(float(sparsity), W.size))
-  return _prune_by_scores(W, jnp.abs(W.astype(jnp.float32)), zeros, False,
-                          _nm_or_none(sparsity, sparsity_type))
+  return _prune_by_scores(
+    W, jnp.abs(W.astype(jnp.float32)), zeros, False, _nm_or_none(sparsity, sparsity_type)
+  )
 
 
-def wanda_prune(W: jax.Array, H: jax.Array, sparsity: float = 0.5,
-                sparsity_type: SparsityType = Unstructured()) -> tuple[jax.Array, jax.Array]:
+def wanda_prune(
+  W: jax.Array, H: jax.Array, sparsity: float = 0.5, sparsity_type: SparsityType = UNSTRUCTURED
+) -> tuple[jax.Array, jax.Array]:
   """Wanda: prunes the smallest ``|W| * ||X||`` of every output (``round(sparsity * in)``).
 
   ``||X_i||^2`` is ``N / 2 * H_ii``; the constant factor does not change a comparison.
@@ -158,15 +167,14 @@ def inverse_hessian_cholesky(H: jax.Array, percdamp: float = 0.01):
   return jnp.linalg.cholesky(Hinv).T, dead
 
 
-def _block_zero_counts(sparsity: float, rows: int, columns: int,
-                       blocksize: int) -> tuple[int, ...]:
+def _block_zero_counts(sparsity: float, rows: int, columns: int, blocksize: int) -> tuple[int, ...]:
   """Zeros of each column block, adding up to ``num_zeros(sparsity, rows * columns)``."""
   ends = list(range(0, columns, blocksize)) + [columns]
   z = [int(num_zeros(float(sparsity), rows * c)) for c in ends]
   return tuple(b - a for a, b in zip(z[:-1], z[1:]))
 
 
-@functools.partial(jax.jit, static_argnames=('counts', 'n', 'm', 'blocksize', 'percdamp'))
+@functools.partial(jax.jit, static_argnames=("counts", "n", "m", "blocksize", "percdamp"))
 def _sparsegpt(W, H, counts, n, m, blocksize, percdamp):
   # Reference orientation: rows = outputs, columns = inputs.
   Wt = W.astype(jnp.float32).T
@@ -187,11 +195,13 @@ def _sparsegpt(W, H, counts, n, m, blocksize, percdamp):
     def column(i, carry, d=d, U1=U1):
       W1, keep1, err1 = carry
       if m:
+
         def select(keep1):
           group = jax.lax.dynamic_slice_in_dim(W1, i, m, axis=1)
           dg = jax.lax.dynamic_slice_in_dim(d, i, m)
           nm = selection.n_by_m_mask(jnp.square(group) / jnp.square(dg)[None, :], n, m, axis=1)
           return jax.lax.dynamic_update_slice_in_dim(keep1, nm, i, axis=1)
+
         keep1 = jax.lax.cond(i % m == 0, select, lambda k: k, keep1)
       w = jax.lax.dynamic_index_in_dim(W1, i, axis=1, keepdims=False)
       q = jnp.where(jax.lax.dynamic_index_in_dim(keep1, i, axis=1, keepdims=False), w, 0.0)
@@ -211,9 +221,14 @@ def _sparsegpt(W, H, counts, n, m, blocksize, percdamp):
   return jnp.where(keep, Wt, 0.0).T.astype(W.dtype), keep.T
 
 
-def sparsegpt_prune(W: jax.Array, H: jax.Array, sparsity: float = 0.5,
-                    sparsity_type: SparsityType = Unstructured(), blocksize: int = 128,
-                    percdamp: float = 0.01) -> tuple[jax.Array, jax.Array]:
+def sparsegpt_prune(
+  W: jax.Array,
+  H: jax.Array,
+  sparsity: float = 0.5,
+  sparsity_type: SparsityType = UNSTRUCTURED,
+  blocksize: int = 128,
+  percdamp: float = 0.01,
+) -> tuple[jax.Array, jax.Array]:
   """SparseGPT (Frantar & Alistarh, 2023) of an ``(in, out)`` kernel, as the reference code.
 
   Inputs with ``H_ii = 0`` are dead (their weights are zeroed); ``H`` is dampened by
@@ -237,21 +252,21 @@ def sparsegpt_prune(W: jax.Array, H: jax.Array, sparsity: float = 0.5,
   """
   _check(W, H, sparsity, sparsity_type)
   if not (isinstance(blocksize, int) and blocksize >= 1):
-    raise ValueError(f'blocksize must be a positive integer, got {blocksize!r}.')
+    raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}.")
   if not percdamp >= 0:
-    raise ValueError(f'percdamp must be >= 0, got {percdamp!r}.')
+    raise ValueError(f"percdamp must be >= 0, got {percdamp!r}.")
   n = m = 0
   if isinstance(sparsity_type, NByM) and sparsity > 0:
     n, m = sparsity_type.n, sparsity_type.m
     if blocksize % m:
-      raise ValueError(f'blocksize={blocksize} must be a multiple of m={m} for N:M.')
+      raise ValueError(f"blocksize={blocksize} must be a multiple of m={m} for N:M.")
   counts = () if m else _block_zero_counts(sparsity, W.shape[1], W.shape[0], blocksize)
   return _sparsegpt(W, H, counts, n, m, blocksize, float(percdamp))
 
 
-register_method('magnitude', magnitude_prune)
-register_method('wanda', wanda_prune)
-register_method('sparsegpt', sparsegpt_prune)
+register_method("magnitude", magnitude_prune)
+register_method("wanda", wanda_prune)
+register_method("sparsegpt", sparsegpt_prune)
 
 
 def gram(X: jax.Array) -> jax.Array:
