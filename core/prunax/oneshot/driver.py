@@ -53,6 +53,34 @@ class OneShotResult:
   table: list[LayerReport]
 
 
+# Compiled calibration passes, reused when the same model is pruned again (other method,
+# sparsity or calibration data of the same shapes).
+_GRAM_FNS: dict[Any, Callable] = {}
+_GRAM_FNS_MAX = 256
+
+
+def _gram_fn(apply_fn, params, batch, group):
+  struct = jax.tree.map(
+    lambda x: (np.shape(x), str(x.dtype if hasattr(x, "dtype") else np.result_type(x))),
+    (params, batch),
+  )
+  key = (
+    apply_fn,
+    jax.tree.structure(struct),
+    tuple(jax.tree.leaves(struct)),
+    tuple(s.key for s in group),
+  )
+  try:
+    fn = _GRAM_FNS.get(key)
+  except TypeError:  # An unhashable apply_fn: no reuse.
+    return capture.make_gram_fn(apply_fn, params, batch, group)
+  if fn is None:
+    if len(_GRAM_FNS) >= _GRAM_FNS_MAX:
+      _GRAM_FNS.pop(next(iter(_GRAM_FNS)))
+    fn = _GRAM_FNS[key] = capture.make_gram_fn(apply_fn, params, batch, group)
+  return fn
+
+
 def parse_sparsity_type(spec: str | SparsityType) -> SparsityType:
   """``'unstructured'``, ``'N:M'`` (e.g. ``'2:4'``) or a sparsity type for one-shot pruning.
 
@@ -184,7 +212,7 @@ def prune(
   table: list[LayerReport] = []
   for group in groups.values():
     source = current if sequential else dense
-    gram_fn = capture.make_gram_fn(apply_fn, params, batches[0], group)
+    gram_fn = _gram_fn(apply_fn, params, batches[0], group)
     totals, tokens = None, None
     for batch in batches:
       grams, counts = gram_fn(jax.tree.unflatten(treedef, source), batch)

@@ -103,8 +103,8 @@ def wanda_scores(W: jax.Array, X: jax.Array) -> jax.Array:
   return jnp.abs(W.astype(jnp.float32)) * norms[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("zeros", "per_output", "nm"))
-def _prune_by_scores(W, scores, zeros: int, per_output: bool, nm: NByM | None):
+@functools.partial(jax.jit, static_argnames=("per_output", "nm"))
+def _prune_by_scores(W, scores, zeros, per_output: bool, nm: NByM | None):
   if nm is not None:
     keep = _nm_input_mask(scores, nm)
   elif per_output:
@@ -129,7 +129,7 @@ def magnitude_prune(
   Unstructured: ``round(sparsity * W.size)`` zeros in the layer; ``H`` is not used.
   """
   _check(W, H, sparsity, sparsity_type)
-  zeros = int(num_zeros(float(sparsity), W.size))
+  zeros = num_zeros(float(sparsity), W.size)
   return _prune_by_scores(
     W, jnp.abs(W.astype(jnp.float32)), zeros, False, _nm_or_none(sparsity, sparsity_type)
   )
@@ -144,7 +144,7 @@ def wanda_prune(
   """
   _check(W, H, sparsity, sparsity_type)
   scores = jnp.abs(W.astype(jnp.float32)) * jnp.sqrt(jnp.diag(H).astype(jnp.float32))[:, None]
-  zeros = int(num_zeros(float(sparsity), W.shape[0]))
+  zeros = num_zeros(float(sparsity), W.shape[0])
   return _prune_by_scores(W, scores, zeros, True, _nm_or_none(sparsity, sparsity_type))
 
 
@@ -174,7 +174,7 @@ def _block_zero_counts(sparsity: float, rows: int, columns: int, blocksize: int)
   return tuple(b - a for a, b in zip(z[:-1], z[1:]))
 
 
-@functools.partial(jax.jit, static_argnames=("counts", "n", "m", "blocksize", "percdamp"))
+@functools.partial(jax.jit, static_argnames=("n", "m", "blocksize", "percdamp"))
 def _sparsegpt(W, H, counts, n, m, blocksize, percdamp):
   # Reference orientation: rows = outputs, columns = inputs.
   Wt = W.astype(jnp.float32).T
@@ -260,7 +260,9 @@ def sparsegpt_prune(
     n, m = sparsity_type.n, sparsity_type.m
     if blocksize % m:
       raise ValueError(f"blocksize={blocksize} must be a multiple of m={m} for N:M.")
-  counts = () if m else _block_zero_counts(sparsity, W.shape[1], W.shape[0], blocksize)
+  counts = jnp.asarray(
+    _block_zero_counts(0.0 if m else sparsity, W.shape[1], W.shape[0], blocksize), jnp.int32
+  )
   return _sparsegpt(W, H, counts, n, m, blocksize, float(percdamp))
 
 
