@@ -130,6 +130,41 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def get_model(
+  params_path: str = "/tmp/prunax_oneshot_lm.pkl",
+  steps: int = 1000,
+  layers: int = 2,
+  seq: int = 64,
+  calib: int = 32,
+  seed: int = 0,
+) -> dict:
+  """The trained LM for ``prunax oneshot --model benchmarks/oneshot_lm.py:get_model``.
+
+  Trains it first (and caches the params in ``params_path``) when the cache is missing.
+  """
+  train_ids, _, vocab = load_text()
+  model = CharLM(vocab, layers=layers, seq=seq)
+  params = load_or_train(model, train_ids, params_path, steps, 16)
+  starts = np.random.default_rng(1000 + seed).integers(0, len(train_ids) - seq - 1, calib)
+  tokens = windows(train_ids, starts, seq)[:, :-1]
+  return {
+    "apply_fn": lambda p, t: model.apply({"params": p}, t),
+    "params": params,
+    "batches": [tokens[i : i + 8] for i in range(0, len(tokens), 8)],
+    "filter_fn": lambda name, leaf: name.startswith("block_"),
+  }
+
+
+def load_or_train(model, train_ids, path: str, steps: int, batch: int):
+  if os.path.exists(path):
+    with open(path, "rb") as f:
+      return pickle.load(f)
+  params = train(model, train_ids, steps, batch)
+  with open(path, "wb") as f:
+    pickle.dump(jax.device_get(params), f)
+  return params
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=1000)
@@ -150,13 +185,7 @@ def main() -> None:
 
   train_ids, test_ids, vocab = load_text()
   model = CharLM(vocab, layers=args.layers, seq=args.seq)
-  if os.path.exists(args.params):
-    with open(args.params, "rb") as f:
-      params = pickle.load(f)
-  else:
-    params = train(model, train_ids, args.steps, args.batch)
-    with open(args.params, "wb") as f:
-      pickle.dump(jax.device_get(params), f)
+  params = load_or_train(model, train_ids, args.params, args.steps, args.batch)
 
   def apply_fn(p, tokens):
     return model.apply({"params": p}, tokens)

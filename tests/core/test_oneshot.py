@@ -440,3 +440,53 @@ def test_eight_devices_match_one(sharded_report, case):
   assert r["masks_equal"], r
   assert r["max_gap"] < 1e-4, r
   assert r["devices"] == 8 or case != "solve", r
+
+
+# ----------------------------------------------------------------------------- command
+
+MODEL_FILE = """
+import jax, jax.numpy as jnp
+
+def get_model(width=16):
+  k = jax.random.split(jax.random.PRNGKey(0), 3)
+  params = {"fc1": {"kernel": jax.random.normal(k[0], (8, width)), "bias": jnp.zeros(width)},
+            "fc2": {"kernel": jax.random.normal(k[1], (width, 4)), "bias": jnp.zeros(4)}}
+  def apply_fn(p, x):
+    h = jnp.tanh(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+    return h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+  x = jax.random.normal(k[2], (64, 8))
+  return {"apply_fn": apply_fn, "params": params, "batches": [x[:32], x[32:]]}
+"""
+
+
+def test_command_writes_params_masks_and_table(tmp_path):
+  from prunax import cli
+
+  model_file = tmp_path / "model.py"
+  model_file.write_text(MODEL_FILE)
+  config = tmp_path / "config.yaml"
+  config.write_text('method: wanda\nsparsity_type: "2:4"\nmodel_args: {width: 12}\n')
+  out = tmp_path / "out"
+  argv = [
+    "oneshot",
+    "--config",
+    str(config),
+    "--model",
+    f"{model_file}:get_model",
+    "--out",
+    str(out),
+    "--no-progress",
+  ]
+  assert cli.main(argv) == 0
+  masks = np.load(out / "masks.npz")
+  assert sorted(masks.files) == ["fc1/kernel", "fc2/kernel"]
+  assert masks["fc1/kernel"].shape == (8, 12)
+  assert (masks["fc1/kernel"].reshape(2, 4, 12).sum(axis=1) == 2).all()
+  params = np.load(out / "pruned_params.npz")
+  assert np.all(params["fc2/kernel"][~masks["fc2/kernel"]] == 0)
+  rows = (out / "table.csv").read_text().splitlines()
+  assert rows[0] == "layer,in,out,sparsity,error,seconds" and len(rows) == 3
+  assert rows[1].startswith("fc1/kernel,8,12,0.5")
+  bad = tmp_path / "bad.yaml"
+  bad.write_text("metod: wanda\n")
+  assert cli.main(["oneshot", "--config", str(bad), "--model", f"{model_file}:get_model"]) == 2
