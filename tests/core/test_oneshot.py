@@ -490,3 +490,43 @@ def test_command_writes_params_masks_and_table(tmp_path):
   bad = tmp_path / "bad.yaml"
   bad.write_text("metod: wanda\n")
   assert cli.main(["oneshot", "--config", str(bad), "--model", f"{model_file}:get_model"]) == 2
+
+
+class _NnxLayer(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return jax.nn.relu(self.lin(x)) + x
+
+
+class _NnxScanned(nnx.Module):
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return _NnxLayer(rngs)
+
+    self.layers = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, layer):
+      return layer(x)
+
+    return body(x, self.layers)
+
+
+def test_nnx_scanned_layers_are_separate_sites():
+  graphdef, state = nnx.split(_NnxScanned(nnx.Rngs(0)))
+
+  def apply_fn(s, x):
+    return nnx.merge(graphdef, s)(x)
+
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 8))
+  sites, _ = oneshot.find_sites(apply_fn, state, x)
+  assert [s.name for s in sites] == [f"layers/lin/kernel/value[{i}]" for i in range(3)]
+  grams, _ = oneshot.capture.make_gram_fn(apply_fn, state, x, sites[1:2])(state, x)
+  kernel, bias = state["layers"]["lin"]["kernel"][...], state["layers"]["lin"]["bias"][...]
+  h = jax.nn.relu(x @ kernel[0] + bias[0]) + x  # layer 1 reads layer 0's output
+  np.testing.assert_allclose(grams[0], h.T @ h, rtol=1e-4, atol=1e-4)

@@ -261,13 +261,17 @@ def make_gram_fn(
     grams: list[Any] = [None] * len(sites)
     counts: list[Any] = [0] * len(sites)
 
+    shared = {}  # Kernels reading the same input (q, k, v) share one Gram matrix.
+
     def on_site(origin, x, kernel_c, x_c, kernel):
       del kernel_c, kernel
       j = wanted.get((origin.leaf, origin.index))
       if j is None:
         return
       X = _input_matrix(x, x_c).astype(jnp.float32)
-      g = X.T @ X
+      if (id(x), x_c) not in shared:
+        shared[id(x), x_c] = (x, X.T @ X)  # x is kept so that its id stays unique
+      g = shared[id(x), x_c][1]
       grams[j] = g if grams[j] is None else grams[j] + g
       counts[j] = counts[j] + X.shape[0]
 

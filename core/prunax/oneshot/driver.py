@@ -84,8 +84,8 @@ def _gram_fn(apply_fn, params, batch, group):
 def parse_sparsity_type(spec: str | SparsityType) -> SparsityType:
   """``'unstructured'``, ``'N:M'`` (e.g. ``'2:4'``) or a sparsity type for one-shot pruning.
 
-  N:M groups always run along a kernel's input dimension; ``NByM(n, m)`` is taken as
-  ``NByM(n, m, axis=0)`` of the ``(in, out)`` matrix only when given with ``axis=0``.
+  N:M groups always run along a kernel's input dimension, i.e. axis 0 of the ``(in, out)``
+  matrix: a string gives ``NByM(n, m, axis=0)``; an ``NByM`` must say ``axis=0``.
   """
   if isinstance(spec, SparsityType):
     return spec
