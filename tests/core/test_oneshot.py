@@ -530,3 +530,38 @@ def test_nnx_scanned_layers_are_separate_sites():
   kernel, bias = state["layers"]["lin"]["kernel"][...], state["layers"]["lin"]["bias"][...]
   h = jax.nn.relu(x @ kernel[0] + bias[0]) + x  # layer 1 reads layer 0's output
   np.testing.assert_allclose(grams[0], h.T @ h, rtol=1e-4, atol=1e-4)
+
+
+def _mlp_model():
+  namespace = {}
+  exec(MODEL_FILE, namespace)  # noqa: S102 - the model of the command test, as a function
+  return namespace["get_model"]()
+
+
+def test_sparsity_distributions_map_and_erk():
+  model = _mlp_model()
+  result = oneshot.prune(
+    model["apply_fn"],
+    model["params"],
+    model["batches"],
+    method="wanda",
+    sparsity_distribution={"fc2/ker.*": 0.75},
+  )
+  assert result.masks["fc1"]["kernel"] is None
+  assert [r.layer for r in result.table] == ["fc2/kernel"]
+  assert float(jnp.mean(~result.masks["fc2"]["kernel"])) == 0.75
+  erk = oneshot.prune(
+    model["apply_fn"],
+    model["params"],
+    model["batches"],
+    method="magnitude",
+    sparsity=0.5,
+    sparsity_distribution="erk",
+  )
+  expected = prunax.sparsity_distributions.erk(
+    model["params"], 0.5, filter_fn=lambda name, leaf: name.endswith("kernel")
+  )
+  for layer in ("fc1", "fc2"):
+    size = model["params"][layer]["kernel"].size
+    zeros = int(prunax.sparsity_types.num_zeros(expected[layer]["kernel"], size))
+    assert int(jnp.sum(~erk.masks[layer]["kernel"])) == zeros
