@@ -1,4 +1,14 @@
-"""One-shot post-training pruning from calibration data (magnitude, Wanda, SparseGPT)."""
+"""One-shot post-training pruning from calibration data (magnitude, Wanda, SparseGPT).
+
+* :func:`prune`: prunes every matmul kernel of a trained model (any JAX function of the
+  params: flax linen, nnx, scanned layers) layer by layer from calibration batches and
+  returns pruned params, keep-masks (for ``FixedMaskSparse``, ``export``,
+  ``summarize_sparsity``) and a per-layer table.
+* :func:`sparsegpt_prune`, :func:`wanda_prune`, :func:`magnitude_prune`: one layer, as pure
+  functions of an ``(in, out)`` kernel and its input Hessian ``2 X^T X / N``;
+  :func:`register_method` adds another.
+* :func:`find_sites`: the kernels of a model and which inputs they read.
+"""
 
 from prunax.oneshot.capture import Site
 from prunax.oneshot.capture import find_sites

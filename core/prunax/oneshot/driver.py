@@ -161,8 +161,11 @@ def prune(
   of stacked (scanned) kernels. They are pruned in execution order, one input group at a
   time (kernels reading the same input, like q/k/v, share one calibration pass). With
   ``sequential=True`` (the papers), a group's inputs are computed through the already
-  pruned kernels; with ``sequential=False`` through the dense model. Memory beyond the
-  model is the Gram matrices of one group.
+  pruned kernels; with ``sequential=False`` through the dense model. Each group costs one
+  forward pass over the calibration batches (compiled once per model and group, reused by
+  later calls); memory beyond the original and pruned params is one Gram matrix per
+  distinct input of the group. Convolution kernels (``conv_general_dilated``) are not
+  matmul kernels here: they are left dense unless named, which is an error.
 
   Example (flax linen)::
 
