@@ -565,3 +565,24 @@ def test_sparsity_distributions_map_and_erk():
     size = model["params"][layer]["kernel"].size
     zeros = int(prunax.sparsity_types.num_zeros(expected[layer]["kernel"], size))
     assert int(jnp.sum(~erk.masks[layer]["kernel"])) == zeros
+
+
+class _RematBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.gelu(nn.Dense(8)(x))
+
+
+class _RematBf16(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.remat(_RematBlock)()(x)
+    x = jax.jit(lambda y: y * 2)(x)
+    return nn.Dense(4, dtype=jnp.bfloat16)(x)  # the kernel is cast to bf16 before the matmul
+
+
+def test_find_sites_through_remat_jit_and_casts():
+  model, x = _RematBf16(), jnp.ones((3, 8))
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  sites, _ = oneshot.find_sites(lambda p, b: model.apply({"params": p}, b), params, x)
+  assert [s.name for s in sites] == ["Checkpoint_RematBlock_0/Dense_0/kernel", "Dense_0/kernel"]
