@@ -5,6 +5,7 @@ from prunax import compat
 from prunax import export
 from prunax import flops
 from prunax import lottery
+from prunax import oneshot
 from prunax import pruning_at_init
 from prunax import selection
 from prunax import shrinking
@@ -71,7 +72,7 @@ __version__ = '0.1.0'
 
 __all__ = [
     'SET', 'SRSTE', 'STR', 'AutoSparse', 'GradientAnnealing', 'TopKAST', 'TopKASTGA',
-    'annealing', 'export', 'flops', 'lottery', 'pruning_at_init', 'summarize_thresholds',
+    'annealing', 'export', 'flops', 'lottery', 'oneshot', 'pruning_at_init', 'summarize_thresholds',
     'BaseUpdater',
     'Block', 'Channel', 'GlobalMagnitudePruning', 'GlobalSaliencyPruning',
     'MagnitudePruning', 'NByM', 'NoPruning', 'RandomPruning', 'RigL', 'SaliencyPruning',

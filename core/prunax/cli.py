@@ -1,9 +1,11 @@
-"""The ``prunax`` command. ``prunax compare`` runs every algorithm on the same task.
+"""The ``prunax`` command. ``prunax compare`` runs every algorithm on the same task;
+``prunax oneshot`` prunes a trained model from calibration data (SparseGPT, Wanda).
 
     prunax compare                        # the default demo: digits, 80% sparsity, 3 seeds
     prunax compare --quick                # a tiny version (CI)
     prunax compare --config my.yaml --algorithms magnitude,rigl --sparsity 0.9 --seeds 5
     prunax compare --sparsity 0.5,0.8,0.9,0.95,0.98 --training-budget equal_flops
+    prunax oneshot --model my_model.py:get_model --method sparsegpt --sparsity-type 2:4
 """
 
 from __future__ import annotations
@@ -122,11 +124,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='prunax', description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', required=True)
   _compare_parser(sub)
+  from prunax.oneshot import command as oneshot_command  # pylint: disable=import-outside-toplevel
+  oneshot_command.add_parser(sub)
   args = parser.parse_args(argv)
   from prunax.compare import ConfigError  # pylint: disable=import-outside-toplevel
   try:
+    if args.command == 'oneshot':
+      return oneshot_command.run(args)
     return compare(args)
-  except ConfigError as e:
+  except (ConfigError, oneshot_command.OneShotConfigError) as e:
     print(f'prunax {args.command}: error: {e}', file=sys.stderr)
     return 2
 
