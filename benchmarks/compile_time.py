@@ -27,27 +27,34 @@ import prunax
 from prunax import sparsity_schedules as sched
 
 ALGORITHMS = {
-    'magnitude': lambda: prunax.MagnitudePruning(
-        sparsity=0.9, scheduler=sched.PolynomialSchedule(10, 0, 100)),
-    'global_magnitude': lambda: prunax.GlobalMagnitudePruning(
-        sparsity=0.9, scheduler=sched.PolynomialSchedule(10, 0, 100)),
-    'set': lambda: prunax.SET(sparsity=0.9, scheduler=sched.PeriodicSchedule(10, 0, 100)),
-    'rigl': lambda: prunax.RigL(sparsity=0.9, scheduler=sched.PeriodicSchedule(10, 0, 100)),
-    'magnitude_ste': lambda: prunax.SteMagnitudePruning(sparsity=0.9),
-    'autosparse': lambda: prunax.AutoSparse(),
+  'magnitude': lambda: prunax.MagnitudePruning(
+    sparsity=0.9, scheduler=sched.PolynomialSchedule(10, 0, 100)
+  ),
+  'global_magnitude': lambda: prunax.GlobalMagnitudePruning(
+    sparsity=0.9, scheduler=sched.PolynomialSchedule(10, 0, 100)
+  ),
+  'set': lambda: prunax.SET(sparsity=0.9, scheduler=sched.PeriodicSchedule(10, 0, 100)),
+  'rigl': lambda: prunax.RigL(sparsity=0.9, scheduler=sched.PeriodicSchedule(10, 0, 100)),
+  'magnitude_ste': lambda: prunax.SteMagnitudePruning(sparsity=0.9),
+  'autosparse': lambda: prunax.AutoSparse(),
 }
 
 
 def mlp_params(layers: int, width: int = 256):
   keys = jax.random.split(jax.random.PRNGKey(0), layers)
-  return {f'layer{i}': {'kernel': jax.random.normal(keys[i], (width, width)) / 16.0,
-                        'bias': jnp.zeros(width)} for i in range(layers)}
+  return {
+    f'layer{i}': {
+      'kernel': jax.random.normal(keys[i], (width, width)) / 16.0,
+      'bias': jnp.zeros(width),
+    }
+    for i in range(layers)
+  }
 
 
 def loss(params, x):
   for i in range(len(params)):
     x = jnp.tanh(x @ params[f'layer{i}']['kernel'] + params[f'layer{i}']['bias'])
-  return jnp.mean(x ** 2)
+  return jnp.mean(x**2)
 
 
 def compile_seconds(tx, params, x) -> float:
@@ -66,8 +73,9 @@ def compile_seconds(tx, params, x) -> float:
 def cpu_model() -> str:
   try:
     out = subprocess.run(['lscpu'], capture_output=True, text=True, check=False).stdout
-    return next(line.split(':', 1)[1].strip() for line in out.splitlines()
-                if line.startswith('Model name'))
+    return next(
+      line.split(':', 1)[1].strip() for line in out.splitlines() if line.startswith('Model name')
+    )
   except (OSError, StopIteration):
     return platform.processor() or 'unknown'
 
@@ -79,8 +87,9 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=3)
   args = parser.parse_args(argv)
   print('# Compile time, pruned / dense train step (adam, 256x256 layers, sparsity 0.9)')
-  print(f'jax {jax.__version__}, {cpu_model()}, {os.cpu_count()} cores, '
-        f'{time.strftime("%Y-%m-%d")}\n')
+  print(
+    f'jax {jax.__version__}, {cpu_model()}, {os.cpu_count()} cores, {time.strftime("%Y-%m-%d")}\n'
+  )
   print('| layers | algorithm | dense s (median) | pruned s (median) | ratio min / median / max |')
   print('|---|---|---|---|---|')
   for layers in [int(n) for n in args.layers.split(',')]:
@@ -92,9 +101,12 @@ def main(argv=None):
         dense.append(compile_seconds(optax.adam(1e-3), params, x))
         pruned.append(compile_seconds(ALGORITHMS[name]().wrap_optax(optax.adam(1e-3)), params, x))
       ratios = [p / d for p, d in zip(pruned, dense)]
-      print(f'| {layers} | {name} | {statistics.median(dense):.2f} | '
-            f'{statistics.median(pruned):.2f} | {min(ratios):.2f} / '
-            f'{statistics.median(ratios):.2f} / {max(ratios):.2f} |', flush=True)
+      print(
+        f'| {layers} | {name} | {statistics.median(dense):.2f} | '
+        f'{statistics.median(pruned):.2f} | {min(ratios):.2f} / '
+        f'{statistics.median(ratios):.2f} / {max(ratios):.2f} |',
+        flush=True,
+      )
 
 
 if __name__ == '__main__':

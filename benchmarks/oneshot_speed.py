@@ -51,10 +51,10 @@ def _accumulate(h, key):
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--width", type=int, default=4096)
-  parser.add_argument("--sequences", type=int, default=128)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--blocksize", type=int, default=128)
+  parser.add_argument('--width', type=int, default=4096)
+  parser.add_argument('--sequences', type=int, default=128)
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--blocksize', type=int, default=128)
   args = parser.parse_args()
 
   keys = jax.random.split(jax.random.PRNGKey(0), args.sequences)
@@ -98,29 +98,29 @@ def main() -> None:
   mem = compiled.memory_analysis()
 
   def stats(x):
-    return f"{np.min(x):.2f} / {np.median(x):.2f} / {np.max(x):.2f}"
+    return f'{np.min(x):.2f} / {np.median(x):.2f} / {np.max(x):.2f}'
 
   print(
-    f"CPU: {cpu_model()}, {jax.device_count()} JAX device(s) {jax.devices()[0].platform}; "
-    f"jax {jax.__version__}"
+    f'CPU: {cpu_model()}, {jax.device_count()} JAX device(s) {jax.devices()[0].platform}; '
+    f'jax {jax.__version__}'
   )
   print(
-    f"layer {args.width}x{args.width}, {args.sequences} x {SEQ} = {tokens} tokens, "
-    f"blocksize {args.blocksize}, {args.repeats} repeats (min / median / max)"
+    f'layer {args.width}x{args.width}, {args.sequences} x {SEQ} = {tokens} tokens, '
+    f'blocksize {args.blocksize}, {args.repeats} repeats (min / median / max)'
   )
-  print(f"dense forward   s: {stats(rows[:, 0])}")
-  print(f"calibrate (H)   s: {stats(rows[:, 1])}")
-  print(f"SparseGPT solve s: {stats(rows[:, 2])}")
-  print(f"(calibrate + solve) / forward: {stats((rows[:, 1] + rows[:, 2]) / rows[:, 0])}")
-  print(f"solve / forward:               {stats(rows[:, 2] / rows[:, 0])}")
+  print(f'dense forward   s: {stats(rows[:, 0])}')
+  print(f'calibrate (H)   s: {stats(rows[:, 1])}')
+  print(f'SparseGPT solve s: {stats(rows[:, 2])}')
+  print(f'(calibrate + solve) / forward: {stats((rows[:, 1] + rows[:, 2]) / rows[:, 0])}')
+  print(f'solve / forward:               {stats(rows[:, 2] / rows[:, 0])}')
   if mem is not None:
     print(
-      f"solve buffers: arguments {mem.argument_size_in_bytes / 2**20:.0f} MiB, outputs "
-      f"{mem.output_size_in_bytes / 2**20:.0f} MiB, temporaries "
-      f"{mem.temp_size_in_bytes / 2**20:.0f} MiB"
+      f'solve buffers: arguments {mem.argument_size_in_bytes / 2**20:.0f} MiB, outputs '
+      f'{mem.output_size_in_bytes / 2**20:.0f} MiB, temporaries '
+      f'{mem.temp_size_in_bytes / 2**20:.0f} MiB'
     )
-  print(f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
+  print(f'process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB')
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   main()

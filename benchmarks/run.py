@@ -50,12 +50,15 @@ def summary(ratios) -> str:
 
 def environment() -> str:
   dev = jax.devices()[0]
-  return (f'jax {jax.__version__}, optax {optax.__version__}, device {dev.platform} '
-          f'({dev.device_kind}), {os.cpu_count()} cores, python {platform.python_version()}, '
-          f'{time.strftime("%Y-%m-%d")}')
+  return (
+    f'jax {jax.__version__}, optax {optax.__version__}, device {dev.platform} '
+    f'({dev.device_kind}), {os.cpu_count()} cores, python {platform.python_version()}, '
+    f'{time.strftime("%Y-%m-%d")}'
+  )
 
 
 # ----------------------------------------------------------------------------- selection
+
 
 def bench_selection(sizes, repeats):
   print('\n## Unstructured top-k mask of one tensor vs one elementwise pass (target <= 10x)')
@@ -70,16 +73,21 @@ def bench_selection(sizes, repeats):
         ew.append(timeit(passes, x))
         tk.append(timeit(topk, x))
         ratios.append(tk[-1] / ew[-1])
-      print(f'{n:>10.0e} {keep:>5}  {summary(ratios):>20}  {statistics.median(tk)*1e3:9.2f} '
-            f'{statistics.median(ew)*1e3:8.2f}')
+      print(
+        f'{n:>10.0e} {keep:>5}  {summary(ratios):>20}  {statistics.median(tk) * 1e3:9.2f} '
+        f'{statistics.median(ew) * 1e3:8.2f}'
+      )
 
 
 # ------------------------------------------------------------------------- training steps
 
+
 def mlp(sizes):
   keys = jax.random.split(jax.random.PRNGKey(0), len(sizes) - 1)
-  return {f'layer{i}': {'kernel': jax.random.normal(k, (a, b)) / np.sqrt(a), 'bias': jnp.zeros(b)}
-          for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}
+  return {
+    f'layer{i}': {'kernel': jax.random.normal(k, (a, b)) / np.sqrt(a), 'bias': jnp.zeros(b)}
+    for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))
+  }
 
 
 def mlp_apply(params, x):
@@ -97,10 +105,12 @@ def loss_fn(params, batch):
 
 def make_step(tx):
   """A jitted train step that donates params and optimizer state, as real loops do."""
+
   def step(params, opt_state, batch):
     grads = jax.grad(loss_fn)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
+
   return jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -123,18 +133,20 @@ def run_steps(step, params, state, batch, calls, count=None):
 
 
 def algorithms(packed: bool):
-  poly = sparsity_schedules.PolynomialSchedule(update_freq=10, update_start_step=0,
-                                               update_end_step=1000)
-  periodic = sparsity_schedules.PeriodicSchedule(update_freq=10, update_start_step=0,
-                                                 update_end_step=1000)
+  poly = sparsity_schedules.PolynomialSchedule(
+    update_freq=10, update_start_step=0, update_end_step=1000
+  )
+  periodic = sparsity_schedules.PeriodicSchedule(
+    update_freq=10, update_start_step=0, update_end_step=1000
+  )
   common = dict(sparsity=0.9, packed_masks=packed)
   return {
-      'magnitude': (prunax.MagnitudePruning(scheduler=poly, **common), True),
-      'global_magnitude': (prunax.GlobalMagnitudePruning(scheduler=poly, **common), True),
-      'set': (prunax.SET(scheduler=periodic, **common), True),
-      'rigl': (prunax.RigL(scheduler=periodic, **common), True),
-      'magnitude_ste': (prunax.SteMagnitudePruning(scheduler=poly, **common), False),
-      'autosparse': (prunax.AutoSparse(**common), False),
+    'magnitude': (prunax.MagnitudePruning(scheduler=poly, **common), True),
+    'global_magnitude': (prunax.GlobalMagnitudePruning(scheduler=poly, **common), True),
+    'set': (prunax.SET(scheduler=periodic, **common), True),
+    'rigl': (prunax.RigL(scheduler=periodic, **common), True),
+    'magnitude_ste': (prunax.SteMagnitudePruning(scheduler=poly, **common), False),
+    'autosparse': (prunax.AutoSparse(**common), False),
   }
 
 
@@ -148,13 +160,16 @@ def bench_steps(sizes, batch_size, repeats, packed):
   """
   params = mlp(sizes)
   nparams = sum(x.size for x in jax.tree.leaves(params))
-  batch = (jax.random.normal(jax.random.PRNGKey(1), (batch_size, sizes[0])),
-           jax.random.randint(jax.random.PRNGKey(2), (batch_size,), 0, sizes[-1]))
-  print(f'\n## Training step / dense step, MLP {"-".join(map(str, sizes))} ({nparams/1e6:.1f}M '
-        f'params), batch {batch_size}, Adam, sparsity 0.9, packed_masks={packed}')
+  batch = (
+    jax.random.normal(jax.random.PRNGKey(1), (batch_size, sizes[0])),
+    jax.random.randint(jax.random.PRNGKey(2), (batch_size,), 0, sizes[-1]),
+  )
+  print(
+    f'\n## Training step / dense step, MLP {"-".join(map(str, sizes))} ({nparams / 1e6:.1f}M '
+    f'params), batch {batch_size}, Adam, sparsity 0.9, packed_masks={packed}'
+  )
   print('   targets: no mask update <= 1.05x; mask update <= 2x; STE/AutoSparse <= 1.5x')
-  print(f'{"algorithm":<18} {"step kind":<16} {"ratio min/med/max":>20}  {"ms":>8} '
-        f'{"dense ms":>8}')
+  print(f'{"algorithm":<18} {"step kind":<16} {"ratio min/med/max":>20}  {"ms":>8} {"dense ms":>8}')
   dense_tx = optax.adam(1e-3)
   dense_step = make_step(dense_tx)
   dense = list(run_steps(dense_step, copy_tree(params), dense_tx.init(params), batch, 2))
@@ -162,8 +177,7 @@ def bench_steps(sizes, batch_size, repeats, packed):
   for name, (pruner, has_updates) in algorithms(packed).items():
     tx = pruner.wrap_optax(optax.adam(1e-3))
     step = make_step(tx)
-    kinds = {'every step': 11} if not has_updates else {'no mask update': 11,
-                                                       'mask update': 10}
+    kinds = {'every step': 11} if not has_updates else {'no mask update': 11, 'mask update': 10}
     for kind, count in kinds.items():
       p, s, _ = run_steps(step, copy_tree(params), tx.init(params), batch, 2, count)
       ratios, ms, dms = [], [], []
@@ -174,31 +188,43 @@ def bench_steps(sizes, batch_size, repeats, packed):
         ms.append(t * 1e3)
         dms.append(d * 1e3)
       results[(name, kind)] = ratios
-      print(f'{name:<18} {kind:<16} {summary(ratios):>20}  {statistics.median(ms):8.1f} '
-            f'{statistics.median(dms):8.1f}', flush=True)
+      print(
+        f'{name:<18} {kind:<16} {summary(ratios):>20}  {statistics.median(ms):8.1f} '
+        f'{statistics.median(dms):8.1f}',
+        flush=True,
+      )
     state = tx.init(params)
     masks = prunax.get_sparse_state(state).masks
     mask_bytes = sum(m.nbytes for m in jax.tree.leaves(masks))
-    pruned_bytes = sum(p.nbytes for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(
-        masks, is_leaf=lambda x: x is None)) if m is not None)
-    print(f'{"":<18} mask bytes / params bytes: {mask_bytes / (nparams * 4):.4f} '
-          f'(of pruned leaves: {mask_bytes / max(pruned_bytes, 1):.4f})')
+    pruned_bytes = sum(
+      p.nbytes
+      for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks, is_leaf=lambda x: x is None))
+      if m is not None
+    )
+    print(
+      f'{"":<18} mask bytes / params bytes: {mask_bytes / (nparams * 4):.4f} '
+      f'(of pruned leaves: {mask_bytes / max(pruned_bytes, 1):.4f})'
+    )
   return results
 
 
 # ------------------------------------------------------------------------- export/inference
+
 
 def bench_export(sizes, repeats):
   print('\n## Sparse export sizes (fp32)')
   w = jax.random.normal(jax.random.PRNGKey(0), (2048, 2048))
   keep = selection.topk_mask(jnp.abs(w), int(0.1 * w.size))
   sparse_w = np.asarray(jnp.where(keep, w, 0))
-  print(f'BCOO  90% unstructured: {export.nbytes(export.to_bcoo(sparse_w)) / w.nbytes:.4f} '
-        '(target <= 0.35)')
+  print(
+    f'BCOO  90% unstructured: {export.nbytes(export.to_bcoo(sparse_w)) / w.nbytes:.4f} '
+    '(target <= 0.35)'
+  )
   print(f'BCSR  90% unstructured: {export.nbytes(export.to_bcsr(sparse_w)) / w.nbytes:.4f}')
   nm = np.asarray(jnp.where(selection.n_by_m_mask(jnp.abs(w), 2, 4), w, 0))
-  print(f'N:M   2:4             : {export.to_nm(nm, 2, 4).nbytes / w.nbytes:.4f} '
-        '(target <= 0.5625)')
+  print(
+    f'N:M   2:4             : {export.to_nm(nm, 2, 4).nbytes / w.nbytes:.4f} (target <= 0.5625)'
+  )
 
   print(f'\n## Sparse inference, MLP {"-".join(map(str, sizes))} at 90% (BCOO kernels) vs dense')
   params = mlp(sizes)
@@ -215,8 +241,10 @@ def bench_export(sizes, repeats):
     return x
 
   sparse_fn = jax.jit(sparse_apply)
-  print(f'params bytes: dense {export.nbytes(sparse_params)/1e6:.1f} MB, '
-        f'BCOO {export.nbytes(exported)/1e6:.1f} MB')
+  print(
+    f'params bytes: dense {export.nbytes(sparse_params) / 1e6:.1f} MB, '
+    f'BCOO {export.nbytes(exported) / 1e6:.1f} MB'
+  )
   for batch in (1, 128):
     x = jax.random.normal(jax.random.PRNGKey(3), (batch, sizes[0]))
     err = float(jnp.max(jnp.abs(sparse_fn(exported, x) - dense_fn(sparse_params, x))))
@@ -228,9 +256,10 @@ def bench_export(sizes, repeats):
 
 # -------------------------------------------------------------------------------- 1e9
 
+
 def global_1e9(tensors: int, side: int):
   """Run in a fresh process: peak RSS of global magnitude pruning of a huge tree."""
-  code = f'''
+  code = f"""
 import resource, time, jax, jax.numpy as jnp
 from prunax import selection
 def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -252,7 +281,7 @@ print(f"params {{n/1e9:.3f}}e9 ({{nbytes/1e9:.2f}} GB); kept {{kept}} "
       f"(exact: {{kept == n // 10}}); "
       f"time {{took:.1f}} s (incl. compile); peak RSS {{rss()/1e9:.2f}} GB = "
       f"{{rss()/nbytes:.2f}}x params bytes (after creating params: {{base/nbytes:.2f}}x)")
-'''
+"""
   print(f'\n## Global magnitude pruning of {tensors} x {side}x{side} float32 (subprocess)')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=False)
   print(out.stdout.strip() or out.stderr.strip()[-2000:])
@@ -262,11 +291,17 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='smaller sizes, fewer repeats')
   parser.add_argument('--repeats', type=int, default=None)
-  parser.add_argument('--global-1e9', action='store_true',
-                      help='only the 1e9-parameter global pruning (needs ~6 GB of RAM)')
+  parser.add_argument(
+    '--global-1e9',
+    action='store_true',
+    help='only the 1e9-parameter global pruning (needs ~6 GB of RAM)',
+  )
   parser.add_argument('--global-tensors', type=int, default=60)
-  parser.add_argument('--mlp', default='784,2048,2048,10',
-                      help='layer sizes of the training-step MLP (comma-separated)')
+  parser.add_argument(
+    '--mlp',
+    default='784,2048,2048,10',
+    help='layer sizes of the training-step MLP (comma-separated)',
+  )
   parser.add_argument('--steps-only', action='store_true', help='only the training steps')
   args = parser.parse_args(argv)
   print(f'# prunax benchmarks: {environment()}')
@@ -279,8 +314,9 @@ def main(argv=None):
     for packed in (False, True):
       bench_steps(sizes, 128, repeats, packed)
     return
-  bench_selection([100_000, 1_000_000] if args.quick else
-                  [100_000, 1_000_000, 4_000_000, 30_000_000], repeats)
+  bench_selection(
+    [100_000, 1_000_000] if args.quick else [100_000, 1_000_000, 4_000_000, 30_000_000], repeats
+  )
   for packed in (False, True):
     bench_steps(sizes, 128, repeats, packed)
   bench_export(sizes, repeats)

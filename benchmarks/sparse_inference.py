@@ -42,8 +42,10 @@ def cpu_model() -> str:
     out = subprocess.run(['lscpu'], capture_output=True, text=True, check=False).stdout
   except OSError:
     return 'unknown CPU'
-  return next((line.split(':', 1)[1].strip() for line in out.splitlines()
-               if line.startswith('Model name')), 'unknown CPU')
+  return next(
+    (line.split(':', 1)[1].strip() for line in out.splitlines() if line.startswith('Model name')),
+    'unknown CPU',
+  )
 
 
 def dense_layer(x, wb):
@@ -83,8 +85,10 @@ def block_weight(block, sparsity, seed=0):
 def bench_block(repeats, iters):
   print(f'\n## Block-sparse {SIDE}x{SIDE} layer (prunax.Block, BlockSparse product) / dense')
   print('   target at 90% and batch 1, 32: <= 0.5x')
-  print(f'{"block":>6} {"sparsity":>8} {"batch":>5}  {"ratio min/med/max":>20}  {"ms":>7} '
-        f'{"dense ms":>8}  {"bytes/dense":>11}')
+  print(
+    f'{"block":>6} {"sparsity":>8} {"batch":>5}  {"ratio min/med/max":>20}  {"ms":>7} '
+    f'{"dense ms":>8}  {"bytes/dense":>11}'
+  )
   b = jnp.zeros(SIDE)
   for bs in (16, 32):
     for sparsity in (0.5, 0.8, 0.9, 0.95):
@@ -95,23 +99,29 @@ def bench_block(repeats, iters):
         x = jax.random.normal(jax.random.PRNGKey(1), (batch, SIDE))
         fns = {'dense': (dense_layer, (wd, b)), 'block': (sparse_layer, (bw, b))}
         ratios, ms = compare(fns, x, repeats, iters)
-        print(f'{bs:>6} {sparsity:>8} {batch:>5}  {summary(ratios["block"]):>20}  '
-              f'{ms["block"]:7.3f} {ms["dense"]:8.3f}  {bw.nbytes / w.nbytes:11.3f}',
-              flush=True)
+        print(
+          f'{bs:>6} {sparsity:>8} {batch:>5}  {summary(ratios["block"]):>20}  '
+          f'{ms["block"]:7.3f} {ms["dense"]:8.3f}  {bw.nbytes / w.nbytes:11.3f}',
+          flush=True,
+        )
 
 
 def bench_unstructured_nm(repeats, iters):
   print(f'\n## Unstructured 90% and 2:4 {SIDE}x{SIDE} layer, each layout / dense')
-  print(f'{"pattern":<16} {"layout":<12} {"batch":>5}  {"ratio min/med/max":>20}  {"ms":>8} '
-        f'{"dense ms":>8}  {"bytes/dense":>11}')
+  print(
+    f'{"pattern":<16} {"layout":<12} {"batch":>5}  {"ratio min/med/max":>20}  {"ms":>8} '
+    f'{"dense ms":>8}  {"bytes/dense":>11}'
+  )
   b = jnp.zeros(SIDE)
   w = jax.random.normal(jax.random.PRNGKey(0), (SIDE, SIDE)) / np.sqrt(SIDE)
   unstructured = np.asarray(jnp.where(selection.topk_mask(jnp.abs(w), SIDE * SIDE // 10), w, 0))
   nm = np.asarray(jnp.where(selection.n_by_m_mask(jnp.abs(w), 2, 4, 0), w, 0))
   cases = {
-      'unstructured 90%': (unstructured, {'ell': si.to_ell(unstructured),
-                                          'bcoo': export.to_bcoo(unstructured)}),
-      '2:4 (input axis)': (nm, {'nm': export.to_nm(nm, 2, 4, 0), 'ell': si.to_ell(nm)}),
+    'unstructured 90%': (
+      unstructured,
+      {'ell': si.to_ell(unstructured), 'bcoo': export.to_bcoo(unstructured)},
+    ),
+    '2:4 (input axis)': (nm, {'nm': export.to_nm(nm, 2, 4, 0), 'ell': si.to_ell(nm)}),
   }
   for pattern, (dense_w, layouts) in cases.items():
     wd = jnp.asarray(dense_w)
@@ -122,15 +132,19 @@ def bench_unstructured_nm(repeats, iters):
         fns[name] = (sparse_layer, (kernel, b))
       ratios, ms = compare(fns, x, repeats, iters)
       for name, kernel in layouts.items():
-        print(f'{pattern:<16} {name:<12} {batch:>5}  {summary(ratios[name]):>20}  '
-              f'{ms[name]:8.3f} {ms["dense"]:8.3f}  {export.nbytes(kernel) / dense_w.nbytes:11.3f}',
-              flush=True)
+        print(
+          f'{pattern:<16} {name:<12} {batch:>5}  {summary(ratios[name]):>20}  '
+          f'{ms[name]:8.3f} {ms["dense"]:8.3f}  {export.nbytes(kernel) / dense_w.nbytes:11.3f}',
+          flush=True,
+        )
 
 
 def bench_shrink(repeats, iters):
   sizes = (784, 2048, 2048, 10)
-  print(f'\n## Shrunk MLP {"-".join(map(str, sizes))}: 50% of hidden channels removed '
-        '(prunax.shrink) / dense')
+  print(
+    f'\n## Shrunk MLP {"-".join(map(str, sizes))}: 50% of hidden channels removed '
+    '(prunax.shrink) / dense'
+  )
   print('   target: <= 0.6x at batch 1 and 128 (FLOPs ratio ~0.3)')
   print(f'{"batch":>5}  {"ratio min/med/max":>20}  {"ms":>7} {"dense ms":>8}  {"params/dense":>12}')
   params = mlp(sizes)
@@ -138,15 +152,21 @@ def bench_shrink(repeats, iters):
   groups = prunax.find_groups(mlp_apply, params, x0)
   masks = prunax.group_masks(groups, params, 0.5)
   shrunk = prunax.shrink(mlp_apply, params, masks, x0)
-  ratio = (sum(x.size for x in jax.tree.leaves(shrunk.params)) /
-           sum(x.size for x in jax.tree.leaves(params)))
+  ratio = sum(x.size for x in jax.tree.leaves(shrunk.params)) / sum(
+    x.size for x in jax.tree.leaves(params)
+  )
   for batch in (1, 128):
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, sizes[0]))
-    fns = {'dense': (lambda x, p: mlp_apply(p, x), params),
-           'shrunk': (lambda x, p: shrunk(p, x), shrunk.params)}
+    fns = {
+      'dense': (lambda x, p: mlp_apply(p, x), params),
+      'shrunk': (lambda x, p: shrunk(p, x), shrunk.params),
+    }
     ratios, ms = compare(fns, x, repeats, iters)
-    print(f'{batch:>5}  {summary(ratios["shrunk"]):>20}  {ms["shrunk"]:7.3f} {ms["dense"]:8.3f}'
-          f'  {ratio:12.3f}', flush=True)
+    print(
+      f'{batch:>5}  {summary(ratios["shrunk"]):>20}  {ms["shrunk"]:7.3f} {ms["dense"]:8.3f}'
+      f'  {ratio:12.3f}',
+      flush=True,
+    )
 
 
 def main(argv=None):

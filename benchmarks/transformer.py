@@ -45,8 +45,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, _=None):
     h = nn.LayerNorm()(x)
-    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(h, h, mask=nn.make_causal_mask(
-        jnp.ones(x.shape[:2])))
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(
+      h, h, mask=nn.make_causal_mask(jnp.ones(x.shape[:2]))
+    )
     h = nn.gelu(nn.Dense(self.mlp)(nn.LayerNorm()(x)))
     return x + nn.Dense(self.d_model)(h), None
 
@@ -62,8 +63,13 @@ class LM(nn.Module):
   def __call__(self, tokens):
     x = nn.Embed(VOCAB, self.d_model)(tokens)
     if self.scanned:
-      stack = nn.scan(Block, variable_axes={'params': 0}, split_rngs={'params': True},
-                      length=self.blocks, metadata_params={nn.PARTITION_NAME: 'layers'})
+      stack = nn.scan(
+        Block,
+        variable_axes={'params': 0},
+        split_rngs={'params': True},
+        length=self.blocks,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+      )
       x, _ = stack(self.d_model, self.heads, self.mlp)(x, None)
     else:
       for _ in range(self.blocks):
@@ -76,13 +82,13 @@ def algorithms(layer_axes):
   periodic = sched.PeriodicSchedule(update_freq=10, update_start_step=0, update_end_step=1000)
   common = dict(sparsity=0.9, layer_axes=layer_axes)
   return {
-      'magnitude': (prunax.MagnitudePruning(scheduler=poly, **common), True),
-      'global_magnitude': (prunax.GlobalMagnitudePruning(scheduler=poly, **common), True),
-      'set': (prunax.SET(scheduler=periodic, **common), True),
-      'rigl': (prunax.RigL(scheduler=periodic, **common), True),
-      'magnitude_ste': (prunax.SteMagnitudePruning(scheduler=poly, **common), False),
-      'sr_ste': (prunax.SRSTE(layer_axes=layer_axes), False),
-      'autosparse': (prunax.AutoSparse(layer_axes=layer_axes), False),
+    'magnitude': (prunax.MagnitudePruning(scheduler=poly, **common), True),
+    'global_magnitude': (prunax.GlobalMagnitudePruning(scheduler=poly, **common), True),
+    'set': (prunax.SET(scheduler=periodic, **common), True),
+    'rigl': (prunax.RigL(scheduler=periodic, **common), True),
+    'magnitude_ste': (prunax.SteMagnitudePruning(scheduler=poly, **common), False),
+    'sr_ste': (prunax.SRSTE(layer_axes=layer_axes), False),
+    'autosparse': (prunax.AutoSparse(layer_axes=layer_axes), False),
   }
 
 
@@ -129,14 +135,19 @@ def main(argv=None):
   parser.add_argument('--batch', type=int, default=2)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--layouts', default='scanned,unrolled')
-  parser.add_argument('--algorithms', default='magnitude,global_magnitude,set,rigl,'
-                      'magnitude_ste,sr_ste,autosparse')
+  parser.add_argument(
+    '--algorithms', default='magnitude,global_magnitude,set,rigl,magnitude_ste,sr_ste,autosparse'
+  )
   args = parser.parse_args(argv)
-  print(f'# Transformer LM, {args.blocks} blocks, d_model 256, 4 heads, MLP 1024, vocab '
-        f'{VOCAB}, sequence {SEQ}, batch {args.batch}; Adam, sparsity 0.9')
+  print(
+    f'# Transformer LM, {args.blocks} blocks, d_model 256, 4 heads, MLP 1024, vocab '
+    f'{VOCAB}, sequence {SEQ}, batch {args.batch}; Adam, sparsity 0.9'
+  )
   print(f'jax {jax.__version__}, flax, {cpu_model()}, {time.strftime("%Y-%m-%d")}\n')
-  print('| layout | algorithm | step | compile ratio | step ratio | temp ratio | dense compile s '
-        '| dense step ms |')
+  print(
+    '| layout | algorithm | step | compile ratio | step ratio | temp ratio | dense compile s '
+    '| dense step ms |'
+  )
   print('|---|---|---|---|---|---|---|---|')
   tokens = jax.random.randint(jax.random.PRNGKey(1), (args.batch, SEQ + 1), 0, VOCAB)
   for layout in args.layouts.split(','):
@@ -155,15 +166,19 @@ def main(argv=None):
         rc, rs, rt, dc, ds = [], [], [], [], []
         for _ in range(args.repeats):
           d_compile, d_step, d_temp = measure(model, optax.adam(1e-3), params, tokens)
-          p_compile, p_step, p_temp = measure(model, pruner.wrap_optax(optax.adam(1e-3)),
-                                              params, tokens, count)
+          p_compile, p_step, p_temp = measure(
+            model, pruner.wrap_optax(optax.adam(1e-3)), params, tokens, count
+          )
           rc.append(p_compile / d_compile)
           rs.append(p_step / d_step)
           rt.append(p_temp / max(d_temp, 1))
           dc.append(d_compile)
           ds.append(d_step * 1e3)
-        print(f'| {layout} | {name} | {kind} | {fmt(rc)} | {fmt(rs)} | {fmt(rt)} | '
-              f'{statistics.median(dc):.2f} | {statistics.median(ds):.0f} |', flush=True)
+        print(
+          f'| {layout} | {name} | {kind} | {fmt(rc)} | {fmt(rs)} | {fmt(rt)} | '
+          f'{statistics.median(dc):.2f} | {statistics.median(ds):.0f} |',
+          flush=True,
+        )
 
 
 if __name__ == '__main__':

@@ -13,10 +13,13 @@ BLOCKS = re.findall(r'```python\n(.*?)```', README.read_text(), flags=re.DOTALL)
 
 def test_readme_examples_run_and_do_what_they_say():
   assert len(BLOCKS) >= 2
-  params = {'Dense_0': {'kernel': jax.random.normal(jax.random.PRNGKey(0), (32, 64)),
-                        'bias': jnp.zeros(64)},
-            'Dense_1': {'kernel': jax.random.normal(jax.random.PRNGKey(1), (64, 8)),
-                        'bias': jnp.zeros(8)}}
+  params = {
+    'Dense_0': {
+      'kernel': jax.random.normal(jax.random.PRNGKey(0), (32, 64)),
+      'bias': jnp.zeros(64),
+    },
+    'Dense_1': {'kernel': jax.random.normal(jax.random.PRNGKey(1), (64, 8)), 'bias': jnp.zeros(8)},
+  }
   namespace = {'params': params, 'grads': jax.tree.map(jnp.ones_like, params)}
   for index, block in enumerate(BLOCKS):
     exec(compile(block, f'README.md example {index}', 'exec'), namespace)  # noqa: S102

@@ -34,8 +34,15 @@ def _range_text(low, high, low_open: bool, high_open: bool) -> str:
   return ''
 
 
-def number(value: Any, name: str, low: float | None = None, high: float | None = None, *,
-           low_open: bool = False, high_open: bool = False) -> float:
+def number(
+  value: Any,
+  name: str,
+  low: float | None = None,
+  high: float | None = None,
+  *,
+  low_open: bool = False,
+  high_open: bool = False,
+) -> float:
   """``value`` as a float: a finite real number (not a bool or a string) within the bounds.
 
   Args:
@@ -54,16 +61,15 @@ def number(value: Any, name: str, low: float | None = None, high: float | None =
   """
   bounds = _range_text(low, high, low_open, high_open)
   valid = f'a finite number{bounds}'
-  scalar = np.ndim(value) == 0 and np.issubdtype(getattr(value, 'dtype', np.object_),
-                                                  np.number)
-  if _is_bool(value) or not (isinstance(value, numbers.Real) or scalar) or np.iscomplexobj(
-      value):
+  scalar = np.ndim(value) == 0 and np.issubdtype(getattr(value, 'dtype', np.object_), np.number)
+  if _is_bool(value) or not (isinstance(value, numbers.Real) or scalar) or np.iscomplexobj(value):
     raise ValueError(f'{name} must be {valid}, got {value!r} of type {type(value).__name__}.')
   result = float(value)
   if not math.isfinite(result):
     raise ValueError(f'{name} must be {valid}, got {value!r}.')
-  if ((low is not None and (result <= low if low_open else result < low))
-      or (high is not None and (result >= high if high_open else result > high))):
+  if (low is not None and (result <= low if low_open else result < low)) or (
+    high is not None and (result >= high if high_open else result > high)
+  ):
     raise ValueError(f'{name} must be{bounds}, got {value!r}.')
   return result
 
@@ -86,8 +92,7 @@ def integer(value: Any, name: str, low: int | None = None, high: int | None = No
 def boolean(value: Any, name: str) -> bool:
   """``value`` as a bool; anything but ``True``/``False`` (or numpy bools) is a ValueError."""
   if not _is_bool(value):
-    raise ValueError(f'{name} must be True or False, got {value!r} of type '
-                    f'{type(value).__name__}.')
+    raise ValueError(f'{name} must be True or False, got {value!r} of type {type(value).__name__}.')
   return bool(value)
 
 

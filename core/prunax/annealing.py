@@ -59,21 +59,27 @@ class GradientAnnealing:
   def __post_init__(self):
     _checks.choice(self.kind, 'GradientAnnealing kind', KINDS)
     checked = {
-        'alpha0': _checks.number(self.alpha0, 'GradientAnnealing alpha0', 0.0, 1.0),
-        'steps_per_period': _checks.integer(self.steps_per_period,
-                                            'GradientAnnealing steps_per_period', 1),
-        'beta': _checks.number(self.beta, 'GradientAnnealing beta', 0.0),
+      'alpha0': _checks.number(self.alpha0, 'GradientAnnealing alpha0', 0.0, 1.0),
+      'steps_per_period': _checks.integer(
+        self.steps_per_period, 'GradientAnnealing steps_per_period', 1
+      ),
+      'beta': _checks.number(self.beta, 'GradientAnnealing beta', 0.0),
     }
     if self.kind in ('linear', 'cosine', 'sigmoid', 'sigmoid_cosine') or (
-        self.decay_steps is not None):
+      self.decay_steps is not None
+    ):
       if self.decay_steps is None:
-        raise ValueError(f'GradientAnnealing kind {self.kind!r} needs decay_steps, an integer '
-                         '>= 1 (the length of the decay in steps), got None.')
+        raise ValueError(
+          f'GradientAnnealing kind {self.kind!r} needs decay_steps, an integer '
+          '>= 1 (the length of the decay in steps), got None.'
+        )
       checked['decay_steps'] = _checks.integer(
-          self.decay_steps, 'GradientAnnealing decay_steps (the length of the decay in steps)', 1)
+        self.decay_steps, 'GradientAnnealing decay_steps (the length of the decay in steps)', 1
+      )
     if self.zero_at_step is not None:
       checked['zero_at_step'] = _checks.integer(
-          self.zero_at_step, 'GradientAnnealing zero_at_step (None or a step)', 0)
+        self.zero_at_step, 'GradientAnnealing zero_at_step (None or a step)', 0
+      )
     for field, value in checked.items():
       object.__setattr__(self, field, value)
 
@@ -89,8 +95,12 @@ class GradientAnnealing:
       progress = jnp.clip(period * self.steps_per_period / self.decay_steps, 0.0, 1.0)
       cosine = 0.5 * (1.0 + jnp.cos(math.pi * progress))
       sigmoid = 1.0 - jax.nn.sigmoid(SIGMOID_L0 + (SIGMOID_L1 - SIGMOID_L0) * progress)
-      decay = {'linear': 1.0 - progress, 'cosine': cosine, 'sigmoid': sigmoid,
-               'sigmoid_cosine': jnp.maximum(sigmoid, cosine)}[self.kind]
+      decay = {
+        'linear': 1.0 - progress,
+        'cosine': cosine,
+        'sigmoid': sigmoid,
+        'sigmoid_cosine': jnp.maximum(sigmoid, cosine),
+      }[self.kind]
     alpha = jnp.float32(self.alpha0) * decay
     if self.zero_at_step is not None:
       alpha = jnp.where(step >= self.zero_at_step, 0.0, alpha)
@@ -105,5 +115,7 @@ def as_annealing(value: Any, name: str = 'alpha') -> GradientAnnealing:
     return GradientAnnealing(**value)
   if isinstance(value, (int, float)) and not isinstance(value, bool):
     return GradientAnnealing('constant', alpha0=float(value))
-  raise TypeError(f'{name} must be a float in [0, 1], a prunax.GradientAnnealing or a mapping '
-                  f'of its fields, got {value!r}.')
+  raise TypeError(
+    f'{name} must be a float in [0, 1], a prunax.GradientAnnealing or a mapping '
+    f'of its fields, got {value!r}.'
+  )

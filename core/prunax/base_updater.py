@@ -109,17 +109,21 @@ def _from_stored(tree: PyTree) -> PyTree:
 
 def _unstored(state: SparseState) -> SparseState:
   """The state with None for what is not there (the form the algorithms read)."""
-  return state._replace(masks=_from_stored(state.masks),
-                        dense_params=_from_stored(state.dense_params),
-                        thresholds=_from_stored(state.thresholds),
-                        aux=_from_stored(state.aux))
+  return state._replace(
+    masks=_from_stored(state.masks),
+    dense_params=_from_stored(state.dense_params),
+    thresholds=_from_stored(state.thresholds),
+    aux=_from_stored(state.aux),
+  )
 
 
 def _stored(state: SparseState) -> SparseState:
-  return state._replace(masks=_to_stored(state.masks),
-                        dense_params=_to_stored(state.dense_params),
-                        thresholds=_to_stored(state.thresholds),
-                        aux=_to_stored(state.aux))
+  return state._replace(
+    masks=_to_stored(state.masks),
+    dense_params=_to_stored(state.dense_params),
+    thresholds=_to_stored(state.thresholds),
+    aux=_to_stored(state.aux),
+  )
 
 
 def map_masked(fn: Callable[..., Any], masks: PyTree, *trees: PyTree) -> PyTree:
@@ -133,10 +137,12 @@ def map_masked(fn: Callable[..., Any], masks: PyTree, *trees: PyTree) -> PyTree:
   Returns:
     A tree like ``trees[0]``.
   """
+
   def apply(m, *xs):
     if m is None:
       return xs[0] if xs else None
     return fn(m, *xs)
+
   return jax.tree.map(apply, masks, *trees, is_leaf=_is_none)
 
 
@@ -161,8 +167,10 @@ def get_sparse_state(opt_state: PyTree) -> SparseState:
 
   jax.tree_util.tree_flatten(opt_state, is_leaf=visit)
   if not found:
-    raise ValueError('No prunax SparseState found in the optimizer state; was the optimizer '
-                     'built with updater.wrap_optax(...)?')
+    raise ValueError(
+      'No prunax SparseState found in the optimizer state; was the optimizer '
+      'built with updater.wrap_optax(...)?'
+    )
   return found[0]
 
 
@@ -269,8 +277,12 @@ def lazy_masks(masks: PyTree, params: PyTree) -> PyTree:
   Unpacking then happens inside whatever reads them (a selection pass, an elementwise
   update), so no unpacked copy is stored.
   """
-  return jax.tree.map(lambda m, p: None if is_unpruned(m) else lazy_mask(m, jnp.shape(p)),
-                      masks, params, is_leaf=is_unpruned)
+  return jax.tree.map(
+    lambda m, p: None if is_unpruned(m) else lazy_mask(m, jnp.shape(p)),
+    masks,
+    params,
+    is_leaf=is_unpruned,
+  )
 
 
 def lazy_mask(stored: jax.Array, shape: tuple[int, ...]) -> selection.Lazy:
@@ -281,15 +293,22 @@ def lazy_mask(stored: jax.Array, shape: tuple[int, ...]) -> selection.Lazy:
   d = shape[-1]
   # Shapes are read from the packed array (only its last axis differs), so the same
   # expression reads one layer's slice of a stacked mask (selection.map_layers).
-  return selection.Lazy(lambda x: unpack_mask(x, x.shape[:-1] + (d,)), stored, shape=shape,
-                        sample=lambda stride, x: _packed_bits_at(x, x.shape[:-1] + (d,), stride),
-                        rows=_packed_rows if _one_block_of_words(d) else None)
+  return selection.Lazy(
+    lambda x: unpack_mask(x, x.shape[:-1] + (d,)),
+    stored,
+    shape=shape,
+    sample=lambda stride, x: _packed_bits_at(x, x.shape[:-1] + (d,), stride),
+    rows=_packed_rows if _one_block_of_words(d) else None,
+  )
 
 
 def unpack_masks(masks: PyTree, params: PyTree) -> PyTree:
   """Boolean masks from stored masks (uint8 or packed), given params for the shapes."""
-  return jax.tree.map(lambda m: None if m is None else selection.materialize(m),
-                      lazy_masks(masks, params), is_leaf=_is_none)
+  return jax.tree.map(
+    lambda m: None if m is None else selection.materialize(m),
+    lazy_masks(masks, params),
+    is_leaf=_is_none,
+  )
 
 
 def apply_mask(param: jax.Array, mask: jax.Array | None, is_packed: bool = False) -> jax.Array:
@@ -357,33 +376,52 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     self._resolve_jaxpruner_args()
     name = type(self).__name__
     if self.sparsity is not None:
-      object.__setattr__(self, 'sparsity', sparsity_distributions._check_sparsity(  # pylint: disable=protected-access
-          self.sparsity, 'the updater'))
-    _checks.assign(self, seed=_checks.integer(self.seed, f'{name} seed', -2**63, 2**63 - 1),
-                   packed_masks=_checks.boolean(self.packed_masks, f'{name} packed_masks'))
+      object.__setattr__(
+        self,
+        'sparsity',
+        sparsity_distributions._check_sparsity(  # pylint: disable=protected-access
+          self.sparsity, 'the updater'
+        ),
+      )
+    _checks.assign(
+      self,
+      seed=_checks.integer(self.seed, f'{name} seed', -(2**63), 2**63 - 1),
+      packed_masks=_checks.boolean(self.packed_masks, f'{name} packed_masks'),
+    )
     dist = sparsity_distributions.resolve(self.sparsity_distribution_fn)
     object.__setattr__(self, 'sparsity_distribution_fn', dist)
     object.__setattr__(self, 'sparsity_type', sparsity_types.from_string(self.sparsity_type))
     nm = self.sparsity_type
-    if isinstance(nm, sparsity_types.NByM) and self.sparsity is None and not isinstance(
-        dist, sparsity_distributions.CustomMap):
+    if (
+      isinstance(nm, sparsity_types.NByM)
+      and self.sparsity is None
+      and not isinstance(dist, sparsity_distributions.CustomMap)
+    ):
       object.__setattr__(self, 'sparsity', nm.sparsity)  # N:M's own sparsity, 1 - n/m
     object.__setattr__(self, 'layer_axes', layers.freeze(self.layer_axes))
     for method in ('is_update_step', 'sparsity'):
       if not hasattr(self.scheduler, method):
-        raise TypeError(f'scheduler must be a prunax.sparsity_schedules schedule (with '
-                        f'is_update_step and sparsity), got {self.scheduler!r}.')
+        raise TypeError(
+          f'scheduler must be a prunax.sparsity_schedules schedule (with '
+          f'is_update_step and sparsity), got {self.scheduler!r}.'
+        )
     if self.sparsity is None and not isinstance(
-        dist, (sparsity_distributions.CustomMap, sparsity_distributions.ParamsOnly)):
-      raise ValueError(f'{type(self).__name__} needs a target sparsity in [0, 1): pass '
-                       'sparsity=..., or a mapping as sparsity_distribution_fn.')
+      dist, (sparsity_distributions.CustomMap, sparsity_distributions.ParamsOnly)
+    ):
+      raise ValueError(
+        f'{type(self).__name__} needs a target sparsity in [0, 1): pass '
+        'sparsity=..., or a mapping as sparsity_distribution_fn.'
+      )
     if self.is_global and not isinstance(self.sparsity_type, sparsity_types.Unstructured):
-      raise ValueError(f'{type(self).__name__} supports only unstructured sparsity, got '
-                       f'{self.sparsity_type!r}.')
+      raise ValueError(
+        f'{type(self).__name__} supports only unstructured sparsity, got {self.sparsity_type!r}.'
+      )
     if self.is_global and _is_erk(dist):
-      raise ValueError(f'{type(self).__name__} chooses per-layer sparsities itself with one '
-                       'global threshold; use the "uniform" distribution (with a '
-                       'custom_sparsity_map for layers that differ), not ERK.')
+      raise ValueError(
+        f'{type(self).__name__} chooses per-layer sparsities itself with one '
+        'global threshold; use the "uniform" distribution (with a '
+        'custom_sparsity_map for layers that differ), not ERK.'
+      )
     if isinstance(nm, sparsity_types.NByM):
       self._check_n_by_m(dist)
 
@@ -394,13 +432,20 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     if self.sparsity is not None:
       nm.check_sparsity(self.sparsity, f'{type(self).__name__}(sparsity={self.sparsity!r})')
     if _is_erk(dist):
-      raise ValueError(f'{nm!r} prunes every leaf to 1 - n/m = {nm.sparsity:g}, so ERK\'s '
-                       'per-leaf sparsities cannot apply; use the "uniform" distribution.')
+      raise ValueError(
+        f"{nm!r} prunes every leaf to 1 - n/m = {nm.sparsity:g}, so ERK's "
+        'per-leaf sparsities cannot apply; use the "uniform" distribution.'
+      )
 
   # ----------------------------------------------------------------------------- hooks
 
-  def calculate_scores(self, params: PyTree, sparse_state: SparseState | None = None,
-                       grads: PyTree | None = None, **kwargs) -> PyTree:
+  def calculate_scores(
+    self,
+    params: PyTree,
+    sparse_state: SparseState | None = None,
+    grads: PyTree | None = None,
+    **kwargs,
+  ) -> PyTree:
     """Scores of every weight; higher scores are kept. Algorithms override this.
 
     Args:
@@ -414,9 +459,15 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     """
     raise NotImplementedError
 
-  def compute_masks(self, params: PyTree, sparsities: PyTree,
-                    sparse_state: SparseState | None = None, grads: PyTree | None = None,
-                    old_masks: PyTree | None = None, **kwargs) -> PyTree:
+  def compute_masks(
+    self,
+    params: PyTree,
+    sparsities: PyTree,
+    sparse_state: SparseState | None = None,
+    grads: PyTree | None = None,
+    old_masks: PyTree | None = None,
+    **kwargs,
+  ) -> PyTree:
     """Boolean keep-masks at ``sparsities`` (a tree of per-leaf sparsities or None).
 
     ``old_masks`` (the stored masks, for drop-and-grow algorithms) are bool arrays or
@@ -441,25 +492,33 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     axes = self.layer_axes_tree(scores)
     if not self.is_global:
       return jax.tree.map(
-          lambda s, x, a: None if s is None else self.leaf_mask(x, s, a),
-          sparsities, scores, axes, is_leaf=_is_none)
+        lambda s, x, a: None if s is None else self.leaf_mask(x, s, a),
+        sparsities,
+        scores,
+        axes,
+        is_leaf=_is_none,
+      )
     # Leaves at the distribution's target share one threshold; custom-map entries with
     # another sparsity are pruned on their own (0.0 keeps a leaf dense).
     flat_s, treedef = jax.tree.flatten(sparsities, is_leaf=_is_none)
     flat_x = treedef.flatten_up_to(scores)
     flat_a = treedef.flatten_up_to(axes)
     shapes = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)
-        if isinstance(x, selection.Lazy) else x, scores)
+      lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32) if isinstance(x, selection.Lazy) else x,
+      scores,
+    )
     static = treedef.flatten_up_to(self.target_sparsities(shapes))
     pooled = [s is not None and t == self.sparsity for s, t in zip(flat_s, static)]
     chosen = [x for x, p in zip(flat_x, pooled) if p]
     total = sum(math.prod(x.shape) for x in chosen)
     target = next((s for s, p in zip(flat_s, pooled) if p), 0.0)
     it = iter(selection.global_topk_masks(chosen, total - sparsity_types.num_zeros(target, total)))
-    return treedef.unflatten([
+    return treedef.unflatten(
+      [
         next(it) if p else (None if s is None else self.leaf_mask(x, s, a))
-        for s, x, a, p in zip(flat_s, flat_x, flat_a, pooled)])
+        for s, x, a, p in zip(flat_s, flat_x, flat_a, pooled)
+      ]
+    )
 
   # ------------------------------------------------------------------------ sparsities
 
@@ -472,8 +531,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     """A tree like ``tree`` (params or scores) of each leaf's layer axis (None: one layer)."""
     axes = self.layer_axes_of(tree)
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return treedef.unflatten(
-        [axes.get(sparsity_distributions.path_name(p)) for p, _ in flat])
+    return treedef.unflatten([axes.get(sparsity_distributions.path_name(p)) for p, _ in flat])
 
   def target_sparsities(self, params: PyTree) -> PyTree:
     """Per-leaf final sparsities (floats, None for dense leaves), validated against params.
@@ -486,15 +544,18 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     else:
       sparsities = dist(params, self.sparsity)
     for (name, s), (_, leaf) in zip(
-        sparsity_distributions.named_leaves(sparsities, is_leaf=_is_none),
-        sparsity_distributions.named_leaves(params)):
+      sparsity_distributions.named_leaves(sparsities, is_leaf=_is_none),
+      sparsity_distributions.named_leaves(params),
+    ):
       if s is None:
         continue
       sparsity_distributions._check_sparsity(s, name)  # pylint: disable=protected-access
       dtype = jnp.result_type(leaf)
       if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f'Parameter {name!r} has dtype {dtype}; only floating-point parameters '
-                        'can be pruned. Exclude it with the distribution\'s filter_fn.')
+        raise TypeError(
+          f'Parameter {name!r} has dtype {dtype}; only floating-point parameters '
+          "can be pruned. Exclude it with the distribution's filter_fn."
+        )
       self.sparsity_type.validate(layers.slice_shape(np.shape(leaf), axes.get(name)), name)
       self.sparsity_type.check_sparsity(s, f'parameter {name!r}')
     return sparsities
@@ -502,19 +563,23 @@ class BaseUpdater(updater_args.JaxprunerArgs):
   def _warn_undeclared_stacks(self, params: PyTree, targets: PyTree) -> None:
     axes = self.layer_axes_of(params)
     for (name, s), (_, leaf) in zip(
-        sparsity_distributions.named_leaves(targets, is_leaf=_is_none),
-        sparsity_distributions.named_leaves(params)):
+      sparsity_distributions.named_leaves(targets, is_leaf=_is_none),
+      sparsity_distributions.named_leaves(params),
+    ):
       if s is not None and name not in axes and layers.looks_stacked(name, leaf):
         warnings.warn(
-            f'Parameter {name!r} of shape {tuple(np.shape(leaf))} looks like a stack of '
-            'layers (scanned or vmapped) but has no layer axis: it is pruned as one tensor, '
-            'so one layer can end up dense and the others empty. Declare its layer axis, e.g. '
-            f"{type(self).__name__}(..., layer_axes={{{name!r}: 0}}), or use "
-            'prunax.layers.layer_axes_from_flax on the boxed variables.', stacklevel=3)
+          f'Parameter {name!r} of shape {tuple(np.shape(leaf))} looks like a stack of '
+          'layers (scanned or vmapped) but has no layer axis: it is pruned as one tensor, '
+          'so one layer can end up dense and the others empty. Declare its layer axis, e.g. '
+          f'{type(self).__name__}(..., layer_axes={{{name!r}: 0}}), or use '
+          'prunax.layers.layer_axes_from_flax on the boxed variables.',
+          stacklevel=3,
+        )
 
   def _sparsities_at(self, targets: PyTree, step) -> PyTree:
-    return jax.tree.map(lambda s: None if s is None else self.scheduler.sparsity(step, s),
-                        targets, is_leaf=_is_none)
+    return jax.tree.map(
+      lambda s: None if s is None else self.scheduler.sparsity(step, s), targets, is_leaf=_is_none
+    )
 
   # ---------------------------------------------------------------------- mask storage
 
@@ -549,8 +614,9 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       ids = jnp.arange(shape[axis], dtype=jnp.uint32).reshape(shape)
       return selection.Lazy(selection.hash_uniform_layers, x, key_data, ids, jnp.int32(0))
 
-    return treedef.unflatten([scores(x, keys[i], a)
-                              for i, (x, a) in enumerate(zip(flat, flat_axes))])
+    return treedef.unflatten(
+      [scores(x, keys[i], a) for i, (x, a) in enumerate(zip(flat, flat_axes))]
+    )
 
   # --------------------------------------------------------------------------- init
 
@@ -559,8 +625,12 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     if self.is_sparse_training:
       scores = self._random_scores(params, self._key(None, salt=1))
       return self.masks_from_scores(scores, targets)
-    return jax.tree.map(lambda s, p: None if s is None else jnp.ones(jnp.shape(p), bool),
-                        targets, params, is_leaf=_is_none)
+    return jax.tree.map(
+      lambda s, p: None if s is None else jnp.ones(jnp.shape(p), bool),
+      targets,
+      params,
+      is_leaf=_is_none,
+    )
 
   def init_state(self, params: PyTree, inner_state: Any = None) -> SparseState:
     """The :class:`SparseState` for ``params`` around ``inner_state``."""
@@ -569,9 +639,14 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     masks = self.init_masks(params, targets)
     # Masks that do not depend on the weights (all ones, random) would come out of a jitted
     # init replicated: each stored mask is tied to its param, so it is sharded like it.
-    stored = jax.tree.map(lambda m, p: None if m is None else _shard_like_param(m, p),
-                          self._store(masks), params, is_leaf=_is_none)
-    return _stored(SparseState(
+    stored = jax.tree.map(
+      lambda m, p: None if m is None else _shard_like_param(m, p),
+      self._store(masks),
+      params,
+      is_leaf=_is_none,
+    )
+    return _stored(
+      SparseState(
         inner_state=inner_state,
         masks=stored,
         count=jnp.zeros([], jnp.int32),
@@ -579,7 +654,9 @@ class BaseUpdater(updater_args.JaxprunerArgs):
         # A copy: the state must not share buffers with params (train steps donate both).
         dense_params=jax.tree.map(jnp.copy, _pruned_only(masks, params)) if self.is_ste else None,
         thresholds=self.init_thresholds(params, targets),
-        aux=self.init_aux(params, masks)))
+        aux=self.init_aux(params, masks),
+      )
+    )
 
   def init_aux(self, params: PyTree, masks: PyTree) -> PyTree:
     """Initial ``SparseState.aux`` (None unless the algorithm keeps statistics)."""
@@ -600,15 +677,17 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     del params, targets
     return None
 
-  def transform_gradients(self, grads: PyTree, dense: PyTree, masks: PyTree,
-                          sparse_state: SparseState) -> PyTree:
+  def transform_gradients(
+    self, grads: PyTree, dense: PyTree, masks: PyTree, sparse_state: SparseState
+  ) -> PyTree:
     """Gradients (taken at the sparse weights) fed to the inner optimizer of the dense
     weights. Identity: the straight-through estimator."""
     del dense, masks, sparse_state
     return grads
 
-  def update_thresholds(self, grads: PyTree, dense: PyTree, masks: PyTree,
-                        sparse_state: SparseState) -> PyTree:
+  def update_thresholds(
+    self, grads: PyTree, dense: PyTree, masks: PyTree, sparse_state: SparseState
+  ) -> PyTree:
     """New ``SparseState.thresholds`` after a step (unchanged by default).
 
     Args:
@@ -631,8 +710,9 @@ class BaseUpdater(updater_args.JaxprunerArgs):
   def _is_update_step(self, step):
     return self.scheduler.is_update_step(step)
 
-  def wrap_optax(self, inner: optax.GradientTransformation
-                 ) -> optax.GradientTransformationExtraArgs:
+  def wrap_optax(
+    self, inner: optax.GradientTransformation
+  ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that applying its updates keeps the params sparse.
 
     Args:
@@ -656,16 +736,21 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     run it on ``params`` with the gradients of pruned weights masked out.
     """
     if self.is_ste:
-      base = jax.tree.map(lambda d, p: p if d is None else d, state.dense_params, params,
-                          is_leaf=_is_none)
+      base = jax.tree.map(
+        lambda d, p: p if d is None else d, state.dense_params, params, is_leaf=_is_none
+      )
       grads = self.transform_gradients(grads, base, masks, state)
       updates, inner_state = inner.update(grads, state.inner_state, base, **extra)
       return optax.apply_updates(base, updates), updates, inner_state
     masked_grads = map_masked(lambda m, g: jnp.where(m, g, 0), masks, grads)
     updates, inner_state = inner.update(masked_grads, state.inner_state, params, **extra)
     candidate = jax.tree.map(
-        lambda m, p, u: (p + u if m is None else jnp.where(m, p + u, 0)).astype(p.dtype),
-        masks, params, updates, is_leaf=_is_none)
+      lambda m, p, u: (p + u if m is None else jnp.where(m, p + u, 0)).astype(p.dtype),
+      masks,
+      params,
+      updates,
+      is_leaf=_is_none,
+    )
     return candidate, updates, inner_state
 
   def _output(self, params, candidate, updates, masks, new_masks, state):
@@ -673,8 +758,9 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     if self.is_ste:
       forward = self.forward_params(candidate, new_masks, state)
       return map_masked(lambda m, u, f, p: f - p, new_masks, updates, forward, params)
-    return map_masked(lambda m, u, m_new, p: jnp.where(m & m_new, u, -p), masks, updates,
-                      new_masks, params)
+    return map_masked(
+      lambda m, u, m_new, p: jnp.where(m & m_new, u, -p), masks, updates, new_masks, params
+    )
 
   # ---------------------------------------------------------------- explicit hooks
 
@@ -687,15 +773,17 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     Not needed with ``wrap_optax`` + ``optax.apply_updates`` (the params are already
     sparse); kept for hand-written loops, where it is idempotent.
     """
-    return map_masked(lambda m, p: jnp.where(m, p, 0).astype(p.dtype),
-                      self._stored_masks(opt_state, params), params)
+    return map_masked(
+      lambda m, p: jnp.where(m, p, 0).astype(p.dtype), self._stored_masks(opt_state, params), params
+    )
 
   def post_gradient_update(self, params: PyTree, opt_state: PyTree) -> PyTree:
     """Params after a gradient step, projected on the current masks (idempotent)."""
     return self.pre_forward_update(params, opt_state)
 
-  def instant_sparsify(self, params: PyTree, grads: PyTree | None = None, **kwargs
-                       ) -> tuple[PyTree, PyTree]:
+  def instant_sparsify(
+    self, params: PyTree, grads: PyTree | None = None, **kwargs
+  ) -> tuple[PyTree, PyTree]:
     """Prunes ``params`` to the target sparsity at once.
 
     Args:
@@ -708,8 +796,9 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       about storage in the optimizer state), None for dense leaves.
     """
     targets = self.target_sparsities(params)
-    masks = self.compute_masks(params, targets, grads=grads,
-                               old_masks=self.init_masks(params, targets), **kwargs)
+    masks = self.compute_masks(
+      params, targets, grads=grads, old_masks=self.init_masks(params, targets), **kwargs
+    )
     sparse = map_masked(lambda m, p: jnp.where(m, p, 0).astype(p.dtype), masks, params)
     return sparse, masks
 
@@ -732,8 +821,13 @@ def _reset_inactive(inner, inner_state, masks, params):
   is_masked = lambda x: isinstance(x, optax.MaskedNode)
   # The masks at every params-like place of the state; _NotParams elsewhere.
   placed = optax.tree_utils.tree_map_params(
-      inner, lambda v, k: _NotParams if is_masked(v) else k, inner_state, keep,
-      transform_non_params=lambda _: _NotParams, is_leaf=is_masked)
+    inner,
+    lambda v, k: _NotParams if is_masked(v) else k,
+    inner_state,
+    keep,
+    transform_non_params=lambda _: _NotParams,
+    is_leaf=is_masked,
+  )
   fresh = inner.init(params)
 
   def reset(k, v, v0):
@@ -743,18 +837,19 @@ def _reset_inactive(inner, inner_state, masks, params):
       return v
     return jnp.where(k, v, v0.astype(v.dtype))
 
-  return jax.tree.map(reset, placed, inner_state, fresh,
-                      is_leaf=lambda x: x is _NotParams or isinstance(x, bool))
+  return jax.tree.map(
+    reset, placed, inner_state, fresh, is_leaf=lambda x: x is _NotParams or isinstance(x, bool)
+  )
 
 
 # Transformations whose place is outside the pruner (see wrap_optax).
 _OUTSIDE = {
-    'MultiStepsState': 'optax.MultiSteps(pruner.wrap_optax(tx), every_k_schedule=k): masks '
-                       'and the step count then advance once per real step, and RigL grows '
-                       'from the accumulated gradient, not from one micro-batch',
-    'ApplyIfFiniteState': 'optax.apply_if_finite(pruner.wrap_optax(tx), max_consecutive_errors'
-                          '=n): it then sees the gradients of pruned weights too, and a '
-                          'skipped step leaves masks and the step count unchanged',
+  'MultiStepsState': 'optax.MultiSteps(pruner.wrap_optax(tx), every_k_schedule=k): masks '
+  'and the step count then advance once per real step, and RigL grows '
+  'from the accumulated gradient, not from one micro-batch',
+  'ApplyIfFiniteState': 'optax.apply_if_finite(pruner.wrap_optax(tx), max_consecutive_errors'
+  '=n): it then sees the gradients of pruned weights too, and a '
+  'skipped step leaves masks and the step count unchanged',
 }
 
 
@@ -769,8 +864,10 @@ def _check_inner(inner_state) -> None:
 
   jax.tree_util.tree_flatten(inner_state, is_leaf=visit)
   if found:
-    raise ValueError(f'optax.{found[0][:-len("State")]} is wrapped inside the pruner; put it '
-                     f'outside: {_OUTSIDE[found[0]]}.')
+    raise ValueError(
+      f'optax.{found[0][: -len("State")]} is wrapped inside the pruner; put it '
+      f'outside: {_OUTSIDE[found[0]]}.'
+    )
 
 
 def _is_placeholder(params) -> bool:
@@ -799,8 +896,10 @@ def _check_params_unchanged(state: SparseState, params: PyTree) -> None:
   try:
     masks = treedef.flatten_up_to(state.masks)
   except (ValueError, TypeError) as e:
-    raise ValueError('The params passed to update do not have the tree structure of the params '
-                     f'the optimizer state was initialised with: {e}') from None
+    raise ValueError(
+      'The params passed to update do not have the tree structure of the params '
+      f'the optimizer state was initialised with: {e}'
+    ) from None
   try:
     dense = treedef.flatten_up_to(state.dense_params)
   except (ValueError, TypeError):
@@ -811,15 +910,19 @@ def _check_params_unchanged(state: SparseState, params: PyTree) -> None:
     name = sparsity_distributions.path_name(path)
     shape, dtype = tuple(np.shape(p)), jnp.result_type(p)
     if d is not None and (tuple(np.shape(d)), jnp.result_type(d)) != (shape, dtype):
-      raise ValueError(f'Parameter {name!r} is {dtype}{list(shape)} at update, but the optimizer '
-                       f'state was initialised for {jnp.result_type(d)}{list(np.shape(d))}; '
-                       'initialise the state again (tx.init) after changing the model.')
+      raise ValueError(
+        f'Parameter {name!r} is {dtype}{list(shape)} at update, but the optimizer '
+        f'state was initialised for {jnp.result_type(d)}{list(np.shape(d))}; '
+        'initialise the state again (tx.init) after changing the model.'
+      )
     stored, packed = tuple(np.shape(m)), _packed_shape(shape) if shape else shape
     if stored not in (shape, packed):
-      raise ValueError(f'Parameter {name!r} has shape {shape} at update, but its mask in the '
-                       f'optimizer state has shape {stored}, made for another shape (a param '
-                       f'of shape {shape} has a mask of shape {shape}, or {packed} packed); '
-                       'initialise the state again (tx.init) after changing the model.')
+      raise ValueError(
+        f'Parameter {name!r} has shape {shape} at update, but its mask in the '
+        f'optimizer state has shape {stored}, made for another shape (a param '
+        f'of shape {shape} has a mask of shape {shape}, or {packed} packed); '
+        'initialise the state again (tx.init) after changing the model.'
+      )
 
 
 def _skip_gradient_step(out, params, masks, new_masks, is_update):
@@ -827,8 +930,14 @@ def _skip_gradient_step(out, params, masks, new_masks, is_update):
   if isinstance(is_update, (bool, np.bool_)) and not is_update:
     return out
   skipped = jax.tree.map(
-      lambda m, m_new, p: jnp.zeros_like(p) if m is None else jnp.where(m & m_new, 0, -p).astype(
-          p.dtype), masks, new_masks, params, is_leaf=_is_none)
+    lambda m, m_new, p: (
+      jnp.zeros_like(p) if m is None else jnp.where(m & m_new, 0, -p).astype(p.dtype)
+    ),
+    masks,
+    new_masks,
+    params,
+    is_leaf=_is_none,
+  )
   return jax.tree.map(lambda s, o: jnp.where(is_update, s, o), skipped, out)
 
 
@@ -852,11 +961,14 @@ def _jitted_init_state(updater: BaseUpdater, params, inner_state) -> SparseState
 
 def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None, **extra):
   if params is None:
-    raise ValueError('A prunax-wrapped transformation needs params: call '
-                     'tx.update(grads, opt_state, params).')
+    raise ValueError(
+      'A prunax-wrapped transformation needs params: call tx.update(grads, opt_state, params).'
+    )
   if not isinstance(state, SparseState):
-    raise TypeError(f'Expected a prunax SparseState, got {type(state).__name__}; initialise '
-                    'the state with the wrapped transformation\'s init.')
+    raise TypeError(
+      f'Expected a prunax SparseState, got {type(state).__name__}; initialise '
+      "the state with the wrapped transformation's init."
+    )
   state = _unstored(state)
   _check_params_unchanged(state, params)
   targets = updater.target_sparsities(params)
@@ -865,32 +977,38 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
   raw_state = state
   if updater.is_ste:
     # Learned thresholds (AutoSparse) from the dense weights the forward pass used.
-    old_dense = jax.tree.map(lambda d, p: p if d is None else d, state.dense_params, params,
-                             is_leaf=_is_none)
+    old_dense = jax.tree.map(
+      lambda d, p: p if d is None else d, state.dense_params, params, is_leaf=_is_none
+    )
     thresholds = updater.update_thresholds(grads, old_dense, masks, state)
     if thresholds is not None:
       # The optimizer's pass reads a 0 computed from the new thresholds, so it runs after
       # their reductions have read the old dense weights: XLA can then update those in
       # place, where it would otherwise copy them (it cannot order independent readers).
-      zero = sum(jnp.minimum(jnp.abs(t), 0).astype(jnp.float32)
-                 for t in jax.tree.leaves(thresholds))
+      zero = sum(
+        jnp.minimum(jnp.abs(t), 0).astype(jnp.float32) for t in jax.tree.leaves(thresholds)
+      )
       grads = jax.tree.map(lambda g: g + zero.astype(g.dtype), grads)
   else:
     # The inner optimizer's per-weight state (moments) of inactive weights is held at its
     # initial value, so a weight grown by a mask update starts afresh. Resetting the input
     # state under the stored masks fuses into the optimizer's own pass.
-    state = state._replace(inner_state=_reset_inactive(inner, state.inner_state, masks, params),
-                           aux=updater.update_aux(state.aux, grads, masks))
+    state = state._replace(
+      inner_state=_reset_inactive(inner, state.inner_state, masks, params),
+      aux=updater.update_aux(state.aux, grads, masks),
+    )
     raw_state = raw_state._replace(aux=state.aux)
   candidate, updates, inner_state = updater._candidate(  # pylint: disable=protected-access
-      inner, grads, state, params, masks, **extra)
+    inner, grads, state, params, masks, **extra
+  )
   sparsities = updater._sparsities_at(targets, state.count)  # pylint: disable=protected-access
 
   if updater.is_ste:
     # STE-style: the mask is recomputed from the dense weights at every step.
     state = state._replace(thresholds=thresholds)
-    new_masks = updater.compute_masks(candidate, sparsities, sparse_state=state, grads=grads,
-                                      old_masks=masks, **extra)
+    new_masks = updater.compute_masks(
+      candidate, sparsities, sparse_state=state, grads=grads, old_masks=masks, **extra
+    )
     stored = updater._store(new_masks)  # pylint: disable=protected-access
   else:
     is_update = updater._is_update_step(state.count)  # pylint: disable=protected-access
@@ -903,8 +1021,9 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
       # be materialised for the cond, and a buffer the optimizer updates in place (its
       # moments) would be copied.
       old = lazy_masks(raw_state.masks, params)
-      new = updater.compute_masks(params, sparsities, sparse_state=raw_state, grads=grads,
-                                  old_masks=old, **extra)
+      new = updater.compute_masks(
+        params, sparsities, sparse_state=raw_state, grads=grads, old_masks=old, **extra
+      )
       return updater._store(new)  # pylint: disable=protected-access
 
     # Steps without a mask update keep the stored (possibly packed) masks as they are.
@@ -915,13 +1034,14 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
     new_masks = unpack_masks(stored, params)
 
   out = updater._output(  # pylint: disable=protected-access
-      params, candidate, updates, masks, new_masks, state)
+    params, candidate, updates, masks, new_masks, state
+  )
   if updater.skip_gradient_on_mask_update and not updater.is_ste:
     out = _skip_gradient_step(out, params, masks, new_masks, is_update)
   new_state = state._replace(
-      inner_state=inner_state,
-      masks=stored,
-      count=state.count + 1,
-      dense_params=_pruned_only(new_masks, candidate) if updater.is_ste else None)
+    inner_state=inner_state,
+    masks=stored,
+    count=state.count + 1,
+    dense_params=_pruned_only(new_masks, candidate) if updater.is_ste else None,
+  )
   return out, _stored(new_state)
-

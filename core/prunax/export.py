@@ -88,8 +88,10 @@ class NMCompressed:
     return jnp.moveaxis(moved, -1, self.axis)
 
   def __repr__(self):
-    return (f'NMCompressed(shape={self.shape}, n={self.n}, m={self.m}, axis={self.axis}, '
-            f'dtype={self.values.dtype})')
+    return (
+      f'NMCompressed(shape={self.shape}, n={self.n}, m={self.m}, axis={self.axis}, '
+      f'dtype={self.values.dtype})'
+    )
 
 
 def _select_bits(onehot, values):
@@ -109,8 +111,12 @@ def to_bcoo(x, index_dtype=jnp.int32) -> sparse.BCOO:
   x = np.asarray(x)
   coords = np.stack(np.nonzero(_nonzero_bits(x)), axis=1).astype(index_dtype)
   data = x[tuple(coords.T)] if x.ndim else x.reshape(1)
-  return sparse.BCOO((jnp.asarray(data), jnp.asarray(coords)), shape=x.shape,
-                     indices_sorted=True, unique_indices=True)
+  return sparse.BCOO(
+    (jnp.asarray(data), jnp.asarray(coords)),
+    shape=x.shape,
+    indices_sorted=True,
+    unique_indices=True,
+  )
 
 
 def to_bcsr(x, index_dtype=jnp.int32) -> sparse.BCSR:
@@ -122,9 +128,16 @@ def to_bcsr(x, index_dtype=jnp.int32) -> sparse.BCSR:
   indptr = np.zeros(x.shape[0] + 1, np.int64)
   np.add.at(indptr, rows + 1, 1)
   indptr = np.cumsum(indptr)
-  return sparse.BCSR((jnp.asarray(x[rows, cols]), jnp.asarray(cols.astype(index_dtype)),
-                      jnp.asarray(indptr.astype(index_dtype))), shape=x.shape,
-                     indices_sorted=True, unique_indices=True)
+  return sparse.BCSR(
+    (
+      jnp.asarray(x[rows, cols]),
+      jnp.asarray(cols.astype(index_dtype)),
+      jnp.asarray(indptr.astype(index_dtype)),
+    ),
+    shape=x.shape,
+    indices_sorted=True,
+    unique_indices=True,
+  )
 
 
 def to_nm(x, n: int = 2, m: int = 4, axis: int | None = None) -> NMCompressed:
@@ -134,15 +147,18 @@ def to_nm(x, n: int = 2, m: int = 4, axis: int | None = None) -> NMCompressed:
   x = np.asarray(x)
   axis = (nm_default_axis(x.ndim) if axis is None else axis) % x.ndim
   if x.shape[axis] % m:
-    raise ValueError(f'to_nm: axis {axis} of shape {x.shape} has size {x.shape[axis]}, not a '
-                     f'multiple of m={m}.')
+    raise ValueError(
+      f'to_nm: axis {axis} of shape {x.shape} has size {x.shape[axis]}, not a multiple of m={m}.'
+    )
   moved = np.moveaxis(x, axis, -1)
   groups = moved.reshape(moved.shape[:-1] + (-1, m))
   stored = _nonzero_bits(groups)
   most = int(stored.sum(-1).max(initial=0))
   if most > n:
-    raise ValueError(f'to_nm({n}, {m}): a group holds {most} nonzero elements; at most {n} '
-                     f'are allowed. Prune with prunax.NByM({n}, {m}) first.')
+    raise ValueError(
+      f'to_nm({n}, {m}): a group holds {most} nonzero elements; at most {n} '
+      f'are allowed. Prune with prunax.NByM({n}, {m}) first.'
+    )
   # Stored elements first, then the lowest-position zeros, each group's positions ascending.
   order = np.argsort(~stored, axis=-1, kind='stable')[..., :n]
   positions = np.sort(order, axis=-1)
@@ -157,9 +173,16 @@ def _is_exportable(x) -> bool:
   return np.ndim(x) >= 2 and jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
-def export_params(params: PyTree, fmt: str = 'bcoo', *, n: int = 2, m: int = 4,
-                  axis: int | None = None, block_shape: tuple[int, int] = (16, 16),
-                  filter_fn=None) -> PyTree:
+def export_params(
+  params: PyTree,
+  fmt: str = 'bcoo',
+  *,
+  n: int = 2,
+  m: int = 4,
+  axis: int | None = None,
+  block_shape: tuple[int, int] = (16, 16),
+  filter_fn=None,
+) -> PyTree:
   """Exports the float leaves with ``ndim >= 2`` of a pruned tree to a sparse format.
 
   Args:
@@ -269,8 +292,7 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
   def keep_sparse(x):
     return isinstance(x, (sparse.BCOO, sparse.BCSR, BlockSparse, EllSparse)) and x.ndim == 2
 
-  params = jax.tree.map(lambda x: x if keep_sparse(x) else todense(x), exported,
-                        is_leaf=_is_sparse)
+  params = jax.tree.map(lambda x: x if keep_sparse(x) else todense(x), exported, is_leaf=_is_sparse)
 
   def dense_layer(next_fun, call_args, call_kwargs, context):
     layer = context.module
@@ -288,6 +310,7 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
 
 # ------------------------------------------------------------------------------ save/load
 
+
 def _name(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 
@@ -303,8 +326,13 @@ def save(path: str | os.PathLike, exported: PyTree) -> None:
   for i, (key_path, leaf) in enumerate(flat):
     name = _name(key_path)
     if isinstance(leaf, NMCompressed):
-      manifest[name] = {'kind': 'nm', 'shape': leaf.shape, 'n': leaf.n, 'm': leaf.m,
-                        'axis': leaf.axis}
+      manifest[name] = {
+        'kind': 'nm',
+        'shape': leaf.shape,
+        'n': leaf.n,
+        'm': leaf.m,
+        'axis': leaf.axis,
+      }
       parts = {'values': leaf.values, 'positions': leaf.packed_positions}
     elif isinstance(leaf, BlockSparse):
       manifest[name] = {'kind': 'block', 'shape': leaf.shape, 'block_shape': leaf.block_shape}
@@ -338,20 +366,29 @@ def load(path: str | os.PathLike) -> dict:
       get = lambda part, i=info['index']: jnp.asarray(z[f'{i}.{part}'])
       kind = info['kind']
       if kind == 'nm':
-        leaf = NMCompressed(get('values'), get('positions'), info['shape'], info['n'],
-                            info['m'], info['axis'])
+        leaf = NMCompressed(
+          get('values'), get('positions'), info['shape'], info['n'], info['m'], info['axis']
+        )
       elif kind == 'block':
-        leaf = BlockSparse(get('values'), get('rows'), get('cols'), info['shape'],
-                           info['block_shape'])
+        leaf = BlockSparse(
+          get('values'), get('rows'), get('cols'), info['shape'], info['block_shape']
+        )
       elif kind == 'ell':
         leaf = EllSparse(get('values'), get('rows'), get('counts'), info['shape'])
       elif kind == 'bcoo':
-        leaf = sparse.BCOO((get('data'), get('indices')), shape=tuple(info['shape']),
-                           indices_sorted=True, unique_indices=True)
+        leaf = sparse.BCOO(
+          (get('data'), get('indices')),
+          shape=tuple(info['shape']),
+          indices_sorted=True,
+          unique_indices=True,
+        )
       elif kind == 'bcsr':
-        leaf = sparse.BCSR((get('data'), get('indices'), get('indptr')),
-                           shape=tuple(info['shape']), indices_sorted=True,
-                           unique_indices=True)
+        leaf = sparse.BCSR(
+          (get('data'), get('indices'), get('indptr')),
+          shape=tuple(info['shape']),
+          indices_sorted=True,
+          unique_indices=True,
+        )
       else:
         leaf = get('value')
       node = tree

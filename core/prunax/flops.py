@@ -42,10 +42,20 @@ from prunax.sparsity_distributions import named_leaves
 PyTree = Any
 
 # Primitives that pass a weight through unchanged up to layout and dtype.
-_PASS_THROUGH = frozenset({
-    'convert_element_type', 'reshape', 'transpose', 'copy', 'copy_p', 'squeeze',
-    'expand_dims', 'broadcast_in_dim', 'reduce_precision', 'sharding_constraint',
-})
+_PASS_THROUGH = frozenset(
+  {
+    'convert_element_type',
+    'reshape',
+    'transpose',
+    'copy',
+    'copy_p',
+    'squeeze',
+    'expand_dims',
+    'broadcast_in_dim',
+    'reduce_precision',
+    'sharding_constraint',
+  }
+)
 _SUBJAXPR_KEYS = ('jaxpr', 'call_jaxpr', 'fun_jaxpr')
 # Training-FLOPs conventions (see the module docstring).
 _CONVENTIONS = ('autodiff', 'rigl')
@@ -74,6 +84,7 @@ class _Op:
 
 def _walk(jaxpr, env, ops, multiplier):
   """Records contractions of ``jaxpr``; ``env`` maps invars to (leaf index, depends)."""
+
   def read(v):
     return env.get(v, (None, False)) if isinstance(v, jex_core.Var) else (None, False)
 
@@ -85,8 +96,14 @@ def _walk(jaxpr, env, ops, multiplier):
     sub = next((eqn.params[k] for k in _SUBJAXPR_KEYS if k in eqn.params), None)
     if name in ('dot_general', 'conv_general_dilated'):
       pos = 1 if ins[1][0] is not None else (0 if ins[0][0] is not None else None)
-      ops.append(_Op(None if pos is None else ins[pos][0],
-                     multiplier * _contraction_flops(eqn), [d for _, d in ins[:2]], pos))
+      ops.append(
+        _Op(
+          None if pos is None else ins[pos][0],
+          multiplier * _contraction_flops(eqn),
+          [d for _, d in ins[:2]],
+          pos,
+        )
+      )
     elif name in _PASS_THROUGH and ins:
       outs = [ins[0]]
     elif sub is not None:
@@ -96,8 +113,10 @@ def _walk(jaxpr, env, ops, multiplier):
         inner_env = dict(zip(inner.invars, ins))
         _walk(inner, inner_env, ops, times)
         if name != 'scan':
-          outs = [inner_env.get(v, (None, deps)) if isinstance(v, jex_core.Var)
-                  else (None, False) for v in inner.outvars]
+          outs = [
+            inner_env.get(v, (None, deps)) if isinstance(v, jex_core.Var) else (None, False)
+            for v in inner.outvars
+          ]
     for v, o in zip(eqn.outvars, outs):
       env[v] = o
 
@@ -105,8 +124,9 @@ def _walk(jaxpr, env, ops, multiplier):
 def _densities(tree: PyTree, n: int) -> np.ndarray:
   leaves = jax.tree.leaves(tree)
   if len(leaves) != n:
-    raise ValueError(f'Expected a tree with {n} leaves like the params given to FlopsCounter, '
-                     f'got {len(leaves)}.')
+    raise ValueError(
+      f'Expected a tree with {n} leaves like the params given to FlopsCounter, got {len(leaves)}.'
+    )
   nonzero = jax.device_get([jnp.count_nonzero(x) for x in leaves])
   return np.array([nz / max(np.size(x), 1) for nz, x in zip(nonzero, leaves)], np.float64)
 
@@ -136,9 +156,10 @@ class FlopsCounter:
     self._names = [name for name, _ in named_leaves(params)]
     self._num_leaves = len(flat)
     closed = jax.make_jaxpr(lambda p, *xs: apply_fn(treedef.unflatten(p), *xs))(
-        flat, *example_inputs)
+      flat, *example_inputs
+    )
     jaxpr = closed.jaxpr
-    env = {v: (i, True) for i, v in enumerate(jaxpr.invars[:len(flat)])}
+    env = {v: (i, True) for i, v in enumerate(jaxpr.invars[: len(flat)])}
     self._ops: list[_Op] = []
     _walk(jaxpr, env, self._ops, 1)
     self.per_layer: dict[str, int] = {}
@@ -185,8 +206,9 @@ class FlopsCounter:
           dense += op.flops
     return sparse, dense
 
-  def training_fraction(self, params: PyTree, backward_params: PyTree | None = None,
-                        convention: str = 'autodiff') -> float:
+  def training_fraction(
+    self, params: PyTree, backward_params: PyTree | None = None, convention: str = 'autodiff'
+  ) -> float:
     """FLOPs of one training step (forward, input and weight gradients), as a fraction.
 
     Args:
@@ -211,8 +233,8 @@ class TrainingFlopsAverager:
 
   def __init__(self, counter: FlopsCounter, convention: str = 'autodiff'):
     """Args:
-      counter: the model's :class:`FlopsCounter`.
-      convention: see :meth:`FlopsCounter.training_fraction`.
+    counter: the model's :class:`FlopsCounter`.
+    convention: see :meth:`FlopsCounter.training_fraction`.
     """
     if convention not in _CONVENTIONS:
       raise ValueError(f'FLOPs convention must be one of {_CONVENTIONS}, got {convention!r}.')

@@ -34,8 +34,9 @@ from prunax.sparsity_distributions import path_name
 PyTree = Any
 LAYER_AXIS_NAME = 'layers'
 # Names that suggest a stacked leaf (flax's nn.scan names modules 'Scan<Class>_<i>').
-_STACKED_NAME = re.compile(r'(^|/)(scan\w*|\w*layers|\w*stack\w*|blocks|repeat\w*)(/|$)',
-                           re.IGNORECASE)
+_STACKED_NAME = re.compile(
+  r'(^|/)(scan\w*|\w*layers|\w*stack\w*|blocks|repeat\w*)(/|$)', re.IGNORECASE
+)
 
 
 def freeze(spec: Mapping[str, int] | None) -> tuple[tuple[str, int], ...]:
@@ -45,8 +46,10 @@ def freeze(spec: Mapping[str, int] | None) -> tuple[tuple[str, int], ...]:
   if isinstance(spec, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in spec):
     spec = dict(spec)
   if not isinstance(spec, Mapping):
-    raise TypeError('layer_axes must be a mapping {parameter name or regex: axis}, e.g. '
-                    f"{{'decoder/layers/.*': 0}}, got {spec!r}.")
+    raise TypeError(
+      'layer_axes must be a mapping {parameter name or regex: axis}, e.g. '
+      f"{{'decoder/layers/.*': 0}}, got {spec!r}."
+    )
   out = []
   for key, axis in spec.items():
     if not isinstance(key, str):
@@ -60,7 +63,8 @@ def freeze(spec: Mapping[str, int] | None) -> tuple[tuple[str, int], ...]:
 def _is_box(x) -> bool:
   # flax linen AxisMetadata boxes (names + unbox) and nnx Variables (get_metadata).
   return (hasattr(x, 'unbox') and hasattr(x, 'names')) or (
-      hasattr(x, 'get_metadata') and hasattr(x, 'get_value'))
+    hasattr(x, 'get_metadata') and hasattr(x, 'get_value')
+  )
 
 
 def _box_names(box) -> tuple | None:
@@ -100,8 +104,9 @@ def boxed_layer_axes(tree: PyTree, layer_name: str = LAYER_AXIS_NAME) -> dict[st
   return out
 
 
-def layer_axes_from_flax(variables: PyTree, params_axes: PyTree | None = None,
-                         layer_name: str = LAYER_AXIS_NAME) -> dict[str, int]:
+def layer_axes_from_flax(
+  variables: PyTree, params_axes: PyTree | None = None, layer_name: str = LAYER_AXIS_NAME
+) -> dict[str, int]:
   """The ``layer_axes`` mapping of a flax model, for params that are unboxed.
 
   Args:
@@ -124,7 +129,7 @@ def layer_axes_from_flax(variables: PyTree, params_axes: PyTree | None = None,
         continue
       axis = _axis_of(tuple(getattr(leaf, 'names', ()) or ()), layer_name)
       if axis is not None:
-        out[name[:-len('_axes')]] = axis
+        out[name[: -len('_axes')]] = axis
   return out
 
 
@@ -134,23 +139,25 @@ def resolve(params: PyTree, spec: tuple[tuple[str, int], ...]) -> dict[str, int]
   Raises:
     ValueError: a key of ``spec`` matches no parameter, or an axis is out of range.
   """
-  leaves = dict((path_name(p), leaf) for p, leaf in
-                jax.tree_util.tree_flatten_with_path(params)[0])
+  leaves = dict((path_name(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0])
   axes = boxed_layer_axes(params)
   for key, axis in spec:
     hits = matching_names(key, list(leaves))
     if not hits:
-      raise ValueError(f'layer_axes key {key!r} matches no parameter; parameter names are: '
-                       f'{list(leaves)}.')
+      raise ValueError(
+        f'layer_axes key {key!r} matches no parameter; parameter names are: {list(leaves)}.'
+      )
     for name in hits:
       axes[name] = axis
   for name, axis in list(axes.items()):
     ndim = np.ndim(leaves[name]) if name in leaves else 0
     if not -ndim <= axis < ndim or ndim < 2:
-      raise ValueError(f'layer axis {axis} of parameter {name!r} with shape '
-                       f'{tuple(np.shape(leaves.get(name)))} is out of range; a stacked '
-                       f'parameter has at least 2 dimensions and a layer axis in '
-                       f'{-ndim}..{ndim - 1}.')
+      raise ValueError(
+        f'layer axis {axis} of parameter {name!r} with shape '
+        f'{tuple(np.shape(leaves.get(name)))} is out of range; a stacked '
+        f'parameter has at least 2 dimensions and a layer axis in '
+        f'{-ndim}..{ndim - 1}.'
+      )
     axes[name] = axis % ndim
   return axes
 
@@ -158,7 +165,7 @@ def resolve(params: PyTree, spec: tuple[tuple[str, int], ...]) -> dict[str, int]
 def slice_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
   """The shape of one layer of a leaf (the shape itself when ``axis`` is None)."""
   shape = tuple(shape)
-  return shape if axis is None else shape[:axis] + shape[axis + 1:]
+  return shape if axis is None else shape[:axis] + shape[axis + 1 :]
 
 
 def looks_stacked(name: str, leaf) -> bool:

@@ -66,8 +66,13 @@ class LotteryRound:
 
 
 def iterative_magnitude_pruning(
-    train_fn: TrainFn, params: PyTree, rounds: int, prune_fraction: float = 0.2,
-    rewind_step: int = 0, sparsity_distribution_fn: Any = None) -> list[LotteryRound]:
+  train_fn: TrainFn,
+  params: PyTree,
+  rounds: int,
+  prune_fraction: float = 0.2,
+  rewind_step: int = 0,
+  sparsity_distribution_fn: Any = None,
+) -> list[LotteryRound]:
   """Runs IMP with rewinding: ``rounds`` pruning rounds, so ``rounds + 1`` trainings.
 
   Args:
@@ -86,15 +91,18 @@ def iterative_magnitude_pruning(
     The :class:`LotteryRound` records, round 0 (dense) first.
   """
   rounds = _checks.integer(rounds, 'rounds', 1)
-  prune_fraction = _checks.number(prune_fraction, 'prune_fraction', 0.0, 1.0, low_open=True,
-                                  high_open=True)
+  prune_fraction = _checks.number(
+    prune_fraction, 'prune_fraction', 0.0, 1.0, low_open=True, high_open=True
+  )
   rewind_step = _checks.integer(rewind_step, 'rewind_step', 0)
 
   trained, metrics, saved = train_fn(params, NoPruning(), rewind_step or None)
   rewind_to = params if rewind_step == 0 else saved
   if rewind_to is None:
-    raise ValueError(f'train_fn returned no saved params for rewind_step={rewind_step}; it '
-                     'must return the params after save_step steps as its third output.')
+    raise ValueError(
+      f'train_fn returned no saved params for rewind_step={rewind_step}; it '
+      'must return the params after save_step steps as its third output.'
+    )
   history = [LotteryRound(0, None, params, trained, metrics, summarize_sparsity(trained))]
   masks = None
   for r in range(1, rounds + 1):
@@ -105,6 +113,5 @@ def iterative_magnitude_pruning(
     masks = masks_from_scores(trained, scores, sparsity, sparsity_distribution_fn)
     start = map_masked(lambda m, w: jnp.where(m, w, 0).astype(w.dtype), masks, rewind_to)
     trained, metrics, _ = train_fn(start, FixedMaskSparse(masks=masks), None)
-    history.append(LotteryRound(r, masks, start, trained, metrics,
-                                summarize_sparsity(trained)))
+    history.append(LotteryRound(r, masks, start, trained, metrics, summarize_sparsity(trained)))
   return history

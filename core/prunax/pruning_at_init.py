@@ -49,15 +49,14 @@ PyTree = Any
 
 # --------------------------------------------------------------------------- scores
 
-def snip_scores(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
-                batch: Any) -> PyTree:
+
+def snip_scores(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batch: Any) -> PyTree:
   """SNIP connection sensitivity ``|g * w|`` with ``g = grad(loss_fn)(params, batch)``."""
   grads = jax.grad(loss_fn)(params, batch)
   return jax.tree.map(lambda g, w: jnp.abs(g * w), grads, params)
 
 
-def grasp_scores(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
-                 batch: Any) -> PyTree:
+def grasp_scores(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batch: Any) -> PyTree:
   """GraSP scores ``-w * Hg`` (the largest are removed).
 
   ``g`` and ``H`` are those of ``loss_fn`` as given. The GraSP reference code computes
@@ -85,8 +84,12 @@ def _flow_scale_exponent(w: jax.Array) -> jax.Array:
   return jnp.where(ok, jnp.round(jnp.log2(jnp.where(ok, gain, 1.0))), 0).astype(jnp.int32)
 
 
-def synflow_scores(apply_fn: Callable[..., jax.Array], params: PyTree,
-                   input_shape: tuple[int, ...], masks: PyTree | None = None) -> PyTree:
+def synflow_scores(
+  apply_fn: Callable[..., jax.Array],
+  params: PyTree,
+  input_shape: tuple[int, ...],
+  masks: PyTree | None = None,
+) -> PyTree:
   """SynFlow scores ``|dR/dw * w|`` of the linearised model ``|w| * mask`` on ones.
 
   ``R`` is a product over the layers, so in deep networks it leaves the float range
@@ -100,6 +103,7 @@ def synflow_scores(apply_fn: Callable[..., jax.Array], params: PyTree,
   biases' share of the flow changes. The returned scores are those of the rescaled model
   in that case (only their order matters).
   """
+
   def flow(abs_params):
     out = apply_fn(abs_params, jnp.ones(input_shape, jnp.float32))
     return jnp.sum(out)
@@ -113,8 +117,9 @@ def synflow_scores(apply_fn: Callable[..., jax.Array], params: PyTree,
     abs_params = map_masked(lambda m, w: jnp.where(m, w, 0), masks, abs_params)
   r, direct = scores_of(abs_params)
   # ldexp by an integer exponent is exact: the rescaled scores carry no extra rounding.
-  _, rescaled = scores_of(jax.tree.map(
-      lambda w: jnp.ldexp(w, -_flow_scale_exponent(w)).astype(w.dtype), abs_params))
+  _, rescaled = scores_of(
+    jax.tree.map(lambda w: jnp.ldexp(w, -_flow_scale_exponent(w)).astype(w.dtype), abs_params)
+  )
   finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in jax.tree.leaves(direct)]))
   use_direct = finite & jnp.isfinite(r) & (r > 0)
   return jax.tree.map(lambda d, x: jnp.where(use_direct, d, x), direct, rescaled)
@@ -122,14 +127,16 @@ def synflow_scores(apply_fn: Callable[..., jax.Array], params: PyTree,
 
 # ---------------------------------------------------------------------------- masks
 
+
 def _selector(sparsity: float, sparsity_distribution_fn) -> BaseUpdater:
   if sparsity_distribution_fn is None:
     return GlobalMagnitudePruning(sparsity=sparsity)
   return MagnitudePruning(sparsity=sparsity, sparsity_distribution_fn=sparsity_distribution_fn)
 
 
-def masks_from_scores(params: PyTree, scores: PyTree, sparsity: float,
-                      sparsity_distribution_fn: Any = None) -> PyTree:
+def masks_from_scores(
+  params: PyTree, scores: PyTree, sparsity: float, sparsity_distribution_fn: Any = None
+) -> PyTree:
   """Boolean keep-masks keeping the highest scores (None for leaves that are not pruned).
 
   Args:
@@ -143,23 +150,39 @@ def masks_from_scores(params: PyTree, scores: PyTree, sparsity: float,
   return selector.masks_from_scores(scores, selector.target_sparsities(params))
 
 
-def snip(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batch: Any,
-         sparsity: float, sparsity_distribution_fn: Any = None) -> PyTree:
+def snip(
+  loss_fn: Callable[[PyTree, Any], jax.Array],
+  params: PyTree,
+  batch: Any,
+  sparsity: float,
+  sparsity_distribution_fn: Any = None,
+) -> PyTree:
   """SNIP keep-masks (bool, None for leaves not pruned); ``loss_fn(params, batch)``."""
-  return masks_from_scores(params, snip_scores(loss_fn, params, batch), sparsity,
-                           sparsity_distribution_fn)
+  return masks_from_scores(
+    params, snip_scores(loss_fn, params, batch), sparsity, sparsity_distribution_fn
+  )
 
 
-def grasp(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batch: Any,
-          sparsity: float, sparsity_distribution_fn: Any = None) -> PyTree:
+def grasp(
+  loss_fn: Callable[[PyTree, Any], jax.Array],
+  params: PyTree,
+  batch: Any,
+  sparsity: float,
+  sparsity_distribution_fn: Any = None,
+) -> PyTree:
   """GraSP keep-masks: the weights of largest ``-w * Hg`` are removed."""
   scores = jax.tree.map(jnp.negative, grasp_scores(loss_fn, params, batch))
   return masks_from_scores(params, scores, sparsity, sparsity_distribution_fn)
 
 
-def synflow(apply_fn: Callable[..., jax.Array], params: PyTree, input_shape: tuple[int, ...],
-            sparsity: float, iterations: int = 100,
-            sparsity_distribution_fn: Any = None) -> PyTree:
+def synflow(
+  apply_fn: Callable[..., jax.Array],
+  params: PyTree,
+  input_shape: tuple[int, ...],
+  sparsity: float,
+  iterations: int = 100,
+  sparsity_distribution_fn: Any = None,
+) -> PyTree:
   """SynFlow keep-masks, pruned iteratively without data.
 
   Args:
@@ -177,15 +200,20 @@ def synflow(apply_fn: Callable[..., jax.Array], params: PyTree, input_shape: tup
   iterations = _checks.integer(iterations, 'synflow iterations', 1)
   selector = _selector(sparsity, sparsity_distribution_fn)
   targets = selector.target_sparsities(params)
-  masks = jax.tree.map(lambda t, p: None if t is None else jnp.ones(jnp.shape(p), bool),
-                       targets, params, is_leaf=_is_none)
+  masks = jax.tree.map(
+    lambda t, p: None if t is None else jnp.ones(jnp.shape(p), bool),
+    targets,
+    params,
+    is_leaf=_is_none,
+  )
 
   @jax.jit
   def step(masks, fraction):
     scores = synflow_scores(apply_fn, params, input_shape, masks)
     scores = map_masked(lambda m, s: jnp.where(m, s, -1.0), masks, scores)
-    now = jax.tree.map(lambda t: None if t is None else 1.0 - (1.0 - t) ** fraction, targets,
-                       is_leaf=_is_none)
+    now = jax.tree.map(
+      lambda t: None if t is None else 1.0 - (1.0 - t) ** fraction, targets, is_leaf=_is_none
+    )
     return selector.masks_from_scores(scores, now)
 
   for k in range(1, iterations + 1):
@@ -195,6 +223,7 @@ def synflow(apply_fn: Callable[..., jax.Array], params: PyTree, input_shape: tup
 
 # -------------------------------------------------------------------------- training
 
+
 class Hashed:
   """A pytree of arrays (masks, a batch) wrapped to be hashable by its content."""
 
@@ -203,8 +232,11 @@ class Hashed:
     self.leaves = tuple(None if x is None else np.asarray(x) for x in leaves)
     digest = hashlib.sha256(str(self.treedef).encode())
     for x in self.leaves:
-      digest.update(b'none' if x is None else
-                    str((x.shape, x.dtype)).encode() + np.ascontiguousarray(x).tobytes())
+      digest.update(
+        b'none'
+        if x is None
+        else str((x.shape, x.dtype)).encode() + np.ascontiguousarray(x).tobytes()
+      )
     self.digest = digest.hexdigest()
 
   @property
@@ -237,8 +269,9 @@ class _StaticFromInit(BaseUpdater):
 
   def init_masks(self, params, targets):
     masks = self.compute_init_masks(params)
-    return jax.tree.map(lambda t, m: None if t is None else jnp.asarray(m, bool),
-                        targets, masks, is_leaf=_is_none)
+    return jax.tree.map(
+      lambda t, m: None if t is None else jnp.asarray(m, bool), targets, masks, is_leaf=_is_none
+    )
 
   def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
     # Traced in the engine's (never taken) mask-update branch; the masks never change.
@@ -264,20 +297,26 @@ class FixedMaskSparse(_StaticFromInit):
 
   def __post_init__(self):
     if self.masks is None:
-      raise ValueError('FixedMaskSparse needs masks: a tree like params of keep-masks, None '
-                       'for leaves that are not pruned.')
+      raise ValueError(
+        'FixedMaskSparse needs masks: a tree like params of keep-masks, None '
+        'for leaves that are not pruned.'
+      )
     object.__setattr__(self, 'masks', _hashed(self.masks))
     super().__post_init__()
 
   def target_sparsities(self, params):
     masks = self.masks.tree
+
     def sparsity(m, p):
       if m is None:
         return None
       if np.shape(m) != np.shape(p):
-        raise ValueError(f'FixedMaskSparse: a mask of shape {np.shape(m)} does not match its '
-                         f'parameter of shape {np.shape(p)}.')
+        raise ValueError(
+          f'FixedMaskSparse: a mask of shape {np.shape(m)} does not match its '
+          f'parameter of shape {np.shape(p)}.'
+        )
       return 1.0 - float(np.count_nonzero(m)) / max(np.size(m), 1)
+
     return jax.tree.map(sparsity, masks, params, is_leaf=_is_none)
 
   def compute_init_masks(self, params):
@@ -299,8 +338,10 @@ class SNIP(_StaticFromInit):
 
   def __post_init__(self):
     if self.loss_fn is None or self.batch is None:
-      raise ValueError(f'{type(self).__name__} needs loss_fn and batch (config: extra='
-                       '{"loss_fn": ..., "batch": ...}).')
+      raise ValueError(
+        f'{type(self).__name__} needs loss_fn and batch (config: extra='
+        '{"loss_fn": ..., "batch": ...}).'
+      )
     object.__setattr__(self, 'batch', _hashed(self.batch))
     super().__post_init__()
 
@@ -333,15 +374,21 @@ class SynFlow(_StaticFromInit):
 
   def __post_init__(self):
     if self.apply_fn is None or self.input_shape is None:
-      raise ValueError('SynFlow needs apply_fn and input_shape (config: extra={"apply_fn": '
-                       '..., "input_shape": (1, ...)}).')
+      raise ValueError(
+        'SynFlow needs apply_fn and input_shape (config: extra={"apply_fn": '
+        '..., "input_shape": (1, ...)}).'
+      )
     shape = tuple(self.input_shape) if isinstance(self.input_shape, (tuple, list)) else None
-    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
-                            for d in shape):
-      raise ValueError('SynFlow input_shape must be a tuple of positive integers (batch '
-                       f'dimension included, e.g. (1, 784)), got {self.input_shape!r}.')
-    _checks.assign(self, input_shape=shape,
-                   iterations=_checks.integer(self.iterations, 'SynFlow iterations', 1))
+    if not shape or not all(
+      isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape
+    ):
+      raise ValueError(
+        'SynFlow input_shape must be a tuple of positive integers (batch '
+        f'dimension included, e.g. (1, 784)), got {self.input_shape!r}.'
+      )
+    _checks.assign(
+      self, input_shape=shape, iterations=_checks.integer(self.iterations, 'SynFlow iterations', 1)
+    )
     super().__post_init__()
 
   def compute_init_masks(self, params):

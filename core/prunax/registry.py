@@ -15,32 +15,32 @@ from prunax import sparsity_types
 from prunax.base_updater import BaseUpdater
 
 _ALGORITHMS: dict[str, type[BaseUpdater]] = {
-    'no_prune': algorithms.NoPruning,
-    'magnitude': algorithms.MagnitudePruning,
-    'random': algorithms.RandomPruning,
-    'saliency': algorithms.SaliencyPruning,
-    'global_magnitude': algorithms.GlobalMagnitudePruning,
-    'global_saliency': algorithms.GlobalSaliencyPruning,
-    'magnitude_ste': algorithms.SteMagnitudePruning,
-    'random_ste': algorithms.SteRandomPruning,
-    'static_sparse': algorithms.StaticRandomSparse,
-    'set': algorithms.SET,
-    'rigl': algorithms.RigL,
-    'snfs': algorithms.SNFS,
-    'mest': algorithms.MEST,
-    'granet': algorithms.GraNet,
-    'acdc': algorithms.ACDC,
-    'nm_set': algorithms.NMSET,
-    'nm_rigl': algorithms.NMRigL,
-    'autosparse': algorithms.AutoSparse,
-    'str': algorithms.STR,
-    'topkast': algorithms.TopKAST,
-    'topkast_ga': algorithms.TopKASTGA,
-    'sr_ste': algorithms.SRSTE,
-    'snip': pruning_at_init.SNIP,
-    'grasp': pruning_at_init.GraSP,
-    'synflow': pruning_at_init.SynFlow,
-    'fixed_masks': pruning_at_init.FixedMaskSparse,
+  'no_prune': algorithms.NoPruning,
+  'magnitude': algorithms.MagnitudePruning,
+  'random': algorithms.RandomPruning,
+  'saliency': algorithms.SaliencyPruning,
+  'global_magnitude': algorithms.GlobalMagnitudePruning,
+  'global_saliency': algorithms.GlobalSaliencyPruning,
+  'magnitude_ste': algorithms.SteMagnitudePruning,
+  'random_ste': algorithms.SteRandomPruning,
+  'static_sparse': algorithms.StaticRandomSparse,
+  'set': algorithms.SET,
+  'rigl': algorithms.RigL,
+  'snfs': algorithms.SNFS,
+  'mest': algorithms.MEST,
+  'granet': algorithms.GraNet,
+  'acdc': algorithms.ACDC,
+  'nm_set': algorithms.NMSET,
+  'nm_rigl': algorithms.NMRigL,
+  'autosparse': algorithms.AutoSparse,
+  'str': algorithms.STR,
+  'topkast': algorithms.TopKAST,
+  'topkast_ga': algorithms.TopKASTGA,
+  'sr_ste': algorithms.SRSTE,
+  'snip': pruning_at_init.SNIP,
+  'grasp': pruning_at_init.GraSP,
+  'synflow': pruning_at_init.SynFlow,
+  'fixed_masks': pruning_at_init.FixedMaskSparse,
 }
 
 # Sparseland positioning of each algorithm (handbook 3.7-3.10): ``origin`` is 'dense',
@@ -49,32 +49,32 @@ _ALGORITHMS: dict[str, type[BaseUpdater]] = {
 # 'static' (the mask never changes after it is chosen) or 'dynamic'. The README's algorithm
 # table states the same (tests/core/test_compare.py checks they agree). One dict per name.
 ALGORITHM_INFO: dict[str, dict[str, str]] = {
-    'no_prune': {'origin': 'dense', 'dynamics': 'static'},
-    'magnitude': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-    'random': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-    'saliency': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-    'global_magnitude': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-    'global_saliency': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-    'magnitude_ste': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-    'random_ste': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-    'static_sparse': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
-    'set': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
-    'rigl': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
-    'autosparse': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-    'str': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-    'topkast': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
-    'topkast_ga': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
-    'sr_ste': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-    'snip': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
-    'grasp': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
-    'synflow': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
-    'fixed_masks': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
-    'snfs': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
-    'mest': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
-    'granet': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-    'acdc': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-    'nm_set': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
-    'nm_rigl': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+  'no_prune': {'origin': 'dense', 'dynamics': 'static'},
+  'magnitude': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+  'random': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+  'saliency': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+  'global_magnitude': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+  'global_saliency': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+  'magnitude_ste': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+  'random_ste': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+  'static_sparse': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
+  'set': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+  'rigl': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+  'autosparse': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+  'str': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+  'topkast': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+  'topkast_ga': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+  'sr_ste': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+  'snip': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
+  'grasp': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
+  'synflow': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
+  'fixed_masks': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
+  'snfs': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+  'mest': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+  'granet': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+  'acdc': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
+  'nm_set': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+  'nm_rigl': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
 }
 ORIGINS = ('dense', 'dense-to-sparse', 'sparse-to-sparse')
 DYNAMICS = ('static', 'dynamic')
@@ -84,23 +84,40 @@ ALGORITHM_REGISTRY = _ALGORITHMS
 
 # Keys create_updater_from_config understands; any other key must be a constructor field
 # of the algorithm (jaxpruner passes the rest of its config to the class).
-CONFIG_KEYS = frozenset({
-    'algorithm', 'sparsity', 'dist_type', 'sparsity_type', 'update_freq', 'update_start_step',
-    'update_end_step', 'drop_fraction', 'drop_fraction_fn', 'custom_sparsity_map', 'seed',
-    'packed_masks', 'power', 'filter_fn', 'extra',
-})
+CONFIG_KEYS = frozenset(
+  {
+    'algorithm',
+    'sparsity',
+    'dist_type',
+    'sparsity_type',
+    'update_freq',
+    'update_start_step',
+    'update_end_step',
+    'drop_fraction',
+    'drop_fraction_fn',
+    'custom_sparsity_map',
+    'seed',
+    'packed_masks',
+    'power',
+    'filter_fn',
+    'extra',
+  }
+)
 
 
 def _check_info(name: str, info: Mapping[str, str]) -> dict[str, str]:
   info = dict(info)
   if info.get('origin') not in ORIGINS or info.get('dynamics') not in DYNAMICS:
-    raise ValueError(f'Algorithm info of {name!r} needs origin in {list(ORIGINS)} and dynamics '
-                     f'in {list(DYNAMICS)}, got {info!r}.')
+    raise ValueError(
+      f'Algorithm info of {name!r} needs origin in {list(ORIGINS)} and dynamics '
+      f'in {list(DYNAMICS)}, got {info!r}.'
+    )
   return info
 
 
-def register_algorithm(name: str, cls: type[BaseUpdater],
-                       info: Mapping[str, str] | None = None) -> None:
+def register_algorithm(
+  name: str, cls: type[BaseUpdater], info: Mapping[str, str] | None = None
+) -> None:
   """Registers ``cls`` under ``name`` for :func:`create_updater_from_config`.
 
   Args:
@@ -112,8 +129,9 @@ def register_algorithm(name: str, cls: type[BaseUpdater],
   if not (isinstance(cls, type) and issubclass(cls, BaseUpdater)):
     raise TypeError(f'register_algorithm needs a BaseUpdater subclass, got {cls!r}.')
   if name in _ALGORITHMS and _ALGORITHMS[name] is not cls:
-    raise ValueError(f'algorithm name {name!r} is already registered to '
-                     f'{_ALGORITHMS[name].__name__}.')
+    raise ValueError(
+      f'algorithm name {name!r} is already registered to {_ALGORITHMS[name].__name__}.'
+    )
   if info is not None:
     ALGORITHM_INFO[name] = _check_info(name, info)
   _ALGORITHMS[name] = cls
@@ -129,8 +147,10 @@ def algorithm_info(name: str) -> dict[str, str]:
   cls = get_algorithm(name)
   if name in ALGORITHM_INFO:
     return dict(ALGORITHM_INFO[name])
-  return {'origin': 'sparse-to-sparse' if cls.is_sparse_training else 'dense-to-sparse',
-          'dynamics': 'static' if cls.scheduler_kind == 'none' else 'dynamic'}
+  return {
+    'origin': 'sparse-to-sparse' if cls.is_sparse_training else 'dense-to-sparse',
+    'dynamics': 'static' if cls.scheduler_kind == 'none' else 'dynamic',
+  }
 
 
 def all_algorithm_names() -> list[str]:
@@ -162,10 +182,15 @@ def _schedule(cls: type[BaseUpdater], cfg: Mapping[str, Any]):
 
 # Constructor arguments the config builds from its own keys, so ``extra`` may not set them.
 _BUILT_FROM_KEYS = {
-    'sparsity': 'sparsity', 'sparsity_distribution_fn': 'dist_type', 'sparsity_type':
-    'sparsity_type', 'scheduler': 'update_freq/update_start_step/update_end_step/power',
-    'seed': 'seed', 'packed_masks': 'packed_masks', 'drop_fraction': 'drop_fraction',
-    'drop_fraction_fn': 'drop_fraction_fn'}
+  'sparsity': 'sparsity',
+  'sparsity_distribution_fn': 'dist_type',
+  'sparsity_type': 'sparsity_type',
+  'scheduler': 'update_freq/update_start_step/update_end_step/power',
+  'seed': 'seed',
+  'packed_masks': 'packed_masks',
+  'drop_fraction': 'drop_fraction',
+  'drop_fraction_fn': 'drop_fraction_fn',
+}
 
 
 def _extra_kwargs(cls: type[BaseUpdater], extra: Any) -> dict[str, Any]:
@@ -173,16 +198,21 @@ def _extra_kwargs(cls: type[BaseUpdater], extra: Any) -> dict[str, Any]:
   if extra is None:
     return {}
   if not isinstance(extra, Mapping):
-    raise TypeError(f'The config\'s "extra" must be a mapping of further {cls.__name__} '
-                    f'arguments, got {extra!r}.')
+    raise TypeError(
+      f'The config\'s "extra" must be a mapping of further {cls.__name__} arguments, got {extra!r}.'
+    )
   fields = {f.name for f in dataclasses.fields(cls)} - set(_BUILT_FROM_KEYS)
   for key in extra:
     if key in _BUILT_FROM_KEYS:
-      raise ValueError(f'"extra" sets {key!r}, which the config builds from its key(s) '
-                       f'{_BUILT_FROM_KEYS[key]!r}; set it there.')
+      raise ValueError(
+        f'"extra" sets {key!r}, which the config builds from its key(s) '
+        f'{_BUILT_FROM_KEYS[key]!r}; set it there.'
+      )
     if key not in fields:
-      raise ValueError(f'"extra" has {key!r}, which is not an argument of {cls.__name__}; valid '
-                       f'extra arguments are {sorted(fields)}.')
+      raise ValueError(
+        f'"extra" has {key!r}, which is not an argument of {cls.__name__}; valid '
+        f'extra arguments are {sorted(fields)}.'
+      )
   return dict(extra)
 
 
@@ -205,22 +235,28 @@ def create_updater_from_config(config: Any) -> BaseUpdater:
   """
   cfg = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
   if 'algorithm' not in cfg:
-    raise ValueError(f'The sparsity config needs an "algorithm"; valid names are '
-                     f'{all_algorithm_names()}.')
+    raise ValueError(
+      f'The sparsity config needs an "algorithm"; valid names are {all_algorithm_names()}.'
+    )
   cls = get_algorithm(cfg['algorithm'])
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = set(cfg) - CONFIG_KEYS - fields
   if unknown:
-    raise ValueError(f'Unknown sparsity config keys {sorted(unknown)}; valid keys are '
-                     f'{sorted(CONFIG_KEYS)} and the fields of {cls.__name__}.')
+    raise ValueError(
+      f'Unknown sparsity config keys {sorted(unknown)}; valid keys are '
+      f'{sorted(CONFIG_KEYS)} and the fields of {cls.__name__}.'
+    )
   kwargs = _extra_kwargs(cls, cfg.get('extra'))
   # Constructor arguments given as config keys pass through (as in jaxpruner's configs).
   kwargs.update({k: v for k, v in cfg.items() if k not in CONFIG_KEYS})
   dist_type = cfg.get('dist_type', 'uniform')
   if cls.is_global and str(dist_type).lower() == 'erk':
     # jaxpruner's configs name a distribution that its global pruners ignore.
-    warnings.warn(f'{cfg["algorithm"]} chooses per-layer sparsities with one global '
-                  'threshold; dist_type="erk" is not used (as in jaxpruner).', stacklevel=2)
+    warnings.warn(
+      f'{cfg["algorithm"]} chooses per-layer sparsities with one global '
+      'threshold; dist_type="erk" is not used (as in jaxpruner).',
+      stacklevel=2,
+    )
     dist_type = 'uniform'
   try:
     dist = sparsity_distributions.resolve(dist_type)
@@ -235,15 +271,18 @@ def create_updater_from_config(config: Any) -> BaseUpdater:
   if 'sparsity_type' in cfg:
     kwargs['sparsity_type'] = sparsity_types.from_string(cfg['sparsity_type'])
   kwargs.update(
-      sparsity=cfg.get('sparsity', defaults['sparsity']),
-      sparsity_distribution_fn=dist,
-      scheduler=_schedule(cls, cfg),
-      seed=cfg.get('seed', 0),
-      packed_masks=cfg.get('packed_masks', True))
+    sparsity=cfg.get('sparsity', defaults['sparsity']),
+    sparsity_distribution_fn=dist,
+    scheduler=_schedule(cls, cfg),
+    seed=cfg.get('seed', 0),
+    packed_masks=cfg.get('packed_masks', True),
+  )
   for key in ('drop_fraction', 'drop_fraction_fn'):
     if key in cfg:
       if not hasattr(cls, key):
-        raise ValueError(f'{key} applies only to drop-and-grow algorithms (set, rigl), not to '
-                         f'{cfg["algorithm"]!r}.')
+        raise ValueError(
+          f'{key} applies only to drop-and-grow algorithms (set, rigl), not to '
+          f'{cfg["algorithm"]!r}.'
+        )
       kwargs[key] = cfg[key]
   return cls(**kwargs)

@@ -63,23 +63,27 @@ class Lazy:
     args: arrays or ``Lazy`` values that ``fn`` reads.
   """
 
-  def __init__(self, fn: Callable[..., jax.Array], *args: Any,
-               shape: tuple[int, ...] | None = None,
-               sample: Callable[..., jax.Array] | None = None,
-               rows: Callable[..., jax.Array] | None = None):
+  def __init__(
+    self,
+    fn: Callable[..., jax.Array],
+    *args: Any,
+    shape: tuple[int, ...] | None = None,
+    sample: Callable[..., jax.Array] | None = None,
+    rows: Callable[..., jax.Array] | None = None,
+  ):
     """Args:
-      fn: elementwise function of the evaluated ``args``.
-      *args: arrays or ``Lazy`` values.
-      shape: the values' shape, given when the arguments are not aligned with the values
-        (then :meth:`rows` and :meth:`strided_sample` evaluate the whole expression
-        unless ``rows`` and ``sample`` are given); by default the shape of ``args[0]``,
-        and arguments of that shape are read elementwise.
-      sample: optional ``sample(stride, *args)`` returning the values of every
-        ``stride``-th element (flat order), for arguments that cannot be sliced
-        elementwise (packed bits); by default arguments of the values' shape are sliced.
-      rows: optional ``rows(*args)`` returning the values as ``(size // 32, 32)`` in flat
-        order, for arguments that cannot be reshaped elementwise (packed bits); by
-        default arguments of the values' shape are reshaped.
+    fn: elementwise function of the evaluated ``args``.
+    *args: arrays or ``Lazy`` values.
+    shape: the values' shape, given when the arguments are not aligned with the values
+      (then :meth:`rows` and :meth:`strided_sample` evaluate the whole expression
+      unless ``rows`` and ``sample`` are given); by default the shape of ``args[0]``,
+      and arguments of that shape are read elementwise.
+    sample: optional ``sample(stride, *args)`` returning the values of every
+      ``stride``-th element (flat order), for arguments that cannot be sliced
+      elementwise (packed bits); by default arguments of the values' shape are sliced.
+    rows: optional ``rows(*args)`` returning the values as ``(size // 32, 32)`` in flat
+      order, for arguments that cannot be reshaped elementwise (packed bits); by
+      default arguments of the values' shape are reshaped.
     """
     self.fn = fn
     self.args = args
@@ -135,8 +139,9 @@ class Lazy:
       return self._sample(stride, *self.args).reshape(-1)
     if self._shape is not None:  # Arguments not aligned with the values: evaluate.
       return self().reshape(-1)[::stride]
-    return self._evaluate_on(lambda a: a.reshape(-1)[::stride],
-                             lambda a: a.strided_sample(stride)).reshape(-1)
+    return self._evaluate_on(
+      lambda a: a.reshape(-1)[::stride], lambda a: a.strided_sample(stride)
+    ).reshape(-1)
 
   def _evaluate_on(self, array_view, lazy_view) -> jax.Array:
     """``fn`` on a view of its arguments: those of the values' shape through
@@ -231,21 +236,23 @@ def map_layers(fn: Callable[..., Any], axis: int, *xs: Any) -> Any:
   for x in xs:
     if isinstance(x, Lazy):
       if x._shape is not None and axis == ndim - 1:
-        raise ValueError(f'map_layers: the layer axis {axis} is the last axis of a value '
-                         'given with packed arguments; put the layer axis first.')
+        raise ValueError(
+          f'map_layers: the layer axis {axis} is the last axis of a value '
+          'given with packed arguments; put the layer axis first.'
+        )
       x.map_arrays(collect)
     else:
       collect(x)
-  in_axes = [axis if jnp.ndim(a) == ndim and jnp.shape(a)[axis] == layers else None
-             for a in arrays]
-  sliced_shape = shape[:axis] + shape[axis + 1:]
+  in_axes = [axis if jnp.ndim(a) == ndim and jnp.shape(a)[axis] == layers else None for a in arrays]
+  sliced_shape = shape[:axis] + shape[axis + 1 :]
 
   def rebuild(x, it):
     if not isinstance(x, Lazy):
       return next(it)
     args = [rebuild(a, it) for a in x.args]
-    return Lazy(x.fn, *args, shape=None if x._shape is None else sliced_shape,
-                sample=x._sample, rows=x._rows)
+    return Lazy(
+      x.fn, *args, shape=None if x._shape is None else sliced_shape, sample=x._sample, rows=x._rows
+    )
 
   def body(*sliced):
     it = iter(sliced)
@@ -254,8 +261,9 @@ def map_layers(fn: Callable[..., Any], axis: int, *xs: Any) -> Any:
   return jax.vmap(body, in_axes=in_axes, out_axes=axis)(*arrays)
 
 
-def hash_uniform_layers(like: jax.Array, key_data: jax.Array, layer_ids: jax.Array,
-                        zero=0) -> jax.Array:
+def hash_uniform_layers(
+  like: jax.Array, key_data: jax.Array, layer_ids: jax.Array, zero=0
+) -> jax.Array:
   """:func:`hash_uniform` with an independent stream per layer of a stacked leaf.
 
   ``layer_ids`` (uint32) broadcasts against ``like`` (the layer index along the layer
@@ -301,8 +309,9 @@ def _count_at_least(keys: jax.Array, pivots: jax.Array) -> jax.Array:
   counts = jnp.zeros(pivots.shape, jnp.int32)
   if main:
     rows = flat[:main].reshape(-1, _ROW)
-    packed = sum((rows >= pivots[i]).astype(jnp.uint32) << (_FIELD_BITS * i)
-                 for i in range(len(pivots)))
+    packed = sum(
+      (rows >= pivots[i]).astype(jnp.uint32) << (_FIELD_BITS * i) for i in range(len(pivots))
+    )
     per_row = jnp.sum(packed, axis=1, dtype=jnp.uint32)
     field = (1 << _FIELD_BITS) - 1
     shifts = jnp.arange(len(pivots), dtype=jnp.uint32) * _FIELD_BITS
@@ -408,8 +417,9 @@ def _search(inputs, key_fn, k, n: int, sample: bool = True):
   """
 
   def counts(pivots, zero):
-    return sum(_count_at_least(key_fn(i, _opaque_lazy(x, zero), zero), pivots)
-               for i, x in enumerate(inputs))
+    return sum(
+      _count_at_least(key_fn(i, _opaque_lazy(x, zero), zero), pivots) for i, x in enumerate(inputs)
+    )
 
   def step(state, first_pivots):
     bracket, zero, first = state
@@ -430,8 +440,11 @@ def _search(inputs, key_fn, k, n: int, sample: bool = True):
   # a pass outside it would compute the same keys as the final mask, and XLA would
   # store them once for both.
   first_pivots = _sample_pivots(inputs, k, n) if sample else None
-  state = ((jnp.uint32(0), jnp.uint32(_MAX_KEY), jnp.int32(n), jnp.int32(0)), jnp.int32(0),
-           jnp.bool_(True))
+  state = (
+    (jnp.uint32(0), jnp.uint32(_MAX_KEY), jnp.int32(n), jnp.int32(0)),
+    jnp.int32(0),
+    jnp.bool_(True),
+  )
   state = jax.lax.while_loop(open_, lambda s: step(s, first_pivots), state)
   lo, _, c_lo, c_hi = state[0]
   return lo, c_lo, c_hi
@@ -471,17 +484,23 @@ def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
 
   # Only scalars leave the cond; every key equal to t is kept when c_t == k (cutoff 0).
   t_tie = jax.lax.cond(c_t == k, lambda _: jnp.uint32(0), tie_cutoff, None)
-  return [Lazy(_threshold_mask, x, t, t_tie, jnp.uint32(offsets[i]), keep, jnp.int32(0))
-          for i, x in enumerate(inputs)]
+  return [
+    Lazy(_threshold_mask, x, t, t_tie, jnp.uint32(offsets[i]), keep, jnp.int32(0))
+    for i, x in enumerate(inputs)
+  ]
 
 
 def _clip_count(k, n: int) -> jax.Array:
   return jnp.clip(jnp.asarray(k, jnp.int32), 0, n)
 
 
-def topk_mask(scores: jax.Array | Lazy, k, *,
-              score_fn: Callable[[jax.Array], jax.Array] | None = None,
-              lazy: bool = False) -> jax.Array | Lazy:
+def topk_mask(
+  scores: jax.Array | Lazy,
+  k,
+  *,
+  score_fn: Callable[[jax.Array], jax.Array] | None = None,
+  lazy: bool = False,
+) -> jax.Array | Lazy:
   """Boolean mask of exactly ``k`` largest entries of ``scores`` (ties: lowest index).
 
   Args:
@@ -500,9 +519,13 @@ def topk_mask(scores: jax.Array | Lazy, k, *,
   return global_topk_masks([scores], k, score_fn=score_fn, lazy=lazy)[0]
 
 
-def global_topk_masks(scores: Sequence[jax.Array | Lazy], k, *,
-                      score_fn: Callable[[jax.Array], jax.Array] | None = None,
-                      lazy: bool = False) -> list[jax.Array | Lazy]:
+def global_topk_masks(
+  scores: Sequence[jax.Array | Lazy],
+  k,
+  *,
+  score_fn: Callable[[jax.Array], jax.Array] | None = None,
+  lazy: bool = False,
+) -> list[jax.Array | Lazy]:
   """Boolean masks keeping exactly ``k`` largest scores across several arrays.
 
   One threshold is shared by all arrays (global pruning). Nothing is concatenated and no
@@ -524,8 +547,10 @@ def global_topk_masks(scores: Sequence[jax.Array | Lazy], k, *,
     inputs = [Lazy(score_fn, x) for x in inputs]
   n = sum(x.size for x in inputs)
   if n >= 2**31:
-    raise ValueError(f'global_topk_masks counts in int32: the arrays hold {n} elements; at most '
-                     f'{2**31 - 1} are supported.')
+    raise ValueError(
+      f'global_topk_masks counts in int32: the arrays hold {n} elements; at most '
+      f'{2**31 - 1} are supported.'
+    )
   k = _clip_count(k, n)
   if n == 0:
     masks = [Lazy(lambda a: jnp.zeros(a.shape, bool), x) for x in inputs]

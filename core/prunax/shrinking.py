@@ -40,15 +40,19 @@ from prunax.base_updater import BaseUpdater
 
 PyTree = Any
 
-_ELEMENTWISE = frozenset('''
+_ELEMENTWISE = frozenset(
+  """
 abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type copy
 copy_p cos cosh div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow is_finite
 le lgamma log log1p logistic lt max min mul ne neg nextafter not or pow real reduce_precision
 rem round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan tanh xor
-'''.split())
-_REDUCTIONS = frozenset('''
+""".split()
+)
+_REDUCTIONS = frozenset(
+  """
 reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin
-'''.split())
+""".split()
+)
 _CALL_PARAMS = ('jaxpr', 'call_jaxpr', 'fun_jaxpr')
 
 
@@ -197,8 +201,10 @@ def _analyze(jaxpr, axes: _Axes) -> None:
       out = outs[0]
       lspec, rspec, ospec = p['dimension_numbers']
       if p['feature_group_count'] != 1 or p['batch_group_count'] != 1:
-        block_all(f'conv_general_dilated (feature_group_count={p["feature_group_count"]}, '
-                  f'batch_group_count={p["batch_group_count"]})')
+        block_all(
+          f'conv_general_dilated (feature_group_count={p["feature_group_count"]}, '
+          f'batch_group_count={p["batch_group_count"]})'
+        )
         continue
       tie(lhs, lspec[0], out, ospec[0])
       tie(lhs, lspec[1], rhs, rspec[1])
@@ -262,7 +268,7 @@ def _trace(fn: Callable, params: PyTree, args: tuple) -> _Trace:
   jaxpr = closed.jaxpr
   axes = _Axes()
   _analyze(jaxpr, axes)
-  for v in jaxpr.invars[len(flat):]:
+  for v in jaxpr.invars[len(flat) :]:
     for i in range(len(_shape(v))):
       axes.block((v, i), 'an input of the function')
   for v in jaxpr.outvars:
@@ -276,8 +282,9 @@ def _trace(fn: Callable, params: PyTree, args: tuple) -> _Trace:
   groups = {}
   for root, mem in members.items():
     groups[root] = Group(mem[0][2], tuple((n, i) for n, i, _ in mem), axes.blocked.get(root))
-  return _Trace(closed, names, [_shape(v) for v in jaxpr.invars[:len(flat)]], len(flat), axes,
-                groups)
+  return _Trace(
+    closed, names, [_shape(v) for v in jaxpr.invars[: len(flat)]], len(flat), axes, groups
+  )
 
 
 def _as_fn(model) -> Callable:
@@ -285,12 +292,12 @@ def _as_fn(model) -> Callable:
     return model.apply
   if callable(model):
     return model
-  raise TypeError(f'Expected a function fn(params, *args) or a model with .apply, got '
-                  f'{type(model).__name__}.')
+  raise TypeError(
+    f'Expected a function fn(params, *args) or a model with .apply, got {type(model).__name__}.'
+  )
 
 
-def find_groups(model, params: PyTree, *args, include_blocked: bool = False
-                ) -> tuple[Group, ...]:
+def find_groups(model, params: PyTree, *args, include_blocked: bool = False) -> tuple[Group, ...]:
   """The coupled channel groups of ``model(params, *args)``.
 
   Args:
@@ -303,14 +310,15 @@ def find_groups(model, params: PyTree, *args, include_blocked: bool = False
     Groups with more than one channel, in the order of their first member leaf.
   """
   trace = _trace(_as_fn(model), params, args)
-  return tuple(g for g in trace.groups.values()
-               if g.size > 1 and (include_blocked or g.blocked_by is None))
+  return tuple(
+    g for g in trace.groups.values() if g.size > 1 and (include_blocked or g.blocked_by is None)
+  )
 
 
 SCORES: dict[str, Callable] = {
-    'l1': lambda w, g: jnp.abs(w),
-    'l2': lambda w, g: jnp.square(w),
-    'taylor': lambda w, g: jnp.abs(w * g),
+  'l1': lambda w, g: jnp.abs(w),
+  'l2': lambda w, g: jnp.square(w),
+  'taylor': lambda w, g: jnp.abs(w * g),
 }
 
 
@@ -348,12 +356,18 @@ def _masks_for(groups, params, grads, sparsity, score, filter_fn) -> PyTree:
 
 
 def _default_filter(name: str, leaf) -> bool:
-  return (not name.startswith('batch_stats') and
-          jnp.issubdtype(jnp.result_type(leaf), jnp.floating))
+  return not name.startswith('batch_stats') and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
 
 
-def group_masks(groups, params: PyTree, sparsity: float, *, score: str | Callable = 'l2',
-                grads: PyTree | None = None, filter_fn: Callable | None = None) -> PyTree:
+def group_masks(
+  groups,
+  params: PyTree,
+  sparsity: float,
+  *,
+  score: str | Callable = 'l2',
+  grads: PyTree | None = None,
+  filter_fn: Callable | None = None,
+) -> PyTree:
   """Keep-masks pruning ``round(sparsity * size)`` channels of every group (one-shot).
 
   A channel's score is ``score(leaf, grad)`` summed over its slice of every member leaf
@@ -374,8 +388,9 @@ def group_masks(groups, params: PyTree, sparsity: float, *, score: str | Callabl
     A tree like ``params``: bool masks for member leaves, None elsewhere.
   """
   if isinstance(score, str) and score not in SCORES:
-    raise ValueError(f'Unknown score {score!r}; valid scores are {sorted(SCORES)} or a '
-                     'function fn(w, g).')
+    raise ValueError(
+      f'Unknown score {score!r}; valid scores are {sorted(SCORES)} or a function fn(w, g).'
+    )
   if score == 'taylor' and grads is None:
     raise ValueError("score='taylor' needs grads (|w * g|).")
   return _masks_for(groups, params, grads, sparsity, score, filter_fn or _default_filter)
@@ -399,8 +414,9 @@ class GroupPruning(BaseUpdater):
   def __post_init__(self):
     super().__post_init__()
     if self.score not in SCORES:
-      raise ValueError(f'GroupPruning: unknown score {self.score!r}; valid scores are '
-                       f'{sorted(SCORES)}.')
+      raise ValueError(
+        f'GroupPruning: unknown score {self.score!r}; valid scores are {sorted(SCORES)}.'
+      )
     if not self.groups:
       raise ValueError('GroupPruning needs groups=prunax.find_groups(...).')
     object.__setattr__(self, 'groups', tuple(self.groups))
@@ -408,8 +424,9 @@ class GroupPruning(BaseUpdater):
   def target_sparsities(self, params):
     members = {name for g in self.groups for name, _ in g.members}
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: self.sparsity if _name(p) in members and _default_filter(_name(p), x)
-        else None, params)
+      lambda p, x: self.sparsity if _name(p) in members and _default_filter(_name(p), x) else None,
+      params,
+    )
 
   def compute_masks(self, params, sparsities, sparse_state=None, grads=None, old_masks=None):
     del old_masks
@@ -417,11 +434,13 @@ class GroupPruning(BaseUpdater):
     if self.score == 'taylor' and grads is None:
       grads = jax.tree.map(jnp.ones_like, params)  # no gradient yet (init): magnitude
     masks = _masks_for(self.groups, params, grads, level, self.score, _default_filter)
-    return jax.tree.map(lambda s, m: None if s is None else m, sparsities, masks,
-                        is_leaf=lambda x: x is None)
+    return jax.tree.map(
+      lambda s, m: None if s is None else m, sparsities, masks, is_leaf=lambda x: x is None
+    )
 
 
 # ------------------------------------------------------------------------------ shrinking
+
 
 class ShrinkError(ValueError):
   """A masked channel cannot be removed (the error names the op or the group)."""
@@ -486,12 +505,16 @@ def _replay(jaxpr, consts, args, keep):
 
 def _keep_nodes(trace: _Trace, keep_by_root: dict) -> dict:
   """(variable, axis) -> kept indices, for every node of every shrunk group."""
-  return {node: keep_by_root[trace.axes.find(node)] for node in list(trace.axes.parent)
-          if trace.axes.find(node) in keep_by_root}
+  return {
+    node: keep_by_root[trace.axes.find(node)]
+    for node in list(trace.axes.parent)
+    if trace.axes.find(node) in keep_by_root
+  }
 
 
-def shrink(model, params: PyTree, masks: PyTree, *args, rtol: float = 1e-4,
-           atol: float = 1e-5) -> Shrunk:
+def shrink(
+  model, params: PyTree, masks: PyTree, *args, rtol: float = 1e-4, atol: float = 1e-5
+) -> Shrunk:
   """Removes the channels pruned in every masked member of their group.
 
   A channel of a group goes when every member leaf that has a mask is pruned on that
@@ -530,9 +553,10 @@ def shrink(model, params: PyTree, masks: PyTree, *args, rtol: float = 1e-4,
       continue
     if group.blocked_by is not None:
       raise ShrinkError(
-          f'Cannot remove the {int(dead.sum())} masked channels of the group of '
-          f'{group.members[0][0]!r} axis {group.members[0][1]} (size {group.size}; members '
-          f'{list(group.members)}): that axis goes through {group.blocked_by}.')
+        f'Cannot remove the {int(dead.sum())} masked channels of the group of '
+        f'{group.members[0][0]!r} axis {group.members[0][1]} (size {group.size}; members '
+        f'{list(group.members)}): that axis goes through {group.blocked_by}.'
+      )
     kept = np.nonzero(~dead)[0]
     keep_by_root[root] = kept
     sizes[group.members[0]] = (group.size, int(kept.size))
@@ -540,19 +564,24 @@ def shrink(model, params: PyTree, masks: PyTree, *args, rtol: float = 1e-4,
   invars = trace.closed.jaxpr.invars
   small = [_slice(x, v, keep) for x, v in zip(flat_p, invars)]
   out_tree = jax.tree.structure(jax.eval_shape(fn, params, *args))
-  shrunk = Shrunk(trace.closed, keep, out_tree, trace.closed.consts,
-                  jax.tree.unflatten(treedef, small), sizes)
+  shrunk = Shrunk(
+    trace.closed, keep, out_tree, trace.closed.consts, jax.tree.unflatten(treedef, small), sizes
+  )
   masked_params = jax.tree.map(
-      lambda x, m: x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)),
-      params, masks, is_leaf=lambda x: x is None)
+    lambda x, m: x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)),
+    params,
+    masks,
+    is_leaf=lambda x: x is None,
+  )
   want = jax.tree.leaves(fn(masked_params, *args))
   got = jax.tree.leaves(shrunk(shrunk.params, *args))
   for w, g in zip(want, got):
     w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
     if not np.allclose(g, w, rtol=rtol, atol=atol * max(1.0, float(np.abs(w).max(initial=0)))):
       raise ShrinkError(
-          f'The shrunk model differs from the masked model (max |diff| '
-          f'{float(np.abs(g - w).max()):.3g}): some removed channels are not dead in the '
-          'masked model. Mask every member of a group (prunax.group_masks or '
-          'GroupPruning do), including biases and norm scales.')
+        f'The shrunk model differs from the masked model (max |diff| '
+        f'{float(np.abs(g - w).max()):.3g}): some removed channels are not dead in the '
+        'masked model. Mask every member of a group (prunax.group_masks or '
+        'GroupPruning do), including biases and norm scales.'
+      )
   return shrunk

@@ -85,14 +85,17 @@ class BlockSparse:
   def todense(self) -> jax.Array:
     """The dense array, bit-exact (works under ``jax.jit``)."""
     (gk, gn), (bk, bn) = self.grid, self.block_shape
-    grid = jnp.zeros((gk, gn, bk, bn), self.dtype).at[self.block_rows, self.block_cols].set(
-        self.values)
+    grid = (
+      jnp.zeros((gk, gn, bk, bn), self.dtype).at[self.block_rows, self.block_cols].set(self.values)
+    )
     dense = grid.transpose(0, 2, 1, 3).reshape(gk * bk, gn * bn)
-    return dense[:self.shape[0], :self.shape[1]]
+    return dense[: self.shape[0], : self.shape[1]]
 
   def __repr__(self):
-    return (f'BlockSparse(shape={self.shape}, block_shape={self.block_shape}, '
-            f'blocks={self.values.shape[0]}/{math.prod(self.grid)}, dtype={self.dtype})')
+    return (
+      f'BlockSparse(shape={self.shape}, block_shape={self.block_shape}, '
+      f'blocks={self.values.shape[0]}/{math.prod(self.grid)}, dtype={self.dtype})'
+    )
 
 
 @jax.tree_util.register_pytree_node_class
@@ -138,8 +141,7 @@ class EllSparse:
     return jnp.zeros(self.shape, self.dtype).at[rows, cols].set(self.values, mode='drop')
 
   def __repr__(self):
-    return (f'EllSparse(shape={self.shape}, width={self.rows.shape[1]}, '
-            f'dtype={self.dtype})')
+    return f'EllSparse(shape={self.shape}, width={self.rows.shape[1]}, dtype={self.dtype})'
 
 
 def to_block(x, block_shape: tuple[int, int], index_dtype=np.int32) -> BlockSparse:
@@ -156,8 +158,13 @@ def to_block(x, block_shape: tuple[int, int], index_dtype=np.int32) -> BlockSpar
   blocks = padded.reshape(gk, bk, gn, bn).transpose(0, 2, 1, 3)  # (gk, gn, bk, bn)
   occupied = _nonzero_bits(blocks).any(axis=(2, 3))
   cols, rows = np.nonzero(occupied.T)  # sorted by column, then row
-  return BlockSparse(jnp.asarray(blocks[rows, cols]), jnp.asarray(rows.astype(index_dtype)),
-                     jnp.asarray(cols.astype(index_dtype)), x.shape, block_shape)
+  return BlockSparse(
+    jnp.asarray(blocks[rows, cols]),
+    jnp.asarray(rows.astype(index_dtype)),
+    jnp.asarray(cols.astype(index_dtype)),
+    x.shape,
+    block_shape,
+  )
 
 
 def to_ell(x, index_dtype=np.int32) -> EllSparse:
@@ -172,8 +179,12 @@ def to_ell(x, index_dtype=np.int32) -> EllSparse:
   pad = np.arange(width) >= counts[:, None]
   rows = np.where(pad, 0, order)
   values = np.where(pad, np.zeros((), x.dtype), np.take_along_axis(x.T, order, axis=1))
-  return EllSparse(jnp.asarray(values.astype(x.dtype)), jnp.asarray(rows.astype(index_dtype)),
-                   jnp.asarray(counts.astype(index_dtype)), x.shape)
+  return EllSparse(
+    jnp.asarray(values.astype(x.dtype)),
+    jnp.asarray(rows.astype(index_dtype)),
+    jnp.asarray(counts.astype(index_dtype)),
+    x.shape,
+  )
 
 
 def block_matmul(x: jax.Array, w: BlockSparse) -> jax.Array:
@@ -207,9 +218,15 @@ def is_nm(x: np.ndarray, n: int, m: int, axis: int) -> bool:
   return bool((moved.reshape(moved.shape[:-1] + (-1, m)).sum(-1) <= n).all())
 
 
-def choose_format(x, *, block_shapes=BLOCK_CANDIDATES, max_block_density: float = 0.25,
-                  max_ell_density: float = 0.25, nm: tuple[int, int, int] | None = (2, 4, -1),
-                  block_fill: float = 0.8) -> tuple[str, dict]:
+def choose_format(
+  x,
+  *,
+  block_shapes=BLOCK_CANDIDATES,
+  max_block_density: float = 0.25,
+  max_ell_density: float = 0.25,
+  nm: tuple[int, int, int] | None = (2, 4, -1),
+  block_fill: float = 0.8,
+) -> tuple[str, dict]:
   """The layout ``export(fmt='auto')`` uses for a 2-D tensor, from its zero pattern.
 
   * ``('block', {'block_shape': b})`` for the largest ``b`` in ``block_shapes`` whose
@@ -240,7 +257,7 @@ def choose_format(x, *, block_shapes=BLOCK_CANDIDATES, max_block_density: float 
       continue
     gk, gn = -(-x.shape[0] // bk), -(-x.shape[1] // bn)
     padded = np.zeros((gk * bk, gn * bn), bool)
-    padded[:x.shape[0], :x.shape[1]] = stored
+    padded[: x.shape[0], : x.shape[1]] = stored
     blocks = int(padded.reshape(gk, bk, gn, bn).any(axis=(1, 3)).sum())
     if blocks <= max_block_density * gk * gn and nnz >= block_fill * blocks * bk * bn:
       return 'block', {'block_shape': (bk, bn)}

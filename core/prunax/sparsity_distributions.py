@@ -87,15 +87,19 @@ def _check_sparsity(value, name: str) -> float:
 def _check_custom_map(custom: Any) -> dict[str, float]:
   """A custom sparsity map as a dict, its keys strings and its values sparsities."""
   if not isinstance(custom, Mapping):
-    raise ValueError('custom_sparsity_map must be a mapping {parameter name or regex: '
-                    f'sparsity}}, got {custom!r}.')
+    raise ValueError(
+      'custom_sparsity_map must be a mapping {parameter name or regex: '
+      f'sparsity}}, got {custom!r}.'
+    )
   out = {}
   for key, value in custom.items():
     if isinstance(key, tuple) and key and all(isinstance(k, (str, int)) for k in key):
       key = _key_name(key)  # a path as a tuple (jaxpruner's form)
     if not isinstance(key, str):
-      raise ValueError(f'custom sparsity map keys must be parameter names or regexes (strings), '
-                      f'or paths as tuples of names, got {key!r}.')
+      raise ValueError(
+        f'custom sparsity map keys must be parameter names or regexes (strings), '
+        f'or paths as tuples of names, got {key!r}.'
+      )
     out[key] = _check_sparsity(value, key)
   return out
 
@@ -106,8 +110,9 @@ def _match_custom(names: list[str], custom: Mapping[str, float] | None) -> dict[
   for key, value in _check_custom_map(custom or {}).items():
     hits = matching_names(key, names)
     if not hits:
-      raise ValueError(f'custom sparsity map key {key!r} matches no parameter; parameter names '
-                       f'are: {names}.')
+      raise ValueError(
+        f'custom sparsity map key {key!r} matches no parameter; parameter names are: {names}.'
+      )
     for hit in hits:
       resolved[hit] = _check_sparsity(value, hit)
   return resolved
@@ -136,21 +141,29 @@ def _layer_view(leaf, axis: int | None):
   if axis is None:
     return leaf
   shape = tuple(np.shape(leaf))
-  return jax.ShapeDtypeStruct(shape[:axis] + shape[axis + 1:], jax.numpy.result_type(leaf))
+  return jax.ShapeDtypeStruct(shape[:axis] + shape[axis + 1 :], jax.numpy.result_type(leaf))
 
 
-def _selected(params: PyTree, filter_fn: FilterFn | None,
-              layer_axes: Mapping[str, int] | None = None) -> list[tuple[str, Any]]:
+def _selected(
+  params: PyTree, filter_fn: FilterFn | None, layer_axes: Mapping[str, int] | None = None
+) -> list[tuple[str, Any]]:
   """Leaves the filter selects; a stacked leaf is judged by one layer (its slice)."""
   filter_fn = filter_fn or default_filter
   layer_axes = layer_axes or {}
-  return [(n, leaf) for n, leaf in named_leaves(params)
-          if filter_fn(ParamName(n), _layer_view(leaf, layer_axes.get(n)))]
+  return [
+    (n, leaf)
+    for n, leaf in named_leaves(params)
+    if filter_fn(ParamName(n), _layer_view(leaf, layer_axes.get(n)))
+  ]
 
 
-def uniform(params: PyTree, sparsity: float, filter_fn: FilterFn | None = None,
-            custom_sparsity_map: Mapping[str, float] | None = None,
-            layer_axes: Mapping[str, int] | None = None) -> PyTree:
+def uniform(
+  params: PyTree,
+  sparsity: float,
+  filter_fn: FilterFn | None = None,
+  custom_sparsity_map: Mapping[str, float] | None = None,
+  layer_axes: Mapping[str, int] | None = None,
+) -> PyTree:
   """The same sparsity for every selected leaf; ``custom_sparsity_map`` overrides by name.
 
   Args:
@@ -172,9 +185,14 @@ def uniform(params: PyTree, sparsity: float, filter_fn: FilterFn | None = None,
   return _build(params, values)
 
 
-def erk(params: PyTree, sparsity: float, filter_fn: FilterFn | None = None,
-        custom_sparsity_map: Mapping[str, float] | None = None,
-        erk_power_scale: float = 1.0, layer_axes: Mapping[str, int] | None = None) -> PyTree:
+def erk(
+  params: PyTree,
+  sparsity: float,
+  filter_fn: FilterFn | None = None,
+  custom_sparsity_map: Mapping[str, float] | None = None,
+  erk_power_scale: float = 1.0,
+  layer_axes: Mapping[str, int] | None = None,
+) -> PyTree:
   """Erdos-Renyi-Kernel distribution (Evci et al., 2020, as in the RigL reference code).
 
   The density of leaf ``l`` is ``eps * (sum(shape_l) / prod(shape_l)) ** erk_power_scale``,
@@ -208,7 +226,7 @@ def erk(params: PyTree, sparsity: float, filter_fn: FilterFn | None = None,
     if axis is None:
       leaves.append((n, shape, 1))
     else:
-      leaves.append((n, shape[:axis] + shape[axis + 1:], shape[axis]))
+      leaves.append((n, shape[:axis] + shape[axis + 1 :], shape[axis]))
   dense: set[str] = set()
   while True:
     divisor, rhs, raw = 0.0, 0.0, {}
@@ -228,8 +246,7 @@ def erk(params: PyTree, sparsity: float, filter_fn: FilterFn | None = None,
     if max_raw * eps <= 1.0:
       break
     dense.update(name for name, p in raw.items() if p == max_raw)
-  values = {name: (0.0 if name in dense else float(1.0 - eps * raw[name]))
-            for name, _, _ in leaves}
+  values = {name: (0.0 if name in dense else float(1.0 - eps * raw[name])) for name, _, _ in leaves}
   values.update(custom)
   return _build(params, values)
 
@@ -276,15 +293,19 @@ def resolve(spec) -> Callable[..., PyTree]:
   """Turns a distribution spec (name, mapping or callable) into a callable."""
   if isinstance(spec, str):
     if spec.lower() not in _BY_NAME:
-      raise ValueError(f'Unknown sparsity distribution {spec!r}; valid names are '
-                       f'{sorted(_BY_NAME)}, or pass a mapping or a callable.')
+      raise ValueError(
+        f'Unknown sparsity distribution {spec!r}; valid names are '
+        f'{sorted(_BY_NAME)}, or pass a mapping or a callable.'
+      )
     return _BY_NAME[spec.lower()]
   if isinstance(spec, Mapping):
     return CustomMap(spec)
   if callable(spec):
     return spec
-  raise TypeError(f'sparsity_distribution_fn must be "uniform", "erk", a mapping from parameter '
-                  f'name to sparsity or a callable, got {spec!r}.')
+  raise TypeError(
+    f'sparsity_distribution_fn must be "uniform", "erk", a mapping from parameter '
+    f'name to sparsity or a callable, got {spec!r}.'
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,20 +323,22 @@ class Partial:
     try:
       inspect.signature(fn).bind_partial(None, None, **kwargs)
     except TypeError as e:
-      raise TypeError(f'Partial: {fn!r} does not take the arguments {sorted(kwargs)}: {e}.'
-                      ) from None
+      raise TypeError(
+        f'Partial: {fn!r} does not take the arguments {sorted(kwargs)}: {e}.'
+      ) from None
     except ValueError:
       pass  # no signature to check (a builtin or extension callable)
     if kwargs.get('custom_sparsity_map') is not None:
       kwargs['custom_sparsity_map'] = _check_custom_map(kwargs['custom_sparsity_map'])
     if kwargs.get('filter_fn') is not None and not callable(kwargs['filter_fn']):
-      raise ValueError(f'filter_fn must be None or a callable fn(name, leaf) -> bool, got '
-                      f'{kwargs["filter_fn"]!r}.')
+      raise ValueError(
+        f'filter_fn must be None or a callable fn(name, leaf) -> bool, got {kwargs["filter_fn"]!r}.'
+      )
     if 'erk_power_scale' in kwargs:
-      kwargs['erk_power_scale'] = _checks.number(kwargs['erk_power_scale'], 'erk_power_scale',
-                                                 0.0)
-    frozen = {k: tuple(sorted(v.items())) if isinstance(v, Mapping) else v
-              for k, v in kwargs.items()}
+      kwargs['erk_power_scale'] = _checks.number(kwargs['erk_power_scale'], 'erk_power_scale', 0.0)
+    frozen = {
+      k: tuple(sorted(v.items())) if isinstance(v, Mapping) else v for k, v in kwargs.items()
+    }
     object.__setattr__(self, 'fn', fn)
     object.__setattr__(self, 'kwargs', tuple(sorted(frozen.items())))
 
@@ -329,11 +352,13 @@ def accepts_layer_axes(dist) -> bool:
   return getattr(dist, 'fn', dist) in (uniform, erk)
 
 
-def get_sparsities_erdos_renyi(var_shape_dict: Mapping[Any, tuple[int, ...]],
-                               default_sparsity: float,
-                               custom_sparsity_map: Mapping[Any, float] | None = None,
-                               include_kernel: bool = True,
-                               erk_power_scale: float = 1.0) -> dict[Any, float]:
+def get_sparsities_erdos_renyi(
+  var_shape_dict: Mapping[Any, tuple[int, ...]],
+  default_sparsity: float,
+  custom_sparsity_map: Mapping[Any, float] | None = None,
+  include_kernel: bool = True,
+  erk_power_scale: float = 1.0,
+) -> dict[Any, float]:
   """ERK sparsities of named shapes (jaxpruner's function; :func:`erk` works on params).
 
   Args:
@@ -350,8 +375,9 @@ def get_sparsities_erdos_renyi(var_shape_dict: Mapping[Any, tuple[int, ...]],
   if not var_shape_dict:
     raise ValueError('Variable shape dictionary should not be empty: give {name: shape}.')
   if default_sparsity is None or not 0.0 <= default_sparsity <= 1.0:
-    raise ValueError(f'Default sparsity should be a value between 0 and 1, got '
-                     f'{default_sparsity!r}.')
+    raise ValueError(
+      f'Default sparsity should be a value between 0 and 1, got {default_sparsity!r}.'
+    )
   custom = {k: v for k, v in (custom_sparsity_map or {}).items() if k in var_shape_dict}
 
   def raw_density(shape):

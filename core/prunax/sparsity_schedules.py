@@ -25,17 +25,20 @@ class _JaxprunerNames:
 
   def get_sparsity_at_step(self, target_sparsities, step):
     """``sparsity(step, t)`` for every leaf ``t`` of ``target_sparsities`` (None: dense)."""
-    return jax.tree.map(lambda t: None if t is None else self.sparsity(step, t),
-                        target_sparsities, is_leaf=lambda x: x is None)
+    return jax.tree.map(
+      lambda t: None if t is None else self.sparsity(step, t),
+      target_sparsities,
+      is_leaf=lambda x: x is None,
+    )
 
   def is_mask_update_iter(self, step):
     """``is_update_step(step)``; False for ``step=None``."""
     return False if step is None else self.is_update_step(step)
 
+
 def _set_int(schedule, field: str, minimum: int) -> None:
   """Checks the int field ``field`` of a frozen ``schedule`` (stored as a Python int)."""
-  value = _checks.integer(getattr(schedule, field), f'{type(schedule).__name__}.{field}',
-                          minimum)
+  value = _checks.integer(getattr(schedule, field), f'{type(schedule).__name__}.{field}', minimum)
   object.__setattr__(schedule, field, value)
 
 
@@ -86,8 +89,10 @@ class PeriodicSchedule(_JaxprunerNames):
     if self.update_end_step is not None:
       _set_int(self, 'update_end_step', 0)
       if self.update_end_step < self.update_start_step:
-        raise ValueError(f'update_end_step={self.update_end_step} precedes update_start_step='
-                         f'{self.update_start_step}; the end must be >= the start.')
+        raise ValueError(
+          f'update_end_step={self.update_end_step} precedes update_start_step='
+          f'{self.update_start_step}; the end must be >= the start.'
+        )
 
   def _in_window(self, step):
     step = jnp.asarray(step)
@@ -122,18 +127,28 @@ class PolynomialSchedule(PeriodicSchedule):
 
   def __post_init__(self):
     if self.update_end_step is None:
-      raise ValueError('PolynomialSchedule needs update_end_step, an integer > '
-                       'update_start_step (the step where the target is reached).')
+      raise ValueError(
+        'PolynomialSchedule needs update_end_step, an integer > '
+        'update_start_step (the step where the target is reached).'
+      )
     super().__post_init__()
     if self.update_end_step == self.update_start_step:
-      raise ValueError(f'PolynomialSchedule: update_end_step={self.update_end_step} equals '
-                       'update_start_step; the end must be after the start (use '
-                       'OneShotSchedule to prune at one step).')
+      raise ValueError(
+        f'PolynomialSchedule: update_end_step={self.update_end_step} equals '
+        'update_start_step; the end must be after the start (use '
+        'OneShotSchedule to prune at one step).'
+      )
     # power <= 0 never reaches the target ((1 - p) ** 0 = 1) or overshoots it to -inf.
-    object.__setattr__(self, 'power', _checks.number(self.power, 'PolynomialSchedule.power', 0.0,
-                                                     low_open=True))
-    object.__setattr__(self, 'initial_sparsity', _checks.number(
-        self.initial_sparsity, 'PolynomialSchedule.initial_sparsity', 0.0, 1.0, high_open=True))
+    object.__setattr__(
+      self, 'power', _checks.number(self.power, 'PolynomialSchedule.power', 0.0, low_open=True)
+    )
+    object.__setattr__(
+      self,
+      'initial_sparsity',
+      _checks.number(
+        self.initial_sparsity, 'PolynomialSchedule.initial_sparsity', 0.0, 1.0, high_open=True
+      ),
+    )
 
   def is_update_step(self, step):
     step = jnp.asarray(step)
@@ -144,8 +159,10 @@ class PolynomialSchedule(PeriodicSchedule):
   def sparsity(self, step, target):
     step = jnp.asarray(step)
     span = max(self.update_end_step - self.update_start_step, 1)
-    last = self.update_start_step + (
-        (step - self.update_start_step) // self.update_freq) * self.update_freq
+    last = (
+      self.update_start_step
+      + ((step - self.update_start_step) // self.update_freq) * self.update_freq
+    )
     last = jnp.where(step >= self.update_end_step, self.update_end_step, last)
     progress = jnp.clip((last - self.update_start_step) / span, 0.0, 1.0)
     value = target + (self.initial_sparsity - target) * (1.0 - progress) ** self.power

@@ -58,9 +58,11 @@ class SparsityType:
     an empty parameter.
     """
     if not shape or 0 in shape:
-      raise ValueError(f'Parameter {name!r} has shape {tuple(shape)}: a scalar or empty '
-                       'parameter cannot be pruned; leave it out of the custom sparsity map '
-                       'and the filter_fn (the default filter skips it).')
+      raise ValueError(
+        f'Parameter {name!r} has shape {tuple(shape)}: a scalar or empty '
+        'parameter cannot be pruned; leave it out of the custom sparsity map '
+        'and the filter_fn (the default filter skips it).'
+      )
 
   def check_sparsity(self, sparsity: float, name: str) -> None:
     """Raises ValueError if this structure cannot reach the target ``sparsity`` of the
@@ -81,8 +83,10 @@ class Unstructured(SparsityType):
 
 def _normalize_axis(axis: int, ndim: int, name: str, what: str) -> int:
   if not -ndim <= axis < ndim:
-    raise ValueError(f'{what}: axis {axis} is out of range for parameter {name!r} with '
-                     f'{ndim} dimensions; valid axes are {-ndim}..{ndim - 1}.')
+    raise ValueError(
+      f'{what}: axis {axis} is out of range for parameter {name!r} with '
+      f'{ndim} dimensions; valid axes are {-ndim}..{ndim - 1}.'
+    )
   return axis % ndim
 
 
@@ -133,24 +137,27 @@ class NByM(SparsityType):
     # 0 keeps a leaf dense (e.g. a custom-map entry); other targets cannot be met.
     if sparsity != 0 and not math.isclose(sparsity, self.sparsity, abs_tol=1e-6):
       raise ValueError(
-          f'NByM({self.n}, {self.m}) prunes exactly 1 - n/m = {self.sparsity:g} of every '
-          f'group of {self.m}, but {name} has target sparsity {sparsity:g}; use sparsity='
-          f'{self.sparsity:g} (or leave it unset), 0.0 to keep a parameter dense, or an '
-          'N:M pattern with that sparsity.')
+        f'NByM({self.n}, {self.m}) prunes exactly 1 - n/m = {self.sparsity:g} of every '
+        f'group of {self.m}, but {name} has target sparsity {sparsity:g}; use sparsity='
+        f'{self.sparsity:g} (or leave it unset), 0.0 to keep a parameter dense, or an '
+        'N:M pattern with that sparsity.'
+      )
 
   def validate(self, shape, name):
     super().validate(shape, name)
     axis = _normalize_axis(self.axis_for(len(shape)), len(shape), name, 'NByM')
     if shape[axis] % self.m:
       raise ValueError(
-          f'NByM({self.n}, {self.m}): axis {self.axis_for(len(shape))} of parameter {name!r} '
-          f'with shape '
-          f'{tuple(shape)} has size {shape[axis]}, which is not divisible by m={self.m}; '
-          f'choose an axis whose size is a multiple of {self.m}.')
+        f'NByM({self.n}, {self.m}): axis {self.axis_for(len(shape))} of parameter {name!r} '
+        f'with shape '
+        f'{tuple(shape)} has size {shape[axis]}, which is not divisible by m={self.m}; '
+        f'choose an axis whose size is a multiple of {self.m}.'
+      )
 
   def mask(self, scores, sparsity):
-    nm = selection.n_by_m_mask(selection.materialize(scores), self.n, self.m,
-                               self.axis_for(scores.ndim))
+    nm = selection.n_by_m_mask(
+      selection.materialize(scores), self.n, self.m, self.axis_for(scores.ndim)
+    )
     return jnp.where(jnp.asarray(sparsity) > 0, nm, True)
 
 
@@ -170,30 +177,39 @@ class Block(SparsityType):
   use_avg_pooling: bool = True
 
   def __post_init__(self):
-    shape = tuple(self.block_shape) if isinstance(self.block_shape, (tuple, list)) else (
-        self.block_shape,)
-    if not shape or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool)
-                            and b >= 1 for b in shape):
+    shape = (
+      tuple(self.block_shape)
+      if isinstance(self.block_shape, (tuple, list))
+      else (self.block_shape,)
+    )
+    if not shape or not all(
+      isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1 for b in shape
+    ):
       raise ValueError(f'Block: block_shape must be positive integers, got {self.block_shape!r}.')
     object.__setattr__(self, 'block_shape', tuple(int(b) for b in shape))
-    object.__setattr__(self, 'use_avg_pooling',
-                       _checks.boolean(self.use_avg_pooling, 'Block: use_avg_pooling'))
+    object.__setattr__(
+      self, 'use_avg_pooling', _checks.boolean(self.use_avg_pooling, 'Block: use_avg_pooling')
+    )
 
   def _full_block(self, ndim: int) -> tuple[int, ...]:
     # A leaf with fewer dimensions takes the trailing block dims (jaxpruner: a 1-D leaf
     # is one row of blocks of width block_shape[-1]).
-    block = self.block_shape[max(len(self.block_shape) - ndim, 0):]
+    block = self.block_shape[max(len(self.block_shape) - ndim, 0) :]
     return (1,) * (ndim - len(block)) + block
 
   def validate(self, shape, name):
     super().validate(shape, name)
     if not shape:
-      raise ValueError(f'Block{self.block_shape} has {len(self.block_shape)} dimensions but '
-                       f'parameter {name!r} has shape {tuple(shape)}.')
+      raise ValueError(
+        f'Block{self.block_shape} has {len(self.block_shape)} dimensions but '
+        f'parameter {name!r} has shape {tuple(shape)}.'
+      )
     for d, b in zip(shape, self._full_block(len(shape))):
       if b > d:
-        raise ValueError(f'Block{self.block_shape} is larger than parameter {name!r} with shape '
-                         f'{tuple(shape)}; each block dimension must be <= the tensor dimension.')
+        raise ValueError(
+          f'Block{self.block_shape} is larger than parameter {name!r} with shape '
+          f'{tuple(shape)}; each block dimension must be <= the tensor dimension.'
+        )
 
   def pool(self, scores: jax.Array) -> jax.Array:
     """Scores per block: mean (or max) over the real elements of each block."""
@@ -243,10 +259,10 @@ class Channel(SparsityType):
 
 
 _PATTERNS = {
-    r'unstructured': lambda: Unstructured(),
-    r'nm_(\d+),(\d+)': lambda n, m: NByM(int(n), int(m)),
-    r'block_(\d+(?:,\d+)*)': lambda dims: Block(tuple(int(d) for d in dims.split(','))),
-    r'channel_(-?\d+)': lambda axis: Channel(int(axis)),
+  r'unstructured': lambda: Unstructured(),
+  r'nm_(\d+),(\d+)': lambda n, m: NByM(int(n), int(m)),
+  r'block_(\d+(?:,\d+)*)': lambda dims: Block(tuple(int(d) for d in dims.split(','))),
+  r'channel_(-?\d+)': lambda axis: Channel(int(axis)),
 }
 
 
@@ -258,7 +274,8 @@ def from_string(spec: str) -> SparsityType:
     match = re.fullmatch(pattern, str(spec).strip().lower())
     if match:
       return make(*match.groups())
-  raise ValueError(f'Unknown sparsity type {spec!r}; valid forms are "unstructured", '
-                   f'"nm_N,M" (e.g. "nm_2,4"), "block_B1,B2" (e.g. "block_4,4") and '
-                   f'"channel_AXIS" (e.g. "channel_-1").')
-
+  raise ValueError(
+    f'Unknown sparsity type {spec!r}; valid forms are "unstructured", '
+    f'"nm_N,M" (e.g. "nm_2,4"), "block_B1,B2" (e.g. "block_4,4") and '
+    f'"channel_AXIS" (e.g. "channel_-1").'
+  )

@@ -16,10 +16,14 @@ from prunax.sparsity_distributions import named_leaves
 PyTree = Any
 
 
-def summarize_sparsity(tree: PyTree, only_total: bool = False,
-                       filter_fn: Callable[[str, Any], bool] | None = None,
-                       layer_axes: Mapping[str, int] | None = None, *,
-                       only_total_sparsity: bool | None = None) -> dict[str, float]:
+def summarize_sparsity(
+  tree: PyTree,
+  only_total: bool = False,
+  filter_fn: Callable[[str, Any], bool] | None = None,
+  layer_axes: Mapping[str, int] | None = None,
+  *,
+  only_total_sparsity: bool | None = None,
+) -> dict[str, float]:
   """Fraction of zeros per leaf and in total.
 
   Args:
@@ -55,9 +59,13 @@ def summarize_sparsity(tree: PyTree, only_total: bool = False,
   all_nz = jax.device_get([jnp.count_nonzero(x) for _, x in every])
   all_size = sum(int(np.size(x)) for _, x in every)
   nonzero = [nz for nz, c in zip(all_nz, counted) if c]
-  per_layer = jax.device_get({
+  per_layer = jax.device_get(
+    {
       n: jnp.count_nonzero(x, axis=tuple(i for i in range(np.ndim(x)) if i != layer_axes[n]))
-      for n, x in leaves if n in layer_axes})
+      for n, x in leaves
+      if n in layer_axes
+    }
+  )
   summary: dict[str, float] = {}
   total = total_nz = 0
   for (name, x), nz in zip(leaves, nonzero):
@@ -70,7 +78,8 @@ def summarize_sparsity(tree: PyTree, only_total: bool = False,
         layer_size = size // max(len(per_layer[name]), 1)
         for i, layer_nz in enumerate(per_layer[name]):
           summary[f'sparsity/{name}/layer_{i}'] = (
-              1.0 - int(layer_nz) / layer_size if layer_size else 0.0)
+            1.0 - int(layer_nz) / layer_size if layer_size else 0.0
+          )
   summary['total_sparsity'] = 1.0 - total_nz / total if total else 0.0
   summary['total_params'] = float(total)
   summary['total_nonzero'] = float(total_nz)
@@ -80,8 +89,9 @@ def summarize_sparsity(tree: PyTree, only_total: bool = False,
   return summary
 
 
-def summarize_intersection(masks_a: PyTree, masks_b: PyTree, *,
-                           only_total_intersection: bool = False) -> dict[str, float]:
+def summarize_intersection(
+  masks_a: PyTree, masks_b: PyTree, *, only_total_intersection: bool = False
+) -> dict[str, float]:
   """How much two mask trees agree (e.g. masks at two steps, or of two algorithms).
 
   Args:
@@ -98,11 +108,16 @@ def summarize_intersection(masks_a: PyTree, masks_b: PyTree, *,
   a_leaves = named_leaves(masks_a)
   b_leaves = named_leaves(masks_b)
   if [n for n, _ in a_leaves] != [n for n, _ in b_leaves]:
-    raise ValueError('summarize_intersection needs two mask trees with the same leaves; got '
-                     f'{[n for n, _ in a_leaves]} and {[n for n, _ in b_leaves]}.')
-  counts = jax.device_get([
+    raise ValueError(
+      'summarize_intersection needs two mask trees with the same leaves; got '
+      f'{[n for n, _ in a_leaves]} and {[n for n, _ in b_leaves]}.'
+    )
+  counts = jax.device_get(
+    [
       (jnp.sum((a != 0) & (b != 0)), jnp.sum((a != 0) | (b != 0)), jnp.sum(a != 0))
-      for (_, a), (_, b) in zip(a_leaves, b_leaves)])
+      for (_, a), (_, b) in zip(a_leaves, b_leaves)
+    ]
+  )
   out: dict[str, float] = {}
   tot = np.zeros(3)
   for (name, _), (inter, union, kept) in zip(a_leaves, counts):

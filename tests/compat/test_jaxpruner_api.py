@@ -13,8 +13,10 @@ import prunax as jaxpruner
 
 def _tree():
   k1, k2 = jax.random.split(jax.random.PRNGKey(3))
-  return {'Dense_0': {'kernel': jax.random.normal(k1, (6, 10)), 'bias': jnp.ones(10)},
-          'Dense_1': {'kernel': jax.random.normal(k2, (10, 4)), 'bias': jnp.ones(4)}}
+  return {
+    'Dense_0': {'kernel': jax.random.normal(k1, (6, 10)), 'bias': jnp.ones(10)},
+    'Dense_1': {'kernel': jax.random.normal(k2, (10, 4)), 'bias': jnp.ones(4)},
+  }
 
 
 def test_partial_distribution_means_that_sparsity():
@@ -46,17 +48,26 @@ def test_params_only_distribution_and_none():
 def test_schedule_methods():
   targets = {'a': 0.8, 'b': None}
   poly = jaxpruner.sparsity_schedules.PolynomialSchedule(
-      update_freq=4, update_start_step=0, update_end_step=16)
+    update_freq=4, update_start_step=0, update_end_step=16
+  )
   # Step 9: last update at 8, progress 8/16: 0.8 * (1 - 0.5 ** 3) = 0.7.
   out = poly.get_sparsity_at_step(targets, 9)
   assert out['b'] is None and float(out['a']) == pytest.approx(0.7)
   assert bool(poly.is_mask_update_iter(12)) and not bool(poly.is_mask_update_iter(13))
   assert poly.is_mask_update_iter(None) is False
   assert jaxpruner.sparsity_schedules.NoUpdateSchedule().get_sparsity_at_step(targets, 5) == (
-      targets)
+    targets
+  )
   periodic = jaxpruner.sparsity_schedules.PeriodicSchedule(3, 0, 9)
   assert [bool(periodic.is_mask_update_iter(s)) for s in range(7)] == [
-      True, False, False, True, False, False, True]
+    True,
+    False,
+    False,
+    True,
+    False,
+    False,
+    True,
+  ]
 
 
 def test_rng_seed_key_and_int():
@@ -87,20 +98,25 @@ def test_summary_keys():
   assert jaxpruner.summarize_intersection(m1, m2)['_total_intersection'] == pytest.approx(2 / 3)
   only = jaxpruner.utils.summarize_intersection(m1, m2, only_total_intersection=True)
   assert list(only) == ['_total_intersection'] and float(only['_total_intersection']) == (
-      pytest.approx(2 / 3))
+    pytest.approx(2 / 3)
+  )
 
 
 def test_tuple_path_custom_map_and_indexed_filter():
   params = _tree()
-  dist = functools.partial(jaxpruner.sparsity_distributions.erk, sparsity=0.6,
-                           custom_sparsity_map={('Dense_1', 'kernel'): 0.25},
-                           filter_fn=jaxpruner.sparsity_distributions.KERNEL_FILTER_FN)
+  dist = functools.partial(
+    jaxpruner.sparsity_distributions.erk,
+    sparsity=0.6,
+    custom_sparsity_map={('Dense_1', 'kernel'): 0.25},
+    filter_fn=jaxpruner.sparsity_distributions.KERNEL_FILTER_FN,
+  )
   targets = jaxpruner.MagnitudePruning(sparsity_distribution_fn=dist).target_sparsities(params)
   assert targets['Dense_1']['kernel'] == 0.25 and targets['Dense_0']['bias'] is None
   # ERK over Dense_0/kernel alone: exactly the target.
   assert targets['Dense_0']['kernel'] == pytest.approx(0.6)
   by_tuple = jaxpruner.sparsity_distributions.uniform(
-      params, 0.5, filter_fn=lambda key, p: key[0] == 'Dense_0' and key[-1] == 'kernel')
+    params, 0.5, filter_fn=lambda key, p: key[0] == 'Dense_0' and key[-1] == 'kernel'
+  )
   assert by_tuple['Dense_0']['kernel'] == 0.5 and by_tuple['Dense_1']['kernel'] is None
 
 
@@ -143,21 +159,32 @@ def test_block_on_1d_leaf():
 def test_config_keys_registry_and_passthrough():
   assert 'rigl' in jaxpruner.ALGORITHM_REGISTRY and 'set' in jaxpruner.all_algorithm_names()
   pruner = jaxpruner.create_updater_from_config(
-      {'algorithm': 'magnitude', 'sparsity': 0.95, 'dist_type': 'erk', 'update_freq': 10,
-       'update_start_step': 0, 'update_end_step': 0, 'skip_gradients': True,
-       'use_packed_masks': False})
+    {
+      'algorithm': 'magnitude',
+      'sparsity': 0.95,
+      'dist_type': 'erk',
+      'update_freq': 10,
+      'update_start_step': 0,
+      'update_end_step': 0,
+      'skip_gradients': True,
+      'use_packed_masks': False,
+    }
+  )
   assert pruner.skip_gradients and not pruner.packed_masks
   assert isinstance(pruner.scheduler, jaxpruner.sparsity_schedules.OneShotSchedule)
   with pytest.warns(UserWarning, match='global threshold'):
     glob = jaxpruner.create_updater_from_config(
-        {'algorithm': 'global_magnitude', 'sparsity': 0.9, 'dist_type': 'erk'})
+      {'algorithm': 'global_magnitude', 'sparsity': 0.9, 'dist_type': 'erk'}
+    )
   assert glob.sparsity_distribution_fn is jaxpruner.sparsity_distributions.uniform
   with pytest.raises(ValueError, match='dist_type'):
-    jaxpruner.create_updater_from_config({'algorithm': 'magnitude', 'sparsity': 0.5,
-                                          'dist_type': 'gaussian'})
+    jaxpruner.create_updater_from_config(
+      {'algorithm': 'magnitude', 'sparsity': 0.5, 'dist_type': 'gaussian'}
+    )
   with pytest.raises(ValueError, match='Unknown sparsity config keys'):
-    jaxpruner.create_updater_from_config({'algorithm': 'magnitude', 'sparsity': 0.5,
-                                          'spasity_typo': 1})
+    jaxpruner.create_updater_from_config(
+      {'algorithm': 'magnitude', 'sparsity': 0.5, 'spasity_typo': 1}
+    )
 
 
 def test_skip_gradients_holds_weights_on_update_steps():
@@ -165,8 +192,10 @@ def test_skip_gradients_holds_weights_on_update_steps():
   grads = {'w': jnp.full((2, 4), 0.5)}
   for skip in (False, True):
     pruner = jaxpruner.MagnitudePruning(
-        sparsity=0.5, skip_gradients=skip,
-        scheduler=jaxpruner.sparsity_schedules.OneShotSchedule(target_step=0))
+      sparsity=0.5,
+      skip_gradients=skip,
+      scheduler=jaxpruner.sparsity_schedules.OneShotSchedule(target_step=0),
+    )
     tx = pruner.wrap_optax(optax.sgd(1.0, momentum=0.9))
     state = tx.init(params)
     updates, state = tx.update(grads, state, params)
@@ -199,10 +228,12 @@ def test_jaxpruner_methods_and_flags():
   state = pruner.init_state(scores)
   assert pruner.get_initial_masks(scores, {'w': 0.5})['w'].dtype == jnp.uint8
   new_state = pruner.update_state(state, scores, None)
-  np.testing.assert_array_equal(jaxpruner.unpack_masks(new_state.masks, scores)['w'],
-                                [[True, False], [True, False]])
-  np.testing.assert_allclose(jaxpruner.apply_mask(scores['w'], masks['w']),
-                             [[0.3, 0.0], [0.4, 0.0]])
+  np.testing.assert_array_equal(
+    jaxpruner.unpack_masks(new_state.masks, scores)['w'], [[True, False], [True, False]]
+  )
+  np.testing.assert_allclose(
+    jaxpruner.apply_mask(scores['w'], masks['w']), [[0.3, 0.0], [0.4, 0.0]]
+  )
   drop = jaxpruner.RigL(sparsity=0.5, drop_fraction_fn=optax.constant_schedule(0.25))
   assert float(drop.drop_fraction_at(100)) == 0.25
   assert jaxpruner.NbyM is jaxpruner.NByM

@@ -12,10 +12,11 @@ def mlp_params(seed: int = 0, sizes=(12, 16, 8)):
   keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes))
   params = {}
   for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-    params[f'layer{i}'] = {'kernel': jax.random.normal(keys[i], (a, b)) / jnp.sqrt(a),
-                           'bias': jnp.zeros(b)}
+    params[f'layer{i}'] = {
+      'kernel': jax.random.normal(keys[i], (a, b)) / jnp.sqrt(a),
+      'bias': jnp.zeros(b),
+    }
   return params
-
 
 
 def packed_mask_nbytes(shape) -> int:

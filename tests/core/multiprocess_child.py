@@ -26,13 +26,14 @@ CHECKPOINTED = ('rigl', 'ste')
 def updaters():
   import prunax
   from prunax import sparsity_schedules as sched
+
   return {
-      'magnitude': prunax.MagnitudePruning(
-          sparsity=0.7, scheduler=sched.PolynomialSchedule(1, 0, 3)),
-      'global_magnitude': prunax.GlobalMagnitudePruning(
-          sparsity=0.6, scheduler=sched.PolynomialSchedule(1, 0, 3)),
-      'rigl': prunax.RigL(sparsity=0.7, scheduler=sched.PeriodicSchedule(1, 1)),
-      'ste': prunax.SteMagnitudePruning(sparsity=0.7),
+    'magnitude': prunax.MagnitudePruning(sparsity=0.7, scheduler=sched.PolynomialSchedule(1, 0, 3)),
+    'global_magnitude': prunax.GlobalMagnitudePruning(
+      sparsity=0.6, scheduler=sched.PolynomialSchedule(1, 0, 3)
+    ),
+    'rigl': prunax.RigL(sparsity=0.7, scheduler=sched.PeriodicSchedule(1, 1)),
+    'ste': prunax.SteMagnitudePruning(sparsity=0.7),
   }
 
 
@@ -55,9 +56,12 @@ def run(mesh=None, steps: int = 3):
   if mesh is None:
     params = jax.tree.map(jnp.asarray, params)
   else:
-    params = {n: jax.make_array_from_callback(
-        x.shape, NamedSharding(mesh, P(*SPECS[n])), lambda idx, x=x: x[idx])
-        for n, x in params.items()}
+    params = {
+      n: jax.make_array_from_callback(
+        x.shape, NamedSharding(mesh, P(*SPECS[n])), lambda idx, x=x: x[idx]
+      )
+      for n, x in params.items()
+    }
 
   def grads_of(p):
     # Elementwise in the weights: the same bits however the params are sharded.
@@ -123,8 +127,9 @@ def checkpoint_round_trip(results, directory: str):
       continue
     for (path_, a), b in zip(flat, flat_restored):
       same = a.sharding == b.sharding and all(
-          np.array_equal(x.data, y.data, equal_nan=True)
-          for x, y in zip(a.addressable_shards, b.addressable_shards))
+        np.array_equal(x.data, y.data, equal_nan=True)
+        for x, y in zip(a.addressable_shards, b.addressable_shards)
+      )
       if not same or a.dtype != b.dtype:
         differ.append(f'{name}{jax.tree_util.keystr(path_)}')
   checkpointer.close()
@@ -133,9 +138,14 @@ def checkpoint_round_trip(results, directory: str):
 
 def main(process_id: int, port: int, out_dir: str):
   import jax
+
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
-                             process_id=process_id, initialization_timeout=60)
+  jax.distributed.initialize(
+    coordinator_address=f'127.0.0.1:{port}',
+    num_processes=2,
+    process_id=process_id,
+    initialization_timeout=60,
+  )
   from jax.sharding import Mesh
 
   import prunax
@@ -150,12 +160,12 @@ def main(process_id: int, port: int, out_dir: str):
     np.savez(os.path.join(out_dir, 'multiprocess.npz'), **arrays)
   st = prunax.get_sparse_state(results['rigl'][1])
   report = {
-      'process_count': jax.process_count(),
-      'device_count': jax.device_count(),
-      'local_device_count': jax.local_device_count(),
-      'w1_processes': sorted({d.process_index for d in results['rigl'][0]['w1'].devices()}),
-      'mask_w1_spec': list(st.masks['w1'].sharding.spec),
-      'checkpoint_differs': checkpoint_round_trip(results, os.path.join(out_dir, 'ckpt')),
+    'process_count': jax.process_count(),
+    'device_count': jax.device_count(),
+    'local_device_count': jax.local_device_count(),
+    'w1_processes': sorted({d.process_index for d in results['rigl'][0]['w1'].devices()}),
+    'mask_w1_spec': list(st.masks['w1'].sharding.spec),
+    'checkpoint_differs': checkpoint_round_trip(results, os.path.join(out_dir, 'ckpt')),
   }
   print('REPORT' + json.dumps(report), flush=True)
   jax.distributed.shutdown()

@@ -22,6 +22,7 @@ KERNELS = ('layer0', 'layer1')
 
 # ------------------------------------------------------------------------- reference
 
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def h_alpha(x, alpha):
   """relu with the proxy derivative of eq. (1): 1 for x > 0, alpha for x <= 0."""
@@ -52,14 +53,22 @@ def _state_at(updater, dense, s):
   """A wrapped-SGD state whose dense weights are ``dense`` and thresholds ``s``."""
   tx = updater.wrap_optax(optax.sgd(1.0))
   state = tx.init(dense)
-  masks = {n: {'kernel': (jnp.abs(dense[n]['kernel']) > jax.nn.sigmoid(s[n])).astype(jnp.uint8),
-               'bias': None} for n in KERNELS}
+  masks = {
+    n: {
+      'kernel': (jnp.abs(dense[n]['kernel']) > jax.nn.sigmoid(s[n])).astype(jnp.uint8),
+      'bias': None,
+    }
+    for n in KERNELS
+  }
   state = state._replace(
-      masks=masks,
-      dense_params={n: {'kernel': dense[n]['kernel'], 'bias': None} for n in KERNELS},
-      thresholds={n: {'kernel': jnp.float32(s[n]), 'bias': None} for n in KERNELS})
-  params = {n: {'kernel': soft_threshold(dense[n]['kernel'], s[n]), 'bias': dense[n]['bias']}
-            for n in KERNELS}
+    masks=masks,
+    dense_params={n: {'kernel': dense[n]['kernel'], 'bias': None} for n in KERNELS},
+    thresholds={n: {'kernel': jnp.float32(s[n]), 'bias': None} for n in KERNELS},
+  )
+  params = {
+    n: {'kernel': soft_threshold(dense[n]['kernel'], s[n]), 'bias': dense[n]['bias']}
+    for n in KERNELS
+  }
   return tx, state, params
 
 
@@ -78,15 +87,20 @@ def test_proxy_and_threshold_gradients_match_reparameterised_forward(alpha):
 
   ref_w, ref_s = jax.grad(reparam_loss, argnums=(0, 1))(dense, S, alpha, batch)
   for n in KERNELS:
-    np.testing.assert_allclose(new_state.dense_params[n]['kernel'],
-                               dense[n]['kernel'] - ref_w[n]['kernel'], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      new_state.dense_params[n]['kernel'],
+      dense[n]['kernel'] - ref_w[n]['kernel'],
+      rtol=1e-5,
+      atol=1e-6,
+    )
     expected_s = S[n] - lr * (ref_s[n] + wd * S[n])
     np.testing.assert_allclose(new_state.thresholds[n]['kernel'], expected_s, rtol=1e-5)
     assert abs(float(ref_s[n])) > 1e-4  # the threshold gradient is not trivially zero
   if alpha == 0.0:  # STR: pruned weights receive no gradient.
     pruned = ~prunax.bool_masks(state, params)['layer0']['kernel']
-    np.testing.assert_array_equal(new_state.dense_params['layer0']['kernel'][pruned],
-                                  dense['layer0']['kernel'][pruned])
+    np.testing.assert_array_equal(
+      new_state.dense_params['layer0']['kernel'][pruned], dense['layer0']['kernel'][pruned]
+    )
 
 
 def test_backward_set_limits_gradients_to_topk():
@@ -102,14 +116,16 @@ def test_backward_set_limits_gradients_to_topk():
     k = w.size - round(0.5 * w.size)
     in_b = (jnp.abs(w) >= jnp.sort(jnp.abs(w).ravel())[::-1][k - 1]) | active
     scale = jnp.where(active, 1.0, jnp.where(in_b, 0.5, 0.0))
-    np.testing.assert_allclose(new_state.dense_params[n]['kernel'],
-                               w - grads[n]['kernel'] * scale, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+      new_state.dense_params[n]['kernel'], w - grads[n]['kernel'] * scale, rtol=1e-6, atol=1e-7
+    )
     assert int(jnp.sum(active)) < k == int(jnp.sum(in_b))  # A < B < all weights
 
 
 def test_forward_params_are_soft_thresholded_and_masks_match():
-  updater = prunax.create_updater_from_config({'algorithm': 'str',
-                                               'extra': {'s_init': -2.0, 'threshold_lr': 5.0}})
+  updater = prunax.create_updater_from_config(
+    {'algorithm': 'str', 'extra': {'s_init': -2.0, 'threshold_lr': 5.0}}
+  )
   assert isinstance(updater, prunax.STR)
   tx = updater.wrap_optax(optax.sgd(0.1))
   params, batch = mlp_params(), make_batch()
@@ -121,14 +137,16 @@ def test_forward_params_are_soft_thresholded_and_masks_match():
   for n in KERNELS:
     d = np.asarray(state.dense_params[n]['kernel'])
     t = 1.0 / (1.0 + np.exp(-float(state.thresholds[n]['kernel'])))
-    np.testing.assert_allclose(params[n]['kernel'],
-                               np.sign(d) * np.maximum(np.abs(d) - t, 0.0), atol=1e-6)
+    np.testing.assert_allclose(
+      params[n]['kernel'], np.sign(d) * np.maximum(np.abs(d) - t, 0.0), atol=1e-6
+    )
     np.testing.assert_array_equal(prunax.bool_masks(state, params)[n]['kernel'], np.abs(d) > t)
     np.testing.assert_array_equal(params[n]['kernel'] != 0, np.abs(d) > t)
   summary = prunax.summarize_thresholds(state)
   assert summary['s/layer0/kernel'] == pytest.approx(float(state.thresholds['layer0']['kernel']))
   assert summary['threshold/layer0/kernel'] == pytest.approx(
-      1 / (1 + math.exp(-summary['s/layer0/kernel'])))
+    1 / (1 + math.exp(-summary['s/layer0/kernel']))
+  )
 
 
 def test_str_rejects_nonzero_alpha_and_thresholds_start_at_s_init():
@@ -138,34 +156,43 @@ def test_str_rejects_nonzero_alpha_and_thresholds_start_at_s_init():
   assert float(state.thresholds['layer1']['kernel']) == -7.0
   assert isinstance(state.thresholds['layer1']['bias'], optax.MaskedNode)
   assert hash(prunax.AutoSparse(alpha={'kind': 'cosine', 'decay_steps': 10})) == hash(
-      prunax.AutoSparse(alpha=prunax.GradientAnnealing('cosine', decay_steps=10)))
+    prunax.AutoSparse(alpha=prunax.GradientAnnealing('cosine', decay_steps=10))
+  )
 
 
 # --------------------------------------------------------------------- annealing
+
 
 def _sig(x):
   return 1.0 / (1.0 + math.exp(-x))
 
 
-@pytest.mark.parametrize('kind,formula', [
+@pytest.mark.parametrize(
+  'kind,formula',
+  [
     ('constant', lambda i, t: 1.0),
     ('linear', lambda i, t: 1.0 - i / t),
     ('cosine', lambda i, t: (1 + math.cos(math.pi * i / t)) / 2),
     ('sigmoid', lambda i, t: 1 - _sig(-6 + 12 * i / t)),
-    ('sigmoid_cosine', lambda i, t: max(1 - _sig(-6 + 12 * i / t),
-                                        (1 + math.cos(math.pi * i / t)) / 2)),
+    (
+      'sigmoid_cosine',
+      lambda i, t: max(1 - _sig(-6 + 12 * i / t), (1 + math.cos(math.pi * i / t)) / 2),
+    ),
     ('exponential', lambda i, t: math.exp(-0.5 * i)),
-])
+  ],
+)
 def test_annealing_schedules_follow_their_formulas(kind, formula):
   period, periods = 7, 10  # 7 steps per epoch, 10 epochs
-  sched = prunax.GradientAnnealing(kind, alpha0=0.8, decay_steps=period * periods,
-                                   steps_per_period=period, beta=0.5)
+  sched = prunax.GradientAnnealing(
+    kind, alpha0=0.8, decay_steps=period * periods, steps_per_period=period, beta=0.5
+  )
   for step in (0, 1, 6, 7, 20, 34, 35, 52, 69, 70, 100):
     i = min(step // period, periods) if kind != 'exponential' else step // period
     assert float(sched(step)) == pytest.approx(0.8 * formula(i, periods), rel=1e-5, abs=1e-7), step
   # Constant within an epoch; alpha is exactly 0 from zero_at_step on.
-  zero = prunax.GradientAnnealing(kind, alpha0=0.8, decay_steps=70, steps_per_period=7,
-                                  zero_at_step=35, beta=0.5)
+  zero = prunax.GradientAnnealing(
+    kind, alpha0=0.8, decay_steps=70, steps_per_period=7, zero_at_step=35, beta=0.5
+  )
   assert float(zero(34)) == pytest.approx(0.8 * formula(4, periods), rel=1e-5)
   assert float(zero(35)) == 0.0 and float(zero(1000)) == 0.0
   assert float(jax.jit(sched)(jnp.int32(14))) == pytest.approx(float(sched(14)))
@@ -182,11 +209,16 @@ def test_annealing_rejects_bad_values():
 
 # ------------------------------------------------------------------------ digits
 
+
 def _digits_mlp(seed=0, sizes=(64, 64, 32, 10)):
   keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes))
-  return {f'layer{i}': {'kernel': jax.random.normal(keys[i], (a, b)) * jnp.sqrt(2.0 / a),
-                        'bias': jnp.zeros(b)}
-          for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+  return {
+    f'layer{i}': {
+      'kernel': jax.random.normal(keys[i], (a, b)) * jnp.sqrt(2.0 / a),
+      'bias': jnp.zeros(b),
+    }
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))
+  }
 
 
 def _digits_apply(params, x):
@@ -214,7 +246,8 @@ def _train_digits(updater, steps=240, batch_size=128):
 
   params = _digits_mlp()
   (params, state), _ = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), jnp.arange(steps)))(
-      params, tx.init(params))
+    params, tx.init(params)
+  )
   accuracy = float(jnp.mean(_digits_apply(params, x).argmax(-1) == y))
   return params, state, accuracy
 
@@ -222,10 +255,12 @@ def _train_digits(updater, steps=240, batch_size=128):
 def test_digits_higher_alpha0_gives_lower_sparsity_and_nonuniform_layers():
   results = {}
   for alpha0 in (0.0, 0.5, 1.0):
-    alpha = prunax.GradientAnnealing('sigmoid_cosine', alpha0=alpha0, decay_steps=240,
-                                     steps_per_period=10)
-    updater = prunax.AutoSparse(alpha=alpha, s_init=-3.0, threshold_lr=0.1,
-                                threshold_weight_decay=0.1)
+    alpha = prunax.GradientAnnealing(
+      'sigmoid_cosine', alpha0=alpha0, decay_steps=240, steps_per_period=10
+    )
+    updater = prunax.AutoSparse(
+      alpha=alpha, s_init=-3.0, threshold_lr=0.1, threshold_weight_decay=0.1
+    )
     params, _, accuracy = _train_digits(updater)
     results[alpha0] = (prunax.summarize_sparsity(params), accuracy)
     print(alpha0, accuracy, results[alpha0][0])
@@ -239,6 +274,7 @@ def test_digits_higher_alpha0_gives_lower_sparsity_and_nonuniform_layers():
 @pytest.mark.parametrize('shape', [(64, 48), (7, 9), (5,)])
 def test_split_sum_equals_the_sum(shape):
   from prunax.algorithms import autosparse
+
   rng = np.random.default_rng(sum(shape))
   x = rng.standard_normal(shape).astype(np.float32)
   mask = rng.random(shape) < 0.3

@@ -13,14 +13,16 @@ from tests.core.conftest import make_step
 from tests.core.conftest import mlp_params
 
 UPDATERS = {
-    'magnitude': lambda: prunax.MagnitudePruning(
-        sparsity=0.8, scheduler=sched.PolynomialSchedule(2, 0, 8)),
-    'ste_packed': lambda: prunax.SteMagnitudePruning(
-        sparsity=0.7, packed_masks=True, scheduler=sched.PolynomialSchedule(2, 0, 8)),
-    'rigl': lambda: prunax.RigL(sparsity=0.8, sparsity_distribution_fn='erk',
-                                scheduler=sched.PeriodicSchedule(2, 1)),
-    'random': lambda: prunax.RandomPruning(sparsity=0.8,
-                                           scheduler=sched.PolynomialSchedule(2, 0, 8)),
+  'magnitude': lambda: prunax.MagnitudePruning(
+    sparsity=0.8, scheduler=sched.PolynomialSchedule(2, 0, 8)
+  ),
+  'ste_packed': lambda: prunax.SteMagnitudePruning(
+    sparsity=0.7, packed_masks=True, scheduler=sched.PolynomialSchedule(2, 0, 8)
+  ),
+  'rigl': lambda: prunax.RigL(
+    sparsity=0.8, sparsity_distribution_fn='erk', scheduler=sched.PeriodicSchedule(2, 1)
+  ),
+  'random': lambda: prunax.RandomPruning(sparsity=0.8, scheduler=sched.PolynomialSchedule(2, 0, 8)),
 }
 
 
@@ -50,5 +52,8 @@ def test_resume_is_bit_identical(tmp_path, name):
   for _ in range(6):
     p, s = step(p, s, batch)
   jax.tree.map(np.testing.assert_array_equal, p_ref, p)
-  jax.tree.map(np.testing.assert_array_equal, prunax.get_sparse_state(s_ref).masks,
-               prunax.get_sparse_state(s).masks)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    prunax.get_sparse_state(s_ref).masks,
+    prunax.get_sparse_state(s).masks,
+  )

@@ -49,16 +49,35 @@ def _nested(flat):
 @pytest.fixture(scope='module')
 def quick_run(tmp_path_factory):
   run_dir = str(tmp_path_factory.mktemp('compare') / 'run')
-  rc = cli.main(['compare', '--quick', '--run-dir', run_dir, '--no-progress', '--no-compile-cache',
-                 '--algorithms', ','.join(ALGORITHMS), '--seeds', '2', '--steps', '20',
-                 '--set', 'optional_algorithms=[]'])
+  rc = cli.main(
+    [
+      'compare',
+      '--quick',
+      '--run-dir',
+      run_dir,
+      '--no-progress',
+      '--no-compile-cache',
+      '--algorithms',
+      ','.join(ALGORITHMS),
+      '--seeds',
+      '2',
+      '--steps',
+      '20',
+      '--set',
+      'optional_algorithms=[]',
+    ]
+  )
   assert rc == 0
   return run_dir
 
 
 def test_reports_and_plots_are_written(quick_run):
-  for name in ('accuracy_vs_sparsity.png', 'accuracy_vs_flops.png', 'layer_sparsity.png',
-               'sparsity_over_steps.png'):
+  for name in (
+    'accuracy_vs_sparsity.png',
+    'accuracy_vs_flops.png',
+    'layer_sparsity.png',
+    'sparsity_over_steps.png',
+  ):
     path = os.path.join(quick_run, name)
     with open(path, 'rb') as f:
       data = f.read()
@@ -120,6 +139,7 @@ def test_mask_memory_and_flops(quick_run):
     assert cells[('magnitude', '0')]['inference_flops'] == ''  # reported as n/a
     return
   from prunax import flops
+
   task = compare.digits_task()
   counter = flops.FlopsCounter(task.apply_fn, task.example_params(), *task.example_inputs())
   for algorithm in ALGORITHMS:
@@ -135,17 +155,26 @@ def test_mask_memory_and_flops(quick_run):
 
 
 def test_resume_skips_finished_cells(quick_run):
-  cfg = config_lib.load_config(None, {'run_dir': quick_run, 'algorithms': ALGORITHMS,
-                                      'seeds': 2, 'steps': 20, 'optional_algorithms': []},
-                               quick=True)
+  cfg = config_lib.load_config(
+    None,
+    {
+      'run_dir': quick_run,
+      'algorithms': ALGORITHMS,
+      'seeds': 2,
+      'steps': 20,
+      'optional_algorithms': [],
+    },
+    quick=True,
+  )
   with open(os.path.join(quick_run, 'cells', 'magnitude__seed1.json')) as f:
     before = json.load(f)
   os.remove(os.path.join(quick_run, 'cells', 'magnitude__seed1.json'))
   task = compare.digits_task()
   calls = []
   original = task.run
-  task.run = lambda updater, seed, *a, **k: calls.append((type(updater).__name__, seed)) or \
-      original(updater, seed, *a, **k)
+  task.run = lambda updater, seed, *a, **k: (
+    calls.append((type(updater).__name__, seed)) or original(updater, seed, *a, **k)
+  )
   result = compare.run_comparison(cfg, task=task)
   assert calls == [('MagnitudePruning', 1)]  # only the missing cell is trained
   after = result.cells[('magnitude', 1)]
@@ -158,8 +187,19 @@ def test_resume_skips_finished_cells(quick_run):
 
 
 def test_resume_refuses_a_different_recipe(quick_run, capsys):
-  rc = cli.main(['compare', '--quick', '--run-dir', quick_run, '--algorithms', 'magnitude',
-                 '--steps', '21', '--no-compile-cache'])
+  rc = cli.main(
+    [
+      'compare',
+      '--quick',
+      '--run-dir',
+      quick_run,
+      '--algorithms',
+      'magnitude',
+      '--steps',
+      '21',
+      '--no-compile-cache',
+    ]
+  )
   assert rc == 2
   err = capsys.readouterr().err
   assert 'different config' in err and "'steps'" in err and '--fresh' in err
@@ -168,20 +208,20 @@ def test_resume_refuses_a_different_recipe(quick_run, capsys):
 def test_categories():
   cfg = config_lib.load_config(None)
   expected = {
-      'no_prune': ('dense', 'static', 'unstructured'),
-      'magnitude': ('dense-to-sparse', 'dynamic', 'unstructured'),
-      'magnitude_ste': ('dense-to-sparse', 'dynamic', 'unstructured'),
-      'static_sparse': ('sparse-to-sparse', 'static', 'unstructured'),
-      'set': ('sparse-to-sparse', 'dynamic', 'unstructured'),
-      'rigl': ('sparse-to-sparse', 'dynamic', 'unstructured'),
-      # The seven the class attributes got wrong (issue 20).
-      'topkast': ('sparse-to-sparse', 'dynamic', 'unstructured'),
-      'topkast_ga': ('sparse-to-sparse', 'dynamic', 'unstructured'),
-      'snip': ('sparse-to-sparse', 'static', 'unstructured'),
-      'grasp': ('sparse-to-sparse', 'static', 'unstructured'),
-      'synflow': ('sparse-to-sparse', 'static', 'unstructured'),
-      'fixed_masks': ('sparse-to-sparse', 'static', 'unstructured'),
-      'str': ('dense-to-sparse', 'dynamic', 'unstructured'),
+    'no_prune': ('dense', 'static', 'unstructured'),
+    'magnitude': ('dense-to-sparse', 'dynamic', 'unstructured'),
+    'magnitude_ste': ('dense-to-sparse', 'dynamic', 'unstructured'),
+    'static_sparse': ('sparse-to-sparse', 'static', 'unstructured'),
+    'set': ('sparse-to-sparse', 'dynamic', 'unstructured'),
+    'rigl': ('sparse-to-sparse', 'dynamic', 'unstructured'),
+    # The seven the class attributes got wrong (issue 20).
+    'topkast': ('sparse-to-sparse', 'dynamic', 'unstructured'),
+    'topkast_ga': ('sparse-to-sparse', 'dynamic', 'unstructured'),
+    'snip': ('sparse-to-sparse', 'static', 'unstructured'),
+    'grasp': ('sparse-to-sparse', 'static', 'unstructured'),
+    'synflow': ('sparse-to-sparse', 'static', 'unstructured'),
+    'fixed_masks': ('sparse-to-sparse', 'static', 'unstructured'),
+    'str': ('dense-to-sparse', 'dynamic', 'unstructured'),
   }
   unstructured = prunax.algorithms.MagnitudePruning(sparsity=0.5)  # gives only the structure
   for name, want in expected.items():
@@ -197,7 +237,7 @@ def _readme_taxonomy():
   path = os.path.join(os.path.dirname(__file__), '..', '..', 'README.md')
   with open(path) as f:
     text = f.read()
-  table = text[text.index('## Algorithms'):]
+  table = text[text.index('## Algorithms') :]
   out = {}
   for line in table.splitlines()[2:]:
     if not line.startswith('|'):
@@ -208,8 +248,11 @@ def _readme_taxonomy():
     match = re.fullmatch(r'`(\w+)`', cells[0])
     if match is None:
       continue
-    taxonomy = re.fullmatch(r'(dense|dense-to-sparse|sparse-to-sparse)(?: \([^)]*\))?, '
-                            r'(static|dynamic)', cells[-1])
+    taxonomy = re.fullmatch(
+      r'(dense|dense-to-sparse|sparse-to-sparse)(?: \([^)]*\))?, '
+      r'(static|dynamic)',
+      cells[-1],
+    )
     assert taxonomy, f'README taxonomy of {match.group(1)!r} is malformed: {cells[-1]!r}'
     out[match.group(1)] = taxonomy.groups()
   return out
@@ -225,8 +268,10 @@ def test_readme_table_agrees_with_the_registry_metadata():
 def test_register_algorithm_info(monkeypatch):
   monkeypatch.setattr(registry, '_ALGORITHMS', dict(registry._ALGORITHMS))
   monkeypatch.setattr(registry, 'ALGORITHM_INFO', dict(registry.ALGORITHM_INFO))
+
   class Mine(prunax.algorithms.SET):
     pass
+
   registry.register_algorithm('mine', Mine)  # no info: derived from the class
   assert registry.algorithm_info('mine') == {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'}
   with pytest.raises(ValueError, match="origin in .* got {'origin': 'sideways'"):
@@ -238,15 +283,23 @@ def test_register_algorithm_info(monkeypatch):
 def test_schedule_follows_steps():
   cfg = config_lib.load_config(None, {'steps': 600})
   assert config_lib.updater_config(cfg, 'magnitude', 3) == {
-      'algorithm': 'magnitude', 'seed': 3, 'sparsity': 0.8, 'dist_type': 'erk',
-      'sparsity_type': 'unstructured', 'update_freq': 20, 'update_start_step': 120,
-      'update_end_step': 450}
+    'algorithm': 'magnitude',
+    'seed': 3,
+    'sparsity': 0.8,
+    'dist_type': 'erk',
+    'sparsity_type': 'unstructured',
+    'update_freq': 20,
+    'update_start_step': 120,
+    'update_end_step': 450,
+  }
   rigl = config_lib.updater_config(cfg, 'rigl', 0)
   assert (rigl['update_start_step'], rigl['drop_fraction']) == (0, 0.3)
   assert config_lib.updater_config(cfg, 'no_prune', 0)['sparsity'] == 0.0
   one = config_lib.load_config(None, {'schedule': '10:50:5', 'update_freq': 7})
-  assert [config_lib.updater_config(one, 'magnitude', 0)[k] for k in
-          ('update_start_step', 'update_end_step', 'update_freq')] == [10, 50, 7]
+  assert [
+    config_lib.updater_config(one, 'magnitude', 0)[k]
+    for k in ('update_start_step', 'update_end_step', 'update_freq')
+  ] == [10, 50, 7]
 
 
 def test_yaml_and_ml_collections_configs(tmp_path):
@@ -255,21 +308,32 @@ def test_yaml_and_ml_collections_configs(tmp_path):
   cfg = compare.load_config(str(yaml_file), {'sparsity': 0.7})
   assert (cfg['algorithms'], cfg['sparsity'], cfg['seeds']) == (['magnitude', 'rigl'], 0.7, [4, 5])
   py_file = tmp_path / 'c.py'
-  py_file.write_text('import ml_collections\n\ndef get_config():\n'
-                     '  c = ml_collections.ConfigDict()\n  c.algorithms = ["set"]\n'
-                     '  c.dist_type = "uniform"\n  return c\n')
+  py_file.write_text(
+    'import ml_collections\n\ndef get_config():\n'
+    '  c = ml_collections.ConfigDict()\n  c.algorithms = ["set"]\n'
+    '  c.dist_type = "uniform"\n  return c\n'
+  )
   # --quick keeps a config's own algorithm list; without one it runs one per category.
   assert compare.load_config(None, quick=True)['algorithms'] == [
-      'no_prune', 'magnitude', 'static_sparse', 'rigl']
+    'no_prune',
+    'magnitude',
+    'static_sparse',
+    'rigl',
+  ]
   cfg = compare.load_config(str(py_file), quick=True)
   assert (cfg['algorithms'], cfg['dist_type'], cfg['steps'], cfg['seeds']) == (
-      ['set'], 'uniform', 40, [0])
+    ['set'],
+    'uniform',
+    40,
+    [0],
+  )
 
 
 def _fails(tmp_path, capsys, *args):
   run_dir = tmp_path / 'run'
-  rc = cli.main(['compare', '--run-dir', str(run_dir), '--no-progress', '--no-compile-cache',
-                 *args])
+  rc = cli.main(
+    ['compare', '--run-dir', str(run_dir), '--no-progress', '--no-compile-cache', *args]
+  )
   assert rc == 2
   assert not (run_dir / 'cells').exists() or not os.listdir(run_dir / 'cells')
   return capsys.readouterr().err
@@ -289,14 +353,15 @@ def test_bad_inputs_fail_before_training(tmp_path, capsys):
   err = _fails(tmp_path, capsys, '--sparsity-type', 'diagonal')
   assert "Unknown sparsity type 'diagonal'" in err
   err = _fails(tmp_path, capsys, '--schedule', 'often')
-  assert "schedule must be one of" in err and "'often'" in err
+  assert 'schedule must be one of' in err and "'often'" in err
   err = _fails(tmp_path, capsys, '--seeds', '0')
   assert 'seeds' in err
   err = _fails(tmp_path, capsys, '--set', 'stepz=3')
   assert "Unknown config keys ['stepz']" in err
   # A structure the model's shapes cannot take is caught on the model, before training.
-  err = _fails(tmp_path, capsys, '--sparsity-type', 'nm_2,3', '--sparsity', '0.5',
-               '--algorithms', 'magnitude')
+  err = _fails(
+    tmp_path, capsys, '--sparsity-type', 'nm_2,3', '--sparsity', '0.5', '--algorithms', 'magnitude'
+  )
   assert "Algorithm 'magnitude' cannot prune task 'digits'" in err
 
 
@@ -331,7 +396,7 @@ def test_malformed_configs(tmp_path, capsys):
   assert 'must define get_config()' in capsys.readouterr().err
 
 
-PLUGIN = '''
+PLUGIN = """
 import jax, jax.numpy as jnp, numpy as np, optax
 from prunax.compare import SupervisedTask
 
@@ -346,16 +411,26 @@ def get_task(hidden=16):
     return jnp.tanh(x @ p['w1']) @ p['w2']
   return SupervisedTask(name='toy', init_fn=init, apply_fn=apply, train_data=(x, y),
                         eval_data=(x, y), optimizer=optax.adam(1e-2), batch_size=32)
-'''
+"""
 
 
 def test_plugin_task_from_file(tmp_path):
   plugin = tmp_path / 'toy_task.py'
   plugin.write_text(PLUGIN)
-  cfg = compare.load_config(None, {
-      'task': f'{plugin}:get_task', 'task_args': {'hidden': 8}, 'algorithms': ['magnitude'],
-      'seeds': 1, 'steps': 12, 'sparsity': 0.5, 'dist_type': 'uniform',
-      'optional_algorithms': [], 'run_dir': str(tmp_path / 'run')})
+  cfg = compare.load_config(
+    None,
+    {
+      'task': f'{plugin}:get_task',
+      'task_args': {'hidden': 8},
+      'algorithms': ['magnitude'],
+      'seeds': 1,
+      'steps': 12,
+      'sparsity': 0.5,
+      'dist_type': 'uniform',
+      'optional_algorithms': [],
+      'run_dir': str(tmp_path / 'run'),
+    },
+  )
   result = compare.run_comparison(cfg)
   assert result.task_name == 'toy'
   params = compare.load_params(str(tmp_path / 'run'), 'magnitude', 0)
@@ -367,8 +442,11 @@ def test_plugin_task_from_file(tmp_path):
 
 
 def test_module_entry_point(tmp_path):
-  out = subprocess.run([sys.executable, '-m', 'prunax', 'compare', '--algorithms', 'nope',
-                        '--run-dir', str(tmp_path)], capture_output=True, text=True)
+  out = subprocess.run(
+    [sys.executable, '-m', 'prunax', 'compare', '--algorithms', 'nope', '--run-dir', str(tmp_path)],
+    capture_output=True,
+    text=True,
+  )
   assert out.returncode == 2
   assert "prunax compare: error: Unknown algorithm 'nope'" in out.stderr
 
@@ -398,16 +476,30 @@ def test_every_task_trains_with_the_whole_updater_config(task, tmp_path, monkeyp
   args = _builtin_task_args()
   if task not in args:
     pytest.skip(f'the adapter of task {task!r} is not installed')
-  cfg = compare.load_config(None, {
-      'task': task, 'task_args': args[task], 'algorithms': ['magnitude'], 'seeds': [3],
-      'steps': 3, 'sparsity': 0.5, 'dist_type': 'uniform', 'sparsity_type': 'nm_1,2',
-      'schedule': '0:1:1', 'optional_algorithms': [], 'run_dir': str(tmp_path),
-      'algorithm_overrides': {'magnitude': {'power': 2.0}}})
+  cfg = compare.load_config(
+    None,
+    {
+      'task': task,
+      'task_args': args[task],
+      'algorithms': ['magnitude'],
+      'seeds': [3],
+      'steps': 3,
+      'sparsity': 0.5,
+      'dist_type': 'uniform',
+      'sparsity_type': 'nm_1,2',
+      'schedule': '0:1:1',
+      'optional_algorithms': [],
+      'run_dir': str(tmp_path),
+      'algorithm_overrides': {'magnitude': {'power': 2.0}},
+    },
+  )
   wrapped = []
   original = prunax.algorithms.MagnitudePruning.wrap_optax
+
   def capture(self, *a, **k):
     wrapped.append(self)
     return original(self, *a, **k)
+
   monkeypatch.setattr(prunax.algorithms.MagnitudePruning, 'wrap_optax', capture)
   cell = compare.run_comparison(cfg).cells[('magnitude', 3)]
   if task != 'cartpole':  # (cartpole: 40 agent steps make no optimizer update)
@@ -416,7 +508,10 @@ def test_every_task_trains_with_the_whole_updater_config(task, tmp_path, monkeyp
     assert 0.3 < cell['sparsity'] <= 0.5
   expected = config_lib.make_updater(cfg, 'magnitude', 3)
   assert (expected.sparsity, expected.sparsity_type, expected.scheduler.power) == (
-      0.5, sparsity_types.from_string('nm_1,2'), 2.0)
+    0.5,
+    sparsity_types.from_string('nm_1,2'),
+    2.0,
+  )
   if task == 'cartpole':  # one iteration = training_steps / update_period optimizer updates
     expected = tasks.scale_schedule(expected, 10)
     assert expected.scheduler.update_end_step == 10
@@ -428,12 +523,22 @@ def test_every_task_trains_with_the_whole_updater_config(task, tmp_path, monkeyp
   assert any(u.seed == 3 for u in wrapped) or task == 'digits'
 
 
-@pytest.mark.skipif(importlib.util.find_spec('prunax_dopamine') is None,
-                    reason='prunax_dopamine (the Dopamine adapter) is not installed')
+@pytest.mark.skipif(
+  importlib.util.find_spec('prunax_dopamine') is None,
+  reason='prunax_dopamine (the Dopamine adapter) is not installed',
+)
 def test_cartpole_task(tmp_path):
-  cfg = compare.load_config(None, {'task': 'cartpole', 'algorithms': ['magnitude'], 'seeds': 1,
-                                   'steps': 1, 'optional_algorithms': [],
-                                   'run_dir': str(tmp_path)})
+  cfg = compare.load_config(
+    None,
+    {
+      'task': 'cartpole',
+      'algorithms': ['magnitude'],
+      'seeds': 1,
+      'steps': 1,
+      'optional_algorithms': [],
+      'run_dir': str(tmp_path),
+    },
+  )
   cell = compare.run_comparison(cfg).cells[('magnitude', 0)]
   assert np.isfinite(cell['metric'])
 
@@ -443,30 +548,59 @@ def test_cartpole_task(tmp_path):
 
 def test_sweep_with_a_step_multiplier(tmp_path):
   run_dir = tmp_path / 'sweep'
-  rc = cli.main(['compare', '--run-dir', str(run_dir), '--no-progress', '--no-compile-cache',
-                 '--algorithms', 'no_prune,static_sparse', '--seeds', '2', '--steps', '10',
-                 '--sparsity', '0.8,0.5', '--training-budget', '2',
-                 '--set', 'optional_algorithms=[]'])
+  rc = cli.main(
+    [
+      'compare',
+      '--run-dir',
+      str(run_dir),
+      '--no-progress',
+      '--no-compile-cache',
+      '--algorithms',
+      'no_prune,static_sparse',
+      '--seeds',
+      '2',
+      '--steps',
+      '10',
+      '--sparsity',
+      '0.8,0.5',
+      '--training-budget',
+      '2',
+      '--set',
+      'optional_algorithms=[]',
+    ]
+  )
   assert rc == 0
   for point in ('unstructured_s0.5', 'unstructured_s0.8'):
     assert sorted(os.listdir(run_dir / point / 'cells')) == sorted(
-        f'{a}__seed{s}.{ext}' for a in ('no_prune', 'static_sparse') for s in (0, 1)
-        for ext in ('json', 'npz'))
+      f'{a}__seed{s}.{ext}'
+      for a in ('no_prune', 'static_sparse')
+      for s in (0, 1)
+      for ext in ('json', 'npz')
+    )
   rows = _rows(run_dir / 'results.csv')
   assert [(r['point_sparsity'], r['algorithm']) for r in rows] == [
-      ('0.5', 'no_prune'), ('0.5', 'static_sparse'), ('0.8', 'no_prune'), ('0.8', 'static_sparse')]
+    ('0.5', 'no_prune'),
+    ('0.5', 'static_sparse'),
+    ('0.8', 'no_prune'),
+    ('0.8', 'static_sparse'),
+  ]
   by = {(r['point_sparsity'], r['algorithm']): r for r in rows}
   assert abs(float(by[('0.8', 'static_sparse')]['sparsity_mean']) - 0.8) < 1e-3
   # The dense baseline is trained once and shared by both points.
-  dense = [json.loads((run_dir / p / 'cells' / 'no_prune__seed1.json').read_text())
-           for p in ('unstructured_s0.5', 'unstructured_s0.8')]
+  dense = [
+    json.loads((run_dir / p / 'cells' / 'no_prune__seed1.json').read_text())
+    for p in ('unstructured_s0.5', 'unstructured_s0.8')
+  ]
   assert dense[0] == dense[1]
   # Sparse-to-sparse algorithms train twice as long (the RigL paper's 2x), the rest not.
   cells = _rows(run_dir / 'cells.csv')
-  assert {(c['algorithm'], c['steps']) for c in cells} == {('no_prune', '10'),
-                                                          ('static_sparse', '20')}
-  trace = json.loads((run_dir / 'unstructured_s0.8' / 'cells' /
-                      'static_sparse__seed0.json').read_text())['trace']
+  assert {(c['algorithm'], c['steps']) for c in cells} == {
+    ('no_prune', '10'),
+    ('static_sparse', '20'),
+  }
+  trace = json.loads(
+    (run_dir / 'unstructured_s0.8' / 'cells' / 'static_sparse__seed0.json').read_text()
+  )['trace']
   assert trace[-1][0] == 20
   # Statistics: the paired differences in the CSV are those of the cells.
   acc = {(c['point_sparsity'], c['algorithm'], c['seed']): float(c['accuracy']) for c in cells}
@@ -487,10 +621,15 @@ def test_sweep_with_a_step_multiplier(tmp_path):
 
 
 def test_sweep_configs():
-  cfg = config_lib.load_config(None, {'sparsity': '0.9,0.5',
-                                      'sparsity_type': 'unstructured;nm_1,4'})
-  assert config_lib.points(cfg) == [('unstructured', 0.5), ('unstructured', 0.9),
-                                    ('nm_1,4', 0.5), ('nm_1,4', 0.9)]
+  cfg = config_lib.load_config(
+    None, {'sparsity': '0.9,0.5', 'sparsity_type': 'unstructured;nm_1,4'}
+  )
+  assert config_lib.points(cfg) == [
+    ('unstructured', 0.5),
+    ('unstructured', 0.9),
+    ('nm_1,4', 0.5),
+    ('nm_1,4', 0.9),
+  ]
   with pytest.raises(compare.ConfigError, match='run it with run_sweep'):
     compare.run_comparison(cfg)
   with pytest.raises(compare.ConfigError, match=r'sparsity lists a value twice: \[0.5, 0.5\]'):
@@ -505,6 +644,7 @@ def test_sweep_configs():
 
 def test_equal_flops_budget():
   from prunax.compare import runner
+
   cfg = config_lib.load_config(None, {'sparsity': 0.9, 'training_budget': 'equal_flops'})
   task = compare.digits_task()
   example = task.example_params()
@@ -535,12 +675,14 @@ def test_paired_difference_and_seeds_needed():
   from scipy import stats as scipy_stats
 
   from prunax.compare import stats
+
   a, b = [0.91, 0.93, 0.92, 0.95], [0.90, 0.90, 0.91, 0.92]
   d = np.subtract(a, b)
   result = stats.paired(a, b)
   half = 3.182446305 * d.std(ddof=1) / 2  # t(0.975, df=3), sqrt(4) = 2
   assert (result.mean, result.low, result.high) == pytest.approx(
-      (d.mean(), d.mean() - half, d.mean() + half))
+    (d.mean(), d.mean() - half, d.mean() + half)
+  )
   assert result.significant == (scipy_stats.ttest_rel(a, b).pvalue < 0.05)
   one = stats.paired([0.9], [0.8])
   assert (one.low, one.significant, one.seeds_needed) == (None, False, None)
@@ -557,6 +699,7 @@ def test_significance_agrees_with_the_paired_t_test(pairs):
   from scipy import stats as scipy_stats
 
   from prunax.compare import stats
+
   a, b = [p[0] for p in pairs], [p[1] for p in pairs]
   d = np.subtract(a, b)
   hypothesis.assume(d.std(ddof=1) > 1e-6)
@@ -566,25 +709,31 @@ def test_significance_agrees_with_the_paired_t_test(pairs):
   n = stats.seeds_needed(float(d.mean()), float(d.std(ddof=1)))
   if n is not None and 2 < n < stats.MAX_SEEDS:  # the smallest n meeting the inequality
     ratio = d.std(ddof=1) / abs(d.mean())
-    need = lambda k: ((scipy_stats.t.ppf(0.975, k - 1) + scipy_stats.t.ppf(0.8, k - 1))
-                      * ratio) ** 2
+    need = lambda k: (
+      ((scipy_stats.t.ppf(0.975, k - 1) + scipy_stats.t.ppf(0.8, k - 1)) * ratio) ** 2
+    )
     assert n >= need(n) and n - 1 < need(n - 1)
 
 
 @hypothesis.settings(max_examples=60, deadline=None)
-@hypothesis.given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), min_size=1,
-                           max_size=12))
+@hypothesis.given(
+  st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), min_size=1, max_size=12)
+)
 def test_pareto_front(points):
   from prunax.compare import plots
+
   xs, ys = [float(p[0]) for p in points], [float(p[1]) for p in points]
   front = plots.pareto_front(xs, ys)
   dominated = lambda i: any(
-      xs[j] <= xs[i] and ys[j] >= ys[i] and (xs[j], ys[j]) != (xs[i], ys[i])
-      for j in range(len(xs)))
+    xs[j] <= xs[i] and ys[j] >= ys[i] and (xs[j], ys[j]) != (xs[i], ys[i]) for j in range(len(xs))
+  )
   assert all(not dominated(i) for i in front)
   # Every point off the front is dominated or duplicates a front point.
-  assert all(dominated(i) or (xs[i], ys[i]) in {(xs[j], ys[j]) for j in front}
-             for i in range(len(xs)) if i not in front)
+  assert all(
+    dominated(i) or (xs[i], ys[i]) in {(xs[j], ys[j]) for j in front}
+    for i in range(len(xs))
+    if i not in front
+  )
   assert [xs[i] for i in front] == sorted(xs[i] for i in front)
 
 

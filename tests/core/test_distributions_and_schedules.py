@@ -14,10 +14,12 @@ from prunax import sparsity_schedules as sched
 
 
 def _shapes_tree():
-  return {'conv': {'kernel': jnp.zeros((3, 3, 4, 8)), 'bias': jnp.zeros(8)},
-          'dense1': {'kernel': jnp.zeros((128, 64))},
-          'dense2': {'kernel': jnp.zeros((64, 10))},
-          'embed': jnp.zeros((1000, 16))}
+  return {
+    'conv': {'kernel': jnp.zeros((3, 3, 4, 8)), 'bias': jnp.zeros(8)},
+    'dense1': {'kernel': jnp.zeros((128, 64))},
+    'dense2': {'kernel': jnp.zeros((64, 10))},
+    'embed': jnp.zeros((1000, 16)),
+  }
 
 
 def test_path_names_for_dicts_lists_and_attributes():
@@ -28,8 +30,12 @@ def test_path_names_for_dicts_lists_and_attributes():
 def test_uniform_with_filter_and_custom_map():
   tree = _shapes_tree()
   out = dists.uniform(tree, 0.7, custom_sparsity_map={'conv/kernel': 0.0, 'embed': 0.9})
-  assert out == {'conv': {'kernel': 0.0, 'bias': None}, 'dense1': {'kernel': 0.7},
-                 'dense2': {'kernel': 0.7}, 'embed': 0.9}
+  assert out == {
+    'conv': {'kernel': 0.0, 'bias': None},
+    'dense1': {'kernel': 0.7},
+    'dense2': {'kernel': 0.7},
+    'embed': 0.9,
+  }
   regex = dists.uniform(tree, 0.5, custom_sparsity_map={r'dense\d/kernel': 0.2})
   assert regex['dense1']['kernel'] == regex['dense2']['kernel'] == 0.2
 
@@ -53,8 +59,11 @@ def test_erk_matches_formula_and_budget_with_custom_map():
   out = dists.erk(tree, 0.9, custom_sparsity_map={'embed': 0.5})
   shapes = {'conv/kernel': (3, 3, 4, 8), 'dense1/kernel': (128, 64), 'dense2/kernel': (64, 10)}
   ref = _erk_reference(shapes, 0.9)
-  got = {'conv/kernel': out['conv']['kernel'], 'dense1/kernel': out['dense1']['kernel'],
-         'dense2/kernel': out['dense2']['kernel']}
+  got = {
+    'conv/kernel': out['conv']['kernel'],
+    'dense1/kernel': out['dense1']['kernel'],
+    'dense2/kernel': out['dense2']['kernel'],
+  }
   for k in shapes:
     assert got[k] == pytest.approx(ref[k], abs=1e-12)
   # The ERK layers (custom one excluded) hold exactly 10% of their weights.
@@ -78,7 +87,8 @@ def test_custom_map_key_matching_nothing_is_an_error():
     dists.uniform(_shapes_tree(), 0.5, custom_sparsity_map={'dense3/kernel': 0.1})
   with pytest.raises(ValueError, match='matches no parameter'):
     prunax.MagnitudePruning(sparsity_distribution_fn={'nope': 0.5}).wrap_optax(
-        __import__('optax').sgd(0.1)).init(_shapes_tree())
+      __import__('optax').sgd(0.1)
+    ).init(_shapes_tree())
 
 
 @pytest.mark.parametrize('bad', [-0.1, 1.0, 1.5, 'x'])
@@ -130,12 +140,15 @@ def test_one_shot_periodic_and_no_update():
   assert not any(bool(sched.NoUpdateSchedule().is_update_step(t)) for t in range(5))
 
 
-@pytest.mark.parametrize('make,match', [
+@pytest.mark.parametrize(
+  'make,match',
+  [
     (lambda: sched.PolynomialSchedule(10, 50, 20), r'update_end_step=20 precedes'),
     (lambda: sched.PeriodicSchedule(0), r'update_freq must be an integer >= 1, got 0'),
     (lambda: sched.OneShotSchedule(-1), r'target_step must be an integer >= 0'),
     (lambda: sched.PolynomialSchedule(10, 0, 100, initial_sparsity=1.0), r'initial_sparsity'),
-])
+  ],
+)
 def test_bad_schedules(make, match):
   with pytest.raises(ValueError, match=match):
     make()

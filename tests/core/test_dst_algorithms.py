@@ -38,10 +38,10 @@ def test_mest_drops_by_weight_plus_gradient_magnitude():
   w = jnp.asarray([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.0, 0.0]])
   g = jnp.asarray([[0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 5.0]])
   old = w != 0  # 6 active
-  mest = prunax.MEST(sparsity=0.25, drop_fraction=0.5, drop_fraction_fn='constant',
-                     grad_weight=1.0)
-  new = np.asarray(mest.compute_masks({'w': w}, {'w': 0.25}, _state(mest, {'w': w}),
-                                      {'w': g}, {'w': old})['w']).reshape(-1)
+  mest = prunax.MEST(sparsity=0.25, drop_fraction=0.5, drop_fraction_fn='constant', grad_weight=1.0)
+  new = np.asarray(
+    mest.compute_masks({'w': w}, {'w': 0.25}, _state(mest, {'w': w}), {'w': g}, {'w': old})['w']
+  ).reshape(-1)
   # floor(0.5 * 6) = 3 dropped: scores |w| + |g| = 1.0, .2, .3, .4, .5, .6 keep w0, w4, w5
   # (by |w| alone w0 would go); 3 grown at random among the other 5.
   kept = _top(np.abs(w) + np.abs(g), 3, among=old)
@@ -57,18 +57,24 @@ def test_mest_drops_by_weight_plus_gradient_magnitude():
 def test_granet_prunes_to_the_schedule_then_regrows_by_gradient():
   w = jnp.asarray([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]])
   g = jnp.asarray([[9.0, 8.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
-  granet = prunax.GraNet(sparsity=0.5, drop_fraction=0.4, drop_fraction_fn='constant',
-                         scheduler=sched.PolynomialSchedule(1, 0, 4))
+  granet = prunax.GraNet(
+    sparsity=0.5,
+    drop_fraction=0.4,
+    drop_fraction_fn='constant',
+    scheduler=sched.PolynomialSchedule(1, 0, 4),
+  )
   state = _state(granet, {'w': w})
   assert bool(prunax.bool_masks(state, {'w': w})['w'].all())  # dense start
-  new = np.asarray(granet.compute_masks({'w': w}, {'w': 0.5}, state, {'w': g},
-                                        {'w': jnp.ones_like(w, bool)})['w']).reshape(-1)
+  new = np.asarray(
+    granet.compute_masks({'w': w}, {'w': 0.5}, state, {'w': g}, {'w': jnp.ones_like(w, bool)})['w']
+  ).reshape(-1)
   # 5 stay active at sparsity 0.5; floor(0.4 * 5) = 2 of them are replaced: keep the 3
   # largest |w| (w7..w9) and grow the 2 largest |g| among the rest (w0, w1), at zero.
   np.testing.assert_array_equal(new, [1, 1, 0, 0, 0, 0, 0, 1, 1, 1])
   params = mlp_params()
-  updater = prunax.GraNet(sparsity=0.75, drop_fraction=0.3,
-                          scheduler=sched.PolynomialSchedule(2, 0, 6))
+  updater = prunax.GraNet(
+    sparsity=0.75, drop_fraction=0.3, scheduler=sched.PolynomialSchedule(2, 0, 6)
+  )
   p, _, _ = run(updater.wrap_optax(optax.sgd(0.05)), params, 8)
   kernel = np.asarray(p['layer0']['kernel'])
   assert (kernel == 0).sum() == round(0.75 * kernel.size)
@@ -91,8 +97,14 @@ def test_acdc_alternates_sparse_and_dense_phases():
 
   params = mlp_params()
   acdc = prunax.create_updater_from_config(
-      {'algorithm': 'acdc', 'sparsity': 0.5, 'update_freq': 2, 'update_start_step': 1,
-       'update_end_step': 7})
+    {
+      'algorithm': 'acdc',
+      'sparsity': 0.5,
+      'update_freq': 2,
+      'update_start_step': 1,
+      'update_end_step': 7,
+    }
+  )
   assert acdc.scheduler == AlternatingSchedule(2, 1, 7)
   _, _, history = run(acdc.wrap_optax(optax.sgd(0.1)), params, 9)
   n = params['layer0']['kernel'].size
@@ -134,8 +146,9 @@ def test_nm_rigl_drops_and_grows_within_groups():
   g = jnp.asarray([0.0, 0.0, 3.0, 2.0, 0.0, 1.0, 0.0, 4.0]).reshape(8, 1)
   old = w != 0
   rigl = prunax.NMRigL(drop_fraction=0.5, drop_fraction_fn='constant')
-  new = np.asarray(rigl.compute_masks({'w': w}, {'w': 0.5}, _state(rigl, {'w': w}), {'w': g},
-                                      {'w': old})['w']).reshape(-1)
+  new = np.asarray(
+    rigl.compute_masks({'w': w}, {'w': 0.5}, _state(rigl, {'w': w}), {'w': g}, {'w': old})['w']
+  ).reshape(-1)
   # floor(0.5 * 4) = 2 dropped leaf-wide: w1 (0.1) and w6 (0.7); group 0 regrows w2 (|g| 3),
   # group 1 regrows w7 (|g| 4).
   np.testing.assert_array_equal(new, [1, 0, 1, 0, 1, 0, 0, 1])
@@ -150,8 +163,14 @@ def test_nm_rigl_drops_and_grows_within_groups():
 def test_nm_drop_and_grow_keeps_the_pattern_in_training(name):
   params = mlp_params()
   updater = prunax.create_updater_from_config(
-      {'algorithm': name, 'sparsity': 0.5, 'sparsity_type': 'nm_2,4', 'update_freq': 2,
-       'update_end_step': 8})
+    {
+      'algorithm': name,
+      'sparsity': 0.5,
+      'sparsity_type': 'nm_2,4',
+      'update_freq': 2,
+      'update_end_step': 8,
+    }
+  )
   p, state, _ = run(updater.wrap_optax(optax.adam(1e-2)), params, 6)
   masks = prunax.bool_masks(state, params)
   for leaf in ('layer0', 'layer1'):
@@ -164,11 +183,13 @@ def test_nm_drop_and_grow_keeps_the_pattern_in_training(name):
 
 
 def test_redistribute_caps_and_hands_out_the_rest():
-  got = snfs_lib.redistribute(jnp.int32(10), jnp.asarray([1.0, 1.0, 0.0]),
-                              jnp.asarray([2, 20, 5], jnp.int32))
+  got = snfs_lib.redistribute(
+    jnp.int32(10), jnp.asarray([1.0, 1.0, 0.0]), jnp.asarray([2, 20, 5], jnp.int32)
+  )
   np.testing.assert_array_equal(np.asarray(got), [2, 8, 0])
-  got = snfs_lib.redistribute(jnp.int32(7), jnp.asarray([3.0, 1.0]),
-                              jnp.asarray([10, 10], jnp.int32))
+  got = snfs_lib.redistribute(
+    jnp.int32(7), jnp.asarray([3.0, 1.0]), jnp.asarray([10, 10], jnp.int32)
+  )
   assert int(got.sum()) == 7 and int(got[0]) >= 5
 
 
@@ -177,8 +198,7 @@ def test_snfs_momentum_redistribution_and_growth():
   wb = jnp.asarray([[0.0, 0.0, 0.0, 0.0, 4.0, 3.0, 2.0, 1.0]])
   params = {'a': wa, 'b': wb}
   old = {'a': wa != 0, 'b': wb != 0}
-  snfs = prunax.SNFS(sparsity=0.5, drop_fraction=0.5, drop_fraction_fn='constant',
-                     momentum=0.9)
+  snfs = prunax.SNFS(sparsity=0.5, drop_fraction=0.5, drop_fraction_fn='constant', momentum=0.9)
   state = _state(snfs, params)
   # The momentum: m <- 0.9 m + g of the dense gradients, every step.
   g = {'a': jnp.full((1, 8), 2.0), 'b': jnp.ones((1, 8))}
@@ -210,8 +230,12 @@ def test_snfs_momentum_redistribution_and_growth():
 def test_rigl_skips_the_gradient_step_on_mask_updates(name):
   params = mlp_params()
   cls = {'rigl': prunax.RigL, 'set': prunax.SET}[name]
-  updater = cls(sparsity=0.5, drop_fraction=0.3, drop_fraction_fn='constant',
-                scheduler=sched.PeriodicSchedule(2))
+  updater = cls(
+    sparsity=0.5,
+    drop_fraction=0.3,
+    drop_fraction_fn='constant',
+    scheduler=sched.PeriodicSchedule(2),
+  )
   tx = updater.wrap_optax(optax.sgd(0.1))
   _, _, history = run(tx, params, 2)
   old = prunax.bool_masks(tx.init(params), params)['layer0']['kernel']
@@ -222,8 +246,9 @@ def test_rigl_skips_the_gradient_step_on_mask_updates(name):
   w1 = np.asarray(p1['layer0']['kernel'])
   if name == 'rigl':  # Step 0 updates the masks: kept weights do not move, biases neither.
     np.testing.assert_array_equal(w1[stay], w0[stay])
-    np.testing.assert_array_equal(np.asarray(p1['layer0']['bias']),
-                                  np.asarray(params['layer0']['bias']))
+    np.testing.assert_array_equal(
+      np.asarray(p1['layer0']['bias']), np.asarray(params['layer0']['bias'])
+    )
   else:  # SET's reference applies the gradient step, then updates the masks.
     assert (w1[stay] != w0[stay]).any()
   assert not w1[~new].any()
@@ -239,9 +264,25 @@ def test_new_algorithms_run_in_compare(tmp_path):
   # (nm_set / nm_rigl cannot prune the digits CNN: its first convolution has one input
   # channel, and N:M groups run along the inputs; they train in the tests above.)
   names = ['snfs', 'mest', 'granet', 'acdc']
-  rc = cli.main(['compare', '--quick', '--run-dir', str(tmp_path / 'run'), '--no-progress',
-                 '--no-plots', '--no-compile-cache', '--algorithms', ','.join(names),
-                 '--seeds', '1', '--steps', '12', '--set', 'optional_algorithms=[]'])
+  rc = cli.main(
+    [
+      'compare',
+      '--quick',
+      '--run-dir',
+      str(tmp_path / 'run'),
+      '--no-progress',
+      '--no-plots',
+      '--no-compile-cache',
+      '--algorithms',
+      ','.join(names),
+      '--seeds',
+      '1',
+      '--steps',
+      '12',
+      '--set',
+      'optional_algorithms=[]',
+    ]
+  )
   assert rc == 0
   report = (tmp_path / 'run' / 'results.md').read_text()
   for name in names:

@@ -15,8 +15,10 @@ def pruned_params(seed=0, sparsity=0.9, shape=(64, 48)):
   w = rng.standard_normal(shape).astype(np.float32)
   w[rng.random(shape) < sparsity] = 0.0
   w.flat[:3] = [-0.0, np.nan, -np.inf]  # bits that a value-based export would lose
-  return {'dense': {'kernel': jnp.asarray(w), 'bias': jnp.arange(shape[1], dtype=jnp.float32)},
-          'conv': jnp.asarray(w.reshape(4, 4, -1, 12))}
+  return {
+    'dense': {'kernel': jnp.asarray(w), 'bias': jnp.arange(shape[1], dtype=jnp.float32)},
+    'conv': jnp.asarray(w.reshape(4, 4, -1, 12)),
+  }
 
 
 def bits(tree):
@@ -53,8 +55,7 @@ def test_nm_round_trip_and_size():
     sparse_w = np.where(keep, w, 0).astype(np.float32)
     sparse_w[0, :4] = [0.0, -0.0, 0.0, 0.0] if axis == -1 else sparse_w[0, :4]
     c = export.to_nm(sparse_w, 2, 4, axis)
-    np.testing.assert_array_equal(np.asarray(c.todense()).view(np.uint32),
-                                  sparse_w.view(np.uint32))
+    np.testing.assert_array_equal(np.asarray(c.todense()).view(np.uint32), sparse_w.view(np.uint32))
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda c: c.todense())(c)), sparse_w)
     assert c.nbytes / sparse_w.nbytes == 0.53125  # values 0.5 + 2-bit positions; <= 0.5625
   with pytest.raises(ValueError, match='at most 2'):
@@ -94,8 +95,13 @@ def test_save_load_round_trip(tmp_path, fmt):
   params = pruned_params(sparsity=0.0 if fmt == 'nm' else 0.9)
   if fmt == 'nm':  # NByM's default axis (the input axis) is also export's default.
     params = jax.tree.map(
-        lambda x: x if x.ndim < 2 else jnp.where(
-            prunax.NByM(2, 4).mask(jnp.abs(jnp.nan_to_num(x)), 0.5), x, 0), params)
+      lambda x: (
+        x
+        if x.ndim < 2
+        else jnp.where(prunax.NByM(2, 4).mask(jnp.abs(jnp.nan_to_num(x)), 0.5), x, 0)
+      ),
+      params,
+    )
   exported = export.export_params(params, fmt)
   export.save(tmp_path / 'model.npz', exported)
   loaded = export.load(tmp_path / 'model.npz')

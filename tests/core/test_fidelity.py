@@ -52,8 +52,9 @@ def test_rigl_drops_floor_of_fraction_times_active():
   rigl = prunax.RigL(sparsity=6 / 16, drop_fraction=0.35, drop_fraction_fn='constant')
   state = rigl.wrap_optax(optax.sgd(0.0)).init({'w': w})
   state = state._replace(masks=rigl._store({'w': mask}))
-  new = rigl.compute_masks({'w': w}, {'w': 6 / 16}, sparse_state=state, grads={'w': g},
-                           old_masks={'w': mask})['w']
+  new = rigl.compute_masks(
+    {'w': w}, {'w': 6 / 16}, sparse_state=state, grads={'w': g}, old_masks={'w': mask}
+  )['w']
   want, n_prune = _rigl_reference_masks(mask, w, g, 0.35)
   assert n_prune == 3
   np.testing.assert_array_equal(np.asarray(new), want)
@@ -63,11 +64,13 @@ def test_rigl_drops_floor_of_fraction_times_active():
 
 def test_cosine_drop_fraction_needs_an_end_step():
   with pytest.raises(ValueError, match='update_end_step.*drop_fraction_fn="constant"'):
-    prunax.RigL(sparsity=0.5, drop_fraction_fn='cosine',
-                scheduler=sched.PeriodicSchedule(update_freq=10))
+    prunax.RigL(
+      sparsity=0.5, drop_fraction_fn='cosine', scheduler=sched.PeriodicSchedule(update_freq=10)
+    )
   # The default: cosine when the schedule ends, as the paper (rigl's cosine_decay to 0).
-  rigl = prunax.RigL(sparsity=0.5, drop_fraction=0.3,
-                     scheduler=sched.PeriodicSchedule(10, 0, update_end_step=100))
+  rigl = prunax.RigL(
+    sparsity=0.5, drop_fraction=0.3, scheduler=sched.PeriodicSchedule(10, 0, update_end_step=100)
+  )
   assert rigl.drop_fraction_fn == 'cosine'
   for step in (0, 25, 50, 100, 150):
     want = 0.3 * 0.5 * (1 + math.cos(math.pi * min(step, 100) / 100))
@@ -86,12 +89,14 @@ def test_configs_get_cosine_from_update_end_step():
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     rigl = prunax.create_updater_from_config(
-        {'algorithm': 'rigl', 'sparsity': 0.8, 'update_freq': 5, 'update_end_step': 50})
+      {'algorithm': 'rigl', 'sparsity': 0.8, 'update_freq': 5, 'update_end_step': 50}
+    )
   assert rigl.drop_fraction_fn == 'cosine'
   assert float(rigl.drop_fraction_at(50)) == pytest.approx(0.0, abs=1e-8)
   with pytest.raises(ValueError, match='update_end_step'):
     prunax.create_updater_from_config(
-        {'algorithm': 'set', 'sparsity': 0.8, 'drop_fraction_fn': 'cosine'})
+      {'algorithm': 'set', 'sparsity': 0.8, 'drop_fraction_fn': 'cosine'}
+    )
 
 
 # --------------------------------------------------------------- at least one weight kept
@@ -128,17 +133,16 @@ def test_nm_groups_run_along_the_input_axis_by_default():
   mask = np.asarray(prunax.NByM(2, 4).mask(scores, 0.5))
   for out in range(3):
     for group in range(2):
-      col = np.asarray(scores)[4 * group:4 * group + 4, out]
+      col = np.asarray(scores)[4 * group : 4 * group + 4, out]
       want = np.zeros(4, bool)
       want[np.argsort(-col, kind='stable')[:2]] = True
-      np.testing.assert_array_equal(mask[4 * group:4 * group + 4, out], want)
+      np.testing.assert_array_equal(mask[4 * group : 4 * group + 4, out], want)
   # Conv kernel (h, w, in, out): the input-channel axis.
   conv = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 8, 5)), jnp.float32)
   mask = np.asarray(prunax.NByM(2, 4).mask(conv, 0.5))
   assert (np.moveaxis(mask, 2, -1).reshape(-1, 4).sum(-1) == 2).all()
   # 1-D leaves: the only axis; an explicit axis is kept.
-  assert (np.asarray(prunax.NByM(1, 4).mask(jnp.arange(8.0), 0.5)).reshape(2, 4).sum(-1)
-          == 1).all()
+  assert (np.asarray(prunax.NByM(1, 4).mask(jnp.arange(8.0), 0.5)).reshape(2, 4).sum(-1) == 1).all()
   mask = np.asarray(prunax.NByM(2, 4, axis=-1).mask(jnp.ones((3, 8)), 0.5))
   assert (mask.reshape(3, 2, 4).sum(-1) == 2).all()
   # A kernel whose input size is not a multiple of m is refused, naming the axis.
@@ -152,9 +156,11 @@ def test_nm_groups_run_along_the_input_axis_by_default():
 def _deep_mlp(depth, width, din, dout=10):
   """A bias-free ReLU MLP of ``depth`` kernels; the middle ones stacked and scanned."""
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
-  params = {'first': jax.random.normal(k1, (din, width)) / math.sqrt(din),
-            'stack': jax.random.normal(k2, (depth - 2, width, width)) / math.sqrt(width),
-            'last': jax.random.normal(k3, (width, dout)) / math.sqrt(width)}
+  params = {
+    'first': jax.random.normal(k1, (din, width)) / math.sqrt(din),
+    'stack': jax.random.normal(k2, (depth - 2, width, width)) / math.sqrt(width),
+    'last': jax.random.normal(k3, (width, dout)) / math.sqrt(width),
+  }
 
   def apply_fn(p, x):
     x = jax.nn.relu(x @ p['first'])
@@ -200,8 +206,7 @@ def test_synflow_keeps_deep_networks_connected():
     assert np.isfinite(np.asarray(s)).all()
   masks = pruning_at_init.synflow(apply_fn, params, (1, din), sparsity, iterations=1)
   kernels = [params['first'], *params['stack'], params['last']]
-  mask_list = [np.asarray(masks['first']), *np.asarray(masks['stack']),
-               np.asarray(masks['last'])]
+  mask_list = [np.asarray(masks['first']), *np.asarray(masks['stack']), np.asarray(masks['last'])]
   for m in mask_list:
     assert m.any()  # no layer is cut off
   # The ranking is the exact (float64) one: every kept weight scores at least every
@@ -225,29 +230,44 @@ def test_synflow_on_a_shallow_net_is_the_direct_formula():
 
   def direct(p, masks):
     ab = jax.tree.map(jnp.abs, p)
-    ab = jax.tree.map(lambda w, m: w if m is None else w * m, ab, masks,
-                      is_leaf=lambda x: x is None)
+    ab = jax.tree.map(
+      lambda w, m: w if m is None else w * m, ab, masks, is_leaf=lambda x: x is None
+    )
     g = jax.grad(lambda q: jnp.sum(apply_fn(q, jnp.ones((1, 12)))))(ab)
     return jax.tree.map(lambda gg, w: jnp.abs(gg * w), g, ab)
 
   got = pruning_at_init.synflow_scores(apply_fn, params, (1, 12))
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(direct(params, jax.tree.map(
-      lambda _: None, params)))):
+  for a, b in zip(
+    jax.tree.leaves(got), jax.tree.leaves(direct(params, jax.tree.map(lambda _: None, params)))
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Two rounds of the iterative rule, by hand, with one global threshold.
   masks = pruning_at_init.synflow(apply_fn, params, (1, 12), 0.75, iterations=2)
   selector = prunax.GlobalMagnitudePruning(sparsity=0.75)
   targets = selector.target_sparsities(params)
-  want = jax.tree.map(lambda t, p: None if t is None else jnp.ones(p.shape, bool), targets,
-                      params, is_leaf=lambda x: x is None)
+  want = jax.tree.map(
+    lambda t, p: None if t is None else jnp.ones(p.shape, bool),
+    targets,
+    params,
+    is_leaf=lambda x: x is None,
+  )
   for k in (1, 2):
-    s = direct(params, jax.tree.map(lambda m: None if m is None else m.astype(jnp.float32),
-                                    want, is_leaf=lambda x: x is None))
-    s = jax.tree.map(lambda m, x: x if m is None else jnp.where(m, x, -1.0), want, s,
-                     is_leaf=lambda x: x is None)
+    s = direct(
+      params,
+      jax.tree.map(
+        lambda m: None if m is None else m.astype(jnp.float32), want, is_leaf=lambda x: x is None
+      ),
+    )
+    s = jax.tree.map(
+      lambda m, x: x if m is None else jnp.where(m, x, -1.0), want, s, is_leaf=lambda x: x is None
+    )
     now = np.float32(1 - (1 - 0.75) ** (k / 2))
-    want = selector.masks_from_scores(s, jax.tree.map(
-        lambda t, now=now: None if t is None else now, targets, is_leaf=lambda x: x is None))
+    want = selector.masks_from_scores(
+      s,
+      jax.tree.map(
+        lambda t, now=now: None if t is None else now, targets, is_leaf=lambda x: x is None
+      ),
+    )
   for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -256,7 +276,6 @@ def test_synflow_on_a_shallow_net_is_the_direct_formula():
 
 
 class _TwoDense(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(5, use_bias=False)(x)  # Dense_0: (4, 5)
@@ -300,11 +319,11 @@ def test_gradual_magnitude_scores_the_weights_before_the_step():
   # of w - g (the docstring's rule).
   params = {'w': jnp.asarray([[1.0, 2.0, 3.0, 4.0]])}
   grads = {'w': jnp.asarray([[0.0, 0.0, 0.0, 3.5]])}  # after the step w[3] = 0.5
-  tx = prunax.MagnitudePruning(sparsity=0.5, sparsity_distribution_fn=lambda p, s: {'w': s}
-                               ).wrap_optax(optax.sgd(1.0))
+  tx = prunax.MagnitudePruning(
+    sparsity=0.5, sparsity_distribution_fn=lambda p, s: {'w': s}
+  ).wrap_optax(optax.sgd(1.0))
   updates, state = tx.update(grads, tx.init(params), params)
   mask = np.asarray(prunax.bool_masks(state, params)['w'])
   np.testing.assert_array_equal(mask, [[False, False, True, True]])
   new = optax.apply_updates(params, updates)['w']
   np.testing.assert_allclose(np.asarray(new), [[0.0, 0.0, 3.0, 0.5]])
-

@@ -9,7 +9,6 @@ from prunax import flops
 
 
 class ConvNet(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     x = nn.Conv(8, (3, 3), strides=(2, 2), padding='SAME')(x)  # (2, 5, 5, 8)
@@ -18,8 +17,7 @@ class ConvNet(nn.Module):
 
 
 def _half_zero(params):
-  return jax.tree.map(lambda a: a.at[..., : a.shape[-1] // 2].set(0) if a.ndim >= 2 else a,
-                      params)
+  return jax.tree.map(lambda a: a.at[..., : a.shape[-1] // 2].set(0) if a.ndim >= 2 else a, params)
 
 
 def test_dense_and_conv_hand_counts():
@@ -38,7 +36,8 @@ def test_dense_and_conv_hand_counts():
   only_dense = jax.tree.map(lambda a: a, params)
   only_dense['params']['Dense_0']['kernel'] = sparse['params']['Dense_0']['kernel']
   assert counter.inference_fraction(only_dense) == pytest.approx(
-      (conv + 0.5 * dense) / (conv + dense))
+    (conv + 0.5 * dense) / (conv + dense)
+  )
   # Training: the conv's input is data (no input gradient); the dense layer has all three.
   assert counter.training_fraction(sparse) == pytest.approx(0.5)
   expected = (conv * (0.5 + 1.0) + dense * (0.5 + 0.5 + 1.0)) / (2 * conv + 3 * dense)
@@ -58,25 +57,32 @@ def test_einsum_grouped_conv_scan_and_unnamed_contractions():
   def apply(params, x):
     h = jnp.einsum('bi,io->bo', x, params['w'])  # 2 * 5 * 4 * 6
     img = h.reshape(5, 1, 2, 3).repeat(2, axis=-1)[..., :4]  # (5, 1, 2, 4)
-    y = jax.lax.conv_general_dilated(img, params['k'], (1, 1), 'SAME',
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                     feature_group_count=2)  # out (5, 1, 2, 6)
+    y = jax.lax.conv_general_dilated(
+      img,
+      params['k'],
+      (1, 1),
+      'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=2,
+    )  # out (5, 1, 2, 6)
     scores = jnp.einsum('bi,bj->bij', h, h)  # no parameter operand: 2 * 5 * 6 * 6 * 1
 
     def body(c, _):
       return c @ params['w2'], None
+
     c, _ = jax.lax.scan(body, h, None, length=3)  # 3 * 2 * 5 * 6 * 6
     return y.sum() + scores.sum() + c.sum()
 
   params = {'w': w, 'k': k, 'w2': jnp.ones((6, 6))}
   counter = flops.FlopsCounter(apply, params, jnp.ones((5, 4)))
   assert counter.per_layer == {
-      'k': 2 * (5 * 1 * 2 * 6) * (3 * 3 * 2),
-      'w': 2 * 5 * 4 * 6,
-      'contraction_0': 2 * 5 * 6 * 6,
-      'w2': 3 * 2 * 5 * 6 * 6,
+    'k': 2 * (5 * 1 * 2 * 6) * (3 * 3 * 2),
+    'w': 2 * 5 * 4 * 6,
+    'contraction_0': 2 * 5 * 6 * 6,
+    'w2': 3 * 2 * 5 * 6 * 6,
   }
   half = dict(params, w2=params['w2'].at[:3].set(0))
   total = counter.dense_flops
   assert counter.inference_fraction(half) == pytest.approx(
-      1 - 0.5 * counter.per_layer['w2'] / total)
+    1 - 0.5 * counter.per_layer['w2'] / total
+  )

@@ -59,10 +59,12 @@ def test_without_layer_axes_a_stack_is_pruned_to_death():
 def test_each_layer_at_its_target_and_equal_to_the_unrolled_model(structure):
   sparsity = 0.5 if structure.startswith('nm') else 0.75
   params = stacked_params()
-  stacked = one_step(prunax.MagnitudePruning(sparsity=sparsity, sparsity_type=structure,
-                                             layer_axes=AXES), params)
-  flat = one_step(prunax.MagnitudePruning(sparsity=sparsity, sparsity_type=structure),
-                  unrolled(params))
+  stacked = one_step(
+    prunax.MagnitudePruning(sparsity=sparsity, sparsity_type=structure, layer_axes=AXES), params
+  )
+  flat = one_step(
+    prunax.MagnitudePruning(sparsity=sparsity, sparsity_type=structure), unrolled(params)
+  )
   for i in range(L):
     np.testing.assert_array_equal(stacked['layers']['kernel'][i], flat[f'layer{i}']['kernel'])
   np.testing.assert_array_equal(stacked['head'], flat['head'])
@@ -82,19 +84,28 @@ def test_erk_treats_each_layer_as_a_leaf():
 
 def test_stacked_biases_are_not_pruned_by_the_default_filter():
   params = dict(stacked_params(), layers={'kernel': jnp.ones((L, D, D)), 'bias': jnp.ones((L, D))})
-  targets = prunax.MagnitudePruning(
-      sparsity=0.5, layer_axes={'layers/.*': 0}).target_sparsities(params)
+  targets = prunax.MagnitudePruning(sparsity=0.5, layer_axes={'layers/.*': 0}).target_sparsities(
+    params
+  )
   assert targets['layers']['bias'] is None and targets['layers']['kernel'] == 0.5
 
 
-@pytest.mark.parametrize('make', [
-    lambda: prunax.RigL(sparsity=0.8, sparsity_distribution_fn='erk', layer_axes=AXES,
-                        scheduler=sched.PeriodicSchedule(1, 0)),
+@pytest.mark.parametrize(
+  'make',
+  [
+    lambda: prunax.RigL(
+      sparsity=0.8,
+      sparsity_distribution_fn='erk',
+      layer_axes=AXES,
+      scheduler=sched.PeriodicSchedule(1, 0),
+    ),
     lambda: prunax.SET(sparsity=0.8, layer_axes=AXES, scheduler=sched.PeriodicSchedule(1, 0)),
     lambda: prunax.StaticRandomSparse(sparsity=0.8, layer_axes=AXES),
     lambda: prunax.RandomPruning(sparsity=0.8, layer_axes=AXES),
     lambda: prunax.SteMagnitudePruning(sparsity=0.8, layer_axes=AXES),
-], ids=['rigl_erk', 'set', 'static', 'random', 'ste'])
+  ],
+  ids=['rigl_erk', 'set', 'static', 'random', 'ste'],
+)
 def test_sparse_training_keeps_every_layer_exact(make):
   updater = make()
   params = stacked_params()
@@ -133,8 +144,13 @@ class ScannedBlock(nn.Module):
 class ScannedStack(nn.Module):
   @nn.compact
   def __call__(self, x):
-    stack = nn.scan(ScannedBlock, variable_axes={'params': 0}, split_rngs={'params': True},
-                    length=3, metadata_params={nn.PARTITION_NAME: 'layers'})
+    stack = nn.scan(
+      ScannedBlock,
+      variable_axes={'params': 0},
+      split_rngs={'params': True},
+      length=3,
+      metadata_params={nn.PARTITION_NAME: 'layers'},
+    )
     x, _ = stack()(x, None)
     return nn.Dense(4)(x)
 
@@ -153,13 +169,17 @@ def test_linen_scan_layer_axes_are_read_from_the_boxes():
     mask = masks['ScanScannedBlock_0'][name]['kernel']
     np.testing.assert_array_equal(mask, nn.unbox(boxed)['ScanScannedBlock_0'][name]['kernel'])
     assert layer_sparsities(mask) == pytest.approx(
-        [1.0 - (mask[0].size - round(0.7 * mask[0].size)) / mask[0].size] * 3)
+      [1.0 - (mask[0].size - round(0.7 * mask[0].size)) / mask[0].size] * 3
+    )
 
 
 class Linear(nnx.Module):
   def __init__(self, rngs):
-    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (16, 16)),
-                            out_sharding=('embed', 'mlp'), eager_sharding=False)
+    self.kernel = nnx.Param(
+      jax.random.normal(rngs.params(), (16, 16)),
+      out_sharding=('embed', 'mlp'),
+      eager_sharding=False,
+    )
 
   def __call__(self, x):
     return x @ self.kernel
@@ -185,8 +205,9 @@ class NnxStack(nnx.Module):
 
 def test_nnx_optimizer_without_declared_axes_warns_at_update():
   model = NnxStack(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, prunax.MagnitudePruning(sparsity=0.75).wrap_optax(
-      optax.sgd(0.1)), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(
+    model, prunax.MagnitudePruning(sparsity=0.75).wrap_optax(optax.sgd(0.1)), wrt=nnx.Param
+  )
   grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
   with pytest.warns(UserWarning, match="'layers/kernel'.*no layer axis"):
     optimizer.update(model, grads)
@@ -212,21 +233,30 @@ def test_nnx_stacked_model_with_nnx_optimizer():
   assert layer_sparsities(kernel != 0) == [0.75] * 3
 
 
-@pytest.mark.parametrize('spec, error', [
+@pytest.mark.parametrize(
+  'spec, error',
+  [
     ({'nothing/.*': 0}, ValueError),
     ({'layers/kernel': 3}, ValueError),
     ({'layers/kernel': True}, TypeError),
     ({'layers/kernel': '0'}, TypeError),
     ([('layers/kernel', 0, 1)], TypeError),
-])
+  ],
+)
 def test_bad_layer_axes_are_rejected(spec, error):
   with pytest.raises(error, match='layer'):
     prunax.MagnitudePruning(sparsity=0.5, layer_axes=spec).target_sparsities(stacked_params())
 
 
 @settings(max_examples=8, deadline=None)
-@given(layers=st.integers(1, 4), rows=st.integers(1, 9), cols=st.integers(1, 40),
-       axis=st.integers(0, 1), sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 2**16))
+@given(
+  layers=st.integers(1, 4),
+  rows=st.integers(1, 9),
+  cols=st.integers(1, 40),
+  axis=st.integers(0, 1),
+  sparsity=st.floats(0.0, 0.95),
+  seed=st.integers(0, 2**16),
+)
 def test_exact_count_in_every_layer(layers, rows, cols, axis, sparsity, seed):
   shape = [rows, cols]
   shape.insert(axis, layers)
@@ -244,12 +274,16 @@ def test_exact_count_in_every_layer(layers, rows, cols, axis, sparsity, seed):
       assert scores[i][per_layer[i]].min() >= scores[i][~per_layer[i]].max()
 
 
-@pytest.mark.parametrize('make', [
-    lambda axes: prunax.AutoSparse(s_init=-1.5, threshold_lr=5.0, backward_sparsity=0.5,
-                                   layer_axes=axes),
-    lambda axes: prunax.TopKAST(sparsity=0.8, backward_sparsity=0.5, penalty=1e-3,
-                                layer_axes=axes),
-], ids=['autosparse', 'topkast'])
+@pytest.mark.parametrize(
+  'make',
+  [
+    lambda axes: prunax.AutoSparse(
+      s_init=-1.5, threshold_lr=5.0, backward_sparsity=0.5, layer_axes=axes
+    ),
+    lambda axes: prunax.TopKAST(sparsity=0.8, backward_sparsity=0.5, penalty=1e-3, layer_axes=axes),
+  ],
+  ids=['autosparse', 'topkast'],
+)
 def test_ste_families_match_the_unrolled_model(make):
   params = stacked_params()
   params['layers']['kernel'] = params['layers']['kernel'] * 0.3
@@ -268,8 +302,9 @@ def test_ste_families_match_the_unrolled_model(make):
   p_stack, s_stack = train(make(AXES), params, grads)
   p_flat, s_flat = train(make(None), unrolled(params), flat_grads)
   for i in range(L):
-    np.testing.assert_allclose(p_stack['layers']['kernel'][i], p_flat[f'layer{i}']['kernel'],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      p_stack['layers']['kernel'][i], p_flat[f'layer{i}']['kernel'], rtol=1e-5, atol=1e-6
+    )
   if not isinstance(s_stack.thresholds, optax.MaskedNode):
     per_layer = np.asarray(s_stack.thresholds['layers']['kernel']).reshape(-1)
     expected = [float(s_flat.thresholds[f'layer{i}']['kernel']) for i in range(L)]
@@ -289,33 +324,37 @@ class TransformerBlock(nn.Module):
 class ScannedTransformer(nn.Module):
   @nn.compact
   def __call__(self, x):
-    stack = nn.scan(TransformerBlock, variable_axes={'params': 0}, split_rngs={'params': True},
-                    length=3)
+    stack = nn.scan(
+      TransformerBlock, variable_axes={'params': 0}, split_rngs={'params': True}, length=3
+    )
     return stack()(x, None)[0]
 
 
 def test_scanned_transformer_blocks_match_the_unrolled_blocks():
   params = ScannedTransformer().init(jax.random.PRNGKey(0), jnp.ones((2, 5, 16)))['params']
   axes = {'ScanTransformerBlock_0/.*': 0}  # every param of the block, norms included
-  updater = prunax.MagnitudePruning(sparsity=0.6, sparsity_distribution_fn='erk',
-                                    layer_axes=axes)
+  updater = prunax.MagnitudePruning(sparsity=0.6, sparsity_distribution_fn='erk', layer_axes=axes)
   resolved = updater.layer_axes_of(params)
   assert set(resolved.values()) == {0}
   targets = updater.target_sparsities(params)['ScanTransformerBlock_0']
   # q/k/v/out DenseGeneral kernels (4-D when stacked) and both MLP kernels are pruned
   # (and the 2-D q/k/v biases, as in an unrolled model); stacked norm scales and 1-D
   # biases are judged by one layer and left dense.
-  pruned = [prunax.sparsity_distributions.path_name(p) for p, s in
-            jax.tree_util.tree_flatten_with_path(targets)[0] if s is not None]
+  pruned = [
+    prunax.sparsity_distributions.path_name(p)
+    for p, s in jax.tree_util.tree_flatten_with_path(targets)[0]
+    if s is not None
+  ]
   assert sum(n.endswith('kernel') for n in pruned) == 6, pruned
-  assert not any('LayerNorm' in n or n.startswith('Dense') and n.endswith('bias')
-                 for n in pruned), pruned
+  assert not any(
+    'LayerNorm' in n or n.startswith('Dense') and n.endswith('bias') for n in pruned
+  ), pruned
   _, masks = jax.jit(updater.instant_sparsify)(params)
-  blocks = [jax.tree.map(lambda x, i=i: x[i], params['ScanTransformerBlock_0'])
-            for i in range(3)]
+  blocks = [jax.tree.map(lambda x, i=i: x[i], params['ScanTransformerBlock_0']) for i in range(3)]
   flat = {f'block{i}': b for i, b in enumerate(blocks)}
-  _, flat_masks = jax.jit(prunax.MagnitudePruning(
-      sparsity=0.6, sparsity_distribution_fn='erk').instant_sparsify)(flat)
+  _, flat_masks = jax.jit(
+    prunax.MagnitudePruning(sparsity=0.6, sparsity_distribution_fn='erk').instant_sparsify
+  )(flat)
   stacked = masks['ScanTransformerBlock_0']
   for i in range(3):
     for path, m in jax.tree_util.tree_flatten_with_path(flat_masks[f'block{i}'])[0]:

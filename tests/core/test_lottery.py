@@ -15,9 +15,13 @@ SIZES = (64, 125, 10)  # 8000 + 1250 weights: 0.8**3 of each is a whole number
 
 def _init(seed=0):
   keys = jax.random.split(jax.random.PRNGKey(seed), len(SIZES))
-  return {f'layer{i}': {'kernel': jax.random.normal(keys[i], (a, b)) * jnp.sqrt(2.0 / a),
-                        'bias': jnp.zeros(b)}
-          for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:]))}
+  return {
+    f'layer{i}': {
+      'kernel': jax.random.normal(keys[i], (a, b)) * jnp.sqrt(2.0 / a),
+      'bias': jnp.zeros(b),
+    }
+    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:]))
+  }
 
 
 def _apply(params, x):
@@ -62,8 +66,13 @@ def _make_train_fn(steps=40, calls=None, saved=None):
 def test_three_rounds_at_20_percent_with_late_rewinding(distribution):
   calls, saved = [], []
   history = lottery.iterative_magnitude_pruning(
-      _make_train_fn(calls=calls, saved=saved), _init(), rounds=3, prune_fraction=0.2,
-      rewind_step=5, sparsity_distribution_fn=distribution)
+    _make_train_fn(calls=calls, saved=saved),
+    _init(),
+    rounds=3,
+    prune_fraction=0.2,
+    rewind_step=5,
+    sparsity_distribution_fn=distribution,
+  )
   assert [h.round for h in history] == [0, 1, 2, 3]
   assert isinstance(calls[0][1], prunax.NoPruning) and calls[0][2] == 5
   for h in history:
@@ -94,12 +103,15 @@ def test_three_rounds_at_20_percent_with_late_rewinding(distribution):
 def test_rewind_to_init_and_bad_values():
   calls = []
   init = _init()
-  history = lottery.iterative_magnitude_pruning(_make_train_fn(steps=20, calls=calls), init,
-                                                rounds=1, prune_fraction=0.5)
+  history = lottery.iterative_magnitude_pruning(
+    _make_train_fn(steps=20, calls=calls), init, rounds=1, prune_fraction=0.5
+  )
   assert calls[0][2] is None
   m = np.asarray(history[1].masks['layer0']['kernel'])
-  np.testing.assert_array_equal(np.asarray(history[1].start_params['layer0']['kernel'])[m],
-                                np.asarray(init['layer0']['kernel'])[m])
+  np.testing.assert_array_equal(
+    np.asarray(history[1].start_params['layer0']['kernel'])[m],
+    np.asarray(init['layer0']['kernel'])[m],
+  )
   assert history[1].sparsity['total_sparsity'] == pytest.approx(0.5)
   with pytest.raises(ValueError, match='prune_fraction'):
     lottery.iterative_magnitude_pruning(_make_train_fn(calls=[]), init, 1, prune_fraction=1.0)

@@ -30,12 +30,18 @@ def _free_port() -> int:
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   out_dir = str(tmp_path_factory.mktemp('multiprocess'))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, child.__file__, str(i), str(port), out_dir],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, child.__file__, str(i), str(port), out_dir],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   # The single-process reference runs here meanwhile (1 CPU device, unsharded params).
   reference = child.masks_and_params(child.run())
   outputs = []
@@ -49,8 +55,10 @@ def runs(tmp_path_factory):
         p.communicate()
   for p, (_, stderr) in zip(procs, outputs):
     assert p.returncode == 0, stderr[-4000:]
-  reports = [json.loads(next(x for x in stdout.splitlines() if x.startswith('REPORT'))[6:])
-             for stdout, _ in outputs]
+  reports = [
+    json.loads(next(x for x in stdout.splitlines() if x.startswith('REPORT'))[6:])
+    for stdout, _ in outputs
+  ]
   with np.load(os.path.join(out_dir, 'multiprocess.npz')) as f:
     multi = dict(f)
   return reference, multi, reports

@@ -27,8 +27,7 @@ def test_nan_weights_are_pruned_first_and_counts_stay_exact():
 
 def test_rigl_grows_finite_gradients_before_nan_ones():
   params = _params()
-  updater = prunax.RigL(sparsity=0.75, drop_fraction=0.25,
-                        scheduler=sched.PeriodicSchedule(1, 0))
+  updater = prunax.RigL(sparsity=0.75, drop_fraction=0.25, scheduler=sched.PeriodicSchedule(1, 0))
   tx = updater.wrap_optax(optax.sgd(0.0))
   state = tx.init(params)
   old = np.asarray(prunax.bool_masks(state, params)['w'])

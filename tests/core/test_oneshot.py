@@ -23,30 +23,30 @@ from prunax.sparsity_types import Unstructured
 def _inputs(kind: str, n: int, din: int, seed: int) -> np.ndarray:
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n, din)).astype(np.float32)
-  if kind == "random":  # A random covariance, features of very different scales (outliers).
+  if kind == 'random':  # A random covariance, features of very different scales (outliers).
     mix = rng.normal(size=(din, din)).astype(np.float32) / np.sqrt(din)
     return (x @ mix) * np.exp(rng.normal(size=din)).astype(np.float32)
   # Structured: a low-rank signal plus a little noise.
   return x[:, : din // 8] @ rng.normal(size=(din // 8, din)).astype(np.float32) + 0.1 * x
 
 
-@pytest.mark.parametrize("kind", ["random", "low_rank"])
-@pytest.mark.parametrize("stype", [Unstructured(), NByM(2, 4, axis=0), NByM(4, 8, axis=0)])
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize('kind', ['random', 'low_rank'])
+@pytest.mark.parametrize('stype', [Unstructured(), NByM(2, 4, axis=0), NByM(4, 8, axis=0)])
+@pytest.mark.parametrize('seed', [0, 1])
 def test_reconstruction_error_ordering(kind, stype, seed):
   x = _inputs(kind, 512, 64, seed)
   w = np.random.default_rng(seed + 10).normal(size=(64, 48)).astype(np.float32)
   h = oneshot.gram(jnp.asarray(x))
   errors = {}
-  for name in ("magnitude", "wanda", "sparsegpt"):
-    kwargs = {"blocksize": 16} if name == "sparsegpt" else {}
+  for name in ('magnitude', 'wanda', 'sparsegpt'):
+    kwargs = {'blocksize': 16} if name == 'sparsegpt' else {}
     new_w, keep = oneshot.get_method(name)(jnp.asarray(w), h, 0.5, stype, **kwargs)
     assert int(np.sum(~np.asarray(keep))) == w.size // 2
     assert np.all(np.asarray(new_w)[~np.asarray(keep)] == 0)
     direct = np.linalg.norm(x @ w - x @ np.asarray(new_w)) / np.linalg.norm(x @ w)
     errors[name] = float(oneshot.reconstruction_error(w, new_w, h))
     np.testing.assert_allclose(errors[name], direct, rtol=1e-3)
-  assert errors["sparsegpt"] <= errors["wanda"] <= errors["magnitude"], errors
+  assert errors['sparsegpt'] <= errors['wanda'] <= errors['magnitude'], errors
 
 
 def test_independent_inputs_sparsegpt_close_to_wanda():
@@ -59,10 +59,10 @@ def test_independent_inputs_sparsegpt_close_to_wanda():
   h = oneshot.gram(jnp.asarray(x))
   err = {
     name: float(oneshot.reconstruction_error(w, oneshot.get_method(name)(w, h, 0.5)[0], h))
-    for name in ("magnitude", "wanda", "sparsegpt")
+    for name in ('magnitude', 'wanda', 'sparsegpt')
   }
-  assert err["wanda"] < 0.6 * err["magnitude"], err
-  assert abs(err["sparsegpt"] - err["wanda"]) < 0.1 * err["wanda"], err
+  assert err['wanda'] < 0.6 * err['magnitude'], err
+  assert abs(err['sparsegpt'] - err['wanda']) < 0.1 * err['wanda'], err
 
 
 def test_wanda_scores_by_hand():
@@ -94,7 +94,7 @@ def test_sparsegpt_zero_sparsity_returns_weights():
   np.testing.assert_array_equal(new_w, w)
 
 
-@pytest.mark.parametrize("q", [0, 5])
+@pytest.mark.parametrize('q', [0, 5])
 def test_sparsegpt_update_is_the_obs_solve(q):
   """One pruned weight of a one-output layer, exact inverse (no dampening).
 
@@ -117,11 +117,11 @@ def test_sparsegpt_update_is_the_obs_solve(q):
   assert new_w[q, 0] == 0
 
 
-@pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt"])
-@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+@pytest.mark.parametrize('name', ['magnitude', 'wanda', 'sparsegpt'])
+@pytest.mark.parametrize('n,m', [(2, 4), (1, 4), (4, 8)])
 def test_n_by_m_counts_along_the_input(name, n, m):
   w = jax.random.normal(jax.random.PRNGKey(0), (32, 6))
-  kwargs = {"blocksize": 16} if name == "sparsegpt" else {}
+  kwargs = {'blocksize': 16} if name == 'sparsegpt' else {}
   new_w, keep = oneshot.get_method(name)(
     w, _random_hessian(32, 5), 0.5, NByM(n, m, axis=0), **kwargs
   )
@@ -130,13 +130,13 @@ def test_n_by_m_counts_along_the_input(name, n, m):
   assert np.all(np.asarray(new_w)[~np.asarray(keep)] == 0)
 
 
-@pytest.mark.parametrize("sparsity", [0.3, 0.55, 0.9])
+@pytest.mark.parametrize('sparsity', [0.3, 0.55, 0.9])
 def test_unstructured_counts_are_exact(sparsity):
   din, dout = 37, 11  # blocks of 16 do not divide the inputs
   w = jax.random.normal(jax.random.PRNGKey(2), (din, dout))
   h = _random_hessian(din, 6)
   zeros = int(prunax.sparsity_types.num_zeros(sparsity, din * dout))
-  for name, kwargs in [("magnitude", {}), ("sparsegpt", {"blocksize": 16})]:
+  for name, kwargs in [('magnitude', {}), ('sparsegpt', {'blocksize': 16})]:
     _, keep = oneshot.get_method(name)(w, h, sparsity, **kwargs)
     assert int(np.sum(~np.asarray(keep))) == zeros, name
   _, keep = oneshot.wanda_prune(w, h, sparsity)
@@ -155,14 +155,14 @@ def test_sparsegpt_dead_inputs_are_zeroed():
 
 def test_bad_arguments_name_the_value():
   w, h = jnp.ones((8, 4)), jnp.eye(8)
-  with pytest.raises(ValueError, match="sparsity must be in"):
+  with pytest.raises(ValueError, match='sparsity must be in'):
     oneshot.sparsegpt_prune(w, h, 1.5)
-  with pytest.raises(ValueError, match="axis=0"):
+  with pytest.raises(ValueError, match='axis=0'):
     oneshot.wanda_prune(w, h, 0.5, NByM(2, 4))
-  with pytest.raises(ValueError, match="Unknown one-shot method"):
-    oneshot.get_method("obc")
-  with pytest.raises(ValueError, match="sparsity_type must be"):
-    oneshot.parse_sparsity_type("2-4")
+  with pytest.raises(ValueError, match='Unknown one-shot method'):
+    oneshot.get_method('obc')
+  with pytest.raises(ValueError, match='sparsity_type must be'):
+    oneshot.parse_sparsity_type('2-4')
 
 
 # ----------------------------------------------------------------------------- capture
@@ -180,18 +180,18 @@ class _LinenModel(nn.Module):
     x = nn.Embed(20, 8)(tokens)
     x = nn.Dense(8)(x)
     x, _ = nn.scan(
-      _ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+      _ScanBlock, variable_axes={'params': 0}, split_rngs={'params': True}, length=3
     )()(x, None)
     x = x + nn.MultiHeadDotProductAttention(num_heads=2)(x)
-    x = nn.Einsum((8, 2, 4), "...d,dhk->...hk")(x)
+    x = nn.Einsum((8, 2, 4), '...d,dhk->...hk')(x)
     return nn.DenseGeneral(5, axis=(-2, -1))(x)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def linen_model():
   model = _LinenModel()
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 0, 20)
-  params = model.init(jax.random.PRNGKey(0), tokens)["params"]
+  params = model.init(jax.random.PRNGKey(0), tokens)['params']
   return model, params, tokens
 
 
@@ -207,65 +207,65 @@ def _assert_masked_zero(masks, params):
 
 def test_find_sites_linen(linen_model):
   model, params, tokens = linen_model
-  sites, non_kernel = oneshot.find_sites(lambda p, t: model.apply({"params": p}, t), params, tokens)
+  sites, non_kernel = oneshot.find_sites(lambda p, t: model.apply({'params': p}, t), params, tokens)
   names = [s.name for s in sites]
   assert names == [
-    "Dense_0/kernel",
-    "Scan_ScanBlock_0/Dense_0/kernel[0]",
-    "Scan_ScanBlock_0/Dense_0/kernel[1]",
-    "Scan_ScanBlock_0/Dense_0/kernel[2]",
-    "MultiHeadDotProductAttention_0/query/kernel",
-    "MultiHeadDotProductAttention_0/key/kernel",
-    "MultiHeadDotProductAttention_0/value/kernel",
-    "MultiHeadDotProductAttention_0/out/kernel",
-    "Einsum_0/kernel",
-    "DenseGeneral_0/kernel",
+    'Dense_0/kernel',
+    'Scan_ScanBlock_0/Dense_0/kernel[0]',
+    'Scan_ScanBlock_0/Dense_0/kernel[1]',
+    'Scan_ScanBlock_0/Dense_0/kernel[2]',
+    'MultiHeadDotProductAttention_0/query/kernel',
+    'MultiHeadDotProductAttention_0/key/kernel',
+    'MultiHeadDotProductAttention_0/value/kernel',
+    'MultiHeadDotProductAttention_0/out/kernel',
+    'Einsum_0/kernel',
+    'DenseGeneral_0/kernel',
   ]
   by_name = {s.name: s for s in sites}
   # q, k and v read the same input: one calibration group.
   groups = {
-    by_name[f"MultiHeadDotProductAttention_0/{k}/kernel"].group for k in ("query", "key", "value")
+    by_name[f'MultiHeadDotProductAttention_0/{k}/kernel'].group for k in ('query', 'key', 'value')
   }
   assert len(groups) == 1
-  assert by_name["MultiHeadDotProductAttention_0/out/kernel"].in_dims == (0, 1)
-  assert by_name["DenseGeneral_0/kernel"].in_dims == (0, 1)
+  assert by_name['MultiHeadDotProductAttention_0/out/kernel'].in_dims == (0, 1)
+  assert by_name['DenseGeneral_0/kernel'].in_dims == (0, 1)
   leaf_names = [
     prunax.sparsity_distributions.path_name(p)
     for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
   ]
-  assert {leaf_names[i] for i in non_kernel} >= {"Embed_0/embedding"}
+  assert {leaf_names[i] for i in non_kernel} >= {'Embed_0/embedding'}
 
 
 def test_gram_of_scanned_slices_is_their_input(linen_model):
   model, params, tokens = linen_model
-  apply_fn = lambda p, t: model.apply({"params": p}, t)  # noqa: E731
+  apply_fn = lambda p, t: model.apply({'params': p}, t)  # noqa: E731
   sites, _ = oneshot.find_sites(apply_fn, params, tokens)
-  wanted = [s for s in sites if s.name.startswith("Scan_") or s.name == "Dense_0/kernel"]
+  wanted = [s for s in sites if s.name.startswith('Scan_') or s.name == 'Dense_0/kernel']
   grams, counts = oneshot.capture.make_gram_fn(apply_fn, params, tokens, wanted)(params, tokens)
-  x = params["Embed_0"]["embedding"][tokens]
+  x = params['Embed_0']['embedding'][tokens]
   expected = [x]  # Dense_0 reads the embeddings; slice l reads the output of slice l - 1.
-  x = x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
-  scan = params["Scan_ScanBlock_0"]["Dense_0"]
+  x = x @ params['Dense_0']['kernel'] + params['Dense_0']['bias']
+  scan = params['Scan_ScanBlock_0']['Dense_0']
   for layer in range(3):
     expected.append(x)
-    x = jax.nn.relu(x @ scan["kernel"][layer] + scan["bias"][layer]) + x
+    x = jax.nn.relu(x @ scan['kernel'][layer] + scan['bias'][layer]) + x
   for g, c, e in zip(grams, counts, expected):
     e = np.asarray(e).reshape(-1, 8)
     assert c == e.shape[0]
     np.testing.assert_allclose(g, e.T @ e, rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def linen_result(linen_model):
   model, params, _ = linen_model
   batches = [jax.random.randint(jax.random.PRNGKey(i), (4, 6), 0, 20) for i in range(2)]
   return oneshot.prune(
-    lambda p, t: model.apply({"params": p}, t),
+    lambda p, t: model.apply({'params': p}, t),
     params,
     batches,
-    method="sparsegpt",
+    method='sparsegpt',
     sparsity=0.5,
-    sparsity_type="2:4",
+    sparsity_type='2:4',
     blocksize=8,
   )
 
@@ -273,16 +273,16 @@ def linen_result(linen_model):
 def test_prune_linen_scanned_and_attention(linen_result):
   result = linen_result
   assert len(result.table) == 10
-  assert result.masks["Embed_0"]["embedding"] is None
-  assert result.masks["Scan_ScanBlock_0"]["Dense_0"]["bias"] is None
-  stacked = np.asarray(result.masks["Scan_ScanBlock_0"]["Dense_0"]["kernel"])
+  assert result.masks['Embed_0']['embedding'] is None
+  assert result.masks['Scan_ScanBlock_0']['Dense_0']['bias'] is None
+  stacked = np.asarray(result.masks['Scan_ScanBlock_0']['Dense_0']['kernel'])
   assert stacked.shape == (3, 8, 8)
   assert (stacked.reshape(3, 2, 4, 8).sum(axis=2) == 2).all()
-  out_mask = np.asarray(result.masks["MultiHeadDotProductAttention_0"]["out"]["kernel"])
+  out_mask = np.asarray(result.masks['MultiHeadDotProductAttention_0']['out']['kernel'])
   assert (out_mask.reshape(2, 4, 8).reshape(2, 1, 4, 8).sum(axis=2) == 2).all()  # per head group
   _assert_masked_zero(result.masks, result.params)
   summary = prunax.summarize_sparsity(result.masks)
-  assert summary["sparsity/Scan_ScanBlock_0/Dense_0/kernel"] == 0.5
+  assert summary['sparsity/Scan_ScanBlock_0/Dense_0/kernel'] == 0.5
   assert all(0 <= r.error < 1 for r in result.table)
 
 
@@ -292,7 +292,7 @@ def test_masks_feed_fixed_mask_sparse_training(linen_model, linen_result):
   tx = prunax.pruning_at_init.FixedMaskSparse(masks=result.masks).wrap_optax(optax.adam(1e-2))
 
   def loss(p):
-    return jnp.mean(model.apply({"params": p}, tokens) ** 2)
+    return jnp.mean(model.apply({'params': p}, tokens) ** 2)
 
   @jax.jit
   def step(p, state):
@@ -307,12 +307,12 @@ def test_masks_feed_fixed_mask_sparse_training(linen_model, linen_result):
 
 def test_non_kernel_in_the_sparsity_map_is_an_error(linen_model):
   model, params, tokens = linen_model
-  with pytest.raises(ValueError, match="Embed_0/embedding.*matmul"):
+  with pytest.raises(ValueError, match='Embed_0/embedding.*matmul'):
     oneshot.prune(
-      lambda p, t: model.apply({"params": p}, t),
+      lambda p, t: model.apply({'params': p}, t),
       params,
       [tokens],
-      sparsity_distribution={"Embed_0/embedding": 0.5},
+      sparsity_distribution={'Embed_0/embedding': 0.5},
     )
 
 
@@ -330,7 +330,7 @@ def _two_layer_grams(fc1_kernel, fc1_bias, x):
   return np.asarray(oneshot.gram(jnp.asarray(x))), np.asarray(oneshot.gram(jnp.asarray(h)))
 
 
-@pytest.mark.parametrize("sequential", [True, False])
+@pytest.mark.parametrize('sequential', [True, False])
 def test_nnx_sequential_and_dense_inputs(sequential):
   model = _NnxMLP(nnx.Rngs(0))
   graphdef, state = nnx.split(model)
@@ -345,22 +345,22 @@ def test_nnx_sequential_and_dense_inputs(sequential):
     apply_fn,
     state,
     [x[:32], x[32:]],
-    method="sparsegpt",
+    method='sparsegpt',
     sparsity=0.5,
     sequential=sequential,
     blocksize=8,
   )
-  assert [r.layer for r in result.table] == ["fc1/kernel/value", "fc2/kernel/value"]
-  w1, b1 = state["fc1"]["kernel"][...], state["fc1"]["bias"][...]
-  new_w1 = result.params["fc1"]["kernel"][...]
+  assert [r.layer for r in result.table] == ['fc1/kernel/value', 'fc2/kernel/value']
+  w1, b1 = state['fc1']['kernel'][...], state['fc1']['bias'][...]
+  new_w1 = result.params['fc1']['kernel'][...]
   h1, _ = _two_layer_grams(w1, b1, x)
   expected1, _ = oneshot.sparsegpt_prune(w1, jnp.asarray(h1), 0.5, blocksize=8)
   np.testing.assert_allclose(new_w1, expected1, rtol=1e-4, atol=1e-5)
   # fc2's inputs come through the pruned fc1 (sequential) or the dense one.
   _, h2 = _two_layer_grams(new_w1 if sequential else w1, b1, x)
-  w2 = state["fc2"]["kernel"][...]
+  w2 = state['fc2']['kernel'][...]
   expected2, _ = oneshot.sparsegpt_prune(w2, jnp.asarray(h2), 0.5, blocksize=8)
-  np.testing.assert_allclose(result.params["fc2"]["kernel"][...], expected2, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(result.params['fc2']['kernel'][...], expected2, rtol=1e-4, atol=1e-5)
   _, other = _two_layer_grams(w1 if sequential else new_w1, b1, x)
   assert not np.allclose(h2, other, rtol=1e-3)  # the two modes calibrate fc2 differently
   nnx.update(model, result.params)
@@ -418,11 +418,11 @@ SHARDED = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def sharded_report():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
   out = subprocess.run(
-    [sys.executable, "-c", SHARDED],
+    [sys.executable, '-c', SHARDED],
     env=env,
     capture_output=True,
     text=True,
@@ -430,16 +430,16 @@ def sharded_report():
     check=False,
   )
   assert out.returncode == 0, out.stderr[-4000:]
-  line = next(x for x in out.stdout.splitlines() if x.startswith("REPORT"))
-  return json.loads(line[len("REPORT") :])
+  line = next(x for x in out.stdout.splitlines() if x.startswith('REPORT'))
+  return json.loads(line[len('REPORT') :])
 
 
-@pytest.mark.parametrize("case", ["unstructured", "2:4", "solve"])
+@pytest.mark.parametrize('case', ['unstructured', '2:4', 'solve'])
 def test_eight_devices_match_one(sharded_report, case):
   r = sharded_report[case]
-  assert r["masks_equal"], r
-  assert r["max_gap"] < 1e-4, r
-  assert r["devices"] == 8 or case != "solve", r
+  assert r['masks_equal'], r
+  assert r['max_gap'] < 1e-4, r
+  assert r['devices'] == 8 or case != 'solve', r
 
 
 # ----------------------------------------------------------------------------- command
@@ -462,34 +462,34 @@ def get_model(width=16):
 def test_command_writes_params_masks_and_table(tmp_path):
   from prunax import cli
 
-  model_file = tmp_path / "model.py"
+  model_file = tmp_path / 'model.py'
   model_file.write_text(MODEL_FILE)
-  config = tmp_path / "config.yaml"
+  config = tmp_path / 'config.yaml'
   config.write_text('method: wanda\nsparsity_type: "2:4"\nmodel_args: {width: 12}\n')
-  out = tmp_path / "out"
+  out = tmp_path / 'out'
   argv = [
-    "oneshot",
-    "--config",
+    'oneshot',
+    '--config',
     str(config),
-    "--model",
-    f"{model_file}:get_model",
-    "--out",
+    '--model',
+    f'{model_file}:get_model',
+    '--out',
     str(out),
-    "--no-progress",
+    '--no-progress',
   ]
   assert cli.main(argv) == 0
-  masks = np.load(out / "masks.npz")
-  assert sorted(masks.files) == ["fc1/kernel", "fc2/kernel"]
-  assert masks["fc1/kernel"].shape == (8, 12)
-  assert (masks["fc1/kernel"].reshape(2, 4, 12).sum(axis=1) == 2).all()
-  params = np.load(out / "pruned_params.npz")
-  assert np.all(params["fc2/kernel"][~masks["fc2/kernel"]] == 0)
-  rows = (out / "table.csv").read_text().splitlines()
-  assert rows[0] == "layer,in,out,sparsity,error,seconds" and len(rows) == 3
-  assert rows[1].startswith("fc1/kernel,8,12,0.5")
-  bad = tmp_path / "bad.yaml"
-  bad.write_text("metod: wanda\n")
-  assert cli.main(["oneshot", "--config", str(bad), "--model", f"{model_file}:get_model"]) == 2
+  masks = np.load(out / 'masks.npz')
+  assert sorted(masks.files) == ['fc1/kernel', 'fc2/kernel']
+  assert masks['fc1/kernel'].shape == (8, 12)
+  assert (masks['fc1/kernel'].reshape(2, 4, 12).sum(axis=1) == 2).all()
+  params = np.load(out / 'pruned_params.npz')
+  assert np.all(params['fc2/kernel'][~masks['fc2/kernel']] == 0)
+  rows = (out / 'table.csv').read_text().splitlines()
+  assert rows[0] == 'layer,in,out,sparsity,error,seconds' and len(rows) == 3
+  assert rows[1].startswith('fc1/kernel,8,12,0.5')
+  bad = tmp_path / 'bad.yaml'
+  bad.write_text('metod: wanda\n')
+  assert cli.main(['oneshot', '--config', str(bad), '--model', f'{model_file}:get_model']) == 2
 
 
 class _NnxLayer(nnx.Module):
@@ -525,9 +525,9 @@ def test_nnx_scanned_layers_are_separate_sites():
 
   x = jax.random.normal(jax.random.PRNGKey(1), (16, 8))
   sites, _ = oneshot.find_sites(apply_fn, state, x)
-  assert [s.name for s in sites] == [f"layers/lin/kernel/value[{i}]" for i in range(3)]
+  assert [s.name for s in sites] == [f'layers/lin/kernel/value[{i}]' for i in range(3)]
   grams, _ = oneshot.capture.make_gram_fn(apply_fn, state, x, sites[1:2])(state, x)
-  kernel, bias = state["layers"]["lin"]["kernel"][...], state["layers"]["lin"]["bias"][...]
+  kernel, bias = state['layers']['lin']['kernel'][...], state['layers']['lin']['bias'][...]
   h = jax.nn.relu(x @ kernel[0] + bias[0]) + x  # layer 1 reads layer 0's output
   np.testing.assert_allclose(grams[0], h.T @ h, rtol=1e-4, atol=1e-4)
 
@@ -535,36 +535,36 @@ def test_nnx_scanned_layers_are_separate_sites():
 def _mlp_model():
   namespace = {}
   exec(MODEL_FILE, namespace)  # noqa: S102 - the model of the command test, as a function
-  return namespace["get_model"]()
+  return namespace['get_model']()
 
 
 def test_sparsity_distributions_map_and_erk():
   model = _mlp_model()
   result = oneshot.prune(
-    model["apply_fn"],
-    model["params"],
-    model["batches"],
-    method="wanda",
-    sparsity_distribution={"fc2/ker.*": 0.75},
+    model['apply_fn'],
+    model['params'],
+    model['batches'],
+    method='wanda',
+    sparsity_distribution={'fc2/ker.*': 0.75},
   )
-  assert result.masks["fc1"]["kernel"] is None
-  assert [r.layer for r in result.table] == ["fc2/kernel"]
-  assert float(jnp.mean(~result.masks["fc2"]["kernel"])) == 0.75
+  assert result.masks['fc1']['kernel'] is None
+  assert [r.layer for r in result.table] == ['fc2/kernel']
+  assert float(jnp.mean(~result.masks['fc2']['kernel'])) == 0.75
   erk = oneshot.prune(
-    model["apply_fn"],
-    model["params"],
-    model["batches"],
-    method="magnitude",
+    model['apply_fn'],
+    model['params'],
+    model['batches'],
+    method='magnitude',
     sparsity=0.5,
-    sparsity_distribution="erk",
+    sparsity_distribution='erk',
   )
   expected = prunax.sparsity_distributions.erk(
-    model["params"], 0.5, filter_fn=lambda name, leaf: name.endswith("kernel")
+    model['params'], 0.5, filter_fn=lambda name, leaf: name.endswith('kernel')
   )
-  for layer in ("fc1", "fc2"):
-    size = model["params"][layer]["kernel"].size
-    zeros = int(prunax.sparsity_types.num_zeros(expected[layer]["kernel"], size))
-    assert int(jnp.sum(~erk.masks[layer]["kernel"])) == zeros
+  for layer in ('fc1', 'fc2'):
+    size = model['params'][layer]['kernel'].size
+    zeros = int(prunax.sparsity_types.num_zeros(expected[layer]['kernel'], size))
+    assert int(jnp.sum(~erk.masks[layer]['kernel'])) == zeros
 
 
 class _RematBlock(nn.Module):
@@ -583,6 +583,6 @@ class _RematBf16(nn.Module):
 
 def test_find_sites_through_remat_jit_and_casts():
   model, x = _RematBf16(), jnp.ones((3, 8))
-  params = model.init(jax.random.PRNGKey(0), x)["params"]
-  sites, _ = oneshot.find_sites(lambda p, b: model.apply({"params": p}, b), params, x)
-  assert [s.name for s in sites] == ["Checkpoint_RematBlock_0/Dense_0/kernel", "Dense_0/kernel"]
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  sites, _ = oneshot.find_sites(lambda p, b: model.apply({'params': p}, b), params, x)
+  assert [s.name for s in sites] == ['Checkpoint_RematBlock_0/Dense_0/kernel', 'Dense_0/kernel']

@@ -28,29 +28,32 @@ def _decay_mask(params):
 
 
 INNER = {
-    'masked': lambda: optax.chain(optax.masked(optax.add_decayed_weights(1e-2), _decay_mask),
-                                  optax.adam(1e-2)),
-    'multi_transform': lambda: optax.multi_transform(
-        {'decay': optax.adamw(1e-2, weight_decay=1e-2), 'no_decay': optax.adam(1e-2)}, _labels),
-    'inject_hyperparams': lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
-    'chain': lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
-    'adafactor_factored': lambda: optax.adafactor(1e-2, min_dim_size_to_factor=4),
-    'adafactor': lambda: optax.adafactor(1e-2, factored=False),
-    'lion': lambda: optax.lion(1e-3),
-    'muon': lambda: optax.contrib.muon(1e-2),
-    'cocob': lambda: optax.contrib.cocob(),
-    'schedule_free_adamw': lambda: optax.contrib.schedule_free_adamw(1e-2),
+  'masked': lambda: optax.chain(
+    optax.masked(optax.add_decayed_weights(1e-2), _decay_mask), optax.adam(1e-2)
+  ),
+  'multi_transform': lambda: optax.multi_transform(
+    {'decay': optax.adamw(1e-2, weight_decay=1e-2), 'no_decay': optax.adam(1e-2)}, _labels
+  ),
+  'inject_hyperparams': lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
+  'chain': lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
+  'adafactor_factored': lambda: optax.adafactor(1e-2, min_dim_size_to_factor=4),
+  'adafactor': lambda: optax.adafactor(1e-2, factored=False),
+  'lion': lambda: optax.lion(1e-3),
+  'muon': lambda: optax.contrib.muon(1e-2),
+  'cocob': lambda: optax.contrib.cocob(),
+  'schedule_free_adamw': lambda: optax.contrib.schedule_free_adamw(1e-2),
 }
 OUTER = {  # transformations whose place is around the pruner
-    'multi_steps': lambda tx: optax.MultiSteps(tx, every_k_schedule=2),
-    'apply_if_finite': lambda tx: optax.apply_if_finite(tx, max_consecutive_errors=3),
+  'multi_steps': lambda tx: optax.MultiSteps(tx, every_k_schedule=2),
+  'apply_if_finite': lambda tx: optax.apply_if_finite(tx, max_consecutive_errors=3),
 }
 ALGORITHMS = {
-    'rigl': lambda: prunax.RigL(sparsity=SPARSITY, scheduler=sched.PeriodicSchedule(3, 1)),
-    'set': lambda: prunax.SET(sparsity=SPARSITY, scheduler=sched.PeriodicSchedule(3, 1)),
-    'magnitude': lambda: prunax.MagnitudePruning(
-        sparsity=SPARSITY, scheduler=sched.PolynomialSchedule(2, 0, 8)),
-    'ste': lambda: prunax.SteMagnitudePruning(sparsity=SPARSITY),
+  'rigl': lambda: prunax.RigL(sparsity=SPARSITY, scheduler=sched.PeriodicSchedule(3, 1)),
+  'set': lambda: prunax.SET(sparsity=SPARSITY, scheduler=sched.PeriodicSchedule(3, 1)),
+  'magnitude': lambda: prunax.MagnitudePruning(
+    sparsity=SPARSITY, scheduler=sched.PolynomialSchedule(2, 0, 8)
+  ),
+  'ste': lambda: prunax.SteMagnitudePruning(sparsity=SPARSITY),
 }
 
 
@@ -72,8 +75,10 @@ def _train(tx, params):
 
 def _check_exact(params, state):
   masks = prunax.bool_masks(state, params)
-  for (name, p), m in zip(prunax.sparsity_distributions.named_leaves(params),
-                          jax.tree.leaves(masks, is_leaf=lambda x: x is None)):
+  for (name, p), m in zip(
+    prunax.sparsity_distributions.named_leaves(params),
+    jax.tree.leaves(masks, is_leaf=lambda x: x is None),
+  ):
     assert np.all(np.isfinite(np.asarray(p))), name
     if m is None:
       continue
@@ -166,12 +171,15 @@ def test_tree_map_params_on_wrapped_transformations():
   params = mlp_params()
   specs = jax.tree.map(lambda x: f'spec{x.ndim}', params)
   pruner = prunax.MagnitudePruning(sparsity=SPARSITY)
-  for tx in (pruner.wrap_optax(optax.adam(1e-2)),
-             optax.chain(optax.clip_by_global_norm(1.0), pruner.wrap_optax(optax.adam(1e-2))),
-             pruner.wrap_optax(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)))):
+  for tx in (
+    pruner.wrap_optax(optax.adam(1e-2)),
+    optax.chain(optax.clip_by_global_norm(1.0), pruner.wrap_optax(optax.adam(1e-2))),
+    pruner.wrap_optax(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))),
+  ):
     state = tx.init(params)
-    mapped = optax.tree_utils.tree_map_params(tx, lambda _, spec: spec, state, specs,
-                                              transform_non_params=lambda _: 'other')
+    mapped = optax.tree_utils.tree_map_params(
+      tx, lambda _, spec: spec, state, specs, transform_non_params=lambda _: 'other'
+    )
     sparse = prunax.get_sparse_state(mapped)
     inner = optax.tree_utils.tree_get(sparse.inner_state, 'mu')
     assert inner == specs

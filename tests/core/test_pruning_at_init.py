@@ -13,8 +13,10 @@ from prunax import pruning_at_init as pai
 # Hessian-gradient product have closed forms.
 X = np.random.RandomState(0).randn(5, 4).astype(np.float32)
 T = np.random.RandomState(1).randn(5, 3).astype(np.float32)
-PARAMS = {'w1': jnp.asarray(np.random.RandomState(2).randn(4, 6), jnp.float32) * 0.5,
-          'w2': jnp.asarray(np.random.RandomState(3).randn(6, 3), jnp.float32) * 0.5}
+PARAMS = {
+  'w1': jnp.asarray(np.random.RandomState(2).randn(4, 6), jnp.float32) * 0.5,
+  'w2': jnp.asarray(np.random.RandomState(3).randn(6, 3), jnp.float32) * 0.5,
+}
 
 
 def linear_apply(params, x):
@@ -72,9 +74,13 @@ SIZES = (64, 64, 64, 64, 64, 64, 10)
 
 def _deep_mlp(seed=0):
   keys = jax.random.split(jax.random.PRNGKey(seed), len(SIZES))
-  return {f'layer{i}': {'kernel': jax.random.normal(keys[i], (a, b)) * jnp.sqrt(2.0 / a),
-                        'bias': jnp.zeros(b)}
-          for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:]))}
+  return {
+    f'layer{i}': {
+      'kernel': jax.random.normal(keys[i], (a, b)) * jnp.sqrt(2.0 / a),
+      'bias': jnp.zeros(b),
+    }
+    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:]))
+  }
 
 
 def _deep_apply(params, x):
@@ -97,7 +103,8 @@ def test_synflow_avoids_layer_collapse_at_99_percent():
   params = _deep_mlp()
   batch = (jax.random.normal(jax.random.PRNGKey(5), (64, 64)), jnp.arange(64) % 10)
   loss = lambda p, b: optax.softmax_cross_entropy_with_integer_labels(
-      _deep_apply(p, b[0]), b[1]).mean()
+    _deep_apply(p, b[0]), b[1]
+  ).mean()
   total = sum(a * b for a, b in zip(SIZES[:-1], SIZES[1:]))
   flow = pai.synflow(_deep_apply, params, (1, 64), 0.99, iterations=20)
   snip = pai.snip(loss, params, batch, 0.99)
@@ -113,8 +120,8 @@ def test_static_training_from_pai_masks():
   batch = (X, T)
   masks = pai.snip(linear_loss, PARAMS, batch, 0.6)
   via_config = prunax.create_updater_from_config(
-      {'algorithm': 'snip', 'sparsity': 0.6,
-       'extra': {'loss_fn': linear_loss, 'batch': batch}})
+    {'algorithm': 'snip', 'sparsity': 0.6, 'extra': {'loss_fn': linear_loss, 'batch': batch}}
+  )
   fixed = pai.FixedMaskSparse(masks=masks)
   assert hash(fixed) == hash(pai.FixedMaskSparse(masks=jax.tree.map(np.asarray, masks)))
   for updater in (via_config, fixed):
@@ -128,8 +135,12 @@ def test_static_training_from_pai_masks():
       np.testing.assert_array_equal(np.asarray(params[k]) != 0, masks[k])
       np.testing.assert_array_equal(prunax.bool_masks(state, params)[k], masks[k])
   synflow = prunax.create_updater_from_config(
-      {'algorithm': 'synflow', 'sparsity': 0.5,
-       'extra': {'apply_fn': linear_apply, 'input_shape': (1, 4), 'iterations': 3}})
+    {
+      'algorithm': 'synflow',
+      'sparsity': 0.5,
+      'extra': {'apply_fn': linear_apply, 'input_shape': (1, 4), 'iterations': 3},
+    }
+  )
   _, flow_masks = synflow.instant_sparsify(PARAMS)
   expected = pai.synflow(linear_apply, PARAMS, (1, 4), 0.5, iterations=3)
   for k in ('w1', 'w2'):

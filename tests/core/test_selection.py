@@ -11,13 +11,14 @@ from prunax import selection
 def reference_masks(arrays, k):
   """Top-k by a stable descending sort of the uint32 keys over the concatenated arrays."""
   keys = np.concatenate(
-      [np.asarray(selection.sortable_keys(jnp.asarray(a))).reshape(-1) for a in arrays])
+    [np.asarray(selection.sortable_keys(jnp.asarray(a))).reshape(-1) for a in arrays]
+  )
   order = np.lexsort((np.arange(keys.size), -keys.astype(np.int64)))
   keep = np.zeros(keys.size, bool)
   keep[order[:k]] = True
   masks, offset = [], 0
   for a in arrays:
-    masks.append(keep[offset:offset + a.size].reshape(a.shape))
+    masks.append(keep[offset : offset + a.size].reshape(a.shape))
     offset += a.size
   return masks
 
@@ -91,10 +92,12 @@ def test_sortable_keys_order():
 
 def test_nan_scores_are_never_kept_ahead_of_finite_ones():
   x = jnp.asarray([np.nan, 1.0, np.nan, -5.0, 2.0, np.nan], jnp.float32)
-  np.testing.assert_array_equal(np.asarray(selection.topk_mask(x, 3)),
-                                [False, True, False, True, True, False])
-  np.testing.assert_array_equal(np.asarray(selection.topk_mask(x, 4)),
-                                [True, True, False, True, True, False])
+  np.testing.assert_array_equal(
+    np.asarray(selection.topk_mask(x, 3)), [False, True, False, True, True, False]
+  )
+  np.testing.assert_array_equal(
+    np.asarray(selection.topk_mask(x, 4)), [True, True, False, True, True, False]
+  )
 
 
 @pytest.mark.parametrize('n,m,axis', [(2, 4, -1), (1, 4, 0), (3, 8, 1)])
@@ -118,11 +121,13 @@ def test_lazy_scores_equal_materialized_scores():
   lazy = selection.Lazy(lambda a, b: jnp.abs(a * b), w, g)
   assert lazy.shape == (37, 29) and lazy.size == 37 * 29 and lazy.ndim == 2
   for keep in (1, 100, 500, 37 * 29):
-    np.testing.assert_array_equal(selection.topk_mask(lazy, keep),
-                                  selection.topk_mask(jnp.abs(w * g), keep))
+    np.testing.assert_array_equal(
+      selection.topk_mask(lazy, keep), selection.topk_mask(jnp.abs(w * g), keep)
+    )
   # Several lazy leaves share one threshold; a score_fn composes with the lazy function.
-  masks = selection.global_topk_masks([lazy, selection.Lazy(jnp.negative, w)], 300,
-                                      score_fn=jnp.abs)
+  masks = selection.global_topk_masks(
+    [lazy, selection.Lazy(jnp.negative, w)], 300, score_fn=jnp.abs
+  )
   ref = selection.global_topk_masks([jnp.abs(w * g), jnp.abs(w)], 300)
   for a, b in zip(masks, ref):
     np.testing.assert_array_equal(a, b)
@@ -144,8 +149,9 @@ def test_nested_and_lazy_masks_equal_materialized_ones():
 
   n_keep = int(old.sum()) - 100
   kept = selection.topk_mask(selection.Lazy(active, old, w), n_keep, lazy=True)
-  grown = selection.topk_mask(selection.Lazy(inactive, kept, selection.Lazy(jnp.abs, g)), 100,
-                              lazy=True)
+  grown = selection.topk_mask(
+    selection.Lazy(inactive, kept, selection.Lazy(jnp.abs, g)), 100, lazy=True
+  )
   new = jax.jit(lambda: selection.materialize(selection.Lazy(jnp.logical_or, kept, grown)))()
   want_kept = selection.topk_mask(active(old, w), n_keep)
   want_grown = selection.topk_mask(inactive(want_kept, jnp.abs(g)), 100)
@@ -156,14 +162,15 @@ def test_nested_and_lazy_masks_equal_materialized_ones():
   lazy = selection.Lazy(inactive, kept, selection.Lazy(jnp.abs, g))
   full = np.asarray(lazy()).reshape(-1)
   np.testing.assert_array_equal(np.asarray(lazy.rows()).reshape(-1), full)
-  np.testing.assert_array_equal(np.asarray(selection.Lazy(jnp.abs, g).strided_sample(7)),
-                                np.abs(np.asarray(g)).reshape(-1)[::7])
+  np.testing.assert_array_equal(
+    np.asarray(selection.Lazy(jnp.abs, g).strided_sample(7)), np.abs(np.asarray(g)).reshape(-1)[::7]
+  )
 
 
 def test_sample_stride_is_a_prime_dividing_no_dimension():
   stride = selection._sample_stride(2048 * 2048, [(2048, 2048)])
   assert stride >= 2048 * 2048 // selection._SAMPLE
-  assert all(stride % f for f in range(2, int(stride ** 0.5) + 1))
+  assert all(stride % f for f in range(2, int(stride**0.5) + 1))
   assert 2048 % stride
   # A stride dividing a dimension is skipped (2053 is prime and divides 2053 * 2).
   assert selection._sample_stride(2053 * 2048, [(2053 * 2, 1024)]) != 2053
@@ -179,8 +186,9 @@ def test_selection_stores_no_full_size_array():
   # XLA would store loop-invariant keys (16 MB here) and reuse them in every pass; the
   # search makes them depend on the loop state, so only per-row counts are stored.
   w = jnp.zeros((2048, 2048))
-  compiled = jax.jit(
-      lambda x: selection.topk_mask(selection.Lazy(jnp.abs, x), 400_000)).lower(w).compile()
+  compiled = (
+    jax.jit(lambda x: selection.topk_mask(selection.Lazy(jnp.abs, x), 400_000)).lower(w).compile()
+  )
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < w.nbytes // 8, temp
 

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -103,18 +103,23 @@ SCRIPT = textwrap.dedent('''
           for kind, tree in (('mask', st.masks), ('dense', st.dense_params))
           for n, x in (tree or {}).items() if isinstance(x, jax.Array)}  # pruned leaves only
     print('REPORT' + json.dumps(report))
-''')
+""")
 
 
 @pytest.fixture(scope='module')
 def report():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=900, check=False)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  out = subprocess.run(
+    [sys.executable, '-c', SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
   assert out.returncode == 0, out.stderr[-4000:]
   line = next(x for x in out.stdout.splitlines() if x.startswith('REPORT'))
-  return json.loads(line[len('REPORT'):])
+  return json.loads(line[len('REPORT') :])
 
 
 @pytest.mark.parametrize('name', ['magnitude', 'ste', 'rigl', 'global_packed'])

@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -101,20 +101,25 @@ SCRIPT = textwrap.dedent('''
           'sparsity': prunax.summarize_sparsity(p8)['total_sparsity'],
       }
     print('REPORT' + json.dumps(report))
-''')
+""")
 
 ALGORITHMS = ['magnitude', 'rigl', 'ste']
 
 
 @pytest.fixture(scope='module')
 def report():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=600, check=False)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  out = subprocess.run(
+    [sys.executable, '-c', SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert out.returncode == 0, out.stderr[-4000:]
   line = next(x for x in out.stdout.splitlines() if x.startswith('REPORT'))
-  return json.loads(line[len('REPORT'):])
+  return json.loads(line[len('REPORT') :])
 
 
 def test_last_axes_are_split_into_shards_that_are_not_whole_bytes(report):

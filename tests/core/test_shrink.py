@@ -14,8 +14,9 @@ from prunax import shrinking as sh
 
 
 def apply_masks(params, masks):
-  return jax.tree.map(lambda x, m: x if m is None else jnp.where(m, x, 0), params, masks,
-                      is_leaf=lambda x: x is None)
+  return jax.tree.map(
+    lambda x, m: x if m is None else jnp.where(m, x, 0), params, masks, is_leaf=lambda x: x is None
+  )
 
 
 def check(model, variables, x, sparsity=0.5, score='l2', grads=None):
@@ -43,18 +44,24 @@ def test_mlp_groups_and_shrink():
   variables = model.init(jax.random.PRNGKey(0), x)
   groups, shrunk, _, _ = check(model, variables, x)
   assert [set(g.members) for g in groups] == [
-      {('params/Dense_0/kernel', 1), ('params/Dense_0/bias', 0), ('params/Dense_1/kernel', 0)},
-      {('params/Dense_1/kernel', 1), ('params/Dense_1/bias', 0), ('params/Dense_2/kernel', 0)}]
+    {('params/Dense_0/kernel', 1), ('params/Dense_0/bias', 0), ('params/Dense_1/kernel', 0)},
+    {('params/Dense_1/kernel', 1), ('params/Dense_1/bias', 0), ('params/Dense_2/kernel', 0)},
+  ]
   shapes = jax.tree.map(jnp.shape, shrunk.params)['params']
   assert shapes['Dense_0'] == {'kernel': (16, 16), 'bias': (16,)}
   assert shapes['Dense_1'] == {'kernel': (16, 12), 'bias': (12,)}
   assert shapes['Dense_2'] == {'kernel': (12, 5), 'bias': (5,)}
-  blocked = {frozenset(g.members): g.blocked_by for g in
-             sh.find_groups(model, variables, x, include_blocked=True) if g.blocked_by}
+  blocked = {
+    frozenset(g.members): g.blocked_by
+    for g in sh.find_groups(model, variables, x, include_blocked=True)
+    if g.blocked_by
+  }
   assert blocked == {
-      frozenset({('params/Dense_0/kernel', 0)}): 'an input of the function',
-      frozenset({('params/Dense_2/kernel', 1), ('params/Dense_2/bias', 0)}):
-          'an output of the function'}
+    frozenset({('params/Dense_0/kernel', 0)}): 'an input of the function',
+    frozenset(
+      {('params/Dense_2/kernel', 1), ('params/Dense_2/bias', 0)}
+    ): 'an output of the function',
+  }
 
 
 def test_scores_choose_the_weakest_channels():
@@ -64,16 +71,20 @@ def test_scores_choose_the_weakest_channels():
   p = variables['params']
   for score, fn in (('l1', np.abs), ('l2', np.square)):
     masks = sh.group_masks(groups, variables, 0.25, score=score)
-    total = (fn(np.asarray(p['Dense_0']['kernel'])).sum(0) + fn(np.asarray(p['Dense_0']['bias']))
-             + fn(np.asarray(p['Dense_1']['kernel'])).sum(1))
+    total = (
+      fn(np.asarray(p['Dense_0']['kernel'])).sum(0)
+      + fn(np.asarray(p['Dense_0']['bias']))
+      + fn(np.asarray(p['Dense_1']['kernel'])).sum(1)
+    )
     want = np.sort(np.argsort(total)[8:])
-    np.testing.assert_array_equal(np.nonzero(np.asarray(masks['params']['Dense_0']['bias']))[0],
-                                  want)
+    np.testing.assert_array_equal(
+      np.nonzero(np.asarray(masks['params']['Dense_0']['bias']))[0], want
+    )
   grads = jax.tree.map(jnp.ones_like, variables)
   taylor = sh.group_masks(groups, variables, 0.25, score='taylor', grads=grads)
   l1 = sh.group_masks(groups, variables, 0.25, score='l1')
   assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), taylor, l1))
-  with pytest.raises(ValueError, match="valid scores are"):
+  with pytest.raises(ValueError, match='valid scores are'):
     sh.group_masks(groups, variables, 0.5, score='l3')
   with pytest.raises(ValueError, match='needs grads'):
     sh.group_masks(groups, variables, 0.5, score='taylor')
@@ -96,8 +107,11 @@ def test_cnn_with_batchnorm():
   variables['batch_stats'] = jax.tree.map(lambda s: s + 0.3, variables['batch_stats'])
   groups, shrunk, before, after = check(model, variables, x)
   members = {m for g in groups for m in g.members}
-  assert {('batch_stats/BatchNorm_0/mean', 0), ('params/BatchNorm_0/scale', 0),
-          ('params/Conv_1/kernel', 2)} <= members
+  assert {
+    ('batch_stats/BatchNorm_0/mean', 0),
+    ('params/BatchNorm_0/scale', 0),
+    ('params/Conv_1/kernel', 2),
+  } <= members
   assert shrunk.params['params']['Conv_1']['kernel'].shape == (3, 3, 8, 6)
   assert shrunk.params['batch_stats']['BatchNorm_0']['var'].shape == (8,)
   assert after < 0.6 * before
@@ -119,8 +133,13 @@ def test_residual_network_ties_the_stream():
   groups, shrunk, _, _ = check(model, variables, x)
   stream = next(g for g in groups if ('params/Dense_0/kernel', 1) in g.members)
   assert set(stream.members) >= {
-      ('params/Dense_1/kernel', 1), ('params/Dense_3/kernel', 1), ('params/Dense_2/kernel', 0),
-      ('params/Dense_4/kernel', 0), ('params/Dense_5/kernel', 0), ('params/Dense_1/bias', 0)}
+    ('params/Dense_1/kernel', 1),
+    ('params/Dense_3/kernel', 1),
+    ('params/Dense_2/kernel', 0),
+    ('params/Dense_4/kernel', 0),
+    ('params/Dense_5/kernel', 0),
+    ('params/Dense_1/bias', 0),
+  }
   p = shrunk.params['params']
   assert p['Dense_5']['kernel'].shape == (16, 4)
   assert p['Dense_2']['kernel'].shape == (16, 24)  # stream in, hidden out
@@ -143,16 +162,23 @@ def test_transformer_block_heads_and_mlp():
   att = 'params/MultiHeadDotProductAttention_0'
   heads = next(g for g in groups if (f'{att}/query/kernel', 1) in g.members)
   assert heads.size == 4
-  assert {(f'{att}/key/kernel', 1), (f'{att}/value/kernel', 1), (f'{att}/out/kernel', 0),
-          (f'{att}/query/bias', 0)} <= set(heads.members)
+  assert {
+    (f'{att}/key/kernel', 1),
+    (f'{att}/value/kernel', 1),
+    (f'{att}/out/kernel', 0),
+    (f'{att}/query/bias', 0),
+  } <= set(heads.members)
   p = shrunk.params['params']
   assert p['MultiHeadDotProductAttention_0']['query']['kernel'].shape == (16, 2, 4)
   assert p['MultiHeadDotProductAttention_0']['out']['kernel'].shape == (2, 4, 16)
   assert p['Dense_1']['kernel'].shape == (16, 32)  # Dense(64), named after Dense(16)
   assert p['Dense_0']['kernel'].shape == (32, 16)
   # The residual stream is an input and output and goes through LayerNorm's mean.
-  stream = next(g for g in sh.find_groups(model, variables, x, include_blocked=True)
-                if ('params/Dense_0/kernel', 1) in g.members)
+  stream = next(
+    g
+    for g in sh.find_groups(model, variables, x, include_blocked=True)
+    if ('params/Dense_0/kernel', 1) in g.members
+  )
   assert stream.blocked_by is not None and stream.size == 16
 
 
@@ -170,8 +196,12 @@ def test_nnx_mlp():
   groups = sh.find_groups(fn, state, x)
   masks = sh.group_masks(groups, state, 0.75)
   shrunk = sh.shrink(fn, state, masks, x)
-  np.testing.assert_allclose(np.asarray(shrunk(shrunk.params, x)),
-                             np.asarray(fn(apply_masks(state, masks), x)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(shrunk(shrunk.params, x)),
+    np.asarray(fn(apply_masks(state, masks), x)),
+    rtol=1e-5,
+    atol=1e-6,
+  )
   assert jnp.shape(shrunk.params['a']['kernel'][...]) == (8, 8)
 
 
@@ -207,7 +237,8 @@ def test_gradual_group_pruning_through_wrap_optax():
   variables = model.init(jax.random.PRNGKey(0), x)
   groups = sh.find_groups(model, variables, x)
   schedule = prunax.sparsity_schedules.PolynomialSchedule(
-      update_freq=1, update_start_step=0, update_end_step=2)
+    update_freq=1, update_start_step=0, update_end_step=2
+  )
   pruner = sh.GroupPruning(sparsity=0.5, groups=groups, scheduler=schedule, score='taylor')
   tx = pruner.wrap_optax(optax.sgd(0.1))
   state = tx.init(variables)
@@ -226,6 +257,10 @@ def test_gradual_group_pruning_through_wrap_optax():
   np.testing.assert_array_equal(np.asarray(masks['params']['Dense_0']['kernel']).any(0), kept)
   np.testing.assert_array_equal(np.asarray(masks['params']['Dense_1']['kernel']).any(1), kept)
   shrunk = sh.shrink(model, variables, masks, x)  # params are already masked
-  np.testing.assert_allclose(np.asarray(shrunk(shrunk.params, x)),
-                             np.asarray(model.apply(variables, x)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(shrunk(shrunk.params, x)),
+    np.asarray(model.apply(variables, x)),
+    rtol=1e-5,
+    atol=1e-5,
+  )
   assert shrunk.params['params']['Dense_1']['kernel'].shape == (16, 12)

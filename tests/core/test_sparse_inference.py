@@ -20,7 +20,7 @@ def block_pruned(shape, block, sparsity, seed=0):
   w = rng.standard_normal(shape).astype(np.float32)
   grid = [-(-d // b) for d, b in zip(shape, block)]
   keep = rng.random(grid) >= sparsity
-  keep = np.repeat(np.repeat(keep, block[0], 0), block[1], 1)[:shape[0], :shape[1]]
+  keep = np.repeat(np.repeat(keep, block[0], 0), block[1], 1)[: shape[0], : shape[1]]
   return np.where(keep, w, 0).astype(np.float32)
 
 
@@ -29,8 +29,14 @@ def u32(x):
 
 
 @hypothesis.settings(max_examples=8, deadline=None)
-@hypothesis.given(k=st.integers(1, 40), n=st.integers(1, 40), bk=st.integers(1, 9),
-                  bn=st.integers(1, 9), sparsity=st.floats(0, 1), seed=st.integers(0, 99))
+@hypothesis.given(
+  k=st.integers(1, 40),
+  n=st.integers(1, 40),
+  bk=st.integers(1, 9),
+  bn=st.integers(1, 9),
+  sparsity=st.floats(0, 1),
+  seed=st.integers(0, 99),
+)
 def test_block_round_trip_and_product(k, n, bk, bn, sparsity, seed):
   bk, bn = min(bk, k), min(bn, n)
   w = block_pruned((k, n), (bk, bn), sparsity, seed)
@@ -48,8 +54,9 @@ def test_block_round_trip_and_product(k, n, bk, bn, sparsity, seed):
 
 
 @hypothesis.settings(max_examples=8, deadline=None)
-@hypothesis.given(k=st.integers(1, 40), n=st.integers(1, 40), sparsity=st.floats(0, 1),
-                  seed=st.integers(0, 99))
+@hypothesis.given(
+  k=st.integers(1, 40), n=st.integers(1, 40), sparsity=st.floats(0, 1), seed=st.integers(0, 99)
+)
 def test_ell_round_trip_and_product(k, n, sparsity, seed):
   rng = np.random.default_rng(seed)
   w = rng.standard_normal((k, n)).astype(np.float32)
@@ -59,8 +66,9 @@ def test_ell_round_trip_and_product(k, n, sparsity, seed):
   np.testing.assert_array_equal(u32(jax.jit(lambda e: e.todense())(e)), u32(w))
   assert int(e.counts.sum()) == int((u32(w) != 0).sum())
   x = rng.standard_normal((4, k)).astype(np.float32)
-  np.testing.assert_allclose(np.asarray(jax.jit(si.ell_matmul)(jnp.asarray(x), e)), x @ w,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(jax.jit(si.ell_matmul)(jnp.asarray(x), e)), x @ w, rtol=1e-5, atol=1e-5
+  )
 
 
 def test_block_size_is_density_of_dense_bytes():
@@ -74,7 +82,9 @@ def test_block_size_is_density_of_dense_bytes():
 def test_choose_format():
   rng = np.random.default_rng(0)
   assert si.choose_format(block_pruned((128, 64), (16, 16), 0.9)) == (
-      'block', {'block_shape': (16, 16)})
+    'block',
+    {'block_shape': (16, 16)},
+  )
   assert si.choose_format(block_pruned((128, 64), (32, 32), 0.9))[1] == {'block_shape': (32, 32)}
   w = rng.standard_normal((64, 64)).astype(np.float32)
   nm = np.asarray(jnp.where(prunax.selection.n_by_m_mask(jnp.abs(w), 2, 4), w, 0))
@@ -131,5 +141,6 @@ def test_formats_save_load_and_sparse_apply(tmp_path, fmt):
   for a, b in zip(jax.tree.leaves(export.densify(loaded)), jax.tree.leaves(pruned)):
     np.testing.assert_array_equal(u32(a), u32(b))
   got = jax.jit(lambda p, x: export.sparse_apply(model, p, x))(loaded, x)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(model.apply(pruned, x)), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(got), np.asarray(model.apply(pruned, x)), rtol=1e-5, atol=1e-5
+  )

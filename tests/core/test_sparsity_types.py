@@ -74,8 +74,10 @@ def _nm_reference(scores, n, m, axis):
   return np.moveaxis(keep.reshape(moved.shape), -1, axis)
 
 
-@pytest.mark.parametrize('n,m,axis,shape', [(2, 4, -1, (6, 8)), (1, 4, 0, (8, 3)),
-                                            (3, 8, 1, (2, 16, 3)), (4, 4, -1, (3, 4))])
+@pytest.mark.parametrize(
+  'n,m,axis,shape',
+  [(2, 4, -1, (6, 8)), (1, 4, 0, (8, 3)), (3, 8, 1, (2, 16, 3)), (4, 4, -1, (3, 4))],
+)
 def test_n_by_m_exact_per_group(n, m, axis, shape):
   # Few distinct values, so groups contain ties.
   scores = jnp.round(jax.random.uniform(jax.random.PRNGKey(n + m), shape) * 3)
@@ -111,8 +113,10 @@ def _block_reference(scores, block, sparsity, avg):
   return mask, keep_blocks
 
 
-@pytest.mark.parametrize('shape,block', [((10,), (4,)), ((8, 8), (2, 4)), ((7, 10), (3, 4)),
-                                         ((5, 6, 7), (2, 3)), ((4, 6, 9), (2, 3, 4))])
+@pytest.mark.parametrize(
+  'shape,block',
+  [((10,), (4,)), ((8, 8), (2, 4)), ((7, 10), (3, 4)), ((5, 6, 7), (2, 3)), ((4, 6, 9), (2, 3, 4))],
+)
 @pytest.mark.parametrize('avg', [True, False])
 def test_block_pooling_matches_reference(shape, block, avg):
   scores = jax.random.uniform(jax.random.PRNGKey(len(shape)), shape)
@@ -137,22 +141,32 @@ def test_channel_exact_count(axis):
   assert means[kept].min() >= means[~kept].max()
 
 
-@pytest.mark.parametrize('spec,expected', [
-    ('unstructured', prunax.Unstructured()), ('nm_2,4', prunax.NByM(2, 4)),
-    ('block_4,4', prunax.Block((4, 4))), ('channel_0', prunax.Channel(0)),
-    ('channel_-1', prunax.Channel(-1)), ('block_8', prunax.Block((8,)))])
+@pytest.mark.parametrize(
+  'spec,expected',
+  [
+    ('unstructured', prunax.Unstructured()),
+    ('nm_2,4', prunax.NByM(2, 4)),
+    ('block_4,4', prunax.Block((4, 4))),
+    ('channel_0', prunax.Channel(0)),
+    ('channel_-1', prunax.Channel(-1)),
+    ('block_8', prunax.Block((8,))),
+  ],
+)
 def test_from_string(spec, expected):
   assert sparsity_types.from_string(spec) == expected
 
 
-@pytest.mark.parametrize('make,match', [
+@pytest.mark.parametrize(
+  'make,match',
+  [
     (lambda: prunax.NByM(5, 4), r'NByM\(5, 4\): n must be an integer in \[1, 4\], got 5'),
     (lambda: prunax.NByM(-1, 4), r'got -1'),
     (lambda: prunax.NByM(1, 0), r'm must be an integer >= 1, got 0'),
     (lambda: prunax.Block((0, 2)), r'block_shape must be positive'),
     (lambda: sparsity_types.from_string('nm_2-4'), r"Unknown sparsity type 'nm_2-4'"),
     (lambda: sparsity_types.from_string('blocks'), r'valid forms'),
-])
+  ],
+)
 def test_bad_structures(make, match):
   with pytest.raises(ValueError, match=match):
     make()

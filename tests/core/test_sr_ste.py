@@ -26,8 +26,12 @@ def test_one_step_adds_decay_on_pruned_weights():
   w = state.dense_params['layer1']['kernel']
   g = jax.grad(loss_fn)(params, batch)['layer1']['kernel']
   _, new_state = tx.update(jax.grad(loss_fn)(params, batch), state, params)
-  np.testing.assert_allclose(new_state.dense_params['layer1']['kernel'],
-                             w - (g + decay * jnp.where(m, 0.0, w)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    new_state.dense_params['layer1']['kernel'],
+    w - (g + decay * jnp.where(m, 0.0, w)),
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def test_pruned_weights_shrink_relative_to_plain_ste():
@@ -35,8 +39,8 @@ def test_pruned_weights_shrink_relative_to_plain_ste():
   pruned_norm = {}
   for decay in (0.0, 0.2):
     updater = prunax.create_updater_from_config(
-        {'algorithm': 'sr_ste', 'sparsity_type': 'nm_2,4', 'sparsity': 0.5,
-         'extra': {'decay': decay}})
+      {'algorithm': 'sr_ste', 'sparsity_type': 'nm_2,4', 'sparsity': 0.5, 'extra': {'decay': decay}}
+    )
     _, state, _ = run(updater.wrap_optax(optax.sgd(0.1)), params, 30)
     total = 0.0
     for n in ('layer0', 'layer1'):

@@ -15,11 +15,12 @@ from .conftest import make_batch
 from .conftest import mlp_params
 
 ALGORITHMS = {
-    'magnitude': lambda: prunax.MagnitudePruning(
-        sparsity=0.75, scheduler=sched.PolynomialSchedule(1, 0, 4)),
-    'rigl': lambda: prunax.RigL(sparsity=0.75, scheduler=sched.PeriodicSchedule(2, 1)),
-    'ste': lambda: prunax.SteMagnitudePruning(sparsity=0.75),
-    'autosparse': lambda: prunax.AutoSparse(s_init=-2.0, threshold_lr=1.0),
+  'magnitude': lambda: prunax.MagnitudePruning(
+    sparsity=0.75, scheduler=sched.PolynomialSchedule(1, 0, 4)
+  ),
+  'rigl': lambda: prunax.RigL(sparsity=0.75, scheduler=sched.PeriodicSchedule(2, 1)),
+  'ste': lambda: prunax.SteMagnitudePruning(sparsity=0.75),
+  'autosparse': lambda: prunax.AutoSparse(s_init=-2.0, threshold_lr=1.0),
 }
 
 

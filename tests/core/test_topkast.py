@@ -45,10 +45,12 @@ def test_gradients_backward_set_and_penalty(alpha):
     np.testing.assert_array_equal(params[n]['kernel'], jnp.where(a, w, 0))
     b = _top(w, w.size - round(0.5 * w.size))
     g = grads[n]['kernel']
-    expected = jnp.where(a, g + penalty * w,
-                         jnp.where(b, alpha * g + penalty / (a.sum() / a.size) * w, 0.0))
-    np.testing.assert_allclose(new_state.dense_params[n]['kernel'], w - expected,
-                               rtol=1e-5, atol=1e-6)
+    expected = jnp.where(
+      a, g + penalty * w, jnp.where(b, alpha * g + penalty / (a.sum() / a.size) * w, 0.0)
+    )
+    np.testing.assert_allclose(
+      new_state.dense_params[n]['kernel'], w - expected, rtol=1e-5, atol=1e-6
+    )
     outside = ~b
     assert int(outside.sum()) == round(0.5 * w.size)
     np.testing.assert_array_equal(new_state.dense_params[n]['kernel'][outside], w[outside])
@@ -59,15 +61,22 @@ def test_topkast_ga_anneals_and_is_registered():
     prunax.TopKASTGA(sparsity=0.8)
   with pytest.raises(ValueError, match='backward set must contain'):
     prunax.TopKAST(sparsity=0.5, backward_sparsity=0.8)
-  updater = prunax.create_updater_from_config({
-      'algorithm': 'topkast_ga', 'sparsity': 0.8,
-      'extra': {'alpha': {'kind': 'linear', 'alpha0': 0.5, 'decay_steps': 2}}})
+  updater = prunax.create_updater_from_config(
+    {
+      'algorithm': 'topkast_ga',
+      'sparsity': 0.8,
+      'extra': {'alpha': {'kind': 'linear', 'alpha0': 0.5, 'decay_steps': 2}},
+    }
+  )
   assert isinstance(updater, prunax.TopKASTGA)
   assert float(updater.alpha(1)) == pytest.approx(0.25)
   state, params, grads, new_state = _two_steps(updater)  # step 2 is step index 1: alpha = 0.25
   w = state.dense_params['layer1']['kernel']
   a = prunax.bool_masks(state, params)['layer1']['kernel']
-  np.testing.assert_allclose(new_state.dense_params['layer1']['kernel'],
-                             w - jnp.where(a, 1.0, 0.25) * grads['layer1']['kernel'],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    new_state.dense_params['layer1']['kernel'],
+    w - jnp.where(a, 1.0, 0.25) * grads['layer1']['kernel'],
+    rtol=1e-5,
+    atol=1e-6,
+  )
   assert prunax.get_algorithm('topkast') is prunax.TopKAST

@@ -24,21 +24,26 @@ from tests.core.conftest import run
 GRADUAL = sched.PolynomialSchedule(update_freq=2, update_start_step=1, update_end_step=7)
 PERIODIC = sched.PeriodicSchedule(update_freq=2, update_start_step=1)
 ALGORITHMS = {
-    'magnitude': lambda **kw: prunax.MagnitudePruning(sparsity=0.8, scheduler=GRADUAL, **kw),
-    'random': lambda **kw: prunax.RandomPruning(sparsity=0.8, scheduler=GRADUAL, **kw),
-    'saliency': lambda **kw: prunax.SaliencyPruning(sparsity=0.8, scheduler=GRADUAL, **kw),
-    'global_magnitude': lambda **kw: prunax.GlobalMagnitudePruning(
-        sparsity=0.8, scheduler=GRADUAL, **kw),
-    'global_saliency': lambda **kw: prunax.GlobalSaliencyPruning(
-        sparsity=0.8, scheduler=GRADUAL, **kw),
-    'magnitude_ste': lambda **kw: prunax.SteMagnitudePruning(sparsity=0.8, scheduler=GRADUAL, **kw),
-    'random_ste': lambda **kw: prunax.SteRandomPruning(sparsity=0.8, scheduler=GRADUAL, **kw),
-    'static_sparse': lambda **kw: prunax.StaticRandomSparse(
-        sparsity=0.8, sparsity_distribution_fn='erk', **kw),
-    'set': lambda **kw: prunax.SET(sparsity=0.8, sparsity_distribution_fn='erk',
-                                   scheduler=PERIODIC, **kw),
-    'rigl': lambda **kw: prunax.RigL(sparsity=0.8, sparsity_distribution_fn='erk',
-                                     scheduler=PERIODIC, **kw),
+  'magnitude': lambda **kw: prunax.MagnitudePruning(sparsity=0.8, scheduler=GRADUAL, **kw),
+  'random': lambda **kw: prunax.RandomPruning(sparsity=0.8, scheduler=GRADUAL, **kw),
+  'saliency': lambda **kw: prunax.SaliencyPruning(sparsity=0.8, scheduler=GRADUAL, **kw),
+  'global_magnitude': lambda **kw: prunax.GlobalMagnitudePruning(
+    sparsity=0.8, scheduler=GRADUAL, **kw
+  ),
+  'global_saliency': lambda **kw: prunax.GlobalSaliencyPruning(
+    sparsity=0.8, scheduler=GRADUAL, **kw
+  ),
+  'magnitude_ste': lambda **kw: prunax.SteMagnitudePruning(sparsity=0.8, scheduler=GRADUAL, **kw),
+  'random_ste': lambda **kw: prunax.SteRandomPruning(sparsity=0.8, scheduler=GRADUAL, **kw),
+  'static_sparse': lambda **kw: prunax.StaticRandomSparse(
+    sparsity=0.8, sparsity_distribution_fn='erk', **kw
+  ),
+  'set': lambda **kw: prunax.SET(
+    sparsity=0.8, sparsity_distribution_fn='erk', scheduler=PERIODIC, **kw
+  ),
+  'rigl': lambda **kw: prunax.RigL(
+    sparsity=0.8, sparsity_distribution_fn='erk', scheduler=PERIODIC, **kw
+  ),
 }
 
 
@@ -78,8 +83,10 @@ def _check_schedule(name, updater, params, history):
       assert not w[~m].any(), f'{name}: pruned weights of {n} are not zero at step {step}'
       got[n] = int((~m).sum())
     if updater.is_global:
-      assert sum(got.values()) == _zeros(float(updater.scheduler.sparsity(step, 0.8)),
-                                         sum(np.size(x) for x in jax.tree.leaves(masks)))
+      assert sum(got.values()) == _zeros(
+        float(updater.scheduler.sparsity(step, 0.8)),
+        sum(np.size(x) for x in jax.tree.leaves(masks)),
+      )
     else:
       assert got == expected, (name, step)
 
@@ -126,8 +133,9 @@ def test_explicit_hooks_give_the_same_results(name):
   for _ in range(8):
     p, state = hand_step(p, state, batch)
   jax.tree.map(np.testing.assert_array_equal, pure, p)
-  jax.tree.map(np.testing.assert_array_equal, _bool_masks(pure_state, params),
-               _bool_masks(state, params))
+  jax.tree.map(
+    np.testing.assert_array_equal, _bool_masks(pure_state, params), _bool_masks(state, params)
+  )
 
 
 def test_ste_keeps_dense_weights_and_trains_them():
@@ -161,37 +169,45 @@ def test_ste_gradients_at_sparse_weights_update_the_dense_ones():
   p2, state2 = jax.jit(make_step(tx))(p1, state, batch)
   dense1 = prunax.get_sparse_state(state).dense_params['layer1']['kernel']
   dense2 = prunax.get_sparse_state(state2).dense_params['layer1']['kernel']
-  np.testing.assert_allclose(dense2, dense1 - 0.1 * grads['layer1']['kernel'], rtol=1e-5,
-                             atol=1e-7)
+  np.testing.assert_allclose(dense2, dense1 - 0.1 * grads['layer1']['kernel'], rtol=1e-5, atol=1e-7)
 
 
 INNER = {
-    'sgd_momentum': lambda: optax.sgd(0.05, momentum=0.9),
-    'adam': lambda: optax.adam(1e-2),
-    'adamw': lambda: optax.adamw(1e-2, weight_decay=1e-2),
-    'lion': lambda: optax.lion(1e-3),
-    'rmsprop': lambda: optax.rmsprop(1e-2, momentum=0.5),
-    'chain': lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
-    'inject': lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
+  'sgd_momentum': lambda: optax.sgd(0.05, momentum=0.9),
+  'adam': lambda: optax.adam(1e-2),
+  'adamw': lambda: optax.adamw(1e-2, weight_decay=1e-2),
+  'lion': lambda: optax.lion(1e-3),
+  'rmsprop': lambda: optax.rmsprop(1e-2, momentum=0.5),
+  'chain': lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
+  'inject': lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
 }
 
 
 def _moments_of(inner, inner_state, params, name):
   """The leaves named ``name`` of every params-shaped subtree of an optax state."""
   names = jax.tree_util.tree_map_with_path(
-      lambda path, _: prunax.sparsity_distributions.path_name(path), params)
+    lambda path, _: prunax.sparsity_distributions.path_name(path), params
+  )
   found = []
   optax.tree_utils.tree_map_params(
-      inner, lambda v, n: (found.append(v) if n == name else None) or v, inner_state, names,
-      transform_non_params=lambda v: v)
+    inner,
+    lambda v, n: (found.append(v) if n == name else None) or v,
+    inner_state,
+    names,
+    transform_non_params=lambda v: v,
+  )
   return found
 
 
 @pytest.mark.parametrize('inner_name', sorted(INNER))
 def test_rigl_resets_moments_of_regrown_weights(inner_name):
   inner = INNER[inner_name]()
-  updater = prunax.RigL(sparsity=0.7, drop_fraction=0.5, drop_fraction_fn='constant',
-                        scheduler=sched.PeriodicSchedule(update_freq=3, update_start_step=3))
+  updater = prunax.RigL(
+    sparsity=0.7,
+    drop_fraction=0.5,
+    drop_fraction_fn='constant',
+    scheduler=sched.PeriodicSchedule(update_freq=3, update_start_step=3),
+  )
   params = mlp_params()
   tx = updater.wrap_optax(inner)
   _, _, history = run(tx, params, steps=5)
@@ -201,16 +217,22 @@ def test_rigl_resets_moments_of_regrown_weights(inner_name):
   grown = np.asarray(new & ~old)
   assert grown.sum() > 0
   assert not np.asarray(p_after['layer0']['kernel'])[grown].any()  # grown weights start at 0
-  kernels = [np.asarray(m) for m in _moments_of(
-      inner, prunax.get_sparse_state(after).inner_state, params, 'layer0/kernel')]
+  kernels = [
+    np.asarray(m)
+    for m in _moments_of(inner, prunax.get_sparse_state(after).inner_state, params, 'layer0/kernel')
+  ]
   assert kernels, 'no moments found'
   kernels = [k for k in kernels if k.shape == grown.shape]
   for k in kernels:
     assert not k[grown].any(), f'{inner_name}: moments of regrown weights not reset'
   # Moments of inactive weights are held at zero from the next step on (zeroed as the
   # optimizer reads them), so dropped weights never carry moments into a later regrowth.
-  nxt = [np.asarray(m) for m in _moments_of(
-      inner, prunax.get_sparse_state(history[4][1]).inner_state, params, 'layer0/kernel')]
+  nxt = [
+    np.asarray(m)
+    for m in _moments_of(
+      inner, prunax.get_sparse_state(history[4][1]).inner_state, params, 'layer0/kernel'
+    )
+  ]
   inactive = ~np.asarray(_bool_masks(history[4][1], params)['layer0']['kernel'])
   for k in nxt:
     if k.shape == inactive.shape:
@@ -220,24 +242,33 @@ def test_rigl_resets_moments_of_regrown_weights(inner_name):
 
 
 def _sparse_state(count, masks, params):
-  return prunax.SparseState(inner_state=(), masks=masks, count=jnp.int32(count),
-                            rng=jax.random.PRNGKey(0))
+  return prunax.SparseState(
+    inner_state=(), masks=masks, count=jnp.int32(count), rng=jax.random.PRNGKey(0)
+  )
 
 
-@pytest.mark.parametrize('fraction,expected', [
+@pytest.mark.parametrize(
+  'fraction,expected',
+  [
     (0.0, [1, 1, 1, 1, 0, 0, 0, 0]),
-    (0.25, [1, 1, 1, 0, 0, 1, 0, 0]),   # drop w=0.4 (smallest active), grow max |g| (idx 5)
-    (0.5, [1, 1, 0, 0, 0, 1, 0, 1]),    # drop 0.4 and 0.5, grow idx 5 and 7
-    (0.75, [1, 0, 0, 0, 0, 1, 1, 1]),   # drop 3, grow idx 5, 7, 6
-    (1.0, [0, 0, 0, 1, 0, 1, 1, 1]),    # drop all; grow best 4 |g| incl. dropped idx 3
-])
+    (0.25, [1, 1, 1, 0, 0, 1, 0, 0]),  # drop w=0.4 (smallest active), grow max |g| (idx 5)
+    (0.5, [1, 1, 0, 0, 0, 1, 0, 1]),  # drop 0.4 and 0.5, grow idx 5 and 7
+    (0.75, [1, 0, 0, 0, 0, 1, 1, 1]),  # drop 3, grow idx 5, 7, 6
+    (1.0, [0, 0, 0, 1, 0, 1, 1, 1]),  # drop all; grow best 4 |g| incl. dropped idx 3
+  ],
+)
 def test_rigl_golden_masks(fraction, expected):
   w = jnp.array([[0.9, -0.8, 0.5, -0.4, 0.0, 0.0, 0.0, 0.0]])
   g = jnp.array([[0.0, 0.1, 0.2, 0.3, 0.05, 0.9, 0.4, 0.7]])
   old = jnp.array([[1, 1, 1, 1, 0, 0, 0, 0]], bool)
   rigl = prunax.RigL(sparsity=0.5, drop_fraction=fraction, drop_fraction_fn='constant')
-  masks = rigl.compute_masks({'w': w}, {'w': 0.5}, sparse_state=_sparse_state(0, None, None),
-                             grads={'w': g}, old_masks={'w': old})
+  masks = rigl.compute_masks(
+    {'w': w},
+    {'w': 0.5},
+    sparse_state=_sparse_state(0, None, None),
+    grads={'w': g},
+    old_masks={'w': old},
+  )
   np.testing.assert_array_equal(masks['w'][0], np.array(expected, bool))
 
 
@@ -247,8 +278,9 @@ def test_set_drops_smallest_and_grows_at_random(fraction):
   old = prunax.Unstructured().mask(jax.random.uniform(jax.random.PRNGKey(1), (8, 16)), 0.75)
   w = jnp.where(old, w, 0)
   st = prunax.SET(sparsity=0.75, drop_fraction=fraction, drop_fraction_fn='constant')
-  new = st.compute_masks({'w': w}, {'w': 0.75}, sparse_state=_sparse_state(4, None, None),
-                         old_masks={'w': old})['w']
+  new = st.compute_masks(
+    {'w': w}, {'w': 0.75}, sparse_state=_sparse_state(4, None, None), old_masks={'w': old}
+  )['w']
   old, new, w = np.asarray(old), np.asarray(new), np.asarray(w)
   n_active = old.sum()
   n_drop = int(np.round(np.float32(fraction) * n_active))
@@ -256,14 +288,13 @@ def test_set_drops_smallest_and_grows_at_random(fraction):
   flat_w, flat_old = np.abs(w).reshape(-1), old.reshape(-1)
   order = sorted(np.flatnonzero(flat_old), key=lambda i: (-flat_w[i], i))
   survivors = np.zeros(flat_w.size, bool)
-  survivors[order[:n_active - n_drop]] = True
+  survivors[order[: n_active - n_drop]] = True
   assert new.reshape(-1)[survivors].all()  # the largest active weights stay
   assert (new.reshape(-1) & ~survivors).sum() == n_drop  # as many grown as dropped
 
 
 def test_cosine_drop_fraction():
-  rigl = prunax.RigL(sparsity=0.5, drop_fraction=0.3,
-                     scheduler=sched.PeriodicSchedule(10, 0, 100))
+  rigl = prunax.RigL(sparsity=0.5, drop_fraction=0.3, scheduler=sched.PeriodicSchedule(10, 0, 100))
   for step in (0, 25, 50, 100, 150):
     expected = 0.3 * 0.5 * (1 + np.cos(np.pi * min(step, 100) / 100))
     assert float(rigl.drop_fraction_at(step)) == pytest.approx(expected, abs=1e-6)
@@ -271,9 +302,12 @@ def test_cosine_drop_fraction():
 
 @pytest.mark.parametrize('name', ['set', 'rigl'])
 def test_sparsity_preserved_across_many_updates(name):
-  updater = dataclasses.replace(ALGORITHMS[name](), drop_fraction=0.5,
-                                drop_fraction_fn='constant',
-                                scheduler=sched.PeriodicSchedule(update_freq=1))
+  updater = dataclasses.replace(
+    ALGORITHMS[name](),
+    drop_fraction=0.5,
+    drop_fraction_fn='constant',
+    scheduler=sched.PeriodicSchedule(update_freq=1),
+  )
   params = mlp_params()
   _, _, history = run(updater.wrap_optax(optax.adam(1e-2)), params, steps=25)
   first = None
@@ -285,8 +319,9 @@ def test_sparsity_preserved_across_many_updates(name):
     for layer in ('layer0', 'layer1'):
       m = np.asarray(masks[layer]['kernel'])
       assert not np.asarray(p[layer]['kernel'])[~m].any()
-  changed = prunax.summarize_intersection(_bool_masks(history[0][1], params),
-                                          _bool_masks(history[-1][1], params))
+  changed = prunax.summarize_intersection(
+    _bool_masks(history[0][1], params), _bool_masks(history[-1][1], params)
+  )
   assert changed['total_iou'] < 0.9  # the topology really evolved
 
 
@@ -310,11 +345,17 @@ def test_any_pytree(container):
   elif container == 'list':
     params = [base['layer0'], base['layer1']]
   else:
-    params = ((base['layer0']['kernel'], base['layer0']['bias']),
-              (base['layer1']['kernel'], base['layer1']['bias']))
+    params = (
+      (base['layer0']['kernel'], base['layer0']['bias']),
+      (base['layer1']['kernel'], base['layer1']['bias']),
+    )
   custom = {'frozendict': 'layer1/kernel', 'list': '1/kernel', 'tuple': '1/0'}[container]
-  updater = prunax.MagnitudePruning(sparsity=0.5, sparsity_distribution_fn=(
-      prunax.sparsity_distributions.Partial('uniform', custom_sparsity_map={custom: 0.25})))
+  updater = prunax.MagnitudePruning(
+    sparsity=0.5,
+    sparsity_distribution_fn=(
+      prunax.sparsity_distributions.Partial('uniform', custom_sparsity_map={custom: 0.25})
+    ),
+  )
   tx = updater.wrap_optax(optax.sgd(0.1))
   grads = jax.tree.map(jnp.ones_like, params)
   state = tx.init(params)
@@ -352,12 +393,24 @@ def test_nnx_state():
 
 
 def test_updaters_are_hashable_immutable_static_args():
-  a = prunax.create_updater_from_config({'algorithm': 'rigl', 'sparsity': 0.8,
-                                         'dist_type': 'erk', 'update_freq': 5,
-                                         'custom_sparsity_map': {'layer0/kernel': 0.5}})
-  b = prunax.create_updater_from_config({'algorithm': 'rigl', 'sparsity': 0.8,
-                                         'dist_type': 'erk', 'update_freq': 5,
-                                         'custom_sparsity_map': {'layer0/kernel': 0.5}})
+  a = prunax.create_updater_from_config(
+    {
+      'algorithm': 'rigl',
+      'sparsity': 0.8,
+      'dist_type': 'erk',
+      'update_freq': 5,
+      'custom_sparsity_map': {'layer0/kernel': 0.5},
+    }
+  )
+  b = prunax.create_updater_from_config(
+    {
+      'algorithm': 'rigl',
+      'sparsity': 0.8,
+      'dist_type': 'erk',
+      'update_freq': 5,
+      'custom_sparsity_map': {'layer0/kernel': 0.5},
+    }
+  )
   assert a == b and hash(a) == hash(b)
   with pytest.raises(dataclasses.FrozenInstanceError):
     a.sparsity = 0.1
@@ -386,15 +439,23 @@ def test_instant_sparsify_exact():
   with pytest.raises(ValueError, match=r'needs gradients'):
     prunax.SaliencyPruning(sparsity=0.5).instant_sparsify(params)
   sal, _ = prunax.SaliencyPruning(sparsity=0.5).instant_sparsify(
-      params, grads=jax.tree.map(jnp.ones_like, params))
+    params, grads=jax.tree.map(jnp.ones_like, params)
+  )
   assert prunax.summarize_sparsity(sal)['total_sparsity'] == 0.5
 
 
 @pytest.mark.parametrize('structure', ['nm_2,4', 'block_2,4', 'channel_-1', 'channel_0'])
 def test_structured_training_self_sufficient(structure):
   updater = prunax.create_updater_from_config(
-      {'algorithm': 'magnitude', 'sparsity': 0.5, 'sparsity_type': structure,
-       'update_freq': 1, 'update_start_step': 0, 'update_end_step': 3})
+    {
+      'algorithm': 'magnitude',
+      'sparsity': 0.5,
+      'sparsity_type': structure,
+      'update_freq': 1,
+      'update_start_step': 0,
+      'update_end_step': 3,
+    }
+  )
   params = mlp_params()
   p, state, _ = run(updater.wrap_optax(optax.adam(1e-2)), params, steps=5)
   masks = _bool_masks(state, params)
@@ -413,20 +474,32 @@ def test_structured_training_self_sufficient(structure):
 
 
 def test_config_and_registry():
-  cfg = ml_collections.ConfigDict({'algorithm': 'magnitude', 'sparsity': 0.9, 'dist_type': 'erk',
-                                   'sparsity_type': 'block_4,4', 'update_freq': 10,
-                                   'update_start_step': 100, 'update_end_step': 1000})
+  cfg = ml_collections.ConfigDict(
+    {
+      'algorithm': 'magnitude',
+      'sparsity': 0.9,
+      'dist_type': 'erk',
+      'sparsity_type': 'block_4,4',
+      'update_freq': 10,
+      'update_start_step': 100,
+      'update_end_step': 1000,
+    }
+  )
   updater = prunax.create_updater_from_config(cfg)
   assert isinstance(updater, prunax.MagnitudePruning)
   assert updater.sparsity_type == prunax.Block((4, 4))
   assert updater.scheduler == sched.PolynomialSchedule(10, 100, 1000)
-  one_shot = prunax.create_updater_from_config({'algorithm': 'magnitude', 'sparsity': 0.5,
-                                                'update_start_step': 7})
+  one_shot = prunax.create_updater_from_config(
+    {'algorithm': 'magnitude', 'sparsity': 0.5, 'update_start_step': 7}
+  )
   assert one_shot.scheduler == sched.OneShotSchedule(7)
-  assert isinstance(prunax.create_updater_from_config(
-      {'algorithm': 'static_sparse', 'sparsity': 0.5}).scheduler, sched.NoUpdateSchedule)
+  assert isinstance(
+    prunax.create_updater_from_config({'algorithm': 'static_sparse', 'sparsity': 0.5}).scheduler,
+    sched.NoUpdateSchedule,
+  )
   set_updater = prunax.create_updater_from_config(
-      {'algorithm': 'set', 'sparsity': 0.5, 'update_freq': 4})
+    {'algorithm': 'set', 'sparsity': 0.5, 'update_freq': 4}
+  )
   assert set_updater.scheduler == sched.PeriodicSchedule(4)
 
   @dataclasses.dataclass(frozen=True)
@@ -441,26 +514,50 @@ def test_config_and_registry():
   np.testing.assert_array_equal(sparse['w'], [[1, 2, 3, 4], [0, 0, 0, 0]])
 
 
-@pytest.mark.parametrize('cfg,error,match', [
+@pytest.mark.parametrize(
+  'cfg,error,match',
+  [
     ({'algorithm': 'magnitud', 'sparsity': 0.5}, ValueError, r"Unknown algorithm 'magnitud'"),
     ({'algorithm': 'magnitude', 'sparsity': 1.2}, ValueError, r'\[0, 1\), got 1.2'),
-    ({'algorithm': 'magnitude', 'sparsity': 0.5, 'sparsity_type': 'nm_4,2'}, ValueError,
-     r'n must be an integer in \[1, 2\], got 4'),
-    ({'algorithm': 'magnitude', 'sparsity': 0.5, 'sparsity_type': 'diagonal'}, ValueError,
-     r"Unknown sparsity type 'diagonal'"),
-    ({'algorithm': 'magnitude', 'sparsity': 0.5, 'dist_type': 'gaussian'}, ValueError,
-     r"Unknown sparsity distribution 'gaussian'"),
-    ({'algorithm': 'magnitude', 'sparsity': 0.5, 'sparsty': 0.3}, ValueError,
-     r"Unknown sparsity config keys \['sparsty'\]"),
+    (
+      {'algorithm': 'magnitude', 'sparsity': 0.5, 'sparsity_type': 'nm_4,2'},
+      ValueError,
+      r'n must be an integer in \[1, 2\], got 4',
+    ),
+    (
+      {'algorithm': 'magnitude', 'sparsity': 0.5, 'sparsity_type': 'diagonal'},
+      ValueError,
+      r"Unknown sparsity type 'diagonal'",
+    ),
+    (
+      {'algorithm': 'magnitude', 'sparsity': 0.5, 'dist_type': 'gaussian'},
+      ValueError,
+      r"Unknown sparsity distribution 'gaussian'",
+    ),
+    (
+      {'algorithm': 'magnitude', 'sparsity': 0.5, 'sparsty': 0.3},
+      ValueError,
+      r"Unknown sparsity config keys \['sparsty'\]",
+    ),
     ({'algorithm': 'magnitude'}, ValueError, r'needs a target sparsity'),
-    ({'algorithm': 'magnitude', 'sparsity': 0.5, 'drop_fraction': 0.1}, ValueError,
-     r'drop_fraction applies only'),
-    ({'algorithm': 'rigl', 'sparsity': 0.5, 'sparsity_type': 'nm_2,4'}, ValueError,
-     r'supports only unstructured'),
-    ({'algorithm': 'magnitude', 'sparsity': 0.5, 'update_start_step': 10,
-      'update_end_step': 5}, ValueError, r'update_end_step=5 precedes update_start_step=10'),
+    (
+      {'algorithm': 'magnitude', 'sparsity': 0.5, 'drop_fraction': 0.1},
+      ValueError,
+      r'drop_fraction applies only',
+    ),
+    (
+      {'algorithm': 'rigl', 'sparsity': 0.5, 'sparsity_type': 'nm_2,4'},
+      ValueError,
+      r'supports only unstructured',
+    ),
+    (
+      {'algorithm': 'magnitude', 'sparsity': 0.5, 'update_start_step': 10, 'update_end_step': 5},
+      ValueError,
+      r'update_end_step=5 precedes update_start_step=10',
+    ),
     ({'sparsity': 0.5}, ValueError, r'needs an "algorithm"'),
-])
+  ],
+)
 def test_bad_configs(cfg, error, match):
   with pytest.raises(error, match=match):
     prunax.create_updater_from_config(cfg)
@@ -490,19 +587,32 @@ def test_summaries():
   s = prunax.summarize_sparsity(tree)
   # The '_' totals (jaxpruner's keys) count every leaf, whatever the filter.
   jaxpruner_totals = {'_total_sparsity': 6 / 11, '_nparams': 11.0, '_nparams_nnz': 5.0}
-  assert s == {'sparsity/a': 0.75, 'sparsity/b': 0.0, 'total_sparsity': 0.375,
-               'total_params': 8.0, 'total_nonzero': 5.0, **jaxpruner_totals}
+  assert s == {
+    'sparsity/a': 0.75,
+    'sparsity/b': 0.0,
+    'total_sparsity': 0.375,
+    'total_params': 8.0,
+    'total_nonzero': 5.0,
+    **jaxpruner_totals,
+  }
   all_leaves = prunax.summarize_sparsity(tree, only_total=True, filter_fn=lambda n, x: True)
-  assert all_leaves == {'total_sparsity': 6 / 11, 'total_params': 11.0, 'total_nonzero': 5.0,
-                        **jaxpruner_totals}
-  inter = prunax.summarize_intersection({'a': jnp.array([1, 1, 0, 0])},
-                                        {'a': jnp.array([1, 0, 1, 0])})
+  assert all_leaves == {
+    'total_sparsity': 6 / 11,
+    'total_params': 11.0,
+    'total_nonzero': 5.0,
+    **jaxpruner_totals,
+  }
+  inter = prunax.summarize_intersection(
+    {'a': jnp.array([1, 1, 0, 0])}, {'a': jnp.array([1, 0, 1, 0])}
+  )
   assert inter['iou/a'] == pytest.approx(1 / 3) and inter['kept_fraction/a'] == 0.5
 
 
 def test_global_pruning_honours_custom_map_and_rejects_erk():
-  params = {'first': jnp.arange(1.0, 17.0).reshape(4, 4),
-            'rest': jnp.arange(1.0, 33.0).reshape(4, 8) / 100}
+  params = {
+    'first': jnp.arange(1.0, 17.0).reshape(4, 4),
+    'rest': jnp.arange(1.0, 33.0).reshape(4, 8) / 100,
+  }
   dist = prunax.sparsity_distributions.Partial('uniform', custom_sparsity_map={'first': 0.0})
   updater = prunax.GlobalMagnitudePruning(sparsity=0.5, sparsity_distribution_fn=dist)
   sparse, masks = updater.instant_sparsify(params)
@@ -511,18 +621,34 @@ def test_global_pruning_honours_custom_map_and_rejects_erk():
   assert int((masks['rest'] == 0).sum()) == 16
   half = prunax.sparsity_distributions.Partial('uniform', custom_sparsity_map={'first': 0.25})
   _, masks = prunax.GlobalMagnitudePruning(
-      sparsity=0.5, sparsity_distribution_fn=half).instant_sparsify(params)
+    sparsity=0.5, sparsity_distribution_fn=half
+  ).instant_sparsify(params)
   masks = prunax.unpack_masks(masks, params)
   assert int((masks['first'] == 0).sum()) == 4 and int((masks['rest'] == 0).sum()) == 16
   with pytest.raises(ValueError, match='not ERK'):
     prunax.GlobalMagnitudePruning(sparsity=0.5, sparsity_distribution_fn='erk')
 
 
-@pytest.mark.parametrize('shape', [(64,), (3, 96), (2, 3, 32), (5, 40), (7,), (4, 8), (3, 200),
-                                   (2, 100), (72,), (6, 12), (2, 1536)])
+@pytest.mark.parametrize(
+  'shape',
+  [
+    (64,),
+    (3, 96),
+    (2, 3, 32),
+    (5, 40),
+    (7,),
+    (4, 8),
+    (3, 200),
+    (2, 100),
+    (72,),
+    (6, 12),
+    (2, 1536),
+  ],
+)
 def test_pack_mask_is_numpy_packbits_and_lazy_masks_read_it(shape):
   from prunax import base_updater
   from prunax import selection
+
   m = np.random.default_rng(sum(shape)).random(shape) < 0.4
   packed = base_updater.pack_mask(jnp.asarray(m))
   # numpy's packbits of each of gcd(d, 8) blocks of the last axis (one block when the

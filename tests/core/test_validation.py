@@ -24,77 +24,119 @@ NAN, INF = float('nan'), float('inf')
 
 # (constructor call, regex its error must match: the bad value and what is valid).
 BAD_VALUES = {
-    'sparsity str': (lambda: prunax.MagnitudePruning(sparsity='0.8'),
-                     r"finite number in \[0, 1\), got '0.8'"),
-    'sparsity bool': (lambda: prunax.MagnitudePruning(sparsity=True), r'got True'),
-    'nm n=0': (lambda: prunax.NByM(0, 4), r'n must be an integer in \[1, 4\], got 0'),
-    'nm_0,4': (lambda: sparsity_types.from_string('nm_0,4'), r'in \[1, 4\], got 0'),
-    'nm bool': (lambda: prunax.NByM(True, 4), r'got True'),
-    'nm axis float': (lambda: prunax.NByM(2, 4, axis=1.5), r'axis must be an integer, got 1.5'),
-    'channel axis str': (lambda: prunax.Channel(axis='x'), r"axis must be an integer, got 'x'"),
-    'block pooling': (lambda: prunax.Block((2, 2), use_avg_pooling='no'),
-                      r"use_avg_pooling must be True or False, got 'no'"),
-    'power -1': (lambda: sched.PolynomialSchedule(power=-1), r'power must be > 0, got -1'),
-    'power nan': (lambda: sched.PolynomialSchedule(power=NAN), r'power must be a finite'),
-    'power str': (lambda: sched.PolynomialSchedule(power='3'), r"power .*got '3'"),
-    'initial_sparsity str': (lambda: sched.PolynomialSchedule(initial_sparsity='0'),
-                             r"initial_sparsity .*got '0'"),
-    'end == start': (lambda: sched.PolynomialSchedule(10, 100, 100), r'end must be after'),
-    'packed_masks str': (lambda: prunax.MagnitudePruning(sparsity=0.5, packed_masks='no'),
-                         r"packed_masks must be True or False, got 'no'"),
-    'seed str': (lambda: prunax.MagnitudePruning(sparsity=0.5, seed='abc'),
-                 r"seed must be an integer .*got 'abc'"),
-    'seed float': (lambda: prunax.RandomPruning(sparsity=0.5, seed=1.5), r'seed .*got 1.5'),
-    'threshold_lr nan': (lambda: prunax.AutoSparse(threshold_lr=NAN),
-                         r'threshold_lr must be a finite number >= 0, got nan'),
-    'threshold_weight_decay str': (lambda: prunax.AutoSparse(threshold_weight_decay='0'),
-                                   r"threshold_weight_decay .*got '0'"),
-    's_init inf': (lambda: prunax.AutoSparse(s_init=-INF), r's_init must be a finite number'),
-    'sr_ste decay nan': (lambda: prunax.SRSTE(decay=NAN), r'decay must be a finite'),
-    'topkast penalty inf': (lambda: prunax.TopKAST(sparsity=0.5, penalty=INF),
-                            r'penalty must be a finite'),
-    'drop_fraction str': (lambda: prunax.SET(sparsity=0.5, drop_fraction='0.3'),
-                          r"drop_fraction .*got '0.3'"),
-    'annealing beta nan': (lambda: prunax.GradientAnnealing(beta=NAN), r'beta must be a finite'),
-    'annealing alpha0 str': (lambda: prunax.GradientAnnealing(alpha0='1'), r"alpha0 .*got '1'"),
-    'annealing steps bool': (lambda: prunax.GradientAnnealing(steps_per_period=True),
-                             r'steps_per_period must be an integer >= 1, got True'),
-    'annealing decay_steps float': (
-        lambda: prunax.GradientAnnealing('cosine', decay_steps=10.5), r'decay_steps .*got 10.5'),
-    'erk_power_scale nan': (lambda: dists.Partial('erk', erk_power_scale=NAN),
-                            r'erk_power_scale must be a finite'),
-    'partial unknown kwarg': (lambda: dists.Partial('uniform', filter=None), r"'filter'"),
-    'custom map key': (lambda: dists.CustomMap({1: 0.5}), r'keys must be .* got 1'),
-    'custom map value': (lambda: prunax.MagnitudePruning(sparsity_distribution_fn={'w': '0.5'}),
-                         r"sparsity for 'w' .*got '0.5'"),
-    'synflow input_shape': (
-        lambda: prunax.pruning_at_init.SynFlow(sparsity=0.5, apply_fn=abs, input_shape=(1, 0)),
-        r'input_shape must be a tuple of positive integers'),
-    'synflow iterations float': (
-        lambda: prunax.pruning_at_init.SynFlow(sparsity=0.5, apply_fn=abs, input_shape=(1, 4),
-                                               iterations=2.0), r'iterations .*got 2.0'),
-    'lottery prune_fraction str': (
-        lambda: prunax.lottery.iterative_magnitude_pruning(None, {}, 2, prune_fraction='0.2'),
-        r"prune_fraction must be a finite number in \(0, 1\), got '0.2'"),
-    'config extra overrides a key': (
-        lambda: prunax.create_updater_from_config(
-            {'algorithm': 'magnitude', 'sparsity': 0.5, 'extra': {'sparsity': 0.9}}),
-        r"\"extra\" sets 'sparsity'"),
-    'config extra unknown': (
-        lambda: prunax.create_updater_from_config(
-            {'algorithm': 'magnitude', 'sparsity': 0.5, 'extra': {'bogus': 1}}),
-        r"'bogus', which is not an argument of MagnitudePruning"),
-    'config power nan': (
-        lambda: prunax.create_updater_from_config(
-            {'algorithm': 'magnitude', 'sparsity': 0.5, 'update_end_step': 10, 'power': NAN}),
-        r'power must be a finite'),
-    'config seed str': (
-        lambda: prunax.create_updater_from_config(
-            {'algorithm': 'magnitude', 'sparsity': 0.5, 'seed': '0'}), r"seed .*got '0'"),
-    'config packed_masks str': (
-        lambda: prunax.create_updater_from_config(
-            {'algorithm': 'magnitude', 'sparsity': 0.5, 'packed_masks': 'false'}),
-        r"packed_masks must be True or False, got 'false'"),
+  'sparsity str': (
+    lambda: prunax.MagnitudePruning(sparsity='0.8'),
+    r"finite number in \[0, 1\), got '0.8'",
+  ),
+  'sparsity bool': (lambda: prunax.MagnitudePruning(sparsity=True), r'got True'),
+  'nm n=0': (lambda: prunax.NByM(0, 4), r'n must be an integer in \[1, 4\], got 0'),
+  'nm_0,4': (lambda: sparsity_types.from_string('nm_0,4'), r'in \[1, 4\], got 0'),
+  'nm bool': (lambda: prunax.NByM(True, 4), r'got True'),
+  'nm axis float': (lambda: prunax.NByM(2, 4, axis=1.5), r'axis must be an integer, got 1.5'),
+  'channel axis str': (lambda: prunax.Channel(axis='x'), r"axis must be an integer, got 'x'"),
+  'block pooling': (
+    lambda: prunax.Block((2, 2), use_avg_pooling='no'),
+    r"use_avg_pooling must be True or False, got 'no'",
+  ),
+  'power -1': (lambda: sched.PolynomialSchedule(power=-1), r'power must be > 0, got -1'),
+  'power nan': (lambda: sched.PolynomialSchedule(power=NAN), r'power must be a finite'),
+  'power str': (lambda: sched.PolynomialSchedule(power='3'), r"power .*got '3'"),
+  'initial_sparsity str': (
+    lambda: sched.PolynomialSchedule(initial_sparsity='0'),
+    r"initial_sparsity .*got '0'",
+  ),
+  'end == start': (lambda: sched.PolynomialSchedule(10, 100, 100), r'end must be after'),
+  'packed_masks str': (
+    lambda: prunax.MagnitudePruning(sparsity=0.5, packed_masks='no'),
+    r"packed_masks must be True or False, got 'no'",
+  ),
+  'seed str': (
+    lambda: prunax.MagnitudePruning(sparsity=0.5, seed='abc'),
+    r"seed must be an integer .*got 'abc'",
+  ),
+  'seed float': (lambda: prunax.RandomPruning(sparsity=0.5, seed=1.5), r'seed .*got 1.5'),
+  'threshold_lr nan': (
+    lambda: prunax.AutoSparse(threshold_lr=NAN),
+    r'threshold_lr must be a finite number >= 0, got nan',
+  ),
+  'threshold_weight_decay str': (
+    lambda: prunax.AutoSparse(threshold_weight_decay='0'),
+    r"threshold_weight_decay .*got '0'",
+  ),
+  's_init inf': (lambda: prunax.AutoSparse(s_init=-INF), r's_init must be a finite number'),
+  'sr_ste decay nan': (lambda: prunax.SRSTE(decay=NAN), r'decay must be a finite'),
+  'topkast penalty inf': (
+    lambda: prunax.TopKAST(sparsity=0.5, penalty=INF),
+    r'penalty must be a finite',
+  ),
+  'drop_fraction str': (
+    lambda: prunax.SET(sparsity=0.5, drop_fraction='0.3'),
+    r"drop_fraction .*got '0.3'",
+  ),
+  'annealing beta nan': (lambda: prunax.GradientAnnealing(beta=NAN), r'beta must be a finite'),
+  'annealing alpha0 str': (lambda: prunax.GradientAnnealing(alpha0='1'), r"alpha0 .*got '1'"),
+  'annealing steps bool': (
+    lambda: prunax.GradientAnnealing(steps_per_period=True),
+    r'steps_per_period must be an integer >= 1, got True',
+  ),
+  'annealing decay_steps float': (
+    lambda: prunax.GradientAnnealing('cosine', decay_steps=10.5),
+    r'decay_steps .*got 10.5',
+  ),
+  'erk_power_scale nan': (
+    lambda: dists.Partial('erk', erk_power_scale=NAN),
+    r'erk_power_scale must be a finite',
+  ),
+  'partial unknown kwarg': (lambda: dists.Partial('uniform', filter=None), r"'filter'"),
+  'custom map key': (lambda: dists.CustomMap({1: 0.5}), r'keys must be .* got 1'),
+  'custom map value': (
+    lambda: prunax.MagnitudePruning(sparsity_distribution_fn={'w': '0.5'}),
+    r"sparsity for 'w' .*got '0.5'",
+  ),
+  'synflow input_shape': (
+    lambda: prunax.pruning_at_init.SynFlow(sparsity=0.5, apply_fn=abs, input_shape=(1, 0)),
+    r'input_shape must be a tuple of positive integers',
+  ),
+  'synflow iterations float': (
+    lambda: prunax.pruning_at_init.SynFlow(
+      sparsity=0.5, apply_fn=abs, input_shape=(1, 4), iterations=2.0
+    ),
+    r'iterations .*got 2.0',
+  ),
+  'lottery prune_fraction str': (
+    lambda: prunax.lottery.iterative_magnitude_pruning(None, {}, 2, prune_fraction='0.2'),
+    r"prune_fraction must be a finite number in \(0, 1\), got '0.2'",
+  ),
+  'config extra overrides a key': (
+    lambda: prunax.create_updater_from_config(
+      {'algorithm': 'magnitude', 'sparsity': 0.5, 'extra': {'sparsity': 0.9}}
+    ),
+    r"\"extra\" sets 'sparsity'",
+  ),
+  'config extra unknown': (
+    lambda: prunax.create_updater_from_config(
+      {'algorithm': 'magnitude', 'sparsity': 0.5, 'extra': {'bogus': 1}}
+    ),
+    r"'bogus', which is not an argument of MagnitudePruning",
+  ),
+  'config power nan': (
+    lambda: prunax.create_updater_from_config(
+      {'algorithm': 'magnitude', 'sparsity': 0.5, 'update_end_step': 10, 'power': NAN}
+    ),
+    r'power must be a finite',
+  ),
+  'config seed str': (
+    lambda: prunax.create_updater_from_config(
+      {'algorithm': 'magnitude', 'sparsity': 0.5, 'seed': '0'}
+    ),
+    r"seed .*got '0'",
+  ),
+  'config packed_masks str': (
+    lambda: prunax.create_updater_from_config(
+      {'algorithm': 'magnitude', 'sparsity': 0.5, 'packed_masks': 'false'}
+    ),
+    r"packed_masks must be True or False, got 'false'",
+  ),
 }
 
 
@@ -125,18 +167,22 @@ def test_n_by_m_sparsity_is_one_minus_n_over_m():
     prunax.MagnitudePruning(sparsity=0.9, sparsity_type='nm_2,4')
   with pytest.raises(ValueError, match=r'1 - n/m = 0.5 .* target sparsity 0.9'):
     prunax.create_updater_from_config(
-        {'algorithm': 'magnitude', 'sparsity': 0.9, 'sparsity_type': 'nm_2,4'})
+      {'algorithm': 'magnitude', 'sparsity': 0.9, 'sparsity_type': 'nm_2,4'}
+    )
   with pytest.raises(ValueError, match=r'ERK'):
     prunax.MagnitudePruning(sparsity_type='nm_2,4', sparsity_distribution_fn='erk')
-  params = {'a': jax.random.normal(jax.random.PRNGKey(0), (4, 8)),
-            'b': jax.random.normal(jax.random.PRNGKey(1), (8, 8))}
+  params = {
+    'a': jax.random.normal(jax.random.PRNGKey(0), (4, 8)),
+    'b': jax.random.normal(jax.random.PRNGKey(1), (8, 8)),
+  }
   # Per-leaf targets from a custom map are checked too; 0.0 keeps a leaf dense.
   with pytest.raises(ValueError, match=r"parameter 'b' has target sparsity 0.3"):
-    prunax.MagnitudePruning(sparsity_type='nm_2,4',
-                            sparsity_distribution_fn={'a': 0.5, 'b': 0.3}).instant_sparsify(params)
+    prunax.MagnitudePruning(
+      sparsity_type='nm_2,4', sparsity_distribution_fn={'a': 0.5, 'b': 0.3}
+    ).instant_sparsify(params)
   _, masks = prunax.MagnitudePruning(
-      sparsity_type='nm_1,4', sparsity_distribution_fn={'a': 0.75, 'b': 0.0}).instant_sparsify(
-          params)
+    sparsity_type='nm_1,4', sparsity_distribution_fn={'a': 0.75, 'b': 0.0}
+  ).instant_sparsify(params)
   assert (_nm_groups_kept(masks['a'], 4) == 1).all() and np.asarray(masks['b']).all()
   # Without a sparsity, N:M sets it (updater and config alike; SR-STE follows its pattern).
   assert prunax.MagnitudePruning(sparsity_type='nm_2,4').sparsity == 0.5
@@ -144,8 +190,14 @@ def test_n_by_m_sparsity_is_one_minus_n_over_m():
   # Gradual N:M from a config: updates at steps 1, 3, 5; the scheduled sparsity is 0 at
   # step 1 (the schedule's start) and 0.4375 at step 3, which switches 2:4 on.
   updater = prunax.create_updater_from_config(
-      {'algorithm': 'magnitude', 'sparsity_type': 'nm_2,4', 'update_freq': 2,
-       'update_start_step': 1, 'update_end_step': 5})
+    {
+      'algorithm': 'magnitude',
+      'sparsity_type': 'nm_2,4',
+      'update_freq': 2,
+      'update_start_step': 1,
+      'update_end_step': 5,
+    }
+  )
   assert isinstance(updater.scheduler, sched.PolynomialSchedule) and updater.sparsity == 0.5
   tx = updater.wrap_optax(optax.sgd(0.01))
   step = jax.jit(tx.update)
@@ -162,11 +214,13 @@ def test_x64_mode_works():
   # An int32 count summed without a dtype became int64 under x64, and the top-k loop's
   # carry types no longer matched: every top-k raised a TypeError.
   p = {'w': jax.random.normal(jax.random.PRNGKey(0), (40, 48))}
-  updaters = [prunax.MagnitudePruning(sparsity=0.7),
-              prunax.RigL(sparsity=0.7, scheduler=sched.PeriodicSchedule(1)),
-              prunax.SET(sparsity=0.7, scheduler=sched.PeriodicSchedule(1)),
-              prunax.GlobalMagnitudePruning(sparsity=0.7),
-              prunax.SteMagnitudePruning(sparsity=0.7)]
+  updaters = [
+    prunax.MagnitudePruning(sparsity=0.7),
+    prunax.RigL(sparsity=0.7, scheduler=sched.PeriodicSchedule(1)),
+    prunax.SET(sparsity=0.7, scheduler=sched.PeriodicSchedule(1)),
+    prunax.GlobalMagnitudePruning(sparsity=0.7),
+    prunax.SteMagnitudePruning(sparsity=0.7),
+  ]
   txs = [u.wrap_optax(optax.sgd(0.1)) for u in updaters]
   with jax.enable_x64(True):
     params = jax.tree.map(lambda x: x.astype(jnp.float64), p)
@@ -189,8 +243,11 @@ def test_x64_mode_works():
 
 
 def test_empty_and_scalar_leaves():
-  params = {'empty': jnp.zeros((0, 5)), 'scalar': jnp.float32(2.0),
-            'w': jax.random.normal(jax.random.PRNGKey(0), (4, 8))}
+  params = {
+    'empty': jnp.zeros((0, 5)),
+    'scalar': jnp.float32(2.0),
+    'w': jax.random.normal(jax.random.PRNGKey(0), (4, 8)),
+  }
   # The default filter skips them (an empty leaf divided by zero before).
   tx = prunax.GlobalMagnitudePruning(sparsity=0.5).wrap_optax(optax.sgd(0.1))
   state = tx.init(params)
@@ -209,10 +266,10 @@ def test_empty_and_scalar_leaves():
 @pytest.mark.parametrize('algorithm', ['magnitude', 'magnitude_ste'])
 @pytest.mark.parametrize('packed', [True, False])
 @pytest.mark.parametrize('new_shape', [(6, 7), (8, 8), (6, 8, 1)])
-def test_param_shape_change_between_init_and_update_names_the_leaf(algorithm, packed,
-                                                                   new_shape):
+def test_param_shape_change_between_init_and_update_names_the_leaf(algorithm, packed, new_shape):
   updater = prunax.create_updater_from_config(
-      {'algorithm': algorithm, 'sparsity': 0.5, 'packed_masks': packed})
+    {'algorithm': algorithm, 'sparsity': 0.5, 'packed_masks': packed}
+  )
   tx = updater.wrap_optax(optax.sgd(0.1))
   state = tx.init({'layer': {'w': jnp.ones((6, 8))}})
   new = {'layer': {'w': jnp.ones(new_shape)}}
@@ -232,8 +289,12 @@ def test_param_dtype_change_of_dense_weights_names_the_leaf():
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 # Each example compiles one step (the updater is a static argument): few examples, small.
-SETTINGS = hypothesis.settings(max_examples=12, deadline=None, derandomize=True,
-                               suppress_health_check=[hypothesis.HealthCheck.too_slow])
+SETTINGS = hypothesis.settings(
+  max_examples=12,
+  deadline=None,
+  derandomize=True,
+  suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
 
 
 def _one_step(updater, params):
@@ -247,14 +308,17 @@ def _one_step(updater, params):
 
 
 @SETTINGS
-@hypothesis.given(shapes=st.lists(st.lists(st.integers(1, 9), min_size=2, max_size=3),
-                                  min_size=1, max_size=2),
-                  dtype=st.sampled_from(DTYPES), sparsity=st.floats(0.0, 0.99),
-                  seed=st.integers(0, 2**16))
+@hypothesis.given(
+  shapes=st.lists(st.lists(st.integers(1, 9), min_size=2, max_size=3), min_size=1, max_size=2),
+  dtype=st.sampled_from(DTYPES),
+  sparsity=st.floats(0.0, 0.99),
+  seed=st.integers(0, 2**16),
+)
 def test_unstructured_counts_are_exact(shapes, dtype, sparsity, seed):
   keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
-  params = {f'w{i}': jax.random.normal(k, s).astype(dtype)
-            for i, (k, s) in enumerate(zip(keys, shapes))}
+  params = {
+    f'w{i}': jax.random.normal(k, s).astype(dtype) for i, (k, s) in enumerate(zip(keys, shapes))
+  }
   masks, new = _one_step(prunax.MagnitudePruning(sparsity=sparsity), params)
   for name, shape in zip(params, shapes):
     n = math.prod(shape)
@@ -266,16 +330,20 @@ def test_unstructured_counts_are_exact(shapes, dtype, sparsity, seed):
 
 
 @SETTINGS
-@hypothesis.given(n_m=st.sampled_from([(1, 2), (1, 4), (2, 4), (3, 4), (2, 8), (5, 8)]),
-                  groups=st.integers(1, 3), other=st.integers(1, 5), axis=st.sampled_from([0, 1]),
-                  dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+@hypothesis.given(
+  n_m=st.sampled_from([(1, 2), (1, 4), (2, 4), (3, 4), (2, 8), (5, 8)]),
+  groups=st.integers(1, 3),
+  other=st.integers(1, 5),
+  axis=st.sampled_from([0, 1]),
+  dtype=st.sampled_from(DTYPES),
+  seed=st.integers(0, 2**16),
+)
 def test_n_by_m_groups_are_exact(n_m, groups, other, axis, dtype, seed):
   n, m = n_m
   shape = (groups * m, other) if axis == 0 else (other, groups * m)
   # Few distinct values, so groups hold ties.
   w = jnp.round(jax.random.normal(jax.random.PRNGKey(seed), shape) * 2).astype(dtype) + 0.5
-  masks, new = _one_step(prunax.MagnitudePruning(sparsity_type=prunax.NByM(n, m, axis)),
-                         {'w': w})
+  masks, new = _one_step(prunax.MagnitudePruning(sparsity_type=prunax.NByM(n, m, axis)), {'w': w})
   mask = np.moveaxis(np.asarray(masks['w']), axis, -1)
   assert (mask.reshape(-1, m).sum(1) == n).all()
   assert not np.asarray(new['w'], np.float32)[~np.asarray(masks['w'])].any()

@@ -19,8 +19,7 @@ from prunax.algorithms.pruners import MagnitudePruning
 
 def _check_step(value, name, minimum):
   if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    raise ValueError(f'AlternatingSchedule {name} must be an integer >= {minimum}, got '
-                     f'{value!r}.')
+    raise ValueError(f'AlternatingSchedule {name} must be an integer >= {minimum}, got {value!r}.')
 
 
 @dataclasses.dataclass(frozen=True)

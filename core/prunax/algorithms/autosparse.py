@@ -65,8 +65,11 @@ def _split_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
   x, mask = x.reshape(-1, width), mask.reshape(-1, width)
   zero = jnp.zeros_like(x)
   inside, outside = jax.lax.reduce(
-      (jnp.where(mask, x, zero), jnp.where(mask, zero, x)), (jnp.float32(0), jnp.float32(0)),
-      lambda a, b: (a[0] + b[0], a[1] + b[1]), (1,))
+    (jnp.where(mask, x, zero), jnp.where(mask, zero, x)),
+    (jnp.float32(0), jnp.float32(0)),
+    lambda a, b: (a[0] + b[0], a[1] + b[1]),
+    (1,),
+  )
   return jnp.sum(inside) + jnp.sum(outside)
 
 
@@ -113,18 +116,30 @@ class AutoSparse(BaseUpdater):
     super().__post_init__()
     object.__setattr__(self, 'alpha', annealing.as_annealing(self.alpha))
     if not isinstance(self.sparsity_type, sparsity_types.Unstructured):
-      raise ValueError(f'{type(self).__name__} learns one threshold per leaf and supports only '
-                       f'unstructured sparsity, got {self.sparsity_type!r}.')
+      raise ValueError(
+        f'{type(self).__name__} learns one threshold per leaf and supports only '
+        f'unstructured sparsity, got {self.sparsity_type!r}.'
+      )
     name = type(self).__name__
     _checks.assign(
-        self, s_init=_checks.number(self.s_init, f'{name} s_init'),
-        threshold_lr=_checks.number(self.threshold_lr, f'{name} threshold_lr', 0.0),
-        threshold_weight_decay=_checks.number(self.threshold_weight_decay,
-                                              f'{name} threshold_weight_decay', 0.0))
+      self,
+      s_init=_checks.number(self.s_init, f'{name} s_init'),
+      threshold_lr=_checks.number(self.threshold_lr, f'{name} threshold_lr', 0.0),
+      threshold_weight_decay=_checks.number(
+        self.threshold_weight_decay, f'{name} threshold_weight_decay', 0.0
+      ),
+    )
     if self.backward_sparsity is not None:
-      _checks.assign(self, backward_sparsity=_checks.number(
-          self.backward_sparsity, f'{name} backward_sparsity (None or a sparsity)', 0.0, 1.0,
-          high_open=True))
+      _checks.assign(
+        self,
+        backward_sparsity=_checks.number(
+          self.backward_sparsity,
+          f'{name} backward_sparsity (None or a sparsity)',
+          0.0,
+          1.0,
+          high_open=True,
+        ),
+      )
 
   # ---------------------------------------------------------------------- thresholds
 
@@ -146,19 +161,27 @@ class AutoSparse(BaseUpdater):
       return self.init_thresholds(params, self.target_sparsities(params))
     return sparse_state.thresholds
 
-  def compute_masks(self, params, sparsities, sparse_state=None, grads=None, old_masks=None,
-                    **kwargs):
+  def compute_masks(
+    self, params, sparsities, sparse_state=None, grads=None, old_masks=None, **kwargs
+  ):
     """Keep-masks ``|w| > sigmoid(s)``; the sparsity emerges (``sparsities`` unused)."""
     del grads, old_masks
     s_tree = self._s(sparse_state, params)
     return jax.tree.map(
-        lambda t, w, s: None if t is None else jnp.abs(w) > jax.nn.sigmoid(s).astype(w.dtype),
-        sparsities, params, s_tree, is_leaf=_is_none)
+      lambda t, w, s: None if t is None else jnp.abs(w) > jax.nn.sigmoid(s).astype(w.dtype),
+      sparsities,
+      params,
+      s_tree,
+      is_leaf=_is_none,
+    )
 
   def forward_params(self, dense, masks, sparse_state):
     return map_masked(
-        lambda m, w, s: jnp.where(m, soft_threshold(w, s), 0).astype(w.dtype),
-        masks, dense, sparse_state.thresholds)
+      lambda m, w, s: jnp.where(m, soft_threshold(w, s), 0).astype(w.dtype),
+      masks,
+      dense,
+      sparse_state.thresholds,
+    )
 
   # ------------------------------------------------------------------ proxy gradients
 
@@ -202,8 +225,9 @@ class AutoSparse(BaseUpdater):
     def step(m, s, g):
       # A non-finite gradient (one NaN/inf gradient of the leaf) skips the update: a NaN
       # threshold would prune the whole leaf for good.
-      return jnp.where(jnp.isfinite(g), s - self.threshold_lr * (g + self.threshold_weight_decay
-                                                                 * s), s)
+      return jnp.where(
+        jnp.isfinite(g), s - self.threshold_lr * (g + self.threshold_weight_decay * s), s
+      )
 
     return map_masked(step, masks, sparse_state.thresholds, ds)
 
@@ -218,8 +242,10 @@ class STR(AutoSparse):
   def __post_init__(self):
     super().__post_init__()
     if self.alpha.alpha0 != 0.0:
-      raise ValueError(f'STR is AutoSparse with alpha = 0, got alpha={self.alpha!r}; use '
-                       'AutoSparse for gradient annealing.')
+      raise ValueError(
+        f'STR is AutoSparse with alpha = 0, got alpha={self.alpha!r}; use '
+        'AutoSparse for gradient annealing.'
+      )
 
 
 def summarize_thresholds(opt_state: Any) -> dict[str, float]:
@@ -233,8 +259,9 @@ def summarize_thresholds(opt_state: Any) -> dict[str, float]:
   """
   thresholds = get_sparse_state(opt_state).thresholds
   if thresholds is None or isinstance(thresholds, optax.MaskedNode):
-    raise ValueError('This optimizer state has no learned thresholds; it was not built by '
-                     'AutoSparse or STR.')
+    raise ValueError(
+      'This optimizer state has no learned thresholds; it was not built by AutoSparse or STR.'
+    )
   out: dict[str, float] = {}
   for name, s in named_leaves(thresholds):
     s = float(jax.device_get(s))

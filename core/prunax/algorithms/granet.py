@@ -25,7 +25,8 @@ class GraNet(RigL):
   """RigL from a dense start on a gradual (polynomial) sparsity schedule."""
 
   scheduler: object = sparsity_schedules.PolynomialSchedule(
-      update_freq=100, update_start_step=0, update_end_step=10000)
+    update_freq=100, update_start_step=0, update_end_step=10000
+  )
   is_sparse_training = False
   scheduler_kind = 'pruning'
   # The GraNet code (like sparse_learning) steps the optimizer, then updates the masks.

@@ -41,5 +41,6 @@ class MEST(SET):
     if grads is None:
       raise ValueError('MEST drops by |w| + lambda |g| and needs gradients.')
     weight = jnp.float32(self.grad_weight)
-    return jax.tree.map(lambda w, g: selection.Lazy(_weight_plus_gradient, w, g, weight),
-                        params, grads)
+    return jax.tree.map(
+      lambda w, g: selection.Lazy(_weight_plus_gradient, w, g, weight), params, grads
+    )

@@ -50,8 +50,13 @@ class _NMDropAndGrow:
       score = jnp.where(kept, jnp.inf, finite)
       return selection.n_by_m_mask(score, nm.n, nm.m, nm.axis_for(score.ndim))
 
-    return jax.tree.map(lambda m, d, g: None if m is None else drop_and_grow(m, d, g),
-                        old_masks, drop, grow, is_leaf=_is_none)
+    return jax.tree.map(
+      lambda m, d, g: None if m is None else drop_and_grow(m, d, g),
+      old_masks,
+      drop,
+      grow,
+      is_leaf=_is_none,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

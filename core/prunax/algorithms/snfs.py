@@ -82,8 +82,11 @@ class SNFS(SET):
 
   def update_aux(self, aux, grads, masks):
     return jax.tree.map(
-        lambda m, g: None if m is None else self.momentum * m + g.astype(jnp.float32),
-        aux, grads, is_leaf=_is_none)
+      lambda m, g: None if m is None else self.momentum * m + g.astype(jnp.float32),
+      aux,
+      grads,
+      is_leaf=_is_none,
+    )
 
   def compute_masks(self, params, sparsities, sparse_state=None, grads=None, old_masks=None):
     if sparse_state is None or old_masks is None or sparse_state.aux is None:

@@ -74,8 +74,9 @@ class SET(StaticRandomSparse):
 
   def __post_init__(self):
     super().__post_init__()
-    _checks.assign(self, drop_fraction=_checks.number(self.drop_fraction, 'drop_fraction', 0.0,
-                                                      1.0))
+    _checks.assign(
+      self, drop_fraction=_checks.number(self.drop_fraction, 'drop_fraction', 0.0, 1.0)
+    )
     if self.drop_fraction_fn is not None and not callable(self.drop_fraction_fn):
       # None: cosine with an end step, else constant; or fn(step), e.g. an optax schedule.
       _checks.choice(self.drop_fraction_fn, 'drop_fraction_fn', ('cosine', 'constant'))
@@ -83,25 +84,30 @@ class SET(StaticRandomSparse):
     name = type(self).__name__
     if self.drop_fraction_fn == 'cosine' and not end:
       raise ValueError(
-          f'{name}: drop_fraction_fn="cosine" decays the drop fraction to 0 at the '
-          f'scheduler\'s update_end_step, but {self.scheduler!r} has none; pass e.g. '
-          'scheduler=PeriodicSchedule(update_freq, update_start_step, update_end_step=...) '
-          '(config: update_end_step), or drop_fraction_fn="constant".')
+        f'{name}: drop_fraction_fn="cosine" decays the drop fraction to 0 at the '
+        f"scheduler's update_end_step, but {self.scheduler!r} has none; pass e.g. "
+        'scheduler=PeriodicSchedule(update_freq, update_start_step, update_end_step=...) '
+        '(config: update_end_step), or drop_fraction_fn="constant".'
+      )
     if self.drop_fraction_fn is None:
       if end:
         object.__setattr__(self, 'drop_fraction_fn', 'cosine')
       else:
         warnings.warn(
-            f'{name}: the scheduler has no update_end_step, so masks update until training '
-            f'ends with a constant drop fraction {self.drop_fraction}. For the paper\'s '
-            'cosine decay give an update_end_step (e.g. 75% of the steps); pass '
-            'drop_fraction_fn="constant" to keep this and silence the warning.',
-            UserWarning, stacklevel=3)
+          f'{name}: the scheduler has no update_end_step, so masks update until training '
+          f"ends with a constant drop fraction {self.drop_fraction}. For the paper's "
+          'cosine decay give an update_end_step (e.g. 75% of the steps); pass '
+          'drop_fraction_fn="constant" to keep this and silence the warning.',
+          UserWarning,
+          stacklevel=3,
+        )
         object.__setattr__(self, 'drop_fraction_fn', 'constant')
     if not isinstance(self.sparsity_type, self.supported_structures):
       kinds = ' or '.join(_STRUCTURE_NAMES.get(t, t.__name__) for t in self.supported_structures)
-      raise ValueError(f'{name} drops and grows individual weights and supports only '
-                       f'{kinds} sparsity, got {self.sparsity_type!r}.')
+      raise ValueError(
+        f'{name} drops and grows individual weights and supports only '
+        f'{kinds} sparsity, got {self.sparsity_type!r}.'
+      )
 
   def drop_fraction_at(self, step) -> jax.Array:
     """Drop fraction at ``step``: constant, or cosine-decayed to 0 at update_end_step."""
@@ -123,8 +129,9 @@ class SET(StaticRandomSparse):
     del grads
     return self._random_scores(params, self._key(sparse_state, salt=3))
 
-  def compute_masks(self, params, sparsities, sparse_state=None, grads=None, old_masks=None,
-                    **kwargs):
+  def compute_masks(
+    self, params, sparsities, sparse_state=None, grads=None, old_masks=None, **kwargs
+  ):
     if sparse_state is None or old_masks is None:  # instant_sparsify: plain magnitude.
       return super().compute_masks(params, sparsities, sparse_state, grads, old_masks, **kwargs)
     fraction = self.drop_fraction_at(sparse_state.count)
@@ -138,8 +145,9 @@ class SET(StaticRandomSparse):
       n_drop = jnp.floor(fraction * n_active).astype(jnp.int32)
       # The old mask is unpacked inside each pass that reads it; the kept mask is stored
       # as packed bits (1/32 of the weights' bytes), read by each pass of the grow search.
-      kept = selection.topk_mask(selection.Lazy(_active_score, old, d),
-                                 n_active - n_drop, lazy=True)
+      kept = selection.topk_mask(
+        selection.Lazy(_active_score, old, d), n_active - n_drop, lazy=True
+      )
       kept = lazy_mask(pack_mask(selection.materialize(kept)), w.shape)
       grown = selection.topk_mask(selection.Lazy(_inactive_score, kept, g), n_drop, lazy=True)
       return selection.materialize(selection.Lazy(jnp.logical_or, kept, grown))
@@ -151,8 +159,16 @@ class SET(StaticRandomSparse):
         return drop_and_grow(m, w, d, g, s)
       return selection.map_layers(lambda *x: drop_and_grow(*x, s), axis, m, w, d, g)
 
-    return jax.tree.map(per_leaf, old_masks, params, drop, grow, sparsities,
-                        self.layer_axes_tree(params), is_leaf=_is_none)
+    return jax.tree.map(
+      per_leaf,
+      old_masks,
+      params,
+      drop,
+      grow,
+      sparsities,
+      self.layer_axes_tree(params),
+      is_leaf=_is_none,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

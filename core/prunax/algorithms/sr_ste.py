@@ -44,5 +44,6 @@ class SRSTE(SteMagnitudePruning):
 
   def transform_gradients(self, grads, dense, masks, sparse_state):
     del sparse_state
-    return map_masked(lambda m, g, w: (g + self.decay * jnp.where(m, 0, w)).astype(g.dtype),
-                      masks, grads, dense)
+    return map_masked(
+      lambda m, g, w: (g + self.decay * jnp.where(m, 0, w)).astype(g.dtype), masks, grads, dense
+    )

@@ -48,20 +48,30 @@ class TopKAST(SteMagnitudePruning):
     super().__post_init__()
     object.__setattr__(self, 'alpha', annealing.as_annealing(self.alpha))
     _checks.assign(
-        self, backward_sparsity=_checks.number(self.backward_sparsity, 'backward_sparsity', 0.0,
-                                               1.0, high_open=True),
-        penalty=_checks.number(self.penalty, 'penalty', 0.0))
+      self,
+      backward_sparsity=_checks.number(
+        self.backward_sparsity, 'backward_sparsity', 0.0, 1.0, high_open=True
+      ),
+      penalty=_checks.number(self.penalty, 'penalty', 0.0),
+    )
     if self.sparsity is not None and self.backward_sparsity > self.sparsity:
-      raise ValueError(f'backward_sparsity={self.backward_sparsity} exceeds sparsity='
-                       f'{self.sparsity}: the backward set must contain the forward set.')
+      raise ValueError(
+        f'backward_sparsity={self.backward_sparsity} exceeds sparsity='
+        f'{self.sparsity}: the backward set must contain the forward set.'
+      )
     if not isinstance(self.sparsity_type, sparsity_types.Unstructured):
-      raise ValueError(f'{type(self).__name__} supports only unstructured sparsity, got '
-                       f'{self.sparsity_type!r}.')
+      raise ValueError(
+        f'{type(self).__name__} supports only unstructured sparsity, got {self.sparsity_type!r}.'
+      )
 
   def backward_masks(self, dense, masks):
     """B: the forward set plus the top ``1 - backward_sparsity`` weights by magnitude."""
-    return map_masked(lambda m, w, a: m | self.leaf_mask(jnp.abs(w), self.backward_sparsity, a),
-                      masks, dense, self.layer_axes_tree(dense))
+    return map_masked(
+      lambda m, w, a: m | self.leaf_mask(jnp.abs(w), self.backward_sparsity, a),
+      masks,
+      dense,
+      self.layer_axes_tree(dense),
+    )
 
   def transform_gradients(self, grads, dense, masks, sparse_state):
     alpha = self.alpha(sparse_state.count)
@@ -87,7 +97,9 @@ class TopKASTGA(TopKAST):
 
   def __post_init__(self):
     if self.alpha is None:
-      raise ValueError('TopKASTGA needs alpha: a prunax.GradientAnnealing (or a mapping of its '
-                       'fields), e.g. GradientAnnealing("sigmoid_cosine", alpha0=0.8, '
-                       'decay_steps=1000).')
+      raise ValueError(
+        'TopKASTGA needs alpha: a prunax.GradientAnnealing (or a mapping of its '
+        'fields), e.g. GradientAnnealing("sigmoid_cosine", alpha0=0.8, '
+        'decay_steps=1000).'
+      )
     super().__post_init__()

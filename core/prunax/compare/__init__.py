@@ -26,7 +26,23 @@ from prunax.compare.tasks import available_tasks
 from prunax.compare.tasks import digits_task
 
 __all__ = [
-    'Comparison', 'ConfigError', 'SupervisedTask', 'Task', 'TrainResult', 'available_tasks',
-    'category', 'digits_task', 'load_config', 'load_params', 'markdown', 'print_table', 'rows',
-    'run_comparison', 'write_plots', 'write_reports', 'Sweep', 'run_sweep', 'html_report',
+  'Comparison',
+  'ConfigError',
+  'SupervisedTask',
+  'Task',
+  'TrainResult',
+  'available_tasks',
+  'category',
+  'digits_task',
+  'load_config',
+  'load_params',
+  'markdown',
+  'print_table',
+  'rows',
+  'run_comparison',
+  'write_plots',
+  'write_reports',
+  'Sweep',
+  'run_sweep',
+  'html_report',
 ]

@@ -21,11 +21,28 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), 'configs')
 SCHEDULES = ('gradual', 'one_shot', 'START:END:FREQ')
 BUDGETS = ('equal_steps', 'equal_flops')
 # Keys that do not change what a finished (algorithm, seed) cell computed.
-_CELL_INDEPENDENT = frozenset({'algorithms', 'optional_algorithms', 'seeds', 'run_dir', 'quick',
-                               'categories', 'observe_points', 'step_multipliers'})
+_CELL_INDEPENDENT = frozenset(
+  {
+    'algorithms',
+    'optional_algorithms',
+    'seeds',
+    'run_dir',
+    'quick',
+    'categories',
+    'observe_points',
+    'step_multipliers',
+  }
+)
 # Config keys passed on to prunax.create_updater_from_config.
-_UPDATER_KEYS = ('sparsity', 'dist_type', 'sparsity_type', 'update_freq', 'update_start_step',
-                 'update_end_step', 'drop_fraction')
+_UPDATER_KEYS = (
+  'sparsity',
+  'dist_type',
+  'sparsity_type',
+  'update_freq',
+  'update_start_step',
+  'update_end_step',
+  'drop_fraction',
+)
 
 
 class ConfigError(ValueError):
@@ -34,6 +51,7 @@ class ConfigError(ValueError):
 
 def _read_yaml(path: str) -> dict[str, Any]:
   import yaml  # pylint: disable=import-outside-toplevel
+
   try:
     with open(path) as f:
       data = yaml.safe_load(f)
@@ -44,8 +62,9 @@ def _read_yaml(path: str) -> dict[str, Any]:
   if data is None:
     return {}
   if not isinstance(data, dict):
-    raise ConfigError(f'Config file {path!r} must hold a mapping of keys to values, got a '
-                      f'{type(data).__name__}.')
+    raise ConfigError(
+      f'Config file {path!r} must hold a mapping of keys to values, got a {type(data).__name__}.'
+    )
   return data
 
 
@@ -57,8 +76,10 @@ def _read_python(path: str) -> dict[str, Any]:
   except Exception as e:  # A user's file may fail in any way; name it.
     raise ConfigError(f'Config file {path!r} failed to load: {type(e).__name__}: {e}') from e
   if not callable(getattr(module, 'get_config', None)):
-    raise ConfigError(f'Config file {path!r} must define get_config() returning an '
-                      'ml_collections.ConfigDict or a dict.')
+    raise ConfigError(
+      f'Config file {path!r} must define get_config() returning an '
+      'ml_collections.ConfigDict or a dict.'
+    )
   return as_dict(module.get_config(), path)
 
 
@@ -67,8 +88,9 @@ def as_dict(config: Any, where: str = 'the config') -> dict[str, Any]:
   if hasattr(config, 'to_dict'):
     config = config.to_dict()
   if not isinstance(config, Mapping):
-    raise ConfigError(f'{where} must be a mapping or an ml_collections.ConfigDict, got '
-                      f'{type(config).__name__}.')
+    raise ConfigError(
+      f'{where} must be a mapping or an ml_collections.ConfigDict, got {type(config).__name__}.'
+    )
   return dict(config)
 
 
@@ -77,9 +99,11 @@ def shipped_config(name: str = 'default') -> str:
   return os.path.join(CONFIG_DIR, f'{name}.yaml')
 
 
-def load_config(source: str | Mapping[str, Any] | Any | None = None,
-                overrides: Mapping[str, Any] | None = None, quick: bool = False
-                ) -> dict[str, Any]:
+def load_config(
+  source: str | Mapping[str, Any] | Any | None = None,
+  overrides: Mapping[str, Any] | None = None,
+  quick: bool = False,
+) -> dict[str, Any]:
   """The defaults, merged with ``source`` and ``overrides``, checked.
 
   Args:
@@ -104,8 +128,10 @@ def load_config(source: str | Mapping[str, Any] | Any | None = None,
     elif os.path.isfile(shipped_config(source)):
       user = _read_yaml(shipped_config(source))
     else:
-      raise ConfigError(f'Config file {source!r} does not exist (nor is it a shipped config: '
-                        f'{sorted(f[:-5] for f in os.listdir(CONFIG_DIR))}).')
+      raise ConfigError(
+        f'Config file {source!r} does not exist (nor is it a shipped config: '
+        f'{sorted(f[:-5] for f in os.listdir(CONFIG_DIR))}).'
+      )
   else:
     user = as_dict(source)
   # Derived by the runner from training_budget: a checked config may carry it back in.
@@ -118,11 +144,13 @@ def load_config(source: str | Mapping[str, Any] | Any | None = None,
     quick_keys = as_dict(config.get('quick') or {}, 'quick')
     unknown = set(quick_keys) - set(config)
     if unknown:
-      raise ConfigError(f'Unknown keys {sorted(unknown)} in "quick"; valid keys are '
-                        f'{sorted(config)}.')
+      raise ConfigError(
+        f'Unknown keys {sorted(unknown)} in "quick"; valid keys are {sorted(config)}.'
+      )
     if 'algorithms' in user:  # Quick shortens the user's comparison; it keeps their list.
-      quick_keys = {k: v for k, v in quick_keys.items()
-                    if k not in ('algorithms', 'optional_algorithms')}
+      quick_keys = {
+        k: v for k, v in quick_keys.items() if k not in ('algorithms', 'optional_algorithms')
+      }
     config.update(quick_keys)
   overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
   unknown = set(overrides) - set(config)
@@ -140,9 +168,11 @@ def _check_sparsity(value) -> float:
 
 def _check_sparsity_type(value) -> str:
   from prunax import sparsity_types  # pylint: disable=import-outside-toplevel
+
   if not isinstance(value, str):
-    raise ConfigError(f'sparsity_type must be a string such as "unstructured" or "nm_2,4", got '
-                      f'{value!r}.')
+    raise ConfigError(
+      f'sparsity_type must be a string such as "unstructured" or "nm_2,4", got {value!r}.'
+    )
   try:
     sparsity_types.from_string(value)
   except ValueError as e:
@@ -156,8 +186,9 @@ def _sweep(value, name: str, check) -> float | str | list:
     try:
       value = [float(v) for v in value.split(',')]
     except ValueError as e:
-      raise ConfigError(f'sparsity must be a number in [0, 1) or a comma-separated list of '
-                        f'them, got {value!r}.') from e
+      raise ConfigError(
+        f'sparsity must be a number in [0, 1) or a comma-separated list of them, got {value!r}.'
+      ) from e
   elif isinstance(value, str) and ';' in value:
     value = [v.strip() for v in value.split(';') if v.strip()]
   if isinstance(value, (list, tuple)):
@@ -172,8 +203,7 @@ def _sweep(value, name: str, check) -> float | str | list:
 
 def points(cfg: Mapping[str, Any]) -> list[tuple[str, float]]:
   """The (sparsity_type, sparsity) points of a comparison, types first, sparsities ascending."""
-  types = cfg['sparsity_type'] if isinstance(cfg['sparsity_type'], list) else [
-      cfg['sparsity_type']]
+  types = cfg['sparsity_type'] if isinstance(cfg['sparsity_type'], list) else [cfg['sparsity_type']]
   sparsities = cfg['sparsity'] if isinstance(cfg['sparsity'], list) else [cfg['sparsity']]
   return [(t, s) for t in types for s in sorted(sparsities)]
 
@@ -216,21 +246,27 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
     try:
       seeds = [int(s) for s in seeds.split(',')] if ',' in seeds else int(seeds)
     except ValueError as e:
-      raise ConfigError(f'seeds must be a count or a comma-separated list of integers, got '
-                        f'{cfg["seeds"]!r}.') from e
+      raise ConfigError(
+        f'seeds must be a count or a comma-separated list of integers, got {cfg["seeds"]!r}.'
+      ) from e
   if isinstance(seeds, int) and not isinstance(seeds, bool):
     seeds = list(range(_int(seeds, 'seeds (a count)', 1)))
-  if (not isinstance(seeds, (list, tuple)) or not seeds
-      or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
-      or len(set(seeds)) != len(seeds)):
-    raise ConfigError(f'seeds must be a count >= 1 or a list of distinct integers >= 0, got '
-                      f'{cfg["seeds"]!r}.')
+  if (
+    not isinstance(seeds, (list, tuple))
+    or not seeds
+    or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    or len(set(seeds)) != len(seeds)
+  ):
+    raise ConfigError(
+      f'seeds must be a count >= 1 or a list of distinct integers >= 0, got {cfg["seeds"]!r}.'
+    )
   cfg['seeds'] = list(seeds)
   cfg['algorithms'] = _names(cfg['algorithms'], 'algorithms')
   cfg['optional_algorithms'] = _names(cfg['optional_algorithms'] or [], 'optional_algorithms')
   if not cfg['algorithms']:
-    raise ConfigError('algorithms is empty; name at least one of '
-                      f'{registry.all_algorithm_names()}.')
+    raise ConfigError(
+      f'algorithms is empty; name at least one of {registry.all_algorithm_names()}.'
+    )
   known = registry.all_algorithm_names()
   for name in cfg['algorithms']:
     if name not in known:
@@ -240,10 +276,13 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
   cfg['sparsity'] = _sweep(cfg['sparsity'], 'sparsity', _check_sparsity)
   cfg['sparsity_type'] = _sweep(cfg['sparsity_type'], 'sparsity_type', _check_sparsity_type)
   budget = cfg['training_budget']
-  if budget not in BUDGETS and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                                or budget < 1):
-    raise ConfigError(f'training_budget must be one of {list(BUDGETS)} or a step multiplier '
-                      f'>= 1 for sparse-to-sparse algorithms (e.g. 2 or 5), got {budget!r}.')
+  if budget not in BUDGETS and (
+    isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 1
+  ):
+    raise ConfigError(
+      f'training_budget must be one of {list(BUDGETS)} or a step multiplier '
+      f'>= 1 for sparse-to-sparse algorithms (e.g. 2 or 5), got {budget!r}.'
+    )
   _int(cfg['max_step_multiplier'], 'max_step_multiplier', 1)
   if cfg['dist_type'] not in ('uniform', 'erk'):
     raise ConfigError(f'dist_type must be "uniform" or "erk", got {cfg["dist_type"]!r}.')
@@ -252,8 +291,9 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
     cfg[key] = as_dict(cfg[key] or {}, key)
   for name, extra in cfg['algorithm_overrides'].items():
     if name not in known:
-      raise ConfigError(f'algorithm_overrides names unknown algorithm {name!r}; valid '
-                        f'algorithms are {known}.')
+      raise ConfigError(
+        f'algorithm_overrides names unknown algorithm {name!r}; valid algorithms are {known}.'
+      )
     as_dict(extra, f'algorithm_overrides[{name!r}]')
   if not isinstance(cfg['run_dir'], str) or not cfg['run_dir']:
     raise ConfigError(f'run_dir must be a directory path, got {cfg["run_dir"]!r}.')
@@ -269,22 +309,30 @@ def schedule_window(cfg: Mapping[str, Any], algorithm: str) -> dict[str, int | N
   """
   steps, schedule = algorithm_steps(cfg, algorithm), cfg['schedule']
   freq = max(1, steps // 30)
-  periodic = (algorithm in registry.all_algorithm_names()
-              and registry.get_algorithm(algorithm).scheduler_kind == 'periodic')
+  periodic = (
+    algorithm in registry.all_algorithm_names()
+    and registry.get_algorithm(algorithm).scheduler_kind == 'periodic'
+  )
   if schedule == 'gradual':
-    window = {'update_freq': freq, 'update_start_step': 0 if periodic else steps // 5,
-              'update_end_step': 3 * steps // 4}
+    window = {
+      'update_freq': freq,
+      'update_start_step': 0 if periodic else steps // 5,
+      'update_end_step': 3 * steps // 4,
+    }
   elif schedule == 'one_shot':
-    window = ({'update_freq': freq, 'update_start_step': 0, 'update_end_step': 3 * steps // 4}
-              if periodic else
-              {'update_freq': freq, 'update_start_step': steps // 2, 'update_end_step': None})
+    window = (
+      {'update_freq': freq, 'update_start_step': 0, 'update_end_step': 3 * steps // 4}
+      if periodic
+      else {'update_freq': freq, 'update_start_step': steps // 2, 'update_end_step': None}
+    )
   else:
     parts = str(schedule).split(':')
     try:
       start, end, freq = (int(p) for p in parts)
     except ValueError as e:
-      raise ConfigError(f'schedule must be one of {list(SCHEDULES)} (e.g. "100:400:10"), got '
-                        f'{schedule!r}.') from e
+      raise ConfigError(
+        f'schedule must be one of {list(SCHEDULES)} (e.g. "100:400:10"), got {schedule!r}.'
+      ) from e
     window = {'update_freq': freq, 'update_start_step': start, 'update_end_step': end}
   for key in window:
     if cfg.get(key) is not None:

@@ -14,8 +14,10 @@ _MARKERS = {'dense': 'o', 'dense-to-sparse': 's', 'sparse-to-sparse': '^'}
 
 def _pyplot():
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   return plt
 
 
@@ -52,8 +54,11 @@ def accuracy_vs_sparsity(result: Any, path: str) -> None:
     table = {c.config['sparsity']: {r['algorithm']: r for r in report.rows(c)} for c in here}
     xs = sorted(table)
     for algorithm in _algorithms(result):
-      pts = [(x, table[x][algorithm]) for x in xs if algorithm in table[x]
-             and table[x][algorithm][f'{metric}_mean'] is not None]
+      pts = [
+        (x, table[x][algorithm])
+        for x in xs
+        if algorithm in table[x] and table[x][algorithm][f'{metric}_mean'] is not None
+      ]
       if not pts:
         continue
       mean = np.array([r[f'{metric}_mean'] for _, r in pts])
@@ -65,13 +70,20 @@ def accuracy_vs_sparsity(result: Any, path: str) -> None:
         ax.axhspan(mean.mean() - std.mean(), mean.mean() + std.mean(), color='grey', alpha=0.15)
         continue
       origin = pts[0][1]['origin']
-      ax.plot(x, mean, marker=_MARKERS.get(origin, 'D'), color=colors[algorithm],
-              label=f'{algorithm} ({origin})')
+      ax.plot(
+        x,
+        mean,
+        marker=_MARKERS.get(origin, 'D'),
+        color=colors[algorithm],
+        label=f'{algorithm} ({origin})',
+      )
       ax.fill_between(x, mean - std, mean + std, color=colors[algorithm], alpha=0.15)
     ax.set_xlabel('achieved sparsity')
     ax.set_ylabel(f'final {metric}')
-    ax.set_title(f'{points[0].task_name} ({stype}): {metric} vs sparsity\n'
-                 f'mean ± std over {len(points[0].config["seeds"])} seeds')
+    ax.set_title(
+      f'{points[0].task_name} ({stype}): {metric} vs sparsity\n'
+      f'mean ± std over {len(points[0].config["seeds"])} seeds'
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc='best')
   fig.tight_layout()
@@ -100,8 +112,10 @@ def accuracy_vs_flops(result: Any, path: str) -> None:
   metric = points[0].metric_name
   colors = _colors(_algorithms(result))
   fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-  for ax, key, title in ((axes[0], 'training_flops', 'training FLOPs'),
-                         (axes[1], 'inference_flops', 'inference FLOPs')):
+  for ax, key, title in (
+    (axes[0], 'training_flops', 'training FLOPs'),
+    (axes[1], 'inference_flops', 'inference FLOPs'),
+  ):
     xs, ys, labels = [], [], []
     for c in points:
       for r in report.rows(c):
@@ -115,16 +129,29 @@ def accuracy_vs_flops(result: Any, path: str) -> None:
       continue
     seen = set()
     for x, y, (algorithm, origin, sp) in zip(xs, ys, labels):
-      ax.scatter(x, y, color=colors[algorithm], marker=_MARKERS.get(origin, 'D'), s=30,
-                 label=None if algorithm in seen else algorithm)
+      ax.scatter(
+        x,
+        y,
+        color=colors[algorithm],
+        marker=_MARKERS.get(origin, 'D'),
+        s=30,
+        label=None if algorithm in seen else algorithm,
+      )
       seen.add(algorithm)
       if len(points) > 1 and algorithm != 'no_prune':
         ax.annotate(f'{sp:g}', (x, y), textcoords='offset points', xytext=(3, 3), fontsize=6)
     front = pareto_front(xs, ys)
-    ax.step([xs[i] for i in front], [ys[i] for i in front], where='post', color='k',
-            linewidth=1, label='Pareto front')
-    ax.scatter([xs[i] for i in front], [ys[i] for i in front], s=120, facecolors='none',
-               edgecolors='k')
+    ax.step(
+      [xs[i] for i in front],
+      [ys[i] for i in front],
+      where='post',
+      color='k',
+      linewidth=1,
+      label='Pareto front',
+    )
+    ax.scatter(
+      [xs[i] for i in front], [ys[i] for i in front], s=120, facecolors='none', edgecolors='k'
+    )
     ax.set_xscale('log')
     ax.set_xlabel(f'{title} (fraction of dense, log scale)')
     ax.set_ylabel(f'final {metric}')
@@ -146,15 +173,17 @@ def layer_sparsity(comparison: Any, path: str) -> None:
       cells = [comparison.cells[(algorithm, s)] for s in comparison.config['seeds']]
       names = cells[0]['layer_sparsity']
       series[f'{algorithm} (measured)'] = {
-          n: float(np.mean([c['layer_sparsity'][n] for c in cells])) for n in names}
+        n: float(np.mean([c['layer_sparsity'][n] for c in cells])) for n in names
+      }
   layers = sorted({n for s in series.values() for n in s})
   fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(layers) + 2), 4.5))
   width = 0.8 / max(len(series), 1)
   x = np.arange(len(layers))
   for i, (label, values) in enumerate(series.items()):
     ax.bar(x + i * width, [values.get(n, np.nan) for n in layers], width, label=label)
-  ax.set_xticks(x + 0.4 - width / 2, [n.removeprefix('params/') for n in layers], rotation=20,
-                fontsize=8)
+  ax.set_xticks(
+    x + 0.4 - width / 2, [n.removeprefix('params/') for n in layers], rotation=20, fontsize=8
+  )
   ax.set_ylabel('sparsity')
   ax.set_ylim(0, 1)
   title = f'per-layer sparsity at {comparison.config["sparsity"]}'
@@ -181,8 +210,9 @@ def sparsity_over_steps(comparison: Any, path: str) -> None:
   ax.set_xlabel('training step')
   ax.set_ylabel('total sparsity')
   ax.set_ylim(-0.02, 1)
-  ax.set_title(f'{comparison.task_name}: sparsity over training (target '
-               f'{comparison.config["sparsity"]})')
+  ax.set_title(
+    f'{comparison.task_name}: sparsity over training (target {comparison.config["sparsity"]})'
+  )
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
@@ -205,8 +235,12 @@ def write_plots(result: Any) -> dict[str, str]:
   """Writes the PNGs in the run directory of a Comparison or Sweep; returns their paths."""
   paths = {}
   detail = _detail_point(result)
-  for fn, arg in ((accuracy_vs_sparsity, result), (accuracy_vs_flops, result),
-                  (layer_sparsity, detail), (sparsity_over_steps, detail)):
+  for fn, arg in (
+    (accuracy_vs_sparsity, result),
+    (accuracy_vs_flops, result),
+    (layer_sparsity, detail),
+    (sparsity_over_steps, detail),
+  ):
     if fn is layer_sparsity and not detail.layer_targets:
       continue
     paths[fn.__name__] = os.path.join(result.run_dir, f'{fn.__name__}.png')

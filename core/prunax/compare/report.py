@@ -17,12 +17,12 @@ from prunax.compare import stats
 
 # (key in a cell, column title, format of the mean, scale)
 FIGURES = (
-    ('metric', None, '{:.4f}', 1.0),
-    ('sparsity', 'sparsity', '{:.4f}', 1.0),
-    ('training_flops', 'train FLOPs', '{:.3f}', 1.0),
-    ('inference_flops', 'infer FLOPs', '{:.3f}', 1.0),
-    ('mask_memory', 'mask memory', '{:.3f}', 1.0),
-    ('seconds_per_step', 'ms/step', '{:.2f}', 1e3),
+  ('metric', None, '{:.4f}', 1.0),
+  ('sparsity', 'sparsity', '{:.4f}', 1.0),
+  ('training_flops', 'train FLOPs', '{:.3f}', 1.0),
+  ('inference_flops', 'infer FLOPs', '{:.3f}', 1.0),
+  ('mask_memory', 'mask memory', '{:.3f}', 1.0),
+  ('seconds_per_step', 'ms/step', '{:.2f}', 1e3),
 )
 
 
@@ -36,8 +36,11 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
 
 def best_algorithm(comparison: Any) -> str | None:
   """The algorithm other than ``no_prune`` with the highest mean metric (None if none)."""
-  means = {a: np.mean([comparison.cells[(a, s)]['metric'] for s in comparison.config['seeds']])
-           for a in comparison.algorithms if a != 'no_prune'}
+  means = {
+    a: np.mean([comparison.cells[(a, s)]['metric'] for s in comparison.config['seeds']])
+    for a in comparison.algorithms
+    if a != 'no_prune'
+  }
   means = {a: m for a, m in means.items() if np.isfinite(m)}
   return max(means, key=means.get) if means else None
 
@@ -53,9 +56,13 @@ def rows(comparison: Any) -> list[dict[str, Any]]:
   best = best_algorithm(comparison)
   for algorithm in comparison.algorithms:
     cells = [comparison.cells[(algorithm, s)] for s in seeds]
-    row: dict[str, Any] = {'algorithm': algorithm, **comparison.categories[algorithm],
-                           'seeds': len(cells), 'steps': cells[0].get('steps'),
-                           'target_sparsity': cells[0]['target_sparsity']}
+    row: dict[str, Any] = {
+      'algorithm': algorithm,
+      **comparison.categories[algorithm],
+      'seeds': len(cells),
+      'steps': cells[0].get('steps'),
+      'target_sparsity': cells[0]['target_sparsity'],
+    }
     for key, _, _, _ in FIGURES:
       name = comparison.metric_name if key == 'metric' else key
       row[f'{name}_mean'], row[f'{name}_std'] = mean_std([c.get(key) for c in cells])
@@ -82,8 +89,9 @@ def _diff_text(row: dict[str, Any], ref: str) -> str:
 
 def _needed_text(row: dict[str, Any]) -> str:
   parts = [row['dense_seeds_needed'], row['best_seeds_needed']]
-  return ' / '.join('-' if n is None else (f'≥{n}' if n >= stats.MAX_SEEDS else str(n))
-                    for n in parts)
+  return ' / '.join(
+    '-' if n is None else (f'≥{n}' if n >= stats.MAX_SEEDS else str(n)) for n in parts
+  )
 
 
 def _cell_text(row: dict[str, Any], name: str, fmt: str, scale: float) -> str:
@@ -94,13 +102,23 @@ def _cell_text(row: dict[str, Any], name: str, fmt: str, scale: float) -> str:
 
 
 def _columns(comparison: Any) -> list[tuple[str, str, str, float]]:
-  return [(comparison.metric_name if key == 'metric' else key,
-           comparison.metric_name if title is None else title, fmt, scale)
-          for key, title, fmt, scale in FIGURES]
+  return [
+    (
+      comparison.metric_name if key == 'metric' else key,
+      comparison.metric_name if title is None else title,
+      fmt,
+      scale,
+    )
+    for key, title, fmt, scale in FIGURES
+  ]
 
 
-_SHORT = {'dense-to-sparse': 'D→S', 'sparse-to-sparse': 'S→S', 'unstructured': 'unstr.',
-          'structured': 'struct.'}
+_SHORT = {
+  'dense-to-sparse': 'D→S',
+  'sparse-to-sparse': 'S→S',
+  'unstructured': 'unstr.',
+  'structured': 'struct.',
+}
 
 
 def text_table(comparison: Any, short: bool = False) -> tuple[list[str], list[list[str]]]:
@@ -112,8 +130,14 @@ def text_table(comparison: Any, short: bool = False) -> tuple[list[str], list[li
   """
   columns = _columns(comparison)
   titles = [title for _, title, _, _ in columns]
-  header = (['algorithm', 'category', titles[0], 'Δ dense (95% CI)', 'Δ best (95% CI)',
-             'seeds needed'] + titles[1:])
+  header = [
+    'algorithm',
+    'category',
+    titles[0],
+    'Δ dense (95% CI)',
+    'Δ best (95% CI)',
+    'seeds needed',
+  ] + titles[1:]
   multipliers = [r['steps'] for r in rows(comparison)]
   if len(set(multipliers)) > 1:
     header.insert(2, 'steps')
@@ -122,8 +146,14 @@ def text_table(comparison: Any, short: bool = False) -> tuple[list[str], list[li
     parts = [row['origin'], row['dynamics'], row['structure']]
     cat = ' '.join(_SHORT.get(p, p) for p in parts) if short else ', '.join(parts)
     cells = [_cell_text(row, name, fmt, scale) for name, _, fmt, scale in columns]
-    line = ([row['algorithm'], cat, cells[0], _diff_text(row, 'dense'), _diff_text(row, 'best'),
-             _needed_text(row)] + cells[1:])
+    line = [
+      row['algorithm'],
+      cat,
+      cells[0],
+      _diff_text(row, 'dense'),
+      _diff_text(row, 'best'),
+      _needed_text(row),
+    ] + cells[1:]
     if len(set(multipliers)) > 1:
       line.insert(2, str(row['steps']))
     body.append(line)
@@ -131,12 +161,13 @@ def text_table(comparison: Any, short: bool = False) -> tuple[list[str], list[li
 
 
 STATS_NOTE = (
-    'Δ: paired difference of the metric to the dense baseline (no_prune) and to the best '
-    'algorithm of the table, over the same seeds (same init and batches), mean ± half-width '
-    'of the 95% t-interval (mean(d) ± t(0.975, n-1)·sd(d)/√n); * the interval excludes 0. '
-    'Seeds needed (to dense / to best): the smallest n with '
-    'n ≥ ((t(0.975, n-1) + t(0.8, n-1))·sd(d)/|mean(d)|)², i.e. the seeds a paired t-test at '
-    'level 0.05 needs to detect the observed gap with power 0.8.')
+  'Δ: paired difference of the metric to the dense baseline (no_prune) and to the best '
+  'algorithm of the table, over the same seeds (same init and batches), mean ± half-width '
+  'of the 95% t-interval (mean(d) ± t(0.975, n-1)·sd(d)/√n); * the interval excludes 0. '
+  'Seeds needed (to dense / to best): the smallest n with '
+  'n ≥ ((t(0.975, n-1) + t(0.8, n-1))·sd(d)/|mean(d)|)², i.e. the seeds a paired t-test at '
+  'level 0.05 needs to detect the observed gap with power 0.8.'
+)
 
 
 def recipe(comparison: Any) -> str:
@@ -147,17 +178,21 @@ def recipe(comparison: Any) -> str:
   if budget == 'equal_steps':
     budget_text = 'equal steps for all'
   elif budget == 'equal_flops':
-    budget_text = ('equal training FLOPs: sparse-to-sparse algorithms train until they spend '
-                   'those of gradual magnitude pruning (at most '
-                   f'{cfg["max_step_multiplier"]}x)')
+    budget_text = (
+      'equal training FLOPs: sparse-to-sparse algorithms train until they spend '
+      'those of gradual magnitude pruning (at most '
+      f'{cfg["max_step_multiplier"]}x)'
+    )
   else:
     budget_text = f'sparse-to-sparse algorithms train {budget:g}x longer'
   if multipliers:
     budget_text += ' (' + ', '.join(f'{a} {m:.2f}x' for a, m in multipliers.items()) + ')'
-  return (f'{comparison.task_name}: {cfg["steps"]} steps, sparsity {cfg["sparsity"]} '
-          f'({cfg["dist_type"]}, {cfg["sparsity_type"]}), schedule {cfg["schedule"]}, seeds '
-          f'{cfg["seeds"]}; training budget: {budget_text}; mean ± std over seeds; FLOPs and '
-          'mask memory as fractions of dense.')
+  return (
+    f'{comparison.task_name}: {cfg["steps"]} steps, sparsity {cfg["sparsity"]} '
+    f'({cfg["dist_type"]}, {cfg["sparsity_type"]}), schedule {cfg["schedule"]}, seeds '
+    f'{cfg["seeds"]}; training budget: {budget_text}; mean ± std over seeds; FLOPs and '
+    'mask memory as fractions of dense.'
+  )
 
 
 _caption = recipe
@@ -172,13 +207,18 @@ def seeds_summary(result: Any) -> str:
   """How many seeds the observed gaps need (worst and median over the table's cells)."""
   parts = []
   for ref, what in (('dense', 'to dense'), ('best', 'to the best algorithm')):
-    needed = [r[f'{ref}_seeds_needed'] for c in _points(result) for r in rows(c)
-              if r[f'{ref}_seeds_needed'] is not None]
+    needed = [
+      r[f'{ref}_seeds_needed']
+      for c in _points(result)
+      for r in rows(c)
+      if r[f'{ref}_seeds_needed'] is not None
+    ]
     if needed:
-      parts.append(f'the {len(needed)} gaps {what} need {int(np.median(needed))} seeds '
-                   f'(median) and up to {max(needed)}'
-                   + (' (some gaps are too small to resolve)' if max(needed) >= stats.MAX_SEEDS
-                      else ''))
+      parts.append(
+        f'the {len(needed)} gaps {what} need {int(np.median(needed))} seeds '
+        f'(median) and up to {max(needed)}'
+        + (' (some gaps are too small to resolve)' if max(needed) >= stats.MAX_SEEDS else '')
+      )
   seeds = len(_points(result)[0].config['seeds'])
   if not parts:
     return f'Seeds: {seeds}; with fewer than 2 seeds no interval or power analysis is possible.'
@@ -214,25 +254,34 @@ def html_report(result: Any, plots: dict[str, str] | None = None) -> str:
   (PNG files embedded as base64 data URIs)."""
   points = _points(result)
   esc = html.escape
-  parts = ['<!DOCTYPE html><html><head><meta charset="utf-8">',
-           f'<title>prunax compare: {esc(points[0].task_name)}</title><style>'
-           'body{font-family:sans-serif;margin:2em;max-width:1400px}'
-           'table{border-collapse:collapse;font-size:13px;margin-bottom:1em}'
-           'td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}'
-           'td:first-child,td:nth-child(2),th{text-align:left}.sig{font-weight:bold}'
-           'img{max-width:100%;display:block;margin:1em 0}</style></head><body>',
-           f'<h1>prunax compare: {esc(points[0].task_name)}</h1>']
+  parts = [
+    '<!DOCTYPE html><html><head><meta charset="utf-8">',
+    f'<title>prunax compare: {esc(points[0].task_name)}</title><style>'
+    'body{font-family:sans-serif;margin:2em;max-width:1400px}'
+    'table{border-collapse:collapse;font-size:13px;margin-bottom:1em}'
+    'td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}'
+    'td:first-child,td:nth-child(2),th{text-align:left}.sig{font-weight:bold}'
+    'img{max-width:100%;display:block;margin:1em 0}</style></head><body>',
+    f'<h1>prunax compare: {esc(points[0].task_name)}</h1>',
+  ]
   for comparison in points:
     if len(points) > 1:
       cfg = comparison.config
       parts.append(f'<h2>sparsity {cfg["sparsity"]} ({esc(str(cfg["sparsity_type"]))})</h2>')
     header, body = text_table(comparison)
-    parts.append(f'<p>{esc(recipe(comparison))}</p><table><tr>'
-                 + ''.join(f'<th>{esc(h)}</th>' for h in header) + '</tr>')
+    parts.append(
+      f'<p>{esc(recipe(comparison))}</p><table><tr>'
+      + ''.join(f'<th>{esc(h)}</th>' for h in header)
+      + '</tr>'
+    )
     for r in body:
-      parts.append('<tr>' + ''.join(
-          f'<td class="sig">{esc(c)}</td>' if c.endswith(' *') else f'<td>{esc(c)}</td>'
-          for c in r) + '</tr>')
+      parts.append(
+        '<tr>'
+        + ''.join(
+          f'<td class="sig">{esc(c)}</td>' if c.endswith(' *') else f'<td>{esc(c)}</td>' for c in r
+        )
+        + '</tr>'
+      )
     parts.append('</table>')
   parts.append(f'<p>{esc(STATS_NOTE)}</p><p>{esc(seeds_summary(result))}</p>')
   skipped = sorted({s for c in points for s in c.skipped})
@@ -241,15 +290,19 @@ def html_report(result: Any, plots: dict[str, str] | None = None) -> str:
   for name, path in (plots or {}).items():
     with open(path, 'rb') as f:
       data = base64.b64encode(f.read()).decode('ascii')
-    parts.append(f'<h3>{esc(name.replace("_", " "))}</h3>'
-                 f'<img alt="{esc(name)}" src="data:image/png;base64,{data}">')
+    parts.append(
+      f'<h3>{esc(name.replace("_", " "))}</h3>'
+      f'<img alt="{esc(name)}" src="data:image/png;base64,{data}">'
+    )
   parts.append('</body></html>')
   return '\n'.join(parts) + '\n'
 
 
 def _point_fields(comparison: Any) -> dict[str, Any]:
-  return {'point_sparsity': comparison.config['sparsity'],
-          'sparsity_type': comparison.config['sparsity_type']}
+  return {
+    'point_sparsity': comparison.config['sparsity'],
+    'sparsity_type': comparison.config['sparsity_type'],
+  }
 
 
 def write_csv(result: Any, path: str) -> None:
@@ -264,31 +317,48 @@ def write_csv(result: Any, path: str) -> None:
 
 def write_cells_csv(result: Any, path: str) -> None:
   """One row per (point, algorithm, seed) with the raw figures."""
-  keys = ['algorithm', 'seed', 'metric', 'sparsity', 'training_flops', 'inference_flops',
-          'mask_memory', 'seconds_per_step', 'compile_seconds', 'steps']
+  keys = [
+    'algorithm',
+    'seed',
+    'metric',
+    'sparsity',
+    'training_flops',
+    'inference_flops',
+    'mask_memory',
+    'seconds_per_step',
+    'compile_seconds',
+    'steps',
+  ]
   points = _points(result)
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
-    writer.writerow(['point_sparsity', 'sparsity_type']
-                    + [points[0].metric_name if k == 'metric' else k for k in keys])
+    writer.writerow(
+      ['point_sparsity', 'sparsity_type']
+      + [points[0].metric_name if k == 'metric' else k for k in keys]
+    )
     for comparison in points:
       for algorithm in comparison.algorithms:
         for seed in comparison.config['seeds']:
           cell = comparison.cells[(algorithm, seed)]
-          writer.writerow(list(_point_fields(comparison).values())
-                          + ['' if cell.get(k) is None else cell.get(k) for k in keys])
+          writer.writerow(
+            list(_point_fields(comparison).values())
+            + ['' if cell.get(k) is None else cell.get(k) for k in keys]
+          )
 
 
 def print_table(result: Any, console: Any = None) -> None:
   """Prints the table of every point with rich, then the statistics note."""
   from rich.console import Console  # pylint: disable=import-outside-toplevel
   from rich.table import Table  # pylint: disable=import-outside-toplevel
+
   console = console or Console()
   for comparison in _points(result):
     header, body = text_table(comparison, short=True)
-    table = Table(title=f'prunax compare: {comparison.task_name} at sparsity '
-                        f'{comparison.config["sparsity"]} ({comparison.config["sparsity_type"]})',
-                  caption=recipe(comparison) + ' D→S: dense-to-sparse, S→S: sparse-to-sparse.')
+    table = Table(
+      title=f'prunax compare: {comparison.task_name} at sparsity '
+      f'{comparison.config["sparsity"]} ({comparison.config["sparsity_type"]})',
+      caption=recipe(comparison) + ' D→S: dense-to-sparse, S→S: sparse-to-sparse.',
+    )
     for i, title in enumerate(header):
       table.add_column(title, justify='left' if i < 2 else 'right', no_wrap=True)
     for r in body:
@@ -301,8 +371,10 @@ def print_table(result: Any, console: Any = None) -> None:
 def write_reports(result: Any, plots: dict[str, str] | None = None) -> dict[str, str]:
   """Writes results.md, results.csv, cells.csv and report.html (with ``plots`` embedded) in
   the run directory of a Comparison or a Sweep; returns the paths."""
-  paths = {name: os.path.join(result.run_dir, name)
-           for name in ('results.md', 'results.csv', 'cells.csv', 'report.html')}
+  paths = {
+    name: os.path.join(result.run_dir, name)
+    for name in ('results.md', 'results.csv', 'cells.csv', 'report.html')
+  }
   with open(paths['results.md'], 'w') as f:
     f.write(markdown(result, plots))
   write_csv(result, paths['results.csv'])

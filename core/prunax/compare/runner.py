@@ -38,6 +38,7 @@ try:  # FLOPs counting is optional until prunax.flops exists.
 except ImportError:
   flops_lib = None
 
+
 @dataclasses.dataclass
 class Comparison:
   """The result of :func:`run_comparison`.
@@ -66,8 +67,9 @@ class Comparison:
   skipped: list[str]
 
 
-def category(algorithm: str, updater: BaseUpdater,
-             overrides: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, str]:
+def category(
+  algorithm: str, updater: BaseUpdater, overrides: Mapping[str, Mapping[str, str]] | None = None
+) -> dict[str, str]:
   """Sparseland's positioning of an algorithm: origin, dynamics and structure.
 
   Origin and dynamics come from :func:`prunax.registry.algorithm_info` (the metadata the
@@ -75,9 +77,11 @@ def category(algorithm: str, updater: BaseUpdater,
   ``overrides`` entries (the config's ``categories``) replace them.
   """
   out = registry.algorithm_info(algorithm)
-  out['structure'] = ('unstructured' if isinstance(updater.sparsity_type,
-                                                   sparsity_types.Unstructured)
-                      else 'structured')
+  out['structure'] = (
+    'unstructured'
+    if isinstance(updater.sparsity_type, sparsity_types.Unstructured)
+    else 'structured'
+  )
   out.update((overrides or {}).get(algorithm, {}))
   return out
 
@@ -110,20 +114,26 @@ def prepare_run_dir(run_dir: str, cfg: Mapping[str, Any], fresh: bool = False) -
       f.write('ok')
     os.remove(probe)
   except OSError as e:
-    raise ConfigError(f'Run directory {run_dir!r} is not writable: {e.strerror or e}. '
-                      'Choose another with --run-dir.') from e
+    raise ConfigError(
+      f'Run directory {run_dir!r} is not writable: {e.strerror or e}. '
+      'Choose another with --run-dir.'
+    ) from e
   fingerprint = config_lib.cell_fingerprint(cfg)
   path = os.path.join(run_dir, 'config.json')
   if os.path.isfile(path) and os.listdir(cells):
     with open(path) as f:
       previous = json.load(f)
-    diff = sorted(k for k in set(previous) | set(fingerprint)
-                  if previous.get(k) != json.loads(json.dumps(fingerprint.get(k))))
+    diff = sorted(
+      k
+      for k in set(previous) | set(fingerprint)
+      if previous.get(k) != json.loads(json.dumps(fingerprint.get(k)))
+    )
     if diff:
       raise ConfigError(
-          f'Run directory {run_dir!r} holds cells computed with a different config (keys '
-          f'{diff}: {[previous.get(k) for k in diff]} there, '
-          f'{[fingerprint.get(k) for k in diff]} now); use another --run-dir or --fresh.')
+        f'Run directory {run_dir!r} holds cells computed with a different config (keys '
+        f'{diff}: {[previous.get(k) for k in diff]} there, '
+        f'{[fingerprint.get(k) for k in diff]} now); use another --run-dir or --fresh.'
+      )
   _write_json(path, fingerprint)
 
 
@@ -143,14 +153,23 @@ def _flops_counter(task: Any, params: Any):
     return flops_lib.FlopsCounter(task.apply_fn, params, *task.example_inputs())
   except Exception as e:  # pylint: disable=broad-except
     # FLOPs are one figure among several: report them as n/a rather than lose the run.
-    warnings.warn(f'FLOPs of task {task.name!r} cannot be counted ({type(e).__name__}: {e}); '
-                  'they are reported as n/a.', stacklevel=2)
+    warnings.warn(
+      f'FLOPs of task {task.name!r} cannot be counted ({type(e).__name__}: {e}); '
+      'they are reported as n/a.',
+      stacklevel=2,
+    )
     return None
 
 
-def run_cell(task: Any, updater: BaseUpdater, seed: int, steps: int, observe_points: int,
-             counter: Any = None, on_progress: Callable[[int], None] | None = None
-             ) -> tuple[dict[str, Any], Any]:
+def run_cell(
+  task: Any,
+  updater: BaseUpdater,
+  seed: int,
+  steps: int,
+  observe_points: int,
+  counter: Any = None,
+  on_progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, Any], Any]:
   """Trains one cell and measures it.
 
   Returns:
@@ -181,18 +200,21 @@ def run_cell(task: Any, updater: BaseUpdater, seed: int, steps: int, observe_poi
   if on_progress is not None and last[0] < steps:
     on_progress(steps - last[0])
   figures: dict[str, Any] = {
-      'metric': float(result.metric),
-      'seconds_per_step': float(result.seconds_per_step),
-      'compile_seconds': float(result.compile_seconds),
-      'trace': trace,
-      'inference_flops': None, 'training_flops': None, 'mask_memory': None,
-      'layer_sparsity': {},
+    'metric': float(result.metric),
+    'seconds_per_step': float(result.seconds_per_step),
+    'compile_seconds': float(result.compile_seconds),
+    'trace': trace,
+    'inference_flops': None,
+    'training_flops': None,
+    'mask_memory': None,
+    'layer_sparsity': {},
   }
   if result.params is not None:
     summary = summarize_sparsity(result.params)
     figures['sparsity'] = summary['total_sparsity']
-    figures['layer_sparsity'] = {k.split('/', 1)[1]: v for k, v in summary.items()
-                                 if k.startswith('sparsity/')}
+    figures['layer_sparsity'] = {
+      k.split('/', 1)[1]: v for k, v in summary.items() if k.startswith('sparsity/')
+    }
     if counter is not None:
       figures['inference_flops'] = float(counter.inference_fraction(result.params))
       figures['training_flops'] = float(averager.fraction) if averager.steps else None
@@ -216,8 +238,9 @@ def load_params(run_dir: str, algorithm: str, seed: int) -> dict[str, np.ndarray
     return dict(data)
 
 
-def plan(config: Any = None, task: Any = None) -> tuple[dict[str, Any], Any, list[str],
-                                                          list[str], dict[str, BaseUpdater]]:
+def plan(
+  config: Any = None, task: Any = None
+) -> tuple[dict[str, Any], Any, list[str], list[str], dict[str, BaseUpdater]]:
   """Checks everything a comparison needs before training.
 
   Returns:
@@ -229,8 +252,10 @@ def plan(config: Any = None, task: Any = None) -> tuple[dict[str, Any], Any, lis
   """
   cfg = config_lib.load_config(config)  # Idempotent on a checked config.
   if config_lib.is_sweep(cfg):
-    raise ConfigError(f'The config sweeps {len(config_lib.points(cfg))} (sparsity_type, '
-                      'sparsity) points; run it with run_sweep, or give one sparsity and type.')
+    raise ConfigError(
+      f'The config sweeps {len(config_lib.points(cfg))} (sparsity_type, '
+      'sparsity) points; run it with run_sweep, or give one sparsity and type.'
+    )
   if task is None or isinstance(task, str) or not hasattr(task, 'run'):
     try:
       task = tasks_lib.make_task(task or cfg['task'], cfg['task_args'])
@@ -263,16 +288,19 @@ def plan(config: Any = None, task: Any = None) -> tuple[dict[str, Any], Any, lis
 
 def _params_at(example: Any, targets: Any, scale: float) -> Any:
   """Arrays shaped like ``example`` with ``round(scale * target * size)`` zeros per leaf."""
+
   def leaf(x, s):
     out = np.ones(x.shape, np.float32)
     if s is not None:
-      out.reshape(-1)[:int(round(scale * float(s) * out.size))] = 0.0
+      out.reshape(-1)[: int(round(scale * float(s) * out.size))] = 0.0
     return out
+
   return jax.tree.map(leaf, example, targets, is_leaf=lambda x: x is None)
 
 
-def step_multipliers(cfg: Mapping[str, Any], updaters: Mapping[str, BaseUpdater],
-                     example: Any, counter: Any) -> dict[str, float]:
+def step_multipliers(
+  cfg: Mapping[str, Any], updaters: Mapping[str, BaseUpdater], example: Any, counter: Any
+) -> dict[str, float]:
   """Training-length multiplier of every algorithm under ``cfg['training_budget']``.
 
   ``equal_steps``: 1 for all. A number ``k``: ``k`` for sparse-to-sparse algorithms, 1 for
@@ -297,25 +325,40 @@ def step_multipliers(cfg: Mapping[str, Any], updaters: Mapping[str, BaseUpdater]
   if budget != 'equal_flops':
     return out
   if counter is None:
-    raise ConfigError('training_budget equal_flops needs the task\'s FLOPs (a task with '
-                      'apply_fn and example_inputs, and prunax.flops); use equal_steps or a '
-                      'step multiplier.')
+    raise ConfigError(
+      "training_budget equal_flops needs the task's FLOPs (a task with "
+      'apply_fn and example_inputs, and prunax.flops); use equal_steps or a '
+      'step multiplier.'
+    )
   reference = config_lib.make_updater(dict(cfg, step_multipliers={}), 'magnitude', 0)
   targets = reference.target_sparsities(example)
   steps = cfg['steps']
   grid = np.linspace(0, steps, 21)
-  f_ref = float(np.mean([counter.training_fraction(_params_at(
-      example, targets, float(reference.scheduler.sparsity(t, 1.0)))) for t in grid]))
+  f_ref = float(
+    np.mean(
+      [
+        counter.training_fraction(
+          _params_at(example, targets, float(reference.scheduler.sparsity(t, 1.0)))
+        )
+        for t in grid
+      ]
+    )
+  )
   for name, updater in updaters.items():
     if name not in out:
-      f_a = counter.training_fraction(_params_at(example, updater.target_sparsities(example),
-                                                 1.0))
+      f_a = counter.training_fraction(_params_at(example, updater.target_sparsities(example), 1.0))
       out[name] = float(np.clip(f_ref / max(f_a, 1e-12), 1.0, cfg['max_step_multiplier']))
   return out
 
 
-def run_comparison(config: Any = None, task: Any = None, *, fresh: bool = False,
-                   progress: Any = None, shared: dict | None = None) -> Comparison:
+def run_comparison(
+  config: Any = None,
+  task: Any = None,
+  *,
+  fresh: bool = False,
+  progress: Any = None,
+  shared: dict | None = None,
+) -> Comparison:
   """Trains every algorithm with every seed on the same task and recipe, and measures them.
 
   Args:
@@ -348,7 +391,8 @@ def run_comparison(config: Any = None, task: Any = None, *, fresh: bool = False,
 
   def done(a: str, s: int) -> bool:
     return (a == 'no_prune' and (a, s) in shared) or os.path.isfile(
-        os.path.join(run_dir, 'cells', _cell_name(a, s) + '.json'))
+      os.path.join(run_dir, 'cells', _cell_name(a, s) + '.json')
+    )
 
   if hasattr(task, 'prepare'):  # Compile ahead the algorithms with unfinished cells.
     task.prepare([updaters[a] for a in algorithms if not all(done(a, s) for s in seeds)])
@@ -372,8 +416,9 @@ def run_comparison(config: Any = None, task: Any = None, *, fresh: bool = False,
         if progress is not None:
           progress.advance(overall, steps)
         continue
-      current = progress.add_task(f'{algorithm} seed {seed}', total=steps) \
-          if progress is not None else None
+      current = (
+        progress.add_task(f'{algorithm} seed {seed}', total=steps) if progress is not None else None
+      )
 
       def advance(n: int, current=current) -> None:
         if progress is not None:
@@ -382,11 +427,17 @@ def run_comparison(config: Any = None, task: Any = None, *, fresh: bool = False,
 
       start = time.perf_counter()
       updater = config_lib.make_updater(cfg, algorithm, seed)
-      figures, params = run_cell(task, updater, seed, steps, cfg['observe_points'], counter,
-                                 advance)
-      figures.update(algorithm=algorithm, seed=seed, seconds=time.perf_counter() - start,
-                     target_sparsity=0.0 if algorithm == 'no_prune' else cfg['sparsity'],
-                     steps=steps, updater_config=config_lib.updater_config(cfg, algorithm, seed))
+      figures, params = run_cell(
+        task, updater, seed, steps, cfg['observe_points'], counter, advance
+      )
+      figures.update(
+        algorithm=algorithm,
+        seed=seed,
+        seconds=time.perf_counter() - start,
+        target_sparsity=0.0 if algorithm == 'no_prune' else cfg['sparsity'],
+        steps=steps,
+        updater_config=config_lib.updater_config(cfg, algorithm, seed),
+      )
       if params is not None:
         _save_params(os.path.join(run_dir, 'cells', name + '.npz'), params)
       _write_json(path, figures)
@@ -398,14 +449,24 @@ def run_comparison(config: Any = None, task: Any = None, *, fresh: bool = False,
   layer_targets = {}
   if example is not None:
     from prunax import sparsity_distributions  # pylint: disable=import-outside-toplevel
+
     for dist in ('uniform', 'erk'):
       targets = sparsity_distributions.resolve(dist)(example, cfg['sparsity'])
-      layer_targets[dist] = {n: float(s) for n, s in named_leaves(
-          targets, is_leaf=lambda x: x is None) if s is not None}
+      layer_targets[dist] = {
+        n: float(s) for n, s in named_leaves(targets, is_leaf=lambda x: x is None) if s is not None
+      }
   categories = {a: category(a, updaters[a], cfg['categories']) for a in algorithms}
-  return Comparison(config=cfg, task_name=task.name, metric_name=task.metric_name,
-                    algorithms=algorithms, categories=categories, cells=cells,
-                    layer_targets=layer_targets, run_dir=run_dir, skipped=skipped)
+  return Comparison(
+    config=cfg,
+    task_name=task.name,
+    metric_name=task.metric_name,
+    algorithms=algorithms,
+    categories=categories,
+    cells=cells,
+    layer_targets=layer_targets,
+    run_dir=run_dir,
+    skipped=skipped,
+  )
 
 
 @dataclasses.dataclass
@@ -437,8 +498,9 @@ def point_dir(run_dir: str, sparsity_type: str, sparsity: float) -> str:
   return os.path.join(run_dir, f'{sparsity_type.replace(",", "x")}_s{sparsity:g}')
 
 
-def run_sweep(config: Any = None, task: Any = None, *, fresh: bool = False,
-              progress: Any = None) -> Sweep:
+def run_sweep(
+  config: Any = None, task: Any = None, *, fresh: bool = False, progress: Any = None
+) -> Sweep:
   """Runs a comparison at every (sparsity_type, sparsity) point of ``config``.
 
   One point runs in ``run_dir`` itself (as :func:`run_comparison`); several run each in
@@ -451,15 +513,21 @@ def run_sweep(config: Any = None, task: Any = None, *, fresh: bool = False,
   cfg = config_lib.load_config(config)
   pts = config_lib.points(cfg)
   if len(pts) == 1:
-    return Sweep(cfg, [run_comparison(config_lib.point_config(cfg, *pts[0]), task, fresh=fresh,
-                                      progress=progress)], cfg['run_dir'])
-  configs = [dict(config_lib.point_config(cfg, t, s), run_dir=point_dir(cfg['run_dir'], t, s))
-             for t, s in pts]
+    return Sweep(
+      cfg,
+      [run_comparison(config_lib.point_config(cfg, *pts[0]), task, fresh=fresh, progress=progress)],
+      cfg['run_dir'],
+    )
+  configs = [
+    dict(config_lib.point_config(cfg, t, s), run_dir=point_dir(cfg['run_dir'], t, s))
+    for t, s in pts
+  ]
   planned = [plan(c, task) for c in configs]  # Checks every point first.
   task = planned[0][1]
   shared: dict = {}
-  comparisons = [run_comparison(c, task, fresh=fresh, progress=progress, shared=shared)
-                 for c in configs]
+  comparisons = [
+    run_comparison(c, task, fresh=fresh, progress=progress, shared=shared) for c in configs
+  ]
   return Sweep(cfg, comparisons, cfg['run_dir'])
 
 
@@ -474,6 +542,8 @@ def rich_progress(enabled: bool = True):
   from rich.progress import Progress
   from rich.progress import TextColumn
   from rich.progress import TimeElapsedColumn
-  with Progress(TextColumn('{task.description:<28}'), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn()) as progress:
+
+  with Progress(
+    TextColumn('{task.description:<28}'), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+  ) as progress:
     yield progress

@@ -24,11 +24,13 @@ MAX_SEEDS = 10_000
 
 def _t(q: float, df: int) -> float:
   from scipy import stats  # pylint: disable=import-outside-toplevel
+
   return float(stats.t.ppf(q, df))
 
 
 def _z(q: float) -> float:
   from scipy import stats  # pylint: disable=import-outside-toplevel
+
   return float(stats.norm.ppf(q))
 
 
@@ -72,8 +74,9 @@ def seeds_needed(gap: float, sd: float) -> int | None:
 def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
   """The paired difference ``a - b`` (same seeds, same order) with its 95% t-interval."""
   if len(a) != len(b) or not a:
-    raise ValueError(f'paired needs two equally long, non-empty samples, got {len(a)} and '
-                     f'{len(b)} values.')
+    raise ValueError(
+      f'paired needs two equally long, non-empty samples, got {len(a)} and {len(b)} values.'
+    )
   d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
   n, mean = len(d), float(d.mean())
   if n < 2:

@@ -69,8 +69,9 @@ class Task(Protocol):
     """The params at initialisation, or their shapes (``jax.ShapeDtypeStruct`` leaves), to
     check configs, count FLOPs and plot distributions; None if unknown."""
 
-  def run(self, updater: BaseUpdater, seed: int, steps: int, observe: Observer,
-          observe_every: int) -> TrainResult:
+  def run(
+    self, updater: BaseUpdater, seed: int, steps: int, observe: Observer, observe_every: int
+  ) -> TrainResult:
     """Trains with ``updater`` for ``steps`` steps, calling ``observe`` every
     ``observe_every`` steps and after the last one."""
 
@@ -126,13 +127,14 @@ class SupervisedTask:
 
   def example_inputs(self) -> tuple[jax.Array]:
     """One training batch of inputs (for FLOPs counting)."""
-    return (jnp.asarray(self.train_data[0][:self.batch_size]),)
+    return (jnp.asarray(self.train_data[0][: self.batch_size]),)
 
   def _train_step(self, tx):
     def step(params, opt_state, x, y):
       grads = jax.grad(lambda p: self.loss_fn(self.apply_fn(p, x), y))(params)
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
+
     return step
 
   def _compile(self, key: BaseUpdater):
@@ -145,17 +147,20 @@ class SupervisedTask:
     tx = key.wrap_optax(self.optimizer)
     params = self.example_params()
     opt_state = jax.eval_shape(tx.init, params)
-    x, y = (jax.ShapeDtypeStruct((self.batch_size,) + a.shape[1:], a.dtype)
-            for a in self.train_data)
+    x, y = (
+      jax.ShapeDtypeStruct((self.batch_size,) + a.shape[1:], a.dtype) for a in self.train_data
+    )
     step = jax.jit(self._train_step(tx)).lower(params, opt_state, x, y).compile()
 
     def init(p, seed):
       return dataclasses.replace(key, seed=seed).wrap_optax(self.optimizer).init(p)
+
     try:
       init_fn = jax.jit(init).lower(params, jax.ShapeDtypeStruct((), jnp.int32)).compile()
     except (jax.errors.JAXTypeError, TypeError):  # ConcretizationTypeError is a JAXTypeError
-      init_fn = lambda p, seed: dataclasses.replace(key, seed=seed).wrap_optax(
-          self.optimizer).init(p)
+      init_fn = lambda p, seed: (
+        dataclasses.replace(key, seed=seed).wrap_optax(self.optimizer).init(p)
+      )
     return step, init_fn, time.perf_counter() - start
 
   def prepare(self, updaters: list[BaseUpdater]) -> None:
@@ -167,8 +172,9 @@ class SupervisedTask:
         if key not in self._compiled:
           self._compiled[key] = pool.submit(self._compile, key)
 
-  def run(self, updater: BaseUpdater, seed: int, steps: int, observe: Observer,
-          observe_every: int) -> TrainResult:
+  def run(
+    self, updater: BaseUpdater, seed: int, steps: int, observe: Observer, observe_every: int
+  ) -> TrainResult:
     # The seed reaches the update only through the state (SparseState.rng), so one compiled
     # step serves every seed of an algorithm: the step is compiled for the seed-0 updater.
     key = dataclasses.replace(updater, seed=0)
@@ -184,7 +190,8 @@ class SupervisedTask:
     opt_state = init_fn(params, np.int32(seed))
     x_train, y_train = (jnp.asarray(a) for a in self.train_data)
     batches = np.random.RandomState(seed).randint(
-        0, len(self.train_data[1]), size=(steps, self.batch_size))
+      0, len(self.train_data[1]), size=(steps, self.batch_size)
+    )
     elapsed = 0.0
     for t in range(steps):
       # Only the train step is timed (the first batch gather compiles the gather).
@@ -195,9 +202,13 @@ class SupervisedTask:
       elapsed += time.perf_counter() - start
       if (t + 1) % observe_every == 0 or t + 1 == steps:
         observe(t + 1, params)
-    return TrainResult(metric=float(self._evaluate(params)), params=params,
-                       opt_state=opt_state, seconds_per_step=elapsed / max(steps, 1),
-                       compile_seconds=compile_seconds)
+    return TrainResult(
+      metric=float(self._evaluate(params)),
+      params=params,
+      opt_state=opt_state,
+      seconds_per_step=elapsed / max(steps, 1),
+      compile_seconds=compile_seconds,
+    )
 
 
 class _Done:
@@ -213,8 +224,9 @@ class _Done:
 # ------------------------------------------------------------------------------ digits
 
 
-def digits_task(batch_size: int = 64, learning_rate: float = 3e-3, test_fraction: float = 0.3,
-                width: int = 16) -> SupervisedTask:
+def digits_task(
+  batch_size: int = 64, learning_rate: float = 3e-3, test_fraction: float = 0.3, width: int = 16
+) -> SupervisedTask:
   """scikit-learn's digits (1797 8x8 images, embedded) with a small Flax CNN and Adam.
 
   The CNN is conv(width, 3x3) - conv(2*width, 3x3, stride 2) - dense(64) - dense(10) with
@@ -248,18 +260,24 @@ def digits_task(batch_size: int = 64, learning_rate: float = 3e-3, test_fraction
   test, train = order[:n_test], order[n_test:]
   model = DigitsCNN()
   return SupervisedTask(
-      name='digits',
-      init_fn=lambda key: model.init(key, x[:1]),
-      apply_fn=model.apply,
-      train_data=(x[train], y[train]),
-      eval_data=(x[test], y[test]),
-      optimizer=optax.adam(learning_rate),
-      batch_size=batch_size)
+    name='digits',
+    init_fn=lambda key: model.init(key, x[:1]),
+    apply_fn=model.apply,
+    train_data=(x[train], y[train]),
+    eval_data=(x[test], y[test]),
+    optimizer=optax.adam(learning_rate),
+    batch_size=batch_size,
+  )
 
 
-def noisy_digits_task(batch_size: int = 64, learning_rate: float = 3e-3,
-                      test_fraction: float = 0.3, width: int = 16, copies: int = 4,
-                      noise: float = 0.25) -> SupervisedTask:
+def noisy_digits_task(
+  batch_size: int = 64,
+  learning_rate: float = 3e-3,
+  test_fraction: float = 0.3,
+  width: int = 16,
+  copies: int = 4,
+  noise: float = 0.25,
+) -> SupervisedTask:
   """A harder digits task: scikit-learn's digits upsampled to 16x16, shifted at random in
   a 20x20 canvas, with random contrast, 10% of the pixels dropped and Gaussian noise.
 
@@ -310,7 +328,7 @@ def noisy_digits_task(batch_size: int = 64, learning_rate: float = 3e-3,
     dx, dy = rng.randint(0, 5, size=(2, len(index)))
     contrast = rng.uniform(0.6, 1.0, size=len(index))
     for i, k in enumerate(index):
-      out[i, dy[i]:dy[i] + 16, dx[i]:dx[i] + 16] = contrast[i] * images[k]
+      out[i, dy[i] : dy[i] + 16, dx[i] : dx[i] + 16] = contrast[i] * images[k]
     out *= rng.uniform(size=out.shape) >= 0.1
     out += noise * rng.standard_normal(out.shape).astype(np.float32)
     return out[..., None], y[index]
@@ -319,13 +337,14 @@ def noisy_digits_task(batch_size: int = 64, learning_rate: float = 3e-3,
   eval_data = augment(test, 2)
   model = NoisyDigitsCNN()
   return SupervisedTask(
-      name='noisy_digits',
-      init_fn=lambda key: model.init(key, train_data[0][:1]),
-      apply_fn=model.apply,
-      train_data=train_data,
-      eval_data=eval_data,
-      optimizer=optax.adam(learning_rate),
-      batch_size=batch_size)
+    name='noisy_digits',
+    init_fn=lambda key: model.init(key, train_data[0][:1]),
+    apply_fn=model.apply,
+    train_data=train_data,
+    eval_data=eval_data,
+    optimizer=optax.adam(learning_rate),
+    batch_size=batch_size,
+  )
 
 
 # ------------------------------------------------------------------ optional host tasks
@@ -347,27 +366,39 @@ class FederatedDigitsTask:
 
   def example_params(self) -> PyTree:
     from prunax_fedjax.examples import federated_digits  # pylint: disable=import-outside-toplevel
+
     return federated_digits.create_model().init(jax.random.PRNGKey(0))
 
-  def run(self, updater: BaseUpdater, seed: int, steps: int, observe: Observer,
-          observe_every: int) -> TrainResult:
+  def run(
+    self, updater: BaseUpdater, seed: int, steps: int, observe: Observer, observe_every: int
+  ) -> TrainResult:
     from prunax_fedjax.examples import federated_digits  # pylint: disable=import-outside-toplevel
+
     del observe, observe_every  # The adapter's loop reports only the end of training.
     out = federated_digits.run_one(
-        _algorithm_name(updater), seed=seed, num_rounds=steps, pruner=updater,
-        clients_per_round=self.clients_per_round)
-    return TrainResult(metric=out['final_accuracy'], sparsity=out['final_sparsity'],
-                       seconds_per_step=out['seconds'] / max(steps, 1))
+      _algorithm_name(updater),
+      seed=seed,
+      num_rounds=steps,
+      pruner=updater,
+      clients_per_round=self.clients_per_round,
+    )
+    return TrainResult(
+      metric=out['final_accuracy'],
+      sparsity=out['final_sparsity'],
+      seconds_per_step=out['seconds'] / max(steps, 1),
+    )
 
 
 def scale_schedule(updater: BaseUpdater, factor: int) -> BaseUpdater:
   """``updater`` with its schedule's steps (frequency, start, end, one-shot step) times
   ``factor``: a comparison step made of ``factor`` optimizer updates."""
   scheduler = updater.scheduler
-  changes = {f.name: getattr(scheduler, f.name) * factor
-             for f in dataclasses.fields(scheduler)
-             if f.name in ('update_freq', 'update_start_step', 'update_end_step', 'target_step')
-             and getattr(scheduler, f.name) is not None}
+  changes = {
+    f.name: getattr(scheduler, f.name) * factor
+    for f in dataclasses.fields(scheduler)
+    if f.name in ('update_freq', 'update_start_step', 'update_end_step', 'target_step')
+    and getattr(scheduler, f.name) is not None
+  }
   return dataclasses.replace(updater, scheduler=dataclasses.replace(scheduler, **changes))
 
 
@@ -394,34 +425,40 @@ class CartPoleTask:
     """The updater the agent gets: ``updater`` with its schedule in optimizer updates."""
     return scale_schedule(updater, max(1, self.training_steps // self.update_period))
 
-  def run(self, updater: BaseUpdater, seed: int, steps: int, observe: Observer,
-          observe_every: int) -> TrainResult:
+  def run(
+    self, updater: BaseUpdater, seed: int, steps: int, observe: Observer, observe_every: int
+  ) -> TrainResult:
     import tempfile  # pylint: disable=import-outside-toplevel
 
     from prunax_dopamine import run as dopamine_run  # pylint: disable=import-outside-toplevel
+
     del observe, observe_every
     name = _algorithm_name(updater)
     bindings = [
-        f'JaxDQNAgent.seed={seed}',
-        f'JaxDQNAgent.update_period={self.update_period}',
-        f'Runner.num_iterations={steps}',
-        f'Runner.training_steps={self.training_steps}',
-        'Runner.evaluation_steps=0',
+      f'JaxDQNAgent.seed={seed}',
+      f'JaxDQNAgent.update_period={self.update_period}',
+      f'Runner.num_iterations={steps}',
+      f'Runner.training_steps={self.training_steps}',
+      'Runner.evaluation_steps=0',
     ]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f'cartpole-{name}-{seed}-') as base_dir:
-      lines = dopamine_run.run(base_dir, ['dqn_cartpole.gin'], bindings,
-                               pruner=self.agent_updater(updater))
+      lines = dopamine_run.run(
+        base_dir, ['dqn_cartpole.gin'], bindings, pruner=self.agent_updater(updater)
+      )
     seconds = time.perf_counter() - start
     returns = [float(line.rsplit('=', 1)[1]) for line in lines if 'Train/AverageReturns' in line]
     sparsity = [float(line.rsplit('=', 1)[1]) for line in lines if 'Sparsity/Total ' in line]
-    return TrainResult(metric=returns[-1] if returns else float('nan'),
-                       sparsity=sparsity[-1] if sparsity else None,
-                       seconds_per_step=seconds / max(steps, 1))
+    return TrainResult(
+      metric=returns[-1] if returns else float('nan'),
+      sparsity=sparsity[-1] if sparsity else None,
+      seconds_per_step=seconds / max(steps, 1),
+    )
 
 
 def _algorithm_name(updater: BaseUpdater) -> str:
   from prunax import registry  # pylint: disable=import-outside-toplevel
+
   for name in registry.all_algorithm_names():
     if type(updater) is registry.get_algorithm(name):  # pylint: disable=unidiomatic-typecheck
       return name
@@ -442,15 +479,17 @@ def _require(module: str, task: str, dist: str) -> None:
   try:
     importlib.import_module(module)
   except ImportError as e:
-    raise ValueError(f'Task {task!r} needs the {module} adapter, which cannot be imported '
-                     f'({e}); install it with `pip install {dist}`.') from e
+    raise ValueError(
+      f'Task {task!r} needs the {module} adapter, which cannot be imported '
+      f'({e}); install it with `pip install {dist}`.'
+    ) from e
 
 
 BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
-    'digits': digits_task,
-    'noisy_digits': noisy_digits_task,
-    'federated_digits': _federated_digits,
-    'cartpole': _cartpole,
+  'digits': digits_task,
+  'noisy_digits': noisy_digits_task,
+  'federated_digits': _federated_digits,
+  'cartpole': _cartpole,
 }
 
 
@@ -478,21 +517,26 @@ def resolve_task_factory(spec: str | Callable[..., Task]) -> Callable[..., Task]
     return BUILTIN_TASKS[spec]
   module_name, _, attr = spec.partition(':')
   if not attr and '.' not in spec and not spec.endswith('.py'):
-    raise ValueError(f'Unknown task {spec!r}; valid tasks are {sorted(BUILTIN_TASKS)} or a '
-                     'plug-in "module:function" / "file.py:function" / module with get_task.')
+    raise ValueError(
+      f'Unknown task {spec!r}; valid tasks are {sorted(BUILTIN_TASKS)} or a '
+      'plug-in "module:function" / "file.py:function" / module with get_task.'
+    )
   try:
     if module_name.endswith('.py'):
       if not os.path.isfile(module_name):
         raise ValueError(f'Task file {module_name!r} does not exist.')
       mod_spec = importlib.util.spec_from_file_location(
-          os.path.splitext(os.path.basename(module_name))[0], module_name)
+        os.path.splitext(os.path.basename(module_name))[0], module_name
+      )
       module = importlib.util.module_from_spec(mod_spec)
       mod_spec.loader.exec_module(module)
     else:
       module = importlib.import_module(module_name)
   except ImportError as e:
-    raise ValueError(f'Cannot import the task module {module_name!r} of task {spec!r}: {e}. '
-                     f'Built-in tasks are {sorted(BUILTIN_TASKS)}.') from e
+    raise ValueError(
+      f'Cannot import the task module {module_name!r} of task {spec!r}: {e}. '
+      f'Built-in tasks are {sorted(BUILTIN_TASKS)}.'
+    ) from e
   attr = attr or 'get_task'
   factory = getattr(module, attr, None)
   if not callable(factory):
@@ -509,6 +553,8 @@ def make_task(spec: str | Callable[..., Task], task_args: dict[str, Any] | None 
     raise ValueError(f'Task {spec!r} does not accept task_args {task_args}: {e}') from e
   missing = [m for m in ('name', 'metric_name', 'example_params', 'run') if not hasattr(task, m)]
   if missing:
-    raise ValueError(f'Task {spec!r} returned {type(task).__name__}, which lacks {missing}; '
-                     'return a prunax.compare.SupervisedTask or an object with the Task methods.')
+    raise ValueError(
+      f'Task {spec!r} returned {type(task).__name__}, which lacks {missing}; '
+      'return a prunax.compare.SupervisedTask or an object with the Task methods.'
+    )
   return task

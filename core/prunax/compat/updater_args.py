@@ -66,15 +66,20 @@ def _key_data(seed) -> tuple[int, ...]:
 
 def _with_map_and_filter(dist, filter_fn, custom_map):
   """``dist`` with jaxpruner's ``filter_fn`` / ``custom_sparsity_map`` constructor fields."""
-  extra = {k: v for k, v in (('filter_fn', filter_fn), ('custom_sparsity_map', custom_map))
-           if v is not None}
+  extra = {
+    k: v
+    for k, v in (('filter_fn', filter_fn), ('custom_sparsity_map', custom_map))
+    if v is not None
+  }
   if isinstance(dist, dists.Partial):
     kwargs = {k: dict(v) if k == 'custom_sparsity_map' else v for k, v in dist.kwargs}
     return dists.Partial(dist.fn, **kwargs, **extra)
   resolved = dists.resolve(dist)
   if resolved not in (dists.uniform, dists.erk):
-    raise ValueError(f'filter_fn and custom_sparsity_map apply to the "uniform" and "erk" '
-                     f'distributions, not to {dist!r}; give them to your distribution instead.')
+    raise ValueError(
+      f'filter_fn and custom_sparsity_map apply to the "uniform" and "erk" '
+      f'distributions, not to {dist!r}; give them to your distribution instead.'
+    )
   return dists.Partial(resolved, **extra)
 
 
@@ -116,24 +121,37 @@ class JaxprunerArgs:
       set_('sparsity_distribution_fn', dists.ParamsOnly(all_dense))
       if self.sparsity is None:
         set_('sparsity', 0.0)
-    elif (isinstance(dist, functools.partial) and dist.func in (dists.uniform, dists.erk)
-          and not dist.args and 'sparsity' in dist.keywords):
+    elif (
+      isinstance(dist, functools.partial)
+      and dist.func in (dists.uniform, dists.erk)
+      and not dist.args
+      and 'sparsity' in dist.keywords
+    ):
       # jaxpruner's form: partial(uniform, sparsity=s) -> sparsity=s, the plain distribution.
       target = dist.keywords['sparsity']
       if self.sparsity is not None and self.sparsity != target:
-        raise ValueError(f'{name} got sparsity={self.sparsity} and a distribution bound to '
-                         f'sparsity={target}; give the target once.')
+        raise ValueError(
+          f'{name} got sparsity={self.sparsity} and a distribution bound to '
+          f'sparsity={target}; give the target once.'
+        )
       set_('sparsity', target)
       rest = {k: v for k, v in dist.keywords.items() if k != 'sparsity'}
       set_('sparsity_distribution_fn', dists.Partial(dist.func, **rest) if rest else dist.func)
-    elif (self.sparsity is None and callable(dist) and not isinstance(
-        dist, (str, Mapping, dists.CustomMap, dists.Partial, dists.ParamsOnly))
-          and dist not in (dists.uniform, dists.erk)):
+    elif (
+      self.sparsity is None
+      and callable(dist)
+      and not isinstance(dist, (str, Mapping, dists.CustomMap, dists.Partial, dists.ParamsOnly))
+      and dist not in (dists.uniform, dists.erk)
+    ):
       # jaxpruner calls a distribution as fn(params); without a prunax target, so does prunax.
       set_('sparsity_distribution_fn', dists.ParamsOnly(dist))
     if self.filter_fn is not None or self.custom_sparsity_map is not None:
-      set_('sparsity_distribution_fn', _with_map_and_filter(
-          self.sparsity_distribution_fn, self.filter_fn, self.custom_sparsity_map))
+      set_(
+        'sparsity_distribution_fn',
+        _with_map_and_filter(
+          self.sparsity_distribution_fn, self.filter_fn, self.custom_sparsity_map
+        ),
+      )
       set_('filter_fn', None)  # Folded: dataclasses.replace must not fold them twice.
       set_('custom_sparsity_map', None)
     if self.rng_seed is not None:
@@ -147,23 +165,28 @@ class JaxprunerArgs:
     if not isinstance(self.skip_gradients, bool):
       raise ValueError(f'skip_gradients must be a bool, got {self.skip_gradients!r}.')
     if self.skip_gradients and self.is_ste:
-      raise ValueError(f'{name} keeps dense weights (STE) and has no mask-update steps to '
-                       'skip; skip_gradients=True is not supported for it.')
+      raise ValueError(
+        f'{name} keeps dense weights (STE) and has no mask-update steps to '
+        'skip; skip_gradients=True is not supported for it.'
+      )
     masked = not self.is_ste
     if self.is_sparse_gradients is None:
       set_('is_sparse_gradients', masked)
     elif bool(self.is_sparse_gradients) != masked:
       raise ValueError(
-          f'{name} feeds the inner optimizer {"masked" if masked else "dense"} gradients; '
-          f'is_sparse_gradients={self.is_sparse_gradients} cannot be honoured (see '
-          'MIGRATION.md).')
+        f'{name} feeds the inner optimizer {"masked" if masked else "dense"} gradients; '
+        f'is_sparse_gradients={self.is_sparse_gradients} cannot be honoured (see '
+        'MIGRATION.md).'
+      )
     stype = sparsity_types.from_string(self.sparsity_type)
     if self.topk_fn is None or isinstance(self.topk_fn, TopK):
       set_('topk_fn', TopK(stype))
     elif not isinstance(stype, CustomTopK) or stype.fn is not self.topk_fn:
       if not isinstance(stype, sparsity_types.Unstructured):
-        raise ValueError(f'{name} got both topk_fn and sparsity_type={stype!r}; a custom '
-                         'topk_fn defines the structure, give one of them.')
+        raise ValueError(
+          f'{name} got both topk_fn and sparsity_type={stype!r}; a custom '
+          'topk_fn defines the structure, give one of them.'
+        )
       set_('sparsity_type', CustomTopK(self.topk_fn))
 
   # --------------------------------------------------------------- jaxpruner's methods
@@ -174,17 +197,17 @@ class JaxprunerArgs:
       return jnp.asarray(self.rng_seed, jnp.uint32)
     return jax.random.PRNGKey(self.seed)
 
-  def apply_masks(self, params: PyTree, masks: PyTree, is_packed: bool | None = False
-                  ) -> PyTree:
+  def apply_masks(self, params: PyTree, masks: PyTree, is_packed: bool | None = False) -> PyTree:
     """``params`` times ``masks`` (None: unchanged); packed masks are prunax's packing."""
     from prunax import base_updater  # pylint: disable=import-outside-toplevel
+
     if is_packed is None:
       is_packed = self.packed_masks
-    return jax.tree.map(lambda m, p: base_updater.apply_mask(p, m, is_packed), masks, params,
-                        is_leaf=_is_none)
+    return jax.tree.map(
+      lambda m, p: base_updater.apply_mask(p, m, is_packed), masks, params, is_leaf=_is_none
+    )
 
-  def create_masks(self, scores: PyTree, sparsities: PyTree = None, target_sparsity=None
-                   ) -> PyTree:
+  def create_masks(self, scores: PyTree, sparsities: PyTree = None, target_sparsity=None) -> PyTree:
     """uint8 keep-masks of ``scores`` at per-leaf ``sparsities`` (None: dense leaf).
 
     A single number (``target_sparsity``, or a float ``sparsities``) is spread over the
@@ -195,9 +218,11 @@ class JaxprunerArgs:
     if sparsities is None or isinstance(sparsities, (int, float)):
       shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32), scores)
       dist = self.sparsity_distribution_fn
-      sparsities = (dist(shapes) if isinstance(dist, dists.ParamsOnly) and sparsities is None
-                    else dists.resolve(dist)(shapes, sparsities if sparsities is not None
-                                             else self.sparsity))
+      sparsities = (
+        dist(shapes)
+        if isinstance(dist, dists.ParamsOnly) and sparsities is None
+        else dists.resolve(dist)(shapes, sparsities if sparsities is not None else self.sparsity)
+      )
     scores = jax.tree.map(jnp.asarray, scores)
     masks = self.masks_from_scores(scores, sparsities)
     return jax.tree.map(lambda m: m.astype(MASK_DTYPE), masks)
@@ -217,11 +242,13 @@ class JaxprunerArgs:
     zeroed by the next wrapped ``update``.
     """
     from prunax import base_updater  # pylint: disable=import-outside-toplevel
+
     targets = self.target_sparsities(params)
     sparsities = self._sparsities_at(targets, sparse_state.count)
     old = base_updater.lazy_masks(sparse_state.masks, params)
-    new = self.compute_masks(params, sparsities, sparse_state=sparse_state, grads=grads,
-                             old_masks=old, **kwargs)
+    new = self.compute_masks(
+      params, sparsities, sparse_state=sparse_state, grads=grads, old_masks=old, **kwargs
+    )
     return sparse_state._replace(masks=self._store(new))
 
 
@@ -240,11 +267,15 @@ def skip_on_mask_updates(updater, update: Callable[..., Any]) -> Callable[..., A
       return out, new_state
     masks = base_updater.unpack_masks(new_state.masks, params)
     held = jax.tree.map(
-        lambda m, p: jnp.zeros_like(p) if m is None else jnp.where(m, 0, -p).astype(p.dtype),
-        masks, params, is_leaf=_is_none)
+      lambda m, p: jnp.zeros_like(p) if m is None else jnp.where(m, 0, -p).astype(p.dtype),
+      masks,
+      params,
+      is_leaf=_is_none,
+    )
     out = jax.tree.map(lambda h, u: jnp.where(is_update, h, u), held, out)
-    inner = jax.tree.map(lambda old, new: jnp.where(is_update, old, new),
-                         state.inner_state, new_state.inner_state)
+    inner = jax.tree.map(
+      lambda old, new: jnp.where(is_update, old, new), state.inner_state, new_state.inner_state
+    )
     return out, new_state._replace(inner_state=inner)
 
   return skipping_update

@@ -32,7 +32,7 @@ PyTree = Any
 
 # Primitives through which a parameter passes unchanged (dtype casts and copies).
 _PASS = frozenset(
-  {"convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier"}
+  {'convert_element_type', 'copy', 'copy_p', 'reduce_precision', 'optimization_barrier'}
 )
 
 
@@ -76,10 +76,10 @@ def _closed(j):
 def _call_jaxpr(eqn):
   """The inner jaxpr of a call-like equation whose inputs are the equation's inputs."""
   name = eqn.primitive.name
-  if name in ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint"):
-    return _closed(eqn.params["jaxpr"])
-  if name in ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"):
-    key = "call_jaxpr" if "call_jaxpr" in eqn.params else "fun_jaxpr"
+  if name in ('pjit', 'jit', 'closed_call', 'core_call', 'remat', 'remat2', 'checkpoint'):
+    return _closed(eqn.params['jaxpr'])
+  if name in ('custom_jvp_call', 'custom_vjp_call', 'custom_vjp_call_jaxpr'):
+    key = 'call_jaxpr' if 'call_jaxpr' in eqn.params else 'fun_jaxpr'
     return _closed(eqn.params[key])
   return None
 
@@ -130,12 +130,12 @@ class _Interpreter:
       return self.bind(eqn, ins), [None] * nout
     if name in _PASS and len(ins) == 1:
       return self.bind(eqn, ins), [oin[0]]
-    if name == "dot_general":
+    if name == 'dot_general':
       return self.dot_general(eqn, ins, oin), [None]
     inner = _call_jaxpr(eqn)
     if inner is not None:
       return self.run(inner, ins, oin)
-    if name == "scan":
+    if name == 'scan':
       return self.scan(eqn, ins, oin)
     for o in oin:  # Read by something else than a matmul: not a kernel.
       if o is not None:
@@ -143,7 +143,7 @@ class _Interpreter:
     return self.bind(eqn, ins), [None] * nout
 
   def dot_general(self, eqn, ins, oin):
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    (lc, rc), (lb, rb) = eqn.params['dimension_numbers']
     out = self.bind(eqn, ins)
     if oin[0] is not None and oin[1] is not None:
       self.non_kernel.update({oin[0].leaf, oin[1].leaf})
@@ -158,7 +158,7 @@ class _Interpreter:
 
   def scan(self, eqn, ins, oin):
     p = eqn.params
-    nc, ncarry, length = p["num_consts"], p["num_carry"], p["length"]
+    nc, ncarry, length = p['num_consts'], p['num_carry'], p['length']
     consts, carry, xs = ins[:nc], ins[nc : nc + ncarry], ins[nc + ncarry :]
     oc, ocarry, oxs = oin[:nc], oin[nc : nc + ncarry], oin[nc + ncarry :]
     if any(o is not None for o in ocarry):
@@ -166,14 +166,14 @@ class _Interpreter:
         if o is not None:
           self.non_kernel.add(o.leaf)
     ys_steps = []
-    steps = range(length - 1, -1, -1) if p["reverse"] else range(length)
+    steps = range(length - 1, -1, -1) if p['reverse'] else range(length)
     for i in steps:
       x_i = [x[i] for x in xs]
       o_i = [None if o is None else Origin(o.leaf, o.index + (i,)) for o in oxs]
-      out, _ = self.run(p["jaxpr"], [*consts, *carry, *x_i], [*oc, *([None] * ncarry), *o_i])
+      out, _ = self.run(p['jaxpr'], [*consts, *carry, *x_i], [*oc, *([None] * ncarry), *o_i])
       carry, ys = out[:ncarry], out[ncarry:]
       ys_steps.append(ys)
-    if p["reverse"]:
+    if p['reverse']:
       ys_steps = ys_steps[::-1]
     nys = len(eqn.outvars) - ncarry
     ys = [jnp.stack([s[j] for s in ys_steps]) for j in range(nys)]
@@ -219,14 +219,14 @@ def find_sites(
     if key in layouts:
       if layouts[key] != kernel_c:
         raise ValueError(
-          f"kernel {names[origin.leaf]!r} is used by matmuls with different "
-          f"input dimensions {layouts[key]} and {kernel_c}."
+          f'kernel {names[origin.leaf]!r} is used by matmuls with different '
+          f'input dimensions {layouts[key]} and {kernel_c}.'
         )
       return
     layouts[key] = kernel_c
     if not groups or groups[-1] is not x:
       groups.append(x)
-    name = names[origin.leaf] + "".join(f"[{i}]" for i in origin.index)
+    name = names[origin.leaf] + ''.join(f'[{i}]' for i in origin.index)
     sites[key] = Site(origin.leaf, origin.index, kernel_c, name, len(groups) - 1)
 
   interp = _Interpreter(on_site)

@@ -61,7 +61,7 @@ _GRAM_FNS_MAX = 256
 
 def _gram_fn(apply_fn, params, batch, group):
   struct = jax.tree.map(
-    lambda x: (np.shape(x), str(x.dtype if hasattr(x, "dtype") else np.result_type(x))),
+    lambda x: (np.shape(x), str(x.dtype if hasattr(x, 'dtype') else np.result_type(x))),
     (params, batch),
   )
   key = (
@@ -90,14 +90,14 @@ def parse_sparsity_type(spec: str | SparsityType) -> SparsityType:
   if isinstance(spec, SparsityType):
     return spec
   if isinstance(spec, str):
-    if spec.lower() == "unstructured":
+    if spec.lower() == 'unstructured':
       return Unstructured()
-    match = re.fullmatch(r"(?:nm_)?(\d+)[:,](\d+)", spec.strip())
+    match = re.fullmatch(r'(?:nm_)?(\d+)[:,](\d+)', spec.strip())
     if match:
       return NByM(int(match.group(1)), int(match.group(2)), axis=0)
   raise ValueError(
     f'sparsity_type must be "unstructured", "N:M" (e.g. "2:4"), Unstructured() '
-    f"or NByM(n, m, axis=0), got {spec!r}."
+    f'or NByM(n, m, axis=0), got {spec!r}.'
   )
 
 
@@ -117,24 +117,24 @@ def _targets(params, leaves, names, sites, non_kernel, sparsity, distribution, f
   else:
     raise ValueError(
       f'sparsity_distribution must be "uniform", "erk", a mapping from parameter '
-      f"name to sparsity or a callable, got {distribution!r}."
+      f'name to sparsity or a callable, got {distribution!r}.'
     )
   values = jax.tree.leaves(tree, is_leaf=lambda x: x is None)
   if len(values) != len(leaves):
-    raise ValueError("the sparsity distribution returned a tree that does not match params.")
+    raise ValueError('the sparsity distribution returned a tree that does not match params.')
   out = {}
   for i, value in enumerate(values):
     if value is None:
       continue
     if i not in kernel_leaves:
       why = (
-        "is read by something else than a matmul (e.g. an embedding lookup)"
+        'is read by something else than a matmul (e.g. an embedding lookup)'
         if i in non_kernel
-        else "is not used as the kernel of any matmul"
+        else 'is not used as the kernel of any matmul'
       )
       raise ValueError(
-        f"parameter {names[i]!r} {why}; one-shot pruning needs the layer "
-        f"inputs of a matmul kernel. Leave it out of the sparsity map or filter."
+        f'parameter {names[i]!r} {why}; one-shot pruning needs the layer '
+        f'inputs of a matmul kernel. Leave it out of the sparsity map or filter.'
       )
     out[i] = float(value)
   return out
@@ -145,10 +145,10 @@ def prune(
   params: PyTree,
   batches: Iterable[Any],
   *,
-  method: str = "sparsegpt",
+  method: str = 'sparsegpt',
   sparsity: float = 0.5,
-  sparsity_distribution: str | Mapping[str, float] | Callable = "uniform",
-  sparsity_type: str | SparsityType = "unstructured",
+  sparsity_distribution: str | Mapping[str, float] | Callable = 'uniform',
+  sparsity_type: str | SparsityType = 'unstructured',
   sequential: bool = True,
   filter_fn: Callable[[str, Any], bool] | None = None,
   progress: Callable[[LayerReport, int, int], None] | None = None,
@@ -193,7 +193,7 @@ def prune(
   """
   batches = list(batches)
   if not batches:
-    raise ValueError("prune needs at least one calibration batch.")
+    raise ValueError('prune needs at least one calibration batch.')
   method_fn = methods.get_method(method)
   stype = parse_sparsity_type(sparsity_type)
   sites, non_kernel = capture.find_sites(apply_fn, params, batches[0])
@@ -232,9 +232,9 @@ def prune(
       seconds = time.perf_counter() - start
       if not bool(jnp.all(jnp.isfinite(new_W))):
         raise FloatingPointError(
-          f"{method} produced non-finite weights for {site.name!r} "
-          f"(shape {W.shape}); the Hessian may be singular: raise "
-          f"percdamp or use more calibration data."
+          f'{method} produced non-finite weights for {site.name!r} '
+          f'(shape {W.shape}); the Hessian may be singular: raise '
+          f'percdamp or use more calibration data.'
         )
       error = float(methods.reconstruction_error(W, new_W, H))
       new_kernel = capture.kernel_from_matrix(new_W, site.in_dims, kernel.shape)
@@ -258,12 +258,12 @@ def prune(
 def format_table(table: list[LayerReport]) -> str:
   """The per-layer table as Markdown."""
   lines = [
-    "| layer | shape (in, out) | sparsity | rel. error | seconds |",
-    "|---|---|---:|---:|---:|",
+    '| layer | shape (in, out) | sparsity | rel. error | seconds |',
+    '|---|---|---:|---:|---:|',
   ]
   for r in table:
     lines.append(
-      f"| {r.layer} | {r.shape[0]}x{r.shape[1]} | {r.sparsity:.4f} | "
-      f"{r.error:.4f} | {r.seconds:.3f} |"
+      f'| {r.layer} | {r.shape[0]}x{r.shape[1]} | {r.sparsity:.4f} | '
+      f'{r.error:.4f} | {r.seconds:.3f} |'
     )
-  return "\n".join(lines)
+  return '\n'.join(lines)

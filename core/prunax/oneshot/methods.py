@@ -46,7 +46,7 @@ def register_method(name: str, fn: MethodFn | None = None):
   if fn is None:
     return functools.partial(register_method, name)
   if not isinstance(name, str) or not name:
-    raise ValueError(f"register_method: name must be a non-empty string, got {name!r}.")
+    raise ValueError(f'register_method: name must be a non-empty string, got {name!r}.')
   _METHODS[name] = fn
   return fn
 
@@ -54,7 +54,7 @@ def register_method(name: str, fn: MethodFn | None = None):
 def get_method(name: str) -> MethodFn:
   """The registered method called ``name``."""
   if name not in _METHODS:
-    raise ValueError(f"Unknown one-shot method {name!r}; valid methods are {sorted(_METHODS)}.")
+    raise ValueError(f'Unknown one-shot method {name!r}; valid methods are {sorted(_METHODS)}.')
   return _METHODS[name]
 
 
@@ -65,24 +65,24 @@ def method_names() -> list[str]:
 
 def _check(W, H, sparsity, sparsity_type) -> None:
   if W.ndim != 2:
-    raise ValueError(f"W must be a 2-D (in, out) kernel, got shape {W.shape}.")
+    raise ValueError(f'W must be a 2-D (in, out) kernel, got shape {W.shape}.')
   if H is not None and H.shape != (W.shape[0],) * 2:
     raise ValueError(
-      f"H must have shape (in, in) = {(W.shape[0],) * 2} for W of shape {W.shape}, got {H.shape}."
+      f'H must have shape (in, in) = {(W.shape[0],) * 2} for W of shape {W.shape}, got {H.shape}.'
     )
   if not 0.0 <= float(sparsity) < 1.0:
-    raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}.")
+    raise ValueError(f'sparsity must be in [0, 1), got {sparsity!r}.')
   if not isinstance(sparsity_type, (Unstructured, NByM)):
     raise ValueError(
-      f"one-shot pruning supports Unstructured() or NByM(n, m), got {sparsity_type!r}."
+      f'one-shot pruning supports Unstructured() or NByM(n, m), got {sparsity_type!r}.'
     )
   if isinstance(sparsity_type, NByM):
     if sparsity_type.axis not in (0, -2):
       raise ValueError(
-        f"one-shot N:M groups run along the kernel input dimension (axis 0 of "
-        f"the (in, out) kernel), got {sparsity_type!r}; use NByM(n, m, axis=0)."
+        f'one-shot N:M groups run along the kernel input dimension (axis 0 of '
+        f'the (in, out) kernel), got {sparsity_type!r}; use NByM(n, m, axis=0).'
       )
-    NByM(sparsity_type.n, sparsity_type.m, 0).validate(W.shape, "W")
+    NByM(sparsity_type.n, sparsity_type.m, 0).validate(W.shape, 'W')
 
 
 def _nm_input_mask(scores: jax.Array, nm: NByM) -> jax.Array:
@@ -103,7 +103,7 @@ def wanda_scores(W: jax.Array, X: jax.Array) -> jax.Array:
   return jnp.abs(W.astype(jnp.float32)) * norms[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("per_output", "nm"))
+@functools.partial(jax.jit, static_argnames=('per_output', 'nm'))
 def _prune_by_scores(W, scores, zeros, per_output: bool, nm: NByM | None):
   if nm is not None:
     keep = _nm_input_mask(scores, nm)
@@ -174,7 +174,7 @@ def _block_zero_counts(sparsity: float, rows: int, columns: int, blocksize: int)
   return tuple(b - a for a, b in zip(z[:-1], z[1:]))
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "blocksize", "percdamp"))
+@functools.partial(jax.jit, static_argnames=('n', 'm', 'blocksize', 'percdamp'))
 def _sparsegpt(W, H, counts, n, m, blocksize, percdamp):
   # Reference orientation: rows = outputs, columns = inputs.
   Wt = W.astype(jnp.float32).T
@@ -252,23 +252,23 @@ def sparsegpt_prune(
   """
   _check(W, H, sparsity, sparsity_type)
   if not (isinstance(blocksize, int) and blocksize >= 1):
-    raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}.")
+    raise ValueError(f'blocksize must be a positive integer, got {blocksize!r}.')
   if not percdamp >= 0:
-    raise ValueError(f"percdamp must be >= 0, got {percdamp!r}.")
+    raise ValueError(f'percdamp must be >= 0, got {percdamp!r}.')
   n = m = 0
   if isinstance(sparsity_type, NByM) and sparsity > 0:
     n, m = sparsity_type.n, sparsity_type.m
     if blocksize % m:
-      raise ValueError(f"blocksize={blocksize} must be a multiple of m={m} for N:M.")
+      raise ValueError(f'blocksize={blocksize} must be a multiple of m={m} for N:M.')
   counts = jnp.asarray(
     _block_zero_counts(0.0 if m else sparsity, W.shape[1], W.shape[0], blocksize), jnp.int32
   )
   return _sparsegpt(W, H, counts, n, m, blocksize, float(percdamp))
 
 
-register_method("magnitude", magnitude_prune)
-register_method("wanda", wanda_prune)
-register_method("sparsegpt", sparsegpt_prune)
+register_method('magnitude', magnitude_prune)
+register_method('wanda', wanda_prune)
+register_method('sparsegpt', sparsegpt_prune)
 
 
 def gram(X: jax.Array) -> jax.Array:

@@ -31,13 +31,21 @@ def config_path(name: str) -> str:
   """
   path = os.path.join(CONFIG_DIR, name)
   if not os.path.isfile(path):
-    raise ValueError(f'No shipped gin config {name!r}; valid names are '
-                     f'{sorted(os.listdir(CONFIG_DIR))}.')
+    raise ValueError(
+      f'No shipped gin config {name!r}; valid names are {sorted(os.listdir(CONFIG_DIR))}.'
+    )
   return path
 
 
 __all__ = [
-    'CONFIG_DIR', 'PrunedAgentMixin', 'PrunedDQNAgent', 'PrunedImplicitQuantileAgent',
-    'PrunedQuantileAgent', 'PrunedRainbowAgent', 'compat', 'config_path',
-    'create_pruned_runner', 'pruner',
+  'CONFIG_DIR',
+  'PrunedAgentMixin',
+  'PrunedDQNAgent',
+  'PrunedImplicitQuantileAgent',
+  'PrunedQuantileAgent',
+  'PrunedRainbowAgent',
+  'compat',
+  'config_path',
+  'create_pruned_runner',
+  'pruner',
 ]

@@ -30,12 +30,20 @@ import prunax
 # Bundle entry holding the agent's action-selection RNG key (``_rng``).
 RNG_KEY = 'prunax_agent_rng'
 
+
 @gin.configurable(module='prunax_dopamine')
-def pruner(algorithm: str, sparsity: float | None = None,
-           dist_type: str | None = None, sparsity_type: str | None = None,
-           update_freq: int | None = None, update_start_step: int | None = None,
-           update_end_step: int | None = None, drop_fraction: float | None = None,
-           seed: int | None = None, **config: Any) -> prunax.BaseUpdater:
+def pruner(
+  algorithm: str,
+  sparsity: float | None = None,
+  dist_type: str | None = None,
+  sparsity_type: str | None = None,
+  update_freq: int | None = None,
+  update_start_step: int | None = None,
+  update_end_step: int | None = None,
+  drop_fraction: float | None = None,
+  seed: int | None = None,
+  **config: Any,
+) -> prunax.BaseUpdater:
   """A prunax updater from gin bindings (``prunax.create_updater_from_config``).
 
   Bind it as ``PrunedDQNAgent.pruner = @prunax_dopamine.pruner()``. Arguments left
@@ -60,10 +68,17 @@ def pruner(algorithm: str, sparsity: float | None = None,
   Raises:
     ValueError: unknown algorithm or keys, or invalid values.
   """
-  named = dict(algorithm=algorithm, sparsity=sparsity, dist_type=dist_type,
-               sparsity_type=sparsity_type, update_freq=update_freq,
-               update_start_step=update_start_step, update_end_step=update_end_step,
-               drop_fraction=drop_fraction, seed=seed)
+  named = dict(
+    algorithm=algorithm,
+    sparsity=sparsity,
+    dist_type=dist_type,
+    sparsity_type=sparsity_type,
+    update_freq=update_freq,
+    update_start_step=update_start_step,
+    update_end_step=update_end_step,
+    drop_fraction=drop_fraction,
+    seed=seed,
+  )
   named = {key: value for key, value in named.items() if value is not None}
   return prunax.create_updater_from_config({**named, **config})
 
@@ -91,9 +106,10 @@ class PrunedAgentMixin:
     """
     if not isinstance(pruner, prunax.BaseUpdater):
       raise ValueError(
-          f'{type(self).__name__} needs a prunax updater as `pruner`, got {pruner!r}; bind '
-          f'e.g. `{type(self).__name__}.pruner = @prunax_dopamine.pruner()` and '
-          "`prunax_dopamine.pruner.algorithm = 'magnitude'` in gin.")
+        f'{type(self).__name__} needs a prunax updater as `pruner`, got {pruner!r}; bind '
+        f'e.g. `{type(self).__name__}.pruner = @prunax_dopamine.pruner()` and '
+        "`prunax_dopamine.pruner.algorithm = 'magnitude'` in gin."
+      )
     self.pruner = pruner
     super().__init__(*args, **kwargs)
 
@@ -103,8 +119,7 @@ class PrunedAgentMixin:
     self.optimizer = self.pruner.wrap_optax(self.optimizer)
     self.optimizer_state = self.optimizer.init(self.online_params)
     # Sparse-training masks exist from init: act and bootstrap with sparse params at once.
-    self.online_params = self.pruner.pre_forward_update(self.online_params,
-                                                        self.optimizer_state)
+    self.online_params = self.pruner.pre_forward_update(self.online_params, self.optimizer_state)
     self.target_network_params = self.online_params
 
   def sparsity_summary(self) -> dict[str, float]:
@@ -114,15 +129,25 @@ class PrunedAgentMixin:
   def _write_sparsity_statistics(self, iteration: int) -> None:
     summary = self.sparsity_summary()
     target = prunax.summarize_sparsity(self.target_network_params, only_total=True)
-    stats = {'Sparsity/Total': summary['total_sparsity'],
-             'Sparsity/TargetTotal': target['total_sparsity']}
-    stats.update({'Sparsity/' + key.removeprefix('sparsity/'): value
-                  for key, value in summary.items() if key.startswith('sparsity/')})
+    stats = {
+      'Sparsity/Total': summary['total_sparsity'],
+      'Sparsity/TargetTotal': target['total_sparsity'],
+    }
+    stats.update(
+      {
+        'Sparsity/' + key.removeprefix('sparsity/'): value
+        for key, value in summary.items()
+        if key.startswith('sparsity/')
+      }
+    )
     logging.info('Iteration %d sparsity: %s', iteration, stats)
     if hasattr(self, 'collector_dispatcher'):
-      self.collector_dispatcher.write([
+      self.collector_dispatcher.write(
+        [
           statistics_instance.StatisticsInstance(name, value, iteration)
-          for name, value in stats.items()])
+          for name, value in stats.items()
+        ]
+      )
 
   def bundle_and_checkpoint(self, checkpoint_dir, iteration_number):
     """Reports sparsity to Dopamine's collectors, then bundles as the agent does.
@@ -153,9 +178,10 @@ class PrunedAgentMixin:
         prunax.get_sparse_state(self.optimizer_state)
       except ValueError as e:
         raise ValueError(
-            f'The checkpoint of iteration {iteration_number} in {checkpoint_dir!r} has no '
-            f'prunax pruner state; it was not written by a pruned agent. Start from a new '
-            'base_dir, or resume it with the dense agent.') from e
+          f'The checkpoint of iteration {iteration_number} in {checkpoint_dir!r} has no '
+          f'prunax pruner state; it was not written by a pruned agent. Start from a new '
+          'base_dir, or resume it with the dense agent.'
+        ) from e
       if RNG_KEY in bundle_dictionary and hasattr(self, '_rng'):
         self._rng = jnp.asarray(bundle_dictionary[RNG_KEY], dtype=self._rng.dtype)
     return restored
@@ -177,7 +203,7 @@ class PrunedQuantileAgent(PrunedAgentMixin, quantile_agent.JaxQuantileAgent):
 
 
 @gin.configurable(module='prunax_dopamine')
-class PrunedImplicitQuantileAgent(PrunedAgentMixin,
-                                  implicit_quantile_agent.JaxImplicitQuantileAgent):
+class PrunedImplicitQuantileAgent(
+  PrunedAgentMixin, implicit_quantile_agent.JaxImplicitQuantileAgent
+):
   """Dopamine's ``JaxImplicitQuantileAgent`` with a pruned online network."""
-

@@ -45,10 +45,11 @@ class _MissingAtariWrappers(types.ModuleType):
     if name.startswith('__'):
       raise AttributeError(name)
     raise AttributeError(
-        f'baselines.common.atari_wrappers.{name} is not available: OpenAI baselines is not '
-        'installed (prunax_dopamine registered a stand-in so that dopamine imports). It is '
-        'used only by create_atari_environment.use_ppo_preprocessing=True; install baselines '
-        'to use that option.')
+      f'baselines.common.atari_wrappers.{name} is not available: OpenAI baselines is not '
+      'installed (prunax_dopamine registered a stand-in so that dopamine imports). It is '
+      'used only by create_atari_environment.use_ppo_preprocessing=True; install baselines '
+      'to use that option.'
+    )
 
 
 def _fix_baselines() -> bool:
@@ -59,8 +60,13 @@ def _fix_baselines() -> bool:
   wrappers = _MissingAtariWrappers('baselines.common.atari_wrappers')
   baselines.common = common
   common.atari_wrappers = wrappers
-  sys.modules.update({'baselines': baselines, 'baselines.common': common,
-                      'baselines.common.atari_wrappers': wrappers})
+  sys.modules.update(
+    {
+      'baselines': baselines,
+      'baselines.common': common,
+      'baselines.common.atari_wrappers': wrappers,
+    }
+  )
   return True
 
 
@@ -75,10 +81,12 @@ def _tfp_version() -> tuple[int, int] | None:
 
 def _fix_tfp_xla_alias() -> bool:
   from jax.interpreters import xla
+
   version = _tfp_version()
   if hasattr(xla, 'pytype_aval_mappings') or version is None or version > (0, 25):
     return False
   from jax._src import core
+
   xla.pytype_aval_mappings = core.pytype_aval_mappings
   return True
 
@@ -96,8 +104,11 @@ def apply() -> tuple[str, ...]:
   Returns:
     The names of the fixes applied so far in this process.
   """
-  for name, fix in (('baselines', _fix_baselines), ('tfp_xla_alias', _fix_tfp_xla_alias),
-                    ('numpy_bool8', _fix_numpy_bool8)):
+  for name, fix in (
+    ('baselines', _fix_baselines),
+    ('tfp_xla_alias', _fix_tfp_xla_alias),
+    ('numpy_bool8', _fix_numpy_bool8),
+  ):
     if name not in _APPLIED and fix():
       _APPLIED.append(name)
   return applied()

@@ -25,17 +25,23 @@ import prunax_dopamine
 
 flags.DEFINE_string('base_dir', None, 'Directory for checkpoints, logs and metrics.')
 flags.DEFINE_multi_string(
-    'gin_files', [prunax_dopamine.config_path('dqn_cartpole.gin')],
-    'Gin config paths, or names of configs shipped with prunax_dopamine (used when no file '
-    'of that name exists).')
+  'gin_files',
+  [prunax_dopamine.config_path('dqn_cartpole.gin')],
+  'Gin config paths, or names of configs shipped with prunax_dopamine (used when no file '
+  'of that name exists).',
+)
 flags.DEFINE_multi_string(
-    'gin_bindings', [],
-    'Extra gin bindings, e.g. "prunax_dopamine.pruner.algorithm=\'rigl\'".')
+  'gin_bindings', [], 'Extra gin bindings, e.g. "prunax_dopamine.pruner.algorithm=\'rigl\'".'
+)
 
 FLAGS = flags.FLAGS
 
-_REPORTED = ('Train/AverageReturns', 'Eval/AverageReturns', 'Sparsity/Total',
-             'Sparsity/TargetTotal')
+_REPORTED = (
+  'Train/AverageReturns',
+  'Eval/AverageReturns',
+  'Sparsity/Total',
+  'Sparsity/TargetTotal',
+)
 
 
 def resolve_gin_file(name: str) -> str:
@@ -43,8 +49,12 @@ def resolve_gin_file(name: str) -> str:
   return name if os.path.isfile(name) else prunax_dopamine.config_path(name)
 
 
-def run(base_dir: str, gin_files: list[str], gin_bindings: list[str],
-        pruner: prunax.BaseUpdater | None = None) -> list[str]:
+def run(
+  base_dir: str,
+  gin_files: list[str],
+  gin_bindings: list[str],
+  pruner: prunax.BaseUpdater | None = None,
+) -> list[str]:
   """Loads the configs, runs the experiment and returns the console collector's report lines.
 
   Gin bindings made earlier in the process are cleared first.

@@ -14,15 +14,18 @@ from dopamine.discrete_domains import run_experiment
 from prunax_dopamine import agents
 
 _SCHEDULES = {
-    'continuous_train_and_eval': run_experiment.Runner,
-    'continuous_train': run_experiment.TrainRunner,
+  'continuous_train_and_eval': run_experiment.Runner,
+  'continuous_train': run_experiment.TrainRunner,
 }
 
 
 @gin.configurable(module='prunax_dopamine')
-def create_pruned_runner(base_dir: str, schedule: str = 'continuous_train_and_eval',
-                         agent: type = agents.PrunedDQNAgent,
-                         debug_mode: bool = False) -> run_experiment.Runner:
+def create_pruned_runner(
+  base_dir: str,
+  schedule: str = 'continuous_train_and_eval',
+  agent: type = agents.PrunedDQNAgent,
+  debug_mode: bool = False,
+) -> run_experiment.Runner:
   """Dopamine's runner for ``schedule``, training ``agent``.
 
   Args:
@@ -45,7 +48,8 @@ def create_pruned_runner(base_dir: str, schedule: str = 'continuous_train_and_ev
 
   def create_agent(sess, environment, summary_writer=None):
     del sess  # JAX agents have no TensorFlow session.
-    return agent(num_actions=environment.action_space.n,
-                 summary_writer=summary_writer if debug_mode else None)
+    return agent(
+      num_actions=environment.action_space.n, summary_writer=summary_writer if debug_mode else None
+    )
 
   return _SCHEDULES[schedule](base_dir, create_agent)

@@ -18,7 +18,15 @@ from prunax_fedjax.optimizers import update_size
 JAX_TREE_MAP_RESTORED = restore_jax_tree_map()
 
 __all__ = [
-    'JAX_TREE_MAP_RESTORED', 'ClientMaskState', 'client_optimizer', 'keep_zeros',
-    'restore_jax_tree_map', 'restore_server_state', 'round_diagnostics', 'save_server_state',
-    'server_optimizer', 'sparsify_initial_state', 'update_size',
+  'JAX_TREE_MAP_RESTORED',
+  'ClientMaskState',
+  'client_optimizer',
+  'keep_zeros',
+  'restore_jax_tree_map',
+  'restore_server_state',
+  'round_diagnostics',
+  'save_server_state',
+  'server_optimizer',
+  'sparsify_initial_state',
+  'update_size',
 ]

@@ -53,14 +53,17 @@ def restore_server_state(path: str | os.PathLike, template: PyTree) -> PyTree:
     leaves = fedjax.serialization.msgpack_deserialize(f.read())
   paths_and_expected, treedef = jax.tree_util.tree_flatten_with_path(template)
   if len(leaves) != len(paths_and_expected):
-    raise ValueError(f'{os.fspath(path)!r} holds {len(leaves)} arrays but the template server '
-                     f'state has {len(paths_and_expected)} leaves: it was saved for another '
-                     'model, algorithm or pruner.')
+    raise ValueError(
+      f'{os.fspath(path)!r} holds {len(leaves)} arrays but the template server '
+      f'state has {len(paths_and_expected)} leaves: it was saved for another '
+      'model, algorithm or pruner.'
+    )
   for (key, expected), leaf in zip(paths_and_expected, leaves):
     expected = np.asarray(jax.device_get(expected))
     if leaf.shape != expected.shape or leaf.dtype != expected.dtype:
       raise ValueError(
-          f'{os.fspath(path)!r}: leaf {jax.tree_util.keystr(key)} was saved as '
-          f'{leaf.dtype}{list(leaf.shape)} but the template has '
-          f'{expected.dtype}{list(expected.shape)}.')
+        f'{os.fspath(path)!r}: leaf {jax.tree_util.keystr(key)} was saved as '
+        f'{leaf.dtype}{list(leaf.shape)} but the template has '
+        f'{expected.dtype}{list(expected.shape)}.'
+      )
   return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -28,12 +28,15 @@ _DISCARD_PARAMS = ('fedjax.algorithms.mime', 'fedjax.algorithms.mime_lite')
 
 def _check_pruner(pruner: Any) -> None:
   if not isinstance(pruner, prunax.BaseUpdater):
-    raise TypeError(f'pruner must be a prunax algorithm (e.g. prunax.MagnitudePruning(...) or '
-                    f'prunax.create_updater_from_config(...)), got {pruner!r}.')
+    raise TypeError(
+      f'pruner must be a prunax algorithm (e.g. prunax.MagnitudePruning(...) or '
+      f'prunax.create_updater_from_config(...)), got {pruner!r}.'
+    )
 
 
-def server_optimizer(pruner: prunax.BaseUpdater,
-                     inner: optax.GradientTransformation) -> fedjax.optimizers.Optimizer:
+def server_optimizer(
+  pruner: prunax.BaseUpdater, inner: optax.GradientTransformation
+) -> fedjax.optimizers.Optimizer:
   """A FedJAX server optimizer that runs ``inner`` and prunes the server model.
 
   Pass it to ``fed_avg.federated_averaging`` or ``fed_prox.fed_prox`` as
@@ -57,10 +60,11 @@ def server_optimizer(pruner: prunax.BaseUpdater,
     caller = sys._getframe(1).f_globals.get('__name__', '')  # pylint: disable=protected-access
     if caller in _DISCARD_PARAMS:
       raise ValueError(
-          f'{caller} uses its base optimizer only for the optimizer state (on the clients and '
-          'on the server) and updates the server params itself, discarding the params the '
-          'optimizer returns, so a pruned server optimizer cannot prune its model. Use '
-          'fed_avg or fed_prox with prunax_fedjax.server_optimizer.')
+        f'{caller} uses its base optimizer only for the optimizer state (on the clients and '
+        'on the server) and updates the server params itself, discarding the params the '
+        'optimizer returns, so a pruned server optimizer cannot prune its model. Use '
+        'fed_avg or fed_prox with prunax_fedjax.server_optimizer.'
+      )
     return base.init(params)
 
   return fedjax.optimizers.Optimizer(init=init, apply=base.apply)
@@ -81,7 +85,8 @@ def sparsify_initial_state(pruner: prunax.BaseUpdater, server_state: Any) -> Any
     ``server_state`` with sparse params.
   """
   return server_state.replace(
-      params=pruner.pre_forward_update(server_state.params, server_state.opt_state))
+    params=pruner.pre_forward_update(server_state.params, server_state.opt_state)
+  )
 
 
 class ClientMaskState(NamedTuple):
@@ -102,23 +107,30 @@ def keep_zeros(pruner: prunax.BaseUpdater) -> optax.GradientTransformation:
   Returns:
     An optax transformation with state :class:`ClientMaskState`.
   """
+
   def init(params):
     targets = pruner.target_sparsities(params)
-    masks = jax.tree.map(lambda s, p: None if s is None else p != 0, targets, params,
-                         is_leaf=lambda x: x is None)
+    masks = jax.tree.map(
+      lambda s, p: None if s is None else p != 0, targets, params, is_leaf=lambda x: x is None
+    )
     return ClientMaskState(masks)
 
   def update(updates, state, params=None):
     del params
-    updates = jax.tree.map(lambda m, u: u if m is None else jnp.where(m, u, 0), state.masks,
-                           updates, is_leaf=lambda x: x is None)
+    updates = jax.tree.map(
+      lambda m, u: u if m is None else jnp.where(m, u, 0),
+      state.masks,
+      updates,
+      is_leaf=lambda x: x is None,
+    )
     return updates, state
 
   return optax.GradientTransformation(init, update)
 
 
-def client_optimizer(pruner: prunax.BaseUpdater,
-                     inner: optax.GradientTransformation) -> fedjax.optimizers.Optimizer:
+def client_optimizer(
+  pruner: prunax.BaseUpdater, inner: optax.GradientTransformation
+) -> fedjax.optimizers.Optimizer:
   """A FedJAX client optimizer that trains only the weights the server's mask keeps.
 
   Client updates (deltas) are then zero wherever the broadcast model is, i.e. as sparse as
@@ -140,10 +152,11 @@ def client_optimizer(pruner: prunax.BaseUpdater,
   _check_pruner(pruner)
   if isinstance(pruner, prunax.SET):
     raise ValueError(
-        f'Client-side sparsity does not support {type(pruner).__name__}: its regrown weights '
-        'start at exactly zero, so clients (which see only the params) would treat them as '
-        'pruned and never train them, and RigL ranks growth by gradients of pruned weights, '
-        'which sparse clients do not compute. Use dense clients, or static_sparse.')
+      f'Client-side sparsity does not support {type(pruner).__name__}: its regrown weights '
+      'start at exactly zero, so clients (which see only the params) would treat them as '
+      'pruned and never train them, and RigL ranks growth by gradients of pruned weights, '
+      'which sparse clients do not compute. Use dense clients, or static_sparse.'
+    )
   return fedjax.optimizers.create_optimizer_from_optax(optax.chain(inner, keep_zeros(pruner)))
 
 
@@ -161,10 +174,15 @@ def update_size(tree: PyTree, index_bytes: int = 4) -> dict[str, int]:
   leaves = jax.tree.leaves(tree)
   nonzero = jax.device_get([jnp.count_nonzero(x) for x in leaves])
   dense = sum(int(np.size(x)) * np.dtype(x.dtype).itemsize for x in leaves)
-  sparse = sum(int(nz) * (np.dtype(x.dtype).itemsize + index_bytes)
-               for x, nz in zip(leaves, nonzero))
-  return {'dense_bytes': dense, 'sparse_bytes': sparse, 'nonzero': int(sum(nonzero)),
-          'size': sum(int(np.size(x)) for x in leaves)}
+  sparse = sum(
+    int(nz) * (np.dtype(x.dtype).itemsize + index_bytes) for x, nz in zip(leaves, nonzero)
+  )
+  return {
+    'dense_bytes': dense,
+    'sparse_bytes': sparse,
+    'nonzero': int(sum(nonzero)),
+    'size': sum(int(np.size(x)) for x in leaves),
+  }
 
 
 def round_diagnostics(params: PyTree, client_sparsity: bool = False) -> dict[str, float]:
@@ -181,5 +199,8 @@ def round_diagnostics(params: PyTree, client_sparsity: bool = False) -> dict[str
   """
   # A dense client's update is nonzero everywhere.
   size = update_size(params if client_sparsity else jax.tree.map(jnp.ones_like, params))
-  return {'sparsity': prunax.summarize_sparsity(params, only_total=True)['total_sparsity'],
-          'upload_dense_bytes': size['dense_bytes'], 'upload_sparse_bytes': size['sparse_bytes']}
+  return {
+    'sparsity': prunax.summarize_sparsity(params, only_total=True)['total_sparsity'],
+    'upload_dense_bytes': size['dense_bytes'],
+    'upload_sparse_bytes': size['sparse_bytes'],
+  }

@@ -25,6 +25,11 @@ from prunax_scenic.trainer import sparse_trainer
 from prunax_scenic.trainer import sparsity_logs
 
 __all__ = [
-    'SPARSITY_CONFIG_FIELD', 'enable', 'pruning', 'register_sparse_trainer', 'sparse_trainer',
-    'sparsity_logs', 'updater_from_config',
+  'SPARSITY_CONFIG_FIELD',
+  'enable',
+  'pruning',
+  'register_sparse_trainer',
+  'sparse_trainer',
+  'sparsity_logs',
+  'updater_from_config',
 ]

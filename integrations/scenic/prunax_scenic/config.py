@@ -33,8 +33,10 @@ def _as_dict(sparsity_config: Any) -> dict[str, Any]:
     return dict(sparsity_config.to_dict())
   if isinstance(sparsity_config, Mapping):
     return dict(sparsity_config)
-  raise ValueError(f'config.{SPARSITY_CONFIG_FIELD} must be an ml_collections.ConfigDict or a '
-                   f'dict, got {type(sparsity_config).__name__}: {sparsity_config!r}.')
+  raise ValueError(
+    f'config.{SPARSITY_CONFIG_FIELD} must be an ml_collections.ConfigDict or a '
+    f'dict, got {type(sparsity_config).__name__}: {sparsity_config!r}.'
+  )
 
 
 def _custom_map(value: Any) -> dict[str, float]:
@@ -43,11 +45,15 @@ def _custom_map(value: Any) -> dict[str, float]:
     return dict(value)
   if isinstance(value, Sequence) and not isinstance(value, str):
     pairs = list(value)
-    if all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2
-           and isinstance(p[0], str) for p in pairs):
+    if all(
+      isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 and isinstance(p[0], str)
+      for p in pairs
+    ):
       return {name: sparsity for name, sparsity in pairs}
-  raise ValueError(f'custom_sparsity_map must be a mapping {{name or regex: sparsity}} or a '
-                   f'sequence of (name or regex, sparsity) pairs, got {value!r}.')
+  raise ValueError(
+    f'custom_sparsity_map must be a mapping {{name or regex: sparsity}} or a '
+    f'sequence of (name or regex, sparsity) pairs, got {value!r}.'
+  )
 
 
 def updater_from_config(sparsity_config: Any) -> prunax.BaseUpdater:
@@ -74,6 +80,7 @@ def updater_from_config(sparsity_config: Any) -> prunax.BaseUpdater:
   if cfg.get('custom_sparsity_map') is not None:
     cfg['custom_sparsity_map'] = _custom_map(cfg['custom_sparsity_map'])
   if 'filter_fn' in cfg and cfg['filter_fn'] is not None and not callable(cfg['filter_fn']):
-    raise ValueError(f'filter_fn must be a callable fn(name, param) -> bool, got '
-                     f'{cfg["filter_fn"]!r}.')
+    raise ValueError(
+      f'filter_fn must be a callable fn(name, param) -> bool, got {cfg["filter_fn"]!r}.'
+    )
   return prunax.create_updater_from_config(cfg)

@@ -38,8 +38,9 @@ def make_examples(num_examples: int, seed: int, noise: float = 0.5) -> dict[str,
   return {'inputs': images[..., None].astype(np.float32), 'label': labels}
 
 
-def _batches(examples: dict[str, np.ndarray], batch_size: int, *, train: bool,
-             seed: int | None) -> Iterator[dict[str, np.ndarray]]:
+def _batches(
+  examples: dict[str, np.ndarray], batch_size: int, *, train: bool, seed: int | None
+) -> Iterator[dict[str, np.ndarray]]:
   """Endless batches: reshuffled each epoch when training, in order (last batch padded) else."""
   num = len(examples['label'])
   rng = np.random.default_rng(seed)
@@ -47,23 +48,32 @@ def _batches(examples: dict[str, np.ndarray], batch_size: int, *, train: bool,
     order = rng.permutation(num) if train else np.arange(num)
     stop = num - num % batch_size if train else num
     for start in range(0, stop, batch_size):
-      idx = order[start:start + batch_size]
+      idx = order[start : start + batch_size]
       yield {key: value[idx] for key, value in examples.items()}
 
 
 @datasets.add_dataset(DATASET_NAME)
-def get_dataset(*, batch_size: int, eval_batch_size: int, num_shards: int,
-                dtype_str: str = 'float32', shuffle_seed: int | None = 0, rng=None,
-                dataset_configs=None,
-                dataset_service_address: str | None = None) -> dataset_utils.Dataset:
+def get_dataset(
+  *,
+  batch_size: int,
+  eval_batch_size: int,
+  num_shards: int,
+  dtype_str: str = 'float32',
+  shuffle_seed: int | None = 0,
+  rng=None,
+  dataset_configs=None,
+  dataset_service_address: str | None = None,
+) -> dataset_utils.Dataset:
   """Scenic dataset builder (the signature Scenic's ``train_utils.get_dataset`` calls).
 
   ``dataset_configs`` may set ``num_train_examples``, ``num_eval_examples`` and ``noise``.
   """
   del rng
   if dataset_service_address:
-    raise ValueError(f'{DATASET_NAME} is in memory and does not use the tf.data service '
-                     f'({dataset_service_address!r}).')
+    raise ValueError(
+      f'{DATASET_NAME} is in memory and does not use the tf.data service '
+      f'({dataset_service_address!r}).'
+    )
   dataset_configs = dataset_configs or {}
   num_train = dataset_configs.get('num_train_examples', NUM_TRAIN_EXAMPLES)
   num_eval = dataset_configs.get('num_eval_examples', NUM_EVAL_EXAMPLES)
@@ -79,15 +89,16 @@ def get_dataset(*, batch_size: int, eval_batch_size: int, num_shards: int,
   train = make_examples(num_train, seed=0, noise=noise)
   evaluation = make_examples(num_eval, seed=1, noise=noise)
   meta_data = {
-      'num_classes': NUM_CLASSES,
-      'input_shape': (-1, IMAGE_SIZE, IMAGE_SIZE, 1),
-      'num_train_examples': num_train,
-      'num_eval_examples': num_eval,
-      'input_dtype': getattr(jnp, dtype_str),
-      'target_is_onehot': False,
+    'num_classes': NUM_CLASSES,
+    'input_shape': (-1, IMAGE_SIZE, IMAGE_SIZE, 1),
+    'num_train_examples': num_train,
+    'num_eval_examples': num_eval,
+    'input_dtype': getattr(jnp, dtype_str),
+    'target_is_onehot': False,
   }
   return dataset_utils.Dataset(
-      prepare(_batches(train, batch_size, train=True, seed=shuffle_seed), True, batch_size),
-      prepare(_batches(evaluation, eval_batch_size, train=False, seed=None), False,
-              eval_batch_size),
-      None, meta_data)
+    prepare(_batches(train, batch_size, train=True, seed=shuffle_seed), True, batch_size),
+    prepare(_batches(evaluation, eval_batch_size, train=False, seed=None), False, eval_batch_size),
+    None,
+    meta_data,
+  )

@@ -54,10 +54,17 @@ def _with_sparsity_logs(train_step: Callable[..., Any]) -> Callable[..., Any]:
   def step(*args, **kwargs):
     outputs = train_step(*args, **kwargs)
     # Scenic's train steps return (new_train_state, metrics, training_logs).
-    if not (isinstance(outputs, tuple) and len(outputs) == 3 and isinstance(outputs[2], dict)
-            and hasattr(outputs[0], 'params')):
-      logging.warning('prunax: %s does not return (train_state, metrics, logs); no sparsity '
-                      'summaries are written.', train_step.__qualname__)
+    if not (
+      isinstance(outputs, tuple)
+      and len(outputs) == 3
+      and isinstance(outputs[2], dict)
+      and hasattr(outputs[0], 'params')
+    ):
+      logging.warning(
+        'prunax: %s does not return (train_state, metrics, logs); no sparsity '
+        'summaries are written.',
+        train_step.__qualname__,
+      )
       return outputs
     new_state, metrics, logs = outputs
     return new_state, metrics, {**logs, **sparsity_logs(new_state.params)}
@@ -76,8 +83,9 @@ def _replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def pruning(updater: prunax.BaseUpdater,
-            trainer_module: types.ModuleType | None = None) -> Iterator[None]:
+def pruning(
+  updater: prunax.BaseUpdater, trainer_module: types.ModuleType | None = None
+) -> Iterator[None]:
   """Within this context, Scenic's optimizer builders return ``updater.wrap_optax(tx)``.
 
   Covers ``scenic.train_lib.optimizers.get_optimizer`` and ``scenic.train_lib.optax.make``
@@ -109,11 +117,14 @@ def pruning(updater: prunax.BaseUpdater,
     stack.enter_context(_replaced(optimizers, 'get_optimizer', pruned_get_optimizer))
     stack.enter_context(_replaced(scenic_optax, 'make', pruned_make))
     if trainer_module is not None and callable(getattr(trainer_module, 'train_step', None)):
-      stack.enter_context(_replaced(trainer_module, 'train_step',
-                                    _with_sparsity_logs(trainer_module.train_step)))
+      stack.enter_context(
+        _replaced(trainer_module, 'train_step', _with_sparsity_logs(trainer_module.train_step))
+      )
     else:
-      logging.warning('prunax: %s has no train_step; no sparsity summaries are written.',
-                      getattr(trainer_module, '__name__', trainer_module))
+      logging.warning(
+        'prunax: %s has no train_step; no sparsity summaries are written.',
+        getattr(trainer_module, '__name__', trainer_module),
+      )
     yield
 
 
@@ -170,11 +181,14 @@ def register_sparse_trainer(trainer_name: str) -> str:
   from scenic.train_lib import trainers  # pylint: disable=import-outside-toplevel
 
   if trainer_name in trainers.ALL_TRAINERS and getattr(
-      trainers.ALL_TRAINERS[trainer_name], _WRAPPED, False):
+    trainers.ALL_TRAINERS[trainer_name], _WRAPPED, False
+  ):
     return trainer_name
   if trainer_name not in trainers.ALL_TRAINERS:
-    raise ValueError(f'No Scenic trainer named {trainer_name!r}; registered trainers are '
-                     f'{sorted(trainers.ALL_TRAINERS)}.')
+    raise ValueError(
+      f'No Scenic trainer named {trainer_name!r}; registered trainers are '
+      f'{sorted(trainers.ALL_TRAINERS)}.'
+    )
   sparse_name = SPARSE_TRAINER_PREFIX + trainer_name
   if sparse_name not in trainers.ALL_TRAINERS:
     trainers.ALL_TRAINERS[sparse_name] = sparse_trainer(trainers.ALL_TRAINERS[trainer_name])
@@ -206,9 +220,11 @@ def enable(config: Any) -> Any:
     ValueError: if the config has no ``sparsity_config`` or names no registered trainer.
   """
   if config.get(SPARSITY_CONFIG_FIELD) is None:
-    raise ValueError(f'prunax_scenic.enable(config) needs config.{SPARSITY_CONFIG_FIELD} '
-                     '(a ConfigDict with the keys of prunax.create_updater_from_config); '
-                     'set it before calling enable.')
+    raise ValueError(
+      f'prunax_scenic.enable(config) needs config.{SPARSITY_CONFIG_FIELD} '
+      '(a ConfigDict with the keys of prunax.create_updater_from_config); '
+      'set it before calling enable.'
+    )
   updater_from_config(config.get(SPARSITY_CONFIG_FIELD))  # A bad config fails here, early.
   config.trainer_name = register_sparse_trainer(config.get('trainer_name'))
   return config

@@ -10,16 +10,17 @@ from typing import Any
 from prunax_t5x.optimizer import pruned_optax
 from prunax_t5x.partitioning import sparse_state_logical_axes
 
-__all__ = ['PrunedOptaxWrapper', 'SparsityMetrics', 'pruned_optax',
-           'sparse_state_logical_axes']
+__all__ = ['PrunedOptaxWrapper', 'SparsityMetrics', 'pruned_optax', 'sparse_state_logical_axes']
 
 
 def __getattr__(name: str) -> Any:
   # t5x is not a declared dependency: import it only when the wrapper is asked for.
   if name == 'PrunedOptaxWrapper':
     from prunax_t5x.optax_wrapper import PrunedOptaxWrapper  # pylint: disable=g-import-not-at-top
+
     return PrunedOptaxWrapper
   if name == 'SparsityMetrics':
     from prunax_t5x.metrics import SparsityMetrics  # pylint: disable=g-import-not-at-top
+
     return SparsityMetrics
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -36,8 +36,11 @@ from prunax import sparsity_types
 def updater_of(optax_optimizer: Any) -> prunax.BaseUpdater | None:
   """The prunax updater of a transformation built by ``updater.wrap_optax``, else None."""
   init = getattr(optax_optimizer, 'init', None)
-  if isinstance(init, functools.partial) and init.args and isinstance(
-      init.args[0], prunax.BaseUpdater):
+  if (
+    isinstance(init, functools.partial)
+    and init.args
+    and isinstance(init.args[0], prunax.BaseUpdater)
+  ):
     return init.args[0]
   return None
 
@@ -58,13 +61,20 @@ class SparsityMetrics(trainer.WeightMetricsComputer):
   def __init__(self, weight_metrics: bool = False):
     self.weight_metrics = weight_metrics
 
-  def compute_metrics(self, gradients: Any, old_train_state: Any,
-                      new_train_state: Any) -> dict[str, Any]:
-    metrics = (super().compute_metrics(gradients, old_train_state, new_train_state)
-               if self.weight_metrics else {})
+  def compute_metrics(
+    self, gradients: Any, old_train_state: Any, new_train_state: Any
+  ) -> dict[str, Any]:
+    metrics = (
+      super().compute_metrics(gradients, old_train_state, new_train_state)
+      if self.weight_metrics
+      else {}
+    )
     params = new_train_state.params
-    flat = {name: leaf for name, leaf in utils.flatten_dict_string_keys(params).items()
-            if jnp.ndim(leaf) >= 2}
+    flat = {
+      name: leaf
+      for name, leaf in utils.flatten_dict_string_keys(params).items()
+      if jnp.ndim(leaf) >= 2
+    }
     zeros = {name: jnp.sum(leaf == 0) for name, leaf in flat.items()}
     size = sum(leaf.size for leaf in flat.values())
     for name, leaf in flat.items():
@@ -88,5 +98,6 @@ class SparsityMetrics(trainer.WeightMetricsComputer):
     for target, leaf in zip(targets, jax.tree.leaves(params), strict=True):
       if target is not None:
         total = total + sparsity_types.num_zeros(
-            updater.scheduler.sparsity(count - 1, jnp.float32(target)), leaf.size)
+          updater.scheduler.sparsity(count - 1, jnp.float32(target)), leaf.size
+        )
     return total

@@ -48,8 +48,11 @@ class PrunedOptaxWrapper(optimizers.OptaxWrapper):
       return optimizers.Optimizer(self, state, target)
     masks = prunax.unpack_masks(sparse_state.masks, target)
     target = jax.tree.map(
-        lambda m, p: p if m is None else jnp.where(m, p, 0).astype(p.dtype), masks, target,
-        is_leaf=lambda x: x is None)
+      lambda m, p: p if m is None else jnp.where(m, p, 0).astype(p.dtype),
+      masks,
+      target,
+      is_leaf=lambda x: x is None,
+    )
     return optimizers.Optimizer(self, state, target)
 
   def init_state(self, params: Any) -> Any:
@@ -73,7 +76,8 @@ class PrunedOptaxWrapper(optimizers.OptaxWrapper):
     if none_paths:
       flat = traverse_util.flatten_dict(state_dict['state'], sep='/')
       state_dict['state'] = traverse_util.unflatten_dict(
-          {key: value for key, value in flat.items() if key not in none_paths}, sep='/')
+        {key: value for key, value in flat.items() if key not in none_paths}, sep='/'
+      )
     return state_dict
 
   def restore_state(self, opt_target: Any, opt_state: Any, state_dict: Any) -> tuple[Any, Any]:
@@ -96,13 +100,16 @@ class PrunedOptaxWrapper(optimizers.OptaxWrapper):
 
     return target, jax.tree.map(like, opt_state, state)
 
-  def derive_logical_axes(self, optimizer: optimizers.Optimizer,
-                          param_logical_axes: Any) -> optimizers.Optimizer:
+  def derive_logical_axes(
+    self, optimizer: optimizers.Optimizer, param_logical_axes: Any
+  ) -> optimizers.Optimizer:
     """Like ``OptaxWrapper.derive_logical_axes``, also for pruned optimizer states."""
     axes = jax.tree.map(lambda _: None, optimizer.state_dict())
     axes['target'] = param_logical_axes
     state_axes = sparse_state_logical_axes(
-        optimizer.state.param_states, param_logical_axes,
-        optimizers.OptaxStatePartitionRules.derive_optax_logical_axes)
+      optimizer.state.param_states,
+      param_logical_axes,
+      optimizers.OptaxStatePartitionRules.derive_optax_logical_axes,
+    )
     axes['state']['param_states'] = serialization.to_state_dict(state_axes)
     return optimizer.restore_state(frozen_dict.unfreeze(axes))

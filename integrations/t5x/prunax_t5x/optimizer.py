@@ -13,21 +13,21 @@ import prunax
 
 @gin.configurable(module='prunax_t5x')
 def pruned_optax(
-    optimizer: optax.GradientTransformation,
-    algorithm: str,
-    sparsity: float,
-    dist_type: str = 'erk',
-    sparsity_type: str = 'unstructured',
-    update_freq: int | None = None,
-    update_start_step: int | None = None,
-    update_end_step: int | None = None,
-    drop_fraction: float | None = None,
-    custom_sparsity_map: Mapping[str, float] | None = None,
-    seed: int = 0,
-    packed_masks: bool = True,
-    power: float | None = None,
-    layer_axes: Mapping[str, int] | None = None,
-    extra: Mapping[str, Any] | None = None,
+  optimizer: optax.GradientTransformation,
+  algorithm: str,
+  sparsity: float,
+  dist_type: str = 'erk',
+  sparsity_type: str = 'unstructured',
+  update_freq: int | None = None,
+  update_start_step: int | None = None,
+  update_end_step: int | None = None,
+  drop_fraction: float | None = None,
+  custom_sparsity_map: Mapping[str, float] | None = None,
+  seed: int = 0,
+  packed_masks: bool = True,
+  power: float | None = None,
+  layer_axes: Mapping[str, int] | None = None,
+  extra: Mapping[str, Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``optimizer`` wrapped by a prunax algorithm, for ``PrunedOptaxWrapper.optax_optimizer``.
 
@@ -71,13 +71,21 @@ def pruned_optax(
     ValueError: an unknown algorithm or sparsity type, or an invalid value.
   """
   config = {
-      'algorithm': algorithm, 'sparsity': sparsity, 'dist_type': dist_type,
-      'sparsity_type': sparsity_type, 'update_freq': update_freq,
-      'update_start_step': update_start_step, 'update_end_step': update_end_step,
-      'drop_fraction': drop_fraction, 'custom_sparsity_map': custom_sparsity_map,
-      'seed': seed, 'packed_masks': packed_masks, 'power': power,
-      'extra': {**(extra or {}), 'layer_axes': dict(layer_axes)} if layer_axes else extra,
+    'algorithm': algorithm,
+    'sparsity': sparsity,
+    'dist_type': dist_type,
+    'sparsity_type': sparsity_type,
+    'update_freq': update_freq,
+    'update_start_step': update_start_step,
+    'update_end_step': update_end_step,
+    'drop_fraction': drop_fraction,
+    'custom_sparsity_map': custom_sparsity_map,
+    'seed': seed,
+    'packed_masks': packed_masks,
+    'power': power,
+    'extra': {**(extra or {}), 'layer_axes': dict(layer_axes)} if layer_axes else extra,
   }
   updater = prunax.create_updater_from_config(
-      {key: value for key, value in config.items() if value is not None})
+    {key: value for key, value in config.items() if value is not None}
+  )
   return updater.wrap_optax(optimizer)

@@ -32,14 +32,15 @@ def _like_params(tree: PyTree, params_axes: PyTree) -> PyTree:
   a leaf is not pruned, which holds no array and so takes no axes)."""
   if _absent(tree):
     return tree
-  return jax.tree.map(lambda axes, leaf: leaf if _absent(leaf) else axes, params_axes, tree,
-                      is_leaf=_is_none)
+  return jax.tree.map(
+    lambda axes, leaf: leaf if _absent(leaf) else axes, params_axes, tree, is_leaf=_is_none
+  )
 
 
 def sparse_state_logical_axes(
-    state: PyTree,
-    params_axes: PyTree,
-    inner_axes_fn: Callable[[PyTree, PyTree], PyTree],
+  state: PyTree,
+  params_axes: PyTree,
+  inner_axes_fn: Callable[[PyTree, PyTree], PyTree],
 ) -> PyTree:
   """Logical axes for ``state``, a ``prunax.SparseState`` or an ``optax.chain`` state of them.
 
@@ -55,13 +56,14 @@ def sparse_state_logical_axes(
   """
   if isinstance(state, prunax.SparseState):
     return prunax.SparseState(
-        inner_state=sparse_state_logical_axes(state.inner_state, params_axes, inner_axes_fn),
-        masks=_like_params(state.masks, params_axes),
-        count=None,
-        rng=None,
-        dense_params=_like_params(state.dense_params, params_axes),
-        thresholds=jax.tree.map(lambda _: None, state.thresholds),
-        aux=_like_params(state.aux, params_axes))
+      inner_state=sparse_state_logical_axes(state.inner_state, params_axes, inner_axes_fn),
+      masks=_like_params(state.masks, params_axes),
+      count=None,
+      rng=None,
+      dense_params=_like_params(state.dense_params, params_axes),
+      thresholds=jax.tree.map(lambda _: None, state.thresholds),
+      aux=_like_params(state.aux, params_axes),
+    )
   if type(state) in (tuple, list):  # the state of optax.chain
     return type(state)(sparse_state_logical_axes(s, params_axes, inner_axes_fn) for s in state)
   return inner_axes_fn(state, params_axes)

@@ -31,24 +31,33 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.
 def _split_in_halves(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
   words = tf.strings.split(example['text'])
   half = tf.size(words) // 2
-  return {'inputs': tf.strings.reduce_join(words[:half], separator=' '),
-          'targets': tf.strings.reduce_join(words[half:], separator=' ')}
+  return {
+    'inputs': tf.strings.reduce_join(words[:half], separator=' '),
+    'targets': tf.strings.reduce_join(words[half:], separator=' '),
+  }
 
 
 def register() -> None:
   """Registers the task (again if needed, so re-imports in one process are harmless)."""
   vocabulary = seqio.ByteVocabulary()
-  features = {name: seqio.Feature(vocabulary=vocabulary, add_eos=True)
-              for name in ('inputs', 'targets')}
+  features = {
+    name: seqio.Feature(vocabulary=vocabulary, add_eos=True) for name in ('inputs', 'targets')
+  }
   seqio.TaskRegistry.remove(TASK_NAME)
   seqio.TaskRegistry.add(
-      TASK_NAME,
-      source=seqio.FunctionDataSource(_dataset_fn, splits=('train', 'validation'),
-                                      num_input_examples={s: len(_lines(s))
-                                                          for s in ('train', 'validation')}),
-      preprocessors=[_split_in_halves, seqio.preprocessors.tokenize,
-                     seqio.preprocessors.append_eos_after_trim],
-      output_features=features)
+    TASK_NAME,
+    source=seqio.FunctionDataSource(
+      _dataset_fn,
+      splits=('train', 'validation'),
+      num_input_examples={s: len(_lines(s)) for s in ('train', 'validation')},
+    ),
+    preprocessors=[
+      _split_in_halves,
+      seqio.preprocessors.tokenize,
+      seqio.preprocessors.append_eos_after_trim,
+    ],
+    output_features=features,
+  )
 
 
 register()

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 if importlib.util.find_spec('dopamine') is None:
-  pytest.skip('dopamine-rl is not installed (pip install integrations/dopamine)',
-              allow_module_level=True)
+  pytest.skip(
+    'dopamine-rl is not installed (pip install integrations/dopamine)', allow_module_level=True
+  )
 # Imported before Dopamine: it applies the fixes Dopamine needs to import (compat.py).
 prunax_dopamine = importlib.import_module('prunax_dopamine')
 
@@ -42,27 +43,32 @@ from prunax_dopamine import compat  # noqa: E402
 from prunax_dopamine import run as run_lib  # noqa: E402
 
 SMALL_CARTPOLE = [
-    'ClassicControlDQNNetwork.hidden_units = 64',
-    'JaxDQNAgent.min_replay_history = 100',
-    'JaxDQNAgent.update_period = 2',
-    'JaxDQNAgent.target_update_period = 50',
-    'ReplayBuffer.batch_size = 32',
-    'Runner.training_steps = 300',
-    'Runner.num_iterations = 2',
-    "CollectorDispatcher.collectors = ('console', 'pickle')",
+  'ClassicControlDQNNetwork.hidden_units = 64',
+  'JaxDQNAgent.min_replay_history = 100',
+  'JaxDQNAgent.update_period = 2',
+  'JaxDQNAgent.target_update_period = 50',
+  'ReplayBuffer.batch_size = 32',
+  'Runner.training_steps = 300',
+  'Runner.num_iterations = 2',
+  "CollectorDispatcher.collectors = ('console', 'pickle')",
 ]
-GRADUAL = {'sparsity': 0.8, 'dist_type': "'erk'", 'update_start_step': 0,
-           'update_end_step': 150, 'update_freq': 10}
+GRADUAL = {
+  'sparsity': 0.8,
+  'dist_type': "'erk'",
+  'update_start_step': 0,
+  'update_end_step': 150,
+  'update_freq': 10,
+}
 DYNAMIC = {'sparsity': 0.8, 'dist_type': "'erk'", 'update_freq': 20, 'drop_fraction': 0.3}
 FAMILIES = {
-    'magnitude': GRADUAL,
-    'random': GRADUAL,
-    'global_magnitude': {**GRADUAL, 'dist_type': "'uniform'"},
-    'magnitude_ste': GRADUAL,
-    'static_sparse': {'sparsity': 0.8, 'dist_type': "'erk'"},
-    'set': DYNAMIC,
-    'rigl': DYNAMIC,
-    'autosparse': {'sparsity': 0.8},
+  'magnitude': GRADUAL,
+  'random': GRADUAL,
+  'global_magnitude': {**GRADUAL, 'dist_type': "'uniform'"},
+  'magnitude_ste': GRADUAL,
+  'static_sparse': {'sparsity': 0.8, 'dist_type': "'erk'"},
+  'set': DYNAMIC,
+  'rigl': DYNAMIC,
+  'autosparse': {'sparsity': 0.8},
 }
 GROWS_AT_ZERO = ('set', 'rigl')  # Grown weights start at 0 and may stay 0 (dead ReLU units).
 
@@ -76,11 +82,13 @@ def clean_gin():
 
 def pruner_bindings(algorithm: str, **config) -> list[str]:
   return [f"prunax_dopamine.pruner.algorithm = '{algorithm}'"] + [
-      f'prunax_dopamine.pruner.{key} = {value}' for key, value in config.items()]
+    f'prunax_dopamine.pruner.{key} = {value}' for key, value in config.items()
+  ]
 
 
-def make_runner(base_dir: str, bindings: list[str],
-                config: str = 'dqn_cartpole.gin') -> run_experiment.Runner:
+def make_runner(
+  base_dir: str, bindings: list[str], config: str = 'dqn_cartpole.gin'
+) -> run_experiment.Runner:
   """Dopamine's own flow: load_gin_configs, then the runner (resuming from base_dir)."""
   run_experiment.load_gin_configs([prunax_dopamine.config_path(config)], bindings)
   return prunax_dopamine.create_pruned_runner(base_dir)
@@ -97,13 +105,19 @@ def collected(base_dir: str) -> dict:
 def pruned_leaves(masks, params) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """(boolean mask, param) of every pruned leaf, by name."""
   flat_masks = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]
-  return {jax.tree_util.keystr(path): (np.asarray(m).astype(bool), np.asarray(p))
-          for (path, m), p in zip(flat_masks, jax.tree.leaves(params)) if m is not None}
+  return {
+    jax.tree_util.keystr(path): (np.asarray(m).astype(bool), np.asarray(p))
+    for (path, m), p in zip(flat_masks, jax.tree.leaves(params))
+    if m is not None
+  }
 
 
 def zeros_per_leaf(tree) -> dict[str, int]:
-  return {jax.tree_util.keystr(path): int(np.sum(np.asarray(x) == 0))
-          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if np.ndim(x) >= 2}
+  return {
+    jax.tree_util.keystr(path): int(np.sum(np.asarray(x) == 0))
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    if np.ndim(x) >= 2
+  }
 
 
 def scheduled_zeros(pruner, sparsity: float, size: int, count: int) -> int:
@@ -117,8 +131,13 @@ def check_scheduled(pruner, algorithm: str, params, opt_state) -> None:
   state = prunax.get_sparse_state(opt_state)
   count = int(state.count)
   leaves = pruned_leaves(prunax.unpack_masks(state.masks, params), params)
-  targets = {jax.tree_util.keystr(path): t for path, t in jax.tree_util.tree_flatten_with_path(
-      pruner.target_sparsities(params), is_leaf=lambda x: x is None)[0] if t is not None}
+  targets = {
+    jax.tree_util.keystr(path): t
+    for path, t in jax.tree_util.tree_flatten_with_path(
+      pruner.target_sparsities(params), is_leaf=lambda x: x is None
+    )[0]
+    if t is not None
+  }
   assert set(leaves) == set(targets) and leaves
   for name, (mask, param) in leaves.items():
     assert not np.any(param[~mask]), f'{name}: a pruned weight is nonzero'
@@ -148,8 +167,7 @@ def test_native_runner_prunes_every_family(algorithm, tmp_path):
     pytest.skip(f'prunax has no {algorithm!r} algorithm yet')
   base_dir = str(tmp_path)
   compiled_before = dqn_agent.train._cache_size()
-  runner = make_runner(base_dir, SMALL_CARTPOLE + pruner_bindings(algorithm,
-                                                                    **FAMILIES[algorithm]))
+  runner = make_runner(base_dir, SMALL_CARTPOLE + pruner_bindings(algorithm, **FAMILIES[algorithm]))
   runner.run_experiment()
   agent = runner._agent
   assert isinstance(agent, prunax_dopamine.PrunedDQNAgent)
@@ -186,16 +204,23 @@ def test_native_runner_prunes_every_family(algorithm, tmp_path):
     reported = stats[f'iteration_{iteration}']
     assert reported['Sparsity/Total'] == [summary['total_sparsity']]
     assert reported['Sparsity/params/layers_0/kernel'] == [
-        summary['sparsity/params/layers_0/kernel']]
+      summary['sparsity/params/layers_0/kernel']
+    ]
 
   if algorithm == 'magnitude_ste':  # Dense weights live in the optimizer state.
     dense = sum(int(np.count_nonzero(x)) for x in jax.tree.leaves(state.dense_params))
-    sparse = sum(int(np.count_nonzero(p)) for _, p in pruned_leaves(
-        prunax.unpack_masks(state.masks, agent.online_params), agent.online_params).values())
+    sparse = sum(
+      int(np.count_nonzero(p))
+      for _, p in pruned_leaves(
+        prunax.unpack_masks(state.masks, agent.online_params), agent.online_params
+      ).values()
+    )
     assert dense > 4 * sparse
   if algorithm in ('set', 'rigl'):  # The masks moved between iterations.
-    assert not all(np.array_equal(a, b) for a, b in zip(
-        jax.tree.leaves(first.masks), jax.tree.leaves(state.masks)))
+    assert not all(
+      np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(first.masks), jax.tree.leaves(state.masks))
+    )
 
 
 def test_resume_restores_masks_and_optimizer_state(tmp_path):
@@ -217,8 +242,9 @@ def test_resume_restores_masks_and_optimizer_state(tmp_path):
   for name in ('optimizer_state', 'online_params', 'target_network_params'):
     restored, original = getattr(agent, name), getattr(saved, name)
     assert jax.tree.structure(restored) == jax.tree.structure(original), name
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored),
-                                                    jax.tree.leaves(original))), name
+    assert all(
+      np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(original))
+    ), name
   assert agent.training_steps == saved.training_steps
 
   resumed.run_experiment()  # Iteration 1 only, continuing the schedule.
@@ -250,17 +276,17 @@ def same_start_cartpole():
 
 
 RESUME_FAMILIES = {
-    'magnitude': {**GRADUAL, 'update_end_step': 80},  # Mid-schedule at the relaunch.
-    'rigl': {**DYNAMIC, 'update_freq': 10},
-    'set': {**DYNAMIC, 'update_freq': 10},
-    'magnitude_ste': {**GRADUAL, 'update_end_step': 80},
-    'autosparse': FAMILIES['autosparse'],
+  'magnitude': {**GRADUAL, 'update_end_step': 80},  # Mid-schedule at the relaunch.
+  'rigl': {**DYNAMIC, 'update_freq': 10},
+  'set': {**DYNAMIC, 'update_freq': 10},
+  'magnitude_ste': {**GRADUAL, 'update_end_step': 80},
+  'autosparse': FAMILIES['autosparse'],
 }
 RESUME_BINDINGS = SMALL_CARTPOLE + [
-    'TrainRunner.create_environment_fn = @same_start_cartpole',
-    'Runner.training_steps = 150',
-    # Many exploratory actions: a resumed run that re-seeded the agent's RNG would diverge.
-    'JaxDQNAgent.epsilon_train = 0.3',
+  'TrainRunner.create_environment_fn = @same_start_cartpole',
+  'Runner.training_steps = 150',
+  # Many exploratory actions: a resumed run that re-seeded the agent's RNG would diverge.
+  'JaxDQNAgent.epsilon_train = 0.3',
 ]
 
 
@@ -304,15 +330,28 @@ def test_relaunch_into_base_dir_matches_uninterrupted_run(algorithm, tmp_path):
 
 
 VARIANTS = {
-    'PrunedRainbowAgent': ('JaxRainbowAgent', rainbow_agent.train,
-                           ['JaxRainbowAgent.network = @networks.ClassicControlRainbowNetwork',
-                            'ClassicControlRainbowNetwork.hidden_units = 64']),
-    'PrunedQuantileAgent': ('JaxQuantileAgent', quantile_agent.train,
-                            ['JaxQuantileAgent.num_atoms = 16']),
-    'PrunedImplicitQuantileAgent': ('JaxImplicitQuantileAgent', implicit_quantile_agent.train,
-                                    ['JaxImplicitQuantileAgent.num_tau_samples = 8',
-                                     'JaxImplicitQuantileAgent.num_tau_prime_samples = 8',
-                                     'JaxImplicitQuantileAgent.num_quantile_samples = 8']),
+  'PrunedRainbowAgent': (
+    'JaxRainbowAgent',
+    rainbow_agent.train,
+    [
+      'JaxRainbowAgent.network = @networks.ClassicControlRainbowNetwork',
+      'ClassicControlRainbowNetwork.hidden_units = 64',
+    ],
+  ),
+  'PrunedQuantileAgent': (
+    'JaxQuantileAgent',
+    quantile_agent.train,
+    ['JaxQuantileAgent.num_atoms = 16'],
+  ),
+  'PrunedImplicitQuantileAgent': (
+    'JaxImplicitQuantileAgent',
+    implicit_quantile_agent.train,
+    [
+      'JaxImplicitQuantileAgent.num_tau_samples = 8',
+      'JaxImplicitQuantileAgent.num_tau_prime_samples = 8',
+      'JaxImplicitQuantileAgent.num_quantile_samples = 8',
+    ],
+  ),
 }
 
 
@@ -320,23 +359,34 @@ VARIANTS = {
 @pytest.mark.parametrize('agent_name', list(VARIANTS))
 def test_variants_train_with_pruning(agent_name, tmp_path):
   base, train_fn, extra = VARIANTS[agent_name]
-  bindings = SMALL_CARTPOLE + extra + [
+  bindings = (
+    SMALL_CARTPOLE
+    + extra
+    + [
       f'create_pruned_runner.agent = @prunax_dopamine.{agent_name}',
       f'{agent_name}.pruner = @prunax_dopamine.pruner()',
       'Runner.num_iterations = 1',
       'Runner.training_steps = 200',
-  ] + pruner_bindings('magnitude', sparsity=0.8, dist_type="'erk'", update_start_step=0,
-                      update_end_step=40, update_freq=10)
+    ]
+    + pruner_bindings(
+      'magnitude',
+      sparsity=0.8,
+      dist_type="'erk'",
+      update_start_step=0,
+      update_end_step=40,
+      update_freq=10,
+    )
+  )
   if base != 'JaxDQNAgent':  # These agents pass their own defaults to JaxDQNAgent.
     bindings += [
-        f'{base}.observation_shape = %gym_lib.CARTPOLE_OBSERVATION_SHAPE',
-        f'{base}.observation_dtype = %jax_networks.CARTPOLE_OBSERVATION_DTYPE',
-        f'{base}.stack_size = %gym_lib.CARTPOLE_STACK_SIZE',
-        f'{base}.min_replay_history = 100',
-        f'{base}.update_period = 2',
-        f'{base}.target_update_period = 50',
-        f'{base}.epsilon_fn = @jax.agents.dqn.dqn_agent.identity_epsilon',
-        f'{base}.seed = 0',
+      f'{base}.observation_shape = %gym_lib.CARTPOLE_OBSERVATION_SHAPE',
+      f'{base}.observation_dtype = %jax_networks.CARTPOLE_OBSERVATION_DTYPE',
+      f'{base}.stack_size = %gym_lib.CARTPOLE_STACK_SIZE',
+      f'{base}.min_replay_history = 100',
+      f'{base}.update_period = 2',
+      f'{base}.target_update_period = 50',
+      f'{base}.epsilon_fn = @jax.agents.dqn.dqn_agent.identity_epsilon',
+      f'{base}.seed = 0',
     ]
   compiled_before = train_fn._cache_size()
   runner = make_runner(str(tmp_path), bindings)
@@ -351,13 +401,21 @@ def test_variants_train_with_pruning(agent_name, tmp_path):
 
 def test_readme_command_prints_returns_and_sparsity(tmp_path):
   # What `python -m prunax_dopamine.run --base_dir=...` runs and prints, made smaller.
-  lines = run_lib.run(str(tmp_path), ['dqn_cartpole.gin'], SMALL_CARTPOLE + [
-      'Runner.num_iterations = 1', 'Runner.training_steps = 200',
-      'prunax_dopamine.pruner.update_end_step = 20'])
+  lines = run_lib.run(
+    str(tmp_path),
+    ['dqn_cartpole.gin'],
+    SMALL_CARTPOLE
+    + [
+      'Runner.num_iterations = 1',
+      'Runner.training_steps = 200',
+      'prunax_dopamine.pruner.update_end_step = 20',
+    ],
+  )
   assert lines[0].startswith('[Iteration 0]: Train/AverageReturns = ')
   assert math.isfinite(float(lines[0].rsplit('= ', 1)[1]))
-  sparsity = {line.split(': ')[1].split(' = ')[0]: float(line.rsplit('= ', 1)[1])
-              for line in lines[1:]}
+  sparsity = {
+    line.split(': ')[1].split(' = ')[0]: float(line.rsplit('= ', 1)[1]) for line in lines[1:]
+  }
   assert sparsity['Sparsity/Total'] == pytest.approx(0.9, abs=1e-4)  # ERK, rounded per layer.
   assert sparsity['Sparsity/TargetTotal'] <= sparsity['Sparsity/Total']
 
@@ -372,6 +430,7 @@ def test_pruner_factory_rejects_bad_values():
 def _ale_rom(name: str) -> bool:
   try:
     from ale_py import roms
+
     return os.path.isfile(roms.get_rom_path(name))
   except (ImportError, AttributeError, FileNotFoundError):
     return False
@@ -381,13 +440,17 @@ def _ale_rom(name: str) -> bool:
 @pytest.mark.skipif(not _ale_rom('ms_pacman'), reason='ale-py does not ship the MsPacman ROM')
 def test_mspacman_paper_config_runs_a_few_hundred_steps(tmp_path):
   bindings = [
-      'Runner.num_iterations = 1', 'Runner.training_steps = 300',
-      'Runner.max_steps_per_episode = 300',
-      'JaxDQNAgent.min_replay_history = 200', 'JaxDQNAgent.target_update_period = 100',
-      'ReplayBuffer.max_capacity = 1000',
-      "CollectorDispatcher.collectors = ('pickle',)",
-      'prunax_dopamine.pruner.update_start_step = 0',
-      'prunax_dopamine.pruner.update_end_step = 10', 'prunax_dopamine.pruner.update_freq = 5']
+    'Runner.num_iterations = 1',
+    'Runner.training_steps = 300',
+    'Runner.max_steps_per_episode = 300',
+    'JaxDQNAgent.min_replay_history = 200',
+    'JaxDQNAgent.target_update_period = 100',
+    'ReplayBuffer.max_capacity = 1000',
+    "CollectorDispatcher.collectors = ('pickle',)",
+    'prunax_dopamine.pruner.update_start_step = 0',
+    'prunax_dopamine.pruner.update_end_step = 10',
+    'prunax_dopamine.pruner.update_freq = 5',
+  ]
   runner = make_runner(str(tmp_path), bindings, config='dqn_mspacman_erk98.gin')
   runner.run_experiment()
   agent = runner._agent
@@ -402,13 +465,16 @@ def test_mspacman_paper_config_runs_a_few_hundred_steps(tmp_path):
 def test_compat_fixes_what_this_environment_needs():
   fixes = compat.applied()
   from jax.interpreters import xla
+
   assert xla.pytype_aval_mappings is jax._src.core.pytype_aval_mappings
   if 'baselines' in fixes:
     from baselines.common import atari_wrappers
+
     with pytest.raises(AttributeError, match='use_ppo_preprocessing'):
       _ = atari_wrappers.NoopResetEnv
   # The legacy gym path (breakage 5) steps under numpy 2.
   from dopamine.discrete_domains import gym_lib
+
   env = gym_lib.create_gym_environment('CartPole', 'v1', use_legacy_gym=True)
   env.reset()
   _, reward, terminal, _ = env.step(0)
@@ -430,12 +496,19 @@ import dopamine.discrete_domains.run_experiment
 
 def test_dopamine_fails_without_the_fixes():
   """Each applied import fix is needed: without it, Dopamine's launcher does not import."""
-  errors = {'baselines': "No module named 'baselines'",
-            'tfp_xla_alias': "has no attribute 'pytype_aval_mappings'"}
+  errors = {
+    'baselines': "No module named 'baselines'",
+    'tfp_xla_alias': "has no attribute 'pytype_aval_mappings'",
+  }
   needed = [fix for fix in compat.applied() if fix in errors]
   if not needed:
     pytest.skip('this environment needs neither the baselines nor the tfp fix')
   for fix in needed:
-    result = subprocess.run([sys.executable, '-c', _UNFIXED_IMPORT, compat.__file__, fix],
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+      [sys.executable, '-c', _UNFIXED_IMPORT, compat.__file__, fix],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+    )
     assert result.returncode != 0 and errors[fix] in result.stderr, result.stderr[-2000:]

@@ -17,7 +17,8 @@ import sys
 import pytest
 
 fedjax = pytest.importorskip(
-    'fedjax', reason='fedjax is not installed (pip install -e integrations/fedjax)')
+  'fedjax', reason='fedjax is not installed (pip install -e integrations/fedjax)'
+)
 prunax_fedjax = pytest.importorskip('prunax_fedjax')
 
 import haiku as hk  # noqa: E402
@@ -32,11 +33,11 @@ NUM_ROUNDS = 8
 RELAUNCH_AT = 4  # Mid-schedule: gradual pruning updates at steps 2, 4 and 6.
 SCHEDULE = dict(update_freq=2, update_start_step=2, update_end_step=6)
 ALGORITHMS = {
-    'magnitude': SCHEDULE,
-    'set': {**SCHEDULE, 'update_start_step': 0},
-    'rigl': {**SCHEDULE, 'update_start_step': 0},
-    'magnitude_ste': SCHEDULE,
-    'autosparse': {'sparsity': 0.0},  # The sparsity is learned; 0.0 selects the kernels.
+  'magnitude': SCHEDULE,
+  'set': {**SCHEDULE, 'update_start_step': 0},
+  'rigl': {**SCHEDULE, 'update_start_step': 0},
+  'magnitude_ste': SCHEDULE,
+  'autosparse': {'sparsity': 0.0},  # The sparsity is learned; 0.0 selects the kernels.
 }
 
 
@@ -50,15 +51,19 @@ def _setup(algorithm: str):
   train, _ = federated_digits.federated_digits(num_clients=20, seed=0)
   sample = {'x': np.zeros((1, 8, 8, 1), np.float32), 'y': np.zeros((1,), np.int32)}
   model = fedjax.create_model_from_haiku(
-      hk.transform(_mlp), sample,
-      train_loss=lambda b, logits: fedjax.metrics.unreduced_cross_entropy_loss(b['y'], logits))
+    hk.transform(_mlp),
+    sample,
+    train_loss=lambda b, logits: fedjax.metrics.unreduced_cross_entropy_loss(b['y'], logits),
+  )
   pruner = prunax.create_updater_from_config(
-      {'algorithm': algorithm, 'sparsity': 0.8, 'dist_type': 'uniform',
-       **ALGORITHMS[algorithm]})
+    {'algorithm': algorithm, 'sparsity': 0.8, 'dist_type': 'uniform', **ALGORITHMS[algorithm]}
+  )
   algo = fedjax.algorithms.fed_avg.federated_averaging(
-      fedjax.model_grad(model), fedjax.optimizers.sgd(0.05),
-      prunax_fedjax.server_optimizer(pruner, optax.adam(1e-2)),
-      fedjax.ShuffleRepeatBatchHParams(batch_size=8, num_epochs=1, seed=0))
+    fedjax.model_grad(model),
+    fedjax.optimizers.sgd(0.05),
+    prunax_fedjax.server_optimizer(pruner, optax.adam(1e-2)),
+    fedjax.ShuffleRepeatBatchHParams(batch_size=8, num_epochs=1, seed=0),
+  )
   init = prunax_fedjax.sparsify_initial_state(pruner, algo.init(model.init(jax.random.PRNGKey(0))))
   return train, algo, init
 
@@ -94,8 +99,12 @@ def launch(algorithms: list[str], start: int, end: int, directory: str) -> None:
 
 def _launch_process(algorithms, start, end, directory):
   result = subprocess.run(
-      [sys.executable, __file__, ','.join(algorithms), str(start), str(end), directory],
-      capture_output=True, text=True, timeout=300, check=False)
+    [sys.executable, __file__, ','.join(algorithms), str(start), str(end), directory],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -110,8 +119,10 @@ def test_relaunched_rounds_match_uninterrupted_rounds(tmp_path):
     init = _initial_state(algorithm)
     resumed = prunax_fedjax.restore_server_state(tmp_path / f'{algorithm}.msgpack', init)
     whole = prunax_fedjax.restore_server_state(tmp_path / f'{algorithm}.whole', init)
-    state, expected = (prunax.get_sparse_state(resumed.opt_state),
-                       prunax.get_sparse_state(whole.opt_state))
+    state, expected = (
+      prunax.get_sparse_state(resumed.opt_state),
+      prunax.get_sparse_state(whole.opt_state),
+    )
     assert int(state.count) == int(expected.count) == NUM_ROUNDS, algorithm
     assert np.issubdtype(state.count.dtype, np.integer), algorithm
     assert np.issubdtype(state.rng.dtype, np.integer), algorithm
@@ -130,8 +141,11 @@ def test_restore_rejects_a_state_of_another_model(tmp_path):
   path = tmp_path / 'state.msgpack'
   prunax_fedjax.save_server_state(path, init)
   other = jax.tree.map(lambda x: np.zeros((3,) + np.shape(x), np.asarray(x).dtype), init)
-  with pytest.raises(ValueError, match=r"\['linear'\]\['b'\] was saved as float32\[10\] but "
-                     r"the template has float32\[3, 10\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"\['linear'\]\['b'\] was saved as float32\[10\] but "
+    r'the template has float32\[3, 10\]',
+  ):
     prunax_fedjax.restore_server_state(path, other)
   ste_init = _initial_state('magnitude_ste')  # Dense weights: more leaves.
   with pytest.raises(ValueError, match='leaves'):

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 fedjax = pytest.importorskip(
-    'fedjax', reason='fedjax is not installed (pip install -e integrations/fedjax)')
+  'fedjax', reason='fedjax is not installed (pip install -e integrations/fedjax)'
+)
 prunax_fedjax = pytest.importorskip('prunax_fedjax')
 
 import haiku as hk  # noqa: E402
@@ -27,8 +28,17 @@ SCHEDULE = dict(update_freq=2, update_start_step=2, update_end_step=6)
 # Sparsity after round r (1-based; round r runs server step r - 1) for a 0.8 target with the
 # cubic schedule above: 0.8 * (1 - (1 - 2/4) ** 3) = 0.7 from the update at step 4.
 GRADUAL_SPARSITY = {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0, 5: 0.7, 6: 0.7, 7: 0.8, 8: 0.8}
-FAMILIES = ['magnitude', 'saliency', 'random', 'global_magnitude', 'magnitude_ste',
-            'static_sparse', 'set', 'rigl', 'autosparse']
+FAMILIES = [
+  'magnitude',
+  'saliency',
+  'random',
+  'global_magnitude',
+  'magnitude_ste',
+  'static_sparse',
+  'set',
+  'rigl',
+  'autosparse',
+]
 SPARSE_TRAINING = ('static_sparse', 'set', 'rigl')
 
 
@@ -46,9 +56,11 @@ def data():
 def model():
   sample = {'x': np.zeros((1, 8, 8, 1), np.float32), 'y': np.zeros((1,), np.int32)}
   return fedjax.create_model_from_haiku(
-      hk.transform(_mlp), sample,
-      train_loss=lambda b, logits: fedjax.metrics.unreduced_cross_entropy_loss(b['y'], logits),
-      eval_metrics={'accuracy': fedjax.metrics.Accuracy()})
+    hk.transform(_mlp),
+    sample,
+    train_loss=lambda b, logits: fedjax.metrics.unreduced_cross_entropy_loss(b['y'], logits),
+    eval_metrics={'accuracy': fedjax.metrics.Accuracy()},
+  )
 
 
 def _pruner(algorithm, **overrides):
@@ -65,9 +77,11 @@ def _pruner(algorithm, **overrides):
 
 def _fed_avg(model, pruner, client_optimizer=None):
   return fed_avg.federated_averaging(
-      fedjax.model_grad(model), client_optimizer or fedjax.optimizers.sgd(0.05),
-      prunax_fedjax.server_optimizer(pruner, optax.adam(1e-2)),
-      fedjax.ShuffleRepeatBatchHParams(batch_size=8, num_epochs=1, seed=0))
+    fedjax.model_grad(model),
+    client_optimizer or fedjax.optimizers.sgd(0.05),
+    prunax_fedjax.server_optimizer(pruner, optax.adam(1e-2)),
+    fedjax.ShuffleRepeatBatchHParams(batch_size=8, num_epochs=1, seed=0),
+  )
 
 
 def _kernels(params):
@@ -97,11 +111,12 @@ def test_fed_avg_prunes_server_model_on_schedule(algorithm, data, model):
     return fedjax.model_grad(model)(params, batch, rng)
 
   algo = fed_avg.federated_averaging(
-      grad_fn, fedjax.optimizers.sgd(0.05),
-      prunax_fedjax.server_optimizer(pruner, optax.adam(1e-2)),
-      fedjax.ShuffleRepeatBatchHParams(batch_size=8, num_epochs=1, seed=0))
-  state = prunax_fedjax.sparsify_initial_state(
-      pruner, algo.init(model.init(jax.random.PRNGKey(0))))
+    grad_fn,
+    fedjax.optimizers.sgd(0.05),
+    prunax_fedjax.server_optimizer(pruner, optax.adam(1e-2)),
+    fedjax.ShuffleRepeatBatchHParams(batch_size=8, num_epochs=1, seed=0),
+  )
+  state = prunax_fedjax.sparsify_initial_state(pruner, algo.init(model.init(jax.random.PRNGKey(0))))
   sizes = [w.size for w in _kernels(state.params)]
   is_global = algorithm == 'global_magnitude'
   sampler = fedjax.client_samplers.UniformGetClientSampler(train, 5, seed=0)
@@ -127,7 +142,8 @@ def test_fed_avg_prunes_server_model_on_schedule(algorithm, data, model):
     target = 0.8 if algorithm in SPARSE_TRAINING else GRADUAL_SPARSITY[r]
     mask_zeros = [int((m == 0).sum()) for m in masks]
     assert (sum(mask_zeros) if is_global else mask_zeros) == _expected_zeros(
-        target, sizes, is_global), r
+      target, sizes, is_global
+    ), r
     for w, m in zip(_kernels(state.params), masks):
       assert not np.any(np.asarray(w)[m == 0]), r  # pruned weights are exactly zero
       if algorithm not in SPARSE_TRAINING:  # (SET/RigL regrow weights at zero)
@@ -143,8 +159,9 @@ def test_fed_avg_prunes_server_model_on_schedule(algorithm, data, model):
 
 def test_fed_avg_accuracy_dense_and_sparse():
   # 24 rounds: magnitude pruning steps 6, 16, 18 (rounds 7, 17, 19) to 0, 0.796, 0.8 (ERK).
-  results = federated_digits.run(('no_prune', 'magnitude'), seeds=(0,), num_rounds=24,
-                                 clients_per_round=5, eval_every=24)
+  results = federated_digits.run(
+    ('no_prune', 'magnitude'), seeds=(0,), num_rounds=24, clients_per_round=5, eval_every=24
+  )
   dense, sparse = results['no_prune'], results['magnitude']
   assert dense['mean_sparsity'] == 0.0
   assert sparse['mean_sparsity'] == pytest.approx(0.8, abs=1e-3)
@@ -161,12 +178,16 @@ def test_fed_prox_prunes_server_model(data, model):
   train, _ = data
   pruner = _pruner('magnitude', update_start_step=0, update_end_step=0)  # one-shot at round 1
   algo = fedjax.algorithms.fed_prox.fed_prox(
-      fedjax.model_per_example_loss(model), fedjax.optimizers.sgd(0.05),
-      prunax_fedjax.server_optimizer(pruner, optax.adam(1e-2)),
-      fedjax.ShuffleRepeatBatchHParams(batch_size=8, num_epochs=1, seed=0), proximal_weight=0.1)
+    fedjax.model_per_example_loss(model),
+    fedjax.optimizers.sgd(0.05),
+    prunax_fedjax.server_optimizer(pruner, optax.adam(1e-2)),
+    fedjax.ShuffleRepeatBatchHParams(batch_size=8, num_epochs=1, seed=0),
+    proximal_weight=0.1,
+  )
   state = algo.init(model.init(jax.random.PRNGKey(0)))
-  state, _ = algo.apply(state, fedjax.client_samplers.UniformGetClientSampler(
-      train, 5, seed=0).sample())
+  state, _ = algo.apply(
+    state, fedjax.client_samplers.UniformGetClientSampler(train, 5, seed=0).sample()
+  )
   for w in _kernels(state.params):
     assert np.count_nonzero(np.asarray(w)) == w.size - round(0.8 * w.size)
 
@@ -175,10 +196,13 @@ def test_fed_prox_prunes_server_model(data, model):
 def test_mime_raises_clear_error(name, model):
   pruner = _pruner('magnitude')
   build = getattr(getattr(fedjax.algorithms, name), name)
-  algo = build(fedjax.model_per_example_loss(model),
-               prunax_fedjax.server_optimizer(pruner, optax.sgd(0.1)),
-               fedjax.ShuffleRepeatBatchHParams(batch_size=8),
-               fedjax.PaddedBatchHParams(batch_size=8), server_learning_rate=1.0)
+  algo = build(
+    fedjax.model_per_example_loss(model),
+    prunax_fedjax.server_optimizer(pruner, optax.sgd(0.1)),
+    fedjax.ShuffleRepeatBatchHParams(batch_size=8),
+    fedjax.PaddedBatchHParams(batch_size=8),
+    server_learning_rate=1.0,
+  )
   with pytest.raises(ValueError, match=f'fedjax.algorithms.{name} .*discarding the params'):
     algo.init(model.init(jax.random.PRNGKey(0)))
 
@@ -198,8 +222,7 @@ def test_client_sparsity_deltas_zero_outside_mask(data, model):
   # FedAvg's own client training, as the next round runs it.
   train_clients = fed_avg.create_train_for_each_client(fedjax.model_grad(model), client_opt)
   hparams = fedjax.ShuffleRepeatBatchHParams(batch_size=8, num_epochs=1, seed=0)
-  clients = [(cid, cds.shuffle_repeat_batch(hparams), rng)
-             for cid, cds, rng in sampler.sample()]
+  clients = [(cid, cds.shuffle_repeat_batch(hparams), rng) for cid, cds, rng in sampler.sample()]
   upload = prunax_fedjax.update_size(state.params)
   for _, delta in train_clients(state.params, clients):
     for d, m in zip(_kernels(delta), masks):
@@ -223,22 +246,27 @@ def test_client_sparsity_rejects_drop_and_grow():
 def test_update_size_counts_values_and_indices():
   tree = {'a': jnp.array([[0.0, 1.0], [2.0, 0.0]]), 'b': jnp.zeros(3, jnp.bfloat16)}
   assert prunax_fedjax.update_size(tree) == {
-      'dense_bytes': 4 * 4 + 3 * 2, 'sparse_bytes': 2 * (4 + 4), 'nonzero': 2, 'size': 7}
+    'dense_bytes': 4 * 4 + 3 * 2,
+    'sparse_bytes': 2 * (4 + 4),
+    'nonzero': 2,
+    'size': 7,
+  }
 
 
 def _leaves_bytes(state):
   return fedjax.serialization.msgpack_serialize(
-      [np.asarray(x) for x in jax.tree_util.tree_leaves(state)])
+    [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+  )
 
 
 def _from_bytes(template, blob):
   leaves = fedjax.serialization.msgpack_deserialize(blob)
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template),
-                                      [jnp.asarray(x) for x in leaves])
+  return jax.tree_util.tree_unflatten(
+    jax.tree_util.tree_structure(template), [jnp.asarray(x) for x in leaves]
+  )
 
 
-@pytest.mark.parametrize('algorithm', ['magnitude', 'set', 'rigl', 'magnitude_ste',
-                                       'autosparse'])
+@pytest.mark.parametrize('algorithm', ['magnitude', 'set', 'rigl', 'magnitude_ste', 'autosparse'])
 def test_server_state_save_restore_mid_schedule(algorithm, data, model, tmp_path):
   train, _ = data
   pruner = _pruner(algorithm)
@@ -246,8 +274,10 @@ def test_server_state_save_restore_mid_schedule(algorithm, data, model, tmp_path
   init = algo.init(model.init(jax.random.PRNGKey(0)))
   state = prunax_fedjax.sparsify_initial_state(pruner, init)
   for r in range(5):  # mid-schedule: masks updated at rounds 3 and 5 (steps 2, 4), not yet 7
-    state, _ = algo.apply(state, fedjax.client_samplers.UniformGetClientSampler(
-        train, 5, seed=0, start_round_num=r).sample())
+    state, _ = algo.apply(
+      state,
+      fedjax.client_samplers.UniformGetClientSampler(train, 5, seed=0, start_round_num=r).sample(),
+    )
 
   restored_msgpack = _from_bytes(init, _leaves_bytes(state))
   restored_pickle = pickle.loads(pickle.dumps(jax.device_get(state)))
@@ -260,8 +290,12 @@ def test_server_state_save_restore_mid_schedule(algorithm, data, model, tmp_path
   runs = []
   for s in (state, restored_msgpack, restored_pickle, restored_file):
     for r in range(5, NUM_ROUNDS):
-      s, _ = algo.apply(s, fedjax.client_samplers.UniformGetClientSampler(
-          train, 5, seed=0, start_round_num=r).sample())
+      s, _ = algo.apply(
+        s,
+        fedjax.client_samplers.UniformGetClientSampler(
+          train, 5, seed=0, start_round_num=r
+        ).sample(),
+      )
     runs.append(jax.tree_util.tree_leaves(s))
   assert int(prunax.get_sparse_state(s.opt_state).count) == NUM_ROUNDS
   for other in runs[1:]:
@@ -286,6 +320,7 @@ def test_unknown_custom_sparsity_map_fails_at_init(model):
 
 def test_restores_jax_tree_map_only_when_missing(monkeypatch):
   from prunax_fedjax import _compat  # pylint: disable=import-outside-toplevel
+
   assert jax.tree_map is jax.tree_util.tree_map
   # Real FedJAX code that calls jax.tree_map.
   zeros = fedjax.tree_util.tree_zeros_like({'w': jnp.ones(3)})
@@ -301,9 +336,7 @@ def test_restores_jax_tree_map_only_when_missing(monkeypatch):
 def test_fedjax_breaks_without_the_fix_on_current_jax():
   if not prunax_fedjax.JAX_TREE_MAP_RESTORED:
     pytest.skip(f'jax {jax.__version__} still has jax.tree_map; FedJAX needs no fix')
-  code = ('import fedjax, jax.numpy as jnp\n'
-          'fedjax.tree_util.tree_zeros_like({"w": jnp.ones(3)})\n')
-  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                        check=False)
+  code = 'import fedjax, jax.numpy as jnp\nfedjax.tree_util.tree_zeros_like({"w": jnp.ones(3)})\n'
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=False)
   assert proc.returncode != 0
   assert "module 'jax' has no attribute 'tree_map'" in proc.stderr

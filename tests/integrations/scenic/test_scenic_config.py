@@ -47,29 +47,52 @@ def test_resnet50_config_is_the_papers_uniform_80_with_first_conv_dense():
   assert isinstance(updater, prunax.MagnitudePruning)
   assert updater.sparsity == 0.8
   assert updater.scheduler == prunax.sparsity_schedules.PolynomialSchedule(
-      update_freq=1000, update_start_step=10_000, update_end_step=25_000)
-  params = _shapes(**{'stem_conv/kernel': (7, 7, 3, 64), 'ResidualBlock_0/conv1/kernel':
-                      (1, 1, 64, 64), 'bn_init/scale': (64,), 'output_projection/kernel':
-                      (2048, 1000), 'output_projection/bias': (1000,)})
+    update_freq=1000, update_start_step=10_000, update_end_step=25_000
+  )
+  params = _shapes(
+    **{
+      'stem_conv/kernel': (7, 7, 3, 64),
+      'ResidualBlock_0/conv1/kernel': (1, 1, 64, 64),
+      'bn_init/scale': (64,),
+      'output_projection/kernel': (2048, 1000),
+      'output_projection/bias': (1000,),
+    }
+  )
   assert _sparsities(updater, params) == {
-      'ResidualBlock_0/conv1/kernel': 0.8, 'bn_init/scale': None,
-      'output_projection/bias': None, 'output_projection/kernel': 0.8, 'stem_conv/kernel': 0.0}
+    'ResidualBlock_0/conv1/kernel': 0.8,
+    'bn_init/scale': None,
+    'output_projection/bias': None,
+    'output_projection/kernel': 0.8,
+    'stem_conv/kernel': 0.0,
+  }
 
 
 def test_vit_b16_config_is_erk_80_without_position_embedding_and_class_token():
   updater = prunax_scenic.updater_from_config(imagenet_vit_b16_config.get_sparsity_config())
   assert updater.scheduler == prunax.sparsity_schedules.PolynomialSchedule(
-      update_freq=1000, update_start_step=10_000, update_end_step=20_000)
-  params = _shapes(**{'Transformer/posembed_input/pos_embedding': (1, 197, 768),
-                      'cls': (1, 1, 768), 'embedding/kernel': (16, 16, 3, 768),
-                      'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel': (768, 3072),
-                      'output_projection/kernel': (768, 1000)})
+    update_freq=1000, update_start_step=10_000, update_end_step=20_000
+  )
+  params = _shapes(
+    **{
+      'Transformer/posembed_input/pos_embedding': (1, 197, 768),
+      'cls': (1, 1, 768),
+      'embedding/kernel': (16, 16, 3, 768),
+      'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel': (768, 3072),
+      'output_projection/kernel': (768, 1000),
+    }
+  )
   got = _sparsities(updater, params)
   assert got['Transformer/posembed_input/pos_embedding'] == 0.0 and got['cls'] == 0.0
-  erk = ['embedding/kernel', 'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel',
-         'output_projection/kernel']
-  sizes = {'embedding/kernel': 16 * 16 * 3 * 768, erk[1]: 768 * 3072,
-           'output_projection/kernel': 768 * 1000}
+  erk = [
+    'embedding/kernel',
+    'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel',
+    'output_projection/kernel',
+  ]
+  sizes = {
+    'embedding/kernel': 16 * 16 * 3 * 768,
+    erk[1]: 768 * 3072,
+    'output_projection/kernel': 768 * 1000,
+  }
   kept = sum((1 - got[n]) * sizes[n] for n in erk)
   assert kept == pytest.approx(0.2 * sum(sizes.values()), rel=1e-9)
   # ERK: the patch embedding (sum/prod of its shape is smallest) is pruned the most.
@@ -77,8 +100,17 @@ def test_vit_b16_config_is_erk_80_without_position_embedding_and_class_token():
 
 
 # The algorithm families every host adapter must run (the list).
-FAMILIES = ('magnitude', 'saliency', 'random', 'global_magnitude', 'magnitude_ste',
-            'static_sparse', 'set', 'rigl', 'autosparse')
+FAMILIES = (
+  'magnitude',
+  'saliency',
+  'random',
+  'global_magnitude',
+  'magnitude_ste',
+  'static_sparse',
+  'set',
+  'rigl',
+  'autosparse',
+)
 
 
 @pytest.mark.parametrize('algorithm', FAMILIES)
@@ -106,18 +138,26 @@ def test_other_algorithms_build_or_say_what_they_need(algorithm):
 
 
 def test_custom_sparsity_map_as_pairs_allows_regexes_with_dots():
-  cfg = ml_collections.ConfigDict({
-      'algorithm': 'magnitude', 'sparsity': 0.5,
-      'custom_sparsity_map': (('.*/pos_embedding', 0.0), ('head/kernel', 0.25))})
+  cfg = ml_collections.ConfigDict(
+    {
+      'algorithm': 'magnitude',
+      'sparsity': 0.5,
+      'custom_sparsity_map': (('.*/pos_embedding', 0.0), ('head/kernel', 0.25)),
+    }
+  )
   updater = prunax_scenic.updater_from_config(cfg)
   params = _shapes(**{'enc/pos_embedding': (1, 4, 8), 'head/kernel': (8, 2), 'mlp/kernel': (8, 8)})
   assert _sparsities(updater, params) == {
-      'enc/pos_embedding': 0.0, 'head/kernel': 0.25, 'mlp/kernel': 0.5}
+    'enc/pos_embedding': 0.0,
+    'head/kernel': 0.25,
+    'mlp/kernel': 0.5,
+  }
 
 
 def test_a_plain_dict_works_and_the_wrapped_optimizer_prunes():
   updater = prunax_scenic.updater_from_config(
-      {'algorithm': 'magnitude', 'sparsity': 0.5, 'update_start_step': 0})
+    {'algorithm': 'magnitude', 'sparsity': 0.5, 'update_start_step': 0}
+  )
   params = {'w': jnp.arange(1.0, 9.0).reshape(2, 4)}
   tx = updater.wrap_optax(optax.sgd(0.0))
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
@@ -125,7 +165,9 @@ def test_a_plain_dict_works_and_the_wrapped_optimizer_prunes():
   np.testing.assert_array_equal(new['w'], [[0, 0, 0, 0], [5, 6, 7, 8]])
 
 
-@pytest.mark.parametrize('sparsity_config, message', [
+@pytest.mark.parametrize(
+  'sparsity_config, message',
+  [
     ('magnitude', 'must be an ml_collections.ConfigDict or a dict'),
     ({'sparsity': 0.8}, 'needs an "algorithm"'),
     ({'algorithm': 'magnitud', 'sparsity': 0.8}, "Unknown algorithm 'magnitud'"),
@@ -135,17 +177,28 @@ def test_a_plain_dict_works_and_the_wrapped_optimizer_prunes():
     ({'algorithm': 'magnitude', 'sparsity': 0.8, 'sparsty': 0.8}, "keys ['sparsty']"),
     ({'algorithm': 'magnitude', 'sparsity': 0.8, 'dist_type': 'erk2'}, "'erk2'"),
     ({'algorithm': 'magnitude', 'sparsity': 0.8, 'sparsity_type': 'nm_2'}, 'nm_2'),
-    ({'algorithm': 'magnitude', 'sparsity': 0.8, 'update_start_step': 20,
-      'update_end_step': 10}, 'update_end_step=10 precedes update_start_step=20'),
-    ({'algorithm': 'magnitude', 'sparsity': 0.8, 'update_freq': 0, 'update_end_step': 10},
-     'update_freq must be an integer >= 1, got 0'),
-    ({'algorithm': 'magnitude', 'sparsity': 0.8, 'custom_sparsity_map': ['stem_conv/kernel']},
-     'custom_sparsity_map must be a mapping'),
-    ({'algorithm': 'magnitude', 'sparsity': 0.8, 'filter_fn': 'ndim>1'},
-     "filter_fn must be a callable fn(name, param) -> bool, got 'ndim>1'"),
-    ({'algorithm': 'global_magnitude', 'sparsity': 0.8, 'sparsity_type': 'nm_2,4'},
-     'supports only unstructured sparsity'),
-])
+    (
+      {'algorithm': 'magnitude', 'sparsity': 0.8, 'update_start_step': 20, 'update_end_step': 10},
+      'update_end_step=10 precedes update_start_step=20',
+    ),
+    (
+      {'algorithm': 'magnitude', 'sparsity': 0.8, 'update_freq': 0, 'update_end_step': 10},
+      'update_freq must be an integer >= 1, got 0',
+    ),
+    (
+      {'algorithm': 'magnitude', 'sparsity': 0.8, 'custom_sparsity_map': ['stem_conv/kernel']},
+      'custom_sparsity_map must be a mapping',
+    ),
+    (
+      {'algorithm': 'magnitude', 'sparsity': 0.8, 'filter_fn': 'ndim>1'},
+      "filter_fn must be a callable fn(name, param) -> bool, got 'ndim>1'",
+    ),
+    (
+      {'algorithm': 'global_magnitude', 'sparsity': 0.8, 'sparsity_type': 'nm_2,4'},
+      'supports only unstructured sparsity',
+    ),
+  ],
+)
 def test_bad_configs_raise_clear_errors(sparsity_config, message):
   with pytest.raises(ValueError) as error:
     prunax_scenic.updater_from_config(sparsity_config)
@@ -154,7 +207,8 @@ def test_bad_configs_raise_clear_errors(sparsity_config, message):
 
 def test_custom_map_name_that_matches_no_parameter_fails_at_init():
   updater = prunax_scenic.updater_from_config(
-      {'algorithm': 'magnitude', 'sparsity': 0.8, 'custom_sparsity_map': {'stem/kernel': 0.0}})
+    {'algorithm': 'magnitude', 'sparsity': 0.8, 'custom_sparsity_map': {'stem/kernel': 0.0}}
+  )
   with pytest.raises(ValueError, match="'stem/kernel' matches no parameter"):
     updater.wrap_optax(optax.sgd(0.1)).init({'stem_conv': {'kernel': jnp.ones((3, 3))}})
 

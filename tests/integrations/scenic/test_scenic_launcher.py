@@ -22,25 +22,42 @@ from prunax_scenic.configs import imagenet_resnet50_config
 from prunax_scenic.configs import imagenet_vit_b16_config
 from prunax_scenic.configs import tiny_synthetic_config
 
-HAS_SCENIC = (importlib.util.find_spec('scenic') is not None
-              and importlib.util.find_spec('scenic.train_lib') is not None)
-pytestmark = [pytest.mark.skipif(not HAS_SCENIC, reason='scenic is not installed'),
-              pytest.mark.slow]
+HAS_SCENIC = (
+  importlib.util.find_spec('scenic') is not None
+  and importlib.util.find_spec('scenic.train_lib') is not None
+)
+pytestmark = [
+  pytest.mark.skipif(not HAS_SCENIC, reason='scenic is not installed'),
+  pytest.mark.slow,
+]
 
 STEPS = 20  # tiny config: num_training_steps; pruning ends at step 10; checkpoints 11, 20.
 # Kernels of the tiny model: 80% of Conv_1 and output_projection, Conv_0 dense.
-SIZES = {'Conv_0/kernel': 3 * 3 * 1 * 8, 'Conv_1/kernel': 3 * 3 * 8 * 16,
-         'output_projection/kernel': 16 * 4}
-EXPECTED_ZEROS = {'Conv_0/kernel': 0, 'Conv_1/kernel': round(0.8 * 1152),
-                  'output_projection/kernel': round(0.8 * 64)}
+SIZES = {
+  'Conv_0/kernel': 3 * 3 * 1 * 8,
+  'Conv_1/kernel': 3 * 3 * 8 * 16,
+  'output_projection/kernel': 16 * 4,
+}
+EXPECTED_ZEROS = {
+  'Conv_0/kernel': 0,
+  'Conv_1/kernel': round(0.8 * 1152),
+  'output_projection/kernel': round(0.8 * 64),
+}
 
 
 def _launch(workdir, *overrides, devices=2):
   """Runs Scenic's own launcher on the tiny config; returns its log."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  cmd = [sys.executable, '-m', 'scenic.main', f'--config={tiny_synthetic_config.__file__}',
-         f'--workdir={workdir}', *overrides]
+  env = dict(
+    os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
+  )
+  cmd = [
+    sys.executable,
+    '-m',
+    'scenic.main',
+    f'--config={tiny_synthetic_config.__file__}',
+    f'--workdir={workdir}',
+    *overrides,
+  ]
   run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
   assert run.returncode == 0, run.stderr[-4000:]
   return run.stderr
@@ -48,6 +65,7 @@ def _launch(workdir, *overrides, devices=2):
 
 def _checkpoint(workdir, step):
   from flax.training import checkpoints  # pylint: disable=import-outside-toplevel
+
   return checkpoints.restore_checkpoint(os.path.join(workdir, f'checkpoint_{step}'), None)
 
 
@@ -62,13 +80,17 @@ def _unpacked(masks, params):
 
 def _zeros(tree):
   """{name: number of zeros} of the kernels."""
-  return {n: int(np.sum(np.asarray(x) == 0))
-          for n, x in prunax.sparsity_distributions.named_leaves(tree) if np.ndim(x) >= 2}
+  return {
+    n: int(np.sum(np.asarray(x) == 0))
+    for n, x in prunax.sparsity_distributions.named_leaves(tree)
+    if np.ndim(x) >= 2
+  }
 
 
 def _scalars(workdir):
   """{tag: {step: value}} from the event files Scenic's metric writer wrote."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   out = {}
   for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -83,7 +105,8 @@ def _check_sparsity_summaries(scalars, params, step):
   for name, size in SIZES.items():
     assert scalars[f'sparsity/{name}'][step] == pytest.approx(zeros[name] / size, abs=1e-6)
   assert scalars['total_sparsity'][step] == pytest.approx(
-      sum(zeros.values()) / sum(SIZES.values()), abs=1e-6)
+    sum(zeros.values()) / sum(SIZES.values()), abs=1e-6
+  )
 
 
 def _accuracy(params, model_state):
@@ -91,12 +114,13 @@ def _accuracy(params, model_state):
   from scenic.model_lib import models  # pylint: disable=import-outside-toplevel
 
   from prunax_scenic import synthetic_dataset  # pylint: disable=import-outside-toplevel
+
   config = tiny_synthetic_config.get_config()
   model = models.get_model_cls(config.model_name)(
-      config, {'num_classes': synthetic_dataset.NUM_CLASSES, 'target_is_onehot': False})
+    config, {'num_classes': synthetic_dataset.NUM_CLASSES, 'target_is_onehot': False}
+  )
   data = synthetic_dataset.make_examples(synthetic_dataset.NUM_EVAL_EXAMPLES, seed=1)
-  logits = model.flax_model.apply({'params': params, **model_state}, data['inputs'],
-                                  train=False)
+  logits = model.flax_model.apply({'params': params, **model_state}, data['inputs'], train=False)
   return float(np.mean(np.argmax(logits, -1) == data['label']))
 
 
@@ -114,7 +138,8 @@ def test_launcher_magnitude_checkpoints_summaries_and_eval_are_sparse(tmp_path):
   assert scalars['total_sparsity'][1] == 0.0  # Nothing pruned before the first update.
   # Scenic evaluated the sparse params it saved.
   assert scalars['valid_accuracy'][STEPS] == pytest.approx(
-      _accuracy(state['params'], state['model_state']), abs=1e-6)
+    _accuracy(state['params'], state['model_state']), abs=1e-6
+  )
 
 
 def test_launcher_ste_keeps_dense_weights_and_saves_sparse_params(tmp_path):
@@ -126,14 +151,17 @@ def test_launcher_ste_keeps_dense_weights_and_saves_sparse_params(tmp_path):
   for name in SIZES:
     path = name.split('/')
     mask = _unpacked(state['opt_state']['masks'], state['params'])[path[0]][path[1]]
-    np.testing.assert_allclose(state['params'][path[0]][path[1]],
-                               np.where(mask, dense[path[0]][path[1]], 0), atol=1e-6)
+    np.testing.assert_allclose(
+      state['params'][path[0]][path[1]], np.where(mask, dense[path[0]][path[1]], 0), atol=1e-6
+    )
   _check_sparsity_summaries(_scalars(tmp_path), state['params'], STEPS)
 
 
 def test_launcher_rigl_resumes_and_moves_its_masks(tmp_path):
-  rigl = ('--config.sparsity_config.algorithm=rigl',
-          '--config.sparsity_config.update_end_step=20')  # Drop and grow until step 20.
+  rigl = (
+    '--config.sparsity_config.algorithm=rigl',
+    '--config.sparsity_config.update_end_step=20',
+  )  # Drop and grow until step 20.
   _launch(tmp_path, *rigl, '--config.num_training_steps=12')
   log = _launch(tmp_path, *rigl)  # Resumes from checkpoint 12 to step 20.
   assert 'Starting training loop at step 13.' in log
@@ -166,8 +194,11 @@ ONE_BATCH = ('--config.dataset_configs.num_train_examples=32',)
 @pytest.mark.parametrize('algorithm', ['magnitude', 'rigl', 'magnitude_ste'])
 def test_relaunch_into_workdir_matches_uninterrupted_run(tmp_path, algorithm):
   """12 steps, the same command to 20 steps, vs 20 steps in one launch."""
-  flags = (*ONE_BATCH, f'--config.sparsity_config.algorithm={algorithm}',
-           '--config.sparsity_config.update_end_step=16')  # Masks change after the relaunch.
+  flags = (
+    *ONE_BATCH,
+    f'--config.sparsity_config.algorithm={algorithm}',
+    '--config.sparsity_config.update_end_step=16',
+  )  # Masks change after the relaunch.
   whole, interrupted = tmp_path / 'whole', tmp_path / 'interrupted'
   _launch(whole, *flags)
   _launch(interrupted, *flags, '--config.num_training_steps=12')
@@ -201,10 +232,9 @@ class RecordingWriter:
     return lambda *args, **kwargs: None
 
 
-
-@pytest.mark.parametrize('algorithm', [
-    'saliency', 'random', 'global_magnitude',
-    'static_sparse', 'set', 'autosparse'])
+@pytest.mark.parametrize(
+  'algorithm', ['saliency', 'random', 'global_magnitude', 'static_sparse', 'set', 'autosparse']
+)
 def test_scenic_trainer_runs_every_algorithm_family(tmp_path, algorithm):
   from scenic.model_lib import models  # pylint: disable=import-outside-toplevel
   from scenic.train_lib import train_utils  # pylint: disable=import-outside-toplevel
@@ -220,8 +250,13 @@ def test_scenic_trainer_runs_every_algorithm_family(tmp_path, algorithm):
   writer = RecordingWriter()
   data_rng, rng = jax.random.split(jax.random.PRNGKey(0))
   train_state, _, eval_summary = trainers.get_trainer(config.trainer_name)(
-      rng=rng, config=config, model_cls=models.get_model_cls(config.model_name),
-      dataset=train_utils.get_dataset(config, data_rng), workdir=str(tmp_path), writer=writer)
+    rng=rng,
+    config=config,
+    model_cls=models.get_model_cls(config.model_name),
+    dataset=train_utils.get_dataset(config, data_rng),
+    workdir=str(tmp_path),
+    writer=writer,
+  )
   assert 0.0 <= eval_summary['accuracy'] <= 1.0
   state = jax.device_get(jax.tree.map(lambda x: x[0], train_state))
   sparse_state = prunax.get_sparse_state(state.opt_state)
@@ -229,12 +264,14 @@ def test_scenic_trainer_runs_every_algorithm_family(tmp_path, algorithm):
   zeros = _zeros(state.params)
   if algorithm == 'autosparse':  # Learned sparsity: params = soft threshold of dense weights.
     from prunax.algorithms.autosparse import soft_threshold  # pylint: disable=import-outside-toplevel
+
     for name in SIZES:
       a, b = name.split('/')
       np.testing.assert_allclose(
-          state.params[a][b],
-          soft_threshold(sparse_state.dense_params[a][b], sparse_state.thresholds[a][b]),
-          atol=1e-6)
+        state.params[a][b],
+        soft_threshold(sparse_state.dense_params[a][b], sparse_state.thresholds[a][b]),
+        atol=1e-6,
+      )
     assert sum(zeros.values()) > 0
   elif algorithm == 'global_magnitude':  # One threshold over Conv_1 and output_projection.
     mask_zeros = _zeros(masks)
@@ -248,7 +285,8 @@ def test_scenic_trainer_runs_every_algorithm_family(tmp_path, algorithm):
       a, b = name.split('/')
       assert np.all(state.params[a][b][~masks[a][b]] == 0)
   assert writer.scalars['total_sparsity'][8] == pytest.approx(
-      sum(zeros.values()) / sum(SIZES.values()), abs=1e-6)
+    sum(zeros.values()) / sum(SIZES.values()), abs=1e-6
+  )
   for name, size in SIZES.items():
     assert writer.scalars[f'sparsity/{name}'][8] == pytest.approx(zeros[name] / size, abs=1e-6)
 
@@ -260,19 +298,25 @@ def test_paper_configs_fit_scenics_models(config_module):
 
   config = config_module.get_config()
   model = models.get_model_cls(config.model_name)(
-      config, {'num_classes': 1000, 'target_is_onehot': False})
-  variables = jax.eval_shape(lambda: model.flax_model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)), train=False))
+    config, {'num_classes': 1000, 'target_is_onehot': False}
+  )
+  variables = jax.eval_shape(
+    lambda: model.flax_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)), train=False)
+  )
   params = variables['params']
   updater = prunax_scenic.updater_from_config(config.sparsity_config)
-  sparsities = dict(prunax.sparsity_distributions.named_leaves(
-      updater.target_sparsities(params), is_leaf=lambda x: x is None))
+  sparsities = dict(
+    prunax.sparsity_distributions.named_leaves(
+      updater.target_sparsities(params), is_leaf=lambda x: x is None
+    )
+  )
   sizes = {n: int(np.prod(x.shape)) for n, x in prunax.sparsity_distributions.named_leaves(params)}
   pruned = {n: s for n, s in sparsities.items() if s is not None}
   dense = set(config.sparsity_config.custom_sparsity_map)
   assert all(pruned[n] == 0.0 for n in dense)
-  assert set(pruned) == {n for n, x in prunax.sparsity_distributions.named_leaves(params)
-                         if x.ndim >= 2}
+  assert set(pruned) == {
+    n for n, x in prunax.sparsity_distributions.named_leaves(params) if x.ndim >= 2
+  }
   pool = [n for n in pruned if n not in dense]
   kept = sum((1 - pruned[n]) * sizes[n] for n in pool)
   assert kept == pytest.approx(0.2 * sum(sizes[n] for n in pool), rel=1e-6)
@@ -304,10 +348,14 @@ def test_enable_opts_in_one_config_and_replaces_no_trainer():
   assert config.trainer_name == 'sparse_classification_trainer'
   assert trainers.get_trainer('sparse_classification_trainer') is sparse
   assert prunax_scenic.register_sparse_trainer('classification_trainer') == (
-      'sparse_classification_trainer')
+    'sparse_classification_trainer'
+  )
 
-  with pytest.raises(ValueError, match=r"No Scenic trainer named 'classification'; registered "
-                                       r"trainers are \['classification_trainer'"):
+  with pytest.raises(
+    ValueError,
+    match=r"No Scenic trainer named 'classification'; registered "
+    r"trainers are \['classification_trainer'",
+  ):
     prunax_scenic.register_sparse_trainer('classification')
   dense = tiny_synthetic_config.get_config()
   del dense.sparsity_config
@@ -331,7 +379,8 @@ print('unchanged', sorted(before))
 
 
 def test_importing_a_config_file_changes_no_trainer():
-  run = subprocess.run([sys.executable, '-c', _IMPORT_CONFIG], capture_output=True, text=True,
-                       timeout=300, check=False)
+  run = subprocess.run(
+    [sys.executable, '-c', _IMPORT_CONFIG], capture_output=True, text=True, timeout=300, check=False
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   assert "unchanged ['classification_trainer', 'transfer_trainer']" in run.stdout

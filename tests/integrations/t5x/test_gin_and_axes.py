@@ -12,22 +12,23 @@ import prunax
 import prunax_t5x
 
 PARAMS = {
-    'encoder': {
-        'mlp': {'wi': jnp.arange(1.0, 129.0).reshape(8, 16)},
-        'norm': {'scale': jnp.ones(8)},
-    },
-    'token_embedder': {'embedding': jnp.linspace(-1.0, 1.0, 96).reshape(12, 8)},
+  'encoder': {
+    'mlp': {'wi': jnp.arange(1.0, 129.0).reshape(8, 16)},
+    'norm': {'scale': jnp.ones(8)},
+  },
+  'token_embedder': {'embedding': jnp.linspace(-1.0, 1.0, 96).reshape(12, 8)},
 }
 AXES = {
-    'encoder': {'mlp': {'wi': P('embed', 'mlp')}, 'norm': {'scale': P('embed')}},
-    'token_embedder': {'embedding': P('vocab', 'embed')},
+  'encoder': {'mlp': {'wi': P('embed', 'mlp')}, 'norm': {'scale': P('embed')}},
+  'token_embedder': {'embedding': P('vocab', 'embed')},
 }
 
 
 def _parse(bindings: str) -> optax.GradientTransformationExtraArgs:
   gin.clear_config()
-  gin.parse_config('from __gin__ import dynamic_registration\nimport optax\n'
-                   'import prunax_t5x\n' + bindings)
+  gin.parse_config(
+    'from __gin__ import dynamic_registration\nimport optax\nimport prunax_t5x\n' + bindings
+  )
   return prunax_t5x.pruned_optax()
 
 
@@ -62,9 +63,20 @@ optax.adam.learning_rate = 0.1
   assert isinstance(state.masks['encoder']['norm']['scale'], optax.MaskedNode)
 
 
-@pytest.mark.parametrize('algorithm', ['magnitude', 'saliency', 'random', 'global_magnitude',
-                                       'magnitude_ste', 'static_sparse', 'set', 'rigl',
-                                       'autosparse'])
+@pytest.mark.parametrize(
+  'algorithm',
+  [
+    'magnitude',
+    'saliency',
+    'random',
+    'global_magnitude',
+    'magnitude_ste',
+    'static_sparse',
+    'set',
+    'rigl',
+    'autosparse',
+  ],
+)
 def test_every_family_builds_from_gin(algorithm):
   # Global pruning sets per-layer sparsities itself: it takes the uniform distribution.
   dist = 'uniform' if algorithm.startswith('global') else 'erk'
@@ -100,8 +112,14 @@ def _inner_marker(state, params_axes):
 
 def _state(algorithm: str, packed_masks: bool = False):
   updater = prunax.create_updater_from_config(
-      {'algorithm': algorithm, 'sparsity': 0.5, 'update_freq': 1, 'update_end_step': 2,
-       'packed_masks': packed_masks})
+    {
+      'algorithm': algorithm,
+      'sparsity': 0.5,
+      'update_freq': 1,
+      'update_end_step': 2,
+      'packed_masks': packed_masks,
+    }
+  )
   return updater.wrap_optax(optax.adam(1e-3)).init(PARAMS)
 
 
@@ -111,8 +129,8 @@ def test_masks_take_the_params_axes(packed_masks):
   axes = prunax_t5x.sparse_state_logical_axes(state, AXES, _inner_marker)
   assert isinstance(axes, prunax.SparseState)
   assert axes.masks == {
-      'encoder': {'mlp': {'wi': P('embed', 'mlp')}, 'norm': {'scale': optax.MaskedNode()}},
-      'token_embedder': {'embedding': P('vocab', 'embed')},
+    'encoder': {'mlp': {'wi': P('embed', 'mlp')}, 'norm': {'scale': optax.MaskedNode()}},
+    'token_embedder': {'embedding': P('vocab', 'embed')},
   }
   assert (axes.count, axes.rng) == (None, None)
   assert (axes.dense_params, axes.thresholds) == (optax.MaskedNode(),) * 2
@@ -141,8 +159,9 @@ def test_chained_states_are_walked():
 
 def test_layer_axes_prune_each_stacked_layer_on_its_own():
   # A scanned stack of 2 layers on axis 0: layer 0 holds small weights, layer 1 large ones.
-  stacked = jnp.concatenate([jnp.full((1, 8, 16), 0.01), jnp.ones((1, 8, 16))]).at[
-      :, 0, :4].set(0.5)
+  stacked = (
+    jnp.concatenate([jnp.full((1, 8, 16), 0.01), jnp.ones((1, 8, 16))]).at[:, 0, :4].set(0.5)
+  )
   params = {'decoder': {'layers': {'wi': stacked}}}
   tx = _parse("""
 prunax_t5x.pruned_optax:
@@ -164,18 +183,33 @@ optax.sgd.learning_rate = 0.0
 # optax.adafactor with the settings of t5x's own adafactor.Adafactor (t5x's default for
 # T5): decay_rate 0.8, no momentum, update clipping 1.0, parameter scaling, factored second
 # moments for dims >= 128, epsilon1 1e-30 (epsilon2 1e-3 is optax's fixed param-scale floor).
-T5X_ADAFACTOR = dict(learning_rate=1e-2, decay_rate=0.8, momentum=None, clipping_threshold=1.0,
-                     multiply_by_parameter_scale=True, min_dim_size_to_factor=128, eps=1e-30,
-                     factored=True)
+T5X_ADAFACTOR = dict(
+  learning_rate=1e-2,
+  decay_rate=0.8,
+  momentum=None,
+  clipping_threshold=1.0,
+  multiply_by_parameter_scale=True,
+  min_dim_size_to_factor=128,
+  eps=1e-30,
+  factored=True,
+)
 
 
 def test_t5x_adafactor_settings_prune():
-  params = {'mlp': {'wi': jax.random.normal(jax.random.PRNGKey(0), (128, 256))},
-            'norm': {'scale': jnp.ones(128)}}
+  params = {
+    'mlp': {'wi': jax.random.normal(jax.random.PRNGKey(0), (128, 256))},
+    'norm': {'scale': jnp.ones(128)},
+  }
   grads = jax.tree.map(lambda p: 0.1 * jnp.cos(p), params)
-  tx = prunax_t5x.pruned_optax(optax.adafactor(**T5X_ADAFACTOR), 'magnitude', 0.5,
-                               dist_type='uniform', update_freq=1, update_start_step=0,
-                               update_end_step=1)
+  tx = prunax_t5x.pruned_optax(
+    optax.adafactor(**T5X_ADAFACTOR),
+    'magnitude',
+    0.5,
+    dist_type='uniform',
+    update_freq=1,
+    update_start_step=0,
+    update_end_step=1,
+  )
   plain = optax.adafactor(**T5X_ADAFACTOR)
   state, plain_state = tx.init(params), plain.init(params)
   # Step 1 prunes nothing yet (gradual schedule, 0% after the first update): Adafactor's step.

@@ -14,29 +14,39 @@ import pytest
 
 import prunax
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec('t5x') is None,
-                                reason='t5x is not installed')
+pytestmark = pytest.mark.skipif(
+  importlib.util.find_spec('t5x') is None, reason='t5x is not installed'
+)
 
 TINY_GIN = 'prunax_t5x/configs/t5_1_1_tiny_offline.gin'
 TRAIN_STEPS = 8
 # The tiny gin file saves checkpoints at steps 0, 4 and 8.
-CONFIG = {'sparsity': 0.8, 'dist_type': 'erk', 'update_freq': 2, 'update_start_step': 0,
-          'update_end_step': 6}
+CONFIG = {
+  'sparsity': 0.8,
+  'dist_type': 'erk',
+  'update_freq': 2,
+  'update_start_step': 0,
+  'update_end_step': 6,
+}
 
 
 def _train(model_dir, algorithm: str, devices: int = 1, steps: int = TRAIN_STEPS) -> None:
-  bindings = {'MODEL_DIR': repr(str(model_dir)), 'TRAIN_STEPS': steps,
-              'prunax_t5x.pruned_optax.algorithm': repr(algorithm),
-              # t5x restarts the data set on a relaunch unless its iterator is checkpointed.
-              'utils.SaveCheckpointConfig.save_dataset': True}
+  bindings = {
+    'MODEL_DIR': repr(str(model_dir)),
+    'TRAIN_STEPS': steps,
+    'prunax_t5x.pruned_optax.algorithm': repr(algorithm),
+    # t5x restarts the data set on a relaunch unless its iterator is checkpointed.
+    'utils.SaveCheckpointConfig.save_dataset': True,
+  }
   bindings.update({f'prunax_t5x.pruned_optax.{k}': repr(v) for k, v in CONFIG.items()})
   if devices > 1:  # t5x's CPU mesh is all 'model' unless a model-parallel submesh is given
     bindings['partitioning.PjitPartitioner.num_partitions'] = None
     bindings['partitioning.PjitPartitioner.model_parallel_submesh'] = (1, 1, 1, 2)
   cmd = [sys.executable, '-m', 't5x.train', f'--gin_file={TINY_GIN}']
   cmd += [f'--gin.{k}={v}' for k, v in bindings.items()]
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = dict(
+    os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
+  )
   done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
   assert done.returncode == 0, done.stderr[-4000:]
 
@@ -46,6 +56,7 @@ def _load(model_dir, step: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(model_dir, f'checkpoint_{step}', 'state')
   checkpointer = ocp.PyTreeCheckpointer()
   metadata = checkpointer.metadata(path)
@@ -70,8 +81,11 @@ def runs(tmp_path_factory):
 
 def _pruned(state: dict) -> dict:
   """{param name: (param, mask)} for the pruned params of a flat train state."""
-  masks = {k[len('state/param_states/masks/'):]: v for k, v in state.items()
-           if k.startswith('state/param_states/masks/') and v is not None}
+  masks = {
+    k[len('state/param_states/masks/') :]: v
+    for k, v in state.items()
+    if k.startswith('state/param_states/masks/') and v is not None
+  }
   out = {}
   for name, mask in masks.items():
     param = state['target/' + name]
@@ -80,7 +94,9 @@ def _pruned(state: dict) -> dict:
     d = param.shape[-1]
     blocks = math.gcd(d, 8) if (d // math.gcd(d, 8)) % 8 else 1
     assert mask.dtype == np.uint8 and mask.shape == (
-        *param.shape[:-1], blocks * -(-(d // blocks) // 8)), name
+      *param.shape[:-1],
+      blocks * -(-(d // blocks) // 8),
+    ), name
     out[name] = (param, np.asarray(prunax.unpack_mask(mask, param.shape)))
   return out
 
@@ -90,9 +106,14 @@ def _expected_zeros(algorithm: str, state: dict, step: int) -> dict:
   updater = prunax.create_updater_from_config({'algorithm': algorithm, **CONFIG})
   params = {k: p for k, (p, _) in _pruned(state).items()}
   targets = updater.target_sparsities(params)
-  return {k: int(prunax.sparsity_types.num_zeros(
-      float(updater.scheduler.sparsity(step - 1, t)), params[k].size)) for k, t in
-          targets.items()}
+  return {
+    k: int(
+      prunax.sparsity_types.num_zeros(
+        float(updater.scheduler.sparsity(step - 1, t)), params[k].size
+      )
+    )
+    for k, t in targets.items()
+  }
 
 
 @pytest.mark.parametrize('step', [4, 8])
@@ -141,8 +162,9 @@ def test_partitioned_run_matches_one_device(runs):
   one, eight = runs('magnitude_ste'), runs('magnitude_ste', devices=8)
   specs = _partition_specs(eight)
   # Params are listed by name, the optimizer state under 'param_states/'.
-  model_parallel = [k for k, v in specs.items() if not k.startswith('param_states/')
-                    and 'model' in v]
+  model_parallel = [
+    k for k, v in specs.items() if not k.startswith('param_states/') and 'model' in v
+  ]
   assert len(model_parallel) >= 40
   for param in model_parallel:  # the pruner's state shards exactly like the params
     assert specs['param_states/masks/' + param] == specs[param], param
@@ -182,6 +204,7 @@ def test_autosparse_saves_soft_thresholded_params(runs):
 def _summaries(model_dir) -> dict:
   """{tag: {step: value}} of the train summaries t5x wrote (TensorBoard event files)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   out = {}
   for path in glob.glob(os.path.join(model_dir, 'train', 'events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -196,22 +219,28 @@ def test_sparsity_in_train_summaries(runs):
   model_dir = runs('magnitude')
   scalars = _summaries(model_dir)
   state = _load(model_dir, TRAIN_STEPS)
-  kernels = {k[len('target/'):]: v for k, v in state.items()
-             if k.startswith('target/') and v is not None and v.ndim >= 2}
+  kernels = {
+    k[len('target/') :]: v
+    for k, v in state.items()
+    if k.startswith('target/') and v is not None and v.ndim >= 2
+  }
   size = sum(v.size for v in kernels.values())
   # t5x averages train metrics over the steps since the previous summary: the summaries at
   # steps 4 and 8 (the tiny gin's period) cover steps 1-4 and 5-8. Magnitude pruning zeroes
   # exactly the scheduled number of weights per kernel after every step.
   assert set(scalars['sparsity/total']) == {4, TRAIN_STEPS}
   for summary_step in (4, TRAIN_STEPS):
-    per_step = [_expected_zeros('magnitude', state, step)
-                for step in range(summary_step - 3, summary_step + 1)]
+    per_step = [
+      _expected_zeros('magnitude', state, step)
+      for step in range(summary_step - 3, summary_step + 1)
+    ]
     total = np.mean([sum(zeros.values()) for zeros in per_step]) / size
     assert scalars['sparsity/total'][summary_step] == pytest.approx(total, abs=1e-6)
     assert scalars['sparsity/scheduled_total'][summary_step] == pytest.approx(total, abs=1e-6)
     for name in per_step[0]:
       assert scalars[f'sparsity/{name}'][summary_step] == pytest.approx(
-          np.mean([zeros[name] for zeros in per_step]) / kernels[name].size, abs=1e-6), name
+        np.mean([zeros[name] for zeros in per_step]) / kernels[name].size, abs=1e-6
+      ), name
   assert scalars['sparsity/total'][4] < scalars['sparsity/total'][TRAIN_STEPS]
 
 

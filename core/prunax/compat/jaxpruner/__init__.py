@@ -14,5 +14,10 @@ from prunax.compat.jaxpruner.mask_calculator import get_topk_fn
 from prunax.compat.jaxpruner.utils import summarize_intersection
 from prunax.compat.jaxpruner.utils import summarize_sparsity
 
-__all__ = ['get_topk_fn', 'mask_calculator', 'summarize_intersection', 'summarize_sparsity',
-           'utils']
+__all__ = [
+  'get_topk_fn',
+  'mask_calculator',
+  'summarize_intersection',
+  'summarize_sparsity',
+  'utils',
+]

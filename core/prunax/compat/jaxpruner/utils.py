@@ -23,8 +23,7 @@ def _entries(tree: PyTree) -> list[tuple[str, Any]]:
   return [(path_name(p), x) for p, x in flat]
 
 
-def summarize_sparsity(param_tree: PyTree, only_total_sparsity: bool = False
-                       ) -> dict[str, Any]:
+def summarize_sparsity(param_tree: PyTree, only_total_sparsity: bool = False) -> dict[str, Any]:
   """Fraction of zeros of every leaf and in total.
 
   Args:
@@ -52,8 +51,9 @@ def summarize_sparsity(param_tree: PyTree, only_total_sparsity: bool = False
   return summary
 
 
-def summarize_intersection(mask_tree1: PyTree, mask_tree2: PyTree,
-                           only_total_intersection: bool = False) -> dict[str, Any]:
+def summarize_intersection(
+  mask_tree1: PyTree, mask_tree2: PyTree, only_total_intersection: bool = False
+) -> dict[str, Any]:
   """Fraction of the ones of ``mask_tree1`` that are also ones in ``mask_tree2``.
 
   Args:
@@ -67,8 +67,10 @@ def summarize_intersection(mask_tree1: PyTree, mask_tree2: PyTree,
   """
   first, second = _entries(mask_tree1), _entries(mask_tree2)
   if [n for n, _ in first] != [n for n, _ in second]:
-    raise ValueError('summarize_intersection needs two mask trees with the same leaves; got '
-                     f'{[n for n, _ in first]} and {[n for n, _ in second]}.')
+    raise ValueError(
+      'summarize_intersection needs two mask trees with the same leaves; got '
+      f'{[n for n, _ in first]} and {[n for n, _ in second]}.'
+    )
   summary: dict[str, Any] = {}
   inter_total = ones_total = 0
   for (name, a), (_, b) in zip(first, second):

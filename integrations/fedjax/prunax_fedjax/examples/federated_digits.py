@@ -29,12 +29,20 @@ from sklearn.datasets import load_digits
 import prunax
 import prunax_fedjax
 
-GRADUAL = ('magnitude', 'saliency', 'random', 'global_magnitude', 'global_saliency',
-           'magnitude_ste', 'random_ste')
+GRADUAL = (
+  'magnitude',
+  'saliency',
+  'random',
+  'global_magnitude',
+  'global_saliency',
+  'magnitude_ste',
+  'random_ste',
+)
 
 
-def federated_digits(num_clients: int = 50, seed: int = 0
-                     ) -> tuple[fedjax.InMemoryFederatedData, dict[str, np.ndarray]]:
+def federated_digits(
+  num_clients: int = 50, seed: int = 0
+) -> tuple[fedjax.InMemoryFederatedData, dict[str, np.ndarray]]:
   """Splits load_digits into non-IID clients (two label-sorted shards each) and a test set.
 
   Args:
@@ -63,11 +71,15 @@ def federated_digits(num_clients: int = 50, seed: int = 0
 
 
 def _forward(batch, is_train: bool = True):
-  net = hk.Sequential([
-      hk.Conv2D(16, 3), jax.nn.relu,
-      hk.Conv2D(32, 3, stride=2), jax.nn.relu,
+  net = hk.Sequential(
+    [
+      hk.Conv2D(16, 3),
+      jax.nn.relu,
+      hk.Conv2D(32, 3, stride=2),
+      jax.nn.relu,
       hk.Flatten(),
-  ])
+    ]
+  )
   h = net(batch['x'])
   if is_train:
     h = hk.dropout(hk.next_rng_key(), 0.25, h)
@@ -79,14 +91,23 @@ def create_model() -> fedjax.Model:
   """The small CNN (conv16-conv32/2-dense64-dense10, dropout 0.25) as a FedJAX model."""
   sample = {'x': np.zeros((1, 8, 8, 1), np.float32), 'y': np.zeros((1,), np.int32)}
   return fedjax.create_model_from_haiku(
-      hk.transform(_forward), sample,
-      train_loss=lambda b, logits: fedjax.metrics.unreduced_cross_entropy_loss(b['y'], logits),
-      eval_metrics={'accuracy': fedjax.metrics.Accuracy()},
-      train_kwargs={'is_train': True}, eval_kwargs={'is_train': False})
+    hk.transform(_forward),
+    sample,
+    train_loss=lambda b, logits: fedjax.metrics.unreduced_cross_entropy_loss(b['y'], logits),
+    eval_metrics={'accuracy': fedjax.metrics.Accuracy()},
+    train_kwargs={'is_train': True},
+    eval_kwargs={'is_train': False},
+  )
 
 
-def make_pruner(algorithm: str, num_rounds: int, sparsity: float = 0.8, seed: int = 0,
-                update_freq: int = 10, overrides: Mapping[str, Any] | None = None):
+def make_pruner(
+  algorithm: str,
+  num_rounds: int,
+  sparsity: float = 0.8,
+  seed: int = 0,
+  update_freq: int = 10,
+  overrides: Mapping[str, Any] | None = None,
+):
   """The paper's pruner config, scaled to ``num_rounds``.
 
   Gradual pruning and STE prune from ``num_rounds // 4`` to ``3 * num_rounds // 4``; sparse
@@ -95,18 +116,36 @@ def make_pruner(algorithm: str, num_rounds: int, sparsity: float = 0.8, seed: in
   AutoSparse learns its sparsity (the target only selects the pruned leaves).
   """
   start = num_rounds // 4 if algorithm in GRADUAL else 0
-  return prunax.create_updater_from_config({
-      'algorithm': algorithm, 'sparsity': sparsity, 'dist_type': 'erk', 'seed': seed,
-      'update_freq': update_freq, 'update_start_step': start,
-      'update_end_step': 3 * num_rounds // 4, **(overrides or {})})
+  return prunax.create_updater_from_config(
+    {
+      'algorithm': algorithm,
+      'sparsity': sparsity,
+      'dist_type': 'erk',
+      'seed': seed,
+      'update_freq': update_freq,
+      'update_start_step': start,
+      'update_end_step': 3 * num_rounds // 4,
+      **(overrides or {}),
+    }
+  )
 
 
-def run_one(algorithm: str = 'magnitude', *, seed: int = 0, num_rounds: int = 100,
-            sparsity: float = 0.8, clients_per_round: int = 10, client_lr: float = 0.05,
-            server_lr: float = 1e-2, batch_size: int = 8, client_epochs: int = 1,
-            client_sparsity: bool = False, eval_every: int = 10,
-            pruner_overrides: Mapping[str, Any] | None = None,
-            pruner: prunax.BaseUpdater | None = None) -> dict[str, Any]:
+def run_one(
+  algorithm: str = 'magnitude',
+  *,
+  seed: int = 0,
+  num_rounds: int = 100,
+  sparsity: float = 0.8,
+  clients_per_round: int = 10,
+  client_lr: float = 0.05,
+  server_lr: float = 1e-2,
+  batch_size: int = 8,
+  client_epochs: int = 1,
+  client_sparsity: bool = False,
+  eval_every: int = 10,
+  pruner_overrides: Mapping[str, Any] | None = None,
+  pruner: prunax.BaseUpdater | None = None,
+) -> dict[str, Any]:
   """One federated training run; returns per-round diagnostics and the final accuracy.
 
   Args:
@@ -143,33 +182,44 @@ def run_one(algorithm: str = 'magnitude', *, seed: int = 0, num_rounds: int = 10
   else:
     client_opt = fedjax.optimizers.sgd(client_lr)
   algo = fedjax.algorithms.fed_avg.federated_averaging(
-      fedjax.model_grad(model), client_opt, server_opt,
-      fedjax.ShuffleRepeatBatchHParams(batch_size=batch_size, num_epochs=client_epochs,
-                                       seed=seed))
-  state = prunax_fedjax.sparsify_initial_state(pruner, algo.init(model.init(
-      jax.random.PRNGKey(seed))))
+    fedjax.model_grad(model),
+    client_opt,
+    server_opt,
+    fedjax.ShuffleRepeatBatchHParams(batch_size=batch_size, num_epochs=client_epochs, seed=seed),
+  )
+  state = prunax_fedjax.sparsify_initial_state(
+    pruner, algo.init(model.init(jax.random.PRNGKey(seed)))
+  )
   sampler = fedjax.client_samplers.UniformGetClientSampler(train_fd, clients_per_round, seed)
-  test_batches = fedjax.ClientDataset(test).padded_batch(
-      fedjax.PaddedBatchHParams(batch_size=256))
+  test_batches = fedjax.ClientDataset(test).padded_batch(fedjax.PaddedBatchHParams(batch_size=256))
   evaluate = functools.partial(fedjax.evaluate_model, model, batches=test_batches)
   rounds = []
   start = time.perf_counter()
   for r in range(1, num_rounds + 1):
     upload = prunax_fedjax.round_diagnostics(state.params, client_sparsity)
     state, _ = algo.apply(state, sampler.sample())
-    entry = {'round': r, 'upload_dense_bytes': upload['upload_dense_bytes'],
-             'upload_sparse_bytes': upload['upload_sparse_bytes'],
-             'sparsity': prunax_fedjax.round_diagnostics(state.params)['sparsity']}
+    entry = {
+      'round': r,
+      'upload_dense_bytes': upload['upload_dense_bytes'],
+      'upload_sparse_bytes': upload['upload_sparse_bytes'],
+      'sparsity': prunax_fedjax.round_diagnostics(state.params)['sparsity'],
+    }
     if r % eval_every == 0 or r == num_rounds:
       entry['accuracy'] = float(evaluate(params=state.params)['accuracy'])
     rounds.append(entry)
-  return {'algorithm': algorithm, 'seed': seed, 'final_accuracy': rounds[-1]['accuracy'],
-          'final_sparsity': rounds[-1]['sparsity'], 'seconds': time.perf_counter() - start,
-          'rounds': rounds}
+  return {
+    'algorithm': algorithm,
+    'seed': seed,
+    'final_accuracy': rounds[-1]['accuracy'],
+    'final_sparsity': rounds[-1]['sparsity'],
+    'seconds': time.perf_counter() - start,
+    'rounds': rounds,
+  }
 
 
-def run(algorithms: Sequence[str] = ('no_prune', 'magnitude'), seeds: Sequence[int] = (0, 1, 2),
-        **kwargs) -> dict[str, dict[str, Any]]:
+def run(
+  algorithms: Sequence[str] = ('no_prune', 'magnitude'), seeds: Sequence[int] = (0, 1, 2), **kwargs
+) -> dict[str, dict[str, Any]]:
   """Runs every algorithm over every seed; returns per algorithm the mean and the runs.
 
   Args:
@@ -185,8 +235,11 @@ def run(algorithms: Sequence[str] = ('no_prune', 'magnitude'), seeds: Sequence[i
     runs = [run_one(algorithm, seed=s, **kwargs) for s in seeds]
     accs = np.array([r['final_accuracy'] for r in runs])
     results[algorithm] = {
-        'mean_accuracy': float(accs.mean()), 'std_accuracy': float(accs.std()),
-        'mean_sparsity': float(np.mean([r['final_sparsity'] for r in runs])), 'runs': runs}
+      'mean_accuracy': float(accs.mean()),
+      'std_accuracy': float(accs.std()),
+      'mean_sparsity': float(np.mean([r['final_sparsity'] for r in runs])),
+      'runs': runs,
+    }
   return results
 
 
@@ -198,12 +251,18 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--client_sparsity', action='store_true')
   parser.add_argument('--json', help='write the full results (per round) to this file')
   args = parser.parse_args(argv)
-  results = run(args.algorithms.split(','), [int(s) for s in args.seeds.split(',')],
-                num_rounds=args.num_rounds, client_sparsity=args.client_sparsity)
+  results = run(
+    args.algorithms.split(','),
+    [int(s) for s in args.seeds.split(',')],
+    num_rounds=args.num_rounds,
+    client_sparsity=args.client_sparsity,
+  )
   print(f'{"algorithm":18s} {"accuracy":>16s} {"sparsity":>9s}')
   for name, res in results.items():
-    print(f'{name:18s} {res["mean_accuracy"]:8.4f} +- {res["std_accuracy"]:.4f} '
-          f'{res["mean_sparsity"]:9.4f}')
+    print(
+      f'{name:18s} {res["mean_accuracy"]:8.4f} +- {res["std_accuracy"]:.4f} '
+      f'{res["mean_sparsity"]:9.4f}'
+    )
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(results, f, indent=1)

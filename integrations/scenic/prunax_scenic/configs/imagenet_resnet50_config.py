@@ -22,7 +22,8 @@ _IMAGENET_TRAIN_SIZE = 1281167
 
 def get_sparsity_config() -> ml_collections.ConfigDict:
   """The paper's ResNet-50 sparsity settings (Scenic needs not be installed)."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       'algorithm': 'magnitude',
       'sparsity': 0.8,
       'dist_type': 'uniform',
@@ -32,7 +33,8 @@ def get_sparsity_config() -> ml_collections.ConfigDict:
       'update_end_step': 25_000,
       'drop_fraction': 0.1,  # Used by set and rigl only.
       'custom_sparsity_map': {'stem_conv/kernel': 0.0},  # The first convolution stays dense.
-  })
+    }
+  )
 
 
 def get_config() -> ml_collections.ConfigDict:

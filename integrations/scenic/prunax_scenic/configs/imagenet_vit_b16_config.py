@@ -18,7 +18,8 @@ import prunax_scenic
 
 def get_sparsity_config() -> ml_collections.ConfigDict:
   """The paper's ViT-B/16 sparsity settings (Scenic needs not be installed)."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       'algorithm': 'magnitude',
       'sparsity': 0.8,
       'dist_type': 'erk',
@@ -29,7 +30,8 @@ def get_sparsity_config() -> ml_collections.ConfigDict:
       'drop_fraction': 0.1,  # Used by set and rigl only.
       # Kept dense, and out of the ERK budget.
       'custom_sparsity_map': {'Transformer/posembed_input/pos_embedding': 0.0, 'cls': 0.0},
-  })
+    }
+  )
 
 
 def get_config(runlocal: str = '') -> ml_collections.ConfigDict:

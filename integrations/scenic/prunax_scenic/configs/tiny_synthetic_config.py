@@ -17,7 +17,8 @@ import prunax_scenic
 
 def get_sparsity_config() -> ml_collections.ConfigDict:
   """80% magnitude pruning from step 0 to 10, every 2 steps; the first convolution dense."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       'algorithm': 'magnitude',
       'sparsity': 0.8,
       'dist_type': 'uniform',
@@ -27,7 +28,8 @@ def get_sparsity_config() -> ml_collections.ConfigDict:
       'update_end_step': 10,
       'drop_fraction': 0.1,  # Used by set and rigl only.
       'custom_sparsity_map': {'Conv_0/kernel': 0.0},
-  })
+    }
+  )
 
 
 def get_config() -> ml_collections.ConfigDict:
