@@ -283,10 +283,12 @@ def materialize(scores):
 
 
 def sortable_keys(scores: jax.Array) -> jax.Array:
-  """Maps float scores to uint32 keys with the same order (NaN sorts below -inf).
+  """Maps float scores to uint32 keys with the same order (NaN just above -inf).
 
-  NaN scores get the lowest key (0), so a NaN score is never kept or grown ahead of a
-  finite one.
+  NaN scores get the key of ``-FLT_MAX`` (tied with it), below every other finite score, so
+  a NaN score is never kept or grown ahead of a finite one; ``-inf`` stays the lowest, since
+  the algorithms mark weights that must never be picked with it (a NaN below it would let
+  an excluded weight be picked and break exact counts).
 
   Args:
     scores: a floating-point array (any float dtype; it is cast to float32).
@@ -298,8 +300,9 @@ def sortable_keys(scores: jax.Array) -> jax.Array:
   sign = bits >> 31
   # Negative floats: flip all bits; non-negative floats: set the sign bit.
   keys = jnp.where(sign == 1, ~bits, bits | jnp.uint32(0x80000000))
-  # NaN (exponent all ones, nonzero mantissa) maps to 0: -inf's key is 0x007FFFFF.
-  return jnp.where((bits & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000), jnp.uint32(0), keys)
+  # NaN (exponent all ones, nonzero mantissa) maps to -FLT_MAX's key, one above -inf's.
+  is_nan = (bits & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000)
+  return jnp.where(is_nan, jnp.uint32(0x00800000), keys)
 
 
 def _count_at_least(keys: jax.Array, pivots: jax.Array) -> jax.Array:

@@ -445,7 +445,18 @@ def test_eight_devices_match_one(sharded_report, case):
 # ----------------------------------------------------------------------------- command
 
 MODEL_FILE = """
-import jax, jax.numpy as jnp
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass  # needs its module registered while the file runs
+class Sizes:
+  inputs: int = 8
+
 
 def get_model(width=16):
   k = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -454,7 +465,7 @@ def get_model(width=16):
   def apply_fn(p, x):
     h = jnp.tanh(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
     return h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
-  x = jax.random.normal(k[2], (64, 8))
+  x = jax.random.normal(k[2], (64, Sizes().inputs))
   return {"apply_fn": apply_fn, "params": params, "batches": [x[:32], x[32:]]}
 """
 

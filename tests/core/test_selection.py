@@ -82,12 +82,15 @@ def test_score_fn_equals_materialized_scores():
 
 
 def test_sortable_keys_order():
-  # NaN ranks below -inf: a NaN score is never kept or grown ahead of a finite one.
-  values = np.array([np.nan, -np.inf, -2.0, -1e-40, -0.0, 0.0, 1e-40, 3.0, np.inf], np.float32)
-  keys = np.asarray(selection.sortable_keys(jnp.asarray(values)))
-  assert np.all(np.diff(keys.astype(np.int64)) > 0)
-  negative_nan = -np.abs(np.float32(np.nan))
-  assert int(selection.sortable_keys(jnp.asarray([negative_nan]))[0]) == 0
+  values = np.array([-np.inf, -2.0, -1e-40, -0.0, 0.0, 1e-40, 3.0, np.inf], np.float32)
+  keys = np.asarray(selection.sortable_keys(jnp.asarray(values))).astype(np.int64)
+  assert np.all(np.diff(keys) > 0)
+  # NaN (either sign) ranks above -inf (the algorithms' "never pick") and below every other
+  # finite score except -FLT_MAX, which it ties.
+  nans = jnp.asarray([np.nan, -np.abs(np.float32(np.nan))], jnp.float32)
+  nan_keys = np.asarray(selection.sortable_keys(nans)).astype(np.int64)
+  lowest = np.asarray(selection.sortable_keys(jnp.asarray([np.finfo(np.float32).min])))[0]
+  assert np.all(nan_keys > keys[0]) and np.all(nan_keys == lowest) and np.all(nan_keys < keys[1])
 
 
 def test_nan_scores_are_never_kept_ahead_of_finite_ones():

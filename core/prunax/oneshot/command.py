@@ -20,6 +20,7 @@ import csv
 import importlib
 import importlib.util
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -120,10 +121,11 @@ def load_model(spec: str, model_args: Mapping[str, Any]) -> dict[str, Any]:
     if module_name.endswith('.py'):
       if not os.path.isfile(module_name):
         raise OneShotConfigError(f'model file {module_name!r} does not exist.')
-      mod_spec = importlib.util.spec_from_file_location(
-        os.path.splitext(os.path.basename(module_name))[0], module_name
-      )
+      name = 'prunax_oneshot_model_' + os.path.splitext(os.path.basename(module_name))[0]
+      mod_spec = importlib.util.spec_from_file_location(name, module_name)
       module = importlib.util.module_from_spec(mod_spec)
+      # Registered before it runs: dataclasses (flax modules) look their module up by name.
+      sys.modules[name] = module
       mod_spec.loader.exec_module(module)
     else:
       module = importlib.import_module(module_name)
