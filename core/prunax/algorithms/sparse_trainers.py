@@ -106,7 +106,7 @@ class SET(StaticRandomSparse):
       kinds = ' or '.join(_STRUCTURE_NAMES.get(t, t.__name__) for t in self.supported_structures)
       raise ValueError(
         f'{name} drops and grows individual weights and supports only '
-        f'{kinds} sparsity, got {self.sparsity_type!r}.'
+        f'{kinds} sparsity, got {self.sparsity_type!r}; it needs a {kinds} sparsity_type.'
       )
 
   def drop_fraction_at(self, step) -> jax.Array:
