@@ -385,7 +385,10 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       )
     _checks.assign(
       self,
-      seed=_checks.integer(self.seed, f'{name} seed', -(2**63), 2**63 - 1),
+      # A traced seed (one compiled step for every seed, as prunax compare does) is kept.
+      seed=self.seed
+      if isinstance(self.seed, jax.Array)
+      else _checks.integer(self.seed, f'{name} seed', -(2**63), 2**63 - 1),
       packed_masks=_checks.boolean(self.packed_masks, f'{name} packed_masks'),
     )
     dist = sparsity_distributions.resolve(self.sparsity_distribution_fn)
@@ -951,6 +954,10 @@ def _init(updater: BaseUpdater, inner, params):
   # One compiled computation (cached per updater and shapes) rather than eager ops: the
   # selection loops of random initial masks took tens of seconds op by op. Inside a
   # caller's jit this is inlined.
+  try:
+    hash(updater)
+  except TypeError:  # a traced field (a seed traced by the caller's jit): no cache key
+    return updater.init_state(params, inner_state)
   return _jitted_init_state(updater, params, inner_state)
 
 

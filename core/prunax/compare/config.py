@@ -358,6 +358,9 @@ def updater_config(cfg: Mapping[str, Any], algorithm: str, seed: int) -> dict[st
     out.pop('drop_fraction', None)
   if algorithm == 'no_prune':
     out['sparsity'] = 0.0
+  if str(out.get('sparsity_type', '')).strip().lower().startswith('nm_'):
+    # N:M fixes every leaf's sparsity at 1 - n/m: a per-leaf distribution (ERK) cannot apply.
+    out['dist_type'] = 'uniform'
   out.update(cfg['algorithm_overrides'].get(algorithm, {}))
   return out
 
