@@ -3,6 +3,7 @@
 import pathlib
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -20,7 +21,20 @@ def test_readme_examples_run_and_do_what_they_say():
     },
     'Dense_1': {'kernel': jax.random.normal(jax.random.PRNGKey(1), (64, 8)), 'bias': jnp.zeros(8)},
   }
-  namespace = {'params': params, 'grads': jax.tree.map(jnp.ones_like, params)}
+
+  class MLP(nn.Module):  # the params above are this model's
+    @nn.compact
+    def __call__(self, x):
+      hidden = nn.Dense(64)(x)  # Dense_0
+      return nn.Dense(8)(nn.relu(hidden))  # Dense_1
+
+  batches = [jax.random.normal(jax.random.PRNGKey(2), (16, 32))]
+  namespace = {
+    'params': params,
+    'grads': jax.tree.map(jnp.ones_like, params),
+    'model': MLP(),
+    'batches': batches,
+  }
   for index, block in enumerate(BLOCKS):
     exec(compile(block, f'README.md example {index}', 'exec'), namespace)  # noqa: S102
     if index == 0:  # "params are 80% sparse, ERK-distributed"

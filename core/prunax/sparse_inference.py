@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunax.sparsity_types import nm_default_axis
+
 #: block shapes that ``choose_format`` tries, largest first.
 BLOCK_CANDIDATES = ((32, 32), (16, 16), (8, 8))
 
@@ -209,8 +211,10 @@ def ell_matmul(x: jax.Array, w: EllSparse) -> jax.Array:
   return out.reshape(x.shape[:-1] + (n,))
 
 
-def is_nm(x: np.ndarray, n: int, m: int, axis: int) -> bool:
-  """True when every group of ``m`` along ``axis`` holds at most ``n`` nonzero bits."""
+def is_nm(x: np.ndarray, n: int, m: int, axis: int | None) -> bool:
+  """True when every group of ``m`` along ``axis`` (None: the input axis, as
+  :class:`prunax.NByM`) holds at most ``n`` nonzero bits."""
+  axis = nm_default_axis(x.ndim) if axis is None else axis
   axis %= x.ndim
   if x.shape[axis] % m:
     return False
