@@ -43,6 +43,7 @@ from prunax.base_updater import apply_mask
 from prunax.base_updater import bool_masks
 from prunax.base_updater import get_sparse_state
 from prunax.base_updater import pack_mask
+from prunax.base_updater import packing_aligned
 from prunax.base_updater import unpack_mask
 from prunax.base_updater import unpack_masks
 from prunax.compat.jaxpruner import mask_calculator
@@ -106,6 +107,7 @@ __all__ = [
   'get_algorithm',
   'get_sparse_state',
   'pack_mask',
+  'packing_aligned',
   'register_algorithm',
   'selection',
   'sparsity_distributions',

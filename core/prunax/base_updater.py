@@ -32,8 +32,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import warnings
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
 
@@ -203,8 +205,8 @@ def pack_mask(mask: jax.Array) -> jax.Array:
   is packed by numpy's ``packbits`` (most significant bit first, the block's last byte
   padded with zeros), giving shape ``(..., b * ceil(d / (8 * b)))``. When ``d / b`` is a
   multiple of 8 this is ``packbits`` of the whole axis. The blocks make the packing
-  shard-local: a split of the last axis into 2, 4 or 8 shards (or any split leaving a
-  multiple of 8 weights per shard) is a split of the packed bytes, so the packed mask
+  shard-local: a split of the last axis into 2, 4 or 8 shards (or another split that
+  :func:`packing_aligned` accepts) is a split of the packed bytes, so the packed mask
   takes its param's sharding and is the same whatever the sharding. When the last axis
   holds a multiple of 32 weights in one block, they are packed 32 at a time into a uint32
   word, which keeps the packing a plain loop over rows of the flat mask.
@@ -243,6 +245,47 @@ def _packed_bits_at(packed: jax.Array, shape: tuple[int, ...], stride: int) -> j
   at = col % width  # position in its block; each block starts a byte
   byte = packed.reshape(-1, packed.shape[-1])[row, (col // width) * -(-width // 8) + at // 8]
   return ((byte >> (7 - at % 8).astype(jnp.uint8)) & 1).astype(bool)
+
+
+def packing_aligned(d: int, shards: int) -> bool:
+  """Whether a last axis of ``d`` weights split into ``shards`` equal parts splits its
+  packed mask (:func:`pack_mask`) into equal parts holding the same weights.
+
+  True for 2, 4 and 8 shards of any axis and e.g. 3 shards of 64 weights; false e.g. for
+  3 shards of 25 weights, or of 16 weights of an axis of 48 (packed in 8 blocks of 6).
+  A packed mask of an unaligned split cannot be sharded like its param; such masks are
+  stored unpacked (``packed_masks``).
+  """
+  if shards <= 1:
+    return True
+  if d % shards:
+    return False
+  blocks, width = _pack_blocks(d)
+  block_bytes = -(-width // 8)
+  n_bytes = blocks * block_bytes
+  if n_bytes % shards:
+    return False
+  for j in range(1, shards):
+    start = j * d // shards  # first weight of shard j: it must start byte j * n_bytes / shards
+    if (start % width) % 8 or (start // width) * block_bytes + (start % width) // 8 != (
+      j * n_bytes // shards
+    ):
+      return False
+  return True
+
+
+def last_axis_shards(param: Any) -> int:
+  """Into how many parts the sharding of a placed array splits its last axis (1 if it
+  is not split, not placed, or 0-d)."""
+  sharding = getattr(param, 'sharding', None)
+  shape = np.shape(param)
+  if sharding is None or not shape or not shape[-1]:
+    return 1
+  try:
+    shard = sharding.shard_shape(shape)[-1]
+  except (ValueError, TypeError):  # a layout jax cannot describe per shard
+    return 1
+  return max(1, shape[-1] // max(shard, 1))
 
 
 def _one_block_of_words(d: int) -> bool:
@@ -348,8 +391,12 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     seed: seed of the RNG key kept in the state (random scores, random initial masks).
     packed_masks: store masks as 1 bit per weight, packed along the last axis (the
       default: about 1/32 of fp32 params, see :func:`pack_mask`), instead of one uint8 per
-      weight (1/4). Packed masks shard like their params when the last axis is split 2,
-      4 or 8 ways or leaves a multiple of 8 weights per shard; ``False`` for other splits.
+      weight (1/4): a bool for every leaf, or ``{parameter name or regex: bool}`` (leaves
+      no key matches are packed). Packed masks shard like their params when the last
+      axis is split 2, 4 or 8 ways, or on whole bytes (:func:`packing_aligned`). For
+      other splits (e.g. 3 ways), ``init`` with placed params stores that leaf's mask
+      unpacked, sharded like the param; a ``jit``-ted ``init`` cannot see shardings:
+      give those leaves ``False`` here. Each leaf keeps the layout its state started with.
     layer_axes: ``{parameter name or regex: axis}`` of stacked (scanned) parameters,
       whose slices along ``axis`` are layers (see :mod:`prunax.layers`); axes named
       ``'layers'`` in flax boxed params are read without being declared.
@@ -360,7 +407,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
   sparsity_type: Any = sparsity_types.Unstructured()
   scheduler: Any = sparsity_schedules.OneShotSchedule()
   seed: int = 0
-  packed_masks: bool = True
+  packed_masks: Any = True
   layer_axes: Any = None
 
   # Behaviour switches of algorithm families (class attributes, not fields).
@@ -389,7 +436,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       seed=self.seed
       if isinstance(self.seed, jax.Array)
       else _checks.integer(self.seed, f'{name} seed', -(2**63), 2**63 - 1),
-      packed_masks=_checks.boolean(self.packed_masks, f'{name} packed_masks'),
+      packed_masks=_freeze_packing(self.packed_masks, f'{name} packed_masks'),
     )
     dist = sparsity_distributions.resolve(self.sparsity_distribution_fn)
     object.__setattr__(self, 'sparsity_distribution_fn', dist)
@@ -586,10 +633,35 @@ class BaseUpdater(updater_args.JaxprunerArgs):
 
   # ---------------------------------------------------------------------- mask storage
 
-  def _store(self, masks: PyTree) -> PyTree:
-    if self.packed_masks:
-      return map_masked(pack_mask, masks)
-    return map_masked(lambda m: m.astype(jnp.uint8), masks)
+  def packs(self, name: str) -> bool:
+    """Whether the mask of parameter ``name`` is stored packed (see ``packed_masks``)."""
+    if isinstance(self.packed_masks, bool):
+      return self.packed_masks
+    flags = dict(self.packed_masks)
+    if name in flags:
+      return flags[name]
+    hits = {v for k, v in flags.items() if sparsity_distributions.matching_names(k, [name])}
+    if len(hits) > 1:
+      raise ValueError(
+        f'packed_masks keys {sorted(flags)} give parameter {name!r} both True and False; '
+        'make the patterns disjoint or name the parameter.'
+      )
+    return hits.pop() if hits else True
+
+  def _store(self, masks: PyTree, like: PyTree = None) -> PyTree:
+    """Boolean masks in their stored form: packed or uint8 per leaf (:meth:`packs`), or
+    in the layout of the stored masks ``like`` (a state keeps the layout it started with)."""
+
+    def store(path, m, *old):
+      if m is None:
+        return None
+      packed = (
+        old[0].shape != jnp.shape(m) if old else self.packs(sparsity_distributions.path_name(path))
+      )
+      return pack_mask(m) if packed else m.astype(jnp.uint8)
+
+    trees = (masks,) if like is None else (masks, like)
+    return jax.tree_util.tree_map_with_path(store, *trees, is_leaf=_is_none)
 
   def _key(self, sparse_state: SparseState | None, salt: int = 0) -> jax.Array:
     if sparse_state is None:
@@ -856,6 +928,19 @@ _OUTSIDE = {
 }
 
 
+def _freeze_packing(value: Any, name: str) -> bool | tuple[tuple[str, bool], ...]:
+  """``packed_masks`` validated: a bool, or a mapping frozen to sorted ``(key, bool)`` pairs."""
+  if isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value):
+    value = dict(value)
+  if not isinstance(value, Mapping):
+    return _checks.boolean(value, name)
+  for key, flag in value.items():
+    if not isinstance(key, str):
+      raise TypeError(f'{name} keys must be parameter names or regexes (str), got {key!r}.')
+    _checks.boolean(flag, f'{name}[{key!r}]')
+  return tuple(sorted(value.items()))
+
+
 def _check_inner(inner_state) -> None:
   """Rejects transformations inside the pruner that belong outside it (see _OUTSIDE)."""
   found = []
@@ -954,11 +1039,31 @@ def _init(updater: BaseUpdater, inner, params):
   # One compiled computation (cached per updater and shapes) rather than eager ops: the
   # selection loops of random initial masks took tens of seconds op by op. Inside a
   # caller's jit this is inlined.
+  updater = _unpack_unaligned(updater, params)
   try:
     hash(updater)
   except TypeError:  # a traced field (a seed traced by the caller's jit): no cache key
     return updater.init_state(params, inner_state)
   return _jitted_init_state(updater, params, inner_state)
+
+
+def _unpack_unaligned(updater: BaseUpdater, params: PyTree) -> BaseUpdater:
+  """``updater`` storing unpacked the masks of placed params whose sharding splits the
+  last axis where a packed mask cannot follow (:func:`packing_aligned`)."""
+  unaligned = [
+    name
+    for name, p in sparsity_distributions.named_leaves(params)
+    if isinstance(p, jax.Array)
+    and not isinstance(p, jax.core.Tracer)
+    and updater.packs(name)
+    and not packing_aligned(np.shape(p)[-1], last_axis_shards(p))
+  ]
+  if not unaligned:
+    return updater
+  spec = updater.packed_masks
+  spec = dict(spec) if isinstance(spec, tuple) else ({} if spec else {'.*': False})
+  spec.update({re.escape(name): False for name in unaligned})
+  return dataclasses.replace(updater, packed_masks=spec)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -1016,7 +1121,7 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
     new_masks = updater.compute_masks(
       candidate, sparsities, sparse_state=state, grads=grads, old_masks=masks, **extra
     )
-    stored = updater._store(new_masks)  # pylint: disable=protected-access
+    stored = updater._store(new_masks, like=state.masks)  # pylint: disable=protected-access
   else:
     is_update = updater._is_update_step(state.count)  # pylint: disable=protected-access
 
@@ -1031,7 +1136,7 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
       new = updater.compute_masks(
         params, sparsities, sparse_state=raw_state, grads=grads, old_masks=old, **extra
       )
-      return updater._store(new)  # pylint: disable=protected-access
+      return updater._store(new, like=raw_state.masks)  # pylint: disable=protected-access
 
     # Steps without a mask update keep the stored (possibly packed) masks as they are.
     if isinstance(is_update, (bool, np.bool_)) and not is_update:

@@ -14,10 +14,18 @@ import subprocess
 import sys
 import textwrap
 
+import hypothesis
+import hypothesis.strategies as st
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
+import prunax
+from prunax import base_updater
+
 SCRIPT = textwrap.dedent("""
-    import json
+    import dataclasses, json
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import prunax
@@ -100,6 +108,49 @@ SCRIPT = textwrap.dedent("""
           'params_equal': all(np.array_equal(p1[n], p8[n]) for n in p1),
           'sparsity': prunax.summarize_sparsity(p8)['total_sparsity'],
       }
+
+    # Splits a packed mask cannot follow: 3 shards of 25, 8 and 16 weights (the last two
+    # are packed in 8 one-byte blocks, which 3 shards cut through). An eager init with
+    # placed params stores those masks unpacked, sharded like the param; a jitted init
+    # gets the same from packed_masks. (8, 192) splits into whole bytes and stays packed.
+    mesh3 = Mesh(np.array(jax.devices()[:3]), ('model',))
+    shapes3 = {'u': (16, 75), 'v': (6, 24), 'w': (4, 48), 'x': (8, 192)}
+    keys3 = jax.random.split(jax.random.PRNGKey(1), len(shapes3))
+    params3 = {n: jax.random.normal(k, s) for k, (n, s) in zip(keys3, shapes3.items())}
+    noise = {n: np.asarray(jax.random.normal(k, s))
+             for k, (n, s) in zip(keys3[::-1], shapes3.items())}
+    ps3 = jax.device_put(params3, NamedSharding(mesh3, P(None, 'model')))
+
+    def run3(tx, p, jit_init, steps=3):
+      s = jax.jit(tx.init)(p) if jit_init else tx.init(p)
+      init_state = prunax.get_sparse_state(s)
+      f = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+          *tx.update(grads_of(p), s, p)))
+      for _ in range(steps):
+        p, s = f(p, s)
+      return init_state, p, s
+
+    three = {}
+    for name, updater in updaters.items():
+      tx = updater.wrap_optax(optax.sgd(0.1))
+      _, p1, s1 = run3(tx, params3, jit_init=False)
+      bool1 = prunax.bool_masks(s1, p1)
+      by_map = dataclasses.replace(updater, packed_masks={'u|v|w': False})
+      for mode, tx_, jit_init in (
+          ('eager', tx, False), ('jit', by_map.wrap_optax(optax.sgd(0.1)), True)):
+        init_state, p3, s3 = run3(tx_, ps3, jit_init)
+        st3 = prunax.get_sparse_state(s3)
+        wrong = [f'{when} {n}: {spec(x)}'
+                 for when, st in (('init', init_state), ('step', st3))
+                 for n, x in pruned(st.masks).items() if spec(x) != [None, 'model']]
+        bool3 = prunax.bool_masks(s3, p3)
+        three[f'{name}/{mode}'] = {
+            'wrong_specs': wrong,
+            'stored': {n: [x.shape[-1], str(x.dtype)] for n, x in pruned(st3.masks).items()},
+            'masks_equal': all(np.array_equal(bool1[n], bool3[n]) for n in shapes3),
+            'params_equal': all(np.array_equal(p1[n], p3[n]) for n in shapes3),
+        }
+    report['three_way'] = three
     print('REPORT' + json.dumps(report))
 """)
 
@@ -140,3 +191,82 @@ def test_packed_masks_and_params_are_bit_identical_to_one_device(report, name):
   r = report[name]
   assert r['packed_equal'] and r['masks_equal'] and r['params_equal'], r
   assert r['sparsity'] > 0.5, r
+
+
+@pytest.mark.parametrize('mode', ['eager', 'jit'])
+@pytest.mark.parametrize('name', ALGORITHMS)
+def test_masks_a_packing_cannot_follow_are_stored_unpacked_and_sharded(report, name, mode):
+  # Eager init finds the 3-way splits itself; a jitted init is told by packed_masks.
+  r = report['three_way'][f'{name}/{mode}']
+  assert r['wrong_specs'] == [], r
+  assert r['stored'] == {
+    'u': [75, 'uint8'],
+    'v': [24, 'uint8'],
+    'w': [48, 'uint8'],
+    'x': [24, 'uint8'],  # 192 weights packed into 24 bytes: 3 shards of 8 bytes
+  }, r
+  assert r['masks_equal'] and r['params_equal'], r
+
+
+@hypothesis.settings(deadline=None, max_examples=150)
+@hypothesis.given(d=st.integers(1, 400), shards=st.integers(1, 9), seed=st.integers(0, 2**31 - 1))
+def test_packing_aligned_is_whether_shards_pack_on_their_own(d, shards, seed):
+  # Brute force: a split is aligned iff the packed mask splits into as many equal parts,
+  # part j being exactly the bits of shard j (so a device can hold its own bytes).
+  mask = np.random.default_rng(seed).random((3, d)) < 0.5
+  packed = np.asarray(base_updater.pack_mask(jnp.asarray(mask)))
+  brute = False
+  if d % shards == 0 and packed.shape[-1] % shards == 0:
+    n, b = d // shards, packed.shape[-1] // shards
+    bits = np.asarray(base_updater.unpack_mask(jnp.asarray(packed), mask.shape))
+    brute = all(
+      # The bytes of part j decode to the weights of shard j (and nothing else) for every
+      # mask: check with this mask and with each single weight set.
+      _part_holds(packed, mask, j, n, b, d)
+      for j in range(shards)
+    ) and np.array_equal(bits, mask)
+  assert base_updater.packing_aligned(d, shards) == brute
+
+
+def _part_holds(packed, mask, j, n, b, d):
+  for col in range(d):
+    one = np.zeros((1, d), bool)
+    one[0, col] = True
+    part = np.asarray(base_updater.pack_mask(jnp.asarray(one)))[0, j * b : (j + 1) * b]
+    if bool(part.any()) != (j * n <= col < (j + 1) * n):
+      return False
+  return True
+
+
+def test_packed_masks_per_leaf_by_name_or_regex():
+  params = {'a': jnp.ones((4, 64)), 'b': jnp.ones((4, 64)), 'c': jnp.ones((4, 64))}
+  tx = prunax.MagnitudePruning(sparsity=0.5, packed_masks={'a': False, '[bc]': True}).wrap_optax(
+    optax.sgd(0.1)
+  )
+  _, state = tx.update(params, tx.init(params), params)  # the one-shot pruning step
+  stored = prunax.get_sparse_state(state).masks
+  assert {n: m.shape for n, m in stored.items()} == {'a': (4, 64), 'b': (4, 8), 'c': (4, 8)}
+  # The compat apply_masks tells each leaf's layout from its shape.
+  upd = prunax.MagnitudePruning(sparsity=0.5)
+  out = upd.apply_masks(params, stored, is_packed=None)
+  assert all(float(jnp.sum(x)) == 128.0 for x in out.values()), out
+
+
+@pytest.mark.parametrize(
+  'value, error',
+  [
+    ({1: False}, 'keys must be parameter names or regexes'),
+    ({'a': 'no'}, "packed_masks\\['a'\\]"),
+    ('no', 'packed_masks'),
+  ],
+)
+def test_packed_masks_rejects_bad_values(value, error):
+  with pytest.raises((TypeError, ValueError), match=error):
+    prunax.MagnitudePruning(sparsity=0.5, packed_masks=value)
+
+
+def test_packed_masks_with_conflicting_patterns_names_the_parameter():
+  upd = prunax.MagnitudePruning(sparsity=0.5, packed_masks={'a.*': False, '.*b': True})
+  with pytest.raises(ValueError, match="'ab'"):
+    upd.packs('ab')
+  assert upd.packs('zz') is True and upd.packs('ax') is False

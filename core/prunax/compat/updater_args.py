@@ -198,14 +198,18 @@ class JaxprunerArgs:
     return jax.random.PRNGKey(self.seed)
 
   def apply_masks(self, params: PyTree, masks: PyTree, is_packed: bool | None = False) -> PyTree:
-    """``params`` times ``masks`` (None: unchanged); packed masks are prunax's packing."""
+    """``params`` times ``masks`` (None: unchanged); packed masks are prunax's packing.
+
+    ``is_packed=None`` tells each leaf's layout from its shape (a stored mask shaped like
+    its param is unpacked), as masks stored by a wrapped transformation may mix both.
+    """
     from prunax import base_updater  # pylint: disable=import-outside-toplevel
 
-    if is_packed is None:
-      is_packed = self.packed_masks
-    return jax.tree.map(
-      lambda m, p: base_updater.apply_mask(p, m, is_packed), masks, params, is_leaf=_is_none
-    )
+    def apply(m, p):
+      packed = is_packed if is_packed is not None else jnp.shape(m) != jnp.shape(p)
+      return base_updater.apply_mask(p, m, packed)
+
+    return jax.tree.map(apply, masks, params, is_leaf=_is_none)
 
   def create_masks(self, scores: PyTree, sparsities: PyTree = None, target_sparsity=None) -> PyTree:
     """uint8 keep-masks of ``scores`` at per-leaf ``sparsities`` (None: dense leaf).
@@ -249,7 +253,7 @@ class JaxprunerArgs:
     new = self.compute_masks(
       params, sparsities, sparse_state=sparse_state, grads=grads, old_masks=old, **kwargs
     )
-    return sparse_state._replace(masks=self._store(new))
+    return sparse_state._replace(masks=self._store(new, like=sparse_state.masks))
 
 
 def skip_on_mask_updates(updater, update: Callable[..., Any]) -> Callable[..., Any]:
