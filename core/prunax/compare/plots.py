@@ -79,7 +79,7 @@ def accuracy_vs_sparsity(result: Any, path: str) -> None:
       )
       ax.fill_between(x, mean - std, mean + std, color=colors[algorithm], alpha=0.15)
     ax.set_xlabel('achieved sparsity')
-    ax.set_ylabel(f'final {metric}')
+    ax.set_ylabel(_metric_label(result))
     ax.set_title(
       f'{points[0].task_name} ({stype}): {metric} vs sparsity\n'
       f'mean ± std over {len(points[0].config["seeds"])} seeds'
@@ -91,15 +91,22 @@ def accuracy_vs_sparsity(result: Any, path: str) -> None:
   plt.close(fig)
 
 
-def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
-  """Indices of the points no other point beats (lower or equal x and higher or equal y, one
-  of them strictly), by ascending x."""
-  order = sorted(range(len(xs)), key=lambda i: (xs[i], -ys[i]))
+def _metric_label(result: Any) -> str:
+  better = 'higher' if report.higher_is_better(result) else 'lower'
+  return f'final {_points(result)[0].metric_name} ({better} is better)'
+
+
+def pareto_front(xs: list[float], ys: list[float], higher_is_better: bool = True) -> list[int]:
+  """Indices of the points no other point beats (lower or equal x and better or equal y, one
+  of them strictly; better is higher, or lower when ``higher_is_better`` is False), by
+  ascending x."""
+  sign = 1.0 if higher_is_better else -1.0
+  order = sorted(range(len(xs)), key=lambda i: (xs[i], -sign * ys[i]))
   front, best = [], -np.inf
   for i in order:
-    if ys[i] > best:
+    if sign * ys[i] > best:
       front.append(i)
-      best = ys[i]
+      best = sign * ys[i]
   return front
 
 
@@ -140,7 +147,7 @@ def accuracy_vs_flops(result: Any, path: str) -> None:
       seen.add(algorithm)
       if len(points) > 1 and algorithm != 'no_prune':
         ax.annotate(f'{sp:g}', (x, y), textcoords='offset points', xytext=(3, 3), fontsize=6)
-    front = pareto_front(xs, ys)
+    front = pareto_front(xs, ys, report.higher_is_better(result))
     ax.step(
       [xs[i] for i in front],
       [ys[i] for i in front],
@@ -154,7 +161,7 @@ def accuracy_vs_flops(result: Any, path: str) -> None:
     )
     ax.set_xscale('log')
     ax.set_xlabel(f'{title} (fraction of dense, log scale)')
-    ax.set_ylabel(f'final {metric}')
+    ax.set_ylabel(_metric_label(result))
     ax.set_title(f'{points[0].task_name}: {metric} vs {title}')
     ax.grid(alpha=0.3, which='both')
     ax.legend(fontsize=7, loc='lower right')

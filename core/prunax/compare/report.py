@@ -34,15 +34,28 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
   return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
+def higher_is_better(result: Any) -> bool:
+  """The metric direction of a Comparison or Sweep (True for objects without one)."""
+  return bool(getattr(result, 'higher_is_better', True))
+
+
 def best_algorithm(comparison: Any) -> str | None:
-  """The algorithm other than ``no_prune`` with the highest mean metric (None if none)."""
+  """The algorithm other than ``no_prune`` with the best mean metric: the highest, or the
+  lowest when the task's metric is lower-is-better (None if none is finite)."""
   means = {
-    a: np.mean([comparison.cells[(a, s)]['metric'] for s in comparison.config['seeds']])
+    a: float(np.mean([comparison.cells[(a, s)]['metric'] for s in comparison.config['seeds']]))
     for a in comparison.algorithms
     if a != 'no_prune'
   }
-  means = {a: m for a, m in means.items() if np.isfinite(m)}
-  return max(means, key=means.get) if means else None
+  return stats.best(means, higher_is_better(comparison))
+
+
+def direction_note(result: Any) -> str:
+  """Which way the metric is better, and what the sign of a Δ means."""
+  metric = result.metric_name
+  if higher_is_better(result):
+    return f'Higher {metric} is better: a negative Δ is a loss against the reference.'
+  return f'Lower {metric} is better: a positive Δ is a loss against the reference.'
 
 
 def rows(comparison: Any) -> list[dict[str, Any]]:
@@ -191,7 +204,7 @@ def recipe(comparison: Any) -> str:
     f'{comparison.task_name}: {cfg["steps"]} steps, sparsity {cfg["sparsity"]} '
     f'({cfg["dist_type"]}, {cfg["sparsity_type"]}), schedule {cfg["schedule"]}, seeds '
     f'{cfg["seeds"]}; training budget: {budget_text}; mean ± std over seeds; FLOPs and '
-    'mask memory as fractions of dense.'
+    f'mask memory as fractions of dense. {direction_note(comparison)}'
   )
 
 

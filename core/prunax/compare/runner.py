@@ -54,6 +54,8 @@ class Comparison:
     run_dir: where the reports were written.
     skipped: optional algorithms left out, each with the reason (not registered, or the
       config does not suit it).
+    higher_is_better: the task's metric direction (False for a perplexity): which
+      algorithm is best, and which sign of a paired difference is a loss.
   """
 
   config: dict[str, Any]
@@ -65,6 +67,22 @@ class Comparison:
   layer_targets: dict[str, dict[str, float]]
   run_dir: str
   skipped: list[str]
+  higher_is_better: bool = True
+
+
+def higher_is_better(task: Any) -> bool:
+  """A task's ``higher_is_better`` (True when it has none).
+
+  Raises:
+    ConfigError: the attribute is not a bool.
+  """
+  value = getattr(task, 'higher_is_better', True)
+  if not isinstance(value, (bool, np.bool_)):
+    raise ConfigError(
+      f'Task {getattr(task, "name", task)!r} has higher_is_better={value!r}; it must be '
+      'True (accuracy, return) or False (perplexity, loss).'
+    )
+  return bool(value)
 
 
 def category(
@@ -378,6 +396,7 @@ def run_comparison(
     ConfigError: before any training, for bad input.
   """
   cfg, task, algorithms, skipped, updaters = plan(config, task)
+  direction = higher_is_better(task)
   run_dir = cfg['run_dir']
   prepare_run_dir(run_dir, cfg, fresh=fresh)
   example = task.example_params()
@@ -466,6 +485,7 @@ def run_comparison(
     layer_targets=layer_targets,
     run_dir=run_dir,
     skipped=skipped,
+    higher_is_better=direction,
   )
 
 
@@ -491,6 +511,10 @@ class Sweep:
   @property
   def metric_name(self) -> str:
     return self.points[0].metric_name
+
+  @property
+  def higher_is_better(self) -> bool:
+    return self.points[0].higher_is_better
 
 
 def point_dir(run_dir: str, sparsity_type: str, sparsity: float) -> str:

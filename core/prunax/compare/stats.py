@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from collections.abc import Sequence
 
 import numpy as np
@@ -69,6 +70,15 @@ def seeds_needed(gap: float, sd: float) -> int | None:
     if n >= ((_t(1 - (1 - LEVEL) / 2, df) + _t(POWER, df)) * sd / abs(gap)) ** 2:
       return n
   return MAX_SEEDS
+
+
+def best(means: Mapping[str, float], higher_is_better: bool = True) -> str | None:
+  """The key of the best finite mean: the highest, or the lowest when ``higher_is_better``
+  is False (a perplexity or a loss); None when no mean is finite."""
+  finite = {k: float(m) for k, m in means.items() if m is not None and math.isfinite(m)}
+  if not finite:
+    return None
+  return (max if higher_is_better else min)(finite, key=finite.get)
 
 
 def paired(a: Sequence[float], b: Sequence[float]) -> Paired:

@@ -42,7 +42,8 @@ class TrainResult:
   """What a task reports after training one (algorithm, seed) cell.
 
   Attributes:
-    metric: the final quality figure (accuracy, return...), higher is better.
+    metric: the final quality figure (accuracy, return, perplexity...), in the direction
+      of the task's ``higher_is_better``.
     params: the final params, or None if the task cannot expose them.
     opt_state: the final optimizer state (holding the :class:`prunax.SparseState`), or None.
     seconds_per_step: mean wall time of a training step, compilation excluded.
@@ -64,6 +65,8 @@ class Task(Protocol):
 
   name: str
   metric_name: str
+  # An optional attribute ``higher_is_better`` (True when absent) tells whether a higher
+  # metric is better (False for a perplexity or a loss).
 
   def example_params(self) -> PyTree:
     """The params at initialisation, or their shapes (``jax.ShapeDtypeStruct`` leaves), to
@@ -103,8 +106,9 @@ class SupervisedTask:
     optimizer: the inner optax transformation (the training recipe).
     batch_size: examples per step.
     loss_fn: ``loss_fn(outputs, y) -> scalar``.
-    metric_fn: ``metric_fn(outputs, y) -> scalar``, higher is better.
+    metric_fn: ``metric_fn(outputs, y) -> scalar``.
     metric_name: name of the metric in reports.
+    higher_is_better: whether a higher metric is better (False for a loss or perplexity).
   """
 
   name: str
@@ -117,6 +121,7 @@ class SupervisedTask:
   loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy
   metric_fn: Callable[[jax.Array, jax.Array], jax.Array] = accuracy
   metric_name: str = 'accuracy'
+  higher_is_better: bool = True
   _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
   _init: Any = dataclasses.field(default=None, repr=False)
   _evaluate: Any = dataclasses.field(default=None, repr=False)
@@ -488,6 +493,7 @@ def _require(module: str, task: str, dist: str) -> None:
 BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
   'digits': digits_task,
   'noisy_digits': noisy_digits_task,
+  'lm': lambda **kwargs: importlib.import_module('prunax.compare.tasks_lm').lm_task(**kwargs),
   'federated_digits': _federated_digits,
   'cartpole': _cartpole,
 }
@@ -495,7 +501,7 @@ BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
 
 def available_tasks() -> list[str]:
   """Names of the built-in tasks usable here (those whose adapters import)."""
-  names = ['digits', 'noisy_digits']
+  names = ['digits', 'noisy_digits', 'lm']
   for name, module in (('federated_digits', 'prunax_fedjax'), ('cartpole', 'prunax_dopamine')):
     if importlib.util.find_spec(module) is not None:
       names.append(name)
