@@ -1,11 +1,13 @@
 """One-shot pruning of a small character-level transformer LM: held-out perplexity table.
 
-The text is the English documentation that ships with Python (``pydoc_data.topics``);
-nothing is downloaded. A decoder-only transformer (flax linen) is trained on 90% of it;
-then every kernel of its blocks (q, k, v, attention out, MLP in/out; not the embedding or
-the output head, as in the papers) is pruned by ``prunax.oneshot.prune`` with magnitude,
-Wanda and SparseGPT, at 50% unstructured, 2:4 and 4:8, from calibration windows drawn
-from the training text with 3 seeds. Held-out perplexity is measured on the last 10%.
+The text, model and training recipe are those of ``prunax compare``'s ``lm`` task
+(:mod:`prunax.compare.tasks_lm`): the English documentation that ships with Python
+(``pydoc_data.topics``; nothing is downloaded), a decoder-only transformer (flax linen)
+trained with AdamW on the first 90% of the characters. Then every kernel of its blocks
+(q, k, v, attention out, MLP in/out; not the embedding or the output head, as in the
+papers) is pruned by ``prunax.oneshot.prune`` with magnitude, Wanda and SparseGPT, at 50%
+unstructured, 2:4 and 4:8, from calibration windows drawn from the training text with 3
+seeds. Held-out perplexity is measured on windows of the last 10%.
 
     python -m benchmarks.oneshot_lm                 # train (cached in --params), prune, table
     python -m benchmarks.oneshot_lm --steps 300 --seeds 1   # quick
@@ -17,107 +19,49 @@ import argparse
 import os
 import pickle
 import platform
-import pydoc_data.topics
 import subprocess
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
+import prunax
 from prunax import oneshot
+from prunax.compare import tasks_lm
 
 
-def load_text() -> tuple[np.ndarray, np.ndarray, int]:
-  topics = pydoc_data.topics.topics
-  text = '\n\n'.join(topics[k] for k in sorted(topics))
-  vocab = sorted(set(text))
-  lookup = {c: i for i, c in enumerate(vocab)}
-  ids = np.fromiter((lookup[c] for c in text), np.int32, len(text))
-  split = int(0.9 * len(ids))
-  return ids[:split], ids[split:], len(vocab)
+def make_task(
+  d: int = 128, layers: int = 2, seq: int = 64, batch: int = 16, eval_windows: int = 256
+):
+  """The ``lm`` task of ``prunax compare`` with this benchmark's model size."""
+  return tasks_lm.lm_task(
+    batch_size=batch, d=d, layers=layers, heads=4, seq=seq, eval_windows=eval_windows
+  )
 
 
-class Block(nn.Module):
-  d: int
-  heads: int
-
-  @nn.compact
-  def __call__(self, x):
-    mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
-    h = nn.LayerNorm()(x)
-    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name='attn')(h, h, mask=mask)
-    h = nn.LayerNorm()(x)
-    h = nn.Dense(4 * self.d, name='mlp_in')(h)
-    return x + nn.Dense(self.d, name='mlp_out')(nn.gelu(h))
-
-
-class CharLM(nn.Module):
-  vocab: int
-  d: int = 128
-  layers: int = 4
-  heads: int = 4
-  seq: int = 128
-
-  @nn.compact
-  def __call__(self, tokens):
-    x = nn.Embed(self.vocab, self.d)(tokens)
-    x = x + self.param('pos', nn.initializers.normal(0.02), (self.seq, self.d))[: tokens.shape[1]]
-    for i in range(self.layers):
-      x = Block(self.d, self.heads, name=f'block_{i}')(x)
-    return nn.Dense(self.vocab, name='head')(nn.LayerNorm()(x))
-
-
-def windows(ids: np.ndarray, starts: np.ndarray, seq: int) -> np.ndarray:
-  return np.stack([ids[s : s + seq + 1] for s in starts])
-
-
-def train(model, train_ids, steps: int, batch: int, seed: int = 0):
-  rng = np.random.default_rng(seed)
-  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, model.seq), jnp.int32))['params']
-  schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, min(100, steps // 2), steps, 3e-4)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, w):
-    def loss_fn(p):
-      logits = model.apply({'params': p}, w[:, :-1])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, w[:, 1:]).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
+def train(task, steps: int, seed: int = 0):
+  """Dense training by the task's own loop; returns the model's params (``{'params': ...}``)."""
+  dense = prunax.create_updater_from_config({'algorithm': 'no_prune', 'sparsity': 0.0})
   start = time.perf_counter()
-  for i in range(steps):
-    starts = rng.integers(0, len(train_ids) - model.seq - 1, batch)
-    params, opt_state, loss = step(params, opt_state, windows(train_ids, starts, model.seq))
-    if i % 200 == 0 or i == steps - 1:
-      print(f'step {i:5d} loss {float(loss):.3f} ({time.perf_counter() - start:.0f} s)', flush=True)
-  return params
+  result = task.run(dense, seed, steps, lambda *a: None, steps)
+  print(
+    f'trained {steps} steps in {time.perf_counter() - start:.0f} s: held-out perplexity '
+    f'{result.metric:.3f}',
+    flush=True,
+  )
+  return jax.device_get(result.params)
 
 
-def perplexity(model, params, ids: np.ndarray, num: int) -> float:
-  seq = model.seq
-  starts = np.arange(num) * seq
-  starts = starts[starts + seq + 1 <= len(ids)]
-  w = windows(ids, starts, seq)
-
-  @jax.jit
-  def nll(p, w):
-    logits = model.apply({'params': p}, w[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, w[:, 1:]).mean()
-
-  return float(np.exp(np.mean([float(nll(params, w[i : i + 32])) for i in range(0, len(w), 32)])))
+def perplexity(task, params) -> float:
+  """Held-out perplexity of ``params`` (the model's variables) on the task's eval windows."""
+  x, y = task.eval_data
+  return float(jax.jit(lambda p: task.metric_fn(task.apply_fn(p, x), y))(params))
 
 
-def unigram_perplexity(train_ids, test_ids, vocab: int) -> float:
-  counts = np.bincount(train_ids, minlength=vocab).astype(np.float64) + 1.0
-  logp = np.log(counts / counts.sum())
-  return float(np.exp(-logp[test_ids].mean()))
+def calibration_windows(task, num: int, seed: int) -> np.ndarray:
+  """``num`` training windows (inputs only) drawn with ``seed``."""
+  rows = np.random.default_rng(1000 + seed).integers(0, len(task.train_data[0]), num)
+  return task.train_data[0][rows]
 
 
 def cpu_model() -> str:
@@ -142,33 +86,33 @@ def get_model(
 
   Trains it first (and caches the params in ``params_path``) when the cache is missing.
   """
-  train_ids, _, vocab = load_text()
-  model = CharLM(vocab, layers=layers, seq=seq)
-  params = load_or_train(model, train_ids, params_path, steps, 16)
-  starts = np.random.default_rng(1000 + seed).integers(0, len(train_ids) - seq - 1, calib)
-  tokens = windows(train_ids, starts, seq)[:, :-1]
+  task = make_task(layers=layers, seq=seq)
+  variables = load_or_train(task, params_path, steps)
+  tokens = calibration_windows(task, calib, seed)
   return {
-    'apply_fn': lambda p, t: model.apply({'params': p}, t),
-    'params': params,
+    'apply_fn': lambda p, t: task.apply_fn({'params': p}, t),
+    'params': variables['params'],
     'batches': [tokens[i : i + 8] for i in range(0, len(tokens), 8)],
     'filter_fn': lambda name, leaf: name.startswith('block_'),
   }
 
 
-def load_or_train(model, train_ids, path: str, steps: int, batch: int):
+def load_or_train(task, path: str, steps: int):
+  """The trained variables cached in ``path``, or trained (and cached) when it is missing."""
   if os.path.exists(path):
     with open(path, 'rb') as f:
       return pickle.load(f)
-  params = train(model, train_ids, steps, batch)
+  variables = train(task, steps)
   with open(path, 'wb') as f:
-    pickle.dump(jax.device_get(params), f)
-  return params
+    pickle.dump(variables, f)
+  return variables
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--steps', type=int, default=1000)
   parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--d', type=int, default=128, help='model width')
   parser.add_argument('--layers', type=int, default=2)
   parser.add_argument('--seq', type=int, default=64)
   parser.add_argument('--seeds', type=int, default=3)
@@ -183,22 +127,27 @@ def main() -> None:
   )
   args = parser.parse_args()
 
-  train_ids, test_ids, vocab = load_text()
-  model = CharLM(vocab, layers=args.layers, seq=args.seq)
-  params = load_or_train(model, train_ids, args.params, args.steps, args.batch)
+  task = make_task(args.d, args.layers, args.seq, args.batch, args.eval)
+  variables = load_or_train(task, args.params, args.steps)
+  params = variables['params']
 
   def apply_fn(p, tokens):
-    return model.apply({'params': p}, tokens)
+    return task.apply_fn({'params': p}, tokens)
 
   def in_blocks(name, leaf):
     del leaf
     return name.startswith('block_')
 
-  dense_ppl = perplexity(model, params, test_ids, args.eval)
-  uni = unigram_perplexity(train_ids, test_ids, vocab)
-  print(f'CPU: {cpu_model()}; jax {jax.__version__}; devices {jax.devices()}')
+  dense_ppl = perplexity(task, variables)
+  train_ids, test_ids, vocab = tasks_lm.load_text()
+  print(
+    f'CPU: {cpu_model()}; jax {jax.__version__}; devices {jax.devices()}; load {os.getloadavg()}'
+  )
   print(f'text: {len(train_ids)} train / {len(test_ids)} held-out characters, vocab {vocab}')
-  print(f'unigram perplexity {uni:.3f}; dense transformer perplexity {dense_ppl:.3f}')
+  print(
+    f'unigram perplexity {task.unigram_perplexity:.3f}; dense transformer perplexity '
+    f'{dense_ppl:.3f}'
+  )
 
   patterns = [('50% unstructured', 'unstructured'), ('2:4', '2:4'), ('4:8', '4:8')]
   rows = []
@@ -207,9 +156,7 @@ def main() -> None:
     for method in ('magnitude', 'wanda', 'sparsegpt'):
       ppls, seconds = [], []
       for seed in range(args.seeds):
-        rng = np.random.default_rng(1000 + seed)
-        starts = rng.integers(0, len(train_ids) - model.seq - 1, args.calib)
-        calib = windows(train_ids, starts, model.seq)[:, :-1]
+        calib = calibration_windows(task, args.calib, seed)
         batches = [calib[i : i + 8] for i in range(0, len(calib), 8)]
         start = time.perf_counter()
         result = oneshot.prune(
@@ -222,7 +169,7 @@ def main() -> None:
           filter_fn=in_blocks,
         )
         seconds.append(time.perf_counter() - start)
-        ppls.append(perplexity(model, result.params, test_ids, args.eval))
+        ppls.append(perplexity(task, {'params': result.params}))
         print(
           f'{label:>16} {method:>9} seed {seed}: ppl {ppls[-1]:.3f} '
           f'({seconds[-1]:.1f} s, mean layer error '
@@ -235,7 +182,7 @@ def main() -> None:
   print()
   print(
     f'| sparsity | magnitude | Wanda | SparseGPT |  (dense {dense_ppl:.3f}, '
-    f'unigram {uni:.3f}; mean +- std over {args.seeds} calibration seeds)'
+    f'unigram {task.unigram_perplexity:.3f}; mean +- std over {args.seeds} calibration seeds)'
   )
   print('|---|---:|---:|---:|')
   for label, row in rows:

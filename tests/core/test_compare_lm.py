@@ -256,3 +256,9 @@ def test_lm_task_trains_with_the_whole_updater_config(tmp_path, monkeypatch):
   # One step is compiled for every seed (seed 0; the seed is traced state).
   wrapped = [u for u in wrapped if isinstance(u.seed, int)]
   assert wrapped and all(dataclasses.replace(u, seed=3) == expected for u in wrapped)
+
+
+def test_shipped_lm_sweep_config():
+  cfg = compare.load_config('sweep_lm')
+  assert cfg['task'] == 'lm' and config_lib.is_sweep(cfg)
+  assert 'no_prune' in cfg['algorithms'] and len(cfg['seeds']) >= 3
