@@ -20,6 +20,7 @@ import os
 import pickle
 import platform
 import subprocess
+import tempfile
 import time
 
 import jax
@@ -28,6 +29,9 @@ import numpy as np
 import prunax
 from prunax import oneshot
 from prunax.compare import tasks_lm
+
+# The trained variables ({'params': ...} of the compare task's model).
+CACHE = os.path.join(tempfile.gettempdir(), 'prunax_oneshot_lm_task.pkl')
 
 
 def make_task(
@@ -75,7 +79,7 @@ def cpu_model() -> str:
 
 
 def get_model(
-  params_path: str = '/tmp/prunax_oneshot_lm.pkl',
+  params_path: str = CACHE,
   steps: int = 1000,
   layers: int = 2,
   seq: int = 64,
@@ -122,7 +126,7 @@ def main() -> None:
   parser.add_argument('--eval', type=int, default=256, help='held-out windows of --seq characters')
   parser.add_argument(
     '--params',
-    default='/tmp/prunax_oneshot_lm.pkl',
+    default=CACHE,
     help='trained params cache (reused when it exists)',
   )
   args = parser.parse_args()
