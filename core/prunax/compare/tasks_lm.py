@@ -10,7 +10,10 @@ Python 3.11). The split is deterministic: the topics are joined in sorted order,
 :class:`CharLM` is also the model of ``benchmarks/oneshot_lm.py`` (one-shot pruning with
 calibration data), so the two share one model and one text.
 
-Dense baseline: see ``lm_task``.
+Dense baseline (:func:`lm_task` defaults, ``no_prune``, 400 steps, seeds 0-2, measured with
+``prunax compare --config sweep_lm``): held-out perplexity 7.73 ± 0.10, against 28.19 for
+the unigram model of the training characters on the same held-out windows
+(``LanguageModelTask.unigram_perplexity``).
 """
 
 from __future__ import annotations
