@@ -264,3 +264,58 @@ def test_gradual_group_pruning_through_wrap_optax():
     atol=1e-5,
   )
   assert shrunk.params['params']['Dense_1']['kernel'].shape == (16, 12)
+
+
+@pytest.mark.parametrize(
+  'model,shape,other',
+  [(CNN(), (2, 8, 8, 3), (5, 8, 8, 3)), (Block(), (2, 5, 16), (3, 7, 16))],
+)
+def test_shrunk_model_runs_on_other_input_shapes(model, shape, other):
+  x = jax.random.normal(jax.random.PRNGKey(1), shape)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  masks = sh.group_masks(sh.find_groups(model, variables, x), variables, 0.5)
+  shrunk = sh.shrink(model, variables, masks, x)
+  x2 = jax.random.normal(jax.random.PRNGKey(2), other)
+  np.testing.assert_allclose(
+    jax.jit(shrunk.apply)(shrunk.params, x2),
+    model.apply(apply_masks(variables, masks), x2),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+@pytest.mark.parametrize(
+  'model,shape', [(MLP(), (3, 16)), (Residual(), (3, 8)), (CNN(), (2, 8, 8, 3))]
+)
+def test_linen_module_runs_on_shrunk_params(model, shape):
+  x = jax.random.normal(jax.random.PRNGKey(1), shape)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  masks = sh.group_masks(sh.find_groups(model, variables, x), variables, 0.5)
+  shrunk = sh.shrink(model, variables, masks, x)
+  with pytest.raises(Exception, match='shape'):  # the module's own sizes no longer fit
+    model.apply(shrunk.params, x)
+  x2 = jax.random.normal(jax.random.PRNGKey(2), (7,) + shape[1:])
+  got = jax.jit(lambda p, x: sh.linen_apply(model, p, x))(shrunk.params, x2)
+  want = model.apply(apply_masks(variables, masks), x2)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_module_merged_with_shrunk_state_is_the_smaller_model():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+      self.norm = nnx.BatchNorm(16, use_running_average=True, rngs=rngs)
+      self.head = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(jax.nn.relu(self.norm(self.conv(x))).mean(axis=(1, 2)))
+
+  graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+  fn = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 6, 3))
+  masks = sh.group_masks(sh.find_groups(fn, state, x), state, 0.5)
+  shrunk = sh.shrink(fn, state, masks, x)
+  small = nnx.merge(graphdef, shrunk.params)
+  assert small.conv.kernel.shape == (3, 3, 3, 8) and small.norm.mean.shape == (8,)
+  x2 = jax.random.normal(jax.random.PRNGKey(2), (5, 6, 6, 3))
+  np.testing.assert_allclose(small(x2), fn(apply_masks(state, masks), x2), rtol=1e-5, atol=1e-6)
