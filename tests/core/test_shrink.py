@@ -319,3 +319,34 @@ def test_nnx_module_merged_with_shrunk_state_is_the_smaller_model():
   assert small.conv.kernel.shape == (3, 3, 3, 8) and small.norm.mean.shape == (8,)
   x2 = jax.random.normal(jax.random.PRNGKey(2), (5, 6, 6, 3))
   np.testing.assert_allclose(small(x2), fn(apply_masks(state, masks), x2), rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_transformer_block_heads_and_mlp():
+  class NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+      self.norm1 = nnx.LayerNorm(16, rngs=rngs)
+      self.attention = nnx.MultiHeadAttention(
+        num_heads=4, in_features=16, qkv_features=32, decode=False, rngs=rngs
+      )
+      self.norm2 = nnx.LayerNorm(16, rngs=rngs)
+      self.up, self.down = nnx.Linear(16, 64, rngs=rngs), nnx.Linear(64, 16, rngs=rngs)
+
+    def __call__(self, x):
+      h = self.norm1(x)
+      x = x + self.attention(h, h)
+      return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
+
+  graphdef, state = nnx.split(NnxBlock(nnx.Rngs(0)))
+  fn = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 16))
+  groups = sh.find_groups(fn, state, x)
+  heads = next(g for g in groups if ('attention/query/kernel/value', 1) in g.members)
+  assert heads.size == 4 and ('attention/out/kernel/value', 0) in heads.members
+  masks = sh.group_masks(groups, state, 0.5)
+  shrunk = sh.shrink(fn, state, masks, x)
+  assert jnp.shape(shrunk.params['attention']['query']['kernel'][...])[1] == 2
+  assert jnp.shape(shrunk.params['up']['kernel'][...]) == (16, 32)
+  x2 = jax.random.normal(jax.random.PRNGKey(2), (3, 7, 16))
+  np.testing.assert_allclose(
+    shrunk(shrunk.params, x2), fn(apply_masks(state, masks), x2), rtol=1e-5, atol=1e-5
+  )
