@@ -106,6 +106,47 @@ def bench_block(repeats, iters):
         )
 
 
+def bench_conv(repeats, iters):
+  channels, size = 256, 16
+  print(
+    f'\n## Block-sparse 3x3 conv, {channels}->{channels} channels, {size}x{size} images, '
+    'SAME (ConvFilter: patches x BlockSparse) / dense lax conv'
+  )
+  print(
+    f'{"block":>6} {"sparsity":>8} {"batch":>5}  {"ratio min/med/max":>20}  {"ms":>7} '
+    f'{"dense ms":>8}  {"bytes/dense":>11}'
+  )
+  b = jnp.zeros(channels)
+
+  def dense_conv(x, wb):
+    y = jax.lax.conv_general_dilated(
+      x, wb[0], (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+    return y + wb[1]
+
+  def sparse_conv(x, wb):
+    return si.conv_matmul(x, wb[0], (1, 1), 'SAME') + wb[1]
+
+  rows = 9 * channels
+  for bs in (16, 32):
+    for sparsity in (0.8, 0.9):
+      w = jax.random.normal(jax.random.PRNGKey(0), (rows, channels)) / np.sqrt(rows)
+      mask = jax.jit(
+        lambda w, bs=bs, sparsity=sparsity: Block((bs, bs)).mask(jnp.abs(w), sparsity)
+      )(w)
+      w = np.asarray(jnp.where(mask, w, 0)).reshape(3, 3, channels, channels)
+      cw = si.to_conv_filter(w, 'block', (bs, bs))
+      for batch in (1, 8):
+        x = jax.random.normal(jax.random.PRNGKey(1), (batch, size, size, channels))
+        fns = {'dense': (dense_conv, (jnp.asarray(w), b)), 'block': (sparse_conv, (cw, b))}
+        ratios, ms = compare(fns, x, repeats, iters)
+        print(
+          f'{bs:>6} {sparsity:>8} {batch:>5}  {summary(ratios["block"]):>20}  '
+          f'{ms["block"]:7.3f} {ms["dense"]:8.3f}  {cw.nbytes / w.nbytes:11.3f}',
+          flush=True,
+        )
+
+
 def bench_unstructured_nm(repeats, iters):
   print(f'\n## Unstructured 90% and 2:4 {SIDE}x{SIDE} layer, each layout / dense')
   print(
@@ -173,7 +214,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='fewer repeats')
   parser.add_argument('--repeats', type=int, default=None)
-  parser.add_argument('--only', choices=('shrink', 'block', 'other'), default=None)
+  parser.add_argument('--only', choices=('shrink', 'block', 'conv', 'other'), default=None)
   args = parser.parse_args(argv)
   repeats = args.repeats or (3 if args.quick else 7)
   iters = 5 if args.quick else 10
@@ -182,6 +223,8 @@ def main(argv=None):
     bench_shrink(repeats, iters)
   if args.only in (None, 'block'):
     bench_block(repeats, iters)
+  if args.only in (None, 'conv'):
+    bench_conv(repeats, iters)
   if args.only in (None, 'other'):
     bench_unstructured_nm(repeats, iters)
 

@@ -16,6 +16,10 @@ prunes by default) become
 * ``'auto'``: per leaf, the layout :func:`prunax.sparse_inference.choose_format` picks from
   its zero pattern (block, N:M, ELL, or dense when no layout pays off).
 
+Block and ELL hold a convolution filter ``(window..., in, out)`` as a
+:class:`~prunax.sparse_inference.ConvFilter`: its ``(window * in, out)`` matrix in that
+layout, run by :func:`sparse_apply` as image patches times the matrix.
+
 Entries are stored where the weight's bits are not all zero, so ``-0.0`` and NaN survive
 and ``densify(export_params(p))`` is bit-identical to ``p``. Other leaves stay dense.
 Exporting is a host-side step (it needs concrete arrays: the number of stored entries
@@ -36,6 +40,7 @@ from jax.experimental import sparse
 
 from prunax import sparse_inference
 from prunax.sparse_inference import BlockSparse
+from prunax.sparse_inference import ConvFilter
 from prunax.sparse_inference import EllSparse
 from prunax.sparse_inference import _nonzero_bits
 from prunax.sparsity_types import nm_default_axis
@@ -188,8 +193,11 @@ def export_params(
   Args:
     params: the pruned params (concrete arrays).
     fmt: ``'bcoo'``, ``'bcsr'`` (2-D leaves; others BCOO), ``'nm'``, ``'block'`` or
-      ``'ell'`` (2-D leaves; others BCOO), or ``'auto'`` (2-D leaves: the layout
-      :func:`~prunax.sparse_inference.choose_format` picks; others stay dense).
+      ``'ell'`` (2-D leaves; a leaf with more dimensions, a convolution filter
+      ``(window..., in, out)``, becomes a :class:`~prunax.sparse_inference.ConvFilter`
+      holding its ``(window * in, out)`` matrix in that layout), or ``'auto'`` (the layout
+      :func:`~prunax.sparse_inference.choose_format` picks for the leaf's matrix; a leaf
+      with more dimensions becomes a ``ConvFilter`` only for block or ELL, else stays dense).
     n, m, axis: the N:M pattern for ``'nm'`` (and the one ``'auto'`` detects).
     block_shape: the block of ``'block'``.
     filter_fn: optional ``fn(name, leaf) -> bool`` choosing the leaves to export (name:
@@ -207,11 +215,16 @@ def export_params(
       return x
     kind, kwargs = fmt, {}
     if fmt == 'auto':
-      if np.ndim(x) != 2:
+      if np.ndim(x) < 2:
         return x
-      kind, kwargs = sparse_inference.choose_format(x, nm=(n, m, axis))
+      matrix = np.reshape(x, (-1, np.shape(x)[-1]))
+      kind, kwargs = sparse_inference.choose_format(matrix, nm=(n, m, axis))
+      if np.ndim(x) > 2 and kind not in ('block', 'ell'):
+        return x
     if kind == 'dense':
       return x
+    if np.ndim(x) > 2 and kind in ('block', 'ell'):
+      return sparse_inference.to_conv_filter(x, kind, kwargs.get('block_shape', block_shape))
     if kind == 'nm':
       return to_nm(x, **(kwargs or {'n': n, 'm': m, 'axis': axis}))
     if np.ndim(x) == 2 and kind in ('bcsr', 'block', 'ell'):
@@ -223,7 +236,7 @@ def export_params(
   return jax.tree_util.tree_map_with_path(export, params)
 
 
-_LAYOUTS = (NMCompressed, BlockSparse, EllSparse)
+_LAYOUTS = (NMCompressed, BlockSparse, EllSparse, ConvFilter)
 
 
 def _is_sparse(x) -> bool:
@@ -284,28 +297,94 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
   """``module.apply(params, *args, **kwargs)`` of a Flax linen module on exported params.
 
   The matrix products of ``nn.Dense`` layers whose kernel is a 2-D BCOO/BCSR, block or
-  ELL leaf run as sparse products (:func:`sparse_matmul`); every other sparse leaf (conv
-  kernels, N:M) is densified first, inside the same computation.
+  ELL leaf run as sparse products (:func:`sparse_matmul`), and ``nn.Conv`` layers whose
+  kernel is a :class:`~prunax.sparse_inference.ConvFilter` as patches times its sparse
+  matrix (:func:`~prunax.sparse_inference.conv_matmul`); every other sparse leaf (BCOO
+  conv kernels, N:M, a ``ConvFilter`` read by another layer) is densified first, inside
+  the same computation.
+
+  Raises:
+    ValueError: for an ``nn.Conv`` with a ``ConvFilter`` kernel and an option the sparse
+      convolution does not implement (feature groups, a mask, circular/reflect/causal
+      padding), naming the layer and the option.
   """
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
 
-  def keep_sparse(x):
+  conv_kernels = set()
+
+  def record(next_fun, call_args, call_kwargs, context):
+    if isinstance(context.module, nn.Conv) and context.method_name == '__call__':
+      conv_kernels.add(('params', *context.module.path, 'kernel'))
+    return next_fun(*call_args, **call_kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda p: module.apply(p, *args, **kwargs), densify(exported))
+
+  def keep_sparse(path, x):
+    if isinstance(x, ConvFilter):
+      return tuple(str(getattr(k, 'key', k)) for k in path) in conv_kernels
     return isinstance(x, (sparse.BCOO, sparse.BCSR, BlockSparse, EllSparse)) and x.ndim == 2
 
-  params = jax.tree.map(lambda x: x if keep_sparse(x) else todense(x), exported, is_leaf=_is_sparse)
+  params = jax.tree_util.tree_map_with_path(
+    lambda path, x: x if keep_sparse(path, x) else todense(x), exported, is_leaf=_is_sparse
+  )
 
-  def dense_layer(next_fun, call_args, call_kwargs, context):
+  def sparse_layer(next_fun, call_args, call_kwargs, context):
     layer = context.module
-    if isinstance(layer, nn.Dense) and context.method_name == '__call__':
+    if context.method_name == '__call__' and isinstance(layer, (nn.Dense, nn.Conv)):
       kernel = layer.get_variable('params', 'kernel')
-      if keep_sparse(kernel):
+      if isinstance(layer, nn.Dense) and _is_sparse(kernel):
         (inputs,) = call_args
         y = sparse_matmul(inputs.astype(kernel.dtype), kernel)
         return y + layer.get_variable('params', 'bias') if layer.use_bias else y
+      if isinstance(layer, nn.Conv) and isinstance(kernel, ConvFilter):
+        (inputs,) = call_args
+        return _sparse_conv(layer, inputs, kernel)
     return next_fun(*call_args, **call_kwargs)
 
-  with nn.intercept_methods(dense_layer):
+  with nn.intercept_methods(sparse_layer):
     return module.apply(params, *args, **kwargs)
+
+
+def _sparse_conv(layer, inputs: jax.Array, kernel: ConvFilter) -> jax.Array:
+  """``nn.Conv.__call__`` with a sparse filter (the options it implements)."""
+  from flax.linen import linear  # pylint: disable=import-outside-toplevel
+
+  rank = len(kernel.shape) - 2
+  padding = linear.canonicalize_padding(layer.padding, rank)
+  problems = []
+  if layer.feature_group_count != 1:
+    problems.append(f'feature_group_count={layer.feature_group_count}')
+  if layer.mask is not None:
+    problems.append('mask')
+  if isinstance(padding, str) and padding not in ('SAME', 'VALID'):
+    problems.append(f'padding={layer.padding!r}')
+  if problems:
+    raise ValueError(
+      f'sparse_apply: nn.Conv at {"/".join(layer.path)} has a ConvFilter kernel and '
+      f'{", ".join(problems)}; the sparse convolution needs feature_group_count=1, no mask '
+      f'and SAME, VALID or explicit padding. Export that kernel in another format '
+      f'(export_params(..., filter_fn=...)).'
+    )
+
+  def per_dim(value):
+    if value is None:
+      return (1,) * rank
+    return (value,) * rank if isinstance(value, int) else tuple(value)
+
+  batch_shape = inputs.shape[: inputs.ndim - rank - 1]
+  flat = inputs.reshape((-1,) + inputs.shape[len(batch_shape) :])
+  y = sparse_inference.conv_matmul(
+    flat.astype(kernel.dtype),
+    kernel,
+    per_dim(layer.strides),
+    padding,
+    per_dim(layer.input_dilation),
+    per_dim(layer.kernel_dilation),
+  )
+  if layer.use_bias:
+    y = y + layer.get_variable('params', 'bias')
+  return y.reshape(batch_shape + y.shape[1:])
 
 
 # ------------------------------------------------------------------------------ save/load
@@ -334,6 +413,15 @@ def save(path: str | os.PathLike, exported: PyTree) -> None:
         'axis': leaf.axis,
       }
       parts = {'values': leaf.values, 'positions': leaf.packed_positions}
+    elif isinstance(leaf, ConvFilter):
+      matrix = leaf.matrix
+      if isinstance(matrix, BlockSparse):
+        manifest[name] = {'kind': 'conv_block', 'block_shape': matrix.block_shape}
+        parts = {'values': matrix.values, 'rows': matrix.block_rows, 'cols': matrix.block_cols}
+      else:
+        manifest[name] = {'kind': 'conv_ell'}
+        parts = {'values': matrix.values, 'rows': matrix.rows, 'counts': matrix.counts}
+      manifest[name].update(shape=leaf.shape, matrix_shape=matrix.shape)
     elif isinstance(leaf, BlockSparse):
       manifest[name] = {'kind': 'block', 'shape': leaf.shape, 'block_shape': leaf.block_shape}
       parts = {'values': leaf.values, 'rows': leaf.block_rows, 'cols': leaf.block_cols}
@@ -375,6 +463,14 @@ def load(path: str | os.PathLike) -> dict:
         )
       elif kind == 'ell':
         leaf = EllSparse(get('values'), get('rows'), get('counts'), info['shape'])
+      elif kind == 'conv_block':
+        matrix = BlockSparse(
+          get('values'), get('rows'), get('cols'), info['matrix_shape'], info['block_shape']
+        )
+        leaf = ConvFilter(matrix, info['shape'])
+      elif kind == 'conv_ell':
+        matrix = EllSparse(get('values'), get('rows'), get('counts'), info['matrix_shape'])
+        leaf = ConvFilter(matrix, info['shape'])
       elif kind == 'bcoo':
         leaf = sparse.BCOO(
           (get('data'), get('indices')),

@@ -449,20 +449,45 @@ class ShrinkError(ValueError):
 class Shrunk:
   """A shrunk model: ``shrunk(params, *args)`` replays the traced computation with the
   smaller feature sizes (jittable). ``params`` holds the smaller params; ``sizes`` maps
-  each shrunk group's first member to ``(old, new)`` channel counts."""
+  each shrunk group's first member to ``(old, new)`` channel counts.
 
-  def __init__(self, closed, keep: dict, treedef, consts, params, sizes):
-    self._closed, self._keep, self._treedef = closed, keep, treedef
-    self._consts = consts
+  Inputs of other shapes than the example inputs (another batch size or sequence length)
+  are traced again through the original model, once per input shapes, and shrunk by the
+  same kept channels."""
+
+  def __init__(self, fn, full_params, args, trace, keep_by_member: dict, params, sizes):
+    self._fn, self._keep_by_member = fn, keep_by_member
+    self._full = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), full_params)
+    self._programs: dict = {}
+    self._programs[_arg_key(args)] = self._program(trace, args)
     self.params, self.sizes = params, sizes
+
+  def _program(self, trace: _Trace, args):
+    keep_by_root = {}
+    for root, group in trace.groups.items():
+      kept = [self._keep_by_member[m] for m in group.members if m in self._keep_by_member]
+      if kept:
+        keep_by_root[root] = kept[0]
+    out_tree = jax.tree.structure(jax.eval_shape(self._fn, self._full, *args))
+    return trace.closed, _keep_nodes(trace, keep_by_root), out_tree
 
   def apply(self, params: PyTree, *args):
     """The shrunk computation of ``params`` (shaped like ``self.params``) on ``args``."""
+    key = _arg_key(args)
+    if key not in self._programs:
+      structs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), args)
+      self._programs[key] = self._program(_trace(self._fn, self._full, structs), structs)
+    closed, keep, out_tree = self._programs[key]
     flat = jax.tree.leaves(params) + list(jax.tree.leaves(args))
-    out = _replay(self._closed.jaxpr, self._consts, flat, self._keep)
-    return jax.tree.unflatten(self._treedef, out)
+    out = _replay(closed.jaxpr, closed.consts, flat, keep)
+    return jax.tree.unflatten(out_tree, out)
 
   __call__ = apply
+
+
+def _arg_key(args) -> tuple:
+  leaves, treedef = jax.tree.flatten(args)
+  return treedef, tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves)
 
 
 def _new_shape(v, keep):
@@ -563,9 +588,11 @@ def shrink(
   keep = _keep_nodes(trace, keep_by_root)
   invars = trace.closed.jaxpr.invars
   small = [_slice(x, v, keep) for x, v in zip(flat_p, invars)]
-  out_tree = jax.tree.structure(jax.eval_shape(fn, params, *args))
+  keep_by_member = {
+    member: kept for root, kept in keep_by_root.items() for member in trace.groups[root].members
+  }
   shrunk = Shrunk(
-    trace.closed, keep, out_tree, trace.closed.consts, jax.tree.unflatten(treedef, small), sizes
+    fn, params, args, trace, keep_by_member, jax.tree.unflatten(treedef, small), sizes
   )
   masked_params = jax.tree.map(
     lambda x, m: x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)),
@@ -585,3 +612,45 @@ def shrink(
         'GroupPruning do), including biases and norm scales.'
       )
   return shrunk
+
+
+def linen_apply(module, variables: PyTree, *args, **kwargs):
+  """``module.apply(variables, ...)`` of a linen module on shrunk (smaller) variables.
+
+  A linen module fixes its layers' feature sizes in its code (``nn.Dense(64)``), so the
+  smaller params of :func:`shrink` do not fit it. Here every ``nn.Dense``, ``nn.Conv``,
+  ``nn.DenseGeneral`` and ``nn.Einsum`` takes its feature sizes from its kernel; every
+  other layer (norms, attention, pooling) already follows its inputs' sizes. Unlike
+  ``Shrunk.apply``, this runs the module's own code, so keyword arguments
+  (``train=...``), RNGs and ``mutable=`` collections (e.g. BatchNorm statistics) work.
+
+  Example::
+
+    shrunk = prunax.shrink(model, variables, masks, x)
+    y = prunax.shrinking.linen_apply(model, shrunk.params, x, train=False)
+  """
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  def resize(next_fun, call_args, call_kwargs, context):
+    layer = context.module
+    if context.method_name != '__call__' or not layer.has_variable('params', 'kernel'):
+      return next_fun(*call_args, **call_kwargs)
+    shape = tuple(np.shape(layer.get_variable('params', 'kernel')))
+    if isinstance(layer, (nn.Dense, nn.Conv)):
+      changes = {'features': shape[-1]}
+    elif isinstance(layer, nn.DenseGeneral):
+      axis = (layer.axis,) if isinstance(layer.axis, int) else tuple(layer.axis)
+      batch = (layer.batch_dims,) if isinstance(layer.batch_dims, int) else layer.batch_dims
+      out = shape[len(axis) + len(tuple(batch)) :]
+      changes = {'features': out if isinstance(layer.features, (tuple, list)) else out[0]}
+    elif isinstance(layer, nn.Einsum):
+      changes = {'shape': shape}
+    else:
+      return next_fun(*call_args, **call_kwargs)
+    if all(getattr(layer, k) == v for k, v in changes.items()):
+      return next_fun(*call_args, **call_kwargs)
+    resized = layer.clone(parent=None, **changes)
+    return resized.apply({'params': layer.variables['params']}, *call_args, **call_kwargs)
+
+  with nn.intercept_methods(resize):
+    return module.apply(variables, *args, **kwargs)

@@ -146,6 +146,130 @@ class EllSparse:
     return f'EllSparse(shape={self.shape}, width={self.rows.shape[1]}, dtype={self.dtype})'
 
 
+@jax.tree_util.register_pytree_node_class
+class ConvFilter:
+  """A convolution filter ``(window..., in, out)`` held as its 2-D ``(window * in, out)``
+  matrix in a sparse layout (:class:`BlockSparse` or :class:`EllSparse`).
+
+  Rows are ordered as the filter's dimensions (window positions, then input channels), the
+  order of :func:`conv_patches`, so a convolution is ``conv_patches(x) @ matrix``
+  (:func:`conv_matmul`).
+
+  Attributes:
+    matrix: the 2-D layout.
+    shape: the filter's dense shape.
+  """
+
+  def __init__(self, matrix, shape):
+    self.matrix = matrix
+    self.shape = tuple(shape)
+
+  def tree_flatten(self):
+    return (self.matrix,), (self.shape,)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  @property
+  def dtype(self):
+    return self.matrix.dtype
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    return self.matrix.nbytes
+
+  def todense(self) -> jax.Array:
+    """The dense filter, bit-exact (works under ``jax.jit``)."""
+    return self.matrix.todense().reshape(self.shape)
+
+  def __repr__(self):
+    return f'ConvFilter(shape={self.shape}, matrix={self.matrix!r})'
+
+
+def to_conv_filter(x, fmt: str = 'block', block_shape: tuple[int, int] = (16, 16)) -> ConvFilter:
+  """:class:`ConvFilter` of a filter ``x`` of shape ``(window..., in, out)`` (``ndim >= 3``).
+
+  Args:
+    x: the filter (concrete).
+    fmt: ``'block'`` or ``'ell'``, the layout of its ``(window * in, out)`` matrix.
+    block_shape: the block of ``'block'``.
+  """
+  x = np.asarray(x)
+  if x.ndim < 3:
+    raise ValueError(f'to_conv_filter needs a (window..., in, out) filter, got shape {x.shape}.')
+  matrix = x.reshape(-1, x.shape[-1])
+  if fmt == 'block':
+    return ConvFilter(to_block(matrix, block_shape), x.shape)
+  if fmt == 'ell':
+    return ConvFilter(to_ell(matrix), x.shape)
+  raise ValueError(f"to_conv_filter: fmt must be 'block' or 'ell', got {fmt!r}.")
+
+
+def conv_patches(
+  x: jax.Array,
+  window: tuple[int, ...],
+  strides: tuple[int, ...],
+  padding: str | tuple[tuple[int, int], ...],
+  lhs_dilation: tuple[int, ...] | None = None,
+  rhs_dilation: tuple[int, ...] | None = None,
+) -> jax.Array:
+  """The input patches of a convolution of channels-last ``x`` ``(batch, spatial..., C)``.
+
+  Returns ``(batch, out spatial..., prod(window) * C)``, features ordered (window
+  positions, then channels), such that ``lax.conv_general_dilated(x, w, strides, padding,
+  lhs_dilation, rhs_dilation, ('N...C', '...IO', 'N...C'))`` equals
+  ``patches @ w.reshape(-1, out)``. Pure data movement (pads and strided slices), exact.
+  """
+  rank = len(window)
+  lhs_dilation = tuple(lhs_dilation or (1,) * rank)
+  rhs_dilation = tuple(rhs_dilation or (1,) * rank)
+  if isinstance(padding, str):  # As lax.conv_general_dilated: from the undilated input.
+    if any(d != 1 for d in lhs_dilation):
+      raise ValueError(
+        f'conv_patches: string padding {padding!r} with lhs_dilation={lhs_dilation} is not '
+        f'defined (as in lax.conv_general_dilated); give explicit (low, high) pads.'
+      )
+    dilated_window = [(k - 1) * d + 1 for k, d in zip(window, rhs_dilation)]
+    padding = jax.lax.padtype_to_pads(x.shape[1:-1], dilated_window, strides, padding)
+  config = [(0, 0, 0)]
+  config += [(lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation)]
+  x = jax.lax.pad(x, jnp.zeros((), x.dtype), config + [(0, 0, 0)])
+  sizes = [
+    (n - (k - 1) * d - 1) // s + 1
+    for n, k, d, s in zip(x.shape[1:-1], window, rhs_dilation, strides)
+  ]
+  slices = []
+  for offset in np.ndindex(*window):
+    start = [o * d for o, d in zip(offset, rhs_dilation)]
+    limit = [a + (m - 1) * s + 1 for a, m, s in zip(start, sizes, strides)]
+    slices.append(
+      jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *strides, 1))
+    )
+  patches = jnp.stack(slices, axis=-2)  # (batch, out spatial..., window, C)
+  return patches.reshape(*patches.shape[:-2], -1)
+
+
+def conv_matmul(
+  x: jax.Array,
+  w: ConvFilter,
+  strides: tuple[int, ...],
+  padding: str | tuple[tuple[int, int], ...],
+  lhs_dilation: tuple[int, ...] | None = None,
+  rhs_dilation: tuple[int, ...] | None = None,
+) -> jax.Array:
+  """A channels-last convolution with a sparse filter: ``conv_patches(x) @ w.matrix``."""
+  window = w.shape[:-2]
+  patches = conv_patches(x, window, strides, padding, lhs_dilation, rhs_dilation)
+  if isinstance(w.matrix, BlockSparse):
+    return block_matmul(patches.astype(w.dtype), w.matrix)
+  return ell_matmul(patches.astype(w.dtype), w.matrix)
+
+
 def to_block(x, block_shape: tuple[int, int], index_dtype=np.int32) -> BlockSparse:
   """:class:`BlockSparse` of a 2-D ``x``: every ``block_shape`` block with a nonzero bit."""
   x = np.asarray(x)

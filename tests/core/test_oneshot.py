@@ -414,6 +414,36 @@ SHARDED = textwrap.dedent("""
                        'max_gap': float(jnp.max(jnp.abs(one[0] - eight[0])) /
                                         jnp.max(jnp.abs(one[0]))),
                        'devices': len(eight[0].sharding.device_set)}
+    # A convolution and a per-head kernel, sharded on their output channels and heads.
+    conv_params = {
+        'conv': rng.normal(size=(3, 3, 8, 16)).astype(np.float32) / 8,
+        'heads': rng.normal(size=(4, 16, 8)).astype(np.float32) / 4}
+    images = rng.normal(size=(8, 6, 6, 8)).astype(np.float32)
+    def conv_fn(p, batch):
+      y = jax.lax.conv_general_dilated(batch, p['conv'], (1, 1), 'SAME',
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      y = jnp.tanh(y).reshape(y.shape[0], -1, 4, 16)  # (batch, tokens, heads, 16)
+      return jnp.einsum('bthd,hdk->bthk', y, p['heads'])
+    conv_specs = {'conv': P(None, None, None, 'model'), 'heads': P('model', None, None)}
+    conv_batches = [images[:4], images[4:]]
+    for stype in ('unstructured', '2:4'):
+      results = []
+      for sharded in (False, True):
+        p, b = conv_params, conv_batches
+        if sharded:
+          p = jax.device_put(p, {k: NamedSharding(mesh, s) for k, s in conv_specs.items()})
+          b = [jax.device_put(z, NamedSharding(mesh, P('data'))) for z in conv_batches]
+        results.append(oneshot.prune(conv_fn, p, b, method='sparsegpt', sparsity=0.5,
+                                     sparsity_type=stype, blocksize=8))
+      one, eight = results
+      report['conv_heads_' + stype] = {
+          'masks_equal': all(bool((a == b).all()) for a, b in
+                             zip(jax.tree.leaves(one.masks), jax.tree.leaves(eight.masks))),
+          'max_gap': max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
+                         for a, b in zip(jax.tree.leaves(one.params),
+                                         jax.tree.leaves(eight.params))),
+          'sites': len(one.table),
+          'devices': min(len(x.sharding.device_set) for x in jax.tree.leaves(eight.params))}
     print('REPORT' + json.dumps(report))
 """)
 
@@ -434,12 +464,16 @@ def sharded_report():
   return json.loads(line[len('REPORT') :])
 
 
-@pytest.mark.parametrize('case', ['unstructured', '2:4', 'solve'])
+@pytest.mark.parametrize(
+  'case', ['unstructured', '2:4', 'solve', 'conv_heads_unstructured', 'conv_heads_2:4']
+)
 def test_eight_devices_match_one(sharded_report, case):
   r = sharded_report[case]
   assert r['masks_equal'], r
   assert r['max_gap'] < 1e-4, r
-  assert r['devices'] == 8 or case != 'solve', r
+  assert r['devices'] == 8 or case in ('unstructured', '2:4'), r
+  if case.startswith('conv_heads'):
+    assert r['sites'] == 5, r  # the conv and each of the 4 heads
 
 
 # ----------------------------------------------------------------------------- command
@@ -597,3 +631,150 @@ def test_find_sites_through_remat_jit_and_casts():
   params = model.init(jax.random.PRNGKey(0), x)['params']
   sites, _ = oneshot.find_sites(lambda p, b: model.apply({'params': p}, b), params, x)
   assert [s.name for s in sites] == ['Checkpoint_RematBlock_0/Dense_0/kernel', 'Dense_0/kernel']
+
+
+# ----------------------------------------------------------------------------- conv, heads
+
+
+class _ConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 2), strides=(2, 1), padding='SAME', kernel_dilation=(1, 2))(x)
+    x = nn.Conv(8, (3, 3), padding='VALID')(nn.relu(x))
+    x = nn.Conv(8, (3, 3), feature_group_count=8)(x)  # depthwise: not a site
+    return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+def _site_matrices(apply_fn, params, batch):
+  """{site name: (in_dims, the site's (tokens, features) input matrix)}."""
+  leaves, treedef = jax.tree.flatten(params)
+  names = [
+    prunax.sparsity_distributions.path_name(p)
+    for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+  ]
+  closed = jax.make_jaxpr(lambda ls, b: apply_fn(jax.tree.unflatten(treedef, ls), b))(leaves, batch)
+  got = {}
+
+  def on_site(origin, in_dims, x, share_key, to_matrix):
+    got[names[origin.leaf] + oneshot.capture.index_name(origin.index)] = (in_dims, to_matrix())
+
+  oneshot.capture._Interpreter(on_site).run(
+    closed,
+    [*leaves, batch],
+    [oneshot.capture.Origin(i) for i in range(len(leaves))] + [None],
+  )
+  return got
+
+
+def test_conv_sites_read_their_input_patches():
+  model = _ConvNet()
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 8, 8))
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  apply_fn = lambda p, b: model.apply({'params': p}, b)  # noqa: E731
+  sites, non_kernel = oneshot.find_sites(apply_fn, params, x)
+  assert [s.name for s in sites] == ['Conv_0/kernel', 'Conv_1/kernel', 'Dense_0/kernel']
+  assert sites[0].in_dims == (0, 1, 2)  # (kh, kw, in): N:M groups along input channels
+  leaf_names = [
+    prunax.sparsity_distributions.path_name(p)
+    for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+  ]
+  assert {leaf_names[i]: op for i, op in non_kernel.items()}['Conv_2/kernel'] == (
+    'conv_general_dilated with feature groups'
+  )
+  # Every conv is its patch matrix times the filter as an (kh * kw * in, out) matrix.
+  matrices = _site_matrices(apply_fn, params, x)
+  h = x
+  for name, conv in (('Conv_0', dict(strides=(2, 1), padding='SAME', dil=(1, 2))),):
+    kernel = params[name]['kernel']
+    in_dims, X = matrices[f'{name}/kernel']
+    y = jax.lax.conv_general_dilated(
+      h,
+      kernel,
+      conv['strides'],
+      conv['padding'],
+      rhs_dilation=conv['dil'],
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision='highest',
+    )
+    W = oneshot.capture.kernel_matrix(kernel, in_dims)
+    assert X.shape == (y.size // 8, 3 * 2 * 8)
+    np.testing.assert_allclose(X @ W, y.reshape(-1, 8), rtol=1e-5, atol=1e-5)
+  grams, counts = oneshot.capture.make_gram_fn(apply_fn, params, x, sites[:1])(params, x)
+  X = np.asarray(matrices['Conv_0/kernel'][1])
+  assert counts[0] == X.shape[0]
+  np.testing.assert_allclose(grams[0], X.T @ X, rtol=1e-4, atol=1e-4)
+  # Grouped convolutions stay dense; naming one is an error that names the op.
+  with pytest.raises(ValueError, match='Conv_2/kernel.*feature groups'):
+    oneshot.prune(apply_fn, params, [x], sparsity_distribution={'Conv_2/kernel': 0.5})
+
+
+def test_conv_n_by_m_runs_along_input_channels():
+  model = _ConvNet()
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 8, 8))
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  result = oneshot.prune(
+    lambda p, b: model.apply({'params': p}, b),
+    params,
+    [x],
+    method='wanda',
+    sparsity_type='2:4',
+  )
+  mask = np.asarray(result.masks['Conv_1']['kernel'])  # (kh, kw, in, out)
+  assert (mask.reshape(3, 3, 2, 4, 8).sum(axis=3) == 2).all()
+  assert result.masks['Conv_2']['kernel'] is None
+  _assert_masked_zero(result.masks, result.params)
+
+
+class _PerHead(nn.Module):
+  """Per-head projections as batched matmuls: heads lead one kernel, sit inside the other."""
+
+  @nn.compact
+  def __call__(self, x):  # x: (batch, heads=3, 4)
+    wa = self.param('wa', nn.initializers.normal(1.0), (3, 4, 5))
+    wb = self.param('wb', nn.initializers.normal(1.0), (5, 3, 2))
+    h = jnp.tanh(jnp.einsum('bhd,hdk->bhk', x, wa))
+    return jnp.einsum('bhk,khe->bhe', h, wb)
+
+
+def test_heads_of_a_batched_kernel_are_pruned_separately():
+  model = _PerHead()
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 3, 4)) * jnp.array([1.0, 5.0, 0.2])[:, None]
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  apply_fn = lambda p, b: model.apply({'params': p}, b)  # noqa: E731
+  sites, _ = oneshot.find_sites(apply_fn, params, x)
+  assert [s.name for s in sites] == [
+    'wa[0]',
+    'wa[1]',
+    'wa[2]',
+    'wb[:, 0]',
+    'wb[:, 1]',
+    'wb[:, 2]',
+  ]
+  assert all(s.in_dims == (0,) for s in sites)
+  result = oneshot.prune(apply_fn, params, [x], method='wanda', sparsity=0.5, sequential=False)
+  h = jnp.tanh(jnp.einsum('bhd,hdk->bhk', x, params['wa']))
+  for head in range(3):  # Each head against Wanda on that head's own inputs.
+    want, _ = oneshot.wanda_prune(params['wa'][head], oneshot.gram(x[:, head]), 0.5)
+    np.testing.assert_array_equal(result.params['wa'][head], want)
+    want, _ = oneshot.wanda_prune(params['wb'][:, head], oneshot.gram(h[:, head]), 0.5)
+    np.testing.assert_array_equal(result.params['wb'][:, head], want)
+  assert [r.shape for r in result.table] == [(4, 5)] * 3 + [(5, 2)] * 3
+
+
+def test_conv_and_head_results_feed_export_summary_flops_and_training():
+  model = _ConvNet()
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 8, 8))
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  apply_fn = lambda p, b: model.apply({'params': p}, b)  # noqa: E731
+  result = oneshot.prune(apply_fn, params, [x], method='sparsegpt', sparsity=0.75, blocksize=8)
+  summary = prunax.summarize_sparsity(result.masks)
+  assert summary['sparsity/Conv_0/kernel'] == 0.75
+  counter = prunax.flops.FlopsCounter(apply_fn, params, x)
+  assert counter.inference_fraction(result.params) < 0.3
+  exported = prunax.export.export_params({'params': result.params}, 'bcoo')
+  got = jax.jit(lambda p, b: prunax.export.sparse_apply(model, p, b))(exported, x)
+  np.testing.assert_allclose(got, apply_fn(result.params, x), rtol=1e-5, atol=1e-5)
+  tx = prunax.pruning_at_init.FixedMaskSparse(masks=result.masks).wrap_optax(optax.sgd(0.1))
+  grads = jax.grad(lambda p: jnp.sum(apply_fn(p, x) ** 2))(result.params)
+  updates, _ = tx.update(grads, tx.init(result.params), result.params)
+  _assert_masked_zero(result.masks, optax.apply_updates(result.params, updates))

@@ -264,3 +264,89 @@ def test_gradual_group_pruning_through_wrap_optax():
     atol=1e-5,
   )
   assert shrunk.params['params']['Dense_1']['kernel'].shape == (16, 12)
+
+
+@pytest.mark.parametrize(
+  'model,shape,other',
+  [(CNN(), (2, 8, 8, 3), (5, 8, 8, 3)), (Block(), (2, 5, 16), (3, 7, 16))],
+)
+def test_shrunk_model_runs_on_other_input_shapes(model, shape, other):
+  x = jax.random.normal(jax.random.PRNGKey(1), shape)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  masks = sh.group_masks(sh.find_groups(model, variables, x), variables, 0.5)
+  shrunk = sh.shrink(model, variables, masks, x)
+  x2 = jax.random.normal(jax.random.PRNGKey(2), other)
+  np.testing.assert_allclose(
+    jax.jit(shrunk.apply)(shrunk.params, x2),
+    model.apply(apply_masks(variables, masks), x2),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+@pytest.mark.parametrize(
+  'model,shape', [(MLP(), (3, 16)), (Residual(), (3, 8)), (CNN(), (2, 8, 8, 3))]
+)
+def test_linen_module_runs_on_shrunk_params(model, shape):
+  x = jax.random.normal(jax.random.PRNGKey(1), shape)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  masks = sh.group_masks(sh.find_groups(model, variables, x), variables, 0.5)
+  shrunk = sh.shrink(model, variables, masks, x)
+  with pytest.raises(Exception, match='shape'):  # the module's own sizes no longer fit
+    model.apply(shrunk.params, x)
+  x2 = jax.random.normal(jax.random.PRNGKey(2), (7,) + shape[1:])
+  got = jax.jit(lambda p, x: sh.linen_apply(model, p, x))(shrunk.params, x2)
+  want = model.apply(apply_masks(variables, masks), x2)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_module_merged_with_shrunk_state_is_the_smaller_model():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+      self.norm = nnx.BatchNorm(16, use_running_average=True, rngs=rngs)
+      self.head = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(jax.nn.relu(self.norm(self.conv(x))).mean(axis=(1, 2)))
+
+  graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+  fn = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 6, 3))
+  masks = sh.group_masks(sh.find_groups(fn, state, x), state, 0.5)
+  shrunk = sh.shrink(fn, state, masks, x)
+  small = nnx.merge(graphdef, shrunk.params)
+  assert small.conv.kernel.shape == (3, 3, 3, 8) and small.norm.mean.shape == (8,)
+  x2 = jax.random.normal(jax.random.PRNGKey(2), (5, 6, 6, 3))
+  np.testing.assert_allclose(small(x2), fn(apply_masks(state, masks), x2), rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_transformer_block_heads_and_mlp():
+  class NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+      self.norm1 = nnx.LayerNorm(16, rngs=rngs)
+      self.attention = nnx.MultiHeadAttention(
+        num_heads=4, in_features=16, qkv_features=32, decode=False, rngs=rngs
+      )
+      self.norm2 = nnx.LayerNorm(16, rngs=rngs)
+      self.up, self.down = nnx.Linear(16, 64, rngs=rngs), nnx.Linear(64, 16, rngs=rngs)
+
+    def __call__(self, x):
+      h = self.norm1(x)
+      x = x + self.attention(h, h)
+      return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
+
+  graphdef, state = nnx.split(NnxBlock(nnx.Rngs(0)))
+  fn = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 16))
+  groups = sh.find_groups(fn, state, x)
+  heads = next(g for g in groups if ('attention/query/kernel/value', 1) in g.members)
+  assert heads.size == 4 and ('attention/out/kernel/value', 0) in heads.members
+  masks = sh.group_masks(groups, state, 0.5)
+  shrunk = sh.shrink(fn, state, masks, x)
+  assert jnp.shape(shrunk.params['attention']['query']['kernel'][...])[1] == 2
+  assert jnp.shape(shrunk.params['up']['kernel'][...]) == (16, 32)
+  x2 = jax.random.normal(jax.random.PRNGKey(2), (3, 7, 16))
+  np.testing.assert_allclose(
+    shrunk(shrunk.params, x2), fn(apply_masks(state, masks), x2), rtol=1e-5, atol=1e-5
+  )

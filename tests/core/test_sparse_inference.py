@@ -144,3 +144,116 @@ def test_formats_save_load_and_sparse_apply(tmp_path, fmt):
   np.testing.assert_allclose(
     np.asarray(got), np.asarray(model.apply(pruned, x)), rtol=1e-5, atol=1e-5
   )
+
+
+@hypothesis.settings(max_examples=12, deadline=None)
+@hypothesis.given(
+  rank=st.integers(1, 2),
+  window=st.integers(1, 3),
+  stride=st.integers(1, 3),
+  padding=st.sampled_from(['SAME', 'VALID', 'explicit']),
+  lhs_dilation=st.integers(1, 2),
+  rhs_dilation=st.integers(1, 2),
+  seed=st.integers(0, 99),
+)
+def test_conv_patches_times_the_filter_matrix_is_the_convolution(
+  rank, window, stride, padding, lhs_dilation, rhs_dilation, seed
+):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((2,) + (7,) * rank + (3,)).astype(np.float32)
+  w = rng.standard_normal((window,) * rank + (3, 5)).astype(np.float32)
+  # String padding with lhs dilation is refused by lax (and by conv_patches).
+  pads = [(1, 2)] * rank if padding == 'explicit' or lhs_dilation > 1 else padding
+  args = ((stride,) * rank, pads, (lhs_dilation,) * rank, (rhs_dilation,) * rank)
+  spatial = 'HW'[:rank] if rank == 2 else 'W'
+  want = jax.lax.conv_general_dilated(
+    x,
+    w,
+    *args,
+    dimension_numbers=(f'N{spatial}C', f'{spatial}IO', f'N{spatial}C'),
+    precision='highest',
+  )
+  patches = si.conv_patches(jnp.asarray(x), (window,) * rank, *args)
+  got = jnp.matmul(patches, w.reshape(-1, 5), precision='highest')
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  pruned = block_pruned(w.reshape(-1, 5).shape, (3, 1), 0.5, seed).reshape(w.shape)
+  sparse = si.to_conv_filter(pruned, 'block', (3, 1))
+  dense = sparse.todense()
+  np.testing.assert_array_equal(u32(dense), u32(pruned))
+  np.testing.assert_allclose(
+    si.conv_matmul(jnp.asarray(x), sparse, *args),
+    jax.lax.conv_general_dilated(
+      x,
+      dense,
+      *args,
+      dimension_numbers=(f'N{spatial}C', f'{spatial}IO', f'N{spatial}C'),
+      precision='highest',
+    ),
+    rtol=1e-4,
+    atol=1e-4,
+  )
+
+
+class CNN(nn.Module):
+  padding: str = 'SAME'
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(32, (3, 3), padding=self.padding)(x))
+    x = nn.relu(nn.Conv(32, (3, 3), strides=2)(x))
+    x = nn.Dense(32)(x)  # a Dense on the channel axis of a 4-D input
+    return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def _block_prune_filters(params, sparsity):
+  """Conv filters whose (window * in, out) matrix has whole 16x16 blocks pruned."""
+
+  def prune(path, x):
+    if x.ndim != 4:
+      return x
+    matrix = np.asarray(x).reshape(-1, x.shape[-1])
+    keep = block_pruned(matrix.shape, (16, 16), sparsity, seed=len(path)) != 0
+    return jnp.asarray(np.where(keep, matrix, 0).reshape(x.shape))
+
+  return jax.tree_util.tree_map_with_path(prune, params)
+
+
+def test_block_pruned_conv_filters_run_as_sparse_convolutions(tmp_path, monkeypatch):
+  model = CNN()
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 16))
+  pruned = _block_prune_filters(model.init(jax.random.PRNGKey(0), x), 0.9)
+  exported = export.export_params(pruned, 'auto')
+  for name in ('Conv_0', 'Conv_1'):
+    kernel = exported['params'][name]['kernel']
+    assert isinstance(kernel, si.ConvFilter) and isinstance(kernel.matrix, si.BlockSparse)
+    assert kernel.matrix.block_shape == (16, 16)
+  export.save(tmp_path / 'cnn.npz', exported)
+  loaded = export.load(tmp_path / 'cnn.npz')
+  assert export.nbytes(loaded) == export.nbytes(exported)
+  for name in ('Conv_0', 'Conv_1'):  # about 10% of the blocks, plus two int32 per block
+    stored, dense = exported['params'][name]['kernel'], pruned['params'][name]['kernel']
+    assert stored.nbytes < 0.15 * dense.nbytes
+  for a, b in zip(jax.tree.leaves(export.densify(loaded)), jax.tree.leaves(pruned)):
+    np.testing.assert_array_equal(u32(a), u32(b))
+  calls = []
+  real = si.conv_matmul
+  monkeypatch.setattr(si, 'conv_matmul', lambda *a: calls.append(1) or real(*a))
+  got = jax.jit(lambda p, x: export.sparse_apply(model, p, x))(loaded, x)
+  assert len(calls) == 2  # both convolutions ran on their block-sparse filters
+  np.testing.assert_allclose(got, model.apply(pruned, x), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_filter_used_by_another_layer_is_densified_and_unsupported_conv_is_named():
+  model = CNN()
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 16))
+  pruned = _block_prune_filters(model.init(jax.random.PRNGKey(0), x), 0.75)
+  circular = CNN(padding='CIRCULAR')
+  exported = export.export_params(pruned, 'block')
+  with pytest.raises(ValueError, match=r"Conv_0 .*padding='CIRCULAR'"):
+    export.sparse_apply(circular, exported, x)
+  # A (window, in, out)-shaped leaf that a Dense-like layer reads is densified.
+  einsum = nn.Einsum((3, 16, 16), 'bhwc,kcd->bhwkd', use_bias=False)
+  p = {'params': {'kernel': jnp.asarray(block_pruned((48, 16), (16, 16), 0.5).reshape(3, 16, 16))}}
+  wrapped = export.export_params(p, 'block')
+  assert isinstance(wrapped['params']['kernel'], si.ConvFilter)
+  np.testing.assert_allclose(export.sparse_apply(einsum, wrapped, x), einsum.apply(p, x), rtol=1e-5)

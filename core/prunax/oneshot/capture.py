@@ -7,6 +7,14 @@ contracting dimensions are the layer's inputs and the other operand holds the la
 input activations. This covers ``nn.Dense``, ``DenseGeneral``, ``Einsum``, attention
 projections and ``nnx.Linear`` alike, without hooks into a model library.
 
+A kernel dimension that the matmul batches over (a head axis, as in
+``'bhd,hdk->bhk'``, or an expert axis) makes each of its slices a separate layer: one site
+per head, with that head's own inputs. A ``conv_general_dilated`` with a parameter as its
+filter is a site too (``nn.Conv``, ``nnx.Conv``): its inputs are the image patches that the
+filter sees, and its input dimensions are the filter's spatial dimensions then its input
+features, so that N:M groups run along input channels. Grouped convolutions
+(``feature_group_count > 1``) are not sites.
+
 Stacked (scanned) layers: a ``scan`` whose scanned inputs carry a parameter is unrolled by
 the interpreter, so each layer slice ``leaf[l]`` is its own site with its own inputs. Calls
 (``pjit``, ``remat``, ``custom_jvp``/``custom_vjp``) are entered; any other primitive that
@@ -26,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
+from prunax import sparse_inference
 from prunax.sparsity_distributions import path_name
 
 PyTree = Any
@@ -41,7 +50,19 @@ class Origin:
   """A value that is ``leaves[leaf][index]`` (maybe cast)."""
 
   leaf: int
-  index: tuple[int, ...] = ()
+  index: tuple[int | None, ...] = ()
+
+
+def numpy_index(index: tuple[int | None, ...]) -> tuple[int | slice, ...]:
+  """A site index as a numpy index: ``None`` is a whole dimension (``:``)."""
+  return tuple(slice(None) if i is None else i for i in index)
+
+
+def index_name(index: tuple[int | None, ...]) -> str:
+  """``'[2]'`` for layer 2 of a stacked leaf, ``'[:, 3]'`` for head 3 on dimension 1."""
+  if not index:
+    return ''
+  return '[' + ', '.join(':' if i is None else str(i) for i in index) + ']'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +71,12 @@ class Site:
 
   Attributes:
     leaf: index of the parameter leaf (in ``jax.tree.leaves`` order).
-    index: the layer slice of a stacked leaf (``()`` for an ordinary kernel).
+    index: the slice of the leaf (``()`` for an ordinary kernel): the layer of a stacked
+      leaf and/or the head of a kernel that a matmul batches over; ``None`` entries are
+      whole dimensions (see :func:`numpy_index`).
     in_dims: the kernel slice's input (contracting) dimensions, in the order matched to
       the activations' feature dimensions.
-    name: ``'params/.../kernel'`` with ``'[l]'`` appended for a slice.
+    name: ``'params/.../kernel'`` with the slice appended (``'[3]'``, ``'[:, 1]'``).
     group: sites with the same group read the same input value (e.g. q, k, v) and are
       calibrated in the same pass.
   """
@@ -65,8 +88,13 @@ class Site:
   group: int
 
   @property
-  def key(self) -> tuple[int, tuple[int, ...]]:
+  def key(self) -> tuple[int, tuple[int | None, ...]]:
     return (self.leaf, self.index)
+
+  @property
+  def slices(self) -> tuple[int | slice, ...]:
+    """The numpy index of the kernel slice in its leaf."""
+    return numpy_index(self.index)
 
 
 def _closed(j):
@@ -84,12 +112,23 @@ def _call_jaxpr(eqn):
   return None
 
 
-class _Interpreter:
-  """Evaluates a jaxpr, tracking parameter origins and recording matmul sites."""
+# on_site(origin, in_dims, x, share_key, to_matrix): the kernel slice ``origin`` reads
+# input value ``x`` through its input dimensions ``in_dims``; ``to_matrix()`` gives those
+# inputs as ``(tokens, features)``; sites with equal ``(x, share_key)`` see the same matrix.
+OnSite = Callable[[Origin, tuple, Any, Any, Callable[[], jax.Array]], None]
 
-  def __init__(self, on_site: Callable[[Origin, Any, tuple, tuple, Any], None]):
+
+class _Interpreter:
+  """Evaluates a jaxpr, tracking parameter origins and recording matmul and conv sites."""
+
+  def __init__(self, on_site: OnSite):
     self.on_site = on_site
-    self.non_kernel: set[int] = set()
+    self.non_kernel: dict[int, str] = {}  # leaf -> the first op that made it a non-kernel
+
+  def _not_kernel(self, origins, op: str) -> None:
+    for o in origins:
+      if o is not None:
+        self.non_kernel.setdefault(o.leaf, op)
 
   def run(self, closed, args, origins):
     jaxpr = closed.jaxpr
@@ -132,28 +171,80 @@ class _Interpreter:
       return self.bind(eqn, ins), [oin[0]]
     if name == 'dot_general':
       return self.dot_general(eqn, ins, oin), [None]
+    if name == 'conv_general_dilated':
+      return self.conv(eqn, ins, oin), [None]
     inner = _call_jaxpr(eqn)
     if inner is not None:
       return self.run(inner, ins, oin)
     if name == 'scan':
       return self.scan(eqn, ins, oin)
-    for o in oin:  # Read by something else than a matmul: not a kernel.
-      if o is not None:
-        self.non_kernel.add(o.leaf)
+    self._not_kernel(oin, name)  # Read by something else than a matmul: not a kernel.
     return self.bind(eqn, ins), [None] * nout
 
   def dot_general(self, eqn, ins, oin):
     (lc, rc), (lb, rb) = eqn.params['dimension_numbers']
     out = self.bind(eqn, ins)
     if oin[0] is not None and oin[1] is not None:
-      self.non_kernel.update({oin[0].leaf, oin[1].leaf})
+      self._not_kernel(oin, 'dot_general of two parameters')
       return out
     k = 0 if oin[0] is not None else 1
-    if (lb, rb)[k]:  # Batched over a kernel dimension: not one layer's matmul.
-      self.non_kernel.add(oin[k].leaf)
-      return out
     kernel_c, x_c = (lc, rc) if k == 0 else (rc, lc)
-    self.on_site(oin[k], ins[1 - k], tuple(kernel_c), tuple(x_c), ins[k])
+    kernel_b, x_b = (lb, rb) if k == 0 else (rb, lb)
+    kernel_c, x_c, kernel_b, x_b = map(tuple, (kernel_c, x_c, kernel_b, x_b))
+    origin, x = oin[k], ins[1 - k]
+    if not kernel_b:
+      self.on_site(origin, kernel_c, x, ('dot', x_c), lambda: _input_matrix(x, x_c))
+      return out
+    # Batched over kernel dimensions (heads): every slice is its own layer.
+    kshape = np.shape(ins[k])
+    for idx in np.ndindex(*(kshape[d] for d in kernel_b)):
+      head = dict(zip(kernel_b, idx))
+      local = tuple(head.get(d) for d in range(max(kernel_b) + 1))
+      x_index = [slice(None)] * np.ndim(x)
+      for d, i in zip(x_b, idx):
+        x_index[d] = i
+      in_dims = tuple(d - sum(b < d for b in kernel_b) for d in kernel_c)
+      xc_h = tuple(d - sum(b < d for b in x_b) for d in x_c)
+
+      def to_matrix(x_index=tuple(x_index), xc_h=xc_h):
+        return _input_matrix(x[x_index], xc_h)
+
+      self.on_site(
+        Origin(origin.leaf, origin.index + local), in_dims, x, ('dot', x_c, x_b, idx), to_matrix
+      )
+    return out
+
+  def conv(self, eqn, ins, oin):
+    p = eqn.params
+    out = self.bind(eqn, ins)
+    if oin[0] is not None or p['feature_group_count'] != 1 or p['batch_group_count'] != 1:
+      why = 'conv_general_dilated' + (
+        ' with a parameter as its input' if oin[0] is not None else ' with feature groups'
+      )
+      self._not_kernel(oin, why)
+      return out
+    lhs_spec, rhs_spec, _ = p['dimension_numbers']
+    x, rhs = ins[0], ins[1]
+    window = tuple(np.shape(rhs)[d] for d in rhs_spec[2:])
+    # Patch features and the filter's matrix rows are ordered (window..., input feature),
+    # so that N:M groups run along input channels.
+    in_dims = (*rhs_spec[2:], rhs_spec[1])
+    geometry = ('conv', window, p['window_strides'], p['padding'], p['lhs_dilation'])
+    geometry += (p['rhs_dilation'], tuple(lhs_spec))
+
+    def to_matrix():
+      channels_last = jnp.transpose(x, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
+      patches = sparse_inference.conv_patches(
+        channels_last,
+        window,
+        p['window_strides'],
+        p['padding'],
+        p['lhs_dilation'],
+        p['rhs_dilation'],
+      )
+      return patches.reshape(-1, patches.shape[-1])
+
+    self.on_site(oin[1], in_dims, x, geometry, to_matrix)
     return out
 
   def scan(self, eqn, ins, oin):
@@ -161,10 +252,7 @@ class _Interpreter:
     nc, ncarry, length = p['num_consts'], p['num_carry'], p['length']
     consts, carry, xs = ins[:nc], ins[nc : nc + ncarry], ins[nc + ncarry :]
     oc, ocarry, oxs = oin[:nc], oin[nc : nc + ncarry], oin[nc + ncarry :]
-    if any(o is not None for o in ocarry):
-      for o in ocarry:
-        if o is not None:
-          self.non_kernel.add(o.leaf)
+    self._not_kernel(ocarry, 'scan carry')
     ys_steps = []
     steps = range(length - 1, -1, -1) if p['reverse'] else range(length)
     for i in steps:
@@ -203,8 +291,9 @@ def find_sites(
   """The matmul sites of ``apply_fn(params, batch)`` in execution order (shapes only).
 
   Returns:
-    ``(sites, non_kernel)``: one :class:`Site` per kernel slice (first use), and the leaf
-    indices of parameters that are read by something else than a matmul.
+    ``(sites, non_kernel)``: one :class:`Site` per kernel slice (first use), and
+    ``{leaf index: op}`` for parameters read by something else than a matmul or
+    convolution (``op`` names the first such primitive).
   """
   closed, leaves, treedef = _trace(apply_fn, params, batch)
   names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
@@ -213,8 +302,8 @@ def find_sites(
   groups: list[Any] = []
   layouts: dict[tuple, tuple] = {}
 
-  def on_site(origin, x, kernel_c, x_c, kernel):
-    del x_c, kernel
+  def on_site(origin, kernel_c, x, share_key, to_matrix):
+    del share_key, to_matrix
     key = (origin.leaf, origin.index)
     if key in layouts:
       if layouts[key] != kernel_c:
@@ -226,7 +315,7 @@ def find_sites(
     layouts[key] = kernel_c
     if not groups or groups[-1] is not x:
       groups.append(x)
-    name = names[origin.leaf] + ''.join(f'[{i}]' for i in origin.index)
+    name = names[origin.leaf] + index_name(origin.index)
     sites[key] = Site(origin.leaf, origin.index, kernel_c, name, len(groups) - 1)
 
   interp = _Interpreter(on_site)
@@ -263,17 +352,18 @@ def make_gram_fn(
 
     shared = {}  # Kernels reading the same input (q, k, v) share one Gram matrix.
 
-    def on_site(origin, x, kernel_c, x_c, kernel):
-      del kernel_c, kernel
+    def on_site(origin, kernel_c, x, share_key, to_matrix):
+      del kernel_c
       j = wanted.get((origin.leaf, origin.index))
       if j is None:
         return
-      X = _input_matrix(x, x_c).astype(jnp.float32)
-      if (id(x), x_c) not in shared:
-        shared[id(x), x_c] = (x, X.T @ X)  # x is kept so that its id stays unique
-      g = shared[id(x), x_c][1]
+      if (id(x), share_key) not in shared:
+        X = to_matrix().astype(jnp.float32)
+        # x is kept so that its id stays unique.
+        shared[id(x), share_key] = (x, X.T @ X, X.shape[0])
+      _, g, tokens = shared[id(x), share_key]
       grams[j] = g if grams[j] is None else grams[j] + g
-      counts[j] = counts[j] + X.shape[0]
+      counts[j] = counts[j] + tokens
 
     _Interpreter(on_site).run(
       closed,

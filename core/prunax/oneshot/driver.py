@@ -102,7 +102,7 @@ def parse_sparsity_type(spec: str | SparsityType) -> SparsityType:
 
 
 def _targets(params, leaves, names, sites, non_kernel, sparsity, distribution, filter_fn):
-  kernel_leaves = {s.leaf for s in sites} - non_kernel
+  kernel_leaves = {s.leaf for s in sites} - set(non_kernel)
   if isinstance(distribution, str):
     user_filter = filter_fn or (lambda name, leaf: True)
 
@@ -128,9 +128,9 @@ def _targets(params, leaves, names, sites, non_kernel, sparsity, distribution, f
       continue
     if i not in kernel_leaves:
       why = (
-        'is read by something else than a matmul (e.g. an embedding lookup)'
+        f'is read by {non_kernel[i]!r}, not only as a matmul or convolution kernel'
         if i in non_kernel
-        else 'is not used as the kernel of any matmul'
+        else 'is not used as the kernel of any matmul or convolution'
       )
       raise ValueError(
         f'parameter {names[i]!r} {why}; one-shot pruning needs the layer '
@@ -157,15 +157,17 @@ def prune(
   """Prunes every matmul kernel of ``apply_fn`` in one shot from calibration ``batches``.
 
   Kernels are found by tracing ``apply_fn(params, batch)`` (see :mod:`capture`): the
-  kernels of Dense/DenseGeneral/Einsum layers, attention projections, and each layer slice
-  of stacked (scanned) kernels. They are pruned in execution order, one input group at a
+  kernels of Dense/DenseGeneral/Einsum/Conv layers, attention projections, each layer slice
+  of stacked (scanned) kernels and each head of a kernel that a matmul batches over (a
+  head's own inputs calibrate it). They are pruned in execution order, one input group at a
   time (kernels reading the same input, like q/k/v, share one calibration pass). With
   ``sequential=True`` (the papers), a group's inputs are computed through the already
   pruned kernels; with ``sequential=False`` through the dense model. Each group costs one
   forward pass over the calibration batches (compiled once per model and group, reused by
   later calls); memory beyond the original and pruned params is one Gram matrix per
-  distinct input of the group. Convolution kernels (``conv_general_dilated``) are not
-  matmul kernels here: they are left dense unless named, which is an error.
+  distinct input of the group. A convolution filter is pruned as the ``(window * in, out)``
+  matrix applied to its input patches (N:M groups along input channels); grouped
+  convolutions are left dense unless named, which is an error naming the op.
 
   Example (flax linen)::
 
@@ -223,8 +225,8 @@ def prune(
       tokens = counts if tokens is None else [a + b for a, b in zip(tokens, counts)]
     for site, total, n in zip(group, totals, tokens):
       H = 2.0 * total / n
-      leaf = current[site.leaf]
-      kernel = leaf[site.index] if site.index else leaf
+      leaf = jnp.asarray(current[site.leaf])  # numpy leaves too (.at below)
+      kernel = leaf[site.slices] if site.index else leaf
       W = capture.kernel_matrix(kernel, site.in_dims)
       start = time.perf_counter()
       new_W, keep = method_fn(W, H, targets[site.leaf], stype, **method_kwargs)
@@ -240,8 +242,8 @@ def prune(
       new_kernel = capture.kernel_from_matrix(new_W, site.in_dims, kernel.shape)
       new_keep = capture.kernel_from_matrix(keep, site.in_dims, kernel.shape)
       if site.index:
-        current[site.leaf] = leaf.at[site.index].set(new_kernel.astype(leaf.dtype))
-        masks[site.leaf] = masks[site.leaf].at[site.index].set(new_keep)
+        current[site.leaf] = leaf.at[site.slices].set(new_kernel.astype(leaf.dtype))
+        masks[site.leaf] = masks[site.leaf].at[site.slices].set(new_keep)
       else:
         current[site.leaf] = new_kernel.astype(leaf.dtype)
         masks[site.leaf] = new_keep
