@@ -1055,6 +1055,7 @@ def _unpack_unaligned(updater: BaseUpdater, params: PyTree) -> BaseUpdater:
     for name, p in sparsity_distributions.named_leaves(params)
     if isinstance(p, jax.Array)
     and not isinstance(p, jax.core.Tracer)
+    and np.ndim(p) > 0
     and updater.packs(name)
     and not packing_aligned(np.shape(p)[-1], last_axis_shards(p))
   ]
