@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from hypothesis import example
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -257,6 +258,7 @@ def test_bad_layer_axes_are_rejected(spec, error):
   sparsity=st.floats(0.0, 0.95),
   seed=st.integers(0, 2**16),
 )
+@example(layers=2, rows=1, cols=1, axis=0, sparsity=0.75, seed=0)  # keeps its one weight
 def test_exact_count_in_every_layer(layers, rows, cols, axis, sparsity, seed):
   shape = [rows, cols]
   shape.insert(axis, layers)
@@ -265,7 +267,8 @@ def test_exact_count_in_every_layer(layers, rows, cols, axis, sparsity, seed):
   _, masks = updater.instant_sparsify({'w': w})
   per_layer = np.moveaxis(np.asarray(masks['w']), axis, 0).reshape(layers, -1)
   n = rows * cols
-  kept = n - int(np.round(np.float32(sparsity) * np.float32(n)))
+  # round(sparsity * n) pruned, but at most n - 1: every layer keeps at least one weight.
+  kept = n - min(int(np.round(np.float32(sparsity) * np.float32(n))), n - 1)
   assert per_layer.sum(axis=1).tolist() == [kept] * layers
   # Each layer keeps its own largest magnitudes.
   scores = np.moveaxis(np.abs(np.asarray(w)), axis, 0).reshape(layers, -1)
