@@ -90,14 +90,13 @@ def _pruned(state: dict) -> dict:
   for name, mask in masks.items():
     param = state['target/' + name]
     # Stored 1 bit per weight, packed along the last axis in gcd(d, 8) byte blocks (the
-    # default; one block when the blocks would hold a multiple of 8 weights).
+    # default; one block when the blocks would hold a multiple of 8 weights), or one uint8
+    # per weight. A last axis of 8 packs one weight per byte, in the param's shape.
     d = param.shape[-1]
     blocks = math.gcd(d, 8) if (d // math.gcd(d, 8)) % 8 else 1
-    assert mask.dtype == np.uint8 and mask.shape == (
-      *param.shape[:-1],
-      blocks * -(-(d // blocks) // 8),
-    ), name
-    out[name] = (param, np.asarray(prunax.unpack_mask(mask, param.shape)))
+    packed = (*param.shape[:-1], blocks * -(-(d // blocks) // 8))
+    assert mask.dtype == np.uint8 and mask.shape in (packed, param.shape), name
+    out[name] = (param, np.asarray(prunax.unpack_masks({'m': mask}, {'m': param})['m']))
   return out
 
 
