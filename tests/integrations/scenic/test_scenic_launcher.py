@@ -14,6 +14,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import prunax
@@ -73,7 +74,7 @@ def _unpacked(masks, params):
   """Boolean masks from stored ones (1 bit per weight packed along the last axis, or uint8)."""
   if isinstance(masks, collections.abc.Mapping):
     return {k: _unpacked(v, params[k]) for k, v in masks.items()}
-  if masks is None:
+  if masks is None or isinstance(masks, optax.MaskedNode):  # A leaf that is not pruned.
     return None
   return np.asarray(prunax.unpack_masks(np.asarray(masks), np.asarray(params)))
 
