@@ -232,6 +232,10 @@ def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Inverse of :func:`pack_mask` for a parameter of ``shape``; returns a bool mask."""
   shape = tuple(shape)
   blocks, width = _pack_blocks(shape[-1])
+  if width == 1:
+    # One weight per byte (a last axis of 1, 2, 4 or 8): the packed mask has the param's
+    # shape, as a uint8 mask does, and either is nonzero exactly where a weight is kept.
+    return (packed != 0).reshape(shape)
   packed = packed.reshape(shape[:-1] + (blocks, -1))
   return jnp.unpackbits(packed, axis=-1, count=width).astype(bool).reshape(shape)
 

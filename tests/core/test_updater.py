@@ -662,3 +662,38 @@ def test_pack_mask_is_numpy_packbits_and_lazy_masks_read_it(shape):
   np.testing.assert_array_equal(selection.materialize(lazy), m)
   np.testing.assert_array_equal(np.asarray(lazy.rows()).reshape(-1), m.reshape(-1))
   np.testing.assert_array_equal(lazy.strided_sample(3), m.reshape(-1)[::3])
+
+
+@pytest.mark.parametrize('d', [1, 2, 4, 8])
+@pytest.mark.parametrize('algorithm', ['magnitude', 'rigl'])
+def test_masks_of_one_weight_per_byte_apply_as_packed_or_not(algorithm, d):
+  """A last axis of 1, 2, 4 or 8 weights packs one weight per byte, in the param's shape: a
+  stored mask there (0/1 or 0/128) reads the same through every path, also jaxpruner's
+  ``apply_masks(..., is_packed=True)``, which zeroed every weight of a 0/1 mask."""
+  from prunax import base_updater
+
+  params = {'w': jax.random.normal(jax.random.PRNGKey(d), (16, d))}
+  updater = prunax.create_updater_from_config(
+    {
+      'algorithm': algorithm,
+      'sparsity': 0.5,
+      'dist_type': 'uniform',
+      'update_freq': 1,
+      'update_start_step': 0,
+      'update_end_step': 1,
+      'packed_masks': True,
+    }
+  )
+  tx = updater.wrap_optax(optax.sgd(0.1))
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    params = optax.apply_updates(params, updates)
+  stored = state.masks['w']
+  assert stored.shape == (16, d)
+  keep = np.asarray(params['w'] != 0)
+  assert 0 < keep.sum() < keep.size
+  np.testing.assert_array_equal(base_updater.unpack_mask(stored, (16, d)), keep)
+  for is_packed in (True, None):
+    masked = updater.apply_masks(params, state.masks, is_packed=is_packed)
+    np.testing.assert_array_equal(masked['w'], params['w'])

@@ -22,6 +22,7 @@ def pruned_optax(
   update_start_step: int | None = None,
   update_end_step: int | None = None,
   drop_fraction: float | None = None,
+  drop_fraction_fn: str | None = None,
   custom_sparsity_map: Mapping[str, float] | None = None,
   seed: int = 0,
   packed_masks: bool = True,
@@ -51,7 +52,11 @@ def pruned_optax(
     update_freq: steps between mask updates.
     update_start_step: first mask-update step.
     update_end_step: last mask-update step.
-    drop_fraction: fraction of connections dropped per update (SET/RigL only).
+    drop_fraction: fraction of connections dropped per update (drop-and-grow algorithms
+      only: set, rigl, snfs, mest, granet, nm_set, nm_rigl).
+    drop_fraction_fn: 'cosine' (decays to 0 at ``update_end_step``, which it needs) or
+      'constant'; None: 'cosine' with an ``update_end_step``, else constant with a warning
+      (drop-and-grow algorithms only).
     custom_sparsity_map: sparsities per parameter name, e.g. {'params/token_embedder/embedding':
       0.0}.
     seed: seed of the pruner's random key.
@@ -79,6 +84,7 @@ def pruned_optax(
     'update_start_step': update_start_step,
     'update_end_step': update_end_step,
     'drop_fraction': drop_fraction,
+    'drop_fraction_fn': drop_fraction_fn,
     'custom_sparsity_map': custom_sparsity_map,
     'seed': seed,
     'packed_masks': packed_masks,

@@ -105,6 +105,31 @@ optax.sgd.learning_rate = 0.1
 """)
 
 
+@pytest.mark.parametrize('value', ['constant', 'cosine'])
+def test_drop_fraction_fn_reaches_the_updater(value):
+  tx = _parse(f"""
+prunax_t5x.pruned_optax:
+  optimizer = @optax.sgd()
+  algorithm = 'rigl'
+  sparsity = 0.5
+  update_end_step = 10
+  drop_fraction_fn = '{value}'
+optax.sgd.learning_rate = 0.1
+""")
+  assert tx.init.args[0].drop_fraction_fn == value
+
+
+@pytest.mark.parametrize(
+  ('algorithm', 'value', 'message'),
+  [('rigl', 'linear', "'linear'"), ('magnitude', 'constant', 'drop_fraction_fn applies only')],
+)
+def test_bad_drop_fraction_fn_names_the_value(algorithm, value, message):
+  with pytest.raises(ValueError, match=message):
+    prunax_t5x.pruned_optax(
+      optax.sgd(0.1), algorithm, 0.5, update_end_step=10, drop_fraction_fn=value
+    )
+
+
 def _inner_marker(state, params_axes):
   del params_axes
   return jax.tree.map(lambda _: 'inner', state)

@@ -30,7 +30,14 @@ CONFIG = {
 }
 
 
-def _train(model_dir, algorithm: str, devices: int = 1, steps: int = TRAIN_STEPS) -> None:
+def _train(
+  model_dir,
+  algorithm: str,
+  devices: int = 1,
+  steps: int = TRAIN_STEPS,
+  gin_file: str = TINY_GIN,
+  extra: tuple = (),
+) -> None:
   bindings = {
     'MODEL_DIR': repr(str(model_dir)),
     'TRAIN_STEPS': steps,
@@ -39,10 +46,11 @@ def _train(model_dir, algorithm: str, devices: int = 1, steps: int = TRAIN_STEPS
     'utils.SaveCheckpointConfig.save_dataset': True,
   }
   bindings.update({f'prunax_t5x.pruned_optax.{k}': repr(v) for k, v in CONFIG.items()})
+  bindings.update(dict(extra))
   if devices > 1:  # t5x's CPU mesh is all 'model' unless a model-parallel submesh is given
     bindings['partitioning.PjitPartitioner.num_partitions'] = None
     bindings['partitioning.PjitPartitioner.model_parallel_submesh'] = (1, 1, 1, 2)
-  cmd = [sys.executable, '-m', 't5x.train', f'--gin_file={TINY_GIN}']
+  cmd = [sys.executable, '-m', 't5x.train', f'--gin_file={gin_file}']
   cmd += [f'--gin.{k}={v}' for k, v in bindings.items()]
   env = dict(
     os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
@@ -69,12 +77,13 @@ def _load(model_dir, step: int) -> dict:
 def runs(tmp_path_factory):
   cache = {}
 
-  def get(algorithm: str, devices: int = 1) -> str:
-    if (algorithm, devices) not in cache:
+  def get(algorithm: str, devices: int = 1, gin_file: str = TINY_GIN, extra: tuple = ()) -> str:
+    key = (algorithm, devices, gin_file, extra)
+    if key not in cache:
       model_dir = str(tmp_path_factory.mktemp(f'{algorithm}_{devices}dev'))
-      _train(model_dir, algorithm, devices)
-      cache[algorithm, devices] = model_dir
-    return cache[algorithm, devices]
+      _train(model_dir, algorithm, devices, gin_file=gin_file, extra=extra)
+      cache[key] = model_dir
+    return cache[key]
 
   return get
 
@@ -90,29 +99,40 @@ def _pruned(state: dict) -> dict:
   for name, mask in masks.items():
     param = state['target/' + name]
     # Stored 1 bit per weight, packed along the last axis in gcd(d, 8) byte blocks (the
-    # default; one block when the blocks would hold a multiple of 8 weights).
+    # default; one block when the blocks would hold a multiple of 8 weights), or one uint8
+    # per weight. A last axis of 8 packs one weight per byte, in the param's shape.
     d = param.shape[-1]
     blocks = math.gcd(d, 8) if (d // math.gcd(d, 8)) % 8 else 1
-    assert mask.dtype == np.uint8 and mask.shape == (
-      *param.shape[:-1],
-      blocks * -(-(d // blocks) // 8),
-    ), name
-    out[name] = (param, np.asarray(prunax.unpack_mask(mask, param.shape)))
+    packed = (*param.shape[:-1], blocks * -(-(d // blocks) // 8))
+    assert mask.dtype == np.uint8 and mask.shape in (packed, param.shape), name
+    out[name] = (param, np.asarray(prunax.unpack_masks({'m': mask}, {'m': param})['m']))
   return out
 
 
-def _expected_zeros(algorithm: str, state: dict, step: int) -> dict:
-  """{param name: number of pruned weights} that the schedule prescribes after ``step``."""
-  updater = prunax.create_updater_from_config({'algorithm': algorithm, **CONFIG})
+def _expected_zeros(
+  algorithm: str, state: dict, step: int, layer_axes=None, custom_sparsity_map=None
+) -> dict:
+  """{param name: number of pruned weights} that the schedule prescribes after ``step``
+  (per layer of a stacked param when ``layer_axes`` gives its layer axis)."""
+  extra = {'extra': {'layer_axes': layer_axes}} if layer_axes else {}
+  if custom_sparsity_map:
+    extra['custom_sparsity_map'] = custom_sparsity_map
+  updater = prunax.create_updater_from_config({'algorithm': algorithm, **CONFIG, **extra})
   params = {k: p for k, (p, _) in _pruned(state).items()}
+  params.update({k: state['target/' + k] for k in custom_sparsity_map or {}})
   targets = updater.target_sparsities(params)
+  layers = {
+    k: next((p.shape[a] for r, a in (layer_axes or {}).items() if re.fullmatch(r, k)), 1)
+    for k, p in params.items()
+  }
   return {
     k: int(
       prunax.sparsity_types.num_zeros(
-        float(updater.scheduler.sparsity(step - 1, t)), params[k].size
+        float(updater.scheduler.sparsity(step - 1, t)), params[k].size // layers[k]
       )
     )
     for k, t in targets.items()
+    if t is not None
   }
 
 
@@ -271,3 +291,76 @@ def test_relaunch_into_model_dir_matches_uninterrupted_run(runs, tmp_path, algor
       np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)  # masks, count, rng
     else:
       np.testing.assert_allclose(resumed[key], whole[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+# optax.adafactor with the settings of t5x's own Adafactor for T5 (README; the equivalence
+# is checked against t5x's optimizer in test_t5x_adafactor.py).
+ADAFACTOR = (
+  ('prunax_t5x.pruned_optax.optimizer', '@optax.adafactor()'),
+  ('optax.adafactor.learning_rate', 1e-2),
+  ('optax.adafactor.decay_rate', 0.8),
+  ('optax.adafactor.momentum', None),
+  ('optax.adafactor.clipping_threshold', 1.0),
+  ('optax.adafactor.multiply_by_parameter_scale', True),
+  ('optax.adafactor.min_dim_size_to_factor', 128),
+  ('optax.adafactor.eps', 1e-30),
+)
+
+
+def test_adafactor_launch_prunes_on_schedule(runs):
+  # Parameter names as the pruner sees them in t5x: no 'params/' prefix.
+  dense = {'token_embedder/embedding': 0.0}
+  model_dir = runs(
+    'magnitude', extra=(*ADAFACTOR, ('prunax_t5x.pruned_optax.custom_sparsity_map', dense))
+  )
+  for step in (4, TRAIN_STEPS):
+    state = _load(model_dir, step)
+    expected = _expected_zeros('magnitude', state, step, custom_sparsity_map=dense)
+    assert len(expected) == 39 and 'token_embedder/embedding' not in _pruned(state)
+    assert np.all(state['target/token_embedder/embedding'] != 0)
+    for name, (param, mask) in _pruned(state).items():
+      assert np.sum(mask == 0) == np.sum(param == 0) == expected[name], name
+  # Adafactor's state (no Adam moments): factored rows and columns of the 384 x 8 embedding
+  # are not factored (8 < 128), so every leaf holds a full second moment 'v'.
+  assert any('/v/' in k for k in state) and not any('/mu/' in k for k in state)
+  moved = _load(model_dir, 0)['target/token_embedder/embedding']
+  assert not np.allclose(moved, state['target/token_embedder/embedding'])
+
+
+SCANNED_GIN = 'prunax_t5x/configs/t5_1_1_tiny_scanned_offline.gin'
+# The layer_axes binding of the scanned gin file: layer axis 1 in the stacked params.
+SCANNED_LAYER_AXES = {'(.*/)?(encoder/encoder|decoder/decoder)/.*': 1}
+
+
+def _stacked(name: str) -> bool:
+  return name.startswith(('encoder/encoder/', 'decoder/decoder/'))
+
+
+def test_scanned_model_prunes_each_layer_and_partitions_like_one_device(runs):
+  """t5x's scalable_t5 T5.1.1 with scan_layers, on 1 device and on 8 (4 x 2 mesh)."""
+  one, eight = runs('magnitude', gin_file=SCANNED_GIN), runs('magnitude', 8, SCANNED_GIN)
+  state = _load(one, TRAIN_STEPS)
+  pruned = _pruned(state)
+  stacked = [k for k in pruned if _stacked(k)]
+  assert len(stacked) >= 20  # attention, mlp and relative-position kernels of both stacks
+  per_layer = _expected_zeros('magnitude', state, TRAIN_STEPS, SCANNED_LAYER_AXES)
+  for name, (param, mask) in pruned.items():
+    if _stacked(name):  # each of the 2 layers is at its own target
+      for layer in range(param.shape[1]):
+        assert np.sum(mask[:, layer] == 0) == per_layer[name], (name, layer)
+        assert np.sum(param[:, layer] == 0) == per_layer[name], (name, layer)
+    else:
+      assert np.sum(mask == 0) == np.sum(param == 0) == per_layer[name], name
+  specs = _partition_specs(eight)
+  model_parallel = [k for k in specs if _stacked(k) and 'model' in specs[k]]
+  assert len(model_parallel) >= 20
+  for param in model_parallel:
+    if 'param_states/masks/' + param in specs:
+      assert specs['param_states/masks/' + param] == specs[param], param
+  a, b = state, _load(eight, TRAIN_STEPS)
+  assert a.keys() == b.keys()
+  for key in a:
+    if a[key] is None or '/masks/' in key or a[key].dtype.kind != 'f':
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    else:
+      np.testing.assert_allclose(a[key], b[key], rtol=2e-3, atol=1e-5, err_msg=key)
