@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunax import _checks
+from prunax import sparsity_distributions
 from prunax import sparsity_schedules
 from prunax.algorithms.pruners import GlobalMagnitudePruning
 from prunax.algorithms.pruners import MagnitudePruning
@@ -304,8 +305,29 @@ class FixedMaskSparse(_StaticFromInit):
     object.__setattr__(self, 'masks', _hashed(self.masks))
     super().__post_init__()
 
-  def target_sparsities(self, params):
+  def _masks_like(self, params):
+    """The masks in the tree structure of ``params``, matched by parameter name (so masks
+    saved as plain dicts fit params held in a FrozenDict, as t5x holds them)."""
     masks = self.masks.tree
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    try:
+      return treedef.unflatten(treedef.flatten_up_to(masks))
+    except (ValueError, TypeError):
+      pass
+    by_name = dict(sparsity_distributions.named_leaves(masks, is_leaf=_is_none))
+    names = [sparsity_distributions.path_name(path) for path, _ in flat]
+    missing = sorted(set(names) - set(by_name))
+    extra = sorted(set(by_name) - set(names))
+    if missing or extra:
+      raise ValueError(
+        'FixedMaskSparse: the masks do not name the same parameters as params: '
+        f'no mask for {missing[:5]}, masks of no parameter {extra[:5]}. Give a tree '
+        'like params (None for a leaf that is not pruned).'
+      )
+    return treedef.unflatten([by_name[n] for n in names])
+
+  def target_sparsities(self, params):
+    masks = self._masks_like(params)
 
     def sparsity(m, p):
       if m is None:
@@ -320,7 +342,7 @@ class FixedMaskSparse(_StaticFromInit):
     return jax.tree.map(sparsity, masks, params, is_leaf=_is_none)
 
   def compute_init_masks(self, params):
-    return self.masks.tree
+    return self._masks_like(params)
 
 
 @dataclasses.dataclass(frozen=True)

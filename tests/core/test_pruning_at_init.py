@@ -147,3 +147,23 @@ def test_static_training_from_pai_masks():
     np.testing.assert_array_equal(flow_masks[k], expected[k])
   with pytest.raises(ValueError, match='loss_fn and batch'):
     prunax.create_updater_from_config({'algorithm': 'grasp', 'sparsity': 0.5})
+
+
+def test_fixed_masks_saved_as_dicts_fit_params_in_a_frozen_dict():
+  """Masks loaded from a file are plain dicts; t5x holds params in a FrozenDict."""
+  from flax.core import FrozenDict  # pylint: disable=import-outside-toplevel
+
+  params = FrozenDict({'dense': {'kernel': jnp.ones((4, 4)), 'bias': jnp.ones(4)}})
+  keep = np.arange(16).reshape(4, 4) % 4 == 0
+  tx = pai.FixedMaskSparse(masks={'dense': {'kernel': keep, 'bias': None}}).wrap_optax(
+    optax.sgd(0.1)
+  )
+  state = tx.init(params)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(np.asarray(new['dense']['kernel']) != 0, keep)
+  assert (np.asarray(new['dense']['bias']) == 0.9).all()
+  with pytest.raises(ValueError, match=r"no mask for \['dense/kernel'\]"):
+    pai.FixedMaskSparse(masks={'dense': {'w': keep, 'bias': None}}).wrap_optax(optax.sgd(0.1)).init(
+      params
+    )

@@ -4,7 +4,9 @@ The first tests use a checkpoint in t5x's layout (Orbax tree with ``target`` and
 and a model with t5x's ``_compute_logits``, without t5x; the last runs real t5x and is
 skipped where t5x is not installed."""
 
+import functools
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -107,53 +109,81 @@ def test_errors_name_the_problem(checkpoint, tmp_path):
   importlib.util.find_spec('t5x') is None,
   reason='t5x is not installed: the real-t5x round trip (train, prune, fine-tune) cannot run',
 )
-def test_real_t5x_train_prune_and_fine_tune(tmp_path):
-  """Train the tiny T5 for 2 steps, prune its checkpoint through t5x's model, fine-tune."""
+def test_real_t5x_train_prune_fine_tune_and_eval(tmp_path):
+  """Train the tiny T5 for 2 steps with t5x.train, prune its checkpoint through t5x's model,
+  fine-tune on the masks with t5x.train, and evaluate the pruned checkpoint with t5x.eval."""
   from t5x import gin_utils  # pylint: disable=import-outside-toplevel
 
   tiny = 'prunax_t5x/configs/t5_1_1_tiny_offline.gin'
+  model_gin = 'prunax_t5x/configs/t5_1_1_tiny_model.gin'
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  dense_dir = tmp_path / 'dense'
 
-  def train(model_dir, steps, extra=()):
-    cmd = [sys.executable, '-m', 't5x.train', f'--gin_file={tiny}']
-    cmd += [f"--gin.MODEL_DIR='{model_dir}'", f'--gin.TRAIN_STEPS={steps}']
-    cmd += ["--gin.prunax_t5x.pruned_optax.algorithm='no_prune'", *extra]
+  def launch(script, *flags):
+    cmd = [sys.executable, '-m', script, *flags]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
 
-  train(dense_dir, 2)
+  def train(model_dir, steps, *flags):
+    launch(
+      't5x.train',
+      f'--gin_file={tiny}',
+      *flags,
+      f"--gin.MODEL_DIR='{model_dir}'",
+      f'--gin.TRAIN_STEPS={steps}',
+    )
+
+  dense_dir = tmp_path / 'dense'
+  train(dense_dir, 2, "--gin.prunax_t5x.pruned_optax.algorithm='no_prune'")
   gin.clear_config()
   search = ['.', os.path.dirname(os.path.dirname(prunax_t5x.__file__))]
-  bindings = [
-    f"MODEL_DIR='{dense_dir}'",
-    'import prunax_t5x.oneshot',
-    'prunax_t5x.oneshot.configured_model.model = %MODEL',
-  ]
-  gin_utils.parse_gin_flags(search, [tiny], bindings)
+  # The model's gin alone: the run's gin names t5x.train's script module (__main__).
+  bindings = ['import prunax_t5x.oneshot', 'prunax_t5x.oneshot.configured_model.model = %MODEL']
+  gin_utils.parse_gin_flags(search, [model_gin], bindings)
   model = oneshot.configured_model()
   gin.clear_config()
+  tokens = np.random.default_rng(0).integers(3, 259, (4, 16)).astype(np.int32)
   batch = {
-    'encoder_input_tokens': np.ones((2, 8), np.int32),
-    'decoder_input_tokens': np.ones((2, 8), np.int32),
-    'decoder_target_tokens': np.ones((2, 8), np.int32),
+    'encoder_input_tokens': tokens,
+    'decoder_input_tokens': np.roll(tokens, 1, axis=1),
+    'decoder_target_tokens': tokens,
   }
   pruned_dir = tmp_path / 'pruned'
   result = oneshot.prune_checkpoint(
     model, str(dense_dir / 'checkpoint_2'), [batch], str(pruned_dir), sparsity=0.5
   )
-  assert result.table
+  assert result.table and all(abs(r.sparsity - 0.5) < 0.02 for r in result.table)
+  masks = oneshot.load_masks(str(pruned_dir / 'masks.npz'))
+  pruned = oneshot.read_checkpoint(str(pruned_dir / 'checkpoint_2'))['target']
+
+  # Fine-tune on the fixed masks: pruned weights stay 0, kept ones train.
   train(
     tmp_path / 'finetune',
     4,
-    [
-      "--gin.prunax_t5x.pruned_optax.algorithm='fixed_masks'",
-      '--gin.prunax_t5x.pruned_optax.sparsity=0.0',
-      "--gin.prunax_t5x.pruned_optax.extra={'masks': @prunax_t5x.oneshot.load_masks()}",
-      f"--gin.prunax_t5x.oneshot.load_masks.path='{pruned_dir / 'masks.npz'}'",
-      f"--gin.utils.RestoreCheckpointConfig.path='{pruned_dir / 'checkpoint_2'}'",
-      "--gin.utils.RestoreCheckpointConfig.mode='specific'",
-      "--gin.utils.RestoreCheckpointConfig.assignment_map=((r'state/.*', None),)",
-      '--gin.utils.RestoreCheckpointConfig.fallback_to_scratch=True',
-    ],
+    '--gin_file=prunax_t5x/configs/finetune_oneshot.gin',
+    f"--gin.prunax_t5x.oneshot.load_masks.path='{pruned_dir / 'masks.npz'}'",
+    f"--gin.utils.RestoreCheckpointConfig.path='{pruned_dir / 'checkpoint_2'}'",
   )
+  tuned = oneshot.read_checkpoint(str(tmp_path / 'finetune' / 'checkpoint_4'))['target']
+  name = 'decoder/layers_0/mlp/wi_0/kernel'.split('/')
+  pick = lambda tree: functools.reduce(lambda t, k: t[k], name, tree)  # noqa: E731
+  mask, before, after = pick(masks), np.asarray(pick(pruned)), np.asarray(pick(tuned))
+  assert mask.mean() == 0.5
+  assert (after[~mask] == 0).all() and (before[~mask] == 0).all()
+  assert not np.array_equal(after[mask], before[mask])
+
+  # t5x's eval restores the pruned checkpoint (params only) and decodes with it.
+  out = tmp_path / 'eval'
+  launch(
+    't5x.eval',
+    f'--gin_file={model_gin}',
+    '--gin_file=t5x/configs/runs/eval.gin',
+    '--gin.MIXTURE_OR_TASK_MODULE="prunax_t5x.tasks"',
+    "--gin.MIXTURE_OR_TASK_NAME='prunax_tiny_corpus'",
+    f"--gin.CHECKPOINT_PATH='{pruned_dir / 'checkpoint_2'}'",
+    f"--gin.EVAL_OUTPUT_DIR='{out}'",
+    "--gin.utils.DatasetConfig.split='validation'",
+    '--gin.utils.DatasetConfig.batch_size=8',
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}",
+  )
+  metrics = json.loads((out / 'inference_eval' / 'prunax_tiny_corpus-metrics.jsonl').read_text())
+  assert metrics['step'] == 2 and 0.0 <= metrics['exact_match'] <= 1.0
