@@ -78,7 +78,7 @@ def runs(tmp_path_factory):
   cache = {}
 
   def get(algorithm: str, devices: int = 1, gin_file: str = TINY_GIN, extra: tuple = ()) -> str:
-    key = (algorithm, devices, gin_file, extra)
+    key = (algorithm, devices, gin_file, repr(extra))  # extra may hold dicts
     if key not in cache:
       model_dir = str(tmp_path_factory.mktemp(f'{algorithm}_{devices}dev'))
       _train(model_dir, algorithm, devices, gin_file=gin_file, extra=extra)
