@@ -4,6 +4,7 @@ t5x shards every optimizer-state array by the logical axes derived from the para
 pruner's masks and dense weights have the params' structure and take their axes, so they
 shard exactly like the weights they belong to (packed masks too: only the size of their last
 axis differs); the step counter, the random key and the per-layer thresholds are replicated.
+``optax.adafactor``'s state, which t5x's rules do not know, gets axes here too.
 """
 
 from __future__ import annotations
@@ -37,6 +38,29 @@ def _like_params(tree: PyTree, params_axes: PyTree) -> PyTree:
   )
 
 
+def _factored_logical_axes(state: optax.FactoredState, params_axes: PyTree) -> PyTree:
+  """Axes of ``optax.adafactor``'s second moments (t5x's rules have no entry for them).
+
+  ``v`` holds a full second moment for a param that is not factored (every 1-D param, and
+  any whose two largest dimensions are not both ``min_dim_size_to_factor`` or more): it
+  takes the param's axes. A factored param keeps a ``(1,)`` placeholder in ``v`` (fewer
+  dimensions than the param: replicated) and row and column means in ``v_row`` and
+  ``v_col``, which are replicated: one dimension fewer than the param, and small.
+  """
+
+  def full(axes, v):
+    if axes is None or v is None or isinstance(v, optax.MaskedNode):
+      return None
+    return axes if len(jax.numpy.shape(v)) == len(axes) else None
+
+  return optax.FactoredState(
+    count=None,
+    v_row=jax.tree.map(lambda _: None, state.v_row),
+    v_col=jax.tree.map(lambda _: None, state.v_col),
+    v=jax.tree.map(full, params_axes, state.v, is_leaf=_is_none),
+  )
+
+
 def sparse_state_logical_axes(
   state: PyTree,
   params_axes: PyTree,
@@ -64,6 +88,8 @@ def sparse_state_logical_axes(
       thresholds=jax.tree.map(lambda _: None, state.thresholds),
       aux=_like_params(state.aux, params_axes),
     )
+  if isinstance(state, optax.FactoredState):  # optax.adafactor
+    return _factored_logical_axes(state, params_axes)
   if type(state) in (tuple, list):  # the state of optax.chain
     return type(state)(sparse_state_logical_axes(s, params_axes, inner_axes_fn) for s in state)
   return inner_axes_fn(state, params_axes)

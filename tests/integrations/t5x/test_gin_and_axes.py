@@ -182,6 +182,37 @@ def test_chained_states_are_walked():
   assert axes[1] == _inner_marker(state[1], AXES)
 
 
+def test_adafactor_state_gets_axes_without_the_inner_rules():
+  """t5x's rules raise on optax.adafactor's FactoredState ("unregistered optax state type").
+
+  With min_dim_size_to_factor=8 the 8 x 16 kernel is factored (row and column means,
+  replicated) and the 12 x 8 embedding too; the 1-D scale keeps a full moment with its axes.
+  """
+
+  def t5x_rules(state, params_axes):
+    del params_axes
+    if isinstance(state, optax.FactoredState):
+      raise ValueError('Encountered unregistered optax state type FactoredState')
+    return jax.tree.map(lambda _: None, state)
+
+  tx = prunax_t5x.pruned_optax(
+    optax.adafactor(1e-2, min_dim_size_to_factor=8), 'magnitude', 0.5, dist_type='uniform'
+  )
+  state = jax.eval_shape(tx.init, PARAMS)
+  axes = prunax_t5x.sparse_state_logical_axes(state, AXES, t5x_rules)
+  factored = [s for s in axes.inner_state if isinstance(s, optax.FactoredState)]
+  assert len(factored) == 1
+  assert factored[0].v['encoder']['norm']['scale'] == P('embed')
+  assert factored[0].v['encoder']['mlp']['wi'] is None  # a (1,) placeholder
+  assert jax.tree.leaves(factored[0].v_row) == jax.tree.leaves(factored[0].v_col) == []
+  assert factored[0].count is None
+  assert axes.masks['encoder']['mlp']['wi'] == P('embed', 'mlp')
+  # Not factored (dims below the default 128): every param keeps a full moment.
+  state = jax.eval_shape(optax.adafactor(1e-2).init, PARAMS)
+  axes = prunax_t5x.sparse_state_logical_axes(state, AXES, t5x_rules)
+  assert axes[0].v == AXES
+
+
 def test_layer_axes_prune_each_stacked_layer_on_its_own():
   # A scanned stack of 2 layers on axis 0: layer 0 holds small weights, layer 1 large ones.
   stacked = (
