@@ -63,6 +63,7 @@ def sparse_state_logical_axes(
       dense_params=_like_params(state.dense_params, params_axes),
       thresholds=jax.tree.map(lambda _: None, state.thresholds),
       aux=_like_params(state.aux, params_axes),
+      threshold_state=jax.tree.map(lambda _: None, state.threshold_state),
     )
   if type(state) in (tuple, list):  # the state of optax.chain
     return type(state)(sparse_state_logical_axes(s, params_axes, inner_axes_fn) for s in state)
