@@ -3,7 +3,8 @@
 t5x shards every optimizer-state array by the logical axes derived from the params' axes. A
 pruner's masks and dense weights have the params' structure and take their axes, so they
 shard exactly like the weights they belong to (packed masks too: only the size of their last
-axis differs); the step counter, the random key and the per-layer thresholds are replicated.
+axis differs); the step counter, the random key and the per-layer thresholds
+(with their optimizer state) are replicated.
 """
 
 from __future__ import annotations
