@@ -20,10 +20,12 @@ as in the STR reference code (where ``s`` is a layer parameter in the optimizer 
 own weight decay, ``st_decay``), are trained by the wrapped optimizer too, with its
 learning rate and schedule, from the gradient ``dL/ds + threshold_weight_decay * s`` (decay
 pulls ``s`` towards 0, raising ``T``); the optimizer's state for them is
-``SparseState.threshold_state``. ``threshold_lr`` (a float) trains them with their own
-plain SGD instead (the behaviour of prunax before 2026-12). The sparsity is learned: the
-updater's ``sparsity`` only selects which leaves are pruned (through the distribution's
-filter) and is otherwise unused.
+``SparseState.threshold_state``. The optimizer sees them as a tree of their own (like the
+params, a 0-d zero at leaves that are not pruned), so a transformation over the whole tree
+(``clip_by_global_norm``) takes the thresholds' norm apart from the weights'.
+``threshold_lr`` (a float) trains them with their own plain SGD instead (prunax's earlier
+behaviour, with 0.01). The sparsity is learned: the updater's ``sparsity`` only selects
+which leaves are pruned (through the distribution's filter) and is otherwise unused.
 
 The default ``alpha`` is the paper's annealing (section 5.1: Sigmoid-Cosine decay, eq. 4,
 from ``alpha0 = 0.75``) over ``training_steps``; without ``training_steps`` it stays at 0.75,
@@ -108,8 +110,8 @@ class AutoSparse(BaseUpdater):
       ``alpha`` anneals (None: not known).
     s_init: initial threshold parameter (paper: -5 for ResNet-50, -7 for the Transformer).
     threshold_lr: None: the thresholds are trained by the wrapped optimizer, as the
-      weights are; a float: by their own plain SGD with this learning rate (the behaviour
-      before 2026-12, when the default was 0.01).
+      weights are; a float: by their own plain SGD with this learning rate (prunax's
+      earlier behaviour, whose default was 0.01).
     threshold_weight_decay: weight decay of the thresholds, added to their gradient
       (``dL/ds + decay * s``; pulls ``s`` towards 0). The default is the paper's and STR's.
       A decay of the wrapped optimizer itself (``optax.adamw``, ``add_decayed_weights``)
