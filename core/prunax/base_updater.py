@@ -75,6 +75,8 @@ class SparseState(NamedTuple):
     thresholds: per-leaf learnable thresholds (AutoSparse), else ``MaskedNode()``.
     aux: per-step statistics an algorithm keeps (SNFS: momentum of the gradients), else
       ``MaskedNode()``; see :meth:`BaseUpdater.update_aux`.
+    threshold_state: state of the wrapped transformation for the thresholds (AutoSparse
+      trains them with the weights' optimizer), else ``MaskedNode()``.
   """
 
   inner_state: Any
@@ -84,6 +86,7 @@ class SparseState(NamedTuple):
   dense_params: Any = None
   thresholds: Any = None
   aux: Any = None
+  threshold_state: Any = None
 
 
 def _is_none(x) -> bool:
@@ -116,6 +119,10 @@ def _unstored(state: SparseState) -> SparseState:
     dense_params=_from_stored(state.dense_params),
     thresholds=_from_stored(state.thresholds),
     aux=_from_stored(state.aux),
+    # An optax state is kept as it is (its MaskedNode entries belong to it).
+    threshold_state=None
+    if isinstance(state.threshold_state, optax.MaskedNode)
+    else state.threshold_state,
   )
 
 
@@ -125,6 +132,7 @@ def _stored(state: SparseState) -> SparseState:
     dense_params=_to_stored(state.dense_params),
     thresholds=_to_stored(state.thresholds),
     aux=_to_stored(state.aux),
+    threshold_state=optax.MaskedNode() if state.threshold_state is None else state.threshold_state,
   )
 
 
@@ -764,10 +772,25 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     del dense, masks, sparse_state
     return grads
 
-  def update_thresholds(
-    self, grads: PyTree, dense: PyTree, masks: PyTree, sparse_state: SparseState
+  def init_threshold_state(
+    self, inner: optax.GradientTransformation, thresholds: PyTree, params: PyTree
   ) -> PyTree:
-    """New ``SparseState.thresholds`` after a step (unchanged by default).
+    """Initial ``SparseState.threshold_state``: the state of ``inner`` (the wrapped
+    transformation) for ``thresholds``, if the algorithm trains them with it (None by
+    default)."""
+    del inner, thresholds, params
+    return None
+
+  def update_thresholds(
+    self,
+    grads: PyTree,
+    dense: PyTree,
+    masks: PyTree,
+    sparse_state: SparseState,
+    inner: optax.GradientTransformation,
+  ) -> tuple[PyTree, PyTree]:
+    """New ``SparseState.thresholds`` and ``threshold_state`` after a step (unchanged by
+    default).
 
     Args:
       grads: the gradients of this step (taken at the sparse weights).
@@ -775,9 +798,10 @@ class BaseUpdater(updater_args.JaxprunerArgs):
         the optimizer's update; params for leaves without dense weights).
       masks: the masks of this step.
       sparse_state: the state before the step.
+      inner: the wrapped transformation (the weights' optimizer).
     """
-    del grads, dense, masks
-    return sparse_state.thresholds
+    del grads, dense, masks, inner
+    return sparse_state.thresholds, sparse_state.threshold_state
 
   def forward_params(self, dense: PyTree, masks: PyTree, sparse_state: SparseState) -> PyTree:
     """The weights the model sees for the pruned leaves: ``dense`` under ``masks``."""
@@ -1037,7 +1061,8 @@ def _init(updater: BaseUpdater, inner, params):
   inner_state = inner.init(params)
   if _is_placeholder(params):
     # For tree_map_params: the inner state's params-like parts are mapped; masks, dense
-    # weights and thresholds (trees of the pruned params only) count as non-params.
+    # weights and thresholds (trees of the pruned params only) and the thresholds'
+    # optimizer state count as non-params.
     return SparseState(inner_state, *[_NotParams] * (len(SparseState._fields) - 1))
   _check_inner(inner_state)
   # One compiled computation (cached per updater and shapes) rather than eager ops: the
@@ -1047,8 +1072,13 @@ def _init(updater: BaseUpdater, inner, params):
   try:
     hash(updater)
   except TypeError:  # a traced field (a seed traced by the caller's jit): no cache key
-    return updater.init_state(params, inner_state)
-  return _jitted_init_state(updater, params, inner_state)
+    state = updater.init_state(params, inner_state)
+  else:
+    state = _jitted_init_state(updater, params, inner_state)
+  threshold_state = updater.init_threshold_state(inner, _from_stored(state.thresholds), params)
+  if threshold_state is None:
+    return state
+  return state._replace(threshold_state=threshold_state)
 
 
 def _unpack_unaligned(updater: BaseUpdater, params: PyTree) -> BaseUpdater:
@@ -1097,7 +1127,7 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
     old_dense = jax.tree.map(
       lambda d, p: p if d is None else d, state.dense_params, params, is_leaf=_is_none
     )
-    thresholds = updater.update_thresholds(grads, old_dense, masks, state)
+    thresholds, threshold_state = updater.update_thresholds(grads, old_dense, masks, state, inner)
     if thresholds is not None:
       # The optimizer's pass reads a 0 computed from the new thresholds, so it runs after
       # their reductions have read the old dense weights: XLA can then update those in
@@ -1122,7 +1152,7 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
 
   if updater.is_ste:
     # STE-style: the mask is recomputed from the dense weights at every step.
-    state = state._replace(thresholds=thresholds)
+    state = state._replace(thresholds=thresholds, threshold_state=threshold_state)
     new_masks = updater.compute_masks(
       candidate, sparsities, sparse_state=state, grads=grads, old_masks=masks, **extra
     )

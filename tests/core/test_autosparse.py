@@ -1,5 +1,6 @@
 """AutoSparse, STR and gradient annealing (AutoSparse paper, sections 2-3 and 5)."""
 
+import dataclasses
 import functools
 import math
 
@@ -75,11 +76,15 @@ def _state_at(updater, dense, s):
 S = {'layer0': -1.2, 'layer1': -1.6}  # thresholds 0.23 and 0.17: both sets non-empty
 
 
+@pytest.mark.parametrize('own_sgd', [False, True], ids=['inner', 'threshold_lr'])
 @pytest.mark.parametrize('alpha', [0.0, 0.3, 1.0])
-def test_proxy_and_threshold_gradients_match_reparameterised_forward(alpha):
+def test_proxy_and_threshold_gradients_match_reparameterised_forward(alpha, own_sgd):
   dense, batch = mlp_params(), make_batch()
-  lr, wd = 0.5, 0.01
-  updater = prunax.AutoSparse(alpha=alpha, threshold_lr=lr, threshold_weight_decay=wd)
+  # The thresholds' step is the inner SGD's (lr 1) by default, or their own SGD's.
+  lr, wd = (0.5 if own_sgd else 1.0), 0.01
+  updater = prunax.AutoSparse(
+    alpha=alpha, threshold_lr=lr if own_sgd else None, threshold_weight_decay=wd
+  )
   tx, state, params = _state_at(updater, dense, S)
   assert 0.2 < float(jnp.mean(prunax.bool_masks(state, params)['layer0']['kernel'])) < 0.9
   grads = jax.grad(loss_fn)(params, batch)
@@ -160,6 +165,111 @@ def test_str_rejects_nonzero_alpha_and_thresholds_start_at_s_init():
   )
 
 
+# ------------------------------------------------- thresholds in the weights' optimizer
+
+
+def _by_hand_threshold_grad(w, g, s, alpha, wd, first=False):
+  """dL/ds + wd * s transcribed: -sigmoid'(s) * sum(g * sign(w) * (1 on A, alpha off A)).
+
+  A is ``|w| > sigmoid(s)``; on the first step every weight (the model saw the params as
+  initialised, all active).
+  """
+  t = 1.0 / (1.0 + np.exp(-s))
+  c = np.where((np.abs(w) > t) | first, 1.0, alpha)
+  return -t * (1.0 - t) * np.sum(g * np.sign(w) * c) + wd * s
+
+
+W = np.array([[0.9, -0.1, 0.4], [-0.6, 0.05, -0.3]], np.float32)
+G1 = np.array([[0.2, -0.5, 0.1], [0.3, 0.7, -0.2]], np.float32)
+G2 = np.array([[-0.4, 0.1, 0.6], [0.2, -0.3, 0.5]], np.float32)
+
+
+def _two_steps(inner, **kwargs):
+  """Two updates of a one-leaf model from fixed gradients; the states after each."""
+  updater = prunax.AutoSparse(s_init=-1.0, **kwargs)
+  tx = updater.wrap_optax(inner)
+  params = {'w': jnp.asarray(W)}
+  state = tx.init(params)
+  states = []
+  for g in (G1, G2):
+    updates, state = jax.jit(tx.update)({'w': jnp.asarray(g)}, state, params)
+    params = optax.apply_updates(params, updates)
+    states.append(state)
+  return states
+
+
+def test_thresholds_take_the_inner_adams_steps():
+  lr, b1, b2, eps, wd, alpha = 0.01, 0.9, 0.999, 1e-8, 0.1, 0.5
+  s1_state, s2_state = _two_steps(
+    optax.adam(lr, b1, b2, eps), alpha=alpha, threshold_weight_decay=wd
+  )
+  # Adam transcribed (bias-corrected moments; Kingma & Ba, algorithm 1). The threshold of
+  # step 2 is computed from the dense weights after step 1, which Adam moved as well.
+  s0 = -1.0
+  d1 = _by_hand_threshold_grad(W, G1, s0, alpha, wd, first=True)
+  m, v = (1 - b1) * d1, (1 - b2) * d1**2
+  s1 = s0 - lr * (m / (1 - b1)) / (np.sqrt(v / (1 - b2)) + eps)
+  assert abs(s1 - s0) == pytest.approx(lr, abs=1e-7)  # Adam's first step: lr, whatever |d1|
+  np.testing.assert_allclose(float(s1_state.thresholds['w']), s1, rtol=1e-6)
+  # The dense weights after step 1, from the same Adam.
+  w1 = W - lr * G1 / (np.abs(G1) + eps)
+  np.testing.assert_allclose(s1_state.dense_params['w'], w1, rtol=1e-6, atol=1e-7)
+  d2 = _by_hand_threshold_grad(w1, G2, s1, alpha, wd)
+  m, v = b1 * m + (1 - b1) * d2, b2 * v + (1 - b2) * d2**2
+  s2 = s1 - lr * (m / (1 - b1**2)) / (np.sqrt(v / (1 - b2**2)) + eps)
+  np.testing.assert_allclose(float(s2_state.thresholds['w']), s2, rtol=1e-6)
+  # The thresholds' moments are in the optimizer state, beside the weights' own.
+  adam_state = s2_state.threshold_state[0]
+  assert int(adam_state.count) == 2 == int(s2_state.inner_state[0].count)
+  np.testing.assert_allclose(float(adam_state.mu['w']), m, rtol=1e-6)
+  np.testing.assert_allclose(float(adam_state.nu['w']), v, rtol=1e-6)
+
+
+def test_thresholds_follow_the_inner_sgd_momentum_and_its_schedule():
+  # torch.optim.SGD (STR's optimizer) transcribed: d = grad + st_decay * s; buf = d on the
+  # first step, then momentum * buf + d; s -= lr_t * buf, lr_t from the weights' schedule.
+  lrs, mu, wd, alpha = (0.3, 0.1), 0.875, 0.05, 0.75
+  schedule = optax.piecewise_constant_schedule(lrs[0], {1: lrs[1] / lrs[0]})
+  s1_state, s2_state = _two_steps(
+    optax.sgd(schedule, momentum=mu), alpha=alpha, threshold_weight_decay=wd
+  )
+  s0 = -1.0
+  buf = _by_hand_threshold_grad(W, G1, s0, alpha, wd, first=True)
+  s1 = s0 - lrs[0] * buf
+  np.testing.assert_allclose(float(s1_state.thresholds['w']), s1, rtol=1e-6)
+  w1 = np.asarray(s1_state.dense_params['w'])
+  buf = mu * buf + _by_hand_threshold_grad(w1, G2, s1, alpha, wd)
+  np.testing.assert_allclose(float(s2_state.thresholds['w']), s1 - lrs[1] * buf, rtol=1e-6)
+
+
+def test_own_sgd_keeps_the_old_update():
+  # threshold_lr: plain SGD on the thresholds, no optimizer state for them (as before).
+  lr, wd, alpha = 0.2, 0.05, 0.75
+  s1_state, s2_state = _two_steps(
+    optax.adam(0.01), alpha=alpha, threshold_lr=lr, threshold_weight_decay=wd
+  )
+  assert isinstance(s2_state.threshold_state, optax.MaskedNode)
+  s1 = -1.0 - lr * _by_hand_threshold_grad(W, G1, -1.0, alpha, wd, first=True)
+  np.testing.assert_allclose(float(s1_state.thresholds['w']), s1, rtol=1e-6)
+  w1 = np.asarray(s1_state.dense_params['w'])
+  s2 = s1 - lr * _by_hand_threshold_grad(w1, G2, s1, alpha, wd)
+  np.testing.assert_allclose(float(s2_state.thresholds['w']), s2, rtol=1e-6)
+
+
+def test_thresholds_follow_their_leafs_transformation():
+  # multi_transform labels the thresholds as their leaves: a frozen leaf's threshold stays.
+  params = mlp_params()
+  labels = {'layer0': {'kernel': 'frozen', 'bias': 'train'}, 'layer1': 'train'}
+  inner = optax.multi_transform({'train': optax.adam(0.1), 'frozen': optax.set_to_zero()}, labels)
+  tx = prunax.AutoSparse(s_init=-2.0).wrap_optax(inner)
+  state = tx.init(params)
+  grads = jax.grad(loss_fn)(params, make_batch())
+  _, state = jax.jit(tx.update)(grads, state, params)
+  assert float(state.thresholds['layer0']['kernel']) == -2.0
+  # Adam's first step is +-lr.
+  assert abs(float(state.thresholds['layer1']['kernel']) + 2.0) == pytest.approx(0.1, rel=1e-4)
+
+
 # --------------------------------------------------------------------- annealing
 
 
@@ -196,6 +306,34 @@ def test_annealing_schedules_follow_their_formulas(kind, formula):
   assert float(zero(34)) == pytest.approx(0.8 * formula(4, periods), rel=1e-5)
   assert float(zero(35)) == 0.0 and float(zero(1000)) == 0.0
   assert float(jax.jit(sched)(jnp.int32(14))) == pytest.approx(float(sched(14)))
+
+
+def test_default_alpha_is_the_papers_sigmoid_cosine_decay():
+  # Section 5.1: Sigmoid-Cosine decay (eq. 4) of alpha0 = 0.75 over the training (T steps).
+  steps = 200
+  updater = prunax.AutoSparse(training_steps=steps)
+  for step in (0, 1, 50, 100, 150, 190, 199, 200, 400):
+    x = min(step / steps, 1.0)
+    cosine = (1 + math.cos(math.pi * x)) / 2
+    sigmoid = 1 - _sig(-6 + 12 * x)
+    expected = 0.75 * max(sigmoid, cosine)
+    assert float(updater.alpha_schedule()(step)) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+  # The update reads it: a pruned weight's gradient is scaled by alpha at the state's step.
+  params = {'w': jnp.asarray(W)}
+  tx = dataclasses.replace(updater, s_init=-1.0).wrap_optax(optax.sgd(1.0))
+  # A step with zero gradients sets the masks (|w| > sigmoid(-1)), then step 150.
+  updates, state = tx.update({'w': jnp.zeros_like(params['w'])}, tx.init(params), params)
+  params = optax.apply_updates(params, updates)
+  _, state = tx.update({'w': jnp.asarray(G1)}, state._replace(count=jnp.int32(150)), params)
+  alpha = 0.75 * max(1 - _sig(-6 + 12 * 0.75), (1 + math.cos(math.pi * 0.75)) / 2)
+  pruned = np.abs(W) <= _sig(-1.0)
+  assert 0 < pruned.sum() < pruned.size
+  np.testing.assert_allclose(
+    state.dense_params['w'], W - G1 * np.where(pruned, alpha, 1.0), rtol=1e-6
+  )
+  # Without the length of training, the paper's fixed scale; STR stays at 0.
+  assert float(prunax.AutoSparse().alpha_schedule()(10**6)) == 0.75
+  assert float(prunax.STR(training_steps=steps).alpha_schedule()(0)) == 0.0
 
 
 def test_annealing_rejects_bad_values():
@@ -258,9 +396,8 @@ def test_digits_higher_alpha0_gives_lower_sparsity_and_nonuniform_layers():
     alpha = prunax.GradientAnnealing(
       'sigmoid_cosine', alpha0=alpha0, decay_steps=240, steps_per_period=10
     )
-    updater = prunax.AutoSparse(
-      alpha=alpha, s_init=-3.0, threshold_lr=0.1, threshold_weight_decay=0.1
-    )
+    # Thresholds trained by the weights' SGD (lr 0.1, momentum 0.9).
+    updater = prunax.AutoSparse(alpha=alpha, s_init=-3.0, threshold_weight_decay=0.03)
     params, _, accuracy = _train_digits(updater)
     results[alpha0] = (prunax.summarize_sparsity(params), accuracy)
     print(alpha0, accuracy, results[alpha0][0])

@@ -295,6 +295,14 @@ def test_schedule_follows_steps():
   rigl = config_lib.updater_config(cfg, 'rigl', 0)
   assert (rigl['update_start_step'], rigl['drop_fraction']) == (0, 0.3)
   assert config_lib.updater_config(cfg, 'no_prune', 0)['sparsity'] == 0.0
+  # AutoSparse's default alpha anneals over the cell's training steps (times its budget).
+  assert config_lib.updater_config(cfg, 'autosparse', 0)['training_steps'] == 600
+  assert config_lib.make_updater(cfg, 'autosparse', 0).training_steps == 600
+  longer = dict(cfg, step_multipliers={'autosparse': 2})
+  assert config_lib.updater_config(longer, 'autosparse', 0)['training_steps'] == 1200
+  assert 'training_steps' not in config_lib.updater_config(cfg, 'rigl', 0)
+  scaled = tasks.scale_schedule(config_lib.make_updater(cfg, 'autosparse', 0), 10)
+  assert scaled.training_steps == 6000
   one = config_lib.load_config(None, {'schedule': '10:50:5', 'update_freq': 7})
   assert [
     config_lib.updater_config(one, 'magnitude', 0)[k]

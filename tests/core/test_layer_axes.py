@@ -283,9 +283,13 @@ def test_exact_count_in_every_layer(layers, rows, cols, axis, sparsity, seed):
     lambda axes: prunax.AutoSparse(
       s_init=-1.5, threshold_lr=5.0, backward_sparsity=0.5, layer_axes=axes
     ),
+    # Thresholds trained by the weights' optimizer (its state per layer, like them).
+    lambda axes: prunax.AutoSparse(
+      s_init=-1.5, threshold_weight_decay=0.1, backward_sparsity=0.5, layer_axes=axes
+    ),
     lambda axes: prunax.TopKAST(sparsity=0.8, backward_sparsity=0.5, penalty=1e-3, layer_axes=axes),
   ],
-  ids=['autosparse', 'topkast'],
+  ids=['autosparse_own_sgd', 'autosparse', 'topkast'],
 )
 def test_ste_families_match_the_unrolled_model(make):
   params = stacked_params()

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import prunax
 from prunax import sparsity_schedules as sched
@@ -42,16 +43,27 @@ def test_rigl_grows_finite_gradients_before_nan_ones():
   assert grown.sum() > 0 and not grown[poisoned].any()
 
 
-def test_autosparse_skips_a_threshold_update_on_nan_gradients():
+@pytest.mark.parametrize(
+  'threshold_lr,inner',
+  [(1.0, optax.sgd(0.01)), (None, optax.adam(0.01))],
+  ids=['own_sgd', 'inner_adam'],
+)
+def test_autosparse_skips_a_threshold_update_on_nan_gradients(threshold_lr, inner):
   params = _params()
-  updater = prunax.AutoSparse(s_init=-2.0, threshold_lr=1.0)
-  tx = updater.wrap_optax(optax.sgd(0.01))
+  updater = prunax.AutoSparse(s_init=-2.0, threshold_lr=threshold_lr)
+  tx = updater.wrap_optax(inner)
   state = tx.init(params)
   update = jax.jit(tx.update)
   grads = {'w': jnp.ones((8, 16)).at[3, 3].set(jnp.nan)}
+  initial = prunax.get_sparse_state(state).threshold_state
   _, state = update(grads, state, params)
   s = float(prunax.get_sparse_state(state).thresholds['w'])
   assert s == -2.0  # skipped, not NaN (a NaN threshold prunes the whole leaf for good)
+  # The thresholds' optimizer state (Adam's moments and count) is left as it was too.
+  for a, b in zip(
+    jax.tree.leaves(prunax.get_sparse_state(state).threshold_state), jax.tree.leaves(initial)
+  ):
+    np.testing.assert_array_equal(a, b)
   # The skip is per step: a finite step moves the threshold (from a fresh state, since the
   # NaN gradient also reached the dense weights; optax.apply_if_finite around the pruner
   # skips such steps whole).

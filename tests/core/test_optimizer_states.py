@@ -99,6 +99,24 @@ def test_optimizer_runs_exact_and_finite(inner, algorithm):
   _check_exact(params, state)
 
 
+@pytest.mark.parametrize('inner', sorted(INNER))
+def test_autosparse_thresholds_train_with_every_optimizer(inner):
+  # The thresholds take the inner optimizer's steps (their state a tree like the params),
+  # stay finite, and the params are the soft threshold of the dense weights.
+  tx = prunax.AutoSparse(s_init=-2.0, threshold_weight_decay=0.1).wrap_optax(INNER[inner]())
+  params, state = _train(tx, mlp_params())
+  sparse = prunax.get_sparse_state(state)
+  for name in ('layer0', 'layer1'):
+    s = float(sparse.thresholds[name]['kernel'])
+    assert np.isfinite(s) and s != -2.0, (name, s)
+    d = np.asarray(sparse.dense_params[name]['kernel'])
+    t = 1 / (1 + np.exp(-s))
+    np.testing.assert_allclose(
+      params[name]['kernel'], np.sign(d) * np.maximum(np.abs(d) - t, 0), atol=1e-6
+    )
+  assert jax.tree.leaves(sparse.threshold_state)
+
+
 def test_regrown_weights_restart_from_the_inner_init():
   # cocob's per-weight state does not start at zero: zeroing it made regrown weights 0/0.
   params = mlp_params()

@@ -20,7 +20,8 @@ ALGORITHMS = {
   ),
   'rigl': lambda: prunax.RigL(sparsity=0.75, scheduler=sched.PeriodicSchedule(2, 1)),
   'ste': lambda: prunax.SteMagnitudePruning(sparsity=0.75),
-  'autosparse': lambda: prunax.AutoSparse(s_init=-2.0, threshold_lr=1.0),
+  'autosparse': lambda: prunax.AutoSparse(s_init=-2.0, training_steps=10),
+  'autosparse_own_sgd': lambda: prunax.AutoSparse(s_init=-2.0, threshold_lr=1.0),
 }
 
 

@@ -57,8 +57,13 @@ BAD_VALUES = {
   'seed float': (lambda: prunax.RandomPruning(sparsity=0.5, seed=1.5), r'seed .*got 1.5'),
   'threshold_lr nan': (
     lambda: prunax.AutoSparse(threshold_lr=NAN),
-    r'threshold_lr must be a finite number >= 0, got nan',
+    r'threshold_lr \(None or a learning rate\) must be a finite number >= 0, got nan',
   ),
+  'training_steps 0': (
+    lambda: prunax.AutoSparse(training_steps=0),
+    r'training_steps \(None or a number of steps\) must be an integer >= 1, got 0',
+  ),
+  'str alpha None': (lambda: prunax.STR(alpha=None), r'STR is AutoSparse with alpha = 0'),
   'threshold_weight_decay str': (
     lambda: prunax.AutoSparse(threshold_weight_decay='0'),
     r"threshold_weight_decay .*got '0'",

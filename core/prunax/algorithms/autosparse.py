@@ -15,11 +15,21 @@ weights (the only gradient the training loop computes):
 
 which are exactly the gradients of the reparameterised forward pass with ``h`` given that
 proxy derivative. The dense weights ``w`` live in ``SparseState.dense_params`` and are
-updated by the wrapped optimizer; the thresholds live in ``SparseState.thresholds`` and
-are updated by their own SGD with weight decay (``threshold_lr``,
-``threshold_weight_decay``; decay pulls ``s`` towards 0, raising ``T``). The sparsity is
-learned: the updater's ``sparsity`` only selects which leaves are pruned (through the
-distribution's filter) and is otherwise unused.
+updated by the wrapped optimizer. The thresholds live in ``SparseState.thresholds`` and,
+as in the STR reference code (where ``s`` is a layer parameter in the optimizer with its
+own weight decay, ``st_decay``), are trained by the wrapped optimizer too, with its
+learning rate and schedule, from the gradient ``dL/ds + threshold_weight_decay * s`` (decay
+pulls ``s`` towards 0, raising ``T``); the optimizer's state for them is
+``SparseState.threshold_state``. The optimizer sees them as a tree of their own (like the
+params, a 0-d zero at leaves that are not pruned), so a transformation over the whole tree
+(``clip_by_global_norm``) takes the thresholds' norm apart from the weights'.
+``threshold_lr`` (a float) trains them with their own plain SGD instead (prunax's earlier
+behaviour, with 0.01). The sparsity is learned: the updater's ``sparsity`` only selects
+which leaves are pruned (through the distribution's filter) and is otherwise unused.
+
+The default ``alpha`` is the paper's annealing (section 5.1: Sigmoid-Cosine decay, eq. 4,
+from ``alpha0 = 0.75``) over ``training_steps``; without ``training_steps`` it stays at 0.75,
+the paper's fixed-scale baseline.
 
 With ``backward_sparsity`` (eq. 8), gradients reach only B = TopK(|w|) ∪ A, where B keeps
 ``1 - backward_sparsity`` of each leaf; annealing applies on B minus A.
@@ -93,28 +103,42 @@ class AutoSparse(BaseUpdater):
   Attributes:
     sparsity: unused except to select the pruned leaves with the distribution (keep 0.0).
     alpha: gradient scale of pruned weights: a float (constant), a
-      :class:`prunax.GradientAnnealing`, or a mapping of its fields (for configs).
+      :class:`prunax.GradientAnnealing`, a mapping of its fields (for configs), or None:
+      the paper's Sigmoid-Cosine decay from 0.75 over ``training_steps`` (constant 0.75
+      without them); see :meth:`alpha_schedule`.
+    training_steps: length of the training in optimizer steps, over which the default
+      ``alpha`` anneals (None: not known).
     s_init: initial threshold parameter (paper: -5 for ResNet-50, -7 for the Transformer).
-    threshold_lr: learning rate of the thresholds' SGD.
-    threshold_weight_decay: weight decay of the thresholds (pulls ``s`` towards 0).
+    threshold_lr: None: the thresholds are trained by the wrapped optimizer, as the
+      weights are; a float: by their own plain SGD with this learning rate (prunax's
+      earlier behaviour, whose default was 0.01).
+    threshold_weight_decay: weight decay of the thresholds, added to their gradient
+      (``dL/ds + decay * s``; pulls ``s`` towards 0). The default is the paper's and STR's.
+      A decay of the wrapped optimizer itself (``optax.adamw``, ``add_decayed_weights``)
+      reaches the thresholds too, unless its mask leaves them out.
     backward_sparsity: None (every weight receives a gradient), or the fraction of each
       leaf's weights, smallest in magnitude, that receive none (eq. 8).
   """
 
   sparsity: float | None = 0.0
   scheduler: Any = sparsity_schedules.NoUpdateSchedule()
-  alpha: Any = 0.75
+  alpha: Any = None
+  training_steps: int | None = None
   s_init: float = -5.0
-  threshold_lr: float = 0.01
+  threshold_lr: float | None = None
   threshold_weight_decay: float = 3.0517578125e-05
   backward_sparsity: float | None = None
+
+  # The paper's alpha0 for ResNet-50 (section 5.1, Table 1), annealed by Sigmoid-Cosine.
+  default_alpha0 = 0.75
 
   is_ste = True
   scheduler_kind = 'none'
 
   def __post_init__(self):
     super().__post_init__()
-    object.__setattr__(self, 'alpha', annealing.as_annealing(self.alpha))
+    if self.alpha is not None:
+      object.__setattr__(self, 'alpha', annealing.as_annealing(self.alpha))
     if not isinstance(self.sparsity_type, sparsity_types.Unstructured):
       raise ValueError(
         f'{type(self).__name__} learns one threshold per leaf and supports only '
@@ -124,11 +148,24 @@ class AutoSparse(BaseUpdater):
     _checks.assign(
       self,
       s_init=_checks.number(self.s_init, f'{name} s_init'),
-      threshold_lr=_checks.number(self.threshold_lr, f'{name} threshold_lr', 0.0),
       threshold_weight_decay=_checks.number(
         self.threshold_weight_decay, f'{name} threshold_weight_decay', 0.0
       ),
     )
+    if self.threshold_lr is not None:
+      _checks.assign(
+        self,
+        threshold_lr=_checks.number(
+          self.threshold_lr, f'{name} threshold_lr (None or a learning rate)', 0.0
+        ),
+      )
+    if self.training_steps is not None:
+      _checks.assign(
+        self,
+        training_steps=_checks.integer(
+          self.training_steps, f'{name} training_steps (None or a number of steps)', 1
+        ),
+      )
     if self.backward_sparsity is not None:
       _checks.assign(
         self,
@@ -140,6 +177,21 @@ class AutoSparse(BaseUpdater):
           high_open=True,
         ),
       )
+
+  def alpha_schedule(self) -> annealing.GradientAnnealing:
+    """The schedule of alpha: ``alpha`` if given, else the paper's default.
+
+    The paper's runs (section 5.1) anneal alpha by Sigmoid-Cosine decay (eq. 4) over the
+    whole training from ``alpha0 = 0.75`` (ResNet-50, Table 1): here over
+    ``training_steps``, one period per step. Without ``training_steps`` alpha stays 0.75.
+    """
+    if self.alpha is not None:
+      return self.alpha
+    if self.training_steps is None:
+      return annealing.GradientAnnealing('constant', alpha0=self.default_alpha0)
+    return annealing.GradientAnnealing(
+      'sigmoid_cosine', alpha0=self.default_alpha0, decay_steps=self.training_steps
+    )
 
   # ---------------------------------------------------------------------- thresholds
 
@@ -187,7 +239,7 @@ class AutoSparse(BaseUpdater):
 
   def _proxy_scale(self, dense, masks, sparse_state):
     """Per-weight proxy derivative of ``h``: 1 on A, alpha on B minus A, 0 outside B."""
-    alpha = self.alpha(sparse_state.count)
+    alpha = self.alpha_schedule()(sparse_state.count)
 
     def scale(m, w, s):
       out = jnp.where(m, 1.0, alpha)
@@ -218,18 +270,60 @@ class AutoSparse(BaseUpdater):
 
     return map_masked(grad_s, masks, grads, dense, scales, sparse_state.thresholds)
 
-  def update_thresholds(self, grads, dense, masks, sparse_state):
+  def init_threshold_state(self, inner, thresholds, params):
+    if self.threshold_lr is not None or thresholds is None:
+      return None
+    return inner.init(_threshold_params(thresholds, params))
+
+  def update_thresholds(self, grads, dense, masks, sparse_state, inner):
     # ``dense``: the weights the forward pass of this step used.
-    ds = self.threshold_gradients(grads, dense, masks, sparse_state)
+    s_tree = sparse_state.thresholds
+    # With weight decay (STR's ``st_decay``), added to the gradient as torch's SGD does.
+    ds = map_masked(
+      lambda m, g, s: g + self.threshold_weight_decay * s,
+      masks,
+      self.threshold_gradients(grads, dense, masks, sparse_state),
+      s_tree,
+    )
+    ds = _threshold_params(s_tree, dense, ds)  # None-free from here: a tree like params
+    if self.threshold_lr is not None:  # Their own plain SGD.
 
-    def step(m, s, g):
-      # A non-finite gradient (one NaN/inf gradient of the leaf) skips the update: a NaN
-      # threshold would prune the whole leaf for good.
-      return jnp.where(
-        jnp.isfinite(g), s - self.threshold_lr * (g + self.threshold_weight_decay * s), s
-      )
+      def step(m, s, g):
+        # A non-finite gradient (one NaN/inf gradient of the leaf) skips the update: a NaN
+        # threshold would prune the whole leaf for good.
+        return jnp.where(jnp.isfinite(g), s - self.threshold_lr * g, s)
 
-    return map_masked(step, masks, sparse_state.thresholds, ds)
+      return map_masked(step, masks, s_tree, ds), sparse_state.threshold_state
+    # The wrapped optimizer, on a tree like the params: a leaf's threshold where it is
+    # pruned, a 0-d zero (with zero gradient) elsewhere, so that transformations that label
+    # or mask the params by a tree (multi_transform, masked) apply to the thresholds too.
+    updates, opt_state = inner.update(
+      ds, sparse_state.threshold_state, _threshold_params(s_tree, dense)
+    )
+    new = jax.tree.map(
+      lambda s, u: None if s is None else s + u.astype(s.dtype), s_tree, updates, is_leaf=_is_none
+    )
+    # A non-finite gradient (one NaN/inf gradient of a pruned leaf) skips the thresholds'
+    # step, state included: a NaN threshold would prune the whole leaf for good.
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(ds)]))
+    keep = lambda a, b: jnp.where(finite, a, b).astype(jnp.result_type(b))
+    new = jax.tree.map(
+      lambda a, b: None if b is None else keep(a, b), new, s_tree, is_leaf=_is_none
+    )
+    opt_state = jax.tree.map(keep, opt_state, sparse_state.threshold_state)
+    return new, opt_state
+
+
+def _threshold_params(s_tree: Any, params: Any, values: Any = None) -> Any:
+  """A tree like ``params``: at the pruned leaves (those where ``s_tree``, the thresholds,
+  is not None) the leaf of ``values`` (default: ``s_tree``), elsewhere a 0-d float32 zero."""
+  return jax.tree.map(
+    lambda s, p, v: jnp.zeros((), jnp.float32) if s is None else v,
+    s_tree,
+    params,
+    s_tree if values is None else values,
+    is_leaf=_is_none,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +335,7 @@ class STR(AutoSparse):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.alpha.alpha0 != 0.0:
+    if self.alpha is None or self.alpha.alpha0 != 0.0:
       raise ValueError(
         f'STR is AutoSparse with alpha = 0, got alpha={self.alpha!r}; use '
         'AutoSparse for gradient annealing.'

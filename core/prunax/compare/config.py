@@ -9,6 +9,7 @@ checked here, before any training.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import os
 from collections.abc import Mapping
@@ -354,6 +355,8 @@ def updater_config(cfg: Mapping[str, Any], algorithm: str, seed: int) -> dict[st
   if out['update_end_step'] is None:
     del out['update_end_step']
   cls = registry.get_algorithm(algorithm)
+  if 'training_steps' in {f.name for f in dataclasses.fields(cls)}:
+    out['training_steps'] = algorithm_steps(cfg, algorithm)  # AutoSparse's alpha annealing
   if not hasattr(cls, 'drop_fraction'):
     out.pop('drop_fraction', None)
   if algorithm == 'no_prune':

@@ -395,8 +395,9 @@ class FederatedDigitsTask:
 
 
 def scale_schedule(updater: BaseUpdater, factor: int) -> BaseUpdater:
-  """``updater`` with its schedule's steps (frequency, start, end, one-shot step) times
-  ``factor``: a comparison step made of ``factor`` optimizer updates."""
+  """``updater`` with its schedule's steps (frequency, start, end, one-shot step) and
+  ``training_steps`` (AutoSparse) times ``factor``: a comparison step made of ``factor``
+  optimizer updates."""
   scheduler = updater.scheduler
   changes = {
     f.name: getattr(scheduler, f.name) * factor
@@ -404,7 +405,10 @@ def scale_schedule(updater: BaseUpdater, factor: int) -> BaseUpdater:
     if f.name in ('update_freq', 'update_start_step', 'update_end_step', 'target_step')
     and getattr(scheduler, f.name) is not None
   }
-  return dataclasses.replace(updater, scheduler=dataclasses.replace(scheduler, **changes))
+  updater = dataclasses.replace(updater, scheduler=dataclasses.replace(scheduler, **changes))
+  if getattr(updater, 'training_steps', None) is not None:
+    updater = dataclasses.replace(updater, training_steps=updater.training_steps * factor)
+  return updater
 
 
 @dataclasses.dataclass(eq=False)

@@ -3,8 +3,9 @@
 t5x shards every optimizer-state array by the logical axes derived from the params' axes. A
 pruner's masks and dense weights have the params' structure and take their axes, so they
 shard exactly like the weights they belong to (packed masks too: only the size of their last
-axis differs); the step counter, the random key and the per-layer thresholds are replicated.
-``optax.adafactor``'s state, which t5x's rules do not know, gets axes here too.
+axis differs); the step counter, the random key and the per-layer thresholds (with their
+optimizer state) are replicated. ``optax.adafactor``'s state, which t5x's rules do not know,
+gets axes here too.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def sparse_state_logical_axes(
       dense_params=_like_params(state.dense_params, params_axes),
       thresholds=jax.tree.map(lambda _: None, state.thresholds),
       aux=_like_params(state.aux, params_axes),
+      threshold_state=jax.tree.map(lambda _: None, state.threshold_state),
     )
   if isinstance(state, optax.FactoredState):  # optax.adafactor
     return _factored_logical_axes(state, params_axes)

@@ -174,6 +174,19 @@ def test_dense_weights_take_the_params_axes():
   assert axes.dense_params['encoder']['mlp']['wi'] == P('embed', 'mlp')
 
 
+def test_thresholds_and_their_optimizer_state_are_replicated():
+  state = _state('autosparse')
+  axes = prunax_t5x.sparse_state_logical_axes(state, AXES, _inner_marker)
+  assert axes.dense_params == axes.masks
+  # Adam's moments of each threshold (0-d) and its count: one replicated entry per array.
+  leaves = jax.tree.leaves(state.threshold_state)
+  assert len(leaves) == 1 + 2 * len(jax.tree.leaves(PARAMS))
+  assert jax.tree.structure(axes.threshold_state, is_leaf=lambda x: x is None) == (
+    jax.tree.structure(state.threshold_state)
+  )
+  assert jax.tree.leaves(axes.threshold_state, is_leaf=lambda x: x is None) == [None] * len(leaves)
+
+
 def test_chained_states_are_walked():
   state = (_state('rigl'), optax.scale(2.0).init(PARAMS))
   axes = prunax_t5x.sparse_state_logical_axes(state, AXES, _inner_marker)
