@@ -1,0 +1,113 @@
+"""jaxpruner's updater classes: prunax's algorithms with jaxpruner's defaults.
+
+:func:`compat_class` derives, from a prunax updater class, a class of the same name whose
+defaults are jaxpruner's: target sparsity 0 (``partial(uniform, sparsity=0.0)``), masks
+stored unpacked as uint8, ``NoUpdateSchedule``, ``rng_seed=PRNGKey(8)``. Its instances
+accept attribute assignment as jaxpruner's mutable dataclasses do: assigning a constructor
+field rebuilds the updater with that field (``dataclasses.replace``, so the value is
+checked and resolved as in the constructor); any other attribute (a method replaced by a
+mock, say) is set on the instance. They hash by identity and by the number of
+assignments, so a ``jax.jit`` that takes one as a static argument retraces after an
+assignment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from prunax import selection
+from prunax import sparsity_distributions
+from prunax.compat.jaxpruner import sparsity_schedules
+
+# jaxpruner's BaseUpdater defaults (its field values, in prunax's field names).
+JAXPRUNER_DEFAULTS: dict[str, Any] = {
+  'sparsity_distribution_fn': functools.partial(sparsity_distributions.uniform, sparsity=0.0),
+  'scheduler': sparsity_schedules.NoUpdateSchedule(),
+  'packed_masks': False,
+}
+# jaxpruner's default key when no rng_seed is given (``jax.random.PRNGKey(8)``).
+DEFAULT_RNG_SEED = 8
+
+
+def _setattr(self, name: str, value: Any) -> None:
+  """jaxpruner-style ``updater.name = value`` (see the module docstring)."""
+  init_fields = {f.name for f in dataclasses.fields(self) if f.init}
+  if name in init_fields:
+    new = dataclasses.replace(self, **{name: value})
+    for f in dataclasses.fields(new):
+      object.__setattr__(self, f.name, getattr(new, f.name))
+  else:
+    object.__setattr__(self, name, value)
+  object.__setattr__(self, '_assignments', getattr(self, '_assignments', 0) + 1)
+
+
+def _hash(self) -> int:
+  return hash((id(self), getattr(self, '_assignments', 0)))
+
+
+def _eq(self, other: Any) -> bool:
+  return self is other
+
+
+def compat_class(base: type, module: str, **defaults: Any) -> type:
+  """A subclass of the prunax updater ``base`` with jaxpruner's defaults.
+
+  Args:
+    base: a prunax updater class (a frozen dataclass).
+    module: the ``__module__`` of the new class.
+    **defaults: field defaults (besides :data:`JAXPRUNER_DEFAULTS`); a name that is not
+      a field of ``base`` adds a keyword-only field (jaxpruner-only arguments).
+
+  Returns:
+    The class, named as ``base``.
+  """
+  base_fields = {f.name: f for f in dataclasses.fields(base)}
+  new_fields = []
+  for name, value in {**JAXPRUNER_DEFAULTS, **defaults}.items():
+    kw_only = base_fields[name].kw_only if name in base_fields else True
+    new_fields.append((name, Any, dataclasses.field(default=value, kw_only=kw_only)))
+  holder: list[type] = []
+
+  def post_init(self) -> None:
+    if self.rng_seed is None and self.seed == 0:
+      object.__setattr__(self, 'rng_seed', jax.random.PRNGKey(DEFAULT_RNG_SEED))
+    super(holder[0], self).__post_init__()
+
+  namespace = {'__module__': module, '__post_init__': post_init}
+  cls = dataclasses.make_dataclass(
+    base.__name__, new_fields, bases=(base,), frozen=True, namespace=namespace
+  )
+  holder.append(cls)
+  cls.__qualname__ = base.__name__
+  cls.__doc__ = (
+    f"prunax.{base.__name__} with jaxpruner's defaults and attribute assignment "
+    f'(see {__name__}).\n\n{base.__doc__ or ""}'
+  )
+  cls.__setattr__ = _setattr
+  cls.__hash__ = _hash
+  cls.__eq__ = _eq
+  return cls
+
+
+def normalized_global_masks(updater, scores, sparsities, masks_from_scores):
+  """jaxpruner's global selection: each leaf's scores divided by their L2 norm plus
+  ``normalization_eps`` before one global threshold (when ``use_normalization``)."""
+  if updater.use_normalization:
+    scores = jax.tree.map(
+      lambda s, x: (
+        x
+        if s is None
+        else (lambda a: a / (jnp.linalg.norm(a) + updater.normalization_eps))(
+          selection.materialize(x)
+        )
+      ),
+      sparsities,
+      scores,
+      is_leaf=lambda x: x is None,
+    )
+  return masks_from_scores(scores, sparsities)
