@@ -19,14 +19,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from prunax import selection
 from prunax import sparsity_distributions
 from prunax.compat.jaxpruner import sparsity_schedules
 
 # jaxpruner's BaseUpdater defaults (its field values, in prunax's field names).
+_DEFAULT_DIST = functools.partial(sparsity_distributions.uniform, sparsity=0.0)
 JAXPRUNER_DEFAULTS: dict[str, Any] = {
-  'sparsity_distribution_fn': functools.partial(sparsity_distributions.uniform, sparsity=0.0),
+  'sparsity_distribution_fn': _DEFAULT_DIST,
   'scheduler': sparsity_schedules.NoUpdateSchedule(),
   'packed_masks': False,
 }
@@ -76,9 +78,29 @@ def compat_class(base: type, module: str, **defaults: Any) -> type:
   def post_init(self) -> None:
     if self.rng_seed is None and self.seed == 0:
       object.__setattr__(self, 'rng_seed', jax.random.PRNGKey(DEFAULT_RNG_SEED))
+    if self.sparsity is not None and self.sparsity_distribution_fn is _DEFAULT_DIST:
+      # An explicit target replaces the default's bound 0.0 (uniform, as jaxpruner's
+      # global pruners' own sparsity field does).
+      object.__setattr__(self, 'sparsity_distribution_fn', sparsity_distributions.uniform)
     super(holder[0], self).__post_init__()
+    if isinstance(self.rng_seed, tuple):
+      # jaxpruner's attribute holds the key (a uint32 array), not prunax's hashable tuple.
+      object.__setattr__(self, 'rng_seed', np.asarray(self.rng_seed, np.uint32))
 
-  namespace = {'__module__': module, '__post_init__': post_init}
+  def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
+    scores = super(holder[0], self).calculate_scores(
+      params, sparse_state=sparse_state, grads=grads, **kwargs
+    )
+    # jaxpruner's scores are arrays (prunax's built-ins may return lazy ones).
+    return jax.tree.map(
+      selection.materialize, scores, is_leaf=lambda x: isinstance(x, selection.Lazy)
+    )
+
+  namespace = {
+    '__module__': module,
+    '__post_init__': post_init,
+    'calculate_scores': calculate_scores,
+  }
   cls = dataclasses.make_dataclass(
     base.__name__, new_fields, bases=(base,), frozen=True, namespace=namespace
   )

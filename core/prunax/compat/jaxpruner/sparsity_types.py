@@ -1,10 +1,13 @@
-"""jaxpruner's ``sparsity_types`` module: prunax's sparsity types, except that an ``NByM``
-with ``n > m`` is an error when its masks are made (as in jaxpruner), not when it is
-constructed (as in :class:`prunax.sparsity_types.NByM`)."""
+"""jaxpruner's ``sparsity_types`` module: prunax's sparsity types, except ``NByM``: its
+groups run along the last axis by default (``axis=-1``, jaxpruner's default; prunax's is
+a kernel's input axis), and ``n > m`` is an error when its masks are made (as in
+jaxpruner), not when it is constructed."""
 
 from __future__ import annotations
 
 import dataclasses
+
+import jax.numpy as jnp
 
 from prunax import sparsity_types as _st
 from prunax.sparsity_types import Block
@@ -19,6 +22,8 @@ __all__ = ['Block', 'Channel', 'NByM', 'NbyM', 'SparsityType', 'Unstructured', '
 @dataclasses.dataclass(frozen=True)
 class NByM(_st.NByM):
   """prunax's N:M type; ``n > m`` (no valid mask) raises ValueError in :meth:`mask`."""
+
+  axis: int | None = -1  # jaxpruner's default: groups along the last axis.
 
   def _too_many(self) -> bool:
     return all(isinstance(v, int) and not isinstance(v, bool) for v in (self.n, self.m)) and (
@@ -35,6 +40,13 @@ class NByM(_st.NByM):
       raise ValueError(
         f'NByM(n={self.n}, m={self.m}): n must be an integer in [1, {self.m}] (at most m '
         'weights of a group of m can be kept).'
+      )
+    shape = jnp.shape(scores)
+    axis = self.axis_for(len(shape))
+    if shape and shape[axis] % self.m:
+      raise ValueError(
+        f'NByM(n={self.n}, m={self.m}, axis={self.axis}): axis {axis} of a leaf of shape '
+        f'{shape} has {shape[axis]} weights, not a multiple of m={self.m}.'
       )
     return super().mask(scores, sparsity)
 
