@@ -1,0 +1,201 @@
+"""`from prunax.compat import jaxpruner`: jaxpruner's defaults and semantics on prunax.
+
+Numbers are worked out in the comments from jaxpruner's documented rules; prunax's own
+namespace keeps its defaults (checked alongside).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import prunax
+from prunax.compat import jaxpruner
+
+
+def _params():
+  return {'w': jax.random.normal(jax.random.PRNGKey(1), (10, 10)), 'b': jnp.ones(10)}
+
+
+def test_defaults_are_jaxpruners():
+  pruner = jaxpruner.MagnitudePruning()
+  assert pruner.sparsity == 0.0
+  assert isinstance(pruner.scheduler, jaxpruner.NoUpdateSchedule)
+  np.testing.assert_array_equal(pruner.rng_seed, jax.random.PRNGKey(8))
+  state = pruner.wrap_optax(optax.sgd(0.1)).init(_params())
+  # Unpacked masks: one uint8 per weight, shaped like the param (packed would be (10, 2)).
+  assert state.masks['w'].shape == (10, 10) and state.masks['w'].dtype == jnp.uint8
+  assert int(state.masks['w'].sum()) == 100
+  # prunax's own class keeps its defaults.
+  with pytest.raises(ValueError, match='needs a target sparsity'):
+    prunax.MagnitudePruning()
+  assert prunax.MagnitudePruning(sparsity=0.5).packed_masks is True
+
+
+def test_explicit_sparsity_replaces_default_distribution():
+  sparse, _ = jaxpruner.MagnitudePruning(sparsity=0.3).instant_sparsify(_params())
+  assert int(jnp.sum(sparse['w'] == 0)) == 30  # round(0.3 * 100)
+  assert int(jnp.sum(sparse['b'] == 0)) == 0  # 1-D leaves stay dense
+
+
+def test_attribute_assignment_rebuilds_and_retraces():
+  pruner = jaxpruner.RandomPruning(sparsity=0.5)
+  hash_before = hash(pruner)
+  pruner.rng_seed = jax.random.PRNGKey(0)
+  np.testing.assert_array_equal(pruner.rng_seed, np.array([0, 0], np.uint32))
+  assert hash(pruner) != hash_before  # a jit with the updater static retraces
+  masks0 = pruner.instant_sparsify(_params())[1]['w']
+  pruner.rng_seed = jax.random.PRNGKey(5)
+  masks5 = pruner.instant_sparsify(_params())[1]['w']
+  # Both 50 zeros, at different places.
+  assert int(masks0.sum()) == int(masks5.sum()) == 50
+  assert not bool(jnp.all(masks0 == masks5))
+  sched = jaxpruner.OneShotSchedule(0)
+  pruner.scheduler = sched
+  assert pruner.scheduler is sched
+  # A field assignment is checked as in the constructor.
+  with pytest.raises(ValueError):
+    pruner.sparsity = 1.5
+  # A method replaced on the instance is the one used.
+  pruner.calculate_scores = lambda params, **_: jax.tree.map(lambda p: -jnp.abs(p), params)
+  sparse, _ = pruner.instant_sparsify({'w': jnp.arange(1.0, 9.0).reshape(2, 4)})
+  # Scores -|w|: the 4 largest magnitudes are dropped.
+  np.testing.assert_array_equal(sparse['w'], [[1, 2, 3, 4], [0, 0, 0, 0]])
+
+
+def test_random_pruning_seed_changes_the_mask():
+  params = _params()
+  a = jaxpruner.RandomPruning(sparsity=0.5, rng_seed=jax.random.PRNGKey(0))
+  b = dataclasses.replace(a, rng_seed=jax.random.PRNGKey(5))
+  ma, mb = (u.instant_sparsify(params)[1]['w'] for u in (a, b))
+  assert int(ma.sum()) == int(mb.sum()) == 50
+  assert not bool(jnp.all(ma == mb))
+
+
+def test_scores_are_arrays():
+  scores = jaxpruner.MagnitudePruning(sparsity=0.5).calculate_scores({'w': jnp.array([-2.0, 1.0])})
+  assert isinstance(scores['w'], jax.Array)
+  np.testing.assert_array_equal(scores['w'] - 1.0, [1.0, 0.0])
+
+
+def test_polynomial_schedule_steps_and_values():
+  sched = jaxpruner.PolynomialSchedule(update_freq=5, update_start_step=0, update_end_step=20)
+  # p = (9 + 1 - 0) / 20 = 0.5: 0.5 * (1 - 0.5 ** 3) = 0.4375.
+  out = sched.get_sparsity_at_step({'a': 0.5, 'b': None}, 9)
+  assert out['b'] is None and float(out['a']) == pytest.approx(0.4375)
+  assert float(jax.jit(sched.get_sparsity_at_step)({'a': 0.5}, 9)['a']) == pytest.approx(0.4375)
+  assert float(sched.get_sparsity_at_step({'a': 0.5}, 19)['a']) == pytest.approx(0.5)
+  # The end step is an update step (prunax's PeriodicSchedule window is [start, end)).
+  assert bool(sched.is_mask_update_iter(20)) and not bool(sched.is_mask_update_iter(21))
+  # The optimizer uses the value at the last update step: at step 12 that is step 10,
+  # p = 11 / 20: 0.5 * (1 - 0.45 ** 3) = 0.4544375.
+  assert float(sched.sparsity(12, 0.5)) == pytest.approx(0.4544375)
+
+
+def test_periodic_schedule_counts_from_zero():
+  sched = jaxpruner.PeriodicSchedule(update_freq=5, update_start_step=3, update_end_step=20)
+  steps = [s for s in range(25) if bool(sched.is_mask_update_iter(s))]
+  assert steps == [5, 10, 15, 20]
+  ours = prunax.sparsity_schedules.PeriodicSchedule(5, 3, 20)
+  assert [s for s in range(25) if bool(ours.is_update_step(s))] == [3, 8, 13, 18]
+
+
+def test_one_shot_sparsity_is_the_target_at_every_step():
+  sched = jaxpruner.OneShotSchedule(target_step=20)
+  assert sched.get_sparsity_at_step({'a': 0.5}, 10) == {'a': 0.5}
+  assert bool(sched.is_mask_update_iter(20)) and not bool(sched.is_mask_update_iter(19))
+
+
+def test_gradual_pruning_through_wrap_optax():
+  sched = jaxpruner.PolynomialSchedule(update_freq=2, update_start_step=0, update_end_step=4)
+  pruner = jaxpruner.MagnitudePruning(sparsity=0.5, scheduler=sched)
+  params = {'w': jnp.arange(1.0, 101.0).reshape(10, 10)}
+  tx = pruner.wrap_optax(optax.sgd(0.0))
+  state = tx.init(params)
+  zeros = []
+  for _ in range(6):
+    updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    params = optax.apply_updates(params, updates)
+    zeros.append(int(jnp.sum(params['w'] == 0)))
+  # Steps 0, 2, 4 update: p = 1/4, 3/4, 1 -> 0.5 * (1 - (1 - p) ** 3) = 0.2890625,
+  # 0.4921875, 0.5 of 100 weights -> 29, 49, 50 zeros.
+  assert zeros == [29, 29, 49, 49, 50, 50]
+
+
+def test_erk_needs_a_tree():
+  with pytest.raises(ValueError, match='single array of shape \\(2, 2\\)'):
+    jaxpruner.sparsity_distributions.erk(jnp.ones((2, 2)), 0.5)
+  dist = functools.partial(jaxpruner.sparsity_distributions.erk, sparsity=0.8)
+  pruner = jaxpruner.MagnitudePruning(sparsity_distribution_fn=dist)
+  assert pruner.sparsity == 0.8
+  assert pruner.sparsity_distribution_fn is prunax.sparsity_distributions.erk
+
+
+def test_n_by_m_last_axis_and_errors_at_mask_time():
+  nm = jaxpruner.sparsity_types.NByM(n=2, m=4)
+  assert nm.axis == -1
+  mask = jaxpruner.get_topk_fn(nm)(jnp.array([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]]), 0.5)
+  np.testing.assert_array_equal(mask, [[1, 1, 0, 0], [0, 0, 1, 1]])
+  too_many = jaxpruner.sparsity_types.NByM(n=4, m=2)  # constructs, as in jaxpruner
+  with pytest.raises(ValueError, match='n=4, m=2'):
+    jaxpruner.get_topk_fn(too_many)(jnp.ones((2, 4)), 0.5)
+  with pytest.raises(ValueError, match='has 5 weights, not a multiple of m=4'):
+    jaxpruner.get_topk_fn(jaxpruner.sparsity_types.NByM(2, 4, axis=1))(jnp.ones((2, 5, 3)), 0.5)
+  with pytest.raises(ValueError):
+    prunax.NByM(n=4, m=2)
+
+
+def test_get_topk_fn_takes_a_class():
+  mask = jaxpruner.get_topk_fn(jaxpruner.sparsity_types.Unstructured)(jnp.arange(4.0), 0.5)
+  np.testing.assert_array_equal(mask, [0, 0, 1, 1])
+
+
+def test_global_pruners_normalise_each_leaf():
+  scores = {'w': jnp.array([10.0, 9.0, 8.0, 7.0]), 'w2': jnp.array([1.0, 0.9])}
+  pruner = jaxpruner.GlobalMagnitudePruning(filter_fn=lambda *_: True, sparsity=0.5)
+  assert pruner.use_normalization
+  # Divided by their norms (17.15, 1.345): w2's 0.743, 0.669 beat w's largest 0.583.
+  masks = pruner.create_masks(scores, target_sparsity=0.5)
+  np.testing.assert_array_equal(masks['w'], [1, 0, 0, 0])
+  np.testing.assert_array_equal(masks['w2'], [1, 1])
+  raw = dataclasses.replace(pruner, use_normalization=False)
+  masks = raw.create_masks(scores, target_sparsity=0.5)
+  np.testing.assert_array_equal(masks['w'], [1, 1, 1, 0])
+  np.testing.assert_array_equal(masks['w2'], [0, 0])
+  assert jaxpruner.GlobalMagnitudePruning().sparsity == 0.0
+
+
+def test_sparse_trainer_defaults():
+  rigl = jaxpruner.RigL(sparsity=0.5)
+  assert rigl.skip_gradients and not rigl.is_debug and rigl.eps == 1e-5
+  assert jaxpruner.SET(sparsity=0.5, is_debug=True).is_debug
+  assert not prunax.RigL(sparsity=0.5, drop_fraction_fn='constant').skip_gradients
+
+
+def test_config_schedules_and_classes():
+  cfg = {'algorithm': 'magnitude', 'sparsity': 0.9, 'dist_type': 'uniform'}
+  updater = jaxpruner.create_updater_from_config(cfg)
+  assert isinstance(updater, jaxpruner.MagnitudePruning)
+  assert isinstance(updater.scheduler, jaxpruner.NoUpdateSchedule)
+  assert isinstance(
+    prunax.create_updater_from_config(cfg).scheduler, prunax.sparsity_schedules.OneShotSchedule
+  )
+  cfg.update(update_freq=10, update_start_step=200, update_end_step=1000)
+  sched = jaxpruner.create_updater_from_config(cfg).scheduler
+  assert isinstance(sched, jaxpruner.PolynomialSchedule)
+  assert (sched.update_freq, sched.update_start_step, sched.update_end_step) == (10, 200, 1000)
+  cfg.update(update_end_step=200)
+  assert isinstance(jaxpruner.create_updater_from_config(cfg).scheduler, jaxpruner.OneShotSchedule)
+  assert isinstance(
+    jaxpruner.create_updater_from_config({'algorithm': 'no_prune'}), jaxpruner.NoPruning
+  )
+  with pytest.raises(ValueError, match=r'jaxpruner.all_algorithm_names\(\)'):
+    jaxpruner.create_updater_from_config({'algorithm': 'nope'})
+  with pytest.raises(ValueError, match="Sparsity type 'wrong' is not supported"):
+    jaxpruner.create_updater_from_config({'algorithm': 'magnitude', 'sparsity_type': 'wrong'})
+  with pytest.raises(ValueError, match='dist_type'):
+    jaxpruner.create_updater_from_config({'algorithm': 'magnitude', 'dist_type': 'x'})
