@@ -199,3 +199,27 @@ def test_config_schedules_and_classes():
     jaxpruner.create_updater_from_config({'algorithm': 'magnitude', 'sparsity_type': 'wrong'})
   with pytest.raises(ValueError, match='dist_type'):
     jaxpruner.create_updater_from_config({'algorithm': 'magnitude', 'dist_type': 'x'})
+
+
+@pytest.mark.parametrize('adam', [True, False])
+def test_update_state_restarts_moments_of_grown_weights(adam):
+  dist = functools.partial(
+    jaxpruner.sparsity_distributions.uniform, filter_fn=lambda *_: True, sparsity=0.5
+  )
+  rigl = jaxpruner.RigL(sparsity_distribution_fn=dist)
+  params = {'w': jax.random.normal(jax.random.PRNGKey(0), (5, 4))}
+  tx = rigl.wrap_optax(optax.adam(1e-3) if adam else optax.sgd(1e-3, momentum=0.9))
+  names = ['mu', 'nu'] if adam else ['trace']
+  state = tx.init(params)
+  acc = state.inner_state[0]
+  acc = acc._replace(**{k: jax.tree.map(jnp.ones_like, getattr(acc, k)) for k in names})
+  state = state._replace(inner_state=(acc, *state.inner_state[1:]))
+  old = state.masks['w']
+  state = rigl.update_state(state, params, {'w': jax.random.normal(jax.random.PRNGKey(8), (5, 4))})
+  grown = (old == 0) & (state.masks['w'] == 1)
+  # 10 active weights, drop fraction 0.3: 3 dropped and 3 grown.
+  assert int(grown.sum()) == 3
+  for k in names:
+    moment = getattr(state.inner_state[0], k)['w']
+    assert float(moment[grown].sum()) == 0.0
+    assert float(moment[~grown].sum()) == 17.0  # the other 20 - 3 entries keep their 1s

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunax import base_updater
 from prunax import selection
 from prunax import sparsity_distributions
 from prunax.compat.jaxpruner import sparsity_schedules
@@ -96,7 +97,14 @@ def compat_class(base: type, module: str, **defaults: Any) -> type:
       selection.materialize, scores, is_leaf=lambda x: isinstance(x, selection.Lazy)
     )
 
+  def update_state(self, sparse_state, params, grads=None, **kwargs):
+    new_state = super(holder[0], self).update_state(sparse_state, params, grads, **kwargs)
+    return new_state._replace(
+      inner_state=restart_grown(sparse_state.masks, new_state.masks, new_state.inner_state, params)
+    )
+
   namespace = {
+    'update_state': update_state,
     '__module__': module,
     '__post_init__': post_init,
     'calculate_scores': calculate_scores,
@@ -114,6 +122,41 @@ def compat_class(base: type, module: str, **defaults: Any) -> type:
   cls.__hash__ = _hash
   cls.__eq__ = _eq
   return cls
+
+
+def restart_grown(old_masks: Any, new_masks: Any, inner_state: Any, params: Any) -> Any:
+  """``inner_state`` with the per-weight entries of grown weights (kept by ``new_masks``,
+  not by ``old_masks``) set to 0, as jaxpruner's ``update_state`` does: every subtree of
+  the state shaped like ``params`` (optimizer moments, traces) is reset there."""
+  old = base_updater.unpack_masks(old_masks, params)
+  new = base_updater.unpack_masks(new_masks, params)
+  grown = jax.tree.map(
+    lambda o, n: None if o is None or n is None else jnp.logical_and(n, jnp.logical_not(o)),
+    old,
+    new,
+    is_leaf=lambda x: x is None,
+  )
+  treedef = jax.tree.structure(params)
+
+  def like_params(x) -> bool:
+    try:
+      return jax.tree.structure(x) == treedef
+    except Exception:  # pylint: disable=broad-except
+      return False
+
+  def reset(sub):
+    if not like_params(sub):
+      return sub
+    return jax.tree.map(
+      lambda g, v: (
+        v if g is None or jnp.shape(v) != jnp.shape(g) else jnp.where(g, jnp.zeros_like(v), v)
+      ),
+      grown,
+      sub,
+      is_leaf=lambda x: x is None,
+    )
+
+  return jax.tree.map(reset, inner_state, is_leaf=like_params)
 
 
 def normalized_global_masks(updater, scores, sparsities, masks_from_scores):
