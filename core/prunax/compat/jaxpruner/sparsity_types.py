@@ -1,7 +1,8 @@
 """jaxpruner's ``sparsity_types`` module: prunax's sparsity types, except ``NByM``: its
 groups run along the last axis by default (``axis=-1``, jaxpruner's default; prunax's is
 a kernel's input axis), and ``n > m`` is an error when its masks are made (as in
-jaxpruner), not when it is constructed."""
+jaxpruner), not when it is constructed; and ``Block`` on a leaf with more dimensions than
+its ``block_shape`` blocks the leading dimensions (jaxpruner's rule)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import dataclasses
 import jax.numpy as jnp
 
 from prunax import sparsity_types as _st
-from prunax.sparsity_types import Block
 from prunax.sparsity_types import Channel
 from prunax.sparsity_types import SparsityType
 from prunax.sparsity_types import Unstructured
@@ -52,3 +52,15 @@ class NByM(_st.NByM):
 
 
 NbyM = NByM
+
+
+@dataclasses.dataclass(frozen=True)
+class Block(_st.Block):
+  """prunax's block type, except on a leaf with more dimensions than ``block_shape``: the
+  block covers its leading dimensions (jaxpruner's rule; prunax's covers the trailing
+  ones: this is prunax's ``Block((b1, b2, 1))`` on a 3-D leaf)."""
+
+  def _full_block(self, ndim: int) -> tuple[int, ...]:
+    if ndim > len(self.block_shape):
+      return self.block_shape + (1,) * (ndim - len(self.block_shape))
+    return super()._full_block(ndim)
