@@ -140,6 +140,8 @@ def test_n_by_m_last_axis_and_errors_at_mask_time():
   assert nm.axis == -1
   mask = jaxpruner.get_topk_fn(nm)(jnp.array([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]]), 0.5)
   np.testing.assert_array_equal(mask, [[1, 1, 0, 0], [0, 0, 1, 1]])
+  # jaxpruner's activation-sparsity project passes sparsity=None: N:M's own.
+  np.testing.assert_array_equal(jaxpruner.get_topk_fn(nm)(jnp.arange(4.0), None), [0, 0, 1, 1])
   too_many = jaxpruner.sparsity_types.NByM(n=4, m=2)  # constructs, as in jaxpruner
   with pytest.raises(ValueError, match='n=4, m=2'):
     jaxpruner.get_topk_fn(too_many)(jnp.ones((2, 4)), 0.5)

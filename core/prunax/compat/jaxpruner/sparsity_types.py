@@ -35,12 +35,15 @@ class NByM(_st.NByM):
       super().__post_init__()
 
   def mask(self, scores, sparsity):
-    """prunax's N:M mask; ValueError when ``n > m``."""
+    """prunax's N:M mask (``sparsity=None``: N:M's own, as jaxpruner ignores it); ValueError
+    when ``n > m``."""
     if self._too_many():
       raise ValueError(
         f'NByM(n={self.n}, m={self.m}): n must be an integer in [1, {self.m}] (at most m '
         'weights of a group of m can be kept).'
       )
+    if sparsity is None:
+      sparsity = 1.0 - self.n / self.m
     shape = jnp.shape(scores)
     axis = self.axis_for(len(shape))
     if shape and shape[axis] % self.m:
