@@ -228,12 +228,14 @@ def test_update_state_restarts_moments_of_grown_weights(adam):
 
 
 def test_block_on_a_3d_leaf_blocks_the_leading_dims():
-  scores = jnp.zeros((4, 4, 2)).at[0, 1, :].set(1.0)  # one bright (0, 1) row pair
+  # Channel 0 of the top-left 2x2 tile is bright (1.0), channel 1 of the bottom-right 0.9.
+  scores = jnp.zeros((4, 4, 2)).at[:2, :2, 0].set(1.0).at[2:, 2:, 1].set(0.9)
   block = jaxpruner.sparsity_types.Block(block_shape=(2, 2), use_avg_pooling=False)
   mask = jaxpruner.get_topk_fn(block)(scores, 0.75)
-  # 2x2 blocks over dims 0 and 1, one per channel: 8 blocks of 4 weights; 75% sparsity
-  # keeps 2 blocks, the bright ones: rows 0-1, cols 0-1, both channels (8 weights).
+  # 2x2 blocks over dims 0 and 1 spanning both channels: 4 blocks of 8 weights; 75%
+  # sparsity keeps 1 block, the top-left (max 1.0), both channels. (Blocks of one
+  # channel would keep the two bright 4-weight tiles instead.)
   assert int(mask.sum()) == 8
   np.testing.assert_array_equal(mask[:2, :2, :], 1)
-  ours = prunax.sparsity_types.Block((2, 2, 1), use_avg_pooling=False).mask(scores, 0.75)
+  ours = prunax.sparsity_types.Block((2, 2, 2), use_avg_pooling=False).mask(scores, 0.75)
   np.testing.assert_array_equal(mask, ours)

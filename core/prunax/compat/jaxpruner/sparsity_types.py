@@ -2,7 +2,7 @@
 groups run along the last axis by default (``axis=-1``, jaxpruner's default; prunax's is
 a kernel's input axis), and ``n > m`` is an error when its masks are made (as in
 jaxpruner), not when it is constructed; and ``Block`` on a leaf with more dimensions than
-its ``block_shape`` blocks the leading dimensions (jaxpruner's rule)."""
+its ``block_shape`` tiles the leading dimensions (jaxpruner's rule)."""
 
 from __future__ import annotations
 
@@ -60,10 +60,16 @@ NbyM = NByM
 @dataclasses.dataclass(frozen=True)
 class Block(_st.Block):
   """prunax's block type, except on a leaf with more dimensions than ``block_shape``: the
-  block covers its leading dimensions (jaxpruner's rule; prunax's covers the trailing
-  ones: this is prunax's ``Block((b1, b2, 1))`` on a 3-D leaf)."""
+  blocks tile its leading dimensions and span all the others (jaxpruner's rule: a
+  ``(2, 2)`` block of a ``(4, 4, 8)`` leaf is prunax's ``Block((2, 2, 8))``; prunax's own
+  ``Block((2, 2))`` blocks the trailing dimensions)."""
 
-  def _full_block(self, ndim: int) -> tuple[int, ...]:
-    if ndim > len(self.block_shape):
-      return self.block_shape + (1,) * (ndim - len(self.block_shape))
-    return super()._full_block(ndim)
+  def mask(self, scores, sparsity):
+    """prunax's block mask, with the block extended over the leaf's trailing dims."""
+    shape = jnp.shape(scores)
+    if len(shape) > len(self.block_shape):
+      full = _st.Block(
+        self.block_shape + tuple(shape[len(self.block_shape) :]), self.use_avg_pooling
+      )
+      return full.mask(scores, sparsity)
+    return super().mask(scores, sparsity)
