@@ -239,3 +239,29 @@ def test_block_on_a_3d_leaf_blocks_the_leading_dims():
   np.testing.assert_array_equal(mask[:2, :2, :], 1)
   ours = prunax.sparsity_types.Block((2, 2, 2), use_avg_pooling=False).mask(scores, 0.75)
   np.testing.assert_array_equal(mask, ours)
+
+
+def test_n_by_m_ignores_the_target_and_block_fits_conv_kernels():
+  params = {'k': jax.random.normal(jax.random.PRNGKey(2), (3, 3, 4, 8))}
+  cfg = {'algorithm': 'magnitude', 'sparsity': 0.9, 'sparsity_type': 'nm_1,4'}
+  with pytest.raises(ValueError, match='0.75'):
+    prunax.create_updater_from_config(cfg)
+  pruner = jaxpruner.create_updater_from_config(cfg)
+  assert pruner.sparsity == 0.75
+  dist = functools.partial(jaxpruner.sparsity_distributions.uniform, sparsity=0.9)
+  pruner = jaxpruner.MagnitudePruning(sparsity_distribution_fn=dist, sparsity_type='nm_1,4')
+  sparse, _ = pruner.instant_sparsify(params)
+  assert int(jnp.sum(sparse['k'] == 0)) == 216  # 3/4 of 288
+  # A (2, 2) block on a (3, 3, 4, 8) conv kernel tiles the 3x3 window (partial blocks at
+  # the edges count as blocks): 4 tiles spanning 32 channels.
+  block = jaxpruner.sparsity_types.Block(block_shape=(2, 2))
+  pruner = jaxpruner.MagnitudePruning(sparsity=0.5, sparsity_type=block)
+  mask = pruner.instant_sparsify(params)[1]['k']
+  tiles = {(i, j): bool(mask[2 * i, 2 * j].all()) for i in range(2) for j in range(2)}
+  assert sum(tiles.values()) == 2 and bool(jnp.all(mask == mask[:, :, :1, :1]))
+
+
+def test_ste_drops_skip_gradients_with_a_warning():
+  with pytest.warns(UserWarning, match='skip_gradients=True is ignored'):
+    ste = jaxpruner.SteMagnitudePruning(sparsity=0.5, skip_gradients=True)
+  assert ste.skip_gradients is False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ import numpy as np
 from prunax import base_updater
 from prunax import selection
 from prunax import sparsity_distributions
+from prunax import sparsity_types
 from prunax.compat.jaxpruner import sparsity_schedules
 
 # jaxpruner's BaseUpdater defaults (its field values, in prunax's field names).
@@ -57,6 +59,27 @@ def _eq(self, other: Any) -> bool:
   return self is other
 
 
+def _jaxpruner_nm_target(updater) -> None:
+  """With N:M structure, jaxpruner ignores the target sparsity (any non-zero target means
+  N:M's own, ``1 - n/m``); so does the compat updater."""
+  try:
+    stype = sparsity_types.from_string(updater.sparsity_type)
+  except (ValueError, TypeError):
+    return  # prunax's own check reports it.
+  if not isinstance(stype, sparsity_types.NByM):
+    return
+  own = stype.sparsity
+  if updater.sparsity:
+    object.__setattr__(updater, 'sparsity', own)
+  dist = updater.sparsity_distribution_fn
+  if isinstance(dist, functools.partial) and dist.keywords.get('sparsity'):
+    object.__setattr__(
+      updater,
+      'sparsity_distribution_fn',
+      functools.partial(dist.func, *dist.args, **{**dist.keywords, 'sparsity': own}),
+    )
+
+
 def compat_class(base: type, module: str, **defaults: Any) -> type:
   """A subclass of the prunax updater ``base`` with jaxpruner's defaults.
 
@@ -83,6 +106,14 @@ def compat_class(base: type, module: str, **defaults: Any) -> type:
       # An explicit target replaces the default's bound 0.0 (uniform, as jaxpruner's
       # global pruners' own sparsity field does).
       object.__setattr__(self, 'sparsity_distribution_fn', sparsity_distributions.uniform)
+    _jaxpruner_nm_target(self)
+    if self.is_ste and self.skip_gradients is True:
+      warnings.warn(
+        f'{type(self).__name__}: skip_gradients=True is ignored; STE recomputes its masks '
+        'at every step and has no mask-update steps to skip.',
+        stacklevel=3,
+      )
+      object.__setattr__(self, 'skip_gradients', False)
     super(holder[0], self).__post_init__()
     if isinstance(self.rng_seed, tuple):
       # jaxpruner's attribute holds the key (a uint32 array), not prunax's hashable tuple.

@@ -77,9 +77,11 @@ def create_updater_from_config(config: Any) -> Any:
     )
   if 'sparsity_type' in cfg:
     try:
-      _st.from_string(cfg['sparsity_type'])
+      stype = _st.from_string(cfg['sparsity_type'])
     except (ValueError, TypeError) as e:
       raise ValueError(f'Sparsity type {cfg["sparsity_type"]!r} is not supported: {e}') from None
+    if isinstance(stype, _st.NByM) and cfg.get('sparsity'):
+      cfg['sparsity'] = stype.sparsity  # jaxpruner: N:M ignores the target sparsity.
   seed = cfg.pop('seed', None)
   updater = _registry.create_updater_from_config(cfg)
   cls = _compat_classes().get(type(updater))

@@ -64,6 +64,17 @@ class Block(_st.Block):
   ``(2, 2)`` block of a ``(4, 4, 8)`` leaf is prunax's ``Block((2, 2, 8))``; prunax's own
   ``Block((2, 2))`` blocks the trailing dimensions)."""
 
+  def _for(self, shape) -> _st.Block:
+    if len(shape) > len(self.block_shape):
+      return _st.Block(
+        self.block_shape + tuple(shape[len(self.block_shape) :]), self.use_avg_pooling
+      )
+    return _st.Block(self.block_shape, self.use_avg_pooling)
+
+  def validate(self, shape, name):
+    """prunax's check, of the block extended over the leaf's trailing dims."""
+    self._for(tuple(shape)).validate(shape, name)
+
   def mask(self, scores, sparsity):
     """prunax's block mask, with the block extended over the leaf's trailing dims."""
     shape = jnp.shape(scores)
