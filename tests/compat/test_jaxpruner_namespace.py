@@ -265,3 +265,23 @@ def test_ste_drops_skip_gradients_with_a_warning():
   with pytest.warns(UserWarning, match='skip_gradients=True is ignored'):
     ste = jaxpruner.SteMagnitudePruning(sparsity=0.5, skip_gradients=True)
   assert ste.skip_gradients is False
+
+
+def test_colab_configs_nm_erk_block_conv_and_ste_skip():
+  params = {
+    'Conv_0': {'kernel': jnp.ones((3, 3, 1, 32))},
+    'Dense_0': {'kernel': jnp.ones((64, 16))},
+  }
+  base = {'algorithm': 'magnitude', 'sparsity': 0.9, 'dist_type': 'erk'}
+  nm = jaxpruner.create_updater_from_config({**base, 'sparsity_type': 'nm_1,4'})
+  assert nm.sparsity == 0.75 and nm.sparsity_type.axis == -1
+  sparse, _ = nm.instant_sparsify(params)
+  assert int(jnp.sum(sparse['Dense_0']['kernel'] == 0)) == 768  # 3/4 of 1024
+  block = jaxpruner.create_updater_from_config({**base, 'sparsity_type': 'block_2,2'})
+  assert isinstance(block.sparsity_type, jaxpruner.sparsity_types.Block)
+  block.instant_sparsify(params)  # a (2, 2) block fits the 3x3 conv window
+  with pytest.warns(UserWarning, match='skip_gradients=True is ignored'):
+    ste = jaxpruner.create_updater_from_config(
+      {'algorithm': 'magnitude_ste', 'sparsity': 0.5, 'skip_gradients': True}
+    )
+  assert ste.skip_gradients is False

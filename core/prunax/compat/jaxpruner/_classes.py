@@ -27,6 +27,7 @@ from prunax import selection
 from prunax import sparsity_distributions
 from prunax import sparsity_types
 from prunax.compat.jaxpruner import sparsity_schedules
+from prunax.compat.jaxpruner import sparsity_types as compat_types
 
 # jaxpruner's BaseUpdater defaults (its field values, in prunax's field names).
 _DEFAULT_DIST = functools.partial(sparsity_distributions.uniform, sparsity=0.0)
@@ -66,9 +67,26 @@ def _jaxpruner_nm_target(updater) -> None:
     stype = sparsity_types.from_string(updater.sparsity_type)
   except (ValueError, TypeError):
     return  # prunax's own check reports it.
+  if isinstance(updater.sparsity_type, str):
+    object.__setattr__(updater, 'sparsity_type', compat_types.from_string(updater.sparsity_type))
   if not isinstance(stype, sparsity_types.NByM):
     return
   own = stype.sparsity
+  dist = updater.sparsity_distribution_fn
+  if (
+    dist == 'erk'
+    or getattr(getattr(dist, 'func', dist), '__wrapped__', None) is (sparsity_distributions.erk)
+    or getattr(dist, 'func', dist) is sparsity_distributions.erk
+  ):
+    # jaxpruner: N:M ignores the distribution's per-leaf targets.
+    kw = dict(getattr(dist, 'keywords', {}))
+    object.__setattr__(
+      updater,
+      'sparsity_distribution_fn',
+      functools.partial(sparsity_distributions.uniform, **kw)
+      if kw
+      else sparsity_distributions.uniform,
+    )
   if updater.sparsity:
     object.__setattr__(updater, 'sparsity', own)
   dist = updater.sparsity_distribution_fn

@@ -11,6 +11,7 @@ step semantics (:mod:`prunax.compat.jaxpruner.sparsity_schedules`).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 from prunax import registry as _registry
@@ -18,6 +19,7 @@ from prunax import sparsity_types as _st
 from prunax.compat.jaxpruner import algorithms
 from prunax.compat.jaxpruner import base_updater
 from prunax.compat.jaxpruner import sparsity_schedules
+from prunax.compat.jaxpruner import sparsity_types
 from prunax.registry import ALGORITHM_REGISTRY
 from prunax.registry import all_algorithm_names
 from prunax.registry import register_algorithm
@@ -80,8 +82,18 @@ def create_updater_from_config(config: Any) -> Any:
       stype = _st.from_string(cfg['sparsity_type'])
     except (ValueError, TypeError) as e:
       raise ValueError(f'Sparsity type {cfg["sparsity_type"]!r} is not supported: {e}') from None
-    if isinstance(stype, _st.NByM) and cfg.get('sparsity'):
-      cfg['sparsity'] = stype.sparsity  # jaxpruner: N:M ignores the target sparsity.
+    if isinstance(stype, _st.NByM):
+      # jaxpruner: N:M ignores the target sparsity and its distribution.
+      if cfg.get('sparsity'):
+        cfg['sparsity'] = stype.sparsity
+      cfg['dist_type'] = 'uniform'
+  if _registry.get_algorithm(name).is_ste and cfg.get('skip_gradients'):
+    warnings.warn(
+      f'{name}: skip_gradients=True is ignored; STE recomputes its masks at every step and '
+      'has no mask-update steps to skip.',
+      stacklevel=2,
+    )
+    cfg['skip_gradients'] = False
   seed = cfg.pop('seed', None)
   updater = _registry.create_updater_from_config(cfg)
   cls = _compat_classes().get(type(updater))
@@ -91,4 +103,6 @@ def create_updater_from_config(config: Any) -> Any:
   kwargs['scheduler'] = _schedule(updater, cfg)
   kwargs['packed_masks'] = cfg.get('packed_masks', False)
   kwargs['rng_seed'] = seed
+  if isinstance(cfg.get('sparsity_type'), str):
+    kwargs['sparsity_type'] = sparsity_types.from_string(cfg['sparsity_type'])
   return cls(**kwargs)

@@ -14,7 +14,6 @@ from prunax import sparsity_types as _st
 from prunax.sparsity_types import Channel
 from prunax.sparsity_types import SparsityType
 from prunax.sparsity_types import Unstructured
-from prunax.sparsity_types import from_string
 
 __all__ = ['Block', 'Channel', 'NByM', 'NbyM', 'SparsityType', 'Unstructured', 'from_string']
 
@@ -84,3 +83,14 @@ class Block(_st.Block):
       )
       return full.mask(scores, sparsity)
     return super().mask(scores, sparsity)
+
+
+def from_string(spec) -> SparsityType:
+  """prunax's :func:`prunax.sparsity_types.from_string`, giving this module's ``NByM``
+  (groups along the last axis) and ``Block`` (jaxpruner's rule on leaves with more dims)."""
+  stype = _st.from_string(spec)
+  if type(stype) is _st.NByM:
+    return NByM(stype.n, stype.m, -1 if stype.axis is None else stype.axis)
+  if type(stype) is _st.Block:
+    return Block(stype.block_shape, stype.use_avg_pooling)
+  return stype
