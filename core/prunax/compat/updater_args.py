@@ -123,7 +123,7 @@ class JaxprunerArgs:
         set_('sparsity', 0.0)
     elif (
       isinstance(dist, functools.partial)
-      and dist.func in (dists.uniform, dists.erk)
+      and getattr(dist.func, '__wrapped__', dist.func) in (dists.uniform, dists.erk)
       and not dist.args
       and 'sparsity' in dist.keywords
     ):
@@ -136,7 +136,8 @@ class JaxprunerArgs:
         )
       set_('sparsity', target)
       rest = {k: v for k, v in dist.keywords.items() if k != 'sparsity'}
-      set_('sparsity_distribution_fn', dists.Partial(dist.func, **rest) if rest else dist.func)
+      func = getattr(dist.func, '__wrapped__', dist.func)  # jaxpruner's erk wraps prunax's.
+      set_('sparsity_distribution_fn', dists.Partial(func, **rest) if rest else func)
     elif (
       self.sparsity is None
       and callable(dist)

@@ -17,7 +17,10 @@ __all__ = ['MASK_DTYPE', 'get_topk_fn', 'topk_mask_calculator', 'topk_n_by_m_mas
 
 
 def get_topk_fn(sparsity_type) -> TopK:
-  """The top-k function of a sparsity type (object or string such as ``'nm_2,4'``)."""
+  """The top-k function of a sparsity type (object, class such as ``Unstructured`` or
+  string such as ``'nm_2,4'``)."""
+  if isinstance(sparsity_type, type) and issubclass(sparsity_type, sparsity_types.SparsityType):
+    sparsity_type = sparsity_type()
   return TopK(sparsity_types.from_string(sparsity_type))
 
 

@@ -1,0 +1,227 @@
+"""jaxpruner's updater classes: prunax's algorithms with jaxpruner's defaults.
+
+:func:`compat_class` derives, from a prunax updater class, a class of the same name whose
+defaults are jaxpruner's: target sparsity 0 (``partial(uniform, sparsity=0.0)``), masks
+stored unpacked as uint8, ``NoUpdateSchedule``, ``rng_seed=PRNGKey(8)``. Its instances
+accept attribute assignment as jaxpruner's mutable dataclasses do: assigning a constructor
+field rebuilds the updater with that field (``dataclasses.replace``, so the value is
+checked and resolved as in the constructor); any other attribute (a method replaced by a
+mock, say) is set on the instance. They hash by identity and by the number of
+assignments, so a ``jax.jit`` that takes one as a static argument retraces after an
+assignment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prunax import base_updater
+from prunax import selection
+from prunax import sparsity_distributions
+from prunax import sparsity_types
+from prunax.compat.jaxpruner import sparsity_schedules
+from prunax.compat.jaxpruner import sparsity_types as compat_types
+
+# jaxpruner's BaseUpdater defaults (its field values, in prunax's field names).
+_DEFAULT_DIST = functools.partial(sparsity_distributions.uniform, sparsity=0.0)
+JAXPRUNER_DEFAULTS: dict[str, Any] = {
+  'sparsity_distribution_fn': _DEFAULT_DIST,
+  'scheduler': sparsity_schedules.NoUpdateSchedule(),
+  'packed_masks': False,
+}
+# jaxpruner's default key when no rng_seed is given (``jax.random.PRNGKey(8)``).
+DEFAULT_RNG_SEED = 8
+
+
+def _setattr(self, name: str, value: Any) -> None:
+  """jaxpruner-style ``updater.name = value`` (see the module docstring)."""
+  init_fields = {f.name for f in dataclasses.fields(self) if f.init}
+  if name in init_fields:
+    new = dataclasses.replace(self, **{name: value})
+    for f in dataclasses.fields(new):
+      object.__setattr__(self, f.name, getattr(new, f.name))
+  else:
+    object.__setattr__(self, name, value)
+  object.__setattr__(self, '_assignments', getattr(self, '_assignments', 0) + 1)
+
+
+def _hash(self) -> int:
+  return hash((id(self), getattr(self, '_assignments', 0)))
+
+
+def _eq(self, other: Any) -> bool:
+  return self is other
+
+
+def _jaxpruner_nm_target(updater) -> None:
+  """With N:M structure, jaxpruner ignores the target sparsity (any non-zero target means
+  N:M's own, ``1 - n/m``); so does the compat updater."""
+  try:
+    stype = sparsity_types.from_string(updater.sparsity_type)
+  except (ValueError, TypeError):
+    return  # prunax's own check reports it.
+  if isinstance(updater.sparsity_type, str):
+    object.__setattr__(updater, 'sparsity_type', compat_types.from_string(updater.sparsity_type))
+  if not isinstance(stype, sparsity_types.NByM):
+    return
+  own = stype.sparsity
+  dist = updater.sparsity_distribution_fn
+  if (
+    dist == 'erk'
+    or getattr(getattr(dist, 'func', dist), '__wrapped__', None) is (sparsity_distributions.erk)
+    or getattr(dist, 'func', dist) is sparsity_distributions.erk
+  ):
+    # jaxpruner: N:M ignores the distribution's per-leaf targets.
+    kw = dict(getattr(dist, 'keywords', {}))
+    object.__setattr__(
+      updater,
+      'sparsity_distribution_fn',
+      functools.partial(sparsity_distributions.uniform, **kw)
+      if kw
+      else sparsity_distributions.uniform,
+    )
+  if updater.sparsity:
+    object.__setattr__(updater, 'sparsity', own)
+  dist = updater.sparsity_distribution_fn
+  if isinstance(dist, functools.partial) and dist.keywords.get('sparsity'):
+    object.__setattr__(
+      updater,
+      'sparsity_distribution_fn',
+      functools.partial(dist.func, *dist.args, **{**dist.keywords, 'sparsity': own}),
+    )
+
+
+def compat_class(base: type, module: str, **defaults: Any) -> type:
+  """A subclass of the prunax updater ``base`` with jaxpruner's defaults.
+
+  Args:
+    base: a prunax updater class (a frozen dataclass).
+    module: the ``__module__`` of the new class.
+    **defaults: field defaults (besides :data:`JAXPRUNER_DEFAULTS`); a name that is not
+      a field of ``base`` adds a keyword-only field (jaxpruner-only arguments).
+
+  Returns:
+    The class, named as ``base``.
+  """
+  base_fields = {f.name: f for f in dataclasses.fields(base)}
+  new_fields = []
+  for name, value in {**JAXPRUNER_DEFAULTS, **defaults}.items():
+    kw_only = base_fields[name].kw_only if name in base_fields else True
+    new_fields.append((name, Any, dataclasses.field(default=value, kw_only=kw_only)))
+  holder: list[type] = []
+
+  def post_init(self) -> None:
+    if self.rng_seed is None and self.seed == 0:
+      object.__setattr__(self, 'rng_seed', jax.random.PRNGKey(DEFAULT_RNG_SEED))
+    if self.sparsity is not None and self.sparsity_distribution_fn is _DEFAULT_DIST:
+      # An explicit target replaces the default's bound 0.0 (uniform, as jaxpruner's
+      # global pruners' own sparsity field does).
+      object.__setattr__(self, 'sparsity_distribution_fn', sparsity_distributions.uniform)
+    _jaxpruner_nm_target(self)
+    if self.is_ste and self.skip_gradients is True:
+      warnings.warn(
+        f'{type(self).__name__}: skip_gradients=True is ignored; STE recomputes its masks '
+        'at every step and has no mask-update steps to skip.',
+        stacklevel=3,
+      )
+      object.__setattr__(self, 'skip_gradients', False)
+    super(holder[0], self).__post_init__()
+    if isinstance(self.rng_seed, tuple):
+      # jaxpruner's attribute holds the key (a uint32 array), not prunax's hashable tuple.
+      object.__setattr__(self, 'rng_seed', np.asarray(self.rng_seed, np.uint32))
+
+  def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
+    scores = super(holder[0], self).calculate_scores(
+      params, sparse_state=sparse_state, grads=grads, **kwargs
+    )
+    # jaxpruner's scores are arrays (prunax's built-ins may return lazy ones).
+    return jax.tree.map(
+      selection.materialize, scores, is_leaf=lambda x: isinstance(x, selection.Lazy)
+    )
+
+  def update_state(self, sparse_state, params, grads=None, **kwargs):
+    new_state = super(holder[0], self).update_state(sparse_state, params, grads, **kwargs)
+    return new_state._replace(
+      inner_state=restart_grown(sparse_state.masks, new_state.masks, new_state.inner_state, params)
+    )
+
+  namespace = {
+    'update_state': update_state,
+    '__module__': module,
+    '__post_init__': post_init,
+    'calculate_scores': calculate_scores,
+  }
+  cls = dataclasses.make_dataclass(
+    base.__name__, new_fields, bases=(base,), frozen=True, namespace=namespace
+  )
+  holder.append(cls)
+  cls.__qualname__ = base.__name__
+  cls.__doc__ = (
+    f"prunax.{base.__name__} with jaxpruner's defaults and attribute assignment "
+    f'(see {__name__}).\n\n{base.__doc__ or ""}'
+  )
+  cls.__setattr__ = _setattr
+  cls.__hash__ = _hash
+  cls.__eq__ = _eq
+  return cls
+
+
+def restart_grown(old_masks: Any, new_masks: Any, inner_state: Any, params: Any) -> Any:
+  """``inner_state`` with the per-weight entries of grown weights (kept by ``new_masks``,
+  not by ``old_masks``) set to 0, as jaxpruner's ``update_state`` does: every subtree of
+  the state shaped like ``params`` (optimizer moments, traces) is reset there."""
+  old = base_updater.unpack_masks(old_masks, params)
+  new = base_updater.unpack_masks(new_masks, params)
+  grown = jax.tree.map(
+    lambda o, n: None if o is None or n is None else jnp.logical_and(n, jnp.logical_not(o)),
+    old,
+    new,
+    is_leaf=lambda x: x is None,
+  )
+  treedef = jax.tree.structure(params)
+
+  def like_params(x) -> bool:
+    try:
+      return jax.tree.structure(x) == treedef
+    except Exception:  # pylint: disable=broad-except
+      return False
+
+  def reset(sub):
+    if not like_params(sub):
+      return sub
+    return jax.tree.map(
+      lambda g, v: (
+        v if g is None or jnp.shape(v) != jnp.shape(g) else jnp.where(g, jnp.zeros_like(v), v)
+      ),
+      grown,
+      sub,
+      is_leaf=lambda x: x is None,
+    )
+
+  return jax.tree.map(reset, inner_state, is_leaf=like_params)
+
+
+def normalized_global_masks(updater, scores, sparsities, masks_from_scores):
+  """jaxpruner's global selection: each leaf's scores divided by their L2 norm plus
+  ``normalization_eps`` before one global threshold (when ``use_normalization``)."""
+  if updater.use_normalization:
+    scores = jax.tree.map(
+      lambda s, x: (
+        x
+        if s is None
+        else (lambda a: a / (jnp.linalg.norm(a) + updater.normalization_eps))(
+          selection.materialize(x)
+        )
+      ),
+      sparsities,
+      scores,
+      is_leaf=lambda x: x is None,
+    )
+  return masks_from_scores(scores, sparsities)
