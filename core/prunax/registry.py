@@ -280,8 +280,9 @@ def create_updater_from_config(config: Any) -> BaseUpdater:
   for key in ('drop_fraction', 'drop_fraction_fn'):
     if key in cfg:
       if not hasattr(cls, key):
+        takers = sorted(n for n, c in _ALGORITHMS.items() if hasattr(c, key))
         raise ValueError(
-          f'{key} applies only to drop-and-grow algorithms (set, rigl), not to '
+          f'{key} applies only to drop-and-grow algorithms ({", ".join(takers)}), not to '
           f'{cfg["algorithm"]!r}.'
         )
       kwargs[key] = cfg[key]

@@ -697,3 +697,10 @@ def test_masks_of_one_weight_per_byte_apply_as_packed_or_not(algorithm, d):
   for is_packed in (True, None):
     masked = updater.apply_masks(params, state.masks, is_packed=is_packed)
     np.testing.assert_array_equal(masked['w'], params['w'])
+
+
+def test_drop_fraction_on_a_pruner_names_every_algorithm_that_takes_it():
+  with pytest.raises(ValueError, match=r'\(granet, mest, nm_rigl, nm_set, rigl, set, snfs\)'):
+    prunax.create_updater_from_config(
+      {'algorithm': 'magnitude', 'sparsity': 0.5, 'drop_fraction': 0.3}
+    )
