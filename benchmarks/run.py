@@ -196,10 +196,13 @@ def bench_steps(sizes, batch_size, repeats, packed):
     state = tx.init(params)
     masks = prunax.get_sparse_state(state).masks
     mask_bytes = sum(m.nbytes for m in jax.tree.leaves(masks))
+    unpruned = lambda x: x is None or isinstance(x, optax.MaskedNode)  # noqa: E731
     pruned_bytes = sum(
       p.nbytes
-      for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks, is_leaf=lambda x: x is None))
-      if m is not None
+      for p, m in zip(
+        jax.tree.leaves(params), jax.tree.leaves(masks, is_leaf=unpruned), strict=True
+      )
+      if not unpruned(m)
     )
     print(
       f'{"":<18} mask bytes / params bytes: {mask_bytes / (nparams * 4):.4f} '
