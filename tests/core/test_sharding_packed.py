@@ -137,7 +137,8 @@ SCRIPT = textwrap.dedent("""
       bool1 = prunax.bool_masks(s1, p1)
       by_map = dataclasses.replace(updater, packed_masks={'u|v|w': False})
       for mode, tx_, jit_init in (
-          ('eager', tx, False), ('jit', by_map.wrap_optax(optax.sgd(0.1)), True)):
+          ('eager', tx, False), ('jit', by_map.wrap_optax(optax.sgd(0.1)), True),
+          ('jit_packed', tx, True)):
         init_state, p3, s3 = run3(tx_, ps3, jit_init)
         st3 = prunax.get_sparse_state(s3)
         wrong = [f'{when} {n}: {spec(x)}'
@@ -146,6 +147,7 @@ SCRIPT = textwrap.dedent("""
         bool3 = prunax.bool_masks(s3, p3)
         three[f'{name}/{mode}'] = {
             'wrong_specs': wrong,
+            'specs': {n: spec(x) for n, x in pruned(st3.masks).items()},
             'stored': {n: [x.shape[-1], str(x.dtype)] for n, x in pruned(st3.masks).items()},
             'masks_equal': all(np.array_equal(bool1[n], bool3[n]) for n in shapes3),
             'params_equal': all(np.array_equal(p1[n], p3[n]) for n in shapes3),
@@ -205,6 +207,23 @@ def test_masks_a_packing_cannot_follow_are_stored_unpacked_and_sharded(report, n
     'w': [48, 'uint8'],
     'x': [24, 'uint8'],  # 192 weights packed into 24 bytes: 3 shards of 8 bytes
   }, r
+  assert r['masks_equal'] and r['params_equal'], r
+
+
+@pytest.mark.parametrize('name', ALGORITHMS)
+def test_jitted_init_not_told_keeps_packed_masks_replicated_over_the_split(report, name):
+  # A jitted init cannot see the 3-way splits: the packed masks of u, v and w are not
+  # split over 'model' (each device holds the whole packed mask, 1/32 of the param's
+  # bytes at fp32), and training is exactly the same as on one device.
+  r = report['three_way'][f'{name}/jit_packed']
+  assert r['stored'] == {
+    'u': [10, 'uint8'],
+    'v': [8, 'uint8'],
+    'w': [8, 'uint8'],
+    'x': [24, 'uint8'],
+  }, r
+  assert {n: r['specs'][n] for n in 'uvw'} == {n: [] for n in 'uvw'}, r
+  assert r['specs']['x'] == [None, 'model'], r
   assert r['masks_equal'] and r['params_equal'], r
 
 
