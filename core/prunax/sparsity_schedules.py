@@ -16,6 +16,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from prunax import _checks
 
@@ -48,7 +49,7 @@ class NoUpdateSchedule(_JaxprunerNames):
 
   def is_update_step(self, step):
     del step
-    return jnp.bool_(False)
+    return np.bool_(False)
 
   def sparsity(self, step, target):
     del step
