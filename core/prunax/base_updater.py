@@ -5,9 +5,10 @@
 other call. For a step with gradients ``g`` at params ``p`` (the params the model saw):
 
 1. The inner optimizer runs on the masked gradients ``g * m`` (dense gradients for STE),
-   giving ``u``. Its per-weight state (moments) of inactive weights is held at zero: it is
-   zeroed under ``m`` as the optimizer reads it, so a weight that becomes active again
-   starts with fresh moments.
+   giving ``u``. For masked training its per-weight state (moments) of inactive weights is
+   held at the inner optimizer's initial value: it is reset under ``m`` as the optimizer
+   reads it, so a weight that becomes active again starts with fresh moments. STE-style
+   algorithms train every dense weight, so their moments are never reset.
 2. On a mask-update step of the schedule, new masks ``m'`` are computed from the weights
    the model saw, ``p`` (zero outside ``m`` after any wrapped step; a weight that is not
    is removed by step 3 anyway), and the raw gradients ``g``. This runs inside a ``lax.cond``

@@ -225,8 +225,9 @@ def test_rigl_resets_moments_of_regrown_weights(inner_name):
   kernels = [k for k in kernels if k.shape == grown.shape]
   for k in kernels:
     assert not k[grown].any(), f'{inner_name}: moments of regrown weights not reset'
-  # Moments of inactive weights are held at zero from the next step on (zeroed as the
-  # optimizer reads them), so dropped weights never carry moments into a later regrowth.
+  # Moments of inactive weights are held at their initial value (zero for these optimizers)
+  # from the next step on (reset as the optimizer reads them), so dropped weights never
+  # carry moments into a later regrowth.
   nxt = [
     np.asarray(m)
     for m in _moments_of(
