@@ -825,6 +825,24 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     Returns:
       A transformation whose state is a :class:`SparseState` and whose ``update`` needs
       ``params``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, prunax
+      >>> pruner = prunax.MagnitudePruning(
+      ...   sparsity=0.5, scheduler=prunax.sparsity_schedules.OneShotSchedule()
+      ... )
+      >>> tx = pruner.wrap_optax(optax.adam(1e-2))  # the only change to a training loop
+      >>> params = {'w': jnp.array([[0.1, -2.0], [3.0, -0.4]])}
+      >>> opt_state = tx.init(params)
+      >>> @jax.jit
+      ... def step(params, opt_state):
+      ...   grads = jax.grad(lambda p: jnp.sum(p['w'] ** 2))(params)
+      ...   updates, opt_state = tx.update(grads, opt_state, params)  # params are needed
+      ...   return optax.apply_updates(params, updates), opt_state
+      >>> for _ in range(3):
+      ...   params, opt_state = step(params, opt_state)
+      >>> (params['w'] == 0).tolist()
+      [[True, False], [False, True]]
     """
     inner = optax.with_extra_args_support(inner)
     update = functools.partial(_update, self, inner)
