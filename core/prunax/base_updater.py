@@ -5,9 +5,10 @@
 other call. For a step with gradients ``g`` at params ``p`` (the params the model saw):
 
 1. The inner optimizer runs on the masked gradients ``g * m`` (dense gradients for STE),
-   giving ``u``. Its per-weight state (moments) of inactive weights is held at zero: it is
-   zeroed under ``m`` as the optimizer reads it, so a weight that becomes active again
-   starts with fresh moments.
+   giving ``u``. For masked training its per-weight state (moments) of inactive weights is
+   held at the inner optimizer's initial value: it is reset under ``m`` as the optimizer
+   reads it, so a weight that becomes active again starts with fresh moments. STE-style
+   algorithms train every dense weight, so their moments are never reset.
 2. On a mask-update step of the schedule, new masks ``m'`` are computed from the weights
    the model saw, ``p`` (zero outside ``m`` after any wrapped step; a weight that is not
    is removed by step 3 anyway), and the raw gradients ``g``. This runs inside a ``lax.cond``
@@ -824,6 +825,24 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     Returns:
       A transformation whose state is a :class:`SparseState` and whose ``update`` needs
       ``params``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, prunax
+      >>> pruner = prunax.MagnitudePruning(
+      ...   sparsity=0.5, scheduler=prunax.sparsity_schedules.OneShotSchedule()
+      ... )
+      >>> tx = pruner.wrap_optax(optax.adam(1e-2))  # the only change to a training loop
+      >>> params = {'w': jnp.array([[0.1, -2.0], [3.0, -0.4]])}
+      >>> opt_state = tx.init(params)
+      >>> @jax.jit
+      ... def step(params, opt_state):
+      ...   grads = jax.grad(lambda p: jnp.sum(p['w'] ** 2))(params)
+      ...   updates, opt_state = tx.update(grads, opt_state, params)  # params are needed
+      ...   return optax.apply_updates(params, updates), opt_state
+      >>> for _ in range(3):
+      ...   params, opt_state = step(params, opt_state)
+      >>> (params['w'] == 0).tolist()
+      [[True, False], [False, True]]
     """
     inner = optax.with_extra_args_support(inner)
     update = functools.partial(_update, self, inner)

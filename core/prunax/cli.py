@@ -52,8 +52,10 @@ def _compare_parser(sub) -> None:
   )
   p.add_argument(
     '--task',
-    help='digits | noisy_digits | lm | federated_digits | cartpole | module:function | '
-    'file.py:function',
+    help=(
+      'digits | noisy_digits | lm | a task of an installed package (prunax-fedjax: '
+      'federated_digits, prunax-dopamine: cartpole) | module:function | file.py:function'
+    ),
   )
   p.add_argument('--algorithms', help='comma-separated algorithm names')
   p.add_argument(

@@ -134,12 +134,6 @@ def _densities(tree: PyTree, n: int) -> np.ndarray:
 class FlopsCounter:
   """Dense and sparse FLOPs of a model's contractions.
 
-  Example::
-
-    counter = FlopsCounter(model.apply, params, x)
-    counter.dense_flops                      # forward FLOPs of the batch x
-    counter.inference_fraction(sparse_params)  # "Test F"
-
   Args:
     apply_fn: ``apply_fn(params, *example_inputs)``, e.g. a Flax module's ``apply``.
     params: the parameter tree (its structure and shapes are what count).
@@ -148,7 +142,16 @@ class FlopsCounter:
   Attributes:
     dense_flops: FLOPs of one dense forward pass on ``example_inputs`` (int).
     per_layer: dense forward FLOPs by parameter name (contractions without a parameter
-      operand are named ``'<primitive>_<k>'``).
+      operand are named ``'contraction_<k>'``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from prunax.flops import FlopsCounter
+    >>> counter = FlopsCounter(lambda p, x: x @ p['w'], {'w': jnp.ones((4, 3))}, jnp.ones((2, 4)))
+    >>> counter.dense_flops  # 2 * batch 2 * 4 * 3, one multiply and one add each
+    48
+    >>> counter.inference_fraction({'w': jnp.ones((4, 3)).at[:2].set(0.0)})  # "Test F"
+    0.5
   """
 
   def __init__(self, apply_fn: Callable[..., Any], params: PyTree, *example_inputs: Any):

@@ -560,6 +560,24 @@ def shrink(
   Raises:
     ShrinkError: a masked channel's group cannot shrink (naming the op), or the shrunk
       model differs from the masked one (the masks do not cover a whole group).
+
+  Examples:
+    Hidden channel 0 of an MLP is masked in its kernel and bias, so it goes from the
+    second kernel too:
+
+    >>> import jax, jax.numpy as jnp, prunax
+    >>> def mlp(p, x):
+    ...   return jax.nn.relu(x @ p['w1'] + p['b1']) @ p['w2']
+    >>> params = {'w1': jnp.ones((2, 4)), 'b1': jnp.zeros(4), 'w2': jnp.ones((4, 1))}
+    >>> keep = jnp.array([False, True, True, True])
+    >>> masks = {'w1': jnp.broadcast_to(keep, (2, 4)), 'b1': keep, 'w2': None}
+    >>> shrunk = prunax.shrink(mlp, params, masks, jnp.ones((1, 2)))
+    >>> jax.tree.map(jnp.shape, shrunk.params)
+    {'b1': (3,), 'w1': (2, 3), 'w2': (3, 1)}
+    >>> shrunk.sizes
+    {('b1', 0): (4, 3)}
+    >>> shrunk(shrunk.params, jnp.ones((2, 2))).tolist()  # another batch size works too
+    [[6.0], [6.0]]
   """
   fn = _as_fn(model)
   trace = _trace(fn, params, args)

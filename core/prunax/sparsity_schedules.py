@@ -3,7 +3,9 @@
 A schedule answers two questions for the step counter ``step`` (the number of optimizer
 updates done before this one, a traced int32 scalar inside ``jit``):
 
-* ``is_update_step(step)``: whether the masks are recomputed at this step;
+* ``is_update_step(step)``: whether the masks are recomputed at this step (a boolean
+  array; a schedule that knows the answer without the step returns a NumPy bool, and the
+  engine then traces no mask update: :class:`NoUpdateSchedule`);
 * ``sparsity(step, target)``: the sparsity a leaf with final sparsity ``target`` has after
   this step (``target`` may be a per-leaf float).
 
@@ -16,6 +18,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from prunax import _checks
 
@@ -47,8 +50,9 @@ class NoUpdateSchedule(_JaxprunerNames):
   """Masks are computed once at ``init`` and never change (static sparse training)."""
 
   def is_update_step(self, step):
+    """A static NumPy False: the engine then traces and compiles no mask update."""
     del step
-    return jnp.bool_(False)
+    return np.bool_(False)
 
   def sparsity(self, step, target):
     del step

@@ -41,6 +41,16 @@ def summarize_sparsity(
     ``{'total_sparsity', 'total_params', 'total_nonzero'}`` plus ``'sparsity/<name>'``
     for every counted leaf, and jaxpruner's totals over every leaf whatever the filter:
     ``'_total_sparsity'``, ``'_nparams'``, ``'_nparams_nnz'``.
+
+  Examples:
+    >>> import jax.numpy as jnp, prunax
+    >>> summary = prunax.summarize_sparsity(
+    ...   {'w': jnp.array([[0.0, 1.0], [2.0, 0.0]]), 'b': jnp.zeros(2)}
+    ... )
+    >>> summary['sparsity/w'], summary['total_sparsity'], summary['total_nonzero']
+    (0.5, 0.5, 2.0)
+    >>> 'sparsity/b' in summary, round(summary['_total_sparsity'], 4)  # b: ndim < 2
+    (False, 0.6667)
   """
   if only_total_sparsity is not None:
     only_total = only_total_sparsity

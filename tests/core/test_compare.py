@@ -232,19 +232,23 @@ def test_categories():
   assert compare.category('magnitude', nm, {'magnitude': {'origin': 'x'}})['origin'] == 'x'
 
 
-def _readme_taxonomy():
-  """{algorithm: (origin, dynamics)} from the README's algorithm table."""
+def _readme_algorithm_table():
+  """{algorithm: (class cell, origin, dynamics)} from the README's algorithm table, and
+  the class cells of its rows without a registered name ('-')."""
   path = os.path.join(os.path.dirname(__file__), '..', '..', 'README.md')
   with open(path) as f:
     text = f.read()
   table = text[text.index('## Algorithms') :]
-  out = {}
+  out, unnamed = {}, []
   for line in table.splitlines()[2:]:
     if not line.startswith('|'):
       if out:
         break
       continue
     cells = [c.strip() for c in line.strip('|').split('|')]
+    if cells[0] == '-':
+      unnamed.append(cells[1])
+      continue
     match = re.fullmatch(r'`(\w+)`', cells[0])
     if match is None:
       continue
@@ -254,15 +258,32 @@ def _readme_taxonomy():
       cells[-1],
     )
     assert taxonomy, f'README taxonomy of {match.group(1)!r} is malformed: {cells[-1]!r}'
-    out[match.group(1)] = taxonomy.groups()
-  return out
+    out[match.group(1)] = (cells[1], *taxonomy.groups())
+  return out, unnamed
+
+
+def _prunax_attr(dotted: str):
+  """``prunax.<dotted>`` (e.g. ``RigL``, ``pruning_at_init.SNIP``), else None."""
+  obj = prunax
+  for part in dotted.split('.'):
+    obj = getattr(obj, part, None)
+  return obj
 
 
 def test_readme_table_agrees_with_the_registry_metadata():
-  readme = _readme_taxonomy()
+  readme, unnamed = _readme_algorithm_table()
   assert sorted(readme) == sorted(registry.ALGORITHM_INFO) == registry.all_algorithm_names()
-  for name, (origin, dynamics) in readme.items():
+  for name, (class_cell, origin, dynamics) in readme.items():
     assert registry.algorithm_info(name) == {'origin': origin, 'dynamics': dynamics}, name
+    # The class column names the registered class, as reachable from ``prunax``.
+    named = re.findall(r'`([\w.]+)`', class_cell)
+    assert named, f'README class of {name!r} is malformed: {class_cell!r}'
+    assert _prunax_attr(named[0]) is registry.get_algorithm(name), (name, class_cell)
+    for other in named[1:]:  # e.g. AutoSparse + `GradientAnnealing`
+      assert _prunax_attr(other) is not None, (name, other)
+  for class_cell in unnamed:  # rows without a config name: a prunax function
+    (dotted,) = re.findall(r'`([\w.]+)`', class_cell)
+    assert callable(_prunax_attr(dotted)), class_cell
 
 
 def test_register_algorithm_info(monkeypatch):
@@ -472,7 +493,7 @@ def test_optional_tasks_need_their_adapters():
   for name, module in (('federated_digits', 'prunax_fedjax'), ('cartpole', 'prunax_dopamine')):
     if importlib.util.find_spec(module) is None:
       assert name not in tasks
-      with pytest.raises(compare.ConfigError, match=f'needs the {module} adapter'):
+      with pytest.raises(compare.ConfigError, match=f"Unknown task '{name}'; valid tasks are"):
         compare.run_comparison({'task': name})
 
 

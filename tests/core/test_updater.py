@@ -5,6 +5,7 @@ import math
 
 import flax
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -157,6 +158,61 @@ def test_ste_keeps_dense_weights_and_trains_them():
   np.testing.assert_array_equal(mask, expected)
 
 
+def test_ste_does_not_reset_the_moments_of_pruned_weights():
+  # STE-style algorithms train every dense weight: the moments of weights outside the
+  # mask keep following their (straight-through) gradients, unlike masked training.
+  params = mlp_params()
+  inner = optax.adam(1e-2)
+  _, state, _ = run(prunax.SteMagnitudePruning(sparsity=0.75).wrap_optax(inner), params, steps=3)
+  pruned = ~np.asarray(_bool_masks(state, params)['layer0']['kernel'])
+  moments = _moments_of(inner, prunax.get_sparse_state(state).inner_state, params, 'layer0/kernel')
+  assert len(moments) == 2  # adam's mu and nu
+  for m in moments:
+    assert np.count_nonzero(np.asarray(m)[pruned]) == pruned.sum()
+
+
+def _count_compute_masks(monkeypatch, cls):
+  calls = []
+  original = cls.compute_masks
+
+  def counting(self, *args, **kwargs):
+    calls.append(type(self).__name__)
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(cls, 'compute_masks', counting)
+  return calls
+
+
+def _primitives(jaxpr) -> set[str]:
+  """Names of the primitives of ``jaxpr`` and of the jaxprs nested in its equations."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      names |= _primitives(sub)
+  return names
+
+
+@pytest.mark.parametrize(
+  'make, updates_masks',
+  [
+    (lambda: prunax.StaticRandomSparse(sparsity=0.8), False),
+    (lambda: prunax.SET(sparsity=0.8, scheduler=sched.NoUpdateSchedule()), False),
+    # Control: a schedule that updates the masks traces the update branch.
+    (lambda: prunax.SET(sparsity=0.8, scheduler=PERIODIC), True),
+  ],
+)
+def test_a_schedule_without_updates_traces_no_mask_update(make, updates_masks, monkeypatch):
+  updater = make()
+  params = mlp_params()
+  tx = updater.wrap_optax(optax.adam(1e-2))
+  state = tx.init(params)
+  calls = _count_compute_masks(monkeypatch, type(updater))
+  jaxpr = jax.make_jaxpr(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
+  assert bool(calls) == updates_masks, calls
+  assert ('cond' in _primitives(jaxpr.jaxpr)) == updates_masks
+
+
 def test_ste_gradients_at_sparse_weights_update_the_dense_ones():
   """One SGD step: dense' = dense - lr * grad(loss)(sparse params)."""
   updater = prunax.SteMagnitudePruning(sparsity=0.5)
@@ -225,8 +281,9 @@ def test_rigl_resets_moments_of_regrown_weights(inner_name):
   kernels = [k for k in kernels if k.shape == grown.shape]
   for k in kernels:
     assert not k[grown].any(), f'{inner_name}: moments of regrown weights not reset'
-  # Moments of inactive weights are held at zero from the next step on (zeroed as the
-  # optimizer reads them), so dropped weights never carry moments into a later regrowth.
+  # Moments of inactive weights are held at their initial value (zero for these optimizers)
+  # from the next step on (reset as the optimizer reads them), so dropped weights never
+  # carry moments into a later regrowth.
   nxt = [
     np.asarray(m)
     for m in _moments_of(

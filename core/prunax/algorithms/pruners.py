@@ -46,7 +46,27 @@ class NoPruning(BaseUpdater):
 
 @dataclasses.dataclass(frozen=True)
 class MagnitudePruning(BaseUpdater):
-  """Keeps the largest-magnitude weights: score ``|w|``."""
+  """Keeps the largest-magnitude weights: score ``|w|``.
+
+  Examples:
+    One-shot pruning to 50% at the first step (the 1-D leaves of a model, biases and
+    norms, are left dense by the default distribution):
+
+    >>> import jax.numpy as jnp, optax, prunax
+    >>> pruner = prunax.MagnitudePruning(
+    ...   sparsity=0.5, scheduler=prunax.sparsity_schedules.OneShotSchedule(target_step=0)
+    ... )
+    >>> params = {'w': jnp.array([[0.1, -2.0], [3.0, -0.4]]), 'b': jnp.ones(2)}
+    >>> tx = pruner.wrap_optax(optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.ones((2, 2)), 'b': jnp.ones(2)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> prunax.bool_masks(state, params)['w'].tolist()
+    [[False, True], [True, False]]
+    >>> (params['w'] == 0).tolist()
+    [[True, False], [False, True]]
+  """
 
   def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
     # Lazy scores: |w| is recomputed in every selection pass, never stored.

@@ -177,6 +177,33 @@ class RigL(SET):
 
   As in the paper's code (and jaxpruner), a mask-update step makes no gradient step: the
   kept weights do not move on that step (the optimizer's state still advances).
+
+  Examples:
+    Masks start at the target sparsity; a mask update drops the active weights of
+    smallest magnitude and grows the inactive ones of largest gradient, at zero:
+
+    >>> import jax.numpy as jnp, optax, prunax
+    >>> pruner = prunax.RigL(
+    ...   sparsity=0.75,  # 4 of 16 weights kept
+    ...   drop_fraction=0.5,
+    ...   scheduler=prunax.sparsity_schedules.PeriodicSchedule(update_freq=1, update_end_step=10),
+    ... )
+    >>> params = {'w': jnp.arange(1.0, 17.0).reshape(4, 4)}
+    >>> tx = pruner.wrap_optax(optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> before = prunax.bool_masks(state, params)['w']
+    >>> int(before.sum())
+    4
+    >>> grads = {'w': jnp.where(before, 0.0, params['w'])}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> after = prunax.bool_masks(state, params)['w']
+    >>> int(after.sum()), int((after & ~before).sum())  # 2 dropped, 2 grown
+    (4, 2)
+    >>> params['w'][after & ~before].tolist()  # grown weights start at zero
+    [0.0, 0.0]
+    >>> round(float(pruner.drop_fraction_at(5)), 4)  # cosine decay to 0 at update_end_step
+    0.25
   """
 
   skip_gradient_on_mask_update = True

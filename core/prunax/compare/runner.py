@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunax import flops as flops_lib
 from prunax import registry
 from prunax import sparsity_types
 from prunax.base_updater import BaseUpdater
@@ -32,11 +33,6 @@ from prunax.compare import tasks as tasks_lib
 from prunax.compare.config import ConfigError
 from prunax.sparsity_distributions import named_leaves
 from prunax.summary import summarize_sparsity
-
-try:  # FLOPs counting is optional until prunax.flops exists.
-  from prunax import flops as flops_lib  # pylint: disable=g-import-not-at-top
-except ImportError:
-  flops_lib = None
 
 
 @dataclasses.dataclass
@@ -165,7 +161,7 @@ def _mask_memory(opt_state: Any, params: Any) -> float:
 
 def _flops_counter(task: Any, params: Any):
   """A prunax.flops counter for tasks with ``apply_fn`` and ``example_inputs``, else None."""
-  if flops_lib is None or params is None or not hasattr(task, 'example_inputs'):
+  if params is None or not hasattr(task, 'example_inputs'):
     return None
   try:
     return flops_lib.FlopsCounter(task.apply_fn, params, *task.example_inputs())

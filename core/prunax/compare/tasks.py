@@ -4,8 +4,12 @@ A task is any object with the :class:`Task` protocol. Most users write a
 :class:`SupervisedTask` (model, data, optimizer, batch size) and let prunax run the training
 loop; tasks with their own loop (federated learning, reinforcement learning) implement
 ``run`` themselves. Built in: ``digits`` (scikit-learn's embedded digits, a small Flax CNN),
-``noisy_digits`` (the same digits shifted, dropped out and noised, a deeper CNN), and, when
-their adapters are installed, ``federated_digits`` (FedJAX) and ``cartpole`` (Dopamine).
+``noisy_digits`` (the same digits shifted, dropped out and noised, a deeper CNN) and ``lm``
+(a character-level language model, :mod:`prunax.compare.tasks_lm`; its metric, perplexity,
+is lower-is-better).
+Installed packages add named tasks through the entry point group ``prunax.compare_tasks``
+(the FedJAX adapter adds ``federated_digits``, the Dopamine adapter ``cartpole``); the core
+imports no adapter.
 
 A plug-in task is named ``module:function`` (``module`` a dotted module path or a ``.py``
 file) or a module with a ``get_task`` function; the function receives the task arguments
@@ -17,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import time
@@ -352,52 +357,13 @@ def noisy_digits_task(
   )
 
 
-# ------------------------------------------------------------------ optional host tasks
-
-
-@dataclasses.dataclass(eq=False)
-class FederatedDigitsTask:
-  """FedAvg on non-IID federated digits with a pruned server optimizer (FedJAX).
-
-  One training step is one federated round (one server optimizer update), so the
-  comparison's updater (its algorithm, sparsity, distribution, sparsity type, schedule and
-  ``algorithm_overrides``) is used as it is. Runs through
-  ``prunax_fedjax.examples.federated_digits.run_one``.
-  """
-
-  clients_per_round: int = 10
-  name: str = 'federated_digits'
-  metric_name: str = 'accuracy'
-
-  def example_params(self) -> PyTree:
-    from prunax_fedjax.examples import federated_digits  # pylint: disable=import-outside-toplevel
-
-    return federated_digits.create_model().init(jax.random.PRNGKey(0))
-
-  def run(
-    self, updater: BaseUpdater, seed: int, steps: int, observe: Observer, observe_every: int
-  ) -> TrainResult:
-    from prunax_fedjax.examples import federated_digits  # pylint: disable=import-outside-toplevel
-
-    del observe, observe_every  # The adapter's loop reports only the end of training.
-    out = federated_digits.run_one(
-      _algorithm_name(updater),
-      seed=seed,
-      num_rounds=steps,
-      pruner=updater,
-      clients_per_round=self.clients_per_round,
-    )
-    return TrainResult(
-      metric=out['final_accuracy'],
-      sparsity=out['final_sparsity'],
-      seconds_per_step=out['seconds'] / max(steps, 1),
-    )
+# --------------------------------------------------------------------- task registry
 
 
 def scale_schedule(updater: BaseUpdater, factor: int) -> BaseUpdater:
   """``updater`` with its schedule's steps (frequency, start, end, one-shot step) and
   ``training_steps`` (AutoSparse) times ``factor``: a comparison step made of ``factor``
-  optimizer updates."""
+  optimizer updates (for tasks with their own loop, whose step is an epoch or an iteration)."""
   scheduler = updater.scheduler
   changes = {
     f.name: getattr(scheduler, f.name) * factor
@@ -411,110 +377,52 @@ def scale_schedule(updater: BaseUpdater, factor: int) -> BaseUpdater:
   return updater
 
 
-@dataclasses.dataclass(eq=False)
-class CartPoleTask:
-  """DQN on CartPole through Dopamine's own runner, with the pruned agent of prunax_dopamine.
-
-  One step is one Dopamine iteration of ``training_steps`` agent steps, i.e.
-  ``training_steps // update_period`` optimizer updates (``update_period`` 4 in
-  ``dqn_cartpole.gin``): the comparison's updater is used as it is, its schedule scaled
-  from iterations to optimizer updates. The metric is the last iteration's average
-  training return.
-  """
-
-  training_steps: int = 500
-  update_period: int = 4
-  name: str = 'cartpole'
-  metric_name: str = 'return'
-
-  def example_params(self) -> PyTree:
-    return None
-
-  def agent_updater(self, updater: BaseUpdater) -> BaseUpdater:
-    """The updater the agent gets: ``updater`` with its schedule in optimizer updates."""
-    return scale_schedule(updater, max(1, self.training_steps // self.update_period))
-
-  def run(
-    self, updater: BaseUpdater, seed: int, steps: int, observe: Observer, observe_every: int
-  ) -> TrainResult:
-    import tempfile  # pylint: disable=import-outside-toplevel
-
-    from prunax_dopamine import run as dopamine_run  # pylint: disable=import-outside-toplevel
-
-    del observe, observe_every
-    name = _algorithm_name(updater)
-    bindings = [
-      f'JaxDQNAgent.seed={seed}',
-      f'JaxDQNAgent.update_period={self.update_period}',
-      f'Runner.num_iterations={steps}',
-      f'Runner.training_steps={self.training_steps}',
-      'Runner.evaluation_steps=0',
-    ]
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f'cartpole-{name}-{seed}-') as base_dir:
-      lines = dopamine_run.run(
-        base_dir, ['dqn_cartpole.gin'], bindings, pruner=self.agent_updater(updater)
-      )
-    seconds = time.perf_counter() - start
-    returns = [float(line.rsplit('=', 1)[1]) for line in lines if 'Train/AverageReturns' in line]
-    sparsity = [float(line.rsplit('=', 1)[1]) for line in lines if 'Sparsity/Total ' in line]
-    return TrainResult(
-      metric=returns[-1] if returns else float('nan'),
-      sparsity=sparsity[-1] if sparsity else None,
-      seconds_per_step=seconds / max(steps, 1),
-    )
-
-
-def _algorithm_name(updater: BaseUpdater) -> str:
-  from prunax import registry  # pylint: disable=import-outside-toplevel
-
-  for name in registry.all_algorithm_names():
-    if type(updater) is registry.get_algorithm(name):  # pylint: disable=unidiomatic-typecheck
-      return name
-  raise ValueError(f'{type(updater).__name__} is not a registered algorithm.')
-
-
-def _federated_digits(**kwargs) -> FederatedDigitsTask:
-  _require('prunax_fedjax', 'federated_digits', 'prunax-fedjax')
-  return FederatedDigitsTask(**kwargs)
-
-
-def _cartpole(**kwargs) -> CartPoleTask:
-  _require('prunax_dopamine', 'cartpole', 'prunax-dopamine')
-  return CartPoleTask(**kwargs)
-
-
-def _require(module: str, task: str, dist: str) -> None:
-  try:
-    importlib.import_module(module)
-  except ImportError as e:
-    raise ValueError(
-      f'Task {task!r} needs the {module} adapter, which cannot be imported '
-      f'({e}); install it with `pip install {dist}`.'
-    ) from e
-
+# The entry point group through which installed packages (the host adapters) add tasks:
+# ``[project.entry-points."prunax.compare_tasks"] name = "module:factory"``.
+ENTRY_POINT_GROUP = 'prunax.compare_tasks'
 
 BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
   'digits': digits_task,
   'noisy_digits': noisy_digits_task,
   'lm': lambda **kwargs: importlib.import_module('prunax.compare.tasks_lm').lm_task(**kwargs),
-  'federated_digits': _federated_digits,
-  'cartpole': _cartpole,
 }
 
 
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+  return {
+    ep.name: ep
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    if ep.name not in BUILTIN_TASKS
+  }
+
+
 def available_tasks() -> list[str]:
-  """Names of the built-in tasks usable here (those whose adapters import)."""
-  names = ['digits', 'noisy_digits', 'lm']
-  for name, module in (('federated_digits', 'prunax_fedjax'), ('cartpole', 'prunax_dopamine')):
-    if importlib.util.find_spec(module) is not None:
-      names.append(name)
-  return names
+  """Names of the built-in tasks and of the tasks installed packages declare in the entry
+  point group ``prunax.compare_tasks`` (e.g. ``federated_digits`` from prunax-fedjax,
+  ``cartpole`` from prunax-dopamine)."""
+  return list(BUILTIN_TASKS) + sorted(_entry_points())
+
+
+def _load_entry_point(ep: importlib.metadata.EntryPoint) -> Callable[..., Task]:
+  """The factory an entry point names; a missing or broken one raises naming it."""
+  try:
+    factory = ep.load()
+  except Exception as e:  # ImportError, a missing attribute, or an error in the module.
+    dist = ep.dist.name if ep.dist is not None else 'its package'
+    raise ValueError(
+      f'Task {ep.name!r} ({ep.value}, declared by {dist} in the entry point group '
+      f'{ENTRY_POINT_GROUP!r}) cannot be loaded: {type(e).__name__}: {e}. Reinstall {dist} '
+      'or fix its declaration.'
+    ) from e
+  if not callable(factory):
+    raise ValueError(f'Task {ep.name!r} ({ep.value}) is not callable: {factory!r}.')
+  return factory
 
 
 def resolve_task_factory(spec: str | Callable[..., Task]) -> Callable[..., Task]:
-  """The factory of a built-in task name, ``module:function``, ``file.py:function``, a
-  module (its ``get_task``), or a callable.
+  """The factory of a task name (built in or from the ``prunax.compare_tasks`` entry point
+  group), ``module:function``, ``file.py:function``, a module (its ``get_task``), or a
+  callable.
 
   Raises:
     ValueError: the task cannot be found; the message names what would be valid.
@@ -525,10 +433,13 @@ def resolve_task_factory(spec: str | Callable[..., Task]) -> Callable[..., Task]
     raise ValueError(f'task must be a name or "module:function", got {spec!r}.')
   if spec in BUILTIN_TASKS:
     return BUILTIN_TASKS[spec]
+  installed = _entry_points()
+  if spec in installed:
+    return _load_entry_point(installed[spec])
   module_name, _, attr = spec.partition(':')
   if not attr and '.' not in spec and not spec.endswith('.py'):
     raise ValueError(
-      f'Unknown task {spec!r}; valid tasks are {sorted(BUILTIN_TASKS)} or a '
+      f'Unknown task {spec!r}; valid tasks are {available_tasks()} or a '
       'plug-in "module:function" / "file.py:function" / module with get_task.'
     )
   try:
@@ -545,7 +456,7 @@ def resolve_task_factory(spec: str | Callable[..., Task]) -> Callable[..., Task]
   except ImportError as e:
     raise ValueError(
       f'Cannot import the task module {module_name!r} of task {spec!r}: {e}. '
-      f'Built-in tasks are {sorted(BUILTIN_TASKS)}.'
+      f'Available tasks are {available_tasks()}.'
     ) from e
   attr = attr or 'get_task'
   factory = getattr(module, attr, None)

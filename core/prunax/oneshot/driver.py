@@ -169,12 +169,6 @@ def prune(
   matrix applied to its input patches (N:M groups along input channels); grouped
   convolutions are left dense unless named, which is an error naming the op.
 
-  Example (flax linen)::
-
-    result = prunax.oneshot.prune(lambda p, x: model.apply({'params': p}, x), params,
-                                  calibration_batches, method='sparsegpt', sparsity=0.5)
-    tx = prunax.pruning_at_init.FixedMaskSparse(masks=result.masks).wrap_optax(optax.adam(1e-4))
-
   Args:
     apply_fn: ``apply_fn(params, batch)``; for nnx, merge the graphdef with the state.
     params: the trained parameters (any pytree).
@@ -192,6 +186,24 @@ def prune(
 
   Returns:
     A :class:`OneShotResult`.
+
+  Examples:
+    Wanda at 2:4 on one kernel (for a linen model, ``apply_fn`` is
+    ``lambda p, x: model.apply({'params': p}, x)``):
+
+    >>> import jax, prunax
+    >>> params = {'w': jax.random.normal(jax.random.PRNGKey(0), (8, 4))}
+    >>> batches = [jax.random.normal(jax.random.PRNGKey(1), (16, 8))]
+    >>> result = prunax.oneshot.prune(
+    ...   lambda p, x: x @ p['w'], params, batches, method='wanda', sparsity_type='2:4'
+    ... )
+    >>> result.masks['w'].reshape(2, 4, 4).sum(axis=1).tolist()  # 2 of every 4 inputs
+    [[2, 2, 2, 2], [2, 2, 2, 2]]
+    >>> [(r.layer, r.sparsity) for r in result.table]
+    [('w', 0.5)]
+
+    Fine-tune on the masks with
+    ``prunax.pruning_at_init.FixedMaskSparse(masks=result.masks).wrap_optax(tx)``.
   """
   batches = list(batches)
   if not batches:

@@ -1,26 +1,38 @@
 """Pruning and sparse training for Dopamine's JAX agents with prunax.
 
-Importing this package first applies the fixes dopamine-rl needs on current JAX and numpy
-(:mod:`prunax_dopamine.compat`), then registers the gin configurables:
-``prunax_dopamine.pruner``, ``prunax_dopamine.PrunedDQNAgent`` (and the Rainbow, Quantile
-and Implicit Quantile variants) and ``prunax_dopamine.create_pruned_runner``.
+Importing this package patches nothing and imports no Dopamine module. The names that need
+Dopamine, ``prunax_dopamine.pruner``, ``prunax_dopamine.PrunedDQNAgent`` (and the Rainbow,
+Quantile and Implicit Quantile variants), ``PrunedAgentMixin`` and
+``prunax_dopamine.create_pruned_runner``, are loaded on first access: that access first
+calls :func:`prunax_dopamine.compat.apply` (the fixes dopamine-rl needs on current JAX and
+numpy, each only when needed), then imports the agents and the runner, which registers the
+gin configurables. ``python -m prunax_dopamine.run`` does the same.
 """
 
+import importlib
 import os
 
 from prunax_dopamine import compat
 
-compat.apply()
-
-from prunax_dopamine.agents import PrunedAgentMixin  # noqa: E402
-from prunax_dopamine.agents import PrunedDQNAgent  # noqa: E402
-from prunax_dopamine.agents import PrunedImplicitQuantileAgent  # noqa: E402
-from prunax_dopamine.agents import PrunedQuantileAgent  # noqa: E402
-from prunax_dopamine.agents import PrunedRainbowAgent  # noqa: E402
-from prunax_dopamine.agents import pruner  # noqa: E402
-from prunax_dopamine.runner import create_pruned_runner  # noqa: E402
-
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), 'configs')
+
+# Names defined in modules that import Dopamine: loaded by __getattr__ after compat.apply().
+_DOPAMINE_NAMES = {
+  'PrunedAgentMixin': 'agents',
+  'PrunedDQNAgent': 'agents',
+  'PrunedImplicitQuantileAgent': 'agents',
+  'PrunedQuantileAgent': 'agents',
+  'PrunedRainbowAgent': 'agents',
+  'pruner': 'agents',
+  'create_pruned_runner': 'runner',
+}
+
+
+def __getattr__(name: str):
+  if name not in _DOPAMINE_NAMES:
+    raise AttributeError(f"module 'prunax_dopamine' has no attribute {name!r}")
+  compat.apply()
+  return getattr(importlib.import_module(f'prunax_dopamine.{_DOPAMINE_NAMES[name]}'), name)
 
 
 def config_path(name: str) -> str:

@@ -19,13 +19,17 @@ import gin
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from dopamine.jax.agents.dqn import dqn_agent
-from dopamine.jax.agents.implicit_quantile import implicit_quantile_agent
-from dopamine.jax.agents.quantile import quantile_agent
-from dopamine.jax.agents.rainbow import rainbow_agent
-from dopamine.metrics import statistics_instance
 
 import prunax
+from prunax_dopamine import compat
+
+compat.require()  # Names a missing compat.apply() before Dopamine fails to import.
+
+from dopamine.jax.agents.dqn import dqn_agent  # noqa: E402
+from dopamine.jax.agents.implicit_quantile import implicit_quantile_agent  # noqa: E402
+from dopamine.jax.agents.quantile import quantile_agent  # noqa: E402
+from dopamine.jax.agents.rainbow import rainbow_agent  # noqa: E402
+from dopamine.metrics import statistics_instance  # noqa: E402
 
 # Bundle entry holding the agent's action-selection RNG key (``_rng``).
 RNG_KEY = 'prunax_agent_rng'

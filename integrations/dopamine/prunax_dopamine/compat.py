@@ -1,8 +1,12 @@
 """The smallest fixes that let dopamine-rl 4.1.2 import and run on current JAX and numpy 2.
 
-Each fix is applied by :func:`apply` (called when ``prunax_dopamine`` is imported) only
-when the installed versions need it; :func:`applied` lists the ones that were applied.
-Dopamine must be imported after ``prunax_dopamine`` (or after calling :func:`apply`).
+Nothing is patched on import. :func:`needed` names the fixes the installed versions need;
+:func:`apply` applies those (and only those) and :func:`applied` lists the ones applied.
+Call :func:`apply` before importing Dopamine: the launcher ``python -m prunax_dopamine.run``
+and the package's agent and runner names (``prunax_dopamine.PrunedDQNAgent``,
+``prunax_dopamine.create_pruned_runner``) do; importing ``prunax_dopamine.agents`` or
+``prunax_dopamine.runner`` directly before that raises an ``ImportError`` saying so
+(:func:`require`).
 
 * ``baselines``: ``dopamine.discrete_domains.atari_lib`` (imported by ``run_experiment``
   for every environment) does ``from baselines.common import atari_wrappers``, but OpenAI
@@ -52,8 +56,12 @@ class _MissingAtariWrappers(types.ModuleType):
     )
 
 
+def _needs_baselines() -> bool:
+  return 'baselines' not in sys.modules and _missing_module('baselines')
+
+
 def _fix_baselines() -> bool:
-  if 'baselines' in sys.modules or not _missing_module('baselines'):
+  if not _needs_baselines():
     return False
   baselines = types.ModuleType('baselines')
   common = types.ModuleType('baselines.common')
@@ -79,23 +87,44 @@ def _tfp_version() -> tuple[int, int] | None:
   return int(major), int(minor)
 
 
-def _fix_tfp_xla_alias() -> bool:
+def _needs_tfp_xla_alias() -> bool:
   from jax.interpreters import xla
 
   version = _tfp_version()
-  if hasattr(xla, 'pytype_aval_mappings') or version is None or version > (0, 25):
+  return not hasattr(xla, 'pytype_aval_mappings') and version is not None and version <= (0, 25)
+
+
+def _fix_tfp_xla_alias() -> bool:
+  if not _needs_tfp_xla_alias():
     return False
   from jax._src import core
+  from jax.interpreters import xla
 
   xla.pytype_aval_mappings = core.pytype_aval_mappings
   return True
 
 
+def _needs_numpy_bool8() -> bool:
+  return not hasattr(np, 'bool8') and not _missing_module('gym')
+
+
 def _fix_numpy_bool8() -> bool:
-  if hasattr(np, 'bool8') or _missing_module('gym'):
+  if not _needs_numpy_bool8():
     return False
   np.bool8 = np.bool_
   return True
+
+
+_FIXES = (
+  ('baselines', _needs_baselines, _fix_baselines),
+  ('tfp_xla_alias', _needs_tfp_xla_alias, _fix_tfp_xla_alias),
+  ('numpy_bool8', _needs_numpy_bool8, _fix_numpy_bool8),
+)
+
+
+def needed() -> tuple[str, ...]:
+  """Names of the fixes the installed versions need and that are not applied yet."""
+  return tuple(name for name, needs, _ in _FIXES if needs())
 
 
 def apply() -> tuple[str, ...]:
@@ -104,11 +133,7 @@ def apply() -> tuple[str, ...]:
   Returns:
     The names of the fixes applied so far in this process.
   """
-  for name, fix in (
-    ('baselines', _fix_baselines),
-    ('tfp_xla_alias', _fix_tfp_xla_alias),
-    ('numpy_bool8', _fix_numpy_bool8),
-  ):
+  for name, _, fix in _FIXES:
     if name not in _APPLIED and fix():
       _APPLIED.append(name)
   return applied()
@@ -117,3 +142,20 @@ def apply() -> tuple[str, ...]:
 def applied() -> tuple[str, ...]:
   """Names of the fixes applied in this process."""
   return tuple(_APPLIED)
+
+
+def require() -> None:
+  """Raises ``ImportError`` if Dopamine needs fixes that :func:`apply` has not applied.
+
+  Called by the modules that import Dopamine (``prunax_dopamine.agents``, ``.runner``)
+  before they do, so that a missing :func:`apply` is named instead of failing inside
+  Dopamine.
+  """
+  missing = [name for name in needed() if name != 'numpy_bool8']  # bool8: only at run time
+  if missing:
+    raise ImportError(
+      f'dopamine-rl does not import on the installed versions without the fixes {missing}: '
+      'call prunax_dopamine.compat.apply() before importing Dopamine or '
+      'prunax_dopamine.agents/runner (python -m prunax_dopamine.run, '
+      'prunax_dopamine.PrunedDQNAgent and prunax_dopamine.create_pruned_runner do).'
+    )

@@ -7,7 +7,8 @@ r"""Runs a pruned Dopamine experiment: Dopamine's ``train.py`` with a pruned age
 ``--gin_files`` takes paths or the names of the configs shipped in
 ``prunax_dopamine/configs`` (default: ``dqn_cartpole.gin``, seconds on a CPU); the runner
 resumes from ``--base_dir`` if it holds a checkpoint. At the end, the returns and sparsity
-that Dopamine's console collector recorded are printed.
+that Dopamine's console collector recorded are printed. :func:`run` first applies the fixes
+Dopamine needs on the installed versions (:func:`prunax_dopamine.compat.apply`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import gin
 from absl import app
 from absl import flags
 from absl import logging
-from dopamine.discrete_domains import run_experiment
 
 import prunax
 import prunax_dopamine
+from prunax_dopamine import compat
 
 flags.DEFINE_string('base_dir', None, 'Directory for checkpoints, logs and metrics.')
 flags.DEFINE_multi_string(
@@ -57,7 +58,8 @@ def run(
 ) -> list[str]:
   """Loads the configs, runs the experiment and returns the console collector's report lines.
 
-  Gin bindings made earlier in the process are cleared first.
+  Gin bindings made earlier in the process are cleared first. Applies the fixes Dopamine
+  needs (:func:`prunax_dopamine.compat.apply`) before importing it.
 
   Args:
     base_dir: the experiment directory.
@@ -71,6 +73,11 @@ def run(
     The returns and sparsity lines Dopamine's console collector wrote (empty if the
     'console' collector is disabled).
   """
+  compat.apply()
+  from dopamine.discrete_domains import run_experiment
+
+  from prunax_dopamine import runner as runner_lib  # Registers the gin configurables.
+
   # A clean config each call: gin locks it after loading, so a second experiment in the
   # same process (prunax compare runs one per algorithm and seed) could not load its own.
   gin.clear_config()
@@ -78,7 +85,7 @@ def run(
   if pruner is not None:
     with gin.unlock_config():
       gin.bind_parameter('prunax_dopamine.PrunedDQNAgent.pruner', pruner)
-  runner = prunax_dopamine.create_pruned_runner(base_dir)
+  runner = runner_lib.create_pruned_runner(base_dir)
   runner.run_experiment()
   console_log = os.path.join(base_dir, 'metrics', 'console', 'console.log')
   if not os.path.isfile(console_log):

@@ -9,9 +9,14 @@ binding (``Runner.*``, ``JaxDQNAgent.*``, environments, collectors) is Dopamine'
 from __future__ import annotations
 
 import gin
-from dopamine.discrete_domains import run_experiment
 
-from prunax_dopamine import agents
+from prunax_dopamine import compat
+
+compat.require()  # Names a missing compat.apply() before Dopamine fails to import.
+
+from dopamine.discrete_domains import run_experiment  # noqa: E402
+
+from prunax_dopamine import agents  # noqa: E402
 
 _SCHEDULES = {
   'continuous_train_and_eval': run_experiment.Runner,

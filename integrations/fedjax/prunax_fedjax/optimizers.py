@@ -8,7 +8,6 @@ weights in the server's optimizer state and broadcast the sparse ones. Schedule 
 server rounds.
 """
 
-import sys
 from typing import Any
 from typing import NamedTuple
 
@@ -19,11 +18,14 @@ import numpy as np
 import optax
 
 import prunax
+from prunax_fedjax._compat import restore_jax_tree_map
 
 PyTree = Any
 
+# FedJAX 0.0.17 algorithms that take a server optimizer and broadcast the params it returns.
+SERVER_ALGORITHMS = ('agnostic_fed_avg', 'fed_avg', 'fed_prox', 'hyp_cluster')
 # FedJAX algorithms that throw away the params returned by the optimizer given to them.
-_DISCARD_PARAMS = ('fedjax.algorithms.mime', 'fedjax.algorithms.mime_lite')
+_DISCARD_PARAMS = ('mime', 'mime_lite')
 
 
 def _check_pruner(pruner: Any) -> None:
@@ -35,39 +37,44 @@ def _check_pruner(pruner: Any) -> None:
 
 
 def server_optimizer(
-  pruner: prunax.BaseUpdater, inner: optax.GradientTransformation
+  pruner: prunax.BaseUpdater, inner: optax.GradientTransformation, *, algorithm: str = 'fed_avg'
 ) -> fedjax.optimizers.Optimizer:
   """A FedJAX server optimizer that runs ``inner`` and prunes the server model.
 
   Pass it to ``fed_avg.federated_averaging`` or ``fed_prox.fed_prox`` as
   ``server_optimizer``. Its state is the prunax :class:`~prunax.SparseState` (masks, round
-  counter, dense weights for STE), so it is saved with the server state.
+  counter, dense weights for STE), so it is saved with the server state. Calls
+  :func:`prunax_fedjax.restore_jax_tree_map` (FedJAX's rounds call ``jax.tree_map``).
 
   Args:
     pruner: a prunax algorithm; its schedule counts server rounds.
     inner: the server's optax transformation (e.g. ``optax.adam(1e-3)``).
+    algorithm: the name of the ``fedjax.algorithms`` module the optimizer is given to, one
+      of :data:`SERVER_ALGORITHMS`.
 
   Returns:
     A ``fedjax.optimizers.Optimizer``. Its ``init`` validates the pruner against the
-    params (custom sparsity maps, sparsity types) and raises ``ValueError`` when used by
-    ``mime`` or ``mime_lite``, which discard the params the optimizer returns, so the
-    server model could never be pruned.
+    params (custom sparsity maps, sparsity types).
+
+  Raises:
+    TypeError: ``pruner`` is not a prunax algorithm.
+    ValueError: ``algorithm`` is ``'mime'`` or ``'mime_lite'``, which discard the params the
+      optimizer returns (so the server model could never be pruned), or an unknown name.
   """
   _check_pruner(pruner)
-  base = fedjax.optimizers.create_optimizer_from_optax(pruner.wrap_optax(inner))
-
-  def init(params: PyTree) -> PyTree:
-    caller = sys._getframe(1).f_globals.get('__name__', '')  # pylint: disable=protected-access
-    if caller in _DISCARD_PARAMS:
-      raise ValueError(
-        f'{caller} uses its base optimizer only for the optimizer state (on the clients and '
-        'on the server) and updates the server params itself, discarding the params the '
-        'optimizer returns, so a pruned server optimizer cannot prune its model. Use '
-        'fed_avg or fed_prox with prunax_fedjax.server_optimizer.'
-      )
-    return base.init(params)
-
-  return fedjax.optimizers.Optimizer(init=init, apply=base.apply)
+  if algorithm in _DISCARD_PARAMS:
+    raise ValueError(
+      f'fedjax.algorithms.{algorithm} uses its base optimizer only for the optimizer state '
+      '(on the clients and on the server) and updates the server params itself, discarding '
+      'the params the optimizer returns, so a pruned server optimizer cannot prune its model. '
+      'Use fed_avg or fed_prox with prunax_fedjax.server_optimizer.'
+    )
+  if algorithm not in SERVER_ALGORITHMS:
+    raise ValueError(
+      f'Unknown FedJAX algorithm {algorithm!r}; valid names are {list(SERVER_ALGORITHMS)}.'
+    )
+  restore_jax_tree_map()
+  return fedjax.optimizers.create_optimizer_from_optax(pruner.wrap_optax(inner))
 
 
 def sparsify_initial_state(pruner: prunax.BaseUpdater, server_state: Any) -> Any:
@@ -141,6 +148,8 @@ def client_optimizer(
     pruner: the pruner given to :func:`server_optimizer`.
     inner: the client's optax transformation (e.g. ``optax.sgd(0.05)``).
 
+  Calls :func:`prunax_fedjax.restore_jax_tree_map` (FedJAX's rounds call ``jax.tree_map``).
+
   Returns:
     A ``fedjax.optimizers.Optimizer`` for the algorithm's ``client_optimizer``.
 
@@ -150,6 +159,7 @@ def client_optimizer(
       and RigL grows by the gradients of pruned weights, which sparse clients do not compute.
   """
   _check_pruner(pruner)
+  restore_jax_tree_map()
   if isinstance(pruner, prunax.SET):
     raise ValueError(
       f'Client-side sparsity does not support {type(pruner).__name__}: its regrown weights '

@@ -23,8 +23,9 @@ if importlib.util.find_spec('dopamine') is None:
   pytest.skip(
     'dopamine-rl is not installed (pip install integrations/dopamine)', allow_module_level=True
   )
-# Imported before Dopamine: it applies the fixes Dopamine needs to import (compat.py).
 prunax_dopamine = importlib.import_module('prunax_dopamine')
+# Before Dopamine is imported: the fixes it needs to import on these versions (compat.py).
+prunax_dopamine.compat.apply()
 
 import gin  # noqa: E402
 import gymnasium  # noqa: E402
@@ -484,7 +485,6 @@ def test_compat_fixes_what_this_environment_needs():
 
 _UNFIXED_IMPORT = """
 import importlib.util, sys
-# The compat module alone: importing the prunax_dopamine package would apply every fix.
 spec = importlib.util.spec_from_file_location('compat', sys.argv[1])
 compat = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compat)
@@ -512,3 +512,70 @@ def test_dopamine_fails_without_the_fixes():
       check=False,
     )
     assert result.returncode != 0 and errors[fix] in result.stderr, result.stderr[-2000:]
+
+
+_FRESH_PROCESS = """
+import sys
+import numpy as np
+import prunax_dopamine
+from prunax_dopamine import compat
+needed = compat.needed()
+print('import patched:', compat.applied(), 'dopamine' in sys.modules, 'baselines' in sys.modules,
+      hasattr(np, 'bool8'))
+if sys.argv[1] == 'agents':
+  try:
+    import prunax_dopamine.agents
+    print('agents imported')
+  except ImportError as e:
+    print('agents refused:', e)
+elif sys.argv[1] == 'names':
+  agent = prunax_dopamine.PrunedDQNAgent
+  print('applied', compat.applied() == needed, compat.needed(), agent.__name__)
+elif sys.argv[1] == 'launcher':
+  import tempfile
+  from prunax_dopamine import run
+  print('launcher imported', compat.applied(), 'dopamine' in sys.modules)
+  with tempfile.TemporaryDirectory() as base_dir:
+    run.run(base_dir, ['dqn_cartpole.gin'], ['Runner.training_steps = 20',
+                                              'Runner.num_iterations = 1'])
+  print('launcher ran', compat.applied() == needed)
+print('needed', needed)
+"""
+
+
+def _fresh(mode: str) -> str:
+  result = subprocess.run(
+    [sys.executable, '-c', _FRESH_PROCESS, mode],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result.stdout
+
+
+def test_importing_the_package_patches_nothing_and_imports_no_dopamine():
+  out = _fresh('agents')
+  assert 'import patched: () False False' in out
+  if 'needed ()' in out:
+    assert 'agents imported' in out
+  else:  # Importing the agents before compat.apply() names the missing call.
+    assert 'agents refused:' in out and 'call prunax_dopamine.compat.apply()' in out
+
+
+def test_the_agent_names_apply_the_needed_fixes_first():
+  out = _fresh('names')
+  assert 'applied True () PrunedDQNAgent' in out
+
+
+def test_the_launcher_applies_the_fixes_when_it_runs():
+  out = _fresh('launcher')
+  assert 'launcher imported () False' in out  # Importing run.py patches nothing...
+  assert 'launcher ran True' in out  # ...run() applies what this environment needs.
+
+
+def test_needed_lists_exactly_what_apply_fixes():
+  out = _fresh('none')
+  needed = out.split('needed ')[-1].strip()
+  assert needed == repr(compat.applied()), (needed, compat.applied())

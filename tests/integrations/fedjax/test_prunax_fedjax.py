@@ -180,7 +180,7 @@ def test_fed_prox_prunes_server_model(data, model):
   algo = fedjax.algorithms.fed_prox.fed_prox(
     fedjax.model_per_example_loss(model),
     fedjax.optimizers.sgd(0.05),
-    prunax_fedjax.server_optimizer(pruner, optax.adam(1e-2)),
+    prunax_fedjax.server_optimizer(pruner, optax.adam(1e-2), algorithm='fed_prox'),
     fedjax.ShuffleRepeatBatchHParams(batch_size=8, num_epochs=1, seed=0),
     proximal_weight=0.1,
   )
@@ -193,18 +193,21 @@ def test_fed_prox_prunes_server_model(data, model):
 
 
 @pytest.mark.parametrize('name', ['mime', 'mime_lite'])
-def test_mime_raises_clear_error(name, model):
-  pruner = _pruner('magnitude')
-  build = getattr(getattr(fedjax.algorithms, name), name)
-  algo = build(
-    fedjax.model_per_example_loss(model),
-    prunax_fedjax.server_optimizer(pruner, optax.sgd(0.1)),
-    fedjax.ShuffleRepeatBatchHParams(batch_size=8),
-    fedjax.PaddedBatchHParams(batch_size=8),
-    server_learning_rate=1.0,
-  )
+def test_mime_raises_clear_error(name):
   with pytest.raises(ValueError, match=f'fedjax.algorithms.{name} .*discarding the params'):
-    algo.init(model.init(jax.random.PRNGKey(0)))
+    prunax_fedjax.server_optimizer(_pruner('magnitude'), optax.sgd(0.1), algorithm=name)
+
+
+def test_server_algorithm_is_an_explicit_argument(model):
+  with pytest.raises(ValueError, match=r"Unknown FedJAX algorithm 'fedavg'; valid names are \["):
+    prunax_fedjax.server_optimizer(_pruner('magnitude'), optax.sgd(0.1), algorithm='fedavg')
+  # The algorithms that broadcast the server optimizer's params exist in FedJAX.
+  for name in prunax_fedjax.optimizers.SERVER_ALGORITHMS:
+    assert hasattr(fedjax.algorithms, name), name
+  server_opt = prunax_fedjax.server_optimizer(
+    _pruner('magnitude'), optax.sgd(0.1), algorithm='fed_prox'
+  )
+  assert prunax.get_sparse_state(server_opt.init(model.init(jax.random.PRNGKey(0)))) is not None
 
 
 def test_client_sparsity_deltas_zero_outside_mask(data, model):
@@ -319,24 +322,45 @@ def test_unknown_custom_sparsity_map_fails_at_init(model):
 
 
 def test_restores_jax_tree_map_only_when_missing(monkeypatch):
-  from prunax_fedjax import _compat  # pylint: disable=import-outside-toplevel
+  from prunax_fedjax import _compat
 
-  assert jax.tree_map is jax.tree_util.tree_map
+  monkeypatch.delattr(jax, 'tree_map', raising=False)
+  assert _compat.jax_tree_map_needed()
+  assert _compat.restore_jax_tree_map() is True and jax.tree_map is jax.tree_util.tree_map
   # Real FedJAX code that calls jax.tree_map.
   zeros = fedjax.tree_util.tree_zeros_like({'w': jnp.ones(3)})
   np.testing.assert_array_equal(zeros['w'], np.zeros(3))
+  assert not _compat.jax_tree_map_needed()
   assert _compat.restore_jax_tree_map() is False  # present now: left alone
   sentinel = object()
   monkeypatch.setattr(jax, 'tree_map', sentinel)
   assert _compat.restore_jax_tree_map() is False and jax.tree_map is sentinel
-  monkeypatch.delattr(jax, 'tree_map')
-  assert _compat.restore_jax_tree_map() is True and jax.tree_map is jax.tree_util.tree_map
 
 
-def test_fedjax_breaks_without_the_fix_on_current_jax():
-  if not prunax_fedjax.JAX_TREE_MAP_RESTORED:
+_TREE_MAP_CHILD = """
+import jax, optax, prunax, prunax_fedjax
+import fedjax, jax.numpy as jnp
+missing = not hasattr(jax, 'tree_map')
+print('needed', missing, prunax_fedjax.jax_tree_map_needed())
+try:
+  fedjax.tree_util.tree_zeros_like({'w': jnp.ones(3)})
+  print('stock fedjax runs')
+except AttributeError as e:
+  print('stock fedjax fails:', e)
+prunax_fedjax.server_optimizer(prunax.MagnitudePruning(sparsity=0.5), optax.sgd(0.1))
+print('restored', jax.tree_map is jax.tree_util.tree_map)
+fedjax.tree_util.tree_zeros_like({'w': jnp.ones(3)})
+"""
+
+
+def test_fedjax_breaks_without_the_fix_and_import_patches_nothing():
+  proc = subprocess.run(
+    [sys.executable, '-c', _TREE_MAP_CHILD], capture_output=True, text=True, check=False
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  if 'needed False False' in proc.stdout:
     pytest.skip(f'jax {jax.__version__} still has jax.tree_map; FedJAX needs no fix')
-  code = 'import fedjax, jax.numpy as jnp\nfedjax.tree_util.tree_zeros_like({"w": jnp.ones(3)})\n'
-  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=False)
-  assert proc.returncode != 0
-  assert "module 'jax' has no attribute 'tree_map'" in proc.stderr
+  # `import prunax_fedjax` left JAX alone; stock FedJAX fails; server_optimizer fixes it.
+  assert 'needed True True' in proc.stdout
+  assert "stock fedjax fails: module 'jax' has no attribute 'tree_map'" in proc.stdout
+  assert 'restored True' in proc.stdout

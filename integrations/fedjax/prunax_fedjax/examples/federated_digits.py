@@ -5,8 +5,10 @@ scikit-learn's ``load_digits`` (1797 8x8 images, embedded: no download) is split
 held out for evaluation. A small CNN with dropout is trained with FedJAX's own FedAvg: SGD on
 the clients, Adam on the server, the server optimizer pruned by prunax. As in the paper
 (section 4.2, 1000 rounds there): 80% sparsity with the ERK distribution, masks updated every
-10 rounds; sparse training (static, SET, RigL) from the first round, gradual pruning and STE
-from 1/4 to 3/4 of the rounds. Results are averaged over seeds.
+10 rounds up to 3/4 of the rounds: from the first round for drop-and-grow training (SET,
+RigL), from 1/4 of the rounds for gradual pruning and magnitude/random STE (``GRADUAL``);
+static sparse training and AutoSparse have no mask schedule (see :func:`make_pruner`).
+Results are averaged over seeds.
 
 Run ``python -m prunax_fedjax.examples.federated_digits --algorithms=no_prune,magnitude``.
 """
@@ -108,12 +110,24 @@ def make_pruner(
   update_freq: int = 10,
   overrides: Mapping[str, Any] | None = None,
 ):
-  """The paper's pruner config, scaled to ``num_rounds``.
+  """The paper's pruner config, scaled to ``num_rounds`` (server steps, 0-based).
 
-  Gradual pruning and STE prune from ``num_rounds // 4`` to ``3 * num_rounds // 4``; sparse
-  training updates its masks from round 0 to ``3/4``. ``overrides`` are merged into the
-  ``prunax.create_updater_from_config`` dict (e.g. ``{'extra': {'s_init': -3.0}}``).
-  AutoSparse learns its sparsity (the target only selects the pruned leaves).
+  The algorithms of ``GRADUAL`` (gradual pruning, magnitude/random STE) prune every
+  ``update_freq`` rounds from ``num_rounds // 4`` to ``3 * num_rounds // 4``; the others
+  get the same end and start at 0, and the schedule ``prunax.create_updater_from_config``
+  implies for them applies: drop-and-grow training (SET, RigL) updates its masks from round
+  0, static sparse training never changes the masks drawn at init, AutoSparse learns its
+  sparsity (the target only selects the pruned leaves). ``overrides`` are merged into the
+  config dict (e.g. ``{'extra': {'s_init': -3.0}}``).
+
+  >>> s = make_pruner('magnitude', num_rounds=100).scheduler
+  >>> type(s).__name__, s.update_freq, s.update_start_step, s.update_end_step
+  ('PolynomialSchedule', 10, 25, 75)
+  >>> s = make_pruner('rigl', num_rounds=100).scheduler
+  >>> type(s).__name__, s.update_start_step, s.update_end_step
+  ('PeriodicSchedule', 0, 75)
+  >>> type(make_pruner('static_sparse', num_rounds=100).scheduler).__name__
+  'NoUpdateSchedule'
   """
   start = num_rounds // 4 if algorithm in GRADUAL else 0
   return prunax.create_updater_from_config(
