@@ -159,6 +159,8 @@ class NByM(SparsityType):
   def mask(self, scores, sparsity):
     """Keep-mask of N:M groups along :meth:`axis_for` (all True where ``sparsity`` is 0).
 
+    ``sparsity=None`` means N:M's own, ``1 - n/m`` (as jaxpruner's top-k functions read it).
+
     Raises:
       ValueError: as :meth:`validate`, if ``scores`` cannot take N:M groups of ``m``.
     """
@@ -166,6 +168,8 @@ class NByM(SparsityType):
     nm = selection.n_by_m_mask(
       selection.materialize(scores), self.n, self.m, self.axis_for(scores.ndim)
     )
+    if sparsity is None:
+      return nm
     return jnp.where(jnp.asarray(sparsity) > 0, nm, True)
 
 

@@ -72,3 +72,11 @@ def test_prunax_default_axis_takes_the_head():
   sparse, _ = pruner.instant_sparsify(_head_params())
   kept = np.asarray(sparse['Dense_1']['kernel'] != 0)
   assert (kept.reshape(2, 4, 10).sum(1) == 1).all()
+
+
+def test_nbym_mask_with_no_sparsity_is_its_own():
+  # jaxpruner's activation-sparsity project calls topk_fn(y, None) for N:M: N:M's own 1 - n/m.
+  scores = jnp.array([[4.0, 1.0, 3.0, 2.0], [0.5, 0.25, 2.0, 1.0]])
+  keep = np.asarray(prunax.NByM(2, 4, axis=-1).mask(scores, None))
+  np.testing.assert_array_equal(keep, [[1, 0, 1, 0], [0, 0, 1, 1]])
+  np.testing.assert_array_equal(keep, np.asarray(prunax.NByM(2, 4, axis=-1).mask(scores, 0.5)))
