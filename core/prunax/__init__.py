@@ -1,6 +1,7 @@
 """prunax: pruning and sparse training as Optax gradient transformations."""
 
 from prunax import annealing
+from prunax import api
 from prunax import compat
 from prunax import export
 from prunax import flops
@@ -66,7 +67,8 @@ from prunax.summary import summarize_intersection
 from prunax.summary import summarize_sparsity
 
 # jaxpruner's names (`import prunax as jaxpruner`; see MIGRATION.md): ALGORITHM_REGISTRY,
-# apply_mask, SparsityType, utils, mask_calculator, and the spelling of its paper:
+# apply_mask, SparsityType, utils, mask_calculator, api, algorithms.global_pruners,
+# base_updater.NoPruning, and the spelling of its paper:
 NbyM = NByM
 
 __version__ = '0.1.0'
@@ -127,6 +129,7 @@ __all__ = [
   'ALGORITHM_REGISTRY',
   'NbyM',
   'SparsityType',
+  'api',
   'apply_mask',
   'compat',
   'mask_calculator',

@@ -1211,3 +1211,13 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
     dense_params=_pruned_only(new_masks, candidate) if updater.is_ste else None,
   )
   return out, _stored(new_state)
+
+
+def __getattr__(name: str):
+  # jaxpruner defines NoPruning next to BaseUpdater (`jaxpruner.base_updater.NoPruning`);
+  # prunax's lives with the algorithms, which import this module.
+  if name == 'NoPruning':
+    from prunax.algorithms import NoPruning  # pylint: disable=import-outside-toplevel
+
+    return NoPruning
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -576,7 +576,24 @@ def n_by_m_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
 
   Returns:
     A bool mask of ``scores.shape`` with exactly ``n`` True entries per group.
+
+  Raises:
+    ValueError: if ``axis`` is out of range for ``scores``, ``scores.shape[axis]`` is not
+      a multiple of ``m``, or ``n`` is not in ``[0, m]``.
   """
+  shape = tuple(jnp.shape(scores))
+  if not -len(shape) <= axis < len(shape):
+    raise ValueError(
+      f'n_by_m_mask: axis {axis} is out of range for scores of shape {shape}; valid axes '
+      f'are {-len(shape)}..{len(shape) - 1}.'
+    )
+  if m < 1 or not 0 <= n <= m:
+    raise ValueError(f'n_by_m_mask: need 0 <= n <= m and m >= 1, got n={n}, m={m}.')
+  if shape[axis] % m:
+    raise ValueError(
+      f'n_by_m_mask: axis {axis} of scores with shape {shape} has size {shape[axis]}, '
+      f'which is not divisible by m={m}; groups of {m} need a multiple of {m} along the axis.'
+    )
   moved = jnp.moveaxis(scores, axis, -1)
   size = moved.shape[-1]
   groups = sortable_keys(moved).reshape(moved.shape[:-1] + (size // m, m))

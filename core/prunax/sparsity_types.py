@@ -151,13 +151,25 @@ class NByM(SparsityType):
         f'NByM({self.n}, {self.m}): axis {self.axis_for(len(shape))} of parameter {name!r} '
         f'with shape '
         f'{tuple(shape)} has size {shape[axis]}, which is not divisible by m={self.m}; '
-        f'choose an axis whose size is a multiple of {self.m}.'
+        f'choose an axis whose size is a multiple of {self.m} (NByM(n, m, axis=...)), or '
+        f'leave {name!r} dense by excluding it with the filter_fn, e.g. filter_fn=lambda '
+        f'key, p: p.ndim > 1 and p.shape[{self.axis_for(len(shape))}] % {self.m} == 0.'
       )
 
   def mask(self, scores, sparsity):
+    """Keep-mask of N:M groups along :meth:`axis_for` (all True where ``sparsity`` is 0).
+
+    ``sparsity=None`` means N:M's own, ``1 - n/m`` (as jaxpruner's top-k functions read it).
+
+    Raises:
+      ValueError: as :meth:`validate`, if ``scores`` cannot take N:M groups of ``m``.
+    """
+    self.validate(tuple(scores.shape), 'scores')
     nm = selection.n_by_m_mask(
       selection.materialize(scores), self.n, self.m, self.axis_for(scores.ndim)
     )
+    if sparsity is None:
+      return nm
     return jnp.where(jnp.asarray(sparsity) > 0, nm, True)
 
 

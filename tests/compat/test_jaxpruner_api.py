@@ -237,3 +237,25 @@ def test_jaxpruner_methods_and_flags():
   drop = jaxpruner.RigL(sparsity=0.5, drop_fraction_fn=optax.constant_schedule(0.25))
   assert float(drop.drop_fraction_at(100)) == 0.25
   assert jaxpruner.NbyM is jaxpruner.NByM
+
+
+def test_jaxpruner_module_names():
+  # jaxpruner's programs import `api`, `algorithms.global_pruners` and reach NoPruning
+  # through `base_updater`; under the import swap these are prunax's own objects.
+  from prunax import api  # noqa: PLC0415
+  from prunax.algorithms import global_pruners  # noqa: PLC0415
+
+  assert jaxpruner.api is api
+  assert api.create_updater_from_config is jaxpruner.create_updater_from_config
+  assert api.ALGORITHM_REGISTRY is jaxpruner.ALGORITHM_REGISTRY
+  assert global_pruners.GlobalMagnitudePruning is jaxpruner.GlobalMagnitudePruning
+  assert global_pruners.GlobalSaliencyPruning is jaxpruner.GlobalSaliencyPruning
+  assert jaxpruner.base_updater.NoPruning is jaxpruner.NoPruning
+  with pytest.raises(AttributeError, match="has no attribute 'NoPrune'"):
+    jaxpruner.base_updater.NoPrune  # noqa: B018
+  updater = api.create_updater_from_config({'algorithm': 'global_magnitude', 'sparsity': 0.5})
+  assert isinstance(updater, global_pruners.GlobalMagnitudePruning)
+  # One threshold over both kernels (60 + 40 weights): round(0.5 * 100) = 50 zeros.
+  sparse, _ = updater.instant_sparsify(_tree())
+  zeros = sum(int(jnp.sum(sparse[k]['kernel'] == 0)) for k in ('Dense_0', 'Dense_1'))
+  assert zeros == 50

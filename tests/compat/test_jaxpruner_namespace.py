@@ -285,3 +285,40 @@ def test_colab_configs_nm_erk_block_conv_and_ste_skip():
       {'algorithm': 'magnitude_ste', 'sparsity': 0.5, 'skip_gradients': True}
     )
   assert ste.skip_gradients is False
+
+
+def _nm_erk_params():
+  k1, k2 = jax.random.split(jax.random.PRNGKey(5))
+  return {'small': jax.random.normal(k1, (2, 4)), 'big': jax.random.normal(k2, (32, 64))}
+
+
+def _check_nm_erk(updater):
+  # ERK at 0.9 over 8 + 2048 weights: raw densities eps * 6/8 and eps * 96/2048; keeping
+  # 205.6 weights gives eps = 205.6 / 102 = 2.02, so 'small' would exceed density 1 and is
+  # dense; 'big' takes the rest (sparsity 0.90). jaxpruner computes N:M masks only where
+  # the target is non-zero: 'small' stays dense (8 kept), 'big' keeps 2 of every 4 (1024).
+  sparse, masks = updater.instant_sparsify(_nm_erk_params())
+  assert int(jnp.sum(sparse['small'] != 0)) == 8
+  assert int(jnp.sum(sparse['big'] != 0)) == 1024
+  assert (np.asarray(masks['big']).reshape(32, 16, 4).sum(-1) == 2).all()
+
+
+def test_nm_under_erk_keeps_erk_dense_leaves_dense_config():
+  cfg = {'algorithm': 'magnitude', 'sparsity': 0.9, 'dist_type': 'erk', 'sparsity_type': 'nm_2,4'}
+  updater = jaxpruner.create_updater_from_config(cfg)
+  assert updater.sparsity == 0.5
+  _check_nm_erk(updater)
+
+
+def test_nm_under_erk_keeps_erk_dense_leaves_dense_class():
+  dist = functools.partial(jaxpruner.sparsity_distributions.erk, sparsity=0.9)
+  nm = jaxpruner.sparsity_types.NByM(2, 4)
+  _check_nm_erk(jaxpruner.MagnitudePruning(sparsity_distribution_fn=dist, sparsity_type=nm))
+  _check_nm_erk(
+    jaxpruner.MagnitudePruning(sparsity_distribution_fn='erk', sparsity=0.9, sparsity_type=nm)
+  )
+  # A zero target keeps every leaf dense, as in jaxpruner.
+  zero_dist = functools.partial(jaxpruner.sparsity_distributions.erk, sparsity=0.0)
+  zero = jaxpruner.MagnitudePruning(sparsity_distribution_fn=zero_dist, sparsity_type=nm)
+  sparse, _ = zero.instant_sparsify(_nm_erk_params())
+  assert int(jnp.sum(sparse['big'] == 0)) == 0

@@ -1,5 +1,6 @@
 """Pruning and sparse-training algorithms."""
 
+from prunax.algorithms import global_pruners
 from prunax.algorithms.acdc import ACDC
 from prunax.algorithms.acdc import AlternatingSchedule
 from prunax.algorithms.autosparse import STR
@@ -32,6 +33,7 @@ __all__ = [
   'TopKAST',
   'TopKASTGA',
   'summarize_thresholds',
+  'global_pruners',
   'GlobalMagnitudePruning',
   'GlobalSaliencyPruning',
   'MagnitudePruning',

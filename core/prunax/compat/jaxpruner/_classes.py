@@ -60,9 +60,49 @@ def _eq(self, other: Any) -> bool:
   return self is other
 
 
+def nm_erk_targets(
+  params: Any,
+  sparsity: float,
+  *,
+  erk_sparsity: float,
+  nm_sparsity: float,
+  **erk_kwargs: Any,
+) -> Any:
+  """jaxpruner's N:M targets under ERK: a leaf that ERK at ``erk_sparsity`` keeps dense (0)
+  stays dense, every other ERK leaf takes N:M's own ``nm_sparsity`` (jaxpruner computes
+  N:M masks only where the target is non-zero)."""
+  del sparsity  # the updater's own target is N:M's (nm_sparsity)
+  targets = sparsity_distributions.erk(params, erk_sparsity, **erk_kwargs)
+  return jax.tree.map(
+    lambda s: None if s is None else (0.0 if s == 0 else nm_sparsity),
+    targets,
+    is_leaf=lambda x: x is None,
+  )
+
+
+def _erk_parts(dist) -> tuple[float | None, dict[str, Any]] | None:
+  """(bound sparsity, other keywords) of an ERK distribution; None if ``dist`` is not ERK."""
+  if isinstance(dist, str):
+    return (None, {}) if dist.lower() == 'erk' else None
+  if isinstance(dist, sparsity_distributions.Partial):
+    if dist.fn is not sparsity_distributions.erk:
+      return None
+    kw = {k: dict(v) if k == 'custom_sparsity_map' else v for k, v in dist.kwargs}
+  elif isinstance(dist, functools.partial):
+    if getattr(dist.func, '__wrapped__', dist.func) is not sparsity_distributions.erk:
+      return None
+    kw = dict(dist.keywords)
+  elif getattr(dist, '__wrapped__', dist) is sparsity_distributions.erk:
+    kw = {}
+  else:
+    return None
+  return kw.pop('sparsity', None), kw
+
+
 def _jaxpruner_nm_target(updater) -> None:
   """With N:M structure, jaxpruner ignores the target sparsity (any non-zero target means
-  N:M's own, ``1 - n/m``); so does the compat updater."""
+  N:M's own, ``1 - n/m``); so does the compat updater. Under ERK, the leaves ERK keeps
+  dense stay dense (:func:`nm_erk_targets`)."""
   try:
     stype = sparsity_types.from_string(updater.sparsity_type)
   except (ValueError, TypeError):
@@ -72,14 +112,21 @@ def _jaxpruner_nm_target(updater) -> None:
   if not isinstance(stype, sparsity_types.NByM):
     return
   own = stype.sparsity
-  dist = updater.sparsity_distribution_fn
-  if (
-    dist == 'erk'
-    or getattr(getattr(dist, 'func', dist), '__wrapped__', None) is (sparsity_distributions.erk)
-    or getattr(dist, 'func', dist) is sparsity_distributions.erk
-  ):
-    # jaxpruner: N:M ignores the distribution's per-leaf targets.
-    kw = dict(getattr(dist, 'keywords', {}))
+  erk = _erk_parts(updater.sparsity_distribution_fn)
+  if erk is not None:
+    bound, kw = erk
+    target = bound if bound is not None else updater.sparsity
+    if target:
+      object.__setattr__(
+        updater,
+        'sparsity_distribution_fn',
+        sparsity_distributions.Partial(nm_erk_targets, erk_sparsity=target, nm_sparsity=own, **kw),
+      )
+      object.__setattr__(updater, 'sparsity', own)
+      return
+    # No or a zero target: uniform with the same arguments (all dense at 0).
+    if bound is not None:
+      kw['sparsity'] = bound
     object.__setattr__(
       updater,
       'sparsity_distribution_fn',

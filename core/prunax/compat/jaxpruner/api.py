@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 from prunax import registry as _registry
+from prunax import sparsity_distributions as _sd
 from prunax import sparsity_types as _st
 from prunax.compat.jaxpruner import algorithms
 from prunax.compat.jaxpruner import base_updater
@@ -77,13 +78,17 @@ def create_updater_from_config(config: Any) -> Any:
       f'Algorithm {name!r} is not registered; valid names (jaxpruner.all_algorithm_names()) '
       f'are {all_algorithm_names()}.'
     )
+  nm_erk_target = None
   if 'sparsity_type' in cfg:
     try:
       stype = _st.from_string(cfg['sparsity_type'])
     except (ValueError, TypeError) as e:
       raise ValueError(f'Sparsity type {cfg["sparsity_type"]!r} is not supported: {e}') from None
     if isinstance(stype, _st.NByM):
-      # jaxpruner: N:M ignores the target sparsity and its distribution.
+      # jaxpruner: N:M ignores the target sparsity; under ERK, the leaves ERK keeps dense
+      # stay dense (the compat updater's N:M rule, given the ERK target back below).
+      if cfg.get('dist_type') == 'erk' and cfg.get('sparsity'):
+        nm_erk_target = cfg['sparsity']
       if cfg.get('sparsity'):
         cfg['sparsity'] = stype.sparsity
       cfg['dist_type'] = 'uniform'
@@ -105,4 +110,9 @@ def create_updater_from_config(config: Any) -> Any:
   kwargs['rng_seed'] = seed
   if isinstance(cfg.get('sparsity_type'), str):
     kwargs['sparsity_type'] = sparsity_types.from_string(cfg['sparsity_type'])
+  if nm_erk_target is not None:
+    dist = kwargs['sparsity_distribution_fn']
+    kw = {k: dict(v) if k == 'custom_sparsity_map' else v for k, v in getattr(dist, 'kwargs', ())}
+    kwargs['sparsity_distribution_fn'] = _sd.Partial(_sd.erk, **kw)
+    kwargs['sparsity'] = nm_erk_target
   return cls(**kwargs)
