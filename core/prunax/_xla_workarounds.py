@@ -72,7 +72,7 @@ def after(tree: Any, deps: Any) -> Any:
   these independent readers and copies the weights instead; reading a 0 from the
   reductions' results makes the optimizer's pass run after them. An
   ``optimization_barrier`` does not replace it (the copies come back). Measured on CPU,
-  jax 0.10.2: an AutoSparse + Adam step on two 512 x 512 layers copies both dense weights
+  jax 0.10.2: an AutoSparse + Adam step on two 256 x 256 layers copies both dense weights
   without it, none with it.
 
   Args:
@@ -94,8 +94,8 @@ def fused_masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
   its input (here a product of three arrays) stored in full, one array the size of the
   leaf; a two-output reduction stays in XLA's fused loop. That loop is scalar, so rows of
   16 are reduced first (vectorised; the two row sums take 1/8 of the leaf's fp32 bytes),
-  then the row sums. Measured on CPU, jax 0.10.2: the AutoSparse step of two 512 x 512
-  layers holds 3,213,892 temporary bytes with a plain sum, 2,364,176 with this; the sum
+  then the row sums. Measured on CPU, jax 0.10.2: the AutoSparse step of two 256 x 256
+  layers holds 820,804 temporary bytes with a plain sum, 592,656 with this; the sum
   of a product of three 2048 x 2048 arrays takes 4.3 ms of CPU without the rows, 2.8 ms
   with them. The sum is in another order than ``jnp.sum``'s.
 

@@ -113,29 +113,35 @@ def autosparse_step(size: int):
   return jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params)).compile()
 
 
+LAYER = 256
+
+
+@pytest.fixture(scope='module')
+def autosparse_with_workarounds():
+  return autosparse_step(LAYER)
+
+
 def full_size_copies(text: str, size: int) -> int:
   return len(re.findall(rf'= f32\[{size},{size}\]\S* copy\(', text))
 
 
 @CPU_ONLY
-def test_after_still_needed(monkeypatch):
-  size = 512
-  with_it = full_size_copies(autosparse_step(size).as_text(), size)
+def test_after_still_needed(monkeypatch, autosparse_with_workarounds):
+  with_it = full_size_copies(autosparse_with_workarounds.as_text(), LAYER)
   monkeypatch.setattr(_xla_workarounds, 'after', lambda tree, deps: tree)
-  without = full_size_copies(autosparse_step(size).as_text(), size)
+  without = full_size_copies(autosparse_step(LAYER).as_text(), LAYER)
   # Without it the old dense weights (one per layer) are copied before the in-place update.
   assert without >= 2, stale('after') + f' ({without} full-size copies without it)'
   assert with_it == 0, with_it
 
 
 @CPU_ONLY
-def test_fused_masked_sum_still_needed(monkeypatch):
-  size = 512
-  with_it = autosparse_step(size).memory_analysis().temp_size_in_bytes
+def test_fused_masked_sum_still_needed(monkeypatch, autosparse_with_workarounds):
+  with_it = autosparse_with_workarounds.memory_analysis().temp_size_in_bytes
   monkeypatch.setattr(_xla_workarounds, 'fused_masked_sum', lambda x, mask: jnp.sum(x))
-  without = autosparse_step(size).memory_analysis().temp_size_in_bytes
+  without = autosparse_step(LAYER).memory_analysis().temp_size_in_bytes
   # Without it the plain sum's library kernel needs its input (a product) stored.
-  full = size * size * 4
+  full = LAYER * LAYER * 4
   assert without - with_it >= full // 2, (
     stale('fused_masked_sum') + f' ({without} against {with_it} temporary bytes)'
   )
