@@ -47,6 +47,7 @@ import optax
 from jax.experimental.shard_alike import shard_alike
 
 from prunax import _checks
+from prunax import _xla_workarounds
 from prunax import layers
 from prunax import selection
 from prunax import sparsity_distributions
@@ -693,14 +694,13 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     keys = keys.astype(jnp.uint32)
 
     def scores(x, key_data, axis):
-      # The trailing 0 becomes a traced 0 inside selection passes (see hash_uniform).
       if axis is None:
-        return selection.Lazy(selection.hash_uniform, x, key_data, jnp.int32(0))
+        return selection.Lazy(selection.hash_uniform, x, key_data)
       # Stacked leaves: a stream per layer (the ids are sliced with the layer).
       shape = [1] * jnp.ndim(x)
       shape[axis] = jnp.shape(x)[axis]
       ids = jnp.arange(shape[axis], dtype=jnp.uint32).reshape(shape)
-      return selection.Lazy(selection.hash_uniform_layers, x, key_data, ids, jnp.int32(0))
+      return selection.Lazy(selection.hash_uniform_layers, x, key_data, ids)
 
     return treedef.unflatten(
       [scores(x, keys[i], a) for i, (x, a) in enumerate(zip(flat, flat_axes))]
@@ -1148,13 +1148,9 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
     )
     thresholds, threshold_state = updater.update_thresholds(grads, old_dense, masks, state, inner)
     if thresholds is not None:
-      # The optimizer's pass reads a 0 computed from the new thresholds, so it runs after
-      # their reductions have read the old dense weights: XLA can then update those in
-      # place, where it would otherwise copy them (it cannot order independent readers).
-      zero = sum(
-        jnp.minimum(jnp.abs(t), 0).astype(jnp.float32) for t in jax.tree.leaves(thresholds)
-      )
-      grads = jax.tree.map(lambda g: g + zero.astype(g.dtype), grads)
+      # The optimizer's pass runs after the thresholds' reductions have read the old dense
+      # weights, so XLA updates those in place instead of copying them.
+      grads = _xla_workarounds.after(grads, thresholds)
   else:
     # The inner optimizer's per-weight state (moments) of inactive weights is held at its
     # initial value, so a weight grown by a mask update starts afresh. Resetting the input

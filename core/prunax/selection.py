@@ -14,8 +14,8 @@ closes in 4 to 6. The search stops as soon as a threshold keeps exactly ``k`` ke
 nothing is sorted but the sample, and there is no cumulative sum.
 
 Nothing full-size is stored. The keys are recomputed in every pass from the scores'
-arguments (:class:`Lazy`), which each pass reads through a traced zero of the loop state
-(XLA would otherwise store loop-invariant keys once and read them back in every pass),
+arguments (:class:`Lazy`), which each pass reads as loop variants (XLA would otherwise
+store loop-invariant keys once and read them back in every pass; see ``_xla_workarounds``),
 and a mask is a comparison of the recomputed keys with the threshold found, which XLA
 fuses into whatever reads it (``lazy=True`` returns it unevaluated, to compose further).
 
@@ -35,6 +35,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from prunax import _xla_workarounds
 
 # Counting passes: 5 thresholds per pass, each count held in 6 bits of a uint32, summed
 # over rows of 32 elements (so a field never overflows; XLA fuses reductions this short
@@ -168,13 +170,14 @@ def _mix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def _flat_index(shape: tuple[int, ...], zero) -> jax.Array:
+def _flat_index(shape: tuple[int, ...], witness) -> jax.Array:
   """uint32 row-major flat index of every element of ``shape``.
 
-  Computed as ``sum(iota_d * stride_d)`` with strides that depend on ``zero`` (a traced 0
-  in selection loops, see :func:`_opaque`), so XLA does not store it as a loop invariant.
+  Computed as ``sum(iota_d * stride_d)`` with strides that depend on ``witness`` (an array
+  read as a loop variant in selection loops, see ``_xla_workarounds.opaque_zero``), so
+  XLA does not store it as a loop invariant.
   """
-  zero = jnp.asarray(zero, jnp.uint32)
+  zero = _xla_workarounds.opaque_zero(witness)
   index = jnp.zeros(shape, jnp.uint32) + zero
   stride = 1
   for d in reversed(range(len(shape))):
@@ -183,7 +186,7 @@ def _flat_index(shape: tuple[int, ...], zero) -> jax.Array:
   return index
 
 
-def hash_uniform(like: jax.Array, key_data: jax.Array, zero=0) -> jax.Array:
+def hash_uniform(like: jax.Array, key_data: jax.Array) -> jax.Array:
   """Uniform [0, 1) float32 scores of ``like``'s shape from a counter-based hash.
 
   Each element's score is a hash of its flat index and the two words of ``key_data``
@@ -193,13 +196,12 @@ def hash_uniform(like: jax.Array, key_data: jax.Array, zero=0) -> jax.Array:
   Args:
     like: array whose shape the scores take (its values are not read).
     key_data: uint32[2] key words.
-    zero: 0 (a traced 0 inside selection passes, so the index is not stored).
 
   Returns:
     float32 array of ``like``'s shape, multiples of 2**-24 in [0, 1).
   """
-  index = _flat_index(jnp.shape(like), zero)
   key_data = jnp.asarray(key_data, jnp.uint32)
+  index = _flat_index(jnp.shape(like), key_data)
   h = _mix32(_mix32(index ^ key_data[0]) + key_data[1])
   return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
@@ -261,9 +263,7 @@ def map_layers(fn: Callable[..., Any], axis: int, *xs: Any) -> Any:
   return jax.vmap(body, in_axes=in_axes, out_axes=axis)(*arrays)
 
 
-def hash_uniform_layers(
-  like: jax.Array, key_data: jax.Array, layer_ids: jax.Array, zero=0
-) -> jax.Array:
+def hash_uniform_layers(like: jax.Array, key_data: jax.Array, layer_ids: jax.Array) -> jax.Array:
   """:func:`hash_uniform` with an independent stream per layer of a stacked leaf.
 
   ``layer_ids`` (uint32) broadcasts against ``like`` (the layer index along the layer
@@ -272,7 +272,7 @@ def hash_uniform_layers(
   """
   key_data = jnp.asarray(key_data, jnp.uint32)
   layer_key = _mix32(jnp.asarray(layer_ids, jnp.uint32) ^ key_data[0])
-  index = _flat_index(jnp.shape(like), zero)
+  index = _flat_index(jnp.shape(like), key_data)
   h = _mix32(_mix32(index ^ layer_key) + key_data[1])
   return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
@@ -386,31 +386,16 @@ def _sample_pivots(inputs: Sequence[Lazy], k, n: int) -> jax.Array:
   return sample[jnp.clip(jnp.round(positions).astype(jnp.int32), 0, s - 1)]
 
 
-def _opaque(x: jax.Array, zero: jax.Array) -> jax.Array:
-  """``x`` unchanged, but as a function of ``zero`` (a traced 0 that XLA cannot fold).
-
-  XLA's loop-invariant code motion stores any full-size value computed only from
-  values a ``while_loop`` does not change (the scores' keys, a hash of positions) and
-  feeds the stored copy to every iteration: for a 4M-weight leaf, 16 MB of memory and a
-  write and a read more per search. Keys computed from ``_opaque`` arguments depend on
-  the loop state, so they are recomputed (and fused) inside each counting pass.
-  """
-  dtype = jnp.result_type(x)
-  if dtype == jnp.bool_:
-    return x & (zero == 0)
-  # A select, not arithmetic: values pass bit-exact (arithmetic could flush subnormals).
-  return jnp.where(zero == 0, x, zero.astype(dtype))
-
-
-def _opaque_lazy(x: Lazy, zero: jax.Array) -> Lazy:
-  return x.map_arrays(lambda a: _opaque(a, zero))
+def _loop_variant_lazy(x: Lazy, witness: jax.Array) -> Lazy:
+  """``x`` reading every array it holds through ``_xla_workarounds.loop_variant``."""
+  return x.map_arrays(lambda a: _xla_workarounds.loop_variant(a, witness))
 
 
 def _search(inputs, key_fn, k, n: int, sample: bool = True):
   """``(t, c_t, c_above)`` with ``t`` the k-th largest key (or any key keeping exactly ``k``).
 
-  ``key_fn(i, x, zero)`` gives the uint32 keys of ``inputs[i]``, where ``x`` reads its
-  arguments through :func:`_opaque` and ``zero`` (a traced 0) is for any other array
+  ``key_fn(i, x, witness)`` gives the uint32 keys of ``inputs[i]``, where ``x`` reads its
+  arguments as loop variants and ``witness`` (the pass's pivots) is for any other array
   the keys are computed from (positions), so they are recomputed in every pass and
   never stored. With ``sample``, the first guess comes from a sample of the inputs'
   scores (so ``key_fn`` must be ``sortable_keys`` of the :class:`Lazy` scores).
@@ -419,21 +404,21 @@ def _search(inputs, key_fn, k, n: int, sample: bool = True):
   below 2**31.
   """
 
-  def counts(pivots, zero):
+  def counts(pivots):
     return sum(
-      _count_at_least(key_fn(i, _opaque_lazy(x, zero), zero), pivots) for i, x in enumerate(inputs)
+      _count_at_least(key_fn(i, _loop_variant_lazy(x, pivots), pivots), pivots)
+      for i, x in enumerate(inputs)
     )
 
   def step(state, first_pivots):
-    bracket, zero, first = state
+    bracket, first = state
     lo, hi = bracket[0], bracket[1]
     pivots = _interpolated_pivots(bracket, k)
     if first_pivots is not None:
       pivots = jnp.where(first, first_pivots, pivots)
     pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi), hi)
-    bracket = _narrow(bracket, pivots, counts(pivots, zero), k)
-    # Still 0 (c_hi <= n < 2**31), but XLA cannot prove it, so ``zero`` is loop state.
-    return bracket, jnp.minimum(zero, bracket[3] >> 31), jnp.bool_(False)
+    bracket = _narrow(bracket, pivots, counts(pivots), k)
+    return bracket, jnp.bool_(False)
 
   def open_(state):
     lo, hi, c_lo, _ = state[0]
@@ -443,20 +428,16 @@ def _search(inputs, key_fn, k, n: int, sample: bool = True):
   # a pass outside it would compute the same keys as the final mask, and XLA would
   # store them once for both.
   first_pivots = _sample_pivots(inputs, k, n) if sample else None
-  state = (
-    (jnp.uint32(0), jnp.uint32(_MAX_KEY), jnp.int32(n), jnp.int32(0)),
-    jnp.int32(0),
-    jnp.bool_(True),
-  )
+  state = ((jnp.uint32(0), jnp.uint32(_MAX_KEY), jnp.int32(n), jnp.int32(0)), jnp.bool_(True))
   state = jax.lax.while_loop(open_, lambda s: step(s, first_pivots), state)
   lo, _, c_lo, c_hi = state[0]
   return lo, c_lo, c_hi
 
 
-def _threshold_mask(scores, t, t_tie, offset, keep, zero):
+def _threshold_mask(scores, t, t_tie, offset, keep):
   """Keeps ``key > t``, and ``key == t`` at flat positions ``offset + i <= MAX - t_tie``."""
   keys = sortable_keys(scores)
-  position = _flat_index(jnp.shape(scores), zero) + offset
+  position = _flat_index(jnp.shape(scores), t) + offset
   tie = (keys == t) & (jnp.uint32(_MAX_KEY) - position >= t_tie)
   return ((keys > t) | tie) & keep
 
@@ -468,8 +449,8 @@ def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
   for x in inputs:
     offsets.append(offsets[-1] + x.size)
 
-  def score_keys(i, x, zero=None):
-    del i, zero
+  def score_keys(i, x, witness=None):
+    del i, witness
     return sortable_keys(x.rows())
 
   t, c_t, c_above = _search(inputs, score_keys, k, n)
@@ -477,9 +458,9 @@ def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
   def tie_cutoff(_):
     # Among the keys equal to t, keep the k - c_above of lowest position: a second search
     # on distinct keys that are larger for earlier positions (and 0 off the tie).
-    def tie_keys(i, x, zero):
+    def tie_keys(i, x, witness):
       keys = score_keys(i, x)
-      position = _flat_index(keys.shape, zero) + jnp.uint32(offsets[i])
+      position = _flat_index(keys.shape, witness) + jnp.uint32(offsets[i])
       return jnp.where(keys == t, jnp.uint32(_MAX_KEY) - position, 0)
 
     # No sample for this search: sampling position-dependent keys would store them all.
@@ -488,8 +469,7 @@ def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
   # Only scalars leave the cond; every key equal to t is kept when c_t == k (cutoff 0).
   t_tie = jax.lax.cond(c_t == k, lambda _: jnp.uint32(0), tie_cutoff, None)
   return [
-    Lazy(_threshold_mask, x, t, t_tie, jnp.uint32(offsets[i]), keep, jnp.int32(0))
-    for i, x in enumerate(inputs)
+    Lazy(_threshold_mask, x, t, t_tie, jnp.uint32(offsets[i]), keep) for i, x in enumerate(inputs)
   ]
 
 

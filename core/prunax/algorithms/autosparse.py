@@ -49,6 +49,7 @@ import numpy as np
 import optax
 
 from prunax import _checks
+from prunax import _xla_workarounds
 from prunax import annealing
 from prunax import selection
 from prunax import sparsity_schedules
@@ -59,28 +60,6 @@ from prunax.base_updater import _is_none
 from prunax.base_updater import get_sparse_state
 from prunax.base_updater import map_masked
 from prunax.sparsity_distributions import named_leaves
-
-
-def _split_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
-  """``sum(x)``, reduced as the two sums of ``x`` inside and outside ``mask``.
-
-  XLA's CPU backend hands a plain float sum to a library kernel that needs its input (here
-  a product of three arrays) stored in full, one array the size of the leaf; a two-output
-  reduction stays in XLA's fused loop. Its loop is scalar, so rows of 16 are reduced first
-  (vectorised; the two row sums take 1/8 of the leaf's fp32 bytes), then the row sums.
-  """
-  x = x.astype(jnp.float32).reshape(-1)
-  mask = mask.reshape(-1)
-  width = 16 if x.size % 16 == 0 else x.size
-  x, mask = x.reshape(-1, width), mask.reshape(-1, width)
-  zero = jnp.zeros_like(x)
-  inside, outside = jax.lax.reduce(
-    (jnp.where(mask, x, zero), jnp.where(mask, zero, x)),
-    (jnp.float32(0), jnp.float32(0)),
-    lambda a, b: (a[0] + b[0], a[1] + b[1]),
-    (1,),
-  )
-  return jnp.sum(inside) + jnp.sum(outside)
 
 
 def _layer_axis(s: jax.Array, w: jax.Array) -> int | None:
@@ -263,10 +242,11 @@ class AutoSparse(BaseUpdater):
       dt_ds = jax.nn.sigmoid(s) * (1.0 - jax.nn.sigmoid(s))
       x = g.astype(jnp.float32) * jnp.sign(w).astype(jnp.float32) * c
       if jnp.ndim(s) == 0:
-        return -dt_ds * _split_sum(x, m)
+        return -dt_ds * _xla_workarounds.fused_masked_sum(x, m)
       # Per-layer thresholds of a stacked leaf: one sum per layer.
       axis = _layer_axis(s, w)
-      return -dt_ds * selection.map_layers(_split_sum, axis, x, m).reshape(s.shape)
+      sums = selection.map_layers(_xla_workarounds.fused_masked_sum, axis, x, m)
+      return -dt_ds * sums.reshape(s.shape)
 
     return map_masked(grad_s, masks, grads, dense, scales, sparse_state.thresholds)
 

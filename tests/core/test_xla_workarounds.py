@@ -1,0 +1,189 @@
+"""Each compiler workaround of ``prunax._xla_workarounds`` is still needed.
+
+Every test compiles a small representative computation without the workaround and checks
+that the problem it prevents is there (a full-size temporary, full-size copies), then
+with it that the problem is gone. A failure of the "without" half means an XLA that no
+longer needs the workaround: measure, and remove it.
+"""
+
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import prunax
+from prunax import _xla_workarounds
+from prunax import selection
+
+CPU_ONLY = pytest.mark.skipif(
+  jax.default_backend() != 'cpu', reason='measured on the CPU backend only'
+)
+
+
+def stale(name: str) -> str:
+  backend = f'{jax.default_backend()}/jax {jax.__version__}'
+  return (
+    f'workaround {name} may no longer be needed on {backend} (measured on '
+    f'{_xla_workarounds.MEASURED_ON}); measure and remove it'
+  )
+
+
+def compiled(fn, *args):
+  # Fresh caches: a function traced with the workaround must not be reused without it.
+  jax.clear_caches()
+  return jax.jit(fn).lower(*args).compile()
+
+
+def temp_bytes(fn, *args) -> int:
+  return compiled(fn, *args).memory_analysis().temp_size_in_bytes
+
+
+SHAPE = (256, 256)
+FULL = SHAPE[0] * SHAPE[1] * 4  # bytes of one full-size float32 / uint32 array
+
+
+def weights():
+  return jnp.asarray(np.random.default_rng(0).standard_normal(SHAPE), jnp.float32)
+
+
+def magnitude_topk(w):
+  return selection.topk_mask(w, w.size // 10, score_fn=jnp.abs)
+
+
+def hash_topk(w, key_data):
+  return selection.topk_mask(selection.Lazy(selection.hash_uniform, w, key_data), w.size // 10)
+
+
+@CPU_ONLY
+def test_loop_variant_still_needed(monkeypatch):
+  w = weights()
+  with_it = temp_bytes(magnitude_topk, w)
+  monkeypatch.setattr(_xla_workarounds, 'loop_variant', lambda x, witness: x)
+  without = temp_bytes(magnitude_topk, w)
+  # Without it the keys (and positions) are stored once before the loop.
+  assert without >= FULL, stale('loop_variant') + f' ({without} temporary bytes without it)'
+  assert with_it < FULL // 8, with_it
+
+
+@CPU_ONLY
+def test_opaque_zero_still_needed(monkeypatch):
+  w, key_data = weights(), jnp.array([1, 2], jnp.uint32)
+  with_it = temp_bytes(hash_topk, w, key_data)
+  monkeypatch.setattr(_xla_workarounds, 'opaque_zero', lambda witness: jnp.uint32(0))
+  without = temp_bytes(hash_topk, w, key_data)
+  # Without it the hashed positions (an iota) are stored once before the loop.
+  assert without >= FULL, stale('opaque_zero') + f' ({without} temporary bytes without it)'
+  assert with_it < FULL // 8, with_it
+
+
+def test_loop_variant_and_opaque_zero_pass_values_bit_exact():
+  x = jnp.array([np.nan, -0.0, 1e-45, -np.inf], jnp.float32)
+  got = jax.jit(_xla_workarounds.loop_variant)(x, jnp.uint32(7))
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(x).view(np.uint32))
+  assert int(jax.jit(_xla_workarounds.opaque_zero)(jnp.float32(3.0))) == 0
+
+
+def autosparse_step(size: int):
+  """A jitted AutoSparse + Adam step (params and state donated) on two size x size layers."""
+  params = {
+    f'l{i}': {
+      'kernel': jax.random.normal(jax.random.PRNGKey(i), (size, size)) / size**0.5,
+      'bias': jnp.zeros(size),
+    }
+    for i in range(2)
+  }
+  tx = prunax.AutoSparse(sparsity=0.9).wrap_optax(optax.adam(1e-3))
+  x = jnp.ones((8, size))
+
+  def loss(p):
+    h = x
+    for i in range(2):
+      h = jnp.tanh(h @ p[f'l{i}']['kernel'] + p[f'l{i}']['bias'])
+    return jnp.sum(h**2)
+
+  def step(p, s):
+    updates, s = tx.update(jax.grad(loss)(p), s, p)
+    return optax.apply_updates(p, updates), s
+
+  jax.clear_caches()
+  return jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params)).compile()
+
+
+LAYER = 256
+
+
+@pytest.fixture(scope='module')
+def autosparse_with_workarounds():
+  return autosparse_step(LAYER)
+
+
+def full_size_copies(text: str, size: int) -> int:
+  return len(re.findall(rf'= f32\[{size},{size}\]\S* copy\(', text))
+
+
+@CPU_ONLY
+def test_after_still_needed(monkeypatch, autosparse_with_workarounds):
+  with_it = full_size_copies(autosparse_with_workarounds.as_text(), LAYER)
+  monkeypatch.setattr(_xla_workarounds, 'after', lambda tree, deps: tree)
+  without = full_size_copies(autosparse_step(LAYER).as_text(), LAYER)
+  # Without it the old dense weights (one per layer) are copied before the in-place update.
+  assert without >= 2, stale('after') + f' ({without} full-size copies without it)'
+  assert with_it == 0, with_it
+
+
+@CPU_ONLY
+def test_fused_masked_sum_still_needed(monkeypatch, autosparse_with_workarounds):
+  with_it = autosparse_with_workarounds.memory_analysis().temp_size_in_bytes
+  monkeypatch.setattr(_xla_workarounds, 'fused_masked_sum', lambda x, mask: jnp.sum(x))
+  without = autosparse_step(LAYER).memory_analysis().temp_size_in_bytes
+  # Without it the plain sum's library kernel needs its input (a product) stored.
+  full = LAYER * LAYER * 4
+  assert without - with_it >= full // 2, (
+    stale('fused_masked_sum') + f' ({without} against {with_it} temporary bytes)'
+  )
+
+
+def cpu_seconds(fn, *args, repeats: int = 7) -> float:
+  jax.block_until_ready(fn(*args))
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.process_time()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.process_time() - start)
+  return best
+
+
+def two_output_sum_unrowed(x, mask):
+  """``fused_masked_sum`` without its rows of 16: one two-output reduction of the leaf."""
+  x, mask = x.reshape(1, -1), mask.reshape(1, -1)
+  zero = jnp.zeros_like(x)
+  inside, outside = jax.lax.reduce(
+    (jnp.where(mask, x, zero), jnp.where(mask, zero, x)),
+    (jnp.float32(0), jnp.float32(0)),
+    lambda a, b: (a[0] + b[0], a[1] + b[1]),
+    (1,),
+  )
+  return jnp.sum(inside) + jnp.sum(outside)
+
+
+@CPU_ONLY
+def test_fused_masked_sum_rows_of_16_still_needed():
+  # AutoSparse's threshold gradient: the sum of a product of three arrays, 4M weights.
+  rng = np.random.default_rng(0)
+  g, w = (jnp.asarray(rng.standard_normal((2048, 2048)), jnp.float32) for _ in range(2))
+  mask = jnp.asarray(rng.random((2048, 2048)) < 0.1)
+
+  def product_sum(reduce):
+    return jax.jit(lambda g, w, m: reduce(g * jnp.sign(w) * 0.5, m))
+
+  rowed = cpu_seconds(product_sum(_xla_workarounds.fused_masked_sum), g, w, mask)
+  unrowed = cpu_seconds(product_sum(two_output_sum_unrowed), g, w, mask)
+  # XLA's CPU loop for a two-output reduction is scalar; rows of 16 vectorise it (measured
+  # 2.6 ms against 4.4 ms).
+  assert unrowed > 1.2 * rowed, (
+    stale('fused_masked_sum (rows of 16)') + f' ({unrowed:.5f} s against {rowed:.5f} s CPU)'
+  )
