@@ -7,7 +7,6 @@ longer needs the workaround: measure, and remove it.
 """
 
 import re
-import time
 
 import jax
 import jax.numpy as jnp
@@ -144,46 +143,4 @@ def test_fused_masked_sum_still_needed(monkeypatch, autosparse_with_workarounds)
   full = LAYER * LAYER * 4
   assert without - with_it >= full // 2, (
     stale('fused_masked_sum') + f' ({without} against {with_it} temporary bytes)'
-  )
-
-
-def cpu_seconds(fn, *args, repeats: int = 7) -> float:
-  jax.block_until_ready(fn(*args))
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.process_time()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.process_time() - start)
-  return best
-
-
-def two_output_sum_unrowed(x, mask):
-  """``fused_masked_sum`` without its rows of 16: one two-output reduction of the leaf."""
-  x, mask = x.reshape(1, -1), mask.reshape(1, -1)
-  zero = jnp.zeros_like(x)
-  inside, outside = jax.lax.reduce(
-    (jnp.where(mask, x, zero), jnp.where(mask, zero, x)),
-    (jnp.float32(0), jnp.float32(0)),
-    lambda a, b: (a[0] + b[0], a[1] + b[1]),
-    (1,),
-  )
-  return jnp.sum(inside) + jnp.sum(outside)
-
-
-@CPU_ONLY
-def test_fused_masked_sum_rows_of_16_still_needed():
-  # AutoSparse's threshold gradient: the sum of a product of three arrays, 4M weights.
-  rng = np.random.default_rng(0)
-  g, w = (jnp.asarray(rng.standard_normal((2048, 2048)), jnp.float32) for _ in range(2))
-  mask = jnp.asarray(rng.random((2048, 2048)) < 0.1)
-
-  def product_sum(reduce):
-    return jax.jit(lambda g, w, m: reduce(g * jnp.sign(w) * 0.5, m))
-
-  rowed = cpu_seconds(product_sum(_xla_workarounds.fused_masked_sum), g, w, mask)
-  unrowed = cpu_seconds(product_sum(two_output_sum_unrowed), g, w, mask)
-  # XLA's CPU loop for a two-output reduction is scalar; rows of 16 vectorise it (measured
-  # 2.6 ms against 4.4 ms).
-  assert unrowed > 1.2 * rowed, (
-    stale('fused_masked_sum (rows of 16)') + f' ({unrowed:.5f} s against {rowed:.5f} s CPU)'
   )
