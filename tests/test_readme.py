@@ -6,7 +6,10 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
+
+import prunax
 
 README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
 BLOCKS = re.findall(r'```python\n(.*?)```', README.read_text(), flags=re.DOTALL)
@@ -47,3 +50,25 @@ def test_readme_examples_run_and_do_what_they_say():
         assert summary[f'sparsity/{name}/kernel'] == pytest.approx(erk[name]['kernel'], abs=0.01)
         kernel = namespace['params'][name]['kernel']
         assert not jnp.any(jnp.where(masks[name]['kernel'], 0, kernel))
+    if index == 1:  # "2:4 sparsity is 1 - n/m = 0.5 on every pruned leaf"
+      _check_nm_pruner(namespace['nm_pruner'], params)
+
+
+def _check_nm_pruner(nm_pruner, params):
+  """The README's 2:4 pruner: dense until its schedule's sparsity is above 0, then 2:4.
+
+  Its polynomial schedule gives sparsity 0 at the first update step (1000), so the masks switch
+  to 2 of every 4 weights along each kernel's input axis (axis 0) at the next one (1100).
+  """
+  tx = nm_pruner.wrap_optax(optax.sgd(0.0))
+  grads = jax.tree.map(jnp.ones_like, params)
+  update = jax.jit(tx.update)
+  for count, kept_per_group in ((1000, 4), (1100, 2)):
+    state = tx.init(params)
+    state = state._replace(count=jnp.int32(count))
+    _, state = update(grads, state, params)
+    masks = prunax.bool_masks(state, params)
+    for name in ('Dense_0', 'Dense_1'):
+      mask = masks[name]['kernel']
+      groups = mask.reshape(mask.shape[0] // 4, 4, mask.shape[1]).sum(axis=1)
+      assert (groups == kept_per_group).all(), (count, name)

@@ -530,7 +530,7 @@ def test_structured_training_self_sufficient(structure):
     assert (blocks.all(1) | ~blocks.any(1)).all() and (~blocks.all(1)).sum() == 12
 
 
-def test_config_and_registry():
+def test_config_and_registry(monkeypatch):
   cfg = ml_collections.ConfigDict(
     {
       'algorithm': 'magnitude',
@@ -564,6 +564,9 @@ def test_config_and_registry():
     def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
       return jax.tree.map(lambda p: -jnp.abs(p), params)
 
+  # Registered on copies of the registry, so later tests see only the built-in algorithms.
+  monkeypatch.setattr(prunax.registry, '_ALGORITHMS', dict(prunax.registry._ALGORITHMS))
+  monkeypatch.setattr(prunax.registry, 'ALGORITHM_INFO', dict(prunax.registry.ALGORITHM_INFO))
   prunax.register_algorithm('test_smallest_kept', Mine)
   assert 'test_smallest_kept' in prunax.all_algorithm_names()
   mine = prunax.create_updater_from_config({'algorithm': 'test_smallest_kept', 'sparsity': 0.5})
