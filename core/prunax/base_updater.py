@@ -440,9 +440,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       object.__setattr__(
         self,
         'sparsity',
-        sparsity_distributions._check_sparsity(  # pylint: disable=protected-access
-          self.sparsity, 'the updater'
-        ),
+        sparsity_distributions._check_sparsity(self.sparsity, 'the updater'),
       )
     _checks.assign(
       self,
@@ -613,7 +611,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     ):
       if s is None:
         continue
-      sparsity_distributions._check_sparsity(s, name)  # pylint: disable=protected-access
+      sparsity_distributions._check_sparsity(s, name)
       dtype = jnp.result_type(leaf)
       if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
@@ -1138,7 +1136,7 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
   state = _unstored(state)
   _check_params_unchanged(state, params)
   targets = updater.target_sparsities(params)
-  updater._warn_undeclared_stacks(params, targets)  # pylint: disable=protected-access
+  updater._warn_undeclared_stacks(params, targets)
   masks = unpack_masks(state.masks, params)
   raw_state = state
   if updater.is_ste:
@@ -1160,10 +1158,8 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
       aux=updater.update_aux(state.aux, grads, masks),
     )
     raw_state = raw_state._replace(aux=state.aux)
-  candidate, updates, inner_state = updater._candidate(  # pylint: disable=protected-access
-    inner, grads, state, params, masks, **extra
-  )
-  sparsities = updater._sparsities_at(targets, state.count)  # pylint: disable=protected-access
+  candidate, updates, inner_state = updater._candidate(inner, grads, state, params, masks, **extra)
+  sparsities = updater._sparsities_at(targets, state.count)
 
   if updater.is_ste:
     # STE-style: the mask is recomputed from the dense weights at every step.
@@ -1171,9 +1167,9 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
     new_masks = updater.compute_masks(
       candidate, sparsities, sparse_state=state, grads=grads, old_masks=masks, **extra
     )
-    stored = updater._store(new_masks, like=state.masks)  # pylint: disable=protected-access
+    stored = updater._store(new_masks, like=state.masks)
   else:
-    is_update = updater._is_update_step(state.count)  # pylint: disable=protected-access
+    is_update = updater._is_update_step(state.count)
 
     def fresh_masks(_):
       # The candidate weights are recomputed inside the branch, so that steps without a
@@ -1186,7 +1182,7 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
       new = updater.compute_masks(
         params, sparsities, sparse_state=raw_state, grads=grads, old_masks=old, **extra
       )
-      return updater._store(new, like=raw_state.masks)  # pylint: disable=protected-access
+      return updater._store(new, like=raw_state.masks)
 
     # Steps without a mask update keep the stored (possibly packed) masks as they are.
     if isinstance(is_update, (bool, np.bool_)) and not is_update:
@@ -1195,9 +1191,7 @@ def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None,
       stored = jax.lax.cond(is_update, fresh_masks, lambda _: state.masks, None)
     new_masks = unpack_masks(stored, params)
 
-  out = updater._output(  # pylint: disable=protected-access
-    params, candidate, updates, masks, new_masks, state
-  )
+  out = updater._output(params, candidate, updates, masks, new_masks, state)
   if updater.skip_gradient_on_mask_update and not updater.is_ste:
     out = _skip_gradient_step(out, params, masks, new_masks, is_update)
   new_state = state._replace(
@@ -1213,7 +1207,7 @@ def __getattr__(name: str):
   # jaxpruner defines NoPruning next to BaseUpdater (`jaxpruner.base_updater.NoPruning`);
   # prunax's lives with the algorithms, which import this module.
   if name == 'NoPruning':
-    from prunax.algorithms import NoPruning  # pylint: disable=import-outside-toplevel
+    from prunax.algorithms import NoPruning
 
     return NoPruning
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

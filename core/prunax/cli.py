@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 
 def _parse_set(items: Sequence[str]) -> dict:
-  import yaml  # pylint: disable=import-outside-toplevel
+  import yaml
 
-  from prunax.compare import ConfigError  # pylint: disable=import-outside-toplevel
+  from prunax.compare import ConfigError
 
   out = {}
   for item in items:
@@ -109,7 +109,7 @@ def _budget(value: str | None) -> str | float | None:
 def _enable_compile_cache() -> None:
   """Keeps XLA executables between runs (JAX's persistent compilation cache), unless the
   user already chose a cache directory: compiling the steps is most of a short run."""
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
 
   if os.environ.get('JAX_COMPILATION_CACHE_DIR') or jax.config.jax_compilation_cache_dir:
     return
@@ -119,9 +119,9 @@ def _enable_compile_cache() -> None:
 
 def compare(args: argparse.Namespace) -> int:
   """Runs ``prunax compare``; returns the exit status."""
-  from rich.console import Console  # pylint: disable=import-outside-toplevel
+  from rich.console import Console
 
-  from prunax import compare as compare_lib  # pylint: disable=import-outside-toplevel
+  from prunax import compare as compare_lib
 
   console = Console()
   if not console.is_terminal:  # Logs and pipes: do not squeeze the table into 80 columns.
@@ -144,7 +144,7 @@ def compare(args: argparse.Namespace) -> int:
   if not args.no_compile_cache:
     _enable_compile_cache()
   show = not args.no_progress and console.is_terminal
-  from prunax.compare import runner  # pylint: disable=import-outside-toplevel
+  from prunax.compare import runner
 
   with runner.rich_progress(show) as progress:
     result = compare_lib.run_sweep(cfg, fresh=args.fresh, progress=progress)
@@ -164,11 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='prunax', description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', required=True)
   _compare_parser(sub)
-  from prunax.oneshot import command as oneshot_command  # pylint: disable=import-outside-toplevel
+  from prunax.oneshot import command as oneshot_command
 
   oneshot_command.add_parser(sub)
   args = parser.parse_args(argv)
-  from prunax.compare import ConfigError  # pylint: disable=import-outside-toplevel
+  from prunax.compare import ConfigError
 
   try:
     if args.command == 'oneshot':

@@ -308,7 +308,7 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
       convolution does not implement (feature groups, a mask, circular/reflect/causal
       padding), naming the layer and the option.
   """
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn
 
   conv_kernels = set()
 
@@ -348,7 +348,7 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
 
 def _sparse_conv(layer, inputs: jax.Array, kernel: ConvFilter) -> jax.Array:
   """``nn.Conv.__call__`` with a sparse filter (the options it implements)."""
-  from flax.linen import linear  # pylint: disable=import-outside-toplevel
+  from flax.linen import linear
 
   rank = len(kernel.shape) - 2
   padding = linear.canonicalize_padding(layer.padding, rank)

@@ -647,7 +647,7 @@ def linen_apply(module, variables: PyTree, *args, **kwargs):
     shrunk = prunax.shrink(model, variables, masks, x)
     y = prunax.shrinking.linen_apply(model, shrunk.params, x, train=False)
   """
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn
 
   def resize(next_fun, call_args, call_kwargs, context):
     layer = context.module

@@ -74,7 +74,7 @@ def _key_name(key) -> str:
   return '/'.join(str(k) for k in key) if isinstance(key, tuple) else str(key)
 
 
-def default_filter(name: str, leaf) -> bool:  # pylint: disable=unused-argument
+def default_filter(name: str, leaf) -> bool:
   """Prunes non-empty leaves with at least 2 dimensions (kernels, embeddings), not biases,
   scales or empty (zero-size) leaves."""
   return np.ndim(leaf) >= 2 and math.prod(np.shape(leaf)) > 0

@@ -14,9 +14,9 @@ from sklearn.datasets import load_digits
 import prunax
 from prunax.algorithms.autosparse import soft_threshold
 
-from .conftest import loss_fn
-from .conftest import make_batch
-from .conftest import mlp_params
+from .helpers import loss_fn
+from .helpers import make_batch
+from .helpers import mlp_params
 
 KERNELS = ('layer0', 'layer1')
 

@@ -8,9 +8,9 @@ import pytest
 
 import prunax
 from prunax import sparsity_schedules as sched
-from tests.core.conftest import make_batch
-from tests.core.conftest import make_step
-from tests.core.conftest import mlp_params
+from tests.core.helpers import make_batch
+from tests.core.helpers import make_step
+from tests.core.helpers import mlp_params
 
 UPDATERS = {
   'magnitude': lambda: prunax.MagnitudePruning(

@@ -23,7 +23,7 @@ from prunax import sparsity_types
 from prunax.compare import config as config_lib
 from prunax.compare import report
 from prunax.compare import tasks
-from tests.core.conftest import packed_mask_nbytes
+from tests.core.helpers import packed_mask_nbytes
 
 PNG_HEADER = b'\x89PNG\r\n\x1a\n'
 ALGORITHMS = ['no_prune', 'magnitude', 'random']

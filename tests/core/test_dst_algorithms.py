@@ -13,8 +13,8 @@ from prunax import cli
 from prunax import sparsity_schedules as sched
 from prunax.algorithms import AlternatingSchedule
 from prunax.algorithms import snfs as snfs_lib
-from tests.core.conftest import mlp_params
-from tests.core.conftest import run
+from tests.core.helpers import mlp_params
+from tests.core.helpers import run
 
 
 def _state(updater, params):

@@ -16,7 +16,7 @@ from prunax import flops
 from prunax import pruning_at_init
 from prunax import sparsity_schedules as sched
 from prunax import sparsity_types
-from tests.core.conftest import mlp_params
+from tests.core.helpers import mlp_params
 
 # ------------------------------------------------------------------ RigL / SET drop rule
 

@@ -11,9 +11,9 @@ import pytest
 import prunax
 from prunax import sparsity_schedules as sched
 
-from .conftest import loss_fn
-from .conftest import make_batch
-from .conftest import mlp_params
+from .helpers import loss_fn
+from .helpers import make_batch
+from .helpers import mlp_params
 
 STEPS = 20
 SPARSITY = 0.75
@@ -132,7 +132,7 @@ def test_regrown_weights_restart_from_the_inner_init():
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
   masks = prunax.bool_masks(state, params)
   old = prunax.get_sparse_state(state).inner_state
-  reset = prunax.base_updater._reset_inactive(inner, old, masks, params)  # pylint: disable=protected-access
+  reset = prunax.base_updater._reset_inactive(inner, old, masks, params)
   fresh = inner.init(params)
   # cocob is a chain; its COCOBState holds one tree like params per field.
   (old,) = [x for x in old if isinstance(x, optax.contrib.COCOBState)]
@@ -158,7 +158,7 @@ def test_factored_moments_are_left_alone():
   state = inner.init(params)
   state = jax.tree.map(lambda x: x + 1.0 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
   masks = jax.tree.map(lambda x: jnp.zeros(x.shape, bool) if x.ndim == 2 else None, params)
-  reset = prunax.base_updater._reset_inactive(inner, state, masks, params)  # pylint: disable=protected-access
+  reset = prunax.base_updater._reset_inactive(inner, state, masks, params)
   for r, v in zip(jax.tree.leaves(reset), jax.tree.leaves(state)):
     if np.ndim(r) == 1 or np.ndim(r) == 0:
       np.testing.assert_array_equal(r, v)

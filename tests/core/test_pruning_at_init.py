@@ -151,7 +151,7 @@ def test_static_training_from_pai_masks():
 
 def test_fixed_masks_saved_as_dicts_fit_params_in_a_frozen_dict():
   """Masks loaded from a file are plain dicts; t5x holds params in a FrozenDict."""
-  from flax.core import FrozenDict  # pylint: disable=import-outside-toplevel
+  from flax.core import FrozenDict
 
   params = FrozenDict({'dense': {'kernel': jnp.ones((4, 4)), 'bias': jnp.ones(4)}})
   keep = np.arange(16).reshape(4, 4) % 4 == 0

@@ -7,10 +7,10 @@ import optax
 
 import prunax
 
-from .conftest import loss_fn
-from .conftest import make_batch
-from .conftest import mlp_params
-from .conftest import run
+from .helpers import loss_fn
+from .helpers import make_batch
+from .helpers import mlp_params
+from .helpers import run
 
 
 def test_one_step_adds_decay_on_pruned_weights():

@@ -10,9 +10,9 @@ import pytest
 import prunax
 from prunax import sparsity_schedules as sched
 
-from .conftest import loss_fn
-from .conftest import make_batch
-from .conftest import mlp_params
+from .helpers import loss_fn
+from .helpers import make_batch
+from .helpers import mlp_params
 
 ALGORITHMS = {
   'magnitude': lambda: prunax.MagnitudePruning(

@@ -8,9 +8,9 @@ import pytest
 
 import prunax
 
-from .conftest import loss_fn
-from .conftest import make_batch
-from .conftest import mlp_params
+from .helpers import loss_fn
+from .helpers import make_batch
+from .helpers import mlp_params
 
 KERNELS = ('layer0', 'layer1')
 

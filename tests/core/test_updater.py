@@ -15,12 +15,12 @@ from flax import nnx
 
 import prunax
 from prunax import sparsity_schedules as sched
-from tests.core.conftest import loss_fn
-from tests.core.conftest import make_batch
-from tests.core.conftest import make_step
-from tests.core.conftest import mlp_params
-from tests.core.conftest import packed_mask_nbytes
-from tests.core.conftest import run
+from tests.core.helpers import loss_fn
+from tests.core.helpers import make_batch
+from tests.core.helpers import make_step
+from tests.core.helpers import mlp_params
+from tests.core.helpers import packed_mask_nbytes
+from tests.core.helpers import run
 
 GRADUAL = sched.PolynomialSchedule(update_freq=2, update_start_step=1, update_end_step=7)
 PERIODIC = sched.PeriodicSchedule(update_freq=2, update_start_step=1)

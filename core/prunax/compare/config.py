@@ -51,7 +51,7 @@ class ConfigError(ValueError):
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-  import yaml  # pylint: disable=import-outside-toplevel
+  import yaml
 
   try:
     with open(path) as f:
@@ -168,7 +168,7 @@ def _check_sparsity(value) -> float:
 
 
 def _check_sparsity_type(value) -> str:
-  from prunax import sparsity_types  # pylint: disable=import-outside-toplevel
+  from prunax import sparsity_types
 
   if not isinstance(value, str):
     raise ConfigError(

@@ -13,10 +13,10 @@ _MARKERS = {'dense': 'o', 'dense-to-sparse': 's', 'sparse-to-sparse': '^'}
 
 
 def _pyplot():
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib
 
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt
 
   return plt
 

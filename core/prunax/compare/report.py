@@ -361,8 +361,8 @@ def write_cells_csv(result: Any, path: str) -> None:
 
 def print_table(result: Any, console: Any = None) -> None:
   """Prints the table of every point with rich, then the statistics note."""
-  from rich.console import Console  # pylint: disable=import-outside-toplevel
-  from rich.table import Table  # pylint: disable=import-outside-toplevel
+  from rich.console import Console
+  from rich.table import Table
 
   console = console or Console()
   for comparison in _points(result):

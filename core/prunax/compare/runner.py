@@ -165,7 +165,7 @@ def _flops_counter(task: Any, params: Any):
     return None
   try:
     return flops_lib.FlopsCounter(task.apply_fn, params, *task.example_inputs())
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     # FLOPs are one figure among several: report them as n/a rather than lose the run.
     warnings.warn(
       f'FLOPs of task {task.name!r} cannot be counted ({type(e).__name__}: {e}); '
@@ -463,7 +463,7 @@ def run_comparison(
         progress.remove_task(current)
   layer_targets = {}
   if example is not None:
-    from prunax import sparsity_distributions  # pylint: disable=import-outside-toplevel
+    from prunax import sparsity_distributions
 
     for dist in ('uniform', 'erk'):
       targets = sparsity_distributions.resolve(dist)(example, cfg['sparsity'])
@@ -557,7 +557,7 @@ def rich_progress(enabled: bool = True):
   if not enabled:
     yield None
     return
-  from rich.progress import BarColumn  # pylint: disable=import-outside-toplevel
+  from rich.progress import BarColumn
   from rich.progress import MofNCompleteColumn
   from rich.progress import Progress
   from rich.progress import TextColumn

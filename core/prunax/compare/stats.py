@@ -24,13 +24,13 @@ MAX_SEEDS = 10_000
 
 
 def _t(q: float, df: int) -> float:
-  from scipy import stats  # pylint: disable=import-outside-toplevel
+  from scipy import stats
 
   return float(stats.t.ppf(q, df))
 
 
 def _z(q: float) -> float:
-  from scipy import stats  # pylint: disable=import-outside-toplevel
+  from scipy import stats
 
   return float(stats.norm.ppf(q))
 

@@ -251,8 +251,8 @@ def digits_task(
   Returns:
     The task.
   """
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn
+  from sklearn.datasets import load_digits
 
   class DigitsCNN(nn.Module):
     @nn.compact
@@ -312,8 +312,8 @@ def noisy_digits_task(
   Returns:
     The task.
   """
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn
+  from sklearn.datasets import load_digits
 
   class NoisyDigitsCNN(nn.Module):
     @nn.compact

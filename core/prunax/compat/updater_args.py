@@ -204,7 +204,7 @@ class JaxprunerArgs:
     ``is_packed=None`` tells each leaf's layout from its shape (a stored mask shaped like
     its param is unpacked), as masks stored by a wrapped transformation may mix both.
     """
-    from prunax import base_updater  # pylint: disable=import-outside-toplevel
+    from prunax import base_updater
 
     def apply(m, p):
       packed = is_packed if is_packed is not None else jnp.shape(m) != jnp.shape(p)
@@ -246,7 +246,7 @@ class JaxprunerArgs:
     ``calculate_scores``); the optimizer's moments of weights that become inactive are
     zeroed by the next wrapped ``update``.
     """
-    from prunax import base_updater  # pylint: disable=import-outside-toplevel
+    from prunax import base_updater
 
     targets = self.target_sparsities(params)
     sparsities = self._sparsities_at(targets, sparse_state.count)
@@ -263,7 +263,7 @@ def skip_on_mask_updates(updater, update: Callable[..., Any]) -> Callable[..., A
   The returned updates move each weight to ``where(new_mask, w, 0)`` and the inner state
   stays as it was (jaxpruner's ``skip_gradients``).
   """
-  from prunax import base_updater  # pylint: disable=import-outside-toplevel
+  from prunax import base_updater
 
   def skipping_update(grads, state, params=None, **extra):
     out, new_state = update(grads, state, params, **extra)

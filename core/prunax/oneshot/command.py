@@ -77,7 +77,7 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
   """Defaults, then the YAML config, then the command line."""
   options = dict(OPTIONS)
   if args.config:
-    import yaml  # pylint: disable=import-outside-toplevel
+    import yaml
 
     try:
       with open(args.config) as f:
@@ -148,8 +148,8 @@ def load_model(spec: str, model_args: Mapping[str, Any]) -> dict[str, Any]:
 
 def write_outputs(out: str, result) -> dict[str, str]:
   """Writes params, masks and the table; returns the paths by kind."""
-  from prunax import sparsity_distributions  # pylint: disable=import-outside-toplevel
-  from prunax.oneshot import driver  # pylint: disable=import-outside-toplevel
+  from prunax import sparsity_distributions
+  from prunax.oneshot import driver
 
   os.makedirs(out, exist_ok=True)
   paths = {
@@ -179,15 +179,15 @@ def write_outputs(out: str, result) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
   """Runs ``prunax oneshot``; returns the exit status."""
-  from rich.console import Console  # pylint: disable=import-outside-toplevel
-  from rich.progress import BarColumn  # pylint: disable=import-outside-toplevel
-  from rich.progress import MofNCompleteColumn  # pylint: disable=import-outside-toplevel
-  from rich.progress import Progress  # pylint: disable=import-outside-toplevel
-  from rich.progress import TextColumn  # pylint: disable=import-outside-toplevel
-  from rich.progress import TimeElapsedColumn  # pylint: disable=import-outside-toplevel
-  from rich.table import Table  # pylint: disable=import-outside-toplevel
+  from rich.console import Console
+  from rich.progress import BarColumn
+  from rich.progress import MofNCompleteColumn
+  from rich.progress import Progress
+  from rich.progress import TextColumn
+  from rich.progress import TimeElapsedColumn
+  from rich.table import Table
 
-  from prunax.oneshot import driver  # pylint: disable=import-outside-toplevel
+  from prunax.oneshot import driver
 
   options = load_options(args)
   model = load_model(options['model'], options['model_args'] or {})

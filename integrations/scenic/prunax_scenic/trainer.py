@@ -101,8 +101,8 @@ def pruning(
   Yields:
     None.
   """
-  from scenic.train_lib import optax as scenic_optax  # pylint: disable=import-outside-toplevel
-  from scenic.train_lib import optimizers  # pylint: disable=import-outside-toplevel
+  from scenic.train_lib import optax as scenic_optax
+  from scenic.train_lib import optimizers
 
   get_optimizer, make = optimizers.get_optimizer, scenic_optax.make
 
@@ -178,7 +178,7 @@ def register_sparse_trainer(trainer_name: str) -> str:
   Raises:
     ValueError: if no trainer of that name is registered, listing the registered ones.
   """
-  from scenic.train_lib import trainers  # pylint: disable=import-outside-toplevel
+  from scenic.train_lib import trainers
 
   if trainer_name in trainers.ALL_TRAINERS and getattr(
     trainers.ALL_TRAINERS[trainer_name], _WRAPPED, False

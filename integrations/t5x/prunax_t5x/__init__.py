@@ -16,11 +16,11 @@ __all__ = ['PrunedOptaxWrapper', 'SparsityMetrics', 'pruned_optax', 'sparse_stat
 def __getattr__(name: str) -> Any:
   # t5x is not a declared dependency: import it only when the wrapper is asked for.
   if name == 'PrunedOptaxWrapper':
-    from prunax_t5x.optax_wrapper import PrunedOptaxWrapper  # pylint: disable=g-import-not-at-top
+    from prunax_t5x.optax_wrapper import PrunedOptaxWrapper
 
     return PrunedOptaxWrapper
   if name == 'SparsityMetrics':
-    from prunax_t5x.metrics import SparsityMetrics  # pylint: disable=g-import-not-at-top
+    from prunax_t5x.metrics import SparsityMetrics
 
     return SparsityMetrics
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -48,7 +48,7 @@ DENSE_KEY = '__dense__'
 
 
 def _checkpointer():
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp
 
   return ocp, ocp.PyTreeCheckpointer()
 
@@ -147,7 +147,7 @@ def prune_checkpoint(
       f'{sorted(state)}.'
     )
   result = prunax.oneshot.prune(
-    lambda params, batch: model._compute_logits(params, batch),  # pylint: disable=protected-access
+    lambda params, batch: model._compute_logits(params, batch),
     state['target'],
     batches,
     method=method,

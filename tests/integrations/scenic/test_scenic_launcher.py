@@ -65,7 +65,7 @@ def _launch(workdir, *overrides, devices=2):
 
 
 def _checkpoint(workdir, step):
-  from flax.training import checkpoints  # pylint: disable=import-outside-toplevel
+  from flax.training import checkpoints
 
   return checkpoints.restore_checkpoint(os.path.join(workdir, f'checkpoint_{step}'), None)
 
@@ -90,7 +90,7 @@ def _zeros(tree):
 
 def _scalars(workdir):
   """{tag: {step: value}} from the event files Scenic's metric writer wrote."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
 
   out = {}
   for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
@@ -112,9 +112,9 @@ def _check_sparsity_summaries(scalars, params, step):
 
 def _accuracy(params, model_state):
   """Accuracy of Scenic's tiny model with ``params`` on the whole evaluation split."""
-  from scenic.model_lib import models  # pylint: disable=import-outside-toplevel
+  from scenic.model_lib import models
 
-  from prunax_scenic import synthetic_dataset  # pylint: disable=import-outside-toplevel
+  from prunax_scenic import synthetic_dataset
 
   config = tiny_synthetic_config.get_config()
   model = models.get_model_cls(config.model_name)(
@@ -240,9 +240,9 @@ class RecordingWriter:
   'algorithm', ['saliency', 'random', 'global_magnitude', 'static_sparse', 'set', 'autosparse']
 )
 def test_scenic_trainer_runs_every_algorithm_family(tmp_path, algorithm):
-  from scenic.model_lib import models  # pylint: disable=import-outside-toplevel
-  from scenic.train_lib import train_utils  # pylint: disable=import-outside-toplevel
-  from scenic.train_lib import trainers  # pylint: disable=import-outside-toplevel
+  from scenic.model_lib import models
+  from scenic.train_lib import train_utils
+  from scenic.train_lib import trainers
 
   config = tiny_synthetic_config.get_config()  # Opted in by prunax_scenic.enable(config).
   config.sparsity_config.algorithm = algorithm
@@ -267,7 +267,7 @@ def test_scenic_trainer_runs_every_algorithm_family(tmp_path, algorithm):
   masks = _unpacked(jax.device_get(sparse_state.masks), jax.device_get(state.params))
   zeros = _zeros(state.params)
   if algorithm == 'autosparse':  # Learned sparsity: params = soft threshold of dense weights.
-    from prunax.algorithms.autosparse import soft_threshold  # pylint: disable=import-outside-toplevel
+    from prunax.algorithms.autosparse import soft_threshold
 
     for name in SIZES:
       a, b = name.split('/')
@@ -297,8 +297,8 @@ def test_scenic_trainer_runs_every_algorithm_family(tmp_path, algorithm):
 
 @pytest.mark.parametrize('config_module', [imagenet_resnet50_config, imagenet_vit_b16_config])
 def test_paper_configs_fit_scenics_models(config_module):
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from scenic.model_lib import models  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp
+  from scenic.model_lib import models
 
   config = config_module.get_config()
   model = models.get_model_cls(config.model_name)(
@@ -334,9 +334,9 @@ def test_paper_configs_fit_scenics_models(config_module):
 
 
 def test_enable_opts_in_one_config_and_replaces_no_trainer():
-  from scenic.train_lib import classification_trainer  # pylint: disable=import-outside-toplevel
-  from scenic.train_lib import trainers  # pylint: disable=import-outside-toplevel
-  from scenic.train_lib.transfer import transfer_trainer  # pylint: disable=import-outside-toplevel
+  from scenic.train_lib import classification_trainer
+  from scenic.train_lib import trainers
+  from scenic.train_lib.transfer import transfer_trainer
 
   config = tiny_synthetic_config.get_config()
   assert config.trainer_name == 'sparse_classification_trainer'

@@ -112,7 +112,7 @@ def test_errors_name_the_problem(checkpoint, tmp_path):
 def test_real_t5x_train_prune_fine_tune_and_eval(tmp_path):
   """Train the tiny T5 for 2 steps with t5x.train, prune its checkpoint through t5x's model,
   fine-tune on the masks with t5x.train, and evaluate the pruned checkpoint with t5x.eval."""
-  from t5x import gin_utils  # pylint: disable=import-outside-toplevel
+  from t5x import gin_utils
 
   tiny = 'prunax_t5x/configs/t5_1_1_tiny_offline.gin'
   model_gin = 'prunax_t5x/configs/t5_1_1_tiny_model.gin'

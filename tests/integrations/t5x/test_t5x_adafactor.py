@@ -51,8 +51,8 @@ STEPS = 4
 
 def _t5x_adafactor_params(params):
   """``STEPS`` updates of t5x's Adafactor as its T5.1.1 gin files configure it."""
-  from t5x import adafactor  # pylint: disable=g-import-not-at-top
-  from t5x import optimizers  # pylint: disable=g-import-not-at-top
+  from t5x import adafactor
+  from t5x import optimizers
 
   optimizer_def = adafactor.Adafactor(
     decay_rate=0.8, step_offset=0, logical_factor_rules=adafactor.standard_logical_factor_rules()
@@ -100,8 +100,8 @@ def test_optax_port_matches_t5x_adafactor_on_t5_1_1_shapes(pruned):
 def test_optax_port_differs_from_t5x_adafactor_on_3d_kernels():
   """The README's caveat: t5x factors a (embed, heads, kv) kernel as rows x (heads, kv) by
   its logical axes, optax over its two largest dimensions; the updates differ."""
-  from t5x import adafactor  # pylint: disable=g-import-not-at-top
-  from t5x import optimizers  # pylint: disable=g-import-not-at-top
+  from t5x import adafactor
+  from t5x import optimizers
 
   params = {'query': 0.05 * jax.random.normal(KEYS[0], (128, 8, 64))}
   optimizer_def = adafactor.Adafactor(

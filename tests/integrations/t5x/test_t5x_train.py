@@ -61,9 +61,9 @@ def _train(
 
 def _load(model_dir, step: int) -> dict:
   """The saved train state as a flat {'target/...': np.ndarray or None} dict."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  import jax
+  import orbax.checkpoint as ocp
+  from flax import traverse_util
 
   path = os.path.join(model_dir, f'checkpoint_{step}', 'state')
   checkpointer = ocp.PyTreeCheckpointer()
@@ -223,7 +223,7 @@ def test_autosparse_saves_soft_thresholded_params(runs):
 
 def _summaries(model_dir) -> dict:
   """{tag: {step: value}} of the train summaries t5x wrote (TensorBoard event files)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
 
   out = {}
   for path in glob.glob(os.path.join(model_dir, 'train', 'events.out.tfevents.*')):

@@ -237,7 +237,7 @@ def restart_grown(old_masks: Any, new_masks: Any, inner_state: Any, params: Any)
   def like_params(x) -> bool:
     try:
       return jax.tree.structure(x) == treedef
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
       return False
 
   def reset(sub):

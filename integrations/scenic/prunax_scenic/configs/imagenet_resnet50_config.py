@@ -39,7 +39,7 @@ def get_sparsity_config() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
   """Scenic's ImageNet ResNet-50 config with the paper's recipe and sparsity."""
-  from scenic.projects.baselines.configs.imagenet import imagenet_resnet_config  # pylint: disable=import-outside-toplevel
+  from scenic.projects.baselines.configs.imagenet import imagenet_resnet_config
 
   config = imagenet_resnet_config.get_config()
   config.experiment_name = 'imagenet_resnet50_prunax'

@@ -36,7 +36,7 @@ def get_sparsity_config() -> ml_collections.ConfigDict:
 
 def get_config(runlocal: str = '') -> ml_collections.ConfigDict:
   """Scenic's ImageNet ViT-B/16 config with the paper's sparsity (``runlocal``: batch 8)."""
-  from scenic.projects.baselines.configs.imagenet import imagenet_vit_config  # pylint: disable=import-outside-toplevel
+  from scenic.projects.baselines.configs.imagenet import imagenet_vit_config
 
   config = imagenet_vit_config.get_config(runlocal)
   config.experiment_name = 'imagenet_vit_b16_prunax'

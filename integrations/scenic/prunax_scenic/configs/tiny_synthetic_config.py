@@ -34,7 +34,7 @@ def get_sparsity_config() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
   """The tiny config (registers the synthetic data set with Scenic)."""
-  from prunax_scenic import synthetic_dataset  # pylint: disable=import-outside-toplevel
+  from prunax_scenic import synthetic_dataset
 
   config = ml_collections.ConfigDict()
   config.experiment_name = 'prunax_tiny_synthetic'

@@ -1,0 +1,69 @@
+"""Helpers of the core tests: a small MLP regression problem, its training loop, mask sizes."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def mlp_params(seed: int = 0, sizes=(12, 16, 8)):
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes))
+  params = {}
+  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    params[f'layer{i}'] = {
+      'kernel': jax.random.normal(keys[i], (a, b)) / jnp.sqrt(a),
+      'bias': jnp.zeros(b),
+    }
+  return params
+
+
+def packed_mask_nbytes(shape) -> int:
+  """Bytes of a 1-bit mask of ``shape`` packed as ``prunax.pack_mask`` documents: the last
+  axis (d weights) in gcd(d, 8) blocks of whole bytes (one block if blocks would hold a
+  multiple of 8 weights)."""
+  d = shape[-1]
+  blocks = math.gcd(d, 8) if (d // math.gcd(d, 8)) % 8 else 1
+  return math.prod(shape) // d * blocks * -(-(d // blocks) // 8)
+
+
+def mlp_apply(params, x):
+  n = len(params)
+  for i in range(n):
+    x = x @ params[f'layer{i}']['kernel'] + params[f'layer{i}']['bias']
+    if i < n - 1:
+      x = jnp.tanh(x)
+  return x
+
+
+def make_batch(seed: int = 1, n: int = 32, din: int = 12, dout: int = 8):
+  kx, ky = jax.random.split(jax.random.PRNGKey(seed))
+  return jax.random.normal(kx, (n, din)), jax.random.normal(ky, (n, dout))
+
+
+def loss_fn(params, batch):
+  x, y = batch
+  return jnp.mean((mlp_apply(params, x) - y) ** 2)
+
+
+def make_step(tx, loss=loss_fn):
+  """A training step using only tx.update and optax.apply_updates."""
+
+  def step(params, opt_state, batch):
+    grads = jax.grad(loss)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def run(tx, params, steps: int, jit: bool = True, batch=None, loss=loss_fn):
+  batch = make_batch() if batch is None else batch
+  step = make_step(tx, loss)
+  step = jax.jit(step) if jit else step
+  opt_state = tx.init(params)
+  history = []
+  for _ in range(steps):
+    params, opt_state = step(params, opt_state, batch)
+    history.append((params, opt_state))
+  return params, opt_state, history
