@@ -570,15 +570,15 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       scores,
     )
     static = treedef.flatten_up_to(self.target_sparsities(shapes))
-    pooled = [s is not None and t == self.sparsity for s, t in zip(flat_s, static)]
-    chosen = [x for x, p in zip(flat_x, pooled) if p]
+    pooled = [s is not None and t == self.sparsity for s, t in zip(flat_s, static, strict=True)]
+    chosen = [x for x, p in zip(flat_x, pooled, strict=True) if p]
     total = sum(math.prod(x.shape) for x in chosen)
-    target = next((s for s, p in zip(flat_s, pooled) if p), 0.0)
+    target = next((s for s, p in zip(flat_s, pooled, strict=True) if p), 0.0)
     it = iter(selection.global_topk_masks(chosen, total - sparsity_types.num_zeros(target, total)))
     return treedef.unflatten(
       [
         next(it) if p else (None if s is None else self.leaf_mask(x, s, a))
-        for s, x, a, p in zip(flat_s, flat_x, flat_a, pooled)
+        for s, x, a, p in zip(flat_s, flat_x, flat_a, pooled, strict=True)
       ]
     )
 
@@ -608,6 +608,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     for (name, s), (_, leaf) in zip(
       sparsity_distributions.named_leaves(sparsities, is_leaf=_is_none),
       sparsity_distributions.named_leaves(params),
+      strict=True,
     ):
       if s is None:
         continue
@@ -627,6 +628,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     for (name, s), (_, leaf) in zip(
       sparsity_distributions.named_leaves(targets, is_leaf=_is_none),
       sparsity_distributions.named_leaves(params),
+      strict=True,
     ):
       if s is not None and name not in axes and layers.looks_stacked(name, leaf):
         warnings.warn(
@@ -701,7 +703,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       return selection.Lazy(selection.hash_uniform_layers, x, key_data, ids)
 
     return treedef.unflatten(
-      [scores(x, keys[i], a) for i, (x, a) in enumerate(zip(flat, flat_axes))]
+      [scores(x, keys[i], a) for i, (x, a) in enumerate(zip(flat, flat_axes, strict=True))]
     )
 
   # --------------------------------------------------------------------------- init
@@ -1037,7 +1039,7 @@ def _check_params_unchanged(state: SparseState, params: PyTree) -> None:
     dense = treedef.flatten_up_to(state.dense_params)
   except (ValueError, TypeError):
     dense = [None] * len(flat)  # no dense weights in the state
-  for (path, p), m, d in zip(flat, masks, dense):
+  for (path, p), m, d in zip(flat, masks, dense, strict=True):
     if m is None:
       continue
     name = sparsity_distributions.path_name(path)

@@ -128,7 +128,9 @@ def _densities(tree: PyTree, n: int) -> np.ndarray:
       f'Expected a tree with {n} leaves like the params given to FlopsCounter, got {len(leaves)}.'
     )
   nonzero = jax.device_get([jnp.count_nonzero(x) for x in leaves])
-  return np.array([nz / max(np.size(x), 1) for nz, x in zip(nonzero, leaves)], np.float64)
+  return np.array(
+    [nz / max(np.size(x), 1) for nz, x in zip(nonzero, leaves, strict=True)], np.float64
+  )
 
 
 class FlopsCounter:

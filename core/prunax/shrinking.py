@@ -339,9 +339,9 @@ def _group_keep(group: Group, leaves: dict, grads: dict | None, sparsity, score)
 def _masks_for(groups, params, grads, sparsity, score, filter_fn) -> PyTree:
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   names = [_name(p) for p, _ in flat]
-  keep_leaf = {n: filter_fn(n, x) for n, (_, x) in zip(names, flat)}
-  leaves = {n: x for n, (_, x) in zip(names, flat) if keep_leaf[n]}
-  gflat = None if grads is None else dict(zip(names, jax.tree.leaves(grads)))
+  keep_leaf = {n: filter_fn(n, x) for n, (_, x) in zip(names, flat, strict=True)}
+  leaves = {n: x for n, (_, x) in zip(names, flat, strict=True) if keep_leaf[n]}
+  gflat = None if grads is None else dict(zip(names, jax.tree.leaves(grads), strict=True))
   masks: dict = {}
   for group in groups:
     keep = _group_keep(group, leaves, gflat, sparsity, score)
@@ -582,7 +582,7 @@ def shrink(
   fn = _as_fn(model)
   trace = _trace(fn, params, args)
   flat_p, treedef = jax.tree.flatten(params)
-  mask_by_name = dict(zip(trace.names, treedef.flatten_up_to(masks)))
+  mask_by_name = dict(zip(trace.names, treedef.flatten_up_to(masks), strict=True))
   keep_by_root, sizes = {}, {}
   for root, group in trace.groups.items():
     masked = [(n, i) for n, i in group.members if mask_by_name.get(n) is not None]
@@ -605,7 +605,8 @@ def shrink(
     sizes[group.members[0]] = (group.size, int(kept.size))
   keep = _keep_nodes(trace, keep_by_root)
   invars = trace.closed.jaxpr.invars
-  small = [_slice(x, v, keep) for x, v in zip(flat_p, invars)]
+  # The invars are the params' then the inputs': zip stops at the params.
+  small = [_slice(x, v, keep) for x, v in zip(flat_p, invars, strict=False)]
   keep_by_member = {
     member: kept for root, kept in keep_by_root.items() for member in trace.groups[root].members
   }

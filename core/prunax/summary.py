@@ -65,10 +65,10 @@ def summarize_sparsity(
 
   every = named_leaves(tree)
   counted = [filter_fn(n, one_layer(n, x)) for n, x in every]
-  leaves = [leaf for leaf, c in zip(every, counted) if c]
+  leaves = [leaf for leaf, c in zip(every, counted, strict=True) if c]
   all_nz = jax.device_get([jnp.count_nonzero(x) for _, x in every])
   all_size = sum(int(np.size(x)) for _, x in every)
-  nonzero = [nz for nz, c in zip(all_nz, counted) if c]
+  nonzero = [nz for nz, c in zip(all_nz, counted, strict=True) if c]
   per_layer = jax.device_get(
     {
       n: jnp.count_nonzero(x, axis=tuple(i for i in range(np.ndim(x)) if i != layer_axes[n]))
@@ -78,7 +78,7 @@ def summarize_sparsity(
   )
   summary: dict[str, float] = {}
   total = total_nz = 0
-  for (name, x), nz in zip(leaves, nonzero):
+  for (name, x), nz in zip(leaves, nonzero, strict=True):
     size = int(np.size(x))
     total += size
     total_nz += int(nz)
@@ -125,12 +125,12 @@ def summarize_intersection(
   counts = jax.device_get(
     [
       (jnp.sum((a != 0) & (b != 0)), jnp.sum((a != 0) | (b != 0)), jnp.sum(a != 0))
-      for (_, a), (_, b) in zip(a_leaves, b_leaves)
+      for (_, a), (_, b) in zip(a_leaves, b_leaves, strict=True)
     ]
   )
   out: dict[str, float] = {}
   tot = np.zeros(3)
-  for (name, _), (inter, union, kept) in zip(a_leaves, counts):
+  for (name, _), (inter, union, kept) in zip(a_leaves, counts, strict=True):
     if not only_total_intersection:
       out[f'iou/{name}'] = float(inter / union) if union else 1.0
       out[f'kept_fraction/{name}'] = float(inter / kept) if kept else 1.0

@@ -98,7 +98,7 @@ class SNFS(SET):
     pruned = [i for i, m in enumerate(flat_old) if m is not None]
     olds = [selection.materialize(flat_old[i]) for i in pruned]
     kept, removed, stats, capacity = [], [], [], []
-    for i, old in zip(pruned, olds):
+    for i, old in zip(pruned, olds, strict=True):
       n_old = jnp.sum(old, dtype=jnp.int32)
       n_remove = jnp.ceil(fraction * n_old.astype(jnp.float32)).astype(jnp.int32)
       keep = selection.topk_mask(jnp.where(old, jnp.abs(flat_w[i]), -jnp.inf), n_old - n_remove)
@@ -112,7 +112,7 @@ class SNFS(SET):
     shares = jnp.where(jnp.sum(stats) > 0, stats, removed.astype(jnp.float32))
     grow = redistribute(jnp.sum(removed), shares, jnp.stack(capacity).astype(jnp.int32))
     out = list(flat_old)
-    for j, (i, keep) in enumerate(zip(pruned, kept)):
+    for j, (i, keep) in enumerate(zip(pruned, kept, strict=True)):
       grown = selection.topk_mask(jnp.where(keep, -jnp.inf, jnp.abs(flat_m[i])), grow[j])
       out[i] = keep | grown
     return treedef.unflatten(out)

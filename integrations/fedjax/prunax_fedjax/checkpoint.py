@@ -58,7 +58,7 @@ def restore_server_state(path: str | os.PathLike, template: PyTree) -> PyTree:
       f'state has {len(paths_and_expected)} leaves: it was saved for another '
       'model, algorithm or pruner.'
     )
-  for (key, expected), leaf in zip(paths_and_expected, leaves):
+  for (key, expected), leaf in zip(paths_and_expected, leaves, strict=True):
     expected = np.asarray(jax.device_get(expected))
     if leaf.shape != expected.shape or leaf.dtype != expected.dtype:
       raise ValueError(

@@ -185,7 +185,8 @@ def update_size(tree: PyTree, index_bytes: int = 4) -> dict[str, int]:
   nonzero = jax.device_get([jnp.count_nonzero(x) for x in leaves])
   dense = sum(int(np.size(x)) * np.dtype(x.dtype).itemsize for x in leaves)
   sparse = sum(
-    int(nz) * (np.dtype(x.dtype).itemsize + index_bytes) for x, nz in zip(leaves, nonzero)
+    int(nz) * (np.dtype(x.dtype).itemsize + index_bytes)
+    for x, nz in zip(leaves, nonzero, strict=True)
   )
   return {
     'dense_bytes': dense,

@@ -73,7 +73,7 @@ def summarize_intersection(
     )
   summary: dict[str, Any] = {}
   inter_total = ones_total = 0
-  for (name, a), (_, b) in zip(first, second):
+  for (name, a), (_, b) in zip(first, second, strict=True):
     if a is None:
       if not only_total_intersection:
         summary[name] = None
