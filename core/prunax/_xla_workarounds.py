@@ -107,8 +107,13 @@ def fused_masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
     The float32 sum of ``x``.
   """
   x = x.astype(jnp.float32).reshape(-1)
-  mask = mask.reshape(-1)
-  width = 16 if x.size % 16 == 0 else x.size
+  return two_output_sum(x, mask, width=16 if x.size % 16 == 0 else x.size)
+
+
+def two_output_sum(x: jax.Array, mask: jax.Array, width: int) -> jax.Array:
+  """``sum(x)`` as the sums inside and outside ``mask``, reduced in rows of ``width``
+  (a divisor of ``x.size``) and then over the row sums; :func:`fused_masked_sum` with
+  its row width given (``benchmarks/workarounds.py`` times it without the rows)."""
   x, mask = x.reshape(-1, width), mask.reshape(-1, width)
   zero = jnp.zeros_like(x)
   inside, outside = jax.lax.reduce(
