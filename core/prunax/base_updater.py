@@ -553,13 +553,15 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     sparsity type, or globally."""
     axes = self.layer_axes_tree(scores)
     if not self.is_global:
-      return jax.tree.map(
-        lambda s, x, a: None if s is None else self.leaf_mask(x, s, a),
-        sparsities,
-        scores,
-        axes,
-        is_leaf=_is_none,
-      )
+      # All leaves at once (sparsity_types.*.masks): one selection loop for unstructured.
+      flat_s, treedef = jax.tree.flatten(sparsities, is_leaf=_is_none)
+      pruned = [i for i, s in enumerate(flat_s) if s is not None]
+      flat_x, flat_a = treedef.flatten_up_to(scores), treedef.flatten_up_to(axes)
+      masks = self.sparsity_type.masks(*[[f[i] for i in pruned] for f in (flat_x, flat_s, flat_a)])
+      flat = [None] * len(flat_s)
+      for i, m in zip(pruned, masks, strict=True):
+        flat[i] = m
+      return treedef.unflatten(flat)
     # Leaves at the distribution's target share one threshold; custom-map entries with
     # another sparsity are pruned on their own (0.0 keeps a leaf dense).
     flat_s, treedef = jax.tree.flatten(sparsities, is_leaf=_is_none)

@@ -138,37 +138,45 @@ class SET(StaticRandomSparse):
     drop = self.drop_scores(params, sparse_state, grads)
     grow = self.grow_scores(params, sparse_state, grads)
 
-    def drop_and_grow(old, w, d, g, s):
+    def drop_and_grow(olds, ws, ds, gs, ss):
       # Masks stay at their target count (exact at init, drop and grow keep it).
-      n_active = w.size - sparsity_types.num_zeros(s, w.size)
+      n_active = [w.size - sparsity_types.num_zeros(s, w.size) for w, s in zip(ws, ss, strict=True)]
       # floor, as the reference (an int cast of the float product).
-      n_drop = jnp.floor(fraction * n_active).astype(jnp.int32)
-      # The old mask is unpacked inside each pass that reads it; the kept mask is stored
-      # as packed bits (1/32 of the weights' bytes), read by each pass of the grow search.
-      kept = selection.topk_mask(
-        selection.Lazy(_active_score, old, d), n_active - n_drop, lazy=True
+      n_drop = [jnp.floor(fraction * n).astype(jnp.int32) for n in n_active]
+      # One selection loop drops from every leaf, one grows in every leaf. The old masks
+      # are unpacked inside each pass that reads them; the kept masks are stored as packed
+      # bits (1/32 of the weights' bytes), read by each pass of the grow search.
+      kept = selection.topk_masks(
+        [selection.Lazy(_active_score, m, d) for m, d in zip(olds, ds, strict=True)],
+        [n - k for n, k in zip(n_active, n_drop, strict=True)],
+        lazy=True,
       )
-      kept = lazy_mask(pack_mask(selection.materialize(kept)), w.shape)
-      grown = selection.topk_mask(selection.Lazy(_inactive_score, kept, g), n_drop, lazy=True)
-      return selection.materialize(selection.Lazy(jnp.logical_or, kept, grown))
+      kept = [
+        lazy_mask(pack_mask(selection.materialize(k)), w.shape)
+        for k, w in zip(kept, ws, strict=True)
+      ]
+      grown = selection.topk_masks(
+        [selection.Lazy(_inactive_score, k, g) for k, g in zip(kept, gs, strict=True)],
+        n_drop,
+        lazy=True,
+      )
+      return [
+        selection.materialize(selection.Lazy(jnp.logical_or, k, g))
+        for k, g in zip(kept, grown, strict=True)
+      ]
 
-    def per_leaf(m, w, d, g, s, axis):
-      if m is None:
-        return None
-      if axis is None:
-        return drop_and_grow(m, w, d, g, s)
-      return selection.map_layers(lambda *x: drop_and_grow(*x, s), axis, m, w, d, g)
-
-    return jax.tree.map(
-      per_leaf,
-      old_masks,
-      params,
-      drop,
-      grow,
-      sparsities,
-      self.layer_axes_tree(params),
-      is_leaf=_is_none,
-    )
+    flat_m, treedef = jax.tree.flatten(old_masks, is_leaf=_is_none)
+    pruned = [i for i, m in enumerate(flat_m) if m is not None]
+    operands = [flat_m] + [
+      treedef.flatten_up_to(t)
+      for t in (params, drop, grow, sparsities, self.layer_axes_tree(params))
+    ]
+    *operands, axes = [[f[i] for i in pruned] for f in operands]
+    new = selection.map_layer_groups(drop_and_grow, axes, *operands)
+    flat = [None] * len(flat_m)
+    for i, m in zip(pruned, new, strict=True):
+      flat[i] = m
+    return treedef.unflatten(flat)
 
 
 @dataclasses.dataclass(frozen=True)
