@@ -528,74 +528,57 @@ def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
   ]
 
 
-def _sample_pivots_each(inputs: Sequence[Lazy], k: jax.Array) -> jax.Array:
-  """``(len(inputs), 5)`` thresholds: :func:`_sample_pivots` of every input on its own,
-  from one sort of their samples (each padded in front with the lowest key to one length)."""
-  samples = []
-  for x in inputs:
-    samples.append(sortable_keys(x.strided_sample(_sample_stride(x.size, [x.shape]))))
-  width = max(s.size for s in samples)
-  pad = jnp.array([width - s.size for s in samples], jnp.float32)
-  size = jnp.array([s.size for s in samples], jnp.float32)
-  n = jnp.array([x.size for x in inputs], jnp.float32)
-  sample = jnp.sort(jnp.stack([jnp.pad(s, (width - s.size, 0)) for s in samples]), axis=1)
-  q = (1.0 - k.astype(jnp.float32) / n) * size
-  sigma = jnp.sqrt(jnp.maximum(q * (1.0 - q / size), 1.0))
-  positions = pad[:, None] + q[:, None] + sigma[:, None] * jnp.array([-2.5, -0.75, 0.0, 0.75, 2.5])
-  positions = jnp.clip(
-    jnp.round(positions).astype(jnp.int32), pad[:, None].astype(jnp.int32), width - 1
-  )
-  return jnp.take_along_axis(sample, positions, axis=1)
-
-
-def _search_each(inputs, key_fn, k, first_pivots=None, closed=None):
+def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
   """:func:`_search` of every input on its own (its own ``k[i]``), in one ``while_loop``.
 
-  The loop state holds a bracket per input (vectors); every pass counts, in each input's
-  own buffers, the keys at or above its 5 pivots and narrows its bracket, until every
-  bracket is closed (a closed bracket no longer changes, so each input ends where its own
-  search would). ``first_pivots`` (``(len(inputs), 5)``) are the first pass's pivots, if
-  any; inputs where ``closed`` is True start closed (their result is ``(0, n, 0)``).
-  Returns the vectors ``(t, c_t, c_above)``.
+  The loop state holds a bracket per input; every pass counts, in each input's own
+  buffers, the keys at or above its 5 pivots and narrows its bracket, until every bracket
+  is closed (a closed bracket no longer changes, so each input ends where its own search
+  would). Each input's state is a separate scalar of the loop state and its pass reads
+  nothing of another input's, so the kernels of inputs of one shape are identical and XLA
+  compiles them once (a slice of a stacked state would put the input's index in them).
+  Inputs where ``closed[i]`` is True start closed (result ``(0, n, 0)``). Returns the
+  lists ``(t, c_t, c_above)``.
   """
-  n = jnp.array([x.size for x in inputs], jnp.int32)
-  lo = jnp.zeros(len(inputs), jnp.uint32)
-  hi = jnp.full(len(inputs), _MAX_KEY, jnp.uint32)
-  if closed is not None:
-    hi = jnp.where(closed, lo, hi)
-  narrow = jax.vmap(_narrow)
-  interpolated = jax.vmap(_interpolated_pivots)
+  closed = [False] * len(inputs) if closed is None else closed
+  first_pivots = [_sample_pivots([x], k_i, x.size) if sample else None for x, k_i in zip(inputs, k)]
 
-  def open_(bracket):
+  def open_(bracket, k_i):
     lo, hi, c_lo, _ = bracket
-    return (lo != hi) & (c_lo != k)
+    return (lo != hi) & (c_lo != k_i)
 
   def step(state):
-    bracket, first = state
-    lo, hi = bracket[0], bracket[1]
-    pivots = interpolated(bracket, k)
-    if first_pivots is not None:
-      pivots = jnp.where(first, first_pivots, pivots)
-    pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi)[:, None], hi[:, None])
-    counts = jnp.stack(
-      [
-        _count_at_least(key_fn(i, _loop_variant_lazy(x, pivots), pivots), pivots[i])
-        for i, x in enumerate(inputs)
-      ]
+    brackets, first = state
+    new = []
+    for i, (x, bracket, k_i) in enumerate(zip(inputs, brackets, k, strict=True)):
+      lo, hi = bracket[0], bracket[1]
+      pivots = _interpolated_pivots(bracket, k_i)
+      if first_pivots[i] is not None:
+        pivots = jnp.where(first, first_pivots[i], pivots)
+      pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi), hi)
+      counts = _count_at_least(key_fn(i, _loop_variant_lazy(x, pivots), pivots), pivots)
+      narrowed = _narrow(bracket, pivots, counts, k_i)
+      still = open_(bracket, k_i)
+      new.append(tuple(jnp.where(still, a, b) for a, b in zip(narrowed, bracket, strict=True)))
+    return new, jnp.bool_(False)
+
+  def any_open(state):
+    return jnp.any(jnp.stack([open_(b, k_i) for b, k_i in zip(state[0], k, strict=True)]))
+
+  brackets = [
+    (
+      jnp.uint32(0),
+      jnp.where(c, jnp.uint32(0), jnp.uint32(_MAX_KEY)),
+      jnp.int32(x.size),
+      jnp.int32(0),
     )
-    new = narrow(bracket, pivots, counts, k)
-    still = open_(bracket)
-    return tuple(jnp.where(still, a, b) for a, b in zip(new, bracket, strict=True)), jnp.bool_(
-      False
-    )
-
-  state = ((lo, hi, n, jnp.zeros(len(inputs), jnp.int32)), jnp.bool_(True))
-  state = jax.lax.while_loop(lambda s: jnp.any(open_(s[0])), step, state)
-  lo, _, c_lo, c_hi = state[0]
-  return lo, c_lo, c_hi
+    for x, c in zip(inputs, closed, strict=True)
+  ]
+  brackets, _ = jax.lax.while_loop(any_open, step, (brackets, jnp.bool_(True)))
+  return tuple(list(v) for v in zip(*[(b[0], b[2], b[3]) for b in brackets], strict=True))
 
 
-def _topk_masks_each(inputs: list[Lazy], k: jax.Array, keep: jax.Array) -> list[Lazy]:
+def _topk_masks_each(inputs: list[Lazy], k: list, keep: list) -> list[Lazy]:
   """Lazy masks of the ``k[i]`` largest scores of every input on its own (``1 <= k[i] <=
   size``), ties kept by lowest position; all False where ``keep[i]`` is False. One loop
   finds every threshold, and one more every tie cutoff (it runs no pass when no input has
@@ -605,7 +588,7 @@ def _topk_masks_each(inputs: list[Lazy], k: jax.Array, keep: jax.Array) -> list[
     del i, witness
     return sortable_keys(x.rows())
 
-  t, c_t, c_above = _search_each(inputs, score_keys, k, _sample_pivots_each(inputs, k))
+  t, c_t, c_above = _search_each(inputs, score_keys, k)
 
   def tie_keys(i, x, witness):
     # Among the keys equal to t, keep the k - c_above of lowest position: larger keys
@@ -615,7 +598,13 @@ def _topk_masks_each(inputs: list[Lazy], k: jax.Array, keep: jax.Array) -> list[
     return jnp.where(keys == t[i], jnp.uint32(_MAX_KEY) - position, 0)
 
   # Inputs with exactly k keys at or above t keep every key equal to t (cutoff 0).
-  t_tie = _search_each(inputs, tie_keys, k - c_above, closed=c_t == k)[0]
+  t_tie = _search_each(
+    inputs,
+    tie_keys,
+    [k_i - c for k_i, c in zip(k, c_above, strict=True)],
+    sample=False,
+    closed=[c == k_i for c, k_i in zip(c_t, k, strict=True)],
+  )[0]
   return [
     Lazy(_threshold_mask, x, t[i], t_tie[i], jnp.uint32(0), keep[i]) for i, x in enumerate(inputs)
   ]
@@ -656,8 +645,10 @@ def topk_masks(
   masks: list[Any] = [Lazy(lambda a: jnp.zeros(a.shape, bool), x) for x in inputs]
   chosen = [i for i, x in enumerate(inputs) if x.size]
   if chosen:
-    counts = jnp.stack([_clip_count(k[i], inputs[i].size) for i in chosen])
-    found = _topk_masks_each([inputs[i] for i in chosen], jnp.maximum(counts, 1), counts > 0)
+    counts = [_clip_count(k[i], inputs[i].size) for i in chosen]
+    found = _topk_masks_each(
+      [inputs[i] for i in chosen], [jnp.maximum(c, 1) for c in counts], [c > 0 for c in counts]
+    )
     for i, m in zip(chosen, found, strict=True):
       masks[i] = m
   return masks if lazy else [materialize(m) for m in masks]
