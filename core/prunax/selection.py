@@ -528,57 +528,71 @@ def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
   ]
 
 
+def _sample_pivots_each(inputs: Sequence[Lazy], k: jax.Array) -> jax.Array:
+  """``(len(inputs), 5)`` thresholds: :func:`_sample_pivots` of every input on its own,
+  from one sort of their samples (each padded in front with the lowest key to one length)."""
+  samples = [sortable_keys(x.strided_sample(_sample_stride(x.size, [x.shape]))) for x in inputs]
+  width = max(s.size for s in samples)
+  pad = jnp.array([width - s.size for s in samples], jnp.int32)
+  size = jnp.array([s.size for s in samples], jnp.float32)
+  n = jnp.array([x.size for x in inputs], jnp.float32)
+  sample = jnp.sort(jnp.stack([jnp.pad(s, (width - s.size, 0)) for s in samples]), axis=1)
+  q = (1.0 - k.astype(jnp.float32) / n) * size
+  sigma = jnp.sqrt(jnp.maximum(q * (1.0 - q / size), 1.0))
+  offsets = jnp.array([-2.5, -0.75, 0.0, 0.75, 2.5])
+  positions = jnp.round(q[:, None] + sigma[:, None] * offsets).astype(jnp.int32) + pad[:, None]
+  positions = jnp.clip(positions, pad[:, None], width - 1)
+  return jnp.take_along_axis(sample, positions, axis=1)
+
+
 def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
   """:func:`_search` of every input on its own (its own ``k[i]``), in one ``while_loop``.
 
-  The loop state holds a bracket per input; every pass counts, in each input's own
-  buffers, the keys at or above its 5 pivots and narrows its bracket, until every bracket
-  is closed (a closed bracket no longer changes, so each input ends where its own search
-  would). Each input's state is a separate scalar of the loop state and its pass reads
-  nothing of another input's, so the kernels of inputs of one shape are identical and XLA
-  compiles them once (a slice of a stacked state would put the input's index in them).
-  Inputs where ``closed[i]`` is True start closed (result ``(0, n, 0)``). Returns the
-  lists ``(t, c_t, c_above)``.
+  The loop state holds a bracket per input (vectors, narrowed by one vectorised
+  computation for all inputs); every pass counts, in each input's own buffers, the keys
+  at or above its 5 pivots, until every bracket is closed (a closed bracket no longer
+  changes, so each input ends where its own search would). Input ``i`` reads its row of
+  the pivots at ``i``, an index XLA cannot fold, so the counting kernels of inputs
+  of one shape are identical and compiled once. Inputs where ``closed`` is True start
+  closed (result ``(0, n, 0)``). Returns the vectors ``(t, c_t, c_above)``.
   """
-  closed = [False] * len(inputs) if closed is None else closed
-  first_pivots = [_sample_pivots([x], k_i, x.size) if sample else None for x, k_i in zip(inputs, k)]
+  n = jnp.array([x.size for x in inputs], jnp.int32)
+  lo = jnp.zeros(len(inputs), jnp.uint32)
+  hi = jnp.full(len(inputs), _MAX_KEY, jnp.uint32)
+  if closed is not None:
+    hi = jnp.where(closed, lo, hi)
+  first_pivots = _sample_pivots_each(inputs, k) if sample else None
+  narrow = jax.vmap(_narrow)
+  interpolated = jax.vmap(_interpolated_pivots)
 
-  def open_(bracket, k_i):
+  def open_(bracket):
     lo, hi, c_lo, _ = bracket
-    return (lo != hi) & (c_lo != k_i)
+    return (lo != hi) & (c_lo != k)
 
   def step(state):
-    brackets, first = state
-    new = []
-    for i, (x, bracket, k_i) in enumerate(zip(inputs, brackets, k, strict=True)):
-      lo, hi = bracket[0], bracket[1]
-      pivots = _interpolated_pivots(bracket, k_i)
-      if first_pivots[i] is not None:
-        pivots = jnp.where(first, first_pivots[i], pivots)
-      pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi), hi)
-      counts = _count_at_least(key_fn(i, _loop_variant_lazy(x, pivots), pivots), pivots)
-      narrowed = _narrow(bracket, pivots, counts, k_i)
-      still = open_(bracket, k_i)
-      new.append(tuple(jnp.where(still, a, b) for a, b in zip(narrowed, bracket, strict=True)))
-    return new, jnp.bool_(False)
-
-  def any_open(state):
-    return jnp.any(jnp.stack([open_(b, k_i) for b, k_i in zip(state[0], k, strict=True)]))
-
-  brackets = [
-    (
-      jnp.uint32(0),
-      jnp.where(c, jnp.uint32(0), jnp.uint32(_MAX_KEY)),
-      jnp.int32(x.size),
-      jnp.int32(0),
+    bracket, first = state
+    lo, hi = bracket[0], bracket[1]
+    pivots = interpolated(bracket, k)
+    if first_pivots is not None:
+      pivots = jnp.where(first, first_pivots, pivots)
+    pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi)[:, None], hi[:, None])
+    counts = []
+    for i, x in enumerate(inputs):
+      p = _xla_workarounds.leaf_row(pivots, i)
+      counts.append(_count_at_least(key_fn(i, _loop_variant_lazy(x, p), p), p))
+    new = narrow(bracket, pivots, jnp.stack(counts), k)
+    still = open_(bracket)
+    return tuple(jnp.where(still, a, b) for a, b in zip(new, bracket, strict=True)), jnp.bool_(
+      False
     )
-    for x, c in zip(inputs, closed, strict=True)
-  ]
-  brackets, _ = jax.lax.while_loop(any_open, step, (brackets, jnp.bool_(True)))
-  return tuple(list(v) for v in zip(*[(b[0], b[2], b[3]) for b in brackets], strict=True))
+
+  state = ((lo, hi, n, jnp.zeros(len(inputs), jnp.int32)), jnp.bool_(True))
+  state = jax.lax.while_loop(lambda s: jnp.any(open_(s[0])), step, state)
+  lo, _, c_lo, c_hi = state[0]
+  return lo, c_lo, c_hi
 
 
-def _topk_masks_each(inputs: list[Lazy], k: list, keep: list) -> list[Lazy]:
+def _topk_masks_each(inputs: list[Lazy], k: jax.Array, keep: jax.Array) -> list[Lazy]:
   """Lazy masks of the ``k[i]`` largest scores of every input on its own (``1 <= k[i] <=
   size``), ties kept by lowest position; all False where ``keep[i]`` is False. One loop
   finds every threshold, and one more every tie cutoff (it runs no pass when no input has
@@ -595,18 +609,20 @@ def _topk_masks_each(inputs: list[Lazy], k: list, keep: list) -> list[Lazy]:
     # for earlier positions, 0 off the tie (as in _topk_masks).
     keys = score_keys(i, x)
     position = _flat_index(keys.shape, witness)
-    return jnp.where(keys == t[i], jnp.uint32(_MAX_KEY) - position, 0)
+    return jnp.where(keys == _xla_workarounds.leaf_row(t, i), jnp.uint32(_MAX_KEY) - position, 0)
 
   # Inputs with exactly k keys at or above t keep every key equal to t (cutoff 0).
-  t_tie = _search_each(
-    inputs,
-    tie_keys,
-    [k_i - c for k_i, c in zip(k, c_above, strict=True)],
-    sample=False,
-    closed=[c == k_i for c, k_i in zip(c_t, k, strict=True)],
-  )[0]
+  t_tie = _search_each(inputs, tie_keys, k - c_above, sample=False, closed=c_t == k)[0]
   return [
-    Lazy(_threshold_mask, x, t[i], t_tie[i], jnp.uint32(0), keep[i]) for i, x in enumerate(inputs)
+    Lazy(
+      _threshold_mask,
+      x,
+      _xla_workarounds.leaf_row(t, i),
+      _xla_workarounds.leaf_row(t_tie, i),
+      jnp.uint32(0),
+      _xla_workarounds.leaf_row(keep, i),
+    )
+    for i, x in enumerate(inputs)
   ]
 
 
@@ -645,10 +661,8 @@ def topk_masks(
   masks: list[Any] = [Lazy(lambda a: jnp.zeros(a.shape, bool), x) for x in inputs]
   chosen = [i for i, x in enumerate(inputs) if x.size]
   if chosen:
-    counts = [_clip_count(k[i], inputs[i].size) for i in chosen]
-    found = _topk_masks_each(
-      [inputs[i] for i in chosen], [jnp.maximum(c, 1) for c in counts], [c > 0 for c in counts]
-    )
+    counts = jnp.stack([_clip_count(k[i], inputs[i].size) for i in chosen])
+    found = _topk_masks_each([inputs[i] for i in chosen], jnp.maximum(counts, 1), counts > 0)
     for i, m in zip(chosen, found, strict=True):
       masks[i] = m
   return masks if lazy else [materialize(m) for m in masks]
