@@ -24,6 +24,12 @@ ones with the lowest flat (row-major) index are kept, and for several tensors
 (:func:`global_topk_masks`) the leaves are taken in pytree order. That case (the threshold
 value is shared by more elements than are needed) runs a second search of the same kind on
 the positions of the tied elements: no cumulative sum, no sort.
+
+Many arrays each pruned on its own (per-leaf pruning, SET/RigL's drops and grows) share
+one search (:func:`topk_masks`): the loop state holds a bracket per array and each pass
+counts in every array's own buffers, so a step compiles one threshold loop and one
+tie-break loop however many leaves it prunes (:func:`map_layer_groups`: one pair per
+number of layers of stacked leaves).
 """
 
 from __future__ import annotations
@@ -297,7 +303,7 @@ def _vmap_layers(fn: Callable[..., list], axes: Sequence[int], lists: Sequence[l
             'given with packed arguments; put the layer axis first.'
           )
         x.map_arrays(collect(leaf))
-      elif isinstance(x, jax.Array | jax.core.Tracer) or hasattr(x, 'dtype'):
+      elif hasattr(x, 'dtype'):  # an array (else a Python value, passed as it is)
         collect(leaf)(x)
 
   def rebuild(x, leaf, it):
@@ -307,7 +313,7 @@ def _vmap_layers(fn: Callable[..., list], axes: Sequence[int], lists: Sequence[l
       return Lazy(
         x.fn, *args, shape=None if x._shape is None else shape, sample=x._sample, rows=x._rows
       )
-    if isinstance(x, jax.Array | jax.core.Tracer) or hasattr(x, 'dtype'):
+    if hasattr(x, 'dtype'):
       return next(it)
     return x
 
@@ -552,8 +558,8 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
   computation for all inputs); every pass counts, in each input's own buffers, the keys
   at or above its 5 pivots, until every bracket is closed (a closed bracket no longer
   changes, so each input ends where its own search would). Input ``i`` reads its row of
-  the pivots at ``i``, an index XLA cannot fold, so the counting kernels of inputs
-  of one shape are identical and compiled once. Inputs where ``closed`` is True start
+  the pivots through ``_xla_workarounds.leaf_row``, so the counting kernels of inputs of
+  one shape are identical and compiled once. Inputs where ``closed`` is True start
   closed (result ``(0, n, 0)``). Returns the vectors ``(t, c_t, c_above)``.
   """
   n = jnp.array([x.size for x in inputs], jnp.int32)
@@ -582,9 +588,8 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
       counts.append(_count_at_least(key_fn(i, _loop_variant_lazy(x, p), p), p))
     new = narrow(bracket, pivots, jnp.stack(counts), k)
     still = open_(bracket)
-    return tuple(jnp.where(still, a, b) for a, b in zip(new, bracket, strict=True)), jnp.bool_(
-      False
-    )
+    bracket = tuple(jnp.where(still, a, b) for a, b in zip(new, bracket, strict=True))
+    return bracket, jnp.bool_(False)
 
   state = ((lo, hi, n, jnp.zeros(len(inputs), jnp.int32)), jnp.bool_(True))
   state = jax.lax.while_loop(lambda s: jnp.any(open_(s[0])), step, state)
