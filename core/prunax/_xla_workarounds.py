@@ -106,7 +106,9 @@ def after(tree: Any, deps: Any) -> Any:
   Returns:
     ``tree`` with the same values (``g + 0``; a ``-0.0`` becomes ``+0.0``).
   """
-  zero = sum(jnp.minimum(jnp.abs(d), 0).astype(jnp.float32) for d in jax.tree.leaves(deps))
+  # Each leaf reduced to a scalar: leaves of different shapes (per-layer thresholds of
+  # stacked leaves of different ranks) must not broadcast against each other.
+  zero = sum(jnp.min(jnp.minimum(jnp.abs(d), 0)).astype(jnp.float32) for d in jax.tree.leaves(deps))
   return jax.tree.map(lambda g: g + zero.astype(g.dtype), tree)
 
 
