@@ -214,7 +214,7 @@ def test_autosparse_saves_soft_thresholded_params(runs):
   assert pruned
   for name, (param, mask) in pruned.items():
     dense = state['state/param_states/algorithm_state/dense_params/' + name]
-    s = state['state/param_states/thresholds/' + name]
+    s = state['state/param_states/algorithm_state/thresholds/' + name]
     threshold = 1.0 / (1.0 + np.exp(-np.float32(s)))
     expected = np.sign(dense) * np.maximum(np.abs(dense) - threshold, 0.0)
     np.testing.assert_allclose(param, expected, rtol=1e-5, atol=1e-7)
