@@ -263,6 +263,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       sparsities = dist(params, self.sparsity, layer_axes=axes)
     else:
       sparsities = dist(params, self.sparsity)
+    _check_like_params(sparsities, params, dist)
     for (name, s), (_, leaf) in zip(
       sparsity_distributions.named_leaves(sparsities, is_leaf=is_none),
       sparsity_distributions.named_leaves(params),
@@ -513,6 +514,24 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     )
     sparse = map_masked(lambda m, p: jnp.where(m, p, 0).astype(p.dtype), masks, params)
     return sparse, masks
+
+
+def _check_like_params(sparsities: PyTree, params: PyTree, dist: Any) -> None:
+  """Raises ValueError, naming the leaves, if a distribution's tree of sparsities does not
+  have a leaf (a sparsity or None) for every leaf of ``params``, and no other."""
+  want = [name for name, _ in sparsity_distributions.named_leaves(params)]
+  got = [name for name, _ in sparsity_distributions.named_leaves(sparsities, is_leaf=is_none)]
+  if got != want:
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    problems = [f'it has none for {missing}'] if missing else []
+    problems += [f'it has entries {extra} that are no parameter'] if extra else []
+    raise ValueError(
+      f'The sparsity distribution {dist!r} must return a tree like the params, with a '
+      'sparsity (or None: not pruned) for every parameter; '
+      + ('; '.join(problems) or f'its leaves are {got}, in another order or structure')
+      + f' (parameters: {want}).'
+    )
 
 
 def _freeze_packing(value: Any, name: str) -> bool | tuple[tuple[str, bool], ...]:
