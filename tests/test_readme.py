@@ -52,6 +52,36 @@ def test_readme_examples_run_and_do_what_they_say():
         assert not jnp.any(jnp.where(masks[name]['kernel'], 0, kernel))
     if index == 1:  # "2:4 sparsity is 1 - n/m = 0.5 on every pruned leaf"
       _check_nm_pruner(namespace['nm_pruner'], params)
+    if 'ema_state' in namespace and 'ema_checked' not in namespace:
+      _check_ema_pruner(namespace)
+      namespace['ema_checked'] = True
+  assert 'ema_checked' in namespace, 'the README lost its algorithm-writing example'
+
+
+def _check_ema_pruner(ns):
+  """The README's algorithm with its own state: the EMA of |g| it keeps is the formula's,
+  it is carried in SparseState.algorithm_state, and one threshold over both kernels keeps
+  exactly half of their weights by |w| * EMA."""
+  state = prunax.get_sparse_state(ns['ema_state'])
+  assert type(state.algorithm_state).__name__ == 'GradEma'
+  # Three steps of e <- 0.9 e + 0.1 |g| from 0 with |g| = 1: 1 - 0.9 ** 3.
+  ema = state.algorithm_state.ema['Dense_0']['kernel']
+  assert jnp.allclose(ema, 1 - 0.9**3)
+  assert isinstance(state.algorithm_state.ema['Dense_0']['bias'], optax.MaskedNode)
+  masks = prunax.bool_masks(ns['ema_state'], ns['ema_params'])
+  kernels = [masks[n]['kernel'] for n in ('Dense_0', 'Dense_1')]
+  total = sum(k.size for k in kernels)
+  assert sum(int((~k).sum()) for k in kernels) == total // 2
+  # The pruned weights are those of smallest |w| (EMA equal everywhere) over both layers,
+  # from the weights of the mask-update step (the params after two sgd steps).
+  seen = ns['params']
+  scores = jnp.concatenate(
+    [jnp.abs(seen[n]['kernel'] - 0.02).reshape(-1) for n in ('Dense_0', 'Dense_1')]
+  )
+  threshold = jnp.sort(scores)[total // 2]
+  flat = jnp.concatenate([k.reshape(-1) for k in kernels])
+  assert bool(jnp.all(jnp.where(scores > threshold, flat, True)))
+  assert bool(jnp.all(jnp.where(scores < threshold, ~flat, True)))
 
 
 def _check_nm_pruner(nm_pruner, params):

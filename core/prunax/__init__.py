@@ -3,9 +3,11 @@
 from prunax import annealing
 from prunax import api
 from prunax import compat
+from prunax import engines
 from prunax import export
 from prunax import flops
 from prunax import lottery
+from prunax import masks
 from prunax import oneshot
 from prunax import pruning_at_init
 from prunax import selection
@@ -14,6 +16,9 @@ from prunax import sparse_inference
 from prunax import sparsity_distributions
 from prunax import sparsity_schedules
 from prunax import sparsity_types
+from prunax import state
+from prunax import strategies
+from prunax import tree_util
 from prunax.algorithms import ACDC
 from prunax.algorithms import MEST
 from prunax.algorithms import NMSET
@@ -140,4 +145,9 @@ __all__ = [
   'NMRigL',
   'NMSET',
   'SNFS',
+  'engines',
+  'masks',
+  'state',
+  'strategies',
+  'tree_util',
 ]

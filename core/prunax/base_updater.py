@@ -1,384 +1,79 @@
-"""The pruning engine: a self-sufficient Optax wrapper and the base class of algorithms.
+"""The base class of algorithms: what an algorithm is made of, and its hooks.
 
 ``tx = updater.wrap_optax(inner)`` returns a transformation whose updates, applied with
 ``optax.apply_updates``, leave the params exactly as sparse as the algorithm says, with no
-other call. For a step with gradients ``g`` at params ``p`` (the params the model saw):
+other call (see :mod:`prunax.engines` for what a step does). An algorithm is a frozen
+dataclass composed of:
 
-1. The inner optimizer runs on the masked gradients ``g * m`` (dense gradients for STE),
-   giving ``u``. For masked training its per-weight state (moments) of inactive weights is
-   held at the inner optimizer's initial value: it is reset under ``m`` as the optimizer
-   reads it, so a weight that becomes active again starts with fresh moments. STE-style
-   algorithms train every dense weight, so their moments are never reset.
-2. On a mask-update step of the schedule, new masks ``m'`` are computed from the weights
-   the model saw, ``p`` (zero outside ``m`` after any wrapped step; a weight that is not
-   is removed by step 3 anyway), and the raw gradients ``g``. This runs inside a ``lax.cond``
-   that reads only the step's inputs, so steps without an update stay one fused
-   elementwise pass over the params (the optimizer's own), plus a read of the masks.
-3. The returned updates are ``where(m' & m, u, -p)``, so ``p + update`` is ``p + u`` where a
-   weight stays and exactly 0 elsewhere (new connections of SET/RigL start at zero).
-   STE-style algorithms run the optimizer on dense weights ``d`` kept in the state,
-   recompute ``m'`` from ``d + u`` at every step, return ``where(m', d + u, 0) - p`` and
-   store ``d + u``.
+* an ``engine`` (:func:`prunax.engines.masked_training` or
+  :func:`prunax.engines.straight_through`), the optax ``init``/``update`` pair;
+* a ``selection_strategy`` (:class:`prunax.strategies.PerLeaf` or
+  :class:`prunax.strategies.GlobalThreshold`), how scores become masks;
+* its hooks (:meth:`BaseUpdater.calculate_scores`, :meth:`BaseUpdater.compute_masks`,
+  :meth:`BaseUpdater.init_masks`) and its own state
+  (:meth:`BaseUpdater.init_algorithm_state`).
 
-Scores are :class:`prunax.selection.Lazy` where they are elementwise functions of
-buffers (``|w|``, ``|w * g|``, hashed random scores), so the selection recomputes them in
-each pass and a mask update adds no full-size score array to memory.
-
-All state (masks, step counter, RNG key, dense weights) lives in :class:`SparseState`, so
-hosts checkpoint, replicate and shard it like any optimizer state.
+Mask storage lives in :mod:`prunax.masks`, the optimizer state in :mod:`prunax.state`;
+their names are importable from here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
-import re
 import warnings
-from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental.shard_alike import shard_alike
 
 from prunax import _checks
 from prunax import _xla_workarounds
+from prunax import engines
 from prunax import layers
+from prunax import masks as masks_lib
 from prunax import selection
 from prunax import sparsity_distributions
 from prunax import sparsity_schedules
 from prunax import sparsity_types
+from prunax import strategies
 from prunax.compat import updater_args
+from prunax.masks import apply_mask
+from prunax.masks import last_axis_shards
+from prunax.masks import lazy_mask
+from prunax.masks import lazy_masks
+from prunax.masks import pack_mask
+from prunax.masks import packing_aligned
+from prunax.masks import unpack_mask
+from prunax.masks import unpack_masks
+from prunax.state import SparseState
+from prunax.state import bool_masks
+from prunax.state import get_sparse_state
+from prunax.tree_util import is_none
+from prunax.tree_util import is_unpruned
+from prunax.tree_util import map_masked
+from prunax.tree_util import to_stored
 
 PyTree = Any
 
-
-class SparseState(NamedTuple):
-  """Optimizer state of a wrapped transformation.
-
-  It holds arrays only: a leaf that is not pruned, and a field an algorithm does not use,
-  is an ``optax.MaskedNode()`` (an empty node, as in ``optax.masked`` states), never
-  ``None``, so every checkpointer (orbax, t5x, flax serialization) saves and restores it.
-
-  Attributes:
-    inner_state: state of the wrapped optax transformation.
-    masks: tree like params; 1-bit keep-masks packed along the last axis (by
-      :func:`pack_mask`, in byte blocks that shard like the param) or one uint8 per weight
-      with ``packed_masks=False``; ``MaskedNode()`` for leaves that are not pruned.
-    count: int32 number of updates done.
-    rng: uint32 PRNG key data of shape (2,) (the key is folded with ``count`` when used).
-    dense_params: the dense weights of STE-style algorithms (``MaskedNode()`` at leaves
-      that are not pruned), else ``MaskedNode()``.
-    thresholds: per-leaf learnable thresholds (AutoSparse), else ``MaskedNode()``.
-    aux: per-step statistics an algorithm keeps (SNFS: momentum of the gradients), else
-      ``MaskedNode()``; see :meth:`BaseUpdater.update_aux`.
-    threshold_state: state of the wrapped transformation for the thresholds (AutoSparse
-      trains them with the weights' optimizer), else ``MaskedNode()``.
-  """
-
-  inner_state: Any
-  masks: Any
-  count: jax.Array
-  rng: jax.Array
-  dense_params: Any = None
-  thresholds: Any = None
-  aux: Any = None
-  threshold_state: Any = None
-
-
-def _is_none(x) -> bool:
-  return x is None
-
-
-def is_unpruned(x) -> bool:
-  """Whether a leaf of a masks tree marks a leaf that is not pruned (None or MaskedNode)."""
-  return x is None or isinstance(x, optax.MaskedNode)
-
-
-def _to_stored(tree: PyTree) -> PyTree:
-  """``tree`` with its None leaves (or itself, if None) as ``optax.MaskedNode()``."""
-  if tree is None:
-    return optax.MaskedNode()
-  return jax.tree.map(lambda x: optax.MaskedNode() if x is None else x, tree, is_leaf=_is_none)
-
-
-def _from_stored(tree: PyTree) -> PyTree:
-  """Inverse of :func:`_to_stored`: ``MaskedNode`` leaves (or the whole field) as None."""
-  if isinstance(tree, optax.MaskedNode):
-    return None
-  return jax.tree.map(lambda x: None if is_unpruned(x) else x, tree, is_leaf=is_unpruned)
-
-
-def _unstored(state: SparseState) -> SparseState:
-  """The state with None for what is not there (the form the algorithms read)."""
-  return state._replace(
-    masks=_from_stored(state.masks),
-    dense_params=_from_stored(state.dense_params),
-    thresholds=_from_stored(state.thresholds),
-    aux=_from_stored(state.aux),
-    # An optax state is kept as it is (its MaskedNode entries belong to it).
-    threshold_state=None
-    if isinstance(state.threshold_state, optax.MaskedNode)
-    else state.threshold_state,
-  )
-
-
-def _stored(state: SparseState) -> SparseState:
-  return state._replace(
-    masks=_to_stored(state.masks),
-    dense_params=_to_stored(state.dense_params),
-    thresholds=_to_stored(state.thresholds),
-    aux=_to_stored(state.aux),
-    threshold_state=optax.MaskedNode() if state.threshold_state is None else state.threshold_state,
-  )
-
-
-def map_masked(fn: Callable[..., Any], masks: PyTree, *trees: PyTree) -> PyTree:
-  """``fn(mask, *leaves)`` on pruned leaves; elsewhere the leaf of ``trees[0]`` passes through.
-
-  Args:
-    fn: function of a mask leaf and the matching leaves of ``trees``.
-    masks: tree whose leaves are masks or None.
-    *trees: trees with the structure of params.
-
-  Returns:
-    A tree like ``trees[0]``.
-  """
-
-  def apply(m, *xs):
-    if m is None:
-      return xs[0] if xs else None
-    return fn(m, *xs)
-
-  return jax.tree.map(apply, masks, *trees, is_leaf=_is_none)
-
-
-def _is_erk(dist) -> bool:
-  fn = getattr(dist, 'fn', dist)
-  return fn is sparsity_distributions.erk
-
-
-def _pruned_only(masks: PyTree, tree: PyTree) -> PyTree:
-  """``tree`` with None at the leaves that are not pruned."""
-  return jax.tree.map(lambda m, x: None if m is None else x, masks, tree, is_leaf=_is_none)
-
-
-def get_sparse_state(opt_state: PyTree) -> SparseState:
-  """Finds the (first) :class:`SparseState` inside a nested optimizer state."""
-  found = []
-
-  def visit(x):
-    if isinstance(x, SparseState) and not found:
-      found.append(x)
-    return isinstance(x, SparseState)
-
-  jax.tree_util.tree_flatten(opt_state, is_leaf=visit)
-  if not found:
-    raise ValueError(
-      'No prunax SparseState found in the optimizer state; was the optimizer '
-      'built with updater.wrap_optax(...)?'
-    )
-  return found[0]
-
-
-# Bit of element e (0..31) of a row of 32 in the little-endian uint32 word of its 4 packed
-# bytes: byte e // 8, most significant bit first (numpy's packbits order).
-_ROW_SHIFTS = np.array([8 * (e // 8) + 7 - e % 8 for e in range(32)], np.uint32)
-
-# The last axis of a mask is packed in gcd(d, _PACK_BLOCKS) blocks, each to whole bytes, so
-# that every split of it into 2, 4 or 8 equal shards falls on byte boundaries: a packed mask
-# shards like its param (same PartitionSpec, each device packs its own weights).
-_PACK_BLOCKS = 8
-
-
-def _pack_blocks(d: int) -> tuple[int, int]:
-  """``(blocks, weights per block)`` of the packed layout of a last axis of ``d`` weights.
-
-  Blocks of a multiple of 8 weights pack to the same bits as the whole axis, so such axes
-  are one block (numpy's ``packbits``).
-  """
-  blocks = math.gcd(d, _PACK_BLOCKS) if d else 1
-  if (d // blocks) % 8 == 0:
-    return 1, d
-  return blocks, d // blocks
-
-
-def pack_mask(mask: jax.Array) -> jax.Array:
-  """Packs a boolean mask into uint8 bits along its last axis.
-
-  The last axis (``d`` weights) is cut into ``b = gcd(d, 8)`` equal blocks and each block
-  is packed by numpy's ``packbits`` (most significant bit first, the block's last byte
-  padded with zeros), giving shape ``(..., b * ceil(d / (8 * b)))``. When ``d / b`` is a
-  multiple of 8 this is ``packbits`` of the whole axis. The blocks make the packing
-  shard-local: a split of the last axis into 2, 4 or 8 shards (or another split that
-  :func:`packing_aligned` accepts) is a split of the packed bytes, so the packed mask
-  takes its param's sharding and is the same whatever the sharding. When the last axis
-  holds a multiple of 32 weights in one block, they are packed 32 at a time into a uint32
-  word, which keeps the packing a plain loop over rows of the flat mask.
-  """
-  mask = mask.astype(bool)
-  shape = jnp.shape(mask)
-  if not shape:
-    return jnp.packbits(mask, axis=-1)
-  blocks, width = _pack_blocks(shape[-1])
-  if blocks > 1:
-    packed = jnp.packbits(mask.reshape(shape[:-1] + (blocks, width)), axis=-1)
-    return packed.reshape(shape[:-1] + (blocks * packed.shape[-1],))
-  if not _one_block_of_words(shape[-1]):
-    return jnp.packbits(mask, axis=-1)
-  # Only the last axis is split, so the packed mask keeps the mask's sharding.
-  bits = mask.reshape(shape[:-1] + (shape[-1] // 32, 32)).astype(jnp.uint32) << _ROW_SHIFTS
-  words = jnp.sum(bits, axis=-1, dtype=jnp.uint32)  # distinct bits: the sum is an OR
-  packed = jax.lax.bitcast_convert_type(words, jnp.uint8)  # (..., d // 32, 4), little-endian
-  return packed.reshape(shape[:-1] + (shape[-1] // 8,))
-
-
-def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Inverse of :func:`pack_mask` for a parameter of ``shape``; returns a bool mask."""
-  shape = tuple(shape)
-  blocks, width = _pack_blocks(shape[-1])
-  if width == 1:
-    # One weight per byte (a last axis of 1, 2, 4 or 8): the packed mask has the param's
-    # shape, as a uint8 mask does, and either is nonzero exactly where a weight is kept.
-    return (packed != 0).reshape(shape)
-  packed = packed.reshape(shape[:-1] + (blocks, -1))
-  return jnp.unpackbits(packed, axis=-1, count=width).astype(bool).reshape(shape)
-
-
-def _packed_bits_at(packed: jax.Array, shape: tuple[int, ...], stride: int) -> jax.Array:
-  """Bits of every ``stride``-th weight (flat order) of a mask packed by :func:`pack_mask`."""
-  d = shape[-1]
-  _, width = _pack_blocks(d)
-  flat = jnp.arange(0, math.prod(shape), stride)
-  row, col = flat // d, flat % d
-  at = col % width  # position in its block; each block starts a byte
-  byte = packed.reshape(-1, packed.shape[-1])[row, (col // width) * -(-width // 8) + at // 8]
-  return ((byte >> (7 - at % 8).astype(jnp.uint8)) & 1).astype(bool)
-
-
-def packing_aligned(d: int, shards: int) -> bool:
-  """Whether a last axis of ``d`` weights split into ``shards`` equal parts splits its
-  packed mask (:func:`pack_mask`) into equal parts holding the same weights.
-
-  True for 2, 4 and 8 shards of any axis and e.g. 3 shards of 64 weights; false e.g. for
-  3 shards of 25 weights, or of 16 weights of an axis of 48 (packed in 8 blocks of 6).
-  A packed mask of an unaligned split cannot be sharded like its param; such masks are
-  stored unpacked (``packed_masks``).
-  """
-  if shards <= 1:
-    return True
-  if d % shards:
-    return False
-  blocks, width = _pack_blocks(d)
-  block_bytes = -(-width // 8)
-  n_bytes = blocks * block_bytes
-  if n_bytes % shards:
-    return False
-  for j in range(1, shards):
-    start = j * d // shards  # first weight of shard j: it must start byte j * n_bytes / shards
-    if (start % width) % 8 or (start // width) * block_bytes + (start % width) // 8 != (
-      j * n_bytes // shards
-    ):
-      return False
-  return True
-
-
-def last_axis_shards(param: Any) -> int:
-  """Into how many parts the sharding of a placed array splits its last axis (1 if it
-  is not split, not placed, or 0-d)."""
-  sharding = getattr(param, 'sharding', None)
-  shape = np.shape(param)
-  if sharding is None or not shape or not shape[-1]:
-    return 1
-  try:
-    shard = sharding.shard_shape(shape)[-1]
-  except (ValueError, TypeError):  # a layout jax cannot describe per shard
-    return 1
-  return max(1, shape[-1] // max(shard, 1))
-
-
-def _one_block_of_words(d: int) -> bool:
-  """Whether a last axis of ``d`` weights packs as one block of uint32 words."""
-  return _pack_blocks(d)[0] == 1 and d % 32 == 0
-
-
-def _packed_rows(packed: jax.Array) -> jax.Array:
-  """A packed mask of one block of a multiple of 32 weights, as bool ``(n // 32, 32)``."""
-  words = jax.lax.bitcast_convert_type(packed.reshape(-1, 4), jnp.uint32)
-  return ((words[:, None] >> _ROW_SHIFTS) & 1).astype(bool)
-
-
-def _shard_like_param(stored: jax.Array, param: jax.Array) -> jax.Array:
-  """``stored`` (a mask of ``param``: uint8, or packed by :func:`pack_mask`), constrained
-  under ``jit`` to be sharded like ``param`` (through a view of the param with one
-  weight per packed byte, which has the packed shape)."""
-  shape = jnp.shape(param)
-  if stored.shape != shape:
-    blocks, width = _pack_blocks(shape[-1])
-    if width % 8 == 0:  # one block of whole bytes: split the axis, not a slice of it
-      param = param.reshape(shape[:-1] + (width // 8, 8))[..., 0]
-    else:
-      param = param.reshape(shape[:-1] + (blocks, width))[..., ::8]
-    param = param.reshape(stored.shape)
-  return shard_alike(param, stored)[1]
-
-
-def lazy_masks(masks: PyTree, params: PyTree) -> PyTree:
-  """Stored masks as :class:`prunax.selection.Lazy` boolean masks (None stays None).
-
-  Unpacking then happens inside whatever reads them (a selection pass, an elementwise
-  update), so no unpacked copy is stored.
-  """
-  return jax.tree.map(
-    lambda m, p: None if is_unpruned(m) else lazy_mask(m, jnp.shape(p)),
-    masks,
-    params,
-    is_leaf=is_unpruned,
-  )
-
-
-def lazy_mask(stored: jax.Array, shape: tuple[int, ...]) -> selection.Lazy:
-  """One stored mask (uint8, or packed by :func:`pack_mask`) as a lazy bool mask."""
-  shape = tuple(shape)
-  if stored.shape == shape:
-    return selection.Lazy(lambda x: x.astype(bool), stored)
-  d = shape[-1]
-  # Shapes are read from the packed array (only its last axis differs), so the same
-  # expression reads one layer's slice of a stacked mask (selection.map_layers).
-  return selection.Lazy(
-    lambda x: unpack_mask(x, x.shape[:-1] + (d,)),
-    stored,
-    shape=shape,
-    sample=lambda stride, x: _packed_bits_at(x, x.shape[:-1] + (d,), stride),
-    rows=_packed_rows if _one_block_of_words(d) else None,
-  )
-
-
-def unpack_masks(masks: PyTree, params: PyTree) -> PyTree:
-  """Boolean masks from stored masks (uint8 or packed), given params for the shapes."""
-  return jax.tree.map(
-    lambda m: None if m is None else selection.materialize(m),
-    lazy_masks(masks, params),
-    is_leaf=_is_none,
-  )
-
-
-def apply_mask(param: jax.Array, mask: jax.Array | None, is_packed: bool = False) -> jax.Array:
-  """``param`` with zeros where ``mask`` is 0 (a None mask keeps it; packed: see pack_mask)."""
-  if mask is None:
-    return param
-  keep = unpack_mask(mask, jnp.shape(param)) if is_packed else mask
-  return jnp.where(keep, param, 0).astype(jnp.result_type(param))
-
-
-def bool_masks(opt_state: PyTree, params: PyTree) -> PyTree:
-  """Boolean keep-masks of the :class:`SparseState` in ``opt_state`` (None: dense leaf)."""
-  return unpack_masks(get_sparse_state(opt_state).masks, params)
+__all__ = [
+  'BaseUpdater',
+  'SparseState',
+  'apply_mask',
+  'bool_masks',
+  'get_sparse_state',
+  'is_unpruned',
+  'last_axis_shards',
+  'lazy_mask',
+  'lazy_masks',
+  'map_masked',
+  'pack_mask',
+  'packing_aligned',
+  'unpack_mask',
+  'unpack_masks',
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,8 +81,12 @@ class BaseUpdater(updater_args.JaxprunerArgs):
   """Base class of pruning and sparse-training algorithms.
 
   An algorithm overrides :meth:`calculate_scores` (and, for drop-and-grow methods,
-  :meth:`compute_masks`). Instances are immutable and hashable, so they can be static
-  arguments of ``jax.jit``.
+  :meth:`compute_masks`). It is composed from parts named in its class: ``engine`` (how a
+  step trains: :func:`prunax.engines.masked_training`, the default, or
+  :func:`prunax.engines.straight_through`), ``selection_strategy`` (per leaf, the default,
+  or one global threshold: :mod:`prunax.strategies`) and its own state
+  (:meth:`init_algorithm_state`). Instances are immutable and hashable, so they can be
+  static arguments of ``jax.jit``.
 
   jaxpruner's keyword arguments are accepted too (see
   :class:`prunax.compat.updater_args.JaxprunerArgs`).
@@ -424,23 +123,21 @@ class BaseUpdater(updater_args.JaxprunerArgs):
   packed_masks: Any = True
   layer_axes: Any = None
 
-  # Behaviour switches of algorithm families (class attributes, not fields).
-  is_ste = False  # dense weights in the state, mask recomputed every step
-  is_sparse_training = False  # masks at the target sparsity from init
-  is_global = False  # one threshold across all pruned leaves
-  scheduler_kind = 'pruning'  # config schedules: 'pruning' (one-shot/gradual), 'periodic', 'none'
+  # The parts an algorithm is composed of (class attributes, not fields).
+  engine = staticmethod(engines.masked_training)
+  selection_strategy = strategies.PerLeaf()
   # On a mask-update step, move no weight but the ones the new masks remove (RigL's
   # reference code and jaxpruner skip that step's gradient update).
   skip_gradient_on_mask_update = False
 
   def __post_init__(self):
-    self._resolve_jaxpruner_args()
+    self.resolve_jaxpruner_args()
     name = type(self).__name__
     if self.sparsity is not None:
       object.__setattr__(
         self,
         'sparsity',
-        sparsity_distributions._check_sparsity(self.sparsity, 'the updater'),
+        sparsity_distributions.check_sparsity(self.sparsity, 'the updater'),
       )
     _checks.assign(
       self,
@@ -474,16 +171,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
         f'{type(self).__name__} needs a target sparsity in [0, 1): pass '
         'sparsity=..., or a mapping as sparsity_distribution_fn.'
       )
-    if self.is_global and not isinstance(self.sparsity_type, sparsity_types.Unstructured):
-      raise ValueError(
-        f'{type(self).__name__} supports only unstructured sparsity, got {self.sparsity_type!r}.'
-      )
-    if self.is_global and _is_erk(dist):
-      raise ValueError(
-        f'{type(self).__name__} chooses per-layer sparsities itself with one '
-        'global threshold; use the "uniform" distribution (with a '
-        'custom_sparsity_map for layers that differ), not ERK.'
-      )
+    self.selection_strategy.check(self)
     if isinstance(nm, sparsity_types.NByM):
       self._check_n_by_m(dist)
 
@@ -493,7 +181,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     nm = self.sparsity_type
     if self.sparsity is not None:
       nm.check_sparsity(self.sparsity, f'{type(self).__name__}(sparsity={self.sparsity!r})')
-    if _is_erk(dist):
+    if strategies.is_erk(dist):
       raise ValueError(
         f"{nm!r} prunes every leaf to 1 - n/m = {nm.sparsity:g}, so ERK's "
         'per-leaf sparsities cannot apply; use the "uniform" distribution.'
@@ -549,40 +237,9 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     return selection.map_layers(lambda x: self.sparsity_type.mask(x, sparsity), axis, scores)
 
   def masks_from_scores(self, scores: PyTree, sparsities: PyTree) -> PyTree:
-    """Exact keep-masks from scores: per leaf (per layer of stacked leaves) with the
-    sparsity type, or globally."""
-    axes = self.layer_axes_tree(scores)
-    if not self.is_global:
-      # All leaves at once (sparsity_types.*.masks): one selection loop for unstructured.
-      flat_s, treedef = jax.tree.flatten(sparsities, is_leaf=_is_none)
-      pruned = [i for i, s in enumerate(flat_s) if s is not None]
-      flat_x, flat_a = treedef.flatten_up_to(scores), treedef.flatten_up_to(axes)
-      masks = self.sparsity_type.masks(*[[f[i] for i in pruned] for f in (flat_x, flat_s, flat_a)])
-      flat = [None] * len(flat_s)
-      for i, m in zip(pruned, masks, strict=True):
-        flat[i] = m
-      return treedef.unflatten(flat)
-    # Leaves at the distribution's target share one threshold; custom-map entries with
-    # another sparsity are pruned on their own (0.0 keeps a leaf dense).
-    flat_s, treedef = jax.tree.flatten(sparsities, is_leaf=_is_none)
-    flat_x = treedef.flatten_up_to(scores)
-    flat_a = treedef.flatten_up_to(axes)
-    shapes = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32) if isinstance(x, selection.Lazy) else x,
-      scores,
-    )
-    static = treedef.flatten_up_to(self.target_sparsities(shapes))
-    pooled = [s is not None and t == self.sparsity for s, t in zip(flat_s, static, strict=True)]
-    chosen = [x for x, p in zip(flat_x, pooled, strict=True) if p]
-    total = sum(math.prod(x.shape) for x in chosen)
-    target = next((s for s, p in zip(flat_s, pooled, strict=True) if p), 0.0)
-    it = iter(selection.global_topk_masks(chosen, total - sparsity_types.num_zeros(target, total)))
-    return treedef.unflatten(
-      [
-        next(it) if p else (None if s is None else self.leaf_mask(x, s, a))
-        for s, x, a, p in zip(flat_s, flat_x, flat_a, pooled, strict=True)
-      ]
-    )
+    """Exact keep-masks from scores by the algorithm's ``selection_strategy``: per leaf (per
+    layer of stacked leaves) with the sparsity type, or with one global threshold."""
+    return self.selection_strategy.masks(self, scores, sparsities)
 
   # ------------------------------------------------------------------------ sparsities
 
@@ -607,14 +264,15 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       sparsities = dist(params, self.sparsity, layer_axes=axes)
     else:
       sparsities = dist(params, self.sparsity)
+    _check_like_params(sparsities, params, dist)
     for (name, s), (_, leaf) in zip(
-      sparsity_distributions.named_leaves(sparsities, is_leaf=_is_none),
+      sparsity_distributions.named_leaves(sparsities, is_leaf=is_none),
       sparsity_distributions.named_leaves(params),
       strict=True,
     ):
       if s is None:
         continue
-      sparsity_distributions._check_sparsity(s, name)
+      sparsity_distributions.check_sparsity(s, name)
       dtype = jnp.result_type(leaf)
       if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
@@ -625,10 +283,11 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       self.sparsity_type.check_sparsity(s, f'parameter {name!r}')
     return sparsities
 
-  def _warn_undeclared_stacks(self, params: PyTree, targets: PyTree) -> None:
+  def warn_undeclared_stacks(self, params: PyTree, targets: PyTree) -> None:
+    """Warns about pruned leaves that look stacked (scanned) but have no layer axis."""
     axes = self.layer_axes_of(params)
     for (name, s), (_, leaf) in zip(
-      sparsity_distributions.named_leaves(targets, is_leaf=_is_none),
+      sparsity_distributions.named_leaves(targets, is_leaf=is_none),
       sparsity_distributions.named_leaves(params),
       strict=True,
     ):
@@ -642,9 +301,10 @@ class BaseUpdater(updater_args.JaxprunerArgs):
           stacklevel=3,
         )
 
-  def _sparsities_at(self, targets: PyTree, step) -> PyTree:
+  def sparsities_at(self, targets: PyTree, step) -> PyTree:
+    """Per-leaf sparsities of the schedule at ``step`` for the final ``targets``."""
     return jax.tree.map(
-      lambda s: None if s is None else self.scheduler.sparsity(step, s), targets, is_leaf=_is_none
+      lambda s: None if s is None else self.scheduler.sparsity(step, s), targets, is_leaf=is_none
     )
 
   # ---------------------------------------------------------------------- mask storage
@@ -664,7 +324,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       )
     return hits.pop() if hits else True
 
-  def _store(self, masks: PyTree, like: PyTree = None) -> PyTree:
+  def store_masks(self, masks: PyTree, like: PyTree = None) -> PyTree:
     """Boolean masks in their stored form: packed or uint8 per leaf (:meth:`packs`), or
     in the layout of the stored masks ``like`` (a state keeps the layout it started with)."""
 
@@ -674,18 +334,20 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       packed = (
         old[0].shape != jnp.shape(m) if old else self.packs(sparsity_distributions.path_name(path))
       )
-      return pack_mask(m) if packed else m.astype(jnp.uint8)
+      return masks_lib.pack_mask(m) if packed else m.astype(jnp.uint8)
 
     trees = (masks,) if like is None else (masks, like)
-    return jax.tree_util.tree_map_with_path(store, *trees, is_leaf=_is_none)
+    return jax.tree_util.tree_map_with_path(store, *trees, is_leaf=is_none)
 
-  def _key(self, sparse_state: SparseState | None, salt: int = 0) -> jax.Array:
+  def rng_key(self, sparse_state: SparseState | None, salt: int = 0) -> jax.Array:
+    """The step's PRNG key (the state's key folded with its step count, then ``salt``);
+    without a state, :meth:`initial_key` folded with ``salt``."""
     if sparse_state is None:
-      return jax.random.fold_in(self._base_key(), salt)
+      return jax.random.fold_in(self.initial_key(), salt)
     key = jax.random.wrap_key_data(sparse_state.rng, impl='threefry2x32')
     return jax.random.fold_in(jax.random.fold_in(key, sparse_state.count), salt)
 
-  def _random_scores(self, params: PyTree, key: jax.Array) -> PyTree:
+  def random_scores(self, params: PyTree, key: jax.Array) -> PyTree:
     """Lazy uniform scores per leaf (a hash of position and a per-leaf key, see
     :func:`prunax.selection.hash_uniform`), recomputed in every selection pass."""
     flat, treedef = jax.tree.flatten(params)
@@ -714,115 +376,81 @@ class BaseUpdater(updater_args.JaxprunerArgs):
   # --------------------------------------------------------------------------- init
 
   def init_masks(self, params: PyTree, targets: PyTree) -> PyTree:
-    """Boolean masks at ``init``: all ones, or random at the target (sparse training)."""
-    if self.is_sparse_training:
-      scores = self._random_scores(params, self._key(None, salt=1))
-      return self.masks_from_scores(scores, targets)
+    """Boolean masks at ``init``: all ones (a dense start). Sparse training from a random
+    mask overrides this with :meth:`random_masks`."""
     return jax.tree.map(
       lambda s, p: None if s is None else jnp.ones(jnp.shape(p), bool),
       targets,
       params,
-      is_leaf=_is_none,
+      is_leaf=is_none,
     )
+
+  def random_masks(self, params: PyTree, targets: PyTree) -> PyTree:
+    """Random boolean masks at the ``targets`` (from :meth:`initial_key`), exact counts."""
+    scores = self.random_scores(params, self.rng_key(None, salt=1))
+    return self.masks_from_scores(scores, targets)
 
   def init_state(self, params: PyTree, inner_state: Any = None) -> SparseState:
     """The :class:`SparseState` for ``params`` around ``inner_state``."""
     targets = self.target_sparsities(params)
-    self._warn_undeclared_stacks(params, targets)
+    self.warn_undeclared_stacks(params, targets)
     masks = self.init_masks(params, targets)
     # Masks that do not depend on the weights (all ones, random) would come out of a jitted
     # init replicated: each stored mask is tied to its param, so it is sharded like it.
     stored = jax.tree.map(
-      lambda m, p: None if m is None else _shard_like_param(m, p),
-      self._store(masks),
+      lambda m, p: None if m is None else masks_lib.shard_like_param(m, p),
+      self.store_masks(masks),
       params,
-      is_leaf=_is_none,
+      is_leaf=is_none,
     )
-    return _stored(
-      SparseState(
-        inner_state=inner_state,
-        masks=stored,
-        count=jnp.zeros([], jnp.int32),
-        rng=self._base_key(),
-        # A copy: the state must not share buffers with params (train steps donate both).
-        dense_params=jax.tree.map(jnp.copy, _pruned_only(masks, params)) if self.is_ste else None,
-        thresholds=self.init_thresholds(params, targets),
-        aux=self.init_aux(params, masks),
-      )
+    return SparseState(
+      inner_state=inner_state,
+      masks=to_stored(stored),
+      count=jnp.zeros([], jnp.int32),
+      rng=self.initial_key(),
+      algorithm_state=self.init_algorithm_state(params, masks, targets),
     )
 
-  def init_aux(self, params: PyTree, masks: PyTree) -> PyTree:
-    """Initial ``SparseState.aux`` (None unless the algorithm keeps statistics)."""
-    del params, masks
-    return None
+  def init_algorithm_state(self, params: PyTree, masks: PyTree, targets: PyTree) -> Any:
+    """The algorithm's own state at ``init`` (``SparseState.algorithm_state``).
 
-  def update_aux(self, aux: PyTree, grads: PyTree, masks: PyTree) -> PyTree:
-    """``SparseState.aux`` after a step with raw gradients ``grads`` (before any mask
-    update of the step, which reads the new value); unchanged by default."""
-    del grads, masks
-    return aux
-
-  # ------------------------------------------------------------ STE-style hooks
-  # Algorithms with dense weights in the state (``is_ste``) may override these.
-
-  def init_thresholds(self, params: PyTree, targets: PyTree) -> PyTree:
-    """Initial ``SparseState.thresholds`` (None unless the algorithm learns thresholds)."""
-    del params, targets
-    return None
-
-  def transform_gradients(
-    self, grads: PyTree, dense: PyTree, masks: PyTree, sparse_state: SparseState
-  ) -> PyTree:
-    """Gradients (taken at the sparse weights) fed to the inner optimizer of the dense
-    weights. Identity: the straight-through estimator."""
-    del dense, masks, sparse_state
-    return grads
-
-  def init_threshold_state(
-    self, inner: optax.GradientTransformation, thresholds: PyTree, params: PyTree
-  ) -> PyTree:
-    """Initial ``SparseState.threshold_state``: the state of ``inner`` (the wrapped
-    transformation) for ``thresholds``, if the algorithm trains them with it (None by
-    default)."""
-    del inner, thresholds, params
-    return None
-
-  def update_thresholds(
-    self,
-    grads: PyTree,
-    dense: PyTree,
-    masks: PyTree,
-    sparse_state: SparseState,
-    inner: optax.GradientTransformation,
-  ) -> tuple[PyTree, PyTree]:
-    """New ``SparseState.thresholds`` and ``threshold_state`` after a step (unchanged by
-    default).
+    ``optax.MaskedNode()`` (none) by default. An algorithm with state returns a
+    ``NamedTuple`` of its own (arrays only: ``optax.MaskedNode()`` at leaves that are
+    not pruned, see :func:`prunax.tree_util.to_stored`), listing in a ``params_like``
+    class attribute its fields that are trees like the params (hosts shard those like
+    the params).
 
     Args:
-      grads: the gradients of this step (taken at the sparse weights).
-      dense: the dense weights the forward pass of this step was computed from (before
-        the optimizer's update; params for leaves without dense weights).
-      masks: the masks of this step.
-      sparse_state: the state before the step.
-      inner: the wrapped transformation (the weights' optimizer).
+      params: the params.
+      masks: the boolean masks at ``init`` (None: leaf not pruned).
+      targets: the per-leaf target sparsities.
     """
-    del grads, dense, masks, inner
-    return sparse_state.thresholds, sparse_state.threshold_state
+    del params, masks, targets
+    return optax.MaskedNode()
 
-  def forward_params(self, dense: PyTree, masks: PyTree, sparse_state: SparseState) -> PyTree:
-    """The weights the model sees for the pruned leaves: ``dense`` under ``masks``."""
-    del sparse_state
-    return map_masked(lambda m, d: jnp.where(m, d, 0).astype(d.dtype), masks, dense)
+  def init_with_optimizer(
+    self, algorithm_state: Any, inner: optax.GradientTransformation, params: PyTree
+  ) -> Any:
+    """``algorithm_state`` completed with what needs the wrapped transformation ``inner``
+    (e.g. its state for learned thresholds), outside the compiled init; unchanged by
+    default."""
+    del inner, params
+    return algorithm_state
+
+  def update_algorithm_state(self, algorithm_state: Any, grads: PyTree, masks: PyTree) -> Any:
+    """The algorithm's state after a step with raw gradients ``grads`` (masked training;
+    before any mask update of the step, which reads the new value); unchanged by
+    default."""
+    del grads, masks
+    return algorithm_state
 
   # ------------------------------------------------------------------------- update
-
-  def _is_update_step(self, step):
-    return self.scheduler.is_update_step(step)
 
   def wrap_optax(
     self, inner: optax.GradientTransformation
   ) -> optax.GradientTransformationExtraArgs:
-    """Wraps ``inner`` so that applying its updates keeps the params sparse.
+    """Wraps ``inner`` so that applying its updates keeps the params sparse: the
+    algorithm's ``engine`` around ``inner``.
 
     Args:
       inner: any optax transformation (sgd, adam, chains, ``inject_hyperparams``...).
@@ -849,50 +477,12 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       >>> (params['w'] == 0).tolist()
       [[True, False], [False, True]]
     """
-    inner = optax.with_extra_args_support(inner)
-    update = functools.partial(_update, self, inner)
+    tx = self.engine(self, inner)
     if self.skip_gradients:
-      update = updater_args.skip_on_mask_updates(self, update)
-    return optax.GradientTransformationExtraArgs(functools.partial(_init, self, inner), update)
-
-  def _candidate(self, inner, grads, state, params, masks, **extra):
-    """Inner step: (candidate weights, inner updates, new inner state).
-
-    STE-style algorithms run the inner optimizer on their dense weights (kept in the
-    state for pruned leaves) with the gradients taken at the sparse weights; the others
-    run it on ``params`` with the gradients of pruned weights masked out.
-    """
-    if self.is_ste:
-      base = jax.tree.map(
-        lambda d, p: p if d is None else d, state.dense_params, params, is_leaf=_is_none
-      )
-      grads = self.transform_gradients(grads, base, masks, state)
-      updates, inner_state = inner.update(grads, state.inner_state, base, **extra)
-      return optax.apply_updates(base, updates), updates, inner_state
-    masked_grads = map_masked(lambda m, g: jnp.where(m, g, 0), masks, grads)
-    updates, inner_state = inner.update(masked_grads, state.inner_state, params, **extra)
-    candidate = jax.tree.map(
-      lambda m, p, u: (p + u if m is None else jnp.where(m, p + u, 0)).astype(p.dtype),
-      masks,
-      params,
-      updates,
-      is_leaf=_is_none,
-    )
-    return candidate, updates, inner_state
-
-  def _output(self, params, candidate, updates, masks, new_masks, state):
-    """Updates that take ``params`` to the candidate weights under the new masks."""
-    if self.is_ste:
-      forward = self.forward_params(candidate, new_masks, state)
-      return map_masked(lambda m, u, f, p: f - p, new_masks, updates, forward, params)
-    return map_masked(
-      lambda m, u, m_new, p: jnp.where(m & m_new, u, -p), masks, updates, new_masks, params
-    )
+      tx = tx._replace(update=updater_args.skip_on_mask_updates(self, tx.update))
+    return tx
 
   # ---------------------------------------------------------------- explicit hooks
-
-  def _stored_masks(self, opt_state: PyTree, params: PyTree) -> PyTree:
-    return unpack_masks(get_sparse_state(opt_state).masks, params)
 
   def pre_forward_update(self, params: PyTree, opt_state: PyTree) -> PyTree:
     """Params the forward pass should use: ``params`` under the current masks.
@@ -901,7 +491,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     sparse); kept for hand-written loops, where it is idempotent.
     """
     return map_masked(
-      lambda m, p: jnp.where(m, p, 0).astype(p.dtype), self._stored_masks(opt_state, params), params
+      lambda m, p: jnp.where(m, p, 0).astype(p.dtype), bool_masks(opt_state, params), params
     )
 
   def post_gradient_update(self, params: PyTree, opt_state: PyTree) -> PyTree:
@@ -930,54 +520,22 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     return sparse, masks
 
 
-class _NotParams:
-  """Marks the parts of an optimizer state that are not like the params."""
-
-
-def _reset_inactive(inner, inner_state, masks, params):
-  """``inner_state`` with the per-weight state of inactive weights at its initial value.
-
-  The per-weight leaves (those of the params' shape inside the params-like subtrees that
-  ``optax.tree_utils.tree_map_params`` finds) take, where ``masks`` are False, the value
-  the inner optimizer's own ``init`` gives them (zero for moments, the optimizer's own
-  start for others, e.g. cocob), so a weight grown by a mask update starts afresh.
-  Leaves of other shapes (factored moments, counters, scalars) and ``MaskedNode``
-  entries (``optax.masked``, ``multi_transform``) are left alone.
-  """
-  keep = jax.tree.map(lambda m: True if m is None else m, masks, is_leaf=_is_none)
-  is_masked = lambda x: isinstance(x, optax.MaskedNode)
-  # The masks at every params-like place of the state; _NotParams elsewhere.
-  placed = optax.tree_utils.tree_map_params(
-    inner,
-    lambda v, k: _NotParams if is_masked(v) else k,
-    inner_state,
-    keep,
-    transform_non_params=lambda _: _NotParams,
-    is_leaf=is_masked,
-  )
-  fresh = inner.init(params)
-
-  def reset(k, v, v0):
-    if k is _NotParams or isinstance(k, bool) or not hasattr(v, 'shape'):
-      return v
-    if jnp.shape(v) != jnp.shape(k) or jnp.shape(v0) != jnp.shape(v):
-      return v
-    return jnp.where(k, v, v0.astype(v.dtype))
-
-  return jax.tree.map(
-    reset, placed, inner_state, fresh, is_leaf=lambda x: x is _NotParams or isinstance(x, bool)
-  )
-
-
-# Transformations whose place is outside the pruner (see wrap_optax).
-_OUTSIDE = {
-  'MultiStepsState': 'optax.MultiSteps(pruner.wrap_optax(tx), every_k_schedule=k): masks '
-  'and the step count then advance once per real step, and RigL grows '
-  'from the accumulated gradient, not from one micro-batch',
-  'ApplyIfFiniteState': 'optax.apply_if_finite(pruner.wrap_optax(tx), max_consecutive_errors'
-  '=n): it then sees the gradients of pruned weights too, and a '
-  'skipped step leaves masks and the step count unchanged',
-}
+def _check_like_params(sparsities: PyTree, params: PyTree, dist: Any) -> None:
+  """Raises ValueError, naming the leaves, if a distribution's tree of sparsities does not
+  have a leaf (a sparsity or None) for every leaf of ``params``, and no other."""
+  want = [name for name, _ in sparsity_distributions.named_leaves(params)]
+  got = [name for name, _ in sparsity_distributions.named_leaves(sparsities, is_leaf=is_none)]
+  if got != want:
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    problems = [f'it has none for {missing}'] if missing else []
+    problems += [f'it has entries {extra} that are no parameter'] if extra else []
+    raise ValueError(
+      f'The sparsity distribution {dist!r} must return a tree like the params, with a '
+      'sparsity (or None: not pruned) for every parameter; '
+      + ('; '.join(problems) or f'its leaves are {got}, in another order or structure')
+      + f' (parameters: {want}).'
+    )
 
 
 def _freeze_packing(value: Any, name: str) -> bool | tuple[tuple[str, bool], ...]:
@@ -991,223 +549,6 @@ def _freeze_packing(value: Any, name: str) -> bool | tuple[tuple[str, bool], ...
       raise TypeError(f'{name} keys must be parameter names or regexes (str), got {key!r}.')
     _checks.boolean(flag, f'{name}[{key!r}]')
   return tuple(sorted(value.items()))
-
-
-def _check_inner(inner_state) -> None:
-  """Rejects transformations inside the pruner that belong outside it (see _OUTSIDE)."""
-  found = []
-
-  def visit(x):
-    if type(x).__name__ in _OUTSIDE and type(x).__module__.startswith('optax'):
-      found.append(type(x).__name__)
-    return False
-
-  jax.tree_util.tree_flatten(inner_state, is_leaf=visit)
-  if found:
-    raise ValueError(
-      f'optax.{found[0][: -len("State")]} is wrapped inside the pruner; put it '
-      f'outside: {_OUTSIDE[found[0]]}.'
-    )
-
-
-def _is_placeholder(params) -> bool:
-  # optax.tree_utils.tree_map_params calls init with a stand-in for the params.
-  return type(params).__name__ == '_ParamsPlaceholder'
-
-
-@functools.lru_cache(maxsize=4096)
-def _packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-  """Shape of the mask of a param of ``shape`` packed by :func:`pack_mask`."""
-  return tuple(jax.eval_shape(pack_mask, jax.ShapeDtypeStruct(shape, jnp.bool_)).shape)
-
-
-def _check_params_unchanged(state: SparseState, params: PyTree) -> None:
-  """Raises ValueError, naming the leaf, if ``params`` are not the params ``state`` was made
-  for: another tree structure, or a pruned leaf whose shape does not give its stored mask's
-  shape (or, for dense weights in the state, whose shape or dtype differs from theirs).
-
-  Static (shapes only), so it costs nothing in a compiled step. A stored mask is read as
-  one uint8 per weight when it has the param's shape, else as packed by :func:`pack_mask`
-  (see :func:`lazy_mask`), so both shapes are accepted. A packed mask identifies every
-  dimension but the last exactly, and the last up to its packing; unpacked masks and dense
-  weights identify the shape exactly.
-  """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  try:
-    masks = treedef.flatten_up_to(state.masks)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-      'The params passed to update do not have the tree structure of the params '
-      f'the optimizer state was initialised with: {e}'
-    ) from None
-  try:
-    dense = treedef.flatten_up_to(state.dense_params)
-  except (ValueError, TypeError):
-    dense = [None] * len(flat)  # no dense weights in the state
-  for (path, p), m, d in zip(flat, masks, dense, strict=True):
-    if m is None:
-      continue
-    name = sparsity_distributions.path_name(path)
-    shape, dtype = tuple(np.shape(p)), jnp.result_type(p)
-    if d is not None and (tuple(np.shape(d)), jnp.result_type(d)) != (shape, dtype):
-      raise ValueError(
-        f'Parameter {name!r} is {dtype}{list(shape)} at update, but the optimizer '
-        f'state was initialised for {jnp.result_type(d)}{list(np.shape(d))}; '
-        'initialise the state again (tx.init) after changing the model.'
-      )
-    stored, packed = tuple(np.shape(m)), _packed_shape(shape) if shape else shape
-    if stored not in (shape, packed):
-      raise ValueError(
-        f'Parameter {name!r} has shape {shape} at update, but its mask in the '
-        f'optimizer state has shape {stored}, made for another shape (a param '
-        f'of shape {shape} has a mask of shape {shape}, or {packed} packed); '
-        'initialise the state again (tx.init) after changing the model.'
-      )
-
-
-def _skip_gradient_step(out, params, masks, new_masks, is_update):
-  """On an update step: only the weights the new masks remove move (to 0); else ``out``."""
-  if isinstance(is_update, (bool, np.bool_)) and not is_update:
-    return out
-  skipped = jax.tree.map(
-    lambda m, m_new, p: (
-      jnp.zeros_like(p) if m is None else jnp.where(m & m_new, 0, -p).astype(p.dtype)
-    ),
-    masks,
-    new_masks,
-    params,
-    is_leaf=_is_none,
-  )
-  return jax.tree.map(lambda s, o: jnp.where(is_update, s, o), skipped, out)
-
-
-def _init(updater: BaseUpdater, inner, params):
-  inner_state = inner.init(params)
-  if _is_placeholder(params):
-    # For tree_map_params: the inner state's params-like parts are mapped; masks, dense
-    # weights and thresholds (trees of the pruned params only) and the thresholds'
-    # optimizer state count as non-params.
-    return SparseState(inner_state, *[_NotParams] * (len(SparseState._fields) - 1))
-  _check_inner(inner_state)
-  # One compiled computation (cached per updater and shapes) rather than eager ops: the
-  # selection loops of random initial masks took tens of seconds op by op. Inside a
-  # caller's jit this is inlined.
-  updater = _unpack_unaligned(updater, params)
-  try:
-    hash(updater)
-  except TypeError:  # a traced field (a seed traced by the caller's jit): no cache key
-    state = updater.init_state(params, inner_state)
-  else:
-    state = _jitted_init_state(updater, params, inner_state)
-  threshold_state = updater.init_threshold_state(inner, _from_stored(state.thresholds), params)
-  if threshold_state is None:
-    return state
-  return state._replace(threshold_state=threshold_state)
-
-
-def _unpack_unaligned(updater: BaseUpdater, params: PyTree) -> BaseUpdater:
-  """``updater`` storing unpacked the masks of placed params whose sharding splits the
-  last axis where a packed mask cannot follow (:func:`packing_aligned`)."""
-  unaligned = [
-    name
-    for name, p in sparsity_distributions.named_leaves(params)
-    if isinstance(p, jax.Array)
-    and not isinstance(p, jax.core.Tracer)
-    and np.ndim(p) > 0
-    and updater.packs(name)
-    and not packing_aligned(np.shape(p)[-1], last_axis_shards(p))
-  ]
-  if not unaligned:
-    return updater
-  spec = updater.packed_masks
-  spec = dict(spec) if isinstance(spec, tuple) else ({} if spec else {'.*': False})
-  spec.update({re.escape(name): False for name in unaligned})
-  return dataclasses.replace(updater, packed_masks=spec)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _jitted_init_state(updater: BaseUpdater, params, inner_state) -> SparseState:
-  return updater.init_state(params, inner_state)
-
-
-def _update(updater: BaseUpdater, inner, grads, state: SparseState, params=None, **extra):
-  if params is None:
-    raise ValueError(
-      'A prunax-wrapped transformation needs params: call tx.update(grads, opt_state, params).'
-    )
-  if not isinstance(state, SparseState):
-    raise TypeError(
-      f'Expected a prunax SparseState, got {type(state).__name__}; initialise '
-      "the state with the wrapped transformation's init."
-    )
-  state = _unstored(state)
-  _check_params_unchanged(state, params)
-  targets = updater.target_sparsities(params)
-  updater._warn_undeclared_stacks(params, targets)
-  masks = unpack_masks(state.masks, params)
-  raw_state = state
-  if updater.is_ste:
-    # Learned thresholds (AutoSparse) from the dense weights the forward pass used.
-    old_dense = jax.tree.map(
-      lambda d, p: p if d is None else d, state.dense_params, params, is_leaf=_is_none
-    )
-    thresholds, threshold_state = updater.update_thresholds(grads, old_dense, masks, state, inner)
-    if thresholds is not None:
-      # The optimizer's pass runs after the thresholds' reductions have read the old dense
-      # weights, so XLA updates those in place instead of copying them.
-      grads = _xla_workarounds.after(grads, thresholds)
-  else:
-    # The inner optimizer's per-weight state (moments) of inactive weights is held at its
-    # initial value, so a weight grown by a mask update starts afresh. Resetting the input
-    # state under the stored masks fuses into the optimizer's own pass.
-    state = state._replace(
-      inner_state=_reset_inactive(inner, state.inner_state, masks, params),
-      aux=updater.update_aux(state.aux, grads, masks),
-    )
-    raw_state = raw_state._replace(aux=state.aux)
-  candidate, updates, inner_state = updater._candidate(inner, grads, state, params, masks, **extra)
-  sparsities = updater._sparsities_at(targets, state.count)
-
-  if updater.is_ste:
-    # STE-style: the mask is recomputed from the dense weights at every step.
-    state = state._replace(thresholds=thresholds, threshold_state=threshold_state)
-    new_masks = updater.compute_masks(
-      candidate, sparsities, sparse_state=state, grads=grads, old_masks=masks, **extra
-    )
-    stored = updater._store(new_masks, like=state.masks)
-  else:
-    is_update = updater._is_update_step(state.count)
-
-    def fresh_masks(_):
-      # The candidate weights are recomputed inside the branch, so that steps without a
-      # mask update stay one fused elementwise pass (a cond operand would be materialised).
-      # Scores come from the step's inputs only (the params the model saw, zero outside
-      # the masks after any wrapped step, and their gradients): a computed operand would
-      # be materialised for the cond, and a buffer the optimizer updates in place (its
-      # moments) would be copied.
-      old = lazy_masks(raw_state.masks, params)
-      new = updater.compute_masks(
-        params, sparsities, sparse_state=raw_state, grads=grads, old_masks=old, **extra
-      )
-      return updater._store(new, like=raw_state.masks)
-
-    # Steps without a mask update keep the stored (possibly packed) masks as they are.
-    if isinstance(is_update, (bool, np.bool_)) and not is_update:
-      stored = state.masks  # A schedule that never updates: nothing to trace or compile.
-    else:
-      stored = jax.lax.cond(is_update, fresh_masks, lambda _: state.masks, None)
-    new_masks = unpack_masks(stored, params)
-
-  out = updater._output(params, candidate, updates, masks, new_masks, state)
-  if updater.skip_gradient_on_mask_update and not updater.is_ste:
-    out = _skip_gradient_step(out, params, masks, new_masks, is_update)
-  new_state = state._replace(
-    inner_state=inner_state,
-    masks=stored,
-    count=state.count + 1,
-    dense_params=_pruned_only(new_masks, candidate) if updater.is_ste else None,
-  )
-  return out, _stored(new_state)
 
 
 def __getattr__(name: str):

@@ -42,7 +42,7 @@ from prunax import sparse_inference
 from prunax.sparse_inference import BlockSparse
 from prunax.sparse_inference import ConvFilter
 from prunax.sparse_inference import EllSparse
-from prunax.sparse_inference import _nonzero_bits
+from prunax.sparse_inference import nonzero_bits
 from prunax.sparsity_types import nm_default_axis
 
 PyTree = Any
@@ -114,7 +114,7 @@ def _position_bits(m: int) -> int:
 def to_bcoo(x, index_dtype=jnp.int32) -> sparse.BCOO:
   """BCOO of ``x`` holding every element whose bits are nonzero (exact round trip)."""
   x = np.asarray(x)
-  coords = np.stack(np.nonzero(_nonzero_bits(x)), axis=1).astype(index_dtype)
+  coords = np.stack(np.nonzero(nonzero_bits(x)), axis=1).astype(index_dtype)
   data = x[tuple(coords.T)] if x.ndim else x.reshape(1)
   return sparse.BCOO(
     (jnp.asarray(data), jnp.asarray(coords)),
@@ -129,7 +129,7 @@ def to_bcsr(x, index_dtype=jnp.int32) -> sparse.BCSR:
   x = np.asarray(x)
   if x.ndim != 2:
     raise ValueError(f'to_bcsr needs a 2-D array, got shape {x.shape}; use to_bcoo.')
-  rows, cols = np.nonzero(_nonzero_bits(x))
+  rows, cols = np.nonzero(nonzero_bits(x))
   indptr = np.zeros(x.shape[0] + 1, np.int64)
   np.add.at(indptr, rows + 1, 1)
   indptr = np.cumsum(indptr)
@@ -157,7 +157,7 @@ def to_nm(x, n: int = 2, m: int = 4, axis: int | None = None) -> NMCompressed:
     )
   moved = np.moveaxis(x, axis, -1)
   groups = moved.reshape(moved.shape[:-1] + (-1, m))
-  stored = _nonzero_bits(groups)
+  stored = nonzero_bits(groups)
   most = int(stored.sum(-1).max(initial=0))
   if most > n:
     raise ValueError(

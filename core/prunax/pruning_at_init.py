@@ -39,11 +39,12 @@ import numpy as np
 from prunax import _checks
 from prunax import sparsity_distributions
 from prunax import sparsity_schedules
+from prunax import strategies
 from prunax.algorithms.pruners import GlobalMagnitudePruning
 from prunax.algorithms.pruners import MagnitudePruning
 from prunax.base_updater import BaseUpdater
-from prunax.base_updater import _is_none
-from prunax.base_updater import map_masked
+from prunax.tree_util import is_none
+from prunax.tree_util import map_masked
 
 PyTree = Any
 
@@ -205,7 +206,7 @@ def synflow(
     lambda t, p: None if t is None else jnp.ones(jnp.shape(p), bool),
     targets,
     params,
-    is_leaf=_is_none,
+    is_leaf=is_none,
   )
 
   @jax.jit
@@ -213,7 +214,7 @@ def synflow(
     scores = synflow_scores(apply_fn, params, input_shape, masks)
     scores = map_masked(lambda m, s: jnp.where(m, s, -1.0), masks, scores)
     now = jax.tree.map(
-      lambda t: None if t is None else 1.0 - (1.0 - t) ** fraction, targets, is_leaf=_is_none
+      lambda t: None if t is None else 1.0 - (1.0 - t) ** fraction, targets, is_leaf=is_none
     )
     return selector.masks_from_scores(scores, now)
 
@@ -229,7 +230,7 @@ class Hashed:
   """A pytree of arrays (masks, a batch) wrapped to be hashable by its content."""
 
   def __init__(self, tree: PyTree):
-    leaves, self.treedef = jax.tree.flatten(tree, is_leaf=_is_none)
+    leaves, self.treedef = jax.tree.flatten(tree, is_leaf=is_none)
     self.leaves = tuple(None if x is None else np.asarray(x) for x in leaves)
     digest = hashlib.sha256(str(self.treedef).encode())
     for x in self.leaves:
@@ -263,7 +264,6 @@ class _StaticFromInit(BaseUpdater):
   """Static sparse training on masks computed once, in ``init``, from the params."""
 
   scheduler: Any = sparsity_schedules.NoUpdateSchedule()
-  scheduler_kind = 'none'
 
   def compute_init_masks(self, params: PyTree) -> PyTree:
     raise NotImplementedError
@@ -271,7 +271,7 @@ class _StaticFromInit(BaseUpdater):
   def init_masks(self, params, targets):
     masks = self.compute_init_masks(params)
     return jax.tree.map(
-      lambda t, m: None if t is None else jnp.asarray(m, bool), targets, masks, is_leaf=_is_none
+      lambda t, m: None if t is None else jnp.asarray(m, bool), targets, masks, is_leaf=is_none
     )
 
   def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
@@ -314,7 +314,7 @@ class FixedMaskSparse(_StaticFromInit):
       return treedef.unflatten(treedef.flatten_up_to(masks))
     except (ValueError, TypeError):
       pass
-    by_name = dict(sparsity_distributions.named_leaves(masks, is_leaf=_is_none))
+    by_name = dict(sparsity_distributions.named_leaves(masks, is_leaf=is_none))
     names = [sparsity_distributions.path_name(path) for path, _ in flat]
     missing = sorted(set(names) - set(by_name))
     extra = sorted(set(by_name) - set(names))
@@ -339,7 +339,7 @@ class FixedMaskSparse(_StaticFromInit):
         )
       return 1.0 - float(np.count_nonzero(m)) / max(np.size(m), 1)
 
-    return jax.tree.map(sparsity, masks, params, is_leaf=_is_none)
+    return jax.tree.map(sparsity, masks, params, is_leaf=is_none)
 
   def compute_init_masks(self, params):
     return self._masks_like(params)
@@ -356,7 +356,7 @@ class SNIP(_StaticFromInit):
 
   loss_fn: Callable[..., Any] | None = None
   batch: Any = None
-  is_global = True
+  selection_strategy = strategies.GlobalThreshold()
 
   def __post_init__(self):
     if self.loss_fn is None or self.batch is None:
@@ -392,7 +392,7 @@ class SynFlow(_StaticFromInit):
   apply_fn: Callable[..., Any] | None = None
   input_shape: tuple[int, ...] | None = None
   iterations: int = 100
-  is_global = True
+  selection_strategy = strategies.GlobalThreshold()
 
   def __post_init__(self):
     if self.apply_fn is None or self.input_shape is None:

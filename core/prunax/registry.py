@@ -12,6 +12,7 @@ from prunax import pruning_at_init
 from prunax import sparsity_distributions
 from prunax import sparsity_schedules
 from prunax import sparsity_types
+from prunax import strategies
 from prunax.base_updater import BaseUpdater
 
 _ALGORITHMS: dict[str, type[BaseUpdater]] = {
@@ -47,37 +48,42 @@ _ALGORITHMS: dict[str, type[BaseUpdater]] = {
 # 'dense-to-sparse' (a dense model is trained at some point) or 'sparse-to-sparse' (never
 # dense; pruning at init counts, its one dense gradient being negligible); ``dynamics`` is
 # 'static' (the mask never changes after it is chosen) or 'dynamic'. The README's algorithm
-# table states the same (tests/core/test_compare.py checks they agree). One dict per name.
+# table states the same (tests/core/test_compare.py checks they agree). ``schedule`` is the
+# schedule a config of that name builds (see create_updater_from_config): 'pruning'
+# (one-shot or gradual), 'periodic' (drop-and-grow every update_freq steps), 'alternating'
+# (AC/DC's phases) or 'none' (the masks of init are kept). One dict per name.
 ALGORITHM_INFO: dict[str, dict[str, str]] = {
-  'no_prune': {'origin': 'dense', 'dynamics': 'static'},
-  'magnitude': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-  'random': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-  'saliency': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-  'global_magnitude': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-  'global_saliency': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-  'magnitude_ste': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-  'random_ste': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-  'static_sparse': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
-  'set': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
-  'rigl': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
-  'autosparse': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-  'str': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-  'topkast': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
-  'topkast_ga': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
-  'sr_ste': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-  'snip': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
-  'grasp': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
-  'synflow': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
-  'fixed_masks': {'origin': 'sparse-to-sparse', 'dynamics': 'static'},
-  'snfs': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
-  'mest': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
-  'granet': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-  'acdc': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic'},
-  'nm_set': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
-  'nm_rigl': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'},
+  'no_prune': {'origin': 'dense', 'dynamics': 'static', 'schedule': 'pruning'},
+  'magnitude': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic', 'schedule': 'pruning'},
+  'random': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic', 'schedule': 'pruning'},
+  'saliency': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic', 'schedule': 'pruning'},
+  'global_magnitude': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic', 'schedule': 'pruning'},
+  'global_saliency': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic', 'schedule': 'pruning'},
+  'magnitude_ste': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic', 'schedule': 'pruning'},
+  'random_ste': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic', 'schedule': 'pruning'},
+  'static_sparse': {'origin': 'sparse-to-sparse', 'dynamics': 'static', 'schedule': 'none'},
+  'set': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic', 'schedule': 'periodic'},
+  'rigl': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic', 'schedule': 'periodic'},
+  'autosparse': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic', 'schedule': 'none'},
+  'str': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic', 'schedule': 'none'},
+  'topkast': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic', 'schedule': 'pruning'},
+  'topkast_ga': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic', 'schedule': 'pruning'},
+  'sr_ste': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic', 'schedule': 'pruning'},
+  'snip': {'origin': 'sparse-to-sparse', 'dynamics': 'static', 'schedule': 'none'},
+  'grasp': {'origin': 'sparse-to-sparse', 'dynamics': 'static', 'schedule': 'none'},
+  'synflow': {'origin': 'sparse-to-sparse', 'dynamics': 'static', 'schedule': 'none'},
+  'fixed_masks': {'origin': 'sparse-to-sparse', 'dynamics': 'static', 'schedule': 'none'},
+  'snfs': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic', 'schedule': 'periodic'},
+  'mest': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic', 'schedule': 'periodic'},
+  'granet': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic', 'schedule': 'pruning'},
+  'acdc': {'origin': 'dense-to-sparse', 'dynamics': 'dynamic', 'schedule': 'alternating'},
+  'nm_set': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic', 'schedule': 'periodic'},
+  'nm_rigl': {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic', 'schedule': 'periodic'},
 }
 ORIGINS = ('dense', 'dense-to-sparse', 'sparse-to-sparse')
 DYNAMICS = ('static', 'dynamic')
+SCHEDULES = ('pruning', 'periodic', 'alternating', 'none')
+_INFO_KEYS = {'origin': ORIGINS, 'dynamics': DYNAMICS, 'schedule': SCHEDULES}
 
 # jaxpruner's name for the registry (the same dict: register_algorithm adds to both).
 ALGORITHM_REGISTRY = _ALGORITHMS
@@ -107,12 +113,29 @@ CONFIG_KEYS = frozenset(
 
 def _check_info(name: str, info: Mapping[str, str]) -> dict[str, str]:
   info = dict(info)
-  if info.get('origin') not in ORIGINS or info.get('dynamics') not in DYNAMICS:
+  for key, valid in _INFO_KEYS.items():
+    if info.get(key) not in valid:
+      raise ValueError(
+        f'Algorithm info of {name!r} needs {key} in {list(valid)}, got {info!r} (keys: '
+        f'{", ".join(f"{k} in {list(v)}" for k, v in _INFO_KEYS.items())}).'
+      )
+  unknown = set(info) - set(_INFO_KEYS)
+  if unknown:
     raise ValueError(
-      f'Algorithm info of {name!r} needs origin in {list(ORIGINS)} and dynamics '
-      f'in {list(DYNAMICS)}, got {info!r}.'
+      f'Algorithm info of {name!r} has unknown keys {sorted(unknown)}; valid keys are '
+      f'{sorted(_INFO_KEYS)}.'
     )
   return info
+
+
+def _inherited_info(cls: type) -> dict[str, str]:
+  """The info of the nearest registered base class of ``cls`` (its first registered
+  name), or that of a dense-to-sparse pruner when none is registered."""
+  for base in cls.__mro__:
+    for name, registered in _ALGORITHMS.items():
+      if registered is base and name in ALGORITHM_INFO:
+        return dict(ALGORITHM_INFO[name])
+  return {'origin': 'dense-to-sparse', 'dynamics': 'dynamic', 'schedule': 'pruning'}
 
 
 def register_algorithm(
@@ -123,8 +146,9 @@ def register_algorithm(
   Args:
     name: the algorithm's name in configs.
     cls: the updater class.
-    info: its positioning, ``{'origin': ..., 'dynamics': ...}`` (see :data:`ALGORITHM_INFO`);
-      None: derived from the class (see :func:`algorithm_info`).
+    info: its metadata, ``{'origin': ..., 'dynamics': ..., 'schedule': ...}`` (see
+      :data:`ALGORITHM_INFO`); keys left out are those of its nearest registered base
+      class (see :func:`algorithm_info`).
   """
   if not (isinstance(cls, type) and issubclass(cls, BaseUpdater)):
     raise TypeError(f'register_algorithm needs a BaseUpdater subclass, got {cls!r}.')
@@ -133,24 +157,26 @@ def register_algorithm(
       f'algorithm name {name!r} is already registered to {_ALGORITHMS[name].__name__}.'
     )
   if info is not None:
-    ALGORITHM_INFO[name] = _check_info(name, info)
+    ALGORITHM_INFO[name] = _check_info(name, {**_inherited_info(cls), **dict(info)})
   _ALGORITHMS[name] = cls
 
 
 def algorithm_info(name: str) -> dict[str, str]:
-  """The positioning of algorithm ``name``: ``{'origin': ..., 'dynamics': ...}``.
+  """The metadata of algorithm ``name``: ``{'origin': ..., 'dynamics': ..., 'schedule': ...}``.
 
-  From :data:`ALGORITHM_INFO`; for an algorithm registered without it, derived from its
-  class (``is_sparse_training``: sparse-to-sparse, else dense-to-sparse; ``scheduler_kind``
-  'none': static, else dynamic).
+  From :data:`ALGORITHM_INFO`; for an algorithm registered without it, that of its nearest
+  registered base class (a subclass of SET is periodic and sparse-to-sparse).
   """
   cls = get_algorithm(name)
   if name in ALGORITHM_INFO:
     return dict(ALGORITHM_INFO[name])
-  return {
-    'origin': 'sparse-to-sparse' if cls.is_sparse_training else 'dense-to-sparse',
-    'dynamics': 'static' if cls.scheduler_kind == 'none' else 'dynamic',
-  }
+  return _inherited_info(cls)
+
+
+def schedule_kind(cls: type[BaseUpdater]) -> str:
+  """The ``schedule`` metadata (see :data:`ALGORITHM_INFO`) of the algorithm class ``cls``:
+  that of its registered name, else of its nearest registered base class."""
+  return _inherited_info(cls)['schedule']
 
 
 def all_algorithm_names() -> list[str]:
@@ -165,15 +191,15 @@ def get_algorithm(name: str) -> type[BaseUpdater]:
   return _ALGORITHMS[name]
 
 
-def _schedule(cls: type[BaseUpdater], cfg: Mapping[str, Any]):
+def _schedule(kind: str, cfg: Mapping[str, Any]):
   freq = cfg.get('update_freq', 10)
   start = cfg.get('update_start_step', 0)
   end = cfg.get('update_end_step')
-  if cls.scheduler_kind == 'none':
+  if kind == 'none':
     return sparsity_schedules.NoUpdateSchedule()
-  if cls.scheduler_kind == 'periodic':
+  if kind == 'periodic':
     return sparsity_schedules.PeriodicSchedule(freq, start, end)
-  if cls.scheduler_kind == 'alternating':  # AC/DC: phases of update_freq steps.
+  if kind == 'alternating':  # AC/DC: phases of update_freq steps.
     return algorithms.AlternatingSchedule(freq, start, end)
   if end is None or end == start:
     return sparsity_schedules.OneShotSchedule(start)
@@ -250,7 +276,10 @@ def create_updater_from_config(config: Any) -> BaseUpdater:
   # Constructor arguments given as config keys pass through (as in jaxpruner's configs).
   kwargs.update({k: v for k, v in cfg.items() if k not in CONFIG_KEYS})
   dist_type = cfg.get('dist_type', 'uniform')
-  if cls.is_global and str(dist_type).lower() == 'erk':
+  if (
+    isinstance(cls.selection_strategy, strategies.GlobalThreshold)
+    and str(dist_type).lower() == 'erk'
+  ):
     # jaxpruner's configs name a distribution that its global pruners ignore.
     warnings.warn(
       f'{cfg["algorithm"]} chooses per-layer sparsities with one global '
@@ -273,7 +302,7 @@ def create_updater_from_config(config: Any) -> BaseUpdater:
   kwargs.update(
     sparsity=cfg.get('sparsity', defaults['sparsity']),
     sparsity_distribution_fn=dist,
-    scheduler=_schedule(cls, cfg),
+    scheduler=_schedule(algorithm_info(cfg['algorithm'])['schedule'], cfg),
     seed=cfg.get('seed', 0),
     packed_masks=cfg.get('packed_masks', True),
   )

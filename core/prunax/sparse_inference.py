@@ -33,7 +33,7 @@ from prunax.sparsity_types import nm_default_axis
 BLOCK_CANDIDATES = ((32, 32), (16, 16), (8, 8))
 
 
-def _nonzero_bits(x: np.ndarray) -> np.ndarray:
+def nonzero_bits(x: np.ndarray) -> np.ndarray:
   """True where the element's bits are not all zero (so -0.0 and NaN count as stored)."""
   return x.view(np.dtype(f'u{x.dtype.itemsize}')) != 0
 
@@ -282,7 +282,7 @@ def to_block(x, block_shape: tuple[int, int], index_dtype=np.int32) -> BlockSpar
   padded = np.zeros((gk * bk, gn * bn), x.dtype)
   padded[:k, :n] = x
   blocks = padded.reshape(gk, bk, gn, bn).transpose(0, 2, 1, 3)  # (gk, gn, bk, bn)
-  occupied = _nonzero_bits(blocks).any(axis=(2, 3))
+  occupied = nonzero_bits(blocks).any(axis=(2, 3))
   cols, rows = np.nonzero(occupied.T)  # sorted by column, then row
   return BlockSparse(
     jnp.asarray(blocks[rows, cols]),
@@ -297,7 +297,7 @@ def to_ell(x, index_dtype=np.int32) -> EllSparse:
   """:class:`EllSparse` of a 2-D ``x``: per column, every element with a nonzero bit."""
   x = np.asarray(x)
   _check_2d(x, 'to_ell')
-  stored = _nonzero_bits(x).T  # (N, K)
+  stored = nonzero_bits(x).T  # (N, K)
   counts = stored.sum(axis=1)
   width = max(int(counts.max(initial=0)), 1)
   # Stored rows first (ascending), then padding; padding values are +0.0 at row 0.
@@ -342,7 +342,7 @@ def is_nm(x: np.ndarray, n: int, m: int, axis: int | None) -> bool:
   axis %= x.ndim
   if x.shape[axis] % m:
     return False
-  moved = np.moveaxis(_nonzero_bits(x), axis, -1)
+  moved = np.moveaxis(nonzero_bits(x), axis, -1)
   return bool((moved.reshape(moved.shape[:-1] + (-1, m)).sum(-1) <= n).all())
 
 
@@ -378,7 +378,7 @@ def choose_format(
   """
   x = np.asarray(x)
   _check_2d(x, 'choose_format')
-  stored = _nonzero_bits(x)
+  stored = nonzero_bits(x)
   nnz = int(stored.sum())
   for bk, bn in block_shapes:
     if bk > x.shape[0] or bn > x.shape[1]:

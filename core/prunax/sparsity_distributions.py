@@ -24,35 +24,11 @@ import jax
 import numpy as np
 
 from prunax import _checks
+from prunax.tree_util import named_leaves  # noqa: F401 (re-exported)
+from prunax.tree_util import path_name
 
 PyTree = Any
 FilterFn = Callable[[str, Any], bool]
-
-
-def path_name(path) -> str:
-  """``'/'``-joined name of a ``jax.tree_util`` key path (dict keys, attributes, indices).
-
-  A trailing ``.value`` attribute (the array inside a flax box: linen ``Partitioned``,
-  nnx ``Variable``) is not part of the name, so boxed and unboxed params share names.
-  """
-  parts = []
-  path = tuple(path)
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
-    path = path[:-1]
-  for entry in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(entry, attr):
-        parts.append(str(getattr(entry, attr)))
-        break
-    else:
-      parts.append(str(entry))
-  return '/'.join(parts)
-
-
-def named_leaves(tree: PyTree, is_leaf=None) -> list[tuple[str, Any]]:
-  """Leaves of ``tree`` with their path names, in pytree order."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  return [(path_name(path), leaf) for path, leaf in flat]
 
 
 class ParamName(str):
@@ -80,7 +56,8 @@ def default_filter(name: str, leaf) -> bool:
   return np.ndim(leaf) >= 2 and math.prod(np.shape(leaf)) > 0
 
 
-def _check_sparsity(value, name: str) -> float:
+def check_sparsity(value, name: str) -> float:
+  """``value`` as a float sparsity in [0, 1); a ValueError names ``name`` otherwise."""
   return _checks.number(value, f'sparsity for {name!r}', 0.0, 1.0, high_open=True)
 
 
@@ -100,7 +77,7 @@ def _check_custom_map(custom: Any) -> dict[str, float]:
         f'custom sparsity map keys must be parameter names or regexes (strings), '
         f'or paths as tuples of names, got {key!r}.'
       )
-    out[key] = _check_sparsity(value, key)
+    out[key] = check_sparsity(value, key)
   return out
 
 
@@ -114,7 +91,7 @@ def _match_custom(names: list[str], custom: Mapping[str, float] | None) -> dict[
         f'custom sparsity map key {key!r} matches no parameter; parameter names are: {names}.'
       )
     for hit in hits:
-      resolved[hit] = _check_sparsity(value, hit)
+      resolved[hit] = check_sparsity(value, hit)
   return resolved
 
 
@@ -178,7 +155,7 @@ def uniform(
   Returns:
     A tree like ``params`` of floats (pruned leaves) and ``None`` (dense leaves).
   """
-  sparsity = _check_sparsity(sparsity, 'all parameters')
+  sparsity = check_sparsity(sparsity, 'all parameters')
   custom = _match_custom([n for n, _ in named_leaves(params)], custom_sparsity_map)
   values = {n: sparsity for n, _ in _selected(params, filter_fn, layer_axes)}
   values.update(custom)
@@ -214,7 +191,7 @@ def erk(
   Returns:
     A tree like ``params`` of floats and ``None`` (dense leaves).
   """
-  sparsity = _check_sparsity(sparsity, 'all parameters')
+  sparsity = check_sparsity(sparsity, 'all parameters')
   erk_power_scale = _checks.number(erk_power_scale, 'erk_power_scale', 0.0)
   layer_axes = layer_axes or {}
   custom = _match_custom([n for n, _ in named_leaves(params)], custom_sparsity_map)

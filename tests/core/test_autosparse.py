@@ -63,8 +63,10 @@ def _state_at(updater, dense, s):
   }
   state = state._replace(
     masks=masks,
-    dense_params={n: {'kernel': dense[n]['kernel'], 'bias': None} for n in KERNELS},
-    thresholds={n: {'kernel': jnp.float32(s[n]), 'bias': None} for n in KERNELS},
+    algorithm_state=state.algorithm_state._replace(
+      dense_params={n: {'kernel': dense[n]['kernel'], 'bias': None} for n in KERNELS},
+      thresholds={n: {'kernel': jnp.float32(s[n]), 'bias': None} for n in KERNELS},
+    ),
   )
   params = {
     n: {'kernel': soft_threshold(dense[n]['kernel'], s[n]), 'bias': dense[n]['bias']}
@@ -93,18 +95,21 @@ def test_proxy_and_threshold_gradients_match_reparameterised_forward(alpha, own_
   ref_w, ref_s = jax.grad(reparam_loss, argnums=(0, 1))(dense, S, alpha, batch)
   for n in KERNELS:
     np.testing.assert_allclose(
-      new_state.dense_params[n]['kernel'],
+      new_state.algorithm_state.dense_params[n]['kernel'],
       dense[n]['kernel'] - ref_w[n]['kernel'],
       rtol=1e-5,
       atol=1e-6,
     )
     expected_s = S[n] - lr * (ref_s[n] + wd * S[n])
-    np.testing.assert_allclose(new_state.thresholds[n]['kernel'], expected_s, rtol=1e-5)
+    np.testing.assert_allclose(
+      new_state.algorithm_state.thresholds[n]['kernel'], expected_s, rtol=1e-5
+    )
     assert abs(float(ref_s[n])) > 1e-4  # the threshold gradient is not trivially zero
   if alpha == 0.0:  # STR: pruned weights receive no gradient.
     pruned = ~prunax.bool_masks(state, params)['layer0']['kernel']
     np.testing.assert_array_equal(
-      new_state.dense_params['layer0']['kernel'][pruned], dense['layer0']['kernel'][pruned]
+      new_state.algorithm_state.dense_params['layer0']['kernel'][pruned],
+      dense['layer0']['kernel'][pruned],
     )
 
 
@@ -122,7 +127,10 @@ def test_backward_set_limits_gradients_to_topk():
     in_b = (jnp.abs(w) >= jnp.sort(jnp.abs(w).ravel())[::-1][k - 1]) | active
     scale = jnp.where(active, 1.0, jnp.where(in_b, 0.5, 0.0))
     np.testing.assert_allclose(
-      new_state.dense_params[n]['kernel'], w - grads[n]['kernel'] * scale, rtol=1e-6, atol=1e-7
+      new_state.algorithm_state.dense_params[n]['kernel'],
+      w - grads[n]['kernel'] * scale,
+      rtol=1e-6,
+      atol=1e-7,
     )
     assert int(jnp.sum(active)) < k == int(jnp.sum(in_b))  # A < B < all weights
 
@@ -140,15 +148,17 @@ def test_forward_params_are_soft_thresholded_and_masks_match():
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
   for n in KERNELS:
-    d = np.asarray(state.dense_params[n]['kernel'])
-    t = 1.0 / (1.0 + np.exp(-float(state.thresholds[n]['kernel'])))
+    d = np.asarray(state.algorithm_state.dense_params[n]['kernel'])
+    t = 1.0 / (1.0 + np.exp(-float(state.algorithm_state.thresholds[n]['kernel'])))
     np.testing.assert_allclose(
       params[n]['kernel'], np.sign(d) * np.maximum(np.abs(d) - t, 0.0), atol=1e-6
     )
     np.testing.assert_array_equal(prunax.bool_masks(state, params)[n]['kernel'], np.abs(d) > t)
     np.testing.assert_array_equal(params[n]['kernel'] != 0, np.abs(d) > t)
   summary = prunax.summarize_thresholds(state)
-  assert summary['s/layer0/kernel'] == pytest.approx(float(state.thresholds['layer0']['kernel']))
+  assert summary['s/layer0/kernel'] == pytest.approx(
+    float(state.algorithm_state.thresholds['layer0']['kernel'])
+  )
   assert summary['threshold/layer0/kernel'] == pytest.approx(
     1 / (1 + math.exp(-summary['s/layer0/kernel']))
   )
@@ -158,8 +168,8 @@ def test_str_rejects_nonzero_alpha_and_thresholds_start_at_s_init():
   with pytest.raises(ValueError, match='alpha = 0'):
     prunax.STR(alpha=0.5)
   state = prunax.AutoSparse(s_init=-7.0).wrap_optax(optax.sgd(0.1)).init(mlp_params())
-  assert float(state.thresholds['layer1']['kernel']) == -7.0
-  assert isinstance(state.thresholds['layer1']['bias'], optax.MaskedNode)
+  assert float(state.algorithm_state.thresholds['layer1']['kernel']) == -7.0
+  assert isinstance(state.algorithm_state.thresholds['layer1']['bias'], optax.MaskedNode)
   assert hash(prunax.AutoSparse(alpha={'kind': 'cosine', 'decay_steps': 10})) == hash(
     prunax.AutoSparse(alpha=prunax.GradientAnnealing('cosine', decay_steps=10))
   )
@@ -210,16 +220,16 @@ def test_thresholds_take_the_inner_adams_steps():
   m, v = (1 - b1) * d1, (1 - b2) * d1**2
   s1 = s0 - lr * (m / (1 - b1)) / (np.sqrt(v / (1 - b2)) + eps)
   assert abs(s1 - s0) == pytest.approx(lr, abs=1e-7)  # Adam's first step: lr, whatever |d1|
-  np.testing.assert_allclose(float(s1_state.thresholds['w']), s1, rtol=1e-6)
+  np.testing.assert_allclose(float(s1_state.algorithm_state.thresholds['w']), s1, rtol=1e-6)
   # The dense weights after step 1, from the same Adam.
   w1 = W - lr * G1 / (np.abs(G1) + eps)
-  np.testing.assert_allclose(s1_state.dense_params['w'], w1, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(s1_state.algorithm_state.dense_params['w'], w1, rtol=1e-6, atol=1e-7)
   d2 = _by_hand_threshold_grad(w1, G2, s1, alpha, wd)
   m, v = b1 * m + (1 - b1) * d2, b2 * v + (1 - b2) * d2**2
   s2 = s1 - lr * (m / (1 - b1**2)) / (np.sqrt(v / (1 - b2**2)) + eps)
-  np.testing.assert_allclose(float(s2_state.thresholds['w']), s2, rtol=1e-6)
+  np.testing.assert_allclose(float(s2_state.algorithm_state.thresholds['w']), s2, rtol=1e-6)
   # The thresholds' moments are in the optimizer state, beside the weights' own.
-  adam_state = s2_state.threshold_state[0]
+  adam_state = s2_state.algorithm_state.threshold_state[0]
   assert int(adam_state.count) == 2 == int(s2_state.inner_state[0].count)
   np.testing.assert_allclose(float(adam_state.mu['w']), m, rtol=1e-6)
   np.testing.assert_allclose(float(adam_state.nu['w']), v, rtol=1e-6)
@@ -236,10 +246,12 @@ def test_thresholds_follow_the_inner_sgd_momentum_and_its_schedule():
   s0 = -1.0
   buf = _by_hand_threshold_grad(W, G1, s0, alpha, wd, first=True)
   s1 = s0 - lrs[0] * buf
-  np.testing.assert_allclose(float(s1_state.thresholds['w']), s1, rtol=1e-6)
-  w1 = np.asarray(s1_state.dense_params['w'])
+  np.testing.assert_allclose(float(s1_state.algorithm_state.thresholds['w']), s1, rtol=1e-6)
+  w1 = np.asarray(s1_state.algorithm_state.dense_params['w'])
   buf = mu * buf + _by_hand_threshold_grad(w1, G2, s1, alpha, wd)
-  np.testing.assert_allclose(float(s2_state.thresholds['w']), s1 - lrs[1] * buf, rtol=1e-6)
+  np.testing.assert_allclose(
+    float(s2_state.algorithm_state.thresholds['w']), s1 - lrs[1] * buf, rtol=1e-6
+  )
 
 
 def test_own_sgd_keeps_the_old_update():
@@ -248,12 +260,12 @@ def test_own_sgd_keeps_the_old_update():
   s1_state, s2_state = _two_steps(
     optax.adam(0.01), alpha=alpha, threshold_lr=lr, threshold_weight_decay=wd
   )
-  assert isinstance(s2_state.threshold_state, optax.MaskedNode)
+  assert isinstance(s2_state.algorithm_state.threshold_state, optax.MaskedNode)
   s1 = -1.0 - lr * _by_hand_threshold_grad(W, G1, -1.0, alpha, wd, first=True)
-  np.testing.assert_allclose(float(s1_state.thresholds['w']), s1, rtol=1e-6)
-  w1 = np.asarray(s1_state.dense_params['w'])
+  np.testing.assert_allclose(float(s1_state.algorithm_state.thresholds['w']), s1, rtol=1e-6)
+  w1 = np.asarray(s1_state.algorithm_state.dense_params['w'])
   s2 = s1 - lr * _by_hand_threshold_grad(w1, G2, s1, alpha, wd)
-  np.testing.assert_allclose(float(s2_state.thresholds['w']), s2, rtol=1e-6)
+  np.testing.assert_allclose(float(s2_state.algorithm_state.thresholds['w']), s2, rtol=1e-6)
 
 
 def test_thresholds_follow_their_leafs_transformation():
@@ -265,9 +277,11 @@ def test_thresholds_follow_their_leafs_transformation():
   state = tx.init(params)
   grads = jax.grad(loss_fn)(params, make_batch())
   _, state = jax.jit(tx.update)(grads, state, params)
-  assert float(state.thresholds['layer0']['kernel']) == -2.0
+  assert float(state.algorithm_state.thresholds['layer0']['kernel']) == -2.0
   # Adam's first step is +-lr.
-  assert abs(float(state.thresholds['layer1']['kernel']) + 2.0) == pytest.approx(0.1, rel=1e-4)
+  assert abs(float(state.algorithm_state.thresholds['layer1']['kernel']) + 2.0) == pytest.approx(
+    0.1, rel=1e-4
+  )
 
 
 # --------------------------------------------------------------------- annealing
@@ -329,7 +343,7 @@ def test_default_alpha_is_the_papers_sigmoid_cosine_decay():
   pruned = np.abs(W) <= _sig(-1.0)
   assert 0 < pruned.sum() < pruned.size
   np.testing.assert_allclose(
-    state.dense_params['w'], W - G1 * np.where(pruned, alpha, 1.0), rtol=1e-6
+    state.algorithm_state.dense_params['w'], W - G1 * np.where(pruned, alpha, 1.0), rtol=1e-6
   )
   # Without the length of training, the paper's fixed scale; STR stays at 0.
   assert float(prunax.AutoSparse().alpha_schedule()(10**6)) == 0.75

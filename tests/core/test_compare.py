@@ -274,7 +274,8 @@ def test_readme_table_agrees_with_the_registry_metadata():
   readme, unnamed = _readme_algorithm_table()
   assert sorted(readme) == sorted(registry.ALGORITHM_INFO) == registry.all_algorithm_names()
   for name, (class_cell, origin, dynamics) in readme.items():
-    assert registry.algorithm_info(name) == {'origin': origin, 'dynamics': dynamics}, name
+    info = registry.algorithm_info(name)
+    assert (info['origin'], info['dynamics']) == (origin, dynamics), name
     # The class column names the registered class, as reachable from ``prunax``.
     named = re.findall(r'`([\w.]+)`', class_cell)
     assert named, f'README class of {name!r} is malformed: {class_cell!r}'
@@ -293,10 +294,30 @@ def test_register_algorithm_info(monkeypatch):
   class Mine(prunax.algorithms.SET):
     pass
 
-  registry.register_algorithm('mine', Mine)  # no info: derived from the class
-  assert registry.algorithm_info('mine') == {'origin': 'sparse-to-sparse', 'dynamics': 'dynamic'}
+  registry.register_algorithm('mine', Mine)  # no info: that of its registered base, SET
+  assert registry.algorithm_info('mine') == {
+    'origin': 'sparse-to-sparse',
+    'dynamics': 'dynamic',
+    'schedule': 'periodic',
+  }
+  # The schedule a config of the name builds is that metadata: periodic, as SET's.
+  updater = registry.create_updater_from_config(
+    {'algorithm': 'mine', 'sparsity': 0.5, 'update_freq': 5, 'update_end_step': 50}
+  )
+  assert isinstance(updater.scheduler, prunax.sparsity_schedules.PeriodicSchedule)
   with pytest.raises(ValueError, match="origin in .* got {'origin': 'sideways'"):
     registry.register_algorithm('mine2', Mine, {'origin': 'sideways', 'dynamics': 'static'})
+  with pytest.raises(ValueError, match=r"schedule in \['pruning', 'periodic', 'alternating'"):
+    registry.register_algorithm('mine4', Mine, {'schedule': 'weekly'})
+  with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
+    registry.register_algorithm('mine5', Mine, {'colour': 'red'})
+  # A pruner registered with only its schedule keeps the rest of its base's metadata.
+  registry.register_algorithm('mine6', Mine, {'schedule': 'none'})
+  assert registry.algorithm_info('mine6')['origin'] == 'sparse-to-sparse'
+  assert isinstance(
+    registry.create_updater_from_config({'algorithm': 'mine6', 'sparsity': 0.5}).scheduler,
+    prunax.sparsity_schedules.NoUpdateSchedule,
+  )
   registry.register_algorithm('mine3', Mine, {'origin': 'dense-to-sparse', 'dynamics': 'static'})
   assert compare.category('mine3', Mine(sparsity=0.5))['origin'] == 'dense-to-sparse'
 

@@ -202,13 +202,15 @@ def test_snfs_momentum_redistribution_and_growth():
   state = _state(snfs, params)
   # The momentum: m <- 0.9 m + g of the dense gradients, every step.
   g = {'a': jnp.full((1, 8), 2.0), 'b': jnp.ones((1, 8))}
-  aux = snfs.update_aux(snfs.update_aux(state.aux, g, old), g, old)
-  np.testing.assert_allclose(np.asarray(aux['a']), 0.9 * 2.0 + 2.0)
+  aux = snfs.update_algorithm_state(
+    snfs.update_algorithm_state(state.algorithm_state, g, old), g, old
+  )
+  np.testing.assert_allclose(np.asarray(aux.momentum['a']), 0.9 * 2.0 + 2.0)
   # Mean |m| over active weights: a 3, b 1; each removes ceil(0.5 * 4) = 2 (smallest |w|),
   # the 4 removed go back 3 to a and 1 to b, at the largest |m| among inactive positions.
   ma = jnp.asarray([[3.0, 3.0, 3.0, 3.0, 0.5, 2.0, 1.0, 0.1]])
   mb = jnp.asarray([[0.7, 0.2, 0.3, 0.1, 1.5, 1.5, 0.5, 0.5]])
-  state = state._replace(aux={'a': ma, 'b': mb})
+  state = state._replace(algorithm_state=snfs_lib.SnfsState({'a': ma, 'b': mb}))
   new = snfs.compute_masks(params, {'a': 0.5, 'b': 0.5}, state, g, old)
   # a keeps w0, w1 and grows the 3 largest |m| among the rest: w2 (3), w3 (3), w5 (2).
   np.testing.assert_array_equal(np.asarray(new['a']).reshape(-1), [1, 1, 1, 1, 0, 1, 0, 0])

@@ -51,7 +51,7 @@ def test_rigl_drops_floor_of_fraction_times_active():
   mask = w != 0
   rigl = prunax.RigL(sparsity=6 / 16, drop_fraction=0.35, drop_fraction_fn='constant')
   state = rigl.wrap_optax(optax.sgd(0.0)).init({'w': w})
-  state = state._replace(masks=rigl._store({'w': mask}))
+  state = state._replace(masks=rigl.store_masks({'w': mask}))
   new = rigl.compute_masks(
     {'w': w}, {'w': 6 / 16}, sparse_state=state, grads={'w': g}, old_masks={'w': mask}
   )['w']

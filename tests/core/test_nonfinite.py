@@ -55,21 +55,22 @@ def test_autosparse_skips_a_threshold_update_on_nan_gradients(threshold_lr, inne
   state = tx.init(params)
   update = jax.jit(tx.update)
   grads = {'w': jnp.ones((8, 16)).at[3, 3].set(jnp.nan)}
-  initial = prunax.get_sparse_state(state).threshold_state
+  initial = prunax.get_sparse_state(state).algorithm_state.threshold_state
   _, state = update(grads, state, params)
-  s = float(prunax.get_sparse_state(state).thresholds['w'])
+  s = float(prunax.get_sparse_state(state).algorithm_state.thresholds['w'])
   assert s == -2.0  # skipped, not NaN (a NaN threshold prunes the whole leaf for good)
   # The thresholds' optimizer state (Adam's moments and count) is left as it was too.
   for a, b in zip(
-    jax.tree.leaves(prunax.get_sparse_state(state).threshold_state), jax.tree.leaves(initial)
+    jax.tree.leaves(prunax.get_sparse_state(state).algorithm_state.threshold_state),
+    jax.tree.leaves(initial),
   ):
     np.testing.assert_array_equal(a, b)
   # The skip is per step: a finite step moves the threshold (from a fresh state, since the
   # NaN gradient also reached the dense weights; optax.apply_if_finite around the pruner
   # skips such steps whole).
   _, fresh = update({'w': jnp.ones((8, 16))}, tx.init(params), params)
-  assert np.isfinite(float(prunax.get_sparse_state(fresh).thresholds['w']))
-  assert float(prunax.get_sparse_state(fresh).thresholds['w']) != -2.0
+  assert np.isfinite(float(prunax.get_sparse_state(fresh).algorithm_state.thresholds['w']))
+  assert float(prunax.get_sparse_state(fresh).algorithm_state.thresholds['w']) != -2.0
 
 
 def test_explicit_hooks_zero_pruned_weights_whatever_they_hold():

@@ -107,14 +107,14 @@ def test_autosparse_thresholds_train_with_every_optimizer(inner):
   params, state = _train(tx, mlp_params())
   sparse = prunax.get_sparse_state(state)
   for name in ('layer0', 'layer1'):
-    s = float(sparse.thresholds[name]['kernel'])
+    s = float(sparse.algorithm_state.thresholds[name]['kernel'])
     assert np.isfinite(s) and s != -2.0, (name, s)
-    d = np.asarray(sparse.dense_params[name]['kernel'])
+    d = np.asarray(sparse.algorithm_state.dense_params[name]['kernel'])
     t = 1 / (1 + np.exp(-s))
     np.testing.assert_allclose(
       params[name]['kernel'], np.sign(d) * np.maximum(np.abs(d) - t, 0), atol=1e-6
     )
-  assert jax.tree.leaves(sparse.threshold_state)
+  assert jax.tree.leaves(sparse.algorithm_state.threshold_state)
 
 
 def test_regrown_weights_restart_from_the_inner_init():
@@ -132,7 +132,7 @@ def test_regrown_weights_restart_from_the_inner_init():
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
   masks = prunax.bool_masks(state, params)
   old = prunax.get_sparse_state(state).inner_state
-  reset = prunax.base_updater._reset_inactive(inner, old, masks, params)
+  reset = prunax.engines._reset_inactive(inner, old, masks, params)
   fresh = inner.init(params)
   # cocob is a chain; its COCOBState holds one tree like params per field.
   (old,) = [x for x in old if isinstance(x, optax.contrib.COCOBState)]
@@ -158,7 +158,7 @@ def test_factored_moments_are_left_alone():
   state = inner.init(params)
   state = jax.tree.map(lambda x: x + 1.0 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
   masks = jax.tree.map(lambda x: jnp.zeros(x.shape, bool) if x.ndim == 2 else None, params)
-  reset = prunax.base_updater._reset_inactive(inner, state, masks, params)
+  reset = prunax.engines._reset_inactive(inner, state, masks, params)
   for r, v in zip(jax.tree.leaves(reset), jax.tree.leaves(state)):
     if np.ndim(r) == 1 or np.ndim(r) == 0:
       np.testing.assert_array_equal(r, v)

@@ -81,8 +81,8 @@ SCRIPT = textwrap.dedent("""
           'param_w1': _spec(p8['w1']),
           'mu_w1': _spec(jax.tree.leaves(st.inner_state)[1]),
       }
-      if not isinstance(st.dense_params, optax.MaskedNode):
-        state_specs['dense_w1'] = _spec(st.dense_params['w1'])
+      if getattr(st.algorithm_state, 'dense_params', ()):  # dense weights kept (STE)
+        state_specs['dense_w1'] = _spec(st.algorithm_state.dense_params['w1'])
       report[name] = {'masks_equal': masks_equal, 'max_gap': gap,
                       'sparsity': prunax.summarize_sparsity(p8)['total_sparsity'],
                       'specs': state_specs}
@@ -98,9 +98,10 @@ SCRIPT = textwrap.dedent("""
         'global_magnitude': prunax.GlobalMagnitudePruning(sparsity=0.6),
     }.items():
       st = prunax.get_sparse_state(jax.jit(updater.wrap_optax(optax.adam(1e-2)).init)(sharded))
+      dense = getattr(st.algorithm_state, 'dense_params', ())
       report['init'][name] = {
           f'{kind}_{n}': _spec(x)
-          for kind, tree in (('mask', st.masks), ('dense', st.dense_params))
+          for kind, tree in (('mask', st.masks), ('dense', dense))
           for n, x in (tree or {}).items() if isinstance(x, jax.Array)}  # pruned leaves only
     print('REPORT' + json.dumps(report))
 """)

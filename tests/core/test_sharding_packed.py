@@ -92,7 +92,8 @@ SCRIPT = textwrap.dedent("""
       st8 = prunax.get_sparse_state(s8)
       wrong = []
       for when, st in (('init', init_state), ('step', st8)):
-        for kind, tree in (('mask', st.masks), ('dense', st.dense_params)):
+        dense = getattr(st.algorithm_state, 'dense_params', ())
+        for kind, tree in (('mask', st.masks), ('dense', dense)):
           for n, x in pruned(tree or {}).items():
             if spec(x) != want[n]:
               wrong.append(f'{when} {kind} {n}: {spec(x)} != {want[n]}')

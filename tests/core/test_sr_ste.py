@@ -23,11 +23,11 @@ def test_one_step_adds_decay_on_pruned_weights():
   m = prunax.bool_masks(state, params)['layer1']['kernel']
   # 2:4 along the input axis (-2) of the (in, out) kernel.
   np.testing.assert_array_equal(np.moveaxis(np.asarray(m), -2, -1).reshape(-1, 4).sum(-1), 2)
-  w = state.dense_params['layer1']['kernel']
+  w = state.algorithm_state.dense_params['layer1']['kernel']
   g = jax.grad(loss_fn)(params, batch)['layer1']['kernel']
   _, new_state = tx.update(jax.grad(loss_fn)(params, batch), state, params)
   np.testing.assert_allclose(
-    new_state.dense_params['layer1']['kernel'],
+    new_state.algorithm_state.dense_params['layer1']['kernel'],
     w - (g + decay * jnp.where(m, 0.0, w)),
     rtol=1e-5,
     atol=1e-6,
@@ -45,6 +45,6 @@ def test_pruned_weights_shrink_relative_to_plain_ste():
     total = 0.0
     for n in ('layer0', 'layer1'):
       m = prunax.bool_masks(state, params)[n]['kernel']
-      total += float(jnp.sum(jnp.abs(state.dense_params[n]['kernel'])[~m]))
+      total += float(jnp.sum(jnp.abs(state.algorithm_state.dense_params[n]['kernel'])[~m]))
     pruned_norm[decay] = total
   assert pruned_norm[0.2] < 0.8 * pruned_norm[0.0], pruned_norm

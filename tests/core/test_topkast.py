@@ -38,7 +38,7 @@ def test_gradients_backward_set_and_penalty(alpha):
   updater = prunax.TopKAST(sparsity=0.8, backward_sparsity=0.5, penalty=penalty, alpha=alpha)
   state, params, grads, new_state = _two_steps(updater)
   for n in KERNELS:
-    w = state.dense_params[n]['kernel']
+    w = state.algorithm_state.dense_params[n]['kernel']
     a = prunax.bool_masks(state, params)[n]['kernel']
     assert int(a.sum()) == w.size - round(0.8 * w.size)
     np.testing.assert_array_equal(a, _top(w, int(a.sum())))  # forward set: top-k of |w|
@@ -49,11 +49,13 @@ def test_gradients_backward_set_and_penalty(alpha):
       a, g + penalty * w, jnp.where(b, alpha * g + penalty / (a.sum() / a.size) * w, 0.0)
     )
     np.testing.assert_allclose(
-      new_state.dense_params[n]['kernel'], w - expected, rtol=1e-5, atol=1e-6
+      new_state.algorithm_state.dense_params[n]['kernel'], w - expected, rtol=1e-5, atol=1e-6
     )
     outside = ~b
     assert int(outside.sum()) == round(0.5 * w.size)
-    np.testing.assert_array_equal(new_state.dense_params[n]['kernel'][outside], w[outside])
+    np.testing.assert_array_equal(
+      new_state.algorithm_state.dense_params[n]['kernel'][outside], w[outside]
+    )
 
 
 def test_topkast_ga_anneals_and_is_registered():
@@ -71,10 +73,10 @@ def test_topkast_ga_anneals_and_is_registered():
   assert isinstance(updater, prunax.TopKASTGA)
   assert float(updater.alpha(1)) == pytest.approx(0.25)
   state, params, grads, new_state = _two_steps(updater)  # step 2 is step index 1: alpha = 0.25
-  w = state.dense_params['layer1']['kernel']
+  w = state.algorithm_state.dense_params['layer1']['kernel']
   a = prunax.bool_masks(state, params)['layer1']['kernel']
   np.testing.assert_allclose(
-    new_state.dense_params['layer1']['kernel'],
+    new_state.algorithm_state.dense_params['layer1']['kernel'],
     w - jnp.where(a, 1.0, 0.25) * grads['layer1']['kernel'],
     rtol=1e-5,
     atol=1e-6,

@@ -62,11 +62,16 @@ def _expected_mask_zeros(updater, params, step):
   for (name, p), t in zip(names, flat_t):
     if t is None:
       continue
-    if updater.is_sparse_training:
+    if _starts_sparse(updater):
       out[name] = _zeros(t, p.size)
     else:
       out[name] = _zeros(float(updater.scheduler.sparsity(step, t)), p.size)
   return out
+
+
+def _starts_sparse(updater):
+  """Whether the updater's masks start at the target (not all ones)."""
+  return type(updater).init_masks is not prunax.BaseUpdater.init_masks
 
 
 def _bool_masks(opt_state, params):
@@ -83,7 +88,7 @@ def _check_schedule(name, updater, params, history):
       m, w = np.asarray(m), np.asarray(weights[n])
       assert not w[~m].any(), f'{name}: pruned weights of {n} are not zero at step {step}'
       got[n] = int((~m).sum())
-    if updater.is_global:
+    if isinstance(updater.selection_strategy, prunax.strategies.GlobalThreshold):
       assert sum(got.values()) == _zeros(
         float(updater.scheduler.sparsity(step, 0.8)),
         sum(np.size(x) for x in jax.tree.leaves(masks)),
@@ -146,8 +151,8 @@ def test_ste_keeps_dense_weights_and_trains_them():
   sparse_state = prunax.get_sparse_state(state)
   masks = _bool_masks(state, params)
   # Not pruned, not duplicated: an empty node, never None (checkpointers restore it).
-  assert isinstance(sparse_state.dense_params['layer0']['bias'], optax.MaskedNode)
-  dense = sparse_state.dense_params['layer0']['kernel']
+  assert isinstance(sparse_state.algorithm_state.dense_params['layer0']['bias'], optax.MaskedNode)
+  dense = sparse_state.algorithm_state.dense_params['layer0']['kernel']
   mask = np.asarray(masks['layer0']['kernel'])
   # Pruned weights stay in the dense copy (non-zero) and the params are their projection.
   assert np.count_nonzero(np.asarray(dense)[~mask]) == (~mask).sum()
@@ -223,8 +228,8 @@ def test_ste_gradients_at_sparse_weights_update_the_dense_ones():
   p1, state = jax.jit(make_step(tx))(params, state, batch)  # step 0 prunes
   grads = jax.grad(loss_fn)(p1, batch)
   p2, state2 = jax.jit(make_step(tx))(p1, state, batch)
-  dense1 = prunax.get_sparse_state(state).dense_params['layer1']['kernel']
-  dense2 = prunax.get_sparse_state(state2).dense_params['layer1']['kernel']
+  dense1 = prunax.get_sparse_state(state).algorithm_state.dense_params['layer1']['kernel']
+  dense2 = prunax.get_sparse_state(state2).algorithm_state.dense_params['layer1']['kernel']
   np.testing.assert_allclose(dense2, dense1 - 0.1 * grads['layer1']['kernel'], rtol=1e-5, atol=1e-7)
 
 

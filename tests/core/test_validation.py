@@ -353,3 +353,20 @@ def test_n_by_m_groups_are_exact(n_m, groups, other, axis, dtype, seed):
   mask = np.moveaxis(np.asarray(masks['w']), axis, -1)
   assert (mask.reshape(-1, m).sum(1) == n).all()
   assert not np.asarray(new['w'], np.float32)[~np.asarray(masks['w'])].any()
+
+
+@pytest.mark.parametrize(
+  ('returned', 'message'),
+  [
+    (lambda s: {'a': s}, r"it has none for \['b'\]"),
+    (lambda s: {'a': s, 'b': s, 'c': s}, r"entries \['c'\] that are no parameter"),
+    (lambda s: [s, s], r"none for \['a', 'b'\]; it has entries \['0', '1'\]"),
+  ],
+)
+def test_a_distribution_that_misses_a_leaf_names_it(returned, message):
+  params = {'a': jnp.ones((4, 4)), 'b': jnp.ones((4, 4))}
+  pruner = prunax.MagnitudePruning(sparsity=0.5, sparsity_distribution_fn=lambda p, s: returned(s))
+  with pytest.raises(ValueError, match=message):
+    pruner.instant_sparsify(params)
+  with pytest.raises(ValueError, match=message):
+    pruner.wrap_optax(optax.sgd(0.1)).init(params)

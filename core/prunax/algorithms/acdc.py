@@ -66,7 +66,6 @@ class ACDC(MagnitudePruning):
   """Magnitude pruning on an :class:`AlternatingSchedule`."""
 
   scheduler: object = AlternatingSchedule(update_freq=500, update_start_step=1000)
-  scheduler_kind = 'alternating'
 
   def __post_init__(self):
     super().__post_init__()

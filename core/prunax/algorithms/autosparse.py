@@ -14,15 +14,15 @@ weights (the only gradient the training loop computes):
     dL/ds = -sigmoid'(s) * sum(g * sign(w) * (1 on A, alpha elsewhere))
 
 which are exactly the gradients of the reparameterised forward pass with ``h`` given that
-proxy derivative. The dense weights ``w`` live in ``SparseState.dense_params`` and are
-updated by the wrapped optimizer. The thresholds live in ``SparseState.thresholds`` and,
+proxy derivative. The algorithm's state (:class:`AutoSparseState`) holds the dense
+weights ``w``, updated by the wrapped optimizer, and the thresholds, which,
 as in the STR reference code (where ``s`` is a layer parameter in the optimizer with its
 own weight decay, ``st_decay``), are trained by the wrapped optimizer too, with its
 learning rate and schedule, from the gradient ``dL/ds + threshold_weight_decay * s`` (decay
-pulls ``s`` towards 0, raising ``T``); the optimizer's state for them is
-``SparseState.threshold_state``. The optimizer sees them as a tree of their own (like the
-params, a 0-d zero at leaves that are not pruned), so a transformation over the whole tree
-(``clip_by_global_norm``) takes the thresholds' norm apart from the weights'.
+pulls ``s`` towards 0, raising ``T``), with their own optimizer state. The optimizer sees
+them as a tree of their own (like the params, a 0-d zero at leaves that are not pruned), so
+a transformation over the whole tree (``clip_by_global_norm``) takes the thresholds' norm
+apart from the weights'.
 ``threshold_lr`` (a float) trains them with their own plain SGD instead (prunax's earlier
 behaviour, with 0.01). The sparsity is learned: the updater's ``sparsity`` only selects
 which leaves are pruned (through the distribution's filter) and is otherwise unused.
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,12 +55,15 @@ from prunax import annealing
 from prunax import selection
 from prunax import sparsity_schedules
 from prunax import sparsity_types
+from prunax.algorithms.ste import StraightThrough
 from prunax.base_updater import BaseUpdater
-from prunax.base_updater import SparseState
-from prunax.base_updater import _is_none
-from prunax.base_updater import get_sparse_state
-from prunax.base_updater import map_masked
-from prunax.sparsity_distributions import named_leaves
+from prunax.state import SparseState
+from prunax.state import get_sparse_state
+from prunax.tree_util import from_stored
+from prunax.tree_util import is_none
+from prunax.tree_util import map_masked
+from prunax.tree_util import named_leaves
+from prunax.tree_util import to_stored
 
 
 def _layer_axis(s: jax.Array, w: jax.Array) -> int | None:
@@ -75,8 +79,26 @@ def soft_threshold(w: jax.Array, s: jax.Array) -> jax.Array:
   return (jnp.sign(w) * jax.nn.relu(jnp.abs(w).astype(jnp.float32) - t)).astype(w.dtype)
 
 
+class AutoSparseState(NamedTuple):
+  """AutoSparse's state (``MaskedNode()`` at leaves that are not pruned).
+
+  Attributes:
+    dense_params: the dense weights of the pruned leaves.
+    thresholds: the threshold parameter ``s`` of every pruned leaf (float32; per layer of
+      a stacked leaf, shaped to broadcast against it).
+    threshold_state: the wrapped optimizer's state for the thresholds (``MaskedNode()``
+      with ``threshold_lr``).
+  """
+
+  dense_params: Any
+  thresholds: Any
+  threshold_state: Any
+
+  params_like = ('dense_params',)
+
+
 @dataclasses.dataclass(frozen=True)
-class AutoSparse(BaseUpdater):
+class AutoSparse(StraightThrough, BaseUpdater):
   """Learnable-threshold sparse training with gradient annealing (AutoSparse).
 
   Attributes:
@@ -110,9 +132,6 @@ class AutoSparse(BaseUpdater):
 
   # The paper's alpha0 for ResNet-50 (section 5.1, Table 1), annealed by Sigmoid-Cosine.
   default_alpha0 = 0.75
-
-  is_ste = True
-  scheduler_kind = 'none'
 
   def __post_init__(self):
     super().__post_init__()
@@ -174,8 +193,16 @@ class AutoSparse(BaseUpdater):
 
   # ---------------------------------------------------------------------- thresholds
 
+  def init_algorithm_state(self, params, masks, targets):
+    dense = super().init_algorithm_state(params, masks, targets).dense_params
+    return AutoSparseState(
+      dense, to_stored(self.init_thresholds(params, targets)), optax.MaskedNode()
+    )
+
   def init_thresholds(self, params, targets):
-    # One threshold per leaf, or per layer of a stacked leaf (shaped to broadcast).
+    """Initial thresholds ``s_init``: one per pruned leaf, or per layer of a stacked leaf
+    (shaped to broadcast against it); None for leaves that are not pruned."""
+
     def init(t, p, axis):
       if t is None:
         return None
@@ -185,12 +212,12 @@ class AutoSparse(BaseUpdater):
       shape[axis] = jnp.shape(p)[axis]
       return jnp.full(shape, self.s_init, jnp.float32)
 
-    return jax.tree.map(init, targets, params, self.layer_axes_tree(params), is_leaf=_is_none)
+    return jax.tree.map(init, targets, params, self.layer_axes_tree(params), is_leaf=is_none)
 
   def _s(self, sparse_state: SparseState | None, params):
-    if sparse_state is None or sparse_state.thresholds is None:
+    if sparse_state is None:
       return self.init_thresholds(params, self.target_sparsities(params))
-    return sparse_state.thresholds
+    return _thresholds(sparse_state)
 
   def compute_masks(
     self, params, sparsities, sparse_state=None, grads=None, old_masks=None, **kwargs
@@ -203,7 +230,7 @@ class AutoSparse(BaseUpdater):
       sparsities,
       params,
       s_tree,
-      is_leaf=_is_none,
+      is_leaf=is_none,
     )
 
   def forward_params(self, dense, masks, sparse_state):
@@ -211,7 +238,7 @@ class AutoSparse(BaseUpdater):
       lambda m, w, s: jnp.where(m, soft_threshold(w, s), 0).astype(w.dtype),
       masks,
       dense,
-      sparse_state.thresholds,
+      _thresholds(sparse_state),
     )
 
   # ------------------------------------------------------------------ proxy gradients
@@ -227,7 +254,7 @@ class AutoSparse(BaseUpdater):
         out = jnp.where(in_b, out, 0.0)
       return out
 
-    return map_masked(scale, masks, dense, sparse_state.thresholds)
+    return map_masked(scale, masks, dense, _thresholds(sparse_state))
 
   def transform_gradients(self, grads, dense, masks, sparse_state):
     scales = self._proxy_scale(dense, masks, sparse_state)
@@ -248,16 +275,32 @@ class AutoSparse(BaseUpdater):
       sums = selection.map_layers(_xla_workarounds.fused_masked_sum, axis, x, m)
       return -dt_ds * sums.reshape(s.shape)
 
-    return map_masked(grad_s, masks, grads, dense, scales, sparse_state.thresholds)
+    return map_masked(grad_s, masks, grads, dense, scales, _thresholds(sparse_state))
 
-  def init_threshold_state(self, inner, thresholds, params):
+  def init_with_optimizer(self, algorithm_state, inner, params):
+    thresholds = from_stored(algorithm_state.thresholds)
     if self.threshold_lr is not None or thresholds is None:
-      return None
-    return inner.init(_threshold_params(thresholds, params))
+      return algorithm_state
+    return algorithm_state._replace(
+      threshold_state=inner.init(_threshold_params(thresholds, params))
+    )
+
+  def before_update(self, algorithm_state, grads, dense, masks, sparse_state, inner):
+    """The thresholds' step, from the dense weights the forward pass used."""
+    thresholds, threshold_state = self.update_thresholds(grads, dense, masks, sparse_state, inner)
+    if thresholds is not None:
+      # The optimizer's pass runs after the thresholds' reductions have read the old dense
+      # weights, so XLA updates those in place instead of copying them.
+      grads = _xla_workarounds.after(grads, thresholds)
+    state = algorithm_state._replace(thresholds=to_stored(thresholds))
+    if threshold_state is not None:
+      state = state._replace(threshold_state=threshold_state)
+    return state, grads
 
   def update_thresholds(self, grads, dense, masks, sparse_state, inner):
-    # ``dense``: the weights the forward pass of this step used.
-    s_tree = sparse_state.thresholds
+    """New thresholds (None at leaves that are not pruned) and their optimizer state
+    after a step: ``dense`` are the weights the forward pass of this step used."""
+    s_tree = _thresholds(sparse_state)
     # With weight decay (STR's ``st_decay``), added to the gradient as torch's SGD does.
     ds = map_masked(
       lambda m, g, s: g + self.threshold_weight_decay * s,
@@ -273,25 +316,27 @@ class AutoSparse(BaseUpdater):
         # threshold would prune the whole leaf for good.
         return jnp.where(jnp.isfinite(g), s - self.threshold_lr * g, s)
 
-      return map_masked(step, masks, s_tree, ds), sparse_state.threshold_state
+      return map_masked(step, masks, s_tree, ds), None
     # The wrapped optimizer, on a tree like the params: a leaf's threshold where it is
     # pruned, a 0-d zero (with zero gradient) elsewhere, so that transformations that label
     # or mask the params by a tree (multi_transform, masked) apply to the thresholds too.
-    updates, opt_state = inner.update(
-      ds, sparse_state.threshold_state, _threshold_params(s_tree, dense)
-    )
+    old_state = sparse_state.algorithm_state.threshold_state
+    updates, opt_state = inner.update(ds, old_state, _threshold_params(s_tree, dense))
     new = jax.tree.map(
-      lambda s, u: None if s is None else s + u.astype(s.dtype), s_tree, updates, is_leaf=_is_none
+      lambda s, u: None if s is None else s + u.astype(s.dtype), s_tree, updates, is_leaf=is_none
     )
     # A non-finite gradient (one NaN/inf gradient of a pruned leaf) skips the thresholds'
     # step, state included: a NaN threshold would prune the whole leaf for good.
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(ds)]))
     keep = lambda a, b: jnp.where(finite, a, b).astype(jnp.result_type(b))
-    new = jax.tree.map(
-      lambda a, b: None if b is None else keep(a, b), new, s_tree, is_leaf=_is_none
-    )
-    opt_state = jax.tree.map(keep, opt_state, sparse_state.threshold_state)
+    new = jax.tree.map(lambda a, b: None if b is None else keep(a, b), new, s_tree, is_leaf=is_none)
+    opt_state = jax.tree.map(keep, opt_state, old_state)
     return new, opt_state
+
+
+def _thresholds(sparse_state: SparseState) -> Any:
+  """The thresholds of ``sparse_state`` (None at leaves that are not pruned)."""
+  return from_stored(sparse_state.algorithm_state.thresholds)
 
 
 def _threshold_params(s_tree: Any, params: Any, values: Any = None) -> Any:
@@ -302,7 +347,7 @@ def _threshold_params(s_tree: Any, params: Any, values: Any = None) -> Any:
     s_tree,
     params,
     s_tree if values is None else values,
-    is_leaf=_is_none,
+    is_leaf=is_none,
   )
 
 
@@ -331,7 +376,8 @@ def summarize_thresholds(opt_state: Any) -> dict[str, float]:
   Returns:
     ``{'threshold/<param name>': sigmoid(s), 's/<param name>': s}`` for every pruned leaf.
   """
-  thresholds = get_sparse_state(opt_state).thresholds
+  algorithm_state = get_sparse_state(opt_state).algorithm_state
+  thresholds = getattr(algorithm_state, 'thresholds', None)
   if thresholds is None or isinstance(thresholds, optax.MaskedNode):
     raise ValueError(
       'This optimizer state has no learned thresholds; it was not built by AutoSparse or STR.'

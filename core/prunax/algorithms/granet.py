@@ -18,6 +18,7 @@ import dataclasses
 
 from prunax import sparsity_schedules
 from prunax.algorithms.sparse_trainers import RigL
+from prunax.base_updater import BaseUpdater
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +28,7 @@ class GraNet(RigL):
   scheduler: object = sparsity_schedules.PolynomialSchedule(
     update_freq=100, update_start_step=0, update_end_step=10000
   )
-  is_sparse_training = False
-  scheduler_kind = 'pruning'
+  # Training starts dense: all-ones masks, not RigL's random ones.
+  init_masks = BaseUpdater.init_masks
   # The GraNet code (like sparse_learning) steps the optimizer, then updates the masks.
   skip_gradient_on_mask_update = False

@@ -22,7 +22,7 @@ from prunax import sparsity_schedules
 from prunax import sparsity_types
 from prunax.algorithms.sparse_trainers import SET
 from prunax.algorithms.sparse_trainers import RigL
-from prunax.base_updater import _is_none
+from prunax.tree_util import is_none
 
 
 class _NMDropAndGrow:
@@ -55,7 +55,7 @@ class _NMDropAndGrow:
       old_masks,
       drop,
       grow,
-      is_leaf=_is_none,
+      is_leaf=is_none,
     )
 
 

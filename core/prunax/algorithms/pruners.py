@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from prunax import selection
+from prunax import strategies
 from prunax.base_updater import BaseUpdater
 
 
@@ -78,7 +79,7 @@ class RandomPruning(BaseUpdater):
   """Keeps random weights (uniform scores from the state's RNG key, new every update)."""
 
   def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
-    scores = self._random_scores(params, self._key(sparse_state, salt=2))
+    scores = self.random_scores(params, self.rng_key(sparse_state, salt=2))
     # Weights already pruned score -1, so gradual random pruning only removes more.
     return jax.tree.map(lambda s, p: selection.Lazy(_unless_zero, p, s), scores, params)
 
@@ -96,11 +97,11 @@ class SaliencyPruning(BaseUpdater):
 class GlobalMagnitudePruning(MagnitudePruning):
   """Magnitude pruning with one threshold over all pruned leaves (target is the total)."""
 
-  is_global = True
+  selection_strategy = strategies.GlobalThreshold()
 
 
 @dataclasses.dataclass(frozen=True)
 class GlobalSaliencyPruning(SaliencyPruning):
   """Saliency pruning with one threshold over all pruned leaves."""
 
-  is_global = True
+  selection_strategy = strategies.GlobalThreshold()

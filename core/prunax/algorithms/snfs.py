@@ -20,14 +20,18 @@ does not. The masks are computed on full arrays (it is a per-update cost, not pe
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from prunax import selection
 from prunax.algorithms.sparse_trainers import SET
-from prunax.base_updater import _is_none
-from prunax.base_updater import map_masked
+from prunax.tree_util import from_stored
+from prunax.tree_util import is_none
+from prunax.tree_util import map_masked
+from prunax.tree_util import to_stored
 
 
 def redistribute(total: jax.Array, shares: jax.Array, capacity: jax.Array) -> jax.Array:
@@ -60,6 +64,14 @@ def redistribute(total: jax.Array, shares: jax.Array, capacity: jax.Array) -> ja
   return alloc
 
 
+class SnfsState(NamedTuple):
+  """SNFS's state: the momentum of the dense gradients of the pruned leaves (float32)."""
+
+  momentum: Any
+
+  params_like = ('momentum',)
+
+
 @dataclasses.dataclass(frozen=True)
 class SNFS(SET):
   """Sparse momentum: magnitude pruning, momentum-based redistribution and growth.
@@ -77,24 +89,26 @@ class SNFS(SET):
     if not 0.0 <= self.momentum < 1.0:
       raise ValueError(f'SNFS momentum must be in [0, 1), got {self.momentum}.')
 
-  def init_aux(self, params, masks):
-    return map_masked(lambda m, p: jnp.zeros(jnp.shape(p), jnp.float32), masks, params)
+  def init_algorithm_state(self, params, masks, targets):
+    zeros = map_masked(lambda m, p: jnp.zeros(jnp.shape(p), jnp.float32), masks, params)
+    return SnfsState(to_stored(zeros))
 
-  def update_aux(self, aux, grads, masks):
-    return jax.tree.map(
+  def update_algorithm_state(self, algorithm_state, grads, masks):
+    momentum = jax.tree.map(
       lambda m, g: None if m is None else self.momentum * m + g.astype(jnp.float32),
-      aux,
+      from_stored(algorithm_state.momentum),
       grads,
-      is_leaf=_is_none,
+      is_leaf=is_none,
     )
+    return SnfsState(to_stored(momentum))
 
   def compute_masks(self, params, sparsities, sparse_state=None, grads=None, old_masks=None):
-    if sparse_state is None or old_masks is None or sparse_state.aux is None:
+    if sparse_state is None or old_masks is None:
       return super().compute_masks(params, sparsities, sparse_state, grads, old_masks)
     fraction = self.drop_fraction_at(sparse_state.count)
-    flat_old, treedef = jax.tree.flatten(old_masks, is_leaf=_is_none)
+    flat_old, treedef = jax.tree.flatten(old_masks, is_leaf=is_none)
     flat_w = treedef.flatten_up_to(params)
-    flat_m = treedef.flatten_up_to(sparse_state.aux)
+    flat_m = treedef.flatten_up_to(from_stored(sparse_state.algorithm_state.momentum))
     pruned = [i for i, m in enumerate(flat_old) if m is not None]
     olds = [selection.materialize(flat_old[i]) for i in pruned]
     kept, removed, stats, capacity = [], [], [], []

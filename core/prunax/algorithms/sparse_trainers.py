@@ -26,9 +26,9 @@ from prunax import selection
 from prunax import sparsity_schedules
 from prunax import sparsity_types
 from prunax.base_updater import BaseUpdater
-from prunax.base_updater import _is_none
-from prunax.base_updater import lazy_mask
-from prunax.base_updater import pack_mask
+from prunax.masks import lazy_mask
+from prunax.masks import pack_mask
+from prunax.tree_util import is_none
 
 _STRUCTURE_NAMES = {sparsity_types.Unstructured: 'unstructured', sparsity_types.NByM: 'N:M'}
 
@@ -46,8 +46,10 @@ class StaticRandomSparse(BaseUpdater):
   """Random masks at the target sparsity, fixed for the whole training."""
 
   scheduler: object = sparsity_schedules.NoUpdateSchedule()
-  is_sparse_training = True
-  scheduler_kind = 'none'
+
+  def init_masks(self, params, targets):
+    """Random masks, already at the target sparsity."""
+    return self.random_masks(params, targets)
 
   def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
     return jax.tree.map(jnp.abs, params)
@@ -69,7 +71,6 @@ class SET(StaticRandomSparse):
   scheduler: object = sparsity_schedules.PeriodicSchedule(update_freq=100)
   drop_fraction: float = 0.3
   drop_fraction_fn: str | None = None
-  scheduler_kind = 'periodic'
   supported_structures = (sparsity_types.Unstructured,)
 
   def __post_init__(self):
@@ -127,7 +128,7 @@ class SET(StaticRandomSparse):
   def grow_scores(self, params, sparse_state, grads):
     """Scores of inactive weights for growing: uniform random for SET."""
     del grads
-    return self._random_scores(params, self._key(sparse_state, salt=3))
+    return self.random_scores(params, self.rng_key(sparse_state, salt=3))
 
   def compute_masks(
     self, params, sparsities, sparse_state=None, grads=None, old_masks=None, **kwargs
@@ -165,7 +166,7 @@ class SET(StaticRandomSparse):
         for k, g in zip(kept, grown, strict=True)
       ]
 
-    flat_m, treedef = jax.tree.flatten(old_masks, is_leaf=_is_none)
+    flat_m, treedef = jax.tree.flatten(old_masks, is_leaf=is_none)
     pruned = [i for i, m in enumerate(flat_m) if m is not None]
     operands = [flat_m] + [
       treedef.flatten_up_to(t)

@@ -161,7 +161,7 @@ def load_config(
   return check_config(config)
 
 
-def _check_sparsity(value) -> float:
+def check_sparsity(value) -> float:
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
     raise ConfigError(f'sparsity must be a number in [0, 1), got {value!r}.')
   return float(value)
@@ -274,7 +274,7 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
       raise ConfigError(f'Unknown algorithm {name!r}; valid algorithms are {known}.')
   if len(set(cfg['algorithms'])) != len(cfg['algorithms']):
     raise ConfigError(f'algorithms lists a name twice: {cfg["algorithms"]}.')
-  cfg['sparsity'] = _sweep(cfg['sparsity'], 'sparsity', _check_sparsity)
+  cfg['sparsity'] = _sweep(cfg['sparsity'], 'sparsity', check_sparsity)
   cfg['sparsity_type'] = _sweep(cfg['sparsity_type'], 'sparsity_type', _check_sparsity_type)
   budget = cfg['training_budget']
   if budget not in BUDGETS and (
@@ -312,7 +312,7 @@ def schedule_window(cfg: Mapping[str, Any], algorithm: str) -> dict[str, int | N
   freq = max(1, steps // 30)
   periodic = (
     algorithm in registry.all_algorithm_names()
-    and registry.get_algorithm(algorithm).scheduler_kind == 'periodic'
+    and registry.algorithm_info(algorithm)['schedule'] == 'periodic'
   )
   if schedule == 'gradual':
     window = {

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunax import engines
 from prunax import flops as flops_lib
 from prunax import registry
 from prunax import sparsity_types
@@ -204,7 +205,9 @@ def run_cell(
     trace.append([step, summarize_sparsity(params, only_total=True)['total_sparsity']])
     if averager is not None:
       # STE-style algorithms take the gradient of every (dense) weight.
-      backward = jax.tree.map(jnp.ones_like, params) if type(updater).is_ste else None
+      backward = (
+        jax.tree.map(jnp.ones_like, params) if engines.trains_dense_weights(updater) else None
+      )
       averager.add(params, backward)
     if on_progress is not None:
       on_progress(step - last[0])

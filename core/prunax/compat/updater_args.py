@@ -18,16 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunax import engines
 from prunax import selection
 from prunax import sparsity_distributions as dists
 from prunax import sparsity_types
+from prunax.tree_util import is_none
 
 PyTree = Any
 MASK_DTYPE = jnp.uint8
-
-
-def _is_none(x) -> bool:
-  return x is None
 
 
 def all_dense(params: PyTree) -> PyTree:
@@ -112,7 +110,7 @@ class JaxprunerArgs:
   filter_fn: Any = dataclasses.field(default=None, kw_only=True)
   custom_sparsity_map: Any = dataclasses.field(default=None, kw_only=True)
 
-  def _resolve_jaxpruner_args(self) -> None:
+  def resolve_jaxpruner_args(self) -> None:
     """Turns jaxpruner's arguments into prunax's fields (first step of __post_init__)."""
     set_ = functools.partial(object.__setattr__, self)
     name = type(self).__name__
@@ -165,12 +163,12 @@ class JaxprunerArgs:
       set_('packed_masks', bool(self.use_packed_masks))
     if not isinstance(self.skip_gradients, bool):
       raise ValueError(f'skip_gradients must be a bool, got {self.skip_gradients!r}.')
-    if self.skip_gradients and self.is_ste:
+    if self.skip_gradients and engines.trains_dense_weights(self):
       raise ValueError(
         f'{name} keeps dense weights (STE) and has no mask-update steps to '
         'skip; skip_gradients=True is not supported for it.'
       )
-    masked = not self.is_ste
+    masked = not engines.trains_dense_weights(self)
     if self.is_sparse_gradients is None:
       set_('is_sparse_gradients', masked)
     elif bool(self.is_sparse_gradients) != masked:
@@ -192,7 +190,7 @@ class JaxprunerArgs:
 
   # --------------------------------------------------------------- jaxpruner's methods
 
-  def _base_key(self) -> jax.Array:
+  def initial_key(self) -> jax.Array:
     """The RNG key the state starts from: ``rng_seed`` if given, else ``PRNGKey(seed)``."""
     if self.rng_seed is not None:
       return jnp.asarray(self.rng_seed, jnp.uint32)
@@ -210,7 +208,7 @@ class JaxprunerArgs:
       packed = is_packed if is_packed is not None else jnp.shape(m) != jnp.shape(p)
       return base_updater.apply_mask(p, m, packed)
 
-    return jax.tree.map(apply, masks, params, is_leaf=_is_none)
+    return jax.tree.map(apply, masks, params, is_leaf=is_none)
 
   def create_masks(self, scores: PyTree, sparsities: PyTree = None, target_sparsity=None) -> PyTree:
     """uint8 keep-masks of ``scores`` at per-leaf ``sparsities`` (None: dense leaf).
@@ -249,12 +247,12 @@ class JaxprunerArgs:
     from prunax import base_updater
 
     targets = self.target_sparsities(params)
-    sparsities = self._sparsities_at(targets, sparse_state.count)
+    sparsities = self.sparsities_at(targets, sparse_state.count)
     old = base_updater.lazy_masks(sparse_state.masks, params)
     new = self.compute_masks(
       params, sparsities, sparse_state=sparse_state, grads=grads, old_masks=old, **kwargs
     )
-    return sparse_state._replace(masks=self._store(new, like=sparse_state.masks))
+    return sparse_state._replace(masks=self.store_masks(new, like=sparse_state.masks))
 
 
 def skip_on_mask_updates(updater, update: Callable[..., Any]) -> Callable[..., Any]:
@@ -275,7 +273,7 @@ def skip_on_mask_updates(updater, update: Callable[..., Any]) -> Callable[..., A
       lambda m, p: jnp.zeros_like(p) if m is None else jnp.where(m, 0, -p).astype(p.dtype),
       masks,
       params,
-      is_leaf=_is_none,
+      is_leaf=is_none,
     )
     out = jax.tree.map(lambda h, u: jnp.where(is_update, h, u), held, out)
     inner = jax.tree.map(

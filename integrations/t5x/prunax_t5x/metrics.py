@@ -19,7 +19,6 @@ Bind it in gin (``pruning.gin`` does)::
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import gin
@@ -35,14 +34,7 @@ from prunax import sparsity_types
 
 def updater_of(optax_optimizer: Any) -> prunax.BaseUpdater | None:
   """The prunax updater of a transformation built by ``updater.wrap_optax``, else None."""
-  init = getattr(optax_optimizer, 'init', None)
-  if (
-    isinstance(init, functools.partial)
-    and init.args
-    and isinstance(init.args[0], prunax.BaseUpdater)
-  ):
-    return init.args[0]
-  return None
+  return prunax.engines.updater_of(optax_optimizer)
 
 
 def _average(value: jax.Array) -> metrics_lib.AveragePerStep:

@@ -65,7 +65,7 @@ class PrunedOptaxWrapper(optimizers.OptaxWrapper):
   def state_dict(self, target: Any, state: Any) -> dict[str, Any]:
     """``OptaxWrapper.state_dict`` without the state's ``None`` fields.
 
-    A ``None`` field (``SparseState.dense_params`` of a non-STE algorithm, the mask of a
+    A ``None`` field (an absent algorithm state, the mask of a
     leaf that is not pruned) would be saved as an empty entry that t5x then fails to read
     on resume (``NOT_FOUND ... .zarray``); :meth:`restore_state` puts them back. Only the
     fields that are ``None`` in the initialised state are left out: t5x also calls this on

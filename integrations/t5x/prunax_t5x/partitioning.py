@@ -1,11 +1,12 @@
 """Logical axes of an optimizer state that holds ``prunax.SparseState`` nodes (no t5x needed).
 
 t5x shards every optimizer-state array by the logical axes derived from the params' axes. A
-pruner's masks and dense weights have the params' structure and take their axes, so they
-shard exactly like the weights they belong to (packed masks too: only the size of their last
-axis differs); the step counter, the random key and the per-layer thresholds (with their
-optimizer state) are replicated. ``optax.adafactor``'s state, which t5x's rules do not know,
-gets axes here too.
+pruner's masks, and the fields of its algorithm's state that its class lists as
+``params_like`` (dense weights, gradient momentum), have the params' structure and take their
+axes, so they shard exactly like the weights they belong to (packed masks too: only the size
+of their last axis differs); the step counter, the random key and the rest of the
+algorithm's state (per-layer thresholds and their optimizer state) are replicated.
+``optax.adafactor``'s state, which t5x's rules do not know, gets axes here too.
 """
 
 from __future__ import annotations
@@ -17,25 +18,35 @@ import jax
 import optax
 
 import prunax
+from prunax.tree_util import is_none
+from prunax.tree_util import is_unpruned
 
 PyTree = Any
-
-
-def _is_none(x: Any) -> bool:
-  return x is None
-
-
-def _absent(x: Any) -> bool:
-  return x is None or isinstance(x, optax.MaskedNode)
 
 
 def _like_params(tree: PyTree, params_axes: PyTree) -> PyTree:
   """The params' axes at the leaves of ``tree`` (a tree like params; ``MaskedNode`` where
   a leaf is not pruned, which holds no array and so takes no axes)."""
-  if _absent(tree):
+  if is_unpruned(tree):
     return tree
   return jax.tree.map(
-    lambda axes, leaf: leaf if _absent(leaf) else axes, params_axes, tree, is_leaf=_is_none
+    lambda axes, leaf: leaf if is_unpruned(leaf) else axes, params_axes, tree, is_leaf=is_none
+  )
+
+
+def _algorithm_state_axes(state: PyTree, params_axes: PyTree) -> PyTree:
+  """Axes of an algorithm's own state: the params' axes for its ``params_like`` fields
+  (see ``prunax.state.params_like_fields``), replicated elsewhere."""
+  if is_unpruned(state):
+    return state
+  like = prunax.state.params_like_fields(state)
+  if not hasattr(state, '_fields'):  # not a NamedTuple: nothing declares its layout
+    return jax.tree.map(lambda _: None, state)
+  return type(state)(
+    *[
+      _like_params(value, params_axes) if name in like else jax.tree.map(lambda _: None, value)
+      for name, value in zip(state._fields, state, strict=True)
+    ]
   )
 
 
@@ -58,7 +69,7 @@ def _factored_logical_axes(state: optax.FactoredState, params_axes: PyTree) -> P
     count=None,
     v_row=jax.tree.map(lambda _: None, state.v_row),
     v_col=jax.tree.map(lambda _: None, state.v_col),
-    v=jax.tree.map(full, params_axes, state.v, is_leaf=_is_none),
+    v=jax.tree.map(full, params_axes, state.v, is_leaf=is_none),
   )
 
 
@@ -85,10 +96,7 @@ def sparse_state_logical_axes(
       masks=_like_params(state.masks, params_axes),
       count=None,
       rng=None,
-      dense_params=_like_params(state.dense_params, params_axes),
-      thresholds=jax.tree.map(lambda _: None, state.thresholds),
-      aux=_like_params(state.aux, params_axes),
-      threshold_state=jax.tree.map(lambda _: None, state.threshold_state),
+      algorithm_state=_algorithm_state_axes(state.algorithm_state, params_axes),
     )
   if isinstance(state, optax.FactoredState):  # optax.adafactor
     return _factored_logical_axes(state, params_axes)

@@ -143,7 +143,9 @@ def check_scheduled(pruner, algorithm: str, params, opt_state) -> None:
   for name, (mask, param) in leaves.items():
     assert not np.any(param[~mask]), f'{name}: a pruned weight is nonzero'
   if algorithm == 'autosparse':  # The sparsity is learned (thresholds), not scheduled.
-    assert jax.tree.leaves(state.thresholds) and jax.tree.leaves(state.dense_params)
+    assert jax.tree.leaves(state.algorithm_state.thresholds) and jax.tree.leaves(
+      state.algorithm_state.dense_params
+    )
     for name, (mask, param) in leaves.items():
       assert int(np.sum(param == 0)) == int(np.sum(~mask)), name
     return
@@ -209,7 +211,9 @@ def test_native_runner_prunes_every_family(algorithm, tmp_path):
     ]
 
   if algorithm == 'magnitude_ste':  # Dense weights live in the optimizer state.
-    dense = sum(int(np.count_nonzero(x)) for x in jax.tree.leaves(state.dense_params))
+    dense = sum(
+      int(np.count_nonzero(x)) for x in jax.tree.leaves(state.algorithm_state.dense_params)
+    )
     sparse = sum(
       int(np.count_nonzero(p))
       for _, p in pruned_leaves(

@@ -132,7 +132,10 @@ def test_fed_avg_prunes_server_model_on_schedule(algorithm, data, model):
     if algorithm == 'autosparse':  # learned sparsity: clients get soft-thresholded weights
       sparse_state = prunax.get_sparse_state(state.opt_state)
       for name, w, m in zip(('linear', 'linear_1'), _kernels(state.params), masks):
-        dense, s = sparse_state.dense_params[name]['w'], sparse_state.thresholds[name]['w']
+        dense, s = (
+          sparse_state.algorithm_state.dense_params[name]['w'],
+          sparse_state.algorithm_state.thresholds[name]['w'],
+        )
         np.testing.assert_array_equal(m, np.abs(dense) > jax.nn.sigmoid(s))
         assert not np.any(np.asarray(w)[m == 0])
         # (Eager vs jitted float32 arithmetic: equal up to rounding.)
@@ -152,7 +155,7 @@ def test_fed_avg_prunes_server_model_on_schedule(algorithm, data, model):
   if algorithm in ('magnitude_ste', 'autosparse'):
     # The server keeps dense weights in its optimizer state, clients got the sparse ones.
     assert sum(int((m == 0).sum()) for m in _masks(state)) > 0
-    dense = prunax.get_sparse_state(state.opt_state).dense_params
+    dense = prunax.get_sparse_state(state.opt_state).algorithm_state.dense_params
     for d, m in zip([dense['linear']['w'], dense['linear_1']['w']], _masks(state)):
       assert np.count_nonzero(np.asarray(d)[m == 0]) == int((m == 0).sum())
 

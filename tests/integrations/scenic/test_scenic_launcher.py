@@ -147,7 +147,7 @@ def test_launcher_ste_keeps_dense_weights_and_saves_sparse_params(tmp_path):
   _launch(tmp_path, '--config.sparsity_config.algorithm=magnitude_ste')
   state = _checkpoint(tmp_path, STEPS)
   assert _zeros(state['params']) == EXPECTED_ZEROS
-  dense = state['opt_state']['dense_params']
+  dense = state['opt_state']['algorithm_state']['dense_params']
   assert all(v == 0 for v in _zeros(dense).values())
   for name in SIZES:
     path = name.split('/')
@@ -273,7 +273,10 @@ def test_scenic_trainer_runs_every_algorithm_family(tmp_path, algorithm):
       a, b = name.split('/')
       np.testing.assert_allclose(
         state.params[a][b],
-        soft_threshold(sparse_state.dense_params[a][b], sparse_state.thresholds[a][b]),
+        soft_threshold(
+          sparse_state.algorithm_state.dense_params[a][b],
+          sparse_state.algorithm_state.thresholds[a][b],
+        ),
         atol=1e-6,
       )
     assert sum(zeros.values()) > 0

@@ -91,8 +91,12 @@ optax.sgd.learning_rate = 0.1
 """)
   state = tx.init(PARAMS)
   absent = lambda x: isinstance(x, optax.MaskedNode)
-  assert (not absent(state.dense_params)) == (algorithm in ('magnitude_ste', 'autosparse'))
-  assert (not absent(state.thresholds)) == (algorithm == 'autosparse')
+  assert (not absent(getattr(state.algorithm_state, 'dense_params', optax.MaskedNode()))) == (
+    algorithm in ('magnitude_ste', 'autosparse')
+  )
+  assert (not absent(getattr(state.algorithm_state, 'thresholds', optax.MaskedNode()))) == (
+    algorithm == 'autosparse'
+  )
 
 
 def test_bad_settings_name_the_value():
@@ -116,7 +120,7 @@ prunax_t5x.pruned_optax:
   drop_fraction_fn = '{value}'
 optax.sgd.learning_rate = 0.1
 """)
-  assert tx.init.args[0].drop_fraction_fn == value
+  assert prunax.engines.updater_of(tx).drop_fraction_fn == value
 
 
 @pytest.mark.parametrize(
@@ -158,7 +162,7 @@ def test_masks_take_the_params_axes(packed_masks):
     'token_embedder': {'embedding': P('vocab', 'embed')},
   }
   assert (axes.count, axes.rng) == (None, None)
-  assert (axes.dense_params, axes.thresholds) == (optax.MaskedNode(),) * 2
+  assert axes.algorithm_state == optax.MaskedNode()  # magnitude pruning keeps no state
   assert jax.tree.leaves(axes.inner_state) == ['inner'] * len(jax.tree.leaves(state.inner_state))
   # Every axes entry has the rank of its array, so it can be a sharding (packed: 8 blocks of
   # whole bytes along last axes of 16 and 8 weights, see prunax.pack_mask).
@@ -170,21 +174,33 @@ def test_masks_take_the_params_axes(packed_masks):
 
 def test_dense_weights_take_the_params_axes():
   axes = prunax_t5x.sparse_state_logical_axes(_state('magnitude_ste'), AXES, _inner_marker)
-  assert axes.dense_params == axes.masks
-  assert axes.dense_params['encoder']['mlp']['wi'] == P('embed', 'mlp')
+  assert axes.algorithm_state.dense_params == axes.masks
+  assert axes.algorithm_state.dense_params['encoder']['mlp']['wi'] == P('embed', 'mlp')
+
+
+def test_params_like_algorithm_state_takes_the_params_axes():
+  # SNFS's gradient momentum is declared params_like by its state class: it shards like
+  # the weights (a state class of a new algorithm needs no change here).
+  state = _state('snfs')
+  axes = prunax_t5x.sparse_state_logical_axes(state, AXES, _inner_marker)
+  assert type(axes.algorithm_state).__name__ == 'SnfsState'
+  assert axes.algorithm_state.momentum['encoder']['mlp']['wi'] == P('embed', 'mlp')
+  assert axes.algorithm_state.momentum['token_embedder']['embedding'] == P('vocab', 'embed')
 
 
 def test_thresholds_and_their_optimizer_state_are_replicated():
   state = _state('autosparse')
   axes = prunax_t5x.sparse_state_logical_axes(state, AXES, _inner_marker)
-  assert axes.dense_params == axes.masks
+  assert axes.algorithm_state.dense_params == axes.masks
   # Adam's moments of each threshold (0-d) and its count: one replicated entry per array.
-  leaves = jax.tree.leaves(state.threshold_state)
+  leaves = jax.tree.leaves(state.algorithm_state.threshold_state)
   assert len(leaves) == 1 + 2 * len(jax.tree.leaves(PARAMS))
-  assert jax.tree.structure(axes.threshold_state, is_leaf=lambda x: x is None) == (
-    jax.tree.structure(state.threshold_state)
+  assert jax.tree.structure(axes.algorithm_state.threshold_state, is_leaf=lambda x: x is None) == (
+    jax.tree.structure(state.algorithm_state.threshold_state)
   )
-  assert jax.tree.leaves(axes.threshold_state, is_leaf=lambda x: x is None) == [None] * len(leaves)
+  assert jax.tree.leaves(axes.algorithm_state.threshold_state, is_leaf=lambda x: x is None) == [
+    None
+  ] * len(leaves)
 
 
 def test_chained_states_are_walked():

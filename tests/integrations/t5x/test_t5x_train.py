@@ -153,7 +153,7 @@ def test_ste_keeps_dense_weights_and_saves_sparse_params(runs):
   state = _load(runs('magnitude_ste'), TRAIN_STEPS)
   expected = _expected_zeros('magnitude_ste', state, TRAIN_STEPS)
   for name, (param, mask) in _pruned(state).items():
-    dense = state['state/param_states/dense_params/' + name]
+    dense = state['state/param_states/algorithm_state/dense_params/' + name]
     assert np.sum(mask == 0) == expected[name], name
     np.testing.assert_array_equal(param, np.where(mask, dense, 0.0))
     assert np.all(dense != 0), name  # the pruned weights live on in the dense copy
@@ -188,7 +188,7 @@ def test_partitioned_run_matches_one_device(runs):
   assert len(model_parallel) >= 40
   for param in model_parallel:  # the pruner's state shards exactly like the params
     assert specs['param_states/masks/' + param] == specs[param], param
-    assert specs['param_states/dense_params/' + param] == specs[param], param
+    assert specs['param_states/algorithm_state/dense_params/' + param] == specs[param], param
   assert specs['param_states/count'] == specs['param_states/rng'] == 'None'
   a, b = _load(one, TRAIN_STEPS), _load(eight, TRAIN_STEPS)
   assert a.keys() == b.keys()
@@ -213,8 +213,8 @@ def test_autosparse_saves_soft_thresholded_params(runs):
   pruned = _pruned(state)
   assert pruned
   for name, (param, mask) in pruned.items():
-    dense = state['state/param_states/dense_params/' + name]
-    s = state['state/param_states/thresholds/' + name]
+    dense = state['state/param_states/algorithm_state/dense_params/' + name]
+    s = state['state/param_states/algorithm_state/thresholds/' + name]
     threshold = 1.0 / (1.0 + np.exp(-np.float32(s)))
     expected = np.sign(dense) * np.maximum(np.abs(dense) - threshold, 0.0)
     np.testing.assert_allclose(param, expected, rtol=1e-5, atol=1e-7)

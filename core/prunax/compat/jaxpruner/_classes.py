@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunax import base_updater
+from prunax import engines
 from prunax import selection
 from prunax import sparsity_distributions
 from prunax import sparsity_types
@@ -172,7 +173,7 @@ def compat_class(base: type, module: str, **defaults: Any) -> type:
       # global pruners' own sparsity field does).
       object.__setattr__(self, 'sparsity_distribution_fn', sparsity_distributions.uniform)
     _jaxpruner_nm_target(self)
-    if self.is_ste and self.skip_gradients is True:
+    if engines.trains_dense_weights(self) and self.skip_gradients is True:
       warnings.warn(
         f'{type(self).__name__}: skip_gradients=True is ignored; STE recomputes its masks '
         'at every step and has no mask-update steps to skip.',

@@ -14,6 +14,7 @@ import dataclasses
 import warnings
 from typing import Any
 
+from prunax import engines
 from prunax import registry as _registry
 from prunax import sparsity_distributions as _sd
 from prunax import sparsity_types as _st
@@ -44,9 +45,10 @@ def _compat_classes() -> dict[type, type]:
 def _schedule(updater: Any, cfg: dict[str, Any]) -> Any:
   start, end = cfg.get('update_start_step'), cfg.get('update_end_step')
   freq = cfg.get('update_freq', 10)
-  if updater.scheduler_kind == 'none':
+  kind = _registry.schedule_kind(type(updater))
+  if kind == 'none':
     return sparsity_schedules.NoUpdateSchedule()
-  if updater.scheduler_kind == 'periodic':
+  if kind == 'periodic':
     return sparsity_schedules.PeriodicSchedule(freq, start or 0, end)
   if start is None:
     return sparsity_schedules.NoUpdateSchedule()
@@ -92,7 +94,7 @@ def create_updater_from_config(config: Any) -> Any:
       if cfg.get('sparsity'):
         cfg['sparsity'] = stype.sparsity
       cfg['dist_type'] = 'uniform'
-  if _registry.get_algorithm(name).is_ste and cfg.get('skip_gradients'):
+  if engines.trains_dense_weights(_registry.get_algorithm(name)) and cfg.get('skip_gradients'):
     warnings.warn(
       f'{name}: skip_gradients=True is ignored; STE recomputes its masks at every step and '
       'has no mask-update steps to skip.',

@@ -20,12 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from prunax import sparsity_schedules as _prunax
+from prunax.tree_util import is_none
 
 __all__ = ['NoUpdateSchedule', 'OneShotSchedule', 'PeriodicSchedule', 'PolynomialSchedule']
-
-
-def _is_none(x) -> bool:
-  return x is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,5 +84,5 @@ class PolynomialSchedule(_prunax.PolynomialSchedule):
     return jax.tree.map(
       lambda t: None if t is None else t * (1.0 - (1.0 - progress) ** self.power),
       target_sparsities,
-      is_leaf=_is_none,
+      is_leaf=is_none,
     )
