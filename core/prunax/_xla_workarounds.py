@@ -63,6 +63,29 @@ def opaque_zero(witness: Any) -> jax.Array:
   return loop_variant(jnp.uint32(0), witness)
 
 
+def leaf_row(stacked: jax.Array, i: int) -> jax.Array:
+  """``stacked[i]``, read at an index XLA does not fold into the kernels that use it.
+
+  Prevents: one compiled kernel per leaf where one per leaf shape would do. XLA's CPU
+  backend compiles a fusion once and reuses the kernel for every fusion with the same
+  computation; a constant index into values stacked over leaves (a selection's pivots,
+  the leaves' RNG keys) is part of the computation, so the counting kernels of many
+  leaves of one shape would all be distinct. Read at an index behind an
+  ``optimization_barrier``, only the index's own scalar kernel differs per leaf.
+  Measured on CPU, jax 0.10.2: a magnitude step of 16 layers of 256 x 256 compiles 141
+  distinct kernels with ``stacked[i]``, 116 with this.
+
+  Args:
+    stacked: an array whose first axis runs over leaves.
+    i: the leaf's index.
+
+  Returns:
+    ``stacked[i]``, bit-exact.
+  """
+  index = jax.lax.optimization_barrier(jnp.int32(i))
+  return jax.lax.dynamic_index_in_dim(stacked, index, keepdims=False)
+
+
 def after(tree: Any, deps: Any) -> Any:
   """``tree`` with a float 0 computed from ``deps`` added to every leaf.
 
@@ -83,7 +106,9 @@ def after(tree: Any, deps: Any) -> Any:
   Returns:
     ``tree`` with the same values (``g + 0``; a ``-0.0`` becomes ``+0.0``).
   """
-  zero = sum(jnp.minimum(jnp.abs(d), 0).astype(jnp.float32) for d in jax.tree.leaves(deps))
+  # Each leaf reduced to a scalar: leaves of different shapes (per-layer thresholds of
+  # stacked leaves of different ranks) must not broadcast against each other.
+  zero = sum(jnp.min(jnp.minimum(jnp.abs(d), 0)).astype(jnp.float32) for d in jax.tree.leaves(deps))
   return jax.tree.map(lambda g: g + zero.astype(g.dtype), tree)
 
 

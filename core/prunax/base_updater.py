@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from prunax import _checks
+from prunax import _xla_workarounds
 from prunax import engines
 from prunax import layers
 from prunax import masks as masks_lib
@@ -366,7 +367,10 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       return selection.Lazy(selection.hash_uniform_layers, x, key_data, ids)
 
     return treedef.unflatten(
-      [scores(x, keys[i], a) for i, (x, a) in enumerate(zip(flat, flat_axes, strict=True))]
+      [
+        scores(x, _xla_workarounds.leaf_row(keys, i), a)
+        for i, (x, a) in enumerate(zip(flat, flat_axes, strict=True))
+      ]
     )
 
   # --------------------------------------------------------------------------- init

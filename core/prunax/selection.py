@@ -24,6 +24,12 @@ ones with the lowest flat (row-major) index are kept, and for several tensors
 (:func:`global_topk_masks`) the leaves are taken in pytree order. That case (the threshold
 value is shared by more elements than are needed) runs a second search of the same kind on
 the positions of the tied elements: no cumulative sum, no sort.
+
+Many arrays each pruned on its own (per-leaf pruning, SET/RigL's drops and grows) share
+one search (:func:`topk_masks`): the loop state holds a bracket per array and each pass
+counts in every array's own buffers, so a step compiles one threshold loop and one
+tie-break loop however many leaves it prunes (:func:`map_layer_groups`: one pair per
+number of layers of stacked leaves).
 """
 
 from __future__ import annotations
@@ -227,40 +233,95 @@ def map_layers(fn: Callable[..., Any], axis: int, *xs: Any) -> Any:
   Returns:
     ``fn``'s results for every slice, stacked along ``axis``.
   """
-  shape = tuple(xs[0].shape)
-  ndim, layers = len(shape), shape[axis]
-  arrays: list[Any] = []
+  return _vmap_layers(lambda *lists: [fn(*[x[0] for x in lists])], [axis], [[x] for x in xs])[0]
 
-  def collect(a):
-    arrays.append(a)
-    return a
 
-  for x in xs:
-    if isinstance(x, Lazy):
-      if x._shape is not None and axis == ndim - 1:
-        raise ValueError(
-          f'map_layers: the layer axis {axis} is the last axis of a value '
-          'given with packed arguments; put the layer axis first.'
-        )
-      x.map_arrays(collect)
+def map_layer_groups(
+  fn: Callable[..., list], axes: Sequence[int | None], *operands: Sequence
+) -> list:
+  """``fn`` on several leaves at once, stacked leaves sliced into layers (:func:`map_layers`).
+
+  ``operands[j][i]`` is the ``j``-th operand of leaf ``i`` (an array, a :class:`Lazy`, or
+  a Python value such as a sparsity, passed as it is), stacked along ``axes[i]`` if that
+  is not None. The leaves are grouped by their number of layers (leaves without a layer
+  axis form one group) and ``fn(*lists)`` is called once per group with the lists of the
+  group's operands, one entry per leaf in leaf order, returning one result per leaf; a
+  group of stacked leaves is processed by one ``jax.vmap`` over its layers. So a function
+  that runs one selection loop for all the leaves it is given (:func:`topk_masks`) runs
+  one loop per group, whatever the number of leaves and layers.
+
+  Args:
+    fn: function of lists of (sliced) operands returning a list of arrays (or pytrees of
+      arrays) of the (slices') shapes, one per leaf.
+    axes: the layer axis (non-negative) of every leaf, or None.
+    *operands: sequences of operands, one entry per leaf each; ``operands[0][i]`` has
+      leaf ``i``'s shape.
+
+  Returns:
+    ``fn``'s result for every leaf, in leaf order (stacked along ``axes[i]``).
+  """
+  groups: dict[int | None, list[int]] = {}
+  for i, axis in enumerate(axes):
+    groups.setdefault(None if axis is None else operands[0][i].shape[axis], []).append(i)
+  results: list[Any] = [None] * len(axes)
+  for layers, leaves in groups.items():
+    lists = [[op[i] for i in leaves] for op in operands]
+    if layers is None:
+      out = fn(*lists)
     else:
-      collect(x)
-  in_axes = [axis if jnp.ndim(a) == ndim and jnp.shape(a)[axis] == layers else None for a in arrays]
-  sliced_shape = shape[:axis] + shape[axis + 1 :]
+      out = _vmap_layers(fn, [axes[i] for i in leaves], lists)
+    for i, r in zip(leaves, out, strict=True):
+      results[i] = r
+  return results
 
-  def rebuild(x, it):
-    if not isinstance(x, Lazy):
+
+def _vmap_layers(fn: Callable[..., list], axes: Sequence[int], lists: Sequence[list]) -> list:
+  """``fn(*lists)`` vmapped over the layers of leaves with the same number of layers:
+  ``lists[j][i]`` is sliced along ``axes[i]`` (see :func:`map_layer_groups`)."""
+  shapes = [tuple(x.shape) for x in lists[0]]
+  layers = shapes[0][axes[0]]
+  arrays: list[Any] = []
+  in_axes: list[int | None] = []
+
+  def collect(leaf):
+    shape, axis = shapes[leaf], axes[leaf]
+
+    def add(a):
+      sliced = jnp.ndim(a) == len(shape) and jnp.shape(a)[axis] == layers
+      arrays.append(a)
+      in_axes.append(axis if sliced else None)
+      return a
+
+    return add
+
+  for xs in lists:
+    for leaf, x in enumerate(xs):
+      if isinstance(x, Lazy):
+        if x._shape is not None and axes[leaf] == len(shapes[leaf]) - 1:
+          raise ValueError(
+            f'map_layers: the layer axis {axes[leaf]} is the last axis of a value '
+            'given with packed arguments; put the layer axis first.'
+          )
+        x.map_arrays(collect(leaf))
+      elif hasattr(x, 'dtype'):  # an array (else a Python value, passed as it is)
+        collect(leaf)(x)
+
+  def rebuild(x, leaf, it):
+    if isinstance(x, Lazy):
+      shape = shapes[leaf][: axes[leaf]] + shapes[leaf][axes[leaf] + 1 :]
+      args = [rebuild(a, leaf, it) for a in x.args]
+      return Lazy(
+        x.fn, *args, shape=None if x._shape is None else shape, sample=x._sample, rows=x._rows
+      )
+    if hasattr(x, 'dtype'):
       return next(it)
-    args = [rebuild(a, it) for a in x.args]
-    return Lazy(
-      x.fn, *args, shape=None if x._shape is None else sliced_shape, sample=x._sample, rows=x._rows
-    )
+    return x
 
   def body(*sliced):
     it = iter(sliced)
-    return fn(*[rebuild(x, it) for x in xs])
+    return list(fn(*[[rebuild(x, leaf, it) for leaf, x in enumerate(xs)] for xs in lists]))
 
-  return jax.vmap(body, in_axes=in_axes, out_axes=axis)(*arrays)
+  return jax.vmap(body, in_axes=in_axes, out_axes=list(axes))(*arrays)
 
 
 def hash_uniform_layers(like: jax.Array, key_data: jax.Array, layer_ids: jax.Array) -> jax.Array:
@@ -471,6 +532,145 @@ def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
   return [
     Lazy(_threshold_mask, x, t, t_tie, jnp.uint32(offsets[i]), keep) for i, x in enumerate(inputs)
   ]
+
+
+def _sample_pivots_each(inputs: Sequence[Lazy], k: jax.Array) -> jax.Array:
+  """``(len(inputs), 5)`` thresholds: :func:`_sample_pivots` of every input on its own,
+  from one sort of their samples (each padded in front with the lowest key to one length)."""
+  samples = [sortable_keys(x.strided_sample(_sample_stride(x.size, [x.shape]))) for x in inputs]
+  width = max(s.size for s in samples)
+  pad = jnp.array([width - s.size for s in samples], jnp.int32)
+  size = jnp.array([s.size for s in samples], jnp.float32)
+  n = jnp.array([x.size for x in inputs], jnp.float32)
+  sample = jnp.sort(jnp.stack([jnp.pad(s, (width - s.size, 0)) for s in samples]), axis=1)
+  q = (1.0 - k.astype(jnp.float32) / n) * size
+  sigma = jnp.sqrt(jnp.maximum(q * (1.0 - q / size), 1.0))
+  offsets = jnp.array([-2.5, -0.75, 0.0, 0.75, 2.5])
+  positions = jnp.round(q[:, None] + sigma[:, None] * offsets).astype(jnp.int32) + pad[:, None]
+  positions = jnp.clip(positions, pad[:, None], width - 1)
+  return jnp.take_along_axis(sample, positions, axis=1)
+
+
+def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
+  """:func:`_search` of every input on its own (its own ``k[i]``), in one ``while_loop``.
+
+  The loop state holds a bracket per input (vectors, narrowed by one vectorised
+  computation for all inputs); every pass counts, in each input's own buffers, the keys
+  at or above its 5 pivots, until every bracket is closed (a closed bracket no longer
+  changes, so each input ends where its own search would). Input ``i`` reads its row of
+  the pivots through ``_xla_workarounds.leaf_row``, so the counting kernels of inputs of
+  one shape are identical and compiled once. Inputs where ``closed`` is True start
+  closed (result ``(0, n, 0)``). Returns the vectors ``(t, c_t, c_above)``.
+  """
+  n = jnp.array([x.size for x in inputs], jnp.int32)
+  lo = jnp.zeros(len(inputs), jnp.uint32)
+  hi = jnp.full(len(inputs), _MAX_KEY, jnp.uint32)
+  if closed is not None:
+    hi = jnp.where(closed, lo, hi)
+  first_pivots = _sample_pivots_each(inputs, k) if sample else None
+  narrow = jax.vmap(_narrow)
+  interpolated = jax.vmap(_interpolated_pivots)
+
+  def open_(bracket):
+    lo, hi, c_lo, _ = bracket
+    return (lo != hi) & (c_lo != k)
+
+  def step(state):
+    bracket, first = state
+    lo, hi = bracket[0], bracket[1]
+    pivots = interpolated(bracket, k)
+    if first_pivots is not None:
+      pivots = jnp.where(first, first_pivots, pivots)
+    pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi)[:, None], hi[:, None])
+    counts = []
+    for i, x in enumerate(inputs):
+      p = _xla_workarounds.leaf_row(pivots, i)
+      counts.append(_count_at_least(key_fn(i, _loop_variant_lazy(x, p), p), p))
+    new = narrow(bracket, pivots, jnp.stack(counts), k)
+    still = open_(bracket)
+    bracket = tuple(jnp.where(still, a, b) for a, b in zip(new, bracket, strict=True))
+    return bracket, jnp.bool_(False)
+
+  state = ((lo, hi, n, jnp.zeros(len(inputs), jnp.int32)), jnp.bool_(True))
+  state = jax.lax.while_loop(lambda s: jnp.any(open_(s[0])), step, state)
+  lo, _, c_lo, c_hi = state[0]
+  return lo, c_lo, c_hi
+
+
+def _topk_masks_each(inputs: list[Lazy], k: jax.Array, keep: jax.Array) -> list[Lazy]:
+  """Lazy masks of the ``k[i]`` largest scores of every input on its own (``1 <= k[i] <=
+  size``), ties kept by lowest position; all False where ``keep[i]`` is False. One loop
+  finds every threshold, and one more every tie cutoff (it runs no pass when no input has
+  more keys at its threshold than it needs)."""
+
+  def score_keys(i, x, witness=None):
+    del i, witness
+    return sortable_keys(x.rows())
+
+  t, c_t, c_above = _search_each(inputs, score_keys, k)
+
+  def tie_keys(i, x, witness):
+    # Among the keys equal to t, keep the k - c_above of lowest position: larger keys
+    # for earlier positions, 0 off the tie (as in _topk_masks).
+    keys = score_keys(i, x)
+    position = _flat_index(keys.shape, witness)
+    return jnp.where(keys == _xla_workarounds.leaf_row(t, i), jnp.uint32(_MAX_KEY) - position, 0)
+
+  # Inputs with exactly k keys at or above t keep every key equal to t (cutoff 0).
+  t_tie = _search_each(inputs, tie_keys, k - c_above, sample=False, closed=c_t == k)[0]
+  return [
+    Lazy(
+      _threshold_mask,
+      x,
+      _xla_workarounds.leaf_row(t, i),
+      _xla_workarounds.leaf_row(t_tie, i),
+      jnp.uint32(0),
+      _xla_workarounds.leaf_row(keep, i),
+    )
+    for i, x in enumerate(inputs)
+  ]
+
+
+def topk_masks(
+  scores: Sequence[jax.Array | Lazy],
+  k: Sequence,
+  *,
+  lazy: bool = False,
+) -> list[jax.Array | Lazy]:
+  """Boolean masks of exactly ``k[i]`` largest entries of every ``scores[i]`` on its own.
+
+  Each mask is the one :func:`topk_mask` gives for ``(scores[i], k[i])`` (ties: lowest
+  flat index), but one selection loop serves every array: its state holds a threshold
+  bracket per array, each counting pass reads every array's scores in place (nothing is
+  stacked or concatenated) and narrows every bracket, and a second loop breaks the ties
+  of all arrays at once. A step thus compiles two loops, not two per array.
+
+  Args:
+    scores: float arrays (any shapes) or :class:`Lazy` scores.
+    k: the number of entries to keep of each array (ints or traced int scalars), each
+      clipped to ``[0, scores[i].size]``.
+    lazy: return :class:`Lazy` masks (see :func:`topk_mask`).
+
+  Returns:
+    A list of bool masks (or :class:`Lazy` masks), one per array.
+  """
+  inputs = [x if isinstance(x, Lazy) else Lazy(lambda a: a, x) for x in scores]
+  if len(k) != len(inputs):
+    raise ValueError(f'topk_masks: got {len(inputs)} score arrays but {len(k)} counts k.')
+  for x in inputs:
+    if x.size >= 2**31:
+      raise ValueError(
+        f'topk_masks counts in int32: an array of shape {x.shape} holds {x.size} '
+        f'elements; at most {2**31 - 1} are supported.'
+      )
+  masks: list[Any] = [Lazy(lambda a: jnp.zeros(a.shape, bool), x) for x in inputs]
+  chosen = [i for i, x in enumerate(inputs) if x.size]
+  if chosen:
+    counts = jnp.stack([_clip_count(k[i], inputs[i].size) for i in chosen])
+    found = _topk_masks_each([inputs[i] for i in chosen], jnp.maximum(counts, 1), counts > 0)
+    for i, m in zip(chosen, found, strict=True):
+      masks[i] = m
+  return masks if lazy else [materialize(m) for m in masks]
 
 
 def _clip_count(k, n: int) -> jax.Array:

@@ -72,6 +72,14 @@ class SparsityType:
     """Boolean keep-mask of ``scores.shape`` for the target ``sparsity``."""
     raise NotImplementedError
 
+  def masks(self, scores: list, sparsities: list, axes: list) -> list:
+    """:meth:`mask` of several leaves: ``scores[i]`` at ``sparsities[i]``, every layer on
+    its own where ``axes[i]`` (a layer axis) is not None. One leaf at a time by default."""
+    return [
+      self.mask(x, s) if a is None else selection.map_layers(lambda y, s=s: self.mask(y, s), a, x)
+      for x, s, a in zip(scores, sparsities, axes, strict=True)
+    ]
+
 
 @dataclasses.dataclass(frozen=True)
 class Unstructured(SparsityType):
@@ -79,6 +87,19 @@ class Unstructured(SparsityType):
 
   def mask(self, scores, sparsity):
     return selection.topk_mask(scores, scores.size - num_zeros(sparsity, scores.size))
+
+  def masks(self, scores, sparsities, axes):
+    """The masks of :meth:`mask`, found by one selection loop for all leaves (one per
+    number of layers of stacked leaves; see :func:`prunax.selection.topk_masks`)."""
+    if type(self).mask is not Unstructured.mask:  # a subclass with its own mask
+      return super().masks(scores, sparsities, axes)
+
+    def group(xs, ss):
+      return selection.topk_masks(
+        xs, [x.size - num_zeros(s, x.size) for x, s in zip(xs, ss, strict=True)]
+      )
+
+    return selection.map_layer_groups(group, axes, scores, sparsities)
 
 
 def _normalize_axis(axis: int, ndim: int, name: str, what: str) -> int:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from prunax import selection
 from prunax import sparsity_distributions
 from prunax import sparsity_types
+from prunax.tree_util import apply_to_pruned
 from prunax.tree_util import is_none
 
 PyTree = Any
@@ -38,13 +39,14 @@ class PerLeaf:
     del updater
 
   def masks(self, updater: Any, scores: PyTree, sparsities: PyTree) -> PyTree:
-    """Exact keep-masks of every leaf at its sparsity (None: the leaf is not pruned)."""
-    return jax.tree.map(
-      lambda s, x, a: None if s is None else updater.leaf_mask(x, s, a),
+    """Exact keep-masks of every leaf at its sparsity (None: the leaf is not pruned), all
+    leaves at once (``SparsityType.masks``: one selection loop for unstructured)."""
+    return apply_to_pruned(
+      lambda xs, ss, axes: updater.sparsity_type.masks(xs, ss, axes),
       sparsities,
       scores,
+      sparsities,
       updater.layer_axes_tree(scores),
-      is_leaf=is_none,
     )
 
 

@@ -431,3 +431,21 @@ def test_split_sum_equals_the_sum(shape):
   mask = rng.random(shape) < 0.3
   got = float(jax.jit(_xla_workarounds.fused_masked_sum)(jnp.asarray(x), jnp.asarray(mask)))
   np.testing.assert_allclose(got, x.astype(np.float64).sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_leaves_of_different_ranks():
+  # Per-layer thresholds of stacked leaves have shapes (L, 1, 1, 1) and (L, 1, 1): the step
+  # once broadcast them against each other (an (L, L, 1, 1) "zero" added to the gradients).
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  params = {
+    'a': jax.random.normal(keys[0], (2, 8, 4, 4)),
+    'b': jax.random.normal(keys[1], (2, 8, 16)),
+  }
+  pruner = prunax.AutoSparse(layer_axes={'a': 0, 'b': 0})
+  tx = pruner.wrap_optax(optax.adam(1e-2))
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  assert jax.tree.map(jnp.shape, new) == jax.tree.map(jnp.shape, params)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new))

@@ -144,3 +144,34 @@ def test_fused_masked_sum_still_needed(monkeypatch, autosparse_with_workarounds)
   assert without - with_it >= full // 2, (
     stale('fused_masked_sum') + f' ({without} against {with_it} temporary bytes)'
   )
+
+
+def distinct_kernels(compiled_step) -> int:
+  """Fused computations of an optimised module that differ other than by names: the
+  kernels XLA's CPU backend compiles (it reuses one kernel for identical fusions)."""
+  blocks = re.findall(
+    r'^%fused_computation[^\n]*\{\n(.*?)\n\}', compiled_step.as_text(), re.S | re.M
+  )
+  names = r'%[\w.-]+|param_\d+(\.\d+)?|, metadata=\{[^}]*\}|(calls|to_apply)=%?[\w.-]+'
+  return len({re.sub(names, '_', b) for b in blocks})
+
+
+def topk_of_leaves(*ws):
+  return selection.topk_masks([selection.Lazy(jnp.abs, w) for w in ws], [w.size // 10 for w in ws])
+
+
+@CPU_ONLY
+def test_leaf_row_still_needed(monkeypatch):
+  ws = [weights() + i for i in range(6)]
+  with_it = distinct_kernels(compiled(topk_of_leaves, *ws))
+  monkeypatch.setattr(_xla_workarounds, 'leaf_row', lambda stacked, i: stacked[i])
+  without = distinct_kernels(compiled(topk_of_leaves, *ws))
+  assert without > with_it, stale('leaf_row') + f' ({without} against {with_it} kernels)'
+
+
+def test_leaf_row_is_the_row():
+  stacked = jnp.arange(12, dtype=jnp.uint32).reshape(4, 3)
+  for i in range(4):
+    np.testing.assert_array_equal(
+      jax.jit(_xla_workarounds.leaf_row, static_argnums=1)(stacked, i), stacked[i]
+    )

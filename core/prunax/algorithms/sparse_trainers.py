@@ -28,7 +28,7 @@ from prunax import sparsity_types
 from prunax.base_updater import BaseUpdater
 from prunax.masks import lazy_mask
 from prunax.masks import pack_mask
-from prunax.tree_util import is_none
+from prunax.tree_util import apply_to_pruned
 
 _STRUCTURE_NAMES = {sparsity_types.Unstructured: 'unstructured', sparsity_types.NByM: 'N:M'}
 
@@ -139,36 +139,43 @@ class SET(StaticRandomSparse):
     drop = self.drop_scores(params, sparse_state, grads)
     grow = self.grow_scores(params, sparse_state, grads)
 
-    def drop_and_grow(old, w, d, g, s):
+    def drop_and_grow(olds, ws, ds, gs, ss):
       # Masks stay at their target count (exact at init, drop and grow keep it).
-      n_active = w.size - sparsity_types.num_zeros(s, w.size)
+      n_active = [w.size - sparsity_types.num_zeros(s, w.size) for w, s in zip(ws, ss, strict=True)]
       # floor, as the reference (an int cast of the float product).
-      n_drop = jnp.floor(fraction * n_active).astype(jnp.int32)
-      # The old mask is unpacked inside each pass that reads it; the kept mask is stored
-      # as packed bits (1/32 of the weights' bytes), read by each pass of the grow search.
-      kept = selection.topk_mask(
-        selection.Lazy(_active_score, old, d), n_active - n_drop, lazy=True
+      n_drop = [jnp.floor(fraction * n).astype(jnp.int32) for n in n_active]
+      # One selection loop drops from every leaf, one grows in every leaf. The old masks
+      # are unpacked inside each pass that reads them; the kept masks are stored as packed
+      # bits (1/32 of the weights' bytes), read by each pass of the grow search.
+      kept = selection.topk_masks(
+        [selection.Lazy(_active_score, m, d) for m, d in zip(olds, ds, strict=True)],
+        [n - k for n, k in zip(n_active, n_drop, strict=True)],
+        lazy=True,
       )
-      kept = lazy_mask(pack_mask(selection.materialize(kept)), w.shape)
-      grown = selection.topk_mask(selection.Lazy(_inactive_score, kept, g), n_drop, lazy=True)
-      return selection.materialize(selection.Lazy(jnp.logical_or, kept, grown))
+      kept = [
+        lazy_mask(pack_mask(selection.materialize(k)), w.shape)
+        for k, w in zip(kept, ws, strict=True)
+      ]
+      grown = selection.topk_masks(
+        [selection.Lazy(_inactive_score, k, g) for k, g in zip(kept, gs, strict=True)],
+        n_drop,
+        lazy=True,
+      )
+      return [
+        selection.materialize(selection.Lazy(jnp.logical_or, k, g))
+        for k, g in zip(kept, grown, strict=True)
+      ]
 
-    def per_leaf(m, w, d, g, s, axis):
-      if m is None:
-        return None
-      if axis is None:
-        return drop_and_grow(m, w, d, g, s)
-      return selection.map_layers(lambda *x: drop_and_grow(*x, s), axis, m, w, d, g)
-
-    return jax.tree.map(
-      per_leaf,
+    # All pruned leaves at once (one selection loop per group of equal layer count).
+    return apply_to_pruned(
+      lambda *xs: selection.map_layer_groups(drop_and_grow, xs[-1], *xs[:-1]),
+      old_masks,
       old_masks,
       params,
       drop,
       grow,
       sparsities,
       self.layer_axes_tree(params),
-      is_leaf=is_none,
     )
 
 
