@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from prunax import selection
 from prunax import sparsity_distributions
 from prunax import sparsity_types
+from prunax.tree_util import apply_to_pruned
 from prunax.tree_util import is_none
 
 PyTree = Any
@@ -39,17 +40,14 @@ class PerLeaf:
 
   def masks(self, updater: Any, scores: PyTree, sparsities: PyTree) -> PyTree:
     """Exact keep-masks of every leaf at its sparsity (None: the leaf is not pruned), all
-    leaves at once (:meth:`prunax.sparsity_types.SparsityType.masks`: one selection loop
-    for unstructured leaves)."""
-    flat_s, treedef = jax.tree.flatten(sparsities, is_leaf=is_none)
-    pruned = [i for i, s in enumerate(flat_s) if s is not None]
-    flat_x = treedef.flatten_up_to(scores)
-    flat_a = treedef.flatten_up_to(updater.layer_axes_tree(scores))
-    masks = updater.sparsity_type.masks(*[[f[i] for i in pruned] for f in (flat_x, flat_s, flat_a)])
-    flat = [None] * len(flat_s)
-    for i, m in zip(pruned, masks, strict=True):
-      flat[i] = m
-    return treedef.unflatten(flat)
+    leaves at once (``SparsityType.masks``: one selection loop for unstructured)."""
+    return apply_to_pruned(
+      lambda xs, ss, axes: updater.sparsity_type.masks(xs, ss, axes),
+      sparsities,
+      scores,
+      sparsities,
+      updater.layer_axes_tree(scores),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,6 +53,34 @@ def map_masked(fn: Callable[..., Any], masks: PyTree, *trees: PyTree) -> PyTree:
   return jax.tree.map(apply, masks, *trees, is_leaf=is_none)
 
 
+def apply_to_pruned(fn: Callable[..., list], marks: PyTree, *trees: PyTree) -> PyTree:
+  """``fn`` on the leaves of ``trees`` where ``marks`` is not None, all at once.
+
+  Args:
+    fn: called as ``fn(list_0, list_1, ...)`` with, for each tree, the list of its leaves at
+      the marked places (in pytree order); returns one result per marked leaf.
+    marks: a tree like the params whose None leaves are left out (masks, sparsities).
+    *trees: trees like ``marks`` (their leaves may be anything, ``Lazy`` scores included).
+
+  Returns:
+    A tree like ``marks``: ``fn``'s results at the marked leaves, None elsewhere.
+
+  Examples:
+    >>> out = apply_to_pruned(
+    ...   lambda xs: [x * 10 for x in xs], {'a': 1, 'b': None, 'c': 2}, {'a': 1, 'b': 5, 'c': 2}
+    ... )
+    >>> out
+    {'a': 10, 'b': None, 'c': 20}
+  """
+  flat, treedef = jax.tree.flatten(marks, is_leaf=is_none)
+  chosen = [i for i, m in enumerate(flat) if m is not None]
+  lists = [[leaves[i] for i in chosen] for leaves in (treedef.flatten_up_to(t) for t in trees)]
+  out = [None] * len(flat)
+  for i, result in zip(chosen, fn(*lists), strict=True):
+    out[i] = result
+  return treedef.unflatten(out)
+
+
 def pruned_only(masks: PyTree, tree: PyTree) -> PyTree:
   """``tree`` with None at the leaves whose mask is None (those that are not pruned)."""
   return jax.tree.map(lambda m, x: None if m is None else x, masks, tree, is_leaf=is_none)

@@ -28,7 +28,7 @@ from prunax import sparsity_types
 from prunax.base_updater import BaseUpdater
 from prunax.masks import lazy_mask
 from prunax.masks import pack_mask
-from prunax.tree_util import is_none
+from prunax.tree_util import apply_to_pruned
 
 _STRUCTURE_NAMES = {sparsity_types.Unstructured: 'unstructured', sparsity_types.NByM: 'N:M'}
 
@@ -166,18 +166,17 @@ class SET(StaticRandomSparse):
         for k, g in zip(kept, grown, strict=True)
       ]
 
-    flat_m, treedef = jax.tree.flatten(old_masks, is_leaf=is_none)
-    pruned = [i for i, m in enumerate(flat_m) if m is not None]
-    operands = [flat_m] + [
-      treedef.flatten_up_to(t)
-      for t in (params, drop, grow, sparsities, self.layer_axes_tree(params))
-    ]
-    *operands, axes = [[f[i] for i in pruned] for f in operands]
-    new = selection.map_layer_groups(drop_and_grow, axes, *operands)
-    flat = [None] * len(flat_m)
-    for i, m in zip(pruned, new, strict=True):
-      flat[i] = m
-    return treedef.unflatten(flat)
+    # All pruned leaves at once (one selection loop per group of equal layer count).
+    return apply_to_pruned(
+      lambda *xs: selection.map_layer_groups(drop_and_grow, xs[-1], *xs[:-1]),
+      old_masks,
+      old_masks,
+      params,
+      drop,
+      grow,
+      sparsities,
+      self.layer_axes_tree(params),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
