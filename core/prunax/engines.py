@@ -133,12 +133,11 @@ def straight_through(updater: Any, inner: optax.GradientTransformation):
   init_fn = functools.partial(_init, updater, inner)
 
   def update_fn(grads, state, params=None, **extra):
-    dense_stored = getattr(getattr(state, 'algorithm_state', None), 'dense_params', None)
-    state, masks, targets = _begin(updater, state, params, dense=from_stored(dense_stored))
+    state, masks, targets = _begin(updater, state, params, dense_of=_dense_weights)
     old = state
     # The dense weights the forward pass of this step was computed from.
     dense = jax.tree.map(
-      lambda d, p: p if d is None else d, from_stored(dense_stored), params, is_leaf=is_none
+      lambda d, p: p if d is None else d, _dense_weights(state), params, is_leaf=is_none
     )
     algorithm_state, grads = updater.before_update(
       state.algorithm_state, grads, dense, masks, state, inner
@@ -197,8 +196,14 @@ def _stored(state: SparseState) -> SparseState:
   return state._replace(masks=to_stored(state.masks))
 
 
-def _begin(updater: Any, state: SparseState, params: PyTree, dense: PyTree = None):
-  """Checks the inputs of an update: ``(state with None masks, bool masks, targets)``."""
+def _dense_weights(state: SparseState) -> PyTree:
+  """The dense weights a straight-through algorithm keeps (None at unpruned leaves)."""
+  return from_stored(state.algorithm_state.dense_params)
+
+
+def _begin(updater: Any, state: SparseState, params: PyTree, dense_of=None):
+  """Checks the inputs of an update: ``(state with None masks, bool masks, targets)``;
+  ``dense_of(state)`` gives the dense weights whose shapes are checked too, if any."""
   if params is None:
     raise ValueError(
       'A prunax-wrapped transformation needs params: call tx.update(grads, opt_state, params).'
@@ -209,7 +214,7 @@ def _begin(updater: Any, state: SparseState, params: PyTree, dense: PyTree = Non
       "the state with the wrapped transformation's init."
     )
   state = state._replace(masks=from_stored(state.masks))
-  _check_params_unchanged(state, params, dense)
+  _check_params_unchanged(state, params, None if dense_of is None else dense_of(state))
   targets = updater.target_sparsities(params)
   updater.warn_undeclared_stacks(params, targets)
   return state, masks_lib.unpack_masks(state.masks, params), targets
