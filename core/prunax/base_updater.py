@@ -302,10 +302,26 @@ class BaseUpdater(updater_args.JaxprunerArgs):
         )
 
   def sparsities_at(self, targets: PyTree, step) -> PyTree:
-    """Per-leaf sparsities of the schedule at ``step`` for the final ``targets``."""
-    return jax.tree.map(
-      lambda s: None if s is None else self.scheduler.sparsity(step, s), targets, is_leaf=is_none
-    )
+    """Per-leaf sparsities of the schedule at ``step`` for the final ``targets``.
+
+    Leaves with the same target (a Python number) share one computation, so a model of
+    many leaves traces (and compiles) the schedule once per distinct target.
+    """
+    shared: dict = {}
+
+    def at(s):
+      if s is None:
+        return None
+      try:
+        key = (type(s), s)
+        hash(key)
+      except TypeError:  # a traced or array target: computed on its own
+        return self.scheduler.sparsity(step, s)
+      if key not in shared:
+        shared[key] = self.scheduler.sparsity(step, s)
+      return shared[key]
+
+    return jax.tree.map(at, targets, is_leaf=is_none)
 
   # ---------------------------------------------------------------------- mask storage
 

@@ -29,11 +29,16 @@ Many arrays each pruned on its own (per-leaf pruning, SET/RigL's drops and grows
 one search (:func:`topk_masks`): the loop state holds a bracket per array and each pass
 counts in every array's own buffers, so a step compiles one threshold loop and one
 tie-break loop however many leaves it prunes (:func:`map_layer_groups`: one pair per
-number of layers of stacked leaves).
+number of layers of stacked leaves). Inside a pass, arrays whose scores compute the same
+thing on arrays of the same shapes (the kernels of a model's repeated blocks) are stacked
+and counted by one computation, up to 8 at a time (as many as XLA fuses into the count,
+so the stack is never stored): a pass compiles one count per group of alike arrays, not
+one per array.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -386,6 +391,38 @@ def _count_at_least(keys: jax.Array, pivots: jax.Array) -> jax.Array:
   return counts
 
 
+def _count_at_least_stacked(keys: jax.Array, pivots: jax.Array) -> jax.Array:
+  """:func:`_count_at_least` of every ``keys[g]`` at its ``pivots[g]``: ``(G, 5)`` counts.
+
+  Written for the leading axis rather than vmapped: the vmapped sum over the rows' fields
+  reduces a middle axis, which XLA does not fuse with what it reads (it stored a
+  ``(G, rows, 5)`` int32 array); here each field is summed along the rows on its own,
+  so only the per-row sums (``(G, rows)`` uint32, 1/32 of the keys) are stored.
+  """
+  flat = keys.reshape(keys.shape[0], -1)
+  size = flat.shape[1]
+  main = (size // _ROW) * _ROW
+  counts = jnp.zeros(pivots.shape, jnp.int32)
+  if main:
+    rows = flat[:, :main].reshape(flat.shape[0], -1, _ROW)
+    packed = sum(
+      (rows >= pivots[:, i, None, None]).astype(jnp.uint32) << (_FIELD_BITS * i)
+      for i in range(pivots.shape[1])
+    )
+    per_row = jnp.sum(packed, axis=2, dtype=jnp.uint32)
+    field = (1 << _FIELD_BITS) - 1
+    counts += jnp.stack(
+      [
+        jnp.sum((per_row >> (_FIELD_BITS * i)) & field, axis=1, dtype=jnp.int32)
+        for i in range(pivots.shape[1])
+      ],
+      axis=1,
+    )
+  if size > main:
+    counts += jnp.sum(flat[:, main:, None] >= pivots[:, None, :], axis=1, dtype=jnp.int32)
+  return counts
+
+
 def _narrow(bracket, pivots, counts, k):
   """New ``(lo, hi, c_lo, c_hi)`` from the counts at sorted ``pivots`` in ``(lo, hi]``."""
   lo, hi, c_lo, c_hi = bracket
@@ -452,6 +489,125 @@ def _loop_variant_lazy(x: Lazy, witness: jax.Array) -> Lazy:
   return x.map_arrays(lambda a: _xla_workarounds.loop_variant(a, witness))
 
 
+def _fn_key(fn) -> Any:
+  """A hashable key, equal for functions that compute the same values: the same code with
+  equal closure values and defaults, or ``functools.partial`` of alike functions with equal
+  arguments; any other callable by identity. Raises TypeError for unhashable closures."""
+  if fn is None:
+    return None
+  if isinstance(fn, functools.partial):
+    keywords = tuple(sorted(fn.keywords.items()))
+    return ('partial', _fn_key(fn.func), _value_key(fn.args), _value_key(keywords))
+  code = getattr(fn, '__code__', None)
+  if code is None or getattr(fn, '__self__', None) is not None:
+    return ('id', id(fn))
+  cells = tuple(c.cell_contents for c in fn.__closure__ or ())
+  return ('code', code, _value_key(cells), _value_key(fn.__defaults__), id(fn.__globals__))
+
+
+def _value_key(v) -> Any:
+  if isinstance(v, tuple):
+    return tuple(_value_key(x) for x in v)
+  if callable(v) and not isinstance(v, type):
+    return _fn_key(v)
+  hash(v)  # TypeError for arrays and other unhashable values
+  return ('value', type(v), v)
+
+
+def _signature(x) -> Any:
+  """What a :class:`Lazy` computes up to its arrays' values: functions (:func:`_fn_key`),
+  shapes and dtypes of its arrays, and its other arguments (TypeError if unhashable)."""
+  if isinstance(x, Lazy):
+    args = tuple(_signature(a) for a in x.args)
+    return ('lazy', _fn_key(x.fn), _fn_key(x._sample), _fn_key(x._rows), x._shape, args)
+  if hasattr(x, 'dtype') and hasattr(x, 'shape'):
+    aval = jax.typeof(x)
+    return ('array', tuple(aval.shape), aval.dtype, getattr(aval, 'weak_type', False))
+  return _value_key(x)
+
+
+def _alike_groups(inputs: Sequence[Lazy], max_members: int | None = None) -> list[list[int]]:
+  """Indices of ``inputs`` grouped by :func:`_signature` (first occurrence order): the
+  members of a group differ only in their arrays' values, so one vmapped computation
+  over their stacked arrays serves them all. A group is split into consecutive chunks of
+  at most ``max_members`` (default: as many as XLA fuses into one concatenation,
+  ``_xla_workarounds.FUSED_CONCAT_OPERANDS``, so the stacking is never stored)."""
+  if max_members is None:
+    max_members = _xla_workarounds.FUSED_CONCAT_OPERANDS
+  groups: dict[Any, list[list[int]]] = {}
+  for i, x in enumerate(inputs):
+    try:
+      key = _signature(x)
+      hash(key)
+    except TypeError:
+      key = ('alone', i)
+    chunks = groups.setdefault(key, [[]])
+    if len(chunks[-1]) >= max_members:
+      chunks.append([])
+    chunks[-1].append(i)
+  return [chunk for chunks in groups.values() for chunk in chunks]
+
+
+def _lazy_arrays(x: Lazy) -> list:
+  """The arrays ``x`` reads (recursively, in argument order)."""
+  found: list = []
+  for a in x.args:
+    if isinstance(a, Lazy):
+      found.extend(_lazy_arrays(a))
+    elif hasattr(a, 'dtype') and hasattr(a, 'shape'):
+      found.append(a)
+  return found
+
+
+def _with_arrays(template: Lazy, arrays) -> Lazy:
+  """``template`` reading the next arrays of the iterator ``arrays`` instead of its own."""
+  args = []
+  for a in template.args:
+    if isinstance(a, Lazy):
+      args.append(_with_arrays(a, arrays))
+    elif hasattr(a, 'dtype') and hasattr(a, 'shape'):
+      args.append(next(arrays))
+    else:
+      args.append(a)
+  return Lazy(
+    template.fn, *args, shape=template._shape, sample=template._sample, rows=template._rows
+  )
+
+
+def _pass_counts(inputs, groups, key_fn, pivots, witness) -> jax.Array:
+  """``(len(inputs), 5)`` int32 counts of the keys of every input at or above its row of
+  ``pivots``, computed per group of alike inputs (:func:`_alike_groups`).
+
+  A group of one input counts in its own buffers; the arrays of a larger group are read
+  as loop variants (``witness``) and stacked inside the pass, and one vmapped count serves
+  the group, so a pass compiles one counting computation per group, not per input. XLA
+  fuses the stacking into the counting reduction (groups are at most
+  ``_xla_workarounds.FUSED_CONCAT_OPERANDS`` inputs), so nothing full-size is stored.
+  """
+  parts, order = [], []
+  for group in groups:
+    if len(group) == 1:
+      i = group[0]
+      p = _xla_workarounds.leaf_row(pivots, i)
+      parts.append(_count_at_least(key_fn(i, _loop_variant_lazy(inputs[i], p), p), p)[None])
+    else:
+      arrays = _xla_workarounds.loop_variant([_lazy_arrays(inputs[i]) for i in group], witness)
+      stacked = [jnp.stack(column) for column in zip(*arrays, strict=True)]
+      template = inputs[group[0]]
+
+      def keys(i, p, *member, template=template):
+        return key_fn(i, _with_arrays(template, iter(member)), p)
+
+      rows = pivots[jnp.asarray(group)]
+      stacked_keys = jax.vmap(keys)(jnp.asarray(group, jnp.int32), rows, *stacked)
+      parts.append(_count_at_least_stacked(stacked_keys, rows))
+    order.extend(group)
+  counts = jnp.concatenate(parts)
+  if order != sorted(order):
+    counts = counts[jnp.asarray(sorted(range(len(order)), key=order.__getitem__))]
+  return counts
+
+
 def _search(inputs, key_fn, k, n: int, sample: bool = True):
   """``(t, c_t, c_above)`` with ``t`` the k-th largest key (or any key keeping exactly ``k``).
 
@@ -465,11 +621,11 @@ def _search(inputs, key_fn, k, n: int, sample: bool = True):
   below 2**31.
   """
 
+  groups = _alike_groups(inputs)
+
   def counts(pivots):
-    return sum(
-      _count_at_least(key_fn(i, _loop_variant_lazy(x, pivots), pivots), pivots)
-      for i, x in enumerate(inputs)
-    )
+    rows = jnp.broadcast_to(pivots, (len(inputs), pivots.size))
+    return jnp.sum(_pass_counts(inputs, groups, key_fn, rows, pivots), axis=0, dtype=jnp.int32)
 
   def step(state, first_pivots):
     bracket, first = state
@@ -521,7 +677,8 @@ def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
     # on distinct keys that are larger for earlier positions (and 0 off the tie).
     def tie_keys(i, x, witness):
       keys = score_keys(i, x)
-      position = _flat_index(keys.shape, witness) + jnp.uint32(offsets[i])
+      offset = jnp.asarray(offsets[:-1], jnp.uint32)[i]  # i is traced for alike inputs
+      position = _flat_index(keys.shape, witness) + offset
       return jnp.where(keys == t, jnp.uint32(_MAX_KEY) - position, 0)
 
     # No sample for this search: sampling position-dependent keys would store them all.
@@ -568,6 +725,7 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
   if closed is not None:
     hi = jnp.where(closed, lo, hi)
   first_pivots = _sample_pivots_each(inputs, k) if sample else None
+  groups = _alike_groups(inputs)
   narrow = jax.vmap(_narrow)
   interpolated = jax.vmap(_interpolated_pivots)
 
@@ -582,11 +740,8 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
     if first_pivots is not None:
       pivots = jnp.where(first, first_pivots, pivots)
     pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi)[:, None], hi[:, None])
-    counts = []
-    for i, x in enumerate(inputs):
-      p = _xla_workarounds.leaf_row(pivots, i)
-      counts.append(_count_at_least(key_fn(i, _loop_variant_lazy(x, p), p), p))
-    new = narrow(bracket, pivots, jnp.stack(counts), k)
+    counts = _pass_counts(inputs, groups, key_fn, pivots, pivots)
+    new = narrow(bracket, pivots, counts, k)
     still = open_(bracket)
     bracket = tuple(jnp.where(still, a, b) for a, b in zip(new, bracket, strict=True))
     return bracket, jnp.bool_(False)
@@ -641,9 +796,10 @@ def topk_masks(
 
   Each mask is the one :func:`topk_mask` gives for ``(scores[i], k[i])`` (ties: lowest
   flat index), but one selection loop serves every array: its state holds a threshold
-  bracket per array, each counting pass reads every array's scores in place (nothing is
-  stacked or concatenated) and narrows every bracket, and a second loop breaks the ties
-  of all arrays at once. A step thus compiles two loops, not two per array.
+  bracket per array, each counting pass reads every array's scores (alike arrays stacked
+  inside the pass, fused into one count, never stored) and narrows every bracket, and a
+  second loop breaks the ties of all arrays at once. A step thus compiles two loops, not
+  two per array, and their bodies grow with the number of distinct array shapes.
 
   Args:
     scores: float arrays (any shapes) or :class:`Lazy` scores.
@@ -711,9 +867,10 @@ def global_topk_masks(
 ) -> list[jax.Array | Lazy]:
   """Boolean masks keeping exactly ``k`` largest scores across several arrays.
 
-  One threshold is shared by all arrays (global pruning). Nothing is concatenated and no
-  key array is stored: a mask is a comparison of the (recomputed) scores with the
-  threshold found, which XLA fuses into whatever reads it.
+  One threshold is shared by all arrays (global pruning). Nothing full-size is stored
+  (alike arrays are stacked only inside the fused counting passes): a mask is a
+  comparison of the (recomputed) scores with the threshold found, which XLA fuses into
+  whatever reads it.
 
   Args:
     scores: a sequence of float arrays (or :class:`Lazy` scores).

@@ -162,6 +162,8 @@ def topk_of_leaves(*ws):
 
 @CPU_ONLY
 def test_leaf_row_still_needed(monkeypatch):
+  # Leaves counted one by one (stacks of one): their counting and mask kernels.
+  monkeypatch.setattr(_xla_workarounds, 'FUSED_CONCAT_OPERANDS', 1)
   ws = [weights() + i for i in range(6)]
   with_it = distinct_kernels(compiled(topk_of_leaves, *ws))
   monkeypatch.setattr(_xla_workarounds, 'leaf_row', lambda stacked, i: stacked[i])
@@ -175,3 +177,19 @@ def test_leaf_row_is_the_row():
     np.testing.assert_array_equal(
       jax.jit(_xla_workarounds.leaf_row, static_argnums=1)(stacked, i), stacked[i]
     )
+
+
+@CPU_ONLY
+def test_fused_concat_operands_still_holds(monkeypatch):
+  # Selection stacks at most FUSED_CONCAT_OPERANDS alike leaves per counting pass: XLA
+  # fuses that stack into the count; a stack of one leaf more is stored in every pass.
+  n = _xla_workarounds.FUSED_CONCAT_OPERANDS
+  ws = [weights() + i for i in range(n + 1)]
+  at_limit = temp_bytes(topk_of_leaves, *ws)  # stacks of n leaves and of 1
+  monkeypatch.setattr(_xla_workarounds, 'FUSED_CONCAT_OPERANDS', n + 1)
+  over = temp_bytes(topk_of_leaves, *ws)
+  assert at_limit < FULL, f'{at_limit} temporary bytes with stacks of {n}'
+  assert over >= (n + 1) * FULL, (
+    stale('FUSED_CONCAT_OPERANDS') + f' (a stack of {n + 1} leaves holds {over} bytes; '
+    'raise the limit if XLA now fuses it)'
+  )
