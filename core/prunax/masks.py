@@ -91,11 +91,16 @@ def _packed_bits_at(packed: jax.Array, shape: tuple[int, ...], stride: int) -> j
   """Bits of every ``stride``-th weight (flat order) of a mask packed by :func:`pack_mask`."""
   d = shape[-1]
   _, width = _pack_blocks(d)
-  flat = jnp.arange(0, math.prod(shape), stride)
+  # Positions are static: computed here (numpy), so the step reads one gather of bytes
+  # rather than tracing the index arithmetic and bounds handling per leaf.
+  flat = np.arange(0, math.prod(shape), stride)
   row, col = flat // d, flat % d
   at = col % width  # position in its block; each block starts a byte
-  byte = packed.reshape(-1, packed.shape[-1])[row, (col // width) * -(-width // 8) + at // 8]
-  return ((byte >> (7 - at % 8).astype(jnp.uint8)) & 1).astype(bool)
+  index = row * packed.shape[-1] + (col // width) * -(-width // 8) + at // 8
+  byte = (
+    jnp.asarray(packed).reshape(-1).at[index].get(mode='promise_in_bounds', indices_are_sorted=True)
+  )
+  return ((byte >> (7 - at % 8).astype(np.uint8)) & 1).astype(bool)
 
 
 def packing_aligned(d: int, shards: int) -> bool:
