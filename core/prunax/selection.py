@@ -773,17 +773,13 @@ def _topk_masks_each(inputs: list[Lazy], k: jax.Array, keep: jax.Array) -> list[
 
   # Inputs with exactly k keys at or above t keep every key equal to t (cutoff 0).
   t_tie = _search_each(inputs, tie_keys, k - c_above, sample=False, closed=c_t == k)[0]
-  return [
-    Lazy(
-      _threshold_mask,
-      x,
-      _xla_workarounds.leaf_row(t, i),
-      _xla_workarounds.leaf_row(t_tie, i),
-      jnp.uint32(0),
-      _xla_workarounds.leaf_row(keep, i),
-    )
-    for i, x in enumerate(inputs)
-  ]
+  # Each input reads its threshold, tie cutoff and keep flag with one leaf_row.
+  found = jnp.stack([t, t_tie, keep.astype(jnp.uint32)], axis=1)
+  masks = []
+  for i, x in enumerate(inputs):
+    row = _xla_workarounds.leaf_row(found, i)
+    masks.append(Lazy(_threshold_mask, x, row[0], row[1], jnp.uint32(0), row[2] != 0))
+  return masks
 
 
 def topk_masks(
@@ -822,7 +818,11 @@ def topk_masks(
   masks: list[Any] = [Lazy(lambda a: jnp.zeros(a.shape, bool), x) for x in inputs]
   chosen = [i for i, x in enumerate(inputs) if x.size]
   if chosen:
-    counts = jnp.stack([_clip_count(k[i], inputs[i].size) for i in chosen])
+    clipped: dict = {}  # one clip per distinct (count, size): shared counts trace once
+    for i in chosen:
+      if (id(k[i]), inputs[i].size) not in clipped:  # k[i] held: its id stays unique
+        clipped[id(k[i]), inputs[i].size] = (k[i], _clip_count(k[i], inputs[i].size))
+    counts = jnp.stack([clipped[id(k[i]), inputs[i].size][1] for i in chosen])
     found = _topk_masks_each([inputs[i] for i in chosen], jnp.maximum(counts, 1), counts > 0)
     for i, m in zip(chosen, found, strict=True):
       masks[i] = m

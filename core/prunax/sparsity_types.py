@@ -95,9 +95,17 @@ class Unstructured(SparsityType):
       return super().masks(scores, sparsities, axes)
 
     def group(xs, ss):
-      return selection.topk_masks(
-        xs, [x.size - num_zeros(s, x.size) for x, s in zip(xs, ss, strict=True)]
-      )
+      # Leaves of one size at one (shared) sparsity share one count: less to trace and
+      # compile per leaf.
+      counts: dict = {}
+
+      def kept(x, s):
+        key = (id(s), x.size)
+        if key not in counts:
+          counts[key] = (s, x.size - num_zeros(s, x.size))  # s held: its id stays unique
+        return counts[key][1]
+
+      return selection.topk_masks(xs, [kept(x, s) for x, s in zip(xs, ss, strict=True)])
 
     return selection.map_layer_groups(group, axes, scores, sparsities)
 
