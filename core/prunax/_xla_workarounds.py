@@ -98,7 +98,7 @@ def leaf_row(stacked: jax.Array, i: int) -> jax.Array:
 
 
 def after(tree: Any, deps: Any) -> Any:
-  """``tree`` with a float 0 computed from ``deps`` added to every leaf.
+  """``tree`` with, at every leaf, a float 0 computed from the leaf of ``deps`` there added.
 
   Prevents: full-size copies of buffers updated in place. When one computation reads the
   old dense weights (the reductions of AutoSparse's threshold gradients) and another
@@ -107,20 +107,49 @@ def after(tree: Any, deps: Any) -> Any:
   reductions' results makes the optimizer's pass run after them. An
   ``optimization_barrier`` does not replace it (the copies come back). Measured on CPU,
   jax 0.10.2: an AutoSparse + Adam step on two 256 x 256 layers copies both dense weights
-  without it, none with it.
+  without it, none with it. Each leaf reads the 0 of its own dep only: one 0 summed over
+  every dep was fused (a chain of scalar adds) into every leaf's update, so L leaves
+  compiled L * L terms (an AutoSparse step of 64 layers compiled in 31 s, 48x the dense
+  step; a ``jnp.sum`` of the stacked terms was rewritten into the same chain).
 
   Args:
-    tree: the values that must be computed after ``deps`` (float arrays; None leaves
-      stay None).
-    deps: a pytree of float arrays (finite: ``min(|d|, 0)`` is the 0).
+    tree: the values that must be computed after ``deps`` (float arrays).
+    deps: a tree like ``tree`` of float arrays (finite: ``min(|d|, 0)`` is the 0), None
+      where a leaf of ``tree`` depends on nothing.
 
   Returns:
     ``tree`` with the same values (``g + 0``; a ``-0.0`` becomes ``+0.0``).
   """
-  # Each leaf reduced to a scalar: leaves of different shapes (per-layer thresholds of
-  # stacked leaves of different ranks) must not broadcast against each other.
-  zero = sum(jnp.min(jnp.minimum(jnp.abs(d), 0)).astype(jnp.float32) for d in jax.tree.leaves(deps))
-  return jax.tree.map(lambda g: g + zero.astype(g.dtype), tree)
+
+  def add(g, d):
+    if g is None or d is None:
+      return g
+    # Reduced to a scalar: per-layer deps of stacked leaves need not broadcast against g.
+    return g + jnp.min(jnp.minimum(jnp.abs(d), 0)).astype(g.dtype)
+
+  return jax.tree.map(add, tree, deps, is_leaf=lambda x: x is None)
+
+
+def shared_flag(flag: jax.Array) -> jax.Array:
+  """``flag`` (a bool scalar), computed once however many computations read it.
+
+  Prevents: compile time quadratic in the number of leaves. XLA fuses a cheap scalar
+  computation into every fusion that reads it, so a flag computed from every leaf (all
+  gradients finite) and read by every leaf's update compiled L copies of an L-term
+  computation; XLA does not duplicate an expensive operation (``exp``) into several
+  readers, so the flag behind one is computed once. ``optimization_barrier`` does not
+  stop it (it is removed before fusion). Measured on CPU, jax 0.10.2: the optimised
+  module of 8, 16, 32 leaves reading an all-finite flag over 8, 16, 32 scalars had 467,
+  1,531, 5,579 lines, 216, 376, 696 with this; an AutoSparse + Adam step of 64 layers
+  of 256 x 256 compiled in 31 s (48x the dense step) before.
+
+  Args:
+    flag: a bool scalar.
+
+  Returns:
+    ``flag``, exact (``exp(0) == 1``, ``exp(-1) != 1``).
+  """
+  return jnp.exp(jnp.where(flag, 0.0, -1.0)) == 1.0
 
 
 def fused_masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:

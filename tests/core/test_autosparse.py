@@ -16,6 +16,7 @@ from prunax.algorithms.autosparse import soft_threshold
 
 from .helpers import loss_fn
 from .helpers import make_batch
+from .helpers import make_step
 from .helpers import mlp_params
 
 KERNELS = ('layer0', 'layer1')
@@ -449,3 +450,18 @@ def test_stacked_leaves_of_different_ranks():
   new = optax.apply_updates(params, updates)
   assert jax.tree.map(jnp.shape, new) == jax.tree.map(jnp.shape, params)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new))
+
+
+def test_step_compiles_linearly_in_the_layers():
+  # The thresholds' all-finite flag is computed once (_xla_workarounds.shared_flag): fused
+  # into every leaf's update it made the optimised step quadratic in the layers (3345,
+  # 8321, 24513 lines at 4, 8, 16 layers; 64 layers compiled in 31 s, 48x dense).
+  def lines(layers):
+    params = mlp_params(sizes=(32,) * (layers + 1))
+    tx = prunax.AutoSparse().wrap_optax(optax.adam(1e-3))
+    batch = (jnp.zeros((4, 32)), jnp.zeros((4, 32)))
+    step = jax.jit(make_step(tx)).lower(params, tx.init(params), batch)
+    return step.compile().as_text().count('\n')
+
+  small, medium, large = lines(4), lines(8), lines(16)
+  assert large - medium <= 2.5 * (medium - small), (small, medium, large)

@@ -327,7 +327,9 @@ class AutoSparse(StraightThrough, BaseUpdater):
     )
     # A non-finite gradient (one NaN/inf gradient of a pruned leaf) skips the thresholds'
     # step, state included: a NaN threshold would prune the whole leaf for good.
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(ds)]))
+    finite = _xla_workarounds.shared_flag(
+      jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(ds)]))
+    )
     keep = lambda a, b: jnp.where(finite, a, b).astype(jnp.result_type(b))
     new = jax.tree.map(lambda a, b: None if b is None else keep(a, b), new, s_tree, is_leaf=is_none)
     opt_state = jax.tree.map(keep, opt_state, old_state)
