@@ -2,11 +2,13 @@
 
 A bad value raises ``ValueError`` (as ``float('x')`` does, and as configs expect: a wrong
 type in a config is a wrong value) naming the argument, the value and what would be valid.
-Bools are not numbers, strings are not numbers, and a number must be finite.
+Bools are not numbers, strings are not numbers, and a number must be finite. Also
+:func:`accepts_keyword`, for optional arguments of overridable methods.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Any
@@ -107,3 +109,10 @@ def assign(instance: Any, **values: Any) -> None:
   """Sets checked field values on a frozen dataclass ``instance`` (in ``__post_init__``)."""
   for field, value in values.items():
     object.__setattr__(instance, field, value)
+
+
+def accepts_keyword(fn: Any, name: str) -> bool:
+  """Whether ``fn`` takes the keyword argument ``name`` (or any keyword, ``**kwargs``), so
+  an optional argument added to an overridable method reaches overrides written before it."""
+  params = inspect.signature(fn).parameters.values()
+  return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)

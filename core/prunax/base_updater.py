@@ -225,9 +225,43 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     ``kwargs`` (extra arguments of the wrapped ``update`` or of ``instant_sparsify``)
     reach :meth:`calculate_scores`.
     """
+    masks = self.compute_lazy_masks(params, sparsities, sparse_state, grads, old_masks, **kwargs)
+    return jax.tree.map(selection.materialize, masks, is_leaf=is_none)
+
+  def compute_lazy_masks(
+    self,
+    params: PyTree,
+    sparsities: PyTree,
+    sparse_state: SparseState | None = None,
+    grads: PyTree | None = None,
+    old_masks: PyTree | None = None,
+    **kwargs,
+  ) -> PyTree:
+    """:meth:`compute_masks` with masks that may be :class:`prunax.selection.Lazy` (a
+    threshold comparison evaluated where it is read): :meth:`new_stored_masks` packs alike
+    ones together. An algorithm overrides this or :meth:`compute_masks`."""
     del old_masks  # Used by drop-and-grow algorithms.
     scores = self.calculate_scores(params, sparse_state=sparse_state, grads=grads, **kwargs)
-    return self.masks_from_scores(scores, sparsities)
+    return self.masks_from_scores(scores, sparsities, lazy=True)
+
+  def new_stored_masks(
+    self,
+    params: PyTree,
+    sparsities: PyTree,
+    like: PyTree,
+    sparse_state: SparseState | None = None,
+    grads: PyTree | None = None,
+    old_masks: PyTree | None = None,
+    **kwargs,
+  ) -> PyTree:
+    """The masks of a mask update in the layout of the stored masks ``like``:
+    ``store_masks(compute_masks(...), like)``. The masks are taken lazily
+    (:meth:`compute_lazy_masks`) unless the algorithm overrides :meth:`compute_masks`, so
+    the masks of alike leaves are evaluated and packed by one computation."""
+    own = type(self).compute_masks is not BaseUpdater.compute_masks
+    compute = self.compute_masks if own else self.compute_lazy_masks
+    new = compute(params, sparsities, sparse_state, grads, old_masks, **kwargs)
+    return self.store_masks(new, like=like)
 
   def leaf_mask(self, scores: Any, sparsity, axis: int | None = None) -> jax.Array:
     """Exact keep-mask of one leaf at ``sparsity`` with the sparsity type; with a layer
@@ -236,10 +270,14 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       return self.sparsity_type.mask(scores, sparsity)
     return selection.map_layers(lambda x: self.sparsity_type.mask(x, sparsity), axis, scores)
 
-  def masks_from_scores(self, scores: PyTree, sparsities: PyTree) -> PyTree:
+  def masks_from_scores(self, scores: PyTree, sparsities: PyTree, lazy: bool = False) -> PyTree:
     """Exact keep-masks from scores by the algorithm's ``selection_strategy``: per leaf (per
-    layer of stacked leaves) with the sparsity type, or with one global threshold."""
-    return self.selection_strategy.masks(self, scores, sparsities)
+    layer of stacked leaves) with the sparsity type, or with one global threshold. With
+    ``lazy``, masks may be :class:`prunax.selection.Lazy` (unstructured threshold masks)."""
+    strategy = self.selection_strategy
+    if lazy and _checks.accepts_keyword(strategy.masks, 'lazy'):
+      return strategy.masks(self, scores, sparsities, lazy=True)
+    return strategy.masks(self, scores, sparsities)  # a strategy without lazy masks
 
   # ------------------------------------------------------------------------ sparsities
 
@@ -341,19 +379,28 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     return hits.pop() if hits else True
 
   def store_masks(self, masks: PyTree, like: PyTree = None) -> PyTree:
-    """Boolean masks in their stored form: packed or uint8 per leaf (:meth:`packs`), or
-    in the layout of the stored masks ``like`` (a state keeps the layout it started with)."""
+    """Boolean masks (arrays or :class:`prunax.selection.Lazy`) in their stored form:
+    packed or uint8 per leaf (:meth:`packs`), or in the layout of the stored masks
+    ``like`` (a state keeps the layout it started with); alike lazy masks are packed
+    together (:func:`prunax.masks.pack_masks`)."""
 
-    def store(path, m, *old):
+    def packed(path, m, *old):
       if m is None:
         return None
-      packed = (
-        old[0].shape != jnp.shape(m) if old else self.packs(sparsity_distributions.path_name(path))
-      )
-      return masks_lib.pack_mask(m) if packed else m.astype(jnp.uint8)
+      shape = m.shape if isinstance(m, selection.Lazy) else jnp.shape(m)
+      return old[0].shape != shape if old else self.packs(sparsity_distributions.path_name(path))
 
     trees = (masks,) if like is None else (masks, like)
-    return jax.tree_util.tree_map_with_path(store, *trees, is_leaf=is_none)
+    how = jax.tree_util.tree_map_with_path(packed, *trees, is_leaf=is_none)
+    flat, treedef = jax.tree.flatten(masks, is_leaf=is_none)
+    flat_how = treedef.flatten_up_to(how)
+    out = [None] * len(flat)
+    # Alike lazy masks are evaluated (and packed) together (masks_lib.pack_masks).
+    for form, store in ((True, masks_lib.pack_masks), (False, _as_uint8)):
+      chosen = [i for i, p in enumerate(flat_how) if p is not None and bool(p) == form]
+      for i, m in zip(chosen, store([flat[i] for i in chosen]), strict=True):
+        out[i] = m
+    return treedef.unflatten(out)
 
   def rng_key(self, sparse_state: SparseState | None, salt: int = 0) -> jax.Array:
     """The step's PRNG key (the state's key folded with its step count, then ``salt``);
@@ -534,6 +581,11 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     )
     sparse = map_masked(lambda m, p: jnp.where(m, p, 0).astype(p.dtype), masks, params)
     return sparse, masks
+
+
+def _as_uint8(masks: list) -> list:
+  """Bool masks (arrays or alike lazy ones evaluated together) as uint8 arrays."""
+  return selection.map_alike(lambda m: m.astype(jnp.uint8), masks)
 
 
 def _check_like_params(sparsities: PyTree, params: PyTree, dist: Any) -> None:

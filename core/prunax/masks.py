@@ -75,6 +75,17 @@ def pack_mask(mask: jax.Array) -> jax.Array:
   return packed.reshape(shape[:-1] + (shape[-1] // 8,))
 
 
+def pack_masks(masks: list) -> list:
+  """:func:`pack_mask` of every mask (bool arrays or :class:`prunax.selection.Lazy` masks).
+
+  Alike lazy masks (the same expression on arrays of one shape, e.g. the threshold masks
+  of repeated blocks) are evaluated and packed by one vmapped computation
+  (:func:`prunax.selection.map_alike`): a step compiles one kernel per group of them, not
+  one per mask, and stores only their packed bits.
+  """
+  return selection.map_alike(pack_mask, masks)
+
+
 def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Inverse of :func:`pack_mask` for a parameter of ``shape``; returns a bool mask."""
   shape = tuple(shape)

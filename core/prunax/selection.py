@@ -324,7 +324,9 @@ def _vmap_layers(fn: Callable[..., list], axes: Sequence[int], lists: Sequence[l
 
   def body(*sliced):
     it = iter(sliced)
-    return list(fn(*[[rebuild(x, leaf, it) for leaf, x in enumerate(xs)] for xs in lists]))
+    # Lazy results (masks of lazy=True) are evaluated: only arrays leave the vmap.
+    out = fn(*[[rebuild(x, leaf, it) for leaf, x in enumerate(xs)] for xs in lists])
+    return [materialize(r) for r in out]
 
   return jax.vmap(body, in_axes=in_axes, out_axes=list(axes))(*arrays)
 
@@ -564,6 +566,44 @@ def _lazy_arrays(x: Lazy) -> list:
 def _with_arrays(template: Lazy, arrays) -> Lazy:
   """``template`` reading the next arrays of the iterator ``arrays`` instead of its own."""
   return template.map_arrays(lambda a: next(arrays) if _is_array(a) else a)
+
+
+def map_alike(fn: Callable[[jax.Array], jax.Array], values: Sequence[jax.Array | Lazy]) -> list:
+  """``[fn(materialize(x)) for x in values]``, alike :class:`Lazy` values computed together.
+
+  The :class:`Lazy` values of one signature (:func:`_alike_groups`: the same expression on
+  arrays of the same shapes, e.g. the threshold masks of a model's repeated blocks) are
+  evaluated by one vmapped ``fn`` over their stacked arrays, at most
+  ``_xla_workarounds.FUSED_CONCAT_OPERANDS`` at a time, so XLA fuses the stacking into
+  that computation and compiles one kernel per group rather than one per value. Only
+  ``fn``'s stacked results are stored, then split; with ``fn = pack_mask`` that is the
+  packed bits (1/32 of the weights' bytes). Arrays go through ``fn`` one by one.
+
+  Args:
+    fn: a function of one evaluated value (vmappable).
+    values: arrays or :class:`Lazy` values.
+
+  Returns:
+    ``fn``'s result for every value, in order.
+  """
+  out: list[Any] = [None] * len(values)
+  lazy = [i for i, x in enumerate(values) if isinstance(x, Lazy)]
+  for i, x in enumerate(values):
+    if not isinstance(x, Lazy):
+      out[i] = fn(x)
+  for group in _alike_groups([values[i] for i in lazy]):
+    members = [lazy[j] for j in group]
+    template = values[members[0]]
+    if len(members) == 1:
+      out[members[0]] = fn(template())
+      continue
+    stacked = [
+      jnp.stack(column) for column in zip(*[_lazy_arrays(values[i]) for i in members], strict=True)
+    ]
+    results = jax.vmap(lambda *arrays, t=template: fn(_with_arrays(t, iter(arrays))()))(*stacked)
+    for j, i in enumerate(members):
+      out[i] = jax.tree.map(lambda r, j=j: r[j], results)
+  return out
 
 
 def _pass_counts(inputs, groups, key_fn, pivots, witness) -> jax.Array:

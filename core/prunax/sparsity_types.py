@@ -72,9 +72,12 @@ class SparsityType:
     """Boolean keep-mask of ``scores.shape`` for the target ``sparsity``."""
     raise NotImplementedError
 
-  def masks(self, scores: list, sparsities: list, axes: list) -> list:
+  def masks(self, scores: list, sparsities: list, axes: list, lazy: bool = False) -> list:
     """:meth:`mask` of several leaves: ``scores[i]`` at ``sparsities[i]``, every layer on
-    its own where ``axes[i]`` (a layer axis) is not None. One leaf at a time by default."""
+    its own where ``axes[i]`` (a layer axis) is not None. One leaf at a time by default.
+    With ``lazy``, a structure may return :class:`prunax.selection.Lazy` masks (arrays
+    are always valid)."""
+    del lazy  # Only unstructured selection keeps masks lazy.
     return [
       self.mask(x, s) if a is None else selection.map_layers(lambda y, s=s: self.mask(y, s), a, x)
       for x, s, a in zip(scores, sparsities, axes, strict=True)
@@ -88,11 +91,12 @@ class Unstructured(SparsityType):
   def mask(self, scores, sparsity):
     return selection.topk_mask(scores, scores.size - num_zeros(sparsity, scores.size))
 
-  def masks(self, scores, sparsities, axes):
+  def masks(self, scores, sparsities, axes, lazy=False):
     """The masks of :meth:`mask`, found by one selection loop for all leaves (one per
-    number of layers of stacked leaves; see :func:`prunax.selection.topk_masks`)."""
+    number of layers of stacked leaves; see :func:`prunax.selection.topk_masks`); with
+    ``lazy``, the masks of leaves without a layer axis are :class:`prunax.selection.Lazy`."""
     if type(self).mask is not Unstructured.mask:  # a subclass with its own mask
-      return super().masks(scores, sparsities, axes)
+      return super().masks(scores, sparsities, axes, lazy)
 
     def group(xs, ss):
       # Leaves of one size at one (shared) sparsity share one count: less to trace and
@@ -105,7 +109,8 @@ class Unstructured(SparsityType):
           counts[key] = (s, x.size - num_zeros(s, x.size))  # s held: its id stays unique
         return counts[key][1]
 
-      return selection.topk_masks(xs, [kept(x, s) for x, s in zip(xs, ss, strict=True)])
+      ks = [kept(x, s) for x, s in zip(xs, ss, strict=True)]
+      return selection.topk_masks(xs, ks, lazy=lazy)
 
     return selection.map_layer_groups(group, axes, scores, sparsities)
 

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from prunax import _checks
 from prunax import selection
 from prunax import sparsity_distributions
 from prunax import sparsity_types
@@ -38,11 +39,14 @@ class PerLeaf:
     """Any structure and distribution goes."""
     del updater
 
-  def masks(self, updater: Any, scores: PyTree, sparsities: PyTree) -> PyTree:
+  def masks(self, updater: Any, scores: PyTree, sparsities: PyTree, lazy: bool = False) -> PyTree:
     """Exact keep-masks of every leaf at its sparsity (None: the leaf is not pruned), all
-    leaves at once (``SparsityType.masks``: one selection loop for unstructured)."""
+    leaves at once (``SparsityType.masks``: one selection loop for unstructured); with
+    ``lazy``, masks may be :class:`prunax.selection.Lazy`."""
+    structure = updater.sparsity_type
+    lazy = {'lazy': True} if lazy and _checks.accepts_keyword(structure.masks, 'lazy') else {}
     return apply_to_pruned(
-      lambda xs, ss, axes: updater.sparsity_type.masks(xs, ss, axes),
+      lambda xs, ss, axes: structure.masks(xs, ss, axes, **lazy),
       sparsities,
       scores,
       sparsities,
@@ -72,8 +76,9 @@ class GlobalThreshold:
         'custom_sparsity_map for layers that differ), not ERK.'
       )
 
-  def masks(self, updater: Any, scores: PyTree, sparsities: PyTree) -> PyTree:
-    """Exact keep-masks: the pooled leaves share one threshold, the others are per leaf."""
+  def masks(self, updater: Any, scores: PyTree, sparsities: PyTree, lazy: bool = False) -> PyTree:
+    """Exact keep-masks: the pooled leaves share one threshold, the others are per leaf;
+    with ``lazy``, the pooled leaves' masks are :class:`prunax.selection.Lazy`."""
     axes = updater.layer_axes_tree(scores)
     flat_s, treedef = jax.tree.flatten(sparsities, is_leaf=is_none)
     flat_x = treedef.flatten_up_to(scores)
@@ -87,7 +92,11 @@ class GlobalThreshold:
     chosen = [x for x, p in zip(flat_x, pooled, strict=True) if p]
     total = sum(math.prod(x.shape) for x in chosen)
     target = next((s for s, p in zip(flat_s, pooled, strict=True) if p), 0.0)
-    it = iter(selection.global_topk_masks(chosen, total - sparsity_types.num_zeros(target, total)))
+    it = iter(
+      selection.global_topk_masks(
+        chosen, total - sparsity_types.num_zeros(target, total), lazy=lazy
+      )
+    )
     return treedef.unflatten(
       [
         next(it) if p else (None if s is None else updater.leaf_mask(x, s, a))

@@ -27,7 +27,7 @@ from prunax import sparsity_schedules
 from prunax import sparsity_types
 from prunax.base_updater import BaseUpdater
 from prunax.masks import lazy_mask
-from prunax.masks import pack_mask
+from prunax.masks import pack_masks
 from prunax.tree_util import apply_to_pruned
 
 _STRUCTURE_NAMES = {sparsity_types.Unstructured: 'unstructured', sparsity_types.NByM: 'N:M'}
@@ -130,11 +130,13 @@ class SET(StaticRandomSparse):
     del grads
     return self.random_scores(params, self.rng_key(sparse_state, salt=3))
 
-  def compute_masks(
+  def compute_lazy_masks(
     self, params, sparsities, sparse_state=None, grads=None, old_masks=None, **kwargs
   ):
     if sparse_state is None or old_masks is None:  # instant_sparsify: plain magnitude.
-      return super().compute_masks(params, sparsities, sparse_state, grads, old_masks, **kwargs)
+      return super().compute_lazy_masks(
+        params, sparsities, sparse_state, grads, old_masks, **kwargs
+      )
     fraction = self.drop_fraction_at(sparse_state.count)
     drop = self.drop_scores(params, sparse_state, grads)
     grow = self.grow_scores(params, sparse_state, grads)
@@ -152,19 +154,15 @@ class SET(StaticRandomSparse):
         [n - k for n, k in zip(n_active, n_drop, strict=True)],
         lazy=True,
       )
-      kept = [
-        lazy_mask(pack_mask(selection.materialize(k)), w.shape)
-        for k, w in zip(kept, ws, strict=True)
-      ]
+      # Alike kept masks are evaluated and packed by one computation (pack_masks).
+      kept = [lazy_mask(k, w.shape) for k, w in zip(pack_masks(kept), ws, strict=True)]
       grown = selection.topk_masks(
         [selection.Lazy(_inactive_score, k, g) for k, g in zip(kept, gs, strict=True)],
         n_drop,
         lazy=True,
       )
-      return [
-        selection.materialize(selection.Lazy(jnp.logical_or, k, g))
-        for k, g in zip(kept, grown, strict=True)
-      ]
+      # Lazy: the engine evaluates and stores alike masks together (store_masks).
+      return [selection.Lazy(jnp.logical_or, k, g) for k, g in zip(kept, grown, strict=True)]
 
     # All pruned leaves at once (one selection loop per group of equal layer count).
     return apply_to_pruned(

@@ -249,10 +249,16 @@ class JaxprunerArgs:
     targets = self.target_sparsities(params)
     sparsities = self.sparsities_at(targets, sparse_state.count)
     old = base_updater.lazy_masks(sparse_state.masks, params)
-    new = self.compute_masks(
-      params, sparsities, sparse_state=sparse_state, grads=grads, old_masks=old, **kwargs
+    new = self.new_stored_masks(
+      params,
+      sparsities,
+      sparse_state.masks,
+      sparse_state=sparse_state,
+      grads=grads,
+      old_masks=old,
+      **kwargs,
     )
-    return sparse_state._replace(masks=self.store_masks(new, like=sparse_state.masks))
+    return sparse_state._replace(masks=new)
 
 
 def skip_on_mask_updates(updater, update: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,0 +1,227 @@
+"""Alike lazy masks are evaluated and packed together when a mask update stores them.
+
+A mask update's final masks (threshold comparisons of the scores, ``selection.Lazy``)
+reach ``store_masks`` unevaluated; alike ones (repeated blocks' kernels) are evaluated
+and packed by one vmapped computation (``selection.map_alike``), so a step compiles one
+threshold-and-pack kernel per group, not per leaf. These tests check that the stored
+masks are bit-identical to evaluating and packing each mask on its own, that the
+traced computation no longer grows by a whole mask computation per leaf, and that
+strategies and structures written before ``lazy`` existed still work.
+"""
+
+import dataclasses
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import prunax
+from prunax import _checks
+from prunax import _xla_workarounds
+from prunax import masks as masks_lib
+from prunax import selection
+from prunax import sparsity_schedules as sched
+from prunax import sparsity_types
+from prunax import strategies
+
+
+def _params(n, shape=(64, 128), extra=True):
+  keys = jax.random.split(jax.random.PRNGKey(0), n + 2)
+  params = {f'l{i}': jax.random.normal(keys[i], shape) for i in range(n)}
+  if extra:  # leaves of other shapes: groups of one, and an unaligned last axis
+    params['odd'] = jax.random.normal(keys[n], (12, 20))
+    params['conv'] = jax.random.normal(keys[n + 1], (3, 3, 8, 16))
+  return params
+
+
+def _per_leaf(updater, params, sparsities, like, **inputs):
+  """The stored masks of evaluating and packing every mask on its own (the reference)."""
+  return updater.store_masks(updater.compute_masks(params, sparsities, **inputs), like=like)
+
+
+def _equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(
+    x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(la, lb, strict=True)
+  )
+
+
+@pytest.mark.parametrize('packed', [True, False])
+@pytest.mark.parametrize(
+  'make',
+  [
+    lambda packed: prunax.MagnitudePruning(sparsity=0.8, packed_masks=packed),
+    lambda packed: prunax.GlobalMagnitudePruning(sparsity=0.8, packed_masks=packed),
+  ],
+  ids=['magnitude', 'global'],
+)
+def test_stored_masks_equal_evaluating_each_mask(make, packed):
+  # 11 alike leaves: chunks of FUSED_CONCAT_OPERANDS (8) and 3, plus two of their own.
+  updater = make(packed)
+  params = _params(11)
+  targets = updater.target_sparsities(params)
+  like = updater.store_masks(updater.init_masks(params, targets))
+  got = jax.jit(lambda p: updater.new_stored_masks(p, targets, like))(params)
+  want = jax.jit(lambda p: _per_leaf(updater, p, targets, like))(params)
+  assert _equal(got, want)
+  kept = prunax.summarize_sparsity(
+    jax.tree.map(
+      lambda p, m: jnp.where(m, p, 0), params, masks_lib.unpack_masks(got, params), is_leaf=None
+    )
+  )
+  assert abs(kept['total_sparsity'] - 0.8) < 0.01
+
+
+@pytest.mark.parametrize('cls', [prunax.SET, prunax.RigL])
+def test_drop_and_grow_masks_are_stored_as_evaluated_each(cls):
+  updater = cls(sparsity=0.7, scheduler=sched.PeriodicSchedule(1, 0), drop_fraction_fn='constant')
+  params = _params(10)
+  tx = updater.wrap_optax(optax.sgd(0.1))
+  state = tx.init(params)
+  sparse = prunax.get_sparse_state(state)
+  grads = jax.tree.map(lambda p: jnp.cos(3 * p), params)
+  targets = updater.target_sparsities(params)
+  old = masks_lib.lazy_masks(sparse.masks, params)
+  inputs = dict(sparse_state=sparse, grads=grads, old_masks=old)
+  got = jax.jit(lambda p: updater.new_stored_masks(p, targets, sparse.masks, **inputs))(params)
+  want = jax.jit(lambda p: _per_leaf(updater, p, targets, sparse.masks, **inputs))(params)
+  assert _equal(got, want)
+  # A real drop and grow happened: the masks changed, and kept their counts.
+  before = masks_lib.unpack_masks(sparse.masks, params)
+  after = masks_lib.unpack_masks(got, params)
+  assert any(not np.array_equal(before[k], after[k]) for k in params)
+  for k in params:
+    assert int(before[k].sum()) == int(after[k].sum())
+
+
+def _eqns(fn, *args) -> int:
+  return len(jax.make_jaxpr(fn)(*args).jaxpr.eqns)
+
+
+def test_a_mask_update_does_not_grow_by_a_mask_computation_per_alike_leaf():
+  updater = prunax.MagnitudePruning(sparsity=0.8)
+
+  def growth(store):
+    sizes = []
+    for n in (2, 6):
+      params = _params(n, extra=False)
+      targets = updater.target_sparsities(params)
+      like = updater.store_masks(updater.init_masks(params, targets))
+      sizes.append(_eqns(lambda p, t=targets, old=like: store(p, t, old), params))
+    return (sizes[1] - sizes[0]) / 4
+
+  grouped = growth(updater.new_stored_masks)
+  alone = growth(lambda p, t, old: _per_leaf(updater, p, t, old))
+  # Alone, each leaf adds its threshold comparison and its packing (~58 equations);
+  # grouped, its slice of the stacked result and its operands of the stack (~24).
+  assert grouped < 0.6 * alone, (grouped, alone)
+
+
+def test_grouped_temporaries_are_at_most_the_packed_bits_more():
+  updater = prunax.MagnitudePruning(sparsity=0.8)
+  params = _params(8, extra=False)
+  targets = updater.target_sparsities(params)
+  like = updater.store_masks(updater.init_masks(params, targets))
+
+  def temps(fn):
+    compiled = jax.jit(fn).lower(params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  grouped = temps(lambda p: updater.new_stored_masks(p, targets, like))
+  alone = temps(lambda p: _per_leaf(updater, p, targets, like))
+  packed_bytes = sum(m.size for m in jax.tree.leaves(like))
+  # The stacked packed bits are stored once before they are split; nothing full-size.
+  assert grouped <= alone + packed_bytes, (grouped, alone, packed_bytes)
+
+
+@hypothesis.settings(max_examples=12, deadline=None)
+@hypothesis.given(
+  sizes=st.lists(st.sampled_from([(4, 32), (3, 5), (2, 8, 16)]), min_size=1, max_size=11),
+  seed=st.integers(0, 2**16),
+)
+def test_map_alike_is_fn_of_each_value(sizes, seed):
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes))
+  values = []
+  for i, (key, shape) in enumerate(zip(keys, sizes, strict=True)):
+    w = jax.random.normal(key, shape)
+    # Alike lazy values, arrays, and a lazy value with its own function.
+    values.append(
+      w if i % 4 == 3 else selection.Lazy(jnp.abs, w) if i % 4 else selection.Lazy(jnp.sin, w)
+    )
+
+  def fn(x):
+    return {'sum': jnp.sum(x), 'bits': masks_lib.pack_mask(x > 0.5)}
+
+  got = selection.map_alike(fn, values)
+  want = [fn(selection.materialize(v)) for v in values]
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(g['sum'], w['sum'], rtol=1e-6)
+    np.testing.assert_array_equal(g['bits'], w['bits'])
+
+
+def test_map_alike_groups_at_most_fused_concat_operands(monkeypatch):
+  monkeypatch.setattr(_xla_workarounds, 'FUSED_CONCAT_OPERANDS', 3)
+  calls = []
+
+  def fn(x):
+    calls.append(jnp.shape(x))
+    return x + 1
+
+  values = [selection.Lazy(jnp.abs, jnp.full((2, 4), float(i))) for i in range(7)]
+  out = selection.map_alike(fn, values)
+  # Chunks of 3, 3 and 1: two vmapped calls (traced once each) and one alone.
+  assert calls == [(2, 4), (2, 4), (2, 4)]
+  for i, o in enumerate(out):
+    np.testing.assert_array_equal(o, jnp.full((2, 4), i + 1.0))
+
+
+def test_strategies_and_structures_without_lazy_still_work():
+  @dataclasses.dataclass(frozen=True)
+  class OldStrategy(strategies.PerLeaf):
+    def masks(self, updater, scores, sparsities):  # written before lazy existed
+      return super().masks(updater, scores, sparsities)
+
+  @dataclasses.dataclass(frozen=True)
+  class OldStructure(sparsity_types.Unstructured):
+    def masks(self, scores, sparsities, axes):  # written before lazy existed
+      return super().masks(scores, sparsities, axes)
+
+  @dataclasses.dataclass(frozen=True)
+  class Mine(prunax.MagnitudePruning):
+    selection_strategy = OldStrategy()
+
+  params = _params(3)
+  for updater in (
+    Mine(sparsity=0.5),
+    prunax.MagnitudePruning(sparsity=0.5, sparsity_type=OldStructure()),
+  ):
+    tx = updater.wrap_optax(optax.sgd(0.0))
+    state = tx.init(params)
+    _, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
+    masks = prunax.bool_masks(state, params)
+    assert all(int(m.sum()) == m.size // 2 for m in masks.values())
+
+
+def test_accepts_keyword():
+  assert _checks.accepts_keyword(lambda a, lazy=False: a, 'lazy')
+  assert _checks.accepts_keyword(lambda a, **kw: a, 'lazy')
+  assert not _checks.accepts_keyword(lambda a, b: a, 'lazy')
+
+
+def test_an_own_compute_masks_is_what_the_engine_stores():
+  @dataclasses.dataclass(frozen=True)
+  class Halves(prunax.MagnitudePruning):
+    def compute_masks(self, params, sparsities, sparse_state=None, grads=None, old_masks=None):
+      return jax.tree.map(lambda s, p: None if s is None else p > 0, sparsities, params)
+
+  params = _params(2, extra=False)
+  updater = Halves(sparsity=0.5)
+  targets = updater.target_sparsities(params)
+  like = updater.store_masks(updater.init_masks(params, targets))
+  got = masks_lib.unpack_masks(updater.new_stored_masks(params, targets, like), params)
+  for k, p in params.items():
+    np.testing.assert_array_equal(got[k], p > 0)
