@@ -148,13 +148,23 @@ class Lazy:
     is formed. For a position-dependent ``fn`` (a hash of the index) this is another
     sample of the same distribution, which is all the search's first guess needs.
     """
+    return self.sampled(stride)().reshape(-1)
+
+  def sampled(self, stride: int) -> Lazy:
+    """The expression of :meth:`strided_sample` over the sliced arguments, unevaluated
+    (so the samples of alike values can be computed together, :func:`map_alike`)."""
     if self._sample is not None:
-      return self._sample(stride, *self.args).reshape(-1)
+      return Lazy(_identity, self._sample(stride, *self.args).reshape(-1))
     if self._shape is not None:  # Arguments not aligned with the values: evaluate.
-      return self().reshape(-1)[::stride]
-    return self._evaluate_on(
-      lambda a: a.reshape(-1)[::stride], lambda a: a.strided_sample(stride)
-    ).reshape(-1)
+      return Lazy(_identity, self().reshape(-1)[::stride])
+    shape = self.shape
+
+    def view(a):
+      if isinstance(a, Lazy):
+        return a.sampled(stride) if a.shape == shape else a
+      return a.reshape(-1)[::stride] if tuple(jnp.shape(a)) == shape else a
+
+    return Lazy(self.fn, *[view(a) for a in self.args])
 
   def _evaluate_on(self, array_view, lazy_view) -> jax.Array:
     """``fn`` on a view of its arguments: those of the values' shape through
@@ -170,6 +180,10 @@ class Lazy:
 
   def __repr__(self):
     return f'Lazy({getattr(self.fn, "__name__", self.fn)}, shape={self.shape})'
+
+
+def _identity(x):
+  return x
 
 
 def _mix32(x: jax.Array) -> jax.Array:
@@ -568,7 +582,7 @@ def _with_arrays(template: Lazy, arrays) -> Lazy:
   return template.map_arrays(lambda a: next(arrays) if _is_array(a) else a)
 
 
-def map_alike(fn: Callable[[jax.Array], jax.Array], values: Sequence[jax.Array | Lazy]) -> list:
+def map_alike(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array | Lazy]) -> list:
   """``[fn(materialize(x)) for x in values]``, alike :class:`Lazy` values computed together.
 
   The :class:`Lazy` values of one signature (:func:`_alike_groups`: the same expression on
@@ -726,7 +740,8 @@ def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
 def _sample_pivots_each(inputs: Sequence[Lazy], k: jax.Array) -> jax.Array:
   """``(len(inputs), 5)`` thresholds: :func:`_sample_pivots` of every input on its own,
   from one sort of their samples (each padded in front with the lowest key to one length)."""
-  samples = [sortable_keys(x.strided_sample(_sample_stride(x.size, [x.shape]))) for x in inputs]
+  # Alike inputs are sampled by one computation (map_alike over their samples' arrays).
+  samples = map_alike(sortable_keys, [x.sampled(_sample_stride(x.size, [x.shape])) for x in inputs])
   width = max(s.size for s in samples)
   pad = jnp.array([width - s.size for s in samples], jnp.int32)
   size = jnp.array([s.size for s in samples], jnp.float32)

@@ -225,3 +225,49 @@ def test_an_own_compute_masks_is_what_the_engine_stores():
   got = masks_lib.unpack_masks(updater.new_stored_masks(params, targets, like), params)
   for k, p in params.items():
     np.testing.assert_array_equal(got[k], p > 0)
+
+
+def _lazies_for_sampling():
+  key = jax.random.PRNGKey(3)
+  w = jax.random.normal(key, (24, 64))
+  g = jax.random.normal(jax.random.fold_in(key, 1), (24, 64))
+  packed = masks_lib.pack_mask(w > 0.2)
+  unaligned = masks_lib.pack_mask(w[:, :20] > 0)  # 8 blocks of 2.5 bytes: no word rows
+  kept = masks_lib.lazy_mask(packed, w.shape)
+  return [
+    selection.Lazy(jnp.abs, w),
+    selection.Lazy(lambda m, s: jnp.where(m, s, -1.0), kept, selection.Lazy(jnp.abs, g)),
+    kept,
+    masks_lib.lazy_mask(unaligned, (24, 20)),
+    selection.Lazy(lambda a, b: a * b, w, jnp.float32(2.0)),  # a broadcast argument
+    selection.Lazy(lambda a: a[::-1], w, shape=w.shape),  # arguments not aligned
+  ]
+
+
+@pytest.mark.parametrize('stride', [1, 3, 7, 64])
+def test_sampled_evaluates_to_every_stride_th_value(stride):
+  for x in _lazies_for_sampling():
+    want = np.asarray(selection.materialize(x)).reshape(-1)[::stride]
+    np.testing.assert_array_equal(x.sampled(stride)(), want)
+    np.testing.assert_array_equal(x.strided_sample(stride), want)
+
+
+def test_samples_of_alike_inputs_are_computed_together(monkeypatch):
+  k = jnp.int32(100)
+
+  def growth():
+    sizes = []
+    for n in (2, 6):
+      ws = [jax.random.normal(jax.random.PRNGKey(i), (64, 128)) for i in range(n)]
+      fn = lambda ws: selection._sample_pivots_each(  # noqa: E731
+        [selection.Lazy(jnp.abs, w) for w in ws], jnp.full(len(ws), k)
+      )
+      sizes.append(_eqns(fn, ws))
+    return (sizes[1] - sizes[0]) / 4
+
+  grouped = growth()
+  monkeypatch.setattr(
+    selection, 'map_alike', lambda fn, xs: [fn(selection.materialize(x)) for x in xs]
+  )
+  alone = growth()
+  assert grouped < 0.6 * alone, (grouped, alone)
