@@ -244,6 +244,23 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     scores = self.calculate_scores(params, sparse_state=sparse_state, grads=grads, **kwargs)
     return self.masks_from_scores(scores, sparsities, lazy=True)
 
+  def new_masks(
+    self,
+    params: PyTree,
+    sparsities: PyTree,
+    sparse_state: SparseState | None = None,
+    grads: PyTree | None = None,
+    old_masks: PyTree | None = None,
+    **kwargs,
+  ) -> PyTree:
+    """The masks of a mask update as the engines take them: :meth:`compute_lazy_masks`
+    (masks may be :class:`prunax.selection.Lazy`, so :meth:`store_masks` evaluates and
+    packs alike ones together), or the algorithm's own :meth:`compute_masks` where it
+    overrides that."""
+    own = type(self).compute_masks is not BaseUpdater.compute_masks
+    compute = self.compute_masks if own else self.compute_lazy_masks
+    return compute(params, sparsities, sparse_state, grads, old_masks, **kwargs)
+
   def new_stored_masks(
     self,
     params: PyTree,
@@ -254,13 +271,8 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     old_masks: PyTree | None = None,
     **kwargs,
   ) -> PyTree:
-    """The masks of a mask update in the layout of the stored masks ``like``:
-    ``store_masks(compute_masks(...), like)``. The masks are taken lazily
-    (:meth:`compute_lazy_masks`) unless the algorithm overrides :meth:`compute_masks`, so
-    the masks of alike leaves are evaluated and packed by one computation."""
-    own = type(self).compute_masks is not BaseUpdater.compute_masks
-    compute = self.compute_masks if own else self.compute_lazy_masks
-    new = compute(params, sparsities, sparse_state, grads, old_masks, **kwargs)
+    """:meth:`new_masks` in the layout of the stored masks ``like`` (:meth:`store_masks`)."""
+    new = self.new_masks(params, sparsities, sparse_state, grads, old_masks, **kwargs)
     return self.store_masks(new, like=like)
 
   def leaf_mask(self, scores: Any, sparsity, axis: int | None = None) -> jax.Array:

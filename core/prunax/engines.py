@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 from prunax import masks as masks_lib
+from prunax import selection
 from prunax.state import SparseState
 from prunax.tree_util import from_stored
 from prunax.tree_util import is_none
@@ -147,10 +148,13 @@ def straight_through(updater: Any, inner: optax.GradientTransformation):
     candidate = optax.apply_updates(dense, updates)
     # The mask is recomputed from the dense weights at every step.
     sparsities = updater.sparsities_at(targets, state.count)
-    new_masks = updater.compute_masks(
+    new_masks = updater.new_masks(
       candidate, sparsities, sparse_state=state, grads=grads, old_masks=masks, **extra
     )
+    # Alike masks are evaluated and packed together for the state; the forward pass reads
+    # each mask evaluated on its own (an elementwise comparison, fused into it).
     stored = updater.store_masks(new_masks, like=state.masks)
+    new_masks = jax.tree.map(selection.materialize, new_masks, is_leaf=is_none)
     forward = updater.forward_params(candidate, new_masks, state)
     out = map_masked(lambda m, u, f, p: f - p, new_masks, updates, forward, params)
     algorithm_state = algorithm_state._replace(
