@@ -153,8 +153,9 @@ class Lazy:
   def sampled(self, stride: int) -> Lazy:
     """The expression of :meth:`strided_sample` over the sliced arguments, unevaluated
     (so the samples of alike values can be computed together, :func:`map_alike`)."""
-    if self._sample is not None:
-      return Lazy(_identity, self._sample(stride, *self.args).reshape(-1))
+    if self._sample is not None:  # e.g. bits gathered from packed bytes
+      sample = functools.partial(_flat_sample, self._sample, stride)
+      return Lazy(sample, *self.args, shape=(-(-self.size // stride),))
     if self._shape is not None:  # Arguments not aligned with the values: evaluate.
       return Lazy(_identity, self().reshape(-1)[::stride])
     shape = self.shape
@@ -164,7 +165,8 @@ class Lazy:
         return a.sampled(stride) if a.shape == shape else a
       return a.reshape(-1)[::stride] if tuple(jnp.shape(a)) == shape else a
 
-    return Lazy(self.fn, *[view(a) for a in self.args])
+    # Flattened: a broadcast argument (a layer's id) may add axes to the sliced values.
+    return Lazy(functools.partial(_flat_eval, self.fn), *[view(a) for a in self.args])
 
   def _evaluate_on(self, array_view, lazy_view) -> jax.Array:
     """``fn`` on a view of its arguments: those of the values' shape through
@@ -184,6 +186,14 @@ class Lazy:
 
 def _identity(x):
   return x
+
+
+def _flat_eval(fn: Callable[..., jax.Array], *args) -> jax.Array:
+  return fn(*args).reshape(-1)
+
+
+def _flat_sample(sample: Callable[..., jax.Array], stride: int, *args) -> jax.Array:
+  return sample(stride, *args).reshape(-1)
 
 
 def _mix32(x: jax.Array) -> jax.Array:

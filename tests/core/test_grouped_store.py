@@ -248,6 +248,7 @@ def _lazies_for_sampling():
     kept,
     masks_lib.lazy_mask(unaligned, (24, 20)),
     selection.Lazy(lambda a, b: a * b, w, jnp.float32(2.0)),  # a broadcast argument
+    selection.Lazy(lambda a, b: a + b, w, jnp.ones((1, 1))),  # one that adds an axis
     selection.Lazy(lambda a: a[::-1], w, shape=w.shape),  # arguments not aligned
   ]
 
