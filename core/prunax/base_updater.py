@@ -238,8 +238,8 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     **kwargs,
   ) -> PyTree:
     """:meth:`compute_masks` with masks that may be :class:`prunax.selection.Lazy` (a
-    threshold comparison evaluated where it is read): :meth:`new_stored_masks` packs alike
-    ones together. An algorithm overrides this or :meth:`compute_masks`."""
+    threshold comparison evaluated where it is read): :meth:`store_masks` evaluates and
+    packs alike ones together. An algorithm overrides this or :meth:`compute_masks`."""
     del old_masks  # Used by drop-and-grow algorithms.
     scores = self.calculate_scores(params, sparse_state=sparse_state, grads=grads, **kwargs)
     return self.masks_from_scores(scores, sparsities, lazy=True)
@@ -260,20 +260,6 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     own = type(self).compute_masks is not BaseUpdater.compute_masks
     compute = self.compute_masks if own else self.compute_lazy_masks
     return compute(params, sparsities, sparse_state, grads, old_masks, **kwargs)
-
-  def new_stored_masks(
-    self,
-    params: PyTree,
-    sparsities: PyTree,
-    like: PyTree,
-    sparse_state: SparseState | None = None,
-    grads: PyTree | None = None,
-    old_masks: PyTree | None = None,
-    **kwargs,
-  ) -> PyTree:
-    """:meth:`new_masks` in the layout of the stored masks ``like`` (:meth:`store_masks`)."""
-    new = self.new_masks(params, sparsities, sparse_state, grads, old_masks, **kwargs)
-    return self.store_masks(new, like=like)
 
   def leaf_mask(self, scores: Any, sparsity, axis: int | None = None) -> jax.Array:
     """Exact keep-mask of one leaf at ``sparsity`` with the sparsity type; with a layer

@@ -90,9 +90,10 @@ def masked_training(updater: Any, inner: optax.GradientTransformation):
       # be materialised for the cond, and a buffer the optimizer updates in place (its
       # moments) would be copied.
       old = masks_lib.lazy_masks(state.masks, params)
-      return updater.new_stored_masks(
-        params, sparsities, state.masks, sparse_state=state, grads=grads, old_masks=old, **extra
+      new = updater.new_masks(
+        params, sparsities, sparse_state=state, grads=grads, old_masks=old, **extra
       )
+      return updater.store_masks(new, like=state.masks)
 
     # Steps without a mask update keep the stored (possibly packed) masks as they are.
     if isinstance(is_update, (bool, np.bool_)) and not is_update:

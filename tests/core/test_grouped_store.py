@@ -66,7 +66,7 @@ def test_stored_masks_equal_evaluating_each_mask(make, packed):
   params = _params(11)
   targets = updater.target_sparsities(params)
   like = updater.store_masks(updater.init_masks(params, targets))
-  got = jax.jit(lambda p: updater.new_stored_masks(p, targets, like))(params)
+  got = jax.jit(lambda p: updater.store_masks(updater.new_masks(p, targets), like=like))(params)
   want = jax.jit(lambda p: _per_leaf(updater, p, targets, like))(params)
   assert _equal(got, want)
   kept = prunax.summarize_sparsity(
@@ -88,7 +88,9 @@ def test_drop_and_grow_masks_are_stored_as_evaluated_each(cls):
   targets = updater.target_sparsities(params)
   old = masks_lib.lazy_masks(sparse.masks, params)
   inputs = dict(sparse_state=sparse, grads=grads, old_masks=old)
-  got = jax.jit(lambda p: updater.new_stored_masks(p, targets, sparse.masks, **inputs))(params)
+  got = jax.jit(
+    lambda p: updater.store_masks(updater.new_masks(p, targets, **inputs), like=sparse.masks)
+  )(params)
   want = jax.jit(lambda p: _per_leaf(updater, p, targets, sparse.masks, **inputs))(params)
   assert _equal(got, want)
   # A real drop and grow happened: the masks changed, and kept their counts.
@@ -122,7 +124,7 @@ def test_a_mask_update_does_not_grow_by_a_mask_computation_per_alike_leaf():
       sizes.append(_eqns(lambda p, t=targets, old=like: store(p, t, old), params))
     return (sizes[1] - sizes[0]) / 4
 
-  grouped = growth(updater.new_stored_masks)
+  grouped = growth(lambda p, t, old: updater.store_masks(updater.new_masks(p, t), like=old))
   alone = growth(lambda p, t, old: _per_leaf(updater, p, t, old))
   # Alone, each leaf adds its threshold comparison and its packing (~58 equations);
   # grouped, its slice of the stacked result and its operands of the stack (~24).
@@ -139,7 +141,7 @@ def test_grouped_temporaries_are_at_most_the_packed_bits_more():
     compiled = jax.jit(fn).lower(params).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
-  grouped = temps(lambda p: updater.new_stored_masks(p, targets, like))
+  grouped = temps(lambda p: updater.store_masks(updater.new_masks(p, targets), like=like))
   alone = temps(lambda p: _per_leaf(updater, p, targets, like))
   packed_bytes = sum(m.size for m in jax.tree.leaves(like))
   # The stacked packed bits are stored once before they are split; nothing full-size.
@@ -230,7 +232,8 @@ def test_an_own_compute_masks_is_what_the_engine_stores():
   updater = Halves(sparsity=0.5)
   targets = updater.target_sparsities(params)
   like = updater.store_masks(updater.init_masks(params, targets))
-  got = masks_lib.unpack_masks(updater.new_stored_masks(params, targets, like), params)
+  stored = updater.store_masks(updater.new_masks(params, targets), like=like)
+  got = masks_lib.unpack_masks(stored, params)
   for k, p in params.items():
     np.testing.assert_array_equal(got[k], p > 0)
 

@@ -249,16 +249,10 @@ class JaxprunerArgs:
     targets = self.target_sparsities(params)
     sparsities = self.sparsities_at(targets, sparse_state.count)
     old = base_updater.lazy_masks(sparse_state.masks, params)
-    new = self.new_stored_masks(
-      params,
-      sparsities,
-      sparse_state.masks,
-      sparse_state=sparse_state,
-      grads=grads,
-      old_masks=old,
-      **kwargs,
+    new = self.new_masks(
+      params, sparsities, sparse_state=sparse_state, grads=grads, old_masks=old, **kwargs
     )
-    return sparse_state._replace(masks=new)
+    return sparse_state._replace(masks=self.store_masks(new, like=sparse_state.masks))
 
 
 def skip_on_mask_updates(updater, update: Callable[..., Any]) -> Callable[..., Any]:
