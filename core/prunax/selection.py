@@ -154,7 +154,7 @@ class Lazy:
     """The expression of :meth:`strided_sample` over the sliced arguments, unevaluated
     (so the samples of alike values can be computed together, :func:`map_alike`)."""
     if self._sample is not None:  # e.g. bits gathered from packed bytes
-      sample = functools.partial(_flat_sample, self._sample, stride)
+      sample = functools.partial(_flat_eval, functools.partial(self._sample, stride))
       return Lazy(sample, *self.args, shape=(-(-self.size // stride),))
     if self._shape is not None:  # Arguments not aligned with the values: evaluate.
       return Lazy(_identity, self().reshape(-1)[::stride])
@@ -190,10 +190,6 @@ def _identity(x):
 
 def _flat_eval(fn: Callable[..., jax.Array], *args) -> jax.Array:
   return fn(*args).reshape(-1)
-
-
-def _flat_sample(sample: Callable[..., jax.Array], stride: int, *args) -> jax.Array:
-  return sample(stride, *args).reshape(-1)
 
 
 def _mix32(x: jax.Array) -> jax.Array:
