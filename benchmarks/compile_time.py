@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 import prunax
+from prunax import _xla_workarounds
 from prunax import sparsity_schedules as sched
 
 ALGORITHMS = {
@@ -80,6 +81,16 @@ def cpu_model() -> str:
     return platform.processor() or 'unknown'
 
 
+def machine() -> str:
+  """The CPU, the JAX device and the compiler workarounds switched off, for a header."""
+  dev = jax.devices()[0]
+  off = os.environ.get(_xla_workarounds.OFF_VARIABLE, '') or 'none'
+  return (
+    f'{cpu_model()}, {os.cpu_count()} cores, device {dev.platform} ({dev.device_kind}), '
+    f'compiler workarounds off: {off}'
+  )
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--layers', default='4,16,64')
@@ -87,9 +98,7 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=3)
   args = parser.parse_args(argv)
   print('# Compile time, pruned / dense train step (adam, 256x256 layers, sparsity 0.9)')
-  print(
-    f'jax {jax.__version__}, {cpu_model()}, {os.cpu_count()} cores, {time.strftime("%Y-%m-%d")}\n'
-  )
+  print(f'jax {jax.__version__}, {machine()}, {time.strftime("%Y-%m-%d")}\n')
   print('| layers | algorithm | dense s (median) | pruned s (median) | ratio min / median / max |')
   print('|---|---|---|---|---|')
   for layers in [int(n) for n in args.layers.split(',')]:

@@ -15,7 +15,6 @@ the tests check correctness, this prints measurements.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ import numpy as np
 import optax
 
 import prunax
+from benchmarks.compile_time import machine
 from prunax import export
 from prunax import selection
 from prunax import sparsity_schedules
@@ -49,11 +49,9 @@ def summary(ratios) -> str:
 
 
 def environment() -> str:
-  dev = jax.devices()[0]
   return (
-    f'jax {jax.__version__}, optax {optax.__version__}, device {dev.platform} '
-    f'({dev.device_kind}), {os.cpu_count()} cores, python {platform.python_version()}, '
-    f'{time.strftime("%Y-%m-%d")}'
+    f'jax {jax.__version__}, optax {optax.__version__}, {machine()}, python '
+    f'{platform.python_version()}, {time.strftime("%Y-%m-%d")}'
   )
 
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 import prunax
-from benchmarks.compile_time import cpu_model
+from benchmarks.compile_time import machine
 from prunax import sparsity_schedules as sched
 
 VOCAB, SEQ = 4096, 128
@@ -143,7 +143,7 @@ def main(argv=None):
     f'# Transformer LM, {args.blocks} blocks, d_model 256, 4 heads, MLP 1024, vocab '
     f'{VOCAB}, sequence {SEQ}, batch {args.batch}; Adam, sparsity 0.9'
   )
-  print(f'jax {jax.__version__}, flax, {cpu_model()}, {time.strftime("%Y-%m-%d")}\n')
+  print(f'jax {jax.__version__}, flax, {machine()}, {time.strftime("%Y-%m-%d")}\n')
   print(
     '| layout | algorithm | step | compile ratio | step ratio | temp ratio | dense compile s '
     '| dense step ms |'

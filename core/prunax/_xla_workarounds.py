@@ -6,10 +6,17 @@ XLA's CPU backend with jax and jaxlib 0.10.2, and ``tests/core/test_xla_workarou
 holds a "still needed" test per workaround: it compiles a small computation without the
 workaround and checks that the problem is there, so an XLA that makes one unnecessary
 shows up as a failing test (then measure, and remove the workaround).
+
+Each can be switched off, to measure what it does on another backend or XLA: the
+environment variable ``PRUNAX_XLA_WORKAROUNDS_OFF`` holds a comma-separated list of
+names from :data:`NAMES`, or ``all``. It is read when a computation is traced, so it
+applies to computations traced after it is set (``benchmarks/device.sh`` times every
+benchmark with and without them).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -17,6 +24,34 @@ import jax.numpy as jnp
 
 # Where the workarounds below were measured (named in the "still needed" tests' messages).
 MEASURED_ON = 'cpu/jax 0.10.2'
+
+# The workarounds, by the names ``PRUNAX_XLA_WORKAROUNDS_OFF`` switches off.
+NAMES = (
+  'loop_variant',
+  'opaque_zero',
+  'FUSED_CONCAT_OPERANDS',
+  'leaf_row',
+  'after',
+  'shared_flag',
+  'fused_masked_sum',
+)
+OFF_VARIABLE = 'PRUNAX_XLA_WORKAROUNDS_OFF'
+
+
+def switched_off(name: str) -> bool:
+  """Whether workaround ``name`` is switched off by ``PRUNAX_XLA_WORKAROUNDS_OFF``.
+
+  Raises:
+    ValueError: the variable names something other than ``all`` or one of :data:`NAMES`.
+  """
+  off = {n.strip() for n in os.environ.get(OFF_VARIABLE, '').split(',') if n.strip()}
+  unknown = sorted(off - set(NAMES) - {'all'})
+  if unknown:
+    raise ValueError(
+      f'{OFF_VARIABLE}={os.environ[OFF_VARIABLE]!r} names {unknown}: valid are "all" or a '
+      f'comma-separated list of {", ".join(NAMES)}'
+    )
+  return 'all' in off or name in off
 
 
 def loop_variant(x: Any, witness: Any) -> Any:
@@ -40,6 +75,8 @@ def loop_variant(x: Any, witness: Any) -> Any:
   Returns:
     ``x``, bit-exact.
   """
+  if switched_off('loop_variant'):
+    return x
   return jax.lax.optimization_barrier((x, witness))[0]
 
 
@@ -60,7 +97,9 @@ def opaque_zero(witness: Any) -> jax.Array:
   Returns:
     A uint32 scalar 0.
   """
-  return loop_variant(jnp.uint32(0), witness)
+  if switched_off('opaque_zero'):
+    return jnp.uint32(0)
+  return jax.lax.optimization_barrier((jnp.uint32(0), witness))[0]
 
 
 # The most operands of a concatenation that XLA's CPU backend fuses into its consumer.
@@ -72,6 +111,11 @@ def opaque_zero(witness: Any) -> jax.Array:
 # top-k over 16 leaves of 128 x 128 held 82,888 temporary bytes in stacks of 8 leaves,
 # 1,082,248 in one stack of 16 (the stack stored).
 FUSED_CONCAT_OPERANDS = 8
+
+
+def fused_concat_operands() -> int | None:
+  """:data:`FUSED_CONCAT_OPERANDS`, or None (no limit) where it is switched off."""
+  return None if switched_off('FUSED_CONCAT_OPERANDS') else FUSED_CONCAT_OPERANDS
 
 
 def leaf_row(stacked: jax.Array, i: int) -> jax.Array:
@@ -93,6 +137,8 @@ def leaf_row(stacked: jax.Array, i: int) -> jax.Array:
   Returns:
     ``stacked[i]``, bit-exact.
   """
+  if switched_off('leaf_row'):
+    return stacked[i]
   index = jax.lax.optimization_barrier(jnp.int32(i))
   return jax.lax.dynamic_index_in_dim(stacked, index, keepdims=False)
 
@@ -120,6 +166,8 @@ def after(tree: Any, deps: Any) -> Any:
   Returns:
     ``tree`` with the same values (``g + 0``; a ``-0.0`` becomes ``+0.0``).
   """
+  if switched_off('after'):
+    return tree
 
   def add(g, d):
     if g is None or d is None:
@@ -149,6 +197,8 @@ def shared_flag(flag: jax.Array) -> jax.Array:
   Returns:
     ``flag``, exact (``exp(0) == 1``, ``exp(-1) != 1``).
   """
+  if switched_off('shared_flag'):
+    return flag
   return jnp.exp(jnp.where(flag, 0.0, -1.0)) == 1.0
 
 
@@ -171,6 +221,8 @@ def fused_masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
   Returns:
     The float32 sum of ``x``.
   """
+  if switched_off('fused_masked_sum'):
+    return jnp.sum(x.astype(jnp.float32))
   x = x.astype(jnp.float32).reshape(-1)
   return two_output_sum(x, mask, width=16 if x.size % 16 == 0 else x.size)
 

@@ -557,7 +557,7 @@ def _alike_groups(inputs: Sequence[Lazy], max_members: int | None = None) -> lis
   at most ``max_members`` (default: as many as XLA fuses into one concatenation,
   ``_xla_workarounds.FUSED_CONCAT_OPERANDS``, so the stacking is never stored)."""
   if max_members is None:
-    max_members = _xla_workarounds.FUSED_CONCAT_OPERANDS
+    max_members = _xla_workarounds.fused_concat_operands() or max(len(inputs), 1)
   groups: dict[Any, list[list[int]]] = {}
   for i, x in enumerate(inputs):
     try:

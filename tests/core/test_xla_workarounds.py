@@ -241,3 +241,79 @@ def test_shared_flag_still_needed():
 def test_shared_flag_is_the_flag():
   for flag in (True, False):
     assert bool(jax.jit(_xla_workarounds.shared_flag)(jnp.bool_(flag))) is flag
+
+
+# ------------------------------------------------------ switching workarounds off by name
+
+
+def primitives(fn, *args) -> set[str]:
+  jax.clear_caches()  # traced afresh under the variable's current value
+  return {e.primitive.name for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+
+
+SWITCHED = {
+  # name: (computation, its arguments, a primitive only the workaround adds)
+  'loop_variant': (
+    _xla_workarounds.loop_variant,
+    (jnp.ones(3), jnp.uint32(1)),
+    'optimization_barrier',
+  ),
+  'opaque_zero': (_xla_workarounds.opaque_zero, (jnp.ones(3),), 'optimization_barrier'),
+  'leaf_row': (
+    lambda s: _xla_workarounds.leaf_row(s, 1),
+    (jnp.ones((3, 2)),),
+    'optimization_barrier',
+  ),
+  'after': (_xla_workarounds.after, ([jnp.ones(3)], [jnp.ones(())]), 'min'),
+  'shared_flag': (_xla_workarounds.shared_flag, (jnp.bool_(True),), 'exp'),
+  'fused_masked_sum': (
+    _xla_workarounds.fused_masked_sum,
+    (jnp.ones(32), jnp.ones(32, bool)),
+    'reduce',  # the two-output reduction; jnp.sum is reduce_sum
+  ),
+}
+
+
+@pytest.mark.parametrize('name', sorted(SWITCHED))
+def test_each_workaround_switches_off_by_name_alone(monkeypatch, name):
+  fn, args, marker = SWITCHED[name]
+  on = fn(*args)
+  assert marker in primitives(fn, *args)
+  others = [n for n in _xla_workarounds.NAMES if n != name]
+  monkeypatch.setenv(_xla_workarounds.OFF_VARIABLE, ','.join(others))
+  assert marker in primitives(fn, *args), f'{name} switched off by {others}'
+  monkeypatch.setenv(_xla_workarounds.OFF_VARIABLE, f' {name} ')
+  assert marker not in primitives(fn, *args)
+  for got, want in zip(jax.tree.leaves(fn(*args)), jax.tree.leaves(on), strict=True):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_fused_concat_operands_switches_off_to_one_stack(monkeypatch):
+  ws = [
+    selection.Lazy(jnp.abs, jnp.ones((4, 4)))
+    for _ in range(_xla_workarounds.FUSED_CONCAT_OPERANDS + 3)
+  ]
+  assert [len(g) for g in selection._alike_groups(ws)] == [8, 3]
+  monkeypatch.setenv(_xla_workarounds.OFF_VARIABLE, 'FUSED_CONCAT_OPERANDS')
+  assert _xla_workarounds.fused_concat_operands() is None
+  assert [len(g) for g in selection._alike_groups(ws)] == [11]
+
+
+@CPU_ONLY
+def test_all_switched_off_changes_compilation_not_values(monkeypatch):
+  ws = [weights() + i for i in range(3)]
+  with_them = temp_bytes(topk_of_leaves, *ws)
+  masks = jax.jit(topk_of_leaves)(*ws)
+  monkeypatch.setenv(_xla_workarounds.OFF_VARIABLE, 'all')
+  without = temp_bytes(topk_of_leaves, *ws)
+  assert with_them < FULL <= without, (with_them, without)  # the keys stored before the loop
+  jax.clear_caches()
+  for got, want in zip(jax.jit(topk_of_leaves)(*ws), masks, strict=True):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('value', ['leaf_rows', 'all,fused_sum', 'ALL'])
+def test_unknown_workaround_name_is_refused(monkeypatch, value):
+  monkeypatch.setenv(_xla_workarounds.OFF_VARIABLE, value)
+  with pytest.raises(ValueError, match=r'valid are "all" or .*loop_variant, opaque_zero'):
+    _xla_workarounds.switched_off('leaf_row')
