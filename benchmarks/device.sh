@@ -36,7 +36,10 @@ section() {  # section NAME OFF LIMIT MODULE ARGS...
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2>/dev/null
   "$py" -c 'import jax, optax, flax; print("jax", jax.__version__, "optax", optax.__version__,
-"flax", flax.__version__, jax.devices())'
+"flax", flax.__version__, jax.devices())
+import jax.sharding, pkgutil, jax.experimental as e
+print("jax.sharding has shard_alike:", hasattr(jax.sharding, "shard_alike"))
+print("jax.experimental:", sorted(m.name for m in pkgutil.iter_modules(e.__path__)))'
 } 2>&1 | tee "$out/summary.txt"
 
 section steps_on '' 100 benchmarks.run --steps-only --repeats 4

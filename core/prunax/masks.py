@@ -14,13 +14,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.shard_alike import shard_alike
 
 from prunax import selection
 from prunax.tree_util import is_none
 from prunax.tree_util import is_unpruned
 
 PyTree = Any
+
+try:  # jax <= 0.10 (the pinned version)
+  from jax.experimental.shard_alike import shard_alike
+except ImportError:  # jax 0.11 removed it: masks' shardings are left to XLA's propagation
+  shard_alike = None
 
 
 # Bit of element e (0..31) of a row of 32 in the little-endian uint32 word of its 4 packed
@@ -169,7 +173,10 @@ def _packed_rows(packed: jax.Array) -> jax.Array:
 def shard_like_param(stored: jax.Array, param: jax.Array) -> jax.Array:
   """``stored`` (a mask of ``param``: uint8, or packed by :func:`pack_mask`), constrained
   under ``jit`` to be sharded like ``param`` (through a view of the param with one
-  weight per packed byte, which has the packed shape)."""
+  weight per packed byte, which has the packed shape). Unconstrained on a jax without
+  ``shard_alike`` (0.11 removed it; the pinned 0.10 has it)."""
+  if shard_alike is None:
+    return stored
   shape = jnp.shape(param)
   if stored.shape != shape:
     blocks, width = _pack_blocks(shape[-1])
