@@ -19,6 +19,7 @@ their names are importable from here too.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from collections.abc import Mapping
@@ -572,13 +573,45 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     Returns:
       ``(sparse_params, masks)`` with boolean keep-masks (whatever ``packed_masks`` says
       about storage in the optimizer state), None for dense leaves.
+
+    The masks are computed by one compiled computation (``jit``, the updater static)
+    where the updater is hashable and every input leaf is an array: run eagerly, each of
+    the selection's operations would be dispatched, and compiled, on its own (a 3 x 5 x
+    7 magnitude pruning took 1.7 s the first time and 0.4 s after, against 0.35 s and
+    0.2 ms). Otherwise, or where an algorithm's masks need concrete values, eagerly.
     """
-    targets = self.target_sparsities(params)
-    masks = self.compute_masks(
-      params, targets, grads=grads, old_masks=self.init_masks(params, targets), **kwargs
-    )
+    masks = None
+    if _jittable(self, params, grads, kwargs):
+      try:
+        # A copy: jit keeps its static argument, and jaxpruner-style updaters can be
+        # changed in place after this call (a changed one must not find this trace).
+        masks = _instant_masks(copy.copy(self), params, grads, kwargs)
+      except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        masks = None  # the algorithm reads concrete values: computed eagerly below
+    if masks is None:
+      masks = _instant_masks.__wrapped__(self, params, grads, kwargs)
     sparse = map_masked(lambda m, p: jnp.where(m, p, 0).astype(p.dtype), masks, params)
     return sparse, masks
+
+
+def _jittable(updater: Any, *trees: Any) -> bool:
+  """Whether ``updater`` can be a static ``jit`` argument and ``trees`` hold only arrays."""
+  try:
+    hash(updater)
+  except TypeError:
+    return False
+  leaves = jax.tree.leaves(trees)
+  return all(isinstance(x, jax.Array | np.ndarray) for x in leaves)
+
+
+@jax.jit(static_argnums=0)
+def _instant_masks(updater: BaseUpdater, params: PyTree, grads: PyTree, kwargs: dict) -> PyTree:
+  """The keep-masks of :meth:`BaseUpdater.instant_sparsify` (jitted; ``__wrapped__`` is
+  the same computation run eagerly)."""
+  targets = updater.target_sparsities(params)
+  return updater.compute_masks(
+    params, targets, grads=grads, old_masks=updater.init_masks(params, targets), **kwargs
+  )
 
 
 def _as_uint8(masks: list) -> list:
