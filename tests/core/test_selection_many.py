@@ -37,9 +37,13 @@ def test_topk_masks_equal_per_leaf_topk_mask(shapes, kinds, ks, seed):
   for a, k in zip(arrays, ks):
     n = a.size
     counts.append({'zero': 0, 'all': n, 'one': 1, 'half': n // 2}.get(k, rng.integers(0, n + 1)))
-  got = selection.topk_masks(arrays, [int(k) for k in counts])
-  for a, k, g in zip(arrays, counts, got, strict=True):
-    want = selection.topk_mask(a, int(k))
+  # One compiled computation for the joint masks and one for the per-leaf ones (eagerly,
+  # every operation of the selection is compiled on its own).
+  got = jax.jit(selection.topk_masks, static_argnums=1)(arrays, tuple(int(k) for k in counts))
+  per_leaf = jax.jit(
+    lambda xs: [selection.topk_mask(a, int(k)) for a, k in zip(xs, counts, strict=True)]
+  )(arrays)
+  for a, k, g, want in zip(arrays, counts, got, per_leaf, strict=True):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(want), err_msg=f'k={k} of {a.size}')
     assert int(np.asarray(g).sum()) == k
 
@@ -147,10 +151,14 @@ def test_alike_leaves_give_the_per_leaf_masks(monkeypatch, chunk):
   xs = alike(7, seed=chunk)
   ks = [0, 1, 511, 512, 37, 256, 300]
   got = jax.jit(lambda xs: per_leaf(xs, ks))(xs)
-  for x, k, g in zip(xs, ks, got, strict=True):
-    np.testing.assert_array_equal(np.asarray(g), np.asarray(selection.topk_mask(jnp.abs(x), k)))
+  # The references compiled too (eagerly, each operation is compiled on its own).
+  want = jax.jit(lambda xs: [selection.topk_mask(jnp.abs(x), k) for x, k in zip(xs, ks)])(xs)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  # A new function: a trace of another test's chunk size must not be reused.
+  global_masks = jax.jit(lambda xs, k: selection.global_topk_masks(xs, k), static_argnums=1)
   for k in (1, 1000, 3584):
-    got = np.concatenate([np.asarray(m).ravel() for m in selection.global_topk_masks(xs, k)])
+    got = np.concatenate([np.asarray(m).ravel() for m in global_masks(xs, k)])
     keys = np.asarray(selection.sortable_keys(jnp.concatenate([x.ravel() for x in xs])))
     # The reference: the k largest keys, equal keys by lowest position (a stable sort).
     want = np.zeros(keys.size, bool)
