@@ -19,6 +19,7 @@ their names are importable from here too.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import warnings
@@ -582,12 +583,13 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     """
     masks = None
     if _jittable(self, params, grads, kwargs):
-      try:
+      # An algorithm that reads concrete values cannot be traced: computed eagerly below.
+      with contextlib.suppress(
+        jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError
+      ):
         # A copy: jit keeps its static argument, and jaxpruner-style updaters can be
         # changed in place after this call (a changed one must not find this trace).
         masks = _instant_masks(copy.copy(self), params, grads, kwargs)
-      except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        masks = None  # the algorithm reads concrete values: computed eagerly below
     if masks is None:
       masks = _instant_masks.__wrapped__(self, params, grads, kwargs)
     sparse = map_masked(lambda m, p: jnp.where(m, p, 0).astype(p.dtype), masks, params)
