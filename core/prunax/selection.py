@@ -13,6 +13,11 @@ the bracket at least halves every pass (at most 33 passes for 32-bit keys) and u
 closes in 4 to 6. The search stops as soon as a threshold keeps exactly ``k`` keys;
 nothing is sorted but the sample, and there is no cumulative sum.
 
+Small arrays (at most ``_SORT_AT_MOST`` elements: biases, norms, small layers) are sorted
+instead (:func:`_sorted_cutoffs`): one stable sort compiles in a fraction of the time of
+the search loops and, at that size, runs as fast. It gives the same threshold and tie
+cutoff, so the masks are the same.
+
 Nothing full-size is stored. The keys are recomputed in every pass from the scores'
 arguments (:class:`Lazy`), which each pass reads as loop variants (XLA would otherwise
 store loop-invariant keys once and read them back in every pass; see ``_xla_workarounds``),
@@ -59,6 +64,10 @@ _SAMPLE = 2048
 _MAX_KEY = 0xFFFFFFFF
 # Brackets holding at most this many keys are split evenly rather than interpolated.
 _EVEN_BELOW = 128
+# Inputs (or, for one global threshold, all inputs together) of at most this many
+# elements are selected by one sort of their keys rather than by the search loops
+# (``python -m benchmarks.selection_sort`` measures both).
+_SORT_AT_MOST = 1024
 
 
 class Lazy:
@@ -711,12 +720,54 @@ def _threshold_mask(scores, t, t_tie, offset, keep):
   return ((keys > t) | tie) & keep
 
 
+def _sorted_cutoffs(keys: jax.Array, k) -> tuple[jax.Array, jax.Array]:
+  """``(t, t_tie)`` of :func:`_threshold_mask` for the ``k`` largest of every row of
+  ``keys`` (uint32, ``(rows, n)``; ``k`` one count per row, ``1 <= k <= n``), by sorting.
+
+  One stable sort of the rows by descending key, positions carried along, puts them in
+  the order the masks keep them in (ties by lowest position); its ``k``-th entry is the
+  last one kept: ``t`` is its key and ``t_tie`` keeps the ties at ``t`` up to its
+  position (``MAX - position >= t_tie``).
+  """
+  positions = jax.lax.broadcasted_iota(jnp.uint32, keys.shape, 1)
+  descending, order = jax.lax.sort((~keys, positions), dimension=1, is_stable=True, num_keys=1)
+  last = (jnp.asarray(k, jnp.int32) - 1)[:, None]
+  t = ~jnp.take_along_axis(descending, last, axis=1)[:, 0]
+  return t, jnp.uint32(_MAX_KEY) - jnp.take_along_axis(order, last, axis=1)[:, 0]
+
+
+def _sorted_thresholds(inputs: Sequence[Lazy], k: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """:func:`_sorted_cutoffs` of every input on its own (its own ``k[i]``): vectors
+  ``(t, t_tie)``; inputs of one size are sorted together, as the rows of one sort."""
+  by_size: dict[int, list[int]] = {}
+  for i, x in enumerate(inputs):
+    by_size.setdefault(x.size, []).append(i)
+  order = [i for group in by_size.values() for i in group]
+  parts = [
+    _sorted_cutoffs(
+      jnp.stack([sortable_keys(inputs[i]()).reshape(-1) for i in group]), k[jnp.asarray(group)]
+    )
+    for group in by_size.values()
+  ]
+  t, t_tie = (jnp.concatenate(column) for column in zip(*parts, strict=True))
+  if order != sorted(order):
+    back = jnp.asarray(sorted(range(len(order)), key=order.__getitem__))
+    t, t_tie = t[back], t_tie[back]
+  return t, t_tie
+
+
 def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
   """Lazy masks of the k largest scores (``1 <= k <= n``), ties kept by lowest position;
   all False where ``keep`` is False."""
   offsets = [0]
   for x in inputs:
     offsets.append(offsets[-1] + x.size)
+  if n <= _SORT_AT_MOST:
+    keys = jnp.concatenate([sortable_keys(x()).reshape(-1) for x in inputs])
+    t, t_tie = (v[0] for v in _sorted_cutoffs(keys[None], jnp.reshape(k, (1,))))
+    return [
+      Lazy(_threshold_mask, x, t, t_tie, jnp.uint32(offsets[i]), keep) for i, x in enumerate(inputs)
+    ]
 
   def score_keys(i, x, witness=None):
     del i, witness
@@ -807,9 +858,40 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
 
 def _topk_masks_each(inputs: list[Lazy], k: jax.Array, keep: jax.Array) -> list[Lazy]:
   """Lazy masks of the ``k[i]`` largest scores of every input on its own (``1 <= k[i] <=
-  size``), ties kept by lowest position; all False where ``keep[i]`` is False. One loop
-  finds every threshold, and one more every tie cutoff (it runs no pass when no input has
-  more keys at its threshold than it needs)."""
+  size``), ties kept by lowest position; all False where ``keep[i]`` is False. Inputs of
+  at most ``_SORT_AT_MOST`` elements are sorted (:func:`_sorted_thresholds`); for the
+  others one loop finds every threshold, and one more every tie cutoff
+  (:func:`_searched_thresholds`)."""
+  small = [i for i, x in enumerate(inputs) if x.size <= _SORT_AT_MOST]
+  large = [i for i, x in enumerate(inputs) if x.size > _SORT_AT_MOST]
+
+  def subset(indices):
+    if len(indices) == len(inputs):
+      return inputs, k
+    return [inputs[i] for i in indices], k[jnp.asarray(indices)]
+
+  parts = []
+  if small:
+    parts.append(_sorted_thresholds(*subset(small)))
+  if large:
+    parts.append(_searched_thresholds(*subset(large)))
+  t, t_tie = (jnp.concatenate(column) for column in zip(*parts, strict=True))
+  if small and large:
+    back = jnp.asarray(sorted(range(len(inputs)), key=(small + large).__getitem__))
+    t, t_tie = t[back], t_tie[back]
+  # Each input reads its threshold, tie cutoff and keep flag with one leaf_row.
+  found = jnp.stack([t, t_tie, keep.astype(jnp.uint32)], axis=1)
+  masks = []
+  for i, x in enumerate(inputs):
+    row = _xla_workarounds.leaf_row(found, i)
+    masks.append(Lazy(_threshold_mask, x, row[0], row[1], jnp.uint32(0), row[2] != 0))
+  return masks
+
+
+def _searched_thresholds(inputs: list[Lazy], k: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Vectors ``(t, t_tie)`` of :func:`_threshold_mask` for every input on its own, from
+  one search loop for the thresholds and one for the tie cutoffs (it runs no pass when
+  no input has more keys at its threshold than it needs)."""
 
   def score_keys(i, x, witness=None):
     del i, witness
@@ -825,14 +907,7 @@ def _topk_masks_each(inputs: list[Lazy], k: jax.Array, keep: jax.Array) -> list[
     return jnp.where(keys == _xla_workarounds.leaf_row(t, i), jnp.uint32(_MAX_KEY) - position, 0)
 
   # Inputs with exactly k keys at or above t keep every key equal to t (cutoff 0).
-  t_tie = _search_each(inputs, tie_keys, k - c_above, sample=False, closed=c_t == k)[0]
-  # Each input reads its threshold, tie cutoff and keep flag with one leaf_row.
-  found = jnp.stack([t, t_tie, keep.astype(jnp.uint32)], axis=1)
-  masks = []
-  for i, x in enumerate(inputs):
-    row = _xla_workarounds.leaf_row(found, i)
-    masks.append(Lazy(_threshold_mask, x, row[0], row[1], jnp.uint32(0), row[2] != 0))
-  return masks
+  return t, _search_each(inputs, tie_keys, k - c_above, sample=False, closed=c_t == k)[0]
 
 
 def topk_masks(

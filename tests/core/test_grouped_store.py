@@ -112,6 +112,7 @@ def _eqns(fn, *args) -> int:
   return count(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
+@pytest.mark.usefixtures('search_path')  # the leaves here are small enough to be sorted
 def test_a_mask_update_does_not_grow_by_a_mask_computation_per_alike_leaf():
   updater = prunax.MagnitudePruning(sparsity=0.8)
 

@@ -1,4 +1,7 @@
-"""Exactness of prunax.selection against a stable sort (ties kept by lowest flat index)."""
+"""Exactness of prunax.selection against a stable sort (ties kept by lowest flat index).
+
+The exactness tests run twice (``selection_path``): every selection made by the search
+loops, then every selection made by sorting (the path of small arrays)."""
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +44,7 @@ KINDS = ['normal', 'few_values', 'mostly_zero', 'special', 'tiny']
 
 
 @pytest.mark.parametrize('kind', KINDS)
-def test_global_topk_matches_stable_sort(kind):
+def test_global_topk_matches_stable_sort(kind, selection_path):
   rng = np.random.default_rng(KINDS.index(kind))
   fn = jax.jit(selection.global_topk_masks)
   for shapes in [[(7, 13), (5,), (3, 4, 6)], [(200, 3)]]:
@@ -64,7 +67,7 @@ def test_topk_large_exact_count_and_ties_by_index():
     np.testing.assert_array_equal(got, reference_masks([x], k)[0])
 
 
-def test_traced_k_and_clipping():
+def test_traced_k_and_clipping(selection_path):
   x = jnp.arange(10.0)
   fn = jax.jit(selection.topk_mask)
   np.testing.assert_array_equal(np.asarray(fn(x, jnp.int32(3))), np.arange(10) >= 7)
@@ -72,7 +75,7 @@ def test_traced_k_and_clipping():
   assert int(fn(x, jnp.int32(50)).sum()) == 10
 
 
-def test_score_fn_equals_materialized_scores():
+def test_score_fn_equals_materialized_scores(selection_path):
   rng = np.random.default_rng(1)
   arrays = [jnp.asarray(rng.standard_normal(s).astype(np.float32)) for s in [(40, 30), (77,)]]
   lazy = selection.global_topk_masks(arrays, 500, score_fn=jnp.abs)
@@ -93,7 +96,7 @@ def test_sortable_keys_order():
   assert np.all(nan_keys > keys[0]) and np.all(nan_keys == lowest) and np.all(nan_keys < keys[1])
 
 
-def test_nan_scores_are_never_kept_ahead_of_finite_ones():
+def test_nan_scores_are_never_kept_ahead_of_finite_ones(selection_path):
   x = jnp.asarray([np.nan, 1.0, np.nan, -5.0, 2.0, np.nan], jnp.float32)
   np.testing.assert_array_equal(
     np.asarray(selection.topk_mask(x, 3)), [False, True, False, True, True, False]

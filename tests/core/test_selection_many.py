@@ -1,5 +1,7 @@
 """One selection for many leaves: ``selection.topk_masks`` against per-leaf ``topk_mask``,
-and the number of selection loops of a compiled step, which must not grow with the leaves."""
+and the number of selection loops of a compiled step, which must not grow with the leaves.
+These are tests of the search loops, so every selection here is made by them, however
+small its arrays (small arrays are sorted otherwise; ``test_selection_sort.py``)."""
 
 import hypothesis
 import hypothesis.strategies as st
@@ -18,6 +20,8 @@ from tests.core.helpers import make_step
 from tests.core.helpers import mlp_params
 from tests.core.test_selection import KINDS
 from tests.core.test_selection import make_scores
+
+pytestmark = pytest.mark.usefixtures('search_path')
 
 SHAPES = [(7, 13), (5,), (3, 4, 6), (64, 32), (1,), (40, 3), (96,)]
 
