@@ -70,7 +70,7 @@ def test_a_pruned_small_model_steps_without_search_loops():
     assert 'while' not in found and 'sort' in found, type(updater).__name__
 
 
-@hypothesis.settings(max_examples=15, deadline=None)
+@hypothesis.settings(max_examples=8, deadline=None)
 @hypothesis.given(
   sizes=st.lists(st.integers(1, 300), min_size=1, max_size=4),
   kinds=st.lists(st.sampled_from(KINDS), min_size=4, max_size=4),
