@@ -78,8 +78,8 @@ def test_traced_k_and_clipping(selection_path):
 def test_score_fn_equals_materialized_scores(selection_path):
   rng = np.random.default_rng(1)
   arrays = [jnp.asarray(rng.standard_normal(s).astype(np.float32)) for s in [(40, 30), (77,)]]
-  lazy = selection.global_topk_masks(arrays, 500, score_fn=jnp.abs)
-  eager = selection.global_topk_masks([jnp.abs(a) for a in arrays], 500)
+  lazy = jax.jit(lambda xs: selection.global_topk_masks(xs, 500, score_fn=jnp.abs))(arrays)
+  eager = jax.jit(lambda xs: selection.global_topk_masks([jnp.abs(a) for a in xs], 500))(arrays)
   for a, b in zip(lazy, eager):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -98,11 +98,12 @@ def test_sortable_keys_order():
 
 def test_nan_scores_are_never_kept_ahead_of_finite_ones(selection_path):
   x = jnp.asarray([np.nan, 1.0, np.nan, -5.0, 2.0, np.nan], jnp.float32)
+  topk = jax.jit(selection.topk_mask)
   np.testing.assert_array_equal(
-    np.asarray(selection.topk_mask(x, 3)), [False, True, False, True, True, False]
+    np.asarray(topk(x, jnp.int32(3))), [False, True, False, True, True, False]
   )
   np.testing.assert_array_equal(
-    np.asarray(selection.topk_mask(x, 4)), [True, True, False, True, True, False]
+    np.asarray(topk(x, jnp.int32(4))), [True, True, False, True, True, False]
   )
 
 
@@ -126,15 +127,25 @@ def test_lazy_scores_equal_materialized_scores():
   g = jax.random.normal(k[1], (37, 29))
   lazy = selection.Lazy(lambda a, b: jnp.abs(a * b), w, g)
   assert lazy.shape == (37, 29) and lazy.size == 37 * 29 and lazy.ndim == 2
-  for keep in (1, 100, 500, 37 * 29):
-    np.testing.assert_array_equal(
-      selection.topk_mask(lazy, keep), selection.topk_mask(jnp.abs(w * g), keep)
+
+  # One compiled computation (eagerly, every operation of the search compiles alone).
+  @jax.jit
+  def masks_and_references(w, g):
+    lazy = selection.Lazy(lambda a, b: jnp.abs(a * b), w, g)
+    pairs = [
+      (selection.topk_mask(lazy, keep), selection.topk_mask(jnp.abs(w * g), keep))
+      for keep in (1, 100, 500, 37 * 29)
+    ]
+    # Several lazy leaves share one threshold; a score_fn composes with the lazy function.
+    masks = selection.global_topk_masks(
+      [lazy, selection.Lazy(jnp.negative, w)], 300, score_fn=jnp.abs
     )
-  # Several lazy leaves share one threshold; a score_fn composes with the lazy function.
-  masks = selection.global_topk_masks(
-    [lazy, selection.Lazy(jnp.negative, w)], 300, score_fn=jnp.abs
-  )
-  ref = selection.global_topk_masks([jnp.abs(w * g), jnp.abs(w)], 300)
+    ref = selection.global_topk_masks([jnp.abs(w * g), jnp.abs(w)], 300)
+    return pairs, masks, ref
+
+  pairs, masks, ref = masks_and_references(w, g)
+  for got, want in pairs:
+    np.testing.assert_array_equal(got, want)
   for a, b in zip(masks, ref):
     np.testing.assert_array_equal(a, b)
   assert sum(int(m.sum()) for m in masks) == 300
@@ -154,20 +165,27 @@ def test_nested_and_lazy_masks_equal_materialized_ones():
     return jnp.where(m, -jnp.inf, x)
 
   n_keep = int(old.sum()) - 100
-  kept = selection.topk_mask(selection.Lazy(active, old, w), n_keep, lazy=True)
-  grown = selection.topk_mask(
-    selection.Lazy(inactive, kept, selection.Lazy(jnp.abs, g)), 100, lazy=True
-  )
-  new = jax.jit(lambda: selection.materialize(selection.Lazy(jnp.logical_or, kept, grown)))()
-  want_kept = selection.topk_mask(active(old, w), n_keep)
-  want_grown = selection.topk_mask(inactive(want_kept, jnp.abs(g)), 100)
-  np.testing.assert_array_equal(selection.materialize(kept), want_kept)
+
+  # One compiled computation (eagerly, every operation of the search compiles alone).
+  @jax.jit
+  def lazy_and_materialized(old, w, g):
+    kept = selection.topk_mask(selection.Lazy(active, old, w), n_keep, lazy=True)
+    grown = selection.topk_mask(
+      selection.Lazy(inactive, kept, selection.Lazy(jnp.abs, g)), 100, lazy=True
+    )
+    new = selection.materialize(selection.Lazy(jnp.logical_or, kept, grown))
+    want_kept = selection.topk_mask(active(old, w), n_keep)
+    want_grown = selection.topk_mask(inactive(want_kept, jnp.abs(g)), 100)
+    # The row view reads the same values as the full evaluation.
+    lazy = selection.Lazy(inactive, kept, selection.Lazy(jnp.abs, g))
+    views = (lazy().reshape(-1), lazy.rows().reshape(-1))
+    return selection.materialize(kept), new, want_kept, want_grown, views
+
+  kept, new, want_kept, want_grown, (full, rows) = lazy_and_materialized(old, w, g)
+  np.testing.assert_array_equal(kept, want_kept)
   np.testing.assert_array_equal(new, want_kept | want_grown)
   assert int(new.sum()) == int(old.sum())
-  # The row view and strided samples read the same values as the full evaluation.
-  lazy = selection.Lazy(inactive, kept, selection.Lazy(jnp.abs, g))
-  full = np.asarray(lazy()).reshape(-1)
-  np.testing.assert_array_equal(np.asarray(lazy.rows()).reshape(-1), full)
+  np.testing.assert_array_equal(rows, full)
   np.testing.assert_array_equal(
     np.asarray(selection.Lazy(jnp.abs, g).strided_sample(7)), np.abs(np.asarray(g)).reshape(-1)[::7]
   )
