@@ -923,7 +923,9 @@ def topk_masks(
   bracket per array, each counting pass reads every array's scores (alike arrays stacked
   inside the pass, fused into one count, never stored) and narrows every bracket, and a
   second loop breaks the ties of all arrays at once. A step thus compiles two loops, not
-  two per array, and their bodies grow with the number of distinct array shapes.
+  two per array, and their bodies grow with the number of distinct array shapes. Arrays
+  of at most ``_SORT_AT_MOST`` elements take no part in the loops: those of one size are
+  sorted together (the same masks; no loop at all when every array is that small).
 
   Args:
     scores: float arrays (any shapes) or :class:`Lazy` scores.
