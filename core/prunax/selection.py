@@ -635,6 +635,14 @@ def map_alike(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array | Lazy]
   return out
 
 
+def _in_input_order(order: list[int], rows: jax.Array) -> jax.Array:
+  """``rows`` computed in ``order`` (a permutation of input indices) put back in input
+  order (unchanged when ``order`` is already sorted)."""
+  if order == sorted(order):
+    return rows
+  return rows[jnp.asarray(sorted(range(len(order)), key=order.__getitem__))]
+
+
 def _pass_counts(inputs, groups, key_fn, pivots, witness) -> jax.Array:
   """``(len(inputs), 5)`` int32 counts of the keys of every input at or above its row of
   ``pivots``, computed per group of alike inputs (:func:`_alike_groups`).
@@ -663,10 +671,7 @@ def _pass_counts(inputs, groups, key_fn, pivots, witness) -> jax.Array:
       stacked_keys = jax.vmap(keys)(jnp.asarray(group, jnp.int32), rows, *stacked)
       parts.append(_count_at_least_stacked(stacked_keys, rows))
     order.extend(group)
-  counts = jnp.concatenate(parts)
-  if order != sorted(order):
-    counts = counts[jnp.asarray(sorted(range(len(order)), key=order.__getitem__))]
-  return counts
+  return _in_input_order(order, jnp.concatenate(parts))
 
 
 def _search(inputs, key_fn, k, n: int, sample: bool = True):
@@ -750,10 +755,7 @@ def _sorted_thresholds(inputs: Sequence[Lazy], k: jax.Array) -> tuple[jax.Array,
     for group in by_size.values()
   ]
   t, t_tie = (jnp.concatenate(column) for column in zip(*parts, strict=True))
-  if order != sorted(order):
-    back = jnp.asarray(sorted(range(len(order)), key=order.__getitem__))
-    t, t_tie = t[back], t_tie[back]
-  return t, t_tie
+  return _in_input_order(order, t), _in_input_order(order, t_tie)
 
 
 def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
@@ -875,10 +877,9 @@ def _topk_masks_each(inputs: list[Lazy], k: jax.Array, keep: jax.Array) -> list[
     parts.append(_sorted_thresholds(*subset(small)))
   if large:
     parts.append(_searched_thresholds(*subset(large)))
-  t, t_tie = (jnp.concatenate(column) for column in zip(*parts, strict=True))
-  if small and large:
-    back = jnp.asarray(sorted(range(len(inputs)), key=(small + large).__getitem__))
-    t, t_tie = t[back], t_tie[back]
+  t, t_tie = (
+    _in_input_order(small + large, jnp.concatenate(column)) for column in zip(*parts, strict=True)
+  )
   # Each input reads its threshold, tie cutoff and keep flag with one leaf_row.
   found = jnp.stack([t, t_tie, keep.astype(jnp.uint32)], axis=1)
   masks = []
