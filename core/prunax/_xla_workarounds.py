@@ -34,6 +34,7 @@ NAMES = (
   'after',
   'shared_flag',
   'fused_masked_sum',
+  'blocked_sum',
 )
 OFF_VARIABLE = 'PRUNAX_XLA_WORKAROUNDS_OFF'
 
@@ -240,3 +241,39 @@ def two_output_sum(x: jax.Array, mask: jax.Array, width: int) -> jax.Array:
     (1,),
   )
   return jnp.sum(inside) + jnp.sum(outside)
+
+
+# Rows of a blocked_sum's first reduction: XLA's CPU backend splits longer reductions.
+SUM_BLOCK = 32
+
+
+def blocked_sum(x: jax.Array, dtype: Any) -> jax.Array:
+  """``jnp.sum(x, axis=-1, dtype=dtype)`` of integers ``x``, summed in blocks first.
+
+  Prevents: a stored copy of what the sum reads. XLA's CPU backend rewrites a reduction
+  of more than 32 elements into a chain of reduce-windows, and an elementwise
+  computation feeding a reduce-window is stored in full rather than fused into it.
+  Here the last axis is summed in blocks of :data:`SUM_BLOCK` (a reduction XLA keeps,
+  with what it reads fused in; padded with zeros), in ``x``'s dtype, and the block sums
+  are converted to ``dtype`` and summed: without the conversion between them XLA merges
+  the two reductions into one long one again. Measured on CPU, jax 0.10.2: the 5 counts
+  packed per row of a selection pass over 64 leaves of 256 x 256 (``selection._field_sums``
+  of 64 x 2048 row sums: 5 x 64 x 2048 extracted fields) hold 2,703,360 temporary bytes
+  summed plainly, 2,624,000 summed in blocks without the conversion, 84,480 with this.
+
+  Args:
+    x: an integer array whose block sums fit its dtype.
+    dtype: the result's dtype; must differ from ``x``'s (the conversion is what keeps
+      the reductions apart).
+
+  Returns:
+    The sums along the last axis, exact.
+  """
+  if switched_off('blocked_sum'):
+    return jnp.sum(x, axis=-1, dtype=dtype)
+  if jnp.dtype(dtype) == x.dtype:
+    raise ValueError(f"blocked_sum needs a dtype other than the input's ({x.dtype}), got {dtype}")
+  if x.shape[-1] % SUM_BLOCK:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % SUM_BLOCK)])
+  blocks = x.reshape(*x.shape[:-1], -1, SUM_BLOCK)
+  return jnp.sum(jnp.sum(blocks, axis=-1, dtype=x.dtype).astype(dtype), axis=-1)

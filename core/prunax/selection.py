@@ -402,40 +402,44 @@ def sortable_keys(scores: jax.Array) -> jax.Array:
   return jnp.where(is_nan, jnp.uint32(0x00800000), keys)
 
 
-def _count_at_least(keys: jax.Array, pivots: jax.Array) -> jax.Array:
-  """int32 counts ``[sum(keys >= p) for p in pivots]`` for ``len(pivots) <= 5``, one pass."""
+def _row_sums(keys: jax.Array, pivots: jax.Array) -> tuple[jax.Array | None, jax.Array]:
+  """The two parts of the counts ``[sum(keys >= p) for p in pivots]`` (at most 5 pivots)
+  of one array, as :func:`_row_sums_stacked` returns them for several: ``(rows,)`` and
+  ``(P,)``."""
   flat = keys.reshape(-1)
   main = (flat.size // _ROW) * _ROW
-  counts = jnp.zeros(pivots.shape, jnp.int32)
+  per_row = None
   if main:
     rows = flat[:main].reshape(-1, _ROW)
     packed = sum(
       (rows >= pivots[i]).astype(jnp.uint32) << (_FIELD_BITS * i) for i in range(len(pivots))
     )
     per_row = jnp.sum(packed, axis=1, dtype=jnp.uint32)
-    field = (1 << _FIELD_BITS) - 1
-    shifts = jnp.arange(len(pivots), dtype=jnp.uint32) * _FIELD_BITS
-    # One reduction over (rows, fields): the fields are never stored separately.
-    counts += jnp.sum((per_row[:, None] >> shifts[None, :]) & field, axis=0, dtype=jnp.int32)
+  tail = jnp.zeros(pivots.shape, jnp.int32)
   if flat.size > main:
-    counts += jnp.sum(flat[main:, None] >= pivots[None, :], axis=0, dtype=jnp.int32)
-  return counts
+    tail += jnp.sum(flat[main:, None] >= pivots[None, :], axis=0, dtype=jnp.int32)
+  return per_row, tail
 
 
-def _count_at_least_stacked(keys: jax.Array, pivots: jax.Array) -> jax.Array:
-  """:func:`_count_at_least` of every ``keys[g]`` at its ``pivots[g]``: ``(G, 5)`` counts.
+def _row_sums_stacked(keys: jax.Array, pivots: jax.Array) -> tuple[jax.Array | None, jax.Array]:
+  """The two parts of the counts of every ``keys[g]`` at or above its ``pivots[g]``.
 
-  Written for the leading axis rather than vmapped: the vmapped sum over the rows' fields
-  reduces a middle axis, which XLA does not fuse with what it reads (it stored a
-  ``(G, rows, 5)`` int32 array); here each field is summed along the rows on its own,
-  so only the per-row sums (``(G, rows)`` uint32, 1/32 of the keys) are stored. (For one
-  array the reverse holds: this form stored 9.4 MB for a 512 x 512 top-k that
-  :func:`_count_at_least` runs in 35 KB, hence the two.)
+  Returns ``(per_row, tail)``: ``per_row`` is ``(G, rows)`` uint32, the packed 6-bit
+  fields of every row of 32 keys summed (None when there is no whole row; read by
+  :func:`_field_sums`), and ``tail`` the ``(G, P)`` int32 counts of the keys after the
+  last whole row. Kept apart so that the fields of several groups of one row count are
+  summed by one computation (:func:`_pass_counts`).
+
+  Written for the leading axis rather than vmapped: the vmapped sum over the rows'
+  fields reduces a middle axis, which XLA does not fuse with what it reads (it stored a
+  ``(G, rows, 5)`` int32 array); here only the per-row sums (1/32 of the keys) are
+  stored. (For one array the reverse holds: this form stored 9.4 MB for a 512 x 512
+  top-k that :func:`_row_sums` runs in 35 KB, hence the two.)
   """
   flat = keys.reshape(keys.shape[0], -1)
   size = flat.shape[1]
   main = (size // _ROW) * _ROW
-  counts = jnp.zeros(pivots.shape, jnp.int32)
+  per_row = None
   if main:
     rows = flat[:, :main].reshape(flat.shape[0], -1, _ROW)
     packed = sum(
@@ -443,17 +447,20 @@ def _count_at_least_stacked(keys: jax.Array, pivots: jax.Array) -> jax.Array:
       for i in range(pivots.shape[1])
     )
     per_row = jnp.sum(packed, axis=2, dtype=jnp.uint32)
-    field = (1 << _FIELD_BITS) - 1
-    counts += jnp.stack(
-      [
-        jnp.sum((per_row >> (_FIELD_BITS * i)) & field, axis=1, dtype=jnp.int32)
-        for i in range(pivots.shape[1])
-      ],
-      axis=1,
-    )
+  tail = jnp.zeros(pivots.shape, jnp.int32)
   if size > main:
-    counts += jnp.sum(flat[:, main:, None] >= pivots[:, None, :], axis=1, dtype=jnp.int32)
-  return counts
+    tail += jnp.sum(flat[:, main:, None] >= pivots[:, None, :], axis=1, dtype=jnp.int32)
+  return per_row, tail
+
+
+def _field_sums(per_row: jax.Array, fields: int) -> jax.Array:
+  """``(G, fields)`` int32: the 6-bit fields of ``per_row`` (``(G, rows)`` uint32), each
+  summed along the rows. The fields are extracted on a leading axis, so one reduction
+  serves them all, and only its block sums are stored
+  (:func:`_xla_workarounds.blocked_sum`)."""
+  shifts = jnp.arange(fields, dtype=jnp.uint32)[:, None, None] * _FIELD_BITS
+  values = (per_row[None] >> shifts) & jnp.uint32((1 << _FIELD_BITS) - 1)
+  return _xla_workarounds.blocked_sum(values, jnp.int32).T
 
 
 def _narrow(bracket, pivots, counts, k):
@@ -652,13 +659,18 @@ def _pass_counts(inputs, groups, key_fn, pivots, witness) -> jax.Array:
   the group, so a pass compiles one counting computation per group, not per input. XLA
   fuses the stacking into the counting reduction (groups are at most
   ``_xla_workarounds.FUSED_CONCAT_OPERANDS`` inputs), so nothing full-size is stored.
+  The per-row sums of all groups (and lone inputs) with one row count are concatenated
+  and their fields summed once, so the fields cost a fixed number of kernels however
+  many groups there are (they were about 20 kernels a group, more than the counts).
   """
   parts, order = [], []
+  by_rows: dict[int, list] = {}
   for group in groups:
     if len(group) == 1:
       i = group[0]
       p = _xla_workarounds.leaf_row(pivots, i)
-      parts.append(_count_at_least(key_fn(i, _loop_variant_lazy(inputs[i], p), p), p)[None])
+      per_row, tail = _row_sums(key_fn(i, _loop_variant_lazy(inputs[i], p), p), p)
+      per_row, tail = (None if per_row is None else per_row[None]), tail[None]
     else:
       arrays = _xla_workarounds.loop_variant([_lazy_arrays(inputs[i]) for i in group], witness)
       stacked = [jnp.stack(column) for column in zip(*arrays, strict=True)]
@@ -669,8 +681,17 @@ def _pass_counts(inputs, groups, key_fn, pivots, witness) -> jax.Array:
 
       rows = pivots[jnp.asarray(group)]
       stacked_keys = jax.vmap(keys)(jnp.asarray(group, jnp.int32), rows, *stacked)
-      parts.append(_count_at_least_stacked(stacked_keys, rows))
-    order.extend(group)
+      per_row, tail = _row_sums_stacked(stacked_keys, rows)
+    if per_row is None:
+      parts.append(tail)
+      order.extend(group)
+    else:
+      by_rows.setdefault(per_row.shape[1], []).append((per_row, tail, group))
+  for entries in by_rows.values():
+    per_row = jnp.concatenate([e[0] for e in entries])
+    tail = jnp.concatenate([e[1] for e in entries])
+    parts.append(_field_sums(per_row, pivots.shape[1]) + tail)
+    order.extend(i for e in entries for i in e[2])
   return _in_input_order(order, jnp.concatenate(parts))
 
 

@@ -208,13 +208,14 @@ def test_sample_stride_is_a_prime_dividing_no_dimension():
 
 def test_selection_stores_no_full_size_array():
   # XLA would store loop-invariant keys (16 MB here) and reuse them in every pass; the
-  # search makes them depend on the loop state, so only per-row counts are stored.
+  # search makes them depend on the loop state. Of the counts, only the sums of blocks of
+  # 32 rows of 32 keys are stored (83,080 bytes); the per-row counts were (525,448).
   w = jnp.zeros((2048, 2048))
   compiled = (
     jax.jit(lambda x: selection.topk_mask(selection.Lazy(jnp.abs, x), 400_000)).lower(w).compile()
   )
   temp = compiled.memory_analysis().temp_size_in_bytes
-  assert temp < w.nbytes // 8, temp
+  assert temp < w.nbytes // 64, temp
 
 
 def test_hash_uniform_is_uniform_deterministic_and_keyed():

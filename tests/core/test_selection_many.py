@@ -3,6 +3,8 @@ and the number of selection loops of a compiled step, which must not grow with t
 These are tests of the search loops, so every selection here is made by them, however
 small its arrays (small arrays are sorted otherwise; ``test_selection_sort.py``)."""
 
+import re
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -203,3 +205,32 @@ def test_stacking_alike_leaves_stores_nothing():
     patch.setattr(_xla_workarounds, 'FUSED_CONCAT_OPERANDS', 1)
     alone = temp_bytes()
   assert grouped <= alone, (grouped, alone)
+
+
+def loop_body_kernels(fn, *args) -> int:
+  """Kernels (fusions and other non-trivial instructions) in the while-loop bodies of
+  ``fn``'s optimized HLO on this backend."""
+  # A fresh function: jit caches traces by function (and the chunk size is read while
+  # tracing).
+  text = jax.jit(lambda *a: fn(*a)).lower(*args).compile().as_text()
+  bodies = set(re.findall(r'while\([^)]*\).*?body=%?([\w.-]+)', text))
+  kernels, name = 0, None
+  for line in text.splitlines():
+    if line and not line.startswith(' ') and line.rstrip().endswith('{'):
+      name = line.split()[0].lstrip('%')
+    elif name in bodies and re.search(r'= \S+ (fusion|reduce|reduce-window)\(', line):
+      kernels += 1
+  return kernels
+
+
+@pytest.mark.parametrize('chunk', [1, 2])
+def test_the_fields_of_all_groups_are_summed_once(monkeypatch, chunk):
+  # Every stack of alike leaves (or lone leaf) adds its counting kernel, and for a stack
+  # the gather of its pivots, to a pass; the 5 counts packed in each row's fields are
+  # summed for all stacks of one row count together. Each summing its own fields added
+  # 3 to 17 kernels per stack to each loop: 2 -> 8 leaves went 30 -> 70 kernels alone,
+  # 42 -> 142 in stacks of 2; now 22 -> 34 either way.
+  monkeypatch.setattr(_xla_workarounds, 'FUSED_CONCAT_OPERANDS', chunk)
+  few, many = (loop_body_kernels(per_leaf, alike(n, shape=(64, 64))) for n in (2, 8))
+  more_stacks = (8 - 2) // chunk
+  assert many - few <= 2 * 2 * more_stacks + 2, (few, many)  # 2 loops, <= 2 kernels each

@@ -216,6 +216,42 @@ def test_after_passes_values_and_skips_leaves_without_deps():
     np.testing.assert_array_equal(out[name], tree[name])
 
 
+def field_sums_temp_bytes(blocked_sum) -> int:
+  """Temporaries of summing the 5 packed counts of the rows of 64 leaves of 256 x 256."""
+  per_row = jnp.asarray(np.random.default_rng(0).integers(0, 2**30, (64, 2048)), jnp.uint32)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(_xla_workarounds, 'blocked_sum', blocked_sum)
+    return temp_bytes(lambda r: selection._field_sums(r, 5), per_row)
+
+
+@CPU_ONLY
+def test_blocked_sum_still_needed():
+  extracted = 5 * 64 * 2048 * 4  # the int32 fields of every row
+  with_it = field_sums_temp_bytes(_xla_workarounds.blocked_sum)
+  assert with_it < extracted / 16, with_it
+  without = field_sums_temp_bytes(lambda x, dtype: jnp.sum(x, axis=-1, dtype=dtype))
+  assert without >= extracted, stale('blocked_sum') + f' ({without} temporary bytes)'
+
+  def unconverted(x, dtype):  # the blocks summed in the result's dtype: merged again
+    return jnp.sum(jnp.sum(x.reshape(*x.shape[:-1], -1, 32), axis=-1, dtype=dtype), axis=-1)
+
+  merged = field_sums_temp_bytes(unconverted)
+  assert merged >= extracted, stale('blocked_sum') + f' (no conversion: {merged} bytes)'
+
+
+@pytest.mark.parametrize('shape', [(3, 64), (2, 5, 33), (7,), (4, 31)])
+def test_blocked_sum_is_the_sum(shape):
+  x = np.random.default_rng(len(shape)).integers(0, 2**20, shape).astype(np.uint32)
+  got = jax.jit(lambda x: _xla_workarounds.blocked_sum(x, jnp.int32))(x)
+  assert got.dtype == jnp.int32 and got.shape == shape[:-1]
+  np.testing.assert_array_equal(got, x.astype(np.int64).sum(-1))
+
+
+def test_blocked_sum_refuses_its_input_dtype():
+  with pytest.raises(ValueError, match=r"other than the input's \(uint32\), got int32|uint32"):
+    _xla_workarounds.blocked_sum(jnp.ones(40, jnp.uint32), jnp.uint32)
+
+
 def flag_readers(n, flag_fn):
   """Lines of the optimised module of ``n`` leaves updated under a flag over ``n`` scalars."""
 
@@ -266,6 +302,11 @@ SWITCHED = {
   ),
   'after': (_xla_workarounds.after, ([jnp.ones(3)], [jnp.ones(())]), 'min'),
   'shared_flag': (_xla_workarounds.shared_flag, (jnp.bool_(True),), 'exp'),
+  'blocked_sum': (
+    lambda x: _xla_workarounds.blocked_sum(x, jnp.int32),
+    (jnp.arange(96, dtype=jnp.uint32).reshape(2, 48),),
+    'reshape',  # into blocks (padded); jnp.sum reshapes nothing
+  ),
   'fused_masked_sum': (
     _xla_workarounds.fused_masked_sum,
     (jnp.ones(32), jnp.ones(32, bool)),
