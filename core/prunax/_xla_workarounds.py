@@ -276,4 +276,4 @@ def blocked_sum(x: jax.Array, dtype: Any) -> jax.Array:
   if x.shape[-1] % SUM_BLOCK:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % SUM_BLOCK)])
   blocks = x.reshape(*x.shape[:-1], -1, SUM_BLOCK)
-  return jnp.sum(jnp.sum(blocks, axis=-1, dtype=x.dtype).astype(dtype), axis=-1)
+  return jnp.sum(jnp.sum(blocks, axis=-1, dtype=x.dtype).astype(dtype), axis=-1, dtype=dtype)

@@ -245,6 +245,8 @@ def test_blocked_sum_is_the_sum(shape):
   got = jax.jit(lambda x: _xla_workarounds.blocked_sum(x, jnp.int32))(x)
   assert got.dtype == jnp.int32 and got.shape == shape[:-1]
   np.testing.assert_array_equal(got, x.astype(np.int64).sum(-1))
+  with jax.enable_x64(True):  # the dtype asked for, not the wider default integer
+    assert _xla_workarounds.blocked_sum(jnp.asarray(x), jnp.int32).dtype == jnp.int32
 
 
 def test_blocked_sum_refuses_its_input_dtype():
