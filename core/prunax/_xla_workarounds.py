@@ -272,7 +272,9 @@ def blocked_sum(x: jax.Array, dtype: Any) -> jax.Array:
   if switched_off('blocked_sum'):
     return jnp.sum(x, axis=-1, dtype=dtype)
   if jnp.dtype(dtype) == x.dtype:
-    raise ValueError(f"blocked_sum needs a dtype other than the input's ({x.dtype}), got {dtype}")
+    raise ValueError(
+      f"blocked_sum needs a dtype other than the input's ({x.dtype}), got {jnp.dtype(dtype)}"
+    )
   if x.shape[-1] % SUM_BLOCK:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % SUM_BLOCK)])
   blocks = x.reshape(*x.shape[:-1], -1, SUM_BLOCK)
