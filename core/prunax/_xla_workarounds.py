@@ -247,8 +247,9 @@ def two_output_sum(x: jax.Array, mask: jax.Array, width: int) -> jax.Array:
 SUM_BLOCK = 32
 
 
-def blocked_sum(x: jax.Array, dtype: Any) -> jax.Array:
-  """``jnp.sum(x, axis=-1, dtype=dtype)`` of integers ``x``, summed in blocks first.
+def blocked_sum(x: jax.Array, dtype: Any, axes: tuple[int, ...] = ()) -> jax.Array:
+  """``jnp.sum(x, axis=(*axes, -1), dtype=dtype)`` of integers ``x``, the last axis
+  summed in blocks first.
 
   Prevents: a stored copy of what the sum reads. XLA's CPU backend rewrites a reduction
   of more than 32 elements into a chain of reduce-windows, and an elementwise
@@ -261,16 +262,21 @@ def blocked_sum(x: jax.Array, dtype: Any) -> jax.Array:
   of 64 x 2048 row sums: 5 x 64 x 2048 extracted fields) hold 2,703,360 temporary bytes
   summed plainly, 2,624,000 summed in blocks without the conversion, 84,480 with this.
 
+  ``axes`` (non-negative, other than the last) are summed together with the block sums,
+  in the second reduction: of an array split over devices (model parallelism), only the
+  result then crosses devices.
+
   Args:
     x: an integer array whose block sums fit its dtype.
     dtype: the result's dtype; must differ from ``x``'s (the conversion is what keeps
       the reductions apart).
+    axes: further axes to sum.
 
   Returns:
-    The sums along the last axis, exact.
+    The sums along the last axis and ``axes``, exact.
   """
   if switched_off('blocked_sum'):
-    return jnp.sum(x, axis=-1, dtype=dtype)
+    return jnp.sum(x, axis=(*axes, x.ndim - 1), dtype=dtype)
   if jnp.dtype(dtype) == x.dtype:
     raise ValueError(
       f"blocked_sum needs a dtype other than the input's ({x.dtype}), got {jnp.dtype(dtype)}"
@@ -278,4 +284,5 @@ def blocked_sum(x: jax.Array, dtype: Any) -> jax.Array:
   if x.shape[-1] % SUM_BLOCK:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % SUM_BLOCK)])
   blocks = x.reshape(*x.shape[:-1], -1, SUM_BLOCK)
-  return jnp.sum(jnp.sum(blocks, axis=-1, dtype=x.dtype).astype(dtype), axis=-1, dtype=dtype)
+  block_sums = jnp.sum(blocks, axis=-1, dtype=x.dtype).astype(dtype)
+  return jnp.sum(block_sums, axis=(*axes, x.ndim - 1), dtype=dtype)

@@ -111,10 +111,11 @@ def _packed_bits_at(packed: jax.Array, shape: tuple[int, ...], stride: int) -> j
   flat = np.arange(0, math.prod(shape), stride)
   row, col = flat // d, flat % d
   at = col % width  # position in its block; each block starts a byte
-  index = row * packed.shape[-1] + (col // width) * -(-width // 8) + at // 8
-  byte = (
-    jnp.asarray(packed).reshape(-1).at[index].get(mode='promise_in_bounds', indices_are_sorted=True)
-  )
+  byte_col = (col // width) * -(-width // 8) + at // 8
+  # Gathered at the packed array's own axes, never flattened: see selection.strided_elements.
+  lead = np.unravel_index(row, shape[:-1]) if len(shape) > 1 else ()
+  index = np.stack((*lead, byte_col), axis=1).astype(np.int32)
+  byte = selection.static_gather(jnp.asarray(packed), index, unique=stride >= 8)
   return ((byte >> (7 - at % 8).astype(np.uint8)) & 1).astype(bool)
 
 
@@ -166,8 +167,8 @@ def _one_block_of_words(d: int) -> bool:
 
 def _packed_rows(packed: jax.Array) -> jax.Array:
   """A packed mask of one block of a multiple of 32 weights, as bool ``(n // 32, 32)``."""
-  words = jax.lax.bitcast_convert_type(packed.reshape(-1, 4), jnp.uint32)
-  return ((words[:, None] >> _ROW_SHIFTS) & 1).astype(bool)
+  words = jax.lax.bitcast_convert_type(packed.reshape(packed.shape[:-1] + (-1, 4)), jnp.uint32)
+  return ((words[..., None] >> _ROW_SHIFTS) & 1).astype(bool)
 
 
 def shard_like_param(stored: jax.Array, param: jax.Array) -> jax.Array:

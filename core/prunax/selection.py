@@ -30,6 +30,12 @@ ones with the lowest flat (row-major) index are kept, and for several tensors
 value is shared by more elements than are needed) runs a second search of the same kind on
 the positions of the tied elements: no cumulative sum, no sort.
 
+Under model parallelism (a leaf split over devices on any axis), every pass counts each
+shard where it lies: the keys are viewed in rows of 32 along the last axis without
+merging it with the axes before it, the row sums keep those axes, and the first pass's
+sample is gathered at static positions; only the counts (and the sample) cross devices,
+never a leaf (``tests/core/test_sharding_gathers.py``).
+
 Many arrays each pruned on its own (per-leaf pruning, SET/RigL's drops and grows) share
 one search (:func:`topk_masks`): the loop state holds a bracket per array and each pass
 counts in every array's own buffers, so a step compiles one threshold loop and one
@@ -51,6 +57,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from prunax import _xla_workarounds
 
@@ -136,7 +143,8 @@ class Lazy:
     return Lazy(self.fn, *args, shape=self._shape, sample=self._sample, rows=self._rows)
 
   def rows(self) -> jax.Array:
-    """The values as ``(size // 32, 32)`` in flat order if ``size % 32 == 0``, else flat.
+    """The values in rows of 32 (:func:`_rows_shape`: the last axis split into rows,
+    or ``(size // 32, 32)``) if ``size % 32 == 0``, else flat.
 
     Selection counts over rows of 32; evaluating the expression on that view (arguments
     reshaped, packed bits expanded word by word) keeps its passes simple elementwise
@@ -146,9 +154,10 @@ class Lazy:
       return self().reshape(-1)
     if self._rows is not None:
       return self._rows(*self.args)
+    shape = _rows_shape(self.shape)
     if self._shape is not None:  # Arguments not aligned with the values: evaluate.
-      return self().reshape(-1, _ROW)
-    return self._evaluate_on(lambda a: a.reshape(-1, _ROW), Lazy.rows)
+      return self().reshape(shape)
+    return self._evaluate_on(lambda a: a.reshape(shape), Lazy.rows)
 
   def strided_sample(self, stride: int) -> jax.Array:
     """Values of every ``stride``-th element (flat order), computed from sliced arguments.
@@ -166,13 +175,13 @@ class Lazy:
       sample = functools.partial(_flat_eval, functools.partial(self._sample, stride))
       return Lazy(sample, *self.args, shape=(-(-self.size // stride),))
     if self._shape is not None:  # Arguments not aligned with the values: evaluate.
-      return Lazy(_identity, self().reshape(-1)[::stride])
+      return Lazy(_identity, strided_elements(self(), stride))
     shape = self.shape
 
     def view(a):
       if isinstance(a, Lazy):
         return a.sampled(stride) if a.shape == shape else a
-      return a.reshape(-1)[::stride] if tuple(jnp.shape(a)) == shape else a
+      return strided_elements(a, stride) if tuple(jnp.shape(a)) == shape else a
 
     # Flattened: a broadcast argument (a layer's id) may add axes to the sliced values.
     return Lazy(functools.partial(_flat_eval, self.fn), *[view(a) for a in self.args])
@@ -191,6 +200,54 @@ class Lazy:
 
   def __repr__(self):
     return f'Lazy({getattr(self.fn, "__name__", self.fn)}, shape={self.shape})'
+
+
+def strided_elements(a: jax.Array, stride: int) -> jax.Array:
+  """``a.reshape(-1)[::stride]``, read by one gather at static positions of ``a``'s own
+  axes: flattening first would make XLA gather a model-parallel array (its last axis
+  split over devices) whole onto every device; the gather reads only the elements."""
+  shape = tuple(jnp.shape(a))
+  if len(shape) <= 1:
+    return jnp.reshape(a, -1)[::stride]
+  return static_gather(a, _strided_positions(shape, stride))
+
+
+def static_gather(a: jax.Array, positions: np.ndarray, unique: bool = True) -> jax.Array:
+  """``a[tuple(positions.T)]``: the elements of ``a`` at static, sorted, in-bounds
+  ``positions`` (``(m, a.ndim)``; distinct if ``unique``), as one gather (no index
+  normalisation to trace)."""
+  axes = tuple(range(positions.shape[1]))
+  dims = jax.lax.GatherDimensionNumbers(
+    offset_dims=(), collapsed_slice_dims=axes, start_index_map=axes
+  )
+  return jax.lax.gather(
+    a,
+    jnp.asarray(positions),
+    dims,
+    (1,) * len(axes),
+    mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    indices_are_sorted=True,
+    unique_indices=unique,
+  )
+
+
+@functools.lru_cache(maxsize=1024)
+def _strided_positions(shape: tuple[int, ...], stride: int) -> np.ndarray:
+  flat = np.arange(0, math.prod(shape), stride)
+  return np.stack(np.unravel_index(flat, shape), axis=1).astype(np.int32)
+
+
+def _rows_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The rows view of values of ``shape`` (``size % 32 == 0``): ``(*shape[:-1], d // 32,
+  32)`` when the last axis ``d`` holds whole rows, else ``(size // 32, 32)``.
+
+  Keeping the leading axes keeps a split of the last axis (model parallelism) a split of
+  the rows: a reshape that merged it with the axes before it would make XLA gather the
+  whole array on every device (``tests/core/test_sharding_gathers.py``).
+  """
+  if len(shape) >= 1 and shape[-1] % _ROW == 0:
+    return (*shape[:-1], shape[-1] // _ROW, _ROW)
+  return (math.prod(shape) // _ROW, _ROW)
 
 
 def _identity(x):
@@ -404,8 +461,14 @@ def sortable_keys(scores: jax.Array) -> jax.Array:
 
 def _row_sums(keys: jax.Array, pivots: jax.Array) -> tuple[jax.Array | None, jax.Array]:
   """The two parts of the counts ``[sum(keys >= p) for p in pivots]`` (at most 5 pivots)
-  of one array, as :func:`_row_sums_stacked` returns them for several: ``(rows,)`` and
-  ``(P,)``."""
+  of one array, as :func:`_row_sums_stacked` returns them for several: the row sums, of
+  the rows' shape (the keys' shape less its last axis, for keys in rows of 32:
+  :meth:`Lazy.rows`), and ``(P,)``."""
+  if keys.ndim >= 2 and keys.shape[-1] == _ROW:  # a rows view (Lazy.rows): no tail
+    packed = sum(
+      (keys >= pivots[i]).astype(jnp.uint32) << (_FIELD_BITS * i) for i in range(len(pivots))
+    )
+    return jnp.sum(packed, axis=-1, dtype=jnp.uint32), jnp.zeros(pivots.shape, jnp.int32)
   flat = keys.reshape(-1)
   main = (flat.size // _ROW) * _ROW
   per_row = None
@@ -424,11 +487,12 @@ def _row_sums(keys: jax.Array, pivots: jax.Array) -> tuple[jax.Array | None, jax
 def _row_sums_stacked(keys: jax.Array, pivots: jax.Array) -> tuple[jax.Array | None, jax.Array]:
   """The two parts of the counts of every ``keys[g]`` at or above its ``pivots[g]``.
 
-  Returns ``(per_row, tail)``: ``per_row`` is ``(G, rows)`` uint32, the packed 6-bit
+  Returns ``(per_row, tail)``: ``per_row`` is ``(G, *rows)`` uint32, the packed 6-bit
   fields of every row of 32 keys summed (None when there is no whole row; read by
-  :func:`_field_sums`), and ``tail`` the ``(G, P)`` int32 counts of the keys after the
-  last whole row. Kept apart so that the fields of several groups of one row count are
-  summed by one computation (:func:`_pass_counts`).
+  :func:`_field_sums`; keys in rows of 32, :meth:`Lazy.rows`, keep their axes), and
+  ``tail`` the ``(G, P)`` int32 counts of the keys after the last whole row. Kept apart
+  so that the fields of several groups of one rows shape are summed by one computation
+  (:func:`_pass_counts`).
 
   Written for the leading axis rather than vmapped: the vmapped sum over the rows'
   fields reduces a middle axis, which XLA does not fuse with what it reads (it stored a
@@ -436,6 +500,13 @@ def _row_sums_stacked(keys: jax.Array, pivots: jax.Array) -> tuple[jax.Array | N
   stored. (For one array the reverse holds: this form stored 9.4 MB for a 512 x 512
   top-k that :func:`_row_sums` runs in 35 KB, hence the two.)
   """
+  if keys.ndim >= 3 and keys.shape[-1] == _ROW:  # rows views (Lazy.rows): no tail
+    packed = sum(
+      (keys >= pivots[(slice(None), i) + (None,) * (keys.ndim - 1)]).astype(jnp.uint32)
+      << (_FIELD_BITS * i)
+      for i in range(pivots.shape[1])
+    )
+    return jnp.sum(packed, axis=-1, dtype=jnp.uint32), jnp.zeros(pivots.shape, jnp.int32)
   flat = keys.reshape(keys.shape[0], -1)
   size = flat.shape[1]
   main = (size // _ROW) * _ROW
@@ -454,13 +525,19 @@ def _row_sums_stacked(keys: jax.Array, pivots: jax.Array) -> tuple[jax.Array | N
 
 
 def _field_sums(per_row: jax.Array, fields: int) -> jax.Array:
-  """``(G, fields)`` int32: the 6-bit fields of ``per_row`` (``(G, rows)`` uint32), each
-  summed along the rows. The fields are extracted on a leading axis, so one reduction
+  """``(G, fields)`` int32: the 6-bit fields of ``per_row`` (``(G, *rows)`` uint32), each
+  summed over the rows. The fields are extracted on a leading axis, so one reduction
   serves them all, and only its block sums are stored
-  (:func:`_xla_workarounds.blocked_sum`)."""
-  shifts = jnp.arange(fields, dtype=jnp.uint32)[:, None, None] * _FIELD_BITS
-  values = (per_row[None] >> shifts) & jnp.uint32((1 << _FIELD_BITS) - 1)
-  return _xla_workarounds.blocked_sum(values, jnp.int32).T
+  (:func:`_xla_workarounds.blocked_sum`). The rows keep the axes of their array
+  (:func:`_rows_shape`), so a split of any axis (model parallelism) is summed where it
+  lies and only the sums cross devices."""
+  if per_row.ndim > 2 and per_row.shape[-1] < _xla_workarounds.SUM_BLOCK:
+    # Blocks along the longest axis of the rows (moved last, not merged).
+    longest = max(range(1, per_row.ndim), key=lambda a: per_row.shape[a])
+    per_row = jnp.moveaxis(per_row, longest, -1)
+  shifts = jnp.arange(fields, dtype=jnp.uint32).reshape((fields,) + (1,) * per_row.ndim)
+  values = (per_row[None] >> (shifts * _FIELD_BITS)) & jnp.uint32((1 << _FIELD_BITS) - 1)
+  return _xla_workarounds.blocked_sum(values, jnp.int32, tuple(range(2, values.ndim - 1))).T
 
 
 def _narrow(bracket, pivots, counts, k):
@@ -659,12 +736,12 @@ def _pass_counts(inputs, groups, key_fn, pivots, witness) -> jax.Array:
   the group, so a pass compiles one counting computation per group, not per input. XLA
   fuses the stacking into the counting reduction (groups are at most
   ``_xla_workarounds.FUSED_CONCAT_OPERANDS`` inputs), so nothing full-size is stored.
-  The per-row sums of all groups (and lone inputs) with one row count are concatenated
+  The per-row sums of all groups (and lone inputs) of one rows shape are concatenated
   and their fields summed once, so the fields cost a fixed number of kernels however
   many groups there are (they were about 20 kernels a group, more than the counts).
   """
   parts, order = [], []
-  by_rows: dict[int, list] = {}
+  by_rows: dict[tuple[int, ...], list] = {}
   for group in groups:
     if len(group) == 1:
       i = group[0]
@@ -686,7 +763,7 @@ def _pass_counts(inputs, groups, key_fn, pivots, witness) -> jax.Array:
       parts.append(tail)
       order.extend(group)
     else:
-      by_rows.setdefault(per_row.shape[1], []).append((per_row, tail, group))
+      by_rows.setdefault(per_row.shape[1:], []).append((per_row, tail, group))
   for entries in by_rows.values():
     per_row = jnp.concatenate([e[0] for e in entries])
     tail = jnp.concatenate([e[1] for e in entries])

@@ -229,12 +229,14 @@ def test_blocked_sum_still_needed():
   extracted = 5 * 64 * 2048 * 4  # the int32 fields of every row
   with_it = field_sums_temp_bytes(_xla_workarounds.blocked_sum)
   assert with_it < extracted / 16, with_it
-  without = field_sums_temp_bytes(lambda x, dtype: jnp.sum(x, axis=-1, dtype=dtype))
+  without = field_sums_temp_bytes(
+    lambda x, dtype, axes=(): jnp.sum(x, axis=(*axes, x.ndim - 1), dtype=dtype)
+  )
   assert without >= extracted, stale('blocked_sum') + f' ({without} temporary bytes)'
 
-  def unconverted(x, dtype):  # the blocks summed in the result's dtype: merged again
+  def unconverted(x, dtype, axes=()):  # the blocks summed in the result's dtype: merged again
     blocks = x.reshape(*x.shape[:-1], -1, _xla_workarounds.SUM_BLOCK)
-    return jnp.sum(jnp.sum(blocks, axis=-1, dtype=dtype), axis=-1)
+    return jnp.sum(jnp.sum(blocks, axis=-1, dtype=dtype), axis=(*axes, x.ndim - 1))
 
   merged = field_sums_temp_bytes(unconverted)
   assert merged >= extracted, stale('blocked_sum') + f' (no conversion: {merged} bytes)'
@@ -248,6 +250,16 @@ def test_blocked_sum_is_the_sum(shape):
   np.testing.assert_array_equal(got, x.astype(np.int64).sum(-1))
   with jax.enable_x64(True):  # the dtype asked for, not the wider default integer
     assert _xla_workarounds.blocked_sum(jnp.asarray(x), jnp.int32).dtype == jnp.int32
+
+
+@pytest.mark.parametrize(('shape', 'axes'), [((3, 4, 64), (1,)), ((2, 5, 3, 33), (1, 2))])
+@pytest.mark.parametrize('off', [False, True])
+def test_blocked_sum_sums_further_axes(shape, axes, off, monkeypatch):
+  if off:
+    monkeypatch.setenv('PRUNAX_XLA_WORKAROUNDS_OFF', 'blocked_sum')
+  x = np.random.default_rng(len(shape)).integers(0, 2**20, shape).astype(np.uint32)
+  got = jax.jit(lambda x: _xla_workarounds.blocked_sum(x, jnp.int32, axes))(x)
+  np.testing.assert_array_equal(got, x.astype(np.int64).sum((*axes, len(shape) - 1)))
 
 
 def test_blocked_sum_refuses_its_input_dtype():
