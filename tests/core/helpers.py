@@ -1,6 +1,11 @@
-"""Helpers of the core tests: a small MLP regression problem, its training loop, mask sizes."""
+"""Helpers of the core tests: a small MLP regression problem, its training loop, mask sizes,
+and the child process that runs a script on 8 CPU devices."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -67,3 +72,20 @@ def run(tx, params, steps: int, jit: bool = True, batch=None, loss=loss_fn):
     params, opt_state = step(params, opt_state, batch)
     history.append((params, opt_state))
   return params, opt_state, history
+
+
+def eight_device_report(script: str, timeout: int = 900) -> dict:
+  """Runs ``script`` in a child process with 8 CPU devices (XLA's device count is fixed
+  when JAX starts) and returns the JSON it prints after ``REPORT``."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  out = subprocess.run(
+    [sys.executable, '-c', script],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
+  assert out.returncode == 0, out.stderr[-4000:]
+  line = next(x for x in out.stdout.splitlines() if x.startswith('REPORT'))
+  return json.loads(line[len('REPORT') :])

@@ -1,9 +1,5 @@
 """One-shot pruning from calibration data (prunax.oneshot): numerics, capture, driver, sharding."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import flax.linen as nn
@@ -18,6 +14,7 @@ import prunax
 from prunax import oneshot
 from prunax.sparsity_types import NByM
 from prunax.sparsity_types import Unstructured
+from tests.core.helpers import eight_device_report
 
 
 def _inputs(kind: str, n: int, din: int, seed: int) -> np.ndarray:
@@ -450,18 +447,7 @@ SHARDED = textwrap.dedent("""
 
 @pytest.fixture(scope='module')
 def sharded_report():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  out = subprocess.run(
-    [sys.executable, '-c', SHARDED],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-    check=False,
-  )
-  assert out.returncode == 0, out.stderr[-4000:]
-  line = next(x for x in out.stdout.splitlines() if x.startswith('REPORT'))
-  return json.loads(line[len('REPORT') :])
+  return eight_device_report(SHARDED, timeout=900)
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,11 @@ XLA's device count is fixed when JAX starts, so the 8-device run happens in a ch
 process with ``--xla_force_host_platform_device_count=8``.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.core.helpers import eight_device_report
 
 SCRIPT = textwrap.dedent("""
     import json
@@ -109,18 +107,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope='module')
 def report():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  out = subprocess.run(
-    [sys.executable, '-c', SCRIPT],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-    check=False,
-  )
-  assert out.returncode == 0, out.stderr[-4000:]
-  line = next(x for x in out.stdout.splitlines() if x.startswith('REPORT'))
-  return json.loads(line[len('REPORT') :])
+  return eight_device_report(SCRIPT, timeout=900)
 
 
 @pytest.mark.parametrize('name', ['magnitude', 'ste', 'rigl', 'global_packed'])

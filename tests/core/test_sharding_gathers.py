@@ -11,14 +11,12 @@ The 8-device compilation happens in a child process (XLA's device count is fixed
 JAX starts). Masks and params on 8 devices equal those of one device.
 """
 
-import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.core.helpers import eight_device_report
 
 SCRIPT = textwrap.dedent("""
     import json, re
@@ -93,18 +91,7 @@ ALGORITHMS = ['magnitude', 'global_magnitude', 'set', 'rigl', 'ste']
 
 @pytest.fixture(scope='module')
 def report():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  out = subprocess.run(
-    [sys.executable, '-c', SCRIPT],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
-  )
-  assert out.returncode == 0, out.stderr[-4000:]
-  line = next(x for x in out.stdout.splitlines() if x.startswith('REPORT'))
-  return json.loads(line[len('REPORT') :])
+  return eight_device_report(SCRIPT, timeout=600)
 
 
 @pytest.mark.parametrize('name', ALGORITHMS)

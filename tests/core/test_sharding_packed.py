@@ -8,10 +8,6 @@ so, and masks, packed bytes and params are bit-identical to one device (the grad
 are elementwise, so no reduction order differs). One child process runs every case.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import hypothesis
@@ -23,6 +19,7 @@ import pytest
 
 import prunax
 from prunax import base_updater
+from tests.core.helpers import eight_device_report
 
 SCRIPT = textwrap.dedent("""
     import dataclasses, json
@@ -162,18 +159,7 @@ ALGORITHMS = ['magnitude', 'rigl', 'ste']
 
 @pytest.fixture(scope='module')
 def report():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  out = subprocess.run(
-    [sys.executable, '-c', SCRIPT],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
-  )
-  assert out.returncode == 0, out.stderr[-4000:]
-  line = next(x for x in out.stdout.splitlines() if x.startswith('REPORT'))
-  return json.loads(line[len('REPORT') :])
+  return eight_device_report(SCRIPT, timeout=600)
 
 
 def test_last_axes_are_split_into_shards_that_are_not_whole_bytes(report):
