@@ -522,11 +522,8 @@ def _field_sums(per_row: jax.Array, fields: int) -> jax.Array:
   serves them all, and only its block sums are stored
   (:func:`_xla_workarounds.blocked_sum`). The rows keep the axes of their array
   (:func:`_rows_shape`), so a split of any axis (model parallelism) is summed where it
-  lies and only the sums cross devices."""
-  if per_row.ndim > 2 and per_row.shape[-1] < _xla_workarounds.SUM_BLOCK:
-    # Blocks along the longest axis of the rows (moved last, not merged).
-    longest = max(range(1, per_row.ndim), key=lambda a: per_row.shape[a])
-    per_row = jnp.moveaxis(per_row, longest, -1)
+  lies and only the sums cross devices; a last axis of fewer than 32 rows is read in
+  place too, its blocks taking rows of the axis before it."""
   shifts = jnp.arange(fields, dtype=jnp.uint32).reshape((fields,) + (1,) * per_row.ndim)
   values = (per_row[None] >> (shifts * _FIELD_BITS)) & jnp.uint32((1 << _FIELD_BITS) - 1)
   return _xla_workarounds.blocked_sum(values, jnp.int32, tuple(range(2, values.ndim - 1))).T
