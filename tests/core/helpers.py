@@ -3,13 +3,14 @@ and the child process that runs a script on 8 CPU devices."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from tests.xla_env import cpu_env
 
 
 def mlp_params(seed: int = 0, sizes=(12, 16, 8)):
@@ -77,7 +78,7 @@ def run(tx, params, steps: int, jit: bool = True, batch=None, loss=loss_fn):
 def eight_device_report(script: str, timeout: int = 900) -> dict:
   """Runs ``script`` in a child process with 8 CPU devices (XLA's device count is fixed
   when JAX starts) and returns the JSON it prints after ``REPORT``."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  env = cpu_env(8)
   out = subprocess.run(
     [sys.executable, '-c', script],
     env=env,

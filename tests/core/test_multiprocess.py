@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.core import multiprocess_child as child
+from tests.xla_env import cpu_env
 
 TIMEOUT_S = 240
 
@@ -30,7 +31,7 @@ def _free_port() -> int:
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   out_dir = str(tmp_path_factory.mktemp('multiprocess'))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  env = cpu_env(4)
   port = _free_port()
   procs = [
     subprocess.Popen(

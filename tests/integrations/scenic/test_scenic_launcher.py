@@ -22,6 +22,7 @@ import prunax_scenic
 from prunax_scenic.configs import imagenet_resnet50_config
 from prunax_scenic.configs import imagenet_vit_b16_config
 from prunax_scenic.configs import tiny_synthetic_config
+from tests.xla_env import cpu_env
 
 HAS_SCENIC = (
   importlib.util.find_spec('scenic') is not None
@@ -48,9 +49,7 @@ EXPECTED_ZEROS = {
 
 def _launch(workdir, *overrides, devices=2):
   """Runs Scenic's own launcher on the tiny config; returns its log."""
-  env = dict(
-    os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
-  )
+  env = cpu_env(devices)
   cmd = [
     sys.executable,
     '-m',

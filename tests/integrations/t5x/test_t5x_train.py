@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import prunax
+from tests.xla_env import cpu_env
 
 pytestmark = pytest.mark.skipif(
   importlib.util.find_spec('t5x') is None, reason='t5x is not installed'
@@ -52,9 +53,7 @@ def _train(
     bindings['partitioning.PjitPartitioner.model_parallel_submesh'] = (1, 1, 1, 2)
   cmd = [sys.executable, '-m', 't5x.train', f'--gin_file={gin_file}']
   cmd += [f'--gin.{k}={v}' for k, v in bindings.items()]
-  env = dict(
-    os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
-  )
+  env = cpu_env(devices)
   done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
   assert done.returncode == 0, done.stderr[-4000:]
 
