@@ -274,8 +274,8 @@ def blocked_sum(x: jax.Array, dtype: Any, axes: tuple[int, ...] = ()) -> jax.Arr
   longest summed axis moved last) cost a top-k of a 2048 x 512 array, whose row sums have
   a last axis of 16, 0.80-0.83 ms against 0.71-0.76 ms. Shorter last axes are still moved:
   in-place blocks of 4 and 6 crashed XLA's CPU code generation (an i32 compared with an
-  i8 in the LLVM IR of a fusion) in the 3-device straight-through step of
-  ``tests/core/test_sharding_packed.py``.
+  i8 in the LLVM IR of a fusion) in a 3-device straight-through step
+  (``tests/core/test_xla_workarounds.py`` checks that they still do).
 
   Args:
     x: an integer array whose block sums fit its dtype.

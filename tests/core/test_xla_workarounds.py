@@ -7,6 +7,8 @@ longer needs the workaround: measure, and remove it.
 """
 
 import re
+import subprocess
+import sys
 
 import hypothesis
 import hypothesis.strategies as st
@@ -19,6 +21,7 @@ import pytest
 import prunax
 from prunax import _xla_workarounds
 from prunax import selection
+from tests.xla_env import cpu_env
 
 CPU_ONLY = pytest.mark.skipif(
   jax.default_backend() != 'cpu', reason='measured on the CPU backend only'
@@ -301,6 +304,57 @@ def test_row_sums_of_a_short_last_axis_are_read_in_place(shape):
   fields = (per_row[None] >> (6 * np.arange(5, dtype=np.uint32)).reshape(5, *[1] * len(shape))) & 63
   want = fields.astype(np.int64).sum(tuple(range(2, fields.ndim))).T
   np.testing.assert_array_equal(jax.jit(fn)(per_row), want)
+
+
+IN_PLACE_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np, optax, prunax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from prunax import _xla_workarounds
+
+_xla_workarounds.IN_PLACE_AT_LEAST = int(sys.argv[1])
+shapes = {'u': (16, 75), 'v': (6, 24), 'w': (4, 48), 'x': (8, 192)}
+mesh = Mesh(np.array(jax.devices()[:3]), ('model',))
+params = {n: jax.random.normal(jax.random.PRNGKey(i), s) for i, (n, s) in enumerate(shapes.items())}
+params = jax.device_put(params, NamedSharding(mesh, P(None, 'model')))
+tx = prunax.SteMagnitudePruning(sparsity=0.7).wrap_optax(optax.sgd(0.1))
+state = jax.jit(tx.init)(params)
+noise = {n: np.asarray(jax.random.normal(jax.random.PRNGKey(50 + i), s))
+         for i, (n, s) in enumerate(shapes.items())}
+
+def step(p, s):
+  grads = jax.tree.map(lambda w, z: jnp.sin(3 * w) + 0.1 * z, p, noise)
+  u, s = tx.update(grads, s, p)
+  return optax.apply_updates(p, u), s
+
+step = jax.jit(step)
+for _ in range(3):
+  params, state = step(params, state)
+jax.block_until_ready(params)
+"""
+
+
+@CPU_ONLY
+def test_in_place_blocks_of_fewer_than_8_still_crash_the_cpu_compiler():
+  # The straight-through step of 3 devices (the leaves of test_sharding_packed.py's
+  # three-way split, a jitted init) with the (8, 192) leaf's row sums (a last axis of 6)
+  # summed in place: XLA's CPU code generation compares an i32 with an i8 and fails.
+  def run(at_least):
+    return subprocess.run(
+      [sys.executable, '-c', IN_PLACE_SCRIPT, str(at_least)],
+      env=cpu_env(3),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+    )
+
+  ok = run(_xla_workarounds.IN_PLACE_AT_LEAST)
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  crashed = run(1)
+  assert crashed.returncode != 0 and 'LLVM' in crashed.stderr, (
+    stale('blocked_sum (IN_PLACE_AT_LEAST: lower it)') + crashed.stderr[-2000:]
+  )
 
 
 def test_blocked_sum_refuses_its_input_dtype():
