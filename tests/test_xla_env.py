@@ -1,9 +1,6 @@
 """The suite's XLA settings reach it and the processes it launches (``tests/xla_env.py``)."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -62,12 +59,7 @@ def hlo_report(level: str | None) -> dict:
     env['XLA_FLAGS'] = env['XLA_FLAGS'].replace(
       f'{xla_env.LEVEL_FLAG}=0', f'{xla_env.LEVEL_FLAG}={level}'
     )
-  out = subprocess.run(
-    [sys.executable, '-c', HLO_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-  )
-  assert out.returncode == 0, out.stderr[-4000:]
-  line = next(x for x in out.stdout.splitlines() if x.startswith('REPORT'))
-  return json.loads(line[len('REPORT') :])
+  return xla_env.child_report(HLO_SCRIPT, env, timeout=300)
 
 
 def test_the_level_changes_nothing_the_tests_read():

@@ -1,15 +1,13 @@
 """Helpers of the core tests: a small MLP regression problem, its training loop, mask sizes,
 and the child process that runs a script on 8 CPU devices."""
 
-import json
 import math
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from tests.xla_env import child_report
 from tests.xla_env import cpu_env
 
 
@@ -78,15 +76,4 @@ def run(tx, params, steps: int, jit: bool = True, batch=None, loss=loss_fn):
 def eight_device_report(script: str, timeout: int = 900) -> dict:
   """Runs ``script`` in a child process with 8 CPU devices (XLA's device count is fixed
   when JAX starts) and returns the JSON it prints after ``REPORT``."""
-  env = cpu_env(8)
-  out = subprocess.run(
-    [sys.executable, '-c', script],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    check=False,
-  )
-  assert out.returncode == 0, out.stderr[-4000:]
-  line = next(x for x in out.stdout.splitlines() if x.startswith('REPORT'))
-  return json.loads(line[len('REPORT') :])
+  return child_report(script, cpu_env(8), timeout)
