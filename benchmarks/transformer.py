@@ -17,7 +17,10 @@ steps) is compared with the dense step of the same model in the same run:
   (``update``) or does not (``no update``) compute new masks;
 * temporaries: ``compiled.memory_analysis().temp_size_in_bytes``.
 
-Ratios are pruned / dense, min / median / max over ``--repeats``. ``--instant`` times
+Ratios are pruned / dense, min / median / max over ``--repeats``. ``--steps-only`` compiles
+every step once and times them alternated within each repeat (dense, then each pruned
+step, each the fastest of ``--calls`` chained calls), which holds up better on a machine
+whose speed drifts between compilations; it prints step ratios only. ``--instant`` times
 ``instant_sparsify`` (one-shot magnitude and global magnitude at 0.5, caches cleared
 before the first call) on the unrolled model instead: the first call (trace, compile,
 run) and the fastest of ``--repeats`` calls after it. Nothing is asserted.
@@ -36,6 +39,7 @@ import optax
 
 import prunax
 from benchmarks.compile_time import machine
+from benchmarks.run import run_steps
 from prunax import sparsity_schedules as sched
 
 VOCAB, SEQ = 4096, 128
@@ -117,16 +121,34 @@ def measure(model, tx, params, tokens, count=None, calls=3):
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, tokens).compile()
   compile_s = time.perf_counter() - start
   temp = compiled.memory_analysis().temp_size_in_bytes
-  params = jax.tree.map(jnp.copy, params)
-  best = float('inf')
-  for _ in range(calls):
-    if count is not None:
-      state = state._replace(count=jnp.int32(count))
-    start = time.perf_counter()
-    params, state = compiled(params, state, tokens)
-    jax.block_until_ready(params)
-    best = min(best, time.perf_counter() - start)
+  _, _, best = run_steps(compiled, jax.tree.map(jnp.copy, params), state, tokens, calls, count)
   return compile_s, best, temp
+
+
+def alternated_steps(model, params, tokens, entries, repeats: int, calls: int):
+  """Per entry ``(name, kind, tx, count)``: pruned / dense step ratios over ``repeats``,
+  every step compiled once and the steps timed one after another within each repeat."""
+  programs = {}
+  for key, tx, count in [(None, optax.adam(1e-3), None)] + entries:
+    state = tx.init(params)
+    step = jax.jit(make_step(model, tx), donate_argnums=(0, 1))
+    programs[key] = [
+      step.lower(params, state, tokens).compile(),
+      jax.tree.map(jnp.copy, params),
+      state,
+      count,
+    ]
+  ratios = {key: [] for key in programs if key is not None}
+  dense_ms = []
+  for _ in range(repeats):
+    best = {}
+    for key, program in programs.items():
+      compiled, p, state, count = program
+      program[1], program[2], best[key] = run_steps(compiled, p, state, tokens, calls, count)
+    dense_ms.append(best[None] * 1e3)
+    for key in ratios:
+      ratios[key].append(best[key] / best[None])
+  return ratios, dense_ms
 
 
 def fmt(xs):
@@ -160,6 +182,10 @@ def main(argv=None):
     '--algorithms', default='magnitude,global_magnitude,set,rigl,magnitude_ste,sr_ste,autosparse'
   )
   parser.add_argument('--instant', action='store_true', help='time instant_sparsify only')
+  parser.add_argument(
+    '--steps-only', action='store_true', help='step ratios only, steps alternated'
+  )
+  parser.add_argument('--calls', type=int, default=3, help='chained calls per step timing')
   args = parser.parse_args(argv)
   print(
     f'# Transformer LM, {args.blocks} blocks, d_model 256, 4 heads, MLP 1024, vocab '
@@ -187,6 +213,21 @@ def main(argv=None):
     params = nn.unbox(boxed)
     n_leaves = len(jax.tree.leaves(params))
     print(f'<!-- {layout}: {n_leaves} leaves -->')
+    if args.steps_only:
+      entries = []
+      for name in args.algorithms.split(','):
+        pruner, has_updates = algorithms(layer_axes)[name]
+        kinds = {'no update': 11, 'update': 10} if has_updates else {'every step': None}
+        for kind, count in kinds.items():
+          entries.append(((name, kind), pruner.wrap_optax(optax.adam(1e-3)), count))
+      ratios, dense_ms = alternated_steps(model, params, tokens, entries, args.repeats, args.calls)
+      for (name, kind), rs in ratios.items():
+        print(
+          f'| {layout} | {name} | {kind} | - | {fmt(rs)} | - | - | '
+          f'{statistics.median(dense_ms):.0f} |',
+          flush=True,
+        )
+      continue
     for name in args.algorithms.split(','):
       pruner, has_updates = algorithms(layer_axes)[name]
       kinds = {'no update': 11, 'update': 10} if has_updates else {'every step': None}

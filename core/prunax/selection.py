@@ -44,7 +44,9 @@ number of layers of stacked leaves). Inside a pass, arrays whose scores compute 
 thing on arrays of the same shapes (the kernels of a model's repeated blocks) are stacked
 and counted by one computation, up to 8 at a time (as many as XLA fuses into the count,
 so the stack is never stored): a pass compiles one count per group of alike arrays, not
-one per array.
+one per array. A pass reads only the arrays whose rows shape is shared by an array still
+searching (one ``lax.cond`` per rows shape): brackets close at different passes, and
+the last passes of a search often count for a few arrays only.
 """
 
 from __future__ import annotations
@@ -408,13 +410,32 @@ def _vmap_layers(fn: Callable[..., list], axes: Sequence[int], lists: Sequence[l
       return next(it)
     return x
 
+  name = f'prunax_layers_{len(_LAYER_AXES)}'
+
   def body(*sliced):
     it = iter(sliced)
-    # Lazy results (masks of lazy=True) are evaluated: only arrays leave the vmap.
-    out = fn(*[[rebuild(x, leaf, it) for leaf, x in enumerate(xs)] for xs in lists])
+    _LAYER_AXES.append(name)
+    try:
+      # Lazy results (masks of lazy=True) are evaluated: only arrays leave the vmap.
+      out = fn(*[[rebuild(x, leaf, it) for leaf, x in enumerate(xs)] for xs in lists])
+    finally:
+      _LAYER_AXES.pop()
     return [materialize(r) for r in out]
 
-  return jax.vmap(body, in_axes=in_axes, out_axes=list(axes))(*arrays)
+  return jax.vmap(body, in_axes=in_axes, out_axes=list(axes), axis_name=name)(*arrays)
+
+
+# The axis names of the map_layers vmaps being traced, innermost last.
+_LAYER_AXES: list[str] = []
+
+
+def _any_layer(flag: jax.Array) -> jax.Array:
+  """``flag`` (a bool scalar) or-ed over the layers of every enclosing :func:`map_layers`:
+  the same for every layer, so a ``lax.cond`` on it stays a branch under the vmap (on a
+  per-layer flag, vmap turns it into a select that computes both branches)."""
+  for name in _LAYER_AXES:
+    flag = jax.lax.psum(flag.astype(jnp.int32), name) > 0
+  return flag
 
 
 def hash_uniform_layers(like: jax.Array, key_data: jax.Array, layer_ids: jax.Array) -> jax.Array:
@@ -716,48 +737,79 @@ def _in_input_order(order: list[int], rows: jax.Array) -> jax.Array:
   return rows[jnp.asarray(sorted(range(len(order)), key=order.__getitem__))]
 
 
-def _pass_counts(inputs, groups, key_fn, pivots, witness) -> jax.Array:
-  """``(len(inputs), 5)`` int32 counts of the keys of every input at or above its row of
-  ``pivots``, computed per group of alike inputs (:func:`_alike_groups`).
+def _rows_bucket(x: Lazy) -> tuple[int, ...] | None:
+  """The shape of one array's per-row sums in a counting pass (:func:`_row_sums`): the
+  rows of its :meth:`Lazy.rows` view, or None when it holds no whole row of 32."""
+  if x.size % _ROW == 0:
+    return _rows_shape(x.shape)[:-1]
+  return (x.size // _ROW,) if x.size >= _ROW else None
+
+
+def _group_row_sums(inputs, group, key_fn, pivots, witness):
+  """``(per_row, tail)`` of :func:`_row_sums_stacked` for one group of alike inputs.
 
   A group of one input counts in its own buffers; the arrays of a larger group are read
   as loop variants (``witness``) and stacked inside the pass, and one vmapped count serves
-  the group, so a pass compiles one counting computation per group, not per input. XLA
-  fuses the stacking into the counting reduction (groups are at most
+  the group. XLA fuses the stacking into the counting reduction (groups are at most
   ``_xla_workarounds.FUSED_CONCAT_OPERANDS`` inputs), so nothing full-size is stored.
-  The per-row sums of all groups (and lone inputs) of one rows shape are concatenated
-  and their fields summed once, so the fields cost a fixed number of kernels however
-  many groups there are (they were about 20 kernels a group, more than the counts).
   """
-  parts, order = [], []
-  by_rows: dict[tuple[int, ...], list] = {}
+  if len(group) == 1:
+    i = group[0]
+    p = _xla_workarounds.leaf_row(pivots, i)
+    per_row, tail = _row_sums(key_fn(i, _loop_variant_lazy(inputs[i], p), p), p)
+    return (None if per_row is None else per_row[None]), tail[None]
+  arrays = _xla_workarounds.loop_variant([_lazy_arrays(inputs[i]) for i in group], witness)
+  stacked = [jnp.stack(column) for column in zip(*arrays, strict=True)]
+  template = inputs[group[0]]
+
+  def keys(i, p, *member):
+    return key_fn(i, _with_arrays(template, iter(member)), p)
+
+  rows = pivots[jnp.asarray(group)]
+  stacked_keys = jax.vmap(keys)(jnp.asarray(group, jnp.int32), rows, *stacked)
+  return _row_sums_stacked(stacked_keys, rows)
+
+
+def _pass_counts(inputs, groups, key_fn, pivots, witness, active=None) -> jax.Array:
+  """``(len(inputs), 5)`` int32 counts of the keys of every input at or above its row of
+  ``pivots``, computed per group of alike inputs (:func:`_group_row_sums`): a pass
+  compiles one counting computation per group, not per input.
+
+  The per-row sums of all groups of one rows shape (a bucket) are concatenated and their
+  fields summed once, so the fields cost a fixed number of kernels however many groups
+  there are (they were about 20 kernels a group, more than the counts). With ``active``
+  (a bool per input), a bucket none of whose inputs is active is not read: its counts are
+  zeros (in a joint search, the inputs whose brackets are closed; most of a search's
+  last passes count a few inputs, and reading every input in them cost SET's mask
+  update a fifth of a transformer step). Under :func:`map_layers`, a bucket is read
+  while any layer's input is active.
+  """
+  buckets: dict[tuple[int, ...] | None, list[list[int]]] = {}
   for group in groups:
-    if len(group) == 1:
-      i = group[0]
-      p = _xla_workarounds.leaf_row(pivots, i)
-      per_row, tail = _row_sums(key_fn(i, _loop_variant_lazy(inputs[i], p), p), p)
-      per_row, tail = (None if per_row is None else per_row[None]), tail[None]
-    else:
-      arrays = _xla_workarounds.loop_variant([_lazy_arrays(inputs[i]) for i in group], witness)
-      stacked = [jnp.stack(column) for column in zip(*arrays, strict=True)]
-      template = inputs[group[0]]
+    buckets.setdefault(_rows_bucket(inputs[group[0]]), []).append(group)
+  parts, order = [], []
+  for rows, members in buckets.items():
+    indices = [i for group in members for i in group]
 
-      def keys(i, p, *member, template=template):
-        return key_fn(i, _with_arrays(template, iter(member)), p)
+    def counts(_, rows=rows, members=members):
+      sums = [_group_row_sums(inputs, group, key_fn, pivots, witness) for group in members]
+      if any(
+        (r is None) != (rows is None) or (r is not None and r.shape[1:] != rows) for r, _ in sums
+      ):
+        raise RuntimeError(f'selection: row sums of shapes other than the bucket {rows}.')
+      tail = jnp.concatenate([t for _, t in sums])
+      if rows is None:
+        return tail
+      per_row = jnp.concatenate([r for r, _ in sums])
+      return _field_sums(per_row, pivots.shape[1]) + tail
 
-      rows = pivots[jnp.asarray(group)]
-      stacked_keys = jax.vmap(keys)(jnp.asarray(group, jnp.int32), rows, *stacked)
-      per_row, tail = _row_sums_stacked(stacked_keys, rows)
-    if per_row is None:
-      parts.append(tail)
-      order.extend(group)
+    if active is None or len(buckets) == 1:  # one bucket: read while the loop runs
+      parts.append(counts(None))
     else:
-      by_rows.setdefault(per_row.shape[1:], []).append((per_row, tail, group))
-  for entries in by_rows.values():
-    per_row = jnp.concatenate([e[0] for e in entries])
-    tail = jnp.concatenate([e[1] for e in entries])
-    parts.append(_field_sums(per_row, pivots.shape[1]) + tail)
-    order.extend(i for e in entries for i in e[2])
+      read = _any_layer(jnp.any(active[jnp.asarray(indices)]))
+      zeros = jnp.zeros((len(indices), pivots.shape[1]), jnp.int32)
+      parts.append(jax.lax.cond(read, counts, lambda _, z=zeros: z, None))
+    order.extend(indices)
   return _in_input_order(order, jnp.concatenate(parts))
 
 
@@ -933,9 +985,9 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
     if first_pivots is not None:
       pivots = jnp.where(first, first_pivots, pivots)
     pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi)[:, None], hi[:, None])
-    counts = _pass_counts(inputs, groups, key_fn, pivots, pivots)
-    new = narrow(bracket, pivots, counts, k)
     still = open_(bracket)
+    counts = _pass_counts(inputs, groups, key_fn, pivots, pivots, active=still)
+    new = narrow(bracket, pivots, counts, k)
     bracket = tuple(jnp.where(still, a, b) for a, b in zip(new, bracket, strict=True))
     return bracket, jnp.bool_(False)
 

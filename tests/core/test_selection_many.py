@@ -234,3 +234,54 @@ def test_the_fields_of_all_groups_are_summed_once(monkeypatch, chunk):
   few, many = (loop_body_kernels(per_leaf, alike(n, shape=(64, 64))) for n in (2, 8))
   more_stacks = (8 - 2) // chunk
   assert many - few <= 2 * 2 * more_stacks + 2, (few, many)  # 2 loops, <= 2 kernels each
+
+
+def test_a_pass_reads_only_the_buckets_with_an_open_search():
+  # Two arrays of different rows shapes (two buckets); the first starts closed (as an
+  # input with exactly k keys at its threshold starts the tie search), so no pass may
+  # read it. Reading every input in every pass cost SET's mask update a fifth of a step.
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal((40, 96)), jnp.float32)
+  reads = []
+
+  def key_fn(i, x, witness):
+    del witness
+    jax.debug.callback(lambda i: reads.append(int(i)), i)
+    return selection.sortable_keys(x.rows())
+
+  inputs = [selection.Lazy(jnp.abs, a), selection.Lazy(jnp.abs, b)]
+  k = jnp.array([a.size // 2, b.size // 3], jnp.int32)
+  search = jax.jit(
+    lambda k: selection._search_each(
+      inputs, key_fn, k, sample=False, closed=jnp.array([True, False])
+    )
+  )
+  t, c_t, _ = search(k)
+  jax.effects_barrier()
+  assert reads.count(1) >= 2  # b's search took passes...
+  assert reads.count(0) == 0  # ...none of which read a
+  # b's threshold is right: exactly k keys at or above it, or the k-th largest key.
+  keys = np.asarray(selection.sortable_keys(jnp.abs(b))).reshape(-1)
+  t_b, c_b, k_b = int(t[1]), int(c_t[1]), int(k[1])
+  assert c_b == np.sum(keys >= t_b)
+  assert c_b == k_b or c_b > k_b > np.sum(keys > t_b)
+
+
+def test_under_map_layers_a_bucket_is_skipped_by_a_branch():
+  # A per-layer flag would make vmap turn the cond into a select that computes both
+  # branches (every bucket read in every pass); the flag is or-ed over the layers.
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((3, 64, 32)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((3, 40, 96)), jnp.float32)
+
+  def masks(x, y):
+    return selection.map_layers(lambda u, v: selection.topk_masks([u, v], [100, 1000]), 0, x, y)
+
+  hlo = jax.jit(masks).lower(x, y).compile().as_text()
+  assert re.search(r'\bconditional\(', hlo), 'the bucket reads are not branches'
+  got = jax.jit(masks)(x, y)
+  for layer in range(3):
+    want = selection.topk_masks([x[layer], y[layer]], [100, 1000])
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_array_equal(np.asarray(g[layer]), np.asarray(w))
