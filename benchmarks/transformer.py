@@ -100,6 +100,11 @@ def algorithms(layer_axes):
   }
 
 
+def step_kinds(has_updates: bool) -> dict:
+  """The steps timed per algorithm: name -> step counter (None: as initialised)."""
+  return {'no update': 11, 'update': 10} if has_updates else {'every step': None}
+
+
 def make_step(model, tx):
   def loss(params, tokens):
     logits = model.apply({'params': params}, tokens[:, :-1])
@@ -126,8 +131,9 @@ def measure(model, tx, params, tokens, count=None, calls=3):
 
 
 def alternated_steps(model, params, tokens, entries, repeats: int, calls: int):
-  """Per entry ``(name, kind, tx, count)``: pruned / dense step ratios over ``repeats``,
-  every step compiled once and the steps timed one after another within each repeat."""
+  """Per entry ``(key, tx, count)``: the pruned / dense step ratios over ``repeats``
+  (returned by key, with the dense step's ms), every step compiled once and the steps
+  timed one after another within each repeat."""
   programs = {}
   for key, tx, count in [(None, optax.adam(1e-3), None)] + entries:
     state = tx.init(params)
@@ -217,8 +223,7 @@ def main(argv=None):
       entries = []
       for name in args.algorithms.split(','):
         pruner, has_updates = algorithms(layer_axes)[name]
-        kinds = {'no update': 11, 'update': 10} if has_updates else {'every step': None}
-        for kind, count in kinds.items():
+        for kind, count in step_kinds(has_updates).items():
           entries.append(((name, kind), pruner.wrap_optax(optax.adam(1e-3)), count))
       ratios, dense_ms = alternated_steps(model, params, tokens, entries, args.repeats, args.calls)
       for (name, kind), rs in ratios.items():
@@ -230,8 +235,7 @@ def main(argv=None):
       continue
     for name in args.algorithms.split(','):
       pruner, has_updates = algorithms(layer_axes)[name]
-      kinds = {'no update': 11, 'update': 10} if has_updates else {'every step': None}
-      for kind, count in kinds.items():
+      for kind, count in step_kinds(has_updates).items():
         rc, rs, rt, dc, ds = [], [], [], [], []
         for _ in range(args.repeats):
           d_compile, d_step, d_temp = measure(model, optax.adam(1e-3), params, tokens)

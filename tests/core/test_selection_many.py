@@ -239,7 +239,7 @@ def test_the_fields_of_all_groups_are_summed_once(monkeypatch, chunk):
 def test_a_pass_reads_only_the_buckets_with_an_open_search():
   # Two arrays of different rows shapes (two buckets); the first starts closed (as an
   # input with exactly k keys at its threshold starts the tie search), so no pass may
-  # read it. Reading every input in every pass cost SET's mask update a fifth of a step.
+  # read it.
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
   b = jnp.asarray(rng.standard_normal((40, 96)), jnp.float32)
