@@ -51,11 +51,14 @@ the last passes of a search often count for a few arrays only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +80,89 @@ _EVEN_BELOW = 128
 # elements are selected by one sort of their keys rather than by the search loops
 # (``python -m benchmarks.selection_sort`` measures both).
 _SORT_AT_MOST = 1024
+
+
+class SearchPass(NamedTuple):
+  """One counting pass of a selection loop, as :func:`count_passes` records it.
+
+  Attributes:
+    loop: the loop's number, in the order the loops were traced inside the block.
+    kind: ``'threshold'`` (the search for the k-th largest score) or ``'tie'`` (the
+      search for the position cutoff among the keys equal to it).
+    brackets: the loop's brackets (arrays searched on their own, each layer of a
+      :func:`map_layers` stack one; 1 for one threshold over all arrays,
+      :func:`global_topk_masks`).
+    open: the brackets open at the start of the pass (those it narrows).
+    keys: the most keys in one of them at the start of the pass (an array's size in its
+      first pass).
+  """
+
+  loop: int
+  kind: str
+  brackets: int
+  open: int
+  keys: int
+
+
+class PassLog(list):
+  """The :class:`SearchPass` records of :func:`count_passes`, in the order they ran."""
+
+  def __init__(self):
+    super().__init__()
+    self.loops = 0  # loops traced so far
+
+  def passes(self, loop: int) -> int:
+    """How many passes ``loop`` ran (over every time it ran)."""
+    return sum(1 for r in self if r.loop == loop)
+
+
+# The log of the count_passes block open while selection loops are traced (else None).
+_PASS_LOG: PassLog | None = None
+
+
+@contextlib.contextmanager
+def count_passes() -> Iterator[PassLog]:
+  """Records the counting passes of the selection loops traced inside the block.
+
+  A diagnostic of what a mask update costs: every selection loop traced while the block
+  is open (the loops of :func:`topk_masks` and :func:`global_topk_masks`, in whatever
+  step calls them) appends one :class:`SearchPass` to the log each time it runs a pass,
+  through a ``jax.debug.callback`` that code traced outside the block does not contain.
+  Functions jitted before the block are cached without it: trace them inside (a new
+  ``jax.jit``, or ``jax.clear_caches()`` first). ``python -m benchmarks.search_passes``
+  prints them for the benchmark models.
+
+  Yields:
+    The :class:`PassLog` the passes are appended to, as they run (also after the block).
+  """
+  global _PASS_LOG
+  previous, _PASS_LOG = _PASS_LOG, PassLog()
+  try:
+    yield _PASS_LOG
+  finally:
+    _PASS_LOG = previous
+
+
+def _pass_recorder(kind: str, brackets: int) -> Callable[[jax.Array, jax.Array], None] | None:
+  """The recorder of one traced loop: ``record(open, keys)`` in its body (None outside
+  :func:`count_passes`). Under :func:`map_layers` the counts are summed (the keys
+  maxed) over the layers first, so a pass records once."""
+  log = _PASS_LOG
+  if log is None:
+    return None
+  loop, log.loops = log.loops, log.loops + 1
+
+  def append(n_brackets, n_open, keys):
+    log.append(SearchPass(loop, kind, int(n_brackets), int(n_open), int(keys)))
+
+  def record(n_open, keys):
+    n_brackets = jnp.int32(brackets)
+    for name in _LAYER_AXES:
+      n_brackets = jax.lax.psum(n_brackets, name)
+      n_open, keys = jax.lax.psum(n_open, name), jax.lax.pmax(keys, name)
+    jax.debug.callback(append, n_brackets, n_open, keys)
+
+  return record
 
 
 class Lazy:
@@ -832,9 +918,13 @@ def _search(inputs, key_fn, k, n: int, sample: bool = True):
     rows = jnp.broadcast_to(pivots, (len(inputs), pivots.size))
     return jnp.sum(_pass_counts(inputs, groups, key_fn, rows, pivots), axis=0, dtype=jnp.int32)
 
+  record = _pass_recorder('threshold' if sample else 'tie', 1)
+
   def step(state, first_pivots):
     bracket, first = state
     lo, hi = bracket[0], bracket[1]
+    if record is not None:
+      record(jnp.int32(1), bracket[2] - bracket[3])
     pivots = _interpolated_pivots(bracket, k)
     if first_pivots is not None:
       pivots = jnp.where(first, first_pivots, pivots)
@@ -978,6 +1068,8 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
     lo, hi, c_lo, _ = bracket
     return (lo != hi) & (c_lo != k)
 
+  record = _pass_recorder('threshold' if sample else 'tie', len(inputs))
+
   def step(state):
     bracket, first = state
     lo, hi = bracket[0], bracket[1]
@@ -986,6 +1078,9 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
       pivots = jnp.where(first, first_pivots, pivots)
     pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi)[:, None], hi[:, None])
     still = open_(bracket)
+    if record is not None:
+      inside = jnp.where(still, bracket[2] - bracket[3], 0)
+      record(jnp.sum(still, dtype=jnp.int32), jnp.max(inside))
     counts = _pass_counts(inputs, groups, key_fn, pivots, pivots, active=still)
     new = narrow(bracket, pivots, counts, k)
     bracket = tuple(jnp.where(still, a, b) for a, b in zip(new, bracket, strict=True))

@@ -236,3 +236,57 @@ def test_hash_uniform_is_uniform_deterministic_and_keyed():
   other = np.asarray(selection.hash_uniform(like, jnp.array([1, 3], jnp.uint32)))
   assert np.mean(u == other) < 0.01
   assert len(np.unique(u)) > 0.99 * u.size
+
+
+def _has_callback(fn, *args) -> bool:
+  # A new function each time: jax caches traces by function.
+  return 'debug_callback' in str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
+
+
+def test_count_passes_records_each_pass_of_the_loops_traced_inside():
+  rng = np.random.default_rng(0)
+  # Heavy ties: the threshold loop ends on a tied key and the tie loop runs too.
+  arrays = [make_scores('few_values', shape, rng) for shape in [(64, 64), (40, 300)]]
+  k = [1000, 5000]
+
+  def fn(a, b):
+    return selection.topk_masks([a, b], k)
+
+  assert not _has_callback(fn, *arrays)  # nothing recorded outside the block
+  with selection.count_passes() as log:
+    masks = jax.jit(lambda a, b: fn(a, b))(*arrays)
+    jax.block_until_ready(masks)
+    jax.effects_barrier()
+    assert log.loops == 2
+    assert _has_callback(fn, *arrays)
+  for m, a, kk in zip(masks, arrays, k, strict=True):
+    np.testing.assert_array_equal(m, reference_masks([a], kk)[0])
+  threshold = [r for r in log if r.loop == 0]
+  tie = [r for r in log if r.loop == 1]
+  assert {r.kind for r in threshold} == {'threshold'} and {r.kind for r in tie} == {'tie'}
+  assert len(log) == log.passes(0) + log.passes(1) and tie
+  # The first pass counts every key of both arrays; brackets only narrow and close.
+  assert threshold[0] == selection.SearchPass(0, 'threshold', 2, 2, 12_000)
+  for records in (threshold, tie):
+    assert all(r.brackets == 2 and r.open >= 1 for r in records)
+    assert all(a.open >= b.open and a.keys >= b.keys for a, b in zip(records, records[1:]))
+  assert threshold[-1].keys < threshold[0].keys
+  # Traced after the block: no records.
+  before = len(log)
+  jax.block_until_ready(jax.jit(lambda a: selection.topk_mask(a, 7))(arrays[0]))
+  jax.effects_barrier()
+  assert len(log) == before
+
+
+def test_count_passes_sums_the_layers_of_a_stack():
+  stacked = jnp.asarray(np.random.default_rng(1).standard_normal((3, 64, 64)), jnp.float32)
+  with selection.count_passes() as log:
+    masks = jax.jit(lambda s: selection.map_layers(lambda a: selection.topk_mask(a, 100), 0, s))(
+      stacked
+    )
+    jax.block_until_ready(masks)
+    jax.effects_barrier()
+  np.testing.assert_array_equal(masks.sum(axis=(1, 2)), [100, 100, 100])
+  # One record per pass for the three layers' brackets, not one per layer.
+  assert log and all(r.brackets == 3 for r in log)
+  assert log[0].open == 3 and log[0].keys == 64 * 64
