@@ -88,6 +88,14 @@ def mlp(sizes):
   }
 
 
+def mlp_batch(sizes, batch_size):
+  """A fixed batch ``(inputs, labels)`` for :func:`mlp` of ``sizes``."""
+  return (
+    jax.random.normal(jax.random.PRNGKey(1), (batch_size, sizes[0])),
+    jax.random.randint(jax.random.PRNGKey(2), (batch_size,), 0, sizes[-1]),
+  )
+
+
 def mlp_apply(params, x):
   for i in range(len(params)):
     x = x @ params[f'layer{i}']['kernel'] + params[f'layer{i}']['bias']
@@ -158,10 +166,7 @@ def bench_steps(sizes, batch_size, repeats, packed):
   """
   params = mlp(sizes)
   nparams = sum(x.size for x in jax.tree.leaves(params))
-  batch = (
-    jax.random.normal(jax.random.PRNGKey(1), (batch_size, sizes[0])),
-    jax.random.randint(jax.random.PRNGKey(2), (batch_size,), 0, sizes[-1]),
-  )
+  batch = mlp_batch(sizes, batch_size)
   print(
     f'\n## Training step / dense step, MLP {"-".join(map(str, sizes))} ({nparams / 1e6:.1f}M '
     f'params), batch {batch_size}, Adam, sparsity 0.9, packed_masks={packed}'

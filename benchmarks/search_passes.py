@@ -25,7 +25,6 @@ import argparse
 import collections
 import statistics
 
-import flax.linen as nn
 import jax
 import optax
 
@@ -40,26 +39,17 @@ UPDATING = ('magnitude', 'global_magnitude', 'set', 'rigl', 'magnitude_ste')
 def model_and_step(model: str, layout: str):
   """``(params, algorithms, make_step(tx), batch)`` of the benchmark model."""
   if model == 'mlp':
-    params = run.mlp([784, 2048, 2048, 10])
-    batch = (
-      jax.random.normal(jax.random.PRNGKey(1), (128, 784)),
-      jax.random.randint(jax.random.PRNGKey(2), (128,), 0, 10),
-    )
+    sizes = [784, 2048, 2048, 10]
     algorithms = {name: pruner for name, (pruner, _) in run.algorithms(True).items()}
-    return params, algorithms, run.make_step, batch
+    return run.mlp(sizes), algorithms, run.make_step, run.mlp_batch(sizes, 128)
   if model != 'transformer':
     raise ValueError(f'--model must be mlp or transformer, got {model!r}.')
-  if layout not in ('unrolled', 'scanned'):
-    raise ValueError(f'--layout must be unrolled or scanned, got {layout!r}.')
-  lm = transformer.LM(12, scanned=layout == 'scanned')
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, transformer.SEQ + 1), 0, transformer.VOCAB)
-  params = nn.unbox(lm.init(jax.random.PRNGKey(0), tokens[:, :-1])['params'])
-  layer_axes = {'ScanBlock_0/.*': 0} if layout == 'scanned' else None
+  tokens = transformer.tokens_of(2)
+  lm, params, layer_axes = transformer.setup(12, layout, tokens)
   algorithms = {name: p for name, (p, _) in transformer.algorithms(layer_axes).items()}
 
   def make_step(tx):
-    step = transformer.make_step(lm, tx)
-    return jax.jit(lambda p, s, b: step(p, s, b), donate_argnums=(0, 1))
+    return jax.jit(transformer.make_step(lm, tx), donate_argnums=(0, 1))
 
   return params, algorithms, make_step, tokens
 

@@ -100,6 +100,24 @@ def algorithms(layer_axes):
   }
 
 
+def setup(blocks: int, layout: str, tokens):
+  """``(model, params, layer_axes)`` of the LM of ``blocks`` blocks, ``'unrolled'`` or
+  ``'scanned'``, initialised on ``tokens``."""
+  if layout not in ('unrolled', 'scanned'):
+    raise ValueError(f'layout must be unrolled or scanned, got {layout!r}.')
+  model = LM(blocks, scanned=layout == 'scanned')
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens[:, :-1])['params'])
+  # flax's attention and Dense layers carry no logical axis names, so the scanned
+  # block's layer axis is declared (layer_axes_from_flax reads it where they do).
+  layer_axes = {'ScanBlock_0/.*': 0} if layout == 'scanned' else None
+  return model, params, layer_axes
+
+
+def tokens_of(batch: int):
+  """A fixed batch of ``SEQ + 1`` tokens per sequence."""
+  return jax.random.randint(jax.random.PRNGKey(1), (batch, SEQ + 1), 0, VOCAB)
+
+
 def step_kinds(has_updates: bool) -> dict:
   """The steps timed per algorithm: name -> step counter (None: as initialised)."""
   return {'no update': 11, 'update': 10} if has_updates else {'every step': None}
@@ -203,20 +221,14 @@ def main(argv=None):
     '| dense step ms |'
   )
   print('|---|---|---|---|---|---|---|---|')
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (args.batch, SEQ + 1), 0, VOCAB)
+  tokens = tokens_of(args.batch)
   if args.instant:
-    model = LM(args.blocks, scanned=False)
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens[:, :-1])['params'])
+    _, params, _ = setup(args.blocks, 'unrolled', tokens)
     print(f'instant_sparsify, unrolled, {len(jax.tree.leaves(params))} leaves\n')
     instant(params, args.repeats)
     return
   for layout in args.layouts.split(','):
-    model = LM(args.blocks, scanned=layout == 'scanned')
-    boxed = model.init(jax.random.PRNGKey(0), tokens[:, :-1])['params']
-    # flax's attention and Dense layers carry no logical axis names, so the scanned
-    # block's layer axis is declared (layer_axes_from_flax reads it where they do).
-    layer_axes = {'ScanBlock_0/.*': 0} if layout == 'scanned' else None
-    params = nn.unbox(boxed)
+    model, params, layer_axes = setup(args.blocks, layout, tokens)
     n_leaves = len(jax.tree.leaves(params))
     print(f'<!-- {layout}: {n_leaves} leaves -->')
     if args.steps_only:

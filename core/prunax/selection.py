@@ -156,10 +156,8 @@ def _pass_recorder(kind: str, brackets: int) -> Callable[[jax.Array, jax.Array],
     log.append(SearchPass(loop, kind, int(n_brackets), int(n_open), int(keys)))
 
   def record(n_open, keys):
-    n_brackets = jnp.int32(brackets)
-    for name in _LAYER_AXES:
-      n_brackets = jax.lax.psum(n_brackets, name)
-      n_open, keys = jax.lax.psum(n_open, name), jax.lax.pmax(keys, name)
+    n_brackets = _over_layers(jax.lax.psum, jnp.int32(brackets))
+    n_open, keys = _over_layers(jax.lax.psum, n_open), _over_layers(jax.lax.pmax, keys)
     jax.debug.callback(append, n_brackets, n_open, keys)
 
   return record
@@ -515,13 +513,19 @@ def _vmap_layers(fn: Callable[..., list], axes: Sequence[int], lists: Sequence[l
 _LAYER_AXES: list[str] = []
 
 
-def _any_layer(flag: jax.Array) -> jax.Array:
-  """``flag`` (a bool scalar) or-ed over the layers of every enclosing :func:`map_layers`:
-  the same for every layer, so a ``lax.cond`` on it stays a branch under the vmap (on a
-  per-layer flag, vmap turns it into a select that computes both branches)."""
+def _over_layers(reduce: Callable[[jax.Array, str], jax.Array], x: jax.Array) -> jax.Array:
+  """``x`` reduced (``jax.lax.psum``, ``pmax``) over the layers of every enclosing
+  :func:`map_layers`: the same value for every layer."""
   for name in _LAYER_AXES:
-    flag = jax.lax.psum(flag.astype(jnp.int32), name) > 0
-  return flag
+    x = reduce(x, name)
+  return x
+
+
+def _any_layer(flag: jax.Array) -> jax.Array:
+  """``flag`` (a bool scalar) or-ed over the layers of every enclosing :func:`map_layers`,
+  so a ``lax.cond`` on it stays a branch under the vmap (on a per-layer flag, vmap turns it
+  into a select that computes both branches)."""
+  return _over_layers(jax.lax.psum, flag.astype(jnp.int32)) > 0
 
 
 def hash_uniform_layers(like: jax.Array, key_data: jax.Array, layer_ids: jax.Array) -> jax.Array:
