@@ -245,8 +245,6 @@ def two_output_sum(x: jax.Array, mask: jax.Array, width: int) -> jax.Array:
 
 # Rows of a blocked_sum's first reduction: XLA's CPU backend splits longer reductions.
 SUM_BLOCK = 32
-# The shortest last axis a blocked_sum reads in place (see its docstring).
-IN_PLACE_AT_LEAST = 8
 
 
 def blocked_sum(x: jax.Array, dtype: Any, axes: tuple[int, ...] = ()) -> jax.Array:
@@ -267,15 +265,16 @@ def blocked_sum(x: jax.Array, dtype: Any, axes: tuple[int, ...] = ()) -> jax.Arr
   ``axes`` (non-negative, other than the last) are summed together with the block sums,
   in the second reduction: of an array split over devices (model parallelism), only the
   result then crosses devices. A last axis shorter than a block, with the axis before it
-  among ``axes``, is read in place when it has at least :data:`IN_PLACE_AT_LEAST`
-  entries: each block also takes ``c`` entries of the axis before it (split off it, not
-  merged with the last, which may be split over devices), the largest ``c`` that divides
-  it with ``c`` times the last axis at most a block. Reading it transposed instead (the
-  longest summed axis moved last) cost a top-k of a 2048 x 512 array, whose row sums have
-  a last axis of 16, 0.80-0.83 ms against 0.71-0.76 ms. Shorter last axes are still moved:
-  in-place blocks of 4 and 6 crashed XLA's CPU code generation (an i32 compared with an
-  i8 in the LLVM IR of a fusion) in a 3-device straight-through step
-  (``tests/core/test_xla_workarounds.py`` checks that they still do).
+  among ``axes``, is read in place: each block also takes ``c`` entries of the axis
+  before it (split off it, not merged with the last, which may be split over devices),
+  the largest ``c`` that divides it with ``c`` times the last axis at most a block.
+  Reading it transposed instead (the longest summed axis moved last) cost a top-k of a
+  2048 x 512 array, whose row sums have a last axis of 16, 0.80-0.83 ms against
+  0.71-0.76 ms. In-place blocks of 4 and 6 once crashed XLA's CPU code generation (an
+  i32 compared with an i8 in the LLVM IR of a fusion) in a 3-device straight-through
+  step, where the brackets were narrowed by a reduction over booleans; narrowed
+  elementwise (``selection._narrow``) they compile
+  (``tests/core/test_xla_workarounds.py`` runs that step).
 
   Args:
     x: an integer array whose block sums fit its dtype.
@@ -294,17 +293,11 @@ def blocked_sum(x: jax.Array, dtype: Any, axes: tuple[int, ...] = ()) -> jax.Arr
     )
   width = x.shape[-1]
   if width < SUM_BLOCK and x.ndim - 2 in axes:
-    if width >= IN_PLACE_AT_LEAST:
-      before = x.shape[-2]
-      c = max(c for c in range(1, SUM_BLOCK // width + 1) if before % c == 0)
-      blocks = x.reshape(*x.shape[:-2], before // c, c, width)
-      block_sums = jnp.sum(blocks, axis=(-2, -1), dtype=x.dtype).astype(dtype)
-      return jnp.sum(block_sums, axis=axes, dtype=dtype)  # axes holds x.ndim - 2
-    summed = (*axes, x.ndim - 1)
-    longest = max(summed, key=lambda a: x.shape[a])
-    kept = [a for a in range(x.ndim) if a not in summed]
-    x = jnp.transpose(x, (*kept, *[a for a in summed if a != longest], longest))
-    axes = tuple(range(len(kept), x.ndim - 1))
+    before = x.shape[-2]
+    c = max(c for c in range(1, SUM_BLOCK // width + 1) if before % c == 0)
+    blocks = x.reshape(*x.shape[:-2], before // c, c, width)
+    block_sums = jnp.sum(blocks, axis=(-2, -1), dtype=x.dtype).astype(dtype)
+    return jnp.sum(block_sums, axis=axes, dtype=dtype)  # axes holds x.ndim - 2
   if x.shape[-1] % SUM_BLOCK:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % SUM_BLOCK)])
   blocks = x.reshape(*x.shape[:-1], -1, SUM_BLOCK)

@@ -78,6 +78,13 @@ __all__ = [
 ]
 
 
+def _key_data(key: jax.Array) -> jax.Array:
+  """uint32[2] words of a PRNG key (typed, or raw as ``jax.random.PRNGKey`` gives it)."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  return jnp.asarray(key).astype(jnp.uint32)
+
+
 @dataclasses.dataclass(frozen=True)
 class BaseUpdater(updater_args.JaxprunerArgs):
   """Base class of pruning and sparse-training algorithms.
@@ -403,22 +410,23 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     return treedef.unflatten(out)
 
   def rng_key(self, sparse_state: SparseState | None, salt: int = 0) -> jax.Array:
-    """The step's PRNG key (the state's key folded with its step count, then ``salt``);
-    without a state, :meth:`initial_key` folded with ``salt``."""
+    """The step's PRNG key (threefry): the state's key folded with its step count, then
+    ``salt``; without a state, :meth:`initial_key` folded with ``salt``. Folded by
+    :func:`prunax.selection.fold_key` (a hash), not ``jax.random.fold_in``, whose
+    threefry rounds compile as a loop of kernels in every mask-update step."""
     if sparse_state is None:
-      return jax.random.fold_in(self.initial_key(), salt)
-    key = jax.random.wrap_key_data(sparse_state.rng, impl='threefry2x32')
-    return jax.random.fold_in(jax.random.fold_in(key, sparse_state.count), salt)
+      data, folds = _key_data(self.initial_key()), (salt,)
+    else:
+      data, folds = _key_data(sparse_state.rng), (sparse_state.count, salt)
+    return jax.random.wrap_key_data(selection.fold_key(data, *folds), impl='threefry2x32')
 
   def random_scores(self, params: PyTree, key: jax.Array) -> PyTree:
     """Lazy uniform scores per leaf (a hash of position and a per-leaf key, see
-    :func:`prunax.selection.hash_uniform`), recomputed in every selection pass."""
+    :func:`prunax.selection.hash_uniform`), recomputed in every selection pass. The
+    per-leaf keys are ``key`` folded with the leaf's index (:func:`prunax.selection.fold_key`)."""
     flat, treedef = jax.tree.flatten(params)
     flat_axes = treedef.flatten_up_to(self.layer_axes_tree(params))
-    keys = jax.random.split(key, len(flat))
-    if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
-      keys = jax.random.key_data(keys)
-    keys = keys.astype(jnp.uint32)
+    keys = selection.fold_key(_key_data(key), jnp.arange(len(flat), dtype=jnp.uint32))
 
     def scores(x, key_data, axis):
       if axis is None:

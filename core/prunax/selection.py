@@ -389,6 +389,32 @@ def hash_uniform(like: jax.Array, key_data: jax.Array) -> jax.Array:
   return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
+def fold_key(key_data: jax.Array, *data) -> jax.Array:
+  """uint32 key words derived from ``key_data`` (uint32[2]) and each of ``data`` in turn,
+  by a counter-based hash: a ``jax.random.fold_in`` for the keys of :func:`hash_uniform`.
+
+  Integer arrays in ``data`` broadcast: the result has their shape plus a last axis of 2
+  (one key per element, as ``jax.random.split`` gives them). For a fixed ``key_data``,
+  distinct values of one word of ``data`` give distinct keys (every step of the fold is a
+  bijection of the first key word). Threefry's ``fold_in`` and ``split`` compile as a
+  ``while`` loop of about 10 kernels each, three of them in every SET or RigL mask update
+  (21 of its 127 compiled kernels on an MLP of 4 layers); this is one fused kernel.
+
+  Args:
+    key_data: uint32[2] key words (``jax.random.key_data`` of a threefry key).
+    *data: integer scalars or arrays folded in, in order.
+
+  Returns:
+    uint32 key words, of shape ``broadcast(*data) + (2,)``.
+  """
+  key_data = jnp.asarray(key_data, jnp.uint32)
+  k0, k1 = key_data[..., 0], key_data[..., 1]
+  for d in data:
+    k0 = _mix32(k0 ^ _mix32(jnp.asarray(d).astype(jnp.uint32) + jnp.uint32(0x9E3779B9)))
+    k1 = _mix32(k1 + k0)
+  return jnp.stack(jnp.broadcast_arrays(k0, k1), axis=-1)
+
+
 def map_layers(fn: Callable[..., Any], axis: int, *xs: Any) -> Any:
   """``fn`` on every slice along ``axis`` of stacked operands, results stacked on ``axis``.
 
@@ -640,35 +666,60 @@ def _field_sums(per_row: jax.Array, fields: int) -> jax.Array:
   return _xla_workarounds.blocked_sum(values, jnp.int32, tuple(range(2, values.ndim - 1))).T
 
 
-def _narrow(bracket, pivots, counts, k):
-  """New ``(lo, hi, c_lo, c_hi)`` from the counts at sorted ``pivots`` in ``(lo, hi]``."""
+def _with_pivots(bracket, k, pivots=None) -> jax.Array:
+  """A search's loop state: every bracket ``(lo, hi, c_lo, c_hi)`` and the 5 pivots of its
+  next pass (``pivots``, else :func:`_interpolated_pivots`; clipped into ``(lo, hi]``) as
+  one ``(..., 9)`` uint32 array (the counts bit-cast). One array, so that XLA narrows the
+  brackets and places the next pivots in one kernel: the same values in separate arrays
+  took about 10 small kernels a loop, and every compiled kernel costs compile time."""
   lo, hi, c_lo, c_hi = bracket
-  reach = counts >= k  # non-increasing along the pivots
-  n_reach = jnp.sum(reach, dtype=jnp.int32)
-  last = jnp.maximum(n_reach - 1, 0)
-  lo, c_lo = (jnp.where(n_reach > 0, pivots[last], lo), jnp.where(n_reach > 0, counts[last], c_lo))
-  first = jnp.minimum(n_reach, len(pivots) - 1)
-  short = n_reach < len(pivots)
-  hi, c_hi = (jnp.where(short, pivots[first] - 1, hi), jnp.where(short, counts[first], c_hi))
+  if pivots is None:
+    pivots = _interpolated_pivots(bracket, k)
+  pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi)[..., None], hi[..., None])
+  counts = jax.lax.bitcast_convert_type(jnp.stack([c_lo, c_hi], axis=-1), jnp.uint32)
+  return jnp.concatenate([jnp.stack([lo, hi], axis=-1), counts, pivots], axis=-1)
+
+
+def _unpacked(state: jax.Array):
+  """``((lo, hi, c_lo, c_hi), pivots)`` of a :func:`_with_pivots` state."""
+  counts = jax.lax.bitcast_convert_type(state[..., 2:4], jnp.int32)
+  return (state[..., 0], state[..., 1], counts[..., 0], counts[..., 1]), state[..., 4:]
+
+
+def _narrow(bracket, pivots, counts, k):
+  """New ``(lo, hi, c_lo, c_hi)`` from the counts at sorted ``pivots`` (last axis) in
+  ``(lo, hi]``. Elementwise over the pivots (no reduction, no gather), so XLA fuses it
+  with what reads its results."""
+  lo, hi, c_lo, c_hi = bracket
+  # counts >= k is non-increasing along the pivots: the last pivot reaching k is the new
+  # lo, the first one short of it bounds the new hi.
+  n_reach = sum((counts[..., i] >= k).astype(jnp.int32) for i in range(pivots.shape[-1]))
+  for i in range(pivots.shape[-1]):
+    lo = jnp.where(n_reach == i + 1, pivots[..., i], lo)
+    c_lo = jnp.where(n_reach == i + 1, counts[..., i], c_lo)
+    hi = jnp.where(n_reach == i, pivots[..., i] - 1, hi)
+    c_hi = jnp.where(n_reach == i, counts[..., i], c_hi)
   return lo, hi, c_lo, c_hi
 
 
 def _interpolated_pivots(bracket, k) -> jax.Array:
-  """5 sorted thresholds in ``(lo, hi]``: the linear interpolation of the counts, two
-  around it, and the midpoints of the two outer parts (so every part is at most half)."""
+  """5 sorted thresholds in ``(lo, hi]`` (a last axis): the linear interpolation of the
+  counts, two around it, and the midpoints of the two outer parts (so every part is at
+  most half)."""
   lo, hi, c_lo, c_hi = bracket
   inside = (c_lo - c_hi).astype(jnp.float32)
   guess = (c_lo - k).astype(jnp.float32) / inside + 0.5 / inside
   spread = jnp.clip(2.0 / jnp.sqrt(inside), 0.5 / inside, 0.25)
   low, high = jnp.clip(guess - spread, 0.0, 1.0), jnp.clip(guess + spread, 0.0, 1.0)
-  fractions = jnp.stack([0.5 * low, low, jnp.clip(guess, low, high), high, 0.5 * (1.0 + high)])
+  parts = [0.5 * low, low, jnp.clip(guess, low, high), high, 0.5 * (1.0 + high)]
+  fractions = jnp.stack(parts, axis=-1)
   # Few keys left: their positions in the bracket are as good as random, so split it
   # evenly (each part then holds about a sixth of them).
   even = jnp.arange(1, 6, dtype=jnp.float32) / 6.0
-  fractions = jnp.where(inside <= _EVEN_BELOW, even, fractions)
-  width = (hi - lo).astype(jnp.float32)
+  fractions = jnp.where((inside <= _EVEN_BELOW)[..., None], even, fractions)
+  width = (hi - lo).astype(jnp.float32)[..., None]
   offsets = jnp.minimum(fractions * width, 4294967040.0).astype(jnp.uint32)
-  return lo + jnp.clip(offsets, 1, hi - lo)
+  return lo[..., None] + jnp.clip(offsets, 1, (hi - lo)[..., None])
 
 
 def _sample_stride(n: int, shapes: Sequence[tuple[int, ...]]) -> int:
@@ -924,29 +975,26 @@ def _search(inputs, key_fn, k, n: int, sample: bool = True):
 
   record = _pass_recorder('threshold' if sample else 'tie', 1)
 
-  def step(state, first_pivots):
-    bracket, first = state
-    lo, hi = bracket[0], bracket[1]
+  def step(state):
+    bracket, pivots = _unpacked(state)
+    # Clipped again (a no-op): read as a plain slice of the loop state, the pivots let XLA
+    # drop the barrier that keeps the keys loop variant (_xla_workarounds.loop_variant),
+    # and it stored them (test_selection_stores_no_full_size_array).
+    pivots = jnp.clip(pivots, jnp.minimum(bracket[0] + 1, bracket[1]), bracket[1])
     if record is not None:
       record(jnp.int32(1), bracket[2] - bracket[3])
-    pivots = _interpolated_pivots(bracket, k)
-    if first_pivots is not None:
-      pivots = jnp.where(first, first_pivots, pivots)
-    pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi), hi)
-    bracket = _narrow(bracket, pivots, counts(pivots), k)
-    return bracket, jnp.bool_(False)
+    return _with_pivots(_narrow(bracket, pivots, counts(pivots), k), k)
 
   def open_(state):
-    lo, hi, c_lo, _ = state[0]
+    lo, hi, c_lo, _ = _unpacked(state)[0]
     return (lo != hi) & (c_lo != k)
 
   # Every counting pass, the first (at the sample's quantiles) included, is in the loop:
   # a pass outside it would compute the same keys as the final mask, and XLA would
   # store them once for both.
-  first_pivots = _sample_pivots(inputs, k, n) if sample else None
-  state = ((jnp.uint32(0), jnp.uint32(_MAX_KEY), jnp.int32(n), jnp.int32(0)), jnp.bool_(True))
-  state = jax.lax.while_loop(open_, lambda s: step(s, first_pivots), state)
-  lo, _, c_lo, c_hi = state[0]
+  start = (jnp.uint32(0), jnp.uint32(_MAX_KEY), jnp.int32(n), jnp.int32(0))
+  state = _with_pivots(start, k, _sample_pivots(inputs, k, n) if sample else None)
+  lo, _, c_lo, c_hi = _unpacked(jax.lax.while_loop(open_, step, state))[0]
   return lo, c_lo, c_hi
 
 
@@ -1063,10 +1111,7 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
   hi = jnp.full(len(inputs), _MAX_KEY, jnp.uint32)
   if closed is not None:
     hi = jnp.where(closed, lo, hi)
-  first_pivots = _sample_pivots_each(inputs, k) if sample else None
   groups = _alike_groups(inputs)
-  narrow = jax.vmap(_narrow)
-  interpolated = jax.vmap(_interpolated_pivots)
 
   def open_(bracket):
     lo, hi, c_lo, _ = bracket
@@ -1075,24 +1120,18 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
   record = _pass_recorder('threshold' if sample else 'tie', len(inputs))
 
   def step(state):
-    bracket, first = state
-    lo, hi = bracket[0], bracket[1]
-    pivots = interpolated(bracket, k)
-    if first_pivots is not None:
-      pivots = jnp.where(first, first_pivots, pivots)
-    pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi)[:, None], hi[:, None])
+    bracket, pivots = _unpacked(state)
     still = open_(bracket)
     if record is not None:
       inside = jnp.where(still, bracket[2] - bracket[3], 0)
       record(jnp.sum(still, dtype=jnp.int32), jnp.max(inside))
     counts = _pass_counts(inputs, groups, key_fn, pivots, pivots, active=still)
-    new = narrow(bracket, pivots, counts, k)
-    bracket = tuple(jnp.where(still, a, b) for a, b in zip(new, bracket, strict=True))
-    return bracket, jnp.bool_(False)
+    return jnp.where(still[:, None], _with_pivots(_narrow(bracket, pivots, counts, k), k), state)
 
-  state = ((lo, hi, n, jnp.zeros(len(inputs), jnp.int32)), jnp.bool_(True))
-  state = jax.lax.while_loop(lambda s: jnp.any(open_(s[0])), step, state)
-  lo, _, c_lo, c_hi = state[0]
+  start = (lo, hi, n, jnp.zeros(len(inputs), jnp.int32))
+  state = _with_pivots(start, k, _sample_pivots_each(inputs, k) if sample else None)
+  state = jax.lax.while_loop(lambda s: jnp.any(open_(_unpacked(s)[0])), step, state)
+  lo, _, c_lo, c_hi = _unpacked(state)[0]
   return lo, c_lo, c_hi
 
 

@@ -1,0 +1,85 @@
+"""What a pruned step compiles: kernels of the selection loops, and no threefry rounds.
+
+XLA's CPU backend compiles every distinct kernel separately (10-30 ms each on CPU), so
+the number of kernels a mask update adds is most of its compile time
+(``python -m benchmarks.compile_time``)."""
+
+import re
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import prunax
+from prunax import selection
+from prunax import sparsity_schedules as sched
+
+
+def loop_body_kernels(hlo: str) -> list[int]:
+  """The number of fusions (kernels) in the body of every while loop of optimised HLO."""
+  bodies = re.findall(r' while\(.*?body=%?([\w.\-]+)', hlo)
+  counts = []
+  for body in bodies:
+    text = hlo[hlo.index(f'\n%{body} ') :]
+    text = text[: text.index('\n}')]
+    counts.append(len(re.findall(r' fusion\(', text)))
+  return counts
+
+
+def test_a_selection_loop_body_compiles_six_kernels():
+  # One pass: the pivots read (1), the count (1), the fields summed (3), and the
+  # brackets narrowed with the next pivots placed (1). The brackets, counts and pivots
+  # held as separate arrays, and narrowed with reductions and gathers, took 13.
+  arrays = [jax.random.normal(jax.random.PRNGKey(i), (256, 256)) for i in range(4)]
+
+  def masks(*xs):
+    return selection.topk_masks([selection.Lazy(jnp.abs, x) for x in xs], [6000] * 4)
+
+  hlo = jax.jit(masks).lower(*arrays).compile().as_text()
+  counts = loop_body_kernels(hlo)
+  assert len(counts) == 2 and max(counts) <= 6, counts  # threshold and tie loops
+  got = jax.jit(masks)(*arrays)
+  for x, m in zip(arrays, got, strict=True):
+    order = np.argsort(-np.abs(np.asarray(x)).reshape(-1), kind='stable')[:6000]
+    want = np.zeros(x.size, bool)
+    want[order] = True
+    np.testing.assert_array_equal(np.asarray(m).reshape(-1), want)
+
+
+def test_random_scores_of_a_mask_update_use_no_threefry():
+  # SET's grow scores are hashes; their per-step and per-leaf keys were threefry
+  # fold_in/split, which compile as while loops (21 of 127 kernels of a 4-layer step).
+  params = {f'l{i}': {'w': jnp.ones((64, 64))} for i in range(3)}
+  tx = prunax.SET(sparsity=0.8, scheduler=sched.PeriodicSchedule(1, 0, 10)).wrap_optax(
+    optax.sgd(0.1)
+  )
+  state = tx.init(params)
+  jaxpr = str(jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p))(params, state, params))
+  for primitive in ('random_fold_in', 'random_split', 'threefry2x32'):
+    assert primitive not in jaxpr
+  hlo = jax.jit(lambda g, s, p: tx.update(g, s, p)).lower(params, state, params).as_text()
+  assert 'threefry' not in hlo
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(
+  key=st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
+  counts=st.lists(st.integers(0, 2**31 - 1), min_size=2, max_size=40, unique=True),
+  salt=st.integers(0, 7),
+)
+def test_fold_key_is_distinct_per_count_and_broadcasts(key, counts, salt):
+  key = jnp.array(key, jnp.uint32)
+  many = np.asarray(selection.fold_key(key, jnp.array(counts, jnp.int32), salt))
+  assert many.shape == (len(counts), 2) and many.dtype == np.uint32
+  # Distinct counts give distinct keys (the fold is a bijection of the first word).
+  assert len({tuple(k) for k in many}) == len(counts)
+  assert len(set(many[:, 0].tolist())) == len(counts)
+  for c, k in zip(counts, many, strict=True):
+    np.testing.assert_array_equal(np.asarray(selection.fold_key(key, c, salt)), k)
+  # Keyed: another key, or another salt, gives other keys.
+  other = np.asarray(selection.fold_key(key ^ jnp.uint32(1), counts[0], salt))
+  assert tuple(other) != tuple(many[0])
+  assert tuple(np.asarray(selection.fold_key(key, counts[0], salt + 1))) != tuple(many[0])
