@@ -78,13 +78,6 @@ __all__ = [
 ]
 
 
-def _key_data(key: jax.Array) -> jax.Array:
-  """uint32[2] words of a PRNG key (typed, or raw as ``jax.random.PRNGKey`` gives it)."""
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
-  return jnp.asarray(key).astype(jnp.uint32)
-
-
 @dataclasses.dataclass(frozen=True)
 class BaseUpdater(updater_args.JaxprunerArgs):
   """Base class of pruning and sparse-training algorithms.
@@ -415,10 +408,10 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     :func:`prunax.selection.fold_key` (a hash), not ``jax.random.fold_in``, whose
     threefry rounds compile as a loop of kernels in every mask-update step."""
     if sparse_state is None:
-      data, folds = _key_data(self.initial_key()), (salt,)
+      data = selection.fold_key(self.initial_key(), salt)
     else:
-      data, folds = _key_data(sparse_state.rng), (sparse_state.count, salt)
-    return jax.random.wrap_key_data(selection.fold_key(data, *folds), impl='threefry2x32')
+      data = selection.fold_key(sparse_state.rng, sparse_state.count, salt)
+    return jax.random.wrap_key_data(data, impl='threefry2x32')
 
   def random_scores(self, params: PyTree, key: jax.Array) -> PyTree:
     """Lazy uniform scores per leaf (a hash of position and a per-leaf key, see
@@ -426,7 +419,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     per-leaf keys are ``key`` folded with the leaf's index (:func:`prunax.selection.fold_key`)."""
     flat, treedef = jax.tree.flatten(params)
     flat_axes = treedef.flatten_up_to(self.layer_axes_tree(params))
-    keys = selection.fold_key(_key_data(key), jnp.arange(len(flat), dtype=jnp.uint32))
+    keys = selection.fold_key(key, jnp.arange(len(flat), dtype=jnp.uint32))
 
     def scores(x, key_data, axis):
       if axis is None:

@@ -389,25 +389,27 @@ def hash_uniform(like: jax.Array, key_data: jax.Array) -> jax.Array:
   return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
-def fold_key(key_data: jax.Array, *data) -> jax.Array:
-  """uint32 key words derived from ``key_data`` (uint32[2]) and each of ``data`` in turn,
-  by a counter-based hash: a ``jax.random.fold_in`` for the keys of :func:`hash_uniform`.
+def fold_key(key: jax.Array, *data) -> jax.Array:
+  """uint32 key words derived from ``key`` and each of ``data`` in turn, by a
+  counter-based hash: a ``jax.random.fold_in`` for the keys of :func:`hash_uniform`.
 
   Integer arrays in ``data`` broadcast: the result has their shape plus a last axis of 2
-  (one key per element, as ``jax.random.split`` gives them). For a fixed ``key_data``,
+  (one key per element, as ``jax.random.split`` gives them). For a fixed ``key``,
   distinct values of one word of ``data`` give distinct keys (every step of the fold is a
   bijection of the first key word). Threefry's ``fold_in`` and ``split`` compile as a
   ``while`` loop of about 10 kernels each, three of them in every SET or RigL mask update
   (21 of its 127 compiled kernels on an MLP of 4 layers); this is one fused kernel.
 
   Args:
-    key_data: uint32[2] key words (``jax.random.key_data`` of a threefry key).
+    key: a threefry PRNG key, typed or as its uint32[2] words (``jax.random.PRNGKey``).
     *data: integer scalars or arrays folded in, in order.
 
   Returns:
     uint32 key words, of shape ``broadcast(*data) + (2,)``.
   """
-  key_data = jnp.asarray(key_data, jnp.uint32)
+  if jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  key_data = jnp.asarray(key).astype(jnp.uint32)
   k0, k1 = key_data[..., 0], key_data[..., 1]
   for d in data:
     k0 = _mix32(k0 ^ _mix32(jnp.asarray(d).astype(jnp.uint32) + jnp.uint32(0x9E3779B9)))

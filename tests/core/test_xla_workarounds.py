@@ -310,7 +310,6 @@ def test_row_sums_of_a_short_last_axis_are_read_in_place(shape):
 
 
 IN_PLACE_SCRIPT = """
-import sys
 import jax, jax.numpy as jnp, numpy as np, optax, prunax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from prunax import _xla_workarounds, selection
