@@ -32,7 +32,6 @@ import numpy as np
 import optax
 
 from prunax import _checks
-from prunax import _xla_workarounds
 from prunax import engines
 from prunax import layers
 from prunax import masks as masks_lib
@@ -419,22 +418,20 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     per-leaf keys are ``key`` folded with the leaf's index (:func:`prunax.selection.fold_key`)."""
     flat, treedef = jax.tree.flatten(params)
     flat_axes = treedef.flatten_up_to(self.layer_axes_tree(params))
-    keys = selection.fold_key(key, jnp.arange(len(flat), dtype=jnp.uint32))
+    # One shared array of keys, each leaf reading its row (see selection.Shared).
+    keys = selection.Shared(selection.fold_key(key, jnp.arange(len(flat), dtype=jnp.uint32)))
 
-    def scores(x, key_data, axis):
+    def scores(x, i, axis):
       if axis is None:
-        return selection.Lazy(selection.hash_uniform, x, key_data)
+        return selection.Lazy(selection.hash_uniform_at, x, keys, np.int32(i))
       # Stacked leaves: a stream per layer (the ids are sliced with the layer).
       shape = [1] * jnp.ndim(x)
       shape[axis] = jnp.shape(x)[axis]
       ids = jnp.arange(shape[axis], dtype=jnp.uint32).reshape(shape)
-      return selection.Lazy(selection.hash_uniform_layers, x, key_data, ids)
+      return selection.Lazy(selection.hash_uniform_layers_at, x, keys, np.int32(i), ids)
 
     return treedef.unflatten(
-      [
-        scores(x, _xla_workarounds.leaf_row(keys, i), a)
-        for i, (x, a) in enumerate(zip(flat, flat_axes, strict=True))
-      ]
+      [scores(x, i, a) for i, (x, a) in enumerate(zip(flat, flat_axes, strict=True))]
     )
 
   # --------------------------------------------------------------------------- init

@@ -79,7 +79,7 @@ def masked_training(updater: Any, inner: optax.GradientTransformation):
     state = state._replace(
       algorithm_state=updater.update_algorithm_state(state.algorithm_state, grads, masks)
     )
-    masked_grads = map_masked(lambda m, g: jnp.where(m, g, 0), masks, grads)
+    masked_grads = map_masked(lambda m, g: _select(m, g, 0), masks, grads)
     updates, inner_state = inner.update(masked_grads, inner_state, params, **extra)
     sparsities = updater.sparsities_at(targets, state.count)
     is_update = updater.scheduler.is_update_step(state.count)
@@ -102,7 +102,7 @@ def masked_training(updater: Any, inner: optax.GradientTransformation):
       stored = jax.lax.cond(is_update, fresh_masks, lambda _: state.masks, None)
     new_masks = masks_lib.unpack_masks(stored, params)
     out = map_masked(
-      lambda m, u, m_new, p: jnp.where(m & m_new, u, -p), masks, updates, new_masks, params
+      lambda m, u, m_new, p: _select(m & m_new, u, -p), masks, updates, new_masks, params
     )
     if updater.skip_gradient_on_mask_update:
       out = _skip_gradient_step(out, params, masks, new_masks, is_update)
@@ -271,6 +271,19 @@ class _NotParams:
   """Marks the parts of an optimizer state that are not like the params."""
 
 
+def _select(keep: jax.Array, x: jax.Array, other) -> jax.Array:
+  """``jnp.where(keep, x, other)`` for ``x`` and ``other`` (an array of ``x``'s shape or a
+  scalar), traced as one ``lax.select``: the engine selects several times per pruned leaf
+  in every step, and ``jnp.where``'s own traced function costs trace and compile time."""
+  dtype = jnp.result_type(x, other)
+  x = x if x.dtype == dtype else x.astype(dtype)
+  if jnp.ndim(other) == 0:
+    other = jax.lax.full_like(x, other)
+  elif other.dtype != dtype:
+    other = other.astype(dtype)
+  return jax.lax.select(keep, x, other)
+
+
 def _reset_inactive(inner, inner_state, masks, params):
   """``inner_state`` with the per-weight state of inactive weights at its initial value.
 
@@ -299,7 +312,7 @@ def _reset_inactive(inner, inner_state, masks, params):
       return v
     if jnp.shape(v) != jnp.shape(k) or jnp.shape(v0) != jnp.shape(v):
       return v
-    return jnp.where(k, v, v0.astype(v.dtype))
+    return _select(k, v, v0.astype(v.dtype))
 
   return jax.tree.map(
     reset, placed, inner_state, fresh, is_leaf=lambda x: x is _NotParams or isinstance(x, bool)

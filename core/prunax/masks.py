@@ -98,8 +98,24 @@ def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     # One weight per byte (a last axis of 1, 2, 4 or 8): the packed mask has the param's
     # shape, as a uint8 mask does, and either is nonzero exactly where a weight is kept.
     return (packed != 0).reshape(shape)
-  packed = packed.reshape(shape[:-1] + (blocks, -1))
-  return jnp.unpackbits(packed, axis=-1, count=width).astype(bool).reshape(shape)
+  lead, n_bytes = shape[:-1], packed.shape[-1] // blocks
+  # Each byte shifted right by 7, 6, ..., 0 (most significant bit first, numpy's order):
+  # a few lax operations per mask where jnp.unpackbits traces a dozen (a cost per pruned
+  # leaf in every step's trace and compile). The shifts are an iota, computed inside the
+  # kernels that read the mask: a constant array of bits would be one more operand of
+  # each, in an order that differs between leaves, and XLA would compile alike leaves'
+  # kernels apart.
+  full = lead + (blocks, n_bytes, 8)
+  last = len(full) - 1
+  bytes_ = jax.lax.broadcast_in_dim(
+    packed.reshape(lead + (blocks, n_bytes)), full, tuple(range(last))
+  )
+  shifts = jax.lax.sub(np.uint8(7), jax.lax.broadcasted_iota(jnp.uint8, full, last))
+  bits = jax.lax.bitwise_and(jax.lax.shift_right_logical(bytes_, shifts), np.uint8(1))
+  keep = jax.lax.ne(bits, np.uint8(0)).reshape(lead + (blocks, n_bytes * 8))
+  if n_bytes * 8 != width:
+    keep = keep[..., :width]
+  return keep.reshape(shape)
 
 
 def _packed_bits_at(packed: jax.Array, shape: tuple[int, ...], stride: int) -> jax.Array:

@@ -163,6 +163,41 @@ def _pass_recorder(kind: str, brackets: int) -> Callable[[jax.Array, jax.Array],
   return record
 
 
+class Shared:
+  """An argument of :class:`Lazy` values that they read whole and share.
+
+  Many alike lazy values read one small array each (an input's threshold, a leaf's RNG
+  key). Given as their rows of one stacked array, each read by its own constant index,
+  those rows became constants inside every kernel that evaluates the values, so the
+  kernels of alike values differed and XLA compiled each on its own (one mask-packing
+  kernel per group of 8 leaves, one key kernel per leaf). A ``Lazy`` that reads
+  ``Shared(stacked)`` and its index (an integer argument, stacked like any other when alike
+  values are evaluated together) reads its row inside the kernel, by a gather whose
+  indices are an operand: the kernels are identical and compiled once per shape, and a
+  selection loop carries the one stacked array, not one row per leaf.
+
+  A ``Shared`` argument is never sliced, reshaped or stacked with the values (its shape is
+  unrelated to theirs); it is unwrapped when the expression is evaluated. Alike values
+  share it when it is the same object (``is``).
+  """
+
+  __slots__ = ('value',)
+
+  def __init__(self, value: jax.Array):
+    self.value = value
+
+  def __repr__(self):
+    return f'Shared(shape={tuple(jnp.shape(self.value))})'
+
+
+def _whole(a):
+  """An argument as ``fn`` reads it whole: a :class:`Lazy` evaluated, a :class:`Shared`
+  unwrapped, arrays as they are."""
+  if isinstance(a, Lazy):
+    return a()
+  return a.value if isinstance(a, Shared) else a
+
+
 class Lazy:
   """Scores given as an elementwise function of arrays, recomputed where they are read.
 
@@ -175,7 +210,7 @@ class Lazy:
 
   Attributes:
     fn: elementwise function of ``args`` (evaluated) returning the values.
-    args: arrays or ``Lazy`` values that ``fn`` reads.
+    args: arrays, ``Lazy`` values or :class:`Shared` arrays that ``fn`` reads.
   """
 
   def __init__(
@@ -221,11 +256,18 @@ class Lazy:
     return len(self.shape)
 
   def __call__(self) -> jax.Array:
-    return self.fn(*[materialize(a) for a in self.args])
+    return self.fn(*[_whole(a) for a in self.args])
 
   def map_arrays(self, fn: Callable[[jax.Array], jax.Array]) -> Lazy:
-    """The same expression with ``fn`` applied to every array it reads (recursively)."""
-    args = [a.map_arrays(fn) if isinstance(a, Lazy) else fn(a) for a in self.args]
+    """The same expression with ``fn`` applied to every array it reads (recursively),
+    but for :class:`Shared` ones."""
+
+    def apply(a):
+      if isinstance(a, Lazy):
+        return a.map_arrays(fn)
+      return a if isinstance(a, Shared) else fn(a)
+
+    args = [apply(a) for a in self.args]
     return Lazy(self.fn, *args, shape=self._shape, sample=self._sample, rows=self._rows)
 
   def rows(self) -> jax.Array:
@@ -239,7 +281,7 @@ class Lazy:
     if self.size % _ROW:
       return self().reshape(-1)
     if self._rows is not None:
-      return self._rows(*self.args)
+      return self._rows(*[_whole(a) for a in self.args])
     shape = _rows_shape(self.shape)
     if self._shape is not None:  # Arguments not aligned with the values: evaluate.
       return self().reshape(shape)
@@ -267,6 +309,8 @@ class Lazy:
     def view(a):
       if isinstance(a, Lazy):
         return a.sampled(stride) if a.shape == shape else a
+      if isinstance(a, Shared):
+        return a
       return strided_elements(a, stride) if tuple(jnp.shape(a)) == shape else a
 
     # Flattened: a broadcast argument (a layer's id) may add axes to the sliced values.
@@ -280,6 +324,8 @@ class Lazy:
     def view(a):
       if isinstance(a, Lazy):
         return lazy_view(a) if a.shape == shape else a()
+      if isinstance(a, Shared):
+        return a.value
       return array_view(a) if tuple(jnp.shape(a)) == shape else a
 
     return self.fn(*[view(a) for a in self.args])
@@ -387,6 +433,17 @@ def hash_uniform(like: jax.Array, key_data: jax.Array) -> jax.Array:
   index = _flat_index(jnp.shape(like), key_data)
   h = _mix32(_mix32(index ^ key_data[0]) + key_data[1])
   return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
+def hash_uniform_at(like: jax.Array, keys: jax.Array, i) -> jax.Array:
+  """:func:`hash_uniform` with the key ``keys[i]`` (``keys``: uint32 ``(n, 2)``, e.g. one
+  key per leaf, given as :class:`Shared` so alike leaves compile one kernel)."""
+  return hash_uniform(like, _xla_workarounds.leaf_row(keys, i))
+
+
+def hash_uniform_layers_at(like: jax.Array, keys: jax.Array, i, layer_ids: jax.Array):
+  """:func:`hash_uniform_layers` with the key ``keys[i]`` (see :func:`hash_uniform_at`)."""
+  return hash_uniform_layers(like, _xla_workarounds.leaf_row(keys, i), layer_ids)
 
 
 def fold_key(key: jax.Array, *data) -> jax.Array:
@@ -1159,13 +1216,15 @@ def _topk_masks_each(inputs: list[Lazy], k: jax.Array, keep: jax.Array) -> list[
   t, t_tie = (
     _in_input_order(small + large, jnp.concatenate(column)) for column in zip(*parts, strict=True)
   )
-  # Each input reads its threshold, tie cutoff and keep flag with one leaf_row.
-  found = jnp.stack([t, t_tie, keep.astype(jnp.uint32)], axis=1)
-  masks = []
-  for i, x in enumerate(inputs):
-    row = _xla_workarounds.leaf_row(found, i)
-    masks.append(Lazy(_threshold_mask, x, row[0], row[1], jnp.uint32(0), row[2] != 0))
-  return masks
+  # Each input reads its threshold, tie cutoff and keep flag, a row of one shared array.
+  found = Shared(jnp.stack([t, t_tie, keep.astype(jnp.uint32)], axis=1))
+  return [Lazy(_threshold_mask_row, x, found, np.int32(i)) for i, x in enumerate(inputs)]
+
+
+def _threshold_mask_row(scores, found, i):
+  """:func:`_threshold_mask` of row ``i`` of ``found`` (``t``, ``t_tie``, keep flag)."""
+  row = _xla_workarounds.leaf_row(found, i)
+  return _threshold_mask(scores, row[0], row[1], jnp.uint32(0), row[2] != 0)
 
 
 def _searched_thresholds(inputs: list[Lazy], k: jax.Array) -> tuple[jax.Array, jax.Array]:

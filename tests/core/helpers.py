@@ -2,6 +2,7 @@
 and the child process that runs a script on 8 CPU devices."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,17 @@ def mlp_params(seed: int = 0, sizes=(12, 16, 8)):
       'bias': jnp.zeros(b),
     }
   return params
+
+
+def distinct_kernels(compiled, shape: str | None = None) -> int:
+  """Fused computations of an optimised module that differ other than by names: the
+  kernels XLA's CPU backend compiles (it reuses one kernel for identical fusions). With
+  ``shape`` (e.g. ``'pred[64,64]'``), only those whose result has that type."""
+  blocks = re.findall(
+    r'^%fused_computation[^\n]*-> ([^\n]*) \{\n(.*?)\n\}', compiled.as_text(), re.S | re.M
+  )
+  names = r'%[\w.-]+|param_\d+(\.\d+)?|, metadata=\{[^}]*\}|(calls|to_apply)=%?[\w.-]+'
+  return len({re.sub(names, '_', b) for out, b in blocks if shape is None or out == shape})
 
 
 def packed_mask_nbytes(shape) -> int:

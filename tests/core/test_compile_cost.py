@@ -12,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import prunax
 from prunax import selection
 from prunax import sparsity_schedules as sched
+from tests.core.helpers import distinct_kernels
 
 
 def loop_body_kernels(hlo: str) -> list[int]:
@@ -83,3 +85,20 @@ def test_fold_key_is_distinct_per_count_and_broadcasts(key, counts, salt):
   other = np.asarray(selection.fold_key(key ^ jnp.uint32(1), counts[0], salt))
   assert tuple(other) != tuple(many[0])
   assert tuple(np.asarray(selection.fold_key(key, counts[0], salt + 1))) != tuple(many[0])
+
+
+@pytest.mark.parametrize('algorithm', [prunax.SET, prunax.RigL])
+def test_alike_leaves_share_their_kernels(algorithm):
+  # The leaves' RNG keys and thresholds are rows of shared arrays, each read inside the
+  # kernels of its group (selection.Shared): 16 more leaves of one shape add kernels for
+  # 2 more groups of 8, not for every leaf. Each leaf reading its own row (a constant
+  # slice) added 23-24 distinct kernels for them.
+  tx = algorithm(
+    sparsity=0.8, scheduler=sched.PeriodicSchedule(1, 0, 10), drop_fraction_fn='constant'
+  ).wrap_optax(optax.sgd(0.1))
+  counts = []
+  for n in (8, 24):
+    params = {f'l{i}': jnp.full((64, 64), 1.0 + i) for i in range(n)}
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    counts.append(distinct_kernels(step.lower(params, tx.init(params), params).compile()))
+  assert counts[1] - counts[0] <= 10, counts

@@ -190,6 +190,47 @@ def test_map_alike_groups_at_most_fused_concat_operands(monkeypatch):
     np.testing.assert_array_equal(o, jnp.full((2, 4), i + 1.0))
 
 
+def row_scaled(x, table, i):
+  return x * table[i, 0] + table[i, 1]
+
+
+@hypothesis.settings(max_examples=10, deadline=None)
+@hypothesis.given(n=st.integers(1, 11), seed=st.integers(0, 2**16))
+def test_lazy_values_reading_rows_of_a_shared_array(n, seed):
+  # Alike values reading their rows of one Shared table are evaluated together with the
+  # table unstacked (map_alike); each equals its own expression, and views (rows, samples,
+  # the arrays a loop reads) leave the table whole.
+  rng = np.random.default_rng(seed)
+  table = selection.Shared(jnp.asarray(rng.standard_normal((n, 2)), jnp.float32))
+  ws = [jnp.asarray(rng.standard_normal((4, 64)), jnp.float32) for _ in range(n)]
+  values = [selection.Lazy(row_scaled, w, table, np.int32(i)) for i, w in enumerate(ws)]
+  want = [
+    np.asarray(w) * np.asarray(table.value)[i, 0] + np.asarray(table.value)[i, 1]
+    for i, w in enumerate(ws)
+  ]
+  got = jax.jit(lambda: selection.map_alike(lambda x: x, values))()
+  for i, v in enumerate(values):
+    np.testing.assert_allclose(got[i], want[i], rtol=1e-6)
+    np.testing.assert_allclose(selection.materialize(v), want[i], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(v.rows()).reshape(-1), want[i].reshape(-1), rtol=1e-6)
+    np.testing.assert_allclose(v.strided_sample(5), want[i].reshape(-1)[::5], rtol=1e-6)
+    seen = selection._lazy_arrays(v)  # what a loop or a stack reads: w and the index
+    assert len(seen) == 2 and all(a is not table for a in seen)
+  # One group: the values differ only in their arrays and share the table object.
+  assert len(selection._alike_groups(values, max_members=n)) == 1
+  other = selection.Lazy(row_scaled, ws[0], selection.Shared(table.value), np.int32(0))
+  assert len(selection._alike_groups([values[0], other])) == 2  # another table object
+
+
+def test_shared_rows_stay_whole_under_map_layers():
+  # A stacked leaf of 3 layers of (4, 64): the table is not sliced with the layers.
+  table = selection.Shared(jnp.array([[2.0, 1.0], [3.0, -1.0]]))
+  w = jnp.arange(3 * 4 * 64, dtype=jnp.float32).reshape(3, 4, 64)
+  x = selection.Lazy(row_scaled, w, table, np.int32(1))
+  got = selection.map_layers(selection.materialize, 0, x)
+  np.testing.assert_array_equal(got, w * 3.0 - 1.0)
+
+
 def test_strategies_and_structures_without_lazy_still_work():
   @dataclasses.dataclass(frozen=True)
   class OldStrategy(strategies.PerLeaf):

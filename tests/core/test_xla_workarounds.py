@@ -21,6 +21,7 @@ import pytest
 import prunax
 from prunax import _xla_workarounds
 from prunax import selection
+from tests.core.helpers import distinct_kernels
 from tests.xla_env import cpu_env
 
 CPU_ONLY = pytest.mark.skipif(
@@ -151,28 +152,21 @@ def test_fused_masked_sum_still_needed(monkeypatch, autosparse_with_workarounds)
   )
 
 
-def distinct_kernels(compiled_step) -> int:
-  """Fused computations of an optimised module that differ other than by names: the
-  kernels XLA's CPU backend compiles (it reuses one kernel for identical fusions)."""
-  blocks = re.findall(
-    r'^%fused_computation[^\n]*\{\n(.*?)\n\}', compiled_step.as_text(), re.S | re.M
-  )
-  names = r'%[\w.-]+|param_\d+(\.\d+)?|, metadata=\{[^}]*\}|(calls|to_apply)=%?[\w.-]+'
-  return len({re.sub(names, '_', b) for b in blocks})
-
-
 def topk_of_leaves(*ws):
   return selection.topk_masks([selection.Lazy(jnp.abs, w) for w in ws], [w.size // 10 for w in ws])
 
 
 @CPU_ONLY
 def test_leaf_row_still_needed(monkeypatch):
-  # Leaves counted one by one (stacks of one): their counting and mask kernels.
+  # Leaves selected one by one (stacks of one), their masks evaluated each on its own:
+  # the kernels computing the 6 masks from their thresholds' rows.
   monkeypatch.setattr(_xla_workarounds, 'FUSED_CONCAT_OPERANDS', 1)
   ws = [weights() + i for i in range(6)]
-  with_it = distinct_kernels(compiled(topk_of_leaves, *ws))
+  mask = 'pred[' + ','.join(map(str, SHAPE)) + ']'
+  with_it = distinct_kernels(compiled(topk_of_leaves, *ws), mask)
   monkeypatch.setattr(_xla_workarounds, 'leaf_row', lambda stacked, i: stacked[i])
-  without = distinct_kernels(compiled(topk_of_leaves, *ws))
+  without = distinct_kernels(compiled(topk_of_leaves, *ws), mask)
+  assert with_it == 1, f'{with_it} mask kernels for 6 leaves of one shape'
   assert without > with_it, stale('leaf_row') + f' ({without} against {with_it} kernels)'
 
 
@@ -408,7 +402,7 @@ SWITCHED = {
   'leaf_row': (
     lambda s: _xla_workarounds.leaf_row(s, 1),
     (jnp.ones((3, 2)),),
-    'optimization_barrier',
+    'gather',  # stacked[1] is a slice
   ),
   'after': (_xla_workarounds.after, ([jnp.ones(3)], [jnp.ones(())]), 'min'),
   'shared_flag': (_xla_workarounds.shared_flag, (jnp.bool_(True),), 'exp'),
