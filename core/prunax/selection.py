@@ -190,14 +190,6 @@ class Shared:
     return f'Shared(shape={tuple(jnp.shape(self.value))})'
 
 
-def _whole(a):
-  """An argument as ``fn`` reads it whole: a :class:`Lazy` evaluated, a :class:`Shared`
-  unwrapped, arrays as they are."""
-  if isinstance(a, Lazy):
-    return a()
-  return a.value if isinstance(a, Shared) else a
-
-
 class Lazy:
   """Scores given as an elementwise function of arrays, recomputed where they are read.
 
@@ -256,7 +248,7 @@ class Lazy:
     return len(self.shape)
 
   def __call__(self) -> jax.Array:
-    return self.fn(*[_whole(a) for a in self.args])
+    return self.fn(*[materialize(a) for a in self.args])
 
   def map_arrays(self, fn: Callable[[jax.Array], jax.Array]) -> Lazy:
     """The same expression with ``fn`` applied to every array it reads (recursively),
@@ -281,7 +273,7 @@ class Lazy:
     if self.size % _ROW:
       return self().reshape(-1)
     if self._rows is not None:
-      return self._rows(*[_whole(a) for a in self.args])
+      return self._rows(*[materialize(a) for a in self.args])
     shape = _rows_shape(self.shape)
     if self._shape is not None:  # Arguments not aligned with the values: evaluate.
       return self().reshape(shape)
@@ -454,8 +446,8 @@ def fold_key(key: jax.Array, *data) -> jax.Array:
   (one key per element, as ``jax.random.split`` gives them). For a fixed ``key``,
   distinct values of one word of ``data`` give distinct keys (every step of the fold is a
   bijection of the first key word). Threefry's ``fold_in`` and ``split`` compile as a
-  ``while`` loop of about 10 kernels each, three of them in every SET or RigL mask update
-  (21 of its 127 compiled kernels on an MLP of 4 layers); this is one fused kernel.
+  ``while`` loop of about 10 kernels each, three of them in every SET or RigL mask update;
+  this is one fused kernel.
 
   Args:
     key: a threefry PRNG key, typed or as its uint32[2] words (``jax.random.PRNGKey``).
@@ -628,7 +620,10 @@ def hash_uniform_layers(like: jax.Array, key_data: jax.Array, layer_ids: jax.Arr
 
 
 def materialize(scores):
-  """The array of ``scores`` (a :class:`Lazy` is evaluated; arrays pass through)."""
+  """The array of ``scores`` (a :class:`Lazy` is evaluated, a :class:`Shared` unwrapped;
+  arrays pass through)."""
+  if isinstance(scores, Shared):
+    return scores.value
   return scores() if isinstance(scores, Lazy) else scores
 
 
