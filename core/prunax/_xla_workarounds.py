@@ -16,6 +16,7 @@ benchmark with and without them).
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any
 
@@ -127,15 +128,18 @@ def leaf_row(stacked: jax.Array, i: int) -> jax.Array:
   backend compiles a fusion once and reuses the kernel for every fusion with the same
   computation; a constant index into values stacked over leaves (a selection's
   thresholds and pivots, the leaves' RNG keys) is part of the computation, so the kernels
-  evaluating the masks or scores of many leaves of one shape would all be distinct. Read
-  by a gather at two equal constant indices, the row is neither folded into a slice nor
-  fused into its readers: a small gather kernel per leaf reads it, and the large kernels
-  are identical. (The index used to go through an ``optimization_barrier``; XLA removes
-  barriers before fusion and now folds the index into the readers.) A traced ``i`` (alike
-  leaves evaluated together, their indices stacked) is read by a plain gather. Measured
-  on CPU, jax 0.10.2: the forward pass of a straight-through magnitude step of 64 layers
-  of 256 x 256 compiled 64 distinct kernels (1.13 s of LLVM time) reading the layers'
-  thresholds with ``stacked[i]``, 1 and 64 gather kernels (0.48 s) with this.
+  evaluating the masks or scores of many leaves of one shape would all be distinct.
+  Where ``stacked`` was registered by :func:`split_rows`, the row is one output of the
+  kernel that splits it (each row its own buffer, an operand of its readers). Otherwise
+  it is read by a gather at two equal constant indices, which XLA neither folds into a
+  slice nor fuses into its readers: a small gather kernel per leaf reads it, and the large
+  kernels are identical. (The index used to go through an ``optimization_barrier``; XLA
+  removes barriers before fusion and now folds the index into the readers.) A traced
+  ``i`` (alike leaves evaluated together, their indices stacked) is read by a plain
+  gather. Measured on CPU, jax 0.10.2: the forward pass of a straight-through magnitude
+  step of 64 layers of 256 x 256 compiled 64 distinct kernels (1.13 s of LLVM time)
+  reading the layers' thresholds with ``stacked[i]``, 1 and 64 gather kernels (0.48 s)
+  with the gather; the whole step compiled 114 kernels with the gather, 51 with the split.
 
   Args:
     stacked: an array whose first axis runs over leaves.
@@ -146,7 +150,45 @@ def leaf_row(stacked: jax.Array, i: int) -> jax.Array:
   """
   if switched_off('leaf_row') or isinstance(i, jax.core.Tracer):
     return stacked[i]
+  for array, rows in _SPLIT:
+    if array is stacked:
+      return rows[i]
   return stacked[jnp.asarray(np.array([i, i], np.int32))][0]
+
+
+# The arrays split by split_rows and their rows, most recent last. Bounded: an entry is
+# only read while its array's trace runs, and old ones are dropped (then read by gathers).
+_SPLIT: collections.deque = collections.deque(maxlen=32)
+
+
+def split_rows(stacked: jax.Array) -> None:
+  """Registers every row of a traced ``stacked`` for :func:`leaf_row`: its own buffer,
+  all of them outputs of one kernel (a variadic reduce over two copies of each row).
+
+  Call it where ``stacked`` is computed, so the rows belong to the same trace and any
+  computation that can read ``stacked`` can read them. Part of the ``leaf_row``
+  workaround (switched off with it). Concrete arrays are not registered (eager reads
+  compile nothing).
+
+  Args:
+    stacked: an integer or float array whose first axis runs over leaves.
+  """
+  if switched_off('leaf_row') or not isinstance(stacked, jax.core.Tracer):
+    return
+  n, rest, dtype = stacked.shape[0], stacked.shape[1:], stacked.dtype
+  if n < 2 or not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+    return
+  twice = [
+    jax.lax.broadcast_in_dim(stacked[i], (*rest, 2), tuple(range(len(rest)))) for i in range(n)
+  ]
+  lowest = jnp.iinfo(dtype).min if jnp.issubdtype(dtype, jnp.integer) else -jnp.inf
+  rows = jax.lax.reduce(
+    twice,
+    [np.array(lowest, dtype)] * n,
+    lambda a, b: [jax.lax.max(x, y) for x, y in zip(a, b, strict=True)],
+    (len(rest),),
+  )
+  _SPLIT.append((stacked, list(rows)))
 
 
 def after(tree: Any, deps: Any) -> Any:

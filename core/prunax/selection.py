@@ -173,8 +173,10 @@ class Shared:
   kernel per group of 8 leaves, one key kernel per leaf). A ``Lazy`` that reads
   ``Shared(stacked)`` and its index (an integer argument, stacked like any other when alike
   values are evaluated together) reads its row inside the kernel, by a gather whose
-  indices are an operand: the kernels are identical and compiled once per shape, and a
-  selection loop carries the one stacked array, not one row per leaf.
+  indices are an operand; a value evaluated on its own reads its row as one output of
+  the kernel that splits the array (``_xla_workarounds.split_rows``). Either way the
+  kernels are identical and compiled once per shape, and a selection loop carries the
+  one stacked array, not one row per leaf.
 
   A ``Shared`` argument is never sliced, reshaped or stacked with the values (its shape is
   unrelated to theirs); it is unwrapped when the expression is evaluated. Alike values
@@ -185,6 +187,7 @@ class Shared:
 
   def __init__(self, value: jax.Array):
     self.value = value
+    _xla_workarounds.split_rows(value)
 
   def __repr__(self):
     return f'Shared(shape={tuple(jnp.shape(self.value))})'
@@ -905,23 +908,30 @@ def map_alike(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array | Lazy]
     ``fn``'s result for every value, in order.
   """
   out: list[Any] = [None] * len(values)
+  for members, results, stacked in _map_alike_groups(fn, values):
+    for j, i in enumerate(members):
+      out[i] = jax.tree.map(lambda r, j=j: r[j], results) if stacked else results
+  return out
+
+
+def _map_alike_groups(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array | Lazy]):
+  """:func:`map_alike`'s results before they are split: ``(members, results, stacked)``
+  for every group, ``results`` stacked over the ``members`` (indices into ``values``)
+  when ``stacked``, else the result of the one member."""
   lazy = [i for i, x in enumerate(values) if isinstance(x, Lazy)]
-  for i, x in enumerate(values):
-    if not isinstance(x, Lazy):
-      out[i] = fn(x)
+  parts = [([i], fn(x), False) for i, x in enumerate(values) if not isinstance(x, Lazy)]
   for group in _alike_groups([values[i] for i in lazy]):
     members = [lazy[j] for j in group]
     template = values[members[0]]
     if len(members) == 1:
-      out[members[0]] = fn(template())
+      parts.append((members, fn(template()), False))
       continue
     stacked = [
       jnp.stack(column) for column in zip(*[_lazy_arrays(values[i]) for i in members], strict=True)
     ]
     results = jax.vmap(lambda *arrays, t=template: fn(_with_arrays(t, iter(arrays))()))(*stacked)
-    for j, i in enumerate(members):
-      out[i] = jax.tree.map(lambda r, j=j: r[j], results)
-  return out
+    parts.append((members, results, True))
+  return parts
 
 
 def _in_input_order(order: list[int], rows: jax.Array) -> jax.Array:
@@ -1078,17 +1088,22 @@ def _sorted_cutoffs(keys: jax.Array, k) -> tuple[jax.Array, jax.Array]:
 
 def _sorted_thresholds(inputs: Sequence[Lazy], k: jax.Array) -> tuple[jax.Array, jax.Array]:
   """:func:`_sorted_cutoffs` of every input on its own (its own ``k[i]``): vectors
-  ``(t, t_tie)``; inputs of one size are sorted together, as the rows of one sort."""
-  by_size: dict[int, list[int]] = {}
-  for i, x in enumerate(inputs):
-    by_size.setdefault(x.size, []).append(i)
-  order = [i for group in by_size.values() for i in group]
-  parts = [
-    _sorted_cutoffs(
-      jnp.stack([sortable_keys(inputs[i]()).reshape(-1) for i in group]), k[jnp.asarray(group)]
+  ``(t, t_tie)``; inputs of one size are sorted together, as the rows of one sort, and
+  alike inputs' keys are computed together (:func:`map_alike`'s groups: a model's
+  repeated biases and norm scales read their rows of shared arrays in one kernel)."""
+  by_size: dict[int, list] = {}
+  for members, keys, stacked in _map_alike_groups(sortable_keys, inputs):
+    size = inputs[members[0]].size
+    by_size.setdefault(size, []).append(
+      (members, keys.reshape((len(members) if stacked else 1, size)))
     )
-    for group in by_size.values()
-  ]
+  order: list[int] = []
+  parts = []
+  for groups in by_size.values():
+    group = [i for members, _ in groups for i in members]
+    keys = jnp.concatenate([rows for _, rows in groups]) if len(groups) > 1 else groups[0][1]
+    parts.append(_sorted_cutoffs(keys, k[jnp.asarray(group)]))
+    order += group
   t, t_tie = (jnp.concatenate(column) for column in zip(*parts, strict=True))
   return _in_input_order(order, t), _in_input_order(order, t_tie)
 
@@ -1102,9 +1117,7 @@ def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
   if n <= _SORT_AT_MOST:
     keys = jnp.concatenate([sortable_keys(x()).reshape(-1) for x in inputs])
     t, t_tie = (v[0] for v in _sorted_cutoffs(keys[None], jnp.reshape(k, (1,))))
-    return [
-      Lazy(_threshold_mask, x, t, t_tie, jnp.uint32(offsets[i]), keep) for i, x in enumerate(inputs)
-    ]
+    return _row_masks(inputs, t, t_tie, keep, offsets[:-1])
 
   def score_keys(i, x, witness=None):
     del i, witness
@@ -1126,21 +1139,29 @@ def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
 
   # Only scalars leave the cond; every key equal to t is kept when c_t == k (cutoff 0).
   t_tie = jax.lax.cond(c_t == k, lambda _: jnp.uint32(0), tie_cutoff, None)
-  return [
-    Lazy(_threshold_mask, x, t, t_tie, jnp.uint32(offsets[i]), keep) for i, x in enumerate(inputs)
-  ]
+  return _row_masks(inputs, t, t_tie, keep, offsets[:-1])
 
 
 def _sample_pivots_each(inputs: Sequence[Lazy], k: jax.Array) -> jax.Array:
   """``(len(inputs), 5)`` thresholds: :func:`_sample_pivots` of every input on its own,
-  from one sort of their samples (each padded in front with the lowest key to one length)."""
-  # Alike inputs are sampled by one computation (map_alike over their samples' arrays).
-  samples = map_alike(sortable_keys, [x.sampled(_sample_stride(x.size, [x.shape])) for x in inputs])
-  width = max(s.size for s in samples)
-  pad = jnp.array([width - s.size for s in samples], jnp.int32)
-  size = jnp.array([s.size for s in samples], jnp.float32)
-  n = jnp.array([x.size for x in inputs], jnp.float32)
-  sample = jnp.sort(jnp.stack([jnp.pad(s, (width - s.size, 0)) for s in samples]), axis=1)
+  from one sort of their samples (each padded in front with the lowest key to one length).
+
+  Alike inputs are sampled by one computation (:func:`map_alike`'s groups) and padded as
+  one array: padding every input's sample on its own compiled one kernel per input of a
+  distinct shape.
+  """
+  sampled = [x.sampled(_sample_stride(x.size, [x.shape])) for x in inputs]
+  width = max(x.size for x in sampled)
+  order, rows = [], []
+  for members, keys, stacked in _map_alike_groups(sortable_keys, sampled):
+    size = sampled[members[0]].size
+    keys = keys.reshape((len(members) if stacked else 1, size))
+    rows.append(jnp.pad(keys, ((0, 0), (width - size, 0))) if size < width else keys)
+    order += members
+  sample = jnp.sort(_in_input_order(order, jnp.concatenate(rows)), axis=1)
+  size = np.array([x.size for x in sampled], np.float32)
+  pad = np.array([width - x.size for x in sampled], np.int32)
+  n = np.array([x.size for x in inputs], np.float32)
   q = (1.0 - k.astype(jnp.float32) / n) * size
   sigma = jnp.sqrt(jnp.maximum(q * (1.0 - q / size), 1.0))
   offsets = jnp.array([-2.5, -0.75, 0.0, 0.75, 2.5])
@@ -1212,14 +1233,23 @@ def _topk_masks_each(inputs: list[Lazy], k: jax.Array, keep: jax.Array) -> list[
     _in_input_order(small + large, jnp.concatenate(column)) for column in zip(*parts, strict=True)
   )
   # Each input reads its threshold, tie cutoff and keep flag, a row of one shared array.
-  found = Shared(jnp.stack([t, t_tie, keep.astype(jnp.uint32)], axis=1))
+  return _row_masks(inputs, t, t_tie, keep, [0] * len(inputs))
+
+
+def _row_masks(inputs: list[Lazy], t, t_tie, keep, offsets: list[int]) -> list[Lazy]:
+  """Lazy :func:`_threshold_mask` of every input: ``t``, ``t_tie``, ``keep`` (scalars, or
+  one per input) and its flat ``offsets[i]`` read as row ``i`` of one shared array."""
+  columns = [t, t_tie, jnp.asarray(keep).astype(jnp.uint32), np.asarray(offsets, np.uint32)]
+  columns = [jnp.broadcast_to(jnp.asarray(c, jnp.uint32), (len(inputs),)) for c in columns]
+  found = Shared(jnp.stack(columns, axis=1))
   return [Lazy(_threshold_mask_row, x, found, np.int32(i)) for i, x in enumerate(inputs)]
 
 
 def _threshold_mask_row(scores, found, i):
-  """:func:`_threshold_mask` of row ``i`` of ``found`` (``t``, ``t_tie``, keep flag)."""
+  """:func:`_threshold_mask` of row ``i`` of ``found`` (``t``, ``t_tie``, keep flag, the
+  input's flat offset)."""
   row = _xla_workarounds.leaf_row(found, i)
-  return _threshold_mask(scores, row[0], row[1], jnp.uint32(0), row[2] != 0)
+  return _threshold_mask(scores, row[0], row[1], row[3], row[2] != 0)
 
 
 def _searched_thresholds(inputs: list[Lazy], k: jax.Array) -> tuple[jax.Array, jax.Array]:

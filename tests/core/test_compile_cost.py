@@ -102,3 +102,48 @@ def test_alike_leaves_share_their_kernels(algorithm):
     step = jax.jit(lambda g, s, p: tx.update(g, s, p))
     counts.append(distinct_kernels(step.lower(params, tx.init(params), params).compile()))
   assert counts[1] - counts[0] <= 10, counts
+
+
+@pytest.mark.parametrize('algorithm', [prunax.SET, prunax.MagnitudePruning])
+def test_samples_of_alike_leaves_of_several_shapes_are_padded_together(algorithm):
+  # The search samples every leaf and pads the samples to one length for one sort. Alike
+  # leaves' samples are padded as one stacked array (selection._sample_pivots_each):
+  # what 12 more leaves of 3 shapes add is, per shape, the slices of the larger groups'
+  # packed masks (1 kernel per added leaf). With each sample padded on its own, the 12
+  # leaves added 40 distinct kernels to a SET update (2 samples per step), 24 to magnitude.
+  kwargs = {'drop_fraction_fn': 'constant'} if algorithm is prunax.SET else {}
+  tx = algorithm(sparsity=0.8, scheduler=sched.PeriodicSchedule(1, 0, 10), **kwargs).wrap_optax(
+    optax.sgd(0.1)
+  )
+  shapes = [(64, 64), (64, 96), (32, 160)]
+  counts = []
+  for n in (2, 6):
+    params = {
+      f'l{s}_{i}': jnp.full(shape, 1.0 + i) for s, shape in enumerate(shapes) for i in range(n)
+    }
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    counts.append(distinct_kernels(step.lower(params, tx.init(params), params).compile()))
+  assert counts[1] - counts[0] <= 12, counts
+
+
+@pytest.mark.parametrize(
+  'algorithm', [prunax.MagnitudePruning, prunax.GlobalMagnitudePruning, prunax.SteMagnitudePruning]
+)
+def test_alike_leaves_pack_their_masks_in_shared_kernels(algorithm):
+  # Every mask is packed on its own, reading its thresholds (and, globally, its offset)
+  # as one output of the kernel that splits their table: 8 more leaves of one shape add
+  # kernels for one more selection group, not per leaf. Masks packed in stacks then
+  # sliced out (one slice kernel per position in a stack), and rows read by a gather per
+  # leaf, made them add 14 (magnitude, global) and 22 (straight-through) kernels.
+  kwargs = (
+    {}
+    if algorithm is prunax.SteMagnitudePruning
+    else {'scheduler': sched.PeriodicSchedule(1, 0, 10)}
+  )
+  tx = algorithm(sparsity=0.8, **kwargs).wrap_optax(optax.sgd(0.1))
+  counts = []
+  for n in (4, 12):
+    params = {f'l{i}': jnp.full((64, 64), 1.0 + i) for i in range(n)}
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    counts.append(distinct_kernels(step.lower(params, tx.init(params), params).compile()))
+  assert counts[1] - counts[0] <= 6, counts

@@ -170,6 +170,69 @@ def test_leaf_row_still_needed(monkeypatch):
   assert without > with_it, stale('leaf_row') + f' ({without} against {with_it} kernels)'
 
 
+def rows_of_split(table, ws):
+  # What a leaf evaluated on its own does: its mask from its row of a shared table.
+  selection.Shared(table)
+  return [w > _xla_workarounds.leaf_row(table, i)[0] for i, w in enumerate(ws)]
+
+
+@CPU_ONLY
+def test_split_rows_still_needed(monkeypatch):
+  # 4 and 12 leaves of one shape, each compared with its row of a table: with the table
+  # split by one kernel, both compile the same kernels (a mask kernel and the split);
+  # with a gather per leaf, every leaf adds a gather kernel.
+  def kernels():
+    counts = []
+    for n in (4, 12):
+      ws = [weights() + i for i in range(n)]
+      table = jnp.arange(3 * n, dtype=jnp.float32).reshape(n, 3)
+      counts.append(distinct_kernels(compiled(rows_of_split, table, ws)))
+    return counts
+
+  with_it = kernels()
+  monkeypatch.setattr(_xla_workarounds, 'split_rows', lambda stacked: None)
+  without = kernels()
+  assert with_it[0] == with_it[1] == 2, with_it
+  assert without[1] - without[0] >= 8, (
+    stale('leaf_row') + f' (split rows: {with_it} kernels, gathers: {without})'
+  )
+
+
+@hypothesis.settings(max_examples=20, deadline=None)
+@hypothesis.given(
+  dtype=st.sampled_from([np.uint32, np.int32, np.float32, np.uint8]),
+  n=st.integers(1, 9),
+  width=st.integers(1, 4),
+  seed=st.integers(0, 2**31 - 1),
+)
+def test_split_rows_are_the_rows_bit_exact(dtype, n, width, seed):
+  rng = np.random.default_rng(seed)
+  if np.issubdtype(dtype, np.integer):
+    info = np.iinfo(dtype)
+    table = rng.integers(info.min, info.max, (n, width), dtype=dtype, endpoint=True)
+  else:
+    table = rng.standard_normal((n, width)).astype(dtype) * 1e30
+    table.flat[0] = -np.inf  # the extremes and -0.0 come back as they are
+    table.flat[-1] = -0.0
+
+  def read(t):
+    _xla_workarounds.split_rows(t)
+    return [_xla_workarounds.leaf_row(t, i) for i in range(n)]
+
+  got = jax.jit(read)(jnp.asarray(table))
+  for i in range(n):
+    assert np.asarray(got[i]).tobytes() == table[i].tobytes(), (i, got[i], table[i])
+
+
+def test_split_rows_registers_traced_arrays_only():
+  table = jnp.arange(6, dtype=jnp.uint32).reshape(3, 2)
+  before = len(_xla_workarounds._SPLIT)
+  _xla_workarounds.split_rows(table)  # eager: nothing to compile, nothing registered
+  assert len(_xla_workarounds._SPLIT) == before
+  jaxpr = str(jax.make_jaxpr(lambda t: (_xla_workarounds.split_rows(t), t)[1])(table))
+  assert 'reduce' in jaxpr  # traced: split by one variadic reduce
+
+
 def test_leaf_row_is_the_row():
   stacked = jnp.arange(12, dtype=jnp.uint32).reshape(4, 3)
   for i in range(4):
