@@ -380,8 +380,8 @@ class BaseUpdater(updater_args.JaxprunerArgs):
   def store_masks(self, masks: PyTree, like: PyTree = None) -> PyTree:
     """Boolean masks (arrays or :class:`prunax.selection.Lazy`) in their stored form:
     packed or uint8 per leaf (:meth:`packs`), or in the layout of the stored masks
-    ``like`` (a state keeps the layout it started with); each lazy mask is evaluated and
-    packed on its own, in a kernel alike masks share (:func:`prunax.masks.pack_masks`)."""
+    ``like`` (a state keeps the layout it started with); alike lazy masks are packed
+    together (:func:`prunax.masks.pack_masks`)."""
 
     def packed(path, m, *old):
       if m is None:
@@ -394,7 +394,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     flat, treedef = jax.tree.flatten(masks, is_leaf=is_none)
     flat_how = treedef.flatten_up_to(how)
     out = [None] * len(flat)
-    # Each mask evaluated and packed on its own, alike ones by one kernel (pack_masks).
+    # Alike lazy masks are evaluated (and packed) together (masks_lib.pack_masks).
     for form, store in ((True, masks_lib.pack_masks), (False, _as_uint8)):
       chosen = [i for i, p in enumerate(flat_how) if p is not None and bool(p) == form]
       for i, m in zip(chosen, store([flat[i] for i in chosen]), strict=True):
@@ -615,9 +615,8 @@ def _instant_masks(updater: BaseUpdater, params: PyTree, grads: PyTree, kwargs: 
 
 
 def _as_uint8(masks: list) -> list:
-  """Bool masks (arrays or lazy ones, each evaluated on its own: see
-  :func:`prunax.masks.pack_masks`) as uint8 arrays."""
-  return [selection.materialize(m).astype(jnp.uint8) for m in masks]
+  """Bool masks (arrays or alike lazy ones evaluated together) as uint8 arrays."""
+  return selection.map_alike(lambda m: m.astype(jnp.uint8), masks)
 
 
 def _check_like_params(sparsities: PyTree, params: PyTree, dist: Any) -> None:

@@ -82,14 +82,12 @@ def pack_mask(mask: jax.Array) -> jax.Array:
 def pack_masks(masks: list) -> list:
   """:func:`pack_mask` of every mask (bool arrays or :class:`prunax.selection.Lazy` masks).
 
-  Each mask is evaluated and packed on its own, in its own kernel. The masks of alike
-  leaves (the same expression on arrays of one shape, e.g. the threshold masks of repeated
-  blocks) read their thresholds as rows of a shared array, each row its own buffer
-  (``_xla_workarounds.split_rows``), so their kernels are identical and XLA compiles one
-  per shape. (Packing alike masks stacked, then slicing each out, compiled one slice
-  kernel per position in a stack and shape: 61 on the transformer benchmark.)
+  Alike lazy masks (the same expression on arrays of one shape, e.g. the threshold masks
+  of repeated blocks) are evaluated and packed by one vmapped computation
+  (:func:`prunax.selection.map_alike`): a step compiles one kernel per group of them, not
+  one per mask, and stores only their packed bits.
   """
-  return [pack_mask(selection.materialize(m)) for m in masks]
+  return selection.map_alike(pack_mask, masks)
 
 
 def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:

@@ -897,8 +897,10 @@ def map_alike(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array | Lazy]
   evaluated by one vmapped ``fn`` over their stacked arrays, at most
   ``_xla_workarounds.FUSED_CONCAT_OPERANDS`` at a time, so XLA fuses the stacking into
   that computation and compiles one kernel per group rather than one per value. Only
-  ``fn``'s stacked results are stored, then split; with ``fn = pack_mask`` that is the
-  packed bits (1/32 of the weights' bytes). Arrays go through ``fn`` one by one.
+  ``fn``'s stacked results are stored, then split (each split is a kernel per position in
+  a group: where the results are wanted stacked, e.g. the samples a selection sorts
+  together, :func:`_map_alike_groups` gives them unsplit). Arrays go through ``fn`` one
+  by one.
 
   Args:
     fn: a function of one evaluated value (vmappable).
