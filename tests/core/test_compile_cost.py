@@ -87,6 +87,12 @@ def test_fold_key_is_distinct_per_count_and_broadcasts(key, counts, salt):
   assert tuple(np.asarray(selection.fold_key(key, counts[0], salt + 1))) != tuple(many[0])
 
 
+def _step_kernels(tx, params) -> int:
+  """Distinct kernels (``distinct_kernels``) of a jitted ``tx.update`` on ``params``."""
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  return distinct_kernels(step.lower(params, tx.init(params), params).compile())
+
+
 @pytest.mark.parametrize('algorithm', [prunax.SET, prunax.RigL])
 def test_alike_leaves_share_their_kernels(algorithm):
   # The leaves' RNG keys and thresholds are rows of shared arrays, each read inside the
@@ -99,8 +105,7 @@ def test_alike_leaves_share_their_kernels(algorithm):
   counts = []
   for n in (8, 24):
     params = {f'l{i}': jnp.full((64, 64), 1.0 + i) for i in range(n)}
-    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
-    counts.append(distinct_kernels(step.lower(params, tx.init(params), params).compile()))
+    counts.append(_step_kernels(tx, params))
   assert counts[1] - counts[0] <= 10, counts
 
 
@@ -121,8 +126,7 @@ def test_samples_of_alike_leaves_of_several_shapes_are_padded_together(algorithm
     params = {
       f'l{s}_{i}': jnp.full(shape, 1.0 + i) for s, shape in enumerate(shapes) for i in range(n)
     }
-    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
-    counts.append(distinct_kernels(step.lower(params, tx.init(params), params).compile()))
+    counts.append(_step_kernels(tx, params))
   assert counts[1] - counts[0] <= 12, counts
 
 
@@ -135,6 +139,5 @@ def test_straight_through_forward_reads_thresholds_without_a_kernel_per_leaf():
   counts = []
   for n in (4, 20):
     params = {f'l{i}': jnp.full((64, 64), 1.0 + i) for i in range(n)}
-    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
-    counts.append(distinct_kernels(step.lower(params, tx.init(params), params).compile()))
+    counts.append(_step_kernels(tx, params))
   assert counts[1] - counts[0] <= 20, counts
