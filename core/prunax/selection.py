@@ -936,6 +936,15 @@ def _map_alike_groups(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array
   return parts
 
 
+def _alike_key_rows(values: Sequence[Lazy]) -> list[tuple[list[int], jax.Array]]:
+  """``(members, keys)`` for every group of alike ``values`` (:func:`_map_alike_groups`):
+  their :func:`sortable_keys` computed together, one flat row per member."""
+  return [
+    (members, keys.reshape((len(members) if stacked else 1, values[members[0]].size)))
+    for members, keys, stacked in _map_alike_groups(sortable_keys, values)
+  ]
+
+
 def _in_input_order(order: list[int], rows: jax.Array) -> jax.Array:
   """``rows`` computed in ``order`` (a permutation of input indices) put back in input
   order (unchanged when ``order`` is already sorted)."""
@@ -1094,11 +1103,8 @@ def _sorted_thresholds(inputs: Sequence[Lazy], k: jax.Array) -> tuple[jax.Array,
   alike inputs' keys are computed together (:func:`map_alike`'s groups: a model's
   repeated biases and norm scales read their rows of shared arrays in one kernel)."""
   by_size: dict[int, list] = {}
-  for members, keys, stacked in _map_alike_groups(sortable_keys, inputs):
-    size = inputs[members[0]].size
-    by_size.setdefault(size, []).append(
-      (members, keys.reshape((len(members) if stacked else 1, size)))
-    )
+  for members, keys in _alike_key_rows(inputs):
+    by_size.setdefault(keys.shape[1], []).append((members, keys))
   order: list[int] = []
   parts = []
   for groups in by_size.values():
@@ -1155,9 +1161,8 @@ def _sample_pivots_each(inputs: Sequence[Lazy], k: jax.Array) -> jax.Array:
   sampled = [x.sampled(_sample_stride(x.size, [x.shape])) for x in inputs]
   width = max(x.size for x in sampled)
   order, rows = [], []
-  for members, keys, stacked in _map_alike_groups(sortable_keys, sampled):
-    size = sampled[members[0]].size
-    keys = keys.reshape((len(members) if stacked else 1, size))
+  for members, keys in _alike_key_rows(sampled):
+    size = keys.shape[1]
     rows.append(jnp.pad(keys, ((0, 0), (width - size, 0))) if size < width else keys)
     order += members
   sample = jnp.sort(_in_input_order(order, jnp.concatenate(rows)), axis=1)
@@ -1234,7 +1239,6 @@ def _topk_masks_each(inputs: list[Lazy], k: jax.Array, keep: jax.Array) -> list[
   t, t_tie = (
     _in_input_order(small + large, jnp.concatenate(column)) for column in zip(*parts, strict=True)
   )
-  # Each input reads its threshold, tie cutoff and keep flag, a row of one shared array.
   return _row_masks(inputs, t, t_tie, keep, [0] * len(inputs))
 
 
