@@ -18,6 +18,7 @@ import prunax
 from prunax import selection
 from prunax import sparsity_schedules as sched
 from tests.core.helpers import distinct_kernels
+from tests.xla_env import compile_as_users
 
 
 def loop_body_kernels(hlo: str) -> list[int]:
@@ -40,7 +41,7 @@ def test_a_selection_loop_body_compiles_six_kernels():
   def masks(*xs):
     return selection.topk_masks([selection.Lazy(jnp.abs, x) for x in xs], [6000] * 4)
 
-  hlo = jax.jit(masks).lower(*arrays).compile().as_text()
+  hlo = compile_as_users(jax.jit(masks).lower(*arrays)).as_text()
   counts = loop_body_kernels(hlo)
   assert len(counts) == 2 and max(counts) <= 6, counts  # threshold and tie loops
   got = jax.jit(masks)(*arrays)
@@ -90,7 +91,7 @@ def test_fold_key_is_distinct_per_count_and_broadcasts(key, counts, salt):
 def _step_kernels(tx, params) -> int:
   """Distinct kernels (``distinct_kernels``) of a jitted ``tx.update`` on ``params``."""
   step = jax.jit(lambda g, s, p: tx.update(g, s, p))
-  return distinct_kernels(step.lower(params, tx.init(params), params).compile())
+  return distinct_kernels(compile_as_users(step.lower(params, tx.init(params), params)))
 
 
 @pytest.mark.parametrize('algorithm', [prunax.SET, prunax.RigL])

@@ -28,6 +28,7 @@ from prunax import selection
 from prunax import sparsity_schedules as sched
 from prunax import sparsity_types
 from prunax import strategies
+from tests.xla_env import compile_as_users
 
 
 def _params(n, shape=(64, 128), extra=True):
@@ -139,7 +140,7 @@ def test_grouped_temporaries_are_at_most_the_packed_bits_more():
   like = updater.store_masks(updater.init_masks(params, targets))
 
   def temps(fn):
-    compiled = jax.jit(fn).lower(params).compile()
+    compiled = compile_as_users(jax.jit(fn).lower(params))
     return compiled.memory_analysis().temp_size_in_bytes
 
   grouped = temps(lambda p: updater.store_masks(updater.new_masks(p, targets), like=like))

@@ -22,6 +22,7 @@ from tests.core.helpers import make_step
 from tests.core.helpers import mlp_params
 from tests.core.test_selection import KINDS
 from tests.core.test_selection import make_scores
+from tests.xla_env import compile_as_users
 
 pytestmark = pytest.mark.usefixtures('search_path')
 
@@ -197,7 +198,7 @@ def test_stacking_alike_leaves_stores_nothing():
   xs = [jax.random.normal(jax.random.PRNGKey(i), (512, 512)) for i in range(8)]
 
   def temp_bytes():
-    compiled = jax.jit(lambda xs: per_leaf(xs, [99] * 8)).lower(xs).compile()
+    compiled = compile_as_users(jax.jit(lambda xs: per_leaf(xs, [99] * 8)).lower(xs))
     return compiled.memory_analysis().temp_size_in_bytes
 
   grouped = temp_bytes()
@@ -212,7 +213,7 @@ def loop_body_kernels(fn, *args) -> int:
   ``fn``'s optimized HLO on this backend."""
   # A fresh function: jit caches traces by function (and the chunk size is read while
   # tracing).
-  text = jax.jit(lambda *a: fn(*a)).lower(*args).compile().as_text()
+  text = compile_as_users(jax.jit(lambda *a: fn(*a)).lower(*args)).as_text()
   bodies = set(re.findall(r'while\([^)]*\).*?body=%?([\w.-]+)', text))
   kernels, name = 0, None
   for line in text.splitlines():
@@ -278,7 +279,7 @@ def test_under_map_layers_a_bucket_is_skipped_by_a_branch():
   def masks(x, y):
     return selection.map_layers(lambda u, v: selection.topk_masks([u, v], [100, 1000]), 0, x, y)
 
-  hlo = jax.jit(masks).lower(x, y).compile().as_text()
+  hlo = compile_as_users(jax.jit(masks).lower(x, y)).as_text()
   assert re.search(r'\bconditional\(', hlo), 'the bucket reads are not branches'
   got = jax.jit(masks)(x, y)
   for layer in range(3):

@@ -65,7 +65,9 @@ SCRIPT = textwrap.dedent("""
       out = []
       for p in (params, placed):
         s = jax.jit(tx.init)(p)
-        compiled = jax.jit(step, donate_argnums=(1,)).lower(p, s).compile()
+        # Compiled as a user's process does (tests/xla_env.py: compile_as_users).
+        compiled = jax.jit(step, donate_argnums=(1,)).lower(p, s).compile(
+            compiler_options={'xla_cpu_use_fusion_emitters': True})
         for _ in range(2):  # the second step (count 1) updates the masks
           p, s = compiled(p, s)
         out.append((compiled, p, s))

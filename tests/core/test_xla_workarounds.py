@@ -22,6 +22,7 @@ import prunax
 from prunax import _xla_workarounds
 from prunax import selection
 from tests.core.helpers import distinct_kernels
+from tests.xla_env import compile_as_users
 from tests.xla_env import cpu_env
 
 CPU_ONLY = pytest.mark.skipif(
@@ -40,7 +41,7 @@ def stale(name: str) -> str:
 def compiled(fn, *args):
   # Fresh caches: a function traced with the workaround must not be reused without it.
   jax.clear_caches()
-  return jax.jit(fn).lower(*args).compile()
+  return compile_as_users(jax.jit(fn).lower(*args))
 
 
 def temp_bytes(fn, *args) -> int:
@@ -115,7 +116,7 @@ def autosparse_step(size: int):
     return optax.apply_updates(p, updates), s
 
   jax.clear_caches()
-  return jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params)).compile()
+  return compile_as_users(jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params)))
 
 
 LAYER = 256
@@ -405,7 +406,7 @@ def test_in_place_blocks_of_4_and_6_compile_in_a_3_device_step():
   # and failed; narrowed elementwise (selection._narrow), the step compiles and runs.
   done = subprocess.run(
     [sys.executable, '-c', IN_PLACE_SCRIPT],
-    env=cpu_env(3),
+    env=cpu_env(3, users_emitters=True),
     capture_output=True,
     text=True,
     timeout=300,
