@@ -64,17 +64,19 @@ print('REPORT' + json.dumps(out))
 
 @pytest.fixture(scope='module')
 def hlo_reports():
-  """The child's report in the suite's environment, at XLA's default level (3), and
-  without the suite's fusion emitters."""
-  suite = xla_env.cpu_env(1)
-  level_3 = dict(
-    suite, XLA_FLAGS=suite['XLA_FLAGS'].replace(LEVEL_0, '--xla_backend_optimization_level=3')
-  )
-  users = xla_env.cpu_env(1, users_emitters=True)
+  """The child's report with the suite's own flags (whatever flags this run was given), at
+  XLA's default level (3), and without the suite's fusion emitters."""
+  suite = xla_env.suite_flags('--xla_force_host_platform_device_count=1')
+  flags = {
+    'suite': suite,
+    'level_3': suite.replace(LEVEL_0, '--xla_backend_optimization_level=3'),
+    'users': suite.replace(OLD_EMITTERS, '').strip(),
+  }
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the child imports tests
+  env = dict(xla_env.cpu_env(1), PYTHONPATH=root)
   return {
-    name: xla_env.child_report(HLO_SCRIPT, dict(env, PYTHONPATH=root), timeout=300)
-    for name, env in (('suite', suite), ('level_3', level_3), ('users', users))
+    name: xla_env.child_report(HLO_SCRIPT, dict(env, XLA_FLAGS=f), timeout=300)
+    for name, f in flags.items()
   }
 
 
