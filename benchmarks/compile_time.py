@@ -5,6 +5,7 @@ Run from the repository root::
   python -m benchmarks.compile_time                 # MLPs of 4, 16, 64 layers of 256x256
   python -m benchmarks.compile_time --layers 4,16 --repeats 3 --algorithms magnitude,rigl
   python -m benchmarks.compile_time --warm-cache    # a relaunch with JAX's persistent cache
+  python -m benchmarks.compile_time --init          # the optimizer state's init instead
 
 Each repeat compiles (``jax.jit(step).lower(params, state).compile()``, caches cleared)
 the dense step and every pruned step of the same model, and reports the pruned / dense
@@ -14,7 +15,9 @@ With ``--warm-cache``, JAX's persistent compilation cache is on (a fresh tempora
 directory, every program cached) and each timed compile comes after the same step was
 compiled once and the in-memory caches were cleared: what a relaunch of a training job
 pays (trace, lowering, and reading the executable back), e.g. t5x, which compiles at every
-launch, with ``jax_compilation_cache_dir`` set.
+launch, with ``jax_compilation_cache_dir`` set. With ``--init``, the timed call is
+``tx.init(params)`` (prunax compiles the masks' init once per updater and shapes; a random
+initial mask runs a selection), against the dense optimizer's init.
 """
 
 from __future__ import annotations
@@ -83,6 +86,17 @@ def compile_seconds(tx, params, x, warm: bool = False) -> float:
   return time.perf_counter() - start
 
 
+def init_seconds(tx, params, x, warm: bool = False) -> float:
+  """Seconds of ``tx.init(params)``, caches cleared: prunax compiles its part of the state
+  (the masks: random ones run a selection) once per updater and shapes."""
+  del x
+  for _ in range(2 if warm else 1):
+    jax.clear_caches()
+    start = time.perf_counter()
+    jax.block_until_ready(tx.init(params))
+  return time.perf_counter() - start
+
+
 def use_persistent_cache() -> str:
   """Turns on JAX's persistent compilation cache in a fresh directory (returned) for
   every program, however fast it compiles."""
@@ -121,11 +135,14 @@ def main(argv=None):
   parser.add_argument(
     '--warm-cache', action='store_true', help='time a relaunch with the persistent cache'
   )
+  parser.add_argument('--init', action='store_true', help="time the state's init, not the step")
   args = parser.parse_args(argv)
   if args.warm_cache:
     use_persistent_cache()
   what = ', relaunched with a warm persistent cache' if args.warm_cache else ''
-  print(f'# Compile time, pruned / dense train step (adam, 256x256 layers, sparsity 0.9{what})')
+  timed = 'init (tx.init, compile and run)' if args.init else 'train step'
+  seconds = init_seconds if args.init else compile_seconds
+  print(f'# Compile time, pruned / dense {timed} (adam, 256x256 layers, sparsity 0.9{what})')
   print(f'jax {jax.__version__}, {machine()}, {time.strftime("%Y-%m-%d")}\n')
   print('| layers | algorithm | dense s (median) | pruned s (median) | ratio min / median / max |')
   print('|---|---|---|---|---|')
@@ -136,8 +153,8 @@ def main(argv=None):
       dense, pruned = [], []
       for _ in range(args.repeats):
         tx = ALGORITHMS[name]().wrap_optax(optax.adam(1e-3))
-        dense.append(compile_seconds(optax.adam(1e-3), params, x, args.warm_cache))
-        pruned.append(compile_seconds(tx, params, x, args.warm_cache))
+        dense.append(seconds(optax.adam(1e-3), params, x, args.warm_cache))
+        pruned.append(seconds(tx, params, x, args.warm_cache))
       ratios = [p / d for p, d in zip(pruned, dense)]
       print(
         f'| {layers} | {name} | {statistics.median(dense):.2f} | '
