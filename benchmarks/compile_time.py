@@ -79,21 +79,23 @@ def compile_seconds(tx, params, x, warm: bool = False) -> float:
     return optax.apply_updates(p, u), s
 
   state = tx.init(params)
-  for _ in range(2 if warm else 1):
-    jax.clear_caches()
-    start = time.perf_counter()
-    jax.jit(step, donate_argnums=(0, 1)).lower(params, state).compile()
-  return time.perf_counter() - start
+  return _seconds(lambda: jax.jit(step, donate_argnums=(0, 1)).lower(params, state).compile(), warm)
 
 
 def init_seconds(tx, params, x, warm: bool = False) -> float:
   """Seconds of ``tx.init(params)``, caches cleared: prunax compiles its part of the state
   (the masks: random ones run a selection) once per updater and shapes."""
   del x
+  return _seconds(lambda: jax.block_until_ready(tx.init(params)), warm)
+
+
+def _seconds(call, warm: bool) -> float:
+  """Seconds of ``call()`` with JAX's in-memory caches cleared; ``warm``: of its second
+  such call (the first fills the persistent cache)."""
   for _ in range(2 if warm else 1):
     jax.clear_caches()
     start = time.perf_counter()
-    jax.block_until_ready(tx.init(params))
+    call()
   return time.perf_counter() - start
 
 

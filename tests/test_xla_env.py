@@ -70,7 +70,7 @@ def hlo_reports():
   flags = {
     'suite': suite,
     'level_3': suite.replace(LEVEL_0, '--xla_backend_optimization_level=3'),
-    'users': suite.replace(OLD_EMITTERS, '').strip(),
+    'users': xla_env.users_flags(suite),
   }
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the child imports tests
   env = dict(xla_env.cpu_env(1), PYTHONPATH=root)

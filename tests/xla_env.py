@@ -48,6 +48,11 @@ def suite_flags(flags: str) -> str:
   return flags
 
 
+def users_flags(flags: str) -> str:
+  """``flags`` without the suite's fusion emitters: those of a user's process."""
+  return ' '.join(f for f in flags.split() if not f.startswith(EMITTERS_FLAG))
+
+
 def compile_as_users(lowered):
   """``lowered.compile()`` with the fusion emitters of a process started without the
   suite's flags: for tests that read the optimised HLO."""
@@ -63,7 +68,7 @@ def cpu_env(devices: int, users_emitters: bool = False) -> dict[str, str]:
   flags = ' '.join(f for f in flags.split() if 'xla_force_host_platform_device_count' not in f)
   flags = suite_flags(f'{flags} --xla_force_host_platform_device_count={devices}'.strip())
   if users_emitters:
-    flags = ' '.join(f for f in flags.split() if not f.startswith(EMITTERS_FLAG))
+    flags = users_flags(flags)
   return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
 
 
