@@ -35,6 +35,7 @@ from prunax import _checks
 from prunax import engines
 from prunax import layers
 from prunax import masks as masks_lib
+from prunax import random_masks as random_masks_lib
 from prunax import selection
 from prunax import sparsity_distributions
 from prunax import sparsity_schedules
@@ -447,9 +448,30 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     )
 
   def random_masks(self, params: PyTree, targets: PyTree) -> PyTree:
-    """Random boolean masks at the ``targets`` (from :meth:`initial_key`), exact counts."""
-    scores = self.random_scores(params, self.rng_key(None, salt=1))
-    return self.masks_from_scores(scores, targets)
+    """Random boolean masks at the ``targets`` (from :meth:`initial_key`), exact counts.
+
+    Unstructured per-leaf masks keep the positions that a keyed permutation sends below
+    the count (:mod:`prunax.random_masks`: elementwise, no selection to compile); other
+    structures and strategies keep the top of random scores (:meth:`random_scores`)."""
+    key = self.rng_key(None, salt=1)
+    flat_t, treedef = jax.tree.flatten(targets, is_leaf=is_none)
+    shapes = [tuple(np.shape(p)) for p in treedef.flatten_up_to(params)]
+    axes = treedef.flatten_up_to(self.layer_axes_tree(params))
+    sizes = [int(np.prod(layers.slice_shape(sh, a))) for sh, a in zip(shapes, axes, strict=True)]
+    structure = self.sparsity_type
+    permuted = (
+      isinstance(structure, sparsity_types.Unstructured)
+      and type(structure).mask is sparsity_types.Unstructured.mask
+      and isinstance(self.selection_strategy, strategies.PerLeaf)
+      and max(sizes, default=0) <= random_masks_lib.MAX_POSITIONS
+    )
+    if not permuted:
+      return self.masks_from_scores(self.random_scores(params, key), targets)
+    ks = [
+      None if s is None else n - sparsity_types.num_zeros(s, n)
+      for s, n in zip(flat_t, sizes, strict=True)
+    ]
+    return treedef.unflatten(random_masks_lib.leaf_masks(shapes, ks, key, axes))
 
   def init_state(self, params: PyTree, inner_state: Any = None) -> SparseState:
     """The :class:`SparseState` for ``params`` around ``inner_state``."""

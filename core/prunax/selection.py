@@ -385,7 +385,7 @@ def _flat_eval(fn: Callable[..., jax.Array], *args) -> jax.Array:
   return fn(*args).reshape(-1)
 
 
-def _mix32(x: jax.Array) -> jax.Array:
+def mix32(x: jax.Array) -> jax.Array:
   # "lowbias32" integer hash (C. Wellons): a bijection of uint32 with good avalanche.
   x = x ^ (x >> 16)
   x = x * jnp.uint32(0x7FEB352D)
@@ -426,7 +426,7 @@ def hash_uniform(like: jax.Array, key_data: jax.Array) -> jax.Array:
   """
   key_data = jnp.asarray(key_data, jnp.uint32)
   index = _flat_index(jnp.shape(like), key_data)
-  h = _mix32(_mix32(index ^ key_data[0]) + key_data[1])
+  h = mix32(mix32(index ^ key_data[0]) + key_data[1])
   return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
@@ -464,8 +464,8 @@ def fold_key(key: jax.Array, *data) -> jax.Array:
   key_data = jnp.asarray(key).astype(jnp.uint32)
   k0, k1 = key_data[..., 0], key_data[..., 1]
   for d in data:
-    k0 = _mix32(k0 ^ _mix32(jnp.asarray(d).astype(jnp.uint32) + jnp.uint32(0x9E3779B9)))
-    k1 = _mix32(k1 + k0)
+    k0 = mix32(k0 ^ mix32(jnp.asarray(d).astype(jnp.uint32) + jnp.uint32(0x9E3779B9)))
+    k1 = mix32(k1 + k0)
   return jnp.stack(jnp.broadcast_arrays(k0, k1), axis=-1)
 
 
@@ -616,9 +616,9 @@ def hash_uniform_layers(like: jax.Array, key_data: jax.Array, layer_ids: jax.Arr
   on one layer's slice (:func:`map_layers`).
   """
   key_data = jnp.asarray(key_data, jnp.uint32)
-  layer_key = _mix32(jnp.asarray(layer_ids, jnp.uint32) ^ key_data[0])
+  layer_key = mix32(jnp.asarray(layer_ids, jnp.uint32) ^ key_data[0])
   index = _flat_index(jnp.shape(like), key_data)
-  h = _mix32(_mix32(index ^ layer_key) + key_data[1])
+  h = mix32(mix32(index ^ layer_key) + key_data[1])
   return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 

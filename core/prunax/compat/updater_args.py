@@ -235,7 +235,9 @@ class JaxprunerArgs:
     if target_sparsities is None:
       return jax.tree.map(lambda _: None, params)
     masks = self.init_masks(params, target_sparsities)
-    return jax.tree.map(lambda m: m.astype(MASK_DTYPE), masks)
+    # Random initial masks are lazy (prunax.random_masks): alike ones drawn together.
+    flat, treedef = jax.tree.flatten(masks)
+    return treedef.unflatten(selection.map_alike(lambda m: m.astype(MASK_DTYPE), flat))
 
   def update_state(self, sparse_state, params: PyTree, grads: PyTree = None, **kwargs):
     """``sparse_state`` with masks recomputed at the schedule's sparsity for its step.

@@ -1,0 +1,197 @@
+"""Random initial masks by a keyed permutation (prunax.random_masks).
+
+The permutation is checked against a numpy transcription of the swap-or-not shuffle
+(Hoang, Morris, Rogaway 2012), for being a bijection, and for statistics: the kept positions
+of many keys must be as uniform and as pairwise independent as exact uniform draws (a
+check that rejects the same shuffle with too few rounds). Sparse training's init (SET,
+RigL, static random) must keep exact counts per leaf and per layer, draw alike leaves in
+one computation, and give the same masks jitted and eager.
+"""
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import prunax
+from prunax import engines
+from prunax import random_masks
+from prunax import sparsity_schedules as sched
+from prunax import sparsity_types
+
+
+def _mix32(x):
+  # "lowbias32" (C. Wellons), transcribed for uint32 numpy arrays.
+  x = x ^ (x >> np.uint32(16))
+  x = (x * np.uint32(0x7FEB352D)).astype(np.uint32)
+  x = x ^ (x >> np.uint32(15))
+  x = (x * np.uint32(0x846CA68B)).astype(np.uint32)
+  return x ^ (x >> np.uint32(16))
+
+
+def reference_permutation(n, keys):
+  """Swap-or-not, one position at a time: round r pairs x with K_r - x (mod n) and swaps
+  when the round's bit of max(x, partner) is set."""
+  out = []
+  with np.errstate(over='ignore'):
+    for x in range(n):
+      for offset, hash_key in np.asarray(keys, np.uint32):
+        partner = (int(offset) % n - x) % n
+        bit = int(_mix32(np.uint32(max(x, partner)) ^ hash_key)) >> 31
+        x = partner if bit else x
+      out.append(x)
+  return np.array(out)
+
+
+def key_words(*seeds):
+  return jnp.asarray(np.array(seeds, np.uint32).reshape(-1, 2))
+
+
+@pytest.mark.parametrize('n', [1, 2, 7, 64, 100])
+def test_permutation_matches_the_transcription(n):
+  keys = random_masks.round_keys(key_words(3, n))[0]
+  got = random_masks.permute(jnp.arange(n, dtype=jnp.uint32), n, keys)
+  np.testing.assert_array_equal(np.asarray(got), reference_permutation(n, keys))
+
+
+@hypothesis.settings(deadline=None, max_examples=25)
+@hypothesis.given(n=st.integers(1, 5000), seed=st.integers(0, 2**32 - 1), k=st.integers(0, 5000))
+def test_permutation_is_a_bijection_and_keeps_exact_counts(n, seed, k):
+  keys = random_masks.round_keys(key_words(seed, 1))[0]
+  perm = np.asarray(random_masks.permute(jnp.arange(n, dtype=jnp.uint32), n, keys))
+  np.testing.assert_array_equal(np.sort(perm), np.arange(n))
+  mask = random_masks.keep_mask((n,), k, keys)
+  assert int(mask.sum()) == min(k, n)
+
+
+def test_permute_rejects_a_domain_it_cannot_hold():
+  keys = random_masks.round_keys(key_words(0, 0))[0]
+  with pytest.raises(ValueError, match=r'n=0 positions; valid: 1 <= n <= 2147483648'):
+    random_masks.permute(jnp.zeros(3, jnp.uint32), 0, keys)
+
+
+def draws(n, k, trials, rounds):
+  keys = random_masks.round_keys(key_words(*np.stack([np.arange(trials), np.full(trials, 5)], 1)))
+  keys = keys[:, :rounds]
+  return np.asarray(jax.jit(jax.vmap(lambda kk: random_masks.keep_mask((n,), k, kk)))(keys))
+
+
+def uniformity_statistics(masks, k):
+  """Mean squared z-scores of every position's keep frequency and of every pair's joint
+  keep frequency, against exact uniform k-of-n draws (about 1 for such draws)."""
+  trials, n = masks.shape
+  p, pair = k / n, k * (k - 1) / (n * (n - 1))
+  single = (masks.mean(0) - p) / np.sqrt(p * (1 - p) / trials)
+  m = masks.astype(np.float32)
+  joint = (m.T @ m / trials)[np.triu_indices(n, 1)]
+  pairs = (joint - pair) / np.sqrt(pair * (1 - pair) / trials)
+  return float(np.mean(single**2)), float(np.mean(pairs**2))
+
+
+def test_kept_positions_are_uniform_and_pairwise_independent():
+  n, k, trials = 100, 10, 20000
+  single, pairs = uniformity_statistics(draws(n, k, trials, random_masks.ROUNDS), k)
+  assert 0.7 < single < 1.3 and 0.9 < pairs < 1.1, (single, pairs)
+  # The check has power: the same shuffle with a quarter of the rounds fails it.
+  weak = uniformity_statistics(draws(n, k, trials, random_masks.ROUNDS // 4), k)
+  assert weak[0] > 1.3 or weak[1] > 1.1, weak
+
+
+def test_a_large_leaf_spreads_its_kept_weights_like_a_uniform_draw():
+  # Rows of a 256 x 256 leaf at 90% sparsity hold hypergeometric counts of kept weights.
+  n, k, trials = 65536, 6554, 64
+  rows = draws(n, k, trials, random_masks.ROUNDS).reshape(trials, 256, 256).sum(-1)
+  mean = 256 * k / n
+  var = 256 * (k / n) * (1 - k / n) * (n - 256) / (n - 1)
+  assert abs(rows.mean() - mean) < 1e-9
+  assert 0.9 < rows.var() / var < 1.1, rows.var() / var
+
+
+def mlp(layers, width=32):
+  return {
+    f'layer{i}': {'kernel': jnp.ones((width, width)), 'bias': jnp.zeros(width)}
+    for i in range(layers)
+  }
+
+
+def stored_masks(updater, params):
+  state = updater.wrap_optax(optax.sgd(0.1)).init(params)
+  return jax.tree.map(np.asarray, prunax.state.bool_masks(state, params))
+
+
+@pytest.mark.parametrize(
+  'make',
+  [
+    lambda: prunax.SET(sparsity=0.8, scheduler=sched.PeriodicSchedule(10, 0, 100)),
+    lambda: prunax.RigL(sparsity=0.8, scheduler=sched.PeriodicSchedule(10, 0, 100)),
+    lambda: prunax.StaticRandomSparse(sparsity=0.8),
+  ],
+)
+def test_sparse_training_starts_from_exact_distinct_random_masks(make):
+  params = mlp(6)
+  masks = stored_masks(make(), params)
+  kernels = [masks[f'layer{i}']['kernel'] for i in range(6)]
+  want = 32 * 32 - int(np.round(np.float32(0.8) * np.float32(32 * 32)))
+  assert [int(m.sum()) for m in kernels] == [want] * 6
+  assert len({m.tobytes() for m in kernels}) == 6  # each leaf its own draw
+
+
+def test_alike_leaves_are_drawn_together():
+  # 16 leaves of one shape: the rounds are traced once per group of alike leaves (a
+  # group of at most 8 is evaluated together), not once per leaf.
+  params = mlp(16)
+  updater = prunax.SET(sparsity=0.8, scheduler=sched.PeriodicSchedule(10, 0, 100))
+  jaxpr = jax.make_jaxpr(engines._jitted_init_state, static_argnums=0)(updater, params, None)
+  # One remainder per permutation evaluated (the rounds' offsets modulo the size).
+  assert str(jaxpr).count(' rem ') == 2
+
+
+def test_jitted_and_eager_init_draw_the_same_masks():
+  params = mlp(3)
+  updater = prunax.SET(sparsity=0.7, scheduler=sched.PeriodicSchedule(10, 0, 100))
+  jitted = engines._jitted_init_state(updater, params, None).masks
+  with jax.disable_jit():
+    eager = updater.init_state(params).masks
+  for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_seed_changes_the_masks():
+  params = mlp(1)
+  a, b, c = (
+    stored_masks(prunax.StaticRandomSparse(sparsity=0.5, seed=s), params)['layer0']['kernel']
+    for s in (0, 0, 1)
+  )
+  np.testing.assert_array_equal(a, b)
+  assert (a != c).any()
+
+
+def test_every_layer_of_a_stacked_leaf_gets_its_own_exact_draw():
+  params = {'layers': {'kernel': jnp.ones((4, 16, 24))}, 'head': jnp.ones((24, 5))}
+  updater = prunax.StaticRandomSparse(sparsity=0.75, layer_axes={'layers/kernel': 0})
+  masks = stored_masks(updater, params)
+  stack = masks['layers']['kernel']
+  assert [int(m.sum()) for m in stack] == [16 * 24 // 4] * 4
+  assert len({m.tobytes() for m in stack}) == 4
+  assert int(masks['head'].sum()) == 24 * 5 - int(np.round(np.float32(0.75) * 120))
+
+
+def test_structured_random_masks_keep_their_structure():
+  # N:M is not a permutation's job: those masks still come from random scores.
+  params = mlp(2, width=16)
+  updater = prunax.StaticRandomSparse(sparsity=0.5, sparsity_type=sparsity_types.NByM(2, 4))
+  kernel = stored_masks(updater, params)['layer0']['kernel']
+  groups = np.moveaxis(kernel, 0, -1).reshape(16, 4, 4)  # N:M along the input axis
+  assert (groups.sum(-1) == 2).all()
+
+
+def test_initial_masks_of_the_jaxpruner_api_are_arrays():
+  params = mlp(2)
+  updater = prunax.StaticRandomSparse(sparsity=0.8)
+  masks = updater.get_initial_masks(params, updater.target_sparsities(params))
+  kernel = masks['layer0']['kernel']
+  assert isinstance(kernel, jax.Array) and kernel.dtype == jnp.uint8
+  assert int(kernel.sum()) == 32 * 32 - 819
