@@ -206,3 +206,15 @@ def test_initial_masks_of_the_jaxpruner_api_are_arrays():
   kernel = masks['layer0']['kernel']
   assert isinstance(kernel, jax.Array) and kernel.dtype == jnp.uint8
   assert int(kernel.sum()) == 32 * 32 - 819
+
+
+def test_leaves_beyond_the_permutation_domain_keep_the_scores_path(monkeypatch):
+  # A layer of more than MAX_POSITIONS weights (2**31: an 8 GB float32 layer) is drawn as
+  # the top k of random scores; shown here with the limit lowered to 1000 weights.
+  monkeypatch.setattr(random_masks, 'MAX_POSITIONS', 1000)
+  params = mlp(2)  # 1024 weights per kernel
+  updater = prunax.StaticRandomSparse(sparsity=0.8)
+  jaxpr = jax.make_jaxpr(engines._jitted_init_state, static_argnums=0)(updater, params, None)
+  assert '_keep_at' not in str(jaxpr) and 'sort' in str(jaxpr)  # small: sorted scores
+  kernel = stored_masks(updater, params)['layer0']['kernel']
+  assert int(kernel.sum()) == 1024 - 819
