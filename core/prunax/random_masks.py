@@ -30,11 +30,12 @@ from prunax import selection
 
 # Swap-or-not rounds. Each round lets every position move with probability 1/2 to a
 # position chosen by a fresh key; the tests check that the kept positions of many keys
-# are as uniform and as independent as exact uniform draws (tests/test_random_masks.py).
+# are as uniform and as independent as exact uniform draws (tests/core/test_random_masks.py).
 ROUNDS = 24
 
-# The largest number of positions a permutation takes: ``K + n - x`` stays in uint32.
-MAX_POSITIONS = 2**31
+# The largest number of positions a permutation takes: ``K + n - x`` stays in uint32 and
+# the count in int32. A larger layer (an 8 GB float32 one) is drawn from random scores.
+MAX_POSITIONS = 2**31 - 1
 
 
 def round_keys(key_data: jax.Array, rounds: int = ROUNDS) -> jax.Array:

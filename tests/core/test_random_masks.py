@@ -33,12 +33,12 @@ def _mix32(x):
   return x ^ (x >> np.uint32(16))
 
 
-def reference_permutation(n, keys):
-  """Swap-or-not, one position at a time: round r pairs x with K_r - x (mod n) and swaps
-  when the round's bit of max(x, partner) is set."""
+def reference_permutation(n, keys, positions=None):
+  """Swap-or-not, one position at a time (Python integers): round r pairs x with K_r - x
+  (mod n) and swaps when the round's bit of max(x, partner) is set."""
   out = []
   with np.errstate(over='ignore'):
-    for x in range(n):
+    for x in range(n) if positions is None else positions:
       for offset, hash_key in np.asarray(keys, np.uint32):
         partner = (int(offset) % n - x) % n
         bit = int(_mix32(np.uint32(max(x, partner)) ^ hash_key)) >> 31
@@ -58,6 +58,15 @@ def test_permutation_matches_the_transcription(n):
   np.testing.assert_array_equal(np.asarray(got), reference_permutation(n, keys))
 
 
+def test_the_largest_domain_does_not_overflow():
+  n = random_masks.MAX_POSITIONS
+  positions = [0, 1, 2, n // 2, n - 2, n - 1]
+  keys = random_masks.round_keys(key_words(11, 12))[0]
+  got = np.asarray(random_masks.permute(jnp.asarray(positions, jnp.uint32), n, keys))
+  np.testing.assert_array_equal(got, reference_permutation(n, keys, positions))
+  assert len(set(got.tolist())) == len(positions) and got.max() < n
+
+
 @hypothesis.settings(deadline=None, max_examples=25)
 @hypothesis.given(n=st.integers(1, 5000), seed=st.integers(0, 2**32 - 1), k=st.integers(0, 5000))
 def test_permutation_is_a_bijection_and_keeps_exact_counts(n, seed, k):
@@ -70,7 +79,7 @@ def test_permutation_is_a_bijection_and_keeps_exact_counts(n, seed, k):
 
 def test_permute_rejects_a_domain_it_cannot_hold():
   keys = random_masks.round_keys(key_words(0, 0))[0]
-  with pytest.raises(ValueError, match=r'n=0 positions; valid: 1 <= n <= 2147483648'):
+  with pytest.raises(ValueError, match=r'n=0 positions; valid: 1 <= n <= 2147483647'):
     random_masks.permute(jnp.zeros(3, jnp.uint32), 0, keys)
 
 
@@ -209,7 +218,7 @@ def test_initial_masks_of_the_jaxpruner_api_are_arrays():
 
 
 def test_leaves_beyond_the_permutation_domain_keep_the_scores_path(monkeypatch):
-  # A layer of more than MAX_POSITIONS weights (2**31: an 8 GB float32 layer) is drawn as
+  # A layer of more than MAX_POSITIONS weights (2**31 - 1: an 8 GB float32 layer) is drawn as
   # the top k of random scores; shown here with the limit lowered to 1000 weights.
   monkeypatch.setattr(random_masks, 'MAX_POSITIONS', 1000)
   params = mlp(2)  # 1024 weights per kernel
