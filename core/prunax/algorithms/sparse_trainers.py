@@ -1,7 +1,9 @@
 """Sparse-to-sparse training: static random masks, SET and RigL.
 
 Masks are drawn at random at ``init``, already at the target sparsity of the
-distribution (ERK is the usual choice). SET (Mocanu et al., 2018) and RigL (Evci et al.,
+distribution (ERK is the usual choice): exact counts, uniformly random positions
+(unstructured: :mod:`prunax.random_masks`, a keyed permutation; structured: the top of
+random scores). SET (Mocanu et al., 2018) and RigL (Evci et al.,
 2020) update them every ``update_freq`` steps: among the ``n`` active weights of a leaf,
 ``floor(f * n)`` with the smallest magnitude are dropped (as in the RigL reference code;
 ``f`` is the drop fraction, cosine-decayed to 0 at ``update_end_step``), and as many
