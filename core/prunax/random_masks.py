@@ -62,6 +62,10 @@ def permute(index: jax.Array, n: int, keys: jax.Array) -> jax.Array:
     raise ValueError(f'permute: n={n} positions; valid: 1 <= n <= {MAX_POSITIONS}.')
   lax = jax.lax
   x = jnp.asarray(index, jnp.uint32)
+  if n == 1:
+    # The only permutation. (Compiled with traced keys, the rounds modulo 1 sent XLA's
+    # algebraic simplifier into a loop and the compile failed.)
+    return x
   shape, ndim = x.shape, x.ndim
   # lax operations only, on arrays of x's shape: the rounds are traced per group of
   # alike leaves, and jnp's operators cost several times as much tracing each.

@@ -22,6 +22,7 @@ from prunax import engines
 from prunax import random_masks
 from prunax import sparsity_schedules as sched
 from prunax import sparsity_types
+from tests.xla_env import compile_as_users
 
 
 def _mix32(x):
@@ -75,6 +76,36 @@ def test_permutation_is_a_bijection_and_keeps_exact_counts(n, seed, k):
   np.testing.assert_array_equal(np.sort(perm), np.arange(n))
   mask = random_masks.keep_mask((n,), k, keys)
   assert int(mask.sum()) == min(k, n)
+
+
+@pytest.mark.parametrize('n', [1, 2, 3])
+def test_tiny_domains_compile_with_traced_keys(n):
+  # n = 1 failed to compile (XLA's simplifier looped on the rounds modulo 1).
+  # Compiled as users compile (the suite's XLA flags compiled it).
+  keys = random_masks.round_keys(key_words(4, n))[0]
+  index = jnp.arange(n, dtype=jnp.uint32)
+  permute = jax.jit(lambda kk: random_masks.permute(index, n, kk)).lower(keys)
+  got = compile_as_users(permute)(keys)
+  np.testing.assert_array_equal(np.asarray(got), reference_permutation(n, keys))
+  mask = compile_as_users(jax.jit(lambda kk: random_masks.keep_mask((n,), 1, kk)).lower(keys))
+  assert int(mask(keys).sum()) == 1
+
+
+@pytest.mark.parametrize(
+  'make',
+  [
+    lambda: prunax.SET(sparsity=0.5, scheduler=sched.PeriodicSchedule(10, 0, 100)),
+    lambda: prunax.StaticRandomSparse(sparsity=0.95),
+  ],
+)
+def test_a_one_weight_leaf_keeps_its_weight(make):
+  params = {'w': jnp.ones((1, 1)), 'k': jnp.ones((4, 8))}
+  updater = make()
+  init = compile_as_users(engines._jitted_init_state.lower(updater, params, None))
+  state = init(params, None)
+  masks = jax.tree.map(np.asarray, prunax.state.bool_masks(state, params))
+  assert int(masks['w'].sum()) == 1  # a pruned leaf keeps at least one weight
+  assert int(masks['k'].sum()) == 32 - int(np.round(np.float32(updater.sparsity) * 32))
 
 
 def test_permute_rejects_a_domain_it_cannot_hold():
