@@ -21,7 +21,10 @@ the optimised program, not a clock. For every algorithm this compiles:
 and reports ``bytes accessed`` and ``flops`` (``compiled.cost_analysis()``) and the
 temporaries (``compiled.memory_analysis().temp_size_in_bytes``) against the dense step
 (adam). Mask-update steps are not reported: XLA counts a ``while`` loop's body once,
-whatever its trip count, so the selection's passes are undercounted. Bytes are a model of
+whatever its trip count, so the selection's passes are undercounted. For the same reason
+a scanned model's layers count as one layer, in the dense step as in the pruned one,
+while the optimizer's pass over the stacked leaves counts whole: the scanned ratios
+overstate. Bytes are a model of
 memory traffic (operands and results of every fused kernel), the first-order cost of these
 memory-bound steps on CPU; time them with ``benchmarks.run`` and ``benchmarks.transformer``.
 Nothing is asserted.
