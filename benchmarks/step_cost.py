@@ -38,32 +38,17 @@ import dataclasses
 import jax
 import optax
 
-from benchmarks import run
-from benchmarks import transformer
 from benchmarks.compile_time import machine
+from benchmarks.search_passes import model_and_step
+from prunax import engines
 from prunax import sparsity_schedules as sched
 
 
-def model_and_step(model: str, layout: str):
-  """``(params, {name: (pruner, has_updates)}, step(tx), batch)`` of the benchmark model."""
-  if model == 'mlp':
-    sizes = [784, 2048, 2048, 10]
-    return run.mlp(sizes), run.algorithms(True), run.make_step, run.mlp_batch(sizes, 128)
-  if model != 'transformer':
-    raise ValueError(f'--model must be mlp or transformer, got {model!r}.')
-  tokens = transformer.tokens_of(2)
-  lm, params, layer_axes = transformer.setup(12, layout, tokens)
-  return (
-    params,
-    transformer.algorithms(layer_axes),
-    lambda tx: transformer.make_step(lm, tx),
-    tokens,
-  )
-
-
 def cost(step, params, state, batch) -> tuple[float, float, int]:
-  """``(bytes accessed, flops, temporary bytes)`` of ``step`` compiled for these inputs."""
-  compiled = jax.jit(step).lower(params, state, batch).compile()
+  """``(bytes accessed, flops, temporary bytes)`` of ``step`` (a jitted step of
+  ``benchmarks.search_passes.model_and_step``) compiled for these inputs, without its
+  donation of params and state, for both steps alike."""
+  compiled = jax.jit(step.__wrapped__).lower(params, state, batch).compile()
   analysis = compiled.cost_analysis()
   if isinstance(analysis, list):  # older jax: one dict per program
     analysis = analysis[0]
@@ -94,8 +79,8 @@ def main(argv=None):
   print('| algorithm | step | bytes / dense | flops / dense | temporaries MiB (dense) |')
   print('|---|---|---|---|---|')
   for name in names:
-    pruner, has_updates = algorithms[name]
-    if has_updates:
+    pruner = algorithms[name]
+    if pruner.engine is not engines.straight_through:
       changes = {'scheduler': sched.NoUpdateSchedule()}
       if hasattr(pruner, 'drop_fraction_fn'):  # SET, RigL: a decay needs an end step
         changes['drop_fraction_fn'] = 'constant'

@@ -463,7 +463,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       isinstance(structure, sparsity_types.Unstructured)
       and type(structure).mask is sparsity_types.Unstructured.mask
       and isinstance(self.selection_strategy, strategies.PerLeaf)
-      and max(sizes, default=0) <= random_masks_lib.MAX_POSITIONS
+      and all(n <= random_masks_lib.MAX_POSITIONS for s, n in zip(flat_t, sizes) if s is not None)
     )
     if not permuted:
       return self.masks_from_scores(self.random_scores(params, key), targets)

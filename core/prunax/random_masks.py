@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunax import _xla_workarounds
 from prunax import selection
 
 # Swap-or-not rounds. Each round lets every position move with probability 1/2 to a
@@ -105,13 +104,8 @@ def keep_mask(shape: tuple[int, ...], k: Any, keys: jax.Array, layer_axis: int |
     bshape[layer_axis] = shape[layer_axis]
     per_round = jnp.moveaxis(keys, 0, -1).reshape(keys.shape[1:3] + tuple(bshape))
   n = math.prod(inner)
-  index = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for d in reversed(range(len(shape))):
-    if d == layer_axis:
-      continue
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride)
-    stride *= shape[d]
+  # Row-major positions within a layer, the same in every layer.
+  index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.uint32).reshape(inner), shape)
   k = jnp.clip(jnp.asarray(k, jnp.int32), 0, n).astype(jnp.uint32)
   return permute(index, n, per_round) < k
 
@@ -155,7 +149,7 @@ def _keep_at(shape, axis, leaf_keys, i, k):
   Jitted: traced once per shape, and its vmap (a group of alike leaves) batched once;
   tracing the rounds under ``vmap`` for every group took most of an init's trace time
   (1.0 s of 1.3 s at 64 layers of 256 x 256)."""
-  keys = _xla_workarounds.leaf_row(leaf_keys, i)
+  keys = leaf_keys[i]  # i is traced here (an argument of the jit), so no constant index
   if axis is not None:
     layers = np.arange(shape[axis], dtype=np.uint32)
     keys = selection.fold_key(keys, layers[:, None])  # (layers, rounds, 2)
