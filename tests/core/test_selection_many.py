@@ -70,9 +70,11 @@ def test_topk_masks_lazy_traced_k_and_layer_groups():
   got = masks(w, jnp.int32(5))
   for x, a, k, g in zip(w, axes, [5, 6, 7], got, strict=True):
     if a is None:
-      want = selection.topk_mask(jnp.abs(x), k)
+      want = jax.jit(lambda x, k=k: selection.topk_mask(jnp.abs(x), k))(x)
     else:
-      want = selection.map_layers(lambda y, k=k: selection.topk_mask(jnp.abs(y), k), a, x)
+      want = jax.jit(
+        lambda x, k=k, a=a: selection.map_layers(lambda y: selection.topk_mask(jnp.abs(y), k), a, x)
+      )(x)
     np.testing.assert_array_equal(np.asarray(g), np.asarray(want))
   with pytest.raises(ValueError, match='2 score arrays but 1 counts'):
     selection.topk_masks(w[:2], [1])
@@ -282,7 +284,8 @@ def test_under_map_layers_a_bucket_is_skipped_by_a_branch():
   hlo = compile_as_users(jax.jit(masks).lower(x, y)).as_text()
   assert re.search(r'\bconditional\(', hlo), 'the bucket reads are not branches'
   got = jax.jit(masks)(x, y)
+  layer_masks = jax.jit(lambda u, v: selection.topk_masks([u, v], [100, 1000]))
   for layer in range(3):
-    want = selection.topk_masks([x[layer], y[layer]], [100, 1000])
+    want = layer_masks(x[layer], y[layer])
     for g, w in zip(got, want, strict=True):
       np.testing.assert_array_equal(np.asarray(g[layer]), np.asarray(w))
