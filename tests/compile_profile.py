@@ -8,10 +8,10 @@ and compiling with XLA, and how many XLA compiles they ran. Under ``pytest-xdist
 workers send their figures to the main process, which prints one table. Child processes
 (the 8-device tests, the hosts' launchers) are not seen: their time shows as "other".
 
-Measured with it on a 2-core Intel Xeon (jax 0.10.2, 955 tests): of 995 s spent in the
-tests, 110 s were tracing, 200 s lowering and 367 s XLA compiles (11405 of them: most
-are single operations run eagerly, each compiled once per shape, about 15 ms each at the
-suite's XLA level).
+Measured with it on a 2-core Intel Xeon (jax 0.10.2, 956 tests, 539 s): of 1031 s spent
+in the tests, 111 s were tracing, 203 s lowering and 376 s XLA compiles (10836 of them:
+most are single operations run eagerly, each compiled once per shape, about 15 ms each
+at the suite's XLA level); most of the other 342 s ran in child processes.
 """
 
 from __future__ import annotations
