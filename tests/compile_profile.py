@@ -49,9 +49,12 @@ class CompileProfile:
   def rows(self, by_file: bool = False) -> list[tuple[str, dict[str, float]]]:
     """``(test or file, figures)`` by decreasing wall time; ``other`` is the wall time
     outside JAX's compile events (running, Python, child processes)."""
+    return self._grouped(lambda test: test.split('::')[0] if by_file else test)
+
+  def _grouped(self, key) -> list[tuple[str, dict[str, float]]]:
     totals: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for test, figures in self.tests.items():
-      totals[test.split('::')[0] if by_file else test].update(figures)
+      totals[key(test)].update(figures)
     out = []
     for name, figures in totals.items():
       row = {c: float(figures[c]) for c in COLUMNS[:-1]}
@@ -62,9 +65,7 @@ class CompileProfile:
   def table(self, top: int, by_file: bool = False) -> list[str]:
     """Lines of the ``top`` rows, with the totals of every test first."""
     lines = ['  '.join(f'{c:>8}' for c in COLUMNS) + '  ' + ('file' if by_file else 'test')]
-    every = self.rows(by_file=True)
-    total = {c: sum(r[c] for _, r in every) for c in COLUMNS}
-    for name, row in [('(all)', total)] + self.rows(by_file)[:top]:
+    for name, row in self._grouped(lambda _: '(all)') + self.rows(by_file)[:top]:
       cells = [f'{int(row[c]):8d}' if c == 'compiles' else f'{row[c]:8.1f}' for c in COLUMNS]
       lines.append('  '.join(cells) + '  ' + name)
     return lines
