@@ -8,6 +8,8 @@ RigL, static random) must keep exact counts per leaf and per layer, draw alike l
 one computation, and give the same masks jitted and eager.
 """
 
+import re
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -258,3 +260,43 @@ def test_leaves_beyond_the_permutation_domain_keep_the_scores_path(monkeypatch):
   assert '_keep_at' not in str(jaxpr) and 'sort' in str(jaxpr)  # small: sorted scores
   kernel = stored_masks(updater, params)['layer0']['kernel']
   assert int(kernel.sum()) == 1024 - 819
+
+
+def _init_compiled(updater, params):
+  return compile_as_users(
+    jax.jit(engines._jitted_init_state, static_argnums=0).lower(updater, params, None)
+  )
+
+
+def _largest_kernel(compiled) -> int:
+  """Instructions of the largest fused computation of an optimised module."""
+  bodies = re.findall(r'^%fused_computation[^\n]*\{\n(.*?)\n\}', compiled.as_text(), re.S | re.M)
+  return max(body.count('\n') + 1 for body in bodies)
+
+
+def test_the_rounds_run_in_a_loop_unless_the_positions_would_not_fit(monkeypatch):
+  # Up to LOOP_MAX_POSITIONS weights, the permutation's rounds run in a while loop, so
+  # XLA compiles one round: unrolled, the 24 rounds were one fused kernel of about 600
+  # instructions per group of alike leaves. Beyond it they are unrolled again, so that
+  # no position is stored (the loop keeps 4 bytes a weight between rounds). Both draw
+  # the same masks.
+  params = mlp(4, width=64)  # 4 kernels of 4096 weights: 16384 positions in all
+  updater = prunax.SET(sparsity=0.8, scheduler=sched.PeriodicSchedule(10, 0, 100))
+  looped = _init_compiled(updater, params)
+  rounds = re.findall(r'"known_trip_count":\{"n":"(\d+)"\}', looped.as_text())
+  assert str(random_masks.ROUNDS) in rounds, rounds
+  assert _largest_kernel(looped) < 150
+  masks = stored_masks(updater, params)
+
+  monkeypatch.setattr(random_masks, 'LOOP_MAX_POSITIONS', 16383)
+  jax.clear_caches()  # the limit is read when the init is traced
+  unrolled = _init_compiled(updater, params)
+  assert ' while(' not in unrolled.as_text()
+  assert _largest_kernel(unrolled) > 24 * 15  # the 24 rounds in one kernel
+  # What the loop keeps between rounds: a position per weight. Unrolled, only the packed
+  # masks (a bit per weight) and the keys remain.
+  positions = 4 * 16384
+  assert looped.memory_analysis().temp_size_in_bytes >= positions
+  assert unrolled.memory_analysis().temp_size_in_bytes < positions // 8
+  for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(stored_masks(updater, params))):
+    np.testing.assert_array_equal(a, b)
