@@ -6,10 +6,13 @@ Run from the repository root::
   python -m benchmarks.compile_time --layers 4,16 --repeats 3 --algorithms magnitude,rigl
   python -m benchmarks.compile_time --warm-cache    # a relaunch with JAX's persistent cache
   python -m benchmarks.compile_time --init          # the optimizer state's init instead
+  python -m benchmarks.compile_time --algorithms all --layers 16 --repeats 2
 
 Each repeat compiles (``jax.jit(step).lower(params, state).compile()``, caches cleared)
 the dense step and every pruned step of the same model, and reports the pruned / dense
 ratio of trace + compile seconds (min / median / max over repeats). Nothing is asserted.
+``--algorithms all`` times every registered algorithm that a plain config builds
+(sparsity 0.9, 0.5 for N:M; mask updates every 10 steps until step 100).
 
 With ``--warm-cache``, JAX's persistent compilation cache is on (a fresh temporary
 directory, every program cached) and each timed compile comes after the same step was
@@ -50,6 +53,30 @@ ALGORITHMS = {
   'magnitude_ste': lambda: prunax.SteMagnitudePruning(sparsity=0.9),
   'autosparse': lambda: prunax.AutoSparse(),
 }
+
+_N_BY_M = ('nm_rigl', 'nm_set', 'sr_ste')
+
+
+def updater(name: str):
+  """The updater ``name``: one of :data:`ALGORITHMS`, else built from a plain config."""
+  if name in ALGORITHMS:
+    return ALGORITHMS[name]()
+  sparsity = 0.5 if name in _N_BY_M else 0.9
+  config = {'algorithm': name, 'sparsity': sparsity, 'update_freq': 10, 'update_end_step': 100}
+  return prunax.create_updater_from_config(config)
+
+
+def buildable() -> list[str]:
+  """Every registered algorithm that a plain config builds (others need masks, a loss or
+  an annealing schedule)."""
+  names = []
+  for name in prunax.all_algorithm_names():
+    try:
+      updater(name)
+    except ValueError:
+      continue
+    names.append(name)
+  return names
 
 
 def mlp_params(layers: int, width: int = 256):
@@ -132,7 +159,9 @@ def machine() -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--layers', default='4,16,64')
-  parser.add_argument('--algorithms', default=','.join(ALGORITHMS))
+  parser.add_argument(
+    '--algorithms', default=','.join(ALGORITHMS), help='comma-separated names, or all'
+  )
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument(
     '--warm-cache', action='store_true', help='time a relaunch with the persistent cache'
@@ -151,10 +180,11 @@ def main(argv=None):
   for layers in [int(n) for n in args.layers.split(',')]:
     params = mlp_params(layers)
     x = jax.random.normal(jax.random.PRNGKey(1), (32, 256))
-    for name in args.algorithms.split(','):
+    names = buildable() if args.algorithms == 'all' else args.algorithms.split(',')
+    for name in names:
       dense, pruned = [], []
       for _ in range(args.repeats):
-        tx = ALGORITHMS[name]().wrap_optax(optax.adam(1e-3))
+        tx = updater(name).wrap_optax(optax.adam(1e-3))
         dense.append(seconds(optax.adam(1e-3), params, x, args.warm_cache))
         pruned.append(seconds(tx, params, x, args.warm_cache))
       ratios = [p / d for p, d in zip(pruned, dense)]

@@ -3,6 +3,7 @@ example (SNFS, MEST, GraNet, AC/DC, N:M drop and grow), RigL's skipped gradient 
 mask updates, and one run of each in ``prunax compare``."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -223,6 +224,42 @@ def test_snfs_momentum_redistribution_and_growth():
   counts = [int(m.sum()) for m in jax.tree.leaves(prunax.bool_masks(state, params))]
   sizes = [params['layer0']['kernel'].size, params['layer1']['kernel'].size]
   assert sum(counts) == sum(s - round(0.8 * s) for s in sizes)
+
+
+def _loops_in(jaxpr) -> int:
+  """The loops (while, scan) of a jaxpr and of every jaxpr inside it."""
+  count = 0
+  for e in jaxpr.eqns:
+    count += e.primitive.name in ('while', 'scan')
+    for sub in jax.extend.core.jaxprs_in_params(e.params):
+      count += _loops_in(sub)
+  return count
+
+
+@pytest.mark.parametrize('leaves', [2, 9])
+@pytest.mark.parametrize(
+  'make, loops',
+  [
+    # One selection drops from every leaf and one grows in every leaf (each with its
+    # tie-break loop), and the redistribution loops over the leaves twice.
+    (lambda: prunax.SNFS(sparsity=0.75, drop_fraction_fn='constant'), 6),
+    # One selection drops from every leaf; N:M growth is per group, no loop.
+    (lambda: prunax.NMSET(drop_fraction_fn='constant'), 2),
+  ],
+  ids=['snfs', 'nm_set'],
+)
+def test_a_mask_update_runs_the_same_loops_for_any_number_of_leaves(make, loops, leaves):
+  # A selection per leaf (two loops each) compiled SNFS's step of 64 layers of 256 x 256
+  # in 58 s, 55x the dense step's (now 9.6 s), and N:M SET's of 16 layers in 4.8 s.
+  params = mlp_params(sizes=(48,) * (leaves + 1))  # kernels of 2304 weights: searched
+  updater = make()
+  state = _state(updater, params)
+  old = prunax.bool_masks(state, params)
+  sparsities = jax.tree.map(lambda m: None if m is None else updater.sparsity, old)
+  jaxpr = jax.make_jaxpr(lambda p, s: updater.compute_masks(p, sparsities, s, None, old))(
+    params, state
+  )
+  assert _loops_in(jaxpr.jaxpr) == loops
 
 
 # ----------------------------------------------------------- RigL: no step on mask updates

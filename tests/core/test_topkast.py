@@ -1,6 +1,7 @@
 """Top-KAST and Top-KAST with gradient annealing (TopKAST*+GA)."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -82,3 +83,33 @@ def test_topkast_ga_anneals_and_is_registered():
     atol=1e-6,
   )
   assert prunax.get_algorithm('topkast') is prunax.TopKAST
+
+
+def _loops_in(jaxpr) -> int:
+  count = 0
+  for e in jaxpr.eqns:
+    count += e.primitive.name in ('while', 'scan')
+    for sub in jax.extend.core.jaxprs_in_params(e.params):
+      count += _loops_in(sub)
+  return count
+
+
+@pytest.mark.parametrize('leaves', [2, 6])
+@pytest.mark.parametrize('backward_sparsity, loops', [(0.0, 0), (0.5, 2)])
+def test_the_backward_set_is_one_selection_for_every_leaf(backward_sparsity, loops, leaves):
+  # B at every step: one selection loop (and its tie-break loop) for all leaves, none when
+  # B is every weight (TopKAST*). A selection per leaf compiled the step of 16 layers of
+  # 256 x 256 in 6.2 s (13x dense).
+  params = mlp_params(sizes=(48,) * (leaves + 1))  # kernels of 2304 weights: searched
+  masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool) if p.ndim == 2 else None, params)
+  updater = prunax.TopKAST(sparsity=0.8, backward_sparsity=backward_sparsity)
+  jaxpr = jax.make_jaxpr(updater.backward_masks)(params, masks)
+  assert _loops_in(jaxpr.jaxpr) == loops
+  top = jax.jit(updater.backward_masks)(
+    params, {n: {'kernel': ~m['kernel'], 'bias': None} for n, m in masks.items()}
+  )
+  for n in masks:
+    w, b = params[n]['kernel'], np.asarray(top[n]['kernel'])
+    keep = w.size - round(backward_sparsity * w.size)
+    # B holds A (here every weight outside an empty forward set: none) and the top of |w|.
+    np.testing.assert_array_equal(b, _top(w, keep))

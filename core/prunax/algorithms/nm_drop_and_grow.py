@@ -38,25 +38,30 @@ class _NMDropAndGrow:
     grow = self.grow_scores(params, sparse_state, grads)
     nm = self.sparsity_type
 
-    def drop_and_grow(old, d, g):
-      old = selection.materialize(old)
-      d, g = selection.materialize(d), selection.materialize(g).astype(jnp.float32)
-      n_active = jnp.sum(old, dtype=jnp.int32)
-      n_drop = jnp.floor(fraction * n_active).astype(jnp.int32)
-      kept = selection.topk_mask(jnp.where(old, d, -jnp.inf), n_active - n_drop)
+    flat_old, treedef = jax.tree.flatten(old_masks, is_leaf=is_none)
+    flat_d, flat_g = treedef.flatten_up_to(drop), treedef.flatten_up_to(grow)
+    pruned = [i for i, m in enumerate(flat_old) if m is not None]
+    olds = [selection.materialize(flat_old[i]) for i in pruned]
+    n_active = [jnp.sum(old, dtype=jnp.int32) for old in olds]
+    n_drop = [jnp.floor(fraction * n).astype(jnp.int32) for n in n_active]
+    # One selection loop drops from every leaf (a loop per leaf, as topk_mask of each,
+    # compiled in 4.7 s at 16 layers of 256 x 256: 10x the dense step's).
+    kept = selection.topk_masks(
+      [
+        selection.Lazy(jnp.where, old, flat_d[i], -jnp.inf)
+        for i, old in zip(pruned, olds, strict=True)
+      ],
+      [n - k for n, k in zip(n_active, n_drop, strict=True)],
+    )
+    out = list(flat_old)
+    for i, keep in zip(pruned, kept, strict=True):
+      g = selection.materialize(flat_g[i]).astype(jnp.float32)
       # Kept weights (at most n per group, a subset of the old N:M mask) outrank any
       # candidate, so every group keeps them and grows its best candidates to n.
       finite = jnp.nan_to_num(g, nan=-jnp.inf, posinf=jnp.finfo(jnp.float32).max)
-      score = jnp.where(kept, jnp.inf, finite)
-      return selection.n_by_m_mask(score, nm.n, nm.m, nm.axis_for(score.ndim))
-
-    return jax.tree.map(
-      lambda m, d, g: None if m is None else drop_and_grow(m, d, g),
-      old_masks,
-      drop,
-      grow,
-      is_leaf=is_none,
-    )
+      score = jnp.where(keep, jnp.inf, finite)
+      out[i] = selection.n_by_m_mask(score, nm.n, nm.m, nm.axis_for(score.ndim))
+    return treedef.unflatten(out)
 
 
 @dataclasses.dataclass(frozen=True)

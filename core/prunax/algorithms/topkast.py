@@ -19,13 +19,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from prunax import _checks
 from prunax import annealing
+from prunax import selection
 from prunax import sparsity_types
 from prunax.algorithms.ste import SteMagnitudePruning
 from prunax.base_updater import map_masked
+from prunax.tree_util import is_none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +68,25 @@ class TopKAST(SteMagnitudePruning):
       )
 
   def backward_masks(self, dense, masks):
-    """B: the forward set plus the top ``1 - backward_sparsity`` weights by magnitude."""
-    return map_masked(
-      lambda m, w, a: m | self.leaf_mask(jnp.abs(w), self.backward_sparsity, a),
-      masks,
-      dense,
-      self.layer_axes_tree(dense),
+    """B: the forward set plus the top ``1 - backward_sparsity`` weights by magnitude.
+
+    One selection for every leaf (per layer of stacked leaves): a selection per leaf, at
+    every step, compiled TopKAST's step of 16 layers of 256 x 256 in 6.2 s, 13x dense.
+    With ``backward_sparsity`` 0 (TopKAST*), B is every weight and nothing is selected."""
+    if self.backward_sparsity == 0.0:
+      return map_masked(lambda m, w: jnp.ones(jnp.shape(w), bool), masks, dense)
+    flat, treedef = jax.tree.flatten(masks, is_leaf=is_none)
+    weights = treedef.flatten_up_to(dense)
+    axes = treedef.flatten_up_to(self.layer_axes_tree(dense))
+    pruned = [i for i, m in enumerate(flat) if m is not None]
+    top = iter(
+      self.sparsity_type.masks(
+        [selection.Lazy(jnp.abs, weights[i]) for i in pruned],
+        [self.backward_sparsity] * len(pruned),
+        [axes[i] for i in pruned],
+      )
     )
+    return map_masked(lambda m, w: m | next(top), masks, dense)
 
   def transform_gradients(self, grads, dense, masks, sparse_state):
     alpha = self.alpha(sparse_state.count)
