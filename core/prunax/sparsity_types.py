@@ -272,11 +272,29 @@ class Block(SparsityType):
     return jnp.pad(scores, pad, constant_values=-jnp.inf).reshape(inter).max(axes)
 
   def mask(self, scores, sparsity):
-    pooled = self.pool(selection.materialize(scores))
-    keep = selection.topk_mask(pooled, pooled.size - num_zeros(sparsity, pooled.size))
-    for axis, b in enumerate(self._full_block(scores.ndim)):
+    return self.masks([scores], [sparsity], [None])[0]
+
+  def masks(self, scores, sparsities, axes, lazy=False):
+    """:meth:`mask` of several leaves: their pooled scores selected by one loop (one per
+    number of layers of stacked leaves; see :func:`prunax.selection.topk_masks`)."""
+    if type(self).mask is not Block.mask:  # a subclass with its own mask
+      return super().masks(scores, sparsities, axes, lazy)
+
+    def group(xs, ss):
+      pooled = [self.pool(selection.materialize(x)) for x in xs]
+      ks = [p.size - num_zeros(s, p.size) for p, s in zip(pooled, ss, strict=True)]
+      return [
+        self._blocks_to_elements(keep, x.shape)
+        for keep, x in zip(selection.topk_masks(pooled, ks), xs, strict=True)
+      ]
+
+    return selection.map_layer_groups(group, axes, scores, sparsities)
+
+  def _blocks_to_elements(self, keep: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The mask of the elements of ``shape`` from the mask of its blocks."""
+    for axis, b in enumerate(self._full_block(len(shape))):
       keep = jnp.repeat(keep, b, axis=axis)
-    return keep[tuple(slice(0, d) for d in scores.shape)]
+    return keep[tuple(slice(0, d) for d in shape)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,15 +311,30 @@ class Channel(SparsityType):
     _normalize_axis(self.axis, len(shape), name, 'Channel')
 
   def mask(self, scores, sparsity):
-    scores = selection.materialize(scores)
-    axis = self.axis % scores.ndim
-    other = tuple(i for i in range(scores.ndim) if i != axis)
-    per_channel = jnp.mean(scores.astype(jnp.float32), axis=other)
-    size = per_channel.size
-    keep = selection.topk_mask(per_channel, size - num_zeros(sparsity, size))
-    shape = [1] * scores.ndim
-    shape[axis] = size
-    return jnp.broadcast_to(keep.reshape(shape), scores.shape)
+    return self.masks([scores], [sparsity], [None])[0]
+
+  def masks(self, scores, sparsities, axes, lazy=False):
+    """:meth:`mask` of several leaves: their channel scores selected by one loop (one per
+    number of layers of stacked leaves; see :func:`prunax.selection.topk_masks`)."""
+    if type(self).mask is not Channel.mask:  # a subclass with its own mask
+      return super().masks(scores, sparsities, axes, lazy)
+
+    def per_channel(x):
+      x = selection.materialize(x)
+      other = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
+      return jnp.mean(x.astype(jnp.float32), axis=other)
+
+    def group(xs, ss):
+      channels = [per_channel(x) for x in xs]
+      ks = [c.size - num_zeros(s, c.size) for c, s in zip(channels, ss, strict=True)]
+      out = []
+      for keep, x in zip(selection.topk_masks(channels, ks), xs, strict=True):
+        shape = [1] * len(x.shape)
+        shape[self.axis % len(x.shape)] = keep.size
+        out.append(jnp.broadcast_to(keep.reshape(shape), x.shape))
+      return out
+
+    return selection.map_layer_groups(group, axes, scores, sparsities)
 
 
 _PATTERNS = {

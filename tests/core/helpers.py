@@ -5,6 +5,7 @@ import math
 import re
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import optax
 
@@ -89,3 +90,14 @@ def eight_device_report(script: str, timeout: int = 900) -> dict:
   """Runs ``script`` in a child process with 8 CPU devices (XLA's device count is fixed
   when JAX starts) and returns the JSON it prints after ``REPORT``."""
   return child_report(script, cpu_env(8), timeout)
+
+
+def loops_in(jaxpr) -> int:
+  """The loops (``while``, ``scan``) of a jaxpr and of every jaxpr inside it: a selection
+  runs two (its search and its tie-break), whatever the number of leaves it selects."""
+  count = 0
+  for e in jaxpr.eqns:
+    count += e.primitive.name in ('while', 'scan')
+    for sub in jax.extend.core.jaxprs_in_params(e.params):
+      count += loops_in(sub)
+  return count

@@ -3,7 +3,6 @@ example (SNFS, MEST, GraNet, AC/DC, N:M drop and grow), RigL's skipped gradient 
 mask updates, and one run of each in ``prunax compare``."""
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -14,6 +13,7 @@ from prunax import cli
 from prunax import sparsity_schedules as sched
 from prunax.algorithms import AlternatingSchedule
 from prunax.algorithms import snfs as snfs_lib
+from tests.core.helpers import loops_in
 from tests.core.helpers import mlp_params
 from tests.core.helpers import run
 
@@ -226,16 +226,6 @@ def test_snfs_momentum_redistribution_and_growth():
   assert sum(counts) == sum(s - round(0.8 * s) for s in sizes)
 
 
-def _loops_in(jaxpr) -> int:
-  """The loops (while, scan) of a jaxpr and of every jaxpr inside it."""
-  count = 0
-  for e in jaxpr.eqns:
-    count += e.primitive.name in ('while', 'scan')
-    for sub in jax.extend.core.jaxprs_in_params(e.params):
-      count += _loops_in(sub)
-  return count
-
-
 @pytest.mark.parametrize('leaves', [2, 9])
 @pytest.mark.parametrize(
   'make, loops',
@@ -259,7 +249,7 @@ def test_a_mask_update_runs_the_same_loops_for_any_number_of_leaves(make, loops,
   jaxpr = jax.make_jaxpr(lambda p, s: updater.compute_masks(p, sparsities, s, None, old))(
     params, state
   )
-  assert _loops_in(jaxpr.jaxpr) == loops
+  assert loops_in(jaxpr.jaxpr) == loops
 
 
 # ----------------------------------------------------------- RigL: no step on mask updates

@@ -9,6 +9,7 @@ import pytest
 
 import prunax
 from prunax import sparsity_types
+from tests.core.helpers import loops_in
 
 
 def _expected_zeros(sparsity, size):
@@ -186,3 +187,36 @@ def test_validate_errors_name_the_parameter():
     prunax.Block((2, 2, 2)).validate((), 'w')
   with pytest.raises(ValueError, match=r'axis 3 is out of range'):
     prunax.Channel(3).validate((4, 6), 'w')
+
+
+@pytest.mark.parametrize('leaves', [2, 5])
+@pytest.mark.parametrize(
+  'structure, shape',
+  [
+    (prunax.Block((2, 2), use_avg_pooling=True), (96, 64)),  # 1536 blocks: searched
+    (prunax.Channel(-1), (3, 1280)),  # 1280 channels: searched
+  ],
+  ids=['block', 'channel'],
+)
+def test_structured_masks_of_many_leaves_are_one_selection(structure, shape, leaves):
+  # The blocks or channels of every leaf are selected by one loop (and its tie-break),
+  # each leaf at its own count, with the masks of mask() one leaf at a time.
+  keys = jax.random.split(jax.random.PRNGKey(7), leaves)
+  scores = [jax.random.uniform(k, shape) for k in keys]
+  sparsities = [0.3 + 0.1 * i for i in range(leaves)]
+  jaxpr = jax.make_jaxpr(lambda xs: structure.masks(xs, sparsities, [None] * leaves))(scores)
+  assert loops_in(jaxpr.jaxpr) == 2
+  masks = structure.masks(scores, sparsities, [None] * leaves)
+  for x, s, m in zip(scores, sparsities, masks, strict=True):
+    if isinstance(structure, prunax.Block):
+      expected, _ = _block_reference(x, structure.block_shape, s, True)
+    else:
+      means = np.asarray(x).mean(0)
+      keep = np.zeros(means.size, bool)
+      keep[
+        sorted(range(means.size), key=lambda i: (-means[i], i))[
+          : means.size - _expected_zeros(s, means.size)
+        ]
+      ] = True
+      expected = np.broadcast_to(keep, shape)
+    np.testing.assert_array_equal(np.asarray(m), expected)

@@ -1,7 +1,6 @@
 """Top-KAST and Top-KAST with gradient annealing (TopKAST*+GA)."""
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -9,6 +8,7 @@ import pytest
 
 import prunax
 
+from .helpers import loops_in
 from .helpers import loss_fn
 from .helpers import make_batch
 from .helpers import mlp_params
@@ -85,15 +85,6 @@ def test_topkast_ga_anneals_and_is_registered():
   assert prunax.get_algorithm('topkast') is prunax.TopKAST
 
 
-def _loops_in(jaxpr) -> int:
-  count = 0
-  for e in jaxpr.eqns:
-    count += e.primitive.name in ('while', 'scan')
-    for sub in jax.extend.core.jaxprs_in_params(e.params):
-      count += _loops_in(sub)
-  return count
-
-
 @pytest.mark.parametrize('leaves', [2, 6])
 @pytest.mark.parametrize('backward_sparsity, loops', [(0.0, 0), (0.5, 2)])
 def test_the_backward_set_is_one_selection_for_every_leaf(backward_sparsity, loops, leaves):
@@ -104,7 +95,7 @@ def test_the_backward_set_is_one_selection_for_every_leaf(backward_sparsity, loo
   masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool) if p.ndim == 2 else None, params)
   updater = prunax.TopKAST(sparsity=0.8, backward_sparsity=backward_sparsity)
   jaxpr = jax.make_jaxpr(updater.backward_masks)(params, masks)
-  assert _loops_in(jaxpr.jaxpr) == loops
+  assert loops_in(jaxpr.jaxpr) == loops
   top = jax.jit(updater.backward_masks)(
     params, {n: {'kernel': ~m['kernel'], 'bias': None} for n, m in masks.items()}
   )
