@@ -272,23 +272,21 @@ class Block(SparsityType):
     return jnp.pad(scores, pad, constant_values=-jnp.inf).reshape(inter).max(axes)
 
   def mask(self, scores, sparsity):
-    return self.masks([scores], [sparsity], [None])[0]
+    return self._select([scores], [sparsity])[0]
 
   def masks(self, scores, sparsities, axes, lazy=False):
     """:meth:`mask` of several leaves: their pooled scores selected by one loop (one per
     number of layers of stacked leaves; see :func:`prunax.selection.topk_masks`)."""
     if type(self).mask is not Block.mask:  # a subclass with its own mask
       return super().masks(scores, sparsities, axes, lazy)
+    return selection.map_layer_groups(self._select, axes, scores, sparsities)
 
-    def group(xs, ss):
-      pooled = [self.pool(selection.materialize(x)) for x in xs]
-      ks = [p.size - num_zeros(s, p.size) for p, s in zip(pooled, ss, strict=True)]
-      return [
-        self._blocks_to_elements(keep, x.shape)
-        for keep, x in zip(selection.topk_masks(pooled, ks), xs, strict=True)
-      ]
-
-    return selection.map_layer_groups(group, axes, scores, sparsities)
+  def _select(self, xs: list, ss: list) -> list:
+    """The masks of leaves ``xs`` at sparsities ``ss``, their blocks selected together."""
+    pooled = [self.pool(selection.materialize(x)) for x in xs]
+    ks = [p.size - num_zeros(s, p.size) for p, s in zip(pooled, ss, strict=True)]
+    keeps = selection.topk_masks(pooled, ks)
+    return [self._blocks_to_elements(k, x.shape) for k, x in zip(keeps, xs, strict=True)]
 
   def _blocks_to_elements(self, keep: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """The mask of the elements of ``shape`` from the mask of its blocks."""
@@ -311,30 +309,29 @@ class Channel(SparsityType):
     _normalize_axis(self.axis, len(shape), name, 'Channel')
 
   def mask(self, scores, sparsity):
-    return self.masks([scores], [sparsity], [None])[0]
+    return self._select([scores], [sparsity])[0]
 
   def masks(self, scores, sparsities, axes, lazy=False):
     """:meth:`mask` of several leaves: their channel scores selected by one loop (one per
     number of layers of stacked leaves; see :func:`prunax.selection.topk_masks`)."""
     if type(self).mask is not Channel.mask:  # a subclass with its own mask
       return super().masks(scores, sparsities, axes, lazy)
+    return selection.map_layer_groups(self._select, axes, scores, sparsities)
 
-    def per_channel(x):
+  def _select(self, xs: list, ss: list) -> list:
+    """The masks of leaves ``xs`` at sparsities ``ss``, their channels selected together."""
+    channels = []
+    for x in xs:
       x = selection.materialize(x)
       other = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
-      return jnp.mean(x.astype(jnp.float32), axis=other)
-
-    def group(xs, ss):
-      channels = [per_channel(x) for x in xs]
-      ks = [c.size - num_zeros(s, c.size) for c, s in zip(channels, ss, strict=True)]
-      out = []
-      for keep, x in zip(selection.topk_masks(channels, ks), xs, strict=True):
-        shape = [1] * len(x.shape)
-        shape[self.axis % len(x.shape)] = keep.size
-        out.append(jnp.broadcast_to(keep.reshape(shape), x.shape))
-      return out
-
-    return selection.map_layer_groups(group, axes, scores, sparsities)
+      channels.append(jnp.mean(x.astype(jnp.float32), axis=other))
+    ks = [c.size - num_zeros(s, c.size) for c, s in zip(channels, ss, strict=True)]
+    out = []
+    for keep, x in zip(selection.topk_masks(channels, ks), xs, strict=True):
+      shape = [1] * len(x.shape)
+      shape[self.axis % len(x.shape)] = keep.size
+      out.append(jnp.broadcast_to(keep.reshape(shape), x.shape))
+    return out
 
 
 _PATTERNS = {
