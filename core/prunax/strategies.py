@@ -97,9 +97,20 @@ class GlobalThreshold:
         chosen, total - sparsity_types.num_zeros(target, total), lazy=lazy
       )
     )
+    # The other pruned leaves (their own sparsities) by one selection (per layer count).
+    alone = [
+      i for i, (s, p) in enumerate(zip(flat_s, pooled, strict=True)) if s is not None and not p
+    ]
+    own = iter(
+      updater.sparsity_type.masks(
+        [flat_x[i] for i in alone], [flat_s[i] for i in alone], [flat_a[i] for i in alone]
+      )
+      if alone
+      else ()
+    )
     return treedef.unflatten(
       [
-        next(it) if p else (None if s is None else updater.leaf_mask(x, s, a))
-        for s, x, a, p in zip(flat_s, flat_x, flat_a, pooled, strict=True)
+        next(it) if p else (None if s is None else next(own))
+        for s, p in zip(flat_s, pooled, strict=True)
       ]
     )

@@ -15,6 +15,7 @@ from flax import nnx
 
 import prunax
 from prunax import sparsity_schedules as sched
+from tests.core.helpers import loops_in
 from tests.core.helpers import loss_fn
 from tests.core.helpers import make_batch
 from tests.core.helpers import make_step
@@ -692,6 +693,26 @@ def test_global_pruning_honours_custom_map_and_rejects_erk():
   assert int((masks['first'] == 0).sum()) == 4 and int((masks['rest'] == 0).sum()) == 16
   with pytest.raises(ValueError, match='not ERK'):
     prunax.GlobalMagnitudePruning(sparsity=0.5, sparsity_distribution_fn='erk')
+
+
+@pytest.mark.parametrize('custom', [2, 5])
+def test_global_pruning_selects_the_leaves_of_a_custom_map_together(custom):
+  # One global threshold for the leaves at the global sparsity (a search and its
+  # tie-break), one selection for all the leaves the map gives their own sparsity: 4
+  # loops whatever their number (a selection per leaf compiled two loops a leaf).
+  keys = jax.random.split(jax.random.PRNGKey(3), custom + 1)
+  params = {f'c{i}': jax.random.normal(keys[i], (48, 48)) for i in range(custom)}
+  params['rest'] = jax.random.normal(keys[-1], (48, 48))
+  own = {f'c{i}': 0.15 + 0.1 * i for i in range(custom)}  # none at the global 0.5
+  dist = prunax.sparsity_distributions.Partial('uniform', custom_sparsity_map=own)
+  updater = prunax.GlobalMagnitudePruning(sparsity=0.5, sparsity_distribution_fn=dist)
+  jaxpr = jax.make_jaxpr(updater.instant_sparsify)(params)
+  assert loops_in(jaxpr.jaxpr) == 4
+  masks = prunax.unpack_masks(updater.instant_sparsify(params)[1], params)
+  for name, sparsity in own.items():
+    w = np.abs(np.asarray(params[name])).reshape(-1)
+    keep = w.size - round(sparsity * w.size)
+    np.testing.assert_array_equal(np.asarray(masks[name]).reshape(-1), w >= np.sort(w)[-keep])
 
 
 @pytest.mark.parametrize(
