@@ -207,8 +207,29 @@ class NByM(SparsityType):
     return jnp.where(jnp.asarray(sparsity) > 0, nm, True)
 
 
+class _SelectedTogether(SparsityType):
+  """A structure that scores each leaf's groups (blocks, channels) and keeps the best:
+  :meth:`_select` gives the masks of several leaves from one selection of all their
+  groups' scores (:func:`prunax.selection.topk_masks`), so a model's leaves compile one
+  selection loop, not one per leaf."""
+
+  def mask(self, scores, sparsity):
+    return self._select([scores], [sparsity])[0]
+
+  def masks(self, scores, sparsities, axes, lazy=False):
+    """:meth:`mask` of several leaves, selected together (one selection per number of
+    layers of stacked leaves)."""
+    if type(self).mask is not _SelectedTogether.mask:  # a subclass with its own mask
+      return super().masks(scores, sparsities, axes, lazy)
+    return selection.map_layer_groups(self._select, axes, scores, sparsities)
+
+  def _select(self, xs: list, ss: list) -> list:
+    """The masks of the leaves ``xs`` at the sparsities ``ss``."""
+    raise NotImplementedError
+
+
 @dataclasses.dataclass(frozen=True)
-class Block(SparsityType):
+class Block(_SelectedTogether):
   """Block sparsity over the trailing ``len(block_shape)`` dimensions.
 
   A leaf with fewer dimensions than the block uses its trailing block dimensions (a 1-D
@@ -271,16 +292,6 @@ class Block(SparsityType):
       return total / count
     return jnp.pad(scores, pad, constant_values=-jnp.inf).reshape(inter).max(axes)
 
-  def mask(self, scores, sparsity):
-    return self._select([scores], [sparsity])[0]
-
-  def masks(self, scores, sparsities, axes, lazy=False):
-    """:meth:`mask` of several leaves: their pooled scores selected by one loop (one per
-    number of layers of stacked leaves; see :func:`prunax.selection.topk_masks`)."""
-    if type(self).mask is not Block.mask:  # a subclass with its own mask
-      return super().masks(scores, sparsities, axes, lazy)
-    return selection.map_layer_groups(self._select, axes, scores, sparsities)
-
   def _select(self, xs: list, ss: list) -> list:
     """The masks of leaves ``xs`` at sparsities ``ss``, their blocks selected together."""
     pooled = [self.pool(selection.materialize(x)) for x in xs]
@@ -296,7 +307,7 @@ class Block(SparsityType):
 
 
 @dataclasses.dataclass(frozen=True)
-class Channel(SparsityType):
+class Channel(_SelectedTogether):
   """Whole slices (channels) along ``axis`` are pruned, scored by their mean score."""
 
   axis: int = -1
@@ -307,16 +318,6 @@ class Channel(SparsityType):
   def validate(self, shape, name):
     super().validate(shape, name)
     _normalize_axis(self.axis, len(shape), name, 'Channel')
-
-  def mask(self, scores, sparsity):
-    return self._select([scores], [sparsity])[0]
-
-  def masks(self, scores, sparsities, axes, lazy=False):
-    """:meth:`mask` of several leaves: their channel scores selected by one loop (one per
-    number of layers of stacked leaves; see :func:`prunax.selection.topk_masks`)."""
-    if type(self).mask is not Channel.mask:  # a subclass with its own mask
-      return super().masks(scores, sparsities, axes, lazy)
-    return selection.map_layer_groups(self._select, axes, scores, sparsities)
 
   def _select(self, xs: list, ss: list) -> list:
     """The masks of leaves ``xs`` at sparsities ``ss``, their channels selected together."""
