@@ -53,6 +53,7 @@ from prunax.masks import unpack_masks
 from prunax.state import SparseState
 from prunax.state import bool_masks
 from prunax.state import get_sparse_state
+from prunax.tree_util import apply_to_pruned
 from prunax.tree_util import is_none
 from prunax.tree_util import is_unpruned
 from prunax.tree_util import map_masked
@@ -269,6 +270,20 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     if axis is None:
       return self.sparsity_type.mask(scores, sparsity)
     return selection.map_layers(lambda x: self.sparsity_type.mask(x, sparsity), axis, scores)
+
+  def magnitude_masks(self, masks: PyTree, weights: PyTree, sparsity, axes: PyTree) -> PyTree:
+    """:meth:`leaf_mask` of ``|w|`` at one ``sparsity`` for every pruned leaf of ``weights``
+    (where ``masks`` is not None; ``axes``: each leaf's layer axis or None), found by one
+    selection for all of them: a tree like ``masks``, None at the leaves not pruned. (A
+    :meth:`leaf_mask` per leaf compiles a selection per leaf.)"""
+    return apply_to_pruned(
+      lambda ws, axs: self.sparsity_type.masks(
+        [selection.Lazy(jnp.abs, w) for w in ws], [sparsity] * len(ws), axs
+      ),
+      masks,
+      weights,
+      axes,
+    )
 
   def masks_from_scores(self, scores: PyTree, sparsities: PyTree, lazy: bool = False) -> PyTree:
     """Exact keep-masks from scores by the algorithm's ``selection_strategy``: per leaf (per

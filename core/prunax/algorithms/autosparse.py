@@ -247,33 +247,15 @@ class AutoSparse(StraightThrough, BaseUpdater):
     """Per-weight proxy derivative of ``h``: 1 on A, alpha on B minus A, 0 outside B."""
     alpha = self.alpha_schedule()(sparse_state.count)
 
-    top = self._backward_tops(dense, masks, sparse_state)
-
-    def scale(m, w, s):
+    def scale(m, w, s, *top):
       out = jnp.where(m, 1.0, alpha)
-      if top is not None:
-        out = jnp.where(next(top) | m, out, 0.0)
-      return out
+      return jnp.where(top[0] | m, out, 0.0) if top else out
 
-    return map_masked(scale, masks, dense, _thresholds(sparse_state))
-
-  def _backward_tops(self, dense, masks, sparse_state):
-    """An iterator over TopK(|w|) of every pruned leaf at ``backward_sparsity`` (per
-    layer of stacked leaves), in leaf order, or None without a backward sparsity. One
-    selection for all leaves: one per leaf compiled two loops a leaf, at every step."""
-    if self.backward_sparsity is None:
-      return None
-    flat, treedef = jax.tree.flatten(masks, is_leaf=is_none)
-    weights = treedef.flatten_up_to(dense)
-    thresholds = treedef.flatten_up_to(_thresholds(sparse_state))
-    pruned = [i for i, m in enumerate(flat) if m is not None]
-    return iter(
-      self.sparsity_type.masks(
-        [selection.Lazy(jnp.abs, weights[i]) for i in pruned],
-        [self.backward_sparsity] * len(pruned),
-        [_layer_axis(thresholds[i], weights[i]) for i in pruned],
-      )
-    )
+    trees = (dense, _thresholds(sparse_state))
+    if self.backward_sparsity is not None:  # B = TopK(|w|) of every leaf, one selection
+      axes = map_masked(lambda m, w, s: _layer_axis(s, w), masks, *trees)
+      trees += (self.magnitude_masks(masks, dense, self.backward_sparsity, axes),)
+    return map_masked(scale, masks, *trees)
 
   def transform_gradients(self, grads, dense, masks, sparse_state):
     scales = self._proxy_scale(dense, masks, sparse_state)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from prunax import selection
@@ -22,7 +21,7 @@ from prunax import sparsity_schedules
 from prunax import sparsity_types
 from prunax.algorithms.sparse_trainers import SET
 from prunax.algorithms.sparse_trainers import RigL
-from prunax.tree_util import is_none
+from prunax.tree_util import apply_to_pruned
 
 
 class _NMDropAndGrow:
@@ -38,30 +37,27 @@ class _NMDropAndGrow:
     grow = self.grow_scores(params, sparse_state, grads)
     nm = self.sparsity_type
 
-    flat_old, treedef = jax.tree.flatten(old_masks, is_leaf=is_none)
-    flat_d, flat_g = treedef.flatten_up_to(drop), treedef.flatten_up_to(grow)
-    pruned = [i for i, m in enumerate(flat_old) if m is not None]
-    olds = [selection.materialize(flat_old[i]) for i in pruned]
-    n_active = [jnp.sum(old, dtype=jnp.int32) for old in olds]
-    n_drop = [jnp.floor(fraction * n).astype(jnp.int32) for n in n_active]
-    # One selection loop drops from every leaf (a loop per leaf, as topk_mask of each,
-    # compiled in 4.7 s at 16 layers of 256 x 256: 10x the dense step's).
-    kept = selection.topk_masks(
-      [
-        selection.Lazy(jnp.where, old, flat_d[i], -jnp.inf)
-        for i, old in zip(pruned, olds, strict=True)
-      ],
-      [n - k for n, k in zip(n_active, n_drop, strict=True)],
-    )
-    out = list(flat_old)
-    for i, keep in zip(pruned, kept, strict=True):
-      g = selection.materialize(flat_g[i]).astype(jnp.float32)
-      # Kept weights (at most n per group, a subset of the old N:M mask) outrank any
-      # candidate, so every group keeps them and grows its best candidates to n.
-      finite = jnp.nan_to_num(g, nan=-jnp.inf, posinf=jnp.finfo(jnp.float32).max)
-      score = jnp.where(keep, jnp.inf, finite)
-      out[i] = selection.n_by_m_mask(score, nm.n, nm.m, nm.axis_for(score.ndim))
-    return treedef.unflatten(out)
+    def drop_and_grow(olds, ds, gs):
+      olds = [selection.materialize(old) for old in olds]
+      n_active = [jnp.sum(old, dtype=jnp.int32) for old in olds]
+      n_drop = [jnp.floor(fraction * n).astype(jnp.int32) for n in n_active]
+      # One selection loop drops from every leaf (a loop per leaf, as topk_mask of each,
+      # compiled in 4.7 s at 16 layers of 256 x 256: 10x the dense step's).
+      kept = selection.topk_masks(
+        [selection.Lazy(jnp.where, old, d, -jnp.inf) for old, d in zip(olds, ds, strict=True)],
+        [n - k for n, k in zip(n_active, n_drop, strict=True)],
+      )
+      out = []
+      for keep, g in zip(kept, gs, strict=True):
+        g = selection.materialize(g).astype(jnp.float32)
+        # Kept weights (at most n per group, a subset of the old N:M mask) outrank any
+        # candidate, so every group keeps them and grows its best candidates to n.
+        finite = jnp.nan_to_num(g, nan=-jnp.inf, posinf=jnp.finfo(jnp.float32).max)
+        score = jnp.where(keep, jnp.inf, finite)
+        out.append(selection.n_by_m_mask(score, nm.n, nm.m, nm.axis_for(score.ndim)))
+      return out
+
+    return apply_to_pruned(drop_and_grow, old_masks, old_masks, drop, grow)
 
 
 @dataclasses.dataclass(frozen=True)

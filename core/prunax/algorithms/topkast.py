@@ -19,16 +19,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from prunax import _checks
 from prunax import annealing
-from prunax import selection
 from prunax import sparsity_types
 from prunax.algorithms.ste import SteMagnitudePruning
 from prunax.base_updater import map_masked
-from prunax.tree_util import is_none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,18 +72,9 @@ class TopKAST(SteMagnitudePruning):
     With ``backward_sparsity`` 0 (TopKAST*), B is every weight and nothing is selected."""
     if self.backward_sparsity == 0.0:
       return map_masked(lambda m, w: jnp.ones(jnp.shape(w), bool), masks, dense)
-    flat, treedef = jax.tree.flatten(masks, is_leaf=is_none)
-    weights = treedef.flatten_up_to(dense)
-    axes = treedef.flatten_up_to(self.layer_axes_tree(dense))
-    pruned = [i for i, m in enumerate(flat) if m is not None]
-    top = iter(
-      self.sparsity_type.masks(
-        [selection.Lazy(jnp.abs, weights[i]) for i in pruned],
-        [self.backward_sparsity] * len(pruned),
-        [axes[i] for i in pruned],
-      )
-    )
-    return map_masked(lambda m, w: m | next(top), masks, dense)
+    axes = self.layer_axes_tree(dense)
+    top = self.magnitude_masks(masks, dense, self.backward_sparsity, axes)
+    return map_masked(lambda m, w, t: m | t, masks, dense, top)
 
   def transform_gradients(self, grads, dense, masks, sparse_state):
     alpha = self.alpha(sparse_state.count)
