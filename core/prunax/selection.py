@@ -916,6 +916,41 @@ def map_alike(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array | Lazy]
   return out
 
 
+def concat_alike(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array | Lazy]) -> Any:
+  """``fn(materialize(x))`` of every value, flattened and concatenated in value order.
+
+  :func:`map_alike` without its splits: alike values are computed together and their
+  results are only concatenated and put in order (one gather), so a step compiles a
+  kernel per group, not per value, however many values there are.
+
+  Args:
+    fn: a function of one evaluated value (vmappable) returning an array or a pytree of
+      arrays (of the same size for alike values).
+    values: arrays or :class:`Lazy` values.
+
+  Returns:
+    For each array (pytree leaf) ``fn`` returns: the results' flat concatenation.
+  """
+  parts = _map_alike_groups(fn, values)
+  order = [i for members, _, _ in parts for i in members]
+  results = [r for _, r, _ in parts]
+
+  def concat(*rs):
+    flat = [r.reshape(-1) for r in rs]
+    sizes: dict[int, int] = {}
+    for (members, _, _), r in zip(parts, flat, strict=True):
+      for i in members:
+        sizes[i] = r.size // len(members)
+    out = jnp.concatenate(flat) if len(flat) > 1 else flat[0]
+    if order == sorted(order):
+      return out
+    starts = dict(zip(order, np.cumsum([0] + [sizes[i] for i in order])[:-1].tolist()))
+    index = [starts[i] + j for i in range(len(values)) for j in range(sizes[i])]
+    return out[jnp.asarray(np.asarray(index, np.int32))]
+
+  return jax.tree.map(concat, *results)
+
+
 def _map_alike_groups(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array | Lazy]):
   """:func:`map_alike`'s results before they are split: ``(members, results, stacked)``
   for every group, ``results`` stacked over the ``members`` (indices into ``values``)

@@ -226,6 +226,41 @@ def test_snfs_momentum_redistribution_and_growth():
   assert sum(counts) == sum(s - round(0.8 * s) for s in sizes)
 
 
+def test_snfs_treats_each_layer_of_a_stacked_leaf_as_a_tensor():
+  # A scanned model gets the masks of its unrolled form. Pruned as one tensor, the stack
+  # dropped its smallest weights across layers (never from layer 0, whose weights are 10x
+  # larger) and shared one regrowth: layers 0 and 1 ended 18% and 14% dense here, where
+  # the unrolled model's end 14% and 24%.
+  layers, d = 4, 32
+  k = jax.random.split(jax.random.PRNGKey(0), 6)
+  w = jax.random.normal(k[0], (d, layers, d)).at[:, 0].multiply(10.0)  # layer axis 1
+  m = jax.random.normal(k[1], (d, layers, d)) * jnp.arange(1.0, layers + 1)[None, :, None]
+  old = jax.random.uniform(k[2], (d, layers, d)) < jnp.asarray([0.2, 0.3, 0.1, 0.25])[:, None]
+  head = (jax.random.normal(k[3], (d, 12)), jax.random.normal(k[4], (d, 12)))
+  head_old = jax.random.uniform(k[5], (d, 12)) < 0.3
+
+  def masks(axes, tree):
+    params, momentum, old_masks = (tree(w, head[0]), tree(m, head[1]), tree(old, head_old))
+    snfs = prunax.SNFS(sparsity=0.8, drop_fraction_fn='constant', layer_axes=axes)
+    state = _state(snfs, params)._replace(algorithm_state=snfs_lib.SnfsState(momentum))
+    sparsities = jax.tree.map(lambda _: 0.8, params)
+    compute = jax.jit(lambda p, s, o: snfs.compute_masks(p, sparsities, s, None, o))
+    return compute(params, state, old_masks)
+
+  stacked = masks({'layers/kernel': 1}, lambda x, h: {'layers': {'kernel': x}, 'head': h})
+  flat = masks(
+    None, lambda x, h: {'head': h, **{f'layer{i}': {'kernel': x[:, i]} for i in range(layers)}}
+  )
+  np.testing.assert_array_equal(stacked['head'], flat['head'])
+  for i in range(layers):
+    np.testing.assert_array_equal(stacked['layers']['kernel'][:, i], flat[f'layer{i}']['kernel'])
+  # The total count is kept, and the layers' densities moved apart (redistribution ran).
+  total = int(old.sum() + head_old.sum())
+  assert int(stacked['layers']['kernel'].sum() + stacked['head'].sum()) == total
+  densities = np.asarray(stacked['layers']['kernel']).mean(axis=(0, 2))
+  assert not np.allclose(densities, np.asarray(old).mean(axis=(0, 2)))
+
+
 @pytest.mark.parametrize('leaves', [2, 9])
 @pytest.mark.parametrize(
   'make, loops',

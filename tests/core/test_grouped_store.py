@@ -175,6 +175,27 @@ def test_map_alike_is_fn_of_each_value(sizes, seed):
     np.testing.assert_array_equal(g['bits'], w['bits'])
 
 
+@hypothesis.settings(max_examples=12, deadline=None)
+@hypothesis.given(
+  sizes=st.lists(st.sampled_from([(4, 32), (3, 5), (2, 8, 16)]), min_size=1, max_size=11),
+  seed=st.integers(0, 2**16),
+)
+def test_concat_alike_is_the_concatenation_in_value_order(sizes, seed):
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes))
+  values = [
+    w if i % 3 == 2 else selection.Lazy(jnp.abs, w)
+    for i, w in enumerate(jax.random.normal(k, s) for k, s in zip(keys, sizes, strict=True))
+  ]
+
+  def fn(x):  # results of a size that differs between shapes, and a pytree of two
+    return jnp.sum(x, axis=-1).reshape(-1)[:3], jnp.max(x)
+
+  got = jax.jit(lambda: selection.concat_alike(fn, values))()
+  want = [fn(selection.materialize(v)) for v in values]
+  np.testing.assert_allclose(got[0], np.concatenate([w[0] for w in want]), rtol=1e-6, atol=1e-5)
+  np.testing.assert_array_equal(got[1], np.stack([w[1] for w in want]))
+
+
 def test_map_alike_groups_at_most_fused_concat_operands(monkeypatch):
   monkeypatch.setattr(_xla_workarounds, 'FUSED_CONCAT_OPERANDS', 3)
   calls = []

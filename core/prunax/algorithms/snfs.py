@@ -14,30 +14,34 @@ every mask update:
 3. each leaf regrows its share at the inactive positions of largest ``|m|``, at zero.
 
 Per-leaf densities therefore change over training; the total count of active weights
-does not. The masks are computed on full arrays (it is a per-update cost, not per step).
+does not. Every layer of a stacked (scanned) leaf is a tensor of its own, as each module's
+is in the reference: it drops its own share, and the redistribution runs over every
+(leaf, layer), so a scanned model gets the masks of its unrolled form.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from prunax import _xla_workarounds
 from prunax import selection
 from prunax.algorithms.sparse_trainers import SET
+from prunax.algorithms.sparse_trainers import _active_score
+from prunax.algorithms.sparse_trainers import _inactive_score
+from prunax.masks import lazy_mask
+from prunax.masks import pack_masks
+from prunax.tree_util import apply_to_pruned
 from prunax.tree_util import from_stored
 from prunax.tree_util import is_none
 from prunax.tree_util import map_masked
 from prunax.tree_util import to_stored
-
-
-def _where(condition, x, y) -> selection.Lazy:
-  """``jnp.where(condition, x, y)`` as :class:`prunax.selection.Lazy` scores (computed in
-  each counting pass, not stored)."""
-  return selection.Lazy(jnp.where, condition, x, y)
 
 
 def _abs(x) -> selection.Lazy:
@@ -121,39 +125,101 @@ class SNFS(SET):
     )
     return SnfsState(to_stored(momentum))
 
-  def compute_masks(self, params, sparsities, sparse_state=None, grads=None, old_masks=None):
-    if sparse_state is None or old_masks is None:
-      return super().compute_masks(params, sparsities, sparse_state, grads, old_masks)
+  def compute_lazy_masks(
+    self, params, sparsities, sparse_state=None, grads=None, old_masks=None, **kwargs
+  ):
+    if sparse_state is None or old_masks is None:  # instant_sparsify: plain magnitude.
+      return super().compute_lazy_masks(
+        params, sparsities, sparse_state, grads, old_masks, **kwargs
+      )
     fraction = self.drop_fraction_at(sparse_state.count)
-    flat_old, treedef = jax.tree.flatten(old_masks, is_leaf=is_none)
-    flat_w = treedef.flatten_up_to(params)
-    flat_m = treedef.flatten_up_to(from_stored(sparse_state.algorithm_state.momentum))
-    pruned = [i for i, m in enumerate(flat_old) if m is not None]
-    olds = [selection.materialize(flat_old[i]) for i in pruned]
-    n_old = [jnp.sum(old, dtype=jnp.int32) for old in olds]
-    removed = [jnp.ceil(fraction * n.astype(jnp.float32)).astype(jnp.int32) for n in n_old]
-    # One selection loop drops from every leaf and one grows in every leaf (a loop per
-    # leaf, as topk_mask of each, compiled in 58 s at 64 layers of 256 x 256: 55x dense).
-    kept = selection.topk_masks(
-      [_where(old, _abs(flat_w[i]), -jnp.inf) for i, old in zip(pruned, olds, strict=True)],
-      [n - r for n, r in zip(n_old, removed, strict=True)],
+    return apply_to_pruned(
+      functools.partial(_drop_redistribute_grow, fraction),
+      old_masks,
+      old_masks,
+      params,
+      from_stored(sparse_state.algorithm_state.momentum),
+      self.layer_axes_tree(params),
     )
-    stats = jnp.stack(
-      [
-        jnp.sum(jnp.where(old, jnp.abs(flat_m[i]), 0.0)) / jnp.maximum(n, 1)
-        for i, old, n in zip(pruned, olds, n_old, strict=True)
-      ]
+
+
+def _layer_sums(old, momentum, *, axis):
+  """Per layer (along ``axis``; the whole array when None): the active count and the sum
+  of ``|momentum|`` over the active weights."""
+  if axis is not None:
+    old, momentum = jnp.moveaxis(old, axis, 0), jnp.moveaxis(momentum, axis, 0)
+  layers = 1 if axis is None else old.shape[0]
+  old, momentum = old.reshape(layers, -1), momentum.reshape(layers, -1)
+  return (
+    jnp.sum(old, axis=1, dtype=jnp.int32),
+    jnp.sum(jnp.where(old, jnp.abs(momentum), 0.0), axis=1),
+  )
+
+
+def _leaf_counts(counts: jax.Array, ws, axes) -> list:
+  """The per-layer entries of ``counts`` (one per (leaf, layer), in leaf then layer order)
+  for every leaf, shaped to be sliced by :func:`selection.map_layer_groups` along its layer
+  axis (a scalar for a leaf without one). Rows are read by ``leaf_row``, so the kernels
+  reading them are alike for alike leaves."""
+  _xla_workarounds.split_rows(counts)
+  out, start = [], 0
+  for w, a in zip(ws, axes, strict=True):
+    if a is None:
+      out.append(_xla_workarounds.leaf_row(counts, start))
+      start += 1
+      continue
+    layers = w.shape[a]
+    rows = jnp.stack([_xla_workarounds.leaf_row(counts, start + j) for j in range(layers)])
+    out.append(rows.reshape([layers if d == a else 1 for d in range(w.ndim)]))
+    start += layers
+  return out
+
+
+def _drop_redistribute_grow(fraction, olds, ws, ms, axes) -> list:
+  """SNFS's new masks of the pruned leaves (old masks ``olds``, weights ``ws``, momenta
+  ``ms``, layer ``axes``): every layer of a stacked leaf is a tensor of its own, as each
+  module's is in the reference."""
+  # Per (leaf, layer), in leaf then layer order: active count and sum of |m| over the
+  # active weights (alike leaves computed together, one kernel per group).
+  n_old, sums = selection.concat_alike(
+    lambda r: r,
+    [
+      selection.Lazy(functools.partial(_layer_sums, axis=a), o, m)
+      for o, m, a in zip(olds, ms, axes, strict=True)
+    ],
+  )
+  removed = jnp.ceil(fraction * n_old.astype(jnp.float32)).astype(jnp.int32)
+  keep = n_old - removed
+
+  def drop(olds, ws, ks):
+    masks = selection.topk_masks(
+      [selection.Lazy(_active_score, o, _abs(w)) for o, w in zip(olds, ws, strict=True)],
+      [jnp.reshape(k, ()) for k in ks],
+      lazy=True,
     )
-    capacity = [old.size - (n - r) for old, n, r in zip(olds, n_old, removed, strict=True)]
-    removed = jnp.stack(removed)
-    # Without momentum yet (all zero), every leaf regrows what it removed.
-    shares = jnp.where(jnp.sum(stats) > 0, stats, removed.astype(jnp.float32))
-    grow = redistribute(jnp.sum(removed), shares, jnp.stack(capacity).astype(jnp.int32))
+    return pack_masks(masks)  # only the kept masks' bits leave the selection
+
+  # One selection loop drops from every leaf (and layer), one grows in every leaf.
+  packed = selection.map_layer_groups(drop, axes, olds, ws, _leaf_counts(keep, ws, axes))
+  kept = [lazy_mask(p, w.shape) for p, w in zip(packed, ws, strict=True)]
+  # Redistribution over every (leaf, layer).
+  stats = sums / jnp.maximum(n_old, 1)
+  sizes = np.concatenate(
+    [
+      np.full(1 if a is None else w.shape[a], w.size // (1 if a is None else w.shape[a]))
+      for w, a in zip(ws, axes, strict=True)
+    ]
+  ).astype(np.int32)
+  # Without momentum yet (all zero), every layer regrows what it removed.
+  shares = jnp.where(jnp.sum(stats) > 0, stats, removed.astype(jnp.float32))
+  grow = redistribute(jnp.sum(removed), shares, jnp.asarray(sizes) - keep)
+
+  def regrow(kept, ms, gs):
     grown = selection.topk_masks(
-      [_where(keep, -jnp.inf, _abs(flat_m[i])) for i, keep in zip(pruned, kept, strict=True)],
-      [grow[j] for j in range(len(pruned))],
+      [selection.Lazy(_inactive_score, k, _abs(m)) for k, m in zip(kept, ms, strict=True)],
+      [jnp.reshape(g, ()) for g in gs],
+      lazy=True,
     )
-    out = list(flat_old)
-    for i, keep, g in zip(pruned, kept, grown, strict=True):
-      out[i] = keep | g
-    return treedef.unflatten(out)
+    return [selection.Lazy(jnp.logical_or, k, g) for k, g in zip(kept, grown, strict=True)]
+
+  return selection.map_layer_groups(regrow, axes, kept, ms, _leaf_counts(grow, ws, axes))
