@@ -33,8 +33,8 @@ import numpy as np
 from prunax import _xla_workarounds
 from prunax import selection
 from prunax.algorithms.sparse_trainers import SET
-from prunax.algorithms.sparse_trainers import _active_score
-from prunax.algorithms.sparse_trainers import _inactive_score
+from prunax.algorithms.sparse_trainers import active_score
+from prunax.algorithms.sparse_trainers import inactive_score
 from prunax.masks import lazy_mask
 from prunax.masks import pack_masks
 from prunax.tree_util import apply_to_pruned
@@ -193,7 +193,7 @@ def _drop_redistribute_grow(fraction, olds, ws, ms, axes) -> list:
 
   def drop(olds, ws, ks):
     masks = selection.topk_masks(
-      [selection.Lazy(_active_score, o, _abs(w)) for o, w in zip(olds, ws, strict=True)],
+      [selection.Lazy(active_score, o, _abs(w)) for o, w in zip(olds, ws, strict=True)],
       [jnp.reshape(k, ()) for k in ks],
       lazy=True,
     )
@@ -216,7 +216,7 @@ def _drop_redistribute_grow(fraction, olds, ws, ms, axes) -> list:
 
   def regrow(kept, ms, gs):
     grown = selection.topk_masks(
-      [selection.Lazy(_inactive_score, k, _abs(m)) for k, m in zip(kept, ms, strict=True)],
+      [selection.Lazy(inactive_score, k, _abs(m)) for k, m in zip(kept, ms, strict=True)],
       [jnp.reshape(g, ()) for g in gs],
       lazy=True,
     )

@@ -35,11 +35,15 @@ from prunax.tree_util import apply_to_pruned
 _STRUCTURE_NAMES = {sparsity_types.Unstructured: 'unstructured', sparsity_types.NByM: 'N:M'}
 
 
-def _active_score(mask, score):
+def active_score(mask, score):
+  """``score`` where ``mask`` keeps a weight, ``-inf`` elsewhere: scores for keeping among
+  the active weights (a drop)."""
   return jnp.where(mask, score, -jnp.inf)
 
 
-def _inactive_score(kept, score):
+def inactive_score(kept, score):
+  """``score`` where ``kept`` does not keep a weight, ``-inf`` elsewhere: scores for growing
+  among the weights that are not kept."""
   return jnp.where(kept, -jnp.inf, score)
 
 
@@ -152,14 +156,14 @@ class SET(StaticRandomSparse):
       # are unpacked inside each pass that reads them; the kept masks are stored as packed
       # bits (1/32 of the weights' bytes), read by each pass of the grow search.
       kept = selection.topk_masks(
-        [selection.Lazy(_active_score, m, d) for m, d in zip(olds, ds, strict=True)],
+        [selection.Lazy(active_score, m, d) for m, d in zip(olds, ds, strict=True)],
         [n - k for n, k in zip(n_active, n_drop, strict=True)],
         lazy=True,
       )
       # Alike kept masks are evaluated and packed by one computation (pack_masks).
       kept = [lazy_mask(k, w.shape) for k, w in zip(pack_masks(kept), ws, strict=True)]
       grown = selection.topk_masks(
-        [selection.Lazy(_inactive_score, k, g) for k, g in zip(kept, gs, strict=True)],
+        [selection.Lazy(inactive_score, k, g) for k, g in zip(kept, gs, strict=True)],
         n_drop,
         lazy=True,
       )
