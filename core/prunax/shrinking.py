@@ -7,9 +7,11 @@ head axis of the q/k/v/out projections of an attention layer. :func:`find_groups
 by tracing ``fn(params, *args)`` and following every axis through the computation
 (union-find over the axes of the jaxpr's variables): elementwise ops, broadcasts,
 transposes and size-preserving reshapes keep an axis; a ``dot_general`` or convolution ties
-contracted axes together; an axis that is reduced, sliced, merged by a reshape, touched by
-an op this module does not know, or that is an input or output of ``fn``, *blocks* its
-group, and the group records the op.
+contracted axes together; a ``scan`` (a stack of layers: ``nn.scan``, ``nnx.scan``) ties
+each layer's slice of a stacked leaf to its body's axes, so a group of a scanned stack loses
+the same channels in every layer, and blocks the axis it loops over; an axis that is
+reduced, sliced, merged by a reshape, touched by an op this module does not know, or that
+is an input or output of ``fn``, *blocks* its group, and the group records the op.
 
 Then:
 
@@ -134,7 +136,9 @@ def _analyze(jaxpr, axes: _Axes) -> None:
           axes.block((v, i), reason)
 
     inner = _inner(eqn)
-    if inner is not None:
+    if name == 'scan':
+      _analyze_scan(eqn, axes)
+    elif inner is not None:
       inner_jaxpr = _open(inner)
       if len(inner_jaxpr.invars) != len(eqn.invars) or len(inner_jaxpr.outvars) != len(outs):
         block_all(name)
@@ -214,6 +218,40 @@ def _analyze(jaxpr, axes: _Axes) -> None:
           axes.block((v, i), 'conv_general_dilated (spatial axis)')
     else:
       block_all(name)
+
+
+# Why the axis that a scan runs over (the layer axis of stacked layers) cannot shrink.
+_SCANNED_AXIS = 'scan (the axis it loops over: the layers of a scanned stack)'
+
+
+def _analyze_scan(eqn, axes: _Axes) -> None:
+  """A ``lax.scan`` (``nn.scan``, ``nnx.scan``: a stack of layers): its body sees one slice
+  of each scanned input and output, so their axis ``i + 1`` is the body's axis ``i`` (the
+  scanned axis blocks); constants and carries keep their axes, and each carry's output
+  feeds its input. A group of a layer's channels thus takes every layer's slice: they
+  lose the same channels."""
+  body = _open(eqn.params['jaxpr'])
+  n_consts, n_carry = eqn.params['num_consts'], eqn.params['num_carry']
+  tie = lambda a, i, b, j: axes.union((a, i), (b, j))
+  for k, (outer, inn) in enumerate(zip(eqn.invars, body.invars, strict=True)):
+    scanned = k >= n_consts + n_carry
+    if not _is_var(outer):
+      continue
+    if scanned:
+      axes.block((outer, 0), _SCANNED_AXIS)
+    for i in range(len(_shape(inn))):
+      tie(outer, i + scanned, inn, i)
+  for k, (outer, inn) in enumerate(zip(eqn.outvars, body.outvars, strict=True)):
+    scanned = k >= n_carry
+    if scanned:
+      axes.block((outer, 0), _SCANNED_AXIS)
+    if not _is_var(inn):
+      continue
+    for i in range(len(_shape(inn))):
+      tie(outer, i + scanned, inn, i)
+      if not scanned:  # the carry's next value is the body's carry input
+        tie(inn, i, body.invars[n_consts + k], i)
+  _analyze(body, axes)
 
 
 def _analyze_reshape(src, dst, axes: _Axes) -> None:
@@ -511,7 +549,9 @@ def _replay(jaxpr, consts, args, keep):
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
     inner = _inner(eqn)
-    if inner is not None:
+    if eqn.primitive.name == 'scan':
+      outs = _replay_scan(eqn.params, invals, keep)
+    elif inner is not None:
       outs = _replay(_open(inner), getattr(inner, 'consts', ()), invals, keep)
     else:
       params = dict(eqn.params)
@@ -526,6 +566,26 @@ def _replay(jaxpr, consts, args, keep):
     for v, o in zip(eqn.outvars, outs):
       env[v] = o
   return [read(v) for v in jaxpr.outvars]
+
+
+def _replay_scan(params: dict, invals: list, keep: dict) -> list:
+  """A scan replayed with its body's new shapes (a new ``lax.scan`` of the replayed body)."""
+  body = params['jaxpr']
+  n_consts, n_carry = params['num_consts'], params['num_carry']
+  consts, init, xs = (
+    invals[:n_consts],
+    invals[n_consts : n_consts + n_carry],
+    invals[n_consts + n_carry :],
+  )
+
+  def step(carry, x):
+    outs = _replay(_open(body), getattr(body, 'consts', ()), [*consts, *carry, *x], keep)
+    return outs[:n_carry], outs[n_carry:]
+
+  carry, ys = jax.lax.scan(
+    step, init, xs, length=params['length'], reverse=params['reverse'], unroll=params['unroll']
+  )
+  return [*carry, *ys]
 
 
 def _keep_nodes(trace: _Trace, keep_by_root: dict) -> dict:

@@ -182,6 +182,95 @@ def test_transformer_block_heads_and_mlp():
   assert stream.blocked_by is not None and stream.size == 16
 
 
+class Stack(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.scan(BlockStep, variable_axes={'params': 0}, split_rngs={'params': True}, length=3)()(
+      x, None
+    )[0]
+    return nn.Dense(4)(x)
+
+
+class BlockStep(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return Block()(x), x.mean(axis=-1)  # the next layer's input, and a per-layer output
+
+
+def test_scanned_blocks_lose_the_same_channels_in_every_layer():
+  # A scan's body sees one layer's slice of the stacked params: axis i + 1 of a stacked
+  # leaf is the body's axis i. Read as a plain call (axis i is axis i), the layer axis
+  # was tied to the first feature axis, groups mixed sizes, and group_masks failed
+  # ("add got incompatible shapes for broadcasting: (3,), (16,)").
+  model, x = Stack(), jax.random.normal(jax.random.PRNGKey(1), (2, 5, 16))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  groups, shrunk, before, after = check(model, variables, x)
+  stack = 'params/ScanBlockStep_0/Block_0'
+  att = f'{stack}/MultiHeadDotProductAttention_0'
+  heads = next(g for g in groups if (f'{att}/query/kernel', 2) in g.members)
+  assert heads.size == 4
+  assert {(f'{att}/key/kernel', 2), (f'{att}/out/kernel', 1), (f'{att}/query/bias', 1)} <= set(
+    heads.members
+  )
+  hidden = next(g for g in groups if (f'{stack}/Dense_1/kernel', 2) in g.members)
+  assert set(hidden.members) == {
+    (f'{stack}/Dense_1/kernel', 2),
+    (f'{stack}/Dense_1/bias', 1),
+    (f'{stack}/Dense_0/kernel', 1),
+  }
+  p = shrunk.params['params']['ScanBlockStep_0']['Block_0']
+  assert p['MultiHeadDotProductAttention_0']['query']['kernel'].shape == (3, 16, 2, 4)
+  assert p['Dense_1']['kernel'].shape == (3, 16, 32)
+  assert p['Dense_0']['kernel'].shape == (3, 32, 16)
+  assert after < before
+  # The layer axis is no channel axis: its groups are blocked by the scan.
+  blocked = sh.find_groups(model, variables, x, include_blocked=True)
+  layer = next(g for g in blocked if (f'{stack}/Dense_1/kernel', 0) in g.members)
+  assert layer.size == 3 and layer.blocked_by.startswith('scan')
+  # The residual stream is the scan's carry: tied through every layer to the input.
+  stream = next(g for g in blocked if (f'{stack}/Dense_0/kernel', 2) in g.members)
+  assert ('params/Dense_0/kernel', 0) in stream.members and stream.blocked_by is not None
+
+
+def test_nnx_scan_over_vmapped_layers():
+  class Layer(nnx.Module):
+    def __init__(self, rngs):
+      self.a, self.b = nnx.Linear(16, 48, rngs=rngs), nnx.Linear(48, 16, rngs=rngs)
+
+    def __call__(self, x):
+      return x + self.b(jax.nn.relu(self.a(x)))
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      @nnx.split_rngs(splits=3)
+      @nnx.vmap(in_axes=0, out_axes=0)
+      def make(rngs):
+        return Layer(rngs)
+
+      self.layers, self.head = make(rngs), nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+      def body(layer, x):
+        return layer(x)
+
+      return self.head(body(self.layers, x))
+
+  graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+  fn = lambda s, x: nnx.merge(graphdef, s)(x)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 16))
+  (hidden,) = sh.find_groups(fn, state, x)
+  assert set(hidden.members) == {
+    ('layers/a/kernel/value', 2),
+    ('layers/a/bias/value', 1),
+    ('layers/b/kernel/value', 1),
+  }
+  masks = sh.group_masks((hidden,), state, 0.5)
+  shrunk = sh.shrink(fn, state, masks, x)  # checks the shrunk model against the masked
+  assert shrunk.params['layers']['a']['kernel'].value.shape == (3, 16, 24)
+  assert shrunk.params['layers']['b']['kernel'].value.shape == (3, 24, 16)
+
+
 def test_nnx_mlp():
   class Net(nnx.Module):
     def __init__(self, rngs):
