@@ -466,6 +466,12 @@ class GroupPruning(BaseUpdater):
       params,
     )
 
+  def warn_undeclared_stacks(self, params, targets) -> None:
+    """No warning: a group's channel mask is the same in every slice of its members (every
+    layer of a scanned stack, whose groups :func:`find_groups` follows through the scan),
+    so each layer keeps the same count and none can be pruned to death."""
+    del params, targets
+
   def compute_masks(self, params, sparsities, sparse_state=None, grads=None, old_masks=None):
     del old_masks
     level = next(s for s in jax.tree.leaves(sparsities) if s is not None)

@@ -1,6 +1,8 @@
 """prunax.shrink: groups found from the jaxpr, group masks, and shrunk models that compute
 what the masked models compute, with fewer channels."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -353,6 +355,28 @@ def test_gradual_group_pruning_through_wrap_optax():
     atol=1e-5,
   )
   assert shrunk.params['params']['Dense_1']['kernel'].shape == (16, 12)
+
+
+def test_group_pruning_of_a_scanned_stack_keeps_every_layer_alike():
+  model, x = Stack(), jax.random.normal(jax.random.PRNGKey(2), (2, 5, 16))
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  fn = lambda p, x: model.apply({'params': p}, x)
+  schedule = prunax.sparsity_schedules.PolynomialSchedule(1, 0, 2)
+  pruner = sh.GroupPruning(sparsity=0.5, groups=sh.find_groups(fn, params, x), scheduler=schedule)
+  tx = pruner.wrap_optax(optax.adam(1e-2))
+  with warnings.catch_warnings():
+    # No "looks like a stack of layers" warning: the groups hold every layer's slice.
+    warnings.simplefilter('error')
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: tx.update(jax.grad(lambda p: jnp.mean(fn(p, x) ** 2))(p), s, p))
+    for _ in range(3):
+      updates, state = step(params, state)
+      params = optax.apply_updates(params, updates)
+  hidden = prunax.bool_masks(state, params)['ScanBlockStep_0']['Block_0']['Dense_1']['bias']
+  np.testing.assert_array_equal(np.asarray(hidden).sum(axis=1), [32, 32, 32])
+  np.testing.assert_array_equal(hidden[0], hidden[2])  # the same channels in every layer
+  shrunk = sh.shrink(fn, params, prunax.bool_masks(state, params), x)
+  assert shrunk.params['ScanBlockStep_0']['Block_0']['Dense_1']['kernel'].shape == (3, 16, 32)
 
 
 @pytest.mark.parametrize(
