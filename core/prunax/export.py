@@ -300,8 +300,9 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
   ELL leaf run as sparse products (:func:`sparse_matmul`), and ``nn.Conv`` layers whose
   kernel is a :class:`~prunax.sparse_inference.ConvFilter` as patches times its sparse
   matrix (:func:`~prunax.sparse_inference.conv_matmul`); every other sparse leaf (BCOO
-  conv kernels, N:M, a ``ConvFilter`` read by another layer) is densified first, inside
-  the same computation.
+  conv kernels, N:M, an ``nn.Embed`` table, a leaf of a scanned stack, which the scan
+  reads a layer at a time, any leaf another layer reads) is densified first, inside the
+  same computation.
 
   Raises:
     ValueError: for an ``nn.Conv`` with a ``ConvFilter`` kernel and an option the sparse
@@ -310,20 +311,33 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
   """
   import flax.linen as nn
 
-  conv_kernels = set()
+  # The kernels that layers read whole, by kind: only those stay sparse. (Kept sparse by
+  # shape alone, a 2-D embedding table or a stacked norm scale reached its layer as a
+  # sparse object, and the apply failed.)
+  read: dict = {nn.Conv: set(), nn.Dense: set()}
+  shapes = {
+    tuple(str(getattr(k, 'key', k)) for k in path): np.shape(x)
+    for path, x in jax.tree_util.tree_leaves_with_path(densify(exported))
+  }
 
   def record(next_fun, call_args, call_kwargs, context):
-    if isinstance(context.module, nn.Conv) and context.method_name == '__call__':
-      conv_kernels.add(('params', *context.module.path, 'kernel'))
+    kind = type(context.module)
+    if context.method_name == '__call__' and kind in read:
+      path = ('params', *context.module.path, 'kernel')
+      kernel = context.module.get_variable('params', 'kernel')
+      if np.shape(kernel) == shapes.get(path):  # not a slice (a layer of a scanned stack)
+        read[kind].add(path)
     return next_fun(*call_args, **call_kwargs)
 
   with nn.intercept_methods(record):
     jax.eval_shape(lambda p: module.apply(p, *args, **kwargs), densify(exported))
 
   def keep_sparse(path, x):
+    path = tuple(str(getattr(k, 'key', k)) for k in path)
     if isinstance(x, ConvFilter):
-      return tuple(str(getattr(k, 'key', k)) for k in path) in conv_kernels
-    return isinstance(x, (sparse.BCOO, sparse.BCSR, BlockSparse, EllSparse)) and x.ndim == 2
+      return path in read[nn.Conv]
+    matrix = isinstance(x, (sparse.BCOO, sparse.BCSR, BlockSparse, EllSparse)) and x.ndim == 2
+    return matrix and path in read[nn.Dense]
 
   params = jax.tree_util.tree_map_with_path(
     lambda path, x: x if keep_sparse(path, x) else todense(x), exported, is_leaf=_is_sparse

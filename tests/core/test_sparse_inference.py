@@ -146,6 +146,54 @@ def test_formats_save_load_and_sparse_apply(tmp_path, fmt):
   )
 
 
+class TinyLM(nn.Module):
+  """An embedding table, a norm and an MLP: 2-D leaves that no Dense reads, and kernels."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.LayerNorm()(nn.Embed(64, 32)(tokens))
+    return nn.Dense(64)(nn.relu(nn.Dense(128)(h)))
+
+
+class ScannedMLP(nn.Module):
+  """Three MLP blocks as one nn.scan: stacked kernels and stacked (2-D) norm scales."""
+
+  @nn.compact
+  def __call__(self, x):
+    class Step(nn.Module):
+      @nn.compact
+      def __call__(self, x, _):
+        h = nn.relu(nn.Dense(64)(nn.LayerNorm()(x)))
+        return x + nn.Dense(32)(h), None
+
+    scan = nn.scan(Step, variable_axes={'params': 0}, split_rngs={'params': True}, length=3)
+    return nn.Dense(8)(scan()(x, None)[0])
+
+
+@pytest.mark.parametrize('fmt', ['bcoo', 'block', 'ell', 'auto'])
+@pytest.mark.parametrize('name', ['embedding', 'scanned'])
+def test_only_the_kernels_layers_read_stay_sparse(monkeypatch, fmt, name):
+  # Every 2-D sparse leaf stayed sparse: an nn.Embed table or a norm scale stacked by a
+  # scan reached its layer as a sparse object, and the apply failed (flax's
+  # ScopeParamShapeError). They are densified now; the kernels Dense reads whole stay
+  # sparse, and a scan's stacked kernels (read a layer at a time) are densified.
+  if name == 'embedding':
+    model, x, sparse_kernels = TinyLM(), jnp.arange(10).reshape(2, 5) % 64, 2
+  else:
+    model, x, sparse_kernels = ScannedMLP(), jax.random.normal(jax.random.PRNGKey(1), (4, 32)), 1
+  params = model.init(jax.random.PRNGKey(0), x)
+  pruned, _ = jax.jit(prunax.MagnitudePruning(sparsity=0.9).instant_sparsify)(params)
+  exported = export.export_params(pruned, fmt, block_shape=(8, 8))
+  calls = []
+  real = export.sparse_matmul
+  monkeypatch.setattr(export, 'sparse_matmul', lambda *a: calls.append(1) or real(*a))
+  got = jax.jit(lambda p, x: export.sparse_apply(model, p, x))(exported, x)
+  np.testing.assert_allclose(
+    np.asarray(got), np.asarray(model.apply(pruned, x)), rtol=1e-5, atol=1e-5
+  )
+  assert len(calls) == sparse_kernels
+
+
 @hypothesis.settings(max_examples=12, deadline=None)
 @hypothesis.given(
   rank=st.integers(1, 2),
