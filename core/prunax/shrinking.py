@@ -29,6 +29,8 @@ Then:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -699,6 +701,21 @@ def shrink(
   return shrunk
 
 
+def _scaled_as(head_dim: int, attention_fn: Callable) -> Callable:
+  """``attention_fn`` scaling its logits by ``1 / sqrt(head_dim)`` whatever the query's
+  last dimension (a head dimension that shrinking made smaller)."""
+
+  @functools.wraps(attention_fn)  # the same signature: flax filters keywords by it
+  def attention(query, key, value, *args, **kwargs):
+    depth = np.shape(query)[-1]
+    if depth != head_dim:  # fn divides by sqrt(depth); the masked model by sqrt(head_dim)
+      query = query * jnp.asarray(math.sqrt(depth) / math.sqrt(head_dim), query.dtype)
+    return attention_fn(query, key, value, *args, **kwargs)
+
+  attention.prunax_head_dim = head_dim
+  return attention
+
+
 def linen_apply(module, variables: PyTree, *args, **kwargs):
   """``module.apply(variables, ...)`` of a linen module on shrunk (smaller) variables.
 
@@ -718,6 +735,17 @@ def linen_apply(module, variables: PyTree, *args, **kwargs):
 
   def resize(next_fun, call_args, call_kwargs, context):
     layer = context.module
+    if (
+      context.method_name == '__call__'
+      and isinstance(layer, nn.MultiHeadDotProductAttention)
+      and not hasattr(layer.attention_fn, 'prunax_head_dim')
+    ):
+      # Its 1/sqrt(head_dim) scale is computed from the query's size, which shrinking the
+      # head dimension changes: scale by the original one, as the masked model does.
+      inputs_q = call_args[0] if call_args else call_kwargs['inputs_q']
+      head_dim = (layer.qkv_features or np.shape(inputs_q)[-1]) // layer.num_heads
+      scaled = layer.clone(parent=None, attention_fn=_scaled_as(head_dim, layer.attention_fn))
+      return scaled.apply(layer.variables, *call_args, **call_kwargs)
     if context.method_name != '__call__' or not layer.has_variable('params', 'kernel'):
       return next_fun(*call_args, **call_kwargs)
     shape = tuple(np.shape(layer.get_variable('params', 'kernel')))
