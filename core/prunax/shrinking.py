@@ -716,6 +716,41 @@ def _scaled_as(head_dim: int, attention_fn: Callable) -> Callable:
   return attention
 
 
+def nnx_merge(graphdef, *states):
+  """``nnx.merge(graphdef, *states)`` of shrunk state (``shrunk.params``), made to run.
+
+  An nnx module built with the original sizes declares them in its attributes; most
+  layers read their sizes from their params (``nnx.Linear``, ``nnx.Conv``, norms), but
+  ``nnx.LinearGeneral`` reshapes its bias to its declared ``out_features``, and attention
+  scales its logits by 1 / sqrt of the query's (now smaller) head dimension. Here every
+  ``LinearGeneral`` takes its ``in_features`` and ``out_features`` from its kernel, and
+  every ``MultiHeadAttention`` its ``num_heads``, ``head_dim`` and ``qkv_features`` from
+  its query kernel, with an ``attention_fn`` that keeps the original scale.
+
+  Args:
+    graphdef: the module's graph definition (``nnx.split``).
+    *states: the shrunk state (and any other states ``nnx.merge`` takes).
+
+  Returns:
+    The smaller module, computing what the masked module computes.
+  """
+  from flax import nnx
+
+  module = nnx.merge(graphdef, *states)
+  for _, layer in nnx.iter_modules(module):
+    if isinstance(layer, nnx.LinearGeneral):
+      shape = tuple(np.shape(layer.kernel[...]))[len(layer.batch_axis) :]
+      layer.in_features = shape[: len(layer.in_features)]
+      layer.out_features = shape[len(layer.in_features) :]
+    if isinstance(layer, nnx.MultiHeadAttention) and not hasattr(
+      layer.attention_fn, 'prunax_head_dim'
+    ):
+      heads, head_dim = tuple(np.shape(layer.query.kernel[...]))[-2:]
+      layer.attention_fn = _scaled_as(layer.head_dim, layer.attention_fn)
+      layer.num_heads, layer.head_dim, layer.qkv_features = heads, head_dim, heads * head_dim
+  return module
+
+
 def linen_apply(module, variables: PyTree, *args, **kwargs):
   """``module.apply(variables, ...)`` of a linen module on shrunk (smaller) variables.
 

@@ -471,6 +471,12 @@ def test_nnx_transformer_block_heads_and_mlp():
   assert jnp.shape(shrunk.params['attention']['query']['kernel'][...])[1] == 2
   assert jnp.shape(shrunk.params['up']['kernel'][...]) == (16, 32)
   x2 = jax.random.normal(jax.random.PRNGKey(2), (3, 7, 16))
-  np.testing.assert_allclose(
-    shrunk(shrunk.params, x2), fn(apply_masks(state, masks), x2), rtol=1e-5, atol=1e-5
-  )
+  want = fn(apply_masks(state, masks), x2)
+  np.testing.assert_allclose(shrunk(shrunk.params, x2), want, rtol=1e-5, atol=1e-5)
+  # The module itself: LinearGeneral reshapes its bias to its declared out_features, so a
+  # plain nnx.merge fails; nnx_merge fits the declared sizes and keeps attention's scale.
+  with pytest.raises(TypeError, match='reshape'):
+    nnx.merge(graphdef, shrunk.params)(x2)
+  small = sh.nnx_merge(graphdef, shrunk.params)
+  assert (small.attention.num_heads, small.attention.head_dim) == (2, 4)
+  np.testing.assert_allclose(small(x2), want, rtol=1e-5, atol=1e-5)
