@@ -739,9 +739,11 @@ def nnx_merge(graphdef, *states):
   module = nnx.merge(graphdef, *states)
   for _, layer in nnx.iter_modules(module):
     if isinstance(layer, nnx.LinearGeneral):
-      shape = tuple(np.shape(layer.kernel[...]))[len(layer.batch_axis) :]
-      layer.in_features = shape[: len(layer.in_features)]
-      layer.out_features = shape[len(layer.in_features) :]
+      # The trailing axes: a layer of a stack (nnx.vmap) holds a layer axis before them.
+      shape = tuple(np.shape(layer.kernel[...]))
+      n_in, n_out = len(layer.in_features), len(layer.out_features)
+      layer.in_features = shape[len(shape) - n_out - n_in : len(shape) - n_out]
+      layer.out_features = shape[len(shape) - n_out :]
     if isinstance(layer, nnx.MultiHeadAttention) and not hasattr(
       layer.attention_fn, 'prunax_head_dim'
     ):

@@ -237,9 +237,13 @@ def test_scanned_blocks_lose_the_same_channels_in_every_layer():
 def test_nnx_scan_over_vmapped_layers():
   class Layer(nnx.Module):
     def __init__(self, rngs):
+      self.attention = nnx.MultiHeadAttention(
+        num_heads=4, in_features=16, qkv_features=32, decode=False, rngs=rngs
+      )
       self.a, self.b = nnx.Linear(16, 48, rngs=rngs), nnx.Linear(48, 16, rngs=rngs)
 
     def __call__(self, x):
+      x = x + self.attention(x, x)
       return x + self.b(jax.nn.relu(self.a(x)))
 
   class Net(nnx.Module):
@@ -260,17 +264,25 @@ def test_nnx_scan_over_vmapped_layers():
 
   graphdef, state = nnx.split(Net(nnx.Rngs(0)))
   fn = lambda s, x: nnx.merge(graphdef, s)(x)
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 16))
-  (hidden,) = sh.find_groups(fn, state, x)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 16))
+  groups = sh.find_groups(fn, state, x)
+  hidden = next(g for g in groups if ('layers/a/kernel/value', 2) in g.members)
   assert set(hidden.members) == {
     ('layers/a/kernel/value', 2),
     ('layers/a/bias/value', 1),
     ('layers/b/kernel/value', 1),
   }
-  masks = sh.group_masks((hidden,), state, 0.5)
+  heads = next(g for g in groups if ('layers/attention/query/kernel/value', 2) in g.members)
+  assert heads.size == 4 and ('layers/attention/out/kernel/value', 1) in heads.members
+  masks = sh.group_masks(groups, state, 0.5)
   shrunk = sh.shrink(fn, state, masks, x)  # checks the shrunk model against the masked
   assert shrunk.params['layers']['a']['kernel'].value.shape == (3, 16, 24)
-  assert shrunk.params['layers']['b']['kernel'].value.shape == (3, 24, 16)
+  assert shrunk.params['layers']['attention']['query']['kernel'].value.shape == (3, 16, 2, 4)
+  # The smaller module itself: its stacked LinearGeneral layers get their per-layer sizes.
+  small = sh.nnx_merge(graphdef, shrunk.params)
+  assert small.layers.attention.query.out_features == (2, 4)
+  x2 = jax.random.normal(jax.random.PRNGKey(2), (3, 7, 16))
+  np.testing.assert_allclose(small(x2), fn(apply_masks(state, masks), x2), rtol=1e-5, atol=1e-5)
 
 
 def test_nnx_mlp():
