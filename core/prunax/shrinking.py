@@ -140,6 +140,8 @@ def _analyze(jaxpr, axes: _Axes) -> None:
     inner = _inner(eqn)
     if name == 'scan':
       _analyze_scan(eqn, axes)
+    elif name in _OPAQUE_CALLS:
+      block_all(_OPAQUE_CALLS[name])
     elif inner is not None:
       inner_jaxpr = _open(inner)
       if len(inner_jaxpr.invars) != len(eqn.invars) or len(inner_jaxpr.outvars) != len(outs):
@@ -221,6 +223,12 @@ def _analyze(jaxpr, axes: _Axes) -> None:
     else:
       block_all(name)
 
+
+# Calls whose body cannot be followed as a plain call (the reason an axis through them
+# cannot shrink): replayed as they are (their axes are blocked, so nothing in them changes).
+_OPAQUE_CALLS = {
+  'shard_map': "shard_map (its body sees each device's shard, with collectives over the mesh)"
+}
 
 # Why the axis that a scan runs over (the layer axis of stacked layers) cannot shrink.
 _SCANNED_AXIS = 'scan (the axis it loops over: the layers of a scanned stack)'
@@ -559,6 +567,8 @@ def _replay(jaxpr, consts, args, keep):
     inner = _inner(eqn)
     if eqn.primitive.name == 'scan':
       outs = _replay_scan(eqn.params, invals, keep)
+    elif eqn.primitive.name in _OPAQUE_CALLS:  # unchanged: bound as jax.core.eval_jaxpr does
+      outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
     elif inner is not None:
       outs = _replay(_open(inner), getattr(inner, 'consts', ()), invals, keep)
     else:

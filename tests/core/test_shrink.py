@@ -285,6 +285,42 @@ def test_nnx_scan_over_vmapped_layers():
   np.testing.assert_allclose(small(x2), fn(apply_masks(state, masks), x2), rtol=1e-5, atol=1e-5)
 
 
+def test_shard_map_blocks_the_axes_through_its_body():
+  # A shard_map's body sees each device's shard and may run collectives: read as a plain
+  # call, its axes grouped as if whole, and shrink's replay of the body failed ("pvary
+  # should be called under jax.shard_map"). Its axes now block with the op named, and the
+  # shard_map is replayed as it is.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('x',))
+  double = jax.shard_map(lambda h: h * 2.0, mesh=mesh, in_specs=jax.P('x'), out_specs=jax.P('x'))
+
+  def fn(p, x):
+    h = double(jax.nn.relu(x @ p['w1'] + p['b1']))
+    return jax.nn.relu(h @ p['w2']) @ p['w3']
+
+  k = jax.random.split(jax.random.PRNGKey(0), 3)
+  p = {
+    'w1': jax.random.normal(k[0], (8, 16)),
+    'b1': jnp.zeros(16),
+    'w2': jax.random.normal(k[1], (16, 12)),
+    'w3': jax.random.normal(k[2], (12, 3)),
+  }
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8))
+  (hidden,) = sh.find_groups(fn, p, x)
+  assert set(hidden.members) == {('w2', 1), ('w3', 0)}
+  blocked = sh.find_groups(fn, p, x, include_blocked=True)
+  through = next(g for g in blocked if ('w1', 1) in g.members)
+  assert through.blocked_by.startswith('shard_map')
+  masks = sh.group_masks((hidden,), p, 0.5)
+  shrunk = sh.shrink(fn, p, masks, x)
+  assert shrunk.params['w2'].shape == (16, 6)
+  np.testing.assert_allclose(
+    jax.jit(shrunk)(shrunk.params, x), fn(apply_masks(p, masks), x), rtol=1e-5, atol=1e-5
+  )
+  masks = sh.group_masks((through,), p, 0.5)
+  with pytest.raises(sh.ShrinkError, match='shard_map'):
+    sh.shrink(fn, p, masks, x)
+
+
 def test_nnx_mlp():
   class Net(nnx.Module):
     def __init__(self, rngs):
