@@ -72,6 +72,8 @@ def iterative_magnitude_pruning(
   prune_fraction: float = 0.2,
   rewind_step: int = 0,
   sparsity_distribution_fn: Any = None,
+  *,
+  layer_axes: Any = None,
 ) -> list[LotteryRound]:
   """Runs IMP with rewinding: ``rounds`` pruning rounds, so ``rounds + 1`` trainings.
 
@@ -86,6 +88,8 @@ def iterative_magnitude_pruning(
     sparsity_distribution_fn: None for global magnitude pruning (one threshold over the
       pruned leaves), else a per-leaf distribution (``'uniform'``, ...); it also selects
       the pruned leaves (default: ndim >= 2).
+    layer_axes: ``{parameter name or regex: axis}`` of stacked (scanned) parameters, each
+      of whose layers a per-leaf distribution prunes on its own.
 
   Returns:
     The :class:`LotteryRound` records, round 0 (dense) first.
@@ -110,7 +114,9 @@ def iterative_magnitude_pruning(
     if masks is not None:  # Pruned weights stay pruned.
       scores = map_masked(lambda m, s: jnp.where(m, s, -1.0), masks, scores)
     sparsity = 1.0 - (1.0 - prune_fraction) ** r
-    masks = masks_from_scores(trained, scores, sparsity, sparsity_distribution_fn)
+    masks = masks_from_scores(
+      trained, scores, sparsity, sparsity_distribution_fn, layer_axes=layer_axes
+    )
     start = map_masked(lambda m, w: jnp.where(m, w, 0).astype(w.dtype), masks, rewind_to)
     trained, metrics, _ = train_fn(start, FixedMaskSparse(masks=masks), None)
     history.append(LotteryRound(r, masks, start, trained, metrics, summarize_sparsity(trained)))

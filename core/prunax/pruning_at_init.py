@@ -130,14 +130,31 @@ def synflow_scores(
 # ---------------------------------------------------------------------------- masks
 
 
-def _selector(sparsity: float, sparsity_distribution_fn) -> BaseUpdater:
+def _selector(
+  params: PyTree, sparsity: float, sparsity_distribution_fn, layer_axes
+) -> tuple[BaseUpdater, PyTree]:
+  """The updater that selects the masks, and its target sparsities of ``params``. With a
+  per-leaf distribution, a stacked leaf is pruned layer by layer where ``layer_axes`` (or
+  the flax boxes) say it is stacked, and an undeclared one that looks stacked is warned
+  about, as ``wrap_optax`` does."""
   if sparsity_distribution_fn is None:
-    return GlobalMagnitudePruning(sparsity=sparsity)
-  return MagnitudePruning(sparsity=sparsity, sparsity_distribution_fn=sparsity_distribution_fn)
+    selector = GlobalMagnitudePruning(sparsity=sparsity, layer_axes=layer_axes)
+    return selector, selector.target_sparsities(params)
+  selector = MagnitudePruning(
+    sparsity=sparsity, sparsity_distribution_fn=sparsity_distribution_fn, layer_axes=layer_axes
+  )
+  targets = selector.target_sparsities(params)
+  selector.warn_undeclared_stacks(params, targets)
+  return selector, targets
 
 
 def masks_from_scores(
-  params: PyTree, scores: PyTree, sparsity: float, sparsity_distribution_fn: Any = None
+  params: PyTree,
+  scores: PyTree,
+  sparsity: float,
+  sparsity_distribution_fn: Any = None,
+  *,
+  layer_axes: Any = None,
 ) -> PyTree:
   """Boolean keep-masks keeping the highest scores (None for leaves that are not pruned).
 
@@ -147,9 +164,12 @@ def masks_from_scores(
     sparsity: target sparsity in [0, 1).
     sparsity_distribution_fn: None for one global threshold, else a distribution as
       accepted by :class:`prunax.BaseUpdater` (``'uniform'``, ``'erk'``, ...).
+    layer_axes: ``{parameter name or regex: axis}`` of stacked (scanned) parameters, each
+      of whose layers a per-leaf distribution prunes on its own (as
+      :class:`prunax.BaseUpdater`'s ``layer_axes``).
   """
-  selector = _selector(sparsity, sparsity_distribution_fn)
-  return selector.masks_from_scores(scores, selector.target_sparsities(params))
+  selector, targets = _selector(params, sparsity, sparsity_distribution_fn, layer_axes)
+  return selector.masks_from_scores(scores, targets)
 
 
 def snip(
@@ -158,10 +178,14 @@ def snip(
   batch: Any,
   sparsity: float,
   sparsity_distribution_fn: Any = None,
+  *,
+  layer_axes: Any = None,
 ) -> PyTree:
-  """SNIP keep-masks (bool, None for leaves not pruned); ``loss_fn(params, batch)``."""
+  """SNIP keep-masks (bool, None for leaves not pruned); ``loss_fn(params, batch)``.
+  ``layer_axes``: see :func:`masks_from_scores`."""
+  scores = snip_scores(loss_fn, params, batch)
   return masks_from_scores(
-    params, snip_scores(loss_fn, params, batch), sparsity, sparsity_distribution_fn
+    params, scores, sparsity, sparsity_distribution_fn, layer_axes=layer_axes
   )
 
 
@@ -171,10 +195,15 @@ def grasp(
   batch: Any,
   sparsity: float,
   sparsity_distribution_fn: Any = None,
+  *,
+  layer_axes: Any = None,
 ) -> PyTree:
-  """GraSP keep-masks: the weights of largest ``-w * Hg`` are removed."""
+  """GraSP keep-masks: the weights of largest ``-w * Hg`` are removed. ``layer_axes``: see
+  :func:`masks_from_scores`."""
   scores = jax.tree.map(jnp.negative, grasp_scores(loss_fn, params, batch))
-  return masks_from_scores(params, scores, sparsity, sparsity_distribution_fn)
+  return masks_from_scores(
+    params, scores, sparsity, sparsity_distribution_fn, layer_axes=layer_axes
+  )
 
 
 def synflow(
@@ -184,6 +213,8 @@ def synflow(
   sparsity: float,
   iterations: int = 100,
   sparsity_distribution_fn: Any = None,
+  *,
+  layer_axes: Any = None,
 ) -> PyTree:
   """SynFlow keep-masks, pruned iteratively without data.
 
@@ -195,13 +226,13 @@ def synflow(
     sparsity: final sparsity in [0, 1).
     iterations: pruning rounds (paper: 100); round ``k`` keeps ``(1 - sparsity) ** (k / n)``.
     sparsity_distribution_fn: None (global) or a per-leaf distribution.
+    layer_axes: see :func:`masks_from_scores`.
 
   Returns:
     Boolean keep-masks, None for leaves that are not pruned.
   """
   iterations = _checks.integer(iterations, 'synflow iterations', 1)
-  selector = _selector(sparsity, sparsity_distribution_fn)
-  targets = selector.target_sparsities(params)
+  selector, targets = _selector(params, sparsity, sparsity_distribution_fn, layer_axes)
   masks = jax.tree.map(
     lambda t, p: None if t is None else jnp.ones(jnp.shape(p), bool),
     targets,

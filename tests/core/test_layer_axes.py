@@ -56,6 +56,32 @@ def test_without_layer_axes_a_stack_is_pruned_to_death():
   assert per_layer[0] < 0.3 and min(per_layer[1:]) > 0.99
 
 
+def test_functional_pruning_prunes_each_layer_with_a_per_leaf_distribution():
+  # masks_from_scores, snip/grasp/synflow and iterative_magnitude_pruning took no layer
+  # axes: with a per-leaf distribution a stack was one tensor, its layers 1-3 emptied by
+  # layer 0's larger weights, and nothing warned.
+  params = stacked_params()
+  scores = jax.tree.map(jnp.abs, params)
+  with pytest.warns(UserWarning, match="'layers/kernel'.*layer_axes"):
+    whole = prunax.pruning_at_init.masks_from_scores(params, scores, 0.8, 'uniform')
+  assert min(layer_sparsities(whole['layers']['kernel'])[1:]) > 0.99
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    masks = prunax.pruning_at_init.masks_from_scores(
+      params, scores, 0.8, 'uniform', layer_axes=AXES
+    )
+    loss = lambda p, x: jnp.sum(jnp.tanh(x @ p['layers']['kernel'][0]) @ p['head'])
+    snip = prunax.pruning_at_init.snip(
+      loss, params, jnp.ones((2, D)), 0.8, 'uniform', layer_axes=AXES
+    )
+    rounds = prunax.lottery.iterative_magnitude_pruning(
+      lambda p, updater, save_step: (p, None, None), params, 1, 0.5, 0, 'uniform', layer_axes=AXES
+    )
+  assert layer_sparsities(masks['layers']['kernel']) == pytest.approx([0.8] * L, abs=1e-3)
+  assert layer_sparsities(snip['layers']['kernel']) == pytest.approx([0.8] * L, abs=1e-3)
+  assert layer_sparsities(rounds[1].masks['layers']['kernel']) == pytest.approx([0.5] * L)
+
+
 @pytest.mark.parametrize('structure', ['unstructured', 'nm_2,4', 'block_4,4', 'channel_-1'])
 def test_each_layer_at_its_target_and_equal_to_the_unrolled_model(structure):
   sparsity = 0.5 if structure.startswith('nm') else 0.75
