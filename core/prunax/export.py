@@ -315,9 +315,9 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
   # shape alone, a 2-D embedding table or a stacked norm scale reached its layer as a
   # sparse object, and the apply failed.)
   read: dict = {nn.Conv: set(), nn.Dense: set()}
+  key = lambda path: tuple(str(getattr(k, 'key', k)) for k in path)  # noqa: E731
   shapes = {
-    tuple(str(getattr(k, 'key', k)) for k in path): np.shape(x)
-    for path, x in jax.tree_util.tree_leaves_with_path(densify(exported))
+    key(path): np.shape(x) for path, x in jax.tree_util.tree_leaves_with_path(densify(exported))
   }
 
   def record(next_fun, call_args, call_kwargs, context):
@@ -333,7 +333,7 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
     jax.eval_shape(lambda p: module.apply(p, *args, **kwargs), densify(exported))
 
   def keep_sparse(path, x):
-    path = tuple(str(getattr(k, 'key', k)) for k in path)
+    path = key(path)
     if isinstance(x, ConvFilter):
       return path in read[nn.Conv]
     matrix = isinstance(x, (sparse.BCOO, sparse.BCSR, BlockSparse, EllSparse)) and x.ndim == 2

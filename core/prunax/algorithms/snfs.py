@@ -143,12 +143,17 @@ class SNFS(SET):
     )
 
 
+def _num_layers(shape, axis: int | None) -> int:
+  """The layers of a leaf of ``shape``: its size along the layer ``axis``, 1 without one."""
+  return 1 if axis is None else shape[axis]
+
+
 def _layer_sums(old, momentum, *, axis):
   """Per layer (along ``axis``; the whole array when None): the active count and the sum
   of ``|momentum|`` over the active weights."""
+  layers = _num_layers(old.shape, axis)
   if axis is not None:
     old, momentum = jnp.moveaxis(old, axis, 0), jnp.moveaxis(momentum, axis, 0)
-  layers = 1 if axis is None else old.shape[0]
   old, momentum = old.reshape(layers, -1), momentum.reshape(layers, -1)
   return (
     jnp.sum(old, axis=1, dtype=jnp.int32),
@@ -168,7 +173,7 @@ def _leaf_counts(counts: jax.Array, ws, axes) -> list:
       out.append(_xla_workarounds.leaf_row(counts, start))
       start += 1
       continue
-    layers = w.shape[a]
+    layers = _num_layers(w.shape, a)
     rows = jnp.stack([_xla_workarounds.leaf_row(counts, start + j) for j in range(layers)])
     out.append(rows.reshape([layers if d == a else 1 for d in range(w.ndim)]))
     start += layers
@@ -204,11 +209,9 @@ def _drop_redistribute_grow(fraction, olds, ws, ms, axes) -> list:
   kept = [lazy_mask(p, w.shape) for p, w in zip(packed, ws, strict=True)]
   # Redistribution over every (leaf, layer).
   stats = sums / jnp.maximum(n_old, 1)
+  layer_counts = [_num_layers(w.shape, a) for w, a in zip(ws, axes, strict=True)]
   sizes = np.concatenate(
-    [
-      np.full(1 if a is None else w.shape[a], w.size // (1 if a is None else w.shape[a]))
-      for w, a in zip(ws, axes, strict=True)
-    ]
+    [np.full(n, w.size // n) for w, n in zip(ws, layer_counts, strict=True)]
   ).astype(np.int32)
   # Without momentum yet (all zero), every layer regrows what it removed.
   shares = jnp.where(jnp.sum(stats) > 0, stats, removed.astype(jnp.float32))
