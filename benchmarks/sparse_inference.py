@@ -6,10 +6,10 @@ Run from the repository root::
   python -m benchmarks.sparse_inference --quick    # fewer repeats
 
 Every row times one ``y = x @ w + b`` of a 2048x2048 layer (the benchmark MLP's hidden
-layer) or a whole MLP, jitted, the sparse and dense versions interleaved within each
-repeat; ratios are sparse / dense time as min / median / max over repeats (below 1: the
-sparse path is faster). Nothing here is asserted; the tests check that the paths compute
-the same numbers.
+layer), a whole MLP or a scanned stack of layers, jitted, the sparse and dense versions
+interleaved within each repeat; ratios are sparse / dense time as min / median / max over
+repeats (below 1: the sparse path is faster). Nothing here is asserted; the tests check
+that the paths compute the same numbers.
 """
 
 from __future__ import annotations
@@ -210,11 +210,73 @@ def bench_shrink(repeats, iters):
     )
 
 
+class _ScannedStack:
+  """``L`` residual layers ``x + relu(x @ w + b)`` of width ``SIDE // 2`` as one nn.scan."""
+
+  def __new__(cls, layers: int):
+    import flax.linen as nn
+
+    class Layer(nn.Module):
+      @nn.compact
+      def __call__(self, x, _):
+        return x + nn.relu(nn.Dense(x.shape[-1])(x)), None
+
+    class Stack(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        scan = nn.scan(
+          Layer, variable_axes={'params': 0}, split_rngs={'params': True}, length=layers
+        )
+        return scan(name='layers')(x, None)[0]
+
+    return Stack()
+
+
+def bench_scanned(repeats, iters, layers=8):
+  width = SIDE // 2
+  print(
+    f'\n## Scanned stack, {layers} layers of {width}x{width} (nn.scan), block-pruned 16x16 at '
+    '0.9: export_params(..., layer_axes=) -> sparse_apply / dense apply'
+  )
+  print('   "stacked": one BlockSparse per stack, sliced by the scan (sparse per layer);')
+  print('   "whole": exported without layer_axes, densified inside the apply (before)')
+  print(
+    f'{"batch":>5}  {"stacked min/med/max":>20}  {"whole min/med/max":>20}  {"stacked ms":>10} '
+    f'{"dense ms":>8}  {"bytes/dense":>11}'
+  )
+  model = _ScannedStack(layers)
+  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, width)))
+  axes = {'.*kernel': 0}
+  pruner = prunax.MagnitudePruning(
+    sparsity_distribution_fn={'.*kernel': 0.9}, sparsity_type=Block((16, 16)), layer_axes=axes
+  )
+  pruned, _ = jax.jit(pruner.instant_sparsify)(params)
+  stacked = export.export_params(pruned, 'block', layer_axes=axes)
+  whole = export.export_params(pruned, 'block', filter_fn=lambda name, x: name.endswith('kernel'))
+  kernel = pruned['params']['layers']['Dense_0']['kernel']
+  ratio = stacked['params']['layers']['Dense_0']['kernel'].nbytes / kernel.nbytes
+  for batch in BATCHES:
+    x = jax.random.normal(jax.random.PRNGKey(1), (batch, width))
+    fns = {
+      'dense': (lambda x, p: model.apply(p, x), pruned),
+      'stacked': (lambda x, p: export.sparse_apply(model, p, x), stacked),
+      'whole': (lambda x, p: export.sparse_apply(model, p, x), whole),
+    }
+    ratios, ms = compare(fns, x, repeats, iters)
+    print(
+      f'{batch:>5}  {summary(ratios["stacked"]):>20}  {summary(ratios["whole"]):>20}  '
+      f'{ms["stacked"]:10.3f} {ms["dense"]:8.3f}  {ratio:11.3f}',
+      flush=True,
+    )
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='fewer repeats')
   parser.add_argument('--repeats', type=int, default=None)
-  parser.add_argument('--only', choices=('shrink', 'block', 'conv', 'other'), default=None)
+  parser.add_argument(
+    '--only', choices=('shrink', 'block', 'scanned', 'conv', 'other'), default=None
+  )
   args = parser.parse_args(argv)
   repeats = args.repeats or (3 if args.quick else 7)
   iters = 5 if args.quick else 10
@@ -223,6 +285,8 @@ def main(argv=None):
     bench_shrink(repeats, iters)
   if args.only in (None, 'block'):
     bench_block(repeats, iters)
+  if args.only in (None, 'scanned'):
+    bench_scanned(repeats, iters)
   if args.only in (None, 'conv'):
     bench_conv(repeats, iters)
   if args.only in (None, 'other'):

@@ -18,7 +18,10 @@ prunes by default) become
 
 Block and ELL hold a convolution filter ``(window..., in, out)`` as a
 :class:`~prunax.sparse_inference.ConvFilter`: its ``(window * in, out)`` matrix in that
-layout, run by :func:`sparse_apply` as image patches times the matrix.
+layout, run by :func:`sparse_apply` as image patches times the matrix. With
+``layer_axes``, they hold a scanned stack of ``(K, N)`` kernels as one layout per stack
+whose arrays carry the layer axis (:func:`prunax.sparse_inference.stack_layers`), which
+the scan slices, so each layer's product runs sparse inside the scan.
 
 Entries are stored where the weight's bits are not all zero, so ``-0.0`` and NaN survive
 and ``densify(export_params(p))`` is bit-identical to ``p``. Other leaves stay dense.
@@ -38,12 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse
 
+from prunax import layers
 from prunax import sparse_inference
 from prunax.sparse_inference import BlockSparse
 from prunax.sparse_inference import ConvFilter
 from prunax.sparse_inference import EllSparse
 from prunax.sparse_inference import nonzero_bits
 from prunax.sparsity_types import nm_default_axis
+from prunax.tree_util import path_name
 
 PyTree = Any
 
@@ -187,6 +192,7 @@ def export_params(
   axis: int | None = None,
   block_shape: tuple[int, int] = (16, 16),
   filter_fn=None,
+  layer_axes: Any = None,
 ) -> PyTree:
   """Exports the float leaves with ``ndim >= 2`` of a pruned tree to a sparse format.
 
@@ -202,27 +208,49 @@ def export_params(
     block_shape: the block of ``'block'``.
     filter_fn: optional ``fn(name, leaf) -> bool`` choosing the leaves to export (name:
       '/'-joined key path); default: float leaves with ``ndim >= 2``.
+    layer_axes: ``{parameter name or regex: axis}`` of stacked (scanned) parameters, as
+      the pruner's ``layer_axes`` (flax boxes are read without it). A 3-D stack of
+      ``(K, N)`` layers exported as ``'block'`` or ``'ell'`` (or as what ``'auto'`` picks
+      from the layers' matrices stacked row-wise) becomes one layout whose arrays carry
+      the layer axis (:func:`~prunax.sparse_inference.stack_layers`; layer axis 0 or 1),
+      which :func:`sparse_apply` runs sparse inside the scan; under ``'auto'`` a stack
+      for which no block or ELL layout pays off stays dense. Other formats export the
+      stack whole (as without ``layer_axes``).
 
   Returns:
     A tree like ``params`` with sparse leaves.
+
+  Raises:
+    ValueError: an unknown ``fmt``; a ``layer_axes`` key that matches no parameter or
+      an axis out of range; a stack exported as block or ELL whose layer axis is not 0
+      or 1.
   """
   if fmt not in FORMATS:
     raise ValueError(f'Unknown export format {fmt!r}; valid formats are {FORMATS}.')
+  stack_axes = layers.resolve(params, layers.freeze(layer_axes))
 
   def export(path, x):
     name = _name(path)
     if not (filter_fn(name, x) if filter_fn else _is_exportable(x)):
       return x
+    layer_axis = stack_axes.get(path_name(path)) if np.ndim(x) == 3 else None
     kind, kwargs = fmt, {}
     if fmt == 'auto':
       if np.ndim(x) < 2:
         return x
-      matrix = np.reshape(x, (-1, np.shape(x)[-1]))
+      if layer_axis is None:
+        matrix = np.reshape(x, (-1, np.shape(x)[-1]))
+      else:  # the layers' (K, N) matrices, stacked row-wise
+        matrix = np.concatenate(list(np.moveaxis(np.asarray(x), layer_axis, 0)))
       kind, kwargs = sparse_inference.choose_format(matrix, nm=(n, m, axis))
       if np.ndim(x) > 2 and kind not in ('block', 'ell'):
         return x
     if kind == 'dense':
       return x
+    if layer_axis is not None and kind in ('block', 'ell'):
+      return sparse_inference.stack_layers(
+        x, kind, layer_axis, kwargs.get('block_shape', block_shape)
+      )
     if np.ndim(x) > 2 and kind in ('block', 'ell'):
       return sparse_inference.to_conv_filter(x, kind, kwargs.get('block_shape', block_shape))
     if kind == 'nm':
@@ -299,10 +327,13 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
   The matrix products of ``nn.Dense`` layers whose kernel is a 2-D BCOO/BCSR, block or
   ELL leaf run as sparse products (:func:`sparse_matmul`), and ``nn.Conv`` layers whose
   kernel is a :class:`~prunax.sparse_inference.ConvFilter` as patches times its sparse
-  matrix (:func:`~prunax.sparse_inference.conv_matmul`); every other sparse leaf (BCOO
-  conv kernels, N:M, an ``nn.Embed`` table, a leaf of a scanned stack, which the scan
-  reads a layer at a time, any leaf another layer reads) is densified first, inside the
-  same computation.
+  matrix (:func:`~prunax.sparse_inference.conv_matmul`). A scanned stack exported with
+  ``layer_axes`` as block or ELL stays sparse when a scan (or ``nn.vmap``) hands its
+  ``nn.Dense`` layers one layer of it: the scan slices the layout's arrays, and each
+  layer's product runs sparse. The layer axis declared at export must be the axis the
+  scan slices. Every other sparse leaf (BCOO conv kernels, N:M, an ``nn.Embed`` table, a
+  stack exported whole, any leaf another layer reads) is densified first, inside the same
+  computation.
 
   Raises:
     ValueError: for an ``nn.Conv`` with a ``ConvFilter`` kernel and an option the sparse
@@ -315,6 +346,7 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
   # shape alone, a 2-D embedding table or a stacked norm scale reached its layer as a
   # sparse object, and the apply failed.)
   read: dict = {nn.Conv: set(), nn.Dense: set()}
+  sliced: dict = {}  # path -> shape of the slice a Dense reads of a stacked kernel
   key = lambda path: tuple(str(getattr(k, 'key', k)) for k in path)  # noqa: E731
   shapes = {
     key(path): np.shape(x) for path, x in jax.tree_util.tree_leaves_with_path(densify(exported))
@@ -327,6 +359,8 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
       kernel = context.module.get_variable('params', 'kernel')
       if np.shape(kernel) == shapes.get(path):  # not a slice (a layer of a scanned stack)
         read[kind].add(path)
+      elif kind is nn.Dense:
+        sliced.setdefault(path, set()).add(np.shape(kernel))
     return next_fun(*call_args, **call_kwargs)
 
   with nn.intercept_methods(record):
@@ -334,6 +368,9 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
 
   def keep_sparse(path, x):
     path = key(path)
+    if isinstance(x, (BlockSparse, EllSparse)) and x.stacked:
+      # Every Dense reading it reads one layer (a scan or vmap slices the layout with it).
+      return path not in read[nn.Dense] and sliced.get(path) == {x.layer_shape}
     if isinstance(x, ConvFilter):
       return path in read[nn.Conv]
     matrix = isinstance(x, (sparse.BCOO, sparse.BCSR, BlockSparse, EllSparse)) and x.ndim == 2
@@ -438,9 +475,10 @@ def save(path: str | os.PathLike, exported: PyTree) -> None:
       manifest[name].update(shape=leaf.shape, matrix_shape=matrix.shape)
     elif isinstance(leaf, BlockSparse):
       manifest[name] = {'kind': 'block', 'shape': leaf.shape, 'block_shape': leaf.block_shape}
+      manifest[name]['layer_axis'] = leaf.layer_axis
       parts = {'values': leaf.values, 'rows': leaf.block_rows, 'cols': leaf.block_cols}
     elif isinstance(leaf, EllSparse):
-      manifest[name] = {'kind': 'ell', 'shape': leaf.shape}
+      manifest[name] = {'kind': 'ell', 'shape': leaf.shape, 'layer_axis': leaf.layer_axis}
       parts = {'values': leaf.values, 'rows': leaf.rows, 'counts': leaf.counts}
     elif isinstance(leaf, sparse.BCOO):
       manifest[name] = {'kind': 'bcoo', 'shape': leaf.shape}
@@ -473,10 +511,17 @@ def load(path: str | os.PathLike) -> dict:
         )
       elif kind == 'block':
         leaf = BlockSparse(
-          get('values'), get('rows'), get('cols'), info['shape'], info['block_shape']
+          get('values'),
+          get('rows'),
+          get('cols'),
+          info['shape'],
+          info['block_shape'],
+          info.get('layer_axis'),
         )
       elif kind == 'ell':
-        leaf = EllSparse(get('values'), get('rows'), get('counts'), info['shape'])
+        leaf = EllSparse(
+          get('values'), get('rows'), get('counts'), info['shape'], info.get('layer_axis')
+        )
       elif kind == 'conv_block':
         matrix = BlockSparse(
           get('values'), get('rows'), get('cols'), info['matrix_shape'], info['block_shape']

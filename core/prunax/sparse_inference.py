@@ -17,6 +17,12 @@ Two layouts for the 2-D kernel ``w`` of ``y = x @ w`` (``w`` of shape ``(K, N)``
 :func:`choose_format` picks one per tensor from its zero pattern; :mod:`prunax.export`
 uses it for ``fmt='auto'``. Building a layout is a host-side step (the number of stored
 blocks sets the shapes); products work under ``jax.jit``.
+
+A scanned (stacked) kernel, ``L`` layers of ``(K, N)`` along a layer axis, is held as one
+layout whose arrays carry that layer axis (:func:`stack_layers`): every layer padded to the
+stack's largest block count or column width. ``flax.linen.scan`` (or ``vmap``) slices
+every array of a pytree along the axis it scans, so the scan's body receives one layer's
+layout, and its product runs sparse inside the scan.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunax.layers import slice_shape
 from prunax.sparsity_types import nm_default_axis
 
 #: block shapes that ``choose_format`` tries, largest first.
@@ -43,107 +50,169 @@ def _check_2d(x: np.ndarray, what: str) -> None:
     raise ValueError(f'{what} needs a 2-D array, got shape {x.shape}.')
 
 
+class _Layers:
+  """What the 2-D layouts share for stacked layers (see the module docstring).
+
+  A layout built with a ``layer_axis`` holds every layer when its arrays carry that axis,
+  and one layer once a scan has sliced them (its shape is then the layer's)."""
+
+  _LAYER_NDIM: int  # ndim of ``values`` for one layer
+
+  @property
+  def stacked(self) -> bool:
+    """Whether this holds a stack of layers (its arrays carry the layer axis)."""
+    return self.layer_axis is not None and self.values.ndim > self._LAYER_NDIM
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The dense shape: the stack's, or one layer's once a scan has sliced the arrays."""
+    return self._shape if self.stacked else self.layer_shape
+
+  @property
+  def layer_shape(self) -> tuple[int, int]:
+    """The 2-D dense shape of one layer."""
+    return slice_shape(self._shape, self.layer_axis)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def dtype(self):
+    return self.values.dtype
+
+  def todense(self) -> jax.Array:
+    """The dense array, bit-exact (works under ``jax.jit``)."""
+    if not self.stacked:
+      return self._layer_todense()
+    children, aux = self.tree_flatten()
+    one = lambda *c: type(self).tree_unflatten(aux, c)._layer_todense()  # noqa: E731
+    return jax.vmap(one, in_axes=self.layer_axis, out_axes=self.layer_axis)(*children)
+
+  def _check_one_layer(self, what: str) -> None:
+    if self.stacked:
+      raise ValueError(
+        f'{what} multiplies one 2-D layout; {self!r} holds {self._shape[self.layer_axis]} '
+        f'layers along axis {self.layer_axis}. Multiply a layer at a time (a scan over the '
+        'layer axis passes each layer to its body).'
+      )
+
+  def _layers_repr(self) -> str:
+    if not self.stacked:
+      return ''
+    return f', layers={self._shape[self.layer_axis]} on axis {self.layer_axis}'
+
+
 @jax.tree_util.register_pytree_node_class
-class BlockSparse:
+class BlockSparse(_Layers):
   """The nonzero blocks of a 2-D array, sorted by (block column, block row).
 
   Attributes:
     values: the stored blocks, shape ``(num_blocks, bk, bn)``.
-    block_rows, block_cols: int32 block coordinates of each stored block, ``(num_blocks,)``.
+    block_rows, block_cols: int32 block coordinates of each stored block, ``(num_blocks,)``;
+      a block row of ``gk`` (one past the last) marks padding of a stacked layout.
     shape: the dense shape ``(K, N)`` (need not be a multiple of the block: edge blocks
-      are zero-padded).
+      are zero-padded); of a stack, ``(K, N)`` with the layer axis inserted.
     block_shape: ``(bk, bn)``.
+    layer_axis: None, or the layer axis of a stack (:func:`stack_layers`): then every
+      array carries it, at that position.
   """
 
-  def __init__(self, values, block_rows, block_cols, shape, block_shape):
+  _LAYER_NDIM = 3
+
+  def __init__(self, values, block_rows, block_cols, shape, block_shape, layer_axis=None):
     self.values, self.block_rows, self.block_cols = values, block_rows, block_cols
-    self.shape = tuple(shape)
+    self._shape = tuple(shape)
     self.block_shape = tuple(block_shape)
+    self.layer_axis = layer_axis
 
   def tree_flatten(self):
-    return (self.values, self.block_rows, self.block_cols), (self.shape, self.block_shape)
+    aux = (self._shape, self.block_shape, self.layer_axis)
+    return (self.values, self.block_rows, self.block_cols), aux
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     return cls(*children, *aux)
 
   @property
-  def dtype(self):
-    return self.values.dtype
-
-  @property
-  def ndim(self) -> int:
-    return 2
-
-  @property
   def grid(self) -> tuple[int, int]:
-    """Number of block rows and block columns (edge blocks included)."""
-    return tuple(-(-d // b) for d, b in zip(self.shape, self.block_shape))
+    """Number of block rows and block columns of a layer (edge blocks included)."""
+    return tuple(-(-d // b) for d, b in zip(self.layer_shape, self.block_shape))
 
   @property
   def nbytes(self) -> int:
     return int(self.values.nbytes + self.block_rows.nbytes + self.block_cols.nbytes)
 
-  def todense(self) -> jax.Array:
-    """The dense array, bit-exact (works under ``jax.jit``)."""
-    (gk, gn), (bk, bn) = self.grid, self.block_shape
+  def _layer_todense(self) -> jax.Array:
+    (gk, gn), (bk, bn), (k, n) = self.grid, self.block_shape, self.layer_shape
     grid = (
-      jnp.zeros((gk, gn, bk, bn), self.dtype).at[self.block_rows, self.block_cols].set(self.values)
+      jnp.zeros((gk, gn, bk, bn), self.dtype)
+      .at[self.block_rows, self.block_cols]
+      .set(self.values, mode='drop')  # padding blocks (row gk) are dropped
     )
     dense = grid.transpose(0, 2, 1, 3).reshape(gk * bk, gn * bn)
-    return dense[: self.shape[0], : self.shape[1]]
+    return dense[:k, :n]
 
   def __repr__(self):
     return (
       f'BlockSparse(shape={self.shape}, block_shape={self.block_shape}, '
-      f'blocks={self.values.shape[0]}/{math.prod(self.grid)}, dtype={self.dtype})'
+      f'blocks={self.block_count}/{math.prod(self.grid)}{self._layers_repr()}, '
+      f'dtype={self.dtype})'
     )
+
+  @property
+  def block_count(self) -> int:
+    """Stored blocks of a layer (of a stack: per layer, padding included)."""
+    return self.block_rows.shape[1 - self.layer_axis if self.stacked else 0]
 
 
 @jax.tree_util.register_pytree_node_class
-class EllSparse:
+class EllSparse(_Layers):
   """Per output column of a 2-D array, its nonzero rows and values, padded (ELLPACK).
 
   Attributes:
     values: ``(N, width)``; padding entries are ``+0.0``.
     rows: int32 ``(N, width)`` row index of each value; padding entries point at row 0.
     counts: int32 ``(N,)`` number of stored entries per column (the rest is padding).
-    shape: the dense shape ``(K, N)``.
+    shape: the dense shape ``(K, N)``; of a stack, with the layer axis inserted.
+    layer_axis: None, or the layer axis of a stack (:func:`stack_layers`): then every
+      array carries it, at that position.
   """
 
-  def __init__(self, values, rows, counts, shape):
+  _LAYER_NDIM = 2
+
+  def __init__(self, values, rows, counts, shape, layer_axis=None):
     self.values, self.rows, self.counts = values, rows, counts
-    self.shape = tuple(shape)
+    self._shape = tuple(shape)
+    self.layer_axis = layer_axis
 
   def tree_flatten(self):
-    return (self.values, self.rows, self.counts), (self.shape,)
+    return (self.values, self.rows, self.counts), (self._shape, self.layer_axis)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     return cls(*children, *aux)
 
   @property
-  def dtype(self):
-    return self.values.dtype
-
-  @property
-  def ndim(self) -> int:
-    return 2
+  def width(self) -> int:
+    """Stored entries per column, padding included."""
+    return self.values.shape[-1]
 
   @property
   def nbytes(self) -> int:
     return int(self.values.nbytes + self.rows.nbytes + self.counts.nbytes)
 
-  def todense(self) -> jax.Array:
-    """The dense array, bit-exact (works under ``jax.jit``)."""
-    k, n = self.shape
+  def _layer_todense(self) -> jax.Array:
+    k, n = self.layer_shape
     stored = jnp.arange(self.rows.shape[1]) < self.counts[:, None]
     rows = jnp.where(stored, self.rows, k)  # padding lands out of bounds and is dropped
     cols = jnp.broadcast_to(jnp.arange(n)[:, None], rows.shape)
-    return jnp.zeros(self.shape, self.dtype).at[rows, cols].set(self.values, mode='drop')
+    return jnp.zeros((k, n), self.dtype).at[rows, cols].set(self.values, mode='drop')
 
   def __repr__(self):
-    return f'EllSparse(shape={self.shape}, width={self.rows.shape[1]}, dtype={self.dtype})'
+    return (
+      f'EllSparse(shape={self.shape}, width={self.width}{self._layers_repr()}, dtype={self.dtype})'
+    )
 
 
 @jax.tree_util.register_pytree_node_class
@@ -313,15 +382,87 @@ def to_ell(x, index_dtype=np.int32) -> EllSparse:
   )
 
 
+def stack_layers(
+  x,
+  fmt: str,
+  layer_axis: int,
+  block_shape: tuple[int, int] = (16, 16),
+  index_dtype=np.int32,
+) -> BlockSparse | EllSparse:
+  """One layout of a stacked kernel's layers, its arrays carrying the layer axis.
+
+  Each layer (a ``(K, N)`` slice along ``layer_axis``) is converted as by :func:`to_block`
+  or :func:`to_ell`, then padded to the stack's largest block count (zero blocks at block
+  row ``gk``, one past the last, which products and ``todense`` skip) or column width
+  (zero values, as ELL pads), and the arrays are stacked at ``layer_axis``. A scan over
+  that axis passes each layer's own layout to its body.
+
+  Args:
+    x: a concrete 3-D array, ``L`` layers along ``layer_axis``.
+    fmt: ``'block'`` or ``'ell'``.
+    layer_axis: the layer axis of ``x``: 0 or 1 (the position it takes in every array of
+      the layout, whose one-layer index arrays are 1-D), or -3 or -2.
+    block_shape: the block of ``'block'``.
+    index_dtype: dtype of the stored indices.
+  """
+  x = np.asarray(x)
+  if x.ndim != 3:
+    raise ValueError(
+      f'stack_layers needs a 3-D stack of (K, N) layers, got shape {x.shape}; a stack of '
+      'higher-rank kernels is exported whole.'
+    )
+  if not isinstance(layer_axis, (int, np.integer)) or not -3 <= layer_axis <= 1:
+    raise ValueError(
+      f'stack_layers: layer_axis must be 0 or 1 (or -3, -2), got {layer_axis!r} for shape '
+      f'{x.shape}; a layout stores the layer axis in arrays that have 2 dimensions for one '
+      'layer, so a kernel with its layers last is exported whole (or in another format).'
+    )
+  axis = int(layer_axis) % 3
+  layers = [np.take(x, i, axis=axis) for i in range(x.shape[axis])]
+  stack = lambda arrays: jnp.asarray(np.stack(arrays, axis=axis))  # noqa: E731
+  if fmt == 'block':
+    per = [to_block(w, block_shape, index_dtype) for w in layers]
+    count = max(b.values.shape[0] for b in per)
+    gk, gn = per[0].grid
+    pad = (
+      lambda a, fill: np.concatenate(  # noqa: E731
+        [np.asarray(a), np.full((count - a.shape[0],) + a.shape[1:], fill, a.dtype)]
+      )
+    )
+    return BlockSparse(
+      stack([pad(b.values, 0) for b in per]),
+      stack([pad(b.block_rows, gk) for b in per]),
+      stack([pad(b.block_cols, gn - 1) for b in per]),  # keeps each layer's columns sorted
+      x.shape,
+      per[0].block_shape,
+      axis,
+    )
+  if fmt == 'ell':
+    per = [to_ell(w, index_dtype) for w in layers]
+    width = max(e.width for e in per)
+    pad = lambda a: np.pad(np.asarray(a), ((0, 0), (0, width - a.shape[1])))  # noqa: E731
+    return EllSparse(
+      stack([pad(e.values) for e in per]),
+      stack([pad(e.rows) for e in per]),
+      stack([np.asarray(e.counts) for e in per]),
+      x.shape,
+      axis,
+    )
+  raise ValueError(f"stack_layers: fmt must be 'block' or 'ell', got {fmt!r}.")
+
+
 def block_matmul(x: jax.Array, w: BlockSparse) -> jax.Array:
   """``x @ w`` over the last axis of ``x``: gather, batched dot, sorted segment sum."""
+  w._check_one_layer('block_matmul')
   (k, n), (bk, bn), (gk, gn) = w.shape, w.block_shape, w.grid
   lead = x.shape[:-1]
   flat = x.reshape(-1, k)
   if gk * bk != k:
     flat = jnp.pad(flat, ((0, 0), (0, gk * bk - k)))
   xb = flat.reshape(-1, gk, bk).transpose(1, 0, 2)  # (gk, batch, bk)
-  partial = jnp.einsum('sbk,skn->sbn', xb[w.block_rows], w.values.astype(x.dtype))
+  # A stack's padding blocks (block row gk, zero values) read zeros.
+  xs = jnp.take(xb, w.block_rows, axis=0, mode='fill', fill_value=0)
+  partial = jnp.einsum('sbk,skn->sbn', xs, w.values.astype(x.dtype))
   out = jax.ops.segment_sum(partial, w.block_cols, num_segments=gn, indices_are_sorted=True)
   out = out.transpose(1, 0, 2).reshape(-1, gn * bn)[:, :n]
   return out.reshape(lead + (n,))
@@ -329,6 +470,7 @@ def block_matmul(x: jax.Array, w: BlockSparse) -> jax.Array:
 
 def ell_matmul(x: jax.Array, w: EllSparse) -> jax.Array:
   """``x @ w`` over the last axis of ``x``: one gather of ``x`` per stored entry."""
+  w._check_one_layer('ell_matmul')
   k, n = w.shape
   flat = x.reshape(-1, k)
   out = jnp.einsum('bnw,nw->bn', flat[:, w.rows], w.values.astype(x.dtype))

@@ -156,7 +156,10 @@ class TinyLM(nn.Module):
 
 
 class ScannedMLP(nn.Module):
-  """Three MLP blocks as one nn.scan: stacked kernels and stacked (2-D) norm scales."""
+  """Three MLP blocks as one nn.scan: stacked kernels and stacked (2-D) norm scales, their
+  layer axis at ``axis``."""
+
+  axis: int = 0
 
   @nn.compact
   def __call__(self, x):
@@ -166,7 +169,7 @@ class ScannedMLP(nn.Module):
         h = nn.relu(nn.Dense(64)(nn.LayerNorm()(x)))
         return x + nn.Dense(32)(h), None
 
-    scan = nn.scan(Step, variable_axes={'params': 0}, split_rngs={'params': True}, length=3)
+    scan = nn.scan(Step, variable_axes={'params': self.axis}, split_rngs={'params': True}, length=3)
     return nn.Dense(8)(scan()(x, None)[0])
 
 
@@ -305,3 +308,83 @@ def test_conv_filter_used_by_another_layer_is_densified_and_unsupported_conv_is_
   wrapped = export.export_params(p, 'block')
   assert isinstance(wrapped['params']['kernel'], si.ConvFilter)
   np.testing.assert_allclose(export.sparse_apply(einsum, wrapped, x), einsum.apply(p, x), rtol=1e-5)
+
+
+@hypothesis.settings(max_examples=10, deadline=None)
+@hypothesis.given(
+  layers=st.integers(1, 4),
+  k=st.integers(1, 24),
+  n=st.integers(1, 24),
+  axis=st.sampled_from([0, 1, -3]),
+  fmt=st.sampled_from(['block', 'ell']),
+  seed=st.integers(0, 99),
+)
+def test_stacked_layers_hold_each_layer_as_its_own_layout(layers, k, n, axis, fmt, seed):
+  # Layers of different densities (so all but the fullest are padded), layer axis 0 or 1.
+  rng = np.random.default_rng(seed)
+  block = (min(4, k), min(3, n))
+  per = [block_pruned((k, n), block, s, seed + i) for i, s in enumerate([0.2, 0.9, 1.0, 0.6])]
+  per = per[:layers]
+  per[0].flat[0] = -0.0 if per[0].flat[0] == 0 else per[0].flat[0]
+  x = np.stack(per, axis=axis)
+  stack = si.stack_layers(x, fmt, axis, block_shape=block)
+  assert stack.stacked and stack.shape == x.shape and stack.layer_shape == (k, n)
+  assert stack.nbytes == sum(a.nbytes for a in jax.tree.leaves(stack))
+  np.testing.assert_array_equal(u32(jax.jit(lambda s: s.todense())(stack)), u32(x))
+  inputs = rng.standard_normal((2, k)).astype(np.float32)
+  product = si.block_matmul if fmt == 'block' else si.ell_matmul
+  with pytest.raises(ValueError, match=f'holds {layers} layers along axis {axis % 3}'):
+    product(jnp.asarray(inputs), stack)
+  for i, w in enumerate(per):
+    # What a scan over the layer axis hands its body: every array sliced at that axis.
+    layer = jax.tree.map(lambda a, i=i: jnp.take(a, i, axis=axis % 3), stack)
+    assert not layer.stacked and layer.shape == (k, n)
+    np.testing.assert_array_equal(u32(layer.todense()), u32(w))
+    got = jax.jit(product)(jnp.asarray(inputs), layer)
+    np.testing.assert_allclose(np.asarray(got), inputs @ w, rtol=1e-5, atol=1e-5)
+  if fmt == 'block':  # each layer stores its own occupied blocks, then padding
+    own = [si.to_block(w, block).values.shape[0] for w in per]
+    assert stack.block_count == max(own)
+
+
+def test_stack_layers_rejects_what_it_cannot_hold():
+  with pytest.raises(ValueError, match=r'layer_axis must be 0 or 1 .* got 2 for shape \(4, 4, 3\)'):
+    si.stack_layers(np.ones((4, 4, 3)), 'block', 2)
+  with pytest.raises(ValueError, match=r'3-D stack .* got shape \(2, 4, 4, 3\)'):
+    si.stack_layers(np.ones((2, 4, 4, 3)), 'ell', 0)
+  with pytest.raises(ValueError, match="fmt must be 'block' or 'ell', got 'bcoo'"):
+    si.stack_layers(np.ones((2, 4, 3)), 'bcoo', 0)
+
+
+@pytest.mark.parametrize('fmt', ['block', 'ell', 'auto'])
+@pytest.mark.parametrize('axis', [0, 1])
+def test_scanned_kernels_run_sparse_inside_the_scan(tmp_path, monkeypatch, fmt, axis):
+  # Before, a scan's stacked kernels were exported whole and densified inside the apply
+  # (the scan reads a layer at a time). Exported with layer_axes, each is one layout that
+  # the scan slices: every layer's product runs sparse, and the outputs are the model's.
+  model = ScannedMLP(axis)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 32))
+  params = model.init(jax.random.PRNGKey(0), x)
+  axes = {'params/ScanStep_0/Dense_.*/kernel': axis}
+  pruner = prunax.MagnitudePruning(
+    sparsity_distribution_fn={'.*kernel': 0.75}, sparsity_type=prunax.Block((8, 8)), layer_axes=axes
+  )
+  pruned, _ = jax.jit(pruner.instant_sparsify)(params)
+  exported = export.export_params(pruned, fmt, block_shape=(8, 8), layer_axes=axes)
+  stacked = exported['params']['ScanStep_0']
+  for name, shape in (('Dense_0', (32, 64)), ('Dense_1', (64, 32))):
+    kernel = stacked[name]['kernel']
+    assert isinstance(kernel, si.BlockSparse if fmt != 'ell' else si.EllSparse)
+    assert kernel.stacked and kernel.layer_axis == axis and kernel.layer_shape == shape
+  export.save(tmp_path / 'm.npz', exported)
+  loaded = export.load(tmp_path / 'm.npz')
+  for a, b in zip(jax.tree.leaves(export.densify(loaded)), jax.tree.leaves(pruned)):
+    np.testing.assert_array_equal(u32(a), u32(b))
+  seen = []
+  real = export.sparse_matmul
+  monkeypatch.setattr(export, 'sparse_matmul', lambda *a: seen.append(a[1].shape) or real(*a))
+  got = jax.jit(lambda p, x: export.sparse_apply(model, p, x))(loaded, x)
+  np.testing.assert_allclose(
+    np.asarray(got), np.asarray(model.apply(pruned, x)), rtol=1e-5, atol=1e-5
+  )
+  assert set(seen) == {(32, 64), (64, 32), (32, 8)}  # both scanned kernels and the head
