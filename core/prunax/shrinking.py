@@ -8,16 +8,23 @@ by tracing ``fn(params, *args)`` and following every axis through the computatio
 (union-find over the axes of the jaxpr's variables): elementwise ops, broadcasts,
 transposes and size-preserving reshapes keep an axis; a ``dot_general`` or convolution ties
 contracted axes together; a ``scan`` (a stack of layers: ``nn.scan``, ``nnx.scan``) ties
-each layer's slice of a stacked leaf to its body's axes, so a group of a scanned stack loses
-the same channels in every layer, and blocks the axis it loops over; an axis that is
+each layer's slice of a stacked leaf to its body's axes and blocks the axis it loops over;
+an axis that is
 reduced, sliced, merged by a reshape, touched by an op this module does not know, or that
 is an input or output of ``fn``, *blocks* its group, and the group records the op.
+
+A group of a scanned stack whose channels live inside the scan's body (an MLP's hidden
+units, attention heads: every member a stacked leaf, no carry or constant of the scan
+among its axes) is *per layer* (:attr:`Group.layer_axes`): each layer chooses its own
+channels, as the layers of an unrolled model would, and :func:`shrink` gathers each
+layer's kept channels. A group that crosses layers (the residual stream, a scan's carry)
+loses the same channels in every layer.
 
 Then:
 
 * :func:`group_masks` scores each group's channels (L1, L2, Taylor ``|w * g|`` or any
-  ``fn(leaf, grad)``) summed over all member leaves, and masks the lowest ones in every
-  member (one-shot);
+  ``fn(leaf, grad)``) summed over all member leaves (per layer for a per-layer group), and
+  masks the lowest ones in every member (one-shot);
 * :class:`GroupPruning` does the same inside ``wrap_optax`` on any schedule (gradual);
 * :func:`shrink` removes the channels that the masks prune in every masked member, and
   returns a :class:`Shrunk` model: the same computation replayed with the new feature
@@ -68,11 +75,15 @@ class Group:
     size: number of channels.
     members: ``(leaf name, axis)`` pairs ('/'-joined key paths of ``params``).
     blocked_by: why the group cannot shrink (the op), or None.
+    layer_axes: for a group inside a scanned stack whose layers each choose their own
+      channels, the layer axis of every member leaf (aligned with ``members``); None: one
+      set of channels for every slice of the members.
   """
 
   size: int
   members: tuple[tuple[str, int], ...]
   blocked_by: str | None = None
+  layer_axes: tuple[int, ...] | None = None
 
 
 def _name(path) -> str:
@@ -85,6 +96,8 @@ class _Axes:
   def __init__(self):
     self.parent: dict = {}
     self.blocked: dict = {}
+    self.scope: dict = {}  # variable -> the scans (ids) whose body it is in
+    self.layer_nodes: list = []  # per scan (id = index): a node of its layer axis
 
   def find(self, node):
     self.parent.setdefault(node, node)
@@ -124,12 +137,17 @@ def _open(jaxpr):
   return jaxpr.jaxpr if hasattr(jaxpr, 'jaxpr') else jaxpr
 
 
-def _analyze(jaxpr, axes: _Axes) -> None:
-  """Ties or blocks the axes of every equation of ``jaxpr`` (recursing into calls)."""
+def _analyze(jaxpr, axes: _Axes, scope: tuple = ()) -> None:
+  """Ties or blocks the axes of every equation of ``jaxpr`` (recursing into calls);
+  ``scope``: the scans whose body ``jaxpr`` is in."""
+  for v in jaxpr.invars:
+    axes.scope.setdefault(v, scope)
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     ins = [v for v in eqn.invars if _is_var(v)]
     outs = eqn.outvars
+    for v in ins + list(outs):
+      axes.scope.setdefault(v, scope)
     tie = lambda a, i, b, j: axes.union((a, i), (b, j))
 
     def block_all(reason, ins=ins, outs=outs):
@@ -139,7 +157,7 @@ def _analyze(jaxpr, axes: _Axes) -> None:
 
     inner = _inner(eqn)
     if name == 'scan':
-      _analyze_scan(eqn, axes)
+      _analyze_scan(eqn, axes, scope)
     elif name in _OPAQUE_CALLS:
       block_all(_OPAQUE_CALLS[name])
     elif inner is not None:
@@ -155,7 +173,7 @@ def _analyze(jaxpr, axes: _Axes) -> None:
         if _is_var(inn):
           for i in range(len(_shape(outer))):
             tie(outer, i, inn, i)
-      _analyze(inner_jaxpr, axes)
+      _analyze(inner_jaxpr, axes, scope)
     elif name in _ELEMENTWISE:
       out = outs[0]
       for v in ins:  # operands of equal rank; size-1 axes broadcast
@@ -234,34 +252,49 @@ _OPAQUE_CALLS = {
 _SCANNED_AXIS = 'scan (the axis it loops over: the layers of a scanned stack)'
 
 
-def _analyze_scan(eqn, axes: _Axes) -> None:
+def _analyze_scan(eqn, axes: _Axes, scope: tuple) -> None:
   """A ``lax.scan`` (``nn.scan``, ``nnx.scan``: a stack of layers): its body sees one slice
-  of each scanned input and output, so their axis ``i + 1`` is the body's axis ``i`` (the
-  scanned axis blocks); constants and carries keep their axes, and each carry's output
-  feeds its input. A group of a layer's channels thus takes every layer's slice: they
-  lose the same channels."""
+  of each scanned input and output, so their axis ``i + 1`` is the body's axis ``i``; the
+  scanned axes (one per scanned input and output) are one layer axis, which blocks.
+  Constants and carries keep their axes, and each carry's output feeds its input. The
+  body's variables are in the scan's scope (for per-layer groups, see :func:`_trace`)."""
   body = _open(eqn.params['jaxpr'])
   n_consts, n_carry = eqn.params['num_consts'], eqn.params['num_carry']
   tie = lambda a, i, b, j: axes.union((a, i), (b, j))
+  layer = None  # the first scanned axis: every other one is tied to it
+
+  def scanned_axis(v):
+    nonlocal layer
+    axes.block((v, 0), _SCANNED_AXIS)
+    if layer is None:
+      layer = (v, 0)
+      axes.layer_nodes.append(layer)
+    tie(*layer, v, 0)
+
   for k, (outer, inn) in enumerate(zip(eqn.invars, body.invars, strict=True)):
     scanned = k >= n_consts + n_carry
     if not _is_var(outer):
       continue
     if scanned:
-      axes.block((outer, 0), _SCANNED_AXIS)
+      scanned_axis(outer)
     for i in range(len(_shape(inn))):
       tie(outer, i + scanned, inn, i)
   for k, (outer, inn) in enumerate(zip(eqn.outvars, body.outvars, strict=True)):
     scanned = k >= n_carry
     if scanned:
-      axes.block((outer, 0), _SCANNED_AXIS)
+      scanned_axis(outer)
     if not _is_var(inn):
       continue
     for i in range(len(_shape(inn))):
       tie(outer, i + scanned, inn, i)
       if not scanned:  # the carry's next value is the body's carry input
         tie(inn, i, body.invars[n_consts + k], i)
-  _analyze(body, axes)
+  for v in body.constvars:  # closed-over constants: the same array in every layer
+    axes.scope.setdefault(v, scope)
+  if layer is None:  # nothing scanned: no layer axis
+    _analyze(body, axes, scope)
+  else:
+    _analyze(body, axes, scope + (len(axes.layer_nodes) - 1,))
 
 
 def _analyze_reshape(src, dst, axes: _Axes) -> None:
@@ -307,6 +340,37 @@ class _Trace:
   num_params: int
   axes: _Axes
   groups: dict  # root -> Group
+  layer_roots: dict  # root of a per-layer group -> root of its scan's layer axis
+
+
+def _layer_axes(axes: _Axes, nodes: list, members: list) -> tuple[tuple | None, Any]:
+  """The members' layer axes, and the scan's layer root, when a group is per layer.
+
+  Per layer: every member leaf has one axis on the layer axis of the same scan, and every
+  node of the group outside that scan's body is a variable with that layer axis (a stacked
+  leaf, or what an op outside the scan made of it); so no carry, constant or unstacked
+  leaf of the scan shares its channels, and each layer may keep its own."""
+  layer_roots = {axes.find(n): scan for scan, n in enumerate(axes.layer_nodes)}
+
+  def layer_axes_of(v, root):
+    return [j for j in range(len(_shape(v))) if axes.find((v, j)) == root]
+
+  v0, i0 = members[0][3], members[0][1]
+  candidates = {axes.find((v0, j)) for j in range(len(_shape(v0))) if j != i0} & set(layer_roots)
+  if len(candidates) != 1:
+    return None, None
+  (root,) = candidates
+  out = []
+  for _, _, _, v in members:
+    hits = layer_axes_of(v, root)
+    if len(hits) != 1:
+      return None, None
+    out.append(hits[0])
+  scan = layer_roots[root]
+  for v, _ in nodes:
+    if scan not in axes.scope.get(v, ()) and not layer_axes_of(v, root):
+      return None, None
+  return tuple(out), root
 
 
 def _trace(fn: Callable, params: PyTree, args: tuple) -> _Trace:
@@ -326,13 +390,21 @@ def _trace(fn: Callable, params: PyTree, args: tuple) -> _Trace:
   members: dict = {}
   for name, v in zip(names, jaxpr.invars):
     for i, size in enumerate(_shape(v)):
-      members.setdefault(axes.find((v, i)), []).append((name, i, size))
-  groups = {}
+      members.setdefault(axes.find((v, i)), []).append((name, i, size, v))
+  nodes: dict = {}
+  if axes.layer_nodes:
+    for node in list(axes.parent):
+      nodes.setdefault(axes.find(node), []).append(node)
+  groups, layer_roots = {}, {}
   for root, mem in members.items():
-    groups[root] = Group(mem[0][2], tuple((n, i) for n, i, _ in mem), axes.blocked.get(root))
-  return _Trace(
-    closed, names, [_shape(v) for v in jaxpr.invars[: len(flat)]], len(flat), axes, groups
-  )
+    blocked, per_layer = axes.blocked.get(root), None
+    if blocked is None and axes.layer_nodes:
+      per_layer, layer_root = _layer_axes(axes, nodes[root], mem)
+      if per_layer is not None:
+        layer_roots[root] = layer_root
+    groups[root] = Group(mem[0][2], tuple((n, i) for n, i, _, _ in mem), blocked, per_layer)
+  shapes = [_shape(v) for v in jaxpr.invars[: len(flat)]]
+  return _Trace(closed, names, shapes, len(flat), axes, groups, layer_roots)
 
 
 def _as_fn(model) -> Callable:
@@ -370,18 +442,37 @@ SCORES: dict[str, Callable] = {
 }
 
 
+def _channel_axes(group: Group, k: int) -> tuple[int, ...]:
+  """The axes of member ``k`` that index the group's channels: the channel axis, after
+  the layer axis of a per-layer group (its scores and masks are ``(layers, channels)``)."""
+  axis = group.members[k][1]
+  return (axis,) if group.layer_axes is None else (group.layer_axes[k], axis)
+
+
+def _per_channel(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """``x`` summed over every axis but ``axes``, laid out in the order of ``axes``."""
+  total = jnp.sum(x, axis=tuple(i for i in range(x.ndim) if i not in axes))
+  return total if list(axes) == sorted(axes) else total.T
+
+
 def _group_keep(group: Group, leaves: dict, grads: dict | None, sparsity, score) -> jax.Array:
+  """The kept channels: ``(size,)``, or ``(layers, size)`` for a per-layer group."""
   fn = SCORES[score] if isinstance(score, str) else score
-  total = jnp.zeros(group.size, jnp.float32)
-  for name, axis in group.members:
+  total = None
+  for k, (name, _) in enumerate(group.members):
     if name not in leaves:
       continue
     w = leaves[name]
     g = None if grads is None else grads[name]
-    s = fn(w, g).astype(jnp.float32)
-    total = total + jnp.sum(s, axis=tuple(i for i in range(s.ndim) if i != axis))
+    s = _per_channel(fn(w, g).astype(jnp.float32), _channel_axes(group, k))
+    total = s if total is None else total + s
+  if total is None:  # no member is scored
+    total = jnp.zeros(group.size, jnp.float32)
   prune = jnp.round(jnp.asarray(sparsity, jnp.float32) * group.size).astype(jnp.int32)
-  return selection.topk_mask(total, jnp.maximum(group.size - prune, 1))
+  keep = jnp.maximum(group.size - prune, 1)
+  if total.ndim == 2:  # each layer its own channels
+    return jax.vmap(lambda t: selection.topk_mask(t, keep))(total)
+  return selection.topk_mask(total, keep)
 
 
 def _masks_for(groups, params, grads, sparsity, score, filter_fn) -> PyTree:
@@ -393,12 +484,15 @@ def _masks_for(groups, params, grads, sparsity, score, filter_fn) -> PyTree:
   masks: dict = {}
   for group in groups:
     keep = _group_keep(group, leaves, gflat, sparsity, score)
-    for name, axis in group.members:
+    for k, (name, _) in enumerate(group.members):
       if name not in leaves:
         continue
+      axes = _channel_axes(group, k)
+      keep_k = keep if list(axes) == sorted(axes) else keep.T
       shape = [1] * leaves[name].ndim
-      shape[axis] = group.size
-      m = jnp.broadcast_to(keep.reshape(shape), leaves[name].shape)
+      for a in axes:
+        shape[a] = leaves[name].shape[a]
+      m = jnp.broadcast_to(keep_k.reshape(shape), leaves[name].shape)
       masks[name] = m if name not in masks else masks[name] & m
   return treedef.unflatten([masks.get(n) for n in names])
 
@@ -477,9 +571,9 @@ class GroupPruning(BaseUpdater):
     )
 
   def warn_undeclared_stacks(self, params, targets) -> None:
-    """No warning: a group's channel mask is the same in every slice of its members (every
-    layer of a scanned stack, whose groups :func:`find_groups` follows through the scan),
-    so each layer keeps the same count and none can be pruned to death."""
+    """No warning: a group keeps the same number of channels in every slice of its members
+    (every layer of a scanned stack, whose groups :func:`find_groups` follows through the
+    scan; a per-layer group chooses them per layer), so none can be pruned to death."""
     del params, targets
 
   def compute_masks(self, params, sparsities, sparse_state=None, grads=None, old_masks=None):
@@ -548,10 +642,34 @@ def _new_shape(v, keep):
   return tuple(len(keep[(v, i)]) if (v, i) in keep else d for i, d in enumerate(_shape(v)))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _LayerKeep:
+  """The kept channels of a per-layer group on one variable: ``indices[l]`` in layer ``l``
+  (its slice along ``layer_axis``; None inside the scan's body, where only the count
+  matters)."""
+
+  indices: np.ndarray  # (layers, kept)
+  layer_axis: int | None
+
+  def __len__(self) -> int:
+    return self.indices.shape[1]
+
+
 def _slice(x, v, keep):
   for i in range(np.ndim(x)):
-    if (v, i) in keep:
-      x = jnp.take(x, jnp.asarray(keep[(v, i)]), axis=i)
+    kept = keep.get((v, i))
+    if kept is None:
+      continue
+    if not isinstance(kept, _LayerKeep):
+      x = jnp.take(x, jnp.asarray(kept), axis=i)
+      continue
+    if kept.layer_axis is None:
+      raise RuntimeError(f'prunax.shrink: no layer axis to slice per layer on {v} axis {i}.')
+    shape, full = [1] * np.ndim(x), list(np.shape(x))
+    shape[kept.layer_axis], shape[i] = full[kept.layer_axis], len(kept)
+    full[i] = len(kept)
+    index = kept.indices if kept.layer_axis < i else kept.indices.T  # in the axes' order
+    x = jnp.take_along_axis(x, jnp.broadcast_to(index.reshape(shape), full), axis=i)
   return x
 
 
@@ -607,12 +725,40 @@ def _replay_scan(params: dict, invals: list, keep: dict) -> list:
 
 
 def _keep_nodes(trace: _Trace, keep_by_root: dict) -> dict:
-  """(variable, axis) -> kept indices, for every node of every shrunk group."""
-  return {
-    node: keep_by_root[trace.axes.find(node)]
-    for node in list(trace.axes.parent)
-    if trace.axes.find(node) in keep_by_root
-  }
+  """(variable, axis) -> kept indices, for every node of every shrunk group (a
+  :class:`_LayerKeep` for a per-layer group's)."""
+  axes, out = trace.axes, {}
+  for node in list(axes.parent):
+    root = axes.find(node)
+    if root not in keep_by_root:
+      continue
+    kept = keep_by_root[root]
+    if np.ndim(kept) == 2:
+      v = node[0]
+      on_layers = [j for j in range(len(_shape(v))) if axes.find((v, j)) == trace.layer_roots[root]]
+      kept = _LayerKeep(kept, on_layers[0] if on_layers else None)
+    out[node] = kept
+  return out
+
+
+def _dead_channels(group: Group, masked: list, mask_by_name: dict) -> np.ndarray:
+  """Channels pruned in every masked member: ``(size,)``, or ``(layers, size)`` per layer."""
+  dead = None
+  for k, (name, _) in masked:
+    m = np.asarray(mask_by_name[name], bool)
+    axes = _channel_axes(group, k)
+    live = m.any(axis=tuple(a for a in range(m.ndim) if a not in axes))
+    live = live if list(axes) == sorted(axes) else live.T
+    dead = ~live if dead is None else dead & ~live
+  return dead
+
+
+def _kept_per_layer(dead: np.ndarray) -> np.ndarray:
+  """``(layers, k)`` kept channels: each layer's live ones, padded with its first dead ones
+  to the largest live count (a kept dead channel computes what the masked model does)."""
+  k = int((~dead).sum(axis=1).max())
+  order = np.argsort(dead, axis=1, kind='stable')[:, :k]  # live channels first, in order
+  return np.sort(order, axis=1)
 
 
 def shrink(
@@ -622,8 +768,11 @@ def shrink(
 
   A channel of a group goes when every member leaf that has a mask is pruned on that
   channel's whole slice (members without a mask, e.g. BatchNorm statistics, are sliced
-  along). The shrunk model is checked against the masked model (``params * masks``) on
-  ``args``.
+  along). In a per-layer group (:attr:`Group.layer_axes`) each layer of the stack loses
+  its own channels; a stack has one shape, so every layer keeps as many as the layer
+  with the most live channels (the others keep some dead ones, zeros as in the masked
+  model). The smaller params are sliced from the masked params (``params * masks``), and
+  the shrunk model is checked against the masked model on ``args``.
 
   Args:
     model: ``fn(params, *args)``, or a linen module (its ``apply`` is used).
@@ -659,43 +808,51 @@ def shrink(
   """
   fn = _as_fn(model)
   trace = _trace(fn, params, args)
-  flat_p, treedef = jax.tree.flatten(params)
+  treedef = jax.tree.structure(params)
   mask_by_name = dict(zip(trace.names, treedef.flatten_up_to(masks), strict=True))
   keep_by_root, sizes = {}, {}
   for root, group in trace.groups.items():
-    masked = [(n, i) for n, i in group.members if mask_by_name.get(n) is not None]
+    masked = [
+      (k, member)
+      for k, member in enumerate(group.members)
+      if mask_by_name.get(member[0]) is not None
+    ]
     if not masked:
       continue
-    dead = np.ones(group.size, bool)
-    for name, axis in masked:
-      m = np.asarray(mask_by_name[name], bool)
-      dead &= ~m.any(axis=tuple(a for a in range(m.ndim) if a != axis))
-    if not dead.any():
-      continue
-    if group.blocked_by is not None:
-      raise ShrinkError(
-        f'Cannot remove the {int(dead.sum())} masked channels of the group of '
-        f'{group.members[0][0]!r} axis {group.members[0][1]} (size {group.size}; members '
-        f'{list(group.members)}): that axis goes through {group.blocked_by}.'
-      )
-    kept = np.nonzero(~dead)[0]
+    dead = _dead_channels(group, masked, mask_by_name)
+    if dead.ndim == 2:  # per layer
+      kept = _kept_per_layer(dead)
+      if kept.shape[1] == group.size:
+        continue
+    else:
+      if not dead.any():
+        continue
+      if group.blocked_by is not None:
+        raise ShrinkError(
+          f'Cannot remove the {int(dead.sum())} masked channels of the group of '
+          f'{group.members[0][0]!r} axis {group.members[0][1]} (size {group.size}; members '
+          f'{list(group.members)}): that axis goes through {group.blocked_by}.'
+        )
+      kept = np.nonzero(~dead)[0]
     keep_by_root[root] = kept
-    sizes[group.members[0]] = (group.size, int(kept.size))
-  keep = _keep_nodes(trace, keep_by_root)
-  invars = trace.closed.jaxpr.invars
-  # The invars are the params' then the inputs': zip stops at the params.
-  small = [_slice(x, v, keep) for x, v in zip(flat_p, invars, strict=False)]
-  keep_by_member = {
-    member: kept for root, kept in keep_by_root.items() for member in trace.groups[root].members
-  }
-  shrunk = Shrunk(
-    fn, params, args, trace, keep_by_member, jax.tree.unflatten(treedef, small), sizes
-  )
+    sizes[group.members[0]] = (group.size, int(kept.shape[-1]))
   masked_params = jax.tree.map(
     lambda x, m: x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)),
     params,
     masks,
     is_leaf=lambda x: x is None,
+  )
+  keep = _keep_nodes(trace, keep_by_root)
+  invars = trace.closed.jaxpr.invars
+  # The masked params, so what stays is what the masked model holds (a per-layer stack
+  # keeps some dead channels). The invars are the params' then the inputs': zip stops
+  # at the params.
+  small = [_slice(x, v, keep) for x, v in zip(jax.tree.leaves(masked_params), invars, strict=False)]
+  keep_by_member = {
+    member: kept for root, kept in keep_by_root.items() for member in trace.groups[root].members
+  }
+  shrunk = Shrunk(
+    fn, params, args, trace, keep_by_member, jax.tree.unflatten(treedef, small), sizes
   )
   want = jax.tree.leaves(fn(masked_params, *args))
   got = jax.tree.leaves(shrunk(shrunk.params, *args))

@@ -199,7 +199,7 @@ class BlockStep(nn.Module):
     return Block()(x), x.mean(axis=-1)  # the next layer's input, and a per-layer output
 
 
-def test_scanned_blocks_lose_the_same_channels_in_every_layer():
+def test_scanned_blocks_shrink_layer_by_layer():
   # A scan's body sees one layer's slice of the stacked params: axis i + 1 of a stacked
   # leaf is the body's axis i. Read as a plain call (axis i is axis i), the layer axis
   # was tied to the first feature axis, groups mixed sizes, and group_masks failed
@@ -220,6 +220,9 @@ def test_scanned_blocks_lose_the_same_channels_in_every_layer():
     (f'{stack}/Dense_1/bias', 1),
     (f'{stack}/Dense_0/kernel', 1),
   }
+  # Heads and hidden units live inside the body: each layer chooses its own.
+  assert heads.layer_axes == (0,) * len(heads.members)
+  assert hidden.layer_axes == (0, 0, 0)
   p = shrunk.params['params']['ScanBlockStep_0']['Block_0']
   assert p['MultiHeadDotProductAttention_0']['query']['kernel'].shape == (3, 16, 2, 4)
   assert p['Dense_1']['kernel'].shape == (3, 16, 32)
@@ -232,6 +235,92 @@ def test_scanned_blocks_lose_the_same_channels_in_every_layer():
   # The residual stream is the scan's carry: tied through every layer to the input.
   stream = next(g for g in blocked if (f'{stack}/Dense_0/kernel', 2) in g.members)
   assert ('params/Dense_0/kernel', 0) in stream.members and stream.blocked_by is not None
+  assert stream.layer_axes is None
+
+
+class HiddenStack(nn.Module):
+  """Three residual MLP layers as one nn.scan, their params' layer axis at ``axis``; the
+  stream (the scan's carry) goes through a Dense before and after the scan."""
+
+  axis: int = 0
+
+  @nn.compact
+  def __call__(self, x):
+    class Layer(nn.Module):
+      @nn.compact
+      def __call__(self, x, _):
+        return x + nn.Dense(8)(nn.relu(nn.Dense(12)(x))), None
+
+    scan = nn.scan(
+      Layer, variable_axes={'params': self.axis}, split_rngs={'params': True}, length=3
+    )
+    return nn.Dense(4)(scan()(nn.Dense(8)(x), None)[0])
+
+
+@pytest.mark.parametrize('axis', [0, 1])
+def test_each_scanned_layer_keeps_its_own_channels(axis):
+  # Before, a group of a scanned stack summed its scores over the layers and removed the
+  # same channel indices from every layer, although hidden unit i of one layer has nothing
+  # to do with unit i of another (in the unrolled model they are separate groups).
+  model, x = HiddenStack(axis), jax.random.normal(jax.random.PRNGKey(1), (5, 6))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  layer = 'params/ScanLayer_0'
+  groups = sh.find_groups(model, variables, x)
+  hidden = next(g for g in groups if (f'{layer}/Dense_1/kernel', 2) in g.members)
+  assert hidden.size == 12 and hidden.layer_axes == (axis, axis, axis)
+  stream = next(g for g in groups if (f'{layer}/Dense_0/bias', 1 - axis) in g.members)
+  assert stream.layer_axes is None  # the carry: the same channels in every layer
+  masks = sh.group_masks([hidden], variables, 0.5)  # the stream stays whole
+  # Each layer's 6 kept units: its own largest sums of squares over its slices.
+  p = variables['params']['ScanLayer_0']
+  w_in, b_in, w_out = (
+    np.moveaxis(np.asarray(a), axis, 0)
+    for a in (p['Dense_1']['kernel'], p['Dense_1']['bias'], p['Dense_0']['kernel'])
+  )
+  scores = (w_in**2).sum(1) + b_in**2 + (w_out**2).sum(2)  # (layers, units)
+  want = np.zeros((3, 12), bool)
+  np.put_along_axis(want, np.argsort(-scores, axis=1)[:, :6], True, axis=1)
+  got = np.moveaxis(np.asarray(masks['params']['ScanLayer_0']['Dense_1']['bias']), axis, 0)
+  np.testing.assert_array_equal(got, want)
+  assert len({tuple(row) for row in want}) == 3  # three different choices
+  shrunk = sh.shrink(model, variables, masks, x)  # checked against the masked model
+  small = np.moveaxis(
+    np.asarray(shrunk.params['params']['ScanLayer_0']['Dense_1']['kernel']), axis, 0
+  )
+  assert small.shape == (3, 8, 6)
+  for i in range(3):  # each layer holds its own kept units, in order
+    np.testing.assert_array_equal(small[i], w_in[i][:, np.nonzero(want[i])[0]])
+  x2 = jax.random.normal(jax.random.PRNGKey(2), (7, 6))
+  np.testing.assert_allclose(
+    jax.jit(shrunk.apply)(shrunk.params, x2),
+    model.apply(apply_masks(variables, masks), x2),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+def test_scanned_layers_with_uneven_masks_keep_the_largest_count():
+  # Hand-made masks: layer 0 prunes units 0-2, layer 1 unit 5, layer 2 units 7 and 9.
+  # A stack has one shape, so each layer keeps 11 units: its live ones, padded by its
+  # first dead ones, which hold zeros as in the masked model.
+  model, x = HiddenStack(), jax.random.normal(jax.random.PRNGKey(1), (5, 6))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  live = np.ones((3, 12), bool)
+  live[0, :3], live[1, 5], live[2, [7, 9]] = False, False, False
+  p = variables['params']['ScanLayer_0']
+  masks = jax.tree.map(lambda _: None, variables)
+  masks['params']['ScanLayer_0']['Dense_1'] = {  # Dense(12): flax names it after Dense(8)
+    'kernel': np.broadcast_to(live[:, None, :], p['Dense_1']['kernel'].shape),
+    'bias': live,
+  }
+  shrunk = sh.shrink(model, variables, masks, x)  # checked against the masked model
+  assert shrunk.params['params']['ScanLayer_0']['Dense_0']['kernel'].shape == (3, 11, 8)
+  assert list(shrunk.sizes.values()) == [(12, 11)]
+  bias = np.asarray(shrunk.params['params']['ScanLayer_0']['Dense_1']['bias'])
+  full = np.where(live, np.asarray(p['Dense_1']['bias']), 0)
+  kept = [[0, 1, *range(3, 12)], [i for i in range(12) if i != 5], [i for i in range(12) if i != 9]]
+  for i in range(3):
+    np.testing.assert_array_equal(bias[i], full[i, kept[i]])
 
 
 def test_nnx_scan_over_vmapped_layers():
@@ -405,7 +494,7 @@ def test_gradual_group_pruning_through_wrap_optax():
   assert shrunk.params['params']['Dense_1']['kernel'].shape == (16, 12)
 
 
-def test_group_pruning_of_a_scanned_stack_keeps_every_layer_alike():
+def test_group_pruning_of_a_scanned_stack_keeps_each_layer_s_own_channels():
   model, x = Stack(), jax.random.normal(jax.random.PRNGKey(2), (2, 5, 16))
   params = model.init(jax.random.PRNGKey(0), x)['params']
   fn = lambda p, x: model.apply({'params': p}, x)
@@ -413,7 +502,7 @@ def test_group_pruning_of_a_scanned_stack_keeps_every_layer_alike():
   pruner = sh.GroupPruning(sparsity=0.5, groups=sh.find_groups(fn, params, x), scheduler=schedule)
   tx = pruner.wrap_optax(optax.adam(1e-2))
   with warnings.catch_warnings():
-    # No "looks like a stack of layers" warning: the groups hold every layer's slice.
+    # No "looks like a stack of layers" warning: every layer keeps the same count.
     warnings.simplefilter('error')
     state = tx.init(params)
     step = jax.jit(lambda p, s: tx.update(jax.grad(lambda p: jnp.mean(fn(p, x) ** 2))(p), s, p))
@@ -422,7 +511,7 @@ def test_group_pruning_of_a_scanned_stack_keeps_every_layer_alike():
       params = optax.apply_updates(params, updates)
   hidden = prunax.bool_masks(state, params)['ScanBlockStep_0']['Block_0']['Dense_1']['bias']
   np.testing.assert_array_equal(np.asarray(hidden).sum(axis=1), [32, 32, 32])
-  np.testing.assert_array_equal(hidden[0], hidden[2])  # the same channels in every layer
+  assert len({tuple(np.asarray(row)) for row in hidden}) == 3  # each layer its own units
   shrunk = sh.shrink(fn, params, prunax.bool_masks(state, params), x)
   assert shrunk.params['ScanBlockStep_0']['Block_0']['Dense_1']['kernel'].shape == (3, 16, 32)
 
