@@ -98,6 +98,19 @@ class _Axes:
     self.blocked: dict = {}
     self.scope: dict = {}  # variable -> the scans (ids) whose body it is in
     self.layer_nodes: list = []  # per scan (id = index): a node of its layer axis
+    self.seen: set = set()  # ids of the inner jaxprs analyzed
+    self.bodies: dict = {}  # id(eqn) -> the renamed copy of its inner jaxpr it runs
+
+  def body(self, eqn, jaxpr):
+    """The inner ``jaxpr`` of ``eqn`` to analyze: itself the first time, then a copy with
+    new variables. JAX shares one traced jaxpr between the calls of a function with equal
+    shapes (``jax.nn.relu`` in every layer); analyzed as one, it tied the axes of every
+    call site together (all hidden layers of equal width became one group)."""
+    if id(jaxpr) not in self.seen:
+      self.seen.add(id(jaxpr))
+      return jaxpr
+    copy = self.bodies[id(eqn)] = _renamed(jaxpr)
+    return copy
 
   def find(self, node):
     self.parent.setdefault(node, node)
@@ -115,6 +128,29 @@ class _Axes:
 
   def block(self, node, reason: str):
     self.blocked.setdefault(self.find(node), reason)
+
+
+def _renamed(jaxpr):
+  """``jaxpr`` (open) with a new variable for each of its own (nested jaxprs are shared)."""
+  new: dict = {}
+
+  def var(v):
+    if not _is_var(v):
+      return v
+    if v not in new:
+      new[v] = jex_core.Var(v.aval)
+    return new[v]
+
+  eqns = [
+    e.replace(invars=[var(v) for v in e.invars], outvars=[var(v) for v in e.outvars])
+    for e in jaxpr.eqns
+  ]
+  return jaxpr.replace(
+    constvars=[var(v) for v in jaxpr.constvars],
+    invars=[var(v) for v in jaxpr.invars],
+    outvars=[var(v) for v in jaxpr.outvars],
+    eqns=eqns,
+  )
 
 
 def _shape(v):
@@ -161,7 +197,7 @@ def _analyze(jaxpr, axes: _Axes, scope: tuple = ()) -> None:
     elif name in _OPAQUE_CALLS:
       block_all(_OPAQUE_CALLS[name])
     elif inner is not None:
-      inner_jaxpr = _open(inner)
+      inner_jaxpr = axes.body(eqn, _open(inner))
       if len(inner_jaxpr.invars) != len(eqn.invars) or len(inner_jaxpr.outvars) != len(outs):
         block_all(name)
         continue
@@ -258,7 +294,7 @@ def _analyze_scan(eqn, axes: _Axes, scope: tuple) -> None:
   scanned axes (one per scanned input and output) are one layer axis, which blocks.
   Constants and carries keep their axes, and each carry's output feeds its input. The
   body's variables are in the scan's scope (for per-layer groups, see :func:`_trace`)."""
-  body = _open(eqn.params['jaxpr'])
+  body = axes.body(eqn, _open(eqn.params['jaxpr']))
   n_consts, n_carry = eqn.params['num_consts'], eqn.params['num_carry']
   tie = lambda a, i, b, j: axes.union((a, i), (b, j))
   layer = None  # the first scanned axis: every other one is tied to it
@@ -617,7 +653,7 @@ class Shrunk:
       if kept:
         keep_by_root[root] = kept[0]
     out_tree = jax.tree.structure(jax.eval_shape(self._fn, self._full, *args))
-    return trace.closed, _keep_nodes(trace, keep_by_root), out_tree
+    return trace.closed, _keep_nodes(trace, keep_by_root), trace.axes.bodies, out_tree
 
   def apply(self, params: PyTree, *args):
     """The shrunk computation of ``params`` (shaped like ``self.params``) on ``args``."""
@@ -625,9 +661,9 @@ class Shrunk:
     if key not in self._programs:
       structs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), args)
       self._programs[key] = self._program(_trace(self._fn, self._full, structs), structs)
-    closed, keep, out_tree = self._programs[key]
+    closed, keep, bodies, out_tree = self._programs[key]
     flat = jax.tree.leaves(params) + list(jax.tree.leaves(args))
-    out = _replay(closed.jaxpr, closed.consts, flat, keep)
+    out = _replay(closed.jaxpr, closed.consts, flat, keep, bodies)
     return jax.tree.unflatten(out_tree, out)
 
   __call__ = apply
@@ -673,7 +709,7 @@ def _slice(x, v, keep):
   return x
 
 
-def _replay(jaxpr, consts, args, keep):
+def _replay(jaxpr, consts, args, keep, bodies):
   env = {}
   read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
   for v, c in zip(jaxpr.constvars, consts):
@@ -684,11 +720,12 @@ def _replay(jaxpr, consts, args, keep):
     invals = [read(v) for v in eqn.invars]
     inner = _inner(eqn)
     if eqn.primitive.name == 'scan':
-      outs = _replay_scan(eqn.params, invals, keep)
+      outs = _replay_scan(eqn, invals, keep, bodies)
     elif eqn.primitive.name in _OPAQUE_CALLS:  # unchanged: bound as jax.core.eval_jaxpr does
       outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
     elif inner is not None:
-      outs = _replay(_open(inner), getattr(inner, 'consts', ()), invals, keep)
+      body = bodies.get(id(eqn), _open(inner))  # the copy its call site was analyzed as
+      outs = _replay(body, getattr(inner, 'consts', ()), invals, keep, bodies)
     else:
       params = dict(eqn.params)
       name = eqn.primitive.name
@@ -704,9 +741,11 @@ def _replay(jaxpr, consts, args, keep):
   return [read(v) for v in jaxpr.outvars]
 
 
-def _replay_scan(params: dict, invals: list, keep: dict) -> list:
+def _replay_scan(eqn, invals: list, keep: dict, bodies: dict) -> list:
   """A scan replayed with its body's new shapes (a new ``lax.scan`` of the replayed body)."""
-  body = params['jaxpr']
+  params = eqn.params
+  closed_body = params['jaxpr']
+  body = bodies.get(id(eqn), _open(closed_body))
   n_consts, n_carry = params['num_consts'], params['num_carry']
   consts, init, xs = (
     invals[:n_consts],
@@ -715,7 +754,7 @@ def _replay_scan(params: dict, invals: list, keep: dict) -> list:
   )
 
   def step(carry, x):
-    outs = _replay(_open(body), getattr(body, 'consts', ()), [*consts, *carry, *x], keep)
+    outs = _replay(body, getattr(closed_body, 'consts', ()), [*consts, *carry, *x], keep, bodies)
     return outs[:n_carry], outs[n_carry:]
 
   carry, ys = jax.lax.scan(

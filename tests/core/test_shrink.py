@@ -66,6 +66,46 @@ def test_mlp_groups_and_shrink():
   }
 
 
+_act = jax.jit(lambda h: jnp.tanh(h) * 2)  # a user's jitted function, called twice
+
+
+class EqualWidths(nn.Module):
+  """Hidden layers of one width through the same activations (relu: a custom_jvp call,
+  _act: a jit call), whose traced jaxprs JAX shares between the call sites."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = _act(nn.relu(nn.Dense(16)(x)))
+    x = _act(nn.relu(nn.Dense(16)(x)))
+    return nn.Dense(4)(x)
+
+
+def test_layers_of_equal_width_are_separate_groups():
+  # JAX traces jax.nn.relu (and any jitted function) once per input shape and shares that
+  # jaxpr between its calls. find_groups analyzed the shared body once for both calls and
+  # tied their axes: both hidden layers were one group (and every equal-width relu/silu
+  # layer of an unrolled model), so they lost the same channel indices.
+  model, x = EqualWidths(), jax.random.normal(jax.random.PRNGKey(1), (3, 8))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  groups = sh.find_groups(model, variables, x)
+  assert [set(g.members) for g in groups] == [
+    {('params/Dense_0/kernel', 1), ('params/Dense_0/bias', 0), ('params/Dense_1/kernel', 0)},
+    {('params/Dense_1/kernel', 1), ('params/Dense_1/bias', 0), ('params/Dense_2/kernel', 0)},
+  ]
+  masks = sh.group_masks(groups, variables, 0.5)
+  first, second = (np.asarray(masks['params'][f'Dense_{i}']['bias']) for i in (0, 1))
+  assert first.sum() == second.sum() == 8 and (first != second).any()
+  shrunk = sh.shrink(model, variables, masks, x)  # replays each call site's own copy
+  x2 = jax.random.normal(jax.random.PRNGKey(2), (5, 8))
+  np.testing.assert_allclose(
+    jax.jit(shrunk.apply)(shrunk.params, x2),
+    model.apply(apply_masks(variables, masks), x2),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  assert shrunk.params['params']['Dense_1']['kernel'].shape == (8, 8)
+
+
 def test_scores_choose_the_weakest_channels():
   model, x = MLP(), jnp.ones((3, 16))
   variables = model.init(jax.random.PRNGKey(0), x)
