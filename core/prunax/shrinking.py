@@ -57,6 +57,7 @@ abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp convert_eleme
 copy_p cos cosh div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow is_finite
 le lgamma log log1p logistic lt max min mul ne neg nextafter not or pow real reduce_precision
 rem round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan tanh xor
+shift_left shift_right_logical shift_right_arithmetic population_count clz
 """.split()
 )
 _REDUCTIONS = frozenset(
@@ -99,6 +100,7 @@ class _Axes:
     self.scope: dict = {}  # variable -> the scans (ids) whose body it is in
     self.layer_nodes: list = []  # per scan (id = index): a node of its layer axis
     self.seen: set = set()  # ids of the inner jaxprs analyzed
+    self.random: list = []  # outputs of random_bits (dropout masks and the like)
     self.bodies: dict = {}  # id(eqn) -> the renamed copy of its inner jaxpr it runs
 
   def body(self, eqn, jaxpr):
@@ -217,6 +219,13 @@ def _analyze(jaxpr, axes: _Axes, scope: tuple = ()) -> None:
           for i, (a, b) in enumerate(zip(_shape(v), _shape(out))):
             if a == b:
               tie(v, i, out, i)
+    elif name == 'bitcast_convert_type' and len(_shape(ins[0])) == len(_shape(outs[0])):
+      for i in range(len(_shape(outs[0]))):  # equal bit widths: one element per element
+        tie(ins[0], i, outs[0], i)
+    elif name == 'random_bits' and not _shape(ins[0]):
+      # Random numbers of a shape (dropout): their axes follow what they are combined
+      # with, and a replay draws them at the new shape.
+      axes.random.append(outs[0])
     elif name == 'broadcast_in_dim':
       (v,), out = ins or (None,), outs[0]
       if v is not None:
@@ -729,7 +738,7 @@ def _replay(jaxpr, consts, args, keep, bodies):
     else:
       params = dict(eqn.params)
       name = eqn.primitive.name
-      if name in ('broadcast_in_dim', 'iota'):
+      if name in ('broadcast_in_dim', 'iota', 'random_bits'):
         params['shape'] = _new_shape(eqn.outvars[0], keep)
       elif name == 'reshape':
         params['new_sizes'] = _new_shape(eqn.outvars[0], keep)
@@ -898,11 +907,19 @@ def shrink(
   for w, g in zip(want, got):
     w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
     if not np.allclose(g, w, rtol=rtol, atol=atol * max(1.0, float(np.abs(w).max(initial=0)))):
+      random = [v for v in trace.axes.random if any((v, i) in keep for i in range(v.aval.ndim))]
       raise ShrinkError(
         f'The shrunk model differs from the masked model (max |diff| '
         f'{float(np.abs(g - w).max()):.3g}): some removed channels are not dead in the '
         'masked model. Mask every member of a group (prunax.group_masks or '
         'GroupPruning do), including biases and norm scales.'
+        + (
+          f' The function also draws {len(random)} random array(s) over shrunk channels '
+          '(dropout?), smaller in the shrunk model: shrink a deterministic (eval-mode) '
+          'function.'
+          if random
+          else ''
+        )
       )
   return shrunk
 

@@ -106,6 +106,35 @@ def test_layers_of_equal_width_are_separate_groups():
   assert shrunk.params['params']['Dense_1']['kernel'].shape == (8, 8)
 
 
+class DropoutMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    h = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(16)(x)))
+    return nn.Dense(4)(h)
+
+
+def test_groups_of_a_training_function_with_dropout():
+  # Dropout draws random bits shaped like the activation and converts them to floats
+  # (bitcast_convert_type): both blocked every group they touched, so a train step's
+  # hidden units could not be pruned by group. They follow the activation now.
+  model, x = DropoutMLP(), jax.random.normal(jax.random.PRNGKey(1), (3, 8))
+  variables = model.init(jax.random.PRNGKey(0), x, False)
+  train = lambda v, x: model.apply(v, x, True, rngs={'dropout': jax.random.PRNGKey(3)})
+  evaluate = lambda v, x: model.apply(v, x, False)
+  groups = sh.find_groups(train, variables, x)
+  assert [set(g.members) for g in groups] == [
+    {('params/Dense_0/kernel', 1), ('params/Dense_0/bias', 0), ('params/Dense_1/kernel', 0)}
+  ]
+  masks = sh.group_masks(groups, variables, 0.5)
+  shrunk = sh.shrink(evaluate, variables, masks, x)
+  assert shrunk.params['params']['Dense_1']['kernel'].shape == (8, 4)
+  # The training function shrinks too, but draws fewer random bits: named in the error.
+  with pytest.raises(
+    sh.ShrinkError, match=r'draws 1 random array\(s\) over shrunk channels \(dropout\?\)'
+  ):
+    sh.shrink(train, variables, masks, x)
+
+
 def test_scores_choose_the_weakest_channels():
   model, x = MLP(), jnp.ones((3, 16))
   variables = model.init(jax.random.PRNGKey(0), x)
