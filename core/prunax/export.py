@@ -31,6 +31,7 @@ sets the shapes).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -390,15 +391,17 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
         return y + layer.get_variable('params', 'bias') if layer.use_bias else y
       if isinstance(layer, nn.Conv) and isinstance(kernel, ConvFilter):
         (inputs,) = call_args
-        return _sparse_conv(layer, inputs, kernel)
+        bias = layer.get_variable('params', 'bias') if layer.use_bias else None
+        return _sparse_conv(layer, f'nn.Conv at {"/".join(layer.path)}', inputs, kernel, bias)
     return next_fun(*call_args, **call_kwargs)
 
   with nn.intercept_methods(sparse_layer):
     return module.apply(params, *args, **kwargs)
 
 
-def _sparse_conv(layer, inputs: jax.Array, kernel: ConvFilter) -> jax.Array:
-  """``nn.Conv.__call__`` with a sparse filter (the options it implements)."""
+def _sparse_conv(layer, where: str, inputs: jax.Array, kernel: ConvFilter, bias) -> jax.Array:
+  """``Conv.__call__`` (linen or nnx: the same options) with a sparse filter (the options
+  it implements); ``where`` names the layer in errors."""
   from flax.linen import linear
 
   rank = len(kernel.shape) - 2
@@ -412,7 +415,7 @@ def _sparse_conv(layer, inputs: jax.Array, kernel: ConvFilter) -> jax.Array:
     problems.append(f'padding={layer.padding!r}')
   if problems:
     raise ValueError(
-      f'sparse_apply: nn.Conv at {"/".join(layer.path)} has a ConvFilter kernel and '
+      f'sparse_apply: {where} has a ConvFilter kernel and '
       f'{", ".join(problems)}; the sparse convolution needs feature_group_count=1, no mask '
       f'and SAME, VALID or explicit padding. Export that kernel in another format '
       f'(export_params(..., filter_fn=...)).'
@@ -433,9 +436,85 @@ def _sparse_conv(layer, inputs: jax.Array, kernel: ConvFilter) -> jax.Array:
     per_dim(layer.input_dilation),
     per_dim(layer.kernel_dilation),
   )
-  if layer.use_bias:
-    y = y + layer.get_variable('params', 'bias')
+  if bias is not None:
+    y = y + bias
   return y.reshape(batch_shape + y.shape[1:])
+
+
+def nnx_sparse(graphdef, *states):
+  """The nnx module of exported state (``nnx.merge(graphdef, *states)``) running sparse.
+
+  ``nnx.Linear`` layers whose kernel is a 2-D BCOO/BCSR, block or ELL leaf of their
+  ``(in_features, out_features)``, or a stacked block/ELL layout of such layers
+  (:func:`export_params` with ``layer_axes``, sliced by ``nnx.scan``/``nnx.vmap`` like any
+  state), run :func:`sparse_matmul`; ``nnx.Conv`` layers whose kernel is a
+  :class:`~prunax.sparse_inference.ConvFilter` run the sparse convolution, as in
+  :func:`sparse_apply`. Every other sparse leaf (an ``nnx.Embed`` table, attention's
+  ``LinearGeneral`` kernels, N:M) is densified here, once. The layers are switched to
+  subclasses of their own class that override ``__call__`` only, so ``nnx.split`` of the
+  result and ``nnx.merge`` under ``jax.jit`` keep running sparse.
+
+  Args:
+    graphdef: the module's graph definition (``nnx.split(model)[0]``).
+    *states: the exported state(s) (:func:`export_params` of ``nnx.state``), as for
+      ``nnx.merge``.
+
+  Returns:
+    The module.
+
+  Raises:
+    ValueError: as :func:`sparse_apply`, for an ``nnx.Conv`` option the sparse
+      convolution does not implement.
+  """
+  from flax import nnx
+
+  linear, conv = _nnx_sparse_layers()
+  model = nnx.merge(graphdef, *states)
+  kept = set()
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Linear) and not isinstance(node, linear):
+      kernel = node.kernel.get_value()
+      shape = (node.in_features, node.out_features)
+      if isinstance(kernel, (BlockSparse, EllSparse)) and kernel.stacked:
+        fits = kernel.layer_shape == shape
+      else:
+        fits = isinstance(kernel, (sparse.BCOO, sparse.BCSR, BlockSparse, EllSparse))
+        fits = fits and tuple(kernel.shape) == shape
+      if fits:
+        node.__class__ = linear
+        kept.add(id(node.kernel))
+    elif isinstance(node, nnx.Conv) and isinstance(node.kernel.get_value(), ConvFilter):
+      node.__class__ = conv
+      kept.add(id(node.kernel))
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Variable) and id(node) not in kept:
+      value = node.get_value()
+      if any(_is_sparse(x) for x in jax.tree.leaves(value, is_leaf=_is_sparse)):
+        node.set_value(densify(value))
+  return model
+
+
+@functools.cache
+def _nnx_sparse_layers():
+  """``(linear, conv)``: the nnx layers' subclasses whose ``__call__`` runs sparse."""
+  from flax import nnx
+
+  class SparseLinear(nnx.Linear):
+    """An ``nnx.Linear`` whose kernel is an exported sparse matrix (:func:`nnx_sparse`)."""
+
+    def __call__(self, inputs):
+      kernel = self.kernel.get_value()
+      y = sparse_matmul(inputs.astype(kernel.dtype), kernel)
+      return y if self.bias is None else y + self.bias.get_value()
+
+  class SparseConv(nnx.Conv):
+    """An ``nnx.Conv`` whose kernel is a ``ConvFilter`` (:func:`nnx_sparse`)."""
+
+    def __call__(self, inputs):
+      bias = None if self.bias is None else self.bias.get_value()
+      return _sparse_conv(self, 'nnx.Conv', inputs, self.kernel.get_value(), bias)
+
+  return SparseLinear, SparseConv
 
 
 # ------------------------------------------------------------------------------ save/load

@@ -101,3 +101,27 @@ def loops_in(jaxpr) -> int:
     for sub in jax.extend.core.jaxprs_in_params(e.params):
       count += loops_in(sub)
   return count
+
+
+def nnx_scanned_stack(make_layer, rngs, layers: int = 3, features: int = 16, out: int = 4):
+  """An nnx model of ``layers`` layers from ``make_layer(rngs)`` stacked by ``nnx.vmap``
+  and run by ``nnx.scan`` (the stream is the carry), then a Linear head."""
+  from flax import nnx
+
+  class Stack(nnx.Module):
+    def __init__(self, rngs):
+      @nnx.split_rngs(splits=layers)
+      @nnx.vmap(in_axes=0, out_axes=0)
+      def make(rngs):
+        return make_layer(rngs)
+
+      self.layers, self.head = make(rngs), nnx.Linear(features, out, rngs=rngs)
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+      def body(layer, x):
+        return layer(x)
+
+      return self.head(body(self.layers, x))
+
+  return Stack(rngs)

@@ -14,6 +14,8 @@ from flax import nnx
 import prunax
 from prunax import shrinking as sh
 
+from .helpers import nnx_scanned_stack
+
 
 def apply_masks(params, masks):
   return jax.tree.map(
@@ -404,23 +406,7 @@ def test_nnx_scan_over_vmapped_layers():
       x = x + self.attention(x, x)
       return x + self.b(jax.nn.relu(self.a(x)))
 
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      @nnx.split_rngs(splits=3)
-      @nnx.vmap(in_axes=0, out_axes=0)
-      def make(rngs):
-        return Layer(rngs)
-
-      self.layers, self.head = make(rngs), nnx.Linear(16, 4, rngs=rngs)
-
-    def __call__(self, x):
-      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-      def body(layer, x):
-        return layer(x)
-
-      return self.head(body(self.layers, x))
-
-  graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+  graphdef, state = nnx.split(nnx_scanned_stack(Layer, nnx.Rngs(0)))
   fn = lambda s, x: nnx.merge(graphdef, s)(x)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 16))
   groups = sh.find_groups(fn, state, x)

@@ -8,10 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import prunax
 from prunax import export
 from prunax import sparse_inference as si
+
+from .helpers import nnx_scanned_stack
 
 
 def block_pruned(shape, block, sparsity, seed=0):
@@ -388,3 +391,67 @@ def test_scanned_kernels_run_sparse_inside_the_scan(tmp_path, monkeypatch, fmt, 
     np.asarray(got), np.asarray(model.apply(pruned, x)), rtol=1e-5, atol=1e-5
   )
   assert set(seen) == {(32, 64), (64, 32), (32, 8)}  # both scanned kernels and the head
+
+
+class NnxNet(nnx.Module):
+  """An embedding (densified), Linear layers with and without bias, a 1-D convolution."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(50, 32, rngs=rngs)
+    self.a = nnx.Linear(32, 64, rngs=rngs)
+    self.b = nnx.Linear(64, 32, use_bias=False, rngs=rngs)
+    self.c = nnx.Conv(32, 16, (3,), rngs=rngs)
+
+  def __call__(self, tokens):
+    return self.c(self.b(jax.nn.relu(self.a(self.embed(tokens)))))
+
+
+@pytest.mark.parametrize('fmt', ['bcoo', 'block', 'ell', 'auto'])
+def test_nnx_module_runs_its_sparse_kernels(monkeypatch, fmt):
+  # sparse_apply intercepts linen layers only: an nnx model had no sparse inference.
+  graphdef, state = nnx.split(NnxNet(nnx.Rngs(0)))
+  pruned, _ = jax.jit(prunax.MagnitudePruning(sparsity=0.9).instant_sparsify)(state)
+  exported = export.export_params(pruned, fmt, block_shape=(8, 8))
+  tokens = jnp.arange(12).reshape(2, 6)
+  want = nnx.merge(graphdef, pruned)(tokens)
+  seen, convs = [], []
+  real, real_conv = export.sparse_matmul, si.conv_matmul
+  monkeypatch.setattr(export, 'sparse_matmul', lambda *a: seen.append(a[1].shape) or real(*a))
+  monkeypatch.setattr(si, 'conv_matmul', lambda *a: convs.append(1) or real_conv(*a))
+  model = export.nnx_sparse(graphdef, exported)
+  assert isinstance(model.embed.embedding.get_value(), jax.Array)  # densified, once
+  np.testing.assert_allclose(model(tokens), want, rtol=1e-5, atol=1e-5)
+  assert seen == [(32, 64), (64, 32)]
+  assert len(convs) == (0 if fmt == 'bcoo' else 1)  # BCOO filters run dense
+  # Split and merged again under jit, it still runs sparse.
+  small_graph, small_state = nnx.split(model)
+  got = jax.jit(lambda s, t: nnx.merge(small_graph, s)(t))(small_state, tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert seen[2:] == [(32, 64), (64, 32)]
+
+
+def test_nnx_scan_runs_each_layer_sparse(monkeypatch):
+  class Layer(nnx.Module):
+    def __init__(self, rngs):
+      self.a, self.b = nnx.Linear(16, 48, rngs=rngs), nnx.Linear(48, 16, rngs=rngs)
+
+    def __call__(self, x):
+      return x + self.b(jax.nn.relu(self.a(x)))
+
+  graphdef, state = nnx.split(nnx_scanned_stack(Layer, nnx.Rngs(0)))
+  axes = {'layers/[ab]/kernel': 0}
+  pruner = prunax.MagnitudePruning(
+    sparsity_distribution_fn={'layers/[ab]/kernel': 0.75},
+    sparsity_type=prunax.Block((8, 8)),
+    layer_axes=axes,
+  )
+  pruned, _ = jax.jit(pruner.instant_sparsify)(state)
+  exported = export.export_params(pruned, 'block', block_shape=(8, 8), layer_axes=axes)
+  assert exported['layers']['a']['kernel'].get_value().stacked
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 16))
+  seen = []
+  real = export.sparse_matmul
+  monkeypatch.setattr(export, 'sparse_matmul', lambda *a: seen.append(a[1].shape) or real(*a))
+  got = export.nnx_sparse(graphdef, exported)(x)
+  np.testing.assert_allclose(got, nnx.merge(graphdef, pruned)(x), rtol=1e-5, atol=1e-5)
+  assert seen == [(16, 48), (48, 16), (16, 4)]  # each layer's own layout, inside the scan
