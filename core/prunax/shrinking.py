@@ -101,9 +101,9 @@ class _Axes:
     self.layer_nodes: list = []  # per scan (id = index): a node of its layer axis
     self.seen: set = set()  # ids of the inner jaxprs analyzed
     self.random: list = []  # outputs of random_bits (dropout masks and the like)
-    self.bodies: dict = {}  # id(eqn) -> the renamed copy of its inner jaxpr it runs
+    self.bodies: dict = {}  # id(eqn) (and branch) -> the renamed copy of its inner jaxpr
 
-  def body(self, eqn, jaxpr):
+  def body(self, key, jaxpr):
     """The inner ``jaxpr`` of ``eqn`` to analyze: itself the first time, then a copy with
     new variables. JAX shares one traced jaxpr between the calls of a function with equal
     shapes (``jax.nn.relu`` in every layer); analyzed as one, it tied the axes of every
@@ -111,7 +111,7 @@ class _Axes:
     if id(jaxpr) not in self.seen:
       self.seen.add(id(jaxpr))
       return jaxpr
-    copy = self.bodies[id(eqn)] = _renamed(jaxpr)
+    copy = self.bodies[key] = _renamed(jaxpr)
     return copy
 
   def find(self, node):
@@ -196,10 +196,23 @@ def _analyze(jaxpr, axes: _Axes, scope: tuple = ()) -> None:
     inner = _inner(eqn)
     if name == 'scan':
       _analyze_scan(eqn, axes, scope)
+    elif name == 'cond':
+      # Every branch takes the operands and gives the outputs: their axes are tied.
+      for k, branch in enumerate(eqn.params['branches']):
+        body = axes.body((id(eqn), k), _open(branch))
+        for outer, inn in zip(eqn.invars[1:], body.invars, strict=True):
+          if _is_var(outer):
+            for i in range(len(_shape(outer))):
+              tie(outer, i, inn, i)
+        for outer, inn in zip(outs, body.outvars, strict=True):
+          if _is_var(inn):
+            for i in range(len(_shape(outer))):
+              tie(outer, i, inn, i)
+        _analyze(body, axes, scope)
     elif name in _OPAQUE_CALLS:
       block_all(_OPAQUE_CALLS[name])
     elif inner is not None:
-      inner_jaxpr = axes.body(eqn, _open(inner))
+      inner_jaxpr = axes.body(id(eqn), _open(inner))
       if len(inner_jaxpr.invars) != len(eqn.invars) or len(inner_jaxpr.outvars) != len(outs):
         block_all(name)
         continue
@@ -303,7 +316,7 @@ def _analyze_scan(eqn, axes: _Axes, scope: tuple) -> None:
   scanned axes (one per scanned input and output) are one layer axis, which blocks.
   Constants and carries keep their axes, and each carry's output feeds its input. The
   body's variables are in the scan's scope (for per-layer groups, see :func:`_trace`)."""
-  body = axes.body(eqn, _open(eqn.params['jaxpr']))
+  body = axes.body(id(eqn), _open(eqn.params['jaxpr']))
   n_consts, n_carry = eqn.params['num_consts'], eqn.params['num_carry']
   tie = lambda a, i, b, j: axes.union((a, i), (b, j))
   layer = None  # the first scanned axis: every other one is tied to it
@@ -730,6 +743,8 @@ def _replay(jaxpr, consts, args, keep, bodies):
     inner = _inner(eqn)
     if eqn.primitive.name == 'scan':
       outs = _replay_scan(eqn, invals, keep, bodies)
+    elif eqn.primitive.name == 'cond':
+      outs = _replay_cond(eqn, invals, keep, bodies)
     elif eqn.primitive.name in _OPAQUE_CALLS:  # unchanged: bound as jax.core.eval_jaxpr does
       outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
     elif inner is not None:
@@ -748,6 +763,17 @@ def _replay(jaxpr, consts, args, keep, bodies):
     for v, o in zip(eqn.outvars, outs):
       env[v] = o
   return [read(v) for v in jaxpr.outvars]
+
+
+def _replay_cond(eqn, invals: list, keep: dict, bodies: dict) -> list:
+  """A ``cond`` replayed as a ``lax.switch`` of its replayed branches."""
+
+  def branch(k, closed):
+    body = bodies.get((id(eqn), k), _open(closed))
+    return lambda *ops: _replay(body, getattr(closed, 'consts', ()), list(ops), keep, bodies)
+
+  branches = [branch(k, b) for k, b in enumerate(eqn.params['branches'])]
+  return list(jax.lax.switch(invals[0], branches, *invals[1:]))
 
 
 def _replay_scan(eqn, invals: list, keep: dict, bodies: dict) -> list:

@@ -137,6 +137,33 @@ def test_groups_of_a_training_function_with_dropout():
     sh.shrink(train, variables, masks, x)
 
 
+def test_groups_go_through_both_branches_of_a_cond():
+  # A lax.cond blocked every axis it touched ("cond"). Its branches take the operands and
+  # give the outputs, so their axes are tied, and a replay switches between the replayed
+  # branches.
+  def mlp(p, x):
+    h = x @ p['w1'] + p['b1']
+    h = jax.lax.cond(x.sum() > 0, jax.nn.relu, lambda h: jnp.tanh(h) * p['s'], h)
+    return h @ p['w2']
+
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  shapes = {'w1': (8, 16), 'b1': (16,), 's': (16,), 'w2': (16, 2)}
+  params = {k: jax.random.normal(key, shape) for key, (k, shape) in zip(keys, shapes.items())}
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 8))
+  groups = sh.find_groups(mlp, params, x)
+  assert [set(g.members) for g in groups] == [{('w1', 1), ('b1', 0), ('s', 0), ('w2', 0)}]
+  masks = sh.group_masks(groups, params, 0.5)
+  shrunk = sh.shrink(mlp, params, masks, x)
+  assert shrunk.params['w1'].shape == (8, 8)
+  for inputs in (jnp.abs(x), -jnp.abs(x)):  # each branch
+    np.testing.assert_allclose(
+      jax.jit(shrunk.apply)(shrunk.params, inputs),
+      mlp(apply_masks(params, masks), inputs),
+      rtol=1e-5,
+      atol=1e-5,
+    )
+
+
 def test_scores_choose_the_weakest_channels():
   model, x = MLP(), jnp.ones((3, 16))
   variables = model.init(jax.random.PRNGKey(0), x)
