@@ -301,22 +301,30 @@ def nbytes(tree: PyTree) -> int:
 
 
 def sparse_matmul(x: jax.Array, kernel) -> jax.Array:
-  """``x @ kernel`` over the last axis of ``x`` for a dense or exported 2-D ``kernel``.
+  """``x @ kernel`` over the last axis of ``x`` for a dense or exported 2-D ``kernel``,
+  computed in the dtype of ``x`` (the kernel's values are cast to it).
 
   Block and ELL kernels use their own products (:mod:`prunax.sparse_inference`); N:M
   kernels are decompressed first (on CPU no N:M product we measured beats that);
   BCOO/BCSR use ``jax.experimental.sparse``.
   """
   if not _is_sparse(kernel):
-    return x @ kernel
+    return x @ kernel.astype(x.dtype)
   if isinstance(kernel, BlockSparse):
     return sparse_inference.block_matmul(x, kernel)
   if isinstance(kernel, EllSparse):
     return sparse_inference.ell_matmul(x, kernel)
   if isinstance(kernel, NMCompressed):
-    return x @ kernel.todense()
+    return x @ kernel.todense().astype(x.dtype)
   if isinstance(kernel, sparse.BCSR):  # jax's BCSR products need the sparse operand on the left
     kernel = kernel.to_bcoo()
+  if kernel.dtype != x.dtype:
+    kernel = sparse.BCOO(
+      (kernel.data.astype(x.dtype), kernel.indices),
+      shape=kernel.shape,
+      indices_sorted=kernel.indices_sorted,
+      unique_indices=kernel.unique_indices,
+    )
   flat = x.reshape(-1, x.shape[-1])
   out = sparse.sparsify(lambda a, k: a @ k)(flat, kernel)
   return out.reshape(x.shape[:-1] + (kernel.shape[-1],))
@@ -387,8 +395,8 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
       kernel = layer.get_variable('params', 'kernel')
       if isinstance(layer, nn.Dense) and _is_sparse(kernel):
         (inputs,) = call_args
-        y = sparse_matmul(inputs.astype(kernel.dtype), kernel)
-        return y + layer.get_variable('params', 'bias') if layer.use_bias else y
+        bias = layer.get_variable('params', 'bias') if layer.use_bias else None
+        return _sparse_dense(layer.dtype, inputs, kernel, bias)
       if isinstance(layer, nn.Conv) and isinstance(kernel, ConvFilter):
         (inputs,) = call_args
         bias = layer.get_variable('params', 'bias') if layer.use_bias else None
@@ -428,8 +436,9 @@ def _sparse_conv(layer, where: str, inputs: jax.Array, kernel: ConvFilter, bias)
 
   batch_shape = inputs.shape[: inputs.ndim - rank - 1]
   flat = inputs.reshape((-1,) + inputs.shape[len(batch_shape) :])
+  dtype = _compute_dtype(layer.dtype, inputs, kernel, bias)
   y = sparse_inference.conv_matmul(
-    flat.astype(kernel.dtype),
+    flat.astype(dtype),
     kernel,
     per_dim(layer.strides),
     padding,
@@ -437,8 +446,24 @@ def _sparse_conv(layer, where: str, inputs: jax.Array, kernel: ConvFilter, bias)
     per_dim(layer.kernel_dilation),
   )
   if bias is not None:
-    y = y + bias
+    y = y + bias.astype(dtype)
   return y.reshape(batch_shape + y.shape[1:])
+
+
+def _compute_dtype(dtype, inputs, kernel, bias):
+  """The dtype a flax Dense/Conv computes in (``promote_dtype``): its ``dtype``, else the
+  promoted dtype of its operands (a mixed-precision layer, bf16 over float32 params, must
+  keep returning bf16: a scan's carry fails on any other dtype)."""
+  if dtype is not None:
+    return jnp.dtype(dtype)
+  return jnp.result_type(inputs, kernel.dtype, *([] if bias is None else [bias]))
+
+
+def _sparse_dense(dtype, inputs, kernel, bias) -> jax.Array:
+  """``Dense.__call__`` (linen or nnx) with an exported kernel, in the layer's dtype."""
+  dtype = _compute_dtype(dtype, inputs, kernel, bias)
+  y = sparse_matmul(inputs.astype(dtype), kernel)
+  return y if bias is None else y + bias.astype(dtype)
 
 
 def nnx_sparse(graphdef, *states):
@@ -503,9 +528,8 @@ def _nnx_sparse_layers():
     """An ``nnx.Linear`` whose kernel is an exported sparse matrix (:func:`nnx_sparse`)."""
 
     def __call__(self, inputs):
-      kernel = self.kernel.get_value()
-      y = sparse_matmul(inputs.astype(kernel.dtype), kernel)
-      return y if self.bias is None else y + self.bias.get_value()
+      bias = None if self.bias is None else self.bias.get_value()
+      return _sparse_dense(self.dtype, inputs, self.kernel.get_value(), bias)
 
   class SparseConv(nnx.Conv):
     """An ``nnx.Conv`` whose kernel is a ``ConvFilter`` (:func:`nnx_sparse`)."""

@@ -331,12 +331,13 @@ def conv_matmul(
   lhs_dilation: tuple[int, ...] | None = None,
   rhs_dilation: tuple[int, ...] | None = None,
 ) -> jax.Array:
-  """A channels-last convolution with a sparse filter: ``conv_patches(x) @ w.matrix``."""
+  """A channels-last convolution with a sparse filter: ``conv_patches(x) @ w.matrix``, in
+  the dtype of ``x``."""
   window = w.shape[:-2]
   patches = conv_patches(x, window, strides, padding, lhs_dilation, rhs_dilation)
   if isinstance(w.matrix, BlockSparse):
-    return block_matmul(patches.astype(w.dtype), w.matrix)
-  return ell_matmul(patches.astype(w.dtype), w.matrix)
+    return block_matmul(patches, w.matrix)
+  return ell_matmul(patches, w.matrix)
 
 
 def to_block(x, block_shape: tuple[int, int], index_dtype=np.int32) -> BlockSparse:

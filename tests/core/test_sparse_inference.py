@@ -455,3 +455,44 @@ def test_nnx_scan_runs_each_layer_sparse(monkeypatch):
   got = export.nnx_sparse(graphdef, exported)(x)
   np.testing.assert_allclose(got, nnx.merge(graphdef, pruned)(x), rtol=1e-5, atol=1e-5)
   assert seen == [(16, 48), (48, 16), (16, 4)]  # each layer's own layout, inside the scan
+
+
+class MixedPrecisionScan(nn.Module):
+  """bf16 computation over float32 params (as t5x and MaxText run), in an nn.scan whose
+  carry is bf16."""
+
+  @nn.compact
+  def __call__(self, x):
+    class Step(nn.Module):
+      @nn.compact
+      def __call__(self, x, _):
+        h = nn.relu(nn.Dense(64, dtype=jnp.bfloat16)(x))
+        return x + nn.Dense(32, dtype=jnp.bfloat16)(h), None
+
+    scan = nn.scan(Step, variable_axes={'params': 0}, split_rngs={'params': True}, length=3)
+    return nn.Dense(8, dtype=jnp.bfloat16)(scan()(x, None)[0])
+
+
+@pytest.mark.parametrize('fmt', ['bcoo', 'block', 'ell'])
+def test_mixed_precision_layers_keep_their_dtype(fmt):
+  # The sparse products ran in the kernel's dtype (float32) where the layer computes in
+  # bf16: a float32 output, and inside a scan a carry that changed dtype (lax.scan
+  # refuses it). They compute in the layer's dtype now, as flax's promote_dtype does.
+  model = MixedPrecisionScan()
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 32)).astype(jnp.bfloat16)
+  params = model.init(jax.random.PRNGKey(0), x)
+  axes = {'.*ScanStep.*/kernel': 0}
+  pruner = prunax.MagnitudePruning(sparsity_distribution_fn={'.*kernel': 0.75}, layer_axes=axes)
+  pruned, _ = jax.jit(pruner.instant_sparsify)(params)
+  exported = export.export_params(pruned, fmt, block_shape=(8, 8), layer_axes=axes)
+  want = model.apply(pruned, x)
+  got = jax.jit(lambda p, x: export.sparse_apply(model, p, x))(exported, x)
+  assert got.dtype == want.dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+    np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0.05, atol=0.05
+  )
+  # nnx: a Linear computing in bf16 over float32 params.
+  graphdef, state = nnx.split(nnx.Linear(32, 64, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  state, _ = jax.jit(prunax.MagnitudePruning(sparsity=0.75).instant_sparsify)(state)
+  layer = export.nnx_sparse(graphdef, export.export_params(state, fmt, block_shape=(8, 8)))
+  assert layer(x).dtype == nnx.merge(graphdef, state)(x).dtype == jnp.bfloat16
