@@ -9,7 +9,10 @@ by tracing ``fn(params, *args)`` and following every axis through the computatio
 transposes and size-preserving reshapes keep an axis; a ``dot_general`` or convolution ties
 contracted axes together; a ``scan`` (a stack of layers: ``nn.scan``, ``nnx.scan``) ties
 each layer's slice of a stacked leaf to its body's axes and blocks the axis it loops over;
-an axis that is
+a ``cond`` ties its operands and outputs through every branch; random bits (dropout) take
+the axes of what they are combined with; each call of a function whose traced jaxpr JAX
+shares between calls (``jax.nn.relu``, a jitted function) is analyzed on its own; an axis
+that is
 reduced, sliced, merged by a reshape, touched by an op this module does not know, or that
 is an input or output of ``fn``, *blocks* its group, and the group records the op.
 
