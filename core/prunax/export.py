@@ -350,13 +350,17 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
       padding), naming the layer and the option.
   """
   import flax.linen as nn
+  from flax.core import meta  # boxed params (nn.Partitioned): the layers read the values
 
   # The kernels that layers read whole, by kind: only those stay sparse. (Kept sparse by
   # shape alone, a 2-D embedding table or a stacked norm scale reached its layer as a
   # sparse object, and the apply failed.)
   read: dict = {nn.Conv: set(), nn.Dense: set()}
   sliced: dict = {}  # path -> shape of the slice a Dense reads of a stacked kernel
-  key = lambda path: tuple(str(getattr(k, 'key', k)) for k in path)  # noqa: E731
+  # Parameter paths as the layers name them (a flax box's own '.value' is no part of it).
+  key = lambda path: tuple(  # noqa: E731
+    str(getattr(k, 'key', k)) for k in path if not isinstance(k, jax.tree_util.GetAttrKey)
+  )
   shapes = {
     key(path): np.shape(x) for path, x in jax.tree_util.tree_leaves_with_path(densify(exported))
   }
@@ -365,7 +369,7 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
     kind = type(context.module)
     if context.method_name == '__call__' and kind in read:
       path = ('params', *context.module.path, 'kernel')
-      kernel = context.module.get_variable('params', 'kernel')
+      kernel = meta.unbox(context.module.get_variable('params', 'kernel'))
       if np.shape(kernel) == shapes.get(path):  # not a slice (a layer of a scanned stack)
         read[kind].add(path)
       elif kind is nn.Dense:
@@ -392,14 +396,14 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
   def sparse_layer(next_fun, call_args, call_kwargs, context):
     layer = context.module
     if context.method_name == '__call__' and isinstance(layer, (nn.Dense, nn.Conv)):
-      kernel = layer.get_variable('params', 'kernel')
+      kernel = meta.unbox(layer.get_variable('params', 'kernel'))
       if isinstance(layer, nn.Dense) and _is_sparse(kernel):
         (inputs,) = call_args
-        bias = layer.get_variable('params', 'bias') if layer.use_bias else None
+        bias = meta.unbox(layer.get_variable('params', 'bias')) if layer.use_bias else None
         return _sparse_dense(layer.dtype, inputs, kernel, bias)
       if isinstance(layer, nn.Conv) and isinstance(kernel, ConvFilter):
         (inputs,) = call_args
-        bias = layer.get_variable('params', 'bias') if layer.use_bias else None
+        bias = meta.unbox(layer.get_variable('params', 'bias')) if layer.use_bias else None
         return _sparse_conv(layer, f'nn.Conv at {"/".join(layer.path)}', inputs, kernel, bias)
     return next_fun(*call_args, **call_kwargs)
 

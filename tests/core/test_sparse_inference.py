@@ -496,3 +496,47 @@ def test_mixed_precision_layers_keep_their_dtype(fmt):
   state, _ = jax.jit(prunax.MagnitudePruning(sparsity=0.75).instant_sparsify)(state)
   layer = export.nnx_sparse(graphdef, export.export_params(state, fmt, block_shape=(8, 8)))
   assert layer(x).dtype == nnx.merge(graphdef, state)(x).dtype == jnp.bfloat16
+
+
+class BoxedScan(nn.Module):
+  """An nn.scan whose kernels carry logical axis names and the scan's 'layers' axis
+  (flax boxes: t5x, MaxText)."""
+
+  @nn.compact
+  def __call__(self, x):
+    class Step(nn.Module):
+      @nn.compact
+      def __call__(self, x, _):
+        init = nn.initializers.lecun_normal()
+        up = nn.Dense(64, kernel_init=nn.with_logical_partitioning(init, ('embed', 'mlp')))
+        down = nn.Dense(32, kernel_init=nn.with_logical_partitioning(init, ('mlp', 'embed')))
+        return x + down(nn.relu(up(x))), None
+
+    scan = nn.scan(
+      Step,
+      variable_axes={'params': 0},
+      split_rngs={'params': True},
+      length=3,
+      metadata_params={nn.PARTITION_NAME: 'layers'},
+    )
+    return nn.Dense(8)(scan()(x, None)[0])
+
+
+def test_boxed_scanned_kernels_run_sparse(monkeypatch):
+  # The layer axes come from the boxes. Before, sparse_apply named the boxed leaves
+  # '.../kernel/.value' and read the layers' kernels as boxes, so none matched and the
+  # stack ran dense.
+  model, x = BoxedScan(), jax.random.normal(jax.random.PRNGKey(1), (4, 32))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  pruner = prunax.MagnitudePruning(
+    sparsity_distribution_fn={'.*ScanStep.*kernel': 0.75}, sparsity_type=prunax.Block((8, 8))
+  )
+  pruned, _ = jax.jit(pruner.instant_sparsify)(variables)
+  exported = export.export_params(pruned, 'block', block_shape=(8, 8))
+  assert exported['params']['ScanStep_0']['Dense_0']['kernel'].unbox().stacked
+  seen = []
+  real = export.sparse_matmul
+  monkeypatch.setattr(export, 'sparse_matmul', lambda *a: seen.append(a[1].shape) or real(*a))
+  got = jax.jit(lambda p, x: export.sparse_apply(model, p, x))(exported, x)
+  np.testing.assert_allclose(got, model.apply(pruned, x), rtol=1e-5, atol=1e-5)
+  assert set(seen) == {(32, 64), (64, 32), (32, 8)}
