@@ -1021,6 +1021,7 @@ def linen_apply(module, variables: PyTree, *args, **kwargs):
     y = prunax.shrinking.linen_apply(model, shrunk.params, x, train=False)
   """
   import flax.linen as nn
+  from flax.core import meta  # boxed params (nn.Partitioned): their values' shapes
 
   def resize(next_fun, call_args, call_kwargs, context):
     layer = context.module
@@ -1037,7 +1038,7 @@ def linen_apply(module, variables: PyTree, *args, **kwargs):
       return scaled.apply(layer.variables, *call_args, **call_kwargs)
     if context.method_name != '__call__' or not layer.has_variable('params', 'kernel'):
       return next_fun(*call_args, **call_kwargs)
-    shape = tuple(np.shape(layer.get_variable('params', 'kernel')))
+    shape = tuple(np.shape(meta.unbox(layer.get_variable('params', 'kernel'))))
     if isinstance(layer, (nn.Dense, nn.Conv)):
       changes = {'features': shape[-1]}
     elif isinstance(layer, nn.DenseGeneral):

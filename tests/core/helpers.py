@@ -4,6 +4,7 @@ and the child process that runs a script on 8 CPU devices."""
 import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -125,3 +126,27 @@ def nnx_scanned_stack(make_layer, rngs, layers: int = 3, features: int = 16, out
       return self.head(body(self.layers, x))
 
   return Stack(rngs)
+
+
+class BoxedScan(nn.Module):
+  """An nn.scan whose kernels carry logical axis names and the scan's 'layers' axis
+  (flax boxes: t5x, MaxText)."""
+
+  @nn.compact
+  def __call__(self, x):
+    class Step(nn.Module):
+      @nn.compact
+      def __call__(self, x, _):
+        init = nn.initializers.lecun_normal()
+        up = nn.Dense(64, kernel_init=nn.with_logical_partitioning(init, ('embed', 'mlp')))
+        down = nn.Dense(32, kernel_init=nn.with_logical_partitioning(init, ('mlp', 'embed')))
+        return x + down(nn.relu(up(x))), None
+
+    scan = nn.scan(
+      Step,
+      variable_axes={'params': 0},
+      split_rngs={'params': True},
+      length=3,
+      metadata_params={nn.PARTITION_NAME: 'layers'},
+    )
+    return nn.Dense(8)(scan()(x, None)[0])

@@ -14,6 +14,7 @@ from flax import nnx
 import prunax
 from prunax import shrinking as sh
 
+from .helpers import BoxedScan
 from .helpers import nnx_scanned_stack
 
 
@@ -419,6 +420,22 @@ def test_scanned_layers_with_uneven_masks_keep_the_largest_count():
   kept = [[0, 1, *range(3, 12)], [i for i in range(12) if i != 5], [i for i in range(12) if i != 9]]
   for i in range(3):
     np.testing.assert_array_equal(bias[i], full[i, kept[i]])
+
+
+def test_boxed_scan_shrinks_per_layer_and_runs_its_own_code():
+  # linen_apply read a boxed kernel's shape as () (the box), and failed.
+  model, x = BoxedScan(), jax.random.normal(jax.random.PRNGKey(1), (4, 32))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  (hidden,) = sh.find_groups(model, variables, x)
+  assert hidden.size == 64 and hidden.layer_axes == (0, 0, 0)
+  masks = sh.group_masks([hidden], variables, 0.5)
+  shrunk = sh.shrink(model, variables, masks, x)
+  kernel = shrunk.params['params']['ScanStep_0']['Dense_0']['kernel']
+  assert kernel.names == ('layers', 'embed', 'mlp') and kernel.unbox().shape == (3, 32, 32)
+  got = jax.jit(lambda p, x: sh.linen_apply(model, p, x))(shrunk.params, x)
+  np.testing.assert_allclose(
+    got, model.apply(apply_masks(variables, masks), x), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_nnx_scan_over_vmapped_layers():

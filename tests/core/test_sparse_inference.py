@@ -14,6 +14,7 @@ import prunax
 from prunax import export
 from prunax import sparse_inference as si
 
+from .helpers import BoxedScan
 from .helpers import nnx_scanned_stack
 
 
@@ -496,30 +497,6 @@ def test_mixed_precision_layers_keep_their_dtype(fmt):
   state, _ = jax.jit(prunax.MagnitudePruning(sparsity=0.75).instant_sparsify)(state)
   layer = export.nnx_sparse(graphdef, export.export_params(state, fmt, block_shape=(8, 8)))
   assert layer(x).dtype == nnx.merge(graphdef, state)(x).dtype == jnp.bfloat16
-
-
-class BoxedScan(nn.Module):
-  """An nn.scan whose kernels carry logical axis names and the scan's 'layers' axis
-  (flax boxes: t5x, MaxText)."""
-
-  @nn.compact
-  def __call__(self, x):
-    class Step(nn.Module):
-      @nn.compact
-      def __call__(self, x, _):
-        init = nn.initializers.lecun_normal()
-        up = nn.Dense(64, kernel_init=nn.with_logical_partitioning(init, ('embed', 'mlp')))
-        down = nn.Dense(32, kernel_init=nn.with_logical_partitioning(init, ('mlp', 'embed')))
-        return x + down(nn.relu(up(x))), None
-
-    scan = nn.scan(
-      Step,
-      variable_axes={'params': 0},
-      split_rngs={'params': True},
-      length=3,
-      metadata_params={nn.PARTITION_NAME: 'layers'},
-    )
-    return nn.Dense(8)(scan()(x, None)[0])
 
 
 def test_boxed_scanned_kernels_run_sparse(monkeypatch):
