@@ -129,8 +129,8 @@ def nnx_scanned_stack(make_layer, rngs, layers: int = 3, features: int = 16, out
 
 
 class BoxedScan(nn.Module):
-  """An nn.scan whose kernels carry logical axis names and the scan's 'layers' axis
-  (flax boxes: t5x, MaxText)."""
+  """An nn.scan of residual MLP layers (hidden width twice the input's) whose kernels
+  carry logical axis names and the scan's 'layers' axis (flax boxes: t5x, MaxText)."""
 
   @nn.compact
   def __call__(self, x):
@@ -138,8 +138,9 @@ class BoxedScan(nn.Module):
       @nn.compact
       def __call__(self, x, _):
         init = nn.initializers.lecun_normal()
-        up = nn.Dense(64, kernel_init=nn.with_logical_partitioning(init, ('embed', 'mlp')))
-        down = nn.Dense(32, kernel_init=nn.with_logical_partitioning(init, ('mlp', 'embed')))
+        d = x.shape[-1]
+        up = nn.Dense(2 * d, kernel_init=nn.with_logical_partitioning(init, ('embed', 'mlp')))
+        down = nn.Dense(d, kernel_init=nn.with_logical_partitioning(init, ('mlp', 'embed')))
         return x + down(nn.relu(up(x))), None
 
     scan = nn.scan(

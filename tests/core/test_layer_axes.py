@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 import prunax
 from prunax import sparsity_schedules as sched
 
+from .helpers import BoxedScan
+
 L, D = 4, 64
 
 
@@ -161,33 +163,10 @@ def test_summary_reports_each_layer():
   assert [summary[f'sparsity/layers/kernel/layer_{i}'] for i in range(L)] == [0.75] * L
 
 
-class ScannedBlock(nn.Module):
-  @nn.compact
-  def __call__(self, x, _):
-    init = nn.initializers.lecun_normal()
-    h = nn.Dense(32, kernel_init=nn.with_logical_partitioning(init, ('embed', 'mlp')))(x)
-    out = nn.Dense(16, kernel_init=nn.with_logical_partitioning(init, ('mlp', 'embed')))
-    return x + out(nn.relu(h)), None
-
-
-class ScannedStack(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    stack = nn.scan(
-      ScannedBlock,
-      variable_axes={'params': 0},
-      split_rngs={'params': True},
-      length=3,
-      metadata_params={nn.PARTITION_NAME: 'layers'},
-    )
-    x, _ = stack()(x, None)
-    return nn.Dense(4)(x)
-
-
 def test_linen_scan_layer_axes_are_read_from_the_boxes():
-  variables = ScannedStack().init(jax.random.PRNGKey(0), jnp.ones((2, 16)))
+  variables = BoxedScan().init(jax.random.PRNGKey(0), jnp.ones((2, 16)))
   axes = prunax.layers.layer_axes_from_flax(variables['params'])
-  assert axes == {'ScanScannedBlock_0/Dense_0/kernel': 0, 'ScanScannedBlock_0/Dense_1/kernel': 0}
+  assert axes == {'ScanStep_0/Dense_0/kernel': 0, 'ScanStep_0/Dense_1/kernel': 0}
   params = nn.unbox(variables['params'])
   # Unboxed params with the mapping, and boxed params with nothing declared, agree.
   masks = one_step(prunax.MagnitudePruning(sparsity=0.7, layer_axes=axes), params)
@@ -195,8 +174,8 @@ def test_linen_scan_layer_axes_are_read_from_the_boxes():
     warnings.simplefilter('error')  # no "looks stacked" warning: the boxes say it
     boxed = one_step(prunax.MagnitudePruning(sparsity=0.7), variables['params'])
   for name in ('Dense_0', 'Dense_1'):
-    mask = masks['ScanScannedBlock_0'][name]['kernel']
-    np.testing.assert_array_equal(mask, nn.unbox(boxed)['ScanScannedBlock_0'][name]['kernel'])
+    mask = masks['ScanStep_0'][name]['kernel']
+    np.testing.assert_array_equal(mask, nn.unbox(boxed)['ScanStep_0'][name]['kernel'])
     assert layer_sparsities(mask) == pytest.approx(
       [1.0 - (mask[0].size - round(0.7 * mask[0].size)) / mask[0].size] * 3
     )
