@@ -199,6 +199,8 @@ def _analyze(jaxpr, axes: _Axes, scope: tuple = ()) -> None:
     inner = _inner(eqn)
     if name == 'scan':
       _analyze_scan(eqn, axes, scope)
+    elif name == 'while':
+      _analyze_while(eqn, axes, scope)
     elif name == 'cond':
       # Every branch takes the operands and gives the outputs: their axes are tied.
       for k, branch in enumerate(eqn.params['branches']):
@@ -356,6 +358,35 @@ def _analyze_scan(eqn, axes: _Axes, scope: tuple) -> None:
     _analyze(body, axes, scope)
   else:
     _analyze(body, axes, scope + (len(axes.layer_nodes) - 1,))
+
+
+def _analyze_while(eqn, axes: _Axes, scope: tuple) -> None:
+  """A ``while_loop``: each carry's initial value, its value in the condition and the
+  body (in and out) and its final value share their axes; constants keep theirs."""
+  p = eqn.params
+  n_cond, n_body = p['cond_nconsts'], p['body_nconsts']
+  cond = axes.body((id(eqn), 'cond'), _open(p['cond_jaxpr']))
+  body = axes.body((id(eqn), 'body'), _open(p['body_jaxpr']))
+  tie = lambda a, b: [axes.union((a, i), (b, i)) for i in range(len(_shape(b)))]  # noqa: E731
+  outer_cond, outer_body = eqn.invars[:n_cond], eqn.invars[n_cond : n_cond + n_body]
+  init = eqn.invars[n_cond + n_body :]
+  for outer, inn in zip(outer_cond, cond.invars[:n_cond]):
+    if _is_var(outer):
+      tie(outer, inn)
+  for outer, inn in zip(outer_body, body.invars[:n_body]):
+    if _is_var(outer):
+      tie(outer, inn)
+  for k, (start, out) in enumerate(zip(init, eqn.outvars, strict=True)):
+    carried = (cond.invars[n_cond + k], body.invars[n_body + k], out)
+    for v in carried:
+      if _is_var(start):
+        tie(start, v)
+      else:
+        tie(carried[0], v)
+    if _is_var(body.outvars[k]):
+      tie(body.outvars[k], body.invars[n_body + k])
+  _analyze(cond, axes, scope)
+  _analyze(body, axes, scope)
 
 
 def _analyze_reshape(src, dst, axes: _Axes) -> None:
@@ -748,6 +779,8 @@ def _replay(jaxpr, consts, args, keep, bodies):
       outs = _replay_scan(eqn, invals, keep, bodies)
     elif eqn.primitive.name == 'cond':
       outs = _replay_cond(eqn, invals, keep, bodies)
+    elif eqn.primitive.name == 'while':
+      outs = _replay_while(eqn, invals, keep, bodies)
     elif eqn.primitive.name in _OPAQUE_CALLS:  # unchanged: bound as jax.core.eval_jaxpr does
       outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
     elif inner is not None:
@@ -777,6 +810,24 @@ def _replay_cond(eqn, invals: list, keep: dict, bodies: dict) -> list:
 
   branches = [branch(k, b) for k, b in enumerate(eqn.params['branches'])]
   return list(jax.lax.switch(invals[0], branches, *invals[1:]))
+
+
+def _replay_while(eqn, invals: list, keep: dict, bodies: dict) -> list:
+  """A ``while`` replayed as a ``lax.while_loop`` of its replayed condition and body."""
+  p = eqn.params
+  n_cond, n_body = p['cond_nconsts'], p['body_nconsts']
+  consts = {'cond': invals[:n_cond], 'body': invals[n_cond : n_cond + n_body]}
+
+  def run(part, carry):
+    closed = p[f'{part}_jaxpr']
+    jaxpr = bodies.get((id(eqn), part), _open(closed))
+    args = [*consts[part], *carry]
+    return _replay(jaxpr, getattr(closed, 'consts', ()), args, keep, bodies)
+
+  init = tuple(invals[n_cond + n_body :])
+  return list(
+    jax.lax.while_loop(lambda c: run('cond', c)[0], lambda c: tuple(run('body', c)), init)
+  )
 
 
 def _replay_scan(eqn, invals: list, keep: dict, bodies: dict) -> list:

@@ -138,14 +138,24 @@ def test_groups_of_a_training_function_with_dropout():
     sh.shrink(train, variables, masks, x)
 
 
-def test_groups_go_through_both_branches_of_a_cond():
-  # A lax.cond blocked every axis it touched ("cond"). Its branches take the operands and
-  # give the outputs, so their axes are tied, and a replay switches between the replayed
-  # branches.
+def _through_cond(p, h, x):
+  return jax.lax.cond(x.sum() > 0, jax.nn.relu, lambda h: jnp.tanh(h) * p['s'], h)
+
+
+def _through_while(p, h, x):
+  steps = jnp.where(x.sum() > 0, 1, 3)
+  return jax.lax.while_loop(
+    lambda c: c[0] < steps, lambda c: (c[0] + 1, jnp.tanh(c[1]) * p['s']), (0, h)
+  )[1]
+
+
+@pytest.mark.parametrize('flow', [_through_cond, _through_while], ids=['cond', 'while'])
+def test_groups_go_through_control_flow(flow):
+  # A lax.cond or while_loop blocked every axis it touched. A cond's branches take the
+  # operands and give the outputs, a loop's carries keep their axes from the initial to
+  # the final value: their axes are tied, and a replay runs the replayed branches/body.
   def mlp(p, x):
-    h = x @ p['w1'] + p['b1']
-    h = jax.lax.cond(x.sum() > 0, jax.nn.relu, lambda h: jnp.tanh(h) * p['s'], h)
-    return h @ p['w2']
+    return flow(p, x @ p['w1'] + p['b1'], x) @ p['w2']
 
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   shapes = {'w1': (8, 16), 'b1': (16,), 's': (16,), 'w2': (16, 2)}
@@ -156,7 +166,7 @@ def test_groups_go_through_both_branches_of_a_cond():
   masks = sh.group_masks(groups, params, 0.5)
   shrunk = sh.shrink(mlp, params, masks, x)
   assert shrunk.params['w1'].shape == (8, 8)
-  for inputs in (jnp.abs(x), -jnp.abs(x)):  # each branch
+  for inputs in (jnp.abs(x), -jnp.abs(x)):  # each branch, or 1 and 3 iterations
     np.testing.assert_allclose(
       jax.jit(shrunk.apply)(shrunk.params, inputs),
       mlp(apply_masks(params, masks), inputs),
