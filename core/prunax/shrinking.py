@@ -9,7 +9,8 @@ by tracing ``fn(params, *args)`` and following every axis through the computatio
 transposes and size-preserving reshapes keep an axis; a ``dot_general`` or convolution ties
 contracted axes together; a ``scan`` (a stack of layers: ``nn.scan``, ``nnx.scan``) ties
 each layer's slice of a stacked leaf to its body's axes and blocks the axis it loops over;
-a ``cond`` ties its operands and outputs through every branch; random bits (dropout) take
+a ``cond`` ties its operands and outputs through every branch, a ``while`` loop each
+carry from its initial to its final value; random bits (dropout) take
 the axes of what they are combined with; each call of a function whose traced jaxpr JAX
 shares between calls (``jax.nn.relu``, a jitted function) is analyzed on its own; an axis
 that is
