@@ -5,17 +5,16 @@ kernel's output axis, its bias, the BatchNorm scale/bias/statistics that follow,
 kernel's input axis, every kernel writing to or reading from the same residual stream, the
 head axis of the q/k/v/out projections of an attention layer. :func:`find_groups` finds them
 by tracing ``fn(params, *args)`` and following every axis through the computation
-(union-find over the axes of the jaxpr's variables): elementwise ops, broadcasts,
-transposes and size-preserving reshapes keep an axis; a ``dot_general`` or convolution ties
-contracted axes together; a ``scan`` (a stack of layers: ``nn.scan``, ``nnx.scan``) ties
-each layer's slice of a stacked leaf to its body's axes and blocks the axis it loops over;
-a ``cond`` ties its operands and outputs through every branch, a ``while`` loop each
-carry from its initial to its final value; random bits (dropout) take
-the axes of what they are combined with; each call of a function whose traced jaxpr JAX
-shares between calls (``jax.nn.relu``, a jitted function) is analyzed on its own; an axis
-that is
-reduced, sliced, merged by a reshape, touched by an op this module does not know, or that
-is an input or output of ``fn``, *blocks* its group, and the group records the op.
+(union-find over the axes of the jaxpr's variables): elementwise ops, broadcasts, transposes
+and size-preserving reshapes keep an axis; a ``dot_general`` or convolution ties contracted
+axes together; a ``scan`` (a stack of layers: ``nn.scan``, ``nnx.scan``) ties each layer's
+slice of a stacked leaf to its body's axes and blocks the axis it loops over; a ``cond``
+ties its operands and outputs through every branch, a ``while`` loop each carry from its
+initial to its final value; random bits (dropout) take the axes of what they are combined
+with; each call of a function whose traced jaxpr JAX shares between calls (``jax.nn.relu``,
+a jitted function) is analyzed on its own; an axis that is reduced, sliced, merged by a
+reshape, touched by an op this module does not know, or that is an input or output of
+``fn``, *blocks* its group, and the group records the op.
 
 A group of a scanned stack whose channels live inside the scan's body (an MLP's hidden
 units, attention heads: every member a stacked leaf, no carry or constant of the scan
