@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -245,6 +246,8 @@ def bench_scanned(repeats, iters, layers=8):
     f'{"dense ms":>8}  {"bytes/dense":>11}'
   )
   model = _ScannedStack(layers)
+  # 'whole' is the dense-stack baseline on purpose: no warning about it.
+  warnings.filterwarnings('ignore', 'sparse_apply: .* exported whole')
   params = model.init(jax.random.PRNGKey(0), jnp.ones((1, width)))
   axes = {'.*kernel': 0}
   pruner = prunax.MagnitudePruning(

@@ -35,6 +35,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -379,11 +380,15 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
   with nn.intercept_methods(record):
     jax.eval_shape(lambda p: module.apply(p, *args, **kwargs), densify(exported))
 
+  whole_stacks = []  # kernels a scan hands its Dense layers a layer at a time, exported whole
+
   def keep_sparse(path, x):
     path = key(path)
     if isinstance(x, (BlockSparse, EllSparse)) and x.stacked:
       # Every Dense reading it reads one layer (a scan or vmap slices the layout with it).
       return path not in read[nn.Dense] and sliced.get(path) == {x.layer_shape}
+    if path in sliced and _is_sparse(x):
+      whole_stacks.append('/'.join(path))
     if isinstance(x, ConvFilter):
       return path in read[nn.Conv]
     matrix = isinstance(x, (sparse.BCOO, sparse.BCSR, BlockSparse, EllSparse)) and x.ndim == 2
@@ -392,6 +397,14 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
   params = jax.tree_util.tree_map_with_path(
     lambda path, x: x if keep_sparse(path, x) else todense(x), exported, is_leaf=_is_sparse
   )
+  if whole_stacks:
+    warnings.warn(
+      f'sparse_apply: {whole_stacks} are read a layer at a time (a scan or vmap) but were '
+      'exported whole, so they are densified and run dense. Export them with their layer '
+      "axes (export_params(..., 'block' or 'ell', layer_axes={name: axis})) to run each "
+      "layer's product sparse.",
+      stacklevel=2,
+    )
 
   def sparse_layer(next_fun, call_args, call_kwargs, context):
     layer = context.module

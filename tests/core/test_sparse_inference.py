@@ -1,6 +1,8 @@
 """Block-sparse and ELL layouts: exact round trips, products equal to the masked dense
 product, format selection, and sparse inference of block-pruned Flax models."""
 
+import warnings
+
 import flax.linen as nn
 import hypothesis
 import hypothesis.strategies as st
@@ -194,11 +196,20 @@ def test_only_the_kernels_layers_read_stay_sparse(monkeypatch, fmt, name):
   calls = []
   real = export.sparse_matmul
   monkeypatch.setattr(export, 'sparse_matmul', lambda *a: calls.append(1) or real(*a))
-  got = jax.jit(lambda p, x: export.sparse_apply(model, p, x))(exported, x)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    got = jax.jit(lambda p, x: export.sparse_apply(model, p, x))(exported, x)
   np.testing.assert_allclose(
     np.asarray(got), np.asarray(model.apply(pruned, x)), rtol=1e-5, atol=1e-5
   )
   assert len(calls) == sparse_kernels
+  # Exported without layer axes, the scan's kernels run dense: the user is told which.
+  stacks = ['params/ScanStep_0/Dense_0/kernel', 'params/ScanStep_0/Dense_1/kernel']
+  whole = [str(w.message) for w in caught if 'exported whole' in str(w.message)]
+  if name == 'scanned':
+    assert len(whole) == 1 and whole[0].startswith(f'sparse_apply: {stacks} are read')
+  else:
+    assert whole == []
 
 
 @hypothesis.settings(max_examples=12, deadline=None)
@@ -487,7 +498,9 @@ def test_mixed_precision_layers_keep_their_dtype(fmt):
   pruned, _ = jax.jit(pruner.instant_sparsify)(params)
   exported = export.export_params(pruned, fmt, block_shape=(8, 8), layer_axes=axes)
   want = model.apply(pruned, x)
-  got = jax.jit(lambda p, x: export.sparse_apply(model, p, x))(exported, x)
+  with warnings.catch_warnings():  # a BCOO stack is exported whole and runs dense
+    warnings.filterwarnings('ignore', 'sparse_apply: .* exported whole')
+    got = jax.jit(lambda p, x: export.sparse_apply(model, p, x))(exported, x)
   assert got.dtype == want.dtype == jnp.bfloat16
   np.testing.assert_allclose(
     np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0.05, atol=0.05
