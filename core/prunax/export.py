@@ -357,19 +357,17 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
   # shape alone, a 2-D embedding table or a stacked norm scale reached its layer as a
   # sparse object, and the apply failed.)
   read: dict = {nn.Conv: set(), nn.Dense: set()}
-  sliced: dict = {}  # path -> shape of the slice a Dense reads of a stacked kernel
-  # Parameter paths as the layers name them (a flax box's own '.value' is no part of it).
-  key = lambda path: tuple(  # noqa: E731
-    str(getattr(k, 'key', k)) for k in path if not isinstance(k, jax.tree_util.GetAttrKey)
-  )
+  sliced: dict = {}  # name -> shape of the slice a Dense reads of a stacked kernel
+  # By name (path_name: a flax box's own '.value' is no part of it).
   shapes = {
-    key(path): np.shape(x) for path, x in jax.tree_util.tree_leaves_with_path(densify(exported))
+    path_name(path): np.shape(x)
+    for path, x in jax.tree_util.tree_leaves_with_path(densify(exported))
   }
 
   def record(next_fun, call_args, call_kwargs, context):
     kind = type(context.module)
     if context.method_name == '__call__' and kind in read:
-      path = ('params', *context.module.path, 'kernel')
+      path = '/'.join(('params', *context.module.path, 'kernel'))
       kernel = meta.unbox(context.module.get_variable('params', 'kernel'))
       if np.shape(kernel) == shapes.get(path):  # not a slice (a layer of a scanned stack)
         read[kind].add(path)
@@ -383,16 +381,15 @@ def sparse_apply(module, exported: PyTree, *args, **kwargs):
   whole_stacks = []  # kernels a scan hands its Dense layers a layer at a time, exported whole
 
   def keep_sparse(path, x):
-    path = key(path)
-    if isinstance(x, (BlockSparse, EllSparse)) and x.stacked:
+    path = path_name(path)
+    if _is_stack(x):
       # Every Dense reading it reads one layer (a scan or vmap slices the layout with it).
-      return path not in read[nn.Dense] and sliced.get(path) == {x.layer_shape}
+      return path not in read[nn.Dense] and sliced.get(path) == {_matrix_shape(x)}
     if path in sliced and _is_sparse(x):
-      whole_stacks.append('/'.join(path))
+      whole_stacks.append(path)
     if isinstance(x, ConvFilter):
       return path in read[nn.Conv]
-    matrix = isinstance(x, (sparse.BCOO, sparse.BCSR, BlockSparse, EllSparse)) and x.ndim == 2
-    return matrix and path in read[nn.Dense]
+    return _matrix_shape(x) is not None and path in read[nn.Dense]
 
   params = jax.tree_util.tree_map_with_path(
     lambda path, x: x if keep_sparse(path, x) else todense(x), exported, is_leaf=_is_sparse
@@ -467,6 +464,20 @@ def _sparse_conv(layer, where: str, inputs: jax.Array, kernel: ConvFilter, bias)
   return y.reshape(batch_shape + y.shape[1:])
 
 
+def _is_stack(x) -> bool:
+  return isinstance(x, (BlockSparse, EllSparse)) and x.stacked
+
+
+def _matrix_shape(x) -> tuple[int, ...] | None:
+  """The ``(K, N)`` kernel a Dense layer multiplies by with exported leaf ``x`` (of a
+  stack: each layer's), or None when ``x`` is no sparse matrix its product runs."""
+  if _is_stack(x):
+    return x.layer_shape
+  if isinstance(x, (sparse.BCOO, sparse.BCSR, BlockSparse, EllSparse)) and x.ndim == 2:
+    return tuple(x.shape)
+  return None
+
+
 def _compute_dtype(dtype, inputs, kernel, bias):
   """The dtype a flax Dense/Conv computes in (``promote_dtype``): its ``dtype``, else the
   promoted dtype of its operands (a mixed-precision layer, bf16 over float32 params, must
@@ -515,14 +526,7 @@ def nnx_sparse(graphdef, *states):
   kept = set()
   for _, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Linear) and not isinstance(node, linear):
-      kernel = node.kernel.get_value()
-      shape = (node.in_features, node.out_features)
-      if isinstance(kernel, (BlockSparse, EllSparse)) and kernel.stacked:
-        fits = kernel.layer_shape == shape
-      else:
-        fits = isinstance(kernel, (sparse.BCOO, sparse.BCSR, BlockSparse, EllSparse))
-        fits = fits and tuple(kernel.shape) == shape
-      if fits:
+      if _matrix_shape(node.kernel.get_value()) == (node.in_features, node.out_features):
         node.__class__ = linear
         kept.add(id(node.kernel))
     elif isinstance(node, nnx.Conv) and isinstance(node.kernel.get_value(), ConvFilter):

@@ -178,6 +178,15 @@ def _open(jaxpr):
   return jaxpr.jaxpr if hasattr(jaxpr, 'jaxpr') else jaxpr
 
 
+def _tie_each(axes: _Axes, outer: list, inner: list) -> None:
+  """Ties every axis of each variable of ``outer`` to the same axis of its ``inner``
+  counterpart (literals on either side tie nothing)."""
+  for a, b in zip(outer, inner, strict=True):
+    if _is_var(a) and _is_var(b):
+      for i in range(len(_shape(a))):
+        axes.union((a, i), (b, i))
+
+
 def _analyze(jaxpr, axes: _Axes, scope: tuple = ()) -> None:
   """Ties or blocks the axes of every equation of ``jaxpr`` (recursing into calls);
   ``scope``: the scans whose body ``jaxpr`` is in."""
@@ -205,14 +214,8 @@ def _analyze(jaxpr, axes: _Axes, scope: tuple = ()) -> None:
       # Every branch takes the operands and gives the outputs: their axes are tied.
       for k, branch in enumerate(eqn.params['branches']):
         body = axes.body((id(eqn), k), _open(branch))
-        for outer, inn in zip(eqn.invars[1:], body.invars, strict=True):
-          if _is_var(outer):
-            for i in range(len(_shape(outer))):
-              tie(outer, i, inn, i)
-        for outer, inn in zip(outs, body.outvars, strict=True):
-          if _is_var(inn):
-            for i in range(len(_shape(outer))):
-              tie(outer, i, inn, i)
+        _tie_each(axes, eqn.invars[1:], body.invars)
+        _tie_each(axes, outs, body.outvars)
         _analyze(body, axes, scope)
     elif name in _OPAQUE_CALLS:
       block_all(_OPAQUE_CALLS[name])
@@ -221,14 +224,8 @@ def _analyze(jaxpr, axes: _Axes, scope: tuple = ()) -> None:
       if len(inner_jaxpr.invars) != len(eqn.invars) or len(inner_jaxpr.outvars) != len(outs):
         block_all(name)
         continue
-      for outer, inn in zip(eqn.invars, inner_jaxpr.invars):
-        if _is_var(outer):
-          for i in range(len(_shape(outer))):
-            tie(outer, i, inn, i)
-      for outer, inn in zip(outs, inner_jaxpr.outvars):
-        if _is_var(inn):
-          for i in range(len(_shape(outer))):
-            tie(outer, i, inn, i)
+      _tie_each(axes, eqn.invars, inner_jaxpr.invars)
+      _tie_each(axes, outs, inner_jaxpr.outvars)
       _analyze(inner_jaxpr, axes, scope)
     elif name in _ELEMENTWISE:
       out = outs[0]
@@ -367,24 +364,13 @@ def _analyze_while(eqn, axes: _Axes, scope: tuple) -> None:
   n_cond, n_body = p['cond_nconsts'], p['body_nconsts']
   cond = axes.body((id(eqn), 'cond'), _open(p['cond_jaxpr']))
   body = axes.body((id(eqn), 'body'), _open(p['body_jaxpr']))
-  tie = lambda a, b: [axes.union((a, i), (b, i)) for i in range(len(_shape(b)))]  # noqa: E731
-  outer_cond, outer_body = eqn.invars[:n_cond], eqn.invars[n_cond : n_cond + n_body]
-  init = eqn.invars[n_cond + n_body :]
-  for outer, inn in zip(outer_cond, cond.invars[:n_cond]):
-    if _is_var(outer):
-      tie(outer, inn)
-  for outer, inn in zip(outer_body, body.invars[:n_body]):
-    if _is_var(outer):
-      tie(outer, inn)
-  for k, (start, out) in enumerate(zip(init, eqn.outvars, strict=True)):
-    carried = (cond.invars[n_cond + k], body.invars[n_body + k], out)
-    for v in carried:
-      if _is_var(start):
-        tie(start, v)
-      else:
-        tie(carried[0], v)
-    if _is_var(body.outvars[k]):
-      tie(body.outvars[k], body.invars[n_body + k])
+  _tie_each(axes, eqn.invars[:n_cond], cond.invars[:n_cond])
+  _tie_each(axes, eqn.invars[n_cond : n_cond + n_body], body.invars[:n_body])
+  carries = body.invars[n_body:]  # each carry's value in the body: the others tie to it
+  _tie_each(axes, eqn.invars[n_cond + n_body :], carries)
+  _tie_each(axes, cond.invars[n_cond:], carries)
+  _tie_each(axes, body.outvars, carries)
+  _tie_each(axes, eqn.outvars, carries)
   _analyze(cond, axes, scope)
   _analyze(body, axes, scope)
 
@@ -541,10 +527,15 @@ def _channel_axes(group: Group, k: int) -> tuple[int, ...]:
   return (axis,) if group.layer_axes is None else (group.layer_axes[k], axis)
 
 
+def _reorder(x, axes: tuple[int, ...]):
+  """A ``(layers, channels)`` array ``x`` laid out in the order of a leaf's ``axes`` (a
+  layer axis after the channel axis swaps them), or such a leaf's back (the same swap)."""
+  return x if list(axes) == sorted(axes) else x.T
+
+
 def _per_channel(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """``x`` summed over every axis but ``axes``, laid out in the order of ``axes``."""
-  total = jnp.sum(x, axis=tuple(i for i in range(x.ndim) if i not in axes))
-  return total if list(axes) == sorted(axes) else total.T
+  return _reorder(jnp.sum(x, axis=tuple(i for i in range(x.ndim) if i not in axes)), axes)
 
 
 def _group_keep(group: Group, leaves: dict, grads: dict | None, sparsity, score) -> jax.Array:
@@ -580,7 +571,7 @@ def _masks_for(groups, params, grads, sparsity, score, filter_fn) -> PyTree:
       if name not in leaves:
         continue
       axes = _channel_axes(group, k)
-      keep_k = keep if list(axes) == sorted(axes) else keep.T
+      keep_k = _reorder(keep, axes)
       shape = [1] * leaves[name].ndim
       for a in axes:
         shape[a] = leaves[name].shape[a]
@@ -760,7 +751,7 @@ def _slice(x, v, keep):
     shape, full = [1] * np.ndim(x), list(np.shape(x))
     shape[kept.layer_axis], shape[i] = full[kept.layer_axis], len(kept)
     full[i] = len(kept)
-    index = kept.indices if kept.layer_axis < i else kept.indices.T  # in the axes' order
+    index = _reorder(kept.indices, (kept.layer_axis, i))
     x = jnp.take_along_axis(x, jnp.broadcast_to(index.reshape(shape), full), axis=i)
   return x
 
@@ -784,8 +775,7 @@ def _replay(jaxpr, consts, args, keep, bodies):
     elif eqn.primitive.name in _OPAQUE_CALLS:  # unchanged: bound as jax.core.eval_jaxpr does
       outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
     elif inner is not None:
-      body = bodies.get(id(eqn), _open(inner))  # the copy its call site was analyzed as
-      outs = _replay(body, getattr(inner, 'consts', ()), invals, keep, bodies)
+      outs = _replay_body(id(eqn), inner, invals, keep, bodies)
     else:
       params = dict(eqn.params)
       name = eqn.primitive.name
@@ -801,12 +791,17 @@ def _replay(jaxpr, consts, args, keep, bodies):
   return [read(v) for v in jaxpr.outvars]
 
 
+def _replay_body(key, closed, args: list, keep: dict, bodies: dict) -> list:
+  """Replays an inner jaxpr: the copy its call site ``key`` was analyzed as, if any."""
+  body = bodies.get(key, _open(closed))
+  return _replay(body, getattr(closed, 'consts', ()), args, keep, bodies)
+
+
 def _replay_cond(eqn, invals: list, keep: dict, bodies: dict) -> list:
   """A ``cond`` replayed as a ``lax.switch`` of its replayed branches."""
 
   def branch(k, closed):
-    body = bodies.get((id(eqn), k), _open(closed))
-    return lambda *ops: _replay(body, getattr(closed, 'consts', ()), list(ops), keep, bodies)
+    return lambda *ops: _replay_body((id(eqn), k), closed, list(ops), keep, bodies)
 
   branches = [branch(k, b) for k, b in enumerate(eqn.params['branches'])]
   return list(jax.lax.switch(invals[0], branches, *invals[1:]))
@@ -819,10 +814,8 @@ def _replay_while(eqn, invals: list, keep: dict, bodies: dict) -> list:
   consts = {'cond': invals[:n_cond], 'body': invals[n_cond : n_cond + n_body]}
 
   def run(part, carry):
-    closed = p[f'{part}_jaxpr']
-    jaxpr = bodies.get((id(eqn), part), _open(closed))
     args = [*consts[part], *carry]
-    return _replay(jaxpr, getattr(closed, 'consts', ()), args, keep, bodies)
+    return _replay_body((id(eqn), part), p[f'{part}_jaxpr'], args, keep, bodies)
 
   init = tuple(invals[n_cond + n_body :])
   return list(
@@ -833,8 +826,6 @@ def _replay_while(eqn, invals: list, keep: dict, bodies: dict) -> list:
 def _replay_scan(eqn, invals: list, keep: dict, bodies: dict) -> list:
   """A scan replayed with its body's new shapes (a new ``lax.scan`` of the replayed body)."""
   params = eqn.params
-  closed_body = params['jaxpr']
-  body = bodies.get(id(eqn), _open(closed_body))
   n_consts, n_carry = params['num_consts'], params['num_carry']
   consts, init, xs = (
     invals[:n_consts],
@@ -843,7 +834,7 @@ def _replay_scan(eqn, invals: list, keep: dict, bodies: dict) -> list:
   )
 
   def step(carry, x):
-    outs = _replay(body, getattr(closed_body, 'consts', ()), [*consts, *carry, *x], keep, bodies)
+    outs = _replay_body(id(eqn), params['jaxpr'], [*consts, *carry, *x], keep, bodies)
     return outs[:n_carry], outs[n_carry:]
 
   carry, ys = jax.lax.scan(
@@ -875,8 +866,7 @@ def _dead_channels(group: Group, masked: list, mask_by_name: dict) -> np.ndarray
   for k, (name, _) in masked:
     m = np.asarray(mask_by_name[name], bool)
     axes = _channel_axes(group, k)
-    live = m.any(axis=tuple(a for a in range(m.ndim) if a not in axes))
-    live = live if list(axes) == sorted(axes) else live.T
+    live = _reorder(m.any(axis=tuple(a for a in range(m.ndim) if a not in axes)), axes)
     dead = ~live if dead is None else dead & ~live
   return dead
 

@@ -24,6 +24,16 @@ def apply_masks(params, masks):
   )
 
 
+def assert_like_masked(shrunk, fn, params, masks, x):
+  """The shrunk model (jitted) computes on ``x`` what ``fn`` of the masked params does."""
+  np.testing.assert_allclose(
+    jax.jit(shrunk.apply)(shrunk.params, x),
+    fn(apply_masks(params, masks), x),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
 def check(model, variables, x, sparsity=0.5, score='l2', grads=None):
   groups = sh.find_groups(model, variables, x)
   masks = sh.group_masks(groups, variables, sparsity, score=score, grads=grads)
@@ -100,12 +110,7 @@ def test_layers_of_equal_width_are_separate_groups():
   assert first.sum() == second.sum() == 8 and (first != second).any()
   shrunk = sh.shrink(model, variables, masks, x)  # replays each call site's own copy
   x2 = jax.random.normal(jax.random.PRNGKey(2), (5, 8))
-  np.testing.assert_allclose(
-    jax.jit(shrunk.apply)(shrunk.params, x2),
-    model.apply(apply_masks(variables, masks), x2),
-    rtol=1e-5,
-    atol=1e-5,
-  )
+  assert_like_masked(shrunk, model.apply, variables, masks, x2)
   assert shrunk.params['params']['Dense_1']['kernel'].shape == (8, 8)
 
 
@@ -167,12 +172,7 @@ def test_groups_go_through_control_flow(flow):
   shrunk = sh.shrink(mlp, params, masks, x)
   assert shrunk.params['w1'].shape == (8, 8)
   for inputs in (jnp.abs(x), -jnp.abs(x)):  # each branch, or 1 and 3 iterations
-    np.testing.assert_allclose(
-      jax.jit(shrunk.apply)(shrunk.params, inputs),
-      mlp(apply_masks(params, masks), inputs),
-      rtol=1e-5,
-      atol=1e-5,
-    )
+    assert_like_masked(shrunk, mlp, params, masks, inputs)
 
 
 def test_scores_choose_the_weakest_channels():
@@ -400,12 +400,7 @@ def test_each_scanned_layer_keeps_its_own_channels(axis):
   for i in range(3):  # each layer holds its own kept units, in order
     np.testing.assert_array_equal(small[i], w_in[i][:, np.nonzero(want[i])[0]])
   x2 = jax.random.normal(jax.random.PRNGKey(2), (7, 6))
-  np.testing.assert_allclose(
-    jax.jit(shrunk.apply)(shrunk.params, x2),
-    model.apply(apply_masks(variables, masks), x2),
-    rtol=1e-5,
-    atol=1e-5,
-  )
+  assert_like_masked(shrunk, model.apply, variables, masks, x2)
 
 
 def test_scanned_layers_with_uneven_masks_keep_the_largest_count():
@@ -635,12 +630,7 @@ def test_shrunk_model_runs_on_other_input_shapes(model, shape, other):
   masks = sh.group_masks(sh.find_groups(model, variables, x), variables, 0.5)
   shrunk = sh.shrink(model, variables, masks, x)
   x2 = jax.random.normal(jax.random.PRNGKey(2), other)
-  np.testing.assert_allclose(
-    jax.jit(shrunk.apply)(shrunk.params, x2),
-    model.apply(apply_masks(variables, masks), x2),
-    rtol=1e-5,
-    atol=1e-5,
-  )
+  assert_like_masked(shrunk, model.apply, variables, masks, x2)
 
 
 @pytest.mark.parametrize(
