@@ -44,9 +44,11 @@ number of layers of stacked leaves). Inside a pass, arrays whose scores compute 
 thing on arrays of the same shapes (the kernels of a model's repeated blocks) are stacked
 and counted by one computation, up to 8 at a time (as many as XLA fuses into the count,
 so the stack is never stored): a pass compiles one count per group of alike arrays, not
-one per array. A pass reads only the arrays whose rows shape is shared by an array still
-searching (one ``lax.cond`` per rows shape): brackets close at different passes, and
-the last passes of a search often count for a few arrays only.
+one per array, and the groups of one signature (chunks of 8 of a model's repeated kernels)
+call one jitted function, which JAX traces and lowers once for all of them. A pass reads
+only the arrays whose rows shape is shared by an array still searching (one ``lax.cond``
+per rows shape): brackets close at different passes, and the last passes of a search
+often count for a few arrays only.
 """
 
 from __future__ import annotations
@@ -896,7 +898,8 @@ def map_alike(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array | Lazy]
   arrays of the same shapes, e.g. the threshold masks of a model's repeated blocks) are
   evaluated by one vmapped ``fn`` over their stacked arrays, at most
   ``_xla_workarounds.FUSED_CONCAT_OPERANDS`` at a time, so XLA fuses the stacking into
-  that computation and compiles one kernel per group rather than one per value. Only
+  that computation and compiles one kernel per group rather than one per value (the
+  groups of one signature call one jitted function: traced and lowered once). Only
   ``fn``'s stacked results are stored, then split (each split is a kernel per position in
   a group: where the results are wanted stacked, e.g. the samples a selection sorts
   together, :func:`_map_alike_groups` gives them unsplit). Arrays go through ``fn`` one
@@ -957,6 +960,7 @@ def _map_alike_groups(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array
   when ``stacked``, else the result of the one member."""
   lazy = [i for i, x in enumerate(values) if isinstance(x, Lazy)]
   parts = [([i], fn(x), False) for i, x in enumerate(values) if not isinstance(x, Lazy)]
+  traced: dict = {}
   for group in _alike_groups([values[i] for i in lazy]):
     members = [lazy[j] for j in group]
     template = values[members[0]]
@@ -966,8 +970,10 @@ def _map_alike_groups(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array
     stacked = [
       jnp.stack(column) for column in zip(*[_lazy_arrays(values[i]) for i in members], strict=True)
     ]
-    results = jax.vmap(lambda *arrays, t=template: fn(_with_arrays(t, iter(arrays))()))(*stacked)
-    parts.append((members, results, True))
+    evaluate = _traced_once(
+      traced, template, lambda t: jax.vmap(lambda *arrays: fn(_with_arrays(t, iter(arrays))()))
+    )
+    parts.append((members, evaluate(*stacked), True))
   return parts
 
 
@@ -996,7 +1002,7 @@ def _rows_bucket(x: Lazy) -> tuple[int, ...] | None:
   return (x.size // _ROW,) if x.size >= _ROW else None
 
 
-def _group_row_sums(inputs, group, key_fn, pivots, witness):
+def _group_row_sums(inputs, group, key_fn, pivots, witness, traced=None):
   """``(per_row, tail)`` of :func:`_row_sums_stacked` for one group of alike inputs.
 
   A group of one input counts in its own buffers; the arrays of a larger group are read
@@ -1011,14 +1017,33 @@ def _group_row_sums(inputs, group, key_fn, pivots, witness):
     return (None if per_row is None else per_row[None]), tail[None]
   arrays = _xla_workarounds.loop_variant([_lazy_arrays(inputs[i]) for i in group], witness)
   stacked = [jnp.stack(column) for column in zip(*arrays, strict=True)]
-  template = inputs[group[0]]
-
-  def keys(i, p, *member):
-    return key_fn(i, _with_arrays(template, iter(member)), p)
-
   rows = pivots[jnp.asarray(group)]
-  stacked_keys = jax.vmap(keys)(jnp.asarray(group, jnp.int32), rows, *stacked)
-  return _row_sums_stacked(stacked_keys, rows)
+  count = _traced_once(traced, inputs[group[0]], lambda template: _stacked_count(key_fn, template))
+  return count(jnp.asarray(group, jnp.int32), rows, *stacked)
+
+
+def _stacked_count(key_fn, template: Lazy) -> Callable:
+  """The row sums of a group of alike inputs like ``template``, from their stacked arrays."""
+
+  def count(ids, rows, *stacked):
+    def keys(i, p, *member):
+      return key_fn(i, _with_arrays(template, iter(member)), p)
+
+    return _row_sums_stacked(jax.vmap(keys)(ids, rows, *stacked), rows)
+
+  return count
+
+
+def _traced_once(traced: dict | None, template: Lazy, make: Callable[[Lazy], Callable]):
+  """``make(template)``, jitted and kept in ``traced`` (a dict, or None: not kept) under
+  ``template``'s :func:`_signature`: the groups of one signature in a computation call one
+  function, which JAX traces and lowers once (XLA inlines the calls), not once a group."""
+  if traced is None:
+    return make(template)
+  key = _signature(template)
+  if key not in traced:
+    traced[key] = jax.jit(make(template))
+  return traced[key]
 
 
 def _pass_counts(inputs, groups, key_fn, pivots, witness, active=None) -> jax.Array:
@@ -1036,6 +1061,7 @@ def _pass_counts(inputs, groups, key_fn, pivots, witness, active=None) -> jax.Ar
   :func:`map_layers`, a bucket is read while any layer's input is active.
   """
   buckets: dict[tuple[int, ...] | None, list[list[int]]] = {}
+  traced: dict = {}
   for group in groups:
     buckets.setdefault(_rows_bucket(inputs[group[0]]), []).append(group)
   parts, order = [], []
@@ -1043,7 +1069,7 @@ def _pass_counts(inputs, groups, key_fn, pivots, witness, active=None) -> jax.Ar
     indices = [i for group in members for i in group]
 
     def counts(_, rows=rows, members=members):
-      sums = [_group_row_sums(inputs, group, key_fn, pivots, witness) for group in members]
+      sums = [_group_row_sums(inputs, group, key_fn, pivots, witness, traced) for group in members]
       if any(
         (r is None) != (rows is None) or (r is not None and r.shape[1:] != rows) for r, _ in sums
       ):

@@ -206,8 +206,9 @@ def test_map_alike_groups_at_most_fused_concat_operands(monkeypatch):
 
   values = [selection.Lazy(jnp.abs, jnp.full((2, 4), float(i))) for i in range(7)]
   out = selection.map_alike(fn, values)
-  # Chunks of 3, 3 and 1: two vmapped calls (traced once each) and one alone.
-  assert calls == [(2, 4), (2, 4), (2, 4)]
+  # Chunks of 3, 3 and 1: two vmapped calls of one jitted function, traced once for both
+  # chunks (selection._traced_once), and one alone.
+  assert calls == [(2, 4), (2, 4)]
   for i, o in enumerate(out):
     np.testing.assert_array_equal(o, jnp.full((2, 4), i + 1.0))
 
@@ -378,3 +379,35 @@ def test_both_engines_store_alike_masks_together(make, monkeypatch, request):
   # straight-through: its packing only (the forward pass evaluates each mask anyway).
   margin = 20 if 'masked' in request.node.name else 4
   assert grouped < alone - margin, (grouped, alone)
+
+
+_TRACED = []
+
+
+def _recorded_abs(x):
+  _TRACED.append(jnp.shape(x))
+  return jnp.abs(x)
+
+
+def test_a_search_traces_its_scores_once_for_every_chunk_of_alike_leaves(monkeypatch):
+  # Six alike leaves in chunks of 2: the sample and the counting passes of both loops
+  # read the chunks through one jitted function each, which JAX traces once for all three
+  # chunks (and lowers once; XLA inlines the calls), so the traced program does not grow
+  # with the number of chunks. Each chunk traced its own copy before (3 times as many).
+  # The masks themselves are evaluated leaf by leaf (64 x 64): not counted here.
+  monkeypatch.setattr(_xla_workarounds, 'FUSED_CONCAT_OPERANDS', 2)
+  rng = np.random.default_rng(0)
+  ws = [jnp.asarray(rng.standard_normal((64, 64)), jnp.float32) for _ in range(6)]
+  k = [409 + 37 * i for i in range(6)]
+
+  def search_traces(n):
+    _TRACED.clear()
+    scores = lambda *ws: [selection.Lazy(_recorded_abs, w) for w in ws[:n]]
+    out = jax.jit(lambda *ws: selection.topk_masks(scores(*ws), k[:n]))(*ws)
+    return [s for s in _TRACED if s != (64, 64)], out
+
+  one_chunk, _ = search_traces(2)
+  three_chunks, out = search_traces(6)
+  assert len(one_chunk) >= 3 and three_chunks == one_chunk, (one_chunk, three_chunks)
+  for w, m, n in zip(ws, out, k):
+    np.testing.assert_array_equal(m, selection.topk_mask(jnp.abs(w), n))
