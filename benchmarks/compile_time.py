@@ -7,6 +7,7 @@ Run from the repository root::
   python -m benchmarks.compile_time --warm-cache    # a relaunch with JAX's persistent cache
   python -m benchmarks.compile_time --init          # the optimizer state's init instead
   python -m benchmarks.compile_time --algorithms all --layers 16 --repeats 2
+  python -m benchmarks.compile_time --phases        # JAX's trace + lower and XLA's compile apart
 
 Each repeat compiles (``jax.jit(step).lower(params, state).compile()``, caches cleared)
 the dense step and every pruned step of the same model, and reports the pruned / dense
@@ -109,6 +110,26 @@ def compile_seconds(tx, params, x, warm: bool = False) -> float:
   return _seconds(lambda: jax.jit(step, donate_argnums=(0, 1)).lower(params, state).compile(), warm)
 
 
+def phase_seconds(tx, params, x, warm: bool = False) -> tuple[float, float]:
+  """``(trace + lower, backend compile)`` seconds of the train step of ``tx`` (caches
+  cleared; ``warm``: see :func:`compile_seconds`). JAX traces and lowers; XLA compiles."""
+
+  def step(p, s):
+    g = jax.grad(loss)(p, x)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  state = tx.init(params)
+  for _ in range(2 if warm else 1):
+    jax.clear_caches()
+    start = time.perf_counter()
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state)
+    middle = time.perf_counter()
+    lowered.compile()
+    end = time.perf_counter()
+  return middle - start, end - middle
+
+
 def init_seconds(tx, params, x, warm: bool = False) -> float:
   """Seconds of ``tx.init(params)``, caches cleared: prunax compiles its part of the state
   (the masks: random ones run a selection) once per updater and shapes."""
@@ -167,7 +188,12 @@ def main(argv=None):
     '--warm-cache', action='store_true', help='time a relaunch with the persistent cache'
   )
   parser.add_argument('--init', action='store_true', help="time the state's init, not the step")
+  parser.add_argument(
+    '--phases', action='store_true', help='JAX (trace + lower) and XLA (compile) apart'
+  )
   args = parser.parse_args(argv)
+  if args.phases and args.init:
+    parser.error('--phases times the train step; it does not combine with --init.')
   if args.warm_cache:
     use_persistent_cache()
   what = ', relaunched with a warm persistent cache' if args.warm_cache else ''
@@ -175,13 +201,24 @@ def main(argv=None):
   seconds = init_seconds if args.init else compile_seconds
   print(f'# Compile time, pruned / dense {timed} (adam, 256x256 layers, sparsity 0.9{what})')
   print(f'jax {jax.__version__}, {machine()}, {time.strftime("%Y-%m-%d")}\n')
-  print('| layers | algorithm | dense s (median) | pruned s (median) | ratio min / median / max |')
-  print('|---|---|---|---|---|')
+  if args.phases:
+    print(
+      '| layers | algorithm | trace + lower s, dense / pruned (median) | ratio min / median / '
+      'max | XLA compile s, dense / pruned (median) | ratio min / median / max |'
+    )
+    print('|---|---|---|---|---|---|')
+  else:
+    header = '| layers | algorithm | dense s (median) | pruned s (median) |'
+    print(header + ' ratio min / median / max |')
+    print('|---|---|---|---|---|')
   for layers in [int(n) for n in args.layers.split(',')]:
     params = mlp_params(layers)
     x = jax.random.normal(jax.random.PRNGKey(1), (32, 256))
     names = buildable() if args.algorithms == 'all' else args.algorithms.split(',')
     for name in names:
+      if args.phases:
+        print(phases_row(layers, name, params, x, args.repeats, args.warm_cache), flush=True)
+        continue
       dense, pruned = [], []
       for _ in range(args.repeats):
         tx = updater(name).wrap_optax(optax.adam(1e-3))
@@ -194,6 +231,24 @@ def main(argv=None):
         f'{statistics.median(ratios):.2f} / {max(ratios):.2f} |',
         flush=True,
       )
+
+
+def phases_row(layers: int, name: str, params, x, repeats: int, warm: bool) -> str:
+  """A table row of :func:`phase_seconds` of the dense and the pruned step, alternated."""
+  dense, pruned = [], []
+  for _ in range(repeats):
+    tx = updater(name).wrap_optax(optax.adam(1e-3))
+    dense.append(phase_seconds(optax.adam(1e-3), params, x, warm))
+    pruned.append(phase_seconds(tx, params, x, warm))
+  cells = []
+  for i in (0, 1):
+    d, p = [t[i] for t in dense], [t[i] for t in pruned]
+    ratios = [a / b for a, b in zip(p, d)]
+    cells.append(
+      f'{statistics.median(d):.2f} / {statistics.median(p):.2f} | {min(ratios):.2f} / '
+      f'{statistics.median(ratios):.2f} / {max(ratios):.2f}'
+    )
+  return f'| {layers} | {name} | {cells[0]} | {cells[1]} |'
 
 
 if __name__ == '__main__':

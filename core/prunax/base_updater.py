@@ -229,7 +229,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     reach :meth:`calculate_scores`.
     """
     masks = self.compute_lazy_masks(params, sparsities, sparse_state, grads, old_masks, **kwargs)
-    return jax.tree.map(selection.materialize, masks, is_leaf=is_none)
+    return selection.materialize_all(masks)
 
   def compute_lazy_masks(
     self,

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunax import selection
-from prunax.tree_util import is_none
 from prunax.tree_util import is_unpruned
 
 PyTree = Any
@@ -238,11 +237,7 @@ def lazy_mask(stored: jax.Array, shape: tuple[int, ...]) -> selection.Lazy:
 
 def unpack_masks(masks: PyTree, params: PyTree) -> PyTree:
   """Boolean masks from stored masks (uint8 or packed), given params for the shapes."""
-  return jax.tree.map(
-    lambda m: None if m is None else selection.materialize(m),
-    lazy_masks(masks, params),
-    is_leaf=is_none,
-  )
+  return selection.materialize_all(lazy_masks(masks, params))
 
 
 def apply_mask(param: jax.Array, mask: jax.Array | None, is_packed: bool = False) -> jax.Array:

@@ -632,6 +632,29 @@ def materialize(scores):
   return scores() if isinstance(scores, Lazy) else scores
 
 
+def materialize_all(tree: Any) -> Any:
+  """:func:`materialize` of every leaf of ``tree`` (None leaves stay None).
+
+  The :class:`Lazy` leaves of one signature (the masks of a model's repeated kernels)
+  are each evaluated by one jitted function, which JAX traces and lowers once for all of
+  them rather than once a leaf; XLA inlines the calls, so the compiled values are those
+  of :func:`materialize`.
+  """
+  leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
+  lazy = [i for i, x in enumerate(leaves) if isinstance(x, Lazy)]
+  shared = [
+    lazy[j] for g in _alike_groups([leaves[i] for i in lazy], len(leaves)) for j in g if len(g) > 1
+  ]
+  traced: dict = {}
+
+  def evaluate(x):  # one jitted function per signature shared by several leaves
+    fn = _traced_once(traced, x, lambda t: lambda *arrays: _with_arrays(t, iter(arrays))())
+    return fn(*_lazy_arrays(x))
+
+  out = [evaluate(x) if i in shared else materialize(x) for i, x in enumerate(leaves)]
+  return jax.tree.unflatten(treedef, out)
+
+
 def sortable_keys(scores: jax.Array) -> jax.Array:
   """Maps float scores to uint32 keys with the same order (NaN just above -inf).
 

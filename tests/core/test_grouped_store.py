@@ -411,3 +411,30 @@ def test_a_search_traces_its_scores_once_for_every_chunk_of_alike_leaves(monkeyp
   assert len(one_chunk) >= 3 and three_chunks == one_chunk, (one_chunk, three_chunks)
   for w, m, n in zip(ws, out, k):
     np.testing.assert_array_equal(m, selection.topk_mask(jnp.abs(w), n))
+
+
+def test_materialize_all_traces_alike_lazy_leaves_once():
+  # The stored masks of a model's repeated kernels are unpacked (and lazy masks
+  # evaluated) by one jitted function per signature: traced once for all of them, where
+  # each leaf traced its own before. Other leaves pass as materialize leaves them.
+  rng = np.random.default_rng(1)
+  ws = [jnp.asarray(rng.standard_normal((8, 64)), jnp.float32) for _ in range(5)]
+  odd = jnp.asarray(rng.standard_normal((4, 32)), jnp.float32)
+
+  def evaluate(odd, *ws):
+    tree = {
+      'w': [selection.Lazy(_recorded_abs, w) for w in ws],
+      'odd': selection.Lazy(_recorded_abs, odd),
+      'array': odd,
+      'none': None,
+    }
+    return selection.materialize_all(tree)
+
+  _TRACED.clear()
+  out = jax.jit(evaluate)(odd, *ws)
+  assert sorted(_TRACED) == [(4, 32), (8, 64)], _TRACED
+  assert out['none'] is None
+  np.testing.assert_array_equal(out['array'], odd)
+  np.testing.assert_array_equal(out['odd'], jnp.abs(odd))
+  for w, o in zip(ws, out['w']):
+    np.testing.assert_array_equal(o, jnp.abs(w))
