@@ -642,9 +642,8 @@ def materialize_all(tree: Any) -> Any:
   """
   leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
   lazy = [i for i, x in enumerate(leaves) if isinstance(x, Lazy)]
-  shared = [
-    lazy[j] for g in _alike_groups([leaves[i] for i in lazy], len(leaves)) for j in g if len(g) > 1
-  ]
+  groups = _alike_groups([leaves[i] for i in lazy], max(len(lazy), 1))
+  shared = {lazy[j] for g in groups if len(g) > 1 for j in g}
   traced: dict = {}
 
   def evaluate(x):  # one jitted function per signature shared by several leaves
