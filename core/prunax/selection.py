@@ -647,8 +647,7 @@ def materialize_all(tree: Any) -> Any:
   traced: dict = {}
 
   def evaluate(x):  # one jitted function per signature shared by several leaves
-    fn = _traced_once(traced, x, lambda t: lambda *arrays: _with_arrays(t, iter(arrays))())
-    return fn(*_lazy_arrays(x))
+    return _traced_once(traced, x, _on_arrays)(*_lazy_arrays(x))
 
   out = [evaluate(x) if i in shared else materialize(x) for i, x in enumerate(leaves)]
   return jax.tree.unflatten(treedef, out)
@@ -913,6 +912,11 @@ def _with_arrays(template: Lazy, arrays) -> Lazy:
   return template.map_arrays(lambda a: next(arrays) if _is_array(a) else a)
 
 
+def _on_arrays(template: Lazy, fn: Callable = _identity) -> Callable:
+  """``fn`` of ``template`` evaluated on the arrays given (in :func:`_lazy_arrays` order)."""
+  return lambda *arrays: fn(_with_arrays(template, iter(arrays))())
+
+
 def map_alike(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array | Lazy]) -> list:
   """``[fn(materialize(x)) for x in values]``, alike :class:`Lazy` values computed together.
 
@@ -992,9 +996,7 @@ def _map_alike_groups(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array
     stacked = [
       jnp.stack(column) for column in zip(*[_lazy_arrays(values[i]) for i in members], strict=True)
     ]
-    evaluate = _traced_once(
-      traced, template, lambda t: jax.vmap(lambda *arrays: fn(_with_arrays(t, iter(arrays))()))
-    )
+    evaluate = _traced_once(traced, template, lambda t: jax.vmap(_on_arrays(t, fn)))
     parts.append((members, evaluate(*stacked), True))
   return parts
 
@@ -1024,7 +1026,7 @@ def _rows_bucket(x: Lazy) -> tuple[int, ...] | None:
   return (x.size // _ROW,) if x.size >= _ROW else None
 
 
-def _group_row_sums(inputs, group, key_fn, pivots, witness, traced=None):
+def _group_row_sums(inputs, group, key_fn, pivots, witness, traced: dict):
   """``(per_row, tail)`` of :func:`_row_sums_stacked` for one group of alike inputs.
 
   A group of one input counts in its own buffers; the arrays of a larger group are read
@@ -1056,12 +1058,10 @@ def _stacked_count(key_fn, template: Lazy) -> Callable:
   return count
 
 
-def _traced_once(traced: dict | None, template: Lazy, make: Callable[[Lazy], Callable]):
-  """``make(template)``, jitted and kept in ``traced`` (a dict, or None: not kept) under
-  ``template``'s :func:`_signature`: the groups of one signature in a computation call one
-  function, which JAX traces and lowers once (XLA inlines the calls), not once a group."""
-  if traced is None:
-    return make(template)
+def _traced_once(traced: dict, template: Lazy, make: Callable[[Lazy], Callable]):
+  """``make(template)``, jitted and kept in ``traced`` under ``template``'s
+  :func:`_signature`: the groups of one signature in a computation call one function,
+  which JAX traces and lowers once (XLA inlines the calls), not once a group."""
   key = _signature(template)
   if key not in traced:
     traced[key] = jax.jit(make(template))
