@@ -26,9 +26,16 @@ except ImportError:  # jax 0.11 removed it: masks' shardings are left to XLA's p
   shard_alike = None
 
 
-# Bit of element e (0..31) of a row of 32 in the little-endian uint32 word of its 4 packed
-# bytes: byte e // 8, most significant bit first (numpy's packbits order).
-_ROW_SHIFTS = np.array([8 * (e // 8) + 7 - e % 8 for e in range(32)], np.uint32)
+def _row_shifts(shape: tuple[int, ...]) -> jax.Array:
+  """Bit of element e (0..31, the last axis of ``shape``) of a row of 32 in the
+  little-endian uint32 word of its 4 packed bytes: byte e // 8, most significant bit first
+  (numpy's packbits order), ``8 * (e // 8) + 7 - e % 8 == e ^ 7``. An iota, computed
+  inside the kernels that pack or read the masks: a constant array would be one more
+  operand of each, in an order XLA may give differently to one of several alike kernels,
+  which it then compiles apart (the last chunk of alike leaves in a selection pass did)."""
+  e = jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
+  return jax.lax.bitwise_xor(e, np.uint32(7))
+
 
 # The last axis of a mask is packed in gcd(d, _PACK_BLOCKS) blocks, each to whole bytes, so
 # that every split of it into 2, 4 or 8 equal shards falls on byte boundaries: a packed mask
@@ -72,7 +79,8 @@ def pack_mask(mask: jax.Array) -> jax.Array:
   if not _one_block_of_words(shape[-1]):
     return jnp.packbits(mask, axis=-1)
   # Only the last axis is split, so the packed mask keeps the mask's sharding.
-  bits = mask.reshape(shape[:-1] + (shape[-1] // 32, 32)).astype(jnp.uint32) << _ROW_SHIFTS
+  rows = mask.reshape(shape[:-1] + (shape[-1] // 32, 32)).astype(jnp.uint32)
+  bits = jax.lax.shift_left(rows, _row_shifts(rows.shape))
   words = jnp.sum(bits, axis=-1, dtype=jnp.uint32)  # distinct bits: the sum is an OR
   packed = jax.lax.bitcast_convert_type(words, jnp.uint8)  # (..., d // 32, 4), little-endian
   return packed.reshape(shape[:-1] + (shape[-1] // 8,))
@@ -183,7 +191,10 @@ def _one_block_of_words(d: int) -> bool:
 def _packed_rows(packed: jax.Array) -> jax.Array:
   """A packed mask of one block of a multiple of 32 weights, as bool ``(n // 32, 32)``."""
   words = jax.lax.bitcast_convert_type(packed.reshape(packed.shape[:-1] + (-1, 4)), jnp.uint32)
-  return ((words[..., None] >> _ROW_SHIFTS) & 1).astype(bool)
+  full = words.shape + (32,)
+  words = jax.lax.broadcast_in_dim(words, full, tuple(range(words.ndim)))
+  bits = jax.lax.shift_right_logical(words, _row_shifts(full))
+  return jax.lax.ne(jax.lax.bitwise_and(bits, np.uint32(1)), np.uint32(0))
 
 
 def shard_like_param(stored: jax.Array, param: jax.Array) -> jax.Array:

@@ -97,17 +97,20 @@ def _step_kernels(tx, params) -> int:
 @pytest.mark.parametrize('algorithm', [prunax.SET, prunax.RigL])
 def test_alike_leaves_share_their_kernels(algorithm):
   # The leaves' RNG keys and thresholds are rows of shared arrays, each read inside the
-  # kernels of its group (selection.Shared): 16 more leaves of one shape add kernels for
-  # 2 more groups of 8, not for every leaf. Each leaf reading its own row (a constant
-  # slice) added 23-24 distinct kernels for them.
+  # kernels of its group (selection.Shared), and the bit shifts of packed masks are an
+  # iota computed inside the kernels (masks._row_shifts): a second and third group of 8
+  # alike leaves compile the first group's kernels again, adding only a few of the
+  # grouped store's. Each leaf reading its own row (a constant slice) added 23-24
+  # distinct kernels for 16 more leaves; the shifts as a constant array, an operand that
+  # XLA ordered differently in the last group's kernels, added 7-9 for the second group.
   tx = algorithm(
     sparsity=0.8, scheduler=sched.PeriodicSchedule(1, 0, 10), drop_fraction_fn='constant'
   ).wrap_optax(optax.sgd(0.1))
   counts = []
-  for n in (8, 24):
+  for n in (8, 16, 24):
     params = {f'l{i}': jnp.full((64, 64), 1.0 + i) for i in range(n)}
     counts.append(_step_kernels(tx, params))
-  assert counts[1] - counts[0] <= 10, counts
+  assert counts[1] - counts[0] <= 4 and counts[2] - counts[1] <= 2, counts
 
 
 @pytest.mark.parametrize('algorithm', [prunax.SET, prunax.MagnitudePruning])
