@@ -23,6 +23,7 @@ import contextlib
 import copy
 import dataclasses
 import warnings
+from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
@@ -432,6 +433,18 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     """Lazy uniform scores per leaf (a hash of position and a per-leaf key, see
     :func:`prunax.selection.hash_uniform`), recomputed in every selection pass. The
     per-leaf keys are ``key`` folded with the leaf's index (:func:`prunax.selection.fold_key`)."""
+    return self._hashed(params, key, selection.hash_uniform_at, selection.hash_uniform_layers_at)
+
+  def random_keys(self, params: PyTree, key: jax.Array) -> PyTree:
+    """Lazy random uint32 selection keys per leaf, pairwise distinct within a leaf (or a
+    layer of a stacked leaf): :func:`prunax.selection.hash_keys`, keyed as
+    :meth:`random_scores`. A top-k of them never ties (see
+    :func:`prunax.selection.distinct_keys`)."""
+    return self._hashed(params, key, selection.hash_keys_at, selection.hash_keys_layers_at)
+
+  def _hashed(self, params: PyTree, key: jax.Array, at: Callable, layers_at: Callable) -> PyTree:
+    """``Lazy(at, leaf, keys, i)`` per leaf (``layers_at`` with the layer ids for stacked
+    leaves: a stream per layer), ``keys`` the leaves' keys, ``key`` folded with each index."""
     flat, treedef = jax.tree.flatten(params)
     flat_axes = treedef.flatten_up_to(self.layer_axes_tree(params))
     # One shared array of keys, each leaf reading its row (see selection.Shared).
@@ -439,12 +452,12 @@ class BaseUpdater(updater_args.JaxprunerArgs):
 
     def scores(x, i, axis):
       if axis is None:
-        return selection.Lazy(selection.hash_uniform_at, x, keys, np.int32(i))
+        return selection.Lazy(at, x, keys, np.int32(i))
       # Stacked leaves: a stream per layer (the ids are sliced with the layer).
       shape = [1] * jnp.ndim(x)
       shape[axis] = jnp.shape(x)[axis]
       ids = jnp.arange(shape[axis], dtype=jnp.uint32).reshape(shape)
-      return selection.Lazy(selection.hash_uniform_layers_at, x, keys, np.int32(i), ids)
+      return selection.Lazy(layers_at, x, keys, np.int32(i), ids)
 
     return treedef.unflatten(
       [scores(x, i, a) for i, (x, a) in enumerate(zip(flat, flat_axes, strict=True))]

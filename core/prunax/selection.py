@@ -432,6 +432,74 @@ def hash_uniform(like: jax.Array, key_data: jax.Array) -> jax.Array:
   return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
+_LOW31 = np.uint32(2**31 - 1)
+
+
+def mix31(x: jax.Array) -> jax.Array:
+  """:func:`mix32`'s steps on 31 bits (uint32 in ``[0, 2**31)``): a bijection of them, each
+  step one (a xor with a right shift; a product by an odd number modulo ``2**31``)."""
+  x = x & _LOW31
+  x = x ^ (x >> 16)
+  x = (x * jnp.uint32(0x7FEB352D)) & _LOW31
+  x = x ^ (x >> 15)
+  x = (x * jnp.uint32(0x846CA68B)) & _LOW31
+  return x ^ (x >> 16)
+
+
+def hash_keys(like: jax.Array, key_data: jax.Array) -> jax.Array:
+  """Random uint32 selection keys of ``like``'s shape, distinct at distinct positions.
+
+  The key of the element at flat index ``i`` is ``1 + mix31(mix31(i ^ k0) + k1)``: a
+  bijection of ``i`` (every step is one on 31 bits, and arrays hold fewer than ``2**31``
+  elements), so no two elements share a key, and every key lies in ``[1, 2**31]``, above 0
+  (the key :func:`lowest_score` gives) and below ``2**32 - 1``. Selection reads uint32
+  scores as their own keys (:func:`sortable_keys`), so the top ``k`` of these keys is a
+  uniformly random choice of ``k`` positions that never ties: SET grows by them and its
+  grow search needs no tie-break loop (``topk_masks(..., distinct=True)``). Cheaper per
+  element than :func:`hash_uniform` and the float keys of its scores.
+
+  Args:
+    like: array whose shape the keys take (its values are not read).
+    key_data: uint32[2] key words.
+
+  Returns:
+    uint32 array of ``like``'s shape, pairwise distinct, in ``[1, 2**31]``.
+  """
+  key_data = jnp.asarray(key_data, jnp.uint32)
+  index = _flat_index(jnp.shape(like), key_data)
+  return mix31(mix31(index ^ key_data[0]) + key_data[1]) + jnp.uint32(1)
+
+
+def hash_keys_at(like: jax.Array, keys: jax.Array, i) -> jax.Array:
+  """:func:`hash_keys` with the key ``keys[i]`` (see :func:`hash_uniform_at`)."""
+  return hash_keys(like, _xla_workarounds.leaf_row(keys, i))
+
+
+def hash_keys_layers_at(like: jax.Array, keys: jax.Array, i, layer_ids: jax.Array) -> jax.Array:
+  """:func:`hash_keys` with an independent stream per layer of a stacked leaf (see
+  :func:`hash_uniform_layers`): distinct within each layer, where selection runs
+  (:func:`map_layers`)."""
+  key_data = _xla_workarounds.leaf_row(keys, i)
+  layer_key = mix32(jnp.asarray(layer_ids, jnp.uint32) ^ key_data[0])
+  index = _flat_index(jnp.shape(like), key_data)
+  return mix31(mix31(index ^ layer_key) + key_data[1]) + jnp.uint32(1)
+
+
+def distinct_keys(scores: Any) -> bool:
+  """Whether ``scores`` are known to be pairwise distinct selection keys (a :class:`Lazy`
+  of :func:`hash_keys_at` or :func:`hash_keys_layers_at`): then a top-k of them never
+  ties, and ``topk_masks(..., distinct=True)`` may skip the tie-break search."""
+  return isinstance(scores, Lazy) and scores.fn in (hash_keys_at, hash_keys_layers_at)
+
+
+def lowest_score(scores: jax.Array) -> jax.Array:
+  """The score below every other of ``scores``' dtype, for positions that must never be
+  picked: ``-inf`` for floats, 0 for uint32 keys (which :func:`hash_keys` never gives)."""
+  if scores.dtype == jnp.uint32:
+    return jnp.zeros((), jnp.uint32)
+  return jnp.array(-jnp.inf, scores.dtype)
+
+
 def hash_uniform_at(like: jax.Array, keys: jax.Array, i) -> jax.Array:
   """:func:`hash_uniform` with the key ``keys[i]`` (``keys``: uint32 ``(n, 2)``, e.g. one
   key per leaf, given as :class:`Shared` so alike leaves compile one kernel)."""
@@ -661,12 +729,16 @@ def sortable_keys(scores: jax.Array) -> jax.Array:
   the algorithms mark weights that must never be picked with it (a NaN below it would let
   an excluded weight be picked and break exact counts).
 
+  uint32 scores are keys already (e.g. :func:`hash_keys`) and are returned as they are.
+
   Args:
-    scores: a floating-point array (any float dtype; it is cast to float32).
+    scores: a floating-point array (any float dtype; it is cast to float32), or uint32 keys.
 
   Returns:
-    A uint32 array of the same shape whose unsigned order equals the float order.
+    A uint32 array of the same shape whose unsigned order equals the scores' order.
   """
+  if scores.dtype == jnp.uint32:
+    return scores
   bits = jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)
   sign = bits >> 31
   # Negative floats: flip all bits; non-negative floats: set the sign bit.
@@ -1300,12 +1372,14 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
   return lo, c_lo, c_hi
 
 
-def _topk_masks_each(inputs: list[Lazy], k: jax.Array, keep: jax.Array) -> list[Lazy]:
+def _topk_masks_each(
+  inputs: list[Lazy], k: jax.Array, keep: jax.Array, distinct: bool = False
+) -> list[Lazy]:
   """Lazy masks of the ``k[i]`` largest scores of every input on its own (``1 <= k[i] <=
   size``), ties kept by lowest position; all False where ``keep[i]`` is False. Inputs of
   at most ``_SORT_AT_MOST`` elements are sorted (:func:`_sorted_thresholds`); for the
   others one loop finds every threshold, and one more every tie cutoff
-  (:func:`_searched_thresholds`)."""
+  (:func:`_searched_thresholds`; none with ``distinct``, see :func:`topk_masks`)."""
   small = [i for i, x in enumerate(inputs) if x.size <= _SORT_AT_MOST]
   large = [i for i, x in enumerate(inputs) if x.size > _SORT_AT_MOST]
 
@@ -1318,7 +1392,7 @@ def _topk_masks_each(inputs: list[Lazy], k: jax.Array, keep: jax.Array) -> list[
   if small:
     parts.append(_sorted_thresholds(*subset(small)))
   if large:
-    parts.append(_searched_thresholds(*subset(large)))
+    parts.append(_searched_thresholds(*subset(large), distinct=distinct))
   t, t_tie = (
     _in_input_order(small + large, jnp.concatenate(column)) for column in zip(*parts, strict=True)
   )
@@ -1341,16 +1415,21 @@ def _threshold_mask_row(scores, found, i):
   return _threshold_mask(scores, row[0], row[1], row[3], row[2] != 0)
 
 
-def _searched_thresholds(inputs: list[Lazy], k: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _searched_thresholds(
+  inputs: list[Lazy], k: jax.Array, distinct: bool = False
+) -> tuple[jax.Array, jax.Array]:
   """Vectors ``(t, t_tie)`` of :func:`_threshold_mask` for every input on its own, from
   one search loop for the thresholds and one for the tie cutoffs (it runs no pass when
-  no input has more keys at its threshold than it needs)."""
+  no input has more keys at its threshold than it needs; with ``distinct`` no input
+  does, and there is no such loop)."""
 
   def score_keys(i, x, witness=None):
     del i, witness
     return sortable_keys(x.rows())
 
   t, c_t, c_above = _search_each(inputs, score_keys, k)
+  if distinct:  # the k-th largest key is unique: the search ends where c_t == k
+    return t, jnp.zeros_like(t)
 
   def tie_keys(i, x, witness):
     # Among the keys equal to t, keep the k - c_above of lowest position: larger keys
@@ -1368,6 +1447,7 @@ def topk_masks(
   k: Sequence,
   *,
   lazy: bool = False,
+  distinct: bool = False,
 ) -> list[jax.Array | Lazy]:
   """Boolean masks of exactly ``k[i]`` largest entries of every ``scores[i]`` on its own.
 
@@ -1385,6 +1465,12 @@ def topk_masks(
     k: the number of entries to keep of each array (ints or traced int scalars), each
       clipped to ``[0, scores[i].size]``.
     lazy: return :class:`Lazy` masks (see :func:`topk_mask`).
+    distinct: the caller's promise that, in every array with ``k[i] >= 1``, the
+      ``k[i]``-th largest key is held by one element only: true of keys that are
+      pairwise distinct except at the array's lowest key, if ``k[i]`` is at most the
+      number of keys above it (SET's grow keys, :func:`hash_keys`, with 0 at the
+      positions that cannot grow). Then no tie is ever broken, and the tie-break loop is
+      not compiled. A broken promise keeps more than ``k[i]``.
 
   Returns:
     A list of bool masks (or :class:`Lazy` masks), one per array.
@@ -1406,7 +1492,9 @@ def topk_masks(
       if (id(k[i]), inputs[i].size) not in clipped:  # k[i] held: its id stays unique
         clipped[id(k[i]), inputs[i].size] = (k[i], _clip_count(k[i], inputs[i].size))
     counts = jnp.stack([clipped[id(k[i]), inputs[i].size][1] for i in chosen])
-    found = _topk_masks_each([inputs[i] for i in chosen], jnp.maximum(counts, 1), counts > 0)
+    found = _topk_masks_each(
+      [inputs[i] for i in chosen], jnp.maximum(counts, 1), counts > 0, distinct
+    )
     for i, m in zip(chosen, found, strict=True):
       masks[i] = m
   return masks if lazy else [materialize(m) for m in masks]

@@ -268,10 +268,15 @@ def test_snfs_treats_each_layer_of_a_stacked_leaf_as_a_tensor():
     # One selection drops from every leaf and one grows in every leaf (each with its
     # tie-break loop), and the redistribution loops over the leaves twice.
     (lambda: prunax.SNFS(sparsity=0.75, drop_fraction_fn='constant'), 6),
+    # SET's grow keys are distinct (selection.hash_keys): its grow search never ties and
+    # compiles no tie-break loop. RigL's gradient scores may tie: it compiles both.
+    (lambda: prunax.SET(sparsity=0.75, drop_fraction_fn='constant'), 3),
+    (lambda: prunax.MEST(sparsity=0.75, drop_fraction_fn='constant'), 3),
+    (lambda: prunax.RigL(sparsity=0.75, drop_fraction_fn='constant'), 4),
     # One selection drops from every leaf; N:M growth is per group, no loop.
     (lambda: prunax.NMSET(drop_fraction_fn='constant'), 2),
   ],
-  ids=['snfs', 'nm_set'],
+  ids=['snfs', 'set', 'mest', 'rigl', 'nm_set'],
 )
 def test_a_mask_update_runs_the_same_loops_for_any_number_of_leaves(make, loops, leaves):
   # A selection per leaf (two loops each) compiled SNFS's step of 64 layers of 256 x 256
@@ -281,7 +286,7 @@ def test_a_mask_update_runs_the_same_loops_for_any_number_of_leaves(make, loops,
   state = _state(updater, params)
   old = prunax.bool_masks(state, params)
   sparsities = jax.tree.map(lambda m: None if m is None else updater.sparsity, old)
-  jaxpr = jax.make_jaxpr(lambda p, s: updater.compute_masks(p, sparsities, s, None, old))(
+  jaxpr = jax.make_jaxpr(lambda p, s: updater.compute_masks(p, sparsities, s, p, old))(
     params, state
   )
   assert loops_in(jaxpr.jaxpr) == loops

@@ -3,6 +3,8 @@
 The exactness tests run twice (``selection_path``): every selection made by the search
 loops, then every selection made by sorting (the path of small arrays)."""
 
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,6 +239,86 @@ def test_hash_uniform_is_uniform_deterministic_and_keyed():
   other = np.asarray(selection.hash_uniform(like, jnp.array([1, 3], jnp.uint32)))
   assert np.mean(u == other) < 0.01
   assert len(np.unique(u)) > 0.99 * u.size
+
+
+@pytest.mark.parametrize('shape', [(256, 512), (3, 7, 64), (1,), (1000,)])
+def test_hash_keys_are_distinct_uniform_deterministic_and_keyed(shape):
+  like = jnp.zeros(shape)
+  key = jnp.array([5, 9], jnp.uint32)
+  h = np.asarray(selection.hash_keys(like, key))
+  assert h.shape == shape and h.dtype == np.uint32
+  # Pairwise distinct, never 0 (the key of positions that cannot grow), never 2**32 - 1.
+  assert len(np.unique(h)) == h.size
+  assert h.min() >= 1 and h.max() <= 2**31
+  # The transcription of the formula: 1 + mix31(mix31(i ^ k0) + k1), on 31 bits.
+  low = np.uint64(2**31 - 1)
+
+  def mix31(x):
+    x = x & low
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x7FEB352D)) & low
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x846CA68B)) & low
+    return x ^ (x >> np.uint64(16))
+
+  i = np.arange(h.size, dtype=np.uint64).reshape(shape)
+  want = mix31(mix31(i ^ np.uint64(5)) + np.uint64(9)) + np.uint64(1)
+  np.testing.assert_array_equal(h, want.astype(np.uint32))
+  np.testing.assert_array_equal(h, selection.hash_keys(like, key))
+  if h.size >= 1000:
+    u = (h.astype(np.float64) - 1) / 2**31  # uniform on [0, 1)
+    assert abs(u.mean() - 0.5) < 5 * (1 / np.sqrt(12 * u.size))
+    counts = np.histogram(u, bins=10, range=(0, 1))[0]
+    assert np.all(np.abs(counts - u.size / 10) < 5 * np.sqrt(u.size / 10))
+    other = np.asarray(selection.hash_keys(like, jnp.array([5, 10], jnp.uint32)))
+    assert np.mean(h == other) < 0.01
+    # The top tenth under two keys: as much overlap as two independent random choices.
+    top = lambda k: set(np.argsort(-k.reshape(-1))[: k.size // 10].tolist())  # noqa: E731
+    overlap = len(top(h) & top(other)) / (h.size // 10)
+    assert abs(overlap - 0.1) < 0.05, overlap
+
+
+def test_hash_keys_of_stacked_layers_are_distinct_within_each_layer():
+  like = jnp.zeros((4, 64, 32))
+  keys = jnp.array([[5, 9], [1, 2]], jnp.uint32)
+  ids = jnp.arange(4, dtype=jnp.uint32).reshape(4, 1, 1)
+  layers = selection.map_layers(
+    lambda x, i: selection.hash_keys_layers_at(x, keys, 1, i), 0, like, ids
+  )
+  layers = np.asarray(layers)
+  for layer in layers:
+    assert len(np.unique(layer)) == layer.size and layer.min() >= 1
+  assert np.mean(layers[0] == layers[1]) < 0.01  # an independent stream per layer
+
+
+@hypothesis.settings(max_examples=6, deadline=None)
+@hypothesis.given(st.integers(0, 2**32 - 1))
+def test_topk_masks_of_distinct_keys_skip_the_tie_break_and_equal_the_full_search(seed):
+  # Keys distinct above 0, with 0 at positions that cannot be picked (SET's kept
+  # weights), k at most the number of the others: the k-th largest key is unique, so
+  # distinct=True compiles no tie-break loop and gives the masks of the full search.
+  rng = np.random.default_rng(seed)
+  shapes = [(48, 48), (64, 40), (48, 48), (30, 90)]
+  keys, ks = [], []
+  for shape in shapes:
+    size = int(np.prod(shape))
+    h = np.asarray(selection.hash_keys(jnp.zeros(shape), rng.integers(0, 2**32, 2, np.uint32)))
+    blocked = rng.random(shape) < rng.uniform(0.1, 0.9)
+    keys.append(jnp.asarray(np.where(blocked, 0, h), jnp.uint32))
+    ks.append(int(rng.integers(0, size - blocked.sum() + 1)))
+  assert all(int(np.prod(s)) > selection._SORT_AT_MOST for s in shapes)  # searched
+
+  def masks(distinct):
+    return selection.topk_masks(keys, ks, distinct=distinct)
+
+  fast = masks(True)
+  for m, full, key, k in zip(fast, masks(False), keys, ks, strict=True):
+    np.testing.assert_array_equal(m, full)
+    assert int(m.sum()) == k
+    kept = np.asarray(key)[np.asarray(m)]
+    assert k == 0 or kept.min() > np.asarray(key)[~np.asarray(m)].max()
+  loops = lambda d: str(jax.make_jaxpr(lambda *a: masks(d))()).count('while[')  # noqa: E731
+  assert (loops(True), loops(False)) == (1, 2)
 
 
 def _has_callback(fn, *args) -> bool:

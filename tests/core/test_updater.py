@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import prunax
+from prunax import selection
 from prunax import sparsity_schedules as sched
 from tests.core.helpers import loops_in
 from tests.core.helpers import loss_fn
@@ -354,6 +355,14 @@ def test_set_drops_smallest_and_grows_at_random(fraction):
   survivors[order[: n_active - n_drop]] = True
   assert new.reshape(-1)[survivors].all()  # the largest active weights stay
   assert (new.reshape(-1) & ~survivors).sum() == n_drop  # as many grown as dropped
+  # Grown: the n_drop positions of largest random key among the others, the keys being
+  # selection.hash_keys under the step's key folded with the leaf's index (0).
+  key = jax.random.key_data(st.rng_key(_sparse_state(4, None, None), salt=3))
+  keys = np.asarray(selection.hash_keys(w, selection.fold_key(key, jnp.uint32(0)))).reshape(-1)
+  grown = np.argsort(-np.where(survivors, 0, keys.astype(np.int64)), kind='stable')[:n_drop]
+  want = survivors.copy()
+  want[grown] = True
+  np.testing.assert_array_equal(new.reshape(-1), want)
 
 
 def test_cosine_drop_fraction():
@@ -733,7 +742,6 @@ def test_global_pruning_selects_the_leaves_of_a_custom_map_together(custom):
 )
 def test_pack_mask_is_numpy_packbits_and_lazy_masks_read_it(shape):
   from prunax import base_updater
-  from prunax import selection
 
   m = np.random.default_rng(sum(shape)).random(shape) < 0.4
   packed = base_updater.pack_mask(jnp.asarray(m))

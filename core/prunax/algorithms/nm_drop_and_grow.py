@@ -49,11 +49,11 @@ class _NMDropAndGrow:
       )
       out = []
       for keep, g in zip(kept, gs, strict=True):
-        g = selection.materialize(g).astype(jnp.float32)
         # Kept weights (at most n per group, a subset of the old N:M mask) outrank any
-        # candidate, so every group keeps them and grows its best candidates to n.
-        finite = jnp.nan_to_num(g, nan=-jnp.inf, posinf=jnp.finfo(jnp.float32).max)
-        score = jnp.where(keep, jnp.inf, finite)
+        # candidate, so every group keeps them and grows its best candidates to n: the
+        # largest key, above every float score's (+inf's too) and SET's random keys.
+        keys = selection.sortable_keys(selection.materialize(g))
+        score = jnp.where(keep, jnp.uint32(2**32 - 1), keys)
         out.append(selection.n_by_m_mask(score, nm.n, nm.m, nm.axis_for(score.ndim)))
       return out
 

@@ -11,7 +11,8 @@ inactive ones are grown, chosen at random (SET) or by largest gradient magnitude
 whose mask-update steps make no gradient step, as in its reference code). Grown weights
 start at zero and their optimizer moments are reset; the count of active weights never
 changes. Dropped weights may be grown again in the same update (then they keep their
-value). Ties are broken by the lowest flat index.
+value). Ties are broken by the lowest flat index. SET's random grow scores are keys that
+never tie (:func:`prunax.selection.hash_keys`), so its grow search compiles no tie-break.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def active_score(mask, score):
 
 
 def inactive_score(kept, score):
-  """``score`` where ``kept`` does not keep a weight, ``-inf`` elsewhere: scores for growing
-  among the weights that are not kept."""
-  return jnp.where(kept, -jnp.inf, score)
+  """``score`` where ``kept`` does not keep a weight, the lowest score elsewhere (``-inf``,
+  or 0 for uint32 keys: :func:`prunax.selection.lowest_score`): scores for growing among
+  the weights that are not kept."""
+  return jnp.where(kept, selection.lowest_score(score), score)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +134,10 @@ class SET(StaticRandomSparse):
     return jax.tree.map(lambda w: selection.Lazy(jnp.abs, w), params)
 
   def grow_scores(self, params, sparse_state, grads):
-    """Scores of inactive weights for growing: uniform random for SET."""
+    """Scores of inactive weights for growing: for SET random uint32 keys, distinct within
+    a leaf (:meth:`random_keys`), so the grown weights are a uniformly random choice."""
     del grads
-    return self.random_scores(params, self.rng_key(sparse_state, salt=3))
+    return self.random_keys(params, self.rng_key(sparse_state, salt=3))
 
   def compute_lazy_masks(
     self, params, sparsities, sparse_state=None, grads=None, old_masks=None, **kwargs
@@ -162,10 +165,13 @@ class SET(StaticRandomSparse):
       )
       # Alike kept masks are evaluated and packed by one computation (pack_masks).
       kept = [lazy_mask(k, w.shape) for k, w in zip(pack_masks(kept), ws, strict=True)]
+      # Distinct grow keys (SET's) never tie: no tie-break loop. 0, the kept weights'
+      # key, is below them all, and n_drop is at most the number of the others.
       grown = selection.topk_masks(
         [selection.Lazy(inactive_score, k, g) for k, g in zip(kept, gs, strict=True)],
         n_drop,
         lazy=True,
+        distinct=all(selection.distinct_keys(g) for g in gs),
       )
       # Lazy: the engine evaluates and stores alike masks together (store_masks).
       return [selection.Lazy(jnp.logical_or, k, g) for k, g in zip(kept, grown, strict=True)]
