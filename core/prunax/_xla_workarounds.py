@@ -178,15 +178,15 @@ def split_rows(stacked: jax.Array) -> None:
   n, rest, dtype = stacked.shape[0], stacked.shape[1:], stacked.dtype
   if n < 2 or not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
     return
-  twice = [
-    jax.lax.broadcast_in_dim(stacked[i], (*rest, 2), tuple(range(len(rest)))) for i in range(n)
-  ]
+  # One broadcast and one split for all rows: a slice and a broadcast per row traced
+  # three equations a leaf, for every stacked array of every step.
+  twice = jax.lax.broadcast_in_dim(stacked, (n, *rest, 2), tuple(range(1 + len(rest))))
   lowest = jnp.iinfo(dtype).min if jnp.issubdtype(dtype, jnp.integer) else -jnp.inf
   rows = jax.lax.reduce(
-    twice,
+    jax.lax.split(twice, [1] * n, axis=0),
     [np.array(lowest, dtype)] * n,
     lambda a, b: [jax.lax.max(x, y) for x, y in zip(a, b, strict=True)],
-    (len(rest),),
+    (0, len(rest) + 1),
   )
   _SPLIT.append((stacked, list(rows)))
 
