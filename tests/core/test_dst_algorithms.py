@@ -292,6 +292,23 @@ def test_a_mask_update_runs_the_same_loops_for_any_number_of_leaves(make, loops,
   assert loops_in(jaxpr.jaxpr) == loops
 
 
+@pytest.mark.parametrize('leaves', [2, 9])
+@pytest.mark.parametrize('make', [prunax.SET, prunax.RigL], ids=['set', 'rigl'])
+def test_drop_and_grow_counts_of_alike_leaves_are_traced_once(make, leaves):
+  # Leaves of one size at one sparsity (the schedule's value, shared by every leaf of one
+  # target) share their keep and drop counts: one floor of the drop fraction's product
+  # however many leaves, where every leaf traced its own (and topk_masks clipped each).
+  params = mlp_params(sizes=(48,) * (leaves + 1))
+  updater = make(sparsity=0.75, drop_fraction_fn='constant')
+  state = _state(updater, params)
+  old = prunax.bool_masks(state, params)
+  sparsities = jax.tree.map(lambda m: None if m is None else updater.sparsity, old)
+  jaxpr = jax.make_jaxpr(lambda p, s: updater.compute_masks(p, sparsities, s, p, old))(
+    params, state
+  )
+  assert str(jaxpr).count(' floor ') == 1, str(jaxpr).count(' floor ')
+
+
 # ----------------------------------------------------------- RigL: no step on mask updates
 
 

@@ -151,16 +151,26 @@ class SET(StaticRandomSparse):
     grow = self.grow_scores(params, sparse_state, grads)
 
     def drop_and_grow(olds, ws, ds, gs, ss):
-      # Masks stay at their target count (exact at init, drop and grow keep it).
-      n_active = [w.size - sparsity_types.num_zeros(s, w.size) for w, s in zip(ws, ss, strict=True)]
-      # floor, as the reference (an int cast of the float product).
-      n_drop = [jnp.floor(fraction * n).astype(jnp.int32) for n in n_active]
+      counts: dict = {}
+
+      def count(w, s):
+        # Masks stay at their target count (exact at init, drop and grow keep it). Leaves
+        # of one size at one (shared) sparsity share their counts, traced once (and one
+        # clip in topk_masks), not once a leaf.
+        if (id(s), w.size) not in counts:
+          n_active = w.size - sparsity_types.num_zeros(s, w.size)
+          # floor, as the reference (an int cast of the float product).
+          n_drop = jnp.floor(fraction * n_active).astype(jnp.int32)
+          counts[id(s), w.size] = (s, n_active - n_drop, n_drop)  # s held: its id stays unique
+        return counts[id(s), w.size][1:]
+
+      n_keep, n_drop = zip(*[count(w, s) for w, s in zip(ws, ss, strict=True)], strict=True)
       # One selection loop drops from every leaf, one grows in every leaf. The old masks
       # are unpacked inside each pass that reads them; the kept masks are stored as packed
       # bits (1/32 of the weights' bytes), read by each pass of the grow search.
       kept = selection.topk_masks(
         [selection.Lazy(active_score, m, d) for m, d in zip(olds, ds, strict=True)],
-        [n - k for n, k in zip(n_active, n_drop, strict=True)],
+        list(n_keep),
         lazy=True,
       )
       # Alike kept masks are evaluated and packed by one computation (pack_masks).
@@ -169,7 +179,7 @@ class SET(StaticRandomSparse):
       # key, is below them all, and n_drop is at most the number of the others.
       grown = selection.topk_masks(
         [selection.Lazy(inactive_score, k, g) for k, g in zip(kept, gs, strict=True)],
-        n_drop,
+        list(n_drop),
         lazy=True,
         distinct=all(selection.distinct_keys(g) for g in gs),
       )
