@@ -1495,17 +1495,38 @@ def topk_masks(
   masks: list[Any] = [Lazy(lambda a: jnp.zeros(a.shape, bool), x) for x in inputs]
   chosen = [i for i, x in enumerate(inputs) if x.size]
   if chosen:
-    clipped: dict = {}  # one clip per distinct (count, size): shared counts trace once
-    for i in chosen:
-      if (id(k[i]), inputs[i].size) not in clipped:  # k[i] held: its id stays unique
-        clipped[id(k[i]), inputs[i].size] = (k[i], _clip_count(k[i], inputs[i].size))
-    counts = jnp.stack([clipped[id(k[i]), inputs[i].size][1] for i in chosen])
+    # One clip per distinct (count, size): shared counts trace once.
+    counts = jnp.stack(
+      once_per_value(_clip_count, [k[i] for i in chosen], [inputs[i].size for i in chosen])
+    )
     found = _topk_masks_each(
       [inputs[i] for i in chosen], jnp.maximum(counts, 1), counts > 0, distinct
     )
     for i, m in zip(chosen, found, strict=True):
       masks[i] = m
   return masks if lazy else [materialize(m) for m in masks]
+
+
+def once_per_value(fn: Callable[[Any, int], Any], values: Sequence, sizes: Sequence[int]) -> list:
+  """``[fn(v, n) for v, n in zip(values, sizes)]``, with ``fn`` called once per distinct
+  pair of value object (by identity) and size: leaves of one size that share one traced
+  count or sparsity trace what is derived from it once, not once a leaf.
+
+  Args:
+    fn: a function of a value (a count, a sparsity: a number or a traced scalar) and a size.
+    values: one value per leaf; leaves share a result when they hold the same object.
+    sizes: one size per leaf.
+
+  Returns:
+    ``fn``'s result for every leaf, in order.
+  """
+  done: dict = {}
+  out = []
+  for v, n in zip(values, sizes, strict=True):
+    if (id(v), n) not in done:
+      done[id(v), n] = (v, fn(v, n))  # v held: its id stays unique
+    out.append(done[id(v), n][1])
+  return out
 
 
 def _clip_count(k, n: int) -> jax.Array:

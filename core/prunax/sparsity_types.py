@@ -101,15 +101,7 @@ class Unstructured(SparsityType):
     def group(xs, ss):
       # Leaves of one size at one (shared) sparsity share one count: less to trace and
       # compile per leaf.
-      counts: dict = {}
-
-      def kept(x, s):
-        key = (id(s), x.size)
-        if key not in counts:
-          counts[key] = (s, x.size - num_zeros(s, x.size))  # s held: its id stays unique
-        return counts[key][1]
-
-      ks = [kept(x, s) for x, s in zip(xs, ss, strict=True)]
+      ks = selection.once_per_value(lambda s, n: n - num_zeros(s, n), ss, [x.size for x in xs])
       return selection.topk_masks(xs, ks, lazy=lazy)
 
     return selection.map_layer_groups(group, axes, scores, sparsities)

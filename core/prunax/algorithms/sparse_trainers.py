@@ -150,21 +150,17 @@ class SET(StaticRandomSparse):
     drop = self.drop_scores(params, sparse_state, grads)
     grow = self.grow_scores(params, sparse_state, grads)
 
+    def counts(s, size):
+      # Masks stay at their target count (exact at init, drop and grow keep it).
+      n_active = size - sparsity_types.num_zeros(s, size)
+      # floor, as the reference (an int cast of the float product).
+      n_drop = jnp.floor(fraction * n_active).astype(jnp.int32)
+      return n_active - n_drop, n_drop
+
     def drop_and_grow(olds, ws, ds, gs, ss):
-      counts: dict = {}
-
-      def count(w, s):
-        # Masks stay at their target count (exact at init, drop and grow keep it). Leaves
-        # of one size at one (shared) sparsity share their counts, traced once (and one
-        # clip in topk_masks), not once a leaf.
-        if (id(s), w.size) not in counts:
-          n_active = w.size - sparsity_types.num_zeros(s, w.size)
-          # floor, as the reference (an int cast of the float product).
-          n_drop = jnp.floor(fraction * n_active).astype(jnp.int32)
-          counts[id(s), w.size] = (s, n_active - n_drop, n_drop)  # s held: its id stays unique
-        return counts[id(s), w.size][1:]
-
-      n_keep, n_drop = zip(*[count(w, s) for w, s in zip(ws, ss, strict=True)], strict=True)
+      # Leaves of one size at one (shared) sparsity share their counts, traced once (and
+      # one clip in topk_masks), not once a leaf.
+      n_keep, n_drop = zip(*selection.once_per_value(counts, ss, [w.size for w in ws]), strict=True)
       # One selection loop drops from every leaf, one grows in every leaf. The old masks
       # are unpacked inside each pass that reads them; the kept masks are stored as packed
       # bits (1/32 of the weights' bytes), read by each pass of the grow search.
