@@ -959,21 +959,40 @@ def _alike_groups(inputs: Sequence[Lazy], max_members: int | None = None) -> lis
   members of a group differ only in their arrays' values, so one vmapped computation
   over their stacked arrays serves them all. A group is split into consecutive chunks of
   at most ``max_members`` (default: as many as XLA fuses into one concatenation,
-  ``_xla_workarounds.FUSED_CONCAT_OPERANDS``, so the stacking is never stored)."""
+  ``_xla_workarounds.FUSED_CONCAT_OPERANDS``, so the stacking is never stored), of
+  equal sizes where they can be (:func:`_chunk_sizes`)."""
   if max_members is None:
     max_members = _xla_workarounds.fused_concat_operands() or max(len(inputs), 1)
-  groups: dict[Any, list[list[int]]] = {}
+  groups: dict[Any, list[int]] = {}
   for i, x in enumerate(inputs):
     try:
       key = _signature(x)
       hash(key)
     except TypeError:
       key = ('alone', i)
-    chunks = groups.setdefault(key, [[]])
-    if len(chunks[-1]) >= max_members:
-      chunks.append([])
-    chunks[-1].append(i)
-  return [chunk for chunks in groups.values() for chunk in chunks]
+    groups.setdefault(key, []).append(i)
+  chunks = []
+  for members in groups.values():
+    start = 0
+    for size in _chunk_sizes(len(members), max_members):
+      chunks.append(members[start : start + size])
+      start += size
+  return chunks
+
+
+def _chunk_sizes(n: int, most: int) -> list[int]:
+  """Sizes of consecutive chunks of ``n`` alike members, at most ``most`` each: equal where
+  a split into at most one chunk more than the fewest allows it, else balanced (sizes
+  ``q`` and ``q + 1``). Every chunk size is a distinct set of compiled kernels (the
+  computations over a stack of 8 and of 4 leaves differ), so the 12 blocks of a
+  transformer are counted in two chunks of 6 (one kernel each pass), not 8 and 4 (two).
+  """
+  fewest = -(-n // most)
+  for chunks in (fewest, fewest + 1):
+    if n % chunks == 0 and n // chunks <= most:
+      return [n // chunks] * chunks
+  q, r = divmod(n, fewest)
+  return [q + 1] * r + [q] * (fewest - r)
 
 
 def _is_array(a) -> bool:

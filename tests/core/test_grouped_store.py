@@ -206,8 +206,8 @@ def test_map_alike_groups_at_most_fused_concat_operands(monkeypatch):
 
   values = [selection.Lazy(jnp.abs, jnp.full((2, 4), float(i))) for i in range(7)]
   out = selection.map_alike(fn, values)
-  # Chunks of 3, 3 and 1: two vmapped calls of one jitted function, traced once for both
-  # chunks (selection._traced_once), and one alone.
+  # Chunks of 3, 2 and 2 (as equal as 3 chunks can be): vmapped calls of one jitted
+  # function (selection._traced_once), traced once per chunk size.
   assert calls == [(2, 4), (2, 4)]
   for i, o in enumerate(out):
     np.testing.assert_array_equal(o, jnp.full((2, 4), i + 1.0))

@@ -175,6 +175,23 @@ def test_alike_leaves_give_the_per_leaf_masks(monkeypatch, chunk):
     np.testing.assert_array_equal(got, want, err_msg=f'k={k}')
 
 
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(n=st.integers(1, 300), most=st.integers(1, 16))
+def test_alike_chunks_are_equal_where_they_can_be(n, most):
+  # Every chunk size compiles its own kernels: alike leaves are split into chunks of one
+  # size when that takes at most one chunk more than the fewest, else of two sizes.
+  leaves = [selection.Lazy(jnp.abs, jnp.ones((2, 2))) for _ in range(n)]
+  chunks = selection._alike_groups(leaves, max_members=most)
+  assert [i for chunk in chunks for i in chunk] == list(range(n))
+  sizes = [len(chunk) for chunk in chunks]
+  fewest = -(-n // most)
+  assert max(sizes) <= most and len(sizes) <= fewest + 1
+  if any(n % c == 0 and n // c <= most for c in (fewest, fewest + 1)):
+    assert len(set(sizes)) == 1, sizes
+  else:
+    assert len(sizes) == fewest and max(sizes) - min(sizes) == 1, sizes
+
+
 def test_alike_groups_by_what_the_scores_compute():
   a, b = jnp.ones((4, 64)), jnp.ones((4, 64))
   packed = prunax.masks.pack_mask(a > 0)
