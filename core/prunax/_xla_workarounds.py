@@ -37,6 +37,7 @@ NAMES = (
   'shared_flag',
   'fused_masked_sum',
   'blocked_sum',
+  'unstack',
 )
 OFF_VARIABLE = 'PRUNAX_XLA_WORKAROUNDS_OFF'
 
@@ -175,9 +176,43 @@ def split_rows(stacked: jax.Array) -> None:
   """
   if switched_off('leaf_row') or not isinstance(stacked, jax.core.Tracer):
     return
+  rows = _one_kernel_rows(stacked)
+  if rows is not None:
+    _SPLIT.append((stacked, rows))
+
+
+def unstack(stacked: jax.Array) -> list[jax.Array]:
+  """``list(stacked)``: the rows of ``stacked`` as outputs of one kernel.
+
+  Prevents: one compiled kernel per row position. The rows of a stacked result (the
+  packed masks of a group of alike leaves, :func:`prunax.selection.map_alike`) read as
+  ``stacked[j]`` are slices, each fused with what computes the rows into a kernel of its
+  own that differs from the others by its offset. Here every row is one output of a
+  single kernel (a variadic reduce over two copies of each row), the same for every
+  group of one shape. Measured on CPU, jax 0.10.2: a SET step of 64 layers of 256 x 256
+  compiled 69 distinct kernels (1015 fusions) with slices, 61 (903) with this; the
+  unrolled transformer benchmark's SET step 285 and 256, magnitude pruning's 215 and 190.
+  Arrays that are neither integers nor floats (bool) are sliced.
+
+  Args:
+    stacked: an array whose first axis runs over leaves.
+
+  Returns:
+    Its rows, bit-exact.
+  """
+  if not switched_off('unstack'):
+    rows = _one_kernel_rows(stacked)
+    if rows is not None:
+      return rows
+  return [stacked[j] for j in range(stacked.shape[0])]
+
+
+def _one_kernel_rows(stacked: jax.Array) -> list[jax.Array] | None:
+  """The rows of ``stacked`` as the outputs of one variadic reduce (None where it does
+  not apply: fewer than 2 rows, or neither integers nor floats)."""
   n, rest, dtype = stacked.shape[0], stacked.shape[1:], stacked.dtype
   if n < 2 or not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
-    return
+    return None
   # One broadcast and one split for all rows: a slice and a broadcast per row traced
   # three equations a leaf, for every stacked array of every step.
   twice = jax.lax.broadcast_in_dim(stacked, (n, *rest, 2), tuple(range(1 + len(rest))))
@@ -188,7 +223,7 @@ def split_rows(stacked: jax.Array) -> None:
     lambda a, b: [jax.lax.max(x, y) for x, y in zip(a, b, strict=True)],
     (0, len(rest) + 1),
   )
-  _SPLIT.append((stacked, list(rows)))
+  return list(rows)
 
 
 def after(tree: Any, deps: Any) -> Any:

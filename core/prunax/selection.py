@@ -1039,8 +1039,13 @@ def map_alike(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array | Lazy]
   """
   out: list[Any] = [None] * len(values)
   for members, results, stacked in _map_alike_groups(fn, values):
+    if not stacked:
+      out[members[0]] = results
+      continue
+    leaves, treedef = jax.tree.flatten(results)
+    rows = [_xla_workarounds.unstack(r) for r in leaves]
     for j, i in enumerate(members):
-      out[i] = jax.tree.map(lambda r, j=j: r[j], results) if stacked else results
+      out[i] = jax.tree.unflatten(treedef, [r[j] for r in rows])
   return out
 
 

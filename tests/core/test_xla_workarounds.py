@@ -20,6 +20,7 @@ import pytest
 
 import prunax
 from prunax import _xla_workarounds
+from prunax import masks
 from prunax import selection
 from tests.core.helpers import distinct_kernels
 from tests.xla_env import compile_as_users
@@ -222,6 +223,50 @@ def test_split_rows_are_the_rows_bit_exact(dtype, n, width, seed):
 
   got = jax.jit(read)(jnp.asarray(table))
   for i in range(n):
+    assert np.asarray(got[i]).tobytes() == table[i].tobytes(), (i, got[i], table[i])
+
+
+def pack_alike(*ws):
+  # What the engine stores: the packed masks of alike leaves, computed as one stack.
+  return masks.pack_masks([selection.Lazy(jnp.greater, w, jnp.float32(0.5)) for w in ws])
+
+
+@CPU_ONLY
+def test_unstack_still_needed(monkeypatch):
+  # 8 alike leaves' masks packed by one computation, then split into the leaves' masks:
+  # one splitting kernel, where each slice was fused into a kernel of its own.
+  ws = [weights() + i for i in range(8)]
+  with_it = distinct_kernels(compiled(pack_alike, *ws))
+  monkeypatch.setattr(
+    _xla_workarounds, 'unstack', lambda stacked: [stacked[j] for j in range(len(stacked))]
+  )
+  without = distinct_kernels(compiled(pack_alike, *ws))
+  assert with_it <= 2, with_it
+  assert without - with_it >= 6, stale('unstack') + f' ({without} against {with_it} kernels)'
+
+
+@hypothesis.settings(max_examples=20, deadline=None)
+@hypothesis.given(
+  dtype=st.sampled_from([np.uint32, np.int32, np.float32, np.uint8, np.bool_]),
+  n=st.integers(1, 9),
+  width=st.integers(1, 4),
+  seed=st.integers(0, 2**31 - 1),
+)
+def test_unstack_gives_the_rows_bit_exact(dtype, n, width, seed):
+  rng = np.random.default_rng(seed)
+  if dtype == np.bool_:
+    table = rng.random((n, width, 3)) < 0.5
+  elif np.issubdtype(dtype, np.integer):
+    info = np.iinfo(dtype)
+    table = rng.integers(info.min, info.max, (n, width, 3), dtype=dtype, endpoint=True)
+  else:
+    table = rng.standard_normal((n, width, 3)).astype(dtype) * 1e30
+    table.flat[0] = -np.inf
+    table.flat[-1] = -0.0
+  got = jax.jit(_xla_workarounds.unstack)(jnp.asarray(table))
+  assert len(got) == n
+  for i in range(n):
+    assert got[i].dtype == table.dtype and got[i].shape == table[i].shape
     assert np.asarray(got[i]).tobytes() == table[i].tobytes(), (i, got[i], table[i])
 
 
@@ -480,6 +525,7 @@ SWITCHED = {
     (jnp.ones(32), jnp.ones(32, bool)),
     'reduce',  # the two-output reduction; jnp.sum is reduce_sum
   ),
+  'unstack': (_xla_workarounds.unstack, (jnp.ones((3, 2)),), 'reduce'),  # else slices
 }
 
 
