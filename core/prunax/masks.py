@@ -106,10 +106,11 @@ def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     # shape, as a uint8 mask does, and either is nonzero exactly where a weight is kept.
     return (packed != 0).reshape(shape)
   lead, n_bytes = shape[:-1], packed.shape[-1] // blocks
-  # Each byte shifted right by 7, 6, ..., 0 (most significant bit first, numpy's order):
-  # a few lax operations per mask where jnp.unpackbits traces a dozen (a cost per pruned
-  # leaf in every step's trace and compile). The shifts are an iota, computed inside the
-  # kernels that read the mask: a constant array of bits would be one more operand of
+  # Bit i of a byte (most significant first, numpy's order) is kept where the byte
+  # shifted left by i is at least 128: three lax operations per mask where
+  # jnp.unpackbits traces a dozen (every unpacking is repeated in each kernel that reads
+  # the mask: the optimizer's, per pruned leaf). The shifts are an iota, computed inside
+  # the kernels that read the mask: a constant array of bits would be one more operand of
   # each, in an order that differs between leaves, and XLA would compile alike leaves'
   # kernels apart.
   full = lead + (blocks, n_bytes, 8)
@@ -117,9 +118,8 @@ def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   bytes_ = jax.lax.broadcast_in_dim(
     packed.reshape(lead + (blocks, n_bytes)), full, tuple(range(last))
   )
-  shifts = jax.lax.sub(np.uint8(7), jax.lax.broadcasted_iota(jnp.uint8, full, last))
-  bits = jax.lax.bitwise_and(jax.lax.shift_right_logical(bytes_, shifts), np.uint8(1))
-  keep = jax.lax.ne(bits, np.uint8(0)).reshape(lead + (blocks, n_bytes * 8))
+  shifted = jax.lax.shift_left(bytes_, jax.lax.broadcasted_iota(jnp.uint8, full, last))
+  keep = jax.lax.ge(shifted, np.uint8(128)).reshape(lead + (blocks, n_bytes * 8))
   if n_bytes * 8 != width:
     keep = keep[..., :width]
   return keep.reshape(shape)

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import prunax
+from prunax import masks
 from prunax import selection
 from prunax import sparsity_schedules as sched
 from tests.core.helpers import distinct_kernels
@@ -111,6 +112,20 @@ def test_alike_leaves_share_their_kernels(algorithm):
     params = {f'l{i}': jnp.full((64, 64), 1.0 + i) for i in range(n)}
     counts.append(_step_kernels(tx, params))
   assert counts[1] - counts[0] <= 4 and counts[2] - counts[1] <= 2, counts
+
+
+def test_a_packed_mask_is_unpacked_in_few_instructions():
+  # Every kernel that reads a packed mask unpacks it (the optimizer's kernels of every
+  # pruned leaf, twice for the masks before and after a step). As ((byte << i) >= 128) a
+  # mask applied to a weight is a kernel of 12 instructions; as ((byte >> (7 - i)) & 1)
+  # != 0 it was 19.
+  def apply(packed, w):
+    return jnp.where(masks.unpack_mask(packed, w.shape), w, 0.0)
+
+  packed = masks.pack_mask(jnp.ones((256, 256), bool))
+  text = compile_as_users(jax.jit(apply).lower(packed, jnp.ones((256, 256)))).as_text()
+  kernels = re.findall(r'^%fused_computation[^\n]*\{\n(.*?)\n\}', text, re.S | re.M)
+  assert [k.count('\n') + 1 for k in kernels] == [12], kernels
 
 
 @pytest.mark.parametrize('algorithm', [prunax.SET, prunax.MagnitudePruning])
