@@ -989,7 +989,7 @@ def _chunk_sizes(n: int, most: int) -> list[int]:
   """
   fewest = -(-n // most)
   for chunks in (fewest, fewest + 1):
-    if n % chunks == 0 and n // chunks <= most:
+    if n % chunks == 0:  # n // chunks <= most: fewest chunks of most hold n
       return [n // chunks] * chunks
   q, r = divmod(n, fewest)
   return [q + 1] * r + [q] * (fewest - r)
@@ -1025,10 +1025,10 @@ def map_alike(fn: Callable[[jax.Array], Any], values: Sequence[jax.Array | Lazy]
   ``_xla_workarounds.FUSED_CONCAT_OPERANDS`` at a time, so XLA fuses the stacking into
   that computation and compiles one kernel per group rather than one per value (the
   groups of one signature call one jitted function: traced and lowered once). Only
-  ``fn``'s stacked results are stored, then split (each split is a kernel per position in
-  a group: where the results are wanted stacked, e.g. the samples a selection sorts
-  together, :func:`_map_alike_groups` gives them unsplit). Arrays go through ``fn`` one
-  by one.
+  ``fn``'s stacked results are stored, then split by one kernel per group
+  (``_xla_workarounds.unstack``; where the results are wanted stacked, e.g. the samples a
+  selection sorts together, :func:`_map_alike_groups` gives them unsplit). Arrays go
+  through ``fn`` one by one.
 
   Args:
     fn: a function of one evaluated value (vmappable).
