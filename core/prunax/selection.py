@@ -1364,7 +1364,24 @@ def _sample_pivots_each(inputs: Sequence[Lazy], k: jax.Array) -> jax.Array:
   return jnp.take_along_axis(sample, positions, axis=1)
 
 
-def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
+def _uniform_pivots(k: jax.Array, m: jax.Array) -> jax.Array:
+  """``(len(k), 5)`` sorted thresholds around the ``k[i]``-th largest of ``m[i]`` keys
+  drawn uniformly from ``[1, 2**31]`` (:func:`hash_keys`; the other keys 0): where
+  ``k[i] + c * sigma`` keys are expected at or above, ``c`` in ``(2.5, 0.75, 0, -0.75,
+  -2.5)``, as :func:`_sample_pivots_each` places them in a sample. The count at a
+  threshold is binomial, ``sigma = sqrt(k (1 - k / m))``: the first pass brackets the
+  threshold among about ``sigma`` keys, where a sample of 2048 leaves a bracket of
+  ``sqrt(m / 2048)`` times as many (and needs a gather and a sort of its own)."""
+  k = k.astype(jnp.float32)[:, None]  # k >= 1
+  m = jnp.maximum(m.astype(jnp.float32)[:, None], k)
+  sigma = jnp.sqrt(jnp.maximum(k - k * k / m, 1.0))
+  above = k + sigma * jnp.array([2.5, 0.75, 0.0, -0.75, -2.5], jnp.float32)
+  # The key reached by `above` of m uniform keys: 2**31 + 1 - 2**31 * above / m.
+  offset = jnp.clip(above / m * jnp.float32(2.0**31), 0.0, jnp.float32(2.0**31 - 128))
+  return jnp.uint32(2**31 + 1) - offset.astype(jnp.uint32)
+
+
+def _search_each(inputs, key_fn, k, sample: bool = True, closed=None, first=None):
   """:func:`_search` of every input on its own (its own ``k[i]``), in one ``while_loop``.
 
   The loop state holds a bracket per input (vectors, narrowed by one vectorised
@@ -1373,7 +1390,9 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
   changes, so each input ends where its own search would). Input ``i`` reads its row of
   the pivots through ``_xla_workarounds.leaf_row``, so the counting kernels of inputs of
   one shape are identical and compiled once. Inputs where ``closed`` is True start
-  closed (result ``(0, n, 0)``). Returns the vectors ``(t, c_t, c_above)``.
+  closed (result ``(0, n, 0)``). ``first`` (``(len(inputs), 5)`` uint32, sorted rows)
+  replaces the sample's thresholds of the first pass (:func:`_uniform_pivots`). Returns
+  the vectors ``(t, c_t, c_above)``.
   """
   n = jnp.array([x.size for x in inputs], jnp.int32)
   lo = jnp.zeros(len(inputs), jnp.uint32)
@@ -1398,33 +1417,40 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None):
     return jnp.where(still[:, None], _with_pivots(_narrow(bracket, pivots, counts, k), k), state)
 
   start = (lo, hi, n, jnp.zeros(len(inputs), jnp.int32))
-  state = _with_pivots(start, k, _sample_pivots_each(inputs, k) if sample else None)
+  if first is None and sample:
+    first = _sample_pivots_each(inputs, k)
+  state = _with_pivots(start, k, first)
   state = jax.lax.while_loop(lambda s: jnp.any(open_(_unpacked(s)[0])), step, state)
   lo, _, c_lo, c_hi = _unpacked(state)[0]
   return lo, c_lo, c_hi
 
 
 def _topk_masks_each(
-  inputs: list[Lazy], k: jax.Array, keep: jax.Array, distinct: bool = False
+  inputs: list[Lazy], k: jax.Array, keep: jax.Array, distinct: bool = False, uniform=None
 ) -> list[Lazy]:
   """Lazy masks of the ``k[i]`` largest scores of every input on its own (``1 <= k[i] <=
   size``), ties kept by lowest position; all False where ``keep[i]`` is False. Inputs of
   at most ``_SORT_AT_MOST`` elements are sorted (:func:`_sorted_thresholds`); for the
   others one loop finds every threshold, and one more every tie cutoff
-  (:func:`_searched_thresholds`; none with ``distinct``, see :func:`topk_masks`)."""
+  (:func:`_searched_thresholds`; none with ``distinct``, and the first pass from
+  ``uniform``, the vector of candidate counts: see :func:`topk_masks`)."""
   small = [i for i, x in enumerate(inputs) if x.size <= _SORT_AT_MOST]
   large = [i for i, x in enumerate(inputs) if x.size > _SORT_AT_MOST]
 
-  def subset(indices):
+  def subset(indices, *vectors):
     if len(indices) == len(inputs):
-      return inputs, k
-    return [inputs[i] for i in indices], k[jnp.asarray(indices)]
+      return inputs, k, *vectors
+    at = jnp.asarray(indices)
+    return [inputs[i] for i in indices], k[at], *(v[at] for v in vectors)
 
   parts = []
   if small:
     parts.append(_sorted_thresholds(*subset(small)))
   if large:
-    parts.append(_searched_thresholds(*subset(large), distinct=distinct))
+    if uniform is None:
+      parts.append(_searched_thresholds(*subset(large), distinct=distinct))
+    else:
+      parts.append(_searched_thresholds(*subset(large, uniform), distinct=distinct))
   t, t_tie = (
     _in_input_order(small + large, jnp.concatenate(column)) for column in zip(*parts, strict=True)
   )
@@ -1448,18 +1474,20 @@ def _threshold_mask_row(scores, found, i):
 
 
 def _searched_thresholds(
-  inputs: list[Lazy], k: jax.Array, distinct: bool = False
+  inputs: list[Lazy], k: jax.Array, uniform=None, distinct: bool = False
 ) -> tuple[jax.Array, jax.Array]:
   """Vectors ``(t, t_tie)`` of :func:`_threshold_mask` for every input on its own, from
   one search loop for the thresholds and one for the tie cutoffs (it runs no pass when
   no input has more keys at its threshold than it needs; with ``distinct`` no input
-  does, and there is no such loop)."""
+  does, and there is no such loop). With ``uniform`` (the number of uniform keys of every
+  input, see :func:`topk_masks`) the first pass counts at :func:`_uniform_pivots`."""
 
   def score_keys(i, x, witness=None):
     del i, witness
     return sortable_keys(x.rows())
 
-  t, c_t, c_above = _search_each(inputs, score_keys, k)
+  first = None if uniform is None else _uniform_pivots(k, uniform)
+  t, c_t, c_above = _search_each(inputs, score_keys, k, first=first)
   if distinct:  # the k-th largest key is unique: the search ends where c_t == k
     return t, jnp.zeros_like(t)
 
@@ -1480,6 +1508,7 @@ def topk_masks(
   *,
   lazy: bool = False,
   distinct: bool = False,
+  uniform: Sequence | None = None,
 ) -> list[jax.Array | Lazy]:
   """Boolean masks of exactly ``k[i]`` largest entries of every ``scores[i]`` on its own.
 
@@ -1503,6 +1532,14 @@ def topk_masks(
       number of keys above it (SET's grow keys, :func:`hash_keys`, with 0 at the
       positions that cannot grow). Then no tie is ever broken, and the tie-break loop is
       not compiled. A broken promise keeps more than ``k[i]``.
+    uniform: the caller's claim that ``scores[i]`` holds ``uniform[i]`` keys drawn
+      uniformly from ``[1, 2**31]`` (:func:`hash_keys`) and 0 at its other elements (an
+      int or a traced int scalar per array; SET's grow keys, 0 at the kept weights).
+      The first counting pass then places its thresholds where that many uniform keys
+      put the ``k[i]``-th largest (:func:`_uniform_pivots`) instead of sampling the
+      scores: no sample is gathered or sorted, and the first bracket holds about
+      ``sqrt(k[i])`` keys. Only the number of passes depends on it; the masks are exact
+      whatever the keys are.
 
   Returns:
     A list of bool masks (or :class:`Lazy` masks), one per array.
@@ -1510,6 +1547,11 @@ def topk_masks(
   inputs = [x if isinstance(x, Lazy) else Lazy(lambda a: a, x) for x in scores]
   if len(k) != len(inputs):
     raise ValueError(f'topk_masks: got {len(inputs)} score arrays but {len(k)} counts k.')
+  if uniform is not None and len(uniform) != len(inputs):
+    raise ValueError(
+      f'topk_masks: got {len(inputs)} score arrays but {len(uniform)} counts of uniform '
+      'keys (uniform); give one per array, or None.'
+    )
   for x in inputs:
     if x.size >= 2**31:
       raise ValueError(
@@ -1523,8 +1565,15 @@ def topk_masks(
     counts = jnp.stack(
       once_per_value(_clip_count, [k[i] for i in chosen], [inputs[i].size for i in chosen])
     )
+    candidates = None
+    if uniform is not None:  # a hint: not clipped (_uniform_pivots takes any count)
+      candidates = jnp.stack(
+        once_per_value(
+          lambda m, _: jnp.asarray(m, jnp.int32), [uniform[i] for i in chosen], [0] * len(chosen)
+        )
+      )
     found = _topk_masks_each(
-      [inputs[i] for i in chosen], jnp.maximum(counts, 1), counts > 0, distinct
+      [inputs[i] for i in chosen], jnp.maximum(counts, 1), counts > 0, distinct, candidates
     )
     for i, m in zip(chosen, found, strict=True):
       masks[i] = m

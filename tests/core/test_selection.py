@@ -321,6 +321,64 @@ def test_topk_masks_of_distinct_keys_skip_the_tie_break_and_equal_the_full_searc
   assert (loops(True), loops(False)) == (1, 2)
 
 
+def _first_bracket(fn, *args) -> int:
+  """The most keys left in one bracket after the first pass of ``fn``'s one loop."""
+  with selection.count_passes() as log:
+    out = jax.jit(lambda *a: fn(*a))(*args)  # a new function: traced inside the block
+    jax.block_until_ready(out)
+    jax.effects_barrier()
+  assert log.loops == 1 and log, log
+  return log[1].keys if len(log) > 1 else 0  # 0: the first pass found the threshold
+
+
+@hypothesis.settings(max_examples=5, deadline=None)
+@hypothesis.given(st.integers(0, 2**32 - 1), st.floats(0.02, 0.5), st.floats(0.0, 0.9))
+def test_uniform_keys_start_at_their_expected_quantiles(seed, fraction, blocked_share):
+  # SET's grow keys (hash_keys, 0 where a weight is kept): m uniform keys among which
+  # the k-th largest is sought. Counting at the quantiles m uniform keys are expected to
+  # have leaves about sqrt(k) keys in the first bracket (a sample of 2048 leaves about
+  # m / 30: test_set_grows_from_the_expected_quantiles_of_its_keys). The masks are the
+  # same as the sampled search's.
+  rng = np.random.default_rng(seed)
+  shape = (1024, 512)
+  h = np.asarray(selection.hash_keys(jnp.zeros(shape), rng.integers(0, 2**32, 2, np.uint32)))
+  blocked = rng.random(shape) < blocked_share
+  keys = jnp.asarray(np.where(blocked, 0, h), jnp.uint32)
+  m = int((~blocked).sum())
+  k = max(int(fraction * m), 1)
+
+  def masks(uniform):
+    return lambda x: selection.topk_masks([x], [k], distinct=True, uniform=uniform)[0]
+
+  sampled, expected = masks(None), masks([m])
+  np.testing.assert_array_equal(jax.jit(expected)(keys), jax.jit(sampled)(keys))
+  assert int(jax.jit(expected)(keys).sum()) == k
+  sigma = np.sqrt(k * (1 - k / m))
+  # +-0.75 sigma around the expected count; 2.5 sigma outside it (~1% of draws).
+  assert _first_bracket(expected, keys) <= 4 * sigma + 16
+
+
+@pytest.mark.parametrize('claim', ['too_many', 'too_few', 'not_uniform'])
+def test_a_wrong_uniform_claim_costs_passes_not_exactness(claim):
+  rng = np.random.default_rng(3)
+  shape = (256, 300)
+  h = np.asarray(selection.hash_keys(jnp.zeros(shape), jnp.array([3, 4], jnp.uint32)))
+  blocked = rng.random(shape) < 0.5
+  keys = np.where(blocked, 0, h).astype(np.uint32)
+  if claim == 'not_uniform':  # the keys bunched at the top of their range
+    keys = np.where(blocked, 0, 2**31 - (h >> 12)).astype(np.uint32)
+  m = int((~blocked).sum())
+  uniform = {'too_many': shape[0] * shape[1], 'too_few': 10, 'not_uniform': m}[claim]
+  for k in (1, 999, m // 2, m):
+    mask = selection.topk_masks([jnp.asarray(keys)], [k], distinct=True, uniform=[uniform])[0]
+    np.testing.assert_array_equal(mask, reference_masks([keys], k)[0])
+
+
+def test_uniform_claims_one_count_per_array():
+  with pytest.raises(ValueError, match='2 score arrays but 1 counts of uniform keys'):
+    selection.topk_masks([jnp.ones(4), jnp.ones(4)], [1, 1], uniform=[4])
+
+
 def _has_callback(fn, *args) -> bool:
   # A new function each time: jax caches traces by function.
   return 'debug_callback' in str(jax.make_jaxpr(lambda *a: fn(*a))(*args))

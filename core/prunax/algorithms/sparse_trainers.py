@@ -155,12 +155,15 @@ class SET(StaticRandomSparse):
       n_active = size - sparsity_types.num_zeros(s, size)
       # floor, as the reference (an int cast of the float product).
       n_drop = jnp.floor(fraction * n_active).astype(jnp.int32)
-      return n_active - n_drop, n_drop
+      # The weights that may grow: all but the kept ones.
+      return n_active - n_drop, n_drop, size - n_active + n_drop
 
     def drop_and_grow(olds, ws, ds, gs, ss):
       # Leaves of one size at one (shared) sparsity share their counts, traced once (and
       # one clip in topk_masks), not once a leaf.
-      n_keep, n_drop = zip(*selection.once_per_value(counts, ss, [w.size for w in ws]), strict=True)
+      n_keep, n_drop, n_free = zip(
+        *selection.once_per_value(counts, ss, [w.size for w in ws]), strict=True
+      )
       # One selection loop drops from every leaf, one grows in every leaf. The old masks
       # are unpacked inside each pass that reads them; the kept masks are stored as packed
       # bits (1/32 of the weights' bytes), read by each pass of the grow search.
@@ -172,12 +175,15 @@ class SET(StaticRandomSparse):
       # Alike kept masks are evaluated and packed by one computation (pack_masks).
       kept = [lazy_mask(k, w.shape) for k, w in zip(pack_masks(kept), ws, strict=True)]
       # Distinct grow keys (SET's) never tie: no tie-break loop. 0, the kept weights'
-      # key, is below them all, and n_drop is at most the number of the others.
+      # key, is below them all, and n_drop is at most the number of the others. They are
+      # uniform too, so the first pass needs no sample: size - n_keep of them compete.
+      distinct = all(selection.distinct_keys(g) for g in gs)
       grown = selection.topk_masks(
         [selection.Lazy(inactive_score, k, g) for k, g in zip(kept, gs, strict=True)],
         list(n_drop),
         lazy=True,
-        distinct=all(selection.distinct_keys(g) for g in gs),
+        distinct=distinct,
+        uniform=list(n_free) if distinct else None,
       )
       # Lazy: the engine evaluates and stores alike masks together (store_masks).
       return [selection.Lazy(jnp.logical_or, k, g) for k, g in zip(kept, grown, strict=True)]
