@@ -7,8 +7,10 @@ counts: every pass reads the scores once and returns, for 5 candidate thresholds
 how many keys lie at or above each (5 counts are packed in 6-bit fields of one uint32
 per row of 32 elements, so a pass costs about one read of the scores). The thresholds
 of the first pass are quantiles of a small strided sample (a prime stride, so that it
-spans every row and column); later passes interpolate between the two bracketing counts
-and also bisect the rest of the bracket (or split it evenly once few keys are left), so
+spans every row and column), or, for keys known to be uniform (SET's random grow keys,
+``topk_masks(..., uniform=)``), the quantiles they are expected to have, so the first
+bracket holds about ``sqrt(k)`` keys; later passes interpolate between the two bracketing
+counts and also bisect the rest of the bracket (or split it evenly once few keys are left), so
 the bracket at least halves every pass (at most 33 passes for 32-bit keys) and usually
 closes in 4 to 6. The search stops as soon as a threshold keeps exactly ``k`` keys;
 nothing is sorted but the sample, and there is no cumulative sum.
