@@ -358,6 +358,25 @@ def test_uniform_keys_start_at_their_expected_quantiles(seed, fraction, blocked_
   assert _first_bracket(expected, keys) <= 4 * sigma + 16
 
 
+@hypothesis.settings(max_examples=50, deadline=None)
+@hypothesis.given(
+  st.lists(st.tuples(st.integers(1, 2**31 - 1), st.integers(-5, 2**31 - 1)), min_size=1, max_size=6)
+)
+def test_uniform_pivots_are_sorted_keys_around_the_expected_quantile(pairs):
+  # Any claim (m below k, or negative, included) gives sorted thresholds in the keys'
+  # range [1, 2**31 + 1], the middle one where m uniform keys put the k-th largest.
+  k = np.array([a for a, _ in pairs], np.int32)
+  m = np.array([b for _, b in pairs], np.int32)
+  pivots = np.asarray(jax.jit(selection._uniform_pivots)(jnp.asarray(k), jnp.asarray(m)))
+  assert pivots.shape == (len(pairs), 5) and pivots.dtype == np.uint32
+  assert np.all(np.diff(pivots.astype(np.int64), axis=1) >= 0)
+  assert pivots.min() >= 1 and pivots.max() <= 2**31 + 1
+  mm = np.maximum(m, k).astype(np.float64)
+  expected = 2**31 + 1 - 2**31 * k.astype(np.float64) / mm  # k of mm keys at or above
+  tolerance = 2**31 / mm * (0.01 * np.sqrt(k) + 1) + 256  # float32 rounding
+  assert np.all(np.abs(pivots[:, 2] - expected) <= tolerance), (pivots[:, 2], expected)
+
+
 @pytest.mark.parametrize('claim', ['too_many', 'too_few', 'not_uniform'])
 def test_a_wrong_uniform_claim_costs_passes_not_exactness(claim):
   rng = np.random.default_rng(3)
