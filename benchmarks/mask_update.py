@@ -51,13 +51,7 @@ def loss_of(model: str, layout: str):
   """The loss ``f(params, batch)`` of the benchmark model (``search_passes``' batch)."""
   if model == 'mlp':
     return run.loss_fn
-  lm = transformer.setup(12, layout, transformer.tokens_of(2))[0]
-
-  def loss(params, tokens):
-    logits = lm.apply({'params': params}, tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-  return loss
+  return transformer.make_loss(transformer.LM(12, scanned=layout == 'scanned'))
 
 
 def main(argv=None):

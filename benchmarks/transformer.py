@@ -123,10 +123,18 @@ def step_kinds(has_updates: bool) -> dict:
   return {'no update': 11, 'update': 10} if has_updates else {'every step': None}
 
 
-def make_step(model, tx):
+def make_loss(model):
+  """The LM's loss ``f(params, tokens)``: next-token cross-entropy over the batch."""
+
   def loss(params, tokens):
     logits = model.apply({'params': params}, tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  return loss
+
+
+def make_step(model, tx):
+  loss = make_loss(model)
 
   def step(params, state, tokens):
     grads = jax.grad(loss)(params, tokens)

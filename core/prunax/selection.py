@@ -1439,20 +1439,17 @@ def _topk_masks_each(
   small = [i for i, x in enumerate(inputs) if x.size <= _SORT_AT_MOST]
   large = [i for i, x in enumerate(inputs) if x.size > _SORT_AT_MOST]
 
-  def subset(indices, *vectors):
+  def subset(indices):
     if len(indices) == len(inputs):
-      return inputs, k, *vectors
+      return inputs, k, uniform
     at = jnp.asarray(indices)
-    return [inputs[i] for i in indices], k[at], *(v[at] for v in vectors)
+    return [inputs[i] for i in indices], k[at], None if uniform is None else uniform[at]
 
   parts = []
   if small:
-    parts.append(_sorted_thresholds(*subset(small)))
+    parts.append(_sorted_thresholds(*subset(small)[:2]))
   if large:
-    if uniform is None:
-      parts.append(_searched_thresholds(*subset(large), distinct=distinct))
-    else:
-      parts.append(_searched_thresholds(*subset(large, uniform), distinct=distinct))
+    parts.append(_searched_thresholds(*subset(large), distinct=distinct))
   t, t_tie = (
     _in_input_order(small + large, jnp.concatenate(column)) for column in zip(*parts, strict=True)
   )
@@ -1569,11 +1566,7 @@ def topk_masks(
     )
     candidates = None
     if uniform is not None:  # a hint: not clipped (_uniform_pivots takes any count)
-      candidates = jnp.stack(
-        once_per_value(
-          lambda m, _: jnp.asarray(m, jnp.int32), [uniform[i] for i in chosen], [0] * len(chosen)
-        )
-      )
+      candidates = jnp.stack([jnp.asarray(uniform[i], jnp.int32) for i in chosen])
     found = _topk_masks_each(
       [inputs[i] for i in chosen], jnp.maximum(counts, 1), counts > 0, distinct, candidates
     )
