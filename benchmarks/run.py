@@ -31,6 +31,7 @@ from benchmarks.compile_time import machine
 from prunax import export
 from prunax import selection
 from prunax import sparsity_schedules
+from prunax import sparsity_types
 
 
 def timeit(fn, *args, iters: int = 5) -> float:
@@ -217,20 +218,28 @@ def bench_steps(sizes, batch_size, repeats, packed):
 # ------------------------------------------------------------------------- export/inference
 
 
+def export_ratios(w) -> dict[str, float]:
+  """Bytes of ``w`` exported after pruning, over its dense bytes: 90% unstructured as BCOO
+  and BCSR, and 2:4 as N:M (selected along :class:`prunax.NByM`'s default axis, the
+  one :func:`prunax.export.to_nm` groups by)."""
+  keep = selection.topk_mask(jnp.abs(w), int(0.1 * w.size))
+  sparse_w = np.asarray(jnp.where(keep, w, 0))
+  axis = sparsity_types.nm_default_axis(w.ndim)
+  nm = np.asarray(jnp.where(selection.n_by_m_mask(jnp.abs(w), 2, 4, axis=axis), w, 0))
+  return {
+    'bcoo': export.nbytes(export.to_bcoo(sparse_w)) / w.nbytes,
+    'bcsr': export.nbytes(export.to_bcsr(sparse_w)) / w.nbytes,
+    'nm_2_4': export.to_nm(nm, 2, 4).nbytes / w.nbytes,
+  }
+
+
 def bench_export(sizes, repeats):
   print('\n## Sparse export sizes (fp32)')
   w = jax.random.normal(jax.random.PRNGKey(0), (2048, 2048))
-  keep = selection.topk_mask(jnp.abs(w), int(0.1 * w.size))
-  sparse_w = np.asarray(jnp.where(keep, w, 0))
-  print(
-    f'BCOO  90% unstructured: {export.nbytes(export.to_bcoo(sparse_w)) / w.nbytes:.4f} '
-    '(target <= 0.35)'
-  )
-  print(f'BCSR  90% unstructured: {export.nbytes(export.to_bcsr(sparse_w)) / w.nbytes:.4f}')
-  nm = np.asarray(jnp.where(selection.n_by_m_mask(jnp.abs(w), 2, 4), w, 0))
-  print(
-    f'N:M   2:4             : {export.to_nm(nm, 2, 4).nbytes / w.nbytes:.4f} (target <= 0.5625)'
-  )
+  ratios = export_ratios(w)
+  print(f'BCOO  90% unstructured: {ratios["bcoo"]:.4f} (target <= 0.35)')
+  print(f'BCSR  90% unstructured: {ratios["bcsr"]:.4f}')
+  print(f'N:M   2:4             : {ratios["nm_2_4"]:.4f} (target <= 0.5625)')
 
   print(f'\n## Sparse inference, MLP {"-".join(map(str, sizes))} at 90% (BCOO kernels) vs dense')
   params = mlp(sizes)
