@@ -219,3 +219,51 @@ def test_a_step_without_mask_update_moves_about_the_dense_bytes():
   }
   assert 1.0 < ratios[True] <= 1.03, ratios
   assert ratios[False] > ratios[True] + 0.05, ratios  # the model sees the masks' bytes
+
+
+def _most_concatenated(compiled) -> int:
+  """The most operands of any concatenation in an optimised module (fused or not)."""
+  return max(
+    (
+      line.split('concatenate(', 1)[1].split(')', 1)[0].count('%')
+      for line in compiled.as_text().splitlines()
+      if ' concatenate(' in line
+    ),
+    default=0,
+  )
+
+
+@pytest.mark.parametrize(
+  'updater',
+  [
+    prunax.MagnitudePruning(sparsity=0.8, scheduler=sched.PolynomialSchedule(1, 0, 10)),
+    prunax.SET(sparsity=0.8, scheduler=sched.PeriodicSchedule(1, 0, 10)),
+  ],
+  ids=['magnitude', 'set'],
+)
+def test_a_count_shared_by_every_leaf_is_not_stacked_per_leaf(updater):
+  # 24 leaves of one size at one sparsity share one traced count (once_per_value: the
+  # schedule's sparsity, SET's decaying drop fraction); stacked once per leaf it was a
+  # concatenation of 24 operands, a kernel of its own that grows with the leaves (10-15 ms
+  # of LLVM time at 64 leaves on CPU, once per selection loop: python -m
+  # benchmarks.compile_kernels). As one broadcast it compiles no kernel.
+  tx = updater.wrap_optax(optax.sgd(0.1))
+  params = {f'l{i}': jnp.full((64, 64), 1.0 + i) for i in range(24)}
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  compiled = compile_as_users(step.lower(params, tx.init(params), params))
+  assert _most_concatenated(compiled) < 24
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(
+  picks=st.lists(st.integers(0, 3), min_size=1, max_size=12),
+  dtype=st.sampled_from([None, jnp.int32, jnp.float32]),
+)
+def test_stack_shared_equals_a_plain_stack(picks, dtype):
+  # Leaves share values by identity: the same object at several positions.
+  values = [jnp.int32(7), jnp.int32(-3), jnp.array(11, jnp.int32), 5]
+  chosen = [values[i] for i in picks]
+  got = selection.stack_shared(chosen, dtype)
+  want = jnp.stack([jnp.asarray(v, dtype) for v in chosen])
+  assert got.shape == want.shape and got.dtype == want.dtype
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
