@@ -38,6 +38,7 @@ NAMES = (
   'fused_masked_sum',
   'blocked_sum',
   'unstack',
+  'unfused_concatenate',
 )
 OFF_VARIABLE = 'PRUNAX_XLA_WORKAROUNDS_OFF'
 
@@ -120,6 +121,39 @@ FUSED_CONCAT_OPERANDS = 8
 def fused_concat_operands() -> int | None:
   """:data:`FUSED_CONCAT_OPERANDS`, or None (no limit) where it is switched off."""
   return None if switched_off('FUSED_CONCAT_OPERANDS') else FUSED_CONCAT_OPERANDS
+
+
+def unfused_concatenate(parts: list[jax.Array]) -> jax.Array:
+  """``jnp.concatenate(parts)`` (first axis) followed by filler rows: read only its
+  first ``sum(p.shape[0] for p in parts)`` rows, after a computation XLA cannot fold the
+  fillers away through (a sort).
+
+  Prevents: one kernel that computes every part. XLA's CPU backend fuses the computations
+  of the operands of a concatenation of at most :data:`FUSED_CONCAT_OPERANDS` operands
+  into it: the parts, each computed by the same computation on other arrays (the
+  samples of groups of alike leaves), become one kernel of all of them, whose LLVM time
+  grows with the parts; with more operands it fuses none, and identical parts compile
+  one kernel (reused) and a copy. Measured on CPU, jax 0.10.2, with ``python -m
+  benchmarks.compile_kernels``: the samples of 64 leaves of 256 x 256 (8 groups of 8) were
+  one kernel of 64 gathers, 116-149 ms of LLVM time per selection loop; at 256 leaves (32
+  groups) a 49 ms group kernel and a 19 ms copy. The fillers take the operands past the
+  limit.
+
+  Args:
+    parts: arrays of one dtype and equal shapes but for the first axis.
+
+  Returns:
+    The concatenation, with filler rows after the parts' where there are 2 to
+    :data:`FUSED_CONCAT_OPERANDS` parts.
+  """
+  if switched_off('unfused_concatenate') or not 2 <= len(parts) <= FUSED_CONCAT_OPERANDS:
+    return jnp.concatenate(parts)
+  # One value per filler row: XLA merges adjacent operands that broadcast one value.
+  fillers = [
+    jnp.full((1, *parts[0].shape[1:]), i, parts[0].dtype)
+    for i in range(FUSED_CONCAT_OPERANDS + 1 - len(parts))
+  ]
+  return jnp.concatenate([*parts, *fillers])
 
 
 def leaf_row(stacked: jax.Array, i: int) -> jax.Array:

@@ -1345,7 +1345,9 @@ def _sample_pivots_each(inputs: Sequence[Lazy], k: jax.Array) -> jax.Array:
 
   Alike inputs are sampled by one computation (:func:`map_alike`'s groups) and padded as
   one array: padding every input's sample on its own compiled one kernel per input of a
-  distinct shape.
+  distinct shape. The groups' samples are concatenated by
+  ``_xla_workarounds.unfused_concatenate``, so that the groups of one signature compile
+  one sampling kernel between them, not one kernel of every group's gathers.
   """
   sampled = [x.sampled(_sample_stride(x.size, [x.shape])) for x in inputs]
   width = max(x.size for x in sampled)
@@ -1354,7 +1356,10 @@ def _sample_pivots_each(inputs: Sequence[Lazy], k: jax.Array) -> jax.Array:
     size = keys.shape[1]
     rows.append(jnp.pad(keys, ((0, 0), (width - size, 0))) if size < width else keys)
     order += members
-  sample = jnp.sort(_in_input_order(order, jnp.concatenate(rows)), axis=1)
+  # Sorted, then cut to the inputs' rows: the filler rows of unfused_concatenate stay
+  # until after the sort, which XLA cannot simplify them away through.
+  sample = jnp.sort(_xla_workarounds.unfused_concatenate(rows), axis=1)
+  sample = _in_input_order(order, sample[: len(inputs)])
   size = np.array([x.size for x in sampled], np.float32)
   pad = np.array([width - x.size for x in sampled], np.int32)
   n = np.array([x.size for x in inputs], np.float32)

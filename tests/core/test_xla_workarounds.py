@@ -303,6 +303,29 @@ def test_fused_concat_operands_still_holds(monkeypatch):
   )
 
 
+def most_gathers_in_a_kernel(compiled) -> int:
+  blocks = re.findall(r'^%fused_computation[^\n]*\{\n(.*?)\n\}', compiled.as_text(), re.S | re.M)
+  return max((b.count(' gather(') for b in blocks), default=0)
+
+
+@CPU_ONLY
+def test_unfused_concatenate_still_needed(monkeypatch):
+  # 16 leaves of one shape: 2 groups of 8 alike leaves, whose samples are gathered (one
+  # gather a leaf) and sorted together. With the fillers, each group's sample is one
+  # kernel (the same for both, compiled once); without them XLA fused both groups'
+  # gathers into the concatenation: a kernel of 16 gathers, of 64 for 64 leaves.
+  ws = [weights()[:64, :64] + i for i in range(16)]
+  with_it = compiled(topk_of_leaves, *ws)
+  masks = jax.jit(topk_of_leaves)(*ws)
+  monkeypatch.setenv(_xla_workarounds.OFF_VARIABLE, 'unfused_concatenate')
+  without = compiled(topk_of_leaves, *ws)
+  assert most_gathers_in_a_kernel(with_it) <= _xla_workarounds.FUSED_CONCAT_OPERANDS
+  assert most_gathers_in_a_kernel(without) >= 16, stale('unfused_concatenate')
+  jax.clear_caches()
+  for got, want in zip(jax.jit(topk_of_leaves)(*ws), masks, strict=True):
+    np.testing.assert_array_equal(got, want)
+
+
 def test_after_compiles_linearly_in_the_leaves():
   # Each leaf reads the 0 of its own dep. One 0 summed over every dep was fused into every
   # leaf's update (L * L terms): the optimised module of 8, 16, 32 leaves had 370, 1210,
@@ -526,6 +549,11 @@ SWITCHED = {
     'reduce',  # the two-output reduction; jnp.sum is reduce_sum
   ),
   'unstack': (_xla_workarounds.unstack, (jnp.ones((3, 2)),), 'reduce'),  # else slices
+  'unfused_concatenate': (
+    lambda a, b: _xla_workarounds.unfused_concatenate([a, b])[:5],
+    (jnp.ones((2, 3)), jnp.zeros((3, 3))),
+    'broadcast_in_dim',  # the filler rows
+  ),
 }
 
 
