@@ -1218,7 +1218,7 @@ def _pass_counts(inputs, groups, key_fn, pivots, witness, active=None) -> jax.Ar
   return _in_input_order(order, jnp.concatenate(parts))
 
 
-def _search(inputs, key_fn, k, n: int, sample: bool = True):
+def _search(inputs, key_fn, k, n: int, sample: bool = True, start=None):
   """``(t, c_t, c_above)`` with ``t`` the k-th largest key (or any key keeping exactly ``k``).
 
   ``key_fn(i, x, witness)`` gives the uint32 keys of ``inputs[i]``, where ``x`` reads its
@@ -1256,8 +1256,12 @@ def _search(inputs, key_fn, k, n: int, sample: bool = True):
   # Every counting pass, the first (at the sample's quantiles) included, is in the loop:
   # a pass outside it would compute the same keys as the final mask, and XLA would
   # store them once for both.
-  start = (jnp.uint32(0), jnp.uint32(_MAX_KEY), jnp.int32(n), jnp.int32(0))
-  state = _with_pivots(start, k, _sample_pivots(inputs, k, n) if sample else None)
+  lo, c_lo = (jnp.uint32(0), jnp.int32(n)) if start is None else start
+  state = _with_pivots(
+    (lo, jnp.uint32(_MAX_KEY), c_lo, jnp.int32(0)),
+    k,
+    _sample_pivots(inputs, k, n) if sample else None,
+  )
   lo, _, c_lo, c_hi = _unpacked(jax.lax.while_loop(open_, step, state))[0]
   return lo, c_lo, c_hi
 
@@ -1332,7 +1336,10 @@ def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
       return jnp.where(keys == t, jnp.uint32(_MAX_KEY) - position, 0)
 
     # No sample for this search: sampling position-dependent keys would store them all.
-    return _search(inputs, tie_keys, k - c_above, n, sample=False)[0]
+    # Every tie key is at least MAX - (n - 1) (the last position), and c_t - c_above keys
+    # are tied: the first bracket starts there, not at 0 with all n keys.
+    start = (jnp.uint32(_MAX_KEY - (n - 1)), c_t - c_above)
+    return _search(inputs, tie_keys, k - c_above, n, sample=False, start=start)[0]
 
   # Only scalars leave the cond; every key equal to t is kept when c_t == k (cutoff 0).
   t_tie = jax.lax.cond(c_t == k, lambda _: jnp.uint32(0), tie_cutoff, None)
@@ -1388,7 +1395,7 @@ def _uniform_pivots(k: jax.Array, m: jax.Array) -> jax.Array:
   return jnp.uint32(2**31 + 1) - offset.astype(jnp.uint32)
 
 
-def _search_each(inputs, key_fn, k, sample: bool = True, closed=None, first=None):
+def _search_each(inputs, key_fn, k, sample: bool = True, closed=None, first=None, start=None):
   """:func:`_search` of every input on its own (its own ``k[i]``), in one ``while_loop``.
 
   The loop state holds a bracket per input (vectors, narrowed by one vectorised
@@ -1397,14 +1404,18 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None, first=None
   changes, so each input ends where its own search would). Input ``i`` reads its row of
   the pivots through ``_xla_workarounds.leaf_row``, so the counting kernels of inputs of
   one shape are identical and compiled once. Inputs where ``closed`` is True start
-  closed (result ``(0, n, 0)``). ``first`` (``(len(inputs), 5)`` uint32, sorted rows)
-  replaces the sample's thresholds of the first pass (:func:`_uniform_pivots`). Returns
-  the vectors ``(t, c_t, c_above)``.
+  closed (result ``(0, n, 0)``). ``start`` (vectors ``(lo, c_lo)``) replaces the first
+  bracket's lower end ``0`` and its count, every key. ``first`` (``(len(inputs), 5)``
+  uint32, sorted rows) replaces the sample's thresholds of the first pass
+  (:func:`_uniform_pivots`). Returns the vectors ``(t, c_t, c_above)``.
   """
   n = jnp.array([x.size for x in inputs], jnp.int32)
   lo = jnp.zeros(len(inputs), jnp.uint32)
+  if start is not None:
+    lo, n = start
   hi = jnp.full(len(inputs), _MAX_KEY, jnp.uint32)
   if closed is not None:
+    lo = jnp.where(closed, jnp.uint32(0), lo)
     hi = jnp.where(closed, lo, hi)
   groups = _alike_groups(inputs)
 
@@ -1502,8 +1513,13 @@ def _searched_thresholds(
     position = _flat_index(keys.shape, witness)
     return jnp.where(keys == _xla_workarounds.leaf_row(t, i), jnp.uint32(_MAX_KEY) - position, 0)
 
-  # Inputs with exactly k keys at or above t keep every key equal to t (cutoff 0).
-  return t, _search_each(inputs, tie_keys, k - c_above, sample=False, closed=c_t == k)[0]
+  # Inputs with exactly k keys at or above t keep every key equal to t (cutoff 0). Every
+  # tie key is at least MAX - (size - 1) (the last position), and c_t - c_above keys are
+  # tied: each first bracket starts there, not at 0 with all the input's keys.
+  sizes = np.array([x.size for x in inputs], np.int64)
+  start = (jnp.asarray(_MAX_KEY - (sizes - 1), jnp.uint32), c_t - c_above)
+  found = _search_each(inputs, tie_keys, k - c_above, sample=False, closed=c_t == k, start=start)
+  return t, found[0]
 
 
 def topk_masks(

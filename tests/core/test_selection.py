@@ -463,3 +463,45 @@ def test_count_passes_sums_the_layers_of_a_stack():
   # One record per pass for the three layers' brackets, not one per layer.
   assert log and all(r.brackets == 3 for r in log)
   assert log[0].open == 3 and log[0].keys == 64 * 64
+
+
+@pytest.mark.parametrize('kind', ['bf16', 'quarters'])
+def test_the_tie_search_starts_at_the_tied_positions(kind):
+  # Scores of few values (bfloat16 weights, quantized ones): many keys equal the k-th
+  # largest, and the tie loop finds the position cutoff among them. Its tie keys are
+  # MAX - position for the tied keys: its first bracket starts at the last position's
+  # key with the tied count. Started at 0 with every key, as the threshold search does,
+  # its first pass was spent below every tie key: here 6 passes (each array on its own)
+  # and 8 (over both) on bfloat16 scores, 13 and 8 on quarters; now 3, 3, 5 and 4.
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((512, 512)).astype(np.float32)
+  if kind == 'bf16':
+    w = np.asarray(jnp.asarray(w, jnp.bfloat16).astype(jnp.float32))
+  else:
+    w = np.round(w * 4) / 4
+  arrays = [jnp.asarray(w), jnp.asarray(w[::-1].copy())]
+  k = [w.size // 10, w.size // 2]
+
+  def each(a, b):
+    return selection.topk_masks([selection.Lazy(jnp.abs, a), selection.Lazy(jnp.abs, b)], k)
+
+  def global_(a, b):
+    return selection.global_topk_masks(
+      [selection.Lazy(jnp.abs, a), selection.Lazy(jnp.abs, b)], sum(k)
+    )
+
+  for fn, kk in ((each, None), (global_, sum(k))):
+    with selection.count_passes() as log:
+      masks = jax.jit(lambda a, b, fn=fn: fn(a, b))(*arrays)
+      jax.block_until_ready(masks)
+      jax.effects_barrier()
+    tie = [r for r in log if r.kind == 'tie']
+    assert 1 <= len(tie) <= 6, (fn.__name__, len(tie))
+    scores = [np.abs(np.asarray(a)) for a in arrays]
+    if kk is None:
+      for m, s, n in zip(masks, scores, k, strict=True):
+        np.testing.assert_array_equal(m, reference_masks([s], n)[0])
+    else:
+      want = reference_masks(scores, kk)
+      for m, wm in zip(masks, want, strict=True):
+        np.testing.assert_array_equal(m, wm)
