@@ -505,3 +505,60 @@ def test_the_tie_search_starts_at_the_tied_positions(kind):
       want = reference_masks(scores, kk)
       for m, wm in zip(masks, want, strict=True):
         np.testing.assert_array_equal(m, wm)
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_sixteen_bit_keys_order_every_value_as_float32_keys_do(dtype):
+  # Every bit pattern of the dtype: keys below 2**16, increasing with the value (-0 below
+  # +0, as for float32), NaN one above -inf, and the order of the float32 keys.
+  vals = jax.lax.bitcast_convert_type(jnp.arange(2**16, dtype=jnp.uint16), dtype)
+  f = np.asarray(vals.astype(jnp.float32))
+  keys = np.asarray(selection.sortable_keys(vals)).astype(np.int64)
+  wide = np.asarray(selection.sortable_keys(vals.astype(jnp.float32))).astype(np.int64)
+  assert keys.max() < 2**16
+  number = ~np.isnan(f)
+  order = np.lexsort((wide[number], f[number]))
+  assert np.all(np.diff(keys[number][order]) > 0)
+  assert np.all(np.diff(wide[number][order]) > 0)
+  lowest = keys[number].min()
+  assert keys[f == -np.inf][0] == lowest and np.all(keys[~number] == lowest + 1)
+
+
+def test_a_bfloat16_threshold_search_closes_in_few_passes():
+  # bfloat16 scores as float32 keys are 2**16 apart: the last brackets held a few keys
+  # with wide gaps between them, each closed by splitting it 6 ways a pass (12 and 13
+  # passes here). As 16-bit keys, consecutive values are consecutive keys (3 and 3).
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.standard_normal((512, 512)), jnp.bfloat16)
+  arrays = [w, w[::-1]]
+  k = [w.size // 10, w.size // 2]
+  with selection.count_passes() as log:
+    masks = jax.jit(
+      lambda a, b: selection.topk_masks([selection.Lazy(jnp.abs, x) for x in (a, b)], k)
+    )(*arrays)
+    jax.block_until_ready(masks)
+    jax.effects_barrier()
+  assert 1 <= sum(r.kind == 'threshold' for r in log) <= 5, log
+  for m, a, n in zip(masks, arrays, k, strict=True):
+    scores = np.abs(np.asarray(a, np.float32)).reshape(-1)
+    want = np.zeros(scores.size, bool)
+    want[np.lexsort((np.arange(scores.size), -scores))[:n]] = True
+    np.testing.assert_array_equal(np.asarray(m).reshape(-1), want)
+
+
+def test_a_search_over_arrays_of_several_dtypes_compares_their_values():
+  # 16-bit keys are below every float32 key: one threshold over a bfloat16 and a float32
+  # array reads the bfloat16 scores as float32, so the masks follow the values.
+  rng = np.random.default_rng(1)
+  a = jnp.asarray(rng.standard_normal((64, 64)), jnp.bfloat16)
+  b = jnp.asarray(rng.standard_normal((48, 64)), jnp.float32)
+  k = 3000
+  masks = jax.jit(lambda a, b: selection.global_topk_masks([a, b], k, score_fn=jnp.abs))(a, b)
+  scores = np.abs(
+    np.concatenate([np.asarray(a, np.float32).reshape(-1), np.asarray(b).reshape(-1)])
+  )
+  want = np.zeros(scores.size, bool)
+  want[np.lexsort((np.arange(scores.size), -scores))[:k]] = True
+  got = np.concatenate([np.asarray(m).reshape(-1) for m in masks])
+  np.testing.assert_array_equal(got, want)
+  assert int(masks[0].sum()) > 0 and int(masks[1].sum()) > 0
