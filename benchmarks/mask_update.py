@@ -4,6 +4,7 @@ Run from the repository root::
 
   python -m benchmarks.mask_update                              # MLP 784-2048-2048-10
   python -m benchmarks.mask_update --model transformer --layout unrolled --algorithms set
+  python -m benchmarks.mask_update --dtype bfloat16                  # bfloat16 params
 
 A mask-update step costs the step without one plus the mask update (the selection loops,
 the packing of the new masks); this times the second part on its own, so that a change
@@ -14,7 +15,9 @@ update of that state (``new_masks`` at sparsity 0.9 with the stored masks as the
 ones and the gradients of the batch at those params, then ``store_masks``) and times it
 against the dense step (adam), alternated,
 fastest of ``--calls`` calls each, over ``--repeats`` repeats. It prints the passes the
-update's selection loops ran (:func:`prunax.selection.count_passes`). Nothing is asserted.
+update's selection loops ran (:func:`prunax.selection.count_passes`). With ``--dtype
+bfloat16`` the params (and so the gradients, Adam's moments and the scores) are bfloat16,
+in the dense step too. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -61,8 +64,10 @@ def main(argv=None):
   parser.add_argument('--algorithms', default=','.join(UPDATING[:-1]))
   parser.add_argument('--repeats', type=int, default=6)
   parser.add_argument('--calls', type=int, default=3)
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   args = parser.parse_args(argv)
   params, algorithms, make_step, batch = model_and_step(args.model, args.layout)
+  params = jax.tree.map(lambda a: a.astype(args.dtype), params)
   grad = jax.jit(jax.grad(loss_of(args.model, args.layout)))
   dense_tx = optax.adam(1e-3)
   dense_step = make_step(dense_tx)  # donates its inputs: chained on its own outputs
@@ -73,6 +78,7 @@ def main(argv=None):
     return best * 1e3
 
   where = args.model if args.model == 'mlp' else f'{args.model}, {args.layout}'
+  where += f', {args.dtype} params'
   print(f'# Mask update alone / dense step ({where}), {machine()}, jax {jax.__version__}')
   print(
     '\n| algorithm | passes | update ms (median) | dense step ms (median) '
