@@ -37,32 +37,36 @@ ALGORITHMS = ('dense', 'magnitude', 'set', 'rigl', 'magnitude_ste')
 OTHERS = ('global_magnitude', 'sr_ste', 'autosparse')
 
 
-def _lowered_steps(model: str, algorithms) -> dict[str, str]:
-  """``{algorithm: StableHLO text}`` of the train steps of ``model``."""
-  out = {}
+def lowered_step(model: str, layers: int, algorithm: str):
+  """The lowered train step (``jax.stages.Lowered``) of ``algorithm`` (or ``'dense'``,
+  adam alone) on ``model``: ``'mlp'`` (``layers`` layers of 256 x 256,
+  ``benchmarks.compile_time``) or ``'transformer'`` (``layers`` blocks, unrolled)."""
+  tx = optax.adam(1e-3)
   if model == 'transformer':
     tokens = transformer.tokens_of(2)
-    net, params, layer_axes = transformer.setup(12, 'unrolled', tokens)
-    table = transformer.algorithms(layer_axes)
-    for name in algorithms:
-      tx = optax.adam(1e-3) if name == 'dense' else table[name][0].wrap_optax(optax.adam(1e-3))
-      step = transformer.make_step(net, tx)
-      out[name] = jax.jit(step).lower(params, tx.init(params), tokens).as_text()
-    return out
-  params = compile_time.mlp_params(64)
+    net, params, layer_axes = transformer.setup(layers, 'unrolled', tokens)
+    if algorithm != 'dense':
+      tx = transformer.algorithms(layer_axes)[algorithm][0].wrap_optax(tx)
+    step = transformer.make_step(net, tx)
+    return jax.jit(step).lower(params, tx.init(params), tokens)
+  params = compile_time.mlp_params(layers)
   x = jnp.ones((32, 256))
-  for name in algorithms:
-    tx = optax.adam(1e-3)
-    if name != 'dense':
-      tx = compile_time.updater(name).wrap_optax(tx)
+  if algorithm != 'dense':
+    tx = compile_time.updater(algorithm).wrap_optax(tx)
 
-    def step(p, s, tx=tx):
-      grads = jax.grad(compile_time.loss)(p, x)
-      updates, s = tx.update(grads, s, p)
-      return optax.apply_updates(p, updates), s
+  def step(p, s):
+    grads = jax.grad(compile_time.loss)(p, x)
+    updates, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, updates), s
 
-    out[name] = jax.jit(step).lower(params, tx.init(params)).as_text()
-  return out
+  return jax.jit(step).lower(params, tx.init(params))
+
+
+def _lowered_steps(model: str, algorithms) -> dict[str, str]:
+  """``{algorithm: StableHLO text}`` of the train steps of ``model`` (``'transformer'``,
+  12 blocks, or ``'mlp64'``)."""
+  name, layers = ('transformer', 12) if model == 'transformer' else ('mlp', 64)
+  return {a: lowered_step(name, layers, a).as_text() for a in algorithms}
 
 
 def save(folder: str, algorithms) -> None:

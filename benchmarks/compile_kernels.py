@@ -53,36 +53,9 @@ def _child(model: str, layers: int, algorithm: str, hlo_path: str) -> None:
   """Compiles the step; writes its optimised HLO to ``hlo_path``, prints its seconds."""
   import time
 
-  import jax
-  import jax.numpy as jnp
-  import optax
+  from benchmarks import compile_ab
 
-  from benchmarks import compile_time
-  from benchmarks import transformer
-
-  if model == 'mlp':
-    params = compile_time.mlp_params(layers)
-    x = jnp.ones((32, 256))
-    tx = optax.adam(1e-3)
-    if algorithm != 'dense':
-      tx = compile_time.updater(algorithm).wrap_optax(tx)
-
-    def step(p, s):
-      grads = jax.grad(compile_time.loss)(p, x)
-      updates, s = tx.update(grads, s, p)
-      return optax.apply_updates(p, updates), s
-
-    args = (params, tx.init(params))
-  else:
-    tokens = transformer.tokens_of(2)
-    net, params, layer_axes = transformer.setup(layers, 'unrolled', tokens)
-    tx = optax.adam(1e-3)
-    if algorithm != 'dense':
-      tx = transformer.algorithms(layer_axes)[algorithm][0].wrap_optax(tx)
-    step = transformer.make_step(net, tx)
-    args = (params, tx.init(params), tokens)
-  jax.block_until_ready(args)
-  lowered = jax.jit(step).lower(*args)
+  lowered = compile_ab.lowered_step(model, layers, algorithm)
   start = time.perf_counter()
   compiled = lowered.compile()
   seconds = time.perf_counter() - start

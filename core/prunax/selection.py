@@ -784,19 +784,11 @@ def _float32_scores(scores: jax.Array) -> jax.Array:
 def _comparable(inputs: list[Lazy]) -> list[Lazy]:
   """``inputs`` whose keys (:func:`sortable_keys`) compare across them: where their scores
   are of several dtypes, the 16-bit float ones read as float32 (uint32 keys as they are)."""
-  found: dict = {}
-
-  def dtype(x: Lazy):
-    try:  # alike inputs (one signature) have one dtype: traced once per signature
-      key = _signature(x)
-      hash(key)
-    except TypeError:
-      return jax.eval_shape(x).dtype
-    if key not in found:
-      found[key] = jax.eval_shape(x).dtype
-    return found[key]
-
-  dtypes = [dtype(x) for x in inputs]
+  dtypes: list[Any] = [None] * len(inputs)
+  for group in _alike_groups(inputs):  # alike inputs have one dtype: traced once a group
+    dtype = jax.eval_shape(inputs[group[0]]).dtype
+    for i in group:
+      dtypes[i] = dtype
   if len(set(dtypes)) <= 1:
     return inputs
   return [
@@ -1383,14 +1375,20 @@ def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
       return jnp.where(keys == t, jnp.uint32(_MAX_KEY) - position, 0)
 
     # No sample for this search: sampling position-dependent keys would store them all.
-    # Every tie key is at least MAX - (n - 1) (the last position), and c_t - c_above keys
-    # are tied: the first bracket starts there, not at 0 with all n keys.
-    start = (jnp.uint32(_MAX_KEY - (n - 1)), c_t - c_above)
+    start = _tie_start(n, c_t, c_above)
     return _search(inputs, tie_keys, k - c_above, n, sample=False, start=start)[0]
 
   # Only scalars leave the cond; every key equal to t is kept when c_t == k (cutoff 0).
   t_tie = jax.lax.cond(c_t == k, lambda _: jnp.uint32(0), tie_cutoff, None)
   return _row_masks(inputs, t, t_tie, keep, offsets[:-1])
+
+
+def _tie_start(n, c_t, c_above) -> tuple[jax.Array, jax.Array]:
+  """``(lo, c_lo)`` of the first bracket of a tie search over ``n`` positions (an int, or
+  one per input): every tie key (``MAX - position``) is at least ``MAX - (n - 1)``, and
+  ``c_t - c_above`` keys are tied. Started at 0 with every key, its first pass was spent
+  below every tie key."""
+  return jnp.asarray(_MAX_KEY - (np.asarray(n, np.int64) - 1), jnp.uint32), c_t - c_above
 
 
 def _sample_pivots_each(inputs: Sequence[Lazy], k: jax.Array) -> jax.Array:
@@ -1456,10 +1454,9 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None, first=None
   uint32, sorted rows) replaces the sample's thresholds of the first pass
   (:func:`_uniform_pivots`). Returns the vectors ``(t, c_t, c_above)``.
   """
-  n = jnp.array([x.size for x in inputs], jnp.int32)
-  lo = jnp.zeros(len(inputs), jnp.uint32)
+  lo, c_lo = jnp.zeros(len(inputs), jnp.uint32), jnp.array([x.size for x in inputs], jnp.int32)
   if start is not None:
-    lo, n = start
+    lo, c_lo = start
   hi = jnp.full(len(inputs), _MAX_KEY, jnp.uint32)
   if closed is not None:
     lo = jnp.where(closed, jnp.uint32(0), lo)
@@ -1481,7 +1478,7 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None, first=None
     counts = _pass_counts(inputs, groups, key_fn, pivots, pivots, active=still)
     return jnp.where(still[:, None], _with_pivots(_narrow(bracket, pivots, counts, k), k), state)
 
-  start = (lo, hi, n, jnp.zeros(len(inputs), jnp.int32))
+  start = (lo, hi, c_lo, jnp.zeros(len(inputs), jnp.int32))
   if first is None and sample:
     first = _sample_pivots_each(inputs, k)
   state = _with_pivots(start, k, first)
@@ -1560,11 +1557,8 @@ def _searched_thresholds(
     position = _flat_index(keys.shape, witness)
     return jnp.where(keys == _xla_workarounds.leaf_row(t, i), jnp.uint32(_MAX_KEY) - position, 0)
 
-  # Inputs with exactly k keys at or above t keep every key equal to t (cutoff 0). Every
-  # tie key is at least MAX - (size - 1) (the last position), and c_t - c_above keys are
-  # tied: each first bracket starts there, not at 0 with all the input's keys.
-  sizes = np.array([x.size for x in inputs], np.int64)
-  start = (jnp.asarray(_MAX_KEY - (sizes - 1), jnp.uint32), c_t - c_above)
+  # Inputs with exactly k keys at or above t keep every key equal to t (cutoff 0).
+  start = _tie_start(np.array([x.size for x in inputs], np.int64), c_t, c_above)
   found = _search_each(inputs, tie_keys, k - c_above, sample=False, closed=c_t == k, start=start)
   return t, found[0]
 
