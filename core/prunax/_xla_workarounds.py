@@ -17,6 +17,7 @@ benchmark with and without them).
 from __future__ import annotations
 
 import collections
+import math
 import os
 from typing import Any
 
@@ -35,7 +36,7 @@ NAMES = (
   'leaf_row',
   'after',
   'shared_flag',
-  'fused_masked_sum',
+  'fused_sum',
   'blocked_sum',
   'unstack',
   'unfused_concatenate',
@@ -319,44 +320,59 @@ def shared_flag(flag: jax.Array) -> jax.Array:
   return jnp.exp(jnp.where(flag, 0.0, -1.0)) == 1.0
 
 
-def fused_masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
-  """``sum(x)``, reduced as the two sums of ``x`` inside and outside ``mask``.
+def fused_sum(x: jax.Array) -> jax.Array:
+  """``sum(x)`` in float32, reduced together with ``any(isnan(x))``.
 
   Prevents: XLA's CPU backend handing a plain float sum to a library kernel that needs
   its input (here a product of three arrays) stored in full, one array the size of the
-  leaf; a two-output reduction stays in XLA's fused loop. That loop is scalar, so rows of
-  16 are reduced first (vectorised; the two row sums take 1/8 of the leaf's fp32 bytes),
-  then the row sums. Measured on CPU, jax 0.10.2: the AutoSparse step of two 256 x 256
-  layers holds 820,804 temporary bytes with a plain sum, 592,656 with this; the sum
-  of a product of three 2048 x 2048 arrays takes 4.3 ms of CPU without the rows, 2.8 ms
-  with them. The sum is in another order than ``jnp.sum``'s.
+  leaf; a two-output reduction stays in XLA's fused loop. With a float and a bool output
+  that loop is vectorised; with two float outputs (the sums inside and outside a mask,
+  this function until 2026-12) it is scalar, 3-5x slower for rows longer than 8. The
+  rows (:func:`_sum_rows`: the last axis, which keeps a split of the leading axes where
+  it lies) are reduced first, then their sums. The flag changes no value: where it is
+  set the sum is NaN anyway. Measured on CPU, jax 0.10.2, the sum of a product of three
+  2048 x 2048 arrays (``benchmarks/workarounds.py``): 0.6-0.9 ms and 10 KB of
+  temporaries like this, 1.4-1.6 ms and 16.8 MB (the product) as a plain sum, 3.0-3.5
+  ms and 2.1 MB as two float sums in rows of 16; an AutoSparse step of two 256 x 256
+  layers holds 820,804 temporary bytes with a plain sum. The sum is in another order
+  than ``jnp.sum``'s.
 
   Args:
     x: the values (any shape; summed in float32).
-    mask: a bool array of ``x``'s shape.
 
   Returns:
     The float32 sum of ``x``.
   """
-  if switched_off('fused_masked_sum'):
-    return jnp.sum(x.astype(jnp.float32))
-  x = x.astype(jnp.float32).reshape(-1)
-  return two_output_sum(x, mask, width=16 if x.size % 16 == 0 else x.size)
-
-
-def two_output_sum(x: jax.Array, mask: jax.Array, width: int) -> jax.Array:
-  """``sum(x)`` as the sums inside and outside ``mask``, reduced in rows of ``width``
-  (a divisor of ``x.size``) and then over the row sums; :func:`fused_masked_sum` with
-  its row width given (``benchmarks/workarounds.py`` times it without the rows)."""
-  x, mask = x.reshape(-1, width), mask.reshape(-1, width)
-  zero = jnp.zeros_like(x)
-  inside, outside = jax.lax.reduce(
-    (jnp.where(mask, x, zero), jnp.where(mask, zero, x)),
-    (jnp.float32(0), jnp.float32(0)),
-    lambda a, b: (a[0] + b[0], a[1] + b[1]),
-    (1,),
+  x = jnp.asarray(x, jnp.float32)
+  if switched_off('fused_sum'):
+    return jnp.sum(x)
+  x = x.reshape(_sum_rows(x.shape))
+  sums, nan = jax.lax.reduce(
+    (x, jnp.isnan(x)),
+    (jnp.float32(0), jnp.bool_(False)),
+    lambda a, b: (a[0] + b[0], a[1] | b[1]),
+    (x.ndim - 1,),
   )
-  return jnp.sum(inside) + jnp.sum(outside)
+  return jnp.where(jnp.any(nan), jnp.float32(jnp.nan), jnp.sum(sums))
+
+
+# Rows of fused_sum: a last axis of this many elements or more is summed as it lies.
+SUM_ROW = 64
+
+
+def _sum_rows(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape :func:`fused_sum` reduces the last axis of: ``shape`` when its last axis
+  holds ``SUM_ROW`` to 4096 elements, else rows of the largest power of two from 4096 down
+  to ``SUM_ROW`` dividing its last axis (when longer) or its size; one row if none does."""
+  size = math.prod(shape)
+  d = shape[-1] if shape else 1
+  if SUM_ROW <= d <= 4096:
+    return shape
+  lead, n = (shape[:-1], d) if d > 4096 else ((), size)
+  for width in (4096, 2048, 1024, 512, 256, 128, SUM_ROW):
+    if n % width == 0:
+      return (*lead, n // width, width)
+  return (size,)
 
 
 # Rows of a blocked_sum's first reduction: XLA's CPU backend splits longer reductions.

@@ -437,17 +437,6 @@ def test_digits_higher_alpha0_gives_lower_sparsity_and_nonuniform_layers():
   assert max(layers) - min(layers) > 0.1, layers  # learned, non-uniform sparsities
 
 
-@pytest.mark.parametrize('shape', [(64, 48), (7, 9), (5,)])
-def test_split_sum_equals_the_sum(shape):
-  from prunax import _xla_workarounds
-
-  rng = np.random.default_rng(sum(shape))
-  x = rng.standard_normal(shape).astype(np.float32)
-  mask = rng.random(shape) < 0.3
-  got = float(jax.jit(_xla_workarounds.fused_masked_sum)(jnp.asarray(x), jnp.asarray(mask)))
-  np.testing.assert_allclose(got, x.astype(np.float64).sum(), rtol=1e-5, atol=1e-5)
-
-
 def test_stacked_leaves_of_different_ranks():
   # Per-layer thresholds of stacked leaves have shapes (L, 1, 1, 1) and (L, 1, 1): the step
   # once broadcast them against each other (an (L, L, 1, 1) "zero" added to the gradients).

@@ -270,10 +270,10 @@ class AutoSparse(StraightThrough, BaseUpdater):
       dt_ds = jax.nn.sigmoid(s) * (1.0 - jax.nn.sigmoid(s))
       x = g.astype(jnp.float32) * jnp.sign(w).astype(jnp.float32) * c
       if jnp.ndim(s) == 0:
-        return -dt_ds * _xla_workarounds.fused_masked_sum(x, m)
+        return -dt_ds * _xla_workarounds.fused_sum(x)
       # Per-layer thresholds of a stacked leaf: one sum per layer.
       axis = _layer_axis(s, w)
-      sums = selection.map_layers(_xla_workarounds.fused_masked_sum, axis, x, m)
+      sums = selection.map_layers(_xla_workarounds.fused_sum, axis, x)
       return -dt_ds * sums.reshape(s.shape)
 
     return map_masked(grad_s, masks, grads, dense, scales, _thresholds(sparse_state))
