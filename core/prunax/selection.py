@@ -1755,7 +1755,13 @@ def n_by_m_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
   """Keeps the ``n`` largest of every ``m`` consecutive scores along ``axis``.
 
   The rank of each score in its group comes from pairwise comparisons (``m`` per
-  element, no sort), ties broken by the lower position in the group.
+  element, no sort), ties broken by the lower position in the group. The groups are
+  formed in place (``axis`` split into ``(size // m, m)``, a reshape that moves nothing)
+  and the comparisons are summed one partner at a time, so the mask is elementwise in the
+  scores: XLA fuses it into what reads it. Moving ``axis`` last and summing the
+  comparisons with a reduction stored a transposed copy of the scores and an int32 rank
+  per score (a 2048 x 2048 N:M SR-STE step held 33.6 MB of temporaries, the dense step
+  24.3 MB).
 
   Args:
     scores: float array whose ``axis`` dimension is divisible by ``m``.
@@ -1783,13 +1789,12 @@ def n_by_m_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
       f'n_by_m_mask: axis {axis} of scores with shape {shape} has size {shape[axis]}, '
       f'which is not divisible by m={m}; groups of {m} need a multiple of {m} along the axis.'
     )
-  moved = jnp.moveaxis(scores, axis, -1)
-  size = moved.shape[-1]
-  groups = sortable_keys(moved).reshape(moved.shape[:-1] + (size // m, m))
-  a = groups[..., :, None]  # the element whose rank is computed
-  b = groups[..., None, :]  # every other element of its group
-  earlier = jnp.arange(m)[None, :] < jnp.arange(m)[:, None]
-  beats = (b > a) | ((b == a) & earlier)
-  rank = jnp.sum(beats, axis=-1, dtype=jnp.int32)
-  keep = (rank < n).reshape(moved.shape)
-  return jnp.moveaxis(keep, -1, axis)
+  axis %= len(shape)
+  within = axis + 1  # the position in the group
+  keys = sortable_keys(scores).reshape(shape[:axis] + (shape[axis] // m, m) + shape[axis + 1 :])
+  position = jax.lax.broadcasted_iota(jnp.int32, keys.shape, within)
+  rank = jnp.zeros(keys.shape, jnp.int32)
+  for j in range(m):
+    other = jax.lax.index_in_dim(keys, j, within)  # broadcasts along the group
+    rank += ((other > keys) | ((other == keys) & (position > j))).astype(jnp.int32)
+  return (rank < n).reshape(shape)

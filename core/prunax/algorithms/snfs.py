@@ -155,9 +155,11 @@ def _layer_sums(old, momentum, *, axis):
   if axis is not None:
     old, momentum = jnp.moveaxis(old, axis, 0), jnp.moveaxis(momentum, axis, 0)
   old, momentum = old.reshape(layers, -1), momentum.reshape(layers, -1)
+  # Neither sum stores what it reads: a plain int32 sum stored the converted mask, a
+  # plain float sum the masked |momentum| (4 bytes a weight each).
   return (
-    jnp.sum(old, axis=1, dtype=jnp.int32),
-    jnp.sum(jnp.where(old, jnp.abs(momentum), 0.0), axis=1),
+    _xla_workarounds.blocked_sum(old.astype(jnp.uint8), jnp.int32),
+    jax.vmap(_xla_workarounds.fused_sum)(jnp.where(old, jnp.abs(momentum), 0.0)),
   )
 
 
