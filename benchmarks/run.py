@@ -153,6 +153,8 @@ def algorithms(packed: bool):
     'set': (prunax.SET(scheduler=periodic, **common), True),
     'rigl': (prunax.RigL(scheduler=periodic, **common), True),
     'magnitude_ste': (prunax.SteMagnitudePruning(scheduler=poly, **common), False),
+    # N:M 2:4 (its default structure; sparsity 0.5).
+    'sr_ste': (prunax.SRSTE(packed_masks=packed), False),
     'autosparse': (prunax.AutoSparse(**common), False),
   }
 
@@ -172,7 +174,7 @@ def bench_steps(sizes, batch_size, repeats, packed):
     f'\n## Training step / dense step, MLP {"-".join(map(str, sizes))} ({nparams / 1e6:.1f}M '
     f'params), batch {batch_size}, Adam, sparsity 0.9, packed_masks={packed}'
   )
-  print('   targets: no mask update <= 1.03x; mask update <= 1.5x; STE/AutoSparse <= 1.3x')
+  print('   targets: no mask update <= 1.03x; mask update <= 1.5x; STE/SR-STE/AutoSparse <= 1.3x')
   print(f'{"algorithm":<18} {"step kind":<16} {"ratio min/med/max":>20}  {"ms":>8} {"dense ms":>8}')
   dense_tx = optax.adam(1e-3)
   dense_step = make_step(dense_tx)
