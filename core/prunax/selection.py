@@ -867,15 +867,16 @@ def _field_sums(per_row: jax.Array, fields: int) -> jax.Array:
   return _xla_workarounds.blocked_sum(values, jnp.int32, tuple(range(2, values.ndim - 1))).T
 
 
-def _with_pivots(bracket, k, pivots=None) -> jax.Array:
+def _with_pivots(bracket, k, pivots=None, stuck=None) -> jax.Array:
   """A search's loop state: every bracket ``(lo, hi, c_lo, c_hi)`` and the 5 pivots of its
-  next pass (``pivots``, else :func:`_interpolated_pivots`; clipped into ``(lo, hi]``) as
-  one ``(..., 9)`` uint32 array (the counts bit-cast). One array, so that XLA narrows the
-  brackets and places the next pivots in one kernel: the same values in separate arrays
-  took about 10 small kernels a loop, and every compiled kernel costs compile time."""
+  next pass (``pivots``, else :func:`_interpolated_pivots`, with ``stuck``; clipped into
+  ``(lo, hi]``) as one ``(..., 9)`` uint32 array (the counts bit-cast). One array, so
+  that XLA narrows the brackets and places the next pivots in one kernel: the same
+  values in separate arrays took about 10 small kernels a loop, and every compiled
+  kernel costs compile time."""
   lo, hi, c_lo, c_hi = bracket
   if pivots is None:
-    pivots = _interpolated_pivots(bracket, k)
+    pivots = _interpolated_pivots(bracket, k, stuck)
   pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi)[..., None], hi[..., None])
   counts = jax.lax.bitcast_convert_type(jnp.stack([c_lo, c_hi], axis=-1), jnp.uint32)
   return jnp.concatenate([jnp.stack([lo, hi], axis=-1), counts, pivots], axis=-1)
@@ -903,19 +904,46 @@ def _narrow(bracket, pivots, counts, k):
   return lo, hi, c_lo, c_hi
 
 
-def _interpolated_pivots(bracket, k) -> jax.Array:
+def _narrowed(bracket, pivots, counts, k):
+  """``(bracket, stuck)``: :func:`_narrow`'s bracket, and whether the pass counted no key
+  between the bracket's end and its nearest pivot at either end while leaving keys in it
+  (every pivot above them: the first pivot's count is ``c_hi``; or below them: the last
+  one's is ``c_lo``). Its keys may then be one value, see :func:`_interpolated_pivots`.
+  Read from the first and last counts: a test of the narrowed bracket's counts split the
+  loop body's bookkeeping into 12 kernels, not 6."""
+  _, _, c_lo, c_hi = bracket
+  stuck = (counts[..., 0] == c_hi) | (counts[..., -1] == c_lo)
+  return _narrow(bracket, pivots, counts, k), stuck
+
+
+def _interpolated_pivots(bracket, k, stuck=None) -> jax.Array:
   """5 sorted thresholds in ``(lo, hi]`` (a last axis): the linear interpolation of the
   counts, two around it, and the midpoints of the two outer parts (so every part is at
-  most half)."""
+  most half).
+
+  Where ``stuck`` (:func:`_narrowed`: the last pass counted no key out of the bracket at
+  the end it moved), the outer two are the bracket's ends ``lo + 1`` and ``hi``
+  instead: its keys may be one value (many equal scores: exact zeros, a quantized or
+  16-bit dtype), which the counts cannot locate, and an end closes the bracket in one
+  pass where that value sits at it. Placed by the counts alone, the pivots halved the
+  range a pass with the value at ``lo`` (28 threshold passes of one saliency mask update
+  of the benchmark MLP, the k-th score an exact 0 shared by a million weights; 4 now).
+  """
   lo, hi, c_lo, c_hi = bracket
   inside = (c_lo - c_hi).astype(jnp.float32)
   guess = (c_lo - k).astype(jnp.float32) / inside + 0.5 / inside
   spread = jnp.clip(2.0 / jnp.sqrt(inside), 0.5 / inside, 0.25)
   low, high = jnp.clip(guess - spread, 0.0, 1.0), jnp.clip(guess + spread, 0.0, 1.0)
-  parts = [0.5 * low, low, jnp.clip(guess, low, high), high, 0.5 * (1.0 + high)]
+  # The outer pivots halve the outer parts; where stuck they are the ends (fractions 0 and
+  # 1: lo + 1 and hi once clipped). Chosen per bracket before the 5 fractions are
+  # stacked: a choice among the 5 (a broadcast of the flag) split the loop body's
+  # bookkeeping into 3-11 kernels more.
+  outer = 0.5 if stuck is None else jnp.where(stuck, 0.0, 0.5)
+  parts = [outer * low, low, jnp.clip(guess, low, high), high, 1.0 - outer * (1.0 - high)]
   fractions = jnp.stack(parts, axis=-1)
   # Few keys left: their positions in the bracket are as good as random, so split it
-  # evenly (each part then holds about a sixth of them).
+  # evenly (each part then holds about a sixth of them; stuck or not: ends there cost
+  # magnitude pruning a pass, and the loop body 3 kernels more).
   even = jnp.arange(1, 6, dtype=jnp.float32) / 6.0
   fractions = jnp.where((inside <= _EVEN_BELOW)[..., None], even, fractions)
   width = (hi - lo).astype(jnp.float32)[..., None]
@@ -1286,7 +1314,8 @@ def _search(inputs, key_fn, k, n: int, sample: bool = True, start=None):
     pivots = jnp.clip(pivots, jnp.minimum(bracket[0] + 1, bracket[1]), bracket[1])
     if record is not None:
       record(jnp.int32(1), bracket[2] - bracket[3])
-    return _with_pivots(_narrow(bracket, pivots, counts(pivots), k), k)
+    narrowed, stuck = _narrowed(bracket, pivots, counts(pivots), k)
+    return _with_pivots(narrowed, k, stuck=stuck)
 
   def open_(state):
     lo, hi, c_lo, _ = _unpacked(state)[0]
@@ -1476,7 +1505,8 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None, first=None
       inside = jnp.where(still, bracket[2] - bracket[3], 0)
       record(jnp.sum(still, dtype=jnp.int32), jnp.max(inside))
     counts = _pass_counts(inputs, groups, key_fn, pivots, pivots, active=still)
-    return jnp.where(still[:, None], _with_pivots(_narrow(bracket, pivots, counts, k), k), state)
+    narrowed, stuck = _narrowed(bracket, pivots, counts, k)
+    return jnp.where(still[:, None], _with_pivots(narrowed, k, stuck=stuck), state)
 
   start = (lo, hi, c_lo, jnp.zeros(len(inputs), jnp.int32))
   if first is None and sample:

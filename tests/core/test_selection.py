@@ -465,6 +465,45 @@ def test_count_passes_sums_the_layers_of_a_stack():
   assert log[0].open == 3 and log[0].keys == 64 * 64
 
 
+@pytest.mark.parametrize('fraction_zero', [0.6, 0.95])
+def test_a_threshold_tied_by_many_keys_closes_in_few_passes(fraction_zero):
+  # Saliency scores |w * g| during training: the pruned weights and the dead units score
+  # exactly 0, and the k-th largest score is that 0 when fewer than k score above it.
+  # Every key of the bracket is then one value, so a pass can narrow its key range but
+  # count no key out of it; interpolating by the counts halved the range a pass (28
+  # threshold passes of a saliency mask update; here 24 with 60% zeros and 17 with 95%,
+  # each array on its own and over both). A pass that counts no key out of a bracket at
+  # the end it moved is followed by pivots whose outer two are its ends: 2 passes here.
+  rng = np.random.default_rng(1)
+  w = np.abs(rng.standard_normal((512, 512))).astype(np.float32)
+  w[rng.random(w.shape) < fraction_zero] = 0.0
+  arrays = [jnp.asarray(w), jnp.asarray(w.T.copy())]
+  k = [w.size // 2, w.size // 2]  # above the nonzero count: the threshold is the tied 0
+
+  def each(a, b):
+    return selection.topk_masks([selection.Lazy(jnp.abs, a), selection.Lazy(jnp.abs, b)], k)
+
+  def global_(a, b):
+    return selection.global_topk_masks(
+      [selection.Lazy(jnp.abs, a), selection.Lazy(jnp.abs, b)], sum(k)
+    )
+
+  for fn, kk in ((each, None), (global_, sum(k))):
+    with selection.count_passes() as log:
+      masks = jax.jit(lambda a, b, fn=fn: fn(a, b))(*arrays)
+      jax.block_until_ready(masks)
+      jax.effects_barrier()
+    threshold = [r for r in log if r.kind == 'threshold']
+    assert 1 <= len(threshold) <= 6, (fn.__name__, len(threshold))
+    scores = [np.asarray(a) for a in arrays]
+    if kk is None:
+      for m, sc, n in zip(masks, scores, k, strict=True):
+        np.testing.assert_array_equal(m, reference_masks([sc], n)[0])
+    else:
+      for m, wm in zip(masks, reference_masks(scores, kk), strict=True):
+        np.testing.assert_array_equal(m, wm)
+
+
 @pytest.mark.parametrize('kind', ['bf16', 'quarters'])
 def test_the_tie_search_starts_at_the_tied_positions(kind):
   # Scores of few values (bfloat16 weights, quantized ones): many keys equal the k-th
