@@ -33,7 +33,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   sizes = tuple(int(s) for s in args.mlp.split(','))
   params, batch = run.mlp(sizes), run.mlp_batch(sizes, 128)
-  names = compile_time.buildable() if args.algorithms == 'all' else args.algorithms.split(',')
+  names = compile_time.named(args.algorithms)
   dense_tx = optax.adam(1e-3)
   dense_step = run.make_step(dense_tx)
   dense = list(run.run_steps(dense_step, run.copy_tree(params), dense_tx.init(params), batch, 2))

@@ -80,6 +80,12 @@ def buildable() -> list[str]:
   return names
 
 
+def named(spec: str) -> list[str]:
+  """The algorithms of an ``--algorithms`` argument: comma-separated names, or ``all``
+  (:func:`buildable`)."""
+  return buildable() if spec == 'all' else spec.split(',')
+
+
 def mlp_params(layers: int, width: int = 256):
   keys = jax.random.split(jax.random.PRNGKey(0), layers)
   return {
@@ -214,7 +220,7 @@ def main(argv=None):
   for layers in [int(n) for n in args.layers.split(',')]:
     params = mlp_params(layers)
     x = jax.random.normal(jax.random.PRNGKey(1), (32, 256))
-    names = buildable() if args.algorithms == 'all' else args.algorithms.split(',')
+    names = named(args.algorithms)
     for name in names:
       if args.phases:
         print(phases_row(layers, name, params, x, args.repeats, args.warm_cache), flush=True)

@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     def make_step(tx):
       return jax.jit(transformer.make_step(net, tx), donate_argnums=(0, 1))
 
-  names = compile_time.buildable() if args.algorithms == 'all' else args.algorithms.split(',')
+  names = compile_time.named(args.algorithms)
   dense = temporaries(make_step, optax.adam(1e-3), params, batch)
   print(f'# {run.environment()}')
   print(f'# {model}, Adam; dense step: {dense / 1e6:.2f} MB')

@@ -465,6 +465,32 @@ def test_count_passes_sums_the_layers_of_a_stack():
   assert log[0].open == 3 and log[0].keys == 64 * 64
 
 
+def _passes_of_exact_masks(arrays, k, kind: str) -> dict[str, int]:
+  """The ``kind`` passes ('threshold' or 'tie') of the top-k masks of ``|arrays|``, each
+  array on its own (``k[i]``) and over both (``sum(k)``), by name; checks both masks
+  against a stable sort."""
+  inputs = lambda a, b: [selection.Lazy(jnp.abs, a), selection.Lazy(jnp.abs, b)]  # noqa: E731
+  fns = {
+    'each': lambda a, b: selection.topk_masks(inputs(a, b), k),
+    'global': lambda a, b: selection.global_topk_masks(inputs(a, b), sum(k)),
+  }
+  scores = [np.abs(np.asarray(a)) for a in arrays]
+  passes = {}
+  for name, fn in fns.items():
+    with selection.count_passes() as log:
+      masks = jax.jit(fn)(*arrays)
+      jax.block_until_ready(masks)
+      jax.effects_barrier()
+    passes[name] = sum(r.kind == kind for r in log)
+    if name == 'each':
+      want = [reference_masks([sc], n)[0] for sc, n in zip(scores, k, strict=True)]
+    else:
+      want = reference_masks(scores, sum(k))
+    for m, wm in zip(masks, want, strict=True):
+      np.testing.assert_array_equal(m, wm)
+  return passes
+
+
 @pytest.mark.parametrize('fraction_zero', [0.6, 0.95])
 def test_a_threshold_tied_by_many_keys_closes_in_few_passes(fraction_zero):
   # Saliency scores |w * g| during training: the pruned weights and the dead units score
@@ -480,28 +506,8 @@ def test_a_threshold_tied_by_many_keys_closes_in_few_passes(fraction_zero):
   arrays = [jnp.asarray(w), jnp.asarray(w.T.copy())]
   k = [w.size // 2, w.size // 2]  # above the nonzero count: the threshold is the tied 0
 
-  def each(a, b):
-    return selection.topk_masks([selection.Lazy(jnp.abs, a), selection.Lazy(jnp.abs, b)], k)
-
-  def global_(a, b):
-    return selection.global_topk_masks(
-      [selection.Lazy(jnp.abs, a), selection.Lazy(jnp.abs, b)], sum(k)
-    )
-
-  for fn, kk in ((each, None), (global_, sum(k))):
-    with selection.count_passes() as log:
-      masks = jax.jit(lambda a, b, fn=fn: fn(a, b))(*arrays)
-      jax.block_until_ready(masks)
-      jax.effects_barrier()
-    threshold = [r for r in log if r.kind == 'threshold']
-    assert 1 <= len(threshold) <= 6, (fn.__name__, len(threshold))
-    scores = [np.asarray(a) for a in arrays]
-    if kk is None:
-      for m, sc, n in zip(masks, scores, k, strict=True):
-        np.testing.assert_array_equal(m, reference_masks([sc], n)[0])
-    else:
-      for m, wm in zip(masks, reference_masks(scores, kk), strict=True):
-        np.testing.assert_array_equal(m, wm)
+  for name, passes in _passes_of_exact_masks(arrays, k, 'threshold').items():
+    assert 1 <= passes <= 6, (name, passes)
 
 
 @pytest.mark.parametrize('kind', ['bf16', 'quarters'])
@@ -521,29 +527,8 @@ def test_the_tie_search_starts_at_the_tied_positions(kind):
   arrays = [jnp.asarray(w), jnp.asarray(w[::-1].copy())]
   k = [w.size // 10, w.size // 2]
 
-  def each(a, b):
-    return selection.topk_masks([selection.Lazy(jnp.abs, a), selection.Lazy(jnp.abs, b)], k)
-
-  def global_(a, b):
-    return selection.global_topk_masks(
-      [selection.Lazy(jnp.abs, a), selection.Lazy(jnp.abs, b)], sum(k)
-    )
-
-  for fn, kk in ((each, None), (global_, sum(k))):
-    with selection.count_passes() as log:
-      masks = jax.jit(lambda a, b, fn=fn: fn(a, b))(*arrays)
-      jax.block_until_ready(masks)
-      jax.effects_barrier()
-    tie = [r for r in log if r.kind == 'tie']
-    assert 1 <= len(tie) <= 6, (fn.__name__, len(tie))
-    scores = [np.abs(np.asarray(a)) for a in arrays]
-    if kk is None:
-      for m, s, n in zip(masks, scores, k, strict=True):
-        np.testing.assert_array_equal(m, reference_masks([s], n)[0])
-    else:
-      want = reference_masks(scores, kk)
-      for m, wm in zip(masks, want, strict=True):
-        np.testing.assert_array_equal(m, wm)
+  for name, passes in _passes_of_exact_masks(arrays, k, 'tie').items():
+    assert 1 <= passes <= 6, (name, passes)
 
 
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])

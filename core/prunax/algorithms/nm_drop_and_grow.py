@@ -25,13 +25,6 @@ from prunax.algorithms.sparse_trainers import RigL
 from prunax.tree_util import apply_to_pruned
 
 
-def _count(mask):
-  """The number of True entries of ``mask``, int32."""
-  return _xla_workarounds.blocked_sum(
-    mask.astype(jnp.uint8), jnp.int32, tuple(range(mask.ndim - 1))
-  )
-
-
 class _NMDropAndGrow:
   """Drop and grow within N:M groups (a mixin of :class:`SET` subclasses)."""
 
@@ -46,9 +39,11 @@ class _NMDropAndGrow:
     nm = self.sparsity_type
 
     def drop_and_grow(olds, ds, gs):
-      # The old masks stay lazy (unpacked where read, not stored: a byte a weight), and
-      # are counted in blocks (a plain int32 sum stored the converted mask, 4 bytes).
-      n_active = [_count(selection.materialize(old)) for old in olds]
+      # The old masks stay lazy (unpacked where read, not stored: a byte a weight).
+      n_active = [
+        _xla_workarounds.count_true(selection.materialize(old), tuple(range(old.ndim - 1)))
+        for old in olds
+      ]
       n_drop = [jnp.floor(fraction * n).astype(jnp.int32) for n in n_active]
       # One selection loop drops from every leaf (a loop per leaf, as topk_mask of each,
       # compiled in 4.7 s at 16 layers of 256 x 256: 10x the dense step's).

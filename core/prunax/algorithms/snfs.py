@@ -155,10 +155,9 @@ def _layer_sums(old, momentum, *, axis):
   if axis is not None:
     old, momentum = jnp.moveaxis(old, axis, 0), jnp.moveaxis(momentum, axis, 0)
   old, momentum = old.reshape(layers, -1), momentum.reshape(layers, -1)
-  # Neither sum stores what it reads: a plain int32 sum stored the converted mask, a
-  # plain float sum the masked |momentum| (4 bytes a weight each).
+  # Neither sum stores what it reads (a plain float sum stored the masked |momentum|).
   return (
-    _xla_workarounds.blocked_sum(old.astype(jnp.uint8), jnp.int32),
+    _xla_workarounds.count_true(old),
     jax.vmap(_xla_workarounds.fused_sum)(jnp.where(old, jnp.abs(momentum), 0.0)),
   )
 
