@@ -486,10 +486,8 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     shapes = [tuple(np.shape(p)) for p in treedef.flatten_up_to(params)]
     axes = treedef.flatten_up_to(self.layer_axes_tree(params))
     sizes = [int(np.prod(layers.slice_shape(sh, a))) for sh, a in zip(shapes, axes, strict=True)]
-    structure = self.sparsity_type
     permuted = (
-      isinstance(structure, sparsity_types.Unstructured)
-      and type(structure).mask is sparsity_types.Unstructured.mask
+      sparsity_types.is_plain_unstructured(self.sparsity_type)
       and isinstance(self.selection_strategy, strategies.PerLeaf)
       and all(n <= random_masks_lib.MAX_POSITIONS for s, n in zip(flat_t, sizes) if s is not None)
     )

@@ -451,11 +451,12 @@ def mix31(x: jax.Array) -> jax.Array:
 def hash_keys(like: jax.Array, key_data: jax.Array) -> jax.Array:
   """Random uint32 selection keys of ``like``'s shape, distinct at distinct positions.
 
-  The key of the element at flat index ``i`` is ``1 + mix31(i * (k0 | 1) + k1)``: a
+  The key of the element at flat index ``i`` is ``2**31 + mix31(i * (k0 | 1) + k1)``: a
   bijection of ``i`` (on 31 bits, a product by an odd number and a sum are bijections, and
   :func:`mix31` is one; arrays hold fewer than ``2**31`` elements), so no two elements
-  share a key, and every key lies in ``[1, 2**31]``, above 0
-  (the key :func:`lowest_score` gives) and below ``2**32 - 1``. Selection reads uint32
+  share a key, and every key lies in the upper half ``[2**31, 2**32 - 1]``, above 0 (the
+  key :func:`lowest_score` gives) and above the distinct lower-half keys
+  :func:`zeros_lowest` gives the positions that must rank last. Selection reads uint32
   scores as their own keys (:func:`sortable_keys`), so the top ``k`` of these keys is a
   uniformly random choice of ``k`` positions that never ties: SET grows by them and its
   grow search needs no tie-break loop (``topk_masks(..., distinct=True)``). The keyed
@@ -469,16 +470,16 @@ def hash_keys(like: jax.Array, key_data: jax.Array) -> jax.Array:
     key_data: uint32[2] key words.
 
   Returns:
-    uint32 array of ``like``'s shape, pairwise distinct, in ``[1, 2**31]``.
+    uint32 array of ``like``'s shape, pairwise distinct, in ``[2**31, 2**32 - 1]``.
   """
   key_data = jnp.asarray(key_data, jnp.uint32)
   return _affine_keys(like, key_data[0], key_data[1], key_data)
 
 
 def _affine_keys(like: jax.Array, a: jax.Array, b: jax.Array, witness) -> jax.Array:
-  """``1 + mix31(i * (a | 1) + b)`` of every flat index ``i`` of ``like``'s shape."""
+  """``2**31 + mix31(i * (a | 1) + b)`` of every flat index ``i`` of ``like``'s shape."""
   index = _flat_index(jnp.shape(like), witness)
-  return mix31(index * (a | jnp.uint32(1)) + b) + jnp.uint32(1)
+  return mix31(index * (a | jnp.uint32(1)) + b) | jnp.uint32(2**31)
 
 
 def hash_keys_at(like: jax.Array, keys: jax.Array, i) -> jax.Array:
@@ -495,11 +496,25 @@ def hash_keys_layers_at(like: jax.Array, keys: jax.Array, i, layer_ids: jax.Arra
   return _affine_keys(like, layer_key, key_data[1], key_data)
 
 
+def zeros_lowest(values: jax.Array, keys: jax.Array) -> jax.Array:
+  """:func:`hash_keys` ``keys``, moved to the lower half (top bit cleared) where ``values``
+  is 0: still pairwise distinct, and every position where ``values`` is 0 ranks below
+  every other. Random pruning keeps the top of these keys: weights already pruned go
+  last, as the score -1 of its float scores did, but without a tie among them, so its
+  search needs no tie-break (see :func:`distinct_keys`)."""
+  return jnp.where(values == 0, keys & _LOW31, keys)
+
+
 def distinct_keys(scores: Any) -> bool:
-  """Whether ``scores`` are known to be pairwise distinct selection keys (a :class:`Lazy`
-  of :func:`hash_keys_at` or :func:`hash_keys_layers_at`): then a top-k of them never
-  ties, and ``topk_masks(..., distinct=True)`` may skip the tie-break search."""
-  return isinstance(scores, Lazy) and scores.fn in (hash_keys_at, hash_keys_layers_at)
+  """Whether ``scores`` are known to be pairwise distinct selection keys of
+  :func:`hash_keys` (a :class:`Lazy` of :func:`hash_keys_at` or
+  :func:`hash_keys_layers_at`, or of :func:`zeros_lowest` of one): then a top-k of them
+  never ties, and ``topk_masks(..., distinct=True)`` may skip the tie-break search."""
+  if not isinstance(scores, Lazy):
+    return False
+  if scores.fn is zeros_lowest:
+    return distinct_keys(scores.args[1])
+  return scores.fn in (hash_keys_at, hash_keys_layers_at)
 
 
 def lowest_score(scores: jax.Array) -> jax.Array:
@@ -1454,7 +1469,7 @@ def _sample_pivots_each(inputs: Sequence[Lazy], k: jax.Array) -> jax.Array:
 
 def _uniform_pivots(k: jax.Array, m: jax.Array) -> jax.Array:
   """``(len(k), 5)`` sorted thresholds around the ``k[i]``-th largest of ``m[i]`` keys
-  drawn uniformly from ``[1, 2**31]`` (:func:`hash_keys`; the other keys 0): where
+  drawn uniformly from ``[2**31, 2**32 - 1]`` (:func:`hash_keys`; the others below): where
   ``k[i] + c * sigma`` keys are expected at or above, ``c`` in ``(2.5, 0.75, 0, -0.75,
   -2.5)``, as :func:`_sample_pivots_each` places them in a sample. The count at a
   threshold is binomial, ``sigma = sqrt(k (1 - k / m))``: the first pass brackets the
@@ -1464,9 +1479,9 @@ def _uniform_pivots(k: jax.Array, m: jax.Array) -> jax.Array:
   m = jnp.maximum(m.astype(jnp.float32)[:, None], k)
   sigma = jnp.sqrt(jnp.maximum(k - k * k / m, 1.0))
   above = k + sigma * jnp.array([2.5, 0.75, 0.0, -0.75, -2.5], jnp.float32)
-  # The key reached by `above` of m uniform keys: 2**31 + 1 - 2**31 * above / m.
-  offset = jnp.clip(above / m * jnp.float32(2.0**31), 0.0, jnp.float32(2.0**31 - 128))
-  return jnp.uint32(2**31 + 1) - offset.astype(jnp.uint32)
+  # The key reached by `above` of m uniform keys: 2**32 - 2**31 * above / m.
+  offset = jnp.clip(above / m * jnp.float32(2.0**31), 1.0, jnp.float32(2.0**31 - 128))
+  return jnp.uint32(_MAX_KEY) - (offset.astype(jnp.uint32) - 1)
 
 
 def _search_each(inputs, key_fn, k, sample: bool = True, closed=None, first=None, start=None):
@@ -1622,15 +1637,17 @@ def topk_masks(
       pairwise distinct except at the array's lowest key, if ``k[i]`` is at most the
       number of keys above it (SET's grow keys, :func:`hash_keys`, with 0 at the
       positions that cannot grow). Then no tie is ever broken, and the tie-break loop is
-      not compiled. A broken promise keeps more than ``k[i]``.
+      not compiled. A broken promise keeps more than ``k[i]``. Given for every array
+      whose scores are :func:`distinct_keys` (random pruning's keys), with ``uniform``
+      their sizes, when neither is given.
     uniform: the caller's claim that ``scores[i]`` holds ``uniform[i]`` keys drawn
-      uniformly from ``[1, 2**31]`` (:func:`hash_keys`) and 0 at its other elements (an
-      int or a traced int scalar per array; SET's grow keys, 0 at the kept weights).
-      The first counting pass then places its thresholds where that many uniform keys
-      put the ``k[i]``-th largest (:func:`_uniform_pivots`) instead of sampling the
-      scores: no sample is gathered or sorted, and the first bracket holds about
-      ``sqrt(k[i])`` keys. Only the number of passes depends on it; the masks are exact
-      whatever the keys are.
+      uniformly from ``[2**31, 2**32 - 1]`` (:func:`hash_keys`) and lower keys at its
+      other elements (an int or a traced int scalar per array; SET's grow keys, 0 at
+      the kept weights). The first counting pass then places its thresholds where that
+      many uniform keys put the ``k[i]``-th largest (:func:`_uniform_pivots`) instead of
+      sampling the scores: no sample is gathered or sorted, and the first bracket holds
+      about ``sqrt(k[i])`` keys. Only the number of passes depends on it; the masks are
+      exact whatever the keys are.
 
   Returns:
     A list of bool masks (or :class:`Lazy` masks), one per array.
@@ -1643,6 +1660,9 @@ def topk_masks(
       f'topk_masks: got {len(inputs)} score arrays but {len(uniform)} counts of uniform '
       'keys (uniform); give one per array, or None.'
     )
+  if not distinct and uniform is None and inputs and all(distinct_keys(x) for x in inputs):
+    # Random pruning's keys: distinct, and uniform but where a weight is already 0.
+    distinct, uniform = True, [x.size for x in inputs]
   for x in inputs:
     if x.size >= 2**31:
       raise ValueError(

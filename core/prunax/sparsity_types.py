@@ -107,6 +107,12 @@ class Unstructured(SparsityType):
     return selection.map_layer_groups(group, axes, scores, sparsities)
 
 
+def is_plain_unstructured(structure: SparsityType) -> bool:
+  """Whether ``structure`` is :class:`Unstructured` with its own top-k masks (not a
+  subclass that chooses its masks another way)."""
+  return isinstance(structure, Unstructured) and type(structure).mask is Unstructured.mask
+
+
 def _normalize_axis(axis: int, ndim: int, name: str, what: str) -> int:
   if not -ndim <= axis < ndim:
     raise ValueError(

@@ -247,10 +247,11 @@ def test_hash_keys_are_distinct_uniform_deterministic_and_keyed(shape):
   key = jnp.array([5, 9], jnp.uint32)
   h = np.asarray(selection.hash_keys(like, key))
   assert h.shape == shape and h.dtype == np.uint32
-  # Pairwise distinct, never 0 (the key of positions that cannot grow), never 2**32 - 1.
+  # Pairwise distinct, in the upper half: above 0 (the key of positions that cannot
+  # grow) and the lower half (selection.zeros_lowest).
   assert len(np.unique(h)) == h.size
-  assert h.min() >= 1 and h.max() <= 2**31
-  # The transcription of the formula: 1 + mix31(i * (k0 | 1) + k1), on 31 bits.
+  assert h.min() >= 2**31
+  # The transcription of the formula: 2**31 + mix31(i * (k0 | 1) + k1), on 31 bits.
   low = np.uint64(2**31 - 1)
 
   def mix31(x):
@@ -262,11 +263,11 @@ def test_hash_keys_are_distinct_uniform_deterministic_and_keyed(shape):
     return x ^ (x >> np.uint64(16))
 
   i = np.arange(h.size, dtype=np.uint64).reshape(shape)
-  want = mix31(i * np.uint64(5 | 1) + np.uint64(9)) + np.uint64(1)
+  want = mix31(i * np.uint64(5 | 1) + np.uint64(9)) + np.uint64(2**31)
   np.testing.assert_array_equal(h, want.astype(np.uint32))
   np.testing.assert_array_equal(h, selection.hash_keys(like, key))
   if h.size >= 1000:
-    u = (h.astype(np.float64) - 1) / 2**31  # uniform on [0, 1)
+    u = (h.astype(np.float64) - 2**31) / 2**31  # uniform on [0, 1)
     assert abs(u.mean() - 0.5) < 5 * (1 / np.sqrt(12 * u.size))
     counts = np.histogram(u, bins=10, range=(0, 1))[0]
     assert np.all(np.abs(counts - u.size / 10) < 5 * np.sqrt(u.size / 10))
@@ -287,7 +288,7 @@ def test_hash_keys_of_stacked_layers_are_distinct_within_each_layer():
   )
   layers = np.asarray(layers)
   for layer in layers:
-    assert len(np.unique(layer)) == layer.size and layer.min() >= 1
+    assert len(np.unique(layer)) == layer.size and layer.min() >= 2**31
   assert np.mean(layers[0] == layers[1]) < 0.01  # an independent stream per layer
 
 
@@ -377,15 +378,15 @@ def test_uniform_keys_start_at_their_expected_quantiles(seed, fraction, blocked_
 )
 def test_uniform_pivots_are_sorted_keys_around_the_expected_quantile(pairs):
   # Any claim (m below k, or negative, included) gives sorted thresholds in the keys'
-  # range [1, 2**31 + 1], the middle one where m uniform keys put the k-th largest.
+  # range [2**31, 2**32 - 1], the middle one where m uniform keys put the k-th largest.
   k = np.array([a for a, _ in pairs], np.int32)
   m = np.array([b for _, b in pairs], np.int32)
   pivots = np.asarray(jax.jit(selection._uniform_pivots)(jnp.asarray(k), jnp.asarray(m)))
   assert pivots.shape == (len(pairs), 5) and pivots.dtype == np.uint32
   assert np.all(np.diff(pivots.astype(np.int64), axis=1) >= 0)
-  assert pivots.min() >= 1 and pivots.max() <= 2**31 + 1
+  assert pivots.min() >= 2**31 and pivots.max() <= 2**32 - 1
   mm = np.maximum(m, k).astype(np.float64)
-  expected = 2**31 + 1 - 2**31 * k.astype(np.float64) / mm  # k of mm keys at or above
+  expected = 2**32 - 2**31 * k.astype(np.float64) / mm  # k of mm keys at or above
   tolerance = 2**31 / mm * (0.01 * np.sqrt(k) + 1) + 256  # float32 rounding
   assert np.all(np.abs(pivots[:, 2] - expected) <= tolerance), (pivots[:, 2], expected)
 
@@ -398,7 +399,7 @@ def test_a_wrong_uniform_claim_costs_passes_not_exactness(claim):
   blocked = rng.random(shape) < 0.5
   keys = np.where(blocked, 0, h).astype(np.uint32)
   if claim == 'not_uniform':  # the keys bunched at the top of their range
-    keys = np.where(blocked, 0, 2**31 - (h >> 12)).astype(np.uint32)
+    keys = np.where(blocked, 0, 2**32 - 1 - ((h - 2**31) >> 12)).astype(np.uint32)
   m = int((~blocked).sum())
   uniform = {'too_many': shape[0] * shape[1], 'too_few': 10, 'not_uniform': m}[claim]
   for k in (1, 999, m // 2, m):

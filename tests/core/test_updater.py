@@ -336,6 +336,45 @@ def test_rigl_golden_masks(fraction, expected):
   np.testing.assert_array_equal(masks['w'][0], np.array(expected, bool))
 
 
+@pytest.mark.parametrize(
+  'shape,zeros,sparsity',
+  [
+    ((48, 64), 0.5, 0.7),  # searched; fewer to keep than nonzero weights
+    ((48, 64), 0.9, 0.5),  # more to keep than nonzero weights: zeros kept too
+    ((16, 32), 0.3, 0.6),  # sorted (at most selection._SORT_AT_MOST elements)
+  ],
+)
+def test_random_pruning_keeps_the_top_of_its_hash_keys(shape, zeros, sparsity):
+  # The transcription: the keys are selection.hash_keys under the step's key (salt 2)
+  # folded with the leaf's index, their top bit cleared at weights that are 0; the mask
+  # keeps the k largest (distinct keys: no tie to break).
+  rng = np.random.default_rng(0)
+  w = np.where(rng.random(shape) < zeros, 0.0, rng.normal(size=shape)).astype(np.float32)
+  pruner = prunax.RandomPruning(sparsity=sparsity)
+  state = _sparse_state(4, None, None)
+
+  def masks(w):
+    return pruner.compute_masks({'w': w}, {'w': sparsity}, sparse_state=state)['w']
+
+  mask = np.asarray(jax.jit(masks)(jnp.asarray(w))).reshape(-1)
+  key = jax.random.key_data(pruner.rng_key(state, salt=2))
+  keys = np.asarray(selection.hash_keys(w, selection.fold_key(key, jnp.uint32(0)))).reshape(-1)
+  keys = np.where(w.reshape(-1) == 0, keys & np.uint32(2**31 - 1), keys)
+  k = w.size - int(np.round(np.float32(sparsity) * np.float32(w.size)))
+  want = np.zeros(w.size, bool)
+  want[np.argsort(-keys.astype(np.int64))[:k]] = True
+  assert len(np.unique(keys)) == keys.size
+  np.testing.assert_array_equal(mask, want)
+  assert mask.sum() == k
+  nonzero = w.reshape(-1) != 0
+  assert mask[nonzero].sum() == min(k, nonzero.sum())  # weights already 0 go last
+  # The searched masks: one loop (no tie-break), no sample sorted (the first pass
+  # starts at the keys' expected quantiles).
+  jaxpr = str(jax.make_jaxpr(masks)(jnp.asarray(w)))
+  if w.size > selection._SORT_AT_MOST:
+    assert jaxpr.count('while[') == 1 and ' sort[' not in jaxpr
+
+
 @pytest.mark.parametrize('fraction', [0.0, 0.25, 0.5, 1.0])
 def test_set_drops_smallest_and_grows_at_random(fraction):
   w = jax.random.normal(jax.random.PRNGKey(0), (8, 16))

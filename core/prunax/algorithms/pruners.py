@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from prunax import selection
+from prunax import sparsity_types
 from prunax import strategies
 from prunax.base_updater import BaseUpdater
 
@@ -76,11 +77,21 @@ class MagnitudePruning(BaseUpdater):
 
 @dataclasses.dataclass(frozen=True)
 class RandomPruning(BaseUpdater):
-  """Keeps random weights (uniform scores from the state's RNG key, new every update)."""
+  """Keeps random weights (scores from the state's RNG key, new every update).
+
+  Unstructured masks keep the top of random keys that never tie
+  (:func:`prunax.selection.hash_keys`, uniform), so their search starts where the
+  threshold is expected and breaks no tie; other structures score uniform floats. Either
+  way weights already pruned (exactly 0) score lowest, so gradual random pruning only
+  removes more.
+  """
 
   def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
-    scores = self.random_scores(params, self.rng_key(sparse_state, salt=2))
-    # Weights already pruned score -1, so gradual random pruning only removes more.
+    key = self.rng_key(sparse_state, salt=2)
+    if sparsity_types.is_plain_unstructured(self.sparsity_type):
+      keys = self.random_keys(params, key)
+      return jax.tree.map(lambda s, p: selection.Lazy(selection.zeros_lowest, p, s), keys, params)
+    scores = self.random_scores(params, key)
     return jax.tree.map(lambda s, p: selection.Lazy(_unless_zero, p, s), scores, params)
 
 
