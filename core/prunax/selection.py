@@ -505,6 +505,18 @@ def zeros_lowest(values: jax.Array, keys: jax.Array) -> jax.Array:
   return jnp.where(values == 0, keys & _LOW31, keys)
 
 
+def _uniform_count(keys: Lazy) -> Any:
+  """How many of :func:`distinct_keys` ``keys`` are :func:`hash_keys` (uniform, the upper
+  half): those at nonzero values for :func:`zeros_lowest` (counted: gradual random
+  pruning has zeroed the weights it pruned before, and a first pass placed for every
+  key missed its bracket and took 8 passes more), else every key."""
+  if keys.fn is not zeros_lowest:
+    return keys.size
+  values = keys.args[0]
+  values = values() if isinstance(values, Lazy) else values
+  return _xla_workarounds.count_true(values != 0, tuple(range(jnp.ndim(values) - 1)))
+
+
 def distinct_keys(scores: Any) -> bool:
   """Whether ``scores`` are known to be pairwise distinct selection keys of
   :func:`hash_keys` (a :class:`Lazy` of :func:`hash_keys_at` or
@@ -882,16 +894,17 @@ def _field_sums(per_row: jax.Array, fields: int) -> jax.Array:
   return _xla_workarounds.blocked_sum(values, jnp.int32, tuple(range(2, values.ndim - 1))).T
 
 
-def _with_pivots(bracket, k, pivots=None, stuck=None) -> jax.Array:
+def _with_pivots(bracket, k, pivots=None, stuck=None, uniform: bool = False) -> jax.Array:
   """A search's loop state: every bracket ``(lo, hi, c_lo, c_hi)`` and the 5 pivots of its
-  next pass (``pivots``, else :func:`_interpolated_pivots`, with ``stuck``; clipped into
+  next pass (``pivots``, else :func:`_interpolated_pivots`, with ``stuck`` and
+  ``uniform``; clipped into
   ``(lo, hi]``) as one ``(..., 9)`` uint32 array (the counts bit-cast). One array, so
   that XLA narrows the brackets and places the next pivots in one kernel: the same
   values in separate arrays took about 10 small kernels a loop, and every compiled
   kernel costs compile time."""
   lo, hi, c_lo, c_hi = bracket
   if pivots is None:
-    pivots = _interpolated_pivots(bracket, k, stuck)
+    pivots = _interpolated_pivots(bracket, k, stuck, uniform)
   pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi)[..., None], hi[..., None])
   counts = jax.lax.bitcast_convert_type(jnp.stack([c_lo, c_hi], axis=-1), jnp.uint32)
   return jnp.concatenate([jnp.stack([lo, hi], axis=-1), counts, pivots], axis=-1)
@@ -931,7 +944,7 @@ def _narrowed(bracket, pivots, counts, k):
   return _narrow(bracket, pivots, counts, k), stuck
 
 
-def _interpolated_pivots(bracket, k, stuck=None) -> jax.Array:
+def _interpolated_pivots(bracket, k, stuck=None, uniform: bool = False) -> jax.Array:
   """5 sorted thresholds in ``(lo, hi]`` (a last axis): the linear interpolation of the
   counts, two around it, and the midpoints of the two outer parts (so every part is at
   most half).
@@ -955,15 +968,46 @@ def _interpolated_pivots(bracket, k, stuck=None) -> jax.Array:
   # bookkeeping into 3-11 kernels more.
   outer = 0.5 if stuck is None else jnp.where(stuck, 0.0, 0.5)
   parts = [outer * low, low, jnp.clip(guess, low, high), high, 1.0 - outer * (1.0 - high)]
-  fractions = jnp.stack(parts, axis=-1)
   # Few keys left: their positions in the bracket are as good as random, so split it
   # evenly (each part then holds about a sixth of them; stuck or not: ends there cost
   # magnitude pruning a pass, and the loop body 3 kernels more).
+  few = inside <= _EVEN_BELOW
+  if uniform:
+    parts, few = _uniform_parts(bracket, k, parts, few)
+  fractions = jnp.stack(parts, axis=-1)
   even = jnp.arange(1, 6, dtype=jnp.float32) / 6.0
-  fractions = jnp.where((inside <= _EVEN_BELOW)[..., None], even, fractions)
+  fractions = jnp.where(few[..., None], even, fractions)
   width = (hi - lo).astype(jnp.float32)[..., None]
   offsets = jnp.minimum(fractions * width, 4294967040.0).astype(jnp.uint32)
   return lo[..., None] + jnp.clip(offsets, 1, (hi - lo)[..., None])
+
+
+def _uniform_parts(bracket, k, parts, few):
+  """:func:`_interpolated_pivots`' ``(parts, few)`` where the keys are claimed uniform
+  (``topk_masks(uniform=)``): brackets in the upper half (``lo >= 2**31``: only
+  :func:`hash_keys` there, spread uniformly over the bracket's range) count at the
+  fractions where their target is expected, ``(-2.5, -0.75, 0, 0.75, 2.5)`` standard
+  deviations from it, as :func:`_uniform_pivots` places the first pass's, and are
+  never split evenly. The target is the ``r``-th lowest of the bracket's ``n`` keys
+  (``r = c_lo - k + 1``), at the fraction ``r / (n + 1)`` of the range with deviation
+  ``sqrt(r (n + 1 - r) / (n + 2)) / (n + 1)``: the next bracket holds about
+  ``0.75 sqrt(n)`` keys, where the general pivots, which must also serve clustered
+  keys, leave about ``2 sqrt(n)`` and split brackets of at most 128 keys a sixth a
+  pass. A bracket reaching below ``2**31`` (the other keys: SET's 0, random pruning's
+  zero weights) keeps the general pivots. Chosen per bracket, one fraction at a time,
+  before they are stacked (see :func:`_interpolated_pivots`)."""
+  lo, _, c_lo, c_hi = bracket
+  n = jnp.maximum(c_lo - c_hi, 1).astype(jnp.float32)
+  r = jnp.clip((c_lo - k + 1).astype(jnp.float32), 1.0, n)
+  mean = r / (n + 1.0)
+  sd = jnp.sqrt(r * (n + 1.0 - r) / (n + 2.0)) / (n + 1.0)
+  upper = lo >= jnp.uint32(2**31)
+  deviations = (-2.5, -0.75, 0.0, 0.75, 2.5)
+  parts = [
+    jnp.where(upper, jnp.clip(mean + d * sd, 0.0, 1.0), p)
+    for d, p in zip(deviations, parts, strict=True)
+  ]
+  return parts, few & ~upper
 
 
 def _sample_stride(n: int, shapes: Sequence[tuple[int, ...]]) -> int:
@@ -1484,7 +1528,9 @@ def _uniform_pivots(k: jax.Array, m: jax.Array) -> jax.Array:
   return jnp.uint32(_MAX_KEY) - (offset.astype(jnp.uint32) - 1)
 
 
-def _search_each(inputs, key_fn, k, sample: bool = True, closed=None, first=None, start=None):
+def _search_each(
+  inputs, key_fn, k, sample: bool = True, closed=None, first=None, start=None, uniform=False
+):
   """:func:`_search` of every input on its own (its own ``k[i]``), in one ``while_loop``.
 
   The loop state holds a bracket per input (vectors, narrowed by one vectorised
@@ -1496,7 +1542,8 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None, first=None
   closed (result ``(0, n, 0)``). ``start`` (vectors ``(lo, c_lo)``) replaces the first
   bracket's lower end ``0`` and its count, every key. ``first`` (``(len(inputs), 5)``
   uint32, sorted rows) replaces the sample's thresholds of the first pass
-  (:func:`_uniform_pivots`). Returns the vectors ``(t, c_t, c_above)``.
+  (:func:`_uniform_pivots`); with ``uniform`` (keys claimed uniform) every later pass
+  counts at :func:`_uniform_inside`. Returns the vectors ``(t, c_t, c_above)``.
   """
   lo, c_lo = jnp.zeros(len(inputs), jnp.uint32), jnp.array([x.size for x in inputs], jnp.int32)
   if start is not None:
@@ -1521,7 +1568,7 @@ def _search_each(inputs, key_fn, k, sample: bool = True, closed=None, first=None
       record(jnp.sum(still, dtype=jnp.int32), jnp.max(inside))
     counts = _pass_counts(inputs, groups, key_fn, pivots, pivots, active=still)
     narrowed, stuck = _narrowed(bracket, pivots, counts, k)
-    return jnp.where(still[:, None], _with_pivots(narrowed, k, stuck=stuck), state)
+    return jnp.where(still[:, None], _with_pivots(narrowed, k, stuck=stuck, uniform=uniform), state)
 
   start = (lo, hi, c_lo, jnp.zeros(len(inputs), jnp.int32))
   if first is None and sample:
@@ -1591,7 +1638,7 @@ def _searched_thresholds(
     return sortable_keys(x.rows())
 
   first = None if uniform is None else _uniform_pivots(k, uniform)
-  t, c_t, c_above = _search_each(inputs, score_keys, k, first=first)
+  t, c_t, c_above = _search_each(inputs, score_keys, k, first=first, uniform=first is not None)
   if distinct:  # the k-th largest key is unique: the search ends where c_t == k
     return t, jnp.zeros_like(t)
 
@@ -1662,7 +1709,7 @@ def topk_masks(
     )
   if not distinct and uniform is None and inputs and all(distinct_keys(x) for x in inputs):
     # Random pruning's keys: distinct, and uniform but where a weight is already 0.
-    distinct, uniform = True, [x.size for x in inputs]
+    distinct, uniform = True, [_uniform_count(x) for x in inputs]
   for x in inputs:
     if x.size >= 2**31:
       raise ValueError(
