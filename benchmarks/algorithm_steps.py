@@ -6,11 +6,12 @@ Run from the repository root::
 
 ``benchmarks.run --steps-only`` times the algorithms the issue's targets name; this times
 every algorithm a plain config builds (``benchmarks.compile_time.buildable``: sparsity 0.9,
-0.5 for N:M, mask updates every 10 steps until step 100), so that a switch of algorithm
+0.5 for N:M, mask updates every 10 steps until step 1000), so that a switch of algorithm
 has a known cost. Steps as in ``benchmarks.run``: donated buffers, dense and pruned steps
-alternated, the fastest of 3 chained calls each, the step counter reset before each call
-(to 10 for a mask update, 11 for a step without one; the straight-through algorithms
-select at every step). Ratios to the dense step, min / median / max over repeats.
+alternated, the fastest of 3 calls each; mask updates (and the steps of the
+straight-through algorithms, which select at every step) are those of training from
+init, from step 40 on (``run.KINDS``); steps without one are chained with the counter
+reset to 11. Ratios to the dense step, min / median / max over repeats.
 """
 
 from __future__ import annotations
@@ -42,17 +43,15 @@ def main(argv=None) -> None:
   print('| algorithm | step | / dense, min / median / max | ms (median) | dense ms (median) |')
   print('|---|---|---|---|---|')
   for name in names:
-    updater = compile_time.updater(name)
+    updater = compile_time.updater(name, end=1000)  # updates go on while timed
     tx = updater.wrap_optax(optax.adam(1e-3))
     step = run.make_step(tx)
     every = engines.trains_dense_weights(updater)
-    kinds = {'every step': 11} if every else {'mask update': 10, 'no mask update': 11}
-    for kind, count in kinds.items():
-      p, s, _ = run.run_steps(step, run.copy_tree(params), tx.init(params), batch, 2, count)
+    kinds = ['every step'] if every else ['mask update', 'no mask update']
+    for kind in kinds:
       ratios, ms, dms = [], [], []
-      for _ in range(args.repeats):
-        dense[0], dense[1], d = run.run_steps(dense_step, dense[0], dense[1], batch, 3)
-        p, s, t = run.run_steps(step, p, s, batch, 3, count)
+      steps = run.alternated(step, tx, params, batch, dense, dense_step, args.repeats, kind)
+      for d, t in steps:
         ratios.append(t / d)
         ms.append(t * 1e3)
         dms.append(d * 1e3)

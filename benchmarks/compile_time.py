@@ -42,28 +42,30 @@ import prunax
 from prunax import _xla_workarounds
 from prunax import sparsity_schedules as sched
 
+# Each takes the step of its last mask update.
 ALGORITHMS = {
-  'magnitude': lambda: prunax.MagnitudePruning(
-    sparsity=0.9, scheduler=sched.PolynomialSchedule(10, 0, 100)
+  'magnitude': lambda end: prunax.MagnitudePruning(
+    sparsity=0.9, scheduler=sched.PolynomialSchedule(10, 0, end)
   ),
-  'global_magnitude': lambda: prunax.GlobalMagnitudePruning(
-    sparsity=0.9, scheduler=sched.PolynomialSchedule(10, 0, 100)
+  'global_magnitude': lambda end: prunax.GlobalMagnitudePruning(
+    sparsity=0.9, scheduler=sched.PolynomialSchedule(10, 0, end)
   ),
-  'set': lambda: prunax.SET(sparsity=0.9, scheduler=sched.PeriodicSchedule(10, 0, 100)),
-  'rigl': lambda: prunax.RigL(sparsity=0.9, scheduler=sched.PeriodicSchedule(10, 0, 100)),
-  'magnitude_ste': lambda: prunax.SteMagnitudePruning(sparsity=0.9),
-  'autosparse': lambda: prunax.AutoSparse(),
+  'set': lambda end: prunax.SET(sparsity=0.9, scheduler=sched.PeriodicSchedule(10, 0, end)),
+  'rigl': lambda end: prunax.RigL(sparsity=0.9, scheduler=sched.PeriodicSchedule(10, 0, end)),
+  'magnitude_ste': lambda end: prunax.SteMagnitudePruning(sparsity=0.9),
+  'autosparse': lambda end: prunax.AutoSparse(),
 }
 
 _N_BY_M = ('nm_rigl', 'nm_set', 'sr_ste')
 
 
-def updater(name: str):
-  """The updater ``name``: one of :data:`ALGORITHMS`, else built from a plain config."""
+def updater(name: str, end: int = 100):
+  """The updater ``name``: one of :data:`ALGORITHMS`, else built from a plain config; mask
+  updates every 10 steps until step ``end``."""
   if name in ALGORITHMS:
-    return ALGORITHMS[name]()
+    return ALGORITHMS[name](end)
   sparsity = 0.5 if name in _N_BY_M else 0.9
-  config = {'algorithm': name, 'sparsity': sparsity, 'update_freq': 10, 'update_end_step': 100}
+  config = {'algorithm': name, 'sparsity': sparsity, 'update_freq': 10, 'update_end_step': end}
   return prunax.create_updater_from_config(config)
 
 

@@ -139,6 +139,66 @@ def run_steps(step, params, state, batch, calls, count=None):
   return params, state, min(times)
 
 
+# Steps that select masks are timed as training runs them, from this step counter on
+# (mask updates every 10 steps: the 4th update).
+UPDATE_AT = 40
+UPDATE_EVERY = 10
+# The step kinds timed: the counter reset to 11 before each call (no mask update), or
+# training's steps from UPDATE_AT on, every UPDATE_EVERY-th (mask update) or every one.
+KINDS = {'no mask update': (11, None), 'mask update': (None, UPDATE_EVERY), 'every step': (None, 1)}
+
+
+def trained_until(step, params, state, batch, count=UPDATE_AT):
+  """``(params, state)`` after training from ``(params, state)`` (step counter 0) until the
+  counter reads ``count``: the state a mask update of real training starts from."""
+  if int(state.count) != 0:
+    raise ValueError(f'trained_until: expected a fresh state (step counter 0), got {state.count}.')
+  for _ in range(count):
+    params, state = step(params, state, batch)
+  return params, state
+
+
+def run_training_steps(step, params, state, batch, calls, every):
+  """Runs ``calls`` steps of training on from ``state``, each followed by the ``every - 1``
+  steps to the next one (not timed); returns the new params and state and the fastest
+  timed step's seconds.
+
+  Timing consecutive calls with the counter reset to an update step instead (as before
+  2026-12-07) ran every mask update one step after the last, with the same random keys
+  (they fold the counter): the weights regrown one Adam step before, all of about one
+  magnitude, and SET's grow keys correlated with its masks cost SET and RigL 3-5 passes
+  more than training's updates take, while magnitude pruning's update, pruning again to
+  the sparsity it had reached, took 2 passes, not training's 4-6; the random keys of
+  random STE were those of one step, each call."""
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    params, state = step(params, state, batch)
+    jax.block_until_ready(params)
+    times.append(time.perf_counter() - start)
+    for _ in range(every - 1):
+      params, state = step(params, state, batch)
+  return params, state, min(times)
+
+
+def alternated(step, tx, params, batch, dense, dense_step, repeats, kind):
+  """Per repeat ``(dense seconds, pruned seconds)``: 3 chained dense steps (``dense``
+  holds their params and state, advanced), then 3 pruned steps of ``tx`` of the
+  :data:`KINDS` ``kind``, the fastest call of each."""
+  count, every = KINDS[kind]
+  if count is None:
+    p, s = trained_until(step, copy_tree(params), tx.init(params), batch)
+  else:
+    p, s, _ = run_steps(step, copy_tree(params), tx.init(params), batch, 2, count)
+  for _ in range(repeats):
+    dense[0], dense[1], d = run_steps(dense_step, dense[0], dense[1], batch, 3)
+    if count is None:
+      p, s, t = run_training_steps(step, p, s, batch, 3, every)
+    else:
+      p, s, t = run_steps(step, p, s, batch, 3, count)
+    yield d, t
+
+
 def algorithms(packed: bool):
   poly = sparsity_schedules.PolynomialSchedule(
     update_freq=10, update_start_step=0, update_end_step=1000
@@ -164,8 +224,10 @@ def bench_steps(sizes, batch_size, repeats, packed):
 
   Each repeat runs 3 chained dense steps, then 3 chained pruned steps, and keeps the
   fastest call of each (donated buffers, as in a real loop); the reported ratio is over
-  repeats (min / median / max). ``no mask update`` and ``mask update`` steps come from
-  resetting the state's step counter before each call.
+  repeats (min / median / max). ``no mask update`` steps come from resetting the state's
+  step counter before each call; ``mask update`` steps and the straight-through
+  algorithms' steps are those of training from init, from :data:`UPDATE_AT` on
+  (:data:`KINDS`).
   """
   params = mlp(sizes)
   nparams = sum(x.size for x in jax.tree.leaves(params))
@@ -183,13 +245,10 @@ def bench_steps(sizes, batch_size, repeats, packed):
   for name, (pruner, has_updates) in algorithms(packed).items():
     tx = pruner.wrap_optax(optax.adam(1e-3))
     step = make_step(tx)
-    kinds = {'every step': 11} if not has_updates else {'no mask update': 11, 'mask update': 10}
-    for kind, count in kinds.items():
-      p, s, _ = run_steps(step, copy_tree(params), tx.init(params), batch, 2, count)
+    kinds = ['every step'] if not has_updates else ['no mask update', 'mask update']
+    for kind in kinds:
       ratios, ms, dms = [], [], []
-      for _ in range(repeats):
-        dense[0], dense[1], d = run_steps(dense_step, dense[0], dense[1], batch, 3)
-        p, s, t = run_steps(step, p, s, batch, 3, count)
+      for d, t in alternated(step, tx, params, batch, dense, dense_step, repeats, kind):
         ratios.append(t / d)
         ms.append(t * 1e3)
         dms.append(d * 1e3)

@@ -14,7 +14,9 @@ steps) is compared with the dense step of the same model in the same run:
 
 * compile: seconds of ``jit(step).lower(...).compile()`` with caches cleared;
 * step: the fastest of 3 chained calls, with the step counter set so that the call does
-  (``update``) or does not (``no update``) compute new masks;
+  (``update``) or does not (``no update``) compute new masks (with ``--steps-only``,
+  the ``update`` steps are training's mask updates from step 40 on, each after the 9
+  steps before it: ``benchmarks.run.KINDS``);
 * temporaries: ``compiled.memory_analysis().temp_size_in_bytes``.
 
 Ratios are pruned / dense, min / median / max over ``--repeats``. ``--steps-only`` compiles
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 import prunax
+from benchmarks import run
 from benchmarks.compile_time import machine
 from benchmarks.run import run_steps
 from prunax import sparsity_schedules as sched
@@ -119,8 +122,12 @@ def tokens_of(batch: int):
 
 
 def step_kinds(has_updates: bool) -> dict:
-  """The steps timed per algorithm: name -> step counter (None: as initialised)."""
-  return {'no update': 11, 'update': 10} if has_updates else {'every step': None}
+  """The steps timed per algorithm: name -> ``(count, every)``: the step counter set
+  before each call, or None for training's own steps from init, of which every
+  ``every``-th is timed (mask updates: from ``run.UPDATE_AT`` on, as ``run.KINDS``)."""
+  if has_updates:
+    return {'no update': (11, 1), 'update': (None, run.UPDATE_EVERY)}
+  return {'every step': (None, 1)}
 
 
 def make_loss(model):
@@ -157,26 +164,29 @@ def measure(model, tx, params, tokens, count=None, calls=3):
 
 
 def alternated_steps(model, params, tokens, entries, repeats: int, calls: int):
-  """Per entry ``(key, tx, count)``: the pruned / dense step ratios over ``repeats``
-  (returned by key, with the dense step's ms), every step compiled once and the steps
-  timed one after another within each repeat."""
+  """Per entry ``(key, tx, (count, every))`` (:func:`step_kinds`): the pruned / dense step
+  ratios over ``repeats`` (returned by key, with the dense step's ms), every step
+  compiled once and the steps timed one after another within each repeat."""
   programs = {}
-  for key, tx, count in [(None, optax.adam(1e-3), None)] + entries:
+  for key, tx, (count, every) in [(None, optax.adam(1e-3), (None, 1))] + entries:
     state = tx.init(params)
-    step = jax.jit(make_step(model, tx), donate_argnums=(0, 1))
-    programs[key] = [
-      step.lower(params, state, tokens).compile(),
-      jax.tree.map(jnp.copy, params),
-      state,
-      count,
-    ]
+    compiled = jax.jit(make_step(model, tx), donate_argnums=(0, 1))
+    compiled = compiled.lower(params, state, tokens).compile()
+    p = jax.tree.map(jnp.copy, params)
+    if every > 1:  # mask updates: timed from the one at run.UPDATE_AT of training on
+      p, state = run.trained_until(compiled, p, state, tokens)
+    programs[key] = [compiled, p, state, count, every]
   ratios = {key: [] for key in programs if key is not None}
   dense_ms = []
   for _ in range(repeats):
     best = {}
     for key, program in programs.items():
-      compiled, p, state, count = program
-      program[1], program[2], best[key] = run_steps(compiled, p, state, tokens, calls, count)
+      compiled, p, state, count, every = program
+      if count is None:
+        timed = run.run_training_steps(compiled, p, state, tokens, calls, every)
+      else:
+        timed = run_steps(compiled, p, state, tokens, calls, count)
+      program[1], program[2], best[key] = timed
     dense_ms.append(best[None] * 1e3)
     for key in ratios:
       ratios[key].append(best[key] / best[None])
@@ -243,8 +253,8 @@ def main(argv=None):
       entries = []
       for name in args.algorithms.split(','):
         pruner, has_updates = algorithms(layer_axes)[name]
-        for kind, count in step_kinds(has_updates).items():
-          entries.append(((name, kind), pruner.wrap_optax(optax.adam(1e-3)), count))
+        for kind, timing in step_kinds(has_updates).items():
+          entries.append(((name, kind), pruner.wrap_optax(optax.adam(1e-3)), timing))
       ratios, dense_ms = alternated_steps(model, params, tokens, entries, args.repeats, args.calls)
       for (name, kind), rs in ratios.items():
         print(
@@ -255,7 +265,10 @@ def main(argv=None):
       continue
     for name in args.algorithms.split(','):
       pruner, has_updates = algorithms(layer_axes)[name]
-      for kind, count in step_kinds(has_updates).items():
+      for kind, (count, every) in step_kinds(has_updates).items():
+        # Compiled at every repeat: chained calls from init, the update's with the
+        # counter reset to the first update (see --steps-only for training's updates).
+        count = 10 if every > 1 else count
         rc, rs, rt, dc, ds = [], [], [], [], []
         for _ in range(args.repeats):
           d_compile, d_step, d_temp = measure(model, optax.adam(1e-3), params, tokens)

@@ -85,7 +85,7 @@ def main(argv=None):
           print(f'| {name} | {off or "none"} | skipped: past the deadline | | | | | |')
           continue
         os.environ[_xla_workarounds.OFF_VARIABLE] = off
-        c, t, s = measure(ALGORITHMS[name]().wrap_optax(optax.adam(1e-3)), params, x, count)
+        c, t, s = measure(ALGORITHMS[name](100).wrap_optax(optax.adam(1e-3)), params, x, count)
         print(
           f'| {name} | {off or "none"} | {c:.2f} | {c / dc:.2f} | {t / 1e6:.2f} | '
           f'{t / max(dt, 1):.2f} | {s * 1e3:.2f} | {s / ds:.2f} |',
