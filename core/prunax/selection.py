@@ -78,8 +78,12 @@ _FIELD_BITS = 6
 # Size of the strided sample whose quantiles give the first pass's thresholds.
 _SAMPLE = 2048
 _MAX_KEY = 0xFFFFFFFF
-# Brackets holding at most this many keys are split evenly rather than interpolated.
+# Brackets holding at most this many keys are split evenly rather than interpolated,
+# where they are stuck (see _interpolated_pivots).
 _EVEN_BELOW = 128
+# Brackets holding at most this many keys (and not stuck) count where their target's
+# order statistic is expected (_order_statistic_parts).
+_ORDER_BELOW = 512
 # Inputs (or, for one global threshold, all inputs together) of at most this many
 # elements are selected by one sort of their keys rather than by the search loops
 # (``python -m benchmarks.selection_sort`` measures both).
@@ -968,12 +972,18 @@ def _interpolated_pivots(bracket, k, stuck=None, uniform: bool = False) -> jax.A
   # bookkeeping into 3-11 kernels more.
   outer = 0.5 if stuck is None else jnp.where(stuck, 0.0, 0.5)
   parts = [outer * low, low, jnp.clip(guess, low, high), high, 1.0 - outer * (1.0 - high)]
-  # Few keys left: their positions in the bracket are as good as random, so split it
-  # evenly (each part then holds about a sixth of them; stuck or not: ends there cost
-  # magnitude pruning a pass, and the loop body 3 kernels more).
-  few = inside <= _EVEN_BELOW
-  if uniform:
-    parts, few = _uniform_parts(bracket, k, parts, few)
+  # Few keys left: their positions in the bracket are as good as random (spread uniformly
+  # over its range), so the inner three count where the target's order statistic is
+  # expected; a bracket of at most 128 whose last pass was stuck (one value?) is split
+  # evenly (ends there cost magnitude pruning a pass, and the loop body 3 kernels
+  # more). Keys claimed uniform: all five, in every bracket of the upper half.
+  inner = inside <= _ORDER_BELOW
+  if stuck is not None:
+    inner = inner & ~stuck
+  outer = lo >= jnp.uint32(2**31) if uniform else jnp.zeros_like(inner)
+  inner = inner | outer
+  parts = _order_statistic_parts(bracket, k, parts, inner, outer)
+  few = (inside <= _EVEN_BELOW) & ~inner
   fractions = jnp.stack(parts, axis=-1)
   even = jnp.arange(1, 6, dtype=jnp.float32) / 6.0
   fractions = jnp.where(few[..., None], even, fractions)
@@ -982,32 +992,40 @@ def _interpolated_pivots(bracket, k, stuck=None, uniform: bool = False) -> jax.A
   return lo[..., None] + jnp.clip(offsets, 1, (hi - lo)[..., None])
 
 
-def _uniform_parts(bracket, k, parts, few):
-  """:func:`_interpolated_pivots`' ``(parts, few)`` where the keys are claimed uniform
-  (``topk_masks(uniform=)``): brackets in the upper half (``lo >= 2**31``: only
-  :func:`hash_keys` there, spread uniformly over the bracket's range) count at the
-  fractions where their target is expected, ``(-2.5, -0.75, 0, 0.75, 2.5)`` standard
-  deviations from it, as :func:`_uniform_pivots` places the first pass's, and are
-  never split evenly. The target is the ``r``-th lowest of the bracket's ``n`` keys
-  (``r = c_lo - k + 1``), at the fraction ``r / (n + 1)`` of the range with deviation
-  ``sqrt(r (n + 1 - r) / (n + 2)) / (n + 1)``: the next bracket holds about
-  ``0.75 sqrt(n)`` keys, where the general pivots, which must also serve clustered
-  keys, leave about ``2 sqrt(n)`` and split brackets of at most 128 keys a sixth a
-  pass. A bracket reaching below ``2**31`` (the other keys: SET's 0, random pruning's
-  zero weights) keeps the general pivots. Chosen per bracket, one fraction at a time,
-  before they are stacked (see :func:`_interpolated_pivots`)."""
-  lo, _, c_lo, c_hi = bracket
+def _order_statistic_parts(bracket, k, parts, inner, outer):
+  """:func:`_interpolated_pivots`' 5 fractions, where ``inner`` (the inner three) and
+  ``outer`` (the outer two) those at which the bracket's target is expected if its keys
+  are spread uniformly over its range: ``(-2.5, -0.75, 0, 0.75, 2.5)`` standard
+  deviations from it, as :func:`_uniform_pivots` places the first pass's for uniform
+  keys. The target is the ``r``-th lowest of the bracket's ``n`` keys (``r = c_lo - k +
+  1``), at the fraction ``r / (n + 1)`` of the range with deviation ``sqrt(r (n + 1 - r)
+  / (n + 2)) / (n + 1)``: the middle parts hold about ``0.75 sqrt(n)`` keys, where the
+  interpolation's spread leaves about ``2 sqrt(n)``, and an even split a sixth of them.
+  Chosen per bracket, one fraction at a time, before they are stacked (see
+  :func:`_interpolated_pivots`).
+
+  The inner three serve brackets of at most ``_ORDER_BELOW`` keys that were not stuck;
+  their outer two stay the interpolation's, which halve the outer parts, since keys
+  clustered at one end (weights regrown together) are not spread uniformly: placed by
+  the order statistic too, a bracket of about 400 such keys of the transformer's SET
+  drop search lost 1-10 keys a pass for 8 passes. All five serve the brackets of keys
+  claimed uniform in the upper half (``lo >= 2**31``: only :func:`hash_keys` there; a
+  bracket reaching below holds the others: SET's 0, random pruning's zero weights).
+  Measured (`python -m benchmarks.search_passes`, medians of the passes per update, sum
+  over magnitude, global magnitude, SET, RigL and STE): MLP 39 -> 34.5, scanned
+  transformer 81.5 -> 76, unrolled 47.5 -> 48 (SET 13 -> 15, the slowest of 74 brackets
+  decides)."""
+  _, _, c_lo, c_hi = bracket
   n = jnp.maximum(c_lo - c_hi, 1).astype(jnp.float32)
   r = jnp.clip((c_lo - k + 1).astype(jnp.float32), 1.0, n)
   mean = r / (n + 1.0)
   sd = jnp.sqrt(r * (n + 1.0 - r) / (n + 2.0)) / (n + 1.0)
-  upper = lo >= jnp.uint32(2**31)
   deviations = (-2.5, -0.75, 0.0, 0.75, 2.5)
-  parts = [
-    jnp.where(upper, jnp.clip(mean + d * sd, 0.0, 1.0), p)
-    for d, p in zip(deviations, parts, strict=True)
+  chosen = (outer, inner, inner, inner, outer)
+  return [
+    jnp.where(c, jnp.clip(mean + d * sd, 0.0, 1.0), p)
+    for d, c, p in zip(deviations, chosen, parts, strict=True)
   ]
-  return parts, few & ~upper
 
 
 def _sample_stride(n: int, shapes: Sequence[tuple[int, ...]]) -> int:
