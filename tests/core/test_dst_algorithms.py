@@ -160,6 +160,27 @@ def test_nm_rigl_drops_and_grows_within_groups():
     prunax.RigL(sparsity=0.5, sparsity_type='nm_2,4', drop_fraction_fn='constant')
 
 
+def test_nm_set_keeps_its_kept_weights_above_the_largest_random_key():
+  # SET's random keys (selection.hash_keys) fill the upper half of uint32, 2**32 - 1
+  # included; N:M drop-and-grow ranks its kept weights at 2**32 - 1 in their groups, so
+  # a grow key of that value tied with them and, earlier in its group, won (ties go to
+  # the lowest position). Every key at 2**32 - 1 here: the kept weights must stay.
+  class MaxKeys(prunax.NMSET):
+    def grow_scores(self, params, sparse_state, grads):
+      return jax.tree.map(lambda w: jnp.full(w.shape, 2**32 - 1, jnp.uint32), params)
+
+  # An (8, 1) kernel: two groups of 4 along the input axis, 2:4 active, at the group ends.
+  w = jnp.asarray([0.0, 0.0, 0.9, 0.5, 0.0, 0.0, 0.8, 0.7]).reshape(8, 1)
+  old = w != 0
+  nm = MaxKeys(drop_fraction=0.5, drop_fraction_fn='constant')
+  new = np.asarray(
+    nm.compute_masks({'w': w}, {'w': 0.5}, _state(nm, {'w': w}), None, {'w': old})['w']
+  )
+  # floor(0.5 * 4) = 2 dropped (0.5, 0.7); 0.9 and 0.8 kept; each group regrows its first
+  # free position.
+  np.testing.assert_array_equal(new.reshape(-1), [1, 0, 1, 0, 1, 0, 1, 0])
+
+
 @pytest.mark.parametrize('name', ['nm_set', 'nm_rigl'])
 def test_nm_drop_and_grow_keeps_the_pattern_in_training(name):
   params = mlp_params()

@@ -55,9 +55,11 @@ class _NMDropAndGrow:
       for keep, g in zip(kept, gs, strict=True):
         # Kept weights (at most n per group, a subset of the old N:M mask) outrank any
         # candidate, so every group keeps them and grows its best candidates to n: the
-        # largest key, above every float score's (+inf's too) and SET's random keys.
+        # largest key, above every float score's (+inf's too); SET's random keys reach
+        # it too (selection.hash_keys: the upper half), so candidates stop one below.
         keys = selection.sortable_keys(selection.materialize(g))
-        score = jnp.where(keep, jnp.uint32(2**32 - 1), keys)
+        top = jnp.uint32(2**32 - 1)
+        score = jnp.where(keep, top, jnp.minimum(keys, top - 1))
         out.append(selection.n_by_m_mask(score, nm.n, nm.m, nm.axis_for(score.ndim)))
       return out
 
