@@ -901,11 +901,10 @@ def _field_sums(per_row: jax.Array, fields: int) -> jax.Array:
 def _with_pivots(bracket, k, pivots=None, stuck=None, uniform: bool = False) -> jax.Array:
   """A search's loop state: every bracket ``(lo, hi, c_lo, c_hi)`` and the 5 pivots of its
   next pass (``pivots``, else :func:`_interpolated_pivots`, with ``stuck`` and
-  ``uniform``; clipped into
-  ``(lo, hi]``) as one ``(..., 9)`` uint32 array (the counts bit-cast). One array, so
-  that XLA narrows the brackets and places the next pivots in one kernel: the same
-  values in separate arrays took about 10 small kernels a loop, and every compiled
-  kernel costs compile time."""
+  ``uniform``; clipped into ``(lo, hi]``) as one ``(..., 9)`` uint32 array (the counts
+  bit-cast). One array, so that XLA narrows the brackets and places the next pivots in
+  one kernel: the same values in separate arrays took about 10 small kernels a loop, and
+  every compiled kernel costs compile time."""
   lo, hi, c_lo, c_hi = bracket
   if pivots is None:
     pivots = _interpolated_pivots(bracket, k, stuck, uniform)
@@ -951,7 +950,9 @@ def _narrowed(bracket, pivots, counts, k):
 def _interpolated_pivots(bracket, k, stuck=None, uniform: bool = False) -> jax.Array:
   """5 sorted thresholds in ``(lo, hi]`` (a last axis): the linear interpolation of the
   counts, two around it, and the midpoints of the two outer parts (so every part is at
-  most half).
+  most half). In brackets of few keys the inner three, and with ``uniform`` (keys
+  claimed uniform, ``topk_masks(uniform=)``) all five in the upper half, sit where the
+  target's order statistic is expected (:func:`_order_statistic_parts`).
 
   Where ``stuck`` (:func:`_narrowed`: the last pass counted no key out of the bracket at
   the end it moved), the outer two are the bracket's ends ``lo + 1`` and ``hi``
@@ -980,9 +981,9 @@ def _interpolated_pivots(bracket, k, stuck=None, uniform: bool = False) -> jax.A
   inner = inside <= _ORDER_BELOW
   if stuck is not None:
     inner = inner & ~stuck
-  outer = lo >= jnp.uint32(2**31) if uniform else jnp.zeros_like(inner)
-  inner = inner | outer
-  parts = _order_statistic_parts(bracket, k, parts, inner, outer)
+  upper = lo >= jnp.uint32(2**31) if uniform else jnp.zeros_like(inner)
+  inner = inner | upper
+  parts = _order_statistic_parts(bracket, k, parts, inner, upper)
   few = (inside <= _EVEN_BELOW) & ~inner
   fractions = jnp.stack(parts, axis=-1)
   even = jnp.arange(1, 6, dtype=jnp.float32) / 6.0
@@ -1561,7 +1562,8 @@ def _search_each(
   bracket's lower end ``0`` and its count, every key. ``first`` (``(len(inputs), 5)``
   uint32, sorted rows) replaces the sample's thresholds of the first pass
   (:func:`_uniform_pivots`); with ``uniform`` (keys claimed uniform) every later pass
-  counts at :func:`_uniform_inside`. Returns the vectors ``(t, c_t, c_above)``.
+  places them as :func:`_interpolated_pivots` does for such keys. Returns the vectors
+  ``(t, c_t, c_above)``.
   """
   lo, c_lo = jnp.zeros(len(inputs), jnp.uint32), jnp.array([x.size for x in inputs], jnp.int32)
   if start is not None:
