@@ -81,8 +81,8 @@ _MAX_KEY = 0xFFFFFFFF
 # Brackets holding at most this many keys are split evenly rather than interpolated,
 # where they are stuck (see _interpolated_pivots).
 _EVEN_BELOW = 128
-# Brackets holding at most this many keys (and not stuck) count where their target's
-# order statistic is expected (_order_statistic_parts).
+# Brackets holding at most this many keys (and not stuck) count around their target's
+# expected order statistic (see _interpolated_pivots).
 _ORDER_BELOW = 512
 # Inputs (or, for one global threshold, all inputs together) of at most this many
 # elements are selected by one sort of their keys rather than by the search loops
@@ -950,9 +950,9 @@ def _narrowed(bracket, pivots, counts, k):
 def _interpolated_pivots(bracket, k, stuck=None, uniform: bool = False) -> jax.Array:
   """5 sorted thresholds in ``(lo, hi]`` (a last axis): the linear interpolation of the
   counts, two around it, and the midpoints of the two outer parts (so every part is at
-  most half). In brackets of few keys the inner three, and with ``uniform`` (keys
-  claimed uniform, ``topk_masks(uniform=)``) all five in the upper half, sit where the
-  target's order statistic is expected (:func:`_order_statistic_parts`).
+  most half). In brackets of at most ``_ORDER_BELOW`` keys, and with ``uniform`` (keys
+  claimed uniform, ``topk_masks(uniform=)``) in every bracket of the upper half, the two
+  around the guess sit 0.75 deviations of the target's order statistic from it.
 
   Where ``stuck`` (:func:`_narrowed`: the last pass counted no key out of the bracket at
   the end it moved), the outer two are the bracket's ends ``lo + 1`` and ``hi``
@@ -966,6 +966,21 @@ def _interpolated_pivots(bracket, k, stuck=None, uniform: bool = False) -> jax.A
   inside = (c_lo - c_hi).astype(jnp.float32)
   guess = (c_lo - k).astype(jnp.float32) / inside + 0.5 / inside
   spread = jnp.clip(2.0 / jnp.sqrt(inside), 0.5 / inside, 0.25)
+  # Few keys left: their positions in the bracket are as good as random (spread uniformly
+  # over its range), so the two around the guess sit 0.75 deviations of the target's
+  # order statistic from it, ``sqrt(g (1 - g) / n)`` (the interpolation's spread, which
+  # must also serve clustered keys, is about 4 of them); a bracket of at most 128 whose
+  # last pass was stuck (one value?) is split evenly (ends there cost magnitude pruning
+  # a pass, and the loop body 3 kernels more). Keys claimed uniform: every bracket in
+  # the upper half. Chosen per bracket by the spread alone: choices of the fractions
+  # split the loop body's bookkeeping into 8 kernels, not 6.
+  order = inside <= _ORDER_BELOW
+  if stuck is not None:
+    order = order & ~stuck
+  if uniform:
+    order = order | (lo >= jnp.uint32(2**31))
+  deviation = jnp.sqrt(jnp.clip(guess * (1.0 - guess), 0.0, 0.25) / inside)
+  spread = jnp.where(order, 0.75 * deviation, spread)
   low, high = jnp.clip(guess - spread, 0.0, 1.0), jnp.clip(guess + spread, 0.0, 1.0)
   # The outer pivots halve the outer parts; where stuck they are the ends (fractions 0 and
   # 1: lo + 1 and hi once clipped). Chosen per bracket before the 5 fractions are
@@ -973,60 +988,13 @@ def _interpolated_pivots(bracket, k, stuck=None, uniform: bool = False) -> jax.A
   # bookkeeping into 3-11 kernels more.
   outer = 0.5 if stuck is None else jnp.where(stuck, 0.0, 0.5)
   parts = [outer * low, low, jnp.clip(guess, low, high), high, 1.0 - outer * (1.0 - high)]
-  # Few keys left: their positions in the bracket are as good as random (spread uniformly
-  # over its range), so the inner three count where the target's order statistic is
-  # expected; a bracket of at most 128 whose last pass was stuck (one value?) is split
-  # evenly (ends there cost magnitude pruning a pass, and the loop body 3 kernels
-  # more). Keys claimed uniform: all five, in every bracket of the upper half.
-  inner = inside <= _ORDER_BELOW
-  if stuck is not None:
-    inner = inner & ~stuck
-  upper = lo >= jnp.uint32(2**31) if uniform else jnp.zeros_like(inner)
-  inner = inner | upper
-  parts = _order_statistic_parts(bracket, k, parts, inner, upper)
-  few = (inside <= _EVEN_BELOW) & ~inner
+  few = (inside <= _EVEN_BELOW) & ~order
   fractions = jnp.stack(parts, axis=-1)
   even = jnp.arange(1, 6, dtype=jnp.float32) / 6.0
   fractions = jnp.where(few[..., None], even, fractions)
   width = (hi - lo).astype(jnp.float32)[..., None]
   offsets = jnp.minimum(fractions * width, 4294967040.0).astype(jnp.uint32)
   return lo[..., None] + jnp.clip(offsets, 1, (hi - lo)[..., None])
-
-
-def _order_statistic_parts(bracket, k, parts, inner, outer):
-  """:func:`_interpolated_pivots`' 5 fractions, where ``inner`` (the inner three) and
-  ``outer`` (the outer two) those at which the bracket's target is expected if its keys
-  are spread uniformly over its range: ``(-2.5, -0.75, 0, 0.75, 2.5)`` standard
-  deviations from it, as :func:`_uniform_pivots` places the first pass's for uniform
-  keys. The target is the ``r``-th lowest of the bracket's ``n`` keys (``r = c_lo - k +
-  1``), at the fraction ``r / (n + 1)`` of the range with deviation ``sqrt(r (n + 1 - r)
-  / (n + 2)) / (n + 1)``: the middle parts hold about ``0.75 sqrt(n)`` keys, where the
-  interpolation's spread leaves about ``2 sqrt(n)``, and an even split a sixth of them.
-  Chosen per bracket, one fraction at a time, before they are stacked (see
-  :func:`_interpolated_pivots`).
-
-  The inner three serve brackets of at most ``_ORDER_BELOW`` keys that were not stuck;
-  their outer two stay the interpolation's, which halve the outer parts, since keys
-  clustered at one end (weights regrown together) are not spread uniformly: placed by
-  the order statistic too, a bracket of about 400 such keys of the transformer's SET
-  drop search lost 1-10 keys a pass for 8 passes. All five serve the brackets of keys
-  claimed uniform in the upper half (``lo >= 2**31``: only :func:`hash_keys` there; a
-  bracket reaching below holds the others: SET's 0, random pruning's zero weights).
-  Measured (`python -m benchmarks.search_passes`, medians of the passes per update, sum
-  over magnitude, global magnitude, SET, RigL and STE): MLP 39 -> 34.5, scanned
-  transformer 81.5 -> 76, unrolled 47.5 -> 48 (SET 13 -> 15, the slowest of 74 brackets
-  decides)."""
-  _, _, c_lo, c_hi = bracket
-  n = jnp.maximum(c_lo - c_hi, 1).astype(jnp.float32)
-  r = jnp.clip((c_lo - k + 1).astype(jnp.float32), 1.0, n)
-  mean = r / (n + 1.0)
-  sd = jnp.sqrt(r * (n + 1.0 - r) / (n + 2.0)) / (n + 1.0)
-  deviations = (-2.5, -0.75, 0.0, 0.75, 2.5)
-  chosen = (outer, inner, inner, inner, outer)
-  return [
-    jnp.where(c, jnp.clip(mean + d * sd, 0.0, 1.0), p)
-    for d, c, p in zip(deviations, chosen, parts, strict=True)
-  ]
 
 
 def _sample_stride(n: int, shapes: Sequence[tuple[int, ...]]) -> int:

@@ -43,6 +43,9 @@ SCRIPT = textwrap.dedent("""
             sparsity=0.8, scheduler=sched.PolynomialSchedule(1, 0, 3)),
         'ste': prunax.SteMagnitudePruning(sparsity=0.7),
         'rigl': prunax.RigL(sparsity=0.8, scheduler=sched.PeriodicSchedule(2, 1)),
+        # Gradual: its keys of weights pruned before go last, the uniform ones counted.
+        'random': prunax.RandomPruning(
+            sparsity=0.8, scheduler=sched.PolynomialSchedule(1, 0, 3)),
         'global_packed': prunax.GlobalMagnitudePruning(
             sparsity=0.6, packed_masks=True, scheduler=sched.OneShotSchedule(1)),
     }.items():
@@ -110,7 +113,7 @@ def report():
   return eight_device_report(SCRIPT, timeout=900)
 
 
-@pytest.mark.parametrize('name', ['magnitude', 'ste', 'rigl', 'global_packed'])
+@pytest.mark.parametrize('name', ['magnitude', 'ste', 'rigl', 'random', 'global_packed'])
 def test_eight_devices_match_one(report, name):
   r = report[name]
   assert r['masks_equal'], r
