@@ -973,8 +973,9 @@ def _interpolated_pivots(bracket, k, stuck=None, uniform: bool = False) -> jax.A
   # last pass was stuck (one value?) is split evenly (ends there cost magnitude pruning
   # a pass, and the loop body 3 kernels more). Keys claimed uniform: every bracket in
   # the upper half. Chosen per bracket by the spread alone: choices of the fractions
-  # split the loop body's bookkeeping into 8 kernels, not 6.
-  order = inside <= _ORDER_BELOW
+  # split the loop body's bookkeeping into 8 kernels, not 6. Two keys are split evenly:
+  # a sixth is the best split of two random keys, and of a range around one value.
+  order = (inside <= _ORDER_BELOW) & (inside > 2)
   if stuck is not None:
     order = order & ~stuck
   if uniform:
