@@ -143,9 +143,10 @@ def run_steps(step, params, state, batch, calls, count=None):
 # (mask updates every 10 steps: the 4th update).
 UPDATE_AT = 40
 UPDATE_EVERY = 10
-# The step kinds timed: the counter reset to 11 before each call (no mask update), or
-# training's steps from UPDATE_AT on, every UPDATE_EVERY-th (mask update) or every one.
-KINDS = {'no mask update': (11, None), 'mask update': (None, UPDATE_EVERY), 'every step': (None, 1)}
+# The step kinds timed, as ``(count, every)``: the counter reset to 11 before each call
+# (no mask update), or (count None) training's steps from UPDATE_AT on, every
+# UPDATE_EVERY-th (mask update) or every one.
+KINDS = {'no mask update': (11, 1), 'mask update': (None, UPDATE_EVERY), 'every step': (None, 1)}
 
 
 def trained_until(step, params, state, batch, count=UPDATE_AT):
@@ -181,6 +182,16 @@ def run_training_steps(step, params, state, batch, calls, every):
   return params, state, min(times)
 
 
+def time_calls(step, params, state, batch, calls, count, every):
+  """``(params, state, seconds)`` of ``calls`` timed steps of a :data:`KINDS` kind
+  ``(count, every)``: chained with the counter reset to ``count``
+  (:func:`run_steps`), or where ``count`` is None training's own
+  (:func:`run_training_steps`)."""
+  if count is None:
+    return run_training_steps(step, params, state, batch, calls, every)
+  return run_steps(step, params, state, batch, calls, count)
+
+
 def alternated(step, tx, params, batch, dense, dense_step, repeats, kind):
   """Per repeat ``(dense seconds, pruned seconds)``: 3 chained dense steps (``dense``
   holds their params and state, advanced), then 3 pruned steps of ``tx`` of the
@@ -192,10 +203,7 @@ def alternated(step, tx, params, batch, dense, dense_step, repeats, kind):
     p, s, _ = run_steps(step, copy_tree(params), tx.init(params), batch, 2, count)
   for _ in range(repeats):
     dense[0], dense[1], d = run_steps(dense_step, dense[0], dense[1], batch, 3)
-    if count is None:
-      p, s, t = run_training_steps(step, p, s, batch, 3, every)
-    else:
-      p, s, t = run_steps(step, p, s, batch, 3, count)
+    p, s, t = time_calls(step, p, s, batch, 3, count, every)
     yield d, t
 
 

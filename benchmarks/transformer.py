@@ -122,12 +122,12 @@ def tokens_of(batch: int):
 
 
 def step_kinds(has_updates: bool) -> dict:
-  """The steps timed per algorithm: name -> ``(count, every)``: the step counter set
-  before each call, or None for training's own steps from init, of which every
-  ``every``-th is timed (mask updates: from ``run.UPDATE_AT`` on, as ``run.KINDS``)."""
+  """The steps timed per algorithm: name -> ``(count, every)`` of ``run.KINDS`` (the step
+  counter set before each call, or None for training's own steps, of which every
+  ``every``-th is timed; mask updates from ``run.UPDATE_AT`` on)."""
   if has_updates:
-    return {'no update': (11, 1), 'update': (None, run.UPDATE_EVERY)}
-  return {'every step': (None, 1)}
+    return {'no update': run.KINDS['no mask update'], 'update': run.KINDS['mask update']}
+  return {'every step': run.KINDS['every step']}
 
 
 def make_loss(model):
@@ -182,11 +182,9 @@ def alternated_steps(model, params, tokens, entries, repeats: int, calls: int):
     best = {}
     for key, program in programs.items():
       compiled, p, state, count, every = program
-      if count is None:
-        timed = run.run_training_steps(compiled, p, state, tokens, calls, every)
-      else:
-        timed = run_steps(compiled, p, state, tokens, calls, count)
-      program[1], program[2], best[key] = timed
+      program[1], program[2], best[key] = run.time_calls(
+        compiled, p, state, tokens, calls, count, every
+      )
     dense_ms.append(best[None] * 1e3)
     for key in ratios:
       ratios[key].append(best[key] / best[None])
