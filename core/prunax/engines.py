@@ -120,7 +120,8 @@ def straight_through(updater: Any, inner: optax.GradientTransformation):
   field: the dense weights of the pruned leaves (``MaskedNode()`` elsewhere). The
   algorithm's hooks: ``before_update`` (its own state after the step's gradients, e.g.
   learned thresholds), ``transform_gradients`` (the gradients fed to the optimizer of
-  the dense weights), ``compute_masks`` and ``forward_params``.
+  the dense weights), ``compute_masks``, ``after_masks`` (its state once the masks are
+  chosen) and ``forward_params``.
 
   Args:
     updater: the algorithm (a :class:`prunax.BaseUpdater` with the straight-through hooks,
@@ -156,6 +157,7 @@ def straight_through(updater: Any, inner: optax.GradientTransformation):
     # each mask evaluated on its own (an elementwise comparison, fused into it). Not by
     # selection.materialize_all: inside its shared jitted function the alike leaves'
     # kernels came out different, one compiled per leaf (test_compile_cost).
+    algorithm_state = updater.after_masks(algorithm_state, new_masks, sparsities)
     stored = updater.store_masks(new_masks, like=state.masks)
     new_masks = jax.tree.map(selection.materialize, new_masks, is_leaf=is_none)
     forward = updater.forward_params(candidate, new_masks, state)

@@ -88,6 +88,9 @@ _ORDER_BELOW = 512
 # elements are selected by one sort of their keys rather than by the search loops
 # (``python -m benchmarks.selection_sort`` measures both).
 _SORT_AT_MOST = 1024
+# Where a search has the last steps' thresholds (Lazy(near=)), its first pass counts where
+# they lead and at least this many keys (by the sample's density) below and above it.
+_NEAR_KEYS = 32.0
 
 
 class SearchPass(NamedTuple):
@@ -223,6 +226,7 @@ class Lazy:
     shape: tuple[int, ...] | None = None,
     sample: Callable[..., jax.Array] | None = None,
     rows: Callable[..., jax.Array] | None = None,
+    near: tuple[jax.Array, int] | None = None,
   ):
     """Args:
     fn: elementwise function of the evaluated ``args``.
@@ -237,9 +241,20 @@ class Lazy:
     rows: optional ``rows(*args)`` returning the values as ``(size // 32, 32)`` in flat
       order, for arguments that cannot be reshaped elementwise (packed bits); by
       default arguments of the values' shape are reshaped.
+    near: optional ``(table, i)``: row ``i`` of a uint32 ``(m, 4)`` table of last
+      thresholds, ``(t, kt, t0, k0)``: the last two selections from these scores'
+      predecessors (the last steps') kept the top ``k0`` at key ``t0``, then the top
+      ``kt`` at key ``t`` (see :func:`found_thresholds`; keys 0 where unknown). A search
+      of :func:`topk_masks` places its first pass's middle pivots where they lead
+      (:func:`_near_pivots`); rows with ``t`` 0 are ignored. Only the
+      number of passes depends on it: the masks are exact whatever it holds. Read from
+      the values given to :func:`topk_masks` only (an expression derived from them drops
+      it). Given as a row of a shared table, so that many leaves' hints are read by one
+      gather, not a slice each.
     """
     self.fn = fn
     self.args = args
+    self.near = near
     self._shape = None if shape is None else tuple(shape)
     self._sample = sample
     self._rows = rows
@@ -272,6 +287,12 @@ class Lazy:
 
     args = [apply(a) for a in self.args]
     return Lazy(self.fn, *args, shape=self._shape, sample=self._sample, rows=self._rows)
+
+  def with_near(self, near: tuple[jax.Array, int]) -> Lazy:
+    """The same expression, with the hint ``near`` (see ``__init__``)."""
+    return Lazy(
+      self.fn, *self.args, shape=self._shape, sample=self._sample, rows=self._rows, near=near
+    )
 
   def rows(self) -> jax.Array:
     """The values in rows of 32 (:func:`_rows_shape`: the last axis split into rows,
@@ -1467,9 +1488,11 @@ def _tie_start(n, c_t, c_above) -> tuple[jax.Array, jax.Array]:
   return jnp.asarray(_MAX_KEY - (np.asarray(n, np.int64) - 1), jnp.uint32), c_t - c_above
 
 
-def _sample_pivots_each(inputs: Sequence[Lazy], k: jax.Array) -> jax.Array:
+def _sample_pivots_each(inputs: Sequence[Lazy], k: jax.Array, near=None) -> jax.Array:
   """``(len(inputs), 5)`` thresholds: :func:`_sample_pivots` of every input on its own,
-  from one sort of their samples (each padded in front with the lowest key to one length).
+  from one sort of their samples (each padded in front with the lowest key to one length);
+  with ``near`` (``(len(inputs), 4)`` uint32 rows, see :class:`Lazy`), the middle three of
+  an input whose hint holds are :func:`_near_pivots`.
 
   Alike inputs are sampled by one computation (:func:`map_alike`'s groups) and padded as
   one array: padding every input's sample on its own compiled one kernel per input of a
@@ -1496,7 +1519,49 @@ def _sample_pivots_each(inputs: Sequence[Lazy], k: jax.Array) -> jax.Array:
   offsets = jnp.array([-2.5, -0.75, 0.0, 0.75, 2.5])
   positions = jnp.round(q[:, None] + sigma[:, None] * offsets).astype(jnp.int32) + pad[:, None]
   positions = jnp.clip(positions, pad[:, None], width - 1)
-  return jnp.take_along_axis(sample, positions, axis=1)
+  pivots = jnp.take_along_axis(sample, positions, axis=1)
+  if near is None:
+    return pivots
+  return _near_pivots(pivots, near, k, 1.5 * sigma * (n / size))
+
+
+def _near_pivots(pivots: jax.Array, near: jax.Array, k: jax.Array, between) -> jax.Array:
+  """The sample's ``pivots`` (``(m, 5)``), their middle three replaced by ``g - d, g, g + d``
+  where ``near[i] = (t, kt, t0, k0)``: the last two selections from these scores'
+  predecessors kept the top ``k0`` at key ``t0``, then the top ``kt`` at key ``t`` (``t0``
+  0 if unknown). Keys are converted to counts by the sample's density, ``u`` key units a
+  key (``between`` keys lie between its pivots 1 and 3): the threshold drifted by ``(t -
+  t0) + (kt - k0) u`` in the last step beyond what its count moved it, so the guess ``g``
+  is ``t`` carried on by that drift and moved by ``(k - kt) u`` (more kept, lower). ``d``
+  is a quarter of both moves, and at least ``_NEAR_KEYS`` keys. Where the window ``2 d``
+  is no narrower than the sample's middle pivots' (a large change of ``k``), or ``t`` is
+  0, the sample's pivots stay. The outer two stay the sample's (widened to keep the five
+  sorted), so a threshold that moved further is bracketed as before."""
+  t, t0 = near[:, 0], near[:, 2]
+  kt, k0 = near[:, 1].astype(jnp.float32), near[:, 3].astype(jnp.float32)
+  inner = pivots[:, 3] - pivots[:, 1]
+  unit = inner.astype(jnp.float32) / between
+  moved = jax.lax.bitcast_convert_type(t - t0, jnp.int32).astype(jnp.float32)
+  drift = jnp.where(t0 == 0, 0.0, moved + (kt - k0) * unit)
+  change = (k.astype(jnp.float32) - kt) * unit
+  shift = jnp.clip(jnp.round(drift - change), -(2.0**30), 2.0**30).astype(jnp.int32)
+  up = jnp.where(shift > 0, shift, 0).astype(jnp.uint32)
+  down = jnp.where(shift < 0, -shift, 0).astype(jnp.uint32)
+  guess = _sub_saturated(_add_saturated(t, up), down)
+  d = jnp.maximum(_NEAR_KEYS * unit, 0.25 * (jnp.abs(drift) + jnp.abs(change)))
+  d = jnp.clip(d, 1.0, 2.0**30).astype(jnp.uint32)
+  low, high = _sub_saturated(guess, d), _add_saturated(guess, d)
+  warm = [jnp.minimum(pivots[:, 0], low), low, guess, high, jnp.maximum(pivots[:, 4], high)]
+  use = (t != 0) & (high - low < inner)
+  return jnp.where(use[:, None], jnp.stack(warm, axis=1), pivots)
+
+
+def _add_saturated(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.where(a < jnp.uint32(_MAX_KEY) - b, a + b, jnp.uint32(_MAX_KEY))
+
+
+def _sub_saturated(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.where(a > b, a - b, jnp.uint32(0))
 
 
 def _uniform_pivots(k: jax.Array, m: jax.Array) -> jax.Array:
@@ -1517,7 +1582,15 @@ def _uniform_pivots(k: jax.Array, m: jax.Array) -> jax.Array:
 
 
 def _search_each(
-  inputs, key_fn, k, sample: bool = True, closed=None, first=None, start=None, uniform=False
+  inputs,
+  key_fn,
+  k,
+  sample: bool = True,
+  closed=None,
+  first=None,
+  start=None,
+  uniform=False,
+  near=None,
 ):
   """:func:`_search` of every input on its own (its own ``k[i]``), in one ``while_loop``.
 
@@ -1531,8 +1604,9 @@ def _search_each(
   bracket's lower end ``0`` and its count, every key. ``first`` (``(len(inputs), 5)``
   uint32, sorted rows) replaces the sample's thresholds of the first pass
   (:func:`_uniform_pivots`); with ``uniform`` (keys claimed uniform) every later pass
-  places them as :func:`_interpolated_pivots` does for such keys. Returns the vectors
-  ``(t, c_t, c_above)``.
+  places them as :func:`_interpolated_pivots` does for such keys. ``near`` (``(len(inputs),
+  4)`` uint32 rows, see :class:`Lazy`) moves the sample's middle pivots to where the last
+  thresholds lead, where they hold. Returns the vectors ``(t, c_t, c_above)``.
   """
   lo, c_lo = jnp.zeros(len(inputs), jnp.uint32), jnp.array([x.size for x in inputs], jnp.int32)
   if start is not None:
@@ -1561,7 +1635,7 @@ def _search_each(
 
   start = (lo, hi, c_lo, jnp.zeros(len(inputs), jnp.int32))
   if first is None and sample:
-    first = _sample_pivots_each(inputs, k)
+    first = _sample_pivots_each(inputs, k, near)
   state = _with_pivots(start, k, first)
   state = jax.lax.while_loop(lambda s: jnp.any(open_(_unpacked(s)[0])), step, state)
   lo, _, c_lo, c_hi = _unpacked(state)[0]
@@ -1569,22 +1643,32 @@ def _search_each(
 
 
 def _topk_masks_each(
-  inputs: list[Lazy], k: jax.Array, keep: jax.Array, distinct: bool = False, uniform=None
+  inputs: list[Lazy],
+  k: jax.Array,
+  keep: jax.Array,
+  distinct: bool = False,
+  uniform=None,
+  near=None,
 ) -> list[Lazy]:
   """Lazy masks of the ``k[i]`` largest scores of every input on its own (``1 <= k[i] <=
   size``), ties kept by lowest position; all False where ``keep[i]`` is False. Inputs of
   at most ``_SORT_AT_MOST`` elements are sorted (:func:`_sorted_thresholds`); for the
   others one loop finds every threshold, and one more every tie cutoff
   (:func:`_searched_thresholds`; none with ``distinct``, and the first pass from
-  ``uniform``, the vector of candidate counts: see :func:`topk_masks`)."""
+  ``uniform``, the vector of candidate counts: see :func:`topk_masks`, or around ``near``,
+  the rows of last thresholds: see :class:`Lazy`)."""
   small = [i for i, x in enumerate(inputs) if x.size <= _SORT_AT_MOST]
   large = [i for i, x in enumerate(inputs) if x.size > _SORT_AT_MOST]
 
   def subset(indices):
     if len(indices) == len(inputs):
-      return inputs, k, uniform
+      return inputs, k, uniform, near
     at = jnp.asarray(indices)
-    return [inputs[i] for i in indices], k[at], None if uniform is None else uniform[at]
+    return (
+      [inputs[i] for i in indices],
+      k[at],
+      *(None if v is None else v[at] for v in (uniform, near)),
+    )
 
   parts = []
   if small:
@@ -1606,6 +1690,37 @@ def _row_masks(inputs: list[Lazy], t, t_tie, keep, offsets: list[int]) -> list[L
   return [Lazy(_threshold_mask_row, x, found, np.int32(i)) for i, x in enumerate(inputs)]
 
 
+def _table_rows(count: int, entries: list, width: int) -> jax.Array:
+  """``(count, width)`` uint32 rows: ``table[i]`` at row ``at`` for every ``(at, table,
+  i)`` of ``entries`` (tables of ``width`` columns), zeros elsewhere; one static gather per
+  table, or the table itself where it is read whole and in order."""
+  rows = jnp.zeros((count, width), jnp.uint32)
+  tables: dict[int, tuple[jax.Array, list[int], list[int]]] = {}
+  for at, table, i in entries:
+    group = tables.setdefault(id(table), (table, [], []))
+    group[1].append(at)
+    group[2].append(int(i))
+  for table, at, i in tables.values():
+    whole = at == list(range(count)) and i == list(range(table.shape[0]))
+    rows = table if whole else rows.at[np.array(at)].set(table[np.array(i)])
+  return rows
+
+
+def found_thresholds(masks: Sequence[Any]) -> jax.Array:
+  """The threshold key of every lazy mask of :func:`topk_masks` or
+  :func:`global_topk_masks` (uint32 ``(len(masks),)``; 0 for any other mask: evaluated
+  masks, those of stacked leaves and other structures): a key ``t`` at which the mask
+  keeps every score above ``t`` and some equal to it, so at least its count of scores at
+  or above ``t`` and at most that many above. For ``Lazy(..., near=)`` at the next
+  selection. Read by one slice of each search's results, not one per mask."""
+  entries = [
+    (at, m.args[1].value, m.args[2])
+    for at, m in enumerate(masks)
+    if isinstance(m, Lazy) and m.fn is _threshold_mask_row
+  ]
+  return _table_rows(len(masks), entries, 4)[:, 0]
+
+
 def _threshold_mask_row(scores, found, i):
   """:func:`_threshold_mask` of row ``i`` of ``found`` (``t``, ``t_tie``, keep flag, the
   input's flat offset)."""
@@ -1614,20 +1729,23 @@ def _threshold_mask_row(scores, found, i):
 
 
 def _searched_thresholds(
-  inputs: list[Lazy], k: jax.Array, uniform=None, distinct: bool = False
+  inputs: list[Lazy], k: jax.Array, uniform=None, near=None, distinct: bool = False
 ) -> tuple[jax.Array, jax.Array]:
   """Vectors ``(t, t_tie)`` of :func:`_threshold_mask` for every input on its own, from
   one search loop for the thresholds and one for the tie cutoffs (it runs no pass when
   no input has more keys at its threshold than it needs; with ``distinct`` no input
   does, and there is no such loop). With ``uniform`` (the number of uniform keys of every
-  input, see :func:`topk_masks`) the first pass counts at :func:`_uniform_pivots`."""
+  input, see :func:`topk_masks`) the first pass counts at :func:`_uniform_pivots`; else,
+  with ``near`` (see :class:`Lazy`), around the last thresholds where they hold."""
 
   def score_keys(i, x, witness=None):
     del i, witness
     return sortable_keys(x.rows())
 
   first = None if uniform is None else _uniform_pivots(k, uniform)
-  t, c_t, c_above = _search_each(inputs, score_keys, k, first=first, uniform=first is not None)
+  t, c_t, c_above = _search_each(
+    inputs, score_keys, k, first=first, uniform=first is not None, near=near
+  )
   if distinct:  # the k-th largest key is unique: the search ends where c_t == k
     return t, jnp.zeros_like(t)
 
@@ -1685,6 +1803,10 @@ def topk_masks(
       about ``sqrt(k[i])`` keys. Only the number of passes depends on it; the masks are
       exact whatever the keys are.
 
+  Scores given as :class:`Lazy` with ``near`` (the last steps' thresholds and counts,
+  :func:`found_thresholds`) start their search where those lead, unless ``uniform`` is
+  given.
+
   Returns:
     A list of bool masks (or :class:`Lazy` masks), one per array.
   """
@@ -1712,11 +1834,14 @@ def topk_masks(
     counts = stack_shared(
       once_per_value(_clip_count, [k[i] for i in chosen], [inputs[i].size for i in chosen])
     )
-    candidates = None
+    candidates = near = None
     if uniform is not None:  # a hint: not clipped (_uniform_pivots takes any count)
       candidates = stack_shared([uniform[i] for i in chosen], jnp.int32)
+    elif any(inputs[i].near is not None for i in chosen):  # last thresholds
+      hints = [(at, *inputs[i].near) for at, i in enumerate(chosen) if inputs[i].near is not None]
+      near = _table_rows(len(chosen), hints, 4)
     found = _topk_masks_each(
-      [inputs[i] for i in chosen], jnp.maximum(counts, 1), counts > 0, distinct, candidates
+      [inputs[i] for i in chosen], jnp.maximum(counts, 1), counts > 0, distinct, candidates, near
     )
     for i, m in zip(chosen, found, strict=True):
       masks[i] = m

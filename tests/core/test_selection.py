@@ -419,6 +419,94 @@ def test_a_bracket_of_few_keys_counts_where_its_target_is_expected():
   assert np.mean(passes) <= 4.0, passes
 
 
+def _drifting_weights(seed: int, steps: int) -> list[np.ndarray]:
+  """Weights moved as a straight-through step moves them: growing by a common factor
+  (their threshold drifts one way) plus noise."""
+  rng = np.random.default_rng(seed)
+  w = (rng.normal(size=(512, 768)) * 0.03).astype(np.float32)
+  out = [w]
+  for _ in range(steps):
+    w = (w * 1.0005 + rng.normal(size=w.shape) * 2e-6).astype(np.float32)
+    out.append(w)
+  return out
+
+
+def _kth_key(w: np.ndarray, k: int) -> int:
+  keys = np.sort(np.asarray(selection.sortable_keys(jnp.abs(jnp.asarray(w)))).reshape(-1))
+  return int(keys[-k])
+
+
+def test_a_search_starts_where_the_last_thresholds_lead():
+  # Lazy(near=(t, k, t0)): the last two thresholds of the same count. The first pass
+  # counts around t + (t - t0) instead of the sample's quantiles (selection._near_pivots):
+  # 8 draws of drifting weights, 3.75 threshold passes on average from the sample, 2.25
+  # from the last thresholds; the masks are the same.
+  passes = {False: [], True: []}
+  for seed in range(8):
+    k = int(np.random.default_rng(seed).integers(20000, 370000))
+    w0, w1, w2 = _drifting_weights(seed, 2)
+    near = np.array([[_kth_key(w1, k), k, _kth_key(w0, k), k]], np.uint32)
+    for hinted in (False, True):
+
+      def fn(x, near, hinted=hinted, k=k):
+        score = selection.Lazy(jnp.abs, x, near=(near, 0) if hinted else None)
+        return selection.topk_masks([score], [k])[0]
+
+      n, mask = _threshold_passes(fn, jnp.asarray(w2), jnp.asarray(near))
+      np.testing.assert_array_equal(mask, reference_masks([np.abs(w2)], k)[0])
+      passes[hinted].append(n)
+  assert np.mean(passes[True]) <= np.mean(passes[False]) - 1.0, passes
+
+
+def is_threshold_of(t: int, scores: np.ndarray, k: int) -> bool:
+  """Whether the mask of the top ``k`` keeps the keys above ``t`` and some equal to it."""
+  keys = np.asarray(selection.sortable_keys(jnp.asarray(scores))).reshape(-1)
+  return (keys >= t).sum() >= k and (keys > t).sum() <= k
+
+
+def test_found_threshold_is_the_threshold_of_the_mask():
+  w = _drifting_weights(0, 0)[0]
+  w[0, :40] = w[1, 0]  # a tie across the threshold of k = 20
+  for k in (1, 20, 1000, w.size // 2, w.size):
+    mask = selection.topk_masks([selection.Lazy(jnp.abs, jnp.asarray(w))], [k], lazy=True)[0]
+    t = int(selection.found_thresholds([mask])[0])
+    assert is_threshold_of(t, np.abs(w), k), k
+  # Several searches' masks, in any order, and masks of no threshold (0).
+  ws = [np.abs(w), np.abs(w[:300]), np.abs(w[:, :500])]
+  ks = [500, 7000, 30000]
+  masks = selection.topk_masks([jnp.asarray(x) for x in ws], ks, lazy=True)
+  other = selection.topk_masks([jnp.asarray(ws[1])], [ks[1]], lazy=True)[0]
+  found = selection.found_thresholds([masks[2], jnp.ones(3, bool), other, masks[0]])
+  assert found[1] == 0
+  for t, x, k in zip(np.asarray(found)[[0, 2, 3]], [ws[2], ws[1], ws[0]], [ks[2], ks[1], ks[0]]):
+    assert is_threshold_of(int(t), x, k), k
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(
+  t=st.integers(0, 2**32 - 1),
+  t0=st.integers(0, 2**32 - 1),
+  kt=st.integers(0, 2**32 - 1),
+  k0=st.integers(0, 2**32 - 1),
+  k=st.integers(1, 2400),
+  seed=st.integers(0, 2**16),
+)
+def test_any_last_thresholds_give_the_exact_masks(t, t0, kt, k0, k, seed):
+  # The hint only places the first pass: wrong keys (anywhere in uint32, below or above
+  # the threshold, moving away from it) and counts must not change a mask. Few values,
+  # so that ties at the threshold are common.
+  rng = np.random.default_rng(seed)
+  w = rng.integers(-20, 20, size=(40, 60)).astype(np.float32)
+  near = np.array([[t, kt, t0, k0]], np.uint32)
+  mask = _hinted_mask(jnp.asarray(w), jnp.asarray(near), jnp.int32(k))
+  np.testing.assert_array_equal(mask, reference_masks([np.abs(w)], k)[0])
+
+
+@jax.jit
+def _hinted_mask(x, near, k):
+  return selection.topk_masks([selection.Lazy(jnp.abs, x, near=(near, 0))], [k])[0]
+
+
 def test_random_pruning_keys_start_where_the_nonzero_weights_put_the_threshold():
   # Gradual random pruning: the weights pruned before (8% here) are 0, their keys below
   # the others (selection.zeros_lowest); 89% are kept. The first pass is placed for the

@@ -165,6 +165,50 @@ def test_ste_keeps_dense_weights_and_trains_them():
   np.testing.assert_array_equal(mask, expected)
 
 
+def test_magnitude_ste_keeps_its_last_thresholds_and_searches_from_them():
+  # The state keeps every pruned leaf's threshold key and count, and the step before's
+  # (DenseWeights.last_thresholds); the next step's search starts around where they lead
+  # (selection.Lazy(near=)). Zeroing them between steps (no hint) runs the same steps
+  # with the sample's first pass: more passes, the same masks. The weights drift steadily
+  # (they grow 0.05% a step by a negative weight decay, and follow their gradients).
+  params = mlp_params(sizes=(48, 384, 256))
+  tx = prunax.SteMagnitudePruning(
+    sparsity=0.8, scheduler=sched.OneShotSchedule(target_step=0)
+  ).wrap_optax(optax.chain(optax.add_decayed_weights(-0.05), optax.sgd(1e-2)))
+  batch = make_batch(din=48, dout=256)
+  kept = {'layer0': 3686, 'layer1': 19661}  # 20% of 18432 and 98304, rounded as num_zeros
+
+  def passes_and_state(hinted: bool):
+    p, state, per_step = params, tx.init(params), []
+    with selection.count_passes() as log:
+      step = jax.jit(make_step(tx))  # traced inside the block
+      for _ in range(10):
+        if not hinted:
+          ste = state.algorithm_state
+          state = state._replace(
+            algorithm_state=ste._replace(last_thresholds=jnp.zeros_like(ste.last_thresholds))
+          )
+        before = np.asarray(state.algorithm_state.last_thresholds)
+        p, state = step(p, state, batch)
+        jax.effects_barrier()
+        per_step.append(sum(r.kind == 'threshold' for r in log) - sum(per_step))
+        rows = np.asarray(state.algorithm_state.last_thresholds)
+        for row, last, name in zip(rows, before, ['layer0', 'layer1'], strict=True):
+          dense = np.abs(np.asarray(state.algorithm_state.dense_params[name]['kernel']))
+          keys = np.asarray(selection.sortable_keys(jnp.asarray(dense))).reshape(-1)
+          # The mask keeps the keys above the threshold and some equal to it.
+          assert (keys >= row[0]).sum() >= kept[name] >= (keys > row[0]).sum(), (name, row)
+          assert row[1] == kept[name], (name, row)
+          np.testing.assert_array_equal(row[2:], last[:2])  # the step before's
+    return per_step, p, state
+
+  hinted, p, state = passes_and_state(True)
+  plain, p_plain, state_plain = passes_and_state(False)
+  jax.tree.map(np.testing.assert_array_equal, p, p_plain)
+  # Steps 3-9: 2.9 threshold passes a step from the last thresholds, 4.0 from the sample.
+  assert np.mean(hinted[3:]) <= np.mean(plain[3:]) - 0.7, (hinted, plain)
+
+
 def test_ste_does_not_reset_the_moments_of_pruned_weights():
   # STE-style algorithms train every dense weight: the moments of weights outside the
   # mask keep following their (straight-through) gradients, unlike masked training.

@@ -14,6 +14,7 @@ AutoSparse).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 from typing import NamedTuple
 
@@ -22,9 +23,13 @@ import jax.numpy as jnp
 import optax
 
 from prunax import engines
+from prunax import selection
+from prunax import sparsity_types
+from prunax import strategies
 from prunax.algorithms.pruners import MagnitudePruning
 from prunax.algorithms.pruners import RandomPruning
 from prunax.state import SparseState
+from prunax.tree_util import is_none
 from prunax.tree_util import map_masked
 from prunax.tree_util import pruned_only
 from prunax.tree_util import to_stored
@@ -34,9 +39,14 @@ PyTree = Any
 
 class DenseWeights(NamedTuple):
   """State of straight-through algorithms: the dense weights of the pruned leaves
-  (``optax.MaskedNode()`` at the others)."""
+  (``optax.MaskedNode()`` at the others), and, for magnitude STE with unstructured masks
+  chosen per leaf, the last thresholds of every pruned leaf (uint32 ``(leaves, 4)``: the
+  last step's threshold key and the count it kept, then the step before's; zeros where
+  unknown; see :meth:`SteMagnitudePruning.after_masks`), else
+  ``optax.MaskedNode()``. Replicated, not sharded: a few bytes per leaf."""
 
   dense_params: Any
+  last_thresholds: Any = optax.MaskedNode()
 
   params_like = ('dense_params',)
 
@@ -47,8 +57,9 @@ class StraightThrough:
 
   The engine runs the wrapped optimizer on the dense weights with the gradients taken at
   the sparse weights, after :meth:`before_update` and :meth:`transform_gradients`, then
-  recomputes the masks from the new dense weights (``compute_masks``) and returns the
-  updates that take the params to :meth:`forward_params`.
+  recomputes the masks from the new dense weights (``compute_masks``, then
+  :meth:`after_masks`) and returns the updates that take the params to
+  :meth:`forward_params`.
   """
 
   engine = staticmethod(engines.straight_through)
@@ -92,6 +103,12 @@ class StraightThrough:
     del dense, masks, sparse_state
     return grads
 
+  def after_masks(self, algorithm_state: Any, masks: PyTree, sparsities: PyTree) -> Any:
+    """The algorithm's state once this step's ``masks`` (possibly
+    :class:`prunax.selection.Lazy`) are chosen at ``sparsities``; unchanged by default."""
+    del masks, sparsities
+    return algorithm_state
+
   def forward_params(self, dense: PyTree, masks: PyTree, sparse_state: SparseState) -> PyTree:
     """The weights the model sees for the pruned leaves: ``dense`` under ``masks``."""
     del sparse_state
@@ -100,7 +117,64 @@ class StraightThrough:
 
 @dataclasses.dataclass(frozen=True)
 class SteMagnitudePruning(StraightThrough, MagnitudePruning):
-  """STE with magnitude scores ``|w|`` of the dense weights."""
+  """STE with magnitude scores ``|w|`` of the dense weights.
+
+  Its masks are selected at every step from weights that moved by one optimizer step, so
+  with unstructured masks chosen per leaf, the state keeps every leaf's last threshold
+  (:class:`DenseWeights`) and the next selection of the same count starts its search
+  around it (``selection.Lazy(near=)``): fewer counting passes, the same masks.
+  """
+
+  def _keeps_thresholds(self) -> bool:
+    return sparsity_types.is_plain_unstructured(self.sparsity_type) and isinstance(
+      self.selection_strategy, strategies.PerLeaf
+    )
+
+  def init_algorithm_state(self, params: PyTree, masks: PyTree, targets: PyTree) -> Any:
+    """:class:`DenseWeights`, with a row of zero thresholds per pruned leaf."""
+    state = super().init_algorithm_state(params, masks, targets)
+    if not self._keeps_thresholds():
+      return state
+    leaves = sum(m is not None for m in jax.tree.leaves(masks, is_leaf=is_none))
+    return state._replace(last_thresholds=jnp.zeros((leaves, 4), jnp.uint32))
+
+  def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
+    """``|w|``, the scores of pruned leaf ``i`` carrying row ``i`` of the last thresholds
+    (``selection.Lazy(near=)``) where the state keeps them."""
+    scores = super().calculate_scores(params, sparse_state, grads, **kwargs)
+    last = None if sparse_state is None else sparse_state.algorithm_state
+    if not isinstance(getattr(last, 'last_thresholds', None), jax.Array):
+      return scores
+    flat, treedef = jax.tree.flatten(sparse_state.masks, is_leaf=is_none)
+    rows = iter(range(last.last_thresholds.shape[0]))
+    near = [None if m is None else (last.last_thresholds, next(rows)) for m in flat]
+    return treedef.unflatten(
+      [
+        s.with_near(h) if h is not None and isinstance(s, selection.Lazy) else s
+        for s, h in zip(treedef.flatten_up_to(scores), near, strict=True)
+      ]
+    )
+
+  def after_masks(self, algorithm_state: Any, masks: PyTree, sparsities: PyTree) -> Any:
+    """Keeps every pruned leaf's threshold key and count, then the last step's
+    (:func:`prunax.selection.found_thresholds`; zeros where its mask came from no
+    threshold: a stacked leaf's). One table for all leaves: a row each would be a kernel
+    each."""
+    if not isinstance(algorithm_state.last_thresholds, jax.Array):
+      return algorithm_state
+    flat, treedef = jax.tree.flatten(masks, is_leaf=is_none)
+    pruned = [
+      (m, s) for m, s in zip(flat, treedef.flatten_up_to(sparsities), strict=True) if m is not None
+    ]
+    t = selection.found_thresholds([m for m, _ in pruned])
+    sizes = [math.prod(m.shape) for m, _ in pruned]
+    kept = selection.once_per_value(
+      lambda s, n: n - sparsity_types.num_zeros(s, n), [s for _, s in pruned], sizes
+    )
+    k = jnp.where(t == 0, jnp.uint32(0), selection.stack_shared(kept, jnp.uint32))
+    last = algorithm_state.last_thresholds[:, :2]
+    rows = jnp.concatenate([t[:, None], k[:, None], last], axis=1)
+    return algorithm_state._replace(last_thresholds=rows)
 
 
 @dataclasses.dataclass(frozen=True)
