@@ -929,7 +929,7 @@ def _with_pivots(bracket, k, pivots=None, stuck=None, uniform: bool = False) -> 
   lo, hi, c_lo, c_hi = bracket
   if pivots is None:
     pivots = _interpolated_pivots(bracket, k, stuck, uniform)
-  pivots = jnp.clip(pivots, jnp.minimum(lo + 1, hi)[..., None], hi[..., None])
+  pivots = _clip(pivots, jnp.minimum(lo + 1, hi)[..., None], hi[..., None])
   counts = jax.lax.bitcast_convert_type(jnp.stack([c_lo, c_hi], axis=-1), jnp.uint32)
   return jnp.concatenate([jnp.stack([lo, hi], axis=-1), counts, pivots], axis=-1)
 
@@ -946,14 +946,19 @@ def _narrow(bracket, pivots, counts, k):
   with what reads its results."""
   lo, hi, c_lo, c_hi = bracket
   # counts >= k is non-increasing along the pivots: the last pivot reaching k is the new
-  # lo, the first one short of it bounds the new hi.
-  n_reach = sum((counts[..., i] >= k).astype(jnp.int32) for i in range(pivots.shape[-1]))
-  for i in range(pivots.shape[-1]):
-    lo = jnp.where(n_reach == i + 1, pivots[..., i], lo)
-    c_lo = jnp.where(n_reach == i + 1, counts[..., i], c_lo)
-    hi = jnp.where(n_reach == i, pivots[..., i] - 1, hi)
-    c_hi = jnp.where(n_reach == i, counts[..., i], c_hi)
-  return lo, hi, c_lo, c_hi
+  # lo, the first one short of it bounds the new hi. One lax.select_n per value, where a
+  # jnp.where per value and pivot traced 220 equations a loop (JAX's trace and lowering
+  # of a pruned step cost about as much as XLA's compile of a dense one).
+  m = pivots.shape[-1]
+  n_reach = sum((counts[..., i] >= k).astype(jnp.int32) for i in range(m))
+  at = [pivots[..., i] for i in range(m)]
+  counted = [counts[..., i] for i in range(m)]
+  return (
+    jax.lax.select_n(n_reach, lo, *at),
+    jax.lax.select_n(n_reach, *[p - jnp.uint32(1) for p in at], hi),
+    jax.lax.select_n(n_reach, c_lo, *counted),
+    jax.lax.select_n(n_reach, *counted, c_hi),
+  )
 
 
 def _narrowed(bracket, pivots, counts, k):
@@ -986,7 +991,7 @@ def _interpolated_pivots(bracket, k, stuck=None, uniform: bool = False) -> jax.A
   lo, hi, c_lo, c_hi = bracket
   inside = (c_lo - c_hi).astype(jnp.float32)
   guess = (c_lo - k).astype(jnp.float32) / inside + 0.5 / inside
-  spread = jnp.clip(2.0 / jnp.sqrt(inside), 0.5 / inside, 0.25)
+  spread = _clip(2.0 / jnp.sqrt(inside), 0.5 / inside, 0.25)
   # Few keys left: their positions in the bracket are as good as random (spread uniformly
   # over its range), so the two around the guess sit 0.75 deviations of the target's
   # order statistic from it, ``sqrt(g (1 - g) / n)`` (the interpolation's spread, which
@@ -1001,22 +1006,30 @@ def _interpolated_pivots(bracket, k, stuck=None, uniform: bool = False) -> jax.A
     order = order & ~stuck
   if uniform:
     order = order | (lo >= jnp.uint32(2**31))
-  deviation = jnp.sqrt(jnp.clip(guess * (1.0 - guess), 0.0, 0.25) / inside)
-  spread = jnp.where(order, 0.75 * deviation, spread)
-  low, high = jnp.clip(guess - spread, 0.0, 1.0), jnp.clip(guess + spread, 0.0, 1.0)
+  deviation = jnp.sqrt(_clip(guess * (1.0 - guess), 0.0, 0.25) / inside)
+  spread = jax.lax.select(order, 0.75 * deviation, spread)
+  low, high = _clip(guess - spread, 0.0, 1.0), _clip(guess + spread, 0.0, 1.0)
   # The outer pivots halve the outer parts; where stuck they are the ends (fractions 0 and
   # 1: lo + 1 and hi once clipped). Chosen per bracket before the 5 fractions are
   # stacked: a choice among the 5 (a broadcast of the flag) split the loop body's
   # bookkeeping into 3-11 kernels more.
-  outer = 0.5 if stuck is None else jnp.where(stuck, 0.0, 0.5)
-  parts = [outer * low, low, jnp.clip(guess, low, high), high, 1.0 - outer * (1.0 - high)]
+  outer = 0.5 if stuck is None else 0.5 - 0.5 * stuck.astype(jnp.float32)
+  parts = [outer * low, low, _clip(guess, low, high), high, 1.0 - outer * (1.0 - high)]
   few = (inside <= _EVEN_BELOW) & ~order
   fractions = jnp.stack(parts, axis=-1)
-  even = jnp.arange(1, 6, dtype=jnp.float32) / 6.0
-  fractions = jnp.where(few[..., None], even, fractions)
+  even = np.broadcast_to(np.arange(1, 6, dtype=np.float32) / 6.0, fractions.shape)
+  fractions = jax.lax.select(jnp.broadcast_to(few[..., None], fractions.shape), even, fractions)
   width = (hi - lo).astype(jnp.float32)[..., None]
   offsets = jnp.minimum(fractions * width, 4294967040.0).astype(jnp.uint32)
-  return lo[..., None] + jnp.clip(offsets, 1, (hi - lo)[..., None])
+  return lo[..., None] + _clip(offsets, jnp.uint32(1), (hi - lo)[..., None])
+
+
+def _clip(x: jax.Array, low, high) -> jax.Array:
+  """``jnp.clip(x, low, high)`` as two lax operations: ``jnp.clip`` traces a jitted
+  function of its own, and the search's bookkeeping clips a dozen times a loop (JAX's
+  trace and lowering of a pruned step cost about as much as XLA's compile of a dense
+  one)."""
+  return jnp.minimum(jnp.maximum(x, low), high)
 
 
 def _sample_stride(n: int, shapes: Sequence[tuple[int, ...]]) -> int:

@@ -442,19 +442,27 @@ def test_a_search_starts_where_the_last_thresholds_lead():
   # 8 draws of drifting weights, 3.75 threshold passes on average from the sample, 2.25
   # from the last thresholds; the masks are the same.
   passes = {False: [], True: []}
-  for seed in range(8):
-    k = int(np.random.default_rng(seed).integers(20000, 370000))
-    w0, w1, w2 = _drifting_weights(seed, 2)
-    near = np.array([[_kth_key(w1, k), k, _kth_key(w0, k), k]], np.uint32)
-    for hinted in (False, True):
+  with selection.count_passes() as log:  # each function traced (and compiled) once
 
-      def fn(x, near, hinted=hinted, k=k):
-        score = selection.Lazy(jnp.abs, x, near=(near, 0) if hinted else None)
-        return selection.topk_masks([score], [k])[0]
+    @jax.jit
+    def hinted(x, near, k):
+      return selection.topk_masks([selection.Lazy(jnp.abs, x, near=(near, 0))], [k])[0]
 
-      n, mask = _threshold_passes(fn, jnp.asarray(w2), jnp.asarray(near))
-      np.testing.assert_array_equal(mask, reference_masks([np.abs(w2)], k)[0])
-      passes[hinted].append(n)
+    @jax.jit
+    def plain(x, near, k):
+      del near
+      return selection.topk_masks([selection.Lazy(jnp.abs, x)], [k])[0]
+
+    for seed in range(8):
+      k = int(np.random.default_rng(seed).integers(20000, 370000))
+      w0, w1, w2 = _drifting_weights(seed, 2)
+      near = np.array([[_kth_key(w1, k), k, _kth_key(w0, k), k]], np.uint32)
+      for fn in (plain, hinted):
+        before = len(log)
+        mask = fn(jnp.asarray(w2), jnp.asarray(near), jnp.int32(k))
+        jax.effects_barrier()
+        np.testing.assert_array_equal(mask, reference_masks([np.abs(w2)], k)[0])
+        passes[fn is hinted].append(sum(r.kind == 'threshold' for r in log[before:]))
   assert np.mean(passes[True]) <= np.mean(passes[False]) - 1.0, passes
 
 
@@ -467,16 +475,25 @@ def is_threshold_of(t: int, scores: np.ndarray, k: int) -> bool:
 def test_found_threshold_is_the_threshold_of_the_mask():
   w = _drifting_weights(0, 0)[0]
   w[0, :40] = w[1, 0]  # a tie across the threshold of k = 20
+
+  @jax.jit
+  def found_one(x, k):
+    mask = selection.topk_masks([selection.Lazy(jnp.abs, x)], [k], lazy=True)[0]
+    return selection.found_thresholds([mask])[0]
+
   for k in (1, 20, 1000, w.size // 2, w.size):
-    mask = selection.topk_masks([selection.Lazy(jnp.abs, jnp.asarray(w))], [k], lazy=True)[0]
-    t = int(selection.found_thresholds([mask])[0])
-    assert is_threshold_of(t, np.abs(w), k), k
+    assert is_threshold_of(int(found_one(jnp.asarray(w), jnp.int32(k))), np.abs(w), k), k
   # Several searches' masks, in any order, and masks of no threshold (0).
   ws = [np.abs(w), np.abs(w[:300]), np.abs(w[:, :500])]
   ks = [500, 7000, 30000]
-  masks = selection.topk_masks([jnp.asarray(x) for x in ws], ks, lazy=True)
-  other = selection.topk_masks([jnp.asarray(ws[1])], [ks[1]], lazy=True)[0]
-  found = selection.found_thresholds([masks[2], jnp.ones(3, bool), other, masks[0]])
+
+  @jax.jit
+  def found_several(*xs):
+    masks = selection.topk_masks(list(xs), ks, lazy=True)
+    other = selection.topk_masks([xs[1]], [ks[1]], lazy=True)[0]
+    return selection.found_thresholds([masks[2], jnp.ones(3, bool), other, masks[0]])
+
+  found = found_several(*[jnp.asarray(x) for x in ws])
   assert found[1] == 0
   for t, x, k in zip(np.asarray(found)[[0, 2, 3]], [ws[2], ws[1], ws[0]], [ks[2], ks[1], ks[0]]):
     assert is_threshold_of(int(t), x, k), k
