@@ -153,11 +153,11 @@ def straight_through(updater: Any, inner: optax.GradientTransformation):
     new_masks = updater.new_masks(
       candidate, sparsities, sparse_state=state, grads=grads, old_masks=masks, **extra
     )
+    algorithm_state = updater.after_masks(algorithm_state, new_masks, sparsities)
     # Alike masks are evaluated and packed together for the state; the forward pass reads
     # each mask evaluated on its own (an elementwise comparison, fused into it). Not by
     # selection.materialize_all: inside its shared jitted function the alike leaves'
     # kernels came out different, one compiled per leaf (test_compile_cost).
-    algorithm_state = updater.after_masks(algorithm_state, new_masks, sparsities)
     stored = updater.store_masks(new_masks, like=state.masks)
     new_masks = jax.tree.map(selection.materialize, new_masks, is_leaf=is_none)
     forward = updater.forward_params(candidate, new_masks, state)

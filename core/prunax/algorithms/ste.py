@@ -120,9 +120,10 @@ class SteMagnitudePruning(StraightThrough, MagnitudePruning):
   """STE with magnitude scores ``|w|`` of the dense weights.
 
   Its masks are selected at every step from weights that moved by one optimizer step, so
-  with unstructured masks chosen per leaf, the state keeps every leaf's last threshold
-  (:class:`DenseWeights`) and the next selection of the same count starts its search
-  around it (``selection.Lazy(near=)``): fewer counting passes, the same masks.
+  with unstructured masks chosen per leaf, the state keeps every leaf's last two
+  thresholds and counts (:class:`DenseWeights`), and the next selection starts its
+  search where they lead (``selection.Lazy(near=)``): fewer counting passes, the same
+  masks.
   """
 
   def _keeps_thresholds(self) -> bool:
