@@ -295,6 +295,14 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       return strategy.masks(self, scores, sparsities, lazy=True)
     return strategy.masks(self, scores, sparsities)  # a strategy without lazy masks
 
+  def selects_top_k_per_leaf(self) -> bool:
+    """Whether every pruned leaf (every layer of a stacked leaf) keeps its own top ``k``
+    of scores: unstructured masks of their own (:func:`sparsity_types.is_plain_unstructured`)
+    chosen per leaf, not by one global threshold."""
+    return sparsity_types.is_plain_unstructured(self.sparsity_type) and isinstance(
+      self.selection_strategy, strategies.PerLeaf
+    )
+
   # ------------------------------------------------------------------------ sparsities
 
   def layer_axes_of(self, params: PyTree) -> dict[str, int]:
@@ -486,10 +494,8 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     shapes = [tuple(np.shape(p)) for p in treedef.flatten_up_to(params)]
     axes = treedef.flatten_up_to(self.layer_axes_tree(params))
     sizes = [int(np.prod(layers.slice_shape(sh, a))) for sh, a in zip(shapes, axes, strict=True)]
-    permuted = (
-      sparsity_types.is_plain_unstructured(self.sparsity_type)
-      and isinstance(self.selection_strategy, strategies.PerLeaf)
-      and all(n <= random_masks_lib.MAX_POSITIONS for s, n in zip(flat_t, sizes) if s is not None)
+    permuted = self.selects_top_k_per_leaf() and all(
+      n <= random_masks_lib.MAX_POSITIONS for s, n in zip(flat_t, sizes) if s is not None
     )
     if not permuted:
       return self.masks_from_scores(self.random_scores(params, key), targets)

@@ -95,7 +95,7 @@ class Unstructured(SparsityType):
     """The masks of :meth:`mask`, found by one selection loop for all leaves (one per
     number of layers of stacked leaves; see :func:`prunax.selection.topk_masks`); with
     ``lazy``, the masks of leaves without a layer axis are :class:`prunax.selection.Lazy`."""
-    if type(self).mask is not Unstructured.mask:  # a subclass with its own mask
+    if not is_plain_unstructured(self):  # a subclass with its own mask
       return super().masks(scores, sparsities, axes, lazy)
 
     def group(xs, ss):

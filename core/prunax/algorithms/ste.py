@@ -25,7 +25,6 @@ import optax
 from prunax import engines
 from prunax import selection
 from prunax import sparsity_types
-from prunax import strategies
 from prunax.algorithms.pruners import MagnitudePruning
 from prunax.algorithms.pruners import RandomPruning
 from prunax.state import SparseState
@@ -126,15 +125,10 @@ class SteMagnitudePruning(StraightThrough, MagnitudePruning):
   masks.
   """
 
-  def _keeps_thresholds(self) -> bool:
-    return sparsity_types.is_plain_unstructured(self.sparsity_type) and isinstance(
-      self.selection_strategy, strategies.PerLeaf
-    )
-
   def init_algorithm_state(self, params: PyTree, masks: PyTree, targets: PyTree) -> Any:
     """:class:`DenseWeights`, with a row of zero thresholds per pruned leaf."""
     state = super().init_algorithm_state(params, masks, targets)
-    if not self._keeps_thresholds():
+    if not self.selects_top_k_per_leaf():
       return state
     leaves = sum(m is not None for m in jax.tree.leaves(masks, is_leaf=is_none))
     return state._replace(last_thresholds=jnp.zeros((leaves, 4), jnp.uint32))
