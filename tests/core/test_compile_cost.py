@@ -33,10 +33,13 @@ def loop_body_kernels(hlo: str) -> list[int]:
   return counts
 
 
-def test_a_selection_loop_body_compiles_six_kernels():
-  # One pass: the pivots read (1), the count (1), the fields summed (3), and the
-  # brackets narrowed with the next pivots placed (1). The brackets, counts and pivots
-  # held as separate arrays, and narrowed with reductions and gathers, took 13.
+def test_a_selection_loop_body_compiles_nine_kernels():
+  # One pass: the tie searches started (3: a count read, their first pivots placed and
+  # chosen), the pivots read (1), the count (1), the fields summed (3), and the brackets
+  # narrowed with the next pivots placed (1). The brackets, counts and pivots held as
+  # separate arrays, and narrowed with reductions and gathers, took 13; a second loop for
+  # the ties, 6 more; a tie search started where the threshold's bracket closed, 16 in
+  # all (the choice read every narrowed value and XLA split the bookkeeping).
   arrays = [jax.random.normal(jax.random.PRNGKey(i), (256, 256)) for i in range(4)]
 
   def masks(*xs):
@@ -44,7 +47,7 @@ def test_a_selection_loop_body_compiles_six_kernels():
 
   hlo = compile_as_users(jax.jit(masks).lower(*arrays)).as_text()
   counts = loop_body_kernels(hlo)
-  assert len(counts) == 2 and max(counts) <= 6, counts  # threshold and tie loops
+  assert len(counts) == 1 and counts[0] <= 9, counts  # one loop: thresholds and ties
   got = jax.jit(masks)(*arrays)
   for x, m in zip(arrays, got, strict=True):
     order = np.argsort(-np.abs(np.asarray(x)).reshape(-1), kind='stable')[:6000]

@@ -22,6 +22,7 @@ from tests.core.helpers import make_step
 from tests.core.helpers import mlp_params
 from tests.core.test_selection import KINDS
 from tests.core.test_selection import make_scores
+from tests.core.test_selection import reference_masks
 from tests.xla_env import compile_as_users
 
 pytestmark = pytest.mark.usefixtures('search_path')
@@ -53,6 +54,57 @@ def test_topk_masks_equal_per_leaf_topk_mask(shapes, kinds, ks, seed):
   for a, k, g, want in zip(arrays, counts, got, per_leaf, strict=True):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(want), err_msg=f'k={k} of {a.size}')
     assert int(np.asarray(g).sum()) == k
+
+
+def _k_at(keys: np.ndarray, how: str, rng) -> int:
+  """A count for the descending ``keys``: where a run of equal keys ends (``'exact'``: no
+  tie to break), inside one (``'tied'``, where there is one), or anywhere."""
+  j = int(rng.integers(1, keys.size))
+  if how == 'exact':
+    while j < keys.size and keys[j] == keys[j - 1]:
+      j += 1
+  elif how == 'tied':
+    inside = np.flatnonzero(keys[1:] == keys[:-1]) + 1
+    j = int(rng.choice(inside)) if inside.size else j
+  return j
+
+
+@hypothesis.settings(max_examples=8, deadline=None)
+@hypothesis.given(
+  kinds=st.lists(
+    st.sampled_from(['normal', 'few_values', 'mostly_zero', 'special']), min_size=3, max_size=3
+  ),
+  at=st.lists(st.sampled_from(['tied', 'exact', 'random']), min_size=3, max_size=3),
+  seed=st.integers(0, 2**16),
+)
+def test_one_loop_breaks_ties_while_other_thresholds_are_searched(kinds, at, seed):
+  # Searched arrays whose thresholds close at different passes, some where exactly k
+  # keys are at or above, some on a key held by more than they keep: each goes on to
+  # break its tie, in the same loop, while the others still search their thresholds.
+  # Every mask is the stable sort's: each array on its own, one threshold over all, and
+  # each layer of a stack on its own (the loop under vmap).
+  rng = np.random.default_rng(seed)
+  arrays = [make_scores(kind, s, rng) for kind, s in zip(kinds, [(40, 30), (64, 32), (33, 40)])]
+  assert all(a.size > selection._SORT_AT_MOST for a in arrays)
+  keys = [
+    np.sort(np.asarray(selection.sortable_keys(jnp.asarray(a))).reshape(-1))[::-1] for a in arrays
+  ]
+  ks = [_k_at(key, how, rng) for key, how in zip(keys, at, strict=True)]
+  xs = [jnp.asarray(a) for a in arrays]
+  each = jax.jit(lambda *xs: selection.topk_masks(list(xs), ks))(*xs)
+  for a, k, got in zip(arrays, ks, each, strict=True):
+    np.testing.assert_array_equal(np.asarray(got), reference_masks([a], k)[0], err_msg=f'k={k}')
+  total = sum(ks)
+  over_all = jax.jit(lambda *xs: selection.global_topk_masks(list(xs), total))(*xs)
+  for got, want in zip(over_all, reference_masks(arrays, total), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=f'k={total} over all')
+  stack = np.stack([make_scores(kind, (64, 32), rng) for kind in kinds])
+  k = ks[1]
+  layers = jax.jit(lambda s: selection.map_layers(lambda a: selection.topk_mask(a, k), 0, s))(
+    jnp.asarray(stack)
+  )
+  for layer, got in zip(stack, layers, strict=True):
+    np.testing.assert_array_equal(np.asarray(got), reference_masks([layer], k)[0])
 
 
 def test_topk_masks_lazy_traced_k_and_layer_groups():
@@ -103,10 +155,11 @@ def test_one_selection_loop_for_all_leaves(make):
   assert loops(make(), 7) == loops(make(), 2)
 
 
-def test_magnitude_step_has_two_loops():
-  # A threshold loop and a tie-break loop, for all leaves together.
+def test_magnitude_step_has_one_loop():
+  # One loop finds every leaf's threshold and breaks its ties (a second loop for the
+  # ties compiled its own counting kernels and bookkeeping).
   updater = prunax.MagnitudePruning(sparsity=0.8, scheduler=sched.OneShotSchedule(0))
-  assert loops(updater, 7) == 2
+  assert loops(updater, 7) == 1
 
 
 def body_equations(fn, *args) -> int:
@@ -257,9 +310,9 @@ def test_the_fields_of_all_groups_are_summed_once(monkeypatch, chunk):
 
 
 def test_a_pass_reads_only_the_buckets_with_an_open_search():
-  # Two arrays of different rows shapes (two buckets); the first starts closed (as an
-  # input with exactly k keys at its threshold starts the tie search), so no pass may
-  # read it.
+  # Two arrays of different rows shapes (two buckets); the first starts closed (k is
+  # its size: every key at or above the first bracket's lower end), so no pass may read
+  # it.
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
   b = jnp.asarray(rng.standard_normal((40, 96)), jnp.float32)
@@ -271,12 +324,9 @@ def test_a_pass_reads_only_the_buckets_with_an_open_search():
     return selection.sortable_keys(x.rows())
 
   inputs = [selection.Lazy(jnp.abs, a), selection.Lazy(jnp.abs, b)]
-  k = jnp.array([a.size // 2, b.size // 3], jnp.int32)
-  search = jax.jit(
-    lambda k: selection._search_each(
-      inputs, key_fn, k, sample=False, closed=jnp.array([True, False])
-    )
-  )
+  k = jnp.array([a.size, b.size // 3], jnp.int32)
+  first = jnp.tile(jnp.arange(1, 6, dtype=jnp.uint32) << 29, (2, 1))  # no sample read
+  search = jax.jit(lambda k: selection._search_each(inputs, key_fn, k, first=first))
   t, c_t, _ = search(k)
   jax.effects_barrier()
   assert reads.count(1) >= 2  # b's search took passes...

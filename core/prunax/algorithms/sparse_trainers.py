@@ -174,7 +174,7 @@ class SET(StaticRandomSparse):
       )
       # Alike kept masks are evaluated and packed by one computation (pack_masks).
       kept = [lazy_mask(k, w.shape) for k, w in zip(pack_masks(kept), ws, strict=True)]
-      # Distinct grow keys (SET's) never tie: no tie-break loop. 0, the kept weights'
+      # Distinct grow keys (SET's) never tie: no tie-break. 0, the kept weights'
       # key, is below them all, and n_drop is at most the number of the others. They are
       # uniform too, so the first pass needs no sample: size - n_keep of them compete.
       distinct = all(selection.distinct_keys(g) for g in gs)
