@@ -90,13 +90,17 @@ def main(argv=None):
         loops = loops_of(log[before:])
         if not loops:
           continue
-        per_update.append(sum(len(rs) for rs in loops.values()))
+        # A pass of a loop that searches thresholds and breaks ties may serve both: it
+        # records once for each kind, under one index.
+        per_update.append(sum(len({r.index for r in rs}) for rs in loops.values()))
         for loop, rs in loops.items():
-          print(
-            f'step {i:3d} loop {loop} {rs[0].kind:9s} brackets {rs[0].brackets:4d}: '
-            f'{len(rs)} passes; open {[r.open for r in rs]}; '
-            f'keys {[r.keys for r in rs]}'
-          )
+          for kind in dict.fromkeys(r.kind for r in rs):
+            of_kind = [r for r in rs if r.kind == kind]
+            print(
+              f'step {i:3d} loop {loop} {kind:9s} brackets {rs[0].brackets:4d}: '
+              f'{len(of_kind)} passes; open {[r.open for r in of_kind]}; '
+              f'keys {[r.keys for r in of_kind]}'
+            )
     totals[name] = per_update
   print('\n| algorithm | steps with a selection | passes per step: min / median / max |')
   print('|---|---|---|')

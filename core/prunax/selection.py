@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -102,13 +103,18 @@ class SearchPass(NamedTuple):
   Attributes:
     loop: the loop's number, in the order the loops were traced inside the block.
     kind: ``'threshold'`` (the search for the k-th largest score) or ``'tie'`` (the
-      search for the position cutoff among the keys equal to it).
+      search for the position cutoff among the keys equal to it). One loop runs both,
+      each array's tie search after its threshold search: a pass that serves both
+      (one array's threshold, another's tie) is recorded once for each, with its
+      brackets of that kind.
     brackets: the loop's brackets (arrays searched on their own, each layer of a
       :func:`map_layers` stack one; 1 for one threshold over all arrays,
       :func:`global_topk_masks`).
     open: the brackets open at the start of the pass (those it narrows).
     keys: the most keys in one of them at the start of the pass (an array's size in its
       first pass).
+    index: the pass's number among its loop's passes (over every time the loop ran):
+      the records of one pass share it.
   """
 
   loop: int
@@ -116,6 +122,7 @@ class SearchPass(NamedTuple):
   brackets: int
   open: int
   keys: int
+  index: int = 0
 
 
 class PassLog(list):
@@ -127,7 +134,7 @@ class PassLog(list):
 
   def passes(self, loop: int) -> int:
     """How many passes ``loop`` ran (over every time it ran)."""
-    return sum(1 for r in self if r.loop == loop)
+    return len({r.index for r in self if r.loop == loop})
 
 
 # The log of the count_passes block open while selection loops are traced (else None).
@@ -168,11 +175,13 @@ def _pass_recorder(kind: str | tuple[str, ...], brackets: int) -> Callable[[Any,
     return None
   loop, log.loops = log.loops, log.loops + 1
   kinds = (kind,) if isinstance(kind, str) else kind
+  index = itertools.count()
 
   def append(n_brackets, n_open, keys):
+    i = next(index)
     for name, n, most in zip(kinds, np.atleast_1d(n_open), np.atleast_1d(keys), strict=True):
       if n or len(kinds) == 1:
-        log.append(SearchPass(loop, name, int(n_brackets), int(n), int(most)))
+        log.append(SearchPass(loop, name, int(n_brackets), int(n), int(most), i))
 
   def record(n_open, keys):
     n_brackets = _over_layers(jax.lax.psum, jnp.int32(brackets))

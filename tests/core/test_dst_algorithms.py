@@ -348,7 +348,7 @@ def test_set_grows_from_the_expected_quantiles_of_its_keys():
   n_active = w.size - int(0.8 * w.size)  # the mask's exact count
   n_drop = int(np.floor(np.float32(0.3) * n_active))
   m = w.size - (n_active - n_drop)
-  grow = max(r.loop for r in log)  # the last loop traced: drop, (tie,) grow
+  grow = max(r.loop for r in log)  # the last loop traced: drop, grow
   first = [r for r in log if r.loop == grow]
   sigma = np.sqrt(n_drop * (1 - n_drop / m))
   assert first[0].keys == w.size
