@@ -954,9 +954,49 @@ def _with_pivots(bracket, k, pivots=None, stuck=None, uniform: bool = False) -> 
 
 
 def _unpacked(state: jax.Array):
-  """``((lo, hi, c_lo, c_hi), pivots)`` of a :func:`_with_pivots` state."""
+  """``((lo, hi, c_lo, c_hi), pivots)`` of a :func:`_with_pivots` state (the first 9 of
+  its last axis: a search with ties carries 2 more, see :func:`_tie_started`)."""
   counts = jax.lax.bitcast_convert_type(state[..., 2:4], jnp.int32)
-  return (state[..., 0], state[..., 1], counts[..., 0], counts[..., 1]), state[..., 4:]
+  return (state[..., 0], state[..., 1], counts[..., 0], counts[..., 1]), state[..., 4:9]
+
+
+def _open_with_ties(state: jax.Array, k) -> jax.Array:
+  """Whether a search with ties goes on: its bracket is open, or its threshold search
+  closed on a tied key (more keys at it than ``k``) and its tie-break is still to run."""
+  lo, hi, c_lo, _ = _unpacked(state)[0]
+  return (c_lo != k) & ((lo != hi) | (state[..., 10] == 0))
+
+
+def _tie_started(state: jax.Array, k, tie_lo, tie_hi):
+  """``(bracket, pivots, tie)`` of a pass of a search with ties (:func:`_search_each`,
+  :func:`_search`), whose state carries, after the 9 columns of :func:`_with_pivots`, the
+  threshold found and the phase (1 once the tie-break runs). A threshold search that
+  closed on a tied key starts its tie-break here: its tie keys ``MAX - 1 - position``
+  span ``[tie_lo, tie_hi]`` (those above the threshold are ``MAX``), so its counts carry
+  over and ``k`` stays the target; its first pivots are placed as the bookkeeping places
+  them. Decided here, from the state alone: decided where the bracket closed, the choice
+  read every narrowed value, and XLA split the bookkeeping into 8 kernels. ``tie`` is the
+  pass's (threshold, phase) columns."""
+  bracket, pivots = _unpacked(state)
+  lo, hi, c_lo, c_hi = bracket
+  t, phase = state[..., 9], state[..., 10]
+  begin = (phase == 0) & (lo == hi) & (c_lo != k)
+  tie_lo = jnp.broadcast_to(tie_lo, lo.shape)
+  tie_hi = jnp.broadcast_to(tie_hi, lo.shape)
+  bracket = (jnp.where(begin, tie_lo, lo), jnp.where(begin, tie_hi, hi), c_lo, c_hi)
+  first = _interpolated_pivots((tie_lo, tie_hi, c_lo, c_hi), k)
+  pivots = jnp.where(begin[..., None], first, pivots)
+  tie = jnp.stack([jnp.where(begin, lo, t), phase | begin.astype(jnp.uint32)], axis=-1)
+  return bracket, pivots, tie
+
+
+def _ties_found(state: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(t, t_tie)`` of :func:`_threshold_mask` from the final state of a search with
+  ties: where the tie-break ran, its ``lo`` keeps ``MAX - 1 - position >= lo``, that is
+  ``MAX - position >= lo + 1``; elsewhere every key equal to the threshold is kept."""
+  lo = state[..., 0]
+  searched = state[..., 10] != 0
+  return jnp.where(searched, state[..., 9], lo), jnp.where(searched, lo + 1, jnp.uint32(0))
 
 
 def _narrow(bracket, pivots, counts, k):
@@ -1406,17 +1446,11 @@ def _search(inputs, key_fn, k, n: int):
   tie_lo, tie_hi = jnp.uint32(_MAX_KEY - n), jnp.uint32(_MAX_KEY - 1)
 
   def step(state):
-    bracket, pivots = _unpacked(state[:9])
-    lo, hi, c_lo, c_hi = bracket
-    t, phase = state[9], state[10]
-    begin = (phase == 0) & (lo == hi) & (c_lo != k)  # as in _search_each
-    bracket = (jnp.where(begin, tie_lo, lo), jnp.where(begin, tie_hi, hi), c_lo, c_hi)
-    pivots = jnp.where(begin, _interpolated_pivots((tie_lo, tie_hi, c_lo, c_hi), k), pivots)
+    bracket, pivots, tie = _tie_started(state, k, tie_lo, tie_hi)
     # Clipped again (a no-op): read as a plain slice of the loop state, the pivots let XLA
     # drop the barrier that keeps the keys loop variant (_xla_workarounds.loop_variant),
     # and it stored them (test_selection_stores_no_full_size_array).
     pivots = jnp.clip(pivots, jnp.minimum(bracket[0] + 1, bracket[1]), bracket[1])
-    tie = jnp.stack([jnp.where(begin, lo, t), phase | begin.astype(jnp.uint32)])
     rows = jnp.broadcast_to(jnp.concatenate([pivots, tie]), (len(inputs), 7))
     if record is not None:
       searching = (tie[1] != 0).astype(jnp.int32)
@@ -1426,19 +1460,13 @@ def _search(inputs, key_fn, k, n: int):
     narrowed, stuck = _narrowed(bracket, pivots, counts, k)
     return jnp.concatenate([_with_pivots(narrowed, k, stuck=stuck), tie])
 
-  def open_(state):
-    lo, hi, c_lo, _ = _unpacked(state[:9])[0]
-    return (c_lo != k) & ((lo != hi) | (state[10] == 0))
-
   # Every counting pass, the first (at the sample's quantiles) included, is in the loop:
   # a pass outside it would compute the same keys as the final mask, and XLA would
   # store them once for both.
   start = (jnp.uint32(0), jnp.uint32(_MAX_KEY), jnp.int32(n), jnp.int32(0))
   state = _with_pivots(start, k, _sample_pivots(inputs, k, n))
-  state = jax.lax.while_loop(open_, step, jnp.concatenate([state, jnp.zeros(2, jnp.uint32)]))
-  lo = state[0]
-  searched = state[10] != 0  # MAX - 1 - position >= lo: MAX - position >= lo + 1
-  return jnp.where(searched, state[9], lo), jnp.where(searched, lo + 1, jnp.uint32(0))
+  state = jnp.concatenate([state, jnp.zeros(2, jnp.uint32)])
+  return _ties_found(jax.lax.while_loop(lambda s: _open_with_ties(s, k), step, state))
 
 
 def _searched_keys(keys: jax.Array, row: jax.Array, position: jax.Array) -> jax.Array:
@@ -1641,35 +1669,24 @@ def _search_each(inputs, key_fn, k, first=None, uniform=False, near=None, ties=F
   groups = _alike_groups(inputs)
 
   def open_(state):
-    lo, hi, c_lo, _ = _unpacked(state[:, :9])[0]
-    if not ties:
-      return (lo != hi) & (c_lo != k)
-    # A threshold search closed on a tied key (more keys at it than k) goes on.
-    return (c_lo != k) & ((lo != hi) | (state[:, 10] == 0))
+    if ties:
+      return _open_with_ties(state, k)
+    lo, hi, c_lo, _ = _unpacked(state)[0]
+    return (lo != hi) & (c_lo != k)
 
   record = _pass_recorder(('threshold', 'tie') if ties else 'threshold', m)
 
   def step(state):
-    bracket, pivots = _unpacked(state[:, :9])
     still = open_(state)
-    rows = state[:, 4:]
+    bracket, pivots = _unpacked(state)
+    rows = pivots
     if ties:
-      # A threshold search that closed on a tied key starts its tie search here, from the
-      # state alone (its first pivots as the bookkeeping places them): decided where the
-      # bracket closed, the choice read every narrowed value, and XLA split the
-      # bookkeeping into 8 kernels.
-      lo, hi, c_lo, c_hi = bracket
-      t, phase = state[:, 9], state[:, 10]
-      begin = (phase == 0) & (lo == hi) & (c_lo != k)
-      bracket = (jnp.where(begin, tie_lo, lo), jnp.where(begin, tie_hi, hi), c_lo, c_hi)
-      tie_pivots = _interpolated_pivots((tie_lo, jnp.broadcast_to(tie_hi, (m,)), c_lo, c_hi), k)
-      pivots = jnp.where(begin[:, None], tie_pivots, pivots)
-      tie = jnp.stack([jnp.where(begin, lo, t), phase | begin.astype(jnp.uint32)], axis=1)
+      bracket, pivots, tie = _tie_started(state, k, tie_lo, tie_hi)
       rows = jnp.concatenate([pivots, tie], axis=1)
     if record is not None:
       inside = jnp.where(still, bracket[2] - bracket[3], 0)
       if ties:
-        phases = [still & (rows[:, 6] == 0), still & (rows[:, 6] != 0)]
+        phases = [still & (tie[:, 1] == 0), still & (tie[:, 1] != 0)]
         record([jnp.sum(p, dtype=jnp.int32) for p in phases], [jnp.max(inside * p) for p in phases])
       else:
         record(jnp.sum(still, dtype=jnp.int32), jnp.max(inside))
@@ -1677,7 +1694,7 @@ def _search_each(inputs, key_fn, k, first=None, uniform=False, near=None, ties=F
     narrowed, stuck = _narrowed(bracket, pivots, counts, k)
     new = _with_pivots(narrowed, k, stuck=stuck, uniform=uniform)
     if ties:
-      new = jnp.concatenate([new, rows[:, 5:]], axis=1)
+      new = jnp.concatenate([new, tie], axis=1)
     return jnp.where(still[:, None], new, state)
 
   start = (lo, hi, c_lo, jnp.zeros(m, jnp.int32))
@@ -1685,16 +1702,15 @@ def _search_each(inputs, key_fn, k, first=None, uniform=False, near=None, ties=F
     first = _sample_pivots_each(inputs, k, near)
   state = _with_pivots(start, k, first)
   if ties:
-    # Tie keys are MAX - 1 - position: the range [MAX - size, MAX - 1].
+    # Tie keys are MAX - 1 - position: the range [MAX - size, MAX - 1] (_tie_started).
     tie_lo = jnp.asarray(_MAX_KEY - sizes, jnp.uint32)
     tie_hi = jnp.uint32(_MAX_KEY - 1)
     state = jnp.concatenate([state, jnp.zeros((m, 2), jnp.uint32)], axis=1)
   state = jax.lax.while_loop(lambda s: jnp.any(open_(s)), step, state)
-  lo, _, c_lo, c_hi = _unpacked(state[:, :9])[0]
-  if not ties:
-    return lo, c_lo, c_hi
-  searched = state[:, 10] != 0  # MAX - 1 - position >= lo: MAX - position >= lo + 1
-  return jnp.where(searched, state[:, 9], lo), jnp.where(searched, lo + 1, jnp.uint32(0))
+  if ties:
+    return _ties_found(state)
+  lo, _, c_lo, c_hi = _unpacked(state)[0]
+  return lo, c_lo, c_hi
 
 
 def _topk_masks_each(
