@@ -265,11 +265,13 @@ class Lazy:
       predecessors (the last steps') kept the top ``k0`` at key ``t0``, then the top
       ``kt`` at key ``t`` (see :func:`found_thresholds`; keys 0 where unknown). A search
       of :func:`topk_masks` places its first pass's middle pivots where they lead
-      (:func:`_near_pivots`); rows with ``t`` 0 are ignored. Only the
-      number of passes depends on it: the masks are exact whatever it holds. Read from
-      the values given to :func:`topk_masks` only (an expression derived from them drops
-      it). Given as a row of a shared table, so that many leaves' hints are read by one
-      gather, not a slice each.
+      (:func:`_near_pivots`); rows with ``t`` 0 are ignored. A stacked leaf's scores
+      (:func:`map_layer_groups`) read rows ``i`` to ``i + layers - 1``, a row per
+      layer. Only the number of passes depends on it: the masks are exact whatever it
+      holds. Read from the values given to :func:`topk_masks` or
+      :func:`map_layer_groups` only (an expression derived from them drops it). Given
+      as a row of a shared table, so that many leaves' hints are read by one gather,
+      not a slice each.
     """
     self.fn = fn
     self.args = args
@@ -645,7 +647,7 @@ def map_layers(fn: Callable[..., Any], axis: int, *xs: Any) -> Any:
 
 
 def map_layer_groups(
-  fn: Callable[..., list], axes: Sequence[int | None], *operands: Sequence
+  fn: Callable[..., list], axes: Sequence[int | None], *operands: Sequence, lazy: bool = False
 ) -> list:
   """``fn`` on several leaves at once, stacked leaves sliced into layers (:func:`map_layers`).
 
@@ -658,12 +660,20 @@ def map_layer_groups(
   that runs one selection loop for all the leaves it is given (:func:`topk_masks`) runs
   one loop per group, whatever the number of leaves and layers.
 
+  A stacked leaf's scores given as :class:`Lazy` with ``near=(table, i)`` have rows ``i``
+  to ``i + layers - 1`` of ``table``, one per layer: each layer's selection starts from
+  its own row.
+
   Args:
     fn: function of lists of (sliced) operands returning a list of arrays (or pytrees of
       arrays) of the (slices') shapes, one per leaf.
     axes: the layer axis (non-negative) of every leaf, or None.
     *operands: sequences of operands, one entry per leaf each; ``operands[0][i]`` has
       leaf ``i``'s shape.
+    lazy: keep the results ``fn`` gives as :class:`Lazy` masks of :func:`topk_masks`
+      (lazy masks with a threshold) readable by :func:`found_thresholds` for stacked
+      leaves too: they come back as :class:`Lazy` values of the stacked (evaluated)
+      masks that carry every layer's threshold. Otherwise every result is an array.
 
   Returns:
     ``fn``'s result for every leaf, in leaf order (stacked along ``axes[i]``).
@@ -677,19 +687,37 @@ def map_layer_groups(
     if layers is None:
       out = fn(*lists)
     else:
-      out = _vmap_layers(fn, [axes[i] for i in leaves], lists)
+      out = _vmap_layers(fn, [axes[i] for i in leaves], lists, lazy)
     for i, r in zip(leaves, out, strict=True):
       results[i] = r
   return results
 
 
-def _vmap_layers(fn: Callable[..., list], axes: Sequence[int], lists: Sequence[list]) -> list:
+def _vmap_layers(
+  fn: Callable[..., list], axes: Sequence[int], lists: Sequence[list], lazy: bool = False
+) -> list:
   """``fn(*lists)`` vmapped over the layers of leaves with the same number of layers:
-  ``lists[j][i]`` is sliced along ``axes[i]`` (see :func:`map_layer_groups`)."""
+  ``lists[j][i]`` is sliced along ``axes[i]`` (see :func:`map_layer_groups`, also for
+  ``lazy``)."""
   shapes = [tuple(x.shape) for x in lists[0]]
   layers = shapes[0][axes[0]]
   arrays: list[Any] = []
   in_axes: list[int | None] = []
+
+  # The hints of Lazy(near=(table, i)) operands: rows i .. i + layers - 1 of their table,
+  # one per layer, read by one gather per table into (layers, operands, 4).
+  hinted: dict[int, tuple[jax.Array, list[int]]] = {}
+  near_at: dict[tuple[int, int], tuple[int, int]] = {}
+  for j, xs in enumerate(lists):
+    for leaf, x in enumerate(xs):
+      if isinstance(x, Lazy) and x.near is not None:
+        table, i = x.near
+        rows = hinted.setdefault(id(table), (table, []))[1]
+        near_at[j, leaf] = (list(hinted).index(id(table)), len(rows))
+        rows.append(int(i))
+  for table, rows in hinted.values():
+    arrays.append(table[np.add.outer(np.arange(layers), np.array(rows))])
+    in_axes.append(0)
 
   def collect(leaf):
     shape, axis = shapes[leaf], axes[leaf]
@@ -726,18 +754,52 @@ def _vmap_layers(fn: Callable[..., list], axes: Sequence[int], lists: Sequence[l
     return x
 
   name = f'prunax_layers_{len(_LAYER_AXES)}'
+  found: list[int] = []  # the results that are threshold masks (lazy), in order
 
   def body(*sliced):
     it = iter(sliced)
+    tables = [next(it) for _ in hinted]
+    operands = []
+    for j, xs in enumerate(lists):
+      operands.append([rebuild(x, leaf, it) for leaf, x in enumerate(xs)])
+      for (jj, leaf), (table, row) in near_at.items():
+        if jj == j:
+          operands[j][leaf] = operands[j][leaf].with_near((tables[table], row))
     _LAYER_AXES.append(name)
     try:
-      # Lazy results (masks of lazy=True) are evaluated: only arrays leave the vmap.
-      out = fn(*[[rebuild(x, leaf, it) for leaf, x in enumerate(xs)] for xs in lists])
+      out = fn(*operands)
     finally:
       _LAYER_AXES.pop()
-    return [materialize(r) for r in out]
+    # Lazy results (masks of lazy=True) are evaluated: only arrays leave the vmap.
+    evaluated = [materialize(r) for r in out]
+    if not lazy:
+      return evaluated
+    found[:] = [i for i, r in enumerate(out) if _is_threshold_mask(r)]
+    return evaluated, found_thresholds([out[i] for i in found])
 
-  return jax.vmap(body, in_axes=in_axes, out_axes=list(axes), axis_name=name)(*arrays)
+  mapped = jax.vmap(
+    body, in_axes=in_axes, out_axes=(list(axes), 0) if lazy else list(axes), axis_name=name
+  )(*arrays)
+  if not lazy:
+    return mapped
+  masks, t = mapped
+  shared = Shared(t)  # (layers, len(found))
+  for column, i in enumerate(found):
+    masks[i] = Lazy(_layers_mask, masks[i], shared, np.int32(column))
+  return masks
+
+
+def _is_threshold_mask(mask: Any) -> bool:
+  """Whether ``mask`` is a lazy mask of :func:`topk_masks` (its threshold is known)."""
+  return isinstance(mask, Lazy) and mask.fn in (_threshold_mask_row, _layers_mask)
+
+
+def _layers_mask(mask: jax.Array, found: jax.Array, column) -> jax.Array:
+  """A stacked leaf's evaluated ``mask``, whose layers' thresholds are column ``column``
+  of ``found`` (``(layers, masks)``; see :func:`map_layer_groups` and
+  :func:`found_thresholds`)."""
+  del found, column
+  return mask
 
 
 # The axis names of the map_layers vmaps being traced, innermost last.
@@ -1777,19 +1839,54 @@ def _table_rows(count: int, entries: list, width: int) -> jax.Array:
   return rows
 
 
-def found_thresholds(masks: Sequence[Any]) -> jax.Array:
+def found_thresholds(masks: Sequence[Any], layers: Sequence[int] | None = None) -> jax.Array:
   """The threshold key of every lazy mask of :func:`topk_masks` or
-  :func:`global_topk_masks` (uint32 ``(len(masks),)``; 0 for any other mask: evaluated
-  masks, those of stacked leaves and other structures): a key ``t`` at which the mask
-  keeps every score above ``t`` and some equal to it, so at least its count of scores at
-  or above ``t`` and at most that many above. For ``Lazy(..., near=)`` at the next
-  selection. Read by one slice of each search's results, not one per mask."""
-  entries = [
-    (at, m.args[1].value, m.args[2])
-    for at, m in enumerate(masks)
-    if isinstance(m, Lazy) and m.fn is _threshold_mask_row
-  ]
-  return _table_rows(len(masks), entries, 4)[:, 0]
+  :func:`global_topk_masks`, and of every layer of a stacked leaf's mask of
+  :func:`map_layer_groups` (``lazy=True``): uint32, a row per mask or per layer; 0 for
+  any other mask (evaluated masks, other structures). A key ``t`` at which the mask keeps
+  every score above ``t`` and some equal to it, so at least its count of scores at or
+  above ``t`` and at most that many above. For ``Lazy(..., near=)`` at the next
+  selection. Read by one slice of each search's (or stacked group's) results, not one
+  per mask.
+
+  Args:
+    masks: the masks.
+    layers: the number of rows of every mask (1, or a stacked leaf's layers); by default
+      a stacked mask of :func:`map_layer_groups` takes its layers and any other 1.
+
+  Raises:
+    ValueError: if ``layers`` gives a stacked mask other than its number of layers.
+  """
+  entries: list = []
+  columns: dict[int, tuple[jax.Array, jax.Array]] = {}  # id(results): (results, t column)
+  row = 0
+  for at, m in enumerate(masks):
+    count = None if layers is None else int(layers[at])
+    if isinstance(m, Lazy) and m.fn is _threshold_mask_row:
+      found = m.args[1].value  # (inputs, 4): t first
+      column = columns.setdefault(id(found), (found, found[:, :1]))[1]
+      entries.append((row, column, int(m.args[2])))
+    elif isinstance(m, Lazy) and m.fn is _layers_mask:
+      found = m.args[1].value  # (layers, masks)
+      n, width = found.shape
+      if count is not None and count != n:
+        raise ValueError(
+          f'found_thresholds: mask {at} is a stacked mask of {n} layers, but layers gives '
+          f'it {count} rows; give its number of layers.'
+        )
+      column = columns.setdefault(id(found), (found, found.reshape(-1, 1)))[1]
+      entries += [(row + layer, column, layer * width + int(m.args[2])) for layer in range(n)]
+      count = n
+    row += 1 if count is None else count
+  return _table_rows(row, entries, 1)[:, 0]
+
+
+def layers_of(mask: Any) -> int:
+  """The rows :func:`found_thresholds` gives ``mask``: a stacked leaf's mask of
+  :func:`map_layer_groups` (``lazy=True``) has one per layer, any other mask one."""
+  if isinstance(mask, Lazy) and mask.fn is _layers_mask:
+    return int(mask.args[1].value.shape[0])
+  return 1
 
 
 def _threshold_mask_row(scores, found, i):

@@ -94,7 +94,10 @@ class Unstructured(SparsityType):
   def masks(self, scores, sparsities, axes, lazy=False):
     """The masks of :meth:`mask`, found by one selection loop for all leaves (one per
     number of layers of stacked leaves; see :func:`prunax.selection.topk_masks`); with
-    ``lazy``, the masks of leaves without a layer axis are :class:`prunax.selection.Lazy`."""
+    ``lazy``, the masks of leaves without a layer axis are :class:`prunax.selection.Lazy`,
+    and so are those of stacked leaves when any scores carry last thresholds
+    (``Lazy(near=)``), so that their layers' thresholds are found
+    (:func:`prunax.selection.found_thresholds`) for the next selection."""
     if not is_plain_unstructured(self):  # a subclass with its own mask
       return super().masks(scores, sparsities, axes, lazy)
 
@@ -104,7 +107,8 @@ class Unstructured(SparsityType):
       ks = selection.once_per_value(lambda s, n: n - num_zeros(s, n), ss, [x.size for x in xs])
       return selection.topk_masks(xs, ks, lazy=lazy)
 
-    return selection.map_layer_groups(group, axes, scores, sparsities)
+    hinted = lazy and any(getattr(x, 'near', None) is not None for x in scores)
+    return selection.map_layer_groups(group, axes, scores, sparsities, lazy=hinted)
 
 
 def is_plain_unstructured(structure: SparsityType) -> bool:

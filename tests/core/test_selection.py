@@ -504,6 +504,59 @@ def test_found_threshold_is_the_threshold_of_the_mask():
     assert is_threshold_of(int(t), x, k), k
 
 
+def test_stacked_layers_search_from_their_own_last_thresholds_and_give_them_back():
+  # A stacked leaf's scores with near=(table, i) take rows i .. i + 2 of the table, one
+  # per layer (selection.map_layer_groups); with lazy=True its mask comes back carrying
+  # every layer's threshold, which found_thresholds lists in leaf order, a row per layer,
+  # among the rows of the masks without layers. 3 layers of drifting weights (and a leaf
+  # without layers) run fewer passes from their last thresholds; the masks are the same.
+  k, k_plain = 40000, 9000
+  layers = [_drifting_weights(seed, 2) for seed in range(3)]
+  stacked = [np.stack([w[step] for w in layers]) for step in range(3)]
+  plain = _drifting_weights(7, 2)
+  # Row 0: the leaf without layers; rows 1-3: the stacked leaf's layers.
+  near = np.array(
+    [[_kth_key(plain[1], k_plain), k_plain, _kth_key(plain[0], k_plain), k_plain]]
+    + [[_kth_key(w[1], k), k, _kth_key(w[0], k), k] for w in layers],
+    np.uint32,
+  )
+
+  def select(x, y, table):
+    hint = (lambda i: {'near': (table, i)}) if table is not None else (lambda i: {})
+    scores = [selection.Lazy(jnp.abs, x, **hint(1)), selection.Lazy(jnp.abs, y, **hint(0))]
+    return selection.map_layer_groups(
+      lambda xs, ks: selection.topk_masks(xs, ks, lazy=True),
+      [0, None],
+      scores,
+      [k, k_plain],
+      lazy=True,
+    )
+
+  def masks_and_found(x, y, table):
+    masks = select(x, y, table)
+    assert selection.layers_of(masks[0]) == 3 and selection.layers_of(masks[1]) == 1
+    return [selection.materialize(m) for m in masks], selection.found_thresholds(masks)
+
+  x, y = jnp.asarray(stacked[2]), jnp.asarray(plain[2])
+  passes = {}
+  for hinted in (False, True):
+    table = jnp.asarray(near) if hinted else None
+    passes[hinted], (masks, found) = _threshold_passes(
+      lambda x, y, table=table: masks_and_found(x, y, table), x, y
+    )
+    for layer in range(3):
+      np.testing.assert_array_equal(
+        masks[0][layer], reference_masks([np.abs(stacked[2][layer])], k)[0]
+      )
+      assert is_threshold_of(int(found[layer]), np.abs(stacked[2][layer]), k), layer
+    np.testing.assert_array_equal(masks[1], reference_masks([np.abs(plain[2])], k_plain)[0])
+    assert is_threshold_of(int(found[3]), np.abs(plain[2]), k_plain)
+  assert passes[True] <= passes[False] - 2, passes
+  # A row count that is not the stacked mask's layers is refused.
+  with pytest.raises(ValueError, match='stacked mask of 3 layers, but layers gives it 2'):
+    jax.eval_shape(lambda x, y: selection.found_thresholds(select(x, y, None), [2, 1]), x, y)
+
+
 @hypothesis.settings(max_examples=25, deadline=None)
 @hypothesis.given(
   t=st.integers(0, 2**32 - 1),

@@ -209,6 +209,79 @@ def test_magnitude_ste_keeps_its_last_thresholds_and_searches_from_them():
   assert np.mean(hinted[3:]) <= np.mean(plain[3:]) - 0.7, (hinted, plain)
 
 
+def test_magnitude_ste_keeps_the_last_thresholds_of_every_layer_of_a_stacked_leaf():
+  # A stacked (scanned) leaf's layers are selected on their own: the state keeps a row
+  # per layer (in leaf order, after the rows of the leaves before it), and each layer's
+  # next search starts from its row. Zeroing the rows between steps runs the same steps
+  # with more passes.
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  params = {
+    'embed': {'kernel': jax.random.normal(keys[0], (48, 384)) / 7},
+    'stack': {'kernel': jax.random.normal(keys[1], (3, 384, 256)) / 20},
+  }
+  tx = prunax.SteMagnitudePruning(
+    sparsity=0.8, scheduler=sched.OneShotSchedule(target_step=0), layer_axes={'stack/kernel': 0}
+  ).wrap_optax(optax.chain(optax.add_decayed_weights(-0.05), optax.sgd(1e-2)))
+  x, y = jax.random.normal(keys[2], (16, 48)), jnp.ones((16, 256))
+
+  def loss(p, batch):
+    x, y = batch
+    h = jnp.tanh(x @ p['embed']['kernel'])
+    return sum(jnp.mean((h @ p['stack']['kernel'][i] - y) ** 2) for i in range(3))
+
+  kept = [3686] + [19661] * 3  # 20% of 18432, and of each layer's 98304
+
+  def passes_and_state(hinted: bool):
+    p, state, per_step = params, tx.init(params), []
+    assert state.algorithm_state.last_thresholds.shape == (4, 4)
+    with selection.count_passes() as log:
+      step = jax.jit(make_step(tx, loss))  # traced inside the block
+      for _ in range(8):
+        if not hinted:
+          ste = state.algorithm_state
+          state = state._replace(
+            algorithm_state=ste._replace(last_thresholds=jnp.zeros_like(ste.last_thresholds))
+          )
+        before = np.asarray(state.algorithm_state.last_thresholds)
+        p, state = step(p, state, (x, y))
+        jax.effects_barrier()
+        per_step.append(sum(r.kind == 'threshold' for r in log) - sum(per_step))
+        rows = np.asarray(state.algorithm_state.last_thresholds)
+        dense = state.algorithm_state.dense_params
+        layers = [dense['embed']['kernel']] + list(dense['stack']['kernel'])
+        for row, last, w, k in zip(rows, before, layers, kept, strict=True):
+          keys = np.asarray(selection.sortable_keys(jnp.abs(w))).reshape(-1)
+          assert (keys >= row[0]).sum() >= k >= (keys > row[0]).sum(), row
+          assert row[1] == k, row
+          np.testing.assert_array_equal(row[2:], last[:2])  # the step before's
+    return per_step, p
+
+  hinted, p = passes_and_state(True)
+  plain, p_plain = passes_and_state(False)
+  jax.tree.map(np.testing.assert_array_equal, p, p_plain)
+  for i in range(3):  # every layer at its own 20%
+    assert np.count_nonzero(np.asarray(p['stack']['kernel'][i])) == kept[1]
+  assert np.mean(hinted[3:]) <= np.mean(plain[3:]) - 1.0, (hinted, plain)
+
+
+def test_magnitude_ste_refuses_last_thresholds_of_another_layout():
+  # A state whose table has not a row per leaf and layer (another model's, or one row per
+  # stacked leaf) is refused by name, not read past its end.
+  params = {'stack': {'kernel': jnp.ones((3, 40, 40)) * jnp.arange(1600.0).reshape(40, 40)}}
+  tx = prunax.SteMagnitudePruning(sparsity=0.5, layer_axes={'stack/kernel': 0}).wrap_optax(
+    optax.sgd(0.1)
+  )
+  state = tx.init(params)
+  ste = state.algorithm_state
+  state = state._replace(
+    algorithm_state=ste._replace(last_thresholds=jnp.zeros((1, 4), jnp.uint32))
+  )
+  with pytest.raises(
+    ValueError, match='keeps 1 rows of last thresholds, but the pruned leaves need 3'
+  ):
+    tx.update(params, state, params)
+
+
 def test_ste_does_not_reset_the_moments_of_pruned_weights():
   # STE-style algorithms train every dense weight: the moments of weights outside the
   # mask keep following their (straight-through) gradients, unlike masked training.

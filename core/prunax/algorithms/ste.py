@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from prunax import engines
@@ -39,9 +40,10 @@ PyTree = Any
 class DenseWeights(NamedTuple):
   """State of straight-through algorithms: the dense weights of the pruned leaves
   (``optax.MaskedNode()`` at the others), and, for magnitude STE with unstructured masks
-  chosen per leaf, the last thresholds of every pruned leaf (uint32 ``(leaves, 4)``: the
-  last step's threshold key and the count it kept, then the step before's; zeros where
-  unknown; see :meth:`SteMagnitudePruning.after_masks`), else
+  chosen per leaf, the last thresholds of every pruned leaf (uint32 ``(rows, 4)``, a row
+  per leaf and one per layer of a stacked leaf, in leaf order: the last step's threshold
+  key and the count it kept, then the step before's; zeros where unknown; see
+  :meth:`SteMagnitudePruning.after_masks`), else
   ``optax.MaskedNode()``. Replicated, not sharded: a few bytes per leaf."""
 
   dense_params: Any
@@ -126,35 +128,65 @@ class SteMagnitudePruning(StraightThrough, MagnitudePruning):
   """
 
   def init_algorithm_state(self, params: PyTree, masks: PyTree, targets: PyTree) -> Any:
-    """:class:`DenseWeights`, with a row of zero thresholds per pruned leaf."""
+    """:class:`DenseWeights`, with a row of zero thresholds per pruned leaf (per layer of
+    a stacked leaf)."""
     state = super().init_algorithm_state(params, masks, targets)
     if not self.selects_top_k_per_leaf():
       return state
-    leaves = sum(m is not None for m in jax.tree.leaves(masks, is_leaf=is_none))
-    return state._replace(last_thresholds=jnp.zeros((leaves, 4), jnp.uint32))
+    rows = sum(n for n in self._threshold_rows(params, masks) if n is not None)
+    return state._replace(last_thresholds=jnp.zeros((rows, 4), jnp.uint32))
+
+  def _threshold_rows(self, params: PyTree, masks: PyTree) -> list[int | None]:
+    """The rows of the last thresholds of every leaf of ``masks`` (flattened, None
+    leaves kept): 1 per pruned leaf, one per layer of a stacked leaf (each layer is
+    selected on its own), None where not pruned."""
+    flat, treedef = jax.tree.flatten(masks, is_leaf=is_none)
+    axes = treedef.flatten_up_to(self.layer_axes_tree(params))
+    shapes = treedef.flatten_up_to(jax.tree.map(jnp.shape, params))
+    return [
+      None if m is None else 1 if a is None else shape[a]
+      for m, a, shape in zip(flat, axes, shapes, strict=True)
+    ]
 
   def calculate_scores(self, params, sparse_state=None, grads=None, **kwargs):
-    """``|w|``, the scores of pruned leaf ``i`` carrying row ``i`` of the last thresholds
-    (``selection.Lazy(near=)``) where the state keeps them."""
+    """``|w|``, the scores of every pruned leaf carrying its rows of the last thresholds
+    (``selection.Lazy(near=)``: the first of them; a stacked leaf has one per layer,
+    in order) where the state keeps them.
+
+    Raises:
+      ValueError: if the state's table has not a row per pruned leaf and layer (a state
+        of another model, or of a version that kept a row per stacked leaf).
+    """
     scores = super().calculate_scores(params, sparse_state, grads, **kwargs)
     last = None if sparse_state is None else sparse_state.algorithm_state
     if not isinstance(getattr(last, 'last_thresholds', None), jax.Array):
       return scores
-    flat, treedef = jax.tree.flatten(sparse_state.masks, is_leaf=is_none)
-    rows = iter(range(last.last_thresholds.shape[0]))
-    near = [None if m is None else (last.last_thresholds, next(rows)) for m in flat]
+    table = last.last_thresholds
+    counts = self._threshold_rows(params, sparse_state.masks)
+    if sum(n for n in counts if n is not None) != table.shape[0]:
+      raise ValueError(
+        f'{type(self).__name__}: the state keeps {table.shape[0]} rows of last thresholds, '
+        f'but the pruned leaves need {sum(n for n in counts if n is not None)} (one per '
+        'leaf, one per layer of a stacked leaf); initialize the state from these params '
+        '(tx.init(params)).'
+      )
+    starts = np.cumsum([0] + [n or 0 for n in counts])[:-1]
+    treedef = jax.tree.structure(sparse_state.masks, is_leaf=is_none)
     return treedef.unflatten(
       [
-        s.with_near(h) if h is not None and isinstance(s, selection.Lazy) else s
-        for s, h in zip(treedef.flatten_up_to(scores), near, strict=True)
+        s.with_near((table, int(i))) if n is not None and isinstance(s, selection.Lazy) else s
+        for s, n, i in zip(treedef.flatten_up_to(scores), counts, starts, strict=True)
       ]
     )
 
   def after_masks(self, algorithm_state: Any, masks: PyTree, sparsities: PyTree) -> Any:
-    """Keeps every pruned leaf's threshold key and count, then the last step's
-    (:func:`prunax.selection.found_thresholds`; zeros where its mask came from no
-    threshold: a stacked leaf's). One table for all leaves: a row each would be a kernel
-    each."""
+    """Keeps every pruned leaf's threshold key and count (every layer's, for a stacked
+    leaf), then the last step's (:func:`prunax.selection.found_thresholds`). One table
+    for all leaves: a row each would be a kernel each.
+
+    Raises:
+      ValueError: if the masks give another number of thresholds than the state keeps
+        (stacked leaves' masks of no layers' thresholds)."""
     if not isinstance(algorithm_state.last_thresholds, jax.Array):
       return algorithm_state
     flat, treedef = jax.tree.flatten(masks, is_leaf=is_none)
@@ -162,9 +194,20 @@ class SteMagnitudePruning(StraightThrough, MagnitudePruning):
       (m, s) for m, s in zip(flat, treedef.flatten_up_to(sparsities), strict=True) if m is not None
     ]
     t = selection.found_thresholds([m for m, _ in pruned])
-    sizes = [math.prod(m.shape) for m, _ in pruned]
+    if t.shape[0] != algorithm_state.last_thresholds.shape[0]:
+      raise ValueError(
+        f'{type(self).__name__}: the masks give {t.shape[0]} thresholds (one per leaf and '
+        f'layer of a stacked leaf), but the state keeps '
+        f'{algorithm_state.last_thresholds.shape[0]} rows; stacked leaves need masks of '
+        'their own layers (selection.map_layer_groups(lazy=True)).'
+      )
+    # A row per layer of a stacked leaf: its layer's size, at the leaf's sparsity.
+    rows = []
+    for m, s in pruned:
+      n = selection.layers_of(m)
+      rows += [(s, math.prod(m.shape) // n)] * n
     kept = selection.once_per_value(
-      lambda s, n: n - sparsity_types.num_zeros(s, n), [s for _, s in pruned], sizes
+      lambda s, n: n - sparsity_types.num_zeros(s, n), [s for s, _ in rows], [n for _, n in rows]
     )
     k = jnp.where(t == 0, jnp.uint32(0), selection.stack_shared(kept, jnp.uint32))
     last = algorithm_state.last_thresholds[:, :2]
