@@ -6,6 +6,7 @@ process with ``--xla_force_host_platform_device_count=8``.
 
 import textwrap
 
+import numpy as np
 import pytest
 
 from tests.core.helpers import eight_device_report
@@ -87,6 +88,54 @@ SCRIPT = textwrap.dedent("""
       report[name] = {'masks_equal': masks_equal, 'max_gap': gap,
                       'sparsity': prunax.summarize_sparsity(p8)['total_sparsity'],
                       'specs': state_specs}
+    # Stacked (scanned) layers split over both mesh axes: every layer selected on its
+    # own, STE's last thresholds kept per layer.
+    stacked = {'blocks': jax.random.normal(k[0], (3, 64, 64)) / 8,
+               'head': jax.random.normal(k[1], (64, 32)) / 8}
+    stacked_shardings = {'blocks': NamedSharding(mesh, P(None, 'data', 'model')),
+                         'head': NamedSharding(mesh, P('model', None))}
+
+    def stacked_loss(p):
+      h = x
+      for i in range(3):
+        h = jnp.tanh(h @ p['blocks'][i])
+      return jnp.mean((h @ p['head']) ** 2)
+
+    axes = {'blocks': 0}
+    for name, updater in {
+        'ste_stacked': prunax.SteMagnitudePruning(sparsity=0.7, layer_axes=axes),
+        'rigl_stacked': prunax.RigL(
+            sparsity=0.8, scheduler=sched.PeriodicSchedule(2, 1), layer_axes=axes),
+    }.items():
+      tx = updater.wrap_optax(optax.adam(1e-2))
+
+      def step(p, s):
+        g = jax.grad(stacked_loss)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+      results = []
+      for sharded in (False, True):
+        p = jax.device_put(stacked, stacked_shardings) if sharded else stacked
+        s = jax.jit(tx.init)(p)
+        f = jax.jit(step, donate_argnums=(1,))
+        for _ in range(4):
+          p, s = f(p, s)
+        results.append((p, s))
+      (p1, s1), (p8, s8) = results
+      m1 = prunax.bool_masks(s1, stacked)
+      m8 = prunax.bool_masks(s8, stacked)
+      st = prunax.get_sparse_state(s8)
+      entry = {
+          'masks_equal': all(bool((m1[n] == m8[n]).all()) for n in m1),
+          'layer_kept': [int(m8['blocks'][i].sum()) for i in range(3)],
+          'specs': {'param': _spec(p8['blocks']), 'mask': _spec(st.masks['blocks'])},
+      }
+      if name == 'ste_stacked':
+        entry['specs']['dense'] = _spec(st.algorithm_state.dense_params['blocks'])
+        rows = np.asarray(st.algorithm_state.last_thresholds)
+        entry['rows'] = rows.tolist()
+      report[name] = entry
     # The state of a jitted init, before any step (masks that do not depend on the weights:
     # all ones, random RigL masks), is sharded like the params without shardings passed in.
     sharded = jax.device_put(params, shardings)
@@ -130,6 +179,24 @@ def test_state_is_sharded_like_the_params(report, name):
   assert specs['mask_w2'] == ['model'], specs
   if 'dense_w1' in specs:
     assert specs['dense_w1'] == expected, specs
+
+
+@pytest.mark.parametrize('name', ['ste_stacked', 'rigl_stacked'])
+def test_stacked_layers_split_over_the_mesh_match_one_device(report, name):
+  # A (layers, in, out) kernel split over both mesh axes: the same masks as on one
+  # device, every layer at its own sparsity, the state sharded like the params, and STE's
+  # last thresholds kept for the head and each of the 3 layers.
+  r = report[name]
+  assert r['masks_equal'], r
+  kept = 64 * 64 - round(64 * 64 * (0.7 if name == 'ste_stacked' else 0.8))
+  assert r['layer_kept'] == [kept] * 3, r
+  assert r['specs']['param'] == [None, 'data', 'model'], r
+  assert r['specs']['mask'] == [None, 'data', 'model'], r
+  if name == 'ste_stacked':
+    assert r['specs']['dense'] == [None, 'data', 'model'], r
+    rows = np.array(r['rows'])
+    assert rows.shape == (4, 4), rows  # 3 layers of 'blocks', then 'head'
+    assert (rows[:, 0] > 0).all() and (rows[:3, 1] == kept).all(), rows
 
 
 @pytest.mark.parametrize('name', ['magnitude', 'rigl', 'ste', 'autosparse', 'global_magnitude'])
