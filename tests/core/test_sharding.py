@@ -39,6 +39,24 @@ SCRIPT = textwrap.dedent("""
     specs = {'w1': P('data', 'model'), 'b1': P('model'), 'w2': P('model', None)}
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
     report = {}
+
+    def one_and_eight(tx, params, shardings, loss, steps):
+      # (params, state) after `steps` jitted steps, on one device and sharded.
+      def step(p, s):
+        g = jax.grad(loss)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+      results = []
+      for sharded in (False, True):
+        p = jax.device_put(params, shardings) if sharded else params
+        s = jax.jit(tx.init)(p)
+        f = jax.jit(step, donate_argnums=(1,))
+        for _ in range(steps):
+          p, s = f(p, s)
+        results.append((p, s))
+      return results
+
     for name, updater in {
         'magnitude': prunax.MagnitudePruning(
             sparsity=0.8, scheduler=sched.PolynomialSchedule(1, 0, 3)),
@@ -51,22 +69,7 @@ SCRIPT = textwrap.dedent("""
             sparsity=0.6, packed_masks=True, scheduler=sched.OneShotSchedule(1)),
     }.items():
       tx = updater.wrap_optax(optax.adam(1e-2))
-
-      def step(p, s):
-        g = jax.grad(loss)(p)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-      results = []
-      for sharded in (False, True):
-        p = jax.device_put(params, shardings) if sharded else params
-        init = jax.jit(tx.init)
-        s = init(p)
-        f = jax.jit(step, donate_argnums=(1,))
-        for _ in range(5):
-          p, s = f(p, s)
-        results.append((p, s))
-      (p1, s1), (p8, s8) = results
+      (p1, s1), (p8, s8) = one_and_eight(tx, params, shardings, loss, 5)
       m1 = prunax.unpack_masks(prunax.get_sparse_state(s1).masks, params)
       m8 = prunax.unpack_masks(prunax.get_sparse_state(s8).masks, params)
       masks_equal = all(bool((a == b).all())
@@ -108,21 +111,7 @@ SCRIPT = textwrap.dedent("""
             sparsity=0.8, scheduler=sched.PeriodicSchedule(2, 1), layer_axes=axes),
     }.items():
       tx = updater.wrap_optax(optax.adam(1e-2))
-
-      def step(p, s):
-        g = jax.grad(stacked_loss)(p)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-      results = []
-      for sharded in (False, True):
-        p = jax.device_put(stacked, stacked_shardings) if sharded else stacked
-        s = jax.jit(tx.init)(p)
-        f = jax.jit(step, donate_argnums=(1,))
-        for _ in range(4):
-          p, s = f(p, s)
-        results.append((p, s))
-      (p1, s1), (p8, s8) = results
+      (p1, s1), (p8, s8) = one_and_eight(tx, stacked, stacked_shardings, stacked_loss, 4)
       m1 = prunax.bool_masks(s1, stacked)
       m8 = prunax.bool_masks(s8, stacked)
       st = prunax.get_sparse_state(s8)

@@ -15,7 +15,10 @@ from flax import nnx
 
 import prunax
 from prunax import selection
+from prunax import sparsity_distributions
 from prunax import sparsity_schedules as sched
+from prunax import sparsity_types
+from prunax.engines import updater_of
 from tests.core.helpers import loops_in
 from tests.core.helpers import loss_fn
 from tests.core.helpers import make_batch
@@ -165,6 +168,41 @@ def test_ste_keeps_dense_weights_and_trains_them():
   np.testing.assert_array_equal(mask, expected)
 
 
+def _ste_steps(tx, params, batch, steps: int, hinted: bool, loss=loss_fn, sparsity=0.8):
+  """Threshold passes a step and params after ``steps`` jitted steps of a magnitude STE
+  ``tx`` (its rows of last thresholds zeroed before every step unless ``hinted``). After
+  every step, every row must hold a threshold of its weights' mask at ``sparsity`` (the
+  dense weights of a leaf, or one layer of a stacked leaf, in leaf order), the count it
+  kept, then the step before's row."""
+  p, state, per_step = params, tx.init(params), []
+  with selection.count_passes() as log:
+    step = jax.jit(make_step(tx, loss))  # traced inside the block
+    for _ in range(steps):
+      if not hinted:
+        ste = state.algorithm_state
+        state = state._replace(
+          algorithm_state=ste._replace(last_thresholds=jnp.zeros_like(ste.last_thresholds))
+        )
+      before = np.asarray(state.algorithm_state.last_thresholds)
+      p, state = step(p, state, batch)
+      jax.effects_barrier()
+      per_step.append(sum(r.kind == 'threshold' for r in log) - sum(per_step))
+      rows = np.asarray(state.algorithm_state.last_thresholds)
+      layers = []
+      axes = updater_of(tx).layer_axes_of(params)
+      for path, w in jax.tree.leaves_with_path(state.algorithm_state.dense_params):
+        axis = axes.get(sparsity_distributions.path_name(path))
+        layers += [w] if axis is None else list(jnp.moveaxis(w, axis, 0))
+      for row, last, w in zip(rows, before, layers, strict=True):
+        keys = np.asarray(selection.sortable_keys(jnp.abs(w))).reshape(-1)
+        kept = w.size - sparsity_types.num_zeros(sparsity, w.size)
+        # The mask keeps the keys above the threshold and some equal to it.
+        assert (keys >= row[0]).sum() >= kept >= (keys > row[0]).sum(), row
+        assert row[1] == kept, row
+        np.testing.assert_array_equal(row[2:], last[:2])  # the step before's
+  return per_step, p
+
+
 def test_magnitude_ste_keeps_its_last_thresholds_and_searches_from_them():
   # The state keeps every pruned leaf's threshold key and count, and the step before's
   # (DenseWeights.last_thresholds); the next step's search starts around where they lead
@@ -176,34 +214,8 @@ def test_magnitude_ste_keeps_its_last_thresholds_and_searches_from_them():
     sparsity=0.8, scheduler=sched.OneShotSchedule(target_step=0)
   ).wrap_optax(optax.chain(optax.add_decayed_weights(-0.05), optax.sgd(1e-2)))
   batch = make_batch(din=48, dout=256)
-  kept = {'layer0': 3686, 'layer1': 19661}  # 20% of 18432 and 98304, rounded as num_zeros
-
-  def passes_and_state(hinted: bool):
-    p, state, per_step = params, tx.init(params), []
-    with selection.count_passes() as log:
-      step = jax.jit(make_step(tx))  # traced inside the block
-      for _ in range(10):
-        if not hinted:
-          ste = state.algorithm_state
-          state = state._replace(
-            algorithm_state=ste._replace(last_thresholds=jnp.zeros_like(ste.last_thresholds))
-          )
-        before = np.asarray(state.algorithm_state.last_thresholds)
-        p, state = step(p, state, batch)
-        jax.effects_barrier()
-        per_step.append(sum(r.kind == 'threshold' for r in log) - sum(per_step))
-        rows = np.asarray(state.algorithm_state.last_thresholds)
-        for row, last, name in zip(rows, before, ['layer0', 'layer1'], strict=True):
-          dense = np.abs(np.asarray(state.algorithm_state.dense_params[name]['kernel']))
-          keys = np.asarray(selection.sortable_keys(jnp.asarray(dense))).reshape(-1)
-          # The mask keeps the keys above the threshold and some equal to it.
-          assert (keys >= row[0]).sum() >= kept[name] >= (keys > row[0]).sum(), (name, row)
-          assert row[1] == kept[name], (name, row)
-          np.testing.assert_array_equal(row[2:], last[:2])  # the step before's
-    return per_step, p, state
-
-  hinted, p, state = passes_and_state(True)
-  plain, p_plain, state_plain = passes_and_state(False)
+  hinted, p = _ste_steps(tx, params, batch, 10, hinted=True)
+  plain, p_plain = _ste_steps(tx, params, batch, 10, hinted=False)
   jax.tree.map(np.testing.assert_array_equal, p, p_plain)
   # Steps 3-9: 2.9 threshold passes a step from the last thresholds, 4.0 from the sample.
   assert np.mean(hinted[3:]) <= np.mean(plain[3:]) - 0.7, (hinted, plain)
@@ -222,45 +234,19 @@ def test_magnitude_ste_keeps_the_last_thresholds_of_every_layer_of_a_stacked_lea
   tx = prunax.SteMagnitudePruning(
     sparsity=0.8, scheduler=sched.OneShotSchedule(target_step=0), layer_axes={'stack/kernel': 0}
   ).wrap_optax(optax.chain(optax.add_decayed_weights(-0.05), optax.sgd(1e-2)))
-  x, y = jax.random.normal(keys[2], (16, 48)), jnp.ones((16, 256))
+  assert tx.init(params).algorithm_state.last_thresholds.shape == (4, 4)
+  batch = jax.random.normal(keys[2], (16, 48)), jnp.ones((16, 256))
 
   def loss(p, batch):
     x, y = batch
     h = jnp.tanh(x @ p['embed']['kernel'])
     return sum(jnp.mean((h @ p['stack']['kernel'][i] - y) ** 2) for i in range(3))
 
-  kept = [3686] + [19661] * 3  # 20% of 18432, and of each layer's 98304
-
-  def passes_and_state(hinted: bool):
-    p, state, per_step = params, tx.init(params), []
-    assert state.algorithm_state.last_thresholds.shape == (4, 4)
-    with selection.count_passes() as log:
-      step = jax.jit(make_step(tx, loss))  # traced inside the block
-      for _ in range(8):
-        if not hinted:
-          ste = state.algorithm_state
-          state = state._replace(
-            algorithm_state=ste._replace(last_thresholds=jnp.zeros_like(ste.last_thresholds))
-          )
-        before = np.asarray(state.algorithm_state.last_thresholds)
-        p, state = step(p, state, (x, y))
-        jax.effects_barrier()
-        per_step.append(sum(r.kind == 'threshold' for r in log) - sum(per_step))
-        rows = np.asarray(state.algorithm_state.last_thresholds)
-        dense = state.algorithm_state.dense_params
-        layers = [dense['embed']['kernel']] + list(dense['stack']['kernel'])
-        for row, last, w, k in zip(rows, before, layers, kept, strict=True):
-          keys = np.asarray(selection.sortable_keys(jnp.abs(w))).reshape(-1)
-          assert (keys >= row[0]).sum() >= k >= (keys > row[0]).sum(), row
-          assert row[1] == k, row
-          np.testing.assert_array_equal(row[2:], last[:2])  # the step before's
-    return per_step, p
-
-  hinted, p = passes_and_state(True)
-  plain, p_plain = passes_and_state(False)
+  hinted, p = _ste_steps(tx, params, batch, 8, hinted=True, loss=loss)
+  plain, p_plain = _ste_steps(tx, params, batch, 8, hinted=False, loss=loss)
   jax.tree.map(np.testing.assert_array_equal, p, p_plain)
   for i in range(3):  # every layer at its own 20%
-    assert np.count_nonzero(np.asarray(p['stack']['kernel'][i])) == kept[1]
+    assert np.count_nonzero(np.asarray(p['stack']['kernel'][i])) == 19661
   assert np.mean(hinted[3:]) <= np.mean(plain[3:]) - 1.0, (hinted, plain)
 
 
