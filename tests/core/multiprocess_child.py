@@ -16,9 +16,17 @@ import sys
 
 import numpy as np
 
-SHAPES = {'w1': (16, 200), 'w2': (40, 72), 'w3': (8, 256), 'b': (200,)}
-# Last axes split 4 ways (50 weights per shard) or 2 ways (36 per shard).
-SPECS = {'w1': ('data', 'model'), 'w2': ('model', 'data'), 'w3': (None, 'model'), 'b': ('model',)}
+SHAPES = {'w1': (16, 200), 'w2': (40, 72), 'w3': (8, 256), 'b': (200,), 'stack': (3, 16, 64)}
+# Last axes split 4 ways (50 weights per shard) or 2 ways (36 per shard); 'stack' is a
+# stacked (scanned) kernel of 3 layers, each split over both axes.
+SPECS = {
+  'w1': ('data', 'model'),
+  'w2': ('model', 'data'),
+  'w3': (None, 'model'),
+  'b': ('model',),
+  'stack': (None, 'data', 'model'),
+}
+LAYER_AXES = {'stack': 0}
 ALGORITHMS = ('magnitude', 'global_magnitude', 'rigl', 'ste')
 CHECKPOINTED = ('rigl', 'ste')
 
@@ -27,13 +35,16 @@ def updaters():
   import prunax
   from prunax import sparsity_schedules as sched
 
+  axes = LAYER_AXES
   return {
-    'magnitude': prunax.MagnitudePruning(sparsity=0.7, scheduler=sched.PolynomialSchedule(1, 0, 3)),
-    'global_magnitude': prunax.GlobalMagnitudePruning(
-      sparsity=0.6, scheduler=sched.PolynomialSchedule(1, 0, 3)
+    'magnitude': prunax.MagnitudePruning(
+      sparsity=0.7, scheduler=sched.PolynomialSchedule(1, 0, 3), layer_axes=axes
     ),
-    'rigl': prunax.RigL(sparsity=0.7, scheduler=sched.PeriodicSchedule(1, 1)),
-    'ste': prunax.SteMagnitudePruning(sparsity=0.7),
+    'global_magnitude': prunax.GlobalMagnitudePruning(
+      sparsity=0.6, scheduler=sched.PolynomialSchedule(1, 0, 3), layer_axes=axes
+    ),
+    'rigl': prunax.RigL(sparsity=0.7, scheduler=sched.PeriodicSchedule(1, 1), layer_axes=axes),
+    'ste': prunax.SteMagnitudePruning(sparsity=0.7, layer_axes=axes),
   }
 
 
@@ -165,6 +176,10 @@ def main(process_id: int, port: int, out_dir: str):
     'local_device_count': jax.local_device_count(),
     'w1_processes': sorted({d.process_index for d in results['rigl'][0]['w1'].devices()}),
     'mask_w1_spec': list(st.masks['w1'].sharding.spec),
+    'stack_mask_specs': {
+      name: list(prunax.get_sparse_state(s).masks['stack'].sharding.spec)
+      for name, (_, s) in results.items()
+    },
     'checkpoint_differs': checkpoint_round_trip(results, os.path.join(out_dir, 'ckpt')),
   }
   print('REPORT' + json.dumps(report), flush=True)

@@ -1,7 +1,8 @@
 """Two processes x 4 CPU devices with ``jax.distributed``: the same masks as one process.
 
-Params are sharded across both processes (see ``multiprocess_child.py``, which each process
-runs, coordinated on 127.0.0.1 with gloo CPU collectives). Magnitude, global magnitude,
+Params, among them a stacked (scanned) kernel whose layers are pruned one by one, are
+sharded across both processes (see ``multiprocess_child.py``, which each process runs,
+coordinated on 127.0.0.1 with gloo CPU collectives). Magnitude, global magnitude,
 RigL and STE masks and params after 3 jitted steps must be bit-identical to this process's
 single-device run (the gradients are elementwise in the weights, so no reduction order
 differs), and an orbax checkpoint written by both processes must restore bit-identically.
@@ -71,13 +72,18 @@ def test_two_processes_of_four_devices_share_the_params(runs):
     assert r['process_count'] == 2 and r['device_count'] == 8 and r['local_device_count'] == 4
     assert r['w1_processes'] == [0, 1], r  # one param's shards live in both processes
     assert r['mask_w1_spec'] == ['data', 'model'], r
+    # A stacked leaf's masks split like it over both axes (STE's were split over one).
+    for spec in r['stack_mask_specs'].values():
+      assert spec == [None, 'data', 'model'], r
 
 
 @pytest.mark.parametrize('name', child.ALGORITHMS)
 def test_masks_and_params_match_one_process(runs, name):
   reference, multi, _ = runs
   keys = sorted(k for k in reference if k.startswith(name + '/'))
-  assert [k for k in keys if '/mask/' in k] == [f'{name}/mask/{n}' for n in ('w1', 'w2', 'w3')]
+  assert [k for k in keys if '/mask/' in k] == [
+    f'{name}/mask/{n}' for n in ('stack', 'w1', 'w2', 'w3')
+  ]
   assert keys == sorted(k for k in multi if k.startswith(name + '/'))
   for k in keys:
     np.testing.assert_array_equal(multi[k], reference[k], err_msg=k)
