@@ -402,11 +402,15 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       )
     return hits.pop() if hits else True
 
-  def store_masks(self, masks: PyTree, like: PyTree = None) -> PyTree:
+  def store_masks(self, masks: PyTree, like: PyTree = None, params: PyTree = None) -> PyTree:
     """Boolean masks (arrays or :class:`prunax.selection.Lazy`) in their stored form:
     packed or uint8 per leaf (:meth:`packs`), or in the layout of the stored masks
     ``like`` (a state keeps the layout it started with); alike lazy masks are packed
-    together (:func:`prunax.masks.pack_masks`)."""
+    together (:func:`prunax.masks.pack_masks`). With ``params``, each stored mask is
+    tied to its param's sharding (:func:`prunax.masks.shard_like_param`), for masks
+    that nothing else ties to it: XLA's propagation may split them over fewer mesh
+    axes (a stacked leaf's, found inside the layers' vmap) or not at all (masks that
+    do not depend on the weights, from a jitted init)."""
 
     def packed(path, m, *old):
       if m is None:
@@ -424,6 +428,12 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       chosen = [i for i, p in enumerate(flat_how) if p is not None and bool(p) == form]
       for i, m in zip(chosen, store([flat[i] for i in chosen]), strict=True):
         out[i] = m
+    if params is not None:
+      flat_params = treedef.flatten_up_to(params)
+      out = [
+        m if m is None else masks_lib.shard_like_param(m, p)
+        for m, p in zip(out, flat_params, strict=True)
+      ]
     return treedef.unflatten(out)
 
   def rng_key(self, sparse_state: SparseState | None, salt: int = 0) -> jax.Array:
@@ -512,12 +522,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     masks = self.init_masks(params, targets)
     # Masks that do not depend on the weights (all ones, random) would come out of a jitted
     # init replicated: each stored mask is tied to its param, so it is sharded like it.
-    stored = jax.tree.map(
-      lambda m, p: None if m is None else masks_lib.shard_like_param(m, p),
-      self.store_masks(masks),
-      params,
-      is_leaf=is_none,
-    )
+    stored = self.store_masks(masks, params=params)
     return SparseState(
       inner_state=inner_state,
       masks=to_stored(stored),

@@ -158,15 +158,10 @@ def straight_through(updater: Any, inner: optax.GradientTransformation):
     # each mask evaluated on its own (an elementwise comparison, fused into it). Not by
     # selection.materialize_all: inside its shared jitted function the alike leaves'
     # kernels came out different, one compiled per leaf (test_compile_cost).
-    stored = updater.store_masks(new_masks, like=state.masks)
-    # Tied to their params' sharding: XLA's propagation split a stacked leaf's mask, found
-    # inside the layers' vmap, over one mesh axis fewer than its param.
-    stored = jax.tree.map(
-      lambda m, p: None if m is None else masks_lib.shard_like_param(m, p),
-      stored,
-      params,
-      is_leaf=is_none,
-    )
+    # Tied to their params' sharding: found anew at every step, with no old mask to tie
+    # them (masked training's cond does), a stacked leaf's came out split over one mesh
+    # axis fewer than its param.
+    stored = updater.store_masks(new_masks, like=state.masks, params=params)
     new_masks = jax.tree.map(selection.materialize, new_masks, is_leaf=is_none)
     forward = updater.forward_params(candidate, new_masks, state)
     out = map_masked(lambda m, u, f, p: f - p, new_masks, updates, forward, params)

@@ -706,16 +706,16 @@ def _vmap_layers(
 
   # The hints of Lazy(near=(table, i)) operands: rows i .. i + layers - 1 of their table,
   # one per layer, read by one gather per table into (layers, operands, 4).
-  hinted: dict[int, tuple[jax.Array, list[int]]] = {}
-  near_at: dict[tuple[int, int], tuple[int, int]] = {}
+  hinted: dict[int, tuple[int, jax.Array, list[int]]] = {}  # id: (position, table, rows)
+  near_at: dict[tuple[int, int], tuple[int, int]] = {}  # (list, leaf): (position, column)
   for j, xs in enumerate(lists):
     for leaf, x in enumerate(xs):
       if isinstance(x, Lazy) and x.near is not None:
         table, i = x.near
-        rows = hinted.setdefault(id(table), (table, []))[1]
-        near_at[j, leaf] = (list(hinted).index(id(table)), len(rows))
+        at, _, rows = hinted.setdefault(id(table), (len(hinted), table, []))
+        near_at[j, leaf] = (at, len(rows))
         rows.append(int(i))
-  for table, rows in hinted.values():
+  for _, table, rows in hinted.values():
     arrays.append(table[np.add.outer(np.arange(layers), np.array(rows))])
     in_axes.append(0)
 
@@ -759,12 +759,9 @@ def _vmap_layers(
   def body(*sliced):
     it = iter(sliced)
     tables = [next(it) for _ in hinted]
-    operands = []
-    for j, xs in enumerate(lists):
-      operands.append([rebuild(x, leaf, it) for leaf, x in enumerate(xs)])
-      for (jj, leaf), (table, row) in near_at.items():
-        if jj == j:
-          operands[j][leaf] = operands[j][leaf].with_near((tables[table], row))
+    operands = [[rebuild(x, leaf, it) for leaf, x in enumerate(xs)] for xs in lists]
+    for (j, leaf), (at, column) in near_at.items():
+      operands[j][leaf] = operands[j][leaf].with_near((tables[at], column))
     _LAYER_AXES.append(name)
     try:
       out = fn(*operands)
