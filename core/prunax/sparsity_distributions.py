@@ -13,6 +13,7 @@ that matches no parameter is an error.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import re
@@ -325,8 +326,23 @@ class Partial:
 
 
 def accepts_layer_axes(dist) -> bool:
-  """Whether a resolved distribution takes ``layer_axes=`` (the built-in ones do)."""
-  return getattr(dist, 'fn', dist) in (uniform, erk)
+  """Whether a resolved distribution takes ``layer_axes=``: the built-in ones do, also
+  bound by :class:`Partial` or ``functools.partial`` (the form jaxpruner's configs use),
+  or wrapped (``__wrapped__``), unless the partial binds ``layer_axes`` itself."""
+  while True:
+    if isinstance(dist, Partial):
+      bound = dict(dist.kwargs)
+      dist = dist.fn
+    elif isinstance(dist, functools.partial):
+      bound = dist.keywords
+      dist = dist.func
+    elif hasattr(dist, '__wrapped__'):
+      bound = {}
+      dist = dist.__wrapped__
+    else:
+      return dist in (uniform, erk)
+    if 'layer_axes' in bound:
+      return False
 
 
 def get_sparsities_erdos_renyi(

@@ -1,5 +1,6 @@
 """Stacked (scanned) layers: every slice along a layer axis is pruned as its own layer."""
 
+import functools
 import warnings
 
 import flax.linen as nn
@@ -117,6 +118,39 @@ def test_stacked_biases_are_not_pruned_by_the_default_filter():
     params
   )
   assert targets['layers']['bias'] is None and targets['layers']['kernel'] == 0.5
+
+
+@pytest.mark.parametrize('name', ['uniform', 'erk'])
+@pytest.mark.parametrize(
+  'bind',
+  [
+    lambda fn: functools.partial(fn, filter_fn=prunax.sparsity_distributions.default_filter),
+    lambda fn: functools.partial(fn),
+    lambda fn: (
+      prunax.sparsity_distributions.Partial(fn, erk_power_scale=1.0)
+      if fn is prunax.sparsity_distributions.erk
+      else prunax.sparsity_distributions.Partial(fn, custom_sparsity_map={})
+    ),
+    lambda fn: functools.wraps(fn)(lambda *a, **k: fn(*a, **k)),
+  ],
+  ids=['functools_partial_filter', 'functools_partial', 'prunax_partial', 'wrapped'],
+)
+def test_bound_distributions_see_one_layer_of_stacked_leaves(name, bind):
+  # jaxpruner's configs bind the built-in distributions with functools.partial; they got
+  # no layer axes, so the filter saw whole stacks (each layer's bias, 1-D, was pruned)
+  # and ERK counted the layer axis as a fan dimension.
+  params = dict(stacked_params(), layers={'kernel': jnp.ones((L, D, D)), 'bias': jnp.ones((L, D))})
+  fn = getattr(prunax.sparsity_distributions, name)
+
+  def targets(dist):
+    updater = prunax.MagnitudePruning(
+      sparsity=0.5, sparsity_distribution_fn=dist, layer_axes={'layers/.*': 0}
+    )
+    return updater.target_sparsities(params)
+
+  expected = targets(name)
+  assert expected['layers']['bias'] is None
+  assert targets(bind(fn)) == expected
 
 
 @pytest.mark.parametrize(
