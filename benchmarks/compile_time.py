@@ -127,11 +127,17 @@ def phase_seconds(tx, params, x, warm: bool = False) -> tuple[float, float]:
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  state = tx.init(params)
+  return lowered_phases(step, params, tx.init(params), warm=warm)
+
+
+def lowered_phases(step, *args, warm: bool = False) -> tuple[float, float]:
+  """``(trace + lower, backend compile)`` seconds of ``jit(step)`` (buffers of the first
+  two arguments donated, as a train step's) on ``args``, JAX's in-memory caches cleared
+  first; ``warm``: of the second such compile (see :func:`compile_seconds`)."""
   for _ in range(2 if warm else 1):
     jax.clear_caches()
     start = time.perf_counter()
-    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state)
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(*args)
     middle = time.perf_counter()
     lowered.compile()
     end = time.perf_counter()

@@ -5,6 +5,8 @@ Run from the repository root::
   python -m benchmarks.transformer                  # 12 blocks, d_model 256, 4 heads, MLP 1024
   python -m benchmarks.transformer --blocks 4 --repeats 3 --algorithms magnitude,rigl
   python -m benchmarks.transformer --instant        # one-shot instant_sparsify instead
+  python -m benchmarks.transformer --phases --layouts scanned   # JAX and XLA apart
+  python -m benchmarks.transformer --phases --leaves stacked    # only the blocks' leaves
 
 The model (pre-LN decoder blocks, vocabulary 4096, sequence 128) has over 100 prunable
 leaves unrolled; scanned (``nn.scan``) its blocks are a handful of stacked leaves, declared
@@ -25,12 +27,23 @@ step, each the fastest of ``--calls`` chained calls), which holds up better on a
 whose speed drifts between compilations; it prints step ratios only. ``--instant`` times
 ``instant_sparsify`` (one-shot magnitude and global magnitude at 0.5, caches cleared
 before the first call) on the unrolled model instead: the first call (trace, compile,
-run) and the fastest of ``--repeats`` calls after it. Nothing is asserted.
+run) and the fastest of ``--repeats`` calls after it.
+
+``--phases`` times the compile in its two parts instead, as ``benchmarks.compile_time
+--phases`` does for MLPs: JAX's trace and lowering (``jit(step).lower(...)``) and XLA's
+compile (``.compile()``), dense and pruned alternated in every repeat. ``--leaves
+stacked`` prunes only the leaves with a layer axis (the scanned blocks' leaves; none
+unrolled) and ``--leaves unstacked`` only the others (embedding, output layer), with the
+default filter (2 or more dimensions per layer) otherwise: what each group's selection
+adds to a scanned model's compile (the two groups run a selection loop each). Nothing is
+asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import re
 import statistics
 import time
 
@@ -41,8 +54,10 @@ import optax
 
 import prunax
 from benchmarks import run
+from benchmarks.compile_time import lowered_phases
 from benchmarks.compile_time import machine
 from benchmarks.run import run_steps
+from prunax import sparsity_distributions
 from prunax import sparsity_schedules as sched
 
 VOCAB, SEQ = 4096, 128
@@ -88,19 +103,42 @@ class LM(nn.Module):
     return nn.Dense(VOCAB)(nn.LayerNorm()(x))
 
 
-def algorithms(layer_axes):
+LEAVES = ('all', 'stacked', 'unstacked')
+
+
+def algorithms(layer_axes, leaves: str = 'all'):
+  """``{name: (pruner, has_updates)}``; ``leaves`` (:data:`LEAVES`): which of the leaves
+  the default filter selects are pruned, all, those with a layer axis in ``layer_axes``,
+  or the others."""
   poly = sched.PolynomialSchedule(update_freq=10, update_start_step=0, update_end_step=1000)
   periodic = sched.PeriodicSchedule(update_freq=10, update_start_step=0, update_end_step=1000)
-  common = dict(sparsity=0.9, layer_axes=layer_axes)
+  common = dict(layer_axes=layer_axes)
+  if leaves != 'all':
+    common['sparsity_distribution_fn'] = _only(layer_axes, leaves)
+  pruned = dict(sparsity=0.9, **common)
   return {
-    'magnitude': (prunax.MagnitudePruning(scheduler=poly, **common), True),
-    'global_magnitude': (prunax.GlobalMagnitudePruning(scheduler=poly, **common), True),
-    'set': (prunax.SET(scheduler=periodic, **common), True),
-    'rigl': (prunax.RigL(scheduler=periodic, **common), True),
-    'magnitude_ste': (prunax.SteMagnitudePruning(scheduler=poly, **common), False),
-    'sr_ste': (prunax.SRSTE(layer_axes=layer_axes), False),
-    'autosparse': (prunax.AutoSparse(layer_axes=layer_axes), False),
+    'magnitude': (prunax.MagnitudePruning(scheduler=poly, **pruned), True),
+    'global_magnitude': (prunax.GlobalMagnitudePruning(scheduler=poly, **pruned), True),
+    'set': (prunax.SET(scheduler=periodic, **pruned), True),
+    'rigl': (prunax.RigL(scheduler=periodic, **pruned), True),
+    'magnitude_ste': (prunax.SteMagnitudePruning(scheduler=poly, **pruned), False),
+    'sr_ste': (prunax.SRSTE(**common), False),
+    'autosparse': (prunax.AutoSparse(**common), False),
   }
+
+
+def _only(layer_axes, leaves: str):
+  """The uniform distribution over the stacked (``leaves='stacked'``) or the other leaves
+  the default filter selects."""
+  if leaves not in LEAVES[1:]:
+    raise ValueError(f'leaves must be one of {LEAVES}, got {leaves!r}.')
+  patterns = list(layer_axes or {})
+
+  def keep(name, leaf) -> bool:
+    stacked = any(re.fullmatch(p, str(name)) for p in patterns)
+    return sparsity_distributions.default_filter(name, leaf) and stacked == (leaves == 'stacked')
+
+  return functools.partial(sparsity_distributions.uniform, filter_fn=keep)
 
 
 def setup(blocks: int, layout: str, tokens):
@@ -226,18 +264,27 @@ def main(argv=None):
     '--steps-only', action='store_true', help='step ratios only, steps alternated'
   )
   parser.add_argument('--calls', type=int, default=3, help='chained calls per step timing')
+  parser.add_argument(
+    '--phases', action='store_true', help='JAX (trace + lower) and XLA (compile) apart'
+  )
+  parser.add_argument('--leaves', default='all', choices=LEAVES, help='which leaves are pruned')
   args = parser.parse_args(argv)
+  if args.phases and (args.steps_only or args.instant):
+    parser.error('--phases times compiles; it does not combine with --steps-only or --instant.')
   print(
     f'# Transformer LM, {args.blocks} blocks, d_model 256, 4 heads, MLP 1024, vocab '
     f'{VOCAB}, sequence {SEQ}, batch {args.batch}; Adam, sparsity 0.9'
   )
   print(f'jax {jax.__version__}, flax, {machine()}, {time.strftime("%Y-%m-%d")}\n')
+  tokens = tokens_of(args.batch)
+  if args.phases:
+    phases(args, tokens)
+    return
   print(
     '| layout | algorithm | step | compile ratio | step ratio | temp ratio | dense compile s '
     '| dense step ms |'
   )
   print('|---|---|---|---|---|---|---|---|')
-  tokens = tokens_of(args.batch)
   if args.instant:
     _, params, _ = setup(args.blocks, 'unrolled', tokens)
     print(f'instant_sparsify, unrolled, {len(jax.tree.leaves(params))} leaves\n')
@@ -250,7 +297,7 @@ def main(argv=None):
     if args.steps_only:
       entries = []
       for name in args.algorithms.split(','):
-        pruner, has_updates = algorithms(layer_axes)[name]
+        pruner, has_updates = algorithms(layer_axes, args.leaves)[name]
         for kind, timing in step_kinds(has_updates).items():
           entries.append(((name, kind), pruner.wrap_optax(optax.adam(1e-3)), timing))
       ratios, dense_ms = alternated_steps(model, params, tokens, entries, args.repeats, args.calls)
@@ -262,7 +309,7 @@ def main(argv=None):
         )
       continue
     for name in args.algorithms.split(','):
-      pruner, has_updates = algorithms(layer_axes)[name]
+      pruner, has_updates = algorithms(layer_axes, args.leaves)[name]
       for kind, (count, every) in step_kinds(has_updates).items():
         # Compiled at every repeat: chained calls from init, the update's with the
         # counter reset to the first update (see --steps-only for training's updates).
@@ -283,6 +330,37 @@ def main(argv=None):
           f'{statistics.median(dc):.2f} | {statistics.median(ds):.0f} |',
           flush=True,
         )
+
+
+def phases(args, tokens) -> None:
+  """The ``--phases`` table: per layout and algorithm, JAX's trace + lowering and XLA's
+  compile of the dense and the pruned step, alternated in every repeat."""
+  print(f'pruned leaves: {args.leaves}\n')
+  print(
+    '| layout | algorithm | trace + lower s, dense / pruned (median) | ratio min / median / '
+    'max | XLA compile s, dense / pruned (median) | ratio min / median / max |'
+  )
+  print('|---|---|---|---|---|---|')
+  for layout in args.layouts.split(','):
+    model, params, layer_axes = setup(args.blocks, layout, tokens)
+    for name in args.algorithms.split(','):
+      pruner = algorithms(layer_axes, args.leaves)[name][0]
+      times = {'dense': [], 'pruned': []}
+      for _ in range(args.repeats):
+        for key, tx in (
+          ('dense', optax.adam(1e-3)),
+          ('pruned', pruner.wrap_optax(optax.adam(1e-3))),
+        ):
+          step = make_step(model, tx)
+          times[key].append(lowered_phases(step, params, tx.init(params), tokens))
+      cells = []
+      for i in (0, 1):
+        d, p = [t[i] for t in times['dense']], [t[i] for t in times['pruned']]
+        cells.append(
+          f'{statistics.median(d):.2f} / {statistics.median(p):.2f} | '
+          f'{fmt([a / b for a, b in zip(p, d)])}'
+        )
+      print(f'| {layout} | {name} | {cells[0]} | {cells[1]} |', flush=True)
 
 
 if __name__ == '__main__':
