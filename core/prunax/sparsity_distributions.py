@@ -326,9 +326,10 @@ class Partial:
 
 
 def accepts_layer_axes(dist) -> bool:
-  """Whether a resolved distribution takes ``layer_axes=``: the built-in ones do, also
-  bound by :class:`Partial` or ``functools.partial`` (the form jaxpruner's configs use),
-  or wrapped (``__wrapped__``), unless the partial binds ``layer_axes`` itself."""
+  """Whether a resolved distribution takes ``layer_axes=``: the built-in ones and any
+  function with a ``layer_axes`` parameter do, also bound by :class:`Partial` or
+  ``functools.partial`` (the form jaxpruner's configs use) or wrapped (``__wrapped__``),
+  unless a partial binds ``layer_axes`` itself."""
   while True:
     if isinstance(dist, Partial):
       bound = dict(dist.kwargs)
@@ -340,9 +341,17 @@ def accepts_layer_axes(dist) -> bool:
       bound = {}
       dist = dist.__wrapped__
     else:
-      return dist in (uniform, erk)
+      return dist in (uniform, erk) or _has_parameter(dist, 'layer_axes')
     if 'layer_axes' in bound:
       return False
+
+
+def _has_parameter(fn, name: str) -> bool:
+  """Whether ``fn``'s signature names the parameter ``name`` (False without a signature)."""
+  try:
+    return name in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
 
 
 def get_sparsities_erdos_renyi(

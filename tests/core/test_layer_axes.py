@@ -132,8 +132,11 @@ def test_stacked_biases_are_not_pruned_by_the_default_filter():
       else prunax.sparsity_distributions.Partial(fn, custom_sparsity_map={})
     ),
     lambda fn: functools.wraps(fn)(lambda *a, **k: fn(*a, **k)),
+    lambda fn: (
+      lambda params, sparsity, layer_axes=None: fn(params, sparsity, layer_axes=layer_axes)
+    ),
   ],
-  ids=['functools_partial_filter', 'functools_partial', 'prunax_partial', 'wrapped'],
+  ids=['functools_partial_filter', 'functools_partial', 'prunax_partial', 'wrapped', 'declares'],
 )
 def test_bound_distributions_see_one_layer_of_stacked_leaves(name, bind):
   # jaxpruner's configs bind the built-in distributions with functools.partial; they got
@@ -151,6 +154,23 @@ def test_bound_distributions_see_one_layer_of_stacked_leaves(name, bind):
   expected = targets(name)
   assert expected['layers']['bias'] is None
   assert targets(bind(fn)) == expected
+
+
+def test_jaxpruner_nm_under_erk_sees_one_layer_of_stacked_leaves():
+  # The compat N:M-under-ERK distribution decides from ERK which leaves stay dense; it
+  # was called without the layer axes, so ERK ran on whole stacks.
+  from prunax.compat import jaxpruner as jp
+
+  params = dict(stacked_params(), layers={'kernel': jnp.ones((L, D, D)), 'bias': jnp.ones((L, D))})
+  dist = functools.partial(prunax.sparsity_distributions.erk, sparsity=0.8)
+  updater = jp.MagnitudePruning(
+    sparsity_distribution_fn=dist, sparsity_type='nm_2,4', layer_axes={'layers/.*': 0}
+  )
+  targets = updater.target_sparsities(params)
+  named_axes = {'layers/kernel': 0, 'layers/bias': 0}
+  erk = prunax.sparsity_distributions.erk(params, 0.8, layer_axes=named_axes)
+  assert targets['layers']['bias'] is None and erk['layers']['bias'] is None
+  assert targets['layers']['kernel'] == (0.5 if erk['layers']['kernel'] else 0.0)
 
 
 @pytest.mark.parametrize(

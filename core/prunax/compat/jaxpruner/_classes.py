@@ -67,13 +67,14 @@ def nm_erk_targets(
   *,
   erk_sparsity: float,
   nm_sparsity: float,
+  layer_axes: Any = None,
   **erk_kwargs: Any,
 ) -> Any:
   """jaxpruner's N:M targets under ERK: a leaf that ERK at ``erk_sparsity`` keeps dense (0)
   stays dense, every other ERK leaf takes N:M's own ``nm_sparsity`` (jaxpruner computes
-  N:M masks only where the target is non-zero)."""
+  N:M masks only where the target is non-zero). ``layer_axes``: as :func:`erk`'s."""
   del sparsity  # the updater's own target is N:M's (nm_sparsity)
-  targets = sparsity_distributions.erk(params, erk_sparsity, **erk_kwargs)
+  targets = sparsity_distributions.erk(params, erk_sparsity, layer_axes=layer_axes, **erk_kwargs)
   return jax.tree.map(
     lambda s: None if s is None else (0.0 if s == 0 else nm_sparsity),
     targets,
