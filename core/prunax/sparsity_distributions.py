@@ -325,25 +325,32 @@ class Partial:
     return self.fn(params, sparsity, **kwargs, **extra)
 
 
-def accepts_layer_axes(dist) -> bool:
-  """Whether a resolved distribution takes ``layer_axes=``: the built-in ones and any
-  function with a ``layer_axes`` parameter do, also bound by :class:`Partial` or
+def unwrapped(dist) -> tuple[Callable[..., PyTree], dict[str, Any]]:
+  """``(function, bound keywords)`` of a distribution bound by :class:`Partial` or
   ``functools.partial`` (the form jaxpruner's configs use) or wrapped (``__wrapped__``),
-  unless a partial binds ``layer_axes`` itself."""
+  any number of times (the outermost binding of a keyword wins)."""
+  bound: dict[str, Any] = {}
   while True:
     if isinstance(dist, Partial):
-      bound = dict(dist.kwargs)
+      bound = {**dict(dist.kwargs), **bound}
       dist = dist.fn
     elif isinstance(dist, functools.partial):
-      bound = dist.keywords
+      bound = {**dist.keywords, **bound}
       dist = dist.func
     elif hasattr(dist, '__wrapped__'):
-      bound = {}
       dist = dist.__wrapped__
     else:
-      return dist in (uniform, erk) or _has_parameter(dist, 'layer_axes')
-    if 'layer_axes' in bound:
-      return False
+      return dist, bound
+
+
+def accepts_layer_axes(dist) -> bool:
+  """Whether a resolved distribution takes ``layer_axes=``: the built-in ones and any
+  function with a ``layer_axes`` parameter do, also bound or wrapped (:func:`unwrapped`),
+  unless a binding sets ``layer_axes`` itself."""
+  fn, bound = unwrapped(dist)
+  if 'layer_axes' in bound:
+    return False
+  return fn in (uniform, erk) or _has_parameter(fn, 'layer_axes')
 
 
 def _has_parameter(fn, name: str) -> bool:

@@ -24,9 +24,9 @@ PyTree = Any
 
 
 def is_erk(dist: Any) -> bool:
-  """Whether ``dist`` is the ERK distribution (possibly with a filter or map)."""
-  fn = getattr(dist, 'fn', dist)
-  return fn is sparsity_distributions.erk
+  """Whether ``dist`` is the ERK distribution (possibly with a filter or map, bound by
+  :class:`prunax.sparsity_distributions.Partial` or ``functools.partial``)."""
+  return sparsity_distributions.unwrapped(dist)[0] is sparsity_distributions.erk
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The self-sufficient wrapped transformation, for every algorithm of the core."""
 
 import dataclasses
+import functools
 import math
 
 import flax
@@ -842,8 +843,11 @@ def test_global_pruning_honours_custom_map_and_rejects_erk():
   ).instant_sparsify(params)
   masks = prunax.unpack_masks(masks, params)
   assert int((masks['first'] == 0).sum()) == 4 and int((masks['rest'] == 0).sum()) == 16
-  with pytest.raises(ValueError, match='not ERK'):
-    prunax.GlobalMagnitudePruning(sparsity=0.5, sparsity_distribution_fn='erk')
+  erk = prunax.sparsity_distributions.erk
+  for bound in ('erk', functools.partial(erk), functools.partial(erk, erk_power_scale=0.5)):
+    # functools.partial (jaxpruner's configs) was not recognised as ERK and accepted.
+    with pytest.raises(ValueError, match='not ERK'):
+      prunax.GlobalMagnitudePruning(sparsity=0.5, sparsity_distribution_fn=bound)
 
 
 @pytest.mark.parametrize('custom', [2, 5])
