@@ -335,3 +335,29 @@ def test_nm_under_erk_keeps_erk_dense_leaves_dense_class():
   zero = jaxpruner.MagnitudePruning(sparsity_distribution_fn=zero_dist, sparsity_type=nm)
   sparse, _ = zero.instant_sparsify(_nm_erk_params())
   assert int(jnp.sum(sparse['big'] == 0)) == 0
+
+
+@pytest.mark.parametrize(
+  'bind',
+  [
+    lambda fn, **kw: prunax.sparsity_distributions.Partial(fn, **kw),
+    functools.partial,
+  ],
+  ids=['prunax_partial', 'functools_partial'],
+)
+def test_updater_filter_and_map_join_a_bound_distribution(bind):
+  # The updater's filter_fn / custom_sparsity_map fields join a distribution's own bound
+  # keywords; bound by functools.partial it was refused as not uniform or ERK.
+  params = {'a': jnp.ones((8, 8)), 'b': jnp.ones((8, 4)), 'c': jnp.ones((4, 4))}
+  dist = bind(prunax.sparsity_distributions.uniform, filter_fn=lambda name, leaf: name != 'b')
+  updater = prunax.MagnitudePruning(
+    sparsity=0.5, sparsity_distribution_fn=dist, custom_sparsity_map={'a': 0.25}
+  )
+  assert updater.target_sparsities(params) == {'a': 0.25, 'b': None, 'c': 0.5}
+  # A keyword bound in the distribution and given to the updater too: named, not a
+  # TypeError of Python's ("multiple values for keyword argument").
+  mapped = bind(prunax.sparsity_distributions.uniform, custom_sparsity_map={'c': 0.75})
+  with pytest.raises(ValueError, match=r"\['custom_sparsity_map'\] given to the updater and bound"):
+    prunax.MagnitudePruning(
+      sparsity=0.5, sparsity_distribution_fn=mapped, custom_sparsity_map={'a': 0.25}
+    )

@@ -69,16 +69,23 @@ def _with_map_and_filter(dist, filter_fn, custom_map):
     for k, v in (('filter_fn', filter_fn), ('custom_sparsity_map', custom_map))
     if v is not None
   }
-  if isinstance(dist, dists.Partial):
-    kwargs = {k: dict(v) if k == 'custom_sparsity_map' else v for k, v in dist.kwargs}
-    return dists.Partial(dist.fn, **kwargs, **extra)
-  resolved = dists.resolve(dist)
-  if resolved not in (dists.uniform, dists.erk):
+  # Bound by prunax's Partial or by functools.partial (jaxpruner's form) alike.
+  fn, bound = dists.unwrapped(dists.resolve(dist))
+  if fn not in (dists.uniform, dists.erk):
     raise ValueError(
       f'filter_fn and custom_sparsity_map apply to the "uniform" and "erk" '
       f'distributions, not to {dist!r}; give them to your distribution instead.'
     )
-  return dists.Partial(resolved, **extra)
+  twice = sorted(set(bound) & set(extra))
+  if twice:
+    raise ValueError(
+      f'{twice} given to the updater and bound in its distribution {dist!r}; give each once.'
+    )
+  kwargs = {
+    k: dict(v) if k == 'custom_sparsity_map' and not isinstance(v, Mapping) else v
+    for k, v in bound.items()
+  }
+  return dists.Partial(fn, **kwargs, **extra)
 
 
 @dataclasses.dataclass(frozen=True)
