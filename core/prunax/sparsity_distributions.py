@@ -346,9 +346,10 @@ def unwrapped(dist) -> tuple[Callable[..., PyTree], dict[str, Any]]:
 def accepts_layer_axes(dist) -> bool:
   """Whether a resolved distribution takes ``layer_axes=``: the built-in ones and any
   function with a ``layer_axes`` parameter do, also bound or wrapped (:func:`unwrapped`),
-  unless a binding sets ``layer_axes`` itself."""
+  unless a binding sets ``layer_axes`` itself or a wrapper's own signature has no room
+  for it (a wrapper ``f(params, sparsity)`` of ``uniform`` is called as it is)."""
   fn, bound = unwrapped(dist)
-  if 'layer_axes' in bound:
+  if 'layer_axes' in bound or not _takes_keyword(dist, 'layer_axes'):
     return False
   return fn in (uniform, erk) or _has_parameter(fn, 'layer_axes')
 
@@ -359,6 +360,18 @@ def _has_parameter(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
   except (TypeError, ValueError):
     return False
+
+
+def _takes_keyword(fn, name: str) -> bool:
+  """Whether ``fn`` itself (not what it wraps) can be called with the keyword ``name``:
+  its signature names it or takes ``**kwargs`` (True without a signature to read)."""
+  try:
+    parameters = inspect.signature(fn, follow_wrapped=False).parameters
+  except (TypeError, ValueError):
+    return True
+  return name in parameters or any(
+    p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+  )
 
 
 def get_sparsities_erdos_renyi(

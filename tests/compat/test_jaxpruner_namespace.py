@@ -356,6 +356,16 @@ def test_updater_filter_and_map_join_a_bound_distribution(bind):
   assert updater.target_sparsities(params) == {'a': 0.25, 'b': None, 'c': 0.5}
   # A keyword bound in the distribution and given to the updater too: named, not a
   # TypeError of Python's ("multiple values for keyword argument").
+  if bind is not functools.partial:  # prunax's Partial of one's own distribution, as before
+
+    def own(params, sparsity, filter_fn=None, custom_sparsity_map=None, scale=1.0):
+      dist = prunax.sparsity_distributions.uniform
+      return dist(params, sparsity * scale, filter_fn, custom_sparsity_map)
+
+    updater = prunax.MagnitudePruning(
+      sparsity=0.5, sparsity_distribution_fn=bind(own, scale=0.5), filter_fn=lambda n, _: n != 'b'
+    )
+    assert updater.target_sparsities(params) == {'a': 0.25, 'b': None, 'c': 0.25}
   mapped = bind(prunax.sparsity_distributions.uniform, custom_sparsity_map={'c': 0.75})
   with pytest.raises(ValueError, match=r"\['custom_sparsity_map'\] given to the updater and bound"):
     prunax.MagnitudePruning(

@@ -156,6 +156,23 @@ def test_bound_distributions_see_one_layer_of_stacked_leaves(name, bind):
   assert targets(bind(fn)) == expected
 
 
+def test_a_wrapper_without_room_for_layer_axes_is_called_as_it_is():
+  # functools.wraps(uniform) on f(params, sparsity): what it wraps takes layer_axes, it
+  # does not (called with them, it raised a TypeError).
+  params = dict(stacked_params(), layers={'kernel': jnp.ones((L, D, D)), 'bias': jnp.ones((L, D))})
+  uniform = prunax.sparsity_distributions.uniform
+
+  @functools.wraps(uniform)
+  def halved(params, sparsity):
+    return jax.tree.map(lambda s: s / 2, uniform(params, sparsity), is_leaf=lambda x: x is None)
+
+  updater = prunax.MagnitudePruning(
+    sparsity=0.5, sparsity_distribution_fn=halved, layer_axes={'layers/.*': 0}
+  )
+  targets = updater.target_sparsities(params)
+  assert targets['layers']['kernel'] == 0.25 and targets['head'] == 0.25
+
+
 def test_jaxpruner_nm_under_erk_sees_one_layer_of_stacked_leaves():
   # The compat N:M-under-ERK distribution decides from ERK which leaves stay dense; it
   # was called without the layer axes, so ERK ran on whole stacks.

@@ -69,9 +69,10 @@ def _with_map_and_filter(dist, filter_fn, custom_map):
     for k, v in (('filter_fn', filter_fn), ('custom_sparsity_map', custom_map))
     if v is not None
   }
-  # Bound by prunax's Partial or by functools.partial (jaxpruner's form) alike.
+  # Bound by prunax's Partial (of any distribution taking them, as Partial checks) or by
+  # functools.partial (jaxpruner's form) of uniform or erk.
   fn, bound = dists.unwrapped(dists.resolve(dist))
-  if fn not in (dists.uniform, dists.erk):
+  if fn not in (dists.uniform, dists.erk) and not isinstance(dist, dists.Partial):
     raise ValueError(
       f'filter_fn and custom_sparsity_map apply to the "uniform" and "erk" '
       f'distributions, not to {dist!r}; give them to your distribution instead.'
