@@ -122,6 +122,17 @@ def _layer_view(leaf, axis: int | None):
   return jax.ShapeDtypeStruct(shape[:axis] + shape[axis + 1 :], jax.numpy.result_type(leaf))
 
 
+def _axes(params: PyTree, layer_axes: Mapping[str, int] | None) -> dict[str, int]:
+  """``{leaf name: layer axis}`` of ``layer_axes`` given as an updater takes them (names or
+  regular expressions, see :func:`prunax.layers.resolve`): a key that matches no
+  parameter, or an axis out of range, is refused rather than left unused."""
+  if not layer_axes:
+    return {}
+  from prunax import layers  # prunax.layers imports this module
+
+  return layers.resolve(params, layers.freeze(layer_axes))
+
+
 def _selected(
   params: PyTree, filter_fn: FilterFn | None, layer_axes: Mapping[str, int] | None = None
 ) -> list[tuple[str, Any]]:
@@ -150,15 +161,15 @@ def uniform(
     filter_fn: ``fn(name, leaf) -> bool`` selecting leaves to prune (default: ndim >= 2).
     custom_sparsity_map: ``{name or regex: sparsity}``; mapped leaves are pruned at their
       own sparsity whether or not the filter selects them.
-    layer_axes: ``{leaf name: axis}`` of stacked leaves (see :mod:`prunax.layers`): the
-      filter sees one layer, and every layer gets the sparsity.
+    layer_axes: ``{name or regex: axis}`` of stacked leaves, as an updater takes them (see
+      :mod:`prunax.layers`): the filter sees one layer, and every layer gets the sparsity.
 
   Returns:
     A tree like ``params`` of floats (pruned leaves) and ``None`` (dense leaves).
   """
   sparsity = check_sparsity(sparsity, 'all parameters')
   custom = _match_custom([n for n, _ in named_leaves(params)], custom_sparsity_map)
-  values = {n: sparsity for n, _ in _selected(params, filter_fn, layer_axes)}
+  values = {n: sparsity for n, _ in _selected(params, filter_fn, _axes(params, layer_axes))}
   values.update(custom)
   return _build(params, values)
 
@@ -185,16 +196,17 @@ def erk(
     custom_sparsity_map: ``{name or regex: sparsity}``; those leaves get their own
       sparsity and take no part in the ERK budget.
     erk_power_scale: exponent of the raw ERK probabilities (1.0 = ERK, 0 = uniform).
-    layer_axes: ``{leaf name: axis}`` of stacked leaves (see :mod:`prunax.layers`): each
-      layer is a leaf of the ERK budget with its own fan-in/fan-out (the layer axis is not
-      a fan dimension), and all layers of a stack get the same sparsity.
+    layer_axes: ``{name or regex: axis}`` of stacked leaves, as an updater takes them (see
+      :mod:`prunax.layers`): each layer is a leaf of the ERK budget with its own
+      fan-in/fan-out (the layer axis is not a fan dimension), and all layers of a stack
+      get the same sparsity.
 
   Returns:
     A tree like ``params`` of floats and ``None`` (dense leaves).
   """
   sparsity = check_sparsity(sparsity, 'all parameters')
   erk_power_scale = _checks.number(erk_power_scale, 'erk_power_scale', 0.0)
-  layer_axes = layer_axes or {}
+  layer_axes = _axes(params, layer_axes)
   custom = _match_custom([n for n, _ in named_leaves(params)], custom_sparsity_map)
   leaves = []  # (name, shape of one layer, number of layers)
   for n, x in _selected(params, filter_fn, layer_axes):

@@ -156,6 +156,20 @@ def test_bound_distributions_see_one_layer_of_stacked_leaves(name, bind):
   assert targets(bind(fn)) == expected
 
 
+@pytest.mark.parametrize('name', ['uniform', 'erk'])
+def test_distributions_take_layer_axes_as_updaters_do(name):
+  # Called directly, uniform and erk read layer_axes by exact leaf name only: a regex
+  # key (as updaters take) or a misspelt one matched nothing, and the stacks were
+  # treated as plain leaves without a word.
+  params = dict(stacked_params(), layers={'kernel': jnp.ones((L, D, D)), 'bias': jnp.ones((L, D))})
+  dist = getattr(prunax.sparsity_distributions, name)
+  named = dist(params, 0.8, layer_axes={'layers/kernel': 0, 'layers/bias': 0})
+  assert named['layers']['bias'] is None
+  assert dist(params, 0.8, layer_axes={'layers/.*': 0}) == named
+  with pytest.raises(ValueError, match="layer_axes key 'layer/.*' matches no parameter"):
+    dist(params, 0.8, layer_axes={'layer/.*': 0})
+
+
 def test_a_wrapper_without_room_for_layer_axes_is_called_as_it_is():
   # functools.wraps(uniform) on f(params, sparsity): what it wraps takes layer_axes, it
   # does not (called with them, it raised a TypeError).
