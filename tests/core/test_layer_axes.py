@@ -246,6 +246,14 @@ def test_summary_reports_each_layer():
   masks = one_step(prunax.MagnitudePruning(sparsity=0.75, layer_axes=AXES), params)
   summary = prunax.summarize_sparsity(masks, layer_axes=AXES)
   assert [summary[f'sparsity/layers/kernel/layer_{i}'] for i in range(L)] == [0.75] * L
+  # Keys as updaters take them (regular expressions); one that matches nothing is
+  # refused (looked up by exact name, a regex reported no layer and no error).
+  assert prunax.summarize_sparsity(masks, layer_axes={'layers/.*': 0}) == summary
+  with pytest.raises(ValueError, match="layer_axes key 'layer/.*' matches no leaf"):
+    prunax.summarize_sparsity(masks, layer_axes={'layer/.*': 0})
+  # A mask tree is None at a stacked leaf that is not pruned: its key is not an error.
+  with_bias = dict(masks, layers=dict(masks['layers'], bias=None))
+  assert prunax.summarize_sparsity(with_bias, layer_axes={'layers/.*': 0}) == summary
 
 
 def test_linen_scan_layer_axes_are_read_from_the_boxes():
