@@ -254,6 +254,13 @@ def phases_row(layers: int, name: str, params, x, repeats: int, warm: bool) -> s
     tx = updater(name).wrap_optax(optax.adam(1e-3))
     dense.append(phase_seconds(optax.adam(1e-3), params, x, warm))
     pruned.append(phase_seconds(tx, params, x, warm))
+  return f'| {layers} | {name} | {phase_cells(dense, pruned)} |'
+
+
+def phase_cells(dense: list, pruned: list) -> str:
+  """The four table cells of alternated ``(trace + lower, compile)`` seconds of the dense
+  and the pruned step: each phase's medians, then its pruned / dense ratio min / median /
+  max over the repeats."""
   cells = []
   for i in (0, 1):
     d, p = [t[i] for t in dense], [t[i] for t in pruned]
@@ -262,7 +269,7 @@ def phases_row(layers: int, name: str, params, x, repeats: int, warm: bool) -> s
       f'{statistics.median(d):.2f} / {statistics.median(p):.2f} | {min(ratios):.2f} / '
       f'{statistics.median(ratios):.2f} / {max(ratios):.2f}'
     )
-  return f'| {layers} | {name} | {cells[0]} | {cells[1]} |'
+  return ' | '.join(cells)
 
 
 if __name__ == '__main__':

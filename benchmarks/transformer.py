@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import statistics
 import time
 
@@ -56,6 +55,7 @@ import prunax
 from benchmarks import run
 from benchmarks.compile_time import lowered_phases
 from benchmarks.compile_time import machine
+from benchmarks.compile_time import phase_cells
 from benchmarks.run import run_steps
 from prunax import sparsity_distributions
 from prunax import sparsity_schedules as sched
@@ -135,7 +135,7 @@ def _only(layer_axes, leaves: str):
   patterns = list(layer_axes or {})
 
   def keep(name, leaf) -> bool:
-    stacked = any(re.fullmatch(p, str(name)) for p in patterns)
+    stacked = any(sparsity_distributions.matching_names(p, [str(name)]) for p in patterns)
     return sparsity_distributions.default_filter(name, leaf) and stacked == (leaves == 'stacked')
 
   return functools.partial(sparsity_distributions.uniform, filter_fn=keep)
@@ -353,14 +353,7 @@ def phases(args, tokens) -> None:
         ):
           step = make_step(model, tx)
           times[key].append(lowered_phases(step, params, tx.init(params), tokens))
-      cells = []
-      for i in (0, 1):
-        d, p = [t[i] for t in times['dense']], [t[i] for t in times['pruned']]
-        cells.append(
-          f'{statistics.median(d):.2f} / {statistics.median(p):.2f} | '
-          f'{fmt([a / b for a, b in zip(p, d)])}'
-        )
-      print(f'| {layout} | {name} | {cells[0]} | {cells[1]} |', flush=True)
+      print(f'| {layout} | {name} | {phase_cells(times["dense"], times["pruned"])} |', flush=True)
 
 
 if __name__ == '__main__':

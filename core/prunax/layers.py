@@ -133,22 +133,28 @@ def layer_axes_from_flax(
   return out
 
 
-def resolve(params: PyTree, spec: tuple[tuple[str, int], ...]) -> dict[str, int]:
-  """``{leaf name: non-negative layer axis}`` for ``params``: boxes, then ``spec``.
+def resolve(
+  params: PyTree, spec: tuple[tuple[str, int], ...], what: str = 'parameter'
+) -> dict[str, int]:
+  """``{leaf name: non-negative layer axis}`` for ``params``: boxes, then ``spec``. A None
+  leaf (a mask tree's unpruned leaf) is a name a key may match, with no axis.
 
   Raises:
-    ValueError: a key of ``spec`` matches no parameter, or an axis is out of range.
+    ValueError: a key of ``spec`` matches no leaf (``what`` names them in the message),
+      or an axis is out of range.
   """
-  leaves = dict((path_name(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0])
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0]
+  leaves = dict((path_name(p), leaf) for p, leaf in flat)
   axes = boxed_layer_axes(params)
   for key, axis in spec:
     hits = matching_names(key, list(leaves))
     if not hits:
       raise ValueError(
-        f'layer_axes key {key!r} matches no parameter; parameter names are: {list(leaves)}.'
+        f'layer_axes key {key!r} matches no {what}; {what} names are: {list(leaves)}.'
       )
     for name in hits:
-      axes[name] = axis
+      if leaves[name] is not None:
+        axes[name] = axis
   for name, axis in list(axes.items()):
     ndim = np.ndim(leaves[name]) if name in leaves else 0
     if not -ndim <= axis < ndim or ndim < 2:

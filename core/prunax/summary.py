@@ -12,7 +12,6 @@ import numpy as np
 
 from prunax import layers
 from prunax.layers import slice_shape
-from prunax.sparsity_distributions import matching_names
 from prunax.sparsity_distributions import named_leaves
 
 PyTree = Any
@@ -57,7 +56,9 @@ def summarize_sparsity(
   if only_total_sparsity is not None:
     only_total = only_total_sparsity
   filter_fn = filter_fn or (lambda name, leaf: np.ndim(leaf) >= 2)
-  layer_axes = _layer_axes(tree, layer_axes)
+  # Names or regular expressions, as updaters take them; a key that matches no leaf is
+  # refused (looked up by exact name, a regex key reported no layer and no error).
+  layer_axes = layers.resolve(tree, layers.freeze(layer_axes), 'leaf') if layer_axes else {}
 
   def one_layer(name, x):
     axis = layer_axes.get(name)
@@ -99,32 +100,6 @@ def summarize_sparsity(
   summary['_nparams'] = float(all_size)
   summary['_nparams_nnz'] = float(sum(int(nz) for nz in all_nz))
   return summary
-
-
-def _layer_axes(tree: Any, layer_axes: Mapping[str, int] | None) -> dict[str, int]:
-  """``{leaf name: non-negative axis}`` of ``layer_axes`` keyed by names or regular
-  expressions, as updaters take them. A key that matches no leaf of ``tree`` (None leaves
-  included: a mask tree is None where a stacked leaf is not pruned) is refused: looked
-  up by exact name, a regex key reported no layer and no error."""
-  if not layer_axes:
-    return {}
-  names = [n for n, _ in named_leaves(tree, is_leaf=lambda x: x is None)]
-  present = dict(named_leaves(tree))
-  out = {}
-  for key, axis in layers.freeze(layer_axes):
-    hits = matching_names(key, names)
-    if not hits:
-      raise ValueError(f'layer_axes key {key!r} matches no leaf; leaf names are: {names}.')
-    for name in hits:
-      ndim = np.ndim(present[name]) if name in present else 0
-      if name in present and not -ndim <= axis < ndim:
-        raise ValueError(
-          f'layer axis {axis} of leaf {name!r} with shape {np.shape(present[name])} is out of '
-          f'range {-ndim}..{ndim - 1}.'
-        )
-      if name in present:
-        out[name] = axis % ndim
-  return out
 
 
 def summarize_intersection(
