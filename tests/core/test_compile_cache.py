@@ -1,0 +1,49 @@
+"""A relaunch compiles nothing: pruned steps lower to the same program in every process.
+
+Hosts compile their train step at every launch (t5x does), and a run resumed after a
+preemption compiles it again; JAX's persistent compilation cache
+(``jax_compilation_cache_dir``) serves a relaunch only if the program, its key, is the
+same in the new process. Two processes with different Python hash seeds (set and dict
+orders, ``hash`` of strings) compile the steps of ``compile_cache_child.py`` (every
+engine, global selection, drop and grow, N:M, a stacked kernel pruned layer by layer)
+into one cache folder: the second must find every program there and write none.
+"""
+
+import os
+import subprocess
+import sys
+
+from tests.core import compile_cache_child as child
+from tests.xla_env import cpu_env
+
+TIMEOUT_S = 300
+
+
+def _compile_all(cache_dir: str, hash_seed: str) -> list[str]:
+  env = dict(cpu_env(1), PYTHONHASHSEED=hash_seed)
+  done = subprocess.run(
+    [sys.executable, child.__file__, cache_dir],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
+  assert done.returncode == 0, done.stderr[-4000:]
+  return done.stdout.split()
+
+
+def _entries(cache_dir: str) -> set[str]:
+  return set(os.listdir(cache_dir))
+
+
+def test_a_relaunch_finds_every_pruned_step_in_the_persistent_cache(tmp_path):
+  cache_dir = str(tmp_path / 'jax_cache')
+  assert _compile_all(cache_dir, '1') == list(child.ALGORITHMS)
+  first = _entries(cache_dir)
+  # At least one program per step was written (with the init's programs).
+  assert len(first) >= len(child.ALGORITHMS), sorted(first)
+  assert _compile_all(cache_dir, '2') == list(child.ALGORITHMS)
+  new = _entries(cache_dir) - first
+  assert not new, (
+    f'the relaunch compiled {len(new)} programs the first process had cached: {sorted(new)}'
+  )
