@@ -133,6 +133,15 @@ def layer_axes_from_flax(
   return out
 
 
+def resolve_mapping(
+  params: PyTree, layer_axes: Mapping[str, int] | None, what: str = 'parameter'
+) -> dict[str, int]:
+  """:func:`resolve` of ``layer_axes`` given as updaters take them (``{name or regex:
+  axis}``), for the functions that take them as an argument (distributions, summaries);
+  ``{}`` without any (boxed axes are the updaters' to read)."""
+  return resolve(params, freeze(layer_axes), what) if layer_axes else {}
+
+
 def resolve(
   params: PyTree, spec: tuple[tuple[str, int], ...], what: str = 'parameter'
 ) -> dict[str, int]:

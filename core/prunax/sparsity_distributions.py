@@ -126,11 +126,9 @@ def _axes(params: PyTree, layer_axes: Mapping[str, int] | None) -> dict[str, int
   """``{leaf name: layer axis}`` of ``layer_axes`` given as an updater takes them (names or
   regular expressions, see :func:`prunax.layers.resolve`): a key that matches no
   parameter, or an axis out of range, is refused rather than left unused."""
-  if not layer_axes:
-    return {}
   from prunax import layers  # prunax.layers imports this module
 
-  return layers.resolve(params, layers.freeze(layer_axes))
+  return layers.resolve_mapping(params, layer_axes)
 
 
 def _selected(

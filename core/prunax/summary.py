@@ -58,7 +58,7 @@ def summarize_sparsity(
   filter_fn = filter_fn or (lambda name, leaf: np.ndim(leaf) >= 2)
   # Names or regular expressions, as updaters take them; a key that matches no leaf is
   # refused (looked up by exact name, a regex key reported no layer and no error).
-  layer_axes = layers.resolve(tree, layers.freeze(layer_axes), 'leaf') if layer_axes else {}
+  layer_axes = layers.resolve_mapping(tree, layer_axes, 'leaf')
 
   def one_layer(name, x):
     axis = layer_axes.get(name)

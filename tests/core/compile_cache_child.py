@@ -3,11 +3,12 @@
 ``python compile_cache_child.py CACHE_DIR`` compiles the jitted train steps of
 :data:`ALGORITHMS` (Adam, params and state donated) on a small model with a stacked
 (scanned) kernel, with JAX's persistent compilation cache in ``CACHE_DIR`` keeping every
-compiled program, and prints the names it compiled.
+compiled program, and prints ``REPORT`` and the JSON list of the names it compiled.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 SHAPES = {'w1': (24, 64), 'b1': (64,), 'stack': (3, 64, 64), 'head': (64, 16)}
@@ -53,6 +54,7 @@ def main(cache_dir: str) -> None:
     h = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, p['stack'])[0]
     return jnp.sum((h @ p['head']) ** 2)
 
+  done = []
   for name, updater in updaters().items():
     tx = updater.wrap_optax(optax.adam(1e-3))
 
@@ -62,7 +64,8 @@ def main(cache_dir: str) -> None:
 
     state = tx.init(params)
     jax.jit(step, donate_argnums=(0, 1)).lower(params, state).compile()
-    print(name, flush=True)
+    done.append(name)
+  print('REPORT', json.dumps(done), flush=True)
 
 
 if __name__ == '__main__':

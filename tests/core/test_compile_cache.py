@@ -10,26 +10,17 @@ into one cache folder: the second must find every program there and write none.
 """
 
 import os
-import subprocess
-import sys
 
 from tests.core import compile_cache_child as child
+from tests.xla_env import child_report
 from tests.xla_env import cpu_env
 
 TIMEOUT_S = 300
 
 
 def _compile_all(cache_dir: str, hash_seed: str) -> list[str]:
-  env = dict(cpu_env(1), PYTHONHASHSEED=hash_seed)
-  done = subprocess.run(
-    [sys.executable, child.__file__, cache_dir],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=TIMEOUT_S,
-  )
-  assert done.returncode == 0, done.stderr[-4000:]
-  return done.stdout.split()
+  script = f'from tests.core import compile_cache_child as c; c.main({cache_dir!r})'
+  return child_report(script, dict(cpu_env(1), PYTHONHASHSEED=hash_seed), TIMEOUT_S)
 
 
 def _entries(cache_dir: str) -> set[str]:
