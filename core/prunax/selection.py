@@ -80,6 +80,10 @@ _FIELD_BITS = 6
 # Size of the strided sample whose quantiles give the first pass's thresholds.
 _SAMPLE = 2048
 _MAX_KEY = 0xFFFFFFFF
+# Added to a uint32 (wrapping) to subtract 1: XLA rewrites ``p - 1`` in a loop body as
+# ``p + negate(1)`` and hoists the negation out of the loop, one more round of its
+# simplification pipeline to fold and sink it back.
+_MINUS_ONE = np.uint32(_MAX_KEY)
 # Brackets holding at most this many keys are split evenly rather than interpolated,
 # where they are stuck (see _interpolated_pivots).
 _EVEN_BELOW = 128
@@ -907,6 +911,27 @@ def sortable_keys(scores: jax.Array) -> jax.Array:
   return jnp.where(is_nan, jnp.uint32(0x00800000), keys)
 
 
+def _row_keys(x: Lazy) -> jax.Array:
+  """:func:`sortable_keys` of ``x`` for a counting pass (:func:`_row_sums`): in ``x``'s
+  own shape, or in its :meth:`Lazy.rows` view where an argument gives one of its own
+  (packed bits, expanded word by word) or the size holds no whole number of rows.
+
+  In its own shape, the rows view is taken only for the sum (:func:`_packed_row_sums`):
+  arguments viewed as rows before the scores and their keys are computed are views XLA's
+  reshape-mover pushes down through every elementwise operation, one a round of its
+  simplification pipeline, over the step's whole program (3 of a magnitude step's 8
+  rounds; the dense step's converge in 2).
+  """
+  if x.size % _ROW or _own_rows(x):
+    return sortable_keys(x.rows())
+  return sortable_keys(x())
+
+
+def _own_rows(x: Lazy) -> bool:
+  """Whether ``x`` or a :class:`Lazy` it reads has a :meth:`Lazy.rows` view of its own."""
+  return x._rows is not None or any(isinstance(a, Lazy) and _own_rows(a) for a in x.args)
+
+
 def _float32_scores(scores: jax.Array) -> jax.Array:
   return scores.astype(jnp.float32)
 
@@ -927,32 +952,43 @@ def _comparable(inputs: list[Lazy]) -> list[Lazy]:
   ]
 
 
-def _packed_row_sums(rows: jax.Array, pivots: list) -> jax.Array:
-  """uint32 sums over the last axis (rows of 32 keys) of ``rows >= pivots[i]`` packed in
-  6-bit field ``i`` (``pivots``: at most 5 arrays broadcasting against ``rows``)."""
-  packed = sum((rows >= p).astype(jnp.uint32) << (_FIELD_BITS * i) for i, p in enumerate(pivots))
-  return jnp.sum(packed, axis=-1, dtype=jnp.uint32)
+def _packed_row_sums(keys: jax.Array, pivots: list, rows: tuple[int, ...]) -> jax.Array:
+  """uint32 sums over every row of 32 keys (``keys`` viewed as ``rows``, a shape whose
+  last axis is 32) of ``keys >= pivots[i]`` packed in 6-bit field ``i`` (``pivots``: at
+  most 5 arrays broadcasting against ``keys``).
+
+  The keys are viewed as rows only for the sum: the comparisons and the packing run in
+  the keys' own shape. A view taken before them is one XLA's reshape-mover pushes down
+  through every elementwise operation, one a round of its simplification pipeline (which
+  ran 8 rounds over a magnitude step's whole program, against 2 for the dense step's).
+  """
+  packed = sum((keys >= p).astype(jnp.uint32) << (_FIELD_BITS * i) for i, p in enumerate(pivots))
+  return jnp.sum(packed.reshape(rows), axis=-1, dtype=jnp.uint32)
 
 
-def _row_sums(keys: jax.Array, pivots: jax.Array) -> tuple[jax.Array | None, jax.Array]:
+def _row_sums(keys: jax.Array, pivots: jax.Array, shape) -> tuple[jax.Array | None, jax.Array]:
   """The two parts of the counts ``[sum(keys >= p) for p in pivots]`` (at most 5 pivots)
-  of one array, as :func:`_row_sums_stacked` returns them for several: the row sums, of
-  the rows' shape (the keys' shape less its last axis, for keys in rows of 32:
-  :meth:`Lazy.rows`), and ``(P,)``."""
+  of one array of ``shape`` (its keys in that shape or in its :meth:`Lazy.rows` view,
+  see :func:`_row_keys`), as :func:`_row_sums_stacked` returns them for several: the row
+  sums, of the rows' shape less its last axis (no tail) when the size is a multiple of
+  32, and ``(P,)``."""
   at = [pivots[i] for i in range(len(pivots))]
-  if keys.ndim >= 2 and keys.shape[-1] == _ROW:  # a rows view (Lazy.rows): no tail
-    return _packed_row_sums(keys, at), jnp.zeros(pivots.shape, jnp.int32)
+  if math.prod(shape) % _ROW == 0:  # whole rows: no tail
+    return _packed_row_sums(keys, at, _rows_shape(shape)), jnp.zeros(pivots.shape, jnp.int32)
   flat = keys.reshape(-1)
   main = (flat.size // _ROW) * _ROW
-  per_row = _packed_row_sums(flat[:main].reshape(-1, _ROW), at) if main else None
+  per_row = _packed_row_sums(flat[:main], at, (main // _ROW, _ROW)) if main else None
   tail = jnp.zeros(pivots.shape, jnp.int32)
   if flat.size > main:
     tail += jnp.sum(flat[main:, None] >= pivots[None, :], axis=0, dtype=jnp.int32)
   return per_row, tail
 
 
-def _row_sums_stacked(keys: jax.Array, pivots: jax.Array) -> tuple[jax.Array | None, jax.Array]:
-  """The two parts of the counts of every ``keys[g]`` at or above its ``pivots[g]``.
+def _row_sums_stacked(
+  keys: jax.Array, pivots: jax.Array, shape
+) -> tuple[jax.Array | None, jax.Array]:
+  """The two parts of the counts of every ``keys[g]`` (of an array of ``shape``, see
+  :func:`_row_sums`) at or above its ``pivots[g]``.
 
   Returns ``(per_row, tail)``: ``per_row`` is ``(G, *rows)`` uint32, the packed 6-bit
   fields of every row of 32 keys summed (None when there is no whole row; read by
@@ -968,16 +1004,18 @@ def _row_sums_stacked(keys: jax.Array, pivots: jax.Array) -> tuple[jax.Array | N
   top-k that :func:`_row_sums` runs in 35 KB, hence the two.)
   """
 
-  def row_sums(rows):  # each group's pivots broadcast against its rows
-    at = [pivots[(slice(None), i) + (None,) * (rows.ndim - 1)] for i in range(pivots.shape[1])]
-    return _packed_row_sums(rows, at)
+  groups = keys.shape[0]
 
-  if keys.ndim >= 3 and keys.shape[-1] == _ROW:  # rows views (Lazy.rows): no tail
-    return row_sums(keys), jnp.zeros(pivots.shape, jnp.int32)
-  flat = keys.reshape(keys.shape[0], -1)
+  def row_sums(keys, rows):  # each group's pivots broadcast against its keys
+    at = [pivots[(slice(None), i) + (None,) * (keys.ndim - 1)] for i in range(pivots.shape[1])]
+    return _packed_row_sums(keys, at, (groups, *rows))
+
+  if math.prod(shape) % _ROW == 0:  # whole rows: no tail
+    return row_sums(keys, _rows_shape(shape)), jnp.zeros(pivots.shape, jnp.int32)
+  flat = keys.reshape(groups, -1)
   size = flat.shape[1]
   main = (size // _ROW) * _ROW
-  per_row = row_sums(flat[:, :main].reshape(flat.shape[0], -1, _ROW)) if main else None
+  per_row = row_sums(flat[:, :main], (main // _ROW, _ROW)) if main else None
   tail = jnp.zeros(pivots.shape, jnp.int32)
   if size > main:
     tail += jnp.sum(flat[:, main:, None] >= pivots[:, None, :], axis=1, dtype=jnp.int32)
@@ -992,8 +1030,13 @@ def _field_sums(per_row: jax.Array, fields: int) -> jax.Array:
   (:func:`_rows_shape`), so a split of any axis (model parallelism) is summed where it
   lies and only the sums cross devices; a last axis of fewer than 32 rows is read in
   place too, its blocks taking rows of the axis before it."""
-  shifts = jnp.arange(fields, dtype=jnp.uint32).reshape((fields,) + (1,) * per_row.ndim)
-  values = (per_row[None] >> (shifts * _FIELD_BITS)) & jnp.uint32((1 << _FIELD_BITS) - 1)
+  # The shifts 0, 6, 12, ... as a strided slice of an iota: their product (iota * 6) is
+  # arithmetic XLA hoists out of the loop body, and a round of its simplification
+  # pipeline more folds it and sinks it back (tests/core/test_simplification_rounds.py).
+  every = jax.lax.iota(jnp.uint32, fields * _FIELD_BITS)
+  shifts = jax.lax.slice(every, (0,), (fields * _FIELD_BITS,), (_FIELD_BITS,))
+  shifts = shifts.reshape((fields,) + (1,) * per_row.ndim)
+  values = (per_row[None] >> shifts) & jnp.uint32((1 << _FIELD_BITS) - 1)
   return _xla_workarounds.blocked_sum(values, jnp.int32, tuple(range(2, values.ndim - 1))).T
 
 
@@ -1022,8 +1065,11 @@ def _unpacked(state: jax.Array):
 def _open_with_ties(state: jax.Array, k) -> jax.Array:
   """Whether a search with ties goes on: its bracket is open, or its threshold search
   closed on a tied key (more keys at it than ``k``) and its tie-break is still to run."""
-  lo, hi, c_lo, _ = _unpacked(state)[0]
-  return (c_lo != k) & ((lo != hi) | (state[..., 10] == 0))
+  c_lo = _unpacked(state)[0][2]
+  # On the state's (m, 1) columns, squeezed once: squeezed first, XLA moves the squeezes
+  # below the comparisons in one more round of its simplification pipeline.
+  either = (state[..., 0:1] != state[..., 1:2]) | (state[..., 10:11] == 0)
+  return (c_lo != k) & either[..., 0]
 
 
 def _tie_started(state: jax.Array, k, tie_lo, tie_hi):
@@ -1073,7 +1119,7 @@ def _narrow(bracket, pivots, counts, k):
   counted = [counts[..., i] for i in range(m)]
   return (
     jax.lax.select_n(n_reach, lo, *at),
-    jax.lax.select_n(n_reach, *[p - jnp.uint32(1) for p in at], hi),
+    jax.lax.select_n(n_reach, *[p + _MINUS_ONE for p in at], hi),
     jax.lax.select_n(n_reach, c_lo, *counted),
     jax.lax.select_n(n_reach, *counted, c_hi),
   )
@@ -1409,7 +1455,8 @@ def _group_row_sums(inputs, group, key_fn, pivots, witness, traced: dict):
   if len(group) == 1:
     i = group[0]
     p = _xla_workarounds.leaf_row(pivots, i)
-    per_row, tail = _row_sums(key_fn(i, _loop_variant_lazy(inputs[i], p), p), p[:_PIVOTS])
+    keys = key_fn(i, _loop_variant_lazy(inputs[i], p), p)
+    per_row, tail = _row_sums(keys, p[:_PIVOTS], inputs[i].shape)
     return (None if per_row is None else per_row[None]), tail[None]
   arrays = _xla_workarounds.loop_variant([_lazy_arrays(inputs[i]) for i in group], witness)
   stacked = [jnp.stack(column) for column in zip(*arrays, strict=True)]
@@ -1425,7 +1472,8 @@ def _stacked_count(key_fn, template: Lazy) -> Callable:
     def keys(i, p, *member):
       return key_fn(i, _with_arrays(template, iter(member)), p)
 
-    return _row_sums_stacked(jax.vmap(keys)(ids, rows, *stacked), rows[:, :_PIVOTS])
+    keys = jax.vmap(keys)(ids, rows, *stacked)
+    return _row_sums_stacked(keys, rows[:, :_PIVOTS], template.shape)
 
   return count
 
@@ -1533,7 +1581,9 @@ def _searched_keys(keys: jax.Array, row: jax.Array, position: jax.Array) -> jax.
   scores' ``keys`` while its threshold is searched, then, once ``row[6]`` (its phase) is
   1, the tie keys of its threshold ``row[5]``: ``MAX`` above it, ``MAX - 1 - position``
   at it (the lowest positions largest) and 0 below it."""
-  tie = jnp.where(keys == row[5], jnp.uint32(_MAX_KEY - 1) - position, 0)
+  # A select of zeros, not jnp.where(..., 0): the 0 converted inside jnp.where's traced
+  # function is an invariant XLA hoists out of the loop (one more simplification round).
+  tie = jax.lax.select(keys == row[5], jnp.uint32(_MAX_KEY - 1) - position, jnp.zeros_like(keys))
   tie = jnp.where(keys > row[5], jnp.uint32(_MAX_KEY), tie)
   return jnp.where(row[6] != 0, tie, keys)
 
@@ -1593,7 +1643,7 @@ def _topk_masks(inputs: list[Lazy], k, n: int, keep) -> list[Lazy]:
     return _row_masks(inputs, t, t_tie, keep, offsets[:-1])
 
   def keys(i, x, row):
-    keys = sortable_keys(x.rows())
+    keys = _row_keys(x)
     offset = jnp.asarray(offsets[:-1], jnp.uint32)[i]  # i is traced for alike inputs
     return _searched_keys(keys, row, _flat_index(keys.shape, row) + offset)
 
@@ -1730,8 +1780,8 @@ def _search_each(inputs, key_fn, k, first=None, uniform=False, near=None, ties=F
   def open_(state):
     if ties:
       return _open_with_ties(state, k)
-    lo, hi, c_lo, _ = _unpacked(state)[0]
-    return (lo != hi) & (c_lo != k)
+    c_lo = _unpacked(state)[0][2]  # lo != hi on (m, 1) columns, see _open_with_ties
+    return (state[..., 0:1] != state[..., 1:2])[..., 0] & (c_lo != k)
 
   record = _pass_recorder(('threshold', 'tie') if ties else 'threshold', m)
 
@@ -1905,7 +1955,7 @@ def _searched_thresholds(
 
   def score_keys(i, x, witness=None):
     del i, witness
-    return sortable_keys(x.rows())
+    return _row_keys(x)
 
   first = None if uniform is None else _uniform_pivots(k, uniform)
   kwargs = dict(first=first, uniform=first is not None, near=near)
