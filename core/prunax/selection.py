@@ -1700,9 +1700,12 @@ def _near_pivots(pivots: jax.Array, near: jax.Array, k: jax.Array, between) -> j
   is no narrower than the sample's middle pivots' (a large change of ``k``), or ``t`` is
   0, the sample's pivots stay. The outer two stay the sample's (widened to keep the five
   sorted), so a threshold that moved further is bracketed as before."""
-  t, t0 = near[:, 0], near[:, 2]
-  kt, k0 = near[:, 1].astype(jnp.float32), near[:, 3].astype(jnp.float32)
-  inner = pivots[:, 3] - pivots[:, 1]
+  # On (m, 1) columns throughout: columns squeezed to vectors are reshapes that XLA moves
+  # below the arithmetic, one more round of its simplification pipeline.
+  t, t0 = near[:, 0:1], near[:, 2:3]
+  kt, k0 = near[:, 1:2].astype(jnp.float32), near[:, 3:4].astype(jnp.float32)
+  inner = pivots[:, 3:4] - pivots[:, 1:2]
+  k, between = k[:, None], between[:, None]
   unit = inner.astype(jnp.float32) / between
   moved = jax.lax.bitcast_convert_type(t - t0, jnp.int32).astype(jnp.float32)
   drift = jnp.where(t0 == 0, 0.0, moved + (kt - k0) * unit)
@@ -1714,9 +1717,9 @@ def _near_pivots(pivots: jax.Array, near: jax.Array, k: jax.Array, between) -> j
   d = jnp.maximum(_NEAR_KEYS * unit, 0.25 * (jnp.abs(drift) + jnp.abs(change)))
   d = jnp.clip(d, 1.0, 2.0**30).astype(jnp.uint32)
   low, high = _sub_saturated(guess, d), _add_saturated(guess, d)
-  warm = [jnp.minimum(pivots[:, 0], low), low, guess, high, jnp.maximum(pivots[:, 4], high)]
+  warm = [jnp.minimum(pivots[:, 0:1], low), low, guess, high, jnp.maximum(pivots[:, 4:5], high)]
   use = (t != 0) & (high - low < inner)
-  return jnp.where(use[:, None], jnp.stack(warm, axis=1), pivots)
+  return jnp.where(use, jnp.concatenate(warm, axis=1), pivots)
 
 
 def _add_saturated(a: jax.Array, b: jax.Array) -> jax.Array:
