@@ -40,6 +40,7 @@ NAMES = (
   'blocked_sum',
   'unstack',
   'unfused_concatenate',
+  'gathered_sample',
 )
 OFF_VARIABLE = 'PRUNAX_XLA_WORKAROUNDS_OFF'
 
@@ -122,6 +123,33 @@ FUSED_CONCAT_OPERANDS = 8
 def fused_concat_operands() -> int | None:
   """:data:`FUSED_CONCAT_OPERANDS`, or None (no limit) where it is switched off."""
   return None if switched_off('FUSED_CONCAT_OPERANDS') else FUSED_CONCAT_OPERANDS
+
+
+def gathered_sample(sample: jax.Array) -> jax.Array:
+  """``sample`` (elements gathered for a search's first pivots) unchanged, but computed
+  before anything that reads it.
+
+  Prevents: rounds of XLA's simplification pipeline over the whole step. XLA rewrites a
+  gather into its canonical form and views the result through a reshape (a transpose
+  under ``vmap``, where the group's axis comes first), which its reshape-mover then moves
+  down through the sample's elementwise scores and keys one operation a round; the
+  pipeline runs until a round changes nothing, over every instruction of the step.
+  Behind an ``optimization_barrier`` the view stays at the gather. Measured on CPU, jax
+  0.10.2 (``tests/core/test_simplification_rounds.py``): a global magnitude step of
+  four 128 x 128 layers took 8 rounds and a SET step 5 (dense: 2); 3 each with it. The
+  12-block transformer of ``benchmarks.transformer``: SET 11 rounds, 340 ms of the
+  pipeline, against 5 and 198 ms with it (the dense step: 5 rounds, 75 ms), and the
+  same 240 kernels.
+
+  Args:
+    sample: the gathered elements (any shape).
+
+  Returns:
+    ``sample``, bit-exact.
+  """
+  if switched_off('gathered_sample'):
+    return sample
+  return jax.lax.optimization_barrier(sample)
 
 
 def unfused_concatenate(parts: list[jax.Array]) -> jax.Array:

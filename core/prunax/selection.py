@@ -390,7 +390,7 @@ def strided_elements(a: jax.Array, stride: int) -> jax.Array:
   shape = tuple(jnp.shape(a))
   if len(shape) <= 1:
     return jnp.reshape(a, -1)[::stride]
-  return static_gather(a, _strided_positions(shape, stride))
+  return _xla_workarounds.gathered_sample(static_gather(a, _strided_positions(shape, stride)))
 
 
 def static_gather(a: jax.Array, positions: np.ndarray, unique: bool = True) -> jax.Array:

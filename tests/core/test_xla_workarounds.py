@@ -24,6 +24,7 @@ from prunax import _xla_workarounds
 from prunax import masks
 from prunax import selection
 from tests.core.helpers import distinct_kernels
+from tests.core.test_simplification_rounds import simplification_rounds
 from tests.xla_env import compile_as_users
 from tests.xla_env import cpu_env
 
@@ -373,6 +374,29 @@ def test_unfused_concatenate_still_needed(monkeypatch):
     np.testing.assert_array_equal(got, want)
 
 
+@CPU_ONLY
+def test_gathered_sample_still_needed():
+  # XLA views a canonicalised gather through a reshape (a transpose under vmap) that its
+  # reshape-mover moves down the sample's scores and keys one operation a round of its
+  # simplification pipeline, which runs over the whole step: global magnitude (one
+  # sample, gathered on its own) and SET (its drop scores read packed masks, sampled for
+  # groups of alike leaves under vmap) take more rounds without the barrier.
+  steps = ['global_magnitude', 'set']
+  with_it = simplification_rounds(steps)
+  without = simplification_rounds(steps, workarounds_off='gathered_sample')
+  assert max(with_it.values()) <= 3, with_it
+  assert min(without.values()) >= 5, stale('gathered_sample') + f' ({without})'
+
+
+def test_gathered_sample_gives_the_sample_bit_exact():
+  w = weights()
+  gathered = jax.jit(lambda w: selection.strided_elements(w, 37))(w)
+  np.testing.assert_array_equal(gathered, np.asarray(w).reshape(-1)[::37])
+  packed = masks.pack_mask(w > 0)
+  bits = jax.jit(lambda p: masks._packed_bits_at(p, SHAPE, 37))(packed)
+  np.testing.assert_array_equal(bits, np.asarray(w > 0).reshape(-1)[::37])
+
+
 def test_after_compiles_linearly_in_the_leaves():
   # Each leaf reads the 0 of its own dep. One 0 summed over every dep was fused into every
   # leaf's update (L * L terms): the optimised module of 8, 16, 32 leaves had 370, 1210,
@@ -601,6 +625,7 @@ SWITCHED = {
     (jnp.ones((2, 3)), jnp.zeros((3, 3))),
     'broadcast_in_dim',  # the filler rows
   ),
+  'gathered_sample': (_xla_workarounds.gathered_sample, (jnp.ones(3),), 'optimization_barrier'),
 }
 
 
