@@ -456,6 +456,15 @@ def test_stacked_leaves_of_different_ranks():
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new))
 
 
+def _optimised_step(layers: int) -> str:
+  """The optimised HLO of an AutoSparse + Adam step of an MLP of ``layers`` 32 x 32 layers."""
+  params = mlp_params(sizes=(32,) * (layers + 1))
+  tx = prunax.AutoSparse().wrap_optax(optax.adam(1e-3))
+  batch = (jnp.zeros((4, 32)), jnp.zeros((4, 32)))
+  step = jax.jit(make_step(tx)).lower(params, tx.init(params), batch)
+  return compile_as_users(step).as_text()
+
+
 def test_no_fusion_of_the_step_grows_with_the_layers():
   # The thresholds' all-finite flag read every leaf's threshold gradient in one fusion
   # (13 instructions a leaf), which XLA's fusion pass builds in time quadratic in the
@@ -463,11 +472,7 @@ def test_no_fusion_of_the_step_grows_with_the_layers():
   # with the gradients concatenated first (XLA fuses nothing into a concatenation of
   # more than 8 operands, and the flag reads the vector).
   def largest_fusion(layers):
-    params = mlp_params(sizes=(32,) * (layers + 1))
-    tx = prunax.AutoSparse().wrap_optax(optax.adam(1e-3))
-    batch = (jnp.zeros((4, 32)), jnp.zeros((4, 32)))
-    step = jax.jit(make_step(tx)).lower(params, tx.init(params), batch)
-    text = compile_as_users(step).as_text()
+    text = _optimised_step(layers)
     bodies = re.findall(r'^%fused_computation[^\n]*\{\n(.*?)\n\}', text, re.S | re.M)
     return max(b.count('\n') + 1 for b in bodies)
 
@@ -479,11 +484,7 @@ def test_step_compiles_linearly_in_the_layers():
   # into every leaf's update it made the optimised step quadratic in the layers (3345,
   # 8321, 24513 lines at 4, 8, 16 layers; 64 layers compiled in 31 s, 48x dense).
   def lines(layers):
-    params = mlp_params(sizes=(32,) * (layers + 1))
-    tx = prunax.AutoSparse().wrap_optax(optax.adam(1e-3))
-    batch = (jnp.zeros((4, 32)), jnp.zeros((4, 32)))
-    step = jax.jit(make_step(tx)).lower(params, tx.init(params), batch)
-    return compile_as_users(step).as_text().count('\n')
+    return _optimised_step(layers).count('\n')
 
   small, medium, large = lines(4), lines(8), lines(16)
   assert large - medium <= 2.5 * (medium - small), (small, medium, large)
