@@ -323,9 +323,11 @@ class Lazy:
     """The values in rows of 32 (:func:`_rows_shape`: the last axis split into rows,
     or ``(size // 32, 32)``) if ``size % 32 == 0``, else flat.
 
-    Selection counts over rows of 32; evaluating the expression on that view (arguments
-    reshaped, packed bits expanded word by word) keeps its passes simple elementwise
-    loops, where a reshape inside the expression would cost index arithmetic per element.
+    Selection counts over rows of 32. It reads an expression through this view where an
+    argument gives a view of its own (packed bits, expanded word by word, see
+    :func:`_row_keys`); any other expression it computes in its own shape and views as
+    rows only for the sum (the same optimised program, in fewer rounds of XLA's
+    simplification pipeline).
     """
     if self.size % _ROW:
       return self().reshape(-1)
