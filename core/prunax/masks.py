@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunax import _xla_workarounds
 from prunax import selection
 from prunax.tree_util import is_unpruned
 
@@ -140,7 +139,6 @@ def _packed_bits_at(packed: jax.Array, shape: tuple[int, ...], stride: int) -> j
   lead = np.unravel_index(row, shape[:-1]) if len(shape) > 1 else ()
   index = np.stack((*lead, byte_col), axis=1).astype(np.int32)
   byte = selection.static_gather(jnp.asarray(packed), index, unique=stride >= 8)
-  byte = _xla_workarounds.gathered_sample(byte)
   return ((byte >> (7 - at % 8).astype(np.uint8)) & 1).astype(bool)
 
 

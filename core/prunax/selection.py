@@ -392,18 +392,19 @@ def strided_elements(a: jax.Array, stride: int) -> jax.Array:
   shape = tuple(jnp.shape(a))
   if len(shape) <= 1:
     return jnp.reshape(a, -1)[::stride]
-  return _xla_workarounds.gathered_sample(static_gather(a, _strided_positions(shape, stride)))
+  return static_gather(a, _strided_positions(shape, stride))
 
 
 def static_gather(a: jax.Array, positions: np.ndarray, unique: bool = True) -> jax.Array:
   """``a[tuple(positions.T)]``: the elements of ``a`` at static, sorted, in-bounds
   ``positions`` (``(m, a.ndim)``; distinct if ``unique``), as one gather (no index
-  normalisation to trace)."""
+  normalisation to trace). Its readers are the samples of a search's first pivots: the
+  gather is taken behind ``_xla_workarounds.gathered_sample``."""
   axes = tuple(range(positions.shape[1]))
   dims = jax.lax.GatherDimensionNumbers(
     offset_dims=(), collapsed_slice_dims=axes, start_index_map=axes
   )
-  return jax.lax.gather(
+  gathered = jax.lax.gather(
     a,
     jnp.asarray(positions),
     dims,
@@ -412,6 +413,7 @@ def static_gather(a: jax.Array, positions: np.ndarray, unique: bool = True) -> j
     indices_are_sorted=True,
     unique_indices=unique,
   )
+  return _xla_workarounds.gathered_sample(gathered)
 
 
 @functools.lru_cache(maxsize=1024)
