@@ -375,13 +375,19 @@ def fused_sum(x: jax.Array) -> jax.Array:
   if switched_off('fused_sum'):
     return jnp.sum(x)
   x = x.reshape(_sum_rows(x.shape))
-  sums, nan = jax.lax.reduce(
-    (x, jnp.isnan(x)),
-    (jnp.float32(0), jnp.bool_(False)),
-    lambda a, b: (a[0] + b[0], a[1] | b[1]),
-    (x.ndim - 1,),
+  sums, nan = _sum_and_any(x, jnp.isnan(x), (x.ndim - 1,))
+  # The rows' sums and flags in one more two-output reduction: as two plain ones, XLA's CPU
+  # backend splits each into a reduce-window and a reduce, four kernels per sum where this
+  # is one (a 64-layer AutoSparse step: 192 fewer kernels to compile).
+  total, nan = _sum_and_any(sums, nan, tuple(range(sums.ndim)))
+  return jnp.where(nan, jnp.float32(jnp.nan), total)
+
+
+def _sum_and_any(x: jax.Array, flags: jax.Array, axes: tuple[int, ...]):
+  """``(sum(x), any(flags))`` over ``axes``, in one reduction."""
+  return jax.lax.reduce(
+    (x, flags), (jnp.float32(0), jnp.bool_(False)), lambda a, b: (a[0] + b[0], a[1] | b[1]), axes
   )
-  return jnp.where(jnp.any(nan), jnp.float32(jnp.nan), jnp.sum(sums))
 
 
 # Rows of fused_sum: a last axis of this many elements or more is summed as it lies.

@@ -300,6 +300,53 @@ def test_thresholds_follow_their_leafs_transformation():
   )
 
 
+def _labels_by_rank(tree):
+  return jax.tree.map(lambda x: 'decay' if jnp.ndim(x) else 'none', tree)
+
+
+@pytest.mark.parametrize(
+  'inner, adams_lr',
+  [
+    (optax.adam(0.1), 0.1),
+    (optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.1)), 0.1),
+    (
+      optax.multi_transform({'decay': optax.adamw(0.1), 'none': optax.adam(0.2)}, _labels_by_rank),
+      0.2,
+    ),
+    (
+      optax.chain(optax.masked(optax.add_decayed_weights(0.1), _labels_by_rank), optax.sgd(0.1)),
+      None,
+    ),
+  ],
+  ids=['adam', 'clip', 'multi_transform_by_rank', 'masked_by_rank'],
+)
+def test_the_thresholds_optimizer_holds_state_only_for_pruned_leaves(inner, adams_lr):
+  # The thresholds' tree is the params' with MaskedNode() at the biases (not pruned): the
+  # wrapped optimizer keeps no state for them (a 0-d zero there cost every unpruned leaf
+  # an optimizer state and its kernels), and labels and masks by tree still apply.
+  params = mlp_params()
+  tx = prunax.AutoSparse(s_init=-2.0).wrap_optax(inner)
+  grads = jax.grad(loss_fn)(params, make_batch())
+  _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  algorithm = state.algorithm_state
+  kernels_only = {k: {'kernel': jnp.float32(0)} for k in params}
+  assert len(jax.tree.leaves(algorithm.threshold_state)) == len(
+    jax.tree.leaves(inner.init(kernels_only))
+  )
+  moved = [float(v['kernel']) + 2.0 for v in algorithm.thresholds.values()]
+  assert len(moved) == 2 and all(np.isfinite(moved)) and all(m != 0 for m in moved), moved
+  if adams_lr is not None:  # Adam's first step is +-lr (0-d thresholds: labelled 'none').
+    np.testing.assert_allclose(np.abs(moved), adams_lr, rtol=1e-4)
+
+
+def test_autosparse_with_no_pruned_leaf_trains_the_rest():
+  params = {'bias': jnp.ones(4)}
+  tx = prunax.AutoSparse().wrap_optax(optax.adam(0.01))
+  updates, state = jax.jit(tx.update)(params, tx.init(params), params)
+  np.testing.assert_allclose(updates['bias'], -0.01, rtol=1e-4)
+  assert len(jax.tree.leaves(state.algorithm_state.threshold_state)) == 1  # adam's count
+
+
 # --------------------------------------------------------------------- annealing
 
 

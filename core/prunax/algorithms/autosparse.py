@@ -20,9 +20,11 @@ as in the STR reference code (where ``s`` is a layer parameter in the optimizer 
 own weight decay, ``st_decay``), are trained by the wrapped optimizer too, with its
 learning rate and schedule, from the gradient ``dL/ds + threshold_weight_decay * s`` (decay
 pulls ``s`` towards 0, raising ``T``), with their own optimizer state. The optimizer sees
-them as a tree of their own (like the params, a 0-d zero at leaves that are not pruned), so
-a transformation over the whole tree (``clip_by_global_norm``) takes the thresholds' norm
-apart from the weights'.
+them as a tree of their own, shaped like the params with ``optax.MaskedNode()`` at leaves
+that are not pruned (as ``optax.masked`` gives its inner transformation), so a
+transformation over the whole tree (``clip_by_global_norm``) takes the thresholds' norm
+apart from the weights', and one that labels or masks the params by tree applies to each
+leaf's threshold as to the leaf.
 ``threshold_lr`` (a float) trains them with their own plain SGD instead (prunax's earlier
 behaviour, with 0.01). The sparsity is learned: the updater's ``sparsity`` only selects
 which leaves are pruned (through the distribution's filter) and is otherwise unused.
@@ -319,8 +321,9 @@ class AutoSparse(StraightThrough, BaseUpdater):
 
       return map_masked(step, masks, s_tree, ds), None
     # The wrapped optimizer, on a tree like the params: a leaf's threshold where it is
-    # pruned, a 0-d zero (with zero gradient) elsewhere, so that transformations that label
-    # or mask the params by a tree (multi_transform, masked) apply to the thresholds too.
+    # pruned, MaskedNode() elsewhere, so that transformations that label or mask the params
+    # by a tree (multi_transform, masked) apply to the thresholds too. A 0-d zero there
+    # (until 2026-12) cost every unpruned leaf an optimizer state and its kernels.
     old_state = sparse_state.algorithm_state.threshold_state
     updates, opt_state = inner.update(ds, old_state, _threshold_params(s_tree, dense))
     new = jax.tree.map(
@@ -333,8 +336,8 @@ class AutoSparse(StraightThrough, BaseUpdater):
     # fusion of every leaf's gradient, which its fusion pass builds in time quadratic in
     # the leaves (892 ms of a 256-layer step's compile, 443 ms so; the limit:
     # _xla_workarounds.FUSED_CONCAT_OPERANDS).
-    every = jnp.concatenate([jnp.reshape(g, (-1,)) for g in jax.tree.leaves(ds)])
-    finite = _xla_workarounds.shared_flag(jnp.all(jnp.isfinite(every)))
+    every = [jnp.reshape(g, (-1,)) for g in jax.tree.leaves(ds)] or [jnp.zeros(0)]
+    finite = _xla_workarounds.shared_flag(jnp.all(jnp.isfinite(jnp.concatenate(every))))
     keep = lambda a, b: jnp.where(finite, a, b).astype(jnp.result_type(b))
     new = jax.tree.map(lambda a, b: None if b is None else keep(a, b), new, s_tree, is_leaf=is_none)
     opt_state = jax.tree.map(keep, opt_state, old_state)
@@ -348,9 +351,9 @@ def _thresholds(sparse_state: SparseState) -> Any:
 
 def _threshold_params(s_tree: Any, params: Any, values: Any = None) -> Any:
   """A tree like ``params``: at the pruned leaves (those where ``s_tree``, the thresholds,
-  is not None) the leaf of ``values`` (default: ``s_tree``), elsewhere a 0-d float32 zero."""
+  is not None) the leaf of ``values`` (default: ``s_tree``), elsewhere ``MaskedNode()``."""
   return jax.tree.map(
-    lambda s, p, v: jnp.zeros((), jnp.float32) if s is None else v,
+    lambda s, p, v: optax.MaskedNode() if s is None else v,
     s_tree,
     params,
     s_tree if values is None else values,

@@ -192,9 +192,11 @@ def test_thresholds_and_their_optimizer_state_are_replicated():
   state = _state('autosparse')
   axes = prunax_t5x.sparse_state_logical_axes(state, AXES, _inner_marker)
   assert axes.algorithm_state.dense_params == axes.masks
-  # Adam's moments of each threshold (0-d) and its count: one replicated entry per array.
+  # Adam's moments of each pruned leaf's threshold (0-d) and its count: one replicated
+  # entry per array (none for the unpruned norm scale).
   leaves = jax.tree.leaves(state.algorithm_state.threshold_state)
-  assert len(leaves) == 1 + 2 * len(jax.tree.leaves(PARAMS))
+  assert len(jax.tree.leaves(state.algorithm_state.thresholds)) == 2
+  assert len(leaves) == 1 + 2 * 2
   assert jax.tree.structure(axes.algorithm_state.threshold_state, is_leaf=lambda x: x is None) == (
     jax.tree.structure(state.algorithm_state.threshold_state)
   )
