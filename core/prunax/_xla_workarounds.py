@@ -283,10 +283,15 @@ def _one_kernel_rows(stacked: jax.Array) -> list[jax.Array] | None:
   rows = jax.lax.reduce(
     jax.lax.split(twice, [1] * n, axis=0),
     [np.array(lowest, dtype)] * n,
-    lambda a, b: [jax.lax.max(x, y) for x, y in zip(a, b, strict=True)],
+    _max_each,
     (0, len(rest) + 1),
   )
   return list(rows)
+
+
+def _max_each(a: list, b: list) -> list:
+  """The reduction of :func:`_one_kernel_rows` (one function: JAX traces it once)."""
+  return [jax.lax.max(x, y) for x, y in zip(a, b, strict=True)]
 
 
 def after(tree: Any, deps: Any) -> Any:
@@ -385,9 +390,13 @@ def fused_sum(x: jax.Array) -> jax.Array:
 
 def _sum_and_any(x: jax.Array, flags: jax.Array, axes: tuple[int, ...]):
   """``(sum(x), any(flags))`` over ``axes``, in one reduction."""
-  return jax.lax.reduce(
-    (x, flags), (jnp.float32(0), jnp.bool_(False)), lambda a, b: (a[0] + b[0], a[1] | b[1]), axes
-  )
+  return jax.lax.reduce((x, flags), (jnp.float32(0), jnp.bool_(False)), _add_or, axes)
+
+
+def _add_or(a: tuple, b: tuple) -> tuple:
+  """The reduction of :func:`_sum_and_any`: one function, so that JAX traces it once (a
+  lambda made at each call was traced again at each call)."""
+  return a[0] + b[0], a[1] | b[1]
 
 
 # Rows of fused_sum: a last axis of this many elements or more is summed as it lies.

@@ -195,6 +195,17 @@ def test_fused_sum_is_the_sum(shape, special, seed):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * math.sqrt(max(x.size, 1)))
 
 
+def test_fused_sum_traces_its_reductions_once():
+  # The reductions' function is one module-level function, so JAX traces it once for all
+  # leaves alike; a lambda made at each call was traced again at every pruned leaf.
+  def reductions(x):
+    eqns = jax.make_jaxpr(_xla_workarounds.fused_sum)(x).jaxpr.eqns
+    return [e.params['jaxpr'] for e in eqns if e.primitive.name == 'reduce']
+
+  first, second = reductions(jnp.ones((8, 64))), reductions(jnp.ones((8, 64)))
+  assert len(first) == 2 and all(a is b for a, b in zip(first, second, strict=True))
+
+
 def test_fused_sum_rows():
   rows = _xla_workarounds._sum_rows
   assert rows((2048, 2048)) == (2048, 2048)  # the last axis as it lies
