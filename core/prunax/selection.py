@@ -1066,13 +1066,23 @@ def _unpacked(state: jax.Array):
   return (state[..., 0], state[..., 1], counts[..., 0], counts[..., 1]), state[..., 4:9]
 
 
+def _bounds_apart(state: jax.Array) -> jax.Array:
+  """``lo != hi`` of a :func:`_with_pivots` state, as the state's ``(m, 1)`` columns:
+  compared as squeezed vectors, XLA moves the squeezes below the comparisons in one more
+  round of its simplification pipeline. Squeezed once, by the caller."""
+  return state[..., 0:1] != state[..., 1:2]
+
+
+def _open(state: jax.Array, k) -> jax.Array:
+  """Whether a search without ties goes on: its bracket is open and not yet at ``k``."""
+  return _bounds_apart(state)[..., 0] & (_unpacked(state)[0][2] != k)
+
+
 def _open_with_ties(state: jax.Array, k) -> jax.Array:
   """Whether a search with ties goes on: its bracket is open, or its threshold search
   closed on a tied key (more keys at it than ``k``) and its tie-break is still to run."""
   c_lo = _unpacked(state)[0][2]
-  # On the state's (m, 1) columns, squeezed once: squeezed first, XLA moves the squeezes
-  # below the comparisons in one more round of its simplification pipeline.
-  either = (state[..., 0:1] != state[..., 1:2]) | (state[..., 10:11] == 0)
+  either = _bounds_apart(state) | (state[..., 10:11] == 0)
   return (c_lo != k) & either[..., 0]
 
 
@@ -1785,10 +1795,7 @@ def _search_each(inputs, key_fn, k, first=None, uniform=False, near=None, ties=F
   groups = _alike_groups(inputs)
 
   def open_(state):
-    if ties:
-      return _open_with_ties(state, k)
-    c_lo = _unpacked(state)[0][2]  # lo != hi on (m, 1) columns, see _open_with_ties
-    return (state[..., 0:1] != state[..., 1:2])[..., 0] & (c_lo != k)
+    return _open_with_ties(state, k) if ties else _open(state, k)
 
   record = _pass_recorder(('threshold', 'tie') if ties else 'threshold', m)
 
