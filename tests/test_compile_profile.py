@@ -1,5 +1,8 @@
 """The opt-in plugin that shows where the suite's time goes (``tests/compile_profile.py``)."""
 
+import copy
+import sys
+
 import jax
 import jax.numpy as jnp
 from jax import monitoring
@@ -13,6 +16,7 @@ def test_compiles_are_counted_for_the_test_that_ran_them():
   monitoring.register_event_duration_secs_listener(profile.on_event)
   try:
     profile.current = 'tests/a.py::test_one'
+    line = sys._getframe().f_lineno + 1
     jax.jit(lambda x: jnp.sin(x) * 3.0)(x).block_until_ready()
     profile.tests['tests/a.py::test_one']['wall'] += 10.0
     profile.current = None  # between tests: nothing is counted
@@ -33,3 +37,19 @@ def test_compiles_are_counted_for_the_test_that_ran_them():
   lines = profile.table(top=1)
   assert lines[1].split()[-1] == '(all)' and lines[2].split()[-1] == 'tests/a.py::test_one'
   assert len(lines) == 3
+  # The compile is counted at the line that ran it, past JAX's frames.
+  ((site, figures),) = profile.sites.items()
+  assert site.endswith(f'test_compile_profile.py:{line}'), site
+  assert figures['compiles'] == 1 and figures['seconds'] == one['lower'] + one['compile']
+  assert profile.site_table(top=1)[1].split() == [f'{figures["seconds"]:.1f}', '1', site]
+
+
+class _Probe:
+  def __deepcopy__(self, memo):
+    return compile_profile.caller_site(sys._getframe(1))  # from copy.py's frame
+
+
+def test_a_site_is_the_first_frame_outside_the_libraries():
+  line = sys._getframe().f_lineno + 1
+  site = copy.deepcopy(_Probe())  # the standard library's frames are passed over
+  assert site.endswith(f'test_compile_profile.py:{line}'), site
