@@ -88,7 +88,11 @@ class NMCompressed:
     return int(self.values.nbytes + self.packed_positions.nbytes)
 
   def todense(self) -> jax.Array:
-    """The dense tensor (works under ``jax.jit``)."""
+    """The dense tensor (works under ``jax.jit``; outside one, a compiled program per
+    shape and pattern, not an operation at a time)."""
+    return _jitted_todense(self)
+
+  def _todense(self) -> jax.Array:
     bits = _position_bits(self.m)
     count = math.prod(self.values.shape)
     planes = jnp.unpackbits(self.packed_positions, count=count * bits).reshape(count, bits)
@@ -274,13 +278,23 @@ def _is_sparse(x) -> bool:
 
 
 def todense(x) -> jax.Array:
-  """Dense array of one exported leaf, bit-exact (stored ``-0.0`` stays ``-0.0``)."""
+  """Dense array of one exported leaf, bit-exact (stored ``-0.0`` stays ``-0.0``); a
+  sparse leaf is densified by one compiled program per its type and shapes."""
+  if isinstance(x, (sparse.BCOO, sparse.BCSR)):
+    return _jitted_todense(x)
+  return x.todense() if isinstance(x, _LAYOUTS) else x
+
+
+@jax.jit
+def _jitted_todense(x) -> jax.Array:
+  """The dense array of a BCOO, BCSR or N:M leaf, outside a caller's jit compiled once
+  per type and shapes (op by op, each operation compiled for every new shape)."""
+  if isinstance(x, NMCompressed):
+    return x._todense()
   if isinstance(x, sparse.BCSR):
     x = x.to_bcoo()
-  if isinstance(x, sparse.BCOO):
-    # BCOO.todense adds into zeros (-0.0 + 0.0 == +0.0); coordinates are unique: set them.
-    return jnp.zeros(x.shape, x.dtype).at[tuple(x.indices.T)].set(x.data)
-  return x.todense() if isinstance(x, _LAYOUTS) else x
+  # BCOO.todense adds into zeros (-0.0 + 0.0 == +0.0); coordinates are unique: set them.
+  return jnp.zeros(x.shape, x.dtype).at[tuple(x.indices.T)].set(x.data)
 
 
 def densify(tree: PyTree) -> PyTree:

@@ -618,7 +618,16 @@ def group_masks(
     )
   if score == 'taylor' and grads is None:
     raise ValueError("score='taylor' needs grads (|w * g|).")
-  return _masks_for(groups, params, grads, sparsity, score, filter_fn or _default_filter)
+  filter_fn = filter_fn or _default_filter
+  return _jitted_masks_for(tuple(groups), params, grads, sparsity, score, filter_fn)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _jitted_masks_for(groups, params, grads, sparsity, score, filter_fn) -> PyTree:
+  """:func:`_masks_for` as one compiled program per groups, shapes, score and filter:
+  op by op, every group's channel selection ran its search loops an operation at a time
+  (3.5 s for the two groups of a 784-2048-2048-10 MLP)."""
+  return _masks_for(groups, params, grads, sparsity, score, filter_fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -684,7 +693,8 @@ class Shrunk:
 
   Inputs of other shapes than the example inputs (another batch size or sequence length)
   are traced again through the original model, once per input shapes, and shrunk by the
-  same kept channels."""
+  same kept channels. Called outside a jit, it runs as one compiled program per input
+  shapes (not an operation at a time)."""
 
   def __init__(self, fn, full_params, args, trace, keep_by_member: dict, params, sizes):
     self._fn, self._keep_by_member = fn, keep_by_member
@@ -692,6 +702,7 @@ class Shrunk:
     self._programs: dict = {}
     self._programs[_arg_key(args)] = self._program(trace, args)
     self.params, self.sizes = params, sizes
+    self._jitted = jax.jit(self._replayed)
 
   def _program(self, trace: _Trace, args):
     keep_by_root = {}
@@ -704,6 +715,9 @@ class Shrunk:
 
   def apply(self, params: PyTree, *args):
     """The shrunk computation of ``params`` (shaped like ``self.params``) on ``args``."""
+    return self._jitted(params, *args)  # inlined under a caller's jit
+
+  def _replayed(self, params: PyTree, *args):
     key = _arg_key(args)
     if key not in self._programs:
       structs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), args)
@@ -972,7 +986,7 @@ def shrink(
   shrunk = Shrunk(
     fn, params, args, trace, keep_by_member, jax.tree.unflatten(treedef, small), sizes
   )
-  want = jax.tree.leaves(fn(masked_params, *args))
+  want = jax.tree.leaves(jax.jit(fn)(masked_params, *args))  # traceable: _trace traced it
   got = jax.tree.leaves(shrunk(shrunk.params, *args))
   for w, g in zip(want, got):
     w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)

@@ -82,7 +82,11 @@ class _Layers:
     return self.values.dtype
 
   def todense(self) -> jax.Array:
-    """The dense array, bit-exact (works under ``jax.jit``)."""
+    """The dense array, bit-exact (works under ``jax.jit``; outside one, a compiled program
+    per layout's shapes, not an operation at a time)."""
+    return _jitted_todense(self)
+
+  def _todense(self) -> jax.Array:
     if not self.stacked:
       return self._layer_todense()
     children, aux = self.tree_flatten()
@@ -101,6 +105,14 @@ class _Layers:
     if not self.stacked:
       return ''
     return f', layers={self._shape[self.layer_axis]} on axis {self.layer_axis}'
+
+
+@jax.jit
+def _jitted_todense(layout) -> jax.Array:
+  """``layout._todense()`` (a :class:`BlockSparse`, :class:`EllSparse` or
+  :class:`ConvFilter`), compiled once per type and shapes: op by op, each of its
+  operations compiled for every new shape."""
+  return layout._todense()
 
 
 @jax.tree_util.register_pytree_node_class
@@ -253,8 +265,12 @@ class ConvFilter:
     return self.matrix.nbytes
 
   def todense(self) -> jax.Array:
-    """The dense filter, bit-exact (works under ``jax.jit``)."""
-    return self.matrix.todense().reshape(self.shape)
+    """The dense filter, bit-exact (works under ``jax.jit``; outside one, a compiled
+    program per filter's shapes)."""
+    return _jitted_todense(self)
+
+  def _todense(self) -> jax.Array:
+    return self.matrix._todense().reshape(self.shape)
 
   def __repr__(self):
     return f'ConvFilter(shape={self.shape}, matrix={self.matrix!r})'

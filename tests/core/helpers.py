@@ -1,6 +1,7 @@
 """Helpers of the core tests: a small MLP regression problem, its training loop, mask sizes,
 and the child process that runs a script on 8 CPU devices."""
 
+import contextlib
 import math
 import re
 
@@ -151,3 +152,20 @@ class BoxedScan(nn.Module):
       metadata_params={nn.PARTITION_NAME: 'layers'},
     )
     return nn.Dense(8)(scan()(x, None)[0])
+
+
+@contextlib.contextmanager
+def xla_compiles():
+  """A list of the seconds of every XLA compile run inside the block (JAX's compile
+  events)."""
+  seconds = []
+
+  def listen(event, duration, **_):
+    if event == '/jax/core/compile/backend_compile_duration':
+      seconds.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield seconds
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)

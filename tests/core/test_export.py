@@ -8,6 +8,7 @@ import pytest
 
 import prunax
 from prunax import export
+from tests.core.helpers import xla_compiles
 
 
 def pruned_params(seed=0, sparsity=0.9, shape=(64, 48)):
@@ -113,3 +114,32 @@ def test_save_load_round_trip(tmp_path, fmt):
 def test_bad_format():
   with pytest.raises(ValueError, match='valid formats'):
     export.export_params({'w': jnp.ones((4, 4))}, 'csr')
+
+
+def test_densifying_a_leaf_outside_jit_compiles_one_program():
+  # Op by op, every operation of a densification compiled for each new shape (5-13
+  # programs a leaf); now one program per type and shapes, none for the same again.
+  rng = np.random.default_rng(2)
+  w = rng.standard_normal((44, 36)).astype(np.float32)  # shapes no other test uses
+  w[rng.random(w.shape) < 0.8] = 0.0
+  nm = np.asarray(prunax.selection.n_by_m_mask(jnp.asarray(np.abs(w)), 2, 4, 0))
+  stack = np.stack([w, w[::-1]])
+  leaves = {
+    'bcoo': export.to_bcoo(w),
+    'bcsr': export.export_params({'k': w}, 'bcsr')['k'],
+    'nm': export.to_nm(np.where(nm, w, 0), 2, 4, 0),
+    'block': prunax.sparse_inference.to_block(w, (8, 8)),
+    'ell': prunax.sparse_inference.to_ell(w),
+    'stacked_ell': prunax.sparse_inference.stack_layers(stack, 'ell', 0),
+    'conv': prunax.sparse_inference.to_conv_filter(w.reshape(2, 2, 11, 36)),
+  }
+  wants = {'nm': np.where(nm, w, 0), 'stacked_ell': stack, 'conv': w.reshape(2, 2, 11, 36)}
+  with xla_compiles() as compiles:
+    for name, leaf in leaves.items():
+      for again in (False, True):
+        compiles.clear()
+        dense = export.todense(leaf)
+        assert len(compiles) == (0 if again else 1), (name, again, len(compiles))
+        np.testing.assert_array_equal(
+          np.asarray(dense).view(np.uint32), wants.get(name, w).view(np.uint32), err_msg=name
+        )
