@@ -18,7 +18,6 @@ tests the round trips and the compiles.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
@@ -55,10 +54,6 @@ def timed(fn) -> float:
   return time.perf_counter() - start
 
 
-def fmt(xs) -> str:
-  return ' / '.join(f'{x:.3f}' for x in (min(xs), statistics.median(xs), max(xs)))
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--repeats', type=int, default=3)
@@ -87,7 +82,8 @@ def main(argv=None) -> None:
       warm.append(timed(lambda e=exported: export.densify(e)))
     got = [np.asarray(x).view(np.uint8) for x in jax.tree.leaves(export.densify(exported))]
     assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)), name
-    print(f'| {name} | {fmt(cold)} | {fmt(warm)} | {fmt(dense)} |', flush=True)
+    cells = ' | '.join(transformer.fmt(xs, 3) for xs in (cold, warm, dense))
+    print(f'| {name} | {cells} |', flush=True)
 
 
 if __name__ == '__main__':

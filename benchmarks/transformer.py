@@ -229,8 +229,8 @@ def alternated_steps(model, params, tokens, entries, repeats: int, calls: int):
   return ratios, dense_ms
 
 
-def fmt(xs):
-  return f'{min(xs):.2f} / {statistics.median(xs):.2f} / {max(xs):.2f}'
+def fmt(xs, digits: int = 2):
+  return ' / '.join(f'{x:.{digits}f}' for x in (min(xs), statistics.median(xs), max(xs)))
 
 
 def instant(params, repeats):

@@ -90,7 +90,7 @@ class NMCompressed:
   def todense(self) -> jax.Array:
     """The dense tensor (works under ``jax.jit``; outside one, a compiled program per
     shape and pattern, not an operation at a time)."""
-    return _jitted_todense(self)
+    return sparse_inference._jitted_todense(self)
 
   def _todense(self) -> jax.Array:
     bits = _position_bits(self.m)
@@ -281,16 +281,14 @@ def todense(x) -> jax.Array:
   """Dense array of one exported leaf, bit-exact (stored ``-0.0`` stays ``-0.0``); a
   sparse leaf is densified by one compiled program per its type and shapes."""
   if isinstance(x, (sparse.BCOO, sparse.BCSR)):
-    return _jitted_todense(x)
+    return _bcoo_todense(x)
   return x.todense() if isinstance(x, _LAYOUTS) else x
 
 
 @jax.jit
-def _jitted_todense(x) -> jax.Array:
-  """The dense array of a BCOO, BCSR or N:M leaf, outside a caller's jit compiled once
-  per type and shapes (op by op, each operation compiled for every new shape)."""
-  if isinstance(x, NMCompressed):
-    return x._todense()
+def _bcoo_todense(x) -> jax.Array:
+  """The dense array of a BCOO or BCSR leaf, outside a caller's jit compiled once per
+  shapes (as :func:`prunax.sparse_inference._jitted_todense` does for the layouts)."""
   if isinstance(x, sparse.BCSR):
     x = x.to_bcoo()
   # BCOO.todense adds into zeros (-0.0 + 0.0 == +0.0); coordinates are unique: set them.

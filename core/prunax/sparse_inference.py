@@ -109,9 +109,9 @@ class _Layers:
 
 @jax.jit
 def _jitted_todense(layout) -> jax.Array:
-  """``layout._todense()`` (a :class:`BlockSparse`, :class:`EllSparse` or
-  :class:`ConvFilter`), compiled once per type and shapes: op by op, each of its
-  operations compiled for every new shape."""
+  """``layout._todense()`` (a :class:`BlockSparse`, :class:`EllSparse`, :class:`ConvFilter`
+  or :class:`prunax.export.NMCompressed`), compiled once per type and shapes: op by op,
+  each of its operations compiled for every new shape. Inlined under a caller's jit."""
   return layout._todense()
 
 
