@@ -90,7 +90,7 @@ class NMCompressed:
   def todense(self) -> jax.Array:
     """The dense tensor (works under ``jax.jit``; outside one, a compiled program per
     shape and pattern, not an operation at a time)."""
-    return sparse_inference._jitted_todense(self)
+    return sparse_inference.jitted_todense(self)
 
   def _todense(self) -> jax.Array:
     bits = _position_bits(self.m)
@@ -288,7 +288,7 @@ def todense(x) -> jax.Array:
 @jax.jit
 def _bcoo_todense(x) -> jax.Array:
   """The dense array of a BCOO or BCSR leaf, outside a caller's jit compiled once per
-  shapes (as :func:`prunax.sparse_inference._jitted_todense` does for the layouts)."""
+  shapes (as :func:`prunax.sparse_inference.jitted_todense` does for the layouts)."""
   if isinstance(x, sparse.BCSR):
     x = x.to_bcoo()
   # BCOO.todense adds into zeros (-0.0 + 0.0 == +0.0); coordinates are unique: set them.

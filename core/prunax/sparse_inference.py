@@ -28,6 +28,7 @@ layout, and its product runs sparse inside the scan.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +85,7 @@ class _Layers:
   def todense(self) -> jax.Array:
     """The dense array, bit-exact (works under ``jax.jit``; outside one, a compiled program
     per layout's shapes, not an operation at a time)."""
-    return _jitted_todense(self)
+    return jitted_todense(self)
 
   def _todense(self) -> jax.Array:
     if not self.stacked:
@@ -108,10 +109,19 @@ class _Layers:
 
 
 @jax.jit
-def _jitted_todense(layout) -> jax.Array:
-  """``layout._todense()`` (a :class:`BlockSparse`, :class:`EllSparse`, :class:`ConvFilter`
-  or :class:`prunax.export.NMCompressed`), compiled once per type and shapes: op by op,
-  each of its operations compiled for every new shape. Inlined under a caller's jit."""
+def jitted_todense(layout: Any) -> jax.Array:
+  """The dense array of a sparse layout, as one compiled program per type and shapes.
+
+  Op by op, each operation of a densification compiled for every new shape; this is what
+  the layouts' ``todense()`` call, and it is inlined under a caller's jit.
+
+  Args:
+    layout: a :class:`BlockSparse`, :class:`EllSparse`, :class:`ConvFilter` or
+      :class:`prunax.export.NMCompressed` (an object with a ``_todense`` method).
+
+  Returns:
+    The dense array, bit-exact.
+  """
   return layout._todense()
 
 
@@ -267,7 +277,7 @@ class ConvFilter:
   def todense(self) -> jax.Array:
     """The dense filter, bit-exact (works under ``jax.jit``; outside one, a compiled
     program per filter's shapes)."""
-    return _jitted_todense(self)
+    return jitted_todense(self)
 
   def _todense(self) -> jax.Array:
     return self.matrix._todense().reshape(self.shape)
