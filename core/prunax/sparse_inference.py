@@ -108,12 +108,14 @@ class _Layers:
     return f', layers={self._shape[self.layer_axis]} on axis {self.layer_axis}'
 
 
-@jax.jit
 def jitted_todense(layout: Any) -> jax.Array:
   """The dense array of a sparse layout, as one compiled program per type and shapes.
 
   Op by op, each operation of a densification compiled for every new shape; this is what
-  the layouts' ``todense()`` call, and it is inlined under a caller's jit.
+  the layouts' ``todense()`` call, and it is inlined under a caller's jit. An
+  :class:`EllSparse` whose arrays are on the host (NumPy, or one CPU device) is first
+  padded to :func:`shared_width` of its width, so that leaves of one shape whose fullest
+  columns differ share a few programs (its padding entries are dropped as before).
 
   Args:
     layout: a :class:`BlockSparse`, :class:`EllSparse`, :class:`ConvFilter` or
@@ -122,7 +124,52 @@ def jitted_todense(layout: Any) -> jax.Array:
   Returns:
     The dense array, bit-exact.
   """
+  return _compiled_todense(_at_shared_width(layout))
+
+
+@jax.jit
+def _compiled_todense(layout: Any) -> jax.Array:
   return layout._todense()
+
+
+def shared_width(width: int) -> int:
+  """``width`` rounded up to one of two steps an octave (1, 2, 3, 4, 6, 8, 12, 16, 24, 32,
+  48, ...): at most half more, and few distinct widths to compile for."""
+  if width <= 4:
+    return width
+  step = 1 << ((width - 1).bit_length() - 2)
+  return -(-width // step) * step
+
+
+def _host_array(a: Any) -> np.ndarray | None:
+  """``a`` as a NumPy array if it is one or lives on one CPU device (so reading it copies
+  nothing across devices), else None (traced, sharded or on an accelerator)."""
+  if isinstance(a, np.ndarray):
+    return a
+  if isinstance(a, jax.core.Tracer) or not isinstance(a, jax.Array):
+    return None
+  devices = a.devices()
+  if len(devices) != 1 or next(iter(devices)).platform != 'cpu':
+    return None
+  return np.asarray(a)
+
+
+def _at_shared_width(layout: Any) -> Any:
+  """``layout`` with an :class:`EllSparse` (or the one a :class:`ConvFilter` holds)
+  padded on the host to :func:`shared_width` of its width; any other layout as it is."""
+  if isinstance(layout, ConvFilter):
+    matrix = _at_shared_width(layout.matrix)
+    return layout if matrix is layout.matrix else ConvFilter(matrix, layout.shape)
+  if not isinstance(layout, EllSparse) or shared_width(layout.width) == layout.width:
+    return layout
+  values, rows = _host_array(layout.values), _host_array(layout.rows)
+  if values is None or rows is None:
+    return layout
+  pad = [(0, 0)] * (values.ndim - 1) + [(0, shared_width(layout.width) - layout.width)]
+  padded = [np.pad(values, pad), np.pad(rows, pad)]  # +0.0 values at row 0, not stored
+  if isinstance(layout.values, jax.Array):
+    padded = [jax.device_put(x, next(iter(layout.values.devices()))) for x in padded]
+  return EllSparse(*padded, layout.counts, layout._shape, layout.layer_axis)
 
 
 @jax.tree_util.register_pytree_node_class

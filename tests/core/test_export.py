@@ -1,6 +1,7 @@
 """Sparse export: exact round trips, documented sizes, sparse inference, save/load."""
 
 import flax.linen as nn
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,6 +110,46 @@ def test_save_load_round_trip(tmp_path, fmt):
   assert export.nbytes(loaded) == export.nbytes(exported)
   for a, b in zip(bits(export.densify(loaded)), bits(params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_ell_leaves_of_one_shape_with_different_widths_share_a_densify_program():
+  # Every ELL leaf's width is its fullest column's count, so leaves of one shape compiled
+  # a program each (40 programs for the transformer LM's 110 leaves); on the host they are
+  # padded to a shared width: one program for widths 9, 10 and 11 (shared width 12).
+  rng = np.random.default_rng(3)
+  ws = []
+  for width in (9, 10, 11):
+    w = np.zeros((40, 26), np.float32)  # a shape no other test uses
+    for col in range(26):
+      n = width if col == 5 else int(rng.integers(0, width))
+      w[rng.choice(40, n, replace=False), col] = rng.standard_normal(n)
+    w[w == w[:, 5].min()] = -0.0  # a stored -0.0 stays -0.0
+    ws.append(w)
+  layouts = [prunax.sparse_inference.to_ell(w) for w in ws]
+  assert [x.width for x in layouts] == [9, 10, 11]
+  convs = [prunax.sparse_inference.to_conv_filter(w.reshape(2, 20, 26), 'ell') for w in ws]
+  with xla_compiles() as compiles:
+    for kind, leaves in (('ell', layouts), ('conv', convs)):
+      for i, (leaf, w) in enumerate(zip(leaves, ws, strict=True)):
+        compiles.clear()
+        dense = export.todense(leaf)
+        assert len(compiles) == (1 if i == 0 else 0), (kind, i, len(compiles))
+        want = w if kind == 'ell' else w.reshape(2, 20, 26)
+        np.testing.assert_array_equal(np.asarray(dense).view(np.uint32), want.view(np.uint32))
+  # Traced, a layout is densified at its own width; the result is the same.
+  traced = jax.jit(lambda x: x.todense())(layouts[1])
+  np.testing.assert_array_equal(np.asarray(traced).view(np.uint32), ws[1].view(np.uint32))
+
+
+@hypothesis.given(hypothesis.strategies.integers(1, 1 << 20))
+def test_shared_widths_pad_at_most_half_and_two_per_octave(width):
+  shared = prunax.sparse_inference.shared_width(width)
+  assert width <= shared <= max(width, 1.5 * width)
+  if width > 4:  # the octave (2**k, 2**(k + 1)] holding width has two shared widths
+    top = 1 << (width - 1).bit_length()
+    assert shared in (top * 3 // 4, top)
+  else:
+    assert shared == width
 
 
 def test_bad_format():
