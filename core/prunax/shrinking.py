@@ -753,21 +753,56 @@ class _LayerKeep:
 
 
 def _slice(x, v, keep):
-  for i in range(np.ndim(x)):
+  steps, indices = _slice_steps(np.ndim(x), v, keep)
+  return _sliced(x, steps, indices)
+
+
+def _slice_steps(ndim: int, v, keep) -> tuple[tuple, list[np.ndarray]]:
+  """How :func:`_sliced` slices a value of variable ``v``: per sliced axis ``(axis,
+  layer_axis)`` (static; ``layer_axis`` None for one set of channels for every layer),
+  and its index array (``(kept,)``, or ``(layers, kept)`` in the leaf's axis order)."""
+  steps, indices = [], []
+  for i in range(ndim):
     kept = keep.get((v, i))
     if kept is None:
       continue
     if not isinstance(kept, _LayerKeep):
-      x = jnp.take(x, jnp.asarray(kept), axis=i)
+      steps.append((i, None))
+      indices.append(np.asarray(kept))
       continue
     if kept.layer_axis is None:
       raise RuntimeError(f'prunax.shrink: no layer axis to slice per layer on {v} axis {i}.')
+    steps.append((i, kept.layer_axis))
+    indices.append(kept.indices)
+  return tuple(steps), indices
+
+
+def _sliced(x, steps: tuple, indices: list):
+  """``x`` with the channels of :func:`_slice_steps` kept, axis by axis."""
+  for (i, layer_axis), index in zip(steps, indices, strict=True):
+    index = jnp.asarray(index)
+    if layer_axis is None:
+      x = jnp.take(x, index, axis=i, mode='clip')
+      continue
     shape, full = [1] * np.ndim(x), list(np.shape(x))
-    shape[kept.layer_axis], shape[i] = full[kept.layer_axis], len(kept)
-    full[i] = len(kept)
-    index = _reorder(kept.indices, (kept.layer_axis, i))
-    x = jnp.take_along_axis(x, jnp.broadcast_to(index.reshape(shape), full), axis=i)
+    shape[layer_axis], shape[i] = full[layer_axis], index.shape[1]
+    full[i] = index.shape[1]
+    index = _reorder(index, (layer_axis, i)).reshape(shape)
+    x = jnp.take_along_axis(x, jnp.broadcast_to(index, full), axis=i, mode='clip')
   return x
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _masked_and_sliced(steps: tuple, leaves: list, masks: list, indices: list):
+  """The masked params (``where(mask, x, 0)``, a leaf without a mask as it is) and each
+  sliced by its ``steps``: one compiled program for every leaf (op by op, each leaf's
+  ``where`` and every ``take`` compiled for its shapes)."""
+  masked = [
+    x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype))
+    for x, m in zip(leaves, masks, strict=True)
+  ]
+  small = [_sliced(x, st, ix) for x, st, ix in zip(masked, steps, indices, strict=True)]
+  return masked, small
 
 
 def _replay(jaxpr, consts, args, keep, bodies):
@@ -968,18 +1003,22 @@ def shrink(
       kept = np.nonzero(~dead)[0]
     keep_by_root[root] = kept
     sizes[group.members[0]] = (group.size, int(kept.shape[-1]))
-  masked_params = jax.tree.map(
-    lambda x, m: x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)),
-    params,
-    masks,
-    is_leaf=lambda x: x is None,
-  )
   keep = _keep_nodes(trace, keep_by_root)
-  invars = trace.closed.jaxpr.invars
   # The masked params, so what stays is what the masked model holds (a per-layer stack
   # keeps some dead channels). The invars are the params' then the inputs': zip stops
   # at the params.
-  small = [_slice(x, v, keep) for x, v in zip(jax.tree.leaves(masked_params), invars, strict=False)]
+  leaves = treedef.flatten_up_to(params)
+  plans = [
+    _slice_steps(np.ndim(x), v, keep)
+    for x, v in zip(leaves, trace.closed.jaxpr.invars, strict=False)
+  ]
+  masked, small = _masked_and_sliced(
+    tuple(steps for steps, _ in plans),
+    leaves,
+    treedef.flatten_up_to(masks),
+    [indices for _, indices in plans],
+  )
+  masked_params = jax.tree.unflatten(treedef, masked)
   keep_by_member = {
     member: kept for root, kept in keep_by_root.items() for member in trace.groups[root].members
   }
