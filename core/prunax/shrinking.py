@@ -760,7 +760,7 @@ def _slice(x, v, keep):
 def _slice_steps(ndim: int, v, keep) -> tuple[tuple, list[np.ndarray]]:
   """How :func:`_sliced` slices a value of variable ``v``: per sliced axis ``(axis,
   layer_axis)`` (static; ``layer_axis`` None for one set of channels for every layer),
-  and its index array (``(kept,)``, or ``(layers, kept)`` in the leaf's axis order)."""
+  and its index array (``(kept,)``, or ``(layers, kept)``)."""
   steps, indices = [], []
   for i in range(ndim):
     kept = keep.get((v, i))

@@ -719,25 +719,34 @@ def test_nnx_transformer_block_heads_and_mlp():
   np.testing.assert_allclose(small(x2), want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_shrunk_model_called_outside_jit_compiles_one_program_per_input_shapes():
-  # Op by op, each replayed operation compiled for its new shapes (6 programs for this MLP's
-  # new batch size); now one program per input shapes, none for the same shapes again.
-  def mlp(p, x):
-    h = jax.nn.relu(x @ p['w1'] + p['b1'])
-    return jnp.tanh(h @ p['w2'] + p['b2']) @ p['w3']
+def _mlp(p, x):
+  h = jax.nn.relu(x @ p['w1'] + p['b1'])
+  return jnp.tanh(h @ p['w2'] + p['b2']) @ p['w3']
 
-  rng = np.random.default_rng(4)
-  sizes = {'w1': (7, 13), 'b1': (13,), 'w2': (13, 11), 'b2': (11,), 'w3': (11, 3)}
+
+def _mlp_case(rng, dims, keep1, keep2, w2_kept=None):
+  """Params of :func:`_mlp` of layer widths ``dims`` (input, two hidden, output) and masks
+  keeping the hidden channels ``keep1``, ``keep2`` (and ``w2_kept`` of ``w2``)."""
+  n_in, h1, h2, n_out = dims
+  sizes = {'w1': (n_in, h1), 'b1': (h1,), 'w2': (h1, h2), 'b2': (h2,), 'w3': (h2, n_out)}
   params = {n: jnp.asarray(rng.standard_normal(s), jnp.float32) for n, s in sizes.items()}
-  keep1, keep2 = np.arange(13) % 3 != 0, np.arange(11) % 4 != 1
+  w2 = np.broadcast_to(keep1[:, None] & keep2, (h1, h2))
   masks = {
-    'w1': np.broadcast_to(keep1, (7, 13)),
+    'w1': np.broadcast_to(keep1, (n_in, h1)),
     'b1': keep1,
-    'w2': np.broadcast_to(keep1[:, None] & keep2, (13, 11)),
+    'w2': w2 if w2_kept is None else w2 & w2_kept,
     'b2': keep2,
     'w3': None,
   }
-  shrunk = prunax.shrink(mlp, params, masks, jnp.ones((2, 7)))
+  return params, masks
+
+
+def test_a_shrunk_model_called_outside_jit_compiles_one_program_per_input_shapes():
+  # Op by op, each replayed operation compiled for its new shapes (6 programs for this MLP's
+  # new batch size); now one program per input shapes, none for the same shapes again.
+  rng = np.random.default_rng(4)
+  params, masks = _mlp_case(rng, (7, 13, 11, 3), np.arange(13) % 3 != 0, np.arange(11) % 4 != 1)
+  shrunk = prunax.shrink(_mlp, params, masks, jnp.ones((2, 7)))
   assert shrunk.sizes == {('b1', 0): (13, 8), ('b2', 0): (11, 8)}
   with xla_compiles() as compiles:
     for batch, again in ((5, False), (5, True), (9, False)):
@@ -745,7 +754,7 @@ def test_a_shrunk_model_called_outside_jit_compiles_one_program_per_input_shapes
       compiles.clear()
       got = shrunk(shrunk.params, x)
       assert len(compiles) == (0 if again else 1), (batch, again, len(compiles))
-      want = jax.jit(mlp)(apply_masks(params, masks), x)
+      want = jax.jit(_mlp)(apply_masks(params, masks), x)
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
@@ -753,24 +762,12 @@ def test_shrink_masks_and_slices_the_params_in_one_program():
   # Op by op, masking the params and slicing their channels compiled a program for every
   # leaf's where and every take (14 compiles in all for this MLP); now one for all, and
   # the two checked models (masked and shrunk) one each.
-  def mlp(p, x):
-    h = jax.nn.relu(x @ p['w1'] + p['b1'])
-    return jnp.tanh(h @ p['w2'] + p['b2']) @ p['w3']
-
   rng = np.random.default_rng(6)
-  sizes = {'w1': (9, 17), 'b1': (17,), 'w2': (17, 15), 'b2': (15,), 'w3': (15, 4)}
-  params = {n: jnp.asarray(rng.standard_normal(s), jnp.float32) for n, s in sizes.items()}
   keep1, keep2 = np.arange(17) % 4 != 2, np.arange(15) % 3 != 0
-  masks = {
-    'w1': np.broadcast_to(keep1, (9, 17)),
-    'b1': keep1,
-    'w2': np.broadcast_to(keep1[:, None] & keep2, (17, 15)) & (rng.random((17, 15)) < 0.8),
-    'b2': keep2,
-    'w3': None,
-  }
+  params, masks = _mlp_case(rng, (9, 17, 15, 4), keep1, keep2, rng.random((17, 15)) < 0.8)
   x = jnp.ones((2, 9))
   with xla_compiles() as compiles:
-    shrunk = prunax.shrink(mlp, params, masks, x)
+    shrunk = prunax.shrink(lambda p, x: _mlp(p, x), params, masks, x)  # nothing cached
   assert len(compiles) == 3, len(compiles)
   masked = apply_masks(params, masks)
   want = {
