@@ -160,12 +160,13 @@ def _at_shared_width(layout: Any) -> Any:
   if isinstance(layout, ConvFilter):
     matrix = _at_shared_width(layout.matrix)
     return layout if matrix is layout.matrix else ConvFilter(matrix, layout.shape)
-  if not isinstance(layout, EllSparse) or shared_width(layout.width) == layout.width:
+  if not isinstance(layout, EllSparse):
     return layout
+  extra = shared_width(layout.width) - layout.width
   values, rows = _host_array(layout.values), _host_array(layout.rows)
-  if values is None or rows is None:
+  if not extra or values is None or rows is None:
     return layout
-  pad = [(0, 0)] * (values.ndim - 1) + [(0, shared_width(layout.width) - layout.width)]
+  pad = [(0, 0)] * (values.ndim - 1) + [(0, extra)]
   padded = [np.pad(values, pad), np.pad(rows, pad)]  # +0.0 values at row 0, not stored
   if isinstance(layout.values, jax.Array):
     padded = [jax.device_put(x, next(iter(layout.values.devices()))) for x in padded]

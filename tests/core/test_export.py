@@ -128,14 +128,10 @@ def test_ell_leaves_of_one_shape_with_different_widths_share_a_densify_program()
   layouts = [prunax.sparse_inference.to_ell(w) for w in ws]
   assert [x.width for x in layouts] == [9, 10, 11]
   convs = [prunax.sparse_inference.to_conv_filter(w.reshape(2, 20, 26), 'ell') for w in ws]
-  with xla_compiles() as compiles:
-    for kind, leaves in (('ell', layouts), ('conv', convs)):
-      for i, (leaf, w) in enumerate(zip(leaves, ws, strict=True)):
-        compiles.clear()
-        dense = export.todense(leaf)
-        assert len(compiles) == (1 if i == 0 else 0), (kind, i, len(compiles))
-        want = w if kind == 'ell' else w.reshape(2, 20, 26)
-        np.testing.assert_array_equal(np.asarray(dense).view(np.uint32), want.view(np.uint32))
+  for kind, leaves in (('ell', layouts), ('conv', convs)):
+    for i, (leaf, w) in enumerate(zip(leaves, ws, strict=True)):
+      want = w if kind == 'ell' else w.reshape(2, 20, 26)
+      densified_in_compiles(leaf, want, 1 if i == 0 else 0, (kind, i))
   # Traced, a layout is densified at its own width; the result is the same.
   traced = jax.jit(lambda x: x.todense())(layouts[1])
   np.testing.assert_array_equal(np.asarray(traced).view(np.uint32), ws[1].view(np.uint32))
@@ -175,12 +171,14 @@ def test_densifying_a_leaf_outside_jit_compiles_one_program():
     'conv': prunax.sparse_inference.to_conv_filter(w.reshape(2, 2, 11, 36)),
   }
   wants = {'nm': np.where(nm, w, 0), 'stacked_ell': stack, 'conv': w.reshape(2, 2, 11, 36)}
-  with xla_compiles() as compiles:
-    for name, leaf in leaves.items():
-      for again in (False, True):
-        compiles.clear()
-        dense = export.todense(leaf)
-        assert len(compiles) == (0 if again else 1), (name, again, len(compiles))
-        np.testing.assert_array_equal(
-          np.asarray(dense).view(np.uint32), wants.get(name, w).view(np.uint32), err_msg=name
-        )
+  for name, leaf in leaves.items():
+    for again in (False, True):
+      densified_in_compiles(leaf, wants.get(name, w), 0 if again else 1, (name, again))
+
+
+def densified_in_compiles(leaf, want: np.ndarray, compiles: int, what) -> None:
+  """``export.todense(leaf)`` is ``want`` bit for bit and ran ``compiles`` XLA compiles."""
+  with xla_compiles() as seconds:
+    dense = export.todense(leaf)
+  assert len(seconds) == compiles, (what, len(seconds))
+  np.testing.assert_array_equal(np.asarray(dense).view(np.uint32), want.view(np.uint32), str(what))
