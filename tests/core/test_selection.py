@@ -14,11 +14,28 @@ from prunax import selection
 from tests.xla_env import compile_as_users
 
 
+def reference_keys(a) -> np.ndarray:
+  """:func:`selection.sortable_keys` transcribed to NumPy for float32 scores (other float
+  dtypes are cast to float32, as jnp.asarray casts NumPy's float64): flip every bit of a
+  negative float, set the sign bit of a non-negative one, and give NaN the key of
+  -FLT_MAX. uint32 arrays are keys already; 16-bit floats get the library's 16-bit keys.
+  """
+  a = np.asarray(a)
+  if a.dtype == np.uint32:
+    return a
+  if a.dtype in (jnp.bfloat16, np.float16):
+    return np.asarray(_jitted_sortable_keys(a))
+  bits = a.astype(np.float32).view(np.uint32)
+  keys = np.where(bits >> 31 == 1, ~bits, bits | np.uint32(0x80000000))
+  return np.where((bits & 0x7FFFFFFF) > 0x7F800000, np.uint32(0x00800000), keys)
+
+
+_jitted_sortable_keys = jax.jit(selection.sortable_keys)
+
+
 def reference_masks(arrays, k):
   """Top-k by a stable descending sort of the uint32 keys over the concatenated arrays."""
-  keys = np.concatenate(
-    [np.asarray(selection.sortable_keys(jnp.asarray(a))).reshape(-1) for a in arrays]
-  )
+  keys = np.concatenate([reference_keys(a).reshape(-1) for a in arrays])
   order = np.lexsort((np.arange(keys.size), -keys.astype(np.int64)))
   keep = np.zeros(keys.size, bool)
   keep[order[:k]] = True
@@ -97,6 +114,16 @@ def test_sortable_keys_order():
   nan_keys = np.asarray(selection.sortable_keys(nans)).astype(np.int64)
   lowest = np.asarray(selection.sortable_keys(jnp.asarray([np.finfo(np.float32).min])))[0]
   assert np.all(nan_keys > keys[0]) and np.all(nan_keys == lowest) and np.all(nan_keys < keys[1])
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(st.lists(st.integers(0, 2**32 - 1), min_size=64, max_size=64))
+def test_reference_keys_are_the_library_s(bits):
+  # The tests' NumPy keys (reference_masks) against sortable_keys, on any float32 bits:
+  # NaNs of either sign and payload, infinities, subnormals and both zeros included.
+  values = np.asarray(bits, np.uint32).view(np.float32)
+  values[:4] = [np.nan, -np.inf, -0.0, 0.0]
+  np.testing.assert_array_equal(reference_keys(values), np.asarray(_jitted_sortable_keys(values)))
 
 
 def test_nan_scores_are_never_kept_ahead_of_finite_ones(selection_path):

@@ -21,7 +21,8 @@ def _expected_zeros(sparsity, size):
 @pytest.mark.parametrize('sparsity', [0.0, 0.1, 0.5, 0.77, 0.95])
 def test_unstructured_exact_count_and_largest_kept(shape, sparsity):
   scores = jax.random.normal(jax.random.PRNGKey(sum(shape)), shape)
-  mask = np.asarray(prunax.Unstructured().mask(scores, sparsity))
+  # Jitted, the sparsity a constant: one compile, not one per eager operation.
+  mask = np.asarray(jax.jit(lambda x: prunax.Unstructured().mask(x, sparsity))(scores))
   size = math.prod(shape)
   assert mask.dtype == bool and mask.shape == shape
   assert size - mask.sum() == _expected_zeros(sparsity, size)
@@ -123,7 +124,7 @@ def test_block_pooling_matches_reference(shape, block, avg):
   scores = jax.random.uniform(jax.random.PRNGKey(len(shape)), shape)
   structure = prunax.Block(block, use_avg_pooling=avg)
   structure.validate(shape, 'w')
-  mask = np.asarray(structure.mask(scores, 0.5))
+  mask = np.asarray(jax.jit(lambda x: structure.mask(x, 0.5))(scores))
   expected, keep_blocks = _block_reference(scores, block, 0.5, avg)
   np.testing.assert_array_equal(mask, expected)
   assert keep_blocks.size - keep_blocks.sum() == _expected_zeros(0.5, keep_blocks.size)
@@ -205,9 +206,9 @@ def test_structured_masks_of_many_leaves_are_one_selection(structure, shape, lea
   keys = jax.random.split(jax.random.PRNGKey(7), leaves)
   scores = [jax.random.uniform(k, shape) for k in keys]
   sparsities = [0.3 + 0.1 * i for i in range(leaves)]
-  jaxpr = jax.make_jaxpr(lambda xs: structure.masks(xs, sparsities, [None] * leaves))(scores)
-  assert loops_in(jaxpr.jaxpr) == 1
-  masks = structure.masks(scores, sparsities, [None] * leaves)
+  select = lambda xs: structure.masks(xs, sparsities, [None] * leaves)  # noqa: E731
+  assert loops_in(jax.make_jaxpr(select)(scores).jaxpr) == 1
+  masks = jax.jit(select)(scores)
   for x, s, m in zip(scores, sparsities, masks, strict=True):
     if isinstance(structure, prunax.Block):
       expected, _ = _block_reference(x, structure.block_shape, s, True)
