@@ -639,7 +639,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     0.2 ms). Otherwise, or where an algorithm's masks need concrete values, eagerly.
     """
     masks = None
-    if _jittable(self, params, grads, kwargs):
+    if static_jittable(self, params, grads, kwargs):
       # An algorithm that reads concrete values cannot be traced: computed eagerly below.
       with contextlib.suppress(
         jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError
@@ -653,7 +653,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     return sparse, masks
 
 
-def _jittable(updater: Any, *trees: Any) -> bool:
+def static_jittable(updater: Any, *trees: Any) -> bool:
   """Whether ``updater`` can be a static ``jit`` argument and ``trees`` hold only arrays."""
   try:
     hash(updater)

@@ -43,6 +43,7 @@ from prunax import strategies
 from prunax.algorithms.pruners import GlobalMagnitudePruning
 from prunax.algorithms.pruners import MagnitudePruning
 from prunax.base_updater import BaseUpdater
+from prunax.base_updater import static_jittable
 from prunax.tree_util import is_none
 from prunax.tree_util import map_masked
 
@@ -148,6 +149,10 @@ def _selector(
   return selector, targets
 
 
+# The sparsity of the selector that masks_from_scores compiles (any valid one).
+_ANY_SPARSITY = 0.5
+
+
 def masks_from_scores(
   params: PyTree,
   scores: PyTree,
@@ -176,17 +181,9 @@ def masks_from_scores(
   # updater that cannot be a static argument (a ``layer_axes`` dict), or scores that are
   # not arrays, still run eagerly.
   static = dataclasses.replace(selector, sparsity=_ANY_SPARSITY)
-  try:
-    hash(static)
-  except TypeError:
-    return selector.masks_from_scores(scores, targets)
-  if not all(isinstance(x, jax.Array | np.ndarray) for x in jax.tree.leaves(scores)):
+  if not static_jittable(static, scores):
     return selector.masks_from_scores(scores, targets)
   return _jitted_masks(static, scores, jax.tree.map(np.float32, targets))
-
-
-# The sparsity of the selector that masks_from_scores compiles (any valid one).
-_ANY_SPARSITY = 0.5
 
 
 @jax.jit(static_argnums=0)

@@ -85,6 +85,8 @@ def test_an_algorithm_reading_concrete_values_is_computed_eagerly():
 
 
 def test_an_unhashable_updater_is_computed_eagerly():
-  assert not base_updater._jittable(dataclasses.replace(UPDATERS['magnitude']).__dict__, params())
-  assert not base_updater._jittable(UPDATERS['magnitude'], params(), None, {'note': 'text'})
-  assert base_updater._jittable(UPDATERS['magnitude'], params(), None, {})
+  assert not base_updater.static_jittable(
+    dataclasses.replace(UPDATERS['magnitude']).__dict__, params()
+  )
+  assert not base_updater.static_jittable(UPDATERS['magnitude'], params(), None, {'note': 'text'})
+  assert base_updater.static_jittable(UPDATERS['magnitude'], params(), None, {})

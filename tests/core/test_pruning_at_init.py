@@ -12,6 +12,7 @@ import prunax
 from prunax import pruning_at_init as pai
 from tests.core.helpers import xla_compiles
 from tests.core.test_selection import reference_masks
+from tests.core.test_sparsity_types import expected_zeros
 
 # A 2-layer linear model y = x W1 W2 with loss 0.5 * sum((y - t)^2): its gradient and
 # Hessian-gradient product have closed forms.
@@ -191,7 +192,7 @@ def _reference_masks(scores, sparsity, distribution):
   # pruned leaves in order for one global threshold); k = size - round(sparsity * size) in
   # float32, at least one weight kept.
   def kept(size):
-    return size - min(int(np.round(np.float32(sparsity) * np.float32(size))), size - 1)
+    return size - expected_zeros(sparsity, size)
 
   pruned = [np.asarray(scores[n]) for n in ('a', 'b')]
   if distribution is None:

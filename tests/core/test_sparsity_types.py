@@ -12,7 +12,7 @@ from prunax import sparsity_types
 from tests.core.helpers import loops_in
 
 
-def _expected_zeros(sparsity, size):
+def expected_zeros(sparsity, size):
   # round(s * n) on float32, but a pruned leaf keeps at least one element.
   return min(int(np.round(np.float32(sparsity) * np.float32(size))), max(size - 1, 0))
 
@@ -25,7 +25,7 @@ def test_unstructured_exact_count_and_largest_kept(shape, sparsity):
   mask = np.asarray(jax.jit(lambda x: prunax.Unstructured().mask(x, sparsity))(scores))
   size = math.prod(shape)
   assert mask.dtype == bool and mask.shape == shape
-  assert size - mask.sum() == _expected_zeros(sparsity, size)
+  assert size - mask.sum() == expected_zeros(sparsity, size)
   kept, dropped = np.asarray(scores)[mask], np.asarray(scores)[~mask]
   if kept.size and dropped.size:
     assert kept.min() >= dropped.max()
@@ -103,7 +103,7 @@ def _block_reference(scores, block, sparsity, avg):
     sl = tuple(slice(i * b, (i + 1) * b) for i, b in zip(idx, block))
     pooled[idx] = scores[sl].mean() if avg else scores[sl].max()
   flat = pooled.reshape(-1)
-  n_keep = flat.size - _expected_zeros(sparsity, flat.size)
+  n_keep = flat.size - expected_zeros(sparsity, flat.size)
   order = sorted(range(flat.size), key=lambda i: (-flat[i], i))
   keep_blocks = np.zeros(flat.size, bool)
   keep_blocks[order[:n_keep]] = True
@@ -127,7 +127,7 @@ def test_block_pooling_matches_reference(shape, block, avg):
   mask = np.asarray(jax.jit(lambda x: structure.mask(x, 0.5))(scores))
   expected, keep_blocks = _block_reference(scores, block, 0.5, avg)
   np.testing.assert_array_equal(mask, expected)
-  assert keep_blocks.size - keep_blocks.sum() == _expected_zeros(0.5, keep_blocks.size)
+  assert keep_blocks.size - keep_blocks.sum() == expected_zeros(0.5, keep_blocks.size)
 
 
 @pytest.mark.parametrize('axis', [0, 1, -1])
@@ -137,7 +137,7 @@ def test_channel_exact_count(axis):
   size = scores.shape[axis]
   per_channel = np.moveaxis(mask, axis, 0).reshape(size, -1)
   assert (per_channel.all(1) | ~per_channel.any(1)).all()  # whole channels
-  assert size - per_channel.all(1).sum() == _expected_zeros(0.4, size)
+  assert size - per_channel.all(1).sum() == expected_zeros(0.4, size)
   means = np.moveaxis(np.asarray(scores), axis, 0).reshape(size, -1).mean(1)
   kept = per_channel.all(1)
   assert means[kept].min() >= means[~kept].max()
@@ -217,7 +217,7 @@ def test_structured_masks_of_many_leaves_are_one_selection(structure, shape, lea
       keep = np.zeros(means.size, bool)
       keep[
         sorted(range(means.size), key=lambda i: (-means[i], i))[
-          : means.size - _expected_zeros(s, means.size)
+          : means.size - expected_zeros(s, means.size)
         ]
       ] = True
       expected = np.broadcast_to(keep, shape)
