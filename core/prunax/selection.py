@@ -858,6 +858,11 @@ def materialize_all(tree: Any) -> Any:
   """
   leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
   lazy = [i for i, x in enumerate(leaves) if isinstance(x, Lazy)]
+  program = _eager_program([leaves[i] for i in lazy])
+  if program is not None:  # outside any trace: one program, compiled once per signature
+    values = iter(program(*[_lazy_arrays(leaves[i]) for i in lazy]))
+    out = [next(values) if isinstance(x, Lazy) else materialize(x) for x in leaves]
+    return jax.tree.unflatten(treedef, out)
   groups = _alike_groups([leaves[i] for i in lazy], max(len(lazy), 1))
   shared = {lazy[j] for g in groups if len(g) > 1 for j in g}
   traced: dict = {}
@@ -867,6 +872,60 @@ def materialize_all(tree: Any) -> Any:
 
   out = [evaluate(x) if i in shared else materialize(x) for i, x in enumerate(leaves)]
   return jax.tree.unflatten(treedef, out)
+
+
+# materialize_all's programs outside a trace, by the signatures of the values they
+# evaluate (at most _EAGER_PROGRAMS_KEPT, the oldest dropped first).
+_EAGER_PROGRAMS: dict[Any, Callable] = {}
+_EAGER_PROGRAMS_KEPT = 64
+
+
+def _eager_program(values: list[Lazy]) -> Callable | None:
+  """A jitted ``fn(*arrays_of_each_value) -> [materialize(value), ...]`` for lazy values
+  evaluated outside any trace, kept across calls under the values' signatures, so that
+  reading the masks of a training state (``prunax.bool_masks``) compiles one program
+  once instead of an operation or a shared function at every call. None inside a trace,
+  or where a value reads a :class:`Shared` array or has no hashable signature.
+
+  The kept program's templates hold the values' functions (which :func:`_fn_key` may
+  name by identity, so they stay alive with the key) but not their arrays.
+  """
+  arrays = [a for x in values for a in _lazy_arrays(x)]
+  if not values or any(isinstance(a, jax.core.Tracer) for a in arrays):
+    return None
+  shared: list = []
+  for x in values:
+    _collect_shared(x, shared)
+  if shared:
+    return None
+  try:
+    key = tuple(_signature(x) for x in values)
+    hash(key)
+  except TypeError:
+    return None
+  program = _EAGER_PROGRAMS.pop(key, None)
+  if program is None:
+    templates = [
+      x.map_arrays(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))) for x in values
+    ]
+
+    def evaluate(*arrays_of_each):
+      pairs = zip(templates, arrays_of_each, strict=True)
+      return [materialize(_with_arrays(t, iter(a))) for t, a in pairs]
+
+    program = jax.jit(evaluate)
+  _EAGER_PROGRAMS[key] = program
+  while len(_EAGER_PROGRAMS) > _EAGER_PROGRAMS_KEPT:
+    del _EAGER_PROGRAMS[next(iter(_EAGER_PROGRAMS))]
+  return program
+
+
+def _collect_shared(x: Lazy, found: list) -> None:
+  for a in x.args:
+    if isinstance(a, Shared):
+      found.append(a)
+    elif isinstance(a, Lazy):
+      _collect_shared(a, found)
 
 
 # 16-bit floats: their exponent bits (the bits of +inf) and the key of -max, one above

@@ -11,6 +11,7 @@ strategies and structures written before ``lazy`` existed still work.
 
 import collections
 import dataclasses
+import weakref
 
 import hypothesis
 import hypothesis.strategies as st
@@ -29,6 +30,7 @@ from prunax import selection
 from prunax import sparsity_schedules as sched
 from prunax import sparsity_types
 from prunax import strategies
+from tests.core import helpers
 from tests.xla_env import compile_as_users
 
 
@@ -415,6 +417,33 @@ def test_a_search_traces_its_scores_once_for_every_chunk_of_alike_leaves(monkeyp
   assert one_chunk.total() >= 2 and three_chunks == one_chunk, (one_chunk, three_chunks)
   for w, m, n in zip(ws, out, k):
     np.testing.assert_array_equal(m, selection.topk_mask(jnp.abs(w), n))
+
+
+def test_bool_masks_outside_jit_compile_one_program_once():
+  # Read outside jit (a training loop logging its masks), the stored masks are unpacked
+  # by one jitted program, kept across calls under the masks' signatures: the first call
+  # compiles it and later ones compile nothing, where each call traced and compiled its
+  # shared functions again (and the masks of one shape their operations once). The kept
+  # program does not hold the masks it read.
+  params = _params(3)
+  tx = prunax.SET(sparsity=0.8).wrap_optax(optax.sgd(0.1))
+  state = jax.jit(tx.init)(params)
+  stored = prunax.get_sparse_state(state).masks
+  jax.block_until_ready(state)
+  with helpers.xla_compiles() as first:
+    masks = prunax.bool_masks(state, params)
+  with helpers.xla_compiles() as later:
+    again = [prunax.bool_masks(state, params) for _ in range(2)]
+  assert len(first) <= 1 and not later, (len(first), len(later))
+  for m in [masks, *again]:
+    for name, p in params.items():
+      assert m[name].dtype == jnp.bool_ and m[name].shape == p.shape
+      np.testing.assert_array_equal(m[name], masks_lib.unpack_mask(stored[name], p.shape))
+  other = jax.jit(tx.init)(jax.tree.map(lambda p: p + 1.0, params))
+  gone = weakref.ref(prunax.get_sparse_state(other).masks['l0'])
+  prunax.bool_masks(other, params)
+  del other
+  assert gone() is None
 
 
 def test_materialize_all_traces_alike_lazy_leaves_once():
