@@ -425,8 +425,10 @@ def test_bool_masks_outside_jit_compile_one_program_once():
   # compiles it and later ones compile nothing, where each call traced and compiled its
   # shared functions again (and the masks of one shape their operations once). The kept
   # program does not hold the masks it read.
+  # A hand-written loop's hook (pre_forward_update) reads them so at every step.
   params = _params(3)
-  tx = prunax.SET(sparsity=0.8).wrap_optax(optax.sgd(0.1))
+  updater = prunax.SET(sparsity=0.8)
+  tx = updater.wrap_optax(optax.sgd(0.1))
   state = jax.jit(tx.init)(params)
   stored = prunax.get_sparse_state(state).masks
   jax.block_until_ready(state)
@@ -435,6 +437,12 @@ def test_bool_masks_outside_jit_compile_one_program_once():
   with helpers.xla_compiles() as later:
     again = [prunax.bool_masks(state, params) for _ in range(2)]
   assert len(first) <= 1 and not later, (len(first), len(later))
+  updater.pre_forward_update(params, state)
+  with helpers.xla_compiles() as hooks:
+    sparse = updater.pre_forward_update(params, state)
+  assert not hooks, len(hooks)
+  for name, p in params.items():
+    np.testing.assert_array_equal(sparse[name], jnp.where(masks[name], p, 0))
   for m in [masks, *again]:
     for name, p in params.items():
       assert m[name].dtype == jnp.bool_ and m[name].shape == p.shape
