@@ -644,9 +644,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
       with contextlib.suppress(
         jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError
       ):
-        # A copy: jit keeps its static argument, and jaxpruner-style updaters can be
-        # changed in place after this call (a changed one must not find this trace).
-        masks = _instant_masks(copy.copy(self), params, grads, kwargs)
+        masks = _instant_masks(static_updater(self), params, grads, kwargs)
     if masks is None:
       masks = _instant_masks.__wrapped__(self, params, grads, kwargs)
     sparse = map_masked(lambda m, p: jnp.where(m, p, 0).astype(p.dtype), masks, params)
@@ -663,10 +661,67 @@ def static_jittable(updater: Any, *trees: Any) -> bool:
   return all(isinstance(x, jax.Array | np.ndarray) for x in leaves)
 
 
+class StaticUpdater:
+  """A copy of an updater as a static ``jit`` argument, hashed and compared by the
+  updater's type and attribute values (see :func:`static_updater`).
+
+  Attributes:
+    updater: the copy.
+    key: the type and the attribute values, arrays as their bytes.
+  """
+
+  __slots__ = ('updater', 'key')
+
+  def __init__(self, updater: Any, key: Any):
+    self.updater = updater
+    self.key = key
+
+  def __hash__(self) -> int:
+    return hash(self.key)
+
+  def __eq__(self, other: Any) -> bool:
+    return isinstance(other, StaticUpdater) and self.key == other.key
+
+
+def static_updater(updater: Any) -> Any:
+  """``updater`` as a static ``jit`` argument: a copy, since jit keeps its static
+  arguments and a jaxpruner-style updater can be changed in place after the call (a
+  changed one must not find the trace). Where its attribute values can be keyed, a
+  :class:`StaticUpdater`, so that equal updaters share one trace: a jaxpruner-style
+  updater hashes by identity, and each copy of it traced and compiled again (``prunax.
+  compat.jaxpruner``'s ``instant_sparsify``: 0.8-1 s at every call). Otherwise the copy,
+  hashed as the updater hashes itself."""
+  try:
+    key = (type(updater), _frozen(vars(updater)))
+    hash(key)
+  except TypeError:
+    return copy.copy(updater)
+  return StaticUpdater(copy.copy(updater), key)
+
+
+def _frozen(value: Any) -> Any:
+  """A hashable stand-in for ``value``, equal for equal values of the same types (a
+  concrete array as its dtype, shape and bytes); TypeError where there is none."""
+  if isinstance(value, dict):
+    items = sorted(value.items(), key=lambda kv: repr(kv[0]))
+    return ('dict', tuple((_frozen(k), _frozen(v)) for k, v in items))
+  if isinstance(value, list | tuple) and not hasattr(value, '_fields'):
+    return (type(value), tuple(_frozen(v) for v in value))
+  if isinstance(value, np.ndarray) or (
+    isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
+  ):
+    a = np.asarray(value)
+    return ('array', str(a.dtype), a.shape, a.tobytes())
+  hash(value)
+  return (type(value), value)
+
+
 @jax.jit(static_argnums=0)
-def _instant_masks(updater: BaseUpdater, params: PyTree, grads: PyTree, kwargs: dict) -> PyTree:
-  """The keep-masks of :meth:`BaseUpdater.instant_sparsify` (jitted; ``__wrapped__`` is
-  the same computation run eagerly)."""
+def _instant_masks(updater: Any, params: PyTree, grads: PyTree, kwargs: dict) -> PyTree:
+  """The keep-masks of :meth:`BaseUpdater.instant_sparsify` for an updater or its
+  :func:`static_updater` (jitted; ``__wrapped__`` is the same computation run eagerly)."""
+  if isinstance(updater, StaticUpdater):
+    updater = updater.updater
   targets = updater.target_sparsities(params)
   return updater.compute_masks(
     params, targets, grads=grads, old_masks=updater.init_masks(params, targets), **kwargs

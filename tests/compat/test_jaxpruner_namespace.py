@@ -15,6 +15,7 @@ import pytest
 
 import prunax
 from prunax.compat import jaxpruner
+from tests.core import helpers
 
 
 def _params():
@@ -65,6 +66,29 @@ def test_attribute_assignment_rebuilds_and_retraces():
   sparse, _ = pruner.instant_sparsify({'w': jnp.arange(1.0, 9.0).reshape(2, 4)})
   # Scores -|w|: the 4 largest magnitudes are dropped.
   np.testing.assert_array_equal(sparse['w'], [[1, 2, 3, 4], [0, 0, 0, 0]])
+
+
+def test_instant_sparsify_traces_once_for_equal_updaters_and_again_when_changed():
+  # jaxpruner-style updaters hash by identity (they change in place), so the copy that
+  # instant_sparsify's jit keeps traced and compiled again at every call (0.8-1 s a
+  # call). It is keyed by the updater's type and attribute values now: a repeated call,
+  # or an equal updater, compiles nothing; a changed one traces again.
+  params = _params()
+  pruner = jaxpruner.RandomPruning(sparsity=0.5, rng_seed=jax.random.PRNGKey(2))
+  first = pruner.instant_sparsify(params)[1]['w']
+  with helpers.xla_compiles() as again:
+    repeated = pruner.instant_sparsify(params)[1]['w']
+    equal = jaxpruner.RandomPruning(sparsity=0.5, rng_seed=jax.random.PRNGKey(2))
+    from_equal = equal.instant_sparsify(params)[1]['w']
+  assert not again, len(again)
+  np.testing.assert_array_equal(repeated, first)
+  np.testing.assert_array_equal(from_equal, first)
+  pruner.sparsity = 0.8
+  assert int(pruner.instant_sparsify(params)[1]['w'].sum()) == 20
+  pruner.sparsity = 0.5
+  pruner.rng_seed = jax.random.PRNGKey(3)  # a new key (an array attribute): new masks
+  other = pruner.instant_sparsify(params)[1]['w']
+  assert int(other.sum()) == 50 and not bool(jnp.all(other == first))
 
 
 def test_random_pruning_seed_changes_the_mask():
