@@ -885,13 +885,17 @@ def _eager_program(values: list[Lazy]) -> Callable | None:
   evaluated outside any trace, kept across calls under the values' signatures, so that
   reading the masks of a training state (``prunax.bool_masks``) compiles one program
   once instead of an operation or a shared function at every call. None inside a trace,
-  or where a value reads a :class:`Shared` array or has no hashable signature.
+  where the arrays are placed on different devices, or where a value reads a
+  :class:`Shared` array or has no hashable signature.
 
   The kept program's templates hold the values' functions (which :func:`_fn_key` may
   name by identity, so they stay alive with the key) but not their arrays.
   """
   arrays = [a for x in values for a in _lazy_arrays(x)]
   if not values or any(isinstance(a, jax.core.Tracer) for a in arrays):
+    return None
+  # One program runs on one set of devices: arrays placed apart are read one by one.
+  if len({frozenset(a.sharding.device_set) for a in arrays if isinstance(a, jax.Array)}) > 1:
     return None
   shared: list = []
   for x in values:

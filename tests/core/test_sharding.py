@@ -88,6 +88,15 @@ SCRIPT = textwrap.dedent("""
       }
       if getattr(st.algorithm_state, 'dense_params', ()):  # dense weights kept (STE)
         state_specs['dense_w1'] = _spec(st.algorithm_state.dense_params['w1'])
+      if name == 'global_packed':
+        # Each stored mask committed to a device of its own: read outside jit, they are
+        # unpacked one by one (one program would refuse arrays on several devices).
+        apart = {n: jax.device_put(m, jax.devices()[i])
+                 for i, (n, m) in enumerate(prunax.get_sparse_state(s1).masks.items())}
+        m_apart = prunax.unpack_masks(apart, params)
+        report['masks_apart_equal'] = all(
+            m_apart[n] is None if m1[n] is None else bool((m_apart[n] == m1[n]).all())
+            for n in m1)
       report[name] = {'masks_equal': masks_equal, 'max_gap': gap,
                       'sparsity': prunax.summarize_sparsity(p8)['total_sparsity'],
                       'specs': state_specs}
@@ -157,6 +166,10 @@ def test_eight_devices_match_one(report, name):
   assert r['masks_equal'], r
   assert r['max_gap'] < 1e-3, r
   assert r['sparsity'] > 0.3
+
+
+def test_masks_on_several_devices_are_unpacked_outside_jit(report):
+  assert report['masks_apart_equal'] is True
 
 
 @pytest.mark.parametrize('name', ['magnitude', 'ste', 'rigl'])
