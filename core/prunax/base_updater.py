@@ -20,7 +20,6 @@ their names are importable from here too.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import warnings
 from collections.abc import Callable
@@ -43,6 +42,8 @@ from prunax import sparsity_schedules
 from prunax import sparsity_types
 from prunax import strategies
 from prunax.compat import updater_args
+from prunax.engines import StaticUpdater
+from prunax.engines import static_updater
 from prunax.masks import apply_mask
 from prunax.masks import last_axis_shards
 from prunax.masks import lazy_mask
@@ -659,61 +660,6 @@ def static_jittable(updater: Any, *trees: Any) -> bool:
     return False
   leaves = jax.tree.leaves(trees)
   return all(isinstance(x, jax.Array | np.ndarray) for x in leaves)
-
-
-class StaticUpdater:
-  """A copy of an updater as a static ``jit`` argument, hashed and compared by the
-  updater's type and attribute values (see :func:`static_updater`).
-
-  Attributes:
-    updater: the copy.
-    key: the type and the attribute values, arrays as their bytes.
-  """
-
-  __slots__ = ('updater', 'key')
-
-  def __init__(self, updater: Any, key: Any):
-    self.updater = updater
-    self.key = key
-
-  def __hash__(self) -> int:
-    return hash(self.key)
-
-  def __eq__(self, other: Any) -> bool:
-    return isinstance(other, StaticUpdater) and self.key == other.key
-
-
-def static_updater(updater: Any) -> Any:
-  """``updater`` as a static ``jit`` argument: a copy, since jit keeps its static
-  arguments and a jaxpruner-style updater can be changed in place after the call (a
-  changed one must not find the trace). Where its attribute values can be keyed, a
-  :class:`StaticUpdater`, so that equal updaters share one trace: a jaxpruner-style
-  updater hashes by identity, and each copy of it traced and compiled again (``prunax.
-  compat.jaxpruner``'s ``instant_sparsify``: 0.8-1 s at every call). Otherwise the copy,
-  hashed as the updater hashes itself."""
-  try:
-    key = (type(updater), _frozen(vars(updater)))
-    hash(key)
-  except TypeError:
-    return copy.copy(updater)
-  return StaticUpdater(copy.copy(updater), key)
-
-
-def _frozen(value: Any) -> Any:
-  """A hashable stand-in for ``value``, equal for equal values of the same types (a
-  concrete array as its dtype, shape and bytes); TypeError where there is none."""
-  if isinstance(value, dict):
-    items = sorted(value.items(), key=lambda kv: repr(kv[0]))
-    return ('dict', tuple((_frozen(k), _frozen(v)) for k, v in items))
-  if isinstance(value, list | tuple) and not hasattr(value, '_fields'):
-    return (type(value), tuple(_frozen(v) for v in value))
-  if isinstance(value, np.ndarray) or (
-    isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
-  ):
-    a = np.asarray(value)
-    return ('array', str(a.dtype), a.shape, a.tobytes())
-  hash(value)
-  return (type(value), value)
 
 
 @jax.jit(static_argnums=0)

@@ -91,6 +91,24 @@ def test_instant_sparsify_traces_once_for_equal_updaters_and_again_when_changed(
   assert int(other.sum()) == 50 and not bool(jnp.all(other == first))
 
 
+def test_init_outside_jit_traces_once_for_equal_updaters():
+  # The same for the wrapped optimizer's init run outside jit (its SET masks are drawn in
+  # one jitted program): a run that builds its updater again (a sweep, a relaunch in the
+  # same process) compiled the init again.
+  params = _params()
+  states = []
+  for seed in (0, 0, 1):
+    tx = jaxpruner.SET(sparsity=0.5, rng_seed=seed).wrap_optax(optax.adam(1e-3))
+    with helpers.xla_compiles() as compiles:
+      states.append(tx.init(params))
+    if len(states) > 1:
+      assert len(compiles) == (0 if seed == 0 else 1), (seed, len(compiles))
+  same, other = (prunax.bool_masks(s, params)['w'] for s in states[1:])
+  first = prunax.bool_masks(states[0], params)['w']
+  np.testing.assert_array_equal(same, first)
+  assert int(first.sum()) == int(other.sum()) == 50 and not bool(jnp.all(other == first))
+
+
 def test_random_pruning_seed_changes_the_mask():
   params = _params()
   a = jaxpruner.RandomPruning(sparsity=0.5, rng_seed=jax.random.PRNGKey(0))
