@@ -307,9 +307,11 @@ def _frozen(value: Any) -> Any:
     return ('dict', tuple((_frozen(k), _frozen(v)) for k, v in items))
   if isinstance(value, list | tuple) and not hasattr(value, '_fields'):
     return (type(value), tuple(_frozen(v) for v in value))
-  if isinstance(value, np.ndarray) or (
-    isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
+  if isinstance(value, jax.Array) and (
+    isinstance(value, jax.core.Tracer) or not value.is_fully_addressable
   ):
+    raise TypeError('a traced array, or one spread over processes, is not keyed')
+  if isinstance(value, np.ndarray | jax.Array):
     a = np.asarray(value)
     return ('array', str(a.dtype), a.shape, a.tobytes())
   hash(value)

@@ -897,10 +897,7 @@ def _eager_program(values: list[Lazy]) -> Callable | None:
   # One program runs on one set of devices: arrays placed apart are read one by one.
   if len({frozenset(a.sharding.device_set) for a in arrays if isinstance(a, jax.Array)}) > 1:
     return None
-  shared: list = []
-  for x in values:
-    _collect_shared(x, shared)
-  if shared:
+  if any(_reads_shared(x) for x in values):
     return None
   try:
     key = tuple(_signature(x) for x in values)
@@ -924,12 +921,8 @@ def _eager_program(values: list[Lazy]) -> Callable | None:
   return program
 
 
-def _collect_shared(x: Lazy, found: list) -> None:
-  for a in x.args:
-    if isinstance(a, Shared):
-      found.append(a)
-    elif isinstance(a, Lazy):
-      _collect_shared(a, found)
+def _reads_shared(x: Lazy) -> bool:
+  return any(isinstance(a, Shared) or (isinstance(a, Lazy) and _reads_shared(a)) for a in x.args)
 
 
 # 16-bit floats: their exponent bits (the bits of +inf) and the key of -max, one above
