@@ -43,6 +43,7 @@ from prunax import sparsity_types
 from prunax import strategies
 from prunax.compat import updater_args
 from prunax.engines import StaticUpdater
+from prunax.engines import compiled_outside_trace
 from prunax.engines import static_updater
 from prunax.masks import apply_mask
 from prunax.masks import last_axis_shards
@@ -601,7 +602,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     tx = self.engine(self, inner)
     if self.skip_gradients:
       tx = tx._replace(update=updater_args.skip_on_mask_updates(self, tx.update))
-    return tx
+    return tx._replace(update=compiled_outside_trace(tx.update))
 
   # ---------------------------------------------------------------- explicit hooks
 

@@ -37,6 +37,7 @@ import copy
 import dataclasses
 import functools
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -316,6 +317,38 @@ def _frozen(value: Any) -> Any:
     return ('array', str(a.dtype), a.shape, a.tobytes())
   hash(value)
   return (type(value), value)
+
+
+def compiled_outside_trace(update_fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``update_fn`` (a wrapped transformation's update), run by one jitted function of its
+  own when it is called outside any trace on arrays placed on one set of devices.
+
+  Run eagerly, the update dispatched its operations one by one, and its selection
+  loops (``while_loop`` and ``cond`` bound outside a trace, their bodies new closures at
+  every call) compiled again at every call: 1.5-1.8 s a step of a small MLP's RigL.
+  Inside a caller's trace (``jit``, ``vmap``, a host's compiled step), with inputs that
+  are not all arrays, or for an algorithm that reads concrete values (which cannot be
+  traced; found once, then run eagerly), it is ``update_fn`` itself.
+  """
+  jitted = jax.jit(update_fn)
+  traceable = [True]
+
+  @functools.wraps(update_fn)
+  def update(grads, state, params=None, **extra):
+    leaves = jax.tree.leaves((grads, state, params, extra))
+    if (
+      traceable[0]
+      and all(isinstance(x, jax.Array | np.ndarray) for x in leaves)
+      and not any(isinstance(x, jax.core.Tracer) for x in leaves)
+      and len({frozenset(x.sharding.device_set) for x in leaves if isinstance(x, jax.Array)}) <= 1
+    ):
+      try:
+        return jitted(grads, state, params, **extra)
+      except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        traceable[0] = False
+    return update_fn(grads, state, params, **extra)
+
+  return update
 
 
 def _skip_gradient_step(out, params, masks, new_masks, is_update):
