@@ -336,12 +336,7 @@ def compiled_outside_trace(update_fn: Callable[..., Any]) -> Callable[..., Any]:
   @functools.wraps(update_fn)
   def update(grads, state, params=None, **extra):
     leaves = jax.tree.leaves((grads, state, params, extra))
-    if (
-      traceable[0]
-      and all(isinstance(x, jax.Array | np.ndarray) for x in leaves)
-      and not any(isinstance(x, jax.core.Tracer) for x in leaves)
-      and len({frozenset(x.sharding.device_set) for x in leaves if isinstance(x, jax.Array)}) <= 1
-    ):
+    if traceable[0] and _compilable(leaves):
       try:
         return jitted(grads, state, params, **extra)
       except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
@@ -349,6 +344,46 @@ def compiled_outside_trace(update_fn: Callable[..., Any]) -> Callable[..., Any]:
     return update_fn(grads, state, params, **extra)
 
   return update
+
+
+def compiled_call(fn: Callable[..., Any], updater: Any, args: tuple, static: Any = ()) -> Any:
+  """``fn(updater, *args, static)``, run by one jitted function when called outside any
+  trace with array ``args`` on one set of devices: keyed by ``fn``, the updater's
+  :func:`static_updater` and ``static`` (hashable), so a repeated call compiles nothing.
+  Run eagerly, a selection's loops (bound outside a trace, their bodies new closures at
+  every call) compiled again at every call. Eagerly where it cannot be jitted (inside a
+  trace, other inputs, an unhashable ``static``, an algorithm that reads concrete
+  values)."""
+  if _compilable(jax.tree.leaves(args)):
+    try:
+      hash(static)
+      key = static_updater(updater)
+      hash(key)
+      return _compiled_call(fn, key, static, args)
+    except (
+      TypeError,
+      jax.errors.ConcretizationTypeError,
+      jax.errors.TracerArrayConversionError,
+    ):
+      pass
+  return fn(updater, *args, static)
+
+
+def _compilable(leaves: list) -> bool:
+  """Whether inputs with these leaves can go to a jitted function of their own: arrays,
+  none traced, placed on one set of devices."""
+  return (
+    all(isinstance(x, jax.Array | np.ndarray) for x in leaves)
+    and not any(isinstance(x, jax.core.Tracer) for x in leaves)
+    and len({frozenset(x.sharding.device_set) for x in leaves if isinstance(x, jax.Array)}) <= 1
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _compiled_call(fn, updater, static, args):
+  if isinstance(updater, StaticUpdater):
+    updater = updater.updater
+  return fn(updater, *args, static)
 
 
 def _skip_gradient_step(out, params, masks, new_masks, is_update):

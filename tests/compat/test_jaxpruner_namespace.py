@@ -413,3 +413,35 @@ def test_updater_filter_and_map_join_a_bound_distribution(bind):
     prunax.MagnitudePruning(
       sparsity=0.5, sparsity_distribution_fn=mapped, custom_sparsity_map={'a': 0.25}
     )
+
+
+def test_create_masks_and_update_state_outside_jit_compile_once():
+  # jaxpruner's methods called outside jit ran their selection loops eagerly, which
+  # compiled again at every call (bound outside a trace, the loops' bodies are new
+  # closures); they now run one jitted function each, keyed by the updater's values.
+  # Leaves above 1024 weights: smaller ones are selected by a sort, with no loop.
+  k = jax.random.split(jax.random.PRNGKey(4))
+  params = {'w': jax.random.normal(k[0], (64, 128)), 'b': jax.random.normal(k[1], (128,))}
+  pruner = jaxpruner.RigL(sparsity=0.75, drop_fraction_fn='constant')
+  state = pruner.wrap_optax(optax.sgd(0.1)).init(params)
+  scores = jax.tree.map(jnp.abs, params)
+  grads = jax.tree.map(lambda p: jnp.cos(p * 3.0), params)
+  masks = pruner.create_masks(scores, 0.75)
+  updated = pruner.update_state(state, params, grads)
+  with helpers.xla_compiles() as later:
+    again = pruner.create_masks(scores, 0.75)
+    updated_again = pruner.update_state(state, params, grads)
+  assert not later, len(later)
+  # The same as inside a caller's jit, where the methods run as they are.
+  traced_masks, traced_state = jax.jit(
+    lambda s, p, g, sc: (pruner.create_masks(sc, 0.75), pruner.update_state(s, p, g))
+  )(state, params, grads, scores)
+  assert masks['w'].dtype == jnp.uint8 and int(masks['w'].sum()) == 2048
+  kept = np.asarray(scores['w'])[np.asarray(masks['w']) == 1]
+  dropped = np.asarray(scores['w'])[np.asarray(masks['w']) == 0]
+  assert kept.min() >= dropped.max()
+  for a, b in ((again, masks), (traced_masks, masks)):
+    np.testing.assert_array_equal(a['w'], b['w'])
+  for a, b in ((updated_again, updated), (traced_state, updated)):
+    np.testing.assert_array_equal(a.masks['w'], b.masks['w'])
+  assert int(np.asarray(updated.masks['w']).sum()) == 2048

@@ -235,8 +235,10 @@ class JaxprunerArgs:
         else dists.resolve(dist)(shapes, sparsities if sparsities is not None else self.sparsity)
       )
     scores = jax.tree.map(jnp.asarray, scores)
-    masks = self.masks_from_scores(scores, sparsities)
-    return jax.tree.map(lambda m: m.astype(MASK_DTYPE), masks)
+    # Numbers become a static argument of the compiled call (traced ones: run eagerly).
+    leaves, treedef = jax.tree.flatten(sparsities)
+    static = (treedef, tuple(leaves))
+    return engines.compiled_call(_create_masks, self, (scores,), static)
 
   def get_initial_masks(self, params: PyTree, target_sparsities: PyTree) -> PyTree:
     """uint8 masks ``wrap_optax``'s ``init`` starts from (None for dense leaves)."""
@@ -254,15 +256,29 @@ class JaxprunerArgs:
     ``calculate_scores``); the optimizer's moments of weights that become inactive are
     zeroed by the next wrapped ``update``.
     """
-    from prunax import base_updater
+    return engines.compiled_call(_update_state, self, (sparse_state, params, grads, kwargs))
 
-    targets = self.target_sparsities(params)
-    sparsities = self.sparsities_at(targets, sparse_state.count)
-    old = base_updater.lazy_masks(sparse_state.masks, params)
-    new = self.new_masks(
-      params, sparsities, sparse_state=sparse_state, grads=grads, old_masks=old, **kwargs
-    )
-    return sparse_state._replace(masks=self.store_masks(new, like=sparse_state.masks))
+
+def _create_masks(updater, scores: PyTree, static: tuple) -> PyTree:
+  """:meth:`JaxprunerArgs.create_masks` once its sparsities are resolved (``static``:
+  their tree's structure and leaves)."""
+  treedef, leaves = static
+  masks = updater.masks_from_scores(scores, jax.tree.unflatten(treedef, leaves))
+  return jax.tree.map(lambda m: m.astype(MASK_DTYPE), masks)
+
+
+def _update_state(updater, sparse_state, params: PyTree, grads: PyTree, kwargs: dict, static=()):
+  """:meth:`JaxprunerArgs.update_state`."""
+  del static
+  from prunax import base_updater
+
+  targets = updater.target_sparsities(params)
+  sparsities = updater.sparsities_at(targets, sparse_state.count)
+  old = base_updater.lazy_masks(sparse_state.masks, params)
+  new = updater.new_masks(
+    params, sparsities, sparse_state=sparse_state, grads=grads, old_masks=old, **kwargs
+  )
+  return sparse_state._replace(masks=updater.store_masks(new, like=sparse_state.masks))
 
 
 def skip_on_mask_updates(updater, update: Callable[..., Any]) -> Callable[..., Any]:
