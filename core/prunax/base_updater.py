@@ -19,7 +19,6 @@ their names are importable from here too.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable
@@ -42,9 +41,7 @@ from prunax import sparsity_schedules
 from prunax import sparsity_types
 from prunax import strategies
 from prunax.compat import updater_args
-from prunax.engines import StaticUpdater
 from prunax.engines import compiled_outside_trace
-from prunax.engines import static_updater
 from prunax.masks import apply_mask
 from prunax.masks import last_axis_shards
 from prunax.masks import lazy_mask
@@ -640,15 +637,7 @@ class BaseUpdater(updater_args.JaxprunerArgs):
     7 magnitude pruning took 1.7 s the first time and 0.4 s after, against 0.35 s and
     0.2 ms). Otherwise, or where an algorithm's masks need concrete values, eagerly.
     """
-    masks = None
-    if static_jittable(self, params, grads, kwargs):
-      # An algorithm that reads concrete values cannot be traced: computed eagerly below.
-      with contextlib.suppress(
-        jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError
-      ):
-        masks = _instant_masks(static_updater(self), params, grads, kwargs)
-    if masks is None:
-      masks = _instant_masks.__wrapped__(self, params, grads, kwargs)
+    masks = engines.compiled_call(_instant_masks, self, (params, grads, kwargs))
     sparse = map_masked(lambda m, p: jnp.where(m, p, 0).astype(p.dtype), masks, params)
     return sparse, masks
 
@@ -663,12 +652,10 @@ def static_jittable(updater: Any, *trees: Any) -> bool:
   return all(isinstance(x, jax.Array | np.ndarray) for x in leaves)
 
 
-@jax.jit(static_argnums=0)
-def _instant_masks(updater: Any, params: PyTree, grads: PyTree, kwargs: dict) -> PyTree:
-  """The keep-masks of :meth:`BaseUpdater.instant_sparsify` for an updater or its
-  :func:`static_updater` (jitted; ``__wrapped__`` is the same computation run eagerly)."""
-  if isinstance(updater, StaticUpdater):
-    updater = updater.updater
+def _instant_masks(updater: Any, params: PyTree, grads: PyTree, kwargs: dict, static=()) -> PyTree:
+  """The keep-masks of :meth:`BaseUpdater.instant_sparsify` (run by
+  ``engines.compiled_call``: jitted where it can be, else eagerly)."""
+  del static
   targets = updater.target_sparsities(params)
   return updater.compute_masks(
     params, targets, grads=grads, old_masks=updater.init_masks(params, targets), **kwargs

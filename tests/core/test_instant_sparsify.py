@@ -16,6 +16,7 @@ import pytest
 
 import prunax
 from prunax import base_updater
+from prunax import engines
 
 
 def params(seed=0):
@@ -41,11 +42,11 @@ UPDATERS = {
 @pytest.mark.parametrize('name', sorted(UPDATERS))
 def test_jitted_masks_equal_the_eager_ones_and_trace_once(name):
   updater = UPDATERS[name]
-  before = base_updater._instant_masks._cache_size()
+  before = engines._compiled_call._cache_size()
   for seed in (0, 1):
     p = params(seed)
     sparse, masks = updater.instant_sparsify(p)
-    eager = base_updater._instant_masks.__wrapped__(updater, p, None, {})
+    eager = base_updater._instant_masks(updater, p, None, {})
     for got, want in zip(jax.tree.leaves(masks), jax.tree.leaves(eager), strict=True):
       assert got.dtype == jnp.bool_
       np.testing.assert_array_equal(got, want)
@@ -53,16 +54,16 @@ def test_jitted_masks_equal_the_eager_ones_and_trace_once(name):
       sparse['dense']['kernel'], p['dense']['kernel'] * masks['dense']['kernel']
     )
   # Two calls with new values of the same shapes: one trace (an equal copy of the updater).
-  assert base_updater._instant_masks._cache_size() == before + 1
+  assert engines._compiled_call._cache_size() == before + 1
 
 
 def test_inputs_that_are_not_all_arrays_are_computed_eagerly():
   p, updater = params(), UPDATERS['magnitude']
-  before = base_updater._instant_masks._cache_size()
+  before = engines._compiled_call._cache_size()
   masks = updater.instant_sparsify(dict(p, scale=1.5))[1]  # a Python float among the params
-  assert base_updater._instant_masks._cache_size() == before  # nothing traced
+  assert engines._compiled_call._cache_size() == before  # nothing traced
   assert masks['scale'] is None
-  want = base_updater._instant_masks.__wrapped__(updater, p, None, {})
+  want = base_updater._instant_masks(updater, p, None, {})
   for got, ref in zip(jax.tree.leaves(masks), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(got, ref)
 
