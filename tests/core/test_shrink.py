@@ -470,8 +470,8 @@ def test_nnx_scan_over_vmapped_layers():
   assert heads.size == 4 and ('layers/attention/out/kernel/value', 1) in heads.members
   masks = sh.group_masks(groups, state, 0.5)
   shrunk = sh.shrink(fn, state, masks, x)  # checks the shrunk model against the masked
-  assert shrunk.params['layers']['a']['kernel'].value.shape == (3, 16, 24)
-  assert shrunk.params['layers']['attention']['query']['kernel'].value.shape == (3, 16, 2, 4)
+  assert shrunk.params['layers']['a']['kernel'][...].shape == (3, 16, 24)
+  assert shrunk.params['layers']['attention']['query']['kernel'][...].shape == (3, 16, 2, 4)
   # The smaller module itself: its stacked LinearGeneral layers get their per-layer sizes.
   small = sh.nnx_merge(graphdef, shrunk.params)
   assert small.layers.attention.query.out_features == (2, 4)
