@@ -9,6 +9,18 @@ checked and resolved as in the constructor); any other attribute (a method repla
 mock, say) is set on the instance. They hash by identity and by the number of
 assignments, so a ``jax.jit`` that takes one as a static argument retraces after an
 assignment.
+
+jaxpruner's users write their own algorithms as ``@dataclasses.dataclass`` (not frozen)
+subclasses of its classes, which Python refuses on a frozen base. So a class derived
+from a compat class is rebased, as it is created (``__init_subclass__``, before its
+decorator runs), onto a plain class, and declares the compat class's fields in its own
+body (:func:`_declare_fields`), so that its decorator, frozen or not, makes them its
+fields; its instances are of its *twin* (:func:`twin_class`), the class
+derived from both the user's class and the compat class, made at the first
+instantiation. The user's methods come first, ``super()`` reaches the compat class's,
+``isinstance`` holds for both, and attributes assigned while the instance is
+constructed (in a ``__post_init__``, as jaxpruner's own extensions do) are set as they
+are; afterwards assignment works as above.
 """
 
 from __future__ import annotations
@@ -51,6 +63,143 @@ def _setattr(self, name: str, value: Any) -> None:
   else:
     object.__setattr__(self, name, value)
   object.__setattr__(self, '_assignments', getattr(self, '_assignments', 0) + 1)
+
+
+def _copy_field(f: dataclasses.Field) -> dataclasses.Field:
+  return dataclasses.field(
+    default=f.default,
+    default_factory=f.default_factory,
+    init=f.init,
+    repr=f.repr,
+    hash=f.hash,
+    compare=f.compare,
+    metadata=f.metadata,
+    kw_only=f.kw_only,
+  )
+
+
+_PLAIN_BASES: dict[type, type] = {}
+_TWINS: dict[type, type] = {}
+
+
+def _init_subclass(cls: type, **kwargs: Any) -> None:
+  """A class derived from a compat class: rebased onto :func:`_plain_base`, the compat
+  class's fields declared in its own body (see the module docstring)."""
+  if '_prunax_twin' in cls.__dict__:
+    return
+  if len(cls.__bases__) != 1:
+    raise TypeError(
+      f'{cls.__name__}: a jaxpruner-style algorithm derives from one prunax.compat.jaxpruner '
+      f'class, got the bases {cls.__bases__}.'
+    )
+  if kwargs:
+    raise TypeError(f'{cls.__name__}: unexpected class keywords {sorted(kwargs)}.')
+  (base,) = cls.__bases__
+  cls.__bases__ = (_plain_base(base),)
+  _declare_fields(cls, base)
+
+
+def _plain_init_subclass(cls: type, **kwargs: Any) -> None:
+  """A class derived from a user's class: it declares the compat class's fields too
+  where no dataclass between them holds them (an undecorated user class)."""
+  if '_prunax_twin' in cls.__dict__:
+    return
+  if kwargs:
+    raise TypeError(f'{cls.__name__}: unexpected class keywords {sorted(kwargs)}.')
+  user_classes = cls.__mro__[1 : cls.__mro__.index(_plain_base(cls._prunax_compat_base))]
+  if not any('__dataclass_fields__' in c.__dict__ for c in user_classes):
+    _declare_fields(cls, cls._prunax_compat_base)
+
+
+def _declare_fields(cls: type, base: type) -> None:
+  """Declares the fields of ``base`` in ``cls``'s body (annotations and defaults), first
+  and in order, as if ``cls`` derived from a plain dataclass with them: a decorator on
+  ``cls`` then makes them its own fields, frozen or not; ``cls``'s own declarations of
+  those names win."""
+  own = dict(cls.__dict__.get('__annotations__', {}))
+  annotations = {}
+  for f in dataclasses.fields(base):
+    annotations[f.name] = own.pop(f.name, f.type)
+    if f.name not in cls.__dict__:
+      setattr(cls, f.name, _copy_field(f))
+  annotations.update(own)
+  cls.__annotations__ = annotations
+
+
+def _plain_base(base: type) -> type:
+  """A plain class (no dataclass, no fields) standing for the compat class ``base`` in
+  its subclasses' bases; their instances are made of :func:`twin_class`."""
+  if base not in _PLAIN_BASES:
+    holder: list[type] = []
+
+    def post_init(self) -> None:
+      super(holder[0], self).__post_init__()
+
+    namespace = {
+      '__new__': _new_twin,
+      '__post_init__': post_init,
+      '__init_subclass__': classmethod(_plain_init_subclass),
+      '__module__': base.__module__,
+      '__qualname__': base.__qualname__,
+      '__doc__': base.__doc__,
+      '_prunax_compat_base': base,
+    }
+    holder.append(type(base.__name__, (), namespace))
+    _PLAIN_BASES[base] = holder[0]
+  return _PLAIN_BASES[base]
+
+
+def _new_twin(cls: type, *args: Any, **kwargs: Any) -> Any:
+  del args, kwargs
+  return object.__new__(cls if '_prunax_twin' in cls.__dict__ else twin_class(cls))
+
+
+def twin_class(cls: type) -> type:
+  """The class whose instances a class derived from a compat class makes: derived from
+  ``cls`` and its compat class (see the module docstring); ``cls`` itself otherwise."""
+  base = getattr(cls, '_prunax_compat_base', None)
+  if base is None or '_prunax_twin' in cls.__dict__:
+    return cls
+  if cls not in _TWINS:
+    holder: list[type] = []
+
+    def init(self, *args: Any, **kwargs: Any) -> None:
+      object.__setattr__(self, '_prunax_constructing', True)
+      try:
+        super(holder[0], self).__init__(*args, **kwargs)
+      finally:
+        object.__delattr__(self, '_prunax_constructing')
+
+    namespace = {
+      '__init__': init,
+      '__setattr__': _twin_setattr,
+      '__hash__': _hash,
+      '__eq__': _eq,
+      '__module__': cls.__module__,
+      '__qualname__': cls.__qualname__,
+      '__doc__': cls.__doc__,
+      '_prunax_twin': True,
+    }
+    holder.append(type(cls.__name__, (cls, base), namespace))
+    _TWINS[cls] = holder[0]
+  return _TWINS[cls]
+
+
+def is_twin(updater: Any) -> bool:
+  """Whether ``updater`` is an instance of a user's class derived from a compat class."""
+  return '_prunax_twin' in type(updater).__dict__
+
+
+# jaxpruner's methods that its wrapped transformation calls and prunax's does not (it
+# updates masks through calculate_scores and compute_masks, inside the step).
+_NOT_CALLED_BY_WRAP_OPTAX = ('update_state', 'create_masks', 'get_initial_masks', 'apply_masks')
+
+
+def _twin_setattr(self, name: str, value: Any) -> None:
+  if '_prunax_constructing' in self.__dict__:
+    object.__setattr__(self, name, value)
+  else:
+    _setattr(self, name, value)
 
 
 def _hash(self) -> int:
@@ -201,8 +350,27 @@ def compat_class(base: type, module: str, **defaults: Any) -> type:
       inner_state=restart_grown(sparse_state.masks, new_state.masks, new_state.inner_state, params)
     )
 
+  def wrap_optax(self, inner):
+    overridden = [
+      name
+      for name in _NOT_CALLED_BY_WRAP_OPTAX
+      if getattr(type(self), name) is not getattr(holder[0], name)
+    ]
+    if overridden:
+      raise TypeError(
+        f"{type(self).__name__} overrides {', '.join(overridden)}, which prunax's wrapped "
+        'transformation does not call (its mask updates run calculate_scores and '
+        'compute_masks inside the step). Override calculate_scores (the scores masks '
+        'keep) or compute_masks (the new masks from the scores and the old masks) '
+        'instead; the overridden methods run as written where a hand-written loop '
+        'calls them.'
+      )
+    return super(holder[0], self).wrap_optax(inner)
+
   namespace = {
     'update_state': update_state,
+    'wrap_optax': wrap_optax,
+    '__init_subclass__': classmethod(_init_subclass),
     '__module__': module,
     '__post_init__': post_init,
     'calculate_scores': calculate_scores,

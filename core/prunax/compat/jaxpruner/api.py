@@ -22,9 +22,10 @@ from prunax.compat.jaxpruner import algorithms
 from prunax.compat.jaxpruner import base_updater
 from prunax.compat.jaxpruner import sparsity_schedules
 from prunax.compat.jaxpruner import sparsity_types
+from prunax.compat.jaxpruner._classes import is_twin
+from prunax.compat.jaxpruner._classes import twin_class
 from prunax.registry import ALGORITHM_REGISTRY
 from prunax.registry import all_algorithm_names
-from prunax.registry import register_algorithm
 
 __all__ = [
   'ALGORITHM_REGISTRY',
@@ -32,6 +33,12 @@ __all__ = [
   'create_updater_from_config',
   'register_algorithm',
 ]
+
+
+def register_algorithm(name: str, cls: type, info: Any = None) -> None:
+  """:func:`prunax.register_algorithm` that also takes jaxpruner-style classes derived
+  from this namespace's (not frozen): their instances' class is registered."""
+  _registry.register_algorithm(name, twin_class(cls), info)
 
 
 def _compat_classes() -> dict[type, type]:
@@ -103,7 +110,9 @@ def create_updater_from_config(config: Any) -> Any:
     cfg['skip_gradients'] = False
   seed = cfg.pop('seed', None)
   updater = _registry.create_updater_from_config(cfg)
-  cls = _compat_classes().get(type(updater))
+  # A compat class, or a user's class derived from one (its twin), takes jaxpruner's
+  # config rules.
+  cls = _compat_classes().get(type(updater)) or (type(updater) if is_twin(updater) else None)
   if cls is None:
     return updater
   kwargs = {f.name: getattr(updater, f.name) for f in dataclasses.fields(updater) if f.init}
