@@ -102,25 +102,64 @@ def test_a_user_dataclass_prunes_by_its_own_scores():
   assert bool(jnp.all(params['b'] != 0))
 
 
-def test_an_update_state_override_runs_where_it_is_called_and_wrap_optax_says_so():
+def test_an_update_state_override_runs_in_the_wrapped_step_as_jaxpruner_orders_it():
+  # jaxpruner's order: on a mask-update step update_state (here: the base's masks, then
+  # Adam's moments zeroed), then the inner optimizer, skipped with skip_gradients.
+  updater = ResetAdam(
+    sparsity=0.5,
+    reset_adam=True,
+    skip_gradients=True,
+    scheduler=jaxpruner.PeriodicSchedule(update_freq=2, update_start_step=0, update_end_step=10),
+  )
+  tx = updater.wrap_optax(optax.adam(1e-3))
+  step = jax.jit(tx.update)
+  state = tx.init(PARAMS)
+  updates, state = step(GRADS, state, PARAMS)  # step 0: a mask update
+  params = optax.apply_updates(PARAMS, updates)
+  scores = np.abs(np.asarray(PARAMS['w'])) * np.abs(np.asarray(GRADS['w']))
+  kept = np.asarray(state.masks['w']) == 1
+  assert kept.sum() == 32 and scores[kept].min() > scores[~kept].max()
+  np.testing.assert_array_equal(np.asarray(params['w']) != 0, kept)  # sparse params
+  np.testing.assert_array_equal(params['w'][kept], PARAMS['w'][kept])  # no inner step
+  adam = _adam_state(state.inner_state)
+  assert all(float(jnp.abs(m).sum()) == 0 for m in jax.tree.leaves((adam.mu, adam.nu)))
+  updates, state = step(GRADS, state, params)  # step 1: no update, Adam on kept weights
+  adam = _adam_state(state.inner_state)
+  np.testing.assert_array_equal(np.asarray(adam.mu['w']) != 0, kept)
+  assert int(state.count) == 2
+
+
+def test_an_update_state_override_runs_in_a_hand_written_loop():
   updater = ResetAdam(sparsity=0.5, reset_adam=True)
-  # prunax's wrapped transformation updates masks inside the step, through
-  # calculate_scores: an override of update_state would not run there.
-  with pytest.raises(TypeError, match='ResetAdam overrides update_state, which prunax'):
-    updater.wrap_optax(optax.adam(1e-3))
-  # A hand-written loop calls it: the base's update, then the override's reset.
   adam = optax.adam(1e-3)
   state = updater.init_state(PARAMS, adam.init(PARAMS))
   _, inner = adam.update(GRADS, state.inner_state, PARAMS)
   state = state._replace(inner_state=inner)
   assert float(jnp.abs(_adam_state(state.inner_state).nu['w']).sum()) > 0
   new = updater.update_state(state, PARAMS, GRADS)
+  # The same tree (a lax.cond branch in jaxpruner's loops): unpruned leaves' masks too.
+  assert jax.tree.structure(new) == jax.tree.structure(state)
   for moment in (_adam_state(new.inner_state).mu, _adam_state(new.inner_state).nu):
     assert all(float(jnp.abs(m).sum()) == 0 for m in jax.tree.leaves(moment))
   assert int(new.masks['w'].sum()) == 32
-  scores = np.abs(np.asarray(PARAMS['w'])) * np.abs(np.asarray(GRADS['w']))
-  kept = np.asarray(new.masks['w']) == 1
-  assert scores[kept].min() > scores[~kept].max()
+
+
+def test_overrides_no_wrapped_step_calls_are_refused_by_name():
+  @dataclasses.dataclass
+  class OwnMasks(jaxpruner.MagnitudePruning):
+    def create_masks(self, scores, sparsities=None, target_sparsity=None):
+      return super().create_masks(scores, sparsities, target_sparsity)
+
+  with pytest.raises(TypeError, match='OwnMasks overrides create_masks, which the wrapped'):
+    OwnMasks(sparsity=0.5).wrap_optax(optax.sgd(0.1))
+
+  @dataclasses.dataclass
+  class SteWithState(jaxpruner.SteMagnitudePruning):
+    def update_state(self, sparse_state, params, grads):
+      return super().update_state(sparse_state, params, grads)
+
+  with pytest.raises(TypeError, match='SteWithState overrides update_state'):
+    SteWithState(sparsity=0.5).wrap_optax(optax.sgd(0.1))
 
 
 def test_post_init_assignments_hold_and_later_ones_rebuild():

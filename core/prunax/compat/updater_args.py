@@ -22,6 +22,7 @@ from prunax import engines
 from prunax import selection
 from prunax import sparsity_distributions as dists
 from prunax import sparsity_types
+from prunax import tree_util
 from prunax.tree_util import is_none
 
 PyTree = Any
@@ -213,6 +214,8 @@ class JaxprunerArgs:
     from prunax import base_updater
 
     def apply(m, p):
+      if m is None:  # a leaf that is not pruned
+        return p
       packed = is_packed if is_packed is not None else jnp.shape(m) != jnp.shape(p)
       return base_updater.apply_mask(p, m, packed)
 
@@ -278,7 +281,10 @@ def _update_state(updater, sparse_state, params: PyTree, grads: PyTree, kwargs: 
   new = updater.new_masks(
     params, sparsities, sparse_state=sparse_state, grads=grads, old_masks=old, **kwargs
   )
-  return sparse_state._replace(masks=updater.store_masks(new, like=sparse_state.masks))
+  # The stored form (MaskedNode where a leaf is not pruned), as the state was: the same
+  # tree, so that update_state can be a branch of a lax.cond as jaxpruner's loops use it.
+  stored = updater.store_masks(new, like=sparse_state.masks)
+  return sparse_state._replace(masks=tree_util.to_stored(stored))
 
 
 def skip_on_mask_updates(updater, update: Callable[..., Any]) -> Callable[..., Any]:

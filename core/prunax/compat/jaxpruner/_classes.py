@@ -20,7 +20,9 @@ derived from both the user's class and the compat class, made at the first
 instantiation. The user's methods come first, ``super()`` reaches the compat class's,
 ``isinstance`` holds for both, and attributes assigned while the instance is
 constructed (in a ``__post_init__``, as jaxpruner's own extensions do) are set as they
-are; afterwards assignment works as above.
+are; afterwards assignment works as above. A class that overrides ``update_state`` or
+``apply_masks`` is wrapped in jaxpruner's order of calls
+(:func:`wrapped_calling_update_state`).
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from prunax import base_updater
 from prunax import engines
 from prunax import selection
 from prunax import sparsity_distributions
 from prunax import sparsity_types
+from prunax import tree_util
 from prunax.compat.jaxpruner import sparsity_schedules
 from prunax.compat.jaxpruner import sparsity_types as compat_types
 
@@ -191,8 +195,53 @@ def is_twin(updater: Any) -> bool:
 
 
 # jaxpruner's methods that its wrapped transformation calls and prunax's does not (it
-# updates masks through calculate_scores and compute_masks, inside the step).
-_NOT_CALLED_BY_WRAP_OPTAX = ('update_state', 'create_masks', 'get_initial_masks', 'apply_masks')
+# updates masks through calculate_scores and compute_masks, inside the step); a class
+# that overrides update_state or apply_masks gets jaxpruner's order of calls
+# (wrapped_calling_update_state), the other two would not be called by either.
+_NOT_CALLED_BY_WRAP_OPTAX = ('create_masks', 'get_initial_masks')
+_CALLED_BY_JAXPRUNERS_WRAP_OPTAX = ('update_state', 'apply_masks')
+
+
+def wrapped_calling_update_state(updater: Any, inner: Any) -> Any:
+  """jaxpruner's wrapped transformation, for a user's class that overrides
+  ``update_state`` or ``apply_masks``: on the schedule's mask-update steps the
+  updater's ``update_state`` (the user's, its extra ``update`` arguments passed on),
+  then ``inner`` on the gradients (masked by ``apply_masks`` with
+  ``is_sparse_gradients``; not run on mask-update steps with ``skip_gradients``). Its
+  updates also move the weights the masks drop to 0, so the params after
+  ``optax.apply_updates`` are as sparse as the masks (jaxpruner needs
+  ``post_gradient_update`` for that; prunax's wrapped transformations need nothing)."""
+
+  def init_fn(params):
+    return updater.init_state(params, inner.init(params))
+
+  def update_fn(grads, state, params=None, **kwargs):
+    if params is None:
+      raise ValueError(f'{type(updater).__name__}: the wrapped update needs params.')
+    is_update = jnp.asarray(updater.scheduler.is_update_step(state.count), bool)
+    new_state = jax.lax.cond(
+      is_update, lambda s: updater.update_state(s, params, grads, **kwargs), lambda s: s, state
+    )
+    if updater.is_sparse_gradients:
+      grads = updater.apply_masks(grads, tree_util.from_stored(new_state.masks), None)
+    updates, inner_state = jax.lax.cond(
+      is_update & bool(updater.skip_gradients),
+      lambda g, s: (jax.tree.map(jnp.zeros_like, g), s),
+      lambda g, s: inner.update(g, s, params),
+      grads,
+      new_state.inner_state,
+    )
+    masks = base_updater.unpack_masks(new_state.masks, params)
+    updates = jax.tree.map(
+      lambda m, u, p: u if m is None else jnp.where(m, u, -p).astype(u.dtype),
+      masks,
+      updates,
+      params,
+      is_leaf=lambda x: x is None,
+    )
+    return updates, new_state._replace(inner_state=inner_state, count=state.count + 1)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _twin_setattr(self, name: str, value: Any) -> None:
@@ -351,20 +400,24 @@ def compat_class(base: type, module: str, **defaults: Any) -> type:
     )
 
   def wrap_optax(self, inner):
-    overridden = [
-      name
-      for name in _NOT_CALLED_BY_WRAP_OPTAX
-      if getattr(type(self), name) is not getattr(holder[0], name)
-    ]
-    if overridden:
+    def overridden(names):
+      return [n for n in names if getattr(type(self), n) is not getattr(holder[0], n)]
+
+    ignored = overridden(_NOT_CALLED_BY_WRAP_OPTAX)
+    jaxpruners = overridden(_CALLED_BY_JAXPRUNERS_WRAP_OPTAX)
+    if jaxpruners and engines.trains_dense_weights(self):
+      ignored += jaxpruners  # a straight-through step has no mask-update steps
+    if ignored:
       raise TypeError(
-        f"{type(self).__name__} overrides {', '.join(overridden)}, which prunax's wrapped "
+        f'{type(self).__name__} overrides {", ".join(ignored)}, which the wrapped '
         'transformation does not call (its mask updates run calculate_scores and '
-        'compute_masks inside the step). Override calculate_scores (the scores masks '
-        'keep) or compute_masks (the new masks from the scores and the old masks) '
-        'instead; the overridden methods run as written where a hand-written loop '
-        'calls them.'
+        'compute_masks, or update_state and apply_masks where a class overrides those). '
+        'Override calculate_scores (the scores masks keep), compute_masks (the new '
+        'masks from the scores and the old masks) or update_state instead; the '
+        'overridden methods run as written where a hand-written loop calls them.'
       )
+    if jaxpruners:
+      return wrapped_calling_update_state(self, inner)
     return super(holder[0], self).wrap_optax(inner)
 
   namespace = {
