@@ -445,3 +445,17 @@ def test_create_masks_and_update_state_outside_jit_compile_once():
   for a, b in ((updated_again, updated), (traced_state, updated)):
     np.testing.assert_array_equal(a.masks['w'], b.masks['w'])
   assert int(np.asarray(updated.masks['w']).sum()) == 2048
+
+
+def test_apply_masks_reads_the_state_masks_of_unpruned_leaves():
+  # jaxpruner's apply_masks(params, opt_state.masks): the state holds MaskedNode where a
+  # leaf is not pruned (here the 1-D bias), which stays as it is.
+  pruner = jaxpruner.MagnitudePruning(sparsity=0.5, scheduler=jaxpruner.OneShotSchedule(0))
+  tx = pruner.wrap_optax(optax.sgd(0.1))
+  params = _params()
+  state = tx.init(params)
+  _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  masked = pruner.apply_masks(params, state.masks)
+  assert int(jnp.sum(masked['w'] == 0)) == 50
+  np.testing.assert_array_equal(masked['b'], params['b'])
+  np.testing.assert_array_equal(pruner.apply_masks(params, state.masks, None)['w'], masked['w'])

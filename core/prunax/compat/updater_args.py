@@ -206,7 +206,8 @@ class JaxprunerArgs:
     return jax.random.PRNGKey(self.seed)
 
   def apply_masks(self, params: PyTree, masks: PyTree, is_packed: bool | None = False) -> PyTree:
-    """``params`` times ``masks`` (None: unchanged); packed masks are prunax's packing.
+    """``params`` times ``masks`` (None, or a state's MaskedNode: unchanged); packed masks are
+    prunax's packing.
 
     ``is_packed=None`` tells each leaf's layout from its shape (a stored mask shaped like
     its param is unpacked), as masks stored by a wrapped transformation may mix both.
@@ -219,7 +220,8 @@ class JaxprunerArgs:
       packed = is_packed if is_packed is not None else jnp.shape(m) != jnp.shape(p)
       return base_updater.apply_mask(p, m, packed)
 
-    return jax.tree.map(apply, masks, params, is_leaf=is_none)
+    # The state's masks hold MaskedNode where a leaf is not pruned (its stored form).
+    return jax.tree.map(apply, tree_util.from_stored(masks), params, is_leaf=is_none)
 
   def create_masks(self, scores: PyTree, sparsities: PyTree = None, target_sparsity=None) -> PyTree:
     """uint8 keep-masks of ``scores`` at per-leaf ``sparsities`` (None: dense leaf).
