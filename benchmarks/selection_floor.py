@@ -126,10 +126,6 @@ def models(args) -> list[tuple[str, object, dict, tuple, dict]]:
   return [(f'transformer, {args.layout}', make_step, params, (tokens,), build)]
 
 
-def fmt(xs) -> str:
-  return f'{min(xs):.2f} / {statistics.median(xs):.2f} / {max(xs):.2f}'
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--model', default='mlp', choices=('mlp', 'transformer'))
@@ -165,9 +161,9 @@ def main(argv=None):
           host.append(compile_seconds(make_step, tx, params, *extra))
       print(
         f'| {label} | {name} | {statistics.median(dense):.2f} '
-        f'| {fmt([p / d for p, d in zip(pruned, dense, strict=True)])} '
-        f'| {fmt([h / d for h, d in zip(host, dense, strict=True)])} '
-        f'| {fmt([h / p for h, p in zip(host, pruned, strict=True)])} |',
+        f'| {transformer.fmt([p / d for p, d in zip(pruned, dense, strict=True)])} '
+        f'| {transformer.fmt([h / d for h, d in zip(host, dense, strict=True)])} '
+        f'| {transformer.fmt([h / p for h, p in zip(host, pruned, strict=True)])} |',
         flush=True,
       )
 

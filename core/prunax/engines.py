@@ -257,9 +257,7 @@ def _init(updater: Any, inner, params):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _jitted_init_state(updater: Any, params, inner_state) -> SparseState:
-  if isinstance(updater, StaticUpdater):
-    updater = updater.updater
-  return updater.init_state(params, inner_state)
+  return _unwrapped(updater).init_state(params, inner_state)
 
 
 class StaticUpdater:
@@ -282,6 +280,11 @@ class StaticUpdater:
 
   def __eq__(self, other: Any) -> bool:
     return isinstance(other, StaticUpdater) and self.key == other.key
+
+
+def _unwrapped(updater: Any) -> Any:
+  """The updater a :func:`static_updater` stands for."""
+  return updater.updater if isinstance(updater, StaticUpdater) else updater
 
 
 def static_updater(updater: Any) -> Any:
@@ -372,18 +375,14 @@ def compiled_call(fn: Callable[..., Any], updater: Any, args: tuple, static: Any
 def _compilable(leaves: list) -> bool:
   """Whether inputs with these leaves can go to a jitted function of their own: arrays,
   none traced, placed on one set of devices."""
-  return (
-    all(isinstance(x, jax.Array | np.ndarray) for x in leaves)
-    and not any(isinstance(x, jax.core.Tracer) for x in leaves)
-    and len({frozenset(x.sharding.device_set) for x in leaves if isinstance(x, jax.Array)}) <= 1
-  )
+  return all(
+    isinstance(x, jax.Array | np.ndarray) for x in leaves
+  ) and selection.untraced_on_one_device_set(leaves)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _compiled_call(fn, updater, static, args):
-  if isinstance(updater, StaticUpdater):
-    updater = updater.updater
-  return fn(updater, *args, static)
+  return fn(_unwrapped(updater), *args, static)
 
 
 def _skip_gradient_step(out, params, masks, new_masks, is_update):

@@ -892,10 +892,8 @@ def _eager_program(values: list[Lazy]) -> Callable | None:
   name by identity, so they stay alive with the key) but not their arrays.
   """
   arrays = [a for x in values for a in _lazy_arrays(x)]
-  if not values or any(isinstance(a, jax.core.Tracer) for a in arrays):
-    return None
-  # One program runs on one set of devices: arrays placed apart are read one by one.
-  if len({frozenset(a.sharding.device_set) for a in arrays if isinstance(a, jax.Array)}) > 1:
+  # Arrays placed apart are read one by one (one program runs on one set of devices).
+  if not values or not untraced_on_one_device_set(arrays):
     return None
   if any(_reads_shared(x) for x in values):
     return None
@@ -919,6 +917,14 @@ def _eager_program(values: list[Lazy]) -> Callable | None:
   while len(_EAGER_PROGRAMS) > _EAGER_PROGRAMS_KEPT:
     del _EAGER_PROGRAMS[next(iter(_EAGER_PROGRAMS))]
   return program
+
+
+def untraced_on_one_device_set(arrays: Sequence[Any]) -> bool:
+  """Whether ``arrays`` (arrays or other values) hold no tracer and their JAX arrays are
+  placed on one set of devices: inputs one jitted program outside any trace accepts."""
+  if any(isinstance(a, jax.core.Tracer) for a in arrays):
+    return False
+  return len({frozenset(a.sharding.device_set) for a in arrays if isinstance(a, jax.Array)}) <= 1
 
 
 def _reads_shared(x: Lazy) -> bool:

@@ -89,7 +89,7 @@ _TWINS: dict[type, type] = {}
 def _init_subclass(cls: type, **kwargs: Any) -> None:
   """A class derived from a compat class: rebased onto :func:`_plain_base`, the compat
   class's fields declared in its own body (see the module docstring)."""
-  if '_prunax_twin' in cls.__dict__:
+  if _is_twin_class(cls):
     return
   if len(cls.__bases__) != 1:
     raise TypeError(
@@ -106,7 +106,7 @@ def _init_subclass(cls: type, **kwargs: Any) -> None:
 def _plain_init_subclass(cls: type, **kwargs: Any) -> None:
   """A class derived from a user's class: it declares the compat class's fields too
   where no dataclass between them holds them (an undecorated user class)."""
-  if '_prunax_twin' in cls.__dict__:
+  if _is_twin_class(cls):
     return
   if kwargs:
     raise TypeError(f'{cls.__name__}: unexpected class keywords {sorted(kwargs)}.')
@@ -155,14 +155,14 @@ def _plain_base(base: type) -> type:
 
 def _new_twin(cls: type, *args: Any, **kwargs: Any) -> Any:
   del args, kwargs
-  return object.__new__(cls if '_prunax_twin' in cls.__dict__ else twin_class(cls))
+  return object.__new__(cls if _is_twin_class(cls) else twin_class(cls))
 
 
 def twin_class(cls: type) -> type:
   """The class whose instances a class derived from a compat class makes: derived from
   ``cls`` and its compat class (see the module docstring); ``cls`` itself otherwise."""
   base = getattr(cls, '_prunax_compat_base', None)
-  if base is None or '_prunax_twin' in cls.__dict__:
+  if base is None or _is_twin_class(cls):
     return cls
   if cls not in _TWINS:
     holder: list[type] = []
@@ -191,7 +191,11 @@ def twin_class(cls: type) -> type:
 
 def is_twin(updater: Any) -> bool:
   """Whether ``updater`` is an instance of a user's class derived from a compat class."""
-  return '_prunax_twin' in type(updater).__dict__
+  return _is_twin_class(type(updater))
+
+
+def _is_twin_class(cls: type) -> bool:
+  return '_prunax_twin' in cls.__dict__
 
 
 # jaxpruner's methods that its wrapped transformation calls and prunax's does not (it
